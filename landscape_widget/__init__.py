@@ -1,0 +1,43 @@
+"""landscape_widget: explore the loss landscapes of PyTorch models, live in Jupyter.
+
+Example:
+    >>> import landscape_widget as lw
+    >>> model, data = lw.demo.trained_mlp()          # doctest: +SKIP
+    >>> lw.compute_surface(model, data).to_plotly()  # doctest: +SKIP
+"""
+
+from . import datasets, demo
+from .core.directions import (
+    interpolation_direction,
+    normalize_direction,
+    random_direction,
+    random_directions,
+)
+from .core.evaluate import Evaluator
+from .core.grid import MAX_AXIS_POINTS, MAX_GRID_POINTS
+from .core.landscape import TileStream, compute_curve, compute_surface, iter_tiles
+from .core.surface import Curve, Surface
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # directions
+    "random_direction",
+    "random_directions",
+    "interpolation_direction",
+    "normalize_direction",
+    # computation
+    "compute_surface",
+    "compute_curve",
+    "iter_tiles",
+    "TileStream",
+    "Evaluator",
+    "MAX_AXIS_POINTS",
+    "MAX_GRID_POINTS",
+    # results
+    "Surface",
+    "Curve",
+    # offline data and models
+    "datasets",
+    "demo",
+]

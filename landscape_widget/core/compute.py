@@ -1,0 +1,201 @@
+"""Surfaces and curves, tile by tile: :func:`iter_tiles`, :func:`compute_surface`, :func:`compute_curve`."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from .directions import random_directions
+from .evaluate import METRICS, Evaluator, LossFn, warn_nonfinite
+from .grid import MAX_GRID_POINTS, match_axis, parse_axis, progressive_order
+from .params import Params, check_direction
+from .surface import Curve, Surface
+
+
+@dataclass
+class Tile:
+    """A batch of finished grid points, as streamed to a progress bar or the widget.
+
+    Attributes:
+        index: Position in the stream.
+        level: Coarseness (points lie on the lattice of every ``2**level``-th index).
+        flat: Flat indices into the grid (row-major; rows = y for surfaces).
+        values: ``{metric: array}`` aligned with ``flat``.
+        evaluated: How many of these points were computed (the others were reused).
+        done: Points finished so far, this tile included.
+        total: Points in the whole grid.
+        seconds: Wall time spent on this tile.
+    """
+
+    index: int
+    level: int
+    flat: np.ndarray
+    values: dict[str, np.ndarray]
+    evaluated: int
+    done: int
+    total: int
+    seconds: float
+
+
+def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
+    """A short hash of tensor names, shapes, dtypes and bytes (used to decide reuse)."""
+    h = hashlib.blake2b(digest_size=12)
+    for k in sorted(tensors):
+        t = tensors[k].detach().cpu().contiguous()
+        h.update(f"{k}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _loss_name(loss_fn) -> str:
+    if loss_fn is None:
+        return "cross_entropy"
+    return getattr(loss_fn, "__qualname__", None) or type(loss_fn).__name__
+
+
+@dataclass
+class _Job:
+    """Everything :func:`iter_tiles` needs, validated once."""
+
+    axes: list[np.ndarray]
+    directions: list[Params]
+    spec: dict
+    evaluator: Evaluator
+    known: dict[str, np.ndarray] = field(default_factory=dict)
+    known_mask: np.ndarray | None = None
+
+
+def _resolve_directions(model, directions, ndim, seed) -> tuple[list[Params], str]:
+    if directions is None:
+        return random_directions(model, ndim, seed=seed), "random filter-normalised"
+    if ndim == 1 and isinstance(directions, dict):
+        directions = [directions]
+    if not isinstance(directions, (list, tuple)) or len(directions) != ndim:
+        raise TypeError(
+            f"directions must be {'a direction dict' if ndim == 1 else 'a pair (d1, d2) of direction dicts'}"
+            f"; got {type(directions).__name__}. Make them with lw.random_direction(model)."
+        )
+    for i, d in enumerate(directions):
+        check_direction(model, d, name=f"directions[{i}]")
+    return list(directions), "given"
+
+
+def _reuse(job: _Job, reuse, metrics: Sequence[str]) -> None:
+    """Copy the values of ``reuse`` at coordinates that coincide with the new grid."""
+    same = ("model", "directions", "loss_fn", "bn", "n_samples", "data")
+    diff = [k for k in same if reuse.spec.get(k) != job.spec.get(k)]
+    missing = [m for m in metrics if getattr(reuse, m, None) is None]
+    if diff or missing:
+        raise ValueError(
+            f"reuse= was computed with a different {', '.join(diff) or 'set of metrics'}; "
+            "only a result of the same model, directions, data, loss and bn mode can be reused."
+        )
+    old_axes = [reuse.x] if len(job.axes) == 1 else [reuse.y, reuse.x]
+    maps = [match_axis(new, old) for new, old in zip(job.axes, old_axes, strict=True)]
+    shape = tuple(a.size for a in job.axes)
+    mask = np.ones(shape, dtype=bool)
+    if len(maps) == 1:
+        mask &= maps[0] >= 0
+        src = (maps[0][mask],)
+    else:
+        mask &= np.logical_and.outer(maps[0] >= 0, maps[1] >= 0)
+        iy, ix = np.nonzero(mask)
+        src = (maps[0][iy], maps[1][ix])
+    for m in metrics:
+        arr = np.full(shape, np.nan)
+        arr[mask] = np.asarray(getattr(reuse, m))[src]
+        job.known[m] = arr.ravel()
+    job.known_mask = mask.ravel()
+
+
+def _prepare(model, data, *, directions, axes_spec, loss_fn, metrics, bn, device, seed,
+             reuse, keep_directions, evaluator_options) -> _Job:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    names = ["x"] if len(axes_spec) == 1 else ["y", "x"]
+    axes = [parse_axis(s, n) for s, n in zip(axes_spec, names, strict=True)]
+    total = int(np.prod([a.size for a in axes]))
+    if total > MAX_GRID_POINTS:
+        raise ValueError(f"The grid has {total} points, above the cap of {MAX_GRID_POINTS}.")
+    if isinstance(metrics, str):
+        metrics = (metrics,)
+    dirs, kind = _resolve_directions(model, directions, len(axes), seed)
+    # Surfaces are (ny, nx) with d1 along x: evaluator coefficient j goes with directions[j].
+    evaluator = Evaluator(model, data, dirs, loss_fn=loss_fn, metrics=metrics, bn=bn,
+                          device=device, **(evaluator_options or {}))
+    spec = {
+        "x": list(axes_spec[-1]) if len(axes) == 2 else list(axes_spec[0]),
+        "y": list(axes_spec[0]) if len(axes) == 2 else None,
+        "metrics": list(evaluator.metrics),
+        "loss_fn": _loss_name(loss_fn),
+        "bn": bn,
+        "seed": seed if directions is None else None,
+        "direction_kind": kind,
+        "model": fingerprint(dict(model.state_dict())),
+        "model_class": type(model).__name__,
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "directions": fingerprint({f"{i}/{k}": v for i, d in enumerate(dirs) for k, v in d.items()}),
+        "data": fingerprint({"x": evaluator.x, "y": evaluator.y}),
+        "n_samples": evaluator.n,
+        "device": str(evaluator.device),
+    }
+    job = _Job(axes, dirs, spec, evaluator)
+    job.spec["keep_directions"] = keep_directions
+    if reuse is not None:
+        _reuse(job, reuse, evaluator.metrics)
+    return job
+
+
+def _coords(axes: list[np.ndarray], flat: np.ndarray) -> np.ndarray:
+    if len(axes) == 1:
+        return axes[0][flat][:, None]
+    ny, nx = axes[0].size, axes[1].size
+    iy, ix = np.unravel_index(flat, (ny, nx))
+    return np.stack([axes[1][ix], axes[0][iy]], axis=1)
+
+
+def _tile_size(ev: Evaluator, fixed: int | None) -> int:
+    if fixed:
+        return fixed
+    if ev.plan is None:
+        return ev.next_chunk()
+    # About a third of a second of work (and at least one engine pass), so the stream
+    # stays live and a cancel lands quickly.
+    per_point = max(ev.plan.seconds_per_point, 1e-7)
+    return int(max(ev.plan.points, min(4096, 0.3 / per_point)))
+
+
+def _tiles(job: _Job, tile_points: int | None, cancel: threading.Event | None) -> Iterator[Tile]:
+    shape = tuple(a.size for a in job.axes)
+    total = int(np.prod(shape))
+    ev = job.evaluator
+    index = done = 0
+    for level, idx in progressive_order(shape):
+        pos = 0
+        while pos < idx.size:
+            if cancel is not None and cancel.is_set():
+                return
+            t0 = time.perf_counter()
+            flat = idx[pos : pos + _tile_size(ev, tile_points)]
+            pos += flat.size
+            values = {m: np.full(flat.size, np.nan) for m in ev.metrics}
+            todo = np.ones(flat.size, dtype=bool)
+            if job.known_mask is not None:
+                todo = ~job.known_mask[flat]
+                for m in ev.metrics:
+                    values[m][~todo] = job.known[m][flat[~todo]]
+            if todo.any():
+                out = ev.evaluate(_coords(job.axes, flat[todo]))
+                for m in ev.metrics:
+                    values[m][todo] = out[m]
+            done += flat.size
+            yield Tile(index, level, flat, values, int(todo.sum()), done, total,
+                       time.perf_counter() - t0)
+            index += 1

@@ -1,0 +1,79 @@
+"""Turn the user's data into two tensors that stay on the evaluation device."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+
+def _as_pair(batch, where: str) -> tuple[Tensor, Tensor]:
+    if isinstance(batch, dict):
+        raise TypeError(
+            f"{where} yields dicts; pass (inputs, targets) tensors, or a Dataset/DataLoader "
+            "whose items are (input, target) pairs."
+        )
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise TypeError(
+            f"{where} must yield (inputs, targets) pairs, got {type(batch).__name__}"
+            f"{' of length ' + str(len(batch)) if isinstance(batch, (tuple, list)) else ''}."
+        )
+    x, y = batch
+    x = torch.as_tensor(x)
+    y = torch.as_tensor(y)
+    return x, y
+
+
+def as_tensors(data) -> tuple[Tensor, Tensor]:
+    """Collect ``data`` into one ``(inputs, targets)`` pair of tensors.
+
+    Args:
+        data: An ``(inputs, targets)`` pair of tensors (or arrays), a map-style ``Dataset``
+            of ``(input, target)`` items, or a ``DataLoader``. A loader is iterated once;
+            random augmentation or shuffling is frozen at that pass, so every grid point is
+            evaluated on exactly the same samples.
+
+    Returns:
+        ``(inputs, targets)`` with the samples along dim 0 (not yet moved to a device).
+
+    Raises:
+        TypeError: If the data is of an unsupported form.
+        ValueError: If it holds no samples, or inputs and targets disagree in length.
+    """
+    if isinstance(data, DataLoader):
+        xs, ys = [], []
+        for batch in data:
+            x, y = _as_pair(batch, "the DataLoader")
+            xs.append(x)
+            ys.append(y)
+        if not xs:
+            raise ValueError("The DataLoader yielded no batches; pass data with at least one sample.")
+        x, y = torch.cat(xs), torch.cat(ys)
+    elif isinstance(data, Dataset):
+        try:
+            n = len(data)  # type: ignore[arg-type]
+        except TypeError as err:
+            raise TypeError(
+                "An iterable Dataset has no length; wrap it in a DataLoader instead."
+            ) from err
+        if n == 0:
+            raise ValueError("The Dataset is empty; pass data with at least one sample.")
+        loader = DataLoader(data, batch_size=min(n, 4096), shuffle=False)
+        return as_tensors(loader)
+    elif isinstance(data, (tuple, list)) and len(data) == 2:
+        x, y = _as_pair(data, "data")
+    else:
+        raise TypeError(
+            f"data must be an (inputs, targets) pair of tensors, a Dataset or a DataLoader; "
+            f"got {type(data).__name__}."
+        )
+    if x.dim() == 0 or y.dim() == 0:
+        raise ValueError("inputs and targets need a sample dimension (dim 0).")
+    if x.shape[0] == 0:
+        raise ValueError("data is empty (0 samples); pass at least one sample.")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"inputs have {x.shape[0]} samples but targets have {y.shape[0]}; "
+            "they must match along dim 0."
+        )
+    return x, y

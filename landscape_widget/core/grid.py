@@ -1,0 +1,143 @@
+"""Grids, coarse-to-fine ordering and tiles.
+
+A grid is one or two ``numpy.linspace`` axes. Points are visited coarse to fine: first
+the lattice of every ``2**L``-th index, anchored at the middle index so that the centre
+of a symmetric odd grid (the model itself) comes first, then every ``2**(L-1)``-th, down
+to every point. Each point is visited exactly once. Points are grouped into tiles; a
+tile is the unit that is computed, streamed and cancelled.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+MAX_AXIS_POINTS = 1025
+"""Largest number of points on one axis (documented cap; 1025 = 2 * 512 + 1)."""
+
+MAX_GRID_POINTS = 1025 * 1025
+"""Largest number of points in one grid."""
+
+
+def parse_axis(spec, name: str = "x") -> np.ndarray:
+    """Turn ``(start, stop, num)`` into ``numpy.linspace(start, stop, num)`` with checks.
+
+    Raises:
+        TypeError: If ``spec`` is not a 3-tuple of numbers.
+        ValueError: If the range is not finite or ``num`` is outside ``[1, MAX_AXIS_POINTS]``.
+    """
+    if isinstance(spec, np.ndarray) or not isinstance(spec, (tuple, list)) or len(spec) != 3:
+        raise TypeError(
+            f"{name} must be a (start, stop, num) tuple as in numpy.linspace, e.g. (-1, 1, 51); "
+            f"got {spec!r}."
+        )
+    start, stop, num = spec
+    for v, what in ((start, "start"), (stop, "stop")):
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+            raise TypeError(f"{name} {what} must be a number, got {v!r}.")
+        if not math.isfinite(float(v)):
+            raise ValueError(f"{name} {what} must be finite, got {v!r}; use e.g. {name}=(-1, 1, 51).")
+    if isinstance(num, bool) or not isinstance(num, (int, np.integer)):
+        raise TypeError(f"{name} num must be an int, got {num!r}.")
+    if not 1 <= int(num) <= MAX_AXIS_POINTS:
+        raise ValueError(
+            f"{name} num={num} is outside [1, {MAX_AXIS_POINTS}]; use fewer points per axis "
+            "(51 to 101 is typical) or zoom into a smaller range."
+        )
+    if int(num) > 1 and float(start) == float(stop):
+        raise ValueError(f"{name} start and stop are equal ({start}); give a non-empty range.")
+    return np.linspace(float(start), float(stop), int(num))
+
+
+def _axis_levels(n: int) -> np.ndarray:
+    """Per index, the largest L such that ``(i - c)`` is a multiple of ``2**L``."""
+    c = (n - 1) // 2
+    offsets = np.abs(np.arange(n) - c)
+    levels = np.full(n, 63, dtype=np.int64)
+    nz = offsets > 0
+    # Trailing zeros of each offset: its 2-adic valuation.
+    levels[nz] = np.log2(offsets[nz] & -offsets[nz]).astype(np.int64)
+    return levels
+
+
+def coarsest_level(shape: tuple[int, ...]) -> int:
+    """The first level visited: a lattice of roughly 4 to 8 points per axis."""
+    n = max(shape)
+    return max(0, int(math.floor(math.log2(max(n - 1, 1)))) - 2)
+
+
+def progressive_order(shape: tuple[int, ...]) -> list[tuple[int, np.ndarray]]:
+    """Flat indices of a grid of ``shape`` (rows = y, columns = x) in coarse-to-fine order.
+
+    Args:
+        shape: ``(n,)`` for a curve or ``(ny, nx)`` for a surface.
+
+    Returns:
+        A list of ``(level, flat_indices)`` from the coarsest level down to level 0. Every
+        flat index of the grid appears exactly once.
+    """
+    levels = [_axis_levels(n) for n in shape]
+    if len(shape) == 1:
+        point_level = levels[0]
+    else:
+        point_level = np.minimum.outer(levels[0], levels[1]).ravel()
+    top = coarsest_level(shape)
+    point_level = np.minimum(point_level, top)
+    out = []
+    for level in range(top, -1, -1):
+        idx = np.flatnonzero(point_level == level)
+        if idx.size:
+            out.append((level, idx))
+    return out
+
+
+@dataclass
+class TileSpec:
+    """Which points a tile holds.
+
+    Attributes:
+        level: Coarseness: the tile's points lie on the lattice of every ``2**level``-th index.
+        flat: Flat indices into the grid (row-major, rows = y).
+        index: Position of this tile in the stream (0, 1, ...).
+    """
+
+    level: int
+    flat: np.ndarray
+    index: int
+
+
+def make_tiles(shape: tuple[int, ...], tile_points: int) -> list[TileSpec]:
+    """Split the progressive order into tiles of at most ``tile_points`` points."""
+    if tile_points < 1:
+        raise ValueError("tile_points must be >= 1.")
+    tiles: list[TileSpec] = []
+    for level, idx in progressive_order(shape):
+        for s in range(0, idx.size, tile_points):
+            tiles.append(TileSpec(level, idx[s : s + tile_points], len(tiles)))
+    return tiles
+
+
+def match_axis(new: np.ndarray, old: np.ndarray) -> np.ndarray:
+    """For each coordinate of ``new``, the index of the same coordinate in ``old`` or -1.
+
+    Two coordinates are the same when they differ by less than ``1e-9`` of the axis span
+    (linspace rounding differs between ``n`` and ``2n - 1`` points in the last bits).
+    """
+    if old.size == 0:
+        return np.full(new.shape, -1)
+    span = max(float(np.ptp(new)) if new.size > 1 else 0.0, float(np.ptp(old)) if old.size > 1 else 0.0, 1.0)
+    pos = np.searchsorted(old, new) if old.size < 2 or old[0] <= old[-1] else None
+    out = np.full(new.shape, -1)
+    if pos is None:  # descending axis: fall back to a dense comparison
+        diff = np.abs(new[:, None] - old[None, :])
+        j = diff.argmin(axis=1)
+        ok = diff[np.arange(new.size), j] <= 1e-9 * span
+        out[ok] = j[ok]
+        return out
+    for cand in (pos - 1, pos):
+        cand = np.clip(cand, 0, old.size - 1)
+        ok = (np.abs(old[cand] - new) <= 1e-9 * span) & (out < 0)
+        out[ok] = cand[ok]
+    return out

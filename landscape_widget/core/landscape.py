@@ -1,0 +1,245 @@
+"""Public entry points: :func:`iter_tiles`, :func:`compute_surface`, :func:`compute_curve`."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+from torch import nn
+
+from .compute import Tile, _prepare, _tiles
+from .evaluate import METRICS, LossFn, warn_nonfinite
+from .params import Params
+from .surface import Curve, Surface
+
+
+class TileStream:
+    """The computation of one grid as an iterable of :class:`Tile` in coarse-to-fine order.
+
+    Iterating computes the tiles; :meth:`result` gives the grid so far (NaN where not yet
+    computed). Stop iterating (or set ``cancel``) to cancel: the work ends after the
+    current tile.
+
+    Attributes:
+        axes: ``[x]`` for a curve, ``[y, x]`` for a surface.
+        shape: ``(nx,)`` or ``(ny, nx)``.
+        spec: How the grid is computed (ranges, loss, bn, seed, fingerprints, device).
+        evaluator: The :class:`~landscape_widget.core.evaluate.Evaluator` doing the work.
+    """
+
+    def __init__(self, job, tile_points: int | None, cancel: threading.Event | None):
+        self._job = job
+        self._tile_points = tile_points
+        self._cancel = cancel
+        self.axes = job.axes
+        self.shape = tuple(a.size for a in job.axes)
+        self.spec = job.spec
+        self.evaluator = job.evaluator
+        self.arrays = {m: np.full(self.shape, np.nan) for m in self.evaluator.metrics}
+        self.evaluated = 0
+        self.reused = 0
+
+    @property
+    def total(self) -> int:
+        """Number of grid points."""
+        return int(np.prod(self.shape))
+
+    def __iter__(self) -> Iterator[Tile]:
+        for tile in _tiles(self._job, self._tile_points, self._cancel):
+            for m, v in tile.values.items():
+                self.arrays[m].reshape(-1)[tile.flat] = v
+            self.evaluated += tile.evaluated
+            self.reused += tile.flat.size - tile.evaluated
+            yield tile
+
+    def result(self) -> Surface | Curve:
+        """The grid as computed so far, as a :class:`Surface` or :class:`Curve`."""
+        spec = dict(self.spec)
+        spec.update(
+            evaluated=self.evaluated,
+            reused=self.reused,
+            plan=self.evaluator.describe()["plan"],
+        )
+        keep = spec.pop("keep_directions", True)
+        dirs = (
+            [{k: v.detach().cpu() for k, v in d.items()} for d in self._job.directions]
+            if keep
+            else None
+        )
+        loss = self.arrays.get("loss")
+        acc = self.arrays.get("accuracy")
+        loss = None if loss is None else loss.copy()
+        acc = None if acc is None else acc.copy()
+        if len(self.axes) == 1:
+            return Curve(self.axes[0].copy(), loss, acc, spec, dirs)
+        return Surface(self.axes[1].copy(), self.axes[0].copy(), loss, acc, spec, dirs)
+
+
+def iter_tiles(
+    model: nn.Module,
+    data,
+    *,
+    directions: Sequence[Params] | Params | None = None,
+    x=(-1, 1, 51),
+    y=(-1, 1, 51),
+    loss_fn: LossFn | None = None,
+    metrics: Sequence[str] = METRICS,
+    bn: str = "eval",
+    device=None,
+    seed: int | None = 0,
+    reuse: Surface | Curve | None = None,
+    tile_points: int | None = None,
+    cancel: threading.Event | None = None,
+    keep_directions: bool = True,
+    evaluator_options: dict | None = None,
+) -> TileStream:
+    """Set up a surface (or, with ``y=None``, a curve) to be computed tile by tile.
+
+    Validation happens here, before any tile: bad input raises at once.
+
+    Args:
+        model: The model; never modified.
+        data: ``(inputs, targets)`` tensors, a ``Dataset`` or a ``DataLoader``.
+        directions: ``(d1, d2)`` for a surface, ``d`` (or ``[d]``) for a curve; ``None``
+            draws filter-normalised random directions from ``seed``.
+        x: ``(start, stop, num)`` of the first coordinate (along ``d1``).
+        y: ``(start, stop, num)`` of the second coordinate, or ``None`` for a curve.
+        loss_fn: ``loss_fn(outputs, targets)``, mean over the batch; cross-entropy by default.
+        metrics: Any of ``"loss"``, ``"accuracy"``.
+        bn: ``"eval"`` (running statistics) or ``"batch"`` (batch statistics).
+        device: Where to compute (the model's device by default).
+        seed: Seed of the random directions when ``directions`` is None.
+        reuse: An earlier result of the same model, directions, data and loss: points whose
+            coordinates coincide are copied, not recomputed (raising the resolution from
+            ``n`` to ``2n - 1`` recomputes nothing old).
+        tile_points: Fixed number of points per tile (default: adaptive, ~0.3 s per tile).
+        cancel: A ``threading.Event``; once set, iteration stops after the current tile.
+        keep_directions: Keep the directions (on the CPU) in the result.
+        evaluator_options: Extra keywords for the engine (``strategy``, ``memory_budget``,
+            ``batch_size``).
+
+    Returns:
+        A :class:`TileStream`.
+    """
+    axes_spec = [x] if y is None else [y, x]
+    job = _prepare(model, data, directions=directions, axes_spec=axes_spec, loss_fn=loss_fn,
+                   metrics=metrics, bn=bn, device=device, seed=seed, reuse=reuse,
+                   keep_directions=keep_directions, evaluator_options=evaluator_options)
+    return TileStream(job, tile_points, cancel)
+
+
+def _run(stream: TileStream, progress: bool, desc: str):
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=stream.total, desc=desc, unit="pt")
+    try:
+        for tile in stream:
+            if bar is not None:
+                bar.update(tile.flat.size)
+                plan = stream.evaluator.plan
+                if plan is not None:
+                    bar.set_postfix_str(f"{plan.strategy} K={plan.points}", refresh=False)
+    finally:
+        if bar is not None:
+            bar.close()
+    warn_nonfinite(stream.evaluator.nonfinite_points)
+    return stream.result()
+
+
+def compute_surface(
+    model: nn.Module,
+    data,
+    *,
+    directions: Sequence[Params] | None = None,
+    x=(-1, 1, 51),
+    y=(-1, 1, 51),
+    loss_fn: LossFn | None = None,
+    metrics: Sequence[str] = METRICS,
+    bn: str = "eval",
+    device=None,
+    progress: bool = True,
+    seed: int | None = 0,
+    reuse: Surface | None = None,
+    **options,
+) -> Surface:
+    """The loss surface ``L(theta + a * d1 + b * d2)`` on a grid, with a progress bar.
+
+    Args:
+        model: The model; never modified.
+        data: ``(inputs, targets)`` tensors, a ``Dataset`` or a ``DataLoader``.
+        directions: ``(d1, d2)``; by default two filter-normalised random directions (bias
+            and BatchNorm entries zero) drawn from ``seed``.
+        x: ``(start, stop, num)`` for ``a``, as in ``numpy.linspace``.
+        y: ``(start, stop, num)`` for ``b``.
+        loss_fn: Mean loss of a batch, ``loss_fn(outputs, targets)``; cross-entropy by default.
+        metrics: Any of ``"loss"``, ``"accuracy"``.
+        bn: ``"eval"`` or ``"batch"``.
+        device: Where to compute (the model's device by default).
+        progress: Show a tqdm progress bar.
+        seed: Seed for the default random directions.
+        reuse: A previous :class:`Surface` whose coinciding points are reused.
+        **options: Passed to :func:`iter_tiles` (``tile_points``, ``cancel``,
+            ``keep_directions``, ``evaluator_options``).
+
+    Returns:
+        A :class:`Surface` with ``.x`` (nx,), ``.y`` (ny,), ``.loss`` and ``.accuracy``
+        (ny, nx). Non-finite losses are NaN (with one warning).
+
+    Example:
+        >>> import torch
+        >>> torch.manual_seed(0) and None
+        >>> m = torch.nn.Linear(4, 3)
+        >>> data = (torch.randn(32, 4), torch.randint(0, 3, (32,)))
+        >>> s = compute_surface(m, data, x=(-1, 1, 5), y=(-1, 1, 3), progress=False)
+        >>> s.loss.shape
+        (3, 5)
+    """
+    if y is None:
+        raise ValueError("compute_surface needs a y range; use compute_curve for 1D.")
+    stream = iter_tiles(model, data, directions=directions, x=x, y=y, loss_fn=loss_fn,
+                        metrics=metrics, bn=bn, device=device, seed=seed, reuse=reuse, **options)
+    return _run(stream, progress, "surface")
+
+
+def compute_curve(
+    model: nn.Module,
+    data,
+    *,
+    direction: Params | None = None,
+    x=(-1, 1, 51),
+    loss_fn: LossFn | None = None,
+    metrics: Sequence[str] = METRICS,
+    bn: str = "eval",
+    device=None,
+    progress: bool = True,
+    seed: int | None = 0,
+    reuse: Curve | None = None,
+    **options,
+) -> Curve:
+    """The loss ``L(theta + a * d)`` along one direction.
+
+    Args:
+        model: The model; never modified.
+        data: ``(inputs, targets)`` tensors, a ``Dataset`` or a ``DataLoader``.
+        direction: A direction dict (e.g. :func:`random_direction` or
+            :func:`interpolation_direction`); by default a filter-normalised random one.
+        x: ``(start, stop, num)``, as in ``numpy.linspace``.
+        loss_fn: Mean loss of a batch; cross-entropy by default.
+        metrics: Any of ``"loss"``, ``"accuracy"``.
+        bn: ``"eval"`` or ``"batch"``.
+        device: Where to compute.
+        progress: Show a tqdm progress bar.
+        seed: Seed for the default random direction.
+        reuse: A previous :class:`Curve` whose coinciding points are reused.
+        **options: Passed to :func:`iter_tiles`.
+
+    Returns:
+        A :class:`Curve` with ``.x``, ``.loss`` and ``.accuracy``.
+    """
+    stream = iter_tiles(model, data, directions=None if direction is None else [direction],
+                        x=x, y=None, loss_fn=loss_fn, metrics=metrics, bn=bn, device=device,
+                        seed=seed, reuse=reuse, **options)
+    return _run(stream, progress, "curve")

@@ -1,0 +1,142 @@
+"""Parameter space of a model: names, shapes, detached copies and direction checks.
+
+Parameters travel as ``dict[str, Tensor]`` keyed exactly like ``model.named_parameters()``.
+Nothing in this module writes into the user's module.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+Params = dict[str, Tensor]
+
+
+def parameters_of(model: nn.Module) -> Params:
+    """Detached references to the model's parameters, keyed like ``named_parameters()``.
+
+    Tied parameters appear once, under their first name (as ``named_parameters()`` does);
+    ``torch.func.functional_call`` ties the other names to it.
+
+    Args:
+        model: Any ``nn.Module``.
+
+    Returns:
+        ``{name: tensor}``; the tensors share storage with the model, so callers must not
+        write into them.
+    """
+    return {name: p.detach() for name, p in model.named_parameters()}
+
+
+def float_buffers_of(model: nn.Module) -> Params:
+    """Detached references to the model's floating-point buffers (e.g. BN running stats)."""
+    return {
+        name: b.detach()
+        for name, b in model.named_buffers()
+        if b is not None and torch.is_floating_point(b)
+    }
+
+
+def buffers_of(model: nn.Module) -> Params:
+    """Detached references to all of the model's buffers (float and integer)."""
+    return {name: b.detach() for name, b in model.named_buffers() if b is not None}
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The single device holding the model's parameters and buffers.
+
+    Raises:
+        ValueError: If the model spans several devices or has no tensors at all.
+    """
+    devices = {t.device for t in list(model.parameters()) + list(model.buffers())}
+    if not devices:
+        raise ValueError(
+            "The model has no parameters: a loss landscape needs at least one parameter tensor."
+        )
+    if len(devices) > 1:
+        raise ValueError(
+            f"The model's tensors live on several devices ({sorted(map(str, devices))}); "
+            "move the whole model to one device with model.to(device) first."
+        )
+    return devices.pop()
+
+
+def evaluation_copy(model: nn.Module) -> nn.Module:
+    """A structural copy of ``model`` that shares every tensor with it.
+
+    Flags such as ``training`` can then be set on the copy without touching the user's
+    module, also from a worker thread. Parameters and buffers are shared, not copied,
+    so this costs no tensor memory. Returns the model itself if it cannot be deep-copied;
+    callers then restore flags in a ``finally`` block (see :func:`preserved_flags`).
+    """
+    memo: dict[int, object] = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        memo[id(t)] = t
+    try:
+        return copy.deepcopy(model, memo)
+    except Exception:  # noqa: BLE001 - any module that refuses deepcopy falls back safely
+        return model
+
+
+class preserved_flags:  # noqa: N801 - used like a function in ``with`` statements
+    """Context manager that restores every module's ``training`` flag on exit."""
+
+    def __init__(self, model: nn.Module):
+        self._model = model
+        self._flags: list[tuple[nn.Module, bool]] = []
+
+    def __enter__(self) -> nn.Module:
+        self._flags = [(m, m.training) for m in self._model.modules()]
+        return self._model
+
+    def __exit__(self, *exc) -> None:
+        for m, flag in self._flags:
+            m.training = flag
+
+
+def check_direction(model: nn.Module, direction: Params, name: str = "direction") -> None:
+    """Validate that a direction dict fits the model.
+
+    A direction must give a tensor for every parameter (keys as in ``named_parameters()``)
+    and may add floating-point buffers (BatchNorm running statistics, as produced by
+    :func:`~landscape_widget.interpolation_direction`).
+
+    Raises:
+        TypeError: If it is not a dict of tensors.
+        ValueError: If keys are missing or unknown, or a shape does not match.
+    """
+    if not isinstance(direction, dict):
+        raise TypeError(
+            f"{name} must be a dict[str, Tensor] keyed like model.named_parameters(), "
+            f"got {type(direction).__name__}; build one with lw.random_direction(model)."
+        )
+    params = parameters_of(model)
+    buffers = float_buffers_of(model)
+    missing = [k for k in params if k not in direction]
+    unknown = [k for k in direction if k not in params and k not in buffers]
+    if missing or unknown:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        if unknown:
+            parts.append(f"unknown keys {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
+        raise ValueError(
+            f"{name} does not match the model: {'; '.join(parts)}. A direction needs one tensor "
+            "per entry of model.named_parameters(); make it with lw.random_direction(model) "
+            "for this very model."
+        )
+    for k, d in direction.items():
+        if not isinstance(d, Tensor):
+            raise TypeError(f"{name}[{k!r}] must be a Tensor, got {type(d).__name__}.")
+        ref = params[k] if k in params else buffers[k]
+        if d.shape != ref.shape:
+            raise ValueError(
+                f"{name}[{k!r}] has shape {tuple(d.shape)} but the model's tensor has shape "
+                f"{tuple(ref.shape)}; the direction was made for another model."
+            )
+        if not torch.is_floating_point(d):
+            raise TypeError(f"{name}[{k!r}] must be a floating-point tensor, got {d.dtype}.")
+        if not bool(torch.isfinite(d).all()):
+            raise ValueError(f"{name}[{k!r}] contains NaN or inf; directions must be finite.")
