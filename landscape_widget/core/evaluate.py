@@ -51,6 +51,7 @@ class Plan:
     strategy: str
     points: int
     batch: int
+    layout: str = "contiguous"
     seconds_per_point: float = math.nan
 
 
@@ -159,8 +160,9 @@ class Evaluator:
         self._check_outputs()
         self.strategy = strategy
         self.plan: Plan | None = None
-        self._trials: list[Plan] = []
         self._results: list[Plan] = []
+        self.rejected: list[str] = []
+        self._x_cl: Tensor | None = None
         self.points_evaluated = 0
         self.nonfinite_points = 0
 
@@ -265,6 +267,25 @@ class Evaluator:
             correct = torch.zeros((), device=out.device)
         return loss, correct
 
+    def _inputs(self, layout: str) -> Tensor:
+        if layout == "channels_last":
+            if self._x_cl is None:
+                self._x_cl = self.x.contiguous(memory_format=torch.channels_last)
+            return self._x_cl
+        return self.x
+
+    def _point(self, c: Tensor, layout: str) -> Params:
+        """Parameters of one point: base + sum_j c[j] * d_j."""
+        params = dict(self.base)
+        for k in self.keys:
+            acc = self.base[k]
+            for j, d in enumerate(self.dirs):
+                acc = acc + c[j].to(acc.dtype) * d[k]
+            if layout == "channels_last" and acc.dim() == 4:
+                acc = acc.contiguous(memory_format=torch.channels_last)
+            params[k] = acc
+        return params
+
     def _stacked(self, coeffs: Tensor) -> Params:
         """Parameters of K points: base + sum_j c[:, j] * d_j, stacked along a new dim 0."""
         params = dict(self.base)
@@ -277,39 +298,36 @@ class Evaluator:
             params[k] = acc
         return params
 
-    def _run_vmap(self, coeffs: Tensor, batch: int) -> tuple[Tensor, Tensor]:
-        k = coeffs.shape[0]
-        stacked = self._stacked(coeffs)
-        in_dims = ({name: (0 if name in self.keys else None) for name in stacked}, None, None)
-        fn = torch.vmap(self._point_stats, in_dims=in_dims, randomness="same")
-        loss_sum = torch.zeros(k, dtype=torch.float64, device=self.device)
-        correct = torch.zeros(k, dtype=torch.float64, device=self.device)
-        for s in range(0, self.n, batch):
-            x, y = self.x[s : s + batch], self.y[s : s + batch]
-            loss, corr = fn(stacked, x, y)
-            loss_sum += loss.double() * x.shape[0]
-            correct += corr.double()
-        return loss_sum / self.n, correct / self.n
+    def _vmapped(self):
+        in_dims = ({name: (0 if name in self.keys else None) for name in self.base}, None, None)
+        return torch.vmap(self._point_stats, in_dims=in_dims, randomness="same")
 
-    def _run_loop(self, coeffs: Tensor, batch: int) -> tuple[Tensor, Tensor]:
+    def _pass(self, plan: Plan, params: Params, start: int, stop: int) -> tuple[Tensor, Tensor]:
+        """One forward pass of one point (loop) or K points (vmap) on samples [start, stop)."""
+        x = self._inputs(plan.layout)[start:stop]
+        y = self.y[start:stop]
+        if plan.strategy == "vmap":
+            return self._vmapped()(params, x, y)
+        return self._point_stats(params, x, y)
+
+    def _run_chunk(self, plan: Plan, coeffs: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean loss and accuracy of the points ``coeffs`` (K <= plan.points) over all data."""
+        if plan.strategy == "vmap":
+            groups = [(self._stacked(coeffs), coeffs.shape[0])]
+        else:
+            groups = [(self._point(c, plan.layout), 1) for c in coeffs]
         losses, accs = [], []
-        for c in coeffs:
-            params = dict(self.base)
-            for k in self.keys:
-                acc = self.base[k]
-                for j, d in enumerate(self.dirs):
-                    acc = acc + c[j].to(acc.dtype) * d[k]
-                params[k] = acc
-            loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-            correct = torch.zeros((), dtype=torch.float64, device=self.device)
-            for s in range(0, self.n, batch):
-                x, y = self.x[s : s + batch], self.y[s : s + batch]
-                loss, corr = self._point_stats(params, x, y)
-                loss_sum += loss.double() * x.shape[0]
+        for params, k in groups:
+            loss_sum = torch.zeros(k, dtype=torch.float64, device=self.device)
+            correct = torch.zeros(k, dtype=torch.float64, device=self.device)
+            for s in range(0, self.n, plan.batch):
+                loss, corr = self._pass(plan, params, s, s + plan.batch)
+                # Mean-reduced batch losses weighted by batch size: the exact sample mean.
+                loss_sum += loss.double() * min(plan.batch, self.n - s)
                 correct += corr.double()
             losses.append(loss_sum / self.n)
             accs.append(correct / self.n)
-        return torch.stack(losses), torch.stack(accs)
+        return torch.cat(losses), torch.cat(accs)
 
     def _batch_for(self, points: int) -> int:
         if self.forced_batch:
@@ -317,16 +335,14 @@ class Evaluator:
         return int(max(1, min(self.n, self.budget // max(1, points * self.act_bytes))))
 
     def _run(self, plan: Plan, coeffs: Tensor) -> tuple[Tensor, Tensor]:
-        """Evaluate with ``plan``, halving K (then B) on out-of-memory."""
-        while True:
+        """Evaluate every row of ``coeffs`` with ``plan``, halving K (then B) on out-of-memory."""
+        losses, accs = [], []
+        pos = 0
+        while pos < coeffs.shape[0]:
+            chunk = coeffs[pos : pos + plan.points]
             try:
                 with torch.no_grad():
-                    if plan.strategy == "vmap":
-                        out = []
-                        for s in range(0, coeffs.shape[0], plan.points):
-                            out.append(self._run_vmap(coeffs[s : s + plan.points], plan.batch))
-                        return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
-                    return self._run_loop(coeffs, plan.batch)
+                    lo, ac = self._run_chunk(plan, chunk)
             except (RuntimeError, MemoryError) as err:
                 if not _is_oom(err) or (plan.points == 1 and plan.batch == 1):
                     raise
@@ -336,71 +352,75 @@ class Evaluator:
                     plan.points //= 2
                 else:
                     plan.batch = max(1, plan.batch // 2)
+                continue
+            losses.append(lo)
+            accs.append(ac)
+            pos += chunk.shape[0]
+        return torch.cat(losses), torch.cat(accs)
 
     # --- tuning --------------------------------------------------------------------------
     def _candidate_plans(self) -> list[Plan]:
+        layouts = ["contiguous"]
+        if self.x.dim() == 4 and torch.is_floating_point(self.x):
+            layouts.append("channels_last")
         plans = []
-        if self.strategy in ("auto", "loop"):
-            plans.append(Plan("loop", 1, self._batch_for(1)))
-        if self.strategy in ("auto", "vmap"):
-            for k in (4, 16, 64, 256):
-                plans.append(Plan("vmap", k, self._batch_for(k)))
+        for layout in layouts:
+            if self.strategy in ("auto", "loop"):
+                plans.append(Plan("loop", 1, self._batch_for(1), layout))
+                if self._batch_for(1) < self.n and not self.forced_batch:
+                    plans.append(Plan("loop", 1, self.n, layout))
+            if self.strategy in ("auto", "vmap") and layout == "contiguous":
+                for k in (4, 16, 64, 256):
+                    b = self._batch_for(k)
+                    if b >= min(self.n, 8) or k == 4 or self.strategy == "vmap":
+                        plans.append(Plan("vmap", k, b, layout))
         return plans
 
-    def _next_need(self) -> int:
-        """Points the next tuning step needs (the warm-up point first)."""
-        if not self._trials and not self._results:
-            return 1
-        plan = self._trials[0]
-        return plan.points if plan.strategy == "vmap" else 2
+    def _time_pass(self, plan: Plan, c: Tensor) -> float:
+        """Seconds per point of ``plan``, from one timed pass on its first batch of samples."""
+        with torch.no_grad():
+            if plan.strategy == "vmap":
+                params = self._stacked(c[:1].expand(plan.points, -1))
+            else:
+                params = self._point(c[0], plan.layout)
+            stop = min(plan.batch, self.n)
+            best = math.inf
+            for _ in range(2):  # the first pass warms up allocators and kernels
+                t0 = time.perf_counter()
+                self._pass(plan, params, 0, stop)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                best = min(best, time.perf_counter() - t0)
+        return best * (self.n / stop) / plan.points
 
-    def _best_so_far(self) -> Plan:
-        if self._results:
-            return min(self._results, key=lambda p: p.seconds_per_point)
-        return Plan("loop", 1, self._batch_for(1))
-
-    def _tune_step(self, coeffs: Tensor) -> tuple[int, tuple[Tensor, Tensor]]:
-        """Run the next trial plan on exactly ``coeffs``; returns (points used, results)."""
-        if not self._trials and not self._results:
-            self._trials = self._candidate_plans()
-            # Warm-up (first-call allocations) on one real point, not timed.
-            first = self._trials[0]
-            return 1, self._run(Plan(first.strategy, 1, first.batch), coeffs[:1])
-        plan = self._trials.pop(0)
-        k = coeffs.shape[0]
-        t0 = time.perf_counter()
-        try:
-            res = self._run(plan, coeffs)
-        except Exception:
-            if plan.strategy == "vmap" and any(p.strategy == "loop" for p in self._results):
-                # Not vmappable (e.g. a loss_fn calling .item()): keep the loop strategy.
-                self._trials = [p for p in self._trials if p.strategy != "vmap"]
-                return 0, (coeffs.new_zeros(0), coeffs.new_zeros(0))
-            raise
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        plan.seconds_per_point = (time.perf_counter() - t0) / k
-        self._results.append(plan)
-        # Stop growing K once a larger K no longer helps.
-        prev = self._results[-2] if len(self._results) >= 2 else None
-        if (
-            plan.strategy == "vmap"
-            and prev is not None
-            and prev.strategy == "vmap"
-            and plan.seconds_per_point > prev.seconds_per_point
-        ):
-            self._trials = [p for p in self._trials if p.strategy != "vmap"]
-        return k, res
+    def _tune(self, c: Tensor) -> Plan:
+        """Time one pass of every candidate plan (results discarded) and keep the fastest."""
+        errors = []
+        for plan in self._candidate_plans():
+            try:
+                plan.seconds_per_point = self._time_pass(plan, c)
+                self._results.append(plan)
+            except Exception as err:
+                # The loop runs the user's code as written: its errors are the user's.
+                # A vmap failure (a loss_fn calling .item(), a data-dependent branch) only
+                # rules that strategy out.
+                if plan.strategy == "loop" and not _is_oom(err):
+                    raise
+                self.rejected.append(f"{plan.strategy} K={plan.points}: {type(err).__name__}: {err}")
+                errors.append(err)
+        if not self._results:
+            raise errors[0]
+        return min(self._results, key=lambda p: p.seconds_per_point)
 
     def next_chunk(self) -> int:
-        """Points per call that keep the engine efficient (and tuning moving)."""
-        if self.plan is None:
-            return max(16, self._next_need())
-        return self.plan.points
+        """Points per call that keep the engine efficient."""
+        return self.plan.points if self.plan is not None else 16
 
     # --- public --------------------------------------------------------------------------
     def evaluate(self, coeffs) -> dict[str, np.ndarray]:
         """Loss and metrics at ``theta + sum_j coeffs[:, j] * d_j`` for each row of ``coeffs``.
+
+        The first call times the candidate plans on one pass each and keeps the fastest.
 
         Args:
             coeffs: ``(P, len(directions))`` array of coordinates.
@@ -410,27 +430,15 @@ class Evaluator:
         """
         c = torch.as_tensor(np.asarray(coeffs, dtype=np.float64)).reshape(-1, len(self.dirs))
         c = c.to(self.device)
-        losses, accs = [], []
         self._enter()
         try:
-            pos = 0
-            while pos < c.shape[0]:
-                rest = c.shape[0] - pos
-                if self.plan is None and self._next_need() <= rest:
-                    used, (lo, ac) = self._tune_step(c[pos : pos + self._next_need()])
-                    if not self._trials and self._results:
-                        self.plan = self._best_so_far()
-                else:
-                    plan = self.plan or self._best_so_far()
-                    lo, ac = self._run(plan, c[pos:])
-                    used = rest
-                losses.append(lo)
-                accs.append(ac)
-                pos += used
+            if c.shape[0] and self.plan is None:
+                self.plan = self._tune(c)
+            lo, ac = self._run(self.plan, c) if c.shape[0] else (torch.zeros(0),) * 2
         finally:
             self._exit()
-        loss = torch.cat(losses).cpu().numpy() if losses else np.zeros(0)
-        acc = torch.cat(accs).cpu().numpy() if accs else np.zeros(0)
+        loss = lo.cpu().numpy()
+        acc = ac.cpu().numpy()
         bad = ~np.isfinite(loss)
         if bad.any():
             loss = loss.copy()
@@ -450,6 +458,7 @@ class Evaluator:
             "device": str(self.device),
             "plan": None if self.plan is None else vars(self.plan).copy(),
             "trials": [vars(p).copy() for p in self._results],
+            "rejected": list(self.rejected),
             "activation_bytes_per_sample": self.act_bytes,
         }
 
