@@ -1,4 +1,4 @@
-"""Surfaces and curves, tile by tile: :func:`iter_tiles`, :func:`compute_surface`, :func:`compute_curve`."""
+"""Grid jobs: validation, reuse of computed points and the tile stream behind ``iter_tiles``."""
 
 from __future__ import annotations
 
@@ -13,10 +13,9 @@ import torch
 from torch import nn
 
 from .directions import random_directions
-from .evaluate import METRICS, Evaluator, LossFn, warn_nonfinite
+from .evaluate import Evaluator
 from .grid import MAX_GRID_POINTS, match_axis, parse_axis, progressive_order
 from .params import Params, check_direction
-from .surface import Curve, Surface
 
 
 @dataclass
@@ -79,7 +78,7 @@ def _resolve_directions(model, directions, ndim, seed) -> tuple[list[Params], st
         directions = [directions]
     if not isinstance(directions, (list, tuple)) or len(directions) != ndim:
         raise TypeError(
-            f"directions must be {'a direction dict' if ndim == 1 else 'a pair (d1, d2) of direction dicts'}"
+            f"directions must be {'a direction dict' if ndim == 1 else 'a pair (d1, d2) of dicts'}"
             f"; got {type(directions).__name__}. Make them with lw.random_direction(model)."
         )
     for i, d in enumerate(directions):
@@ -141,7 +140,9 @@ def _prepare(model, data, *, directions, axes_spec, loss_fn, metrics, bn, device
         "model": fingerprint(dict(model.state_dict())),
         "model_class": type(model).__name__,
         "n_params": sum(p.numel() for p in model.parameters()),
-        "directions": fingerprint({f"{i}/{k}": v for i, d in enumerate(dirs) for k, v in d.items()}),
+        "directions": fingerprint(
+            {f"{i}/{k}": v for i, d in enumerate(dirs) for k, v in d.items()}
+        ),
         "data": fingerprint({"x": evaluator.x, "y": evaluator.y}),
         "n_samples": evaluator.n,
         "device": str(evaluator.device),

@@ -47,7 +47,9 @@ def as_tensors(data) -> tuple[Tensor, Tensor]:
             xs.append(x)
             ys.append(y)
         if not xs:
-            raise ValueError("The DataLoader yielded no batches; pass data with at least one sample.")
+            raise ValueError(
+                "The DataLoader yielded no batches; pass data with at least one sample."
+            )
         x, y = torch.cat(xs), torch.cat(ys)
     elif isinstance(data, Dataset):
         try:

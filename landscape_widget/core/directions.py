@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .params import Params, check_direction, float_buffers_of, parameters_of
+from .params import Params, check_direction, check_module, float_buffers_of, parameters_of
 
 NORMS = ("filter", "layer", "weight", None)
 IGNORES = ("biasbn", None)
@@ -22,7 +22,9 @@ def _check_choice(value, allowed: tuple, what: str) -> None:
         raise ValueError(f"{what}={value!r} is not supported; choose one of {list(allowed)}.")
 
 
-def normalize_direction(d: Tensor, theta: Tensor, *, norm: str | None, ignore: str | None) -> Tensor:
+def normalize_direction(
+    d: Tensor, theta: Tensor, *, norm: str | None, ignore: str | None
+) -> Tensor:
     """Normalise one direction tensor ``d`` against the weights ``theta``.
 
     Tensors with ``dim() <= 1`` (biases, BatchNorm scales and shifts) become zero with
@@ -154,6 +156,8 @@ def interpolation_direction(
     Raises:
         ValueError: If the two models do not have the same parameter names and shapes.
     """
+    check_module(model_a, "model_a")
+    check_module(model_b, "model_b")
     pa, pb = parameters_of(model_a), parameters_of(model_b)
     if buffers:
         pa.update(float_buffers_of(model_a))

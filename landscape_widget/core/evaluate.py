@@ -60,6 +60,14 @@ def _is_oom(err: BaseException) -> bool:
     return "out of memory" in msg or "can't allocate memory" in msg
 
 
+def _is_vmap_error(err: BaseException) -> bool:
+    """Whether ``err`` says the code cannot run under ``torch.vmap`` (not a user error)."""
+    msg = str(err)
+    return isinstance(err, RuntimeError) and any(
+        word in msg for word in ("vmap", "Batched", "functorch")
+    )
+
+
 def _default_budget(device: torch.device) -> int:
     """Bytes of activations one forward pass may use."""
     if device.type == "cuda":
@@ -145,7 +153,7 @@ class Evaluator:
         keys = [k for k in base if any(k in d and bool(d[k].any()) for d in directions)]
         self.keys = keys
         self.dirs = [
-            {k: (d[k] if k in d else torch.zeros_like(base[k])).to(self.device, base[k].dtype) for k in keys}
+            {k: d.get(k, torch.zeros_like(base[k])).to(self.device, base[k].dtype) for k in keys}
             for d in directions
         ]
 
@@ -404,9 +412,9 @@ class Evaluator:
                 # The loop runs the user's code as written: its errors are the user's.
                 # A vmap failure (a loss_fn calling .item(), a data-dependent branch) only
                 # rules that strategy out.
-                if plan.strategy == "loop" and not _is_oom(err):
+                if (plan.strategy == "loop" or not _is_vmap_error(err)) and not _is_oom(err):
                     raise
-                self.rejected.append(f"{plan.strategy} K={plan.points}: {type(err).__name__}: {err}")
+                self.rejected.append(f"{plan.strategy} K={plan.points}: {err}")
                 errors.append(err)
         if not self._results:
             raise errors[0]

@@ -38,7 +38,9 @@ def parse_axis(spec, name: str = "x") -> np.ndarray:
         if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
             raise TypeError(f"{name} {what} must be a number, got {v!r}.")
         if not math.isfinite(float(v)):
-            raise ValueError(f"{name} {what} must be finite, got {v!r}; use e.g. {name}=(-1, 1, 51).")
+            raise ValueError(
+                f"{name} {what} must be finite, got {v!r}; use e.g. {name}=(-1, 1, 51)."
+            )
     if isinstance(num, bool) or not isinstance(num, (int, np.integer)):
         raise TypeError(f"{name} num must be an int, got {num!r}.")
     if not 1 <= int(num) <= MAX_AXIS_POINTS:
@@ -127,7 +129,7 @@ def match_axis(new: np.ndarray, old: np.ndarray) -> np.ndarray:
     """
     if old.size == 0:
         return np.full(new.shape, -1)
-    span = max(float(np.ptp(new)) if new.size > 1 else 0.0, float(np.ptp(old)) if old.size > 1 else 0.0, 1.0)
+    span = max(float(np.ptp(new)), float(np.ptp(old)), 1.0)
     pos = np.searchsorted(old, new) if old.size < 2 or old[0] <= old[-1] else None
     out = np.full(new.shape, -1)
     if pos is None:  # descending axis: fall back to a dense comparison

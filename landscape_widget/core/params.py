@@ -14,6 +14,15 @@ from torch import Tensor, nn
 Params = dict[str, Tensor]
 
 
+def check_module(model, name: str = "model") -> None:
+    """Raise a clear ``TypeError`` unless ``model`` is an ``nn.Module``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"{name} must be a torch.nn.Module, got {type(model).__name__}; pass the network "
+            "itself (e.g. the object you call as model(inputs))."
+        )
+
+
 def parameters_of(model: nn.Module) -> Params:
     """Detached references to the model's parameters, keyed like ``named_parameters()``.
 
@@ -27,6 +36,7 @@ def parameters_of(model: nn.Module) -> Params:
         ``{name: tensor}``; the tensors share storage with the model, so callers must not
         write into them.
     """
+    check_module(model)
     return {name: p.detach() for name, p in model.named_parameters()}
 
 
@@ -50,6 +60,7 @@ def model_device(model: nn.Module) -> torch.device:
     Raises:
         ValueError: If the model spans several devices or has no tensors at all.
     """
+    check_module(model)
     devices = {t.device for t in list(model.parameters()) + list(model.buffers())}
     if not devices:
         raise ValueError(

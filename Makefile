@@ -1,0 +1,74 @@
+# landscape_widget developer commands (GNU make). `make help` lists the targets.
+#
+# Installation note: torch and torchvision are pinned to torch==2.14.1 / torchvision==0.29.1.
+# On the project's machines these (CUDA) builds are the only pair whose torchvision imports
+# cleanly (the CPU-only torch 2.13.0 wheel there breaks PyPI's torchvision with "operator
+# torchvision::nms does not exist"), and pip on Python 3.11 installs them from local disk
+# instead of downloading several GB. They run on the CPU too. See README.md.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.installed-bench
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+NOTEBOOKS := notebooks
+# Tests, notebooks (nbval, lax mode) and the docstring examples of the package; each file is
+# collected once (test files hold no doctests, and the package holds no test_*.py files).
+PYTEST_ARGS := tests $(NOTEBOOKS) landscape_widget --doctest-modules --nbval-lax --nbval-current-env \
+	--nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=900
+
+.DEFAULT_GOAL := help
+.PHONY: help venv lab test pytest notebooks demo docs-image bench lint clean distclean
+
+help:  ## List the targets.
+	@grep -E '^[a-z][a-zA-Z_-]*:.*## ' $(MAKEFILE_LIST) | \
+		awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
+
+venv: $(STAMP)  ## Create .venv and install the package with its dev extras (once).
+
+# The stamp is remade only when pyproject.toml changes, so repeated runs are instant.
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install $(TORCH_PINS)
+	$(BIN)/python -m pip install -e '.[dev]'
+	@touch $@
+
+lab: venv  ## Open the quickstart notebook in JupyterLab.
+	$(BIN)/jupyter lab $(NOTEBOOKS)/01_quickstart.ipynb
+
+test: venv  ## Lint, then run the tests, the notebooks (nbval, lax) and the doctests.
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+pytest: venv  ## The tests, notebooks and doctests of `make test`, without the lint step.
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+notebooks: venv  ## Re-execute the notebooks, keeping only the outputs nbval checks.
+	$(BIN)/python $(NOTEBOOKS)/_refresh.py
+
+demo: venv  ## Compute the demo surface headless and write a self-contained demo.html.
+	$(BIN)/python -m landscape_widget --out demo.html
+
+docs-image: venv  ## Regenerate docs/surface.png (the picture in the README).
+	@mkdir -p docs
+	$(BIN)/python -m landscape_widget --out demo.html --png docs/surface.png
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -e '.[bench]'
+	@touch $@
+
+bench: $(BENCH_STAMP)  ## Install the peer libraries and run the benchmarks.
+	$(BIN)/python benchmarks/run.py --json benchmarks/results/latest.json
+
+lint: venv  ## ruff check.
+	$(BIN)/ruff check .
+
+clean:  ## Remove build outputs and caches (keeps .venv).
+	rm -rf demo.html build dist .pytest_cache .ruff_cache *.egg-info
+	find . -path ./$(VENV) -prune -o -type d \( -name __pycache__ -o -name .ipynb_checkpoints \) \
+		-exec rm -rf {} +
+
+distclean: clean  ## Also remove .venv.
+	rm -rf $(VENV)
