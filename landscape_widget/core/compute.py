@@ -147,6 +147,7 @@ def _prepare(model, data, *, directions, axes_spec, loss_fn, metrics, bn, device
         "n_samples": evaluator.n,
         "device": str(evaluator.device),
     }
+    evaluator.expected_points = total
     job = _Job(axes, dirs, spec, evaluator)
     job.spec["keep_directions"] = keep_directions
     if reuse is not None:

@@ -17,6 +17,7 @@ activation memory traffic and can be faster point by point. Measuring beats gues
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import warnings
@@ -38,6 +39,7 @@ from .params import (
     model_device,
     parameters_of,
 )
+from .stem import split_stem
 
 METRICS = ("loss", "accuracy")
 BN_MODES = ("eval", "batch")
@@ -52,6 +54,7 @@ class Plan:
     points: int
     batch: int
     layout: str = "contiguous"
+    stem: bool = False
     seconds_per_point: float = math.nan
 
 
@@ -66,6 +69,14 @@ def _is_vmap_error(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and any(
         word in msg for word in ("vmap", "Batched", "functorch")
     )
+
+
+def _stem_budget(device: torch.device) -> int:
+    """Bytes the precomputed first-layer outputs may occupy."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.25)
+    return 1 << 30
 
 
 def _default_budget(device: torch.device) -> int:
@@ -97,6 +108,12 @@ class Evaluator:
         memory_budget: Bytes of activations per forward pass (default: 64 MiB on CPU, 40 %
             of free memory on CUDA).
         batch_size: Force the number of samples per forward pass.
+        stem: The linear-stem shortcut: the first layer's output is linear in its weights,
+            so it is computed once per direction for all data (core/stem.py). ``"auto"``
+            lets the timing decide, ``True`` uses it whenever the model allows, ``False``
+            never.
+        stem_budget: Bytes the precomputed first-layer outputs may take (default 1 GiB on
+            CPU, 25 % of free memory on CUDA).
     """
 
     def __init__(
@@ -112,6 +129,8 @@ class Evaluator:
         strategy: str = "auto",
         memory_budget: int | None = None,
         batch_size: int | None = None,
+        stem: bool | str = "auto",
+        stem_budget: int | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
@@ -139,6 +158,8 @@ class Evaluator:
             )
         self.metrics = metrics
         self.loss_fn: LossFn = loss_fn if loss_fn is not None else F.cross_entropy
+        # The default loss is computed for all K points at once, outside vmap.
+        self._batched_ce = loss_fn is None
         self.bn = bn
 
         self.module = self._prepare_module(model, bn)
@@ -161,9 +182,12 @@ class Evaluator:
         if torch.is_floating_point(x) and self.dtype.is_floating_point:
             x = x.to(self.dtype)
         self.x, self.y = x.to(self.device), y.to(self.device)
+        if loss_fn is None and not torch.is_floating_point(self.y) and bool((self.y < 0).any()):
+            self._batched_ce = False  # F.cross_entropy's ignore_index=-100 changes the mean
         self.n = int(self.x.shape[0])
         self.budget = memory_budget or _default_budget(self.device)
         self.forced_batch = batch_size
+        self.stem_budget = stem_budget if stem_budget is not None else _stem_budget(self.device)
         self.act_bytes = self._activation_bytes()
         self._check_outputs()
         self.strategy = strategy
@@ -171,7 +195,16 @@ class Evaluator:
         self._results: list[Plan] = []
         self.rejected: list[str] = []
         self._x_cl: Tensor | None = None
+        # The linear-stem shortcut (see core/stem.py) needs a copy of the module to trace.
+        if stem not in ("auto", True, False):
+            raise ValueError("stem must be 'auto', True or False.")
+        self.stem = split_stem(self.module) if stem and not self._shared else None
+        self._stem_choice = stem
+        self._stem_terms: list | None = None
         self.points_evaluated = 0
+        # Callers that know how many points are coming (a grid) set this before the first
+        # evaluate(); the tuner then skips plans wider than the whole job.
+        self.expected_points = 1 << 30
         self.nonfinite_points = 0
 
     # --- setup -------------------------------------------------------------------------
@@ -265,14 +298,32 @@ class Evaluator:
                 )
 
     # --- one point, one chunk ------------------------------------------------------------
-    def _point_stats(self, params: Params, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        out = functional_call(self.module, params, (x,))
-        loss = self.loss_fn(out, y)
-        if "accuracy" in self.metrics:
-            target = y if y.dim() == out.dim() - 1 else y.argmax(-1)
-            correct = (out.argmax(-1) == target).sum()
+    def _outputs(self, params: Params, coef: Tensor, start: int, stop: int, plan: Plan) -> Tensor:
+        """Model outputs of one point on samples [start, stop)."""
+        if plan.stem:
+            h = self._stem_terms[0][start:stop]
+            for j, t in self._stem_terms[1:]:
+                h = h + coef[j].to(h.dtype) * t[start:stop]
+            sub = {k: params[k] for k in self.stem.suffix_keys}
+            return functional_call(self.stem.suffix, sub, (h,))
+        return functional_call(self.module, params, (self._inputs(plan.layout)[start:stop],))
+
+    def _metrics(self, out: Tensor, y: Tensor, vmapped: bool) -> tuple[Tensor, Tensor]:
+        """Batch-mean loss and correct count of each of the K points of ``out`` (K, B, ...)."""
+        k = out.shape[0]
+        if self._batched_ce:
+            targets = y.unsqueeze(0).expand(k, *y.shape).flatten(0, 1)
+            per_sample = F.cross_entropy(out.flatten(0, 1), targets, reduction="none")
+            loss = per_sample.reshape(k, -1).mean(1)
+        elif vmapped:
+            loss = torch.vmap(self.loss_fn, in_dims=(0, None))(out, y)
         else:
-            correct = torch.zeros((), device=out.device)
+            loss = self.loss_fn(out[0], y).unsqueeze(0)
+        if "accuracy" in self.metrics:
+            target = y if y.dim() == out.dim() - 2 else y.argmax(-1)
+            correct = (out.argmax(-1) == target).reshape(k, -1).sum(1)
+        else:
+            correct = torch.zeros(k, device=out.device)
         return loss, correct
 
     def _inputs(self, layout: str) -> Tensor:
@@ -281,6 +332,41 @@ class Evaluator:
                 self._x_cl = self.x.contiguous(memory_format=torch.channels_last)
             return self._x_cl
         return self.x
+
+    def _prepare_stem(self) -> bool:
+        """Compute the stem terms for all data once; False if no stem applies."""
+        if self._stem_terms is not None:
+            return bool(self._stem_terms)
+        self._stem_terms = []
+        stem = self.stem
+        if stem is None:
+            return False
+        w_key, b_key = f"{stem.name}.weight", f"{stem.name}.bias"
+        moving = [j for j, d in enumerate(self.dirs) if w_key in d or b_key in d]
+        with torch.no_grad():
+            probe = stem.output(self.x[:1], self.base[w_key], self.base.get(b_key))
+            need = probe.numel() * probe.element_size() * self.n * (1 + len(moving))
+            if need > self.stem_budget:
+                return False
+            chunk = max(1, self.budget // max(1, self.act_bytes))
+            terms = []
+            for weight, bias, j in [(self.base[w_key], self.base.get(b_key), None)] + [
+                (self.dirs[j].get(w_key, torch.zeros_like(self.base[w_key])),
+                 self.dirs[j].get(b_key), j) for j in moving
+            ]:
+                parts = [stem.output(self.x[s : s + chunk], weight, bias)
+                         for s in range(0, self.n, chunk)]
+                terms.append((j, torch.cat(parts)))
+            # Safety net: the split model must reproduce the whole model.
+            sub = {k: self.base[k] for k in stem.suffix_keys}
+            out_split = functional_call(stem.suffix, sub, (terms[0][1][:2],))
+            out_full = functional_call(self.module, self.base, (self.x[:2],))
+            if out_split.shape != out_full.shape or not torch.allclose(
+                out_split, out_full, rtol=1e-4, atol=1e-5
+            ):
+                return False
+        self._stem_terms = [terms[0][1]] + terms[1:]
+        return True
 
     def _point(self, c: Tensor, layout: str) -> Params:
         """Parameters of one point: base + sum_j c[j] * d_j."""
@@ -306,30 +392,32 @@ class Evaluator:
             params[k] = acc
         return params
 
-    def _vmapped(self):
-        in_dims = ({name: (0 if name in self.keys else None) for name in self.base}, None, None)
-        return torch.vmap(self._point_stats, in_dims=in_dims, randomness="same")
+    def _pass(self, plan: Plan, params: Params, coef: Tensor, start: int, stop: int):
+        """One forward pass of one point (loop) or K points (vmap) on samples [start, stop).
 
-    def _pass(self, plan: Plan, params: Params, start: int, stop: int) -> tuple[Tensor, Tensor]:
-        """One forward pass of one point (loop) or K points (vmap) on samples [start, stop)."""
-        x = self._inputs(plan.layout)[start:stop]
+        Returns ``(K,)`` batch-mean losses and ``(K,)`` correct counts.
+        """
         y = self.y[start:stop]
         if plan.strategy == "vmap":
-            return self._vmapped()(params, x, y)
-        return self._point_stats(params, x, y)
+            in_dims = ({k: (0 if k in self.keys else None) for k in params}, 0)
+            fn = functools.partial(self._outputs, start=start, stop=stop, plan=plan)
+            out = torch.vmap(fn, in_dims=in_dims, randomness="same")(params, coef)
+            return self._metrics(out, y, vmapped=True)
+        out = self._outputs(params, coef, start, stop, plan)
+        return self._metrics(out.unsqueeze(0), y, vmapped=False)
 
     def _run_chunk(self, plan: Plan, coeffs: Tensor) -> tuple[Tensor, Tensor]:
         """Mean loss and accuracy of the points ``coeffs`` (K <= plan.points) over all data."""
         if plan.strategy == "vmap":
-            groups = [(self._stacked(coeffs), coeffs.shape[0])]
+            groups = [(self._stacked(coeffs), coeffs, coeffs.shape[0])]
         else:
-            groups = [(self._point(c, plan.layout), 1) for c in coeffs]
+            groups = [(self._point(c, plan.layout), c, 1) for c in coeffs]
         losses, accs = [], []
-        for params, k in groups:
+        for params, coef, k in groups:
             loss_sum = torch.zeros(k, dtype=torch.float64, device=self.device)
             correct = torch.zeros(k, dtype=torch.float64, device=self.device)
             for s in range(0, self.n, plan.batch):
-                loss, corr = self._pass(plan, params, s, s + plan.batch)
+                loss, corr = self._pass(plan, params, coef, s, s + plan.batch)
                 # Mean-reduced batch losses weighted by batch size: the exact sample mean.
                 loss_sum += loss.double() * min(plan.batch, self.n - s)
                 correct += corr.double()
@@ -340,7 +428,9 @@ class Evaluator:
     def _batch_for(self, points: int) -> int:
         if self.forced_batch:
             return int(self.forced_batch)
-        return int(max(1, min(self.n, self.budget // max(1, points * self.act_bytes))))
+        b = int(max(1, min(self.n, self.budget // max(1, points * self.act_bytes))))
+        # Even batches: 1024 samples in passes of 512 + 512, not 885 + 139.
+        return -(-self.n // -(-self.n // b))
 
     def _run(self, plan: Plan, coeffs: Tensor) -> tuple[Tensor, Tensor]:
         """Evaluate every row of ``coeffs`` with ``plan``, halving K (then B) on out-of-memory."""
@@ -368,34 +458,44 @@ class Evaluator:
 
     # --- tuning --------------------------------------------------------------------------
     def _candidate_plans(self) -> list[Plan]:
+        """Candidate plans: loops first (layouts, with and without the stem), then vmaps."""
         layouts = ["contiguous"]
         if self.x.dim() == 4 and torch.is_floating_point(self.x):
             layouts.append("channels_last")
+        stems = [False, True] if self.stem is not None else [False]
+        if self.stem is not None and self._stem_choice is True and self._prepare_stem():
+            stems, layouts = [True], ["contiguous"]
         plans = []
-        for layout in layouts:
-            if self.strategy in ("auto", "loop"):
-                plans.append(Plan("loop", 1, self._batch_for(1), layout))
-                if self._batch_for(1) < self.n and not self.forced_batch:
-                    plans.append(Plan("loop", 1, self.n, layout))
-            if self.strategy in ("auto", "vmap") and layout == "contiguous":
+        if self.strategy in ("auto", "loop"):
+            for layout in layouts:
+                for stem in stems if layout == "contiguous" else [False]:
+                    plans.append(Plan("loop", 1, self._batch_for(1), layout, stem))
+                    if self._batch_for(1) < self.n and not self.forced_batch:
+                        plans.append(Plan("loop", 1, self.n, layout, stem))
+        if self.strategy in ("auto", "vmap"):
+            for stem in stems:
                 for k in (4, 16, 64, 256):
+                    if k > max(4, self.expected_points):
+                        break  # a 3x3 grid is not worth timing passes of 256 points
                     b = self._batch_for(k)
                     if b >= min(self.n, 8) or k == 4 or self.strategy == "vmap":
-                        plans.append(Plan("vmap", k, b, layout))
+                        plans.append(Plan("vmap", k, b, "contiguous", stem))
         return plans
 
     def _time_pass(self, plan: Plan, c: Tensor) -> float:
         """Seconds per point of ``plan``, from one timed pass on its first batch of samples."""
         with torch.no_grad():
             if plan.strategy == "vmap":
-                params = self._stacked(c[:1].expand(plan.points, -1))
+                coef = c[:1].expand(plan.points, -1)
+                params = self._stacked(coef)
             else:
-                params = self._point(c[0], plan.layout)
+                coef = c[0]
+                params = self._point(coef, plan.layout)
             stop = min(plan.batch, self.n)
             best = math.inf
             for _ in range(2):  # the first pass warms up allocators and kernels
                 t0 = time.perf_counter()
-                self._pass(plan, params, 0, stop)
+                self._pass(plan, params, coef, 0, stop)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 best = min(best, time.perf_counter() - t0)
@@ -404,7 +504,17 @@ class Evaluator:
     def _tune(self, c: Tensor) -> Plan:
         """Time one pass of every candidate plan (results discarded) and keep the fastest."""
         errors = []
+        slower: set[tuple] = set()  # (layout, stem) families where a larger K stopped paying
+        last: dict[tuple, float] = {}
         for plan in self._candidate_plans():
+            family = (plan.strategy, plan.layout, plan.stem)
+            if family in slower or (plan.stem and not self._prepare_stem()):
+                continue
+            loops = [p for p in self._results if p.strategy == "loop"]
+            if plan.strategy == "vmap" and self.stem is not None and self._stem_terms and loops:
+                # Try vmap only with the stem setting that won point by point.
+                if plan.stem != min(loops, key=lambda p: p.seconds_per_point).stem:
+                    continue
             try:
                 plan.seconds_per_point = self._time_pass(plan, c)
                 self._results.append(plan)
@@ -416,6 +526,12 @@ class Evaluator:
                     raise
                 self.rejected.append(f"{plan.strategy} K={plan.points}: {err}")
                 errors.append(err)
+                slower.add(family)
+                continue
+            if plan.strategy == "vmap":
+                if plan.seconds_per_point > last.get(family, math.inf):
+                    slower.add(family)
+                last[family] = plan.seconds_per_point
         if not self._results:
             raise errors[0]
         return min(self._results, key=lambda p: p.seconds_per_point)
@@ -441,7 +557,10 @@ class Evaluator:
         self._enter()
         try:
             if c.shape[0] and self.plan is None:
-                self.plan = self._tune(c)
+                if self.expected_points <= 2 and self.strategy != "vmap":
+                    self.plan = Plan("loop", 1, self._batch_for(1))  # nothing to amortise
+                else:
+                    self.plan = self._tune(c)
             lo, ac = self._run(self.plan, c) if c.shape[0] else (torch.zeros(0),) * 2
         finally:
             self._exit()

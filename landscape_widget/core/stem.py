@@ -1,0 +1,128 @@
+"""The linear stem: the first layer's output is linear in its weights.
+
+For a model whose input flows through parameter-free operations into one ``Linear`` or
+``Conv`` layer, that layer's output at ``theta + sum_j c_j d_j`` is
+
+    stem(x; W + sum_j c_j D_j, b + sum_j c_j db_j) = stem(x; W, b) + sum_j c_j stem(x; D_j, db_j)
+
+because convolution and matrix products are linear in ``(weight, bias)`` jointly. The
+``1 + len(directions)`` terms are computed once for the whole data set; every grid point
+then costs a weighted sum instead of the first layer. For an MLP on 64 features this
+removes most of the FLOPs of a point.
+
+The model is split with ``torch.fx``; models that cannot be traced, whose input is used
+anywhere else, or whose first layer shares its weights simply do not get a stem.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+from torch.func import functional_call
+
+LINEAR_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@dataclass
+class Stem:
+    """A model split at its first linear layer.
+
+    Attributes:
+        name: Qualified name of the stem module (its parameters are ``name.weight``/``.bias``).
+        prefix: Parameter-free part from the input to the stem's input.
+        layer: The stem module itself.
+        suffix: The rest of the model, taking the stem's output as its input.
+        suffix_keys: Parameter and buffer names the suffix uses (keys as in the full model).
+    """
+
+    name: str
+    prefix: fx.GraphModule
+    layer: nn.Module
+    suffix: fx.GraphModule
+    suffix_keys: frozenset[str]
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The stem's parameter names in the full model."""
+        return tuple(f"{self.name}.{k}" for k, _ in self.layer.named_parameters())
+
+    def output(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """The stem layer applied to the prefix of ``x`` with the given weight and bias."""
+        params = {"weight": weight}
+        if getattr(self.layer, "bias", None) is not None:
+            params["bias"] = bias if bias is not None else torch.zeros_like(self.layer.bias)
+        return functional_call(self.layer, params, (self.prefix(x),))
+
+
+def _free_of_state(mod: nn.Module) -> bool:
+    return not any(True for _ in mod.parameters()) and not any(True for _ in mod.buffers())
+
+
+def _only_node_arg(node: fx.Node, source: fx.Node) -> bool:
+    """``node`` takes ``source`` exactly once and no other graph value."""
+    found = []
+    fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n))
+    return found == [source]
+
+
+def split_stem(module: nn.Module) -> Stem | None:
+    """Split ``module`` at its first linear layer, or return ``None`` if that is not safe."""
+    try:
+        gm = fx.symbolic_trace(module)
+    except Exception:  # noqa: BLE001 - untraceable models just run without a stem
+        return None
+    graph = gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        return None
+    node, chain, stem = placeholders[0], [], None
+    while stem is None:
+        if len(node.users) != 1:
+            return None
+        nxt = next(iter(node.users))
+        if not _only_node_arg(nxt, node):
+            return None
+        if nxt.op == "call_module":
+            sub = gm.get_submodule(nxt.target)
+            if type(sub) in LINEAR_TYPES and not nxt.kwargs:
+                stem = nxt
+                break
+            if not _free_of_state(sub):
+                return None
+        elif nxt.op not in ("call_function", "call_method"):
+            return None
+        chain.append(nxt)
+        node = nxt
+    layer = gm.get_submodule(stem.target)
+    # The stem's weights must be used by the stem alone (no tying, no second call).
+    calls = [n for n in graph.nodes if n.op == "call_module" and n.target == stem.target]
+    owned = {id(p) for p in layer.parameters()}
+    shared = sum(id(p) in owned for _, p in module.named_parameters(remove_duplicate=False))
+    if len(calls) != 1 or shared != len(owned) or any(
+        n.op == "get_attr" and str(n.target).startswith(f"{stem.target}.") for n in graph.nodes
+    ):
+        return None
+
+    prefix_graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for n in [placeholders[0], *chain]:
+        env[n] = prefix_graph.node_copy(n, lambda a: env[a])
+    prefix_graph.output(env[node])
+    prefix = fx.GraphModule(gm, prefix_graph)
+
+    suffix_graph = fx.Graph()
+    env = {}
+    dropped = {placeholders[0], *chain, stem}
+    for n in graph.nodes:
+        if n is stem:
+            env[n] = suffix_graph.placeholder("stem_out")
+        elif n not in dropped:
+            env[n] = suffix_graph.node_copy(n, lambda a: env[a])
+    suffix = fx.GraphModule(gm, suffix_graph)
+    keys = frozenset(k for k, _ in suffix.named_parameters()) | frozenset(
+        k for k, _ in suffix.named_buffers()
+    )
+    return Stem(str(stem.target), prefix, layer, suffix, keys)
