@@ -1,0 +1,275 @@
+"""Small models, data and test cases shared by the test modules (curvlinops style).
+
+Every random number comes from an explicit ``torch.Generator``: a model's default
+initialisation (which draws from the global RNG) is overwritten by :func:`reinit`, so
+each case is the same on every run and no test depends on the global RNG.
+
+A case is a dict:
+
+- ``name``: test id.
+- ``model``: zero-argument factory of a fresh model (fp32, CPU).
+- ``data``: zero-argument factory of ``(inputs, targets)`` tensors.
+- ``wrap``: how the data reaches the API: ``"tensors"``, ``"dataset"``, ``"loader"``,
+  ``"loader_shuffled"``.
+- ``loss_fn``: ``None`` (cross-entropy) or ``loss_fn(outputs, targets)``, mean over the batch.
+- ``metrics``: the metrics asked for.
+- ``bn``: ``"eval"`` or ``"batch"`` (with ``"batch"`` the engine is told to use one batch
+  holding all data, so the oracle's batch statistics are over the same samples).
+- ``train_mode``: put the user's model in train mode before the call (results must not care).
+- ``x``, ``y``: surface ranges; ``curve_x``: curve range.
+- ``strategies``: engine strategies to check (``"auto"``, ``"vmap"``, ``"loop"``).
+- ``dtype``: the model's and inputs' dtype (float32 unless stated).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+ALL_STRATEGIES = ("auto", "vmap", "loop")
+
+
+# --- initialisation ----------------------------------------------------------------------
+def reinit(model: nn.Module, seed: int, gain: float = 1.0) -> nn.Module:
+    """Overwrite every parameter and BN buffer from a private generator seeded with ``seed``.
+
+    Weights (dim > 1) get N(0, gain^2 / fan_in), 1-D parameters N(0, 0.1^2), BatchNorm
+    scales 1 + N(0, 0.2^2). BatchNorm running statistics are made non-trivial
+    (mean N(0, 0.2^2), var U(0.5, 1.5), 5 batches tracked) so eval and batch modes differ.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=g) * (gain / fan_in**0.5))
+            else:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                if m.weight is not None:
+                    m.weight.copy_(1 + 0.2 * torch.randn(m.weight.shape, generator=g))
+                if m.track_running_stats:
+                    m.running_mean.copy_(0.2 * torch.randn(m.running_mean.shape, generator=g))
+                    m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
+                    m.num_batches_tracked.fill_(5)
+    return model
+
+
+def classification_data(n: int, shape: tuple[int, ...], classes: int, seed: int):
+    """``n`` Gaussian inputs of ``shape`` and uniform class labels, from a private generator."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((n, *shape), generator=g), torch.randint(0, classes, (n,), generator=g)
+
+
+# --- models ------------------------------------------------------------------------------
+def mlp(seed: int = 0) -> nn.Module:
+    return reinit(nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 4)), seed, gain=2.0)
+
+
+def mlp_dropout(seed: int = 1) -> nn.Module:
+    model = nn.Sequential(
+        nn.Linear(10, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 4), nn.Dropout(0.3)
+    )
+    return reinit(model, seed, gain=2.0)
+
+
+class TiedMLP(nn.Module):
+    """Encoder and decoder share one weight tensor (``dec.weight is enc.weight``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Linear(8, 8)
+        self.dec = nn.Linear(8, 8)
+        self.dec.weight = self.enc.weight
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.dec(torch.tanh(self.enc(x)))))
+
+
+def tied_mlp(seed: int = 2) -> nn.Module:
+    return reinit(TiedMLP(), seed, gain=2.0)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        h = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(x + self.bn2(self.conv2(h)))
+
+
+class BNResCNN(nn.Module):
+    """conv-BN-ReLU stem, one residual block with BatchNorm, global average pool, linear head."""
+
+    def __init__(self, channels: int = 6, classes: int = 5):
+        super().__init__()
+        self.stem = nn.Conv2d(3, channels, 3, padding=1)
+        self.bn = nn.BatchNorm2d(channels)
+        self.block = ResBlock(channels)
+        self.head = nn.Linear(channels, classes)
+
+    def forward(self, x):
+        h = self.block(F.relu(self.bn(self.stem(x))))
+        return self.head(h.mean(dim=(2, 3)))
+
+
+def bn_res_cnn(seed: int = 3) -> nn.Module:
+    return reinit(BNResCNN(), seed, gain=1.5)
+
+
+def resnet18(seed: int = 4) -> nn.Module:
+    return reinit(torchvision.models.resnet18(num_classes=10), seed, gain=1.0)
+
+
+# --- data --------------------------------------------------------------------------------
+def mlp_data():
+    return classification_data(40, (10,), 4, seed=10)
+
+
+def tied_data():
+    return classification_data(30, (8,), 3, seed=11)
+
+
+def cnn_data():
+    return classification_data(24, (3, 8, 8), 5, seed=12)
+
+
+def resnet_data():
+    return classification_data(2, (3, 32, 32), 10, seed=13)
+
+
+class PairDataset(Dataset):
+    """A map-style dataset of ``(tensor, int)`` items (not a TensorDataset)."""
+
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i], int(self.y[i])
+
+
+def wrap_data(x, y, how: str):
+    """Present ``(x, y)`` as the API input named by ``how``."""
+    if how == "tensors":
+        return (x, y)
+    if how == "dataset":
+        return PairDataset(x, y)
+    if how == "tensor_dataset":
+        return TensorDataset(x, y)
+    if how == "loader":
+        return DataLoader(TensorDataset(x, y), batch_size=7, shuffle=False)
+    if how == "loader_shuffled":
+        g = torch.Generator().manual_seed(99)
+        return DataLoader(TensorDataset(x, y), batch_size=7, shuffle=True, generator=g)
+    raise ValueError(how)
+
+
+# --- directions made by the tests ------------------------------------------------------
+def gaussian_direction(model: nn.Module, seed: int, scale: float = 0.5) -> dict:
+    """A direction on every parameter (biases and BN too), entries N(0, (scale * rms(theta))^2).
+
+    Built without the library, so the engine is also checked on coordinates that move
+    1-D tensors (which filter-normalised directions with ``ignore="biasbn"`` leave alone).
+    """
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for k, p in model.named_parameters():
+        rms = float(p.detach().pow(2).mean().sqrt()) or 1.0
+        out[k] = scale * rms * torch.randn(p.shape, generator=g, dtype=p.dtype)
+    return out
+
+
+# --- losses ------------------------------------------------------------------------------
+def mse_softmax(outputs, targets):
+    """loss-landscape's ``mse`` option: softmax outputs against one-hot targets."""
+    onehot = F.one_hot(targets, outputs.shape[-1]).to(outputs.dtype)
+    return F.mse_loss(outputs.softmax(-1), onehot)
+
+
+# --- cases -------------------------------------------------------------------------------
+NONSQUARE = {"x": (-1.0, 1.0, 7), "y": (-0.5, 0.75, 5), "curve_x": (-1.0, 1.5, 9)}
+SMALL = {"x": (-0.1, 0.1, 3), "y": (-0.1, 0.1, 3), "curve_x": (-0.1, 0.1, 3)}
+
+
+def _case(name, model, data, **kw):
+    case = {
+        "name": name,
+        "model": model,
+        "data": data,
+        "wrap": "tensors",
+        "loss_fn": None,
+        "metrics": ("loss", "accuracy"),
+        "bn": "eval",
+        "train_mode": False,
+        "strategies": ALL_STRATEGIES,
+        "dtype": torch.float32,
+        **NONSQUARE,
+    }
+    case.update(kw)
+    return case
+
+
+CASES = [
+    _case("mlp", mlp, mlp_data),
+    _case("mlp-dataset", mlp, mlp_data, wrap="dataset"),
+    _case("mlp-tensordataset", mlp, mlp_data, wrap="tensor_dataset", strategies=("auto",)),
+    _case("mlp-loader", mlp, mlp_data, wrap="loader"),
+    _case("mlp-loader-shuffled", mlp, mlp_data, wrap="loader_shuffled"),
+    _case("mlp-mse", mlp, mlp_data, loss_fn=mse_softmax, metrics=("loss",)),
+    _case("mlp-dropout", mlp_dropout, mlp_data),
+    _case("mlp-dropout-train-mode", mlp_dropout, mlp_data, train_mode=True),
+    _case("tied", tied_mlp, tied_data),
+    _case("cnn-bn-res", bn_res_cnn, cnn_data),
+    _case("cnn-bn-res-train-mode", bn_res_cnn, cnn_data, train_mode=True, strategies=("auto",)),
+    _case("cnn-bn-res-batch", bn_res_cnn, cnn_data, bn="batch"),
+    _case("cnn-bn-res-batch-loader", bn_res_cnn, cnn_data, bn="batch", wrap="loader_shuffled",
+          strategies=("auto",)),
+    # resnet18 runs with the automatic plan and point by point, not with strategy="vmap":
+    # forcing vmap makes the tuner time passes of up to 256 points (~150 s for 9 points).
+    _case("resnet18", resnet18, resnet_data, strategies=("auto", "loop"), **SMALL),
+    # Batch statistics of 2 samples at layer4's 1x1 feature maps are ill-conditioned: a plain
+    # float32 forward differs from float64 by ~1e-3 relative. In float64 the engine must match
+    # the oracle to 1e-5 like every other case.
+    _case("resnet18-batch-fp64", resnet18, resnet_data, bn="batch", strategies=("loop",),
+          dtype=torch.float64, **SMALL),
+]
+
+CASE_IDS = [c["name"] for c in CASES]
+
+STRATEGY_CASES = [(c, s) for c in CASES for s in c["strategies"]]
+STRATEGY_CASE_IDS = [f"{c['name']}-{s}" for c, s in STRATEGY_CASES]
+
+
+def build(case):
+    """A fresh ``(model, x, y, data)`` for ``case`` (the model in the case's mode)."""
+    model = case["model"]().to(case["dtype"])
+    x, y = case["data"]()
+    x = x.to(case["dtype"])
+    if case["train_mode"]:
+        model.train()
+    else:
+        model.eval()
+    return model, x, y, wrap_data(x, y, case["wrap"])
+
+
+def engine_options(case, strategy: str, n: int) -> dict:
+    """``evaluator_options`` for ``case``: the strategy; for bn="batch" one batch of all data."""
+    opts = {}
+    if strategy != "auto":
+        opts["strategy"] = strategy
+    if case["bn"] == "batch":
+        opts["batch_size"] = n
+    return opts

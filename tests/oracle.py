@@ -1,0 +1,97 @@
+"""The independent oracle: a naive float64 per-point loop.
+
+It shares no code with the engine: no ``functional_call``, no vmap, no batching of points,
+no reuse. For every point it loads ``theta + sum_j c_j d_j`` into a float64 deep copy of
+the model with ``load_state_dict`` (the way loss-landscape's ``net_plotter.set_states``
+does), switches to eval mode (BatchNorm in train mode for ``bn="batch"``) and takes the
+mean loss over all data in one forward pass. An engine-vs-engine comparison (e.g. vmap
+vs loop) would hide bugs the two share, such as a transposed grid or a wrong direction
+key; this oracle does not.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _aliases(model: nn.Module) -> dict[str, str]:
+    """Map every ``state_dict`` key to the key of the tensor it shares (tied weights)."""
+    first: dict[int, str] = {}
+    out: dict[str, str] = {}
+    named = list(model.named_parameters(remove_duplicate=False))
+    named += list(model.named_buffers(remove_duplicate=False))
+    for name, t in named:
+        first.setdefault(id(t), name)
+        out[name] = first[id(t)]
+    return out
+
+
+def naive_eval(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    directions: list[dict[str, torch.Tensor]],
+    coords,
+    *,
+    loss_fn=None,
+    bn: str = "eval",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Loss and accuracy at ``theta + sum_j coords[i, j] * directions[j]`` for every row ``i``.
+
+    Direction keys may name parameters or buffers (BatchNorm running statistics); a tied
+    tensor moves under every name it has.
+
+    Returns:
+        ``(loss, accuracy)``, float64 arrays of length ``len(coords)``.
+    """
+    loss_fn = loss_fn or F.cross_entropy
+    ref = copy.deepcopy(model).double()
+    base = {
+        k: (v.detach().double() if torch.is_floating_point(v) else v.detach()).clone()
+        for k, v in model.state_dict().items()
+    }
+    alias = _aliases(model)
+    dirs = [{k: v.detach().double() for k, v in d.items()} for d in directions]
+    xd = x.double() if torch.is_floating_point(x) else x
+    losses, accs = [], []
+    for c in np.atleast_2d(np.asarray(coords, dtype=np.float64)):
+        state = {}
+        for k, v in base.items():
+            key = alias.get(k, k)
+            w = v.clone()
+            for cj, d in zip(c, dirs, strict=True):
+                if key in d:
+                    w = w + float(cj) * d[key]
+            state[k] = w
+        ref.load_state_dict(state)
+        ref.eval()
+        if bn == "batch":
+            for m in ref.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.train()
+        with torch.no_grad():
+            out = ref(xd)
+            losses.append(float(loss_fn(out, y)))
+            accs.append(float((out.argmax(-1) == y).double().mean()))
+    return np.array(losses), np.array(accs)
+
+
+def surface_coords(xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """``(ny * nx, 2)`` coordinates ``(x[ix], y[iy])`` in row-major (rows = y) order."""
+    return np.array([(a, b) for b in ys for a in xs])
+
+
+def naive_surface(model, x, y, d1, d2, xs, ys, **kw) -> tuple[np.ndarray, np.ndarray]:
+    """The oracle on a grid: ``(ny, nx)`` arrays with ``[iy, ix]`` at ``(xs[ix], ys[iy])``."""
+    loss, acc = naive_eval(model, x, y, [d1, d2], surface_coords(xs, ys), **kw)
+    shape = (len(ys), len(xs))
+    return loss.reshape(shape), acc.reshape(shape)
+
+
+def linspace(spec) -> np.ndarray:
+    return np.linspace(float(spec[0]), float(spec[1]), int(spec[2]))

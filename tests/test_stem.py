@@ -1,0 +1,108 @@
+"""The linear-stem shortcut (core/stem.py) against the naive float64 loop.
+
+The stem replaces the first layer by a weighted sum of precomputed outputs. These tests
+force it on (``stem=True``) and off, with both engine strategies, so that the shortcut is
+checked whatever the timing-based choice would have been.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from cases import CASES, build, engine_options, gaussian_direction
+from oracle import linspace, naive_surface
+from torch import nn
+
+import landscape_widget as lw
+from landscape_widget.core.stem import split_stem
+
+# "tied" shares its first weight with the decoder, so it gets no stem (see the test below).
+STEM_NAMES = ("mlp", "cnn-bn-res", "cnn-bn-res-batch", "mlp-mse", "mlp-dropout",
+              "mlp-loader-shuffled", "resnet18")
+STEM_CASES = [c for c in CASES if c["name"] in STEM_NAMES]
+
+
+@pytest.mark.parametrize("case", STEM_CASES, ids=[c["name"] for c in STEM_CASES])
+@pytest.mark.parametrize("strategy", ["vmap", "loop"])
+def test_stem_surface_matches_naive_loop(case, strategy):
+    model, x, y, data = build(case)
+    # The Gaussian direction also moves the first layer's bias: both stem terms are used.
+    d1, d2 = lw.random_direction(model, seed=1), gaussian_direction(model, seed=2)
+    opts = engine_options(case, strategy, len(y))
+    opts["stem"] = True
+    surf = lw.compute_surface(model, data, directions=(d1, d2), x=case["x"], y=case["y"],
+                              loss_fn=case["loss_fn"], metrics=case["metrics"], bn=case["bn"],
+                              progress=False, evaluator_options=opts)
+    assert surf.spec["plan"]["stem"], "the stem applies to this model and was forced on"
+    xs, ys = linspace(case["x"]), linspace(case["y"])
+    want_loss, want_acc = naive_surface(model, x, y, d1, d2, xs, ys, loss_fn=case["loss_fn"],
+                                        bn=case["bn"])
+    np.testing.assert_allclose(surf.loss, want_loss, rtol=1e-5, atol=0)
+    if "accuracy" in case["metrics"]:
+        np.testing.assert_allclose(surf.accuracy, want_acc, rtol=0, atol=1e-12)
+
+
+def test_stem_is_found_and_used_for_plain_models():
+    mlp = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 3))
+    stem = split_stem(mlp)
+    assert stem is not None and stem.name == "1"
+    assert "1.weight" not in stem.suffix_keys and "3.weight" in stem.suffix_keys
+    data = (torch.randn(20, 1, 8, 8), torch.randint(0, 3, (20,)))
+    ev = lw.Evaluator(mlp, data, lw.random_directions(mlp, 2, seed=0), stem=True)
+    ev.evaluate(np.zeros((3, 2)))
+    assert ev.plan.stem
+
+
+class InputTwice(nn.Module):
+    """Uses its input after the first layer too: no stem is safe."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.b(self.a(x) + x)
+
+
+class TiedFirst(nn.Module):
+    """The first layer's weight is also used later."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+class Branchy(nn.Module):
+    """Data-dependent control flow: not traceable."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 2)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.a(x)
+        return -self.a(x)
+
+
+@pytest.mark.parametrize("cls", [InputTwice, TiedFirst, Branchy])
+def test_no_stem_where_unsafe_and_results_still_exact(cls):
+    torch.manual_seed(0)
+    model = cls()
+    assert split_stem(model) is None
+    data = (torch.randn(16, 4), torch.randint(0, 2, (16,)))
+    d1, d2 = lw.random_directions(model, 2, seed=1)
+    surf = lw.compute_surface(model, data, directions=(d1, d2), x=(-1, 1, 3), y=(-1, 1, 3),
+                              progress=False, evaluator_options={"stem": True,
+                                                                 "strategy": "loop"})
+    assert not surf.spec["plan"]["stem"]
+    xs = linspace((-1, 1, 3))
+    want_loss, _ = naive_surface(model, *data, d1, d2, xs, xs)
+    np.testing.assert_allclose(surf.loss, want_loss, rtol=1e-5)
