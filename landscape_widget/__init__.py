@@ -1,9 +1,10 @@
 """landscape_widget: explore the loss landscapes of PyTorch models, live in Jupyter.
 
-Example:
-    >>> import landscape_widget as lw
-    >>> model, data = lw.demo.trained_mlp()          # doctest: +SKIP
-    >>> lw.compute_surface(model, data).to_plotly()  # doctest: +SKIP
+Example::
+
+    import landscape_widget as lw
+    model, data = lw.demo.trained_mlp()
+    lw.compute_surface(model, data).to_plotly()
 """
 
 from . import datasets, demo
@@ -17,6 +18,8 @@ from .core.evaluate import Evaluator
 from .core.grid import MAX_AXIS_POINTS, MAX_GRID_POINTS
 from .core.landscape import TileStream, compute_curve, compute_surface, iter_tiles
 from .core.surface import Curve, Surface
+from .magic import load_ipython_extension
+from .widget import LandscapeWidget
 
 __version__ = "0.1.0"
 
@@ -37,6 +40,9 @@ __all__ = [
     # results
     "Surface",
     "Curve",
+    # the live widget and the %landscape notebook extension
+    "LandscapeWidget",
+    "load_ipython_extension",
     # offline data and models
     "datasets",
     "demo",

@@ -4,10 +4,11 @@ Everything here trains in seconds on two CPU cores and is deterministic for a gi
 initialisation runs under :func:`torch.random.fork_rng` (so the global torch RNG is left as
 it was) and the batch order comes from a private :class:`torch.Generator`.
 
-Example:
-    >>> import landscape_widget as lw
-    >>> model, (X, y) = lw.demo.trained_mlp()         # doctest: +SKIP
-    >>> surface = lw.compute_surface(model, (X, y))   # doctest: +SKIP
+Example::
+
+    import landscape_widget as lw
+    model, (X, y) = lw.demo.trained_mlp()
+    surface = lw.compute_surface(model, (X, y))
 """
 
 from __future__ import annotations
