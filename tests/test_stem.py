@@ -106,3 +106,41 @@ def test_no_stem_where_unsafe_and_results_still_exact(cls):
     xs = linspace((-1, 1, 3))
     want_loss, _ = naive_surface(model, *data, d1, d2, xs, xs)
     np.testing.assert_allclose(surf.loss, want_loss, rtol=1e-5)
+
+
+class OOMAbove(nn.Module):
+    """Pretends to run out of memory on passes wider than ``limit`` samples x points."""
+
+    def __init__(self, limit: int):
+        super().__init__()
+        self.limit = limit
+        self.lin = nn.Linear(6, 3)
+
+    def forward(self, x):
+        out = self.lin(x)
+        # Under vmap the per-point view hides K: the unwrapped tensor shows the whole pass.
+        if torch._C._functorch.is_batchedtensor(out):
+            width = torch._C._functorch.get_unwrapped(out).shape[0] * out.shape[0]
+        else:
+            width = out.shape[0]
+        if width > self.limit:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 1.00 GiB (simulated)")
+        return out
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+def test_out_of_memory_halves_the_pass_and_results_stay_exact(strategy):
+    torch.manual_seed(0)
+    model = OOMAbove(limit=24)
+    data = (torch.randn(40, 6), torch.randint(0, 3, (40,)))
+    d1, d2 = lw.random_directions(model, 2, seed=1)
+    surf = lw.compute_surface(model, data, directions=(d1, d2), x=(-1, 1, 9), y=(-1, 1, 9),
+                              progress=False,
+                              evaluator_options={"strategy": strategy, "batch_size": 40,
+                                                 "stem": False})
+    plan = surf.spec["plan"]
+    assert plan["points"] * plan["batch"] <= 24
+    model.limit = 10**9  # the oracle runs all data in one pass
+    xs = linspace((-1, 1, 9))
+    want_loss, _ = naive_surface(model, *data, d1, d2, xs, xs)
+    np.testing.assert_allclose(surf.loss, want_loss, rtol=1e-5)

@@ -534,7 +534,24 @@ class Evaluator:
         return plans
 
     def _time_pass(self, plan: Plan, c: Tensor) -> float:
-        """Seconds per point of ``plan``, from one timed pass on its first batch of samples."""
+        """Seconds per point of ``plan``, from one timed pass on its first batch of samples.
+
+        Out of memory halves K (then B) and tries again, as :meth:`_run` does.
+        """
+        while True:
+            try:
+                return self._time_pass_once(plan, c)
+            except (RuntimeError, MemoryError) as err:
+                if not _is_oom(err) or (plan.points == 1 and plan.batch == 1):
+                    raise
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if plan.points > 1:
+                    plan.points //= 2
+                else:
+                    plan.batch = max(1, plan.batch // 2)
+
+    def _time_pass_once(self, plan: Plan, c: Tensor) -> float:
         with torch.no_grad():
             if plan.strategy == "vmap":
                 coef = c[:1].expand(plan.points, -1)
