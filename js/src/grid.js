@@ -1,0 +1,82 @@
+// Grid helpers: binary buffers from the kernel, and the coarse-to-fine display fill.
+
+/** A Float32Array copy of a DataView / ArrayBuffer / typed array (alignment-safe). */
+export function f32(buf) {
+  return new Float32Array(bytesOf(buf));
+}
+
+/** An Int32Array copy of a binary buffer. */
+export function i32(buf) {
+  return new Int32Array(bytesOf(buf));
+}
+
+function bytesOf(buf) {
+  if (buf == null) return new ArrayBuffer(0);
+  if (buf instanceof ArrayBuffer) return buf.slice(0);
+  if (ArrayBuffer.isView(buf)) {
+    return buf.buffer.slice(buf.byteOffset, buf.byteOffset + buf.byteLength);
+  }
+  return new ArrayBuffer(0);
+}
+
+/** Nearest index of the lattice {c + k*s} inside [0, n), or -1. */
+function nearest(i, c, s, n) {
+  let j = c + Math.round((i - c) / s) * s;
+  if (j > n - 1) j -= s;
+  if (j < 0) j += s;
+  return j >= 0 && j < n ? j : -1;
+}
+
+/**
+ * Values for display: points not computed yet take the value of the nearest computed
+ * point of a coarser lattice (the kernel visits every 2^L-th index first, anchored at the
+ * middle index), so the picture is complete from the first level on and sharpens as
+ * finer tiles arrive. Computed points (including NaN ones) are shown as they are.
+ *
+ * @param {Float32Array} values grid values, NaN where not computed
+ * @param {Uint8Array} known 1 where computed
+ * @param {number[]} shape [n] or [ny, nx]
+ * @returns {Float32Array}
+ */
+export function fillCoarse(values, known, shape) {
+  const out = Float32Array.from(values);
+  const nx = shape[shape.length - 1];
+  const ny = shape.length === 2 ? shape[0] : 1;
+  const cx = (nx - 1) >> 1;
+  const cy = (ny - 1) >> 1;
+  const top = 2 * Math.max(nx, ny);
+  for (let iy = 0; iy < ny; iy++) {
+    for (let ix = 0; ix < nx; ix++) {
+      const k = iy * nx + ix;
+      if (known[k]) continue;
+      for (let s = 2; s <= top; s *= 2) {
+        const jx = nearest(ix, cx, s, nx);
+        const jy = ny === 1 ? 0 : nearest(iy, cy, s, ny);
+        if (jx < 0 || jy < 0) continue;
+        const j = jy * nx + jx;
+        if (known[j]) {
+          out[k] = values[j];
+          break;
+        }
+      }
+    }
+  }
+  return out;
+}
+
+/** log10 of positive values, NaN elsewhere. */
+export function log10(values) {
+  const out = new Float32Array(values.length);
+  for (let i = 0; i < values.length; i++) {
+    const v = values[i];
+    out[i] = v > 0 ? Math.log10(v) : NaN;
+  }
+  return out;
+}
+
+/** Rows of a row-major grid, as plain arrays (what plotly's 2D traces read). */
+export function rows(values, ny, nx) {
+  const out = new Array(ny);
+  for (let i = 0; i < ny; i++) out[i] = Array.from(values.subarray(i * nx, (i + 1) * nx));
+  return out;
+}

@@ -1,0 +1,418 @@
+// landscape_widget front end: an anywidget ESM module.
+//
+// Controls write traits (debounced 250 ms); the kernel recomputes when a compute trait
+// changes. Tiles arrive as custom messages with float32 buffers and fill a Float32Array;
+// the plot is redrawn with Plotly.react at most once per animation frame, with a constant
+// uirevision (zoom and camera survive) and a bumped datarevision. The finished grid also
+// lives in the `result` trait, so a re-render, a second view or a static HTML export
+// shows it without a kernel.
+import Plotly from "./plotly.js";
+import { f32, fillCoarse, i32, log10, rows } from "./grid.js";
+import "./widget.css";
+
+const DEBOUNCE_MS = 250;
+const MAX_RES = { "2d": 201, "1d": 1025 };
+const VIEWS = {
+  "2d": [["contour", "contour"], ["heatmap", "heatmap"], ["surface", "3D surface"]],
+  "1d": [["line", "line"]],
+};
+const UIREVISION = "landscape";
+
+let counter = 0;
+const newId = () => `js-${Date.now().toString(36)}-${++counter}`;
+
+function h(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === "class") node.className = v;
+    else if (k in node) node[k] = v;
+    else node.setAttribute(k, v);
+  }
+  for (const c of children) node.append(c);
+  return node;
+}
+
+function options(select, items, value) {
+  select.replaceChildren(...items.map(([v, label]) => h("option", { value: v }, label)));
+  if (value !== undefined) select.value = value;
+}
+
+function fmt(n, digits = 3) {
+  if (n == null || !Number.isFinite(n)) return "–";
+  return Math.abs(n) >= 1000 ? Math.round(n).toLocaleString() : n.toPrecision(digits);
+}
+
+function fmtTime(s) {
+  if (s == null || !Number.isFinite(s)) return "–";
+  if (s < 60) return `${s.toFixed(s < 10 ? 1 : 0)} s`;
+  return `${Math.floor(s / 60)} min ${Math.round(s % 60)} s`;
+}
+
+function controls() {
+  const c = {
+    direction: h("select", { title: "Direction type" }),
+    ignore_biasbn: h("input", { type: "checkbox", title: "Zero the direction on biases and BatchNorm" }),
+    mode: h("select", { title: "1D curve or 2D surface" }),
+    x0: h("input", { type: "number", step: "any" }),
+    x1: h("input", { type: "number", step: "any" }),
+    y0: h("input", { type: "number", step: "any" }),
+    y1: h("input", { type: "number", step: "any" }),
+    resolution: h("input", { type: "range", min: 3, step: 2 }),
+    resolutionBox: h("input", { type: "number", min: 2, step: 1 }),
+    metric: h("select", { title: "Metric shown" }),
+    log_scale: h("input", { type: "checkbox", title: "log10 colour / y scale" }),
+    view: h("select", { title: "View" }),
+    seed: h("input", { type: "number", min: 0, step: 1 }),
+    bn: h("select", { title: "BatchNorm statistics" }),
+    compute: h("button", { class: "lw-compute", title: "Compute now" }, "Compute"),
+    cancel: h("button", { class: "lw-cancel", title: "Stop the running computation" }, "Cancel"),
+  };
+  options(c.mode, [["2d", "2D surface"], ["1d", "1D curve"]]);
+  options(c.metric, [["loss", "loss"], ["accuracy", "accuracy"]]);
+  options(c.bn, [["eval", "BN: running stats"], ["batch", "BN: batch stats"]]);
+  return c;
+}
+
+function row(label, ...inputs) {
+  return h("label", { class: "lw-row" }, h("span", { class: "lw-label" }, label), ...inputs);
+}
+
+function render({ model, el }) {
+  const c = controls();
+  const yRow = row("β range", c.y0, c.y1);
+  const panel = h("div", { class: "lw-controls" },
+    row("direction", c.direction),
+    row("ignore bias+BN", c.ignore_biasbn),
+    row("mode", c.mode),
+    row("α range", c.x0, c.x1),
+    yRow,
+    row("resolution", c.resolution, c.resolutionBox),
+    row("metric", c.metric),
+    row("log scale", c.log_scale),
+    row("view", c.view),
+    row("seed", c.seed),
+    row("batch norm", c.bn),
+    h("div", { class: "lw-buttons" }, c.compute, c.cancel));
+  const plot = h("div", { class: "lw-plot" });
+  const bar = h("div", { class: "lw-bar" });
+  const status = h("div", { class: "lw-status" });
+  const root = h("div", { class: "lw-root" }, panel,
+    h("div", { class: "lw-main" }, plot, h("div", { class: "lw-progress" }, bar), status));
+  el.replaceChildren(root);
+  if (model.get("_static")) {
+    // A static HTML export: no kernel to compute; only the display controls stay live.
+    for (const k of ["direction", "ignore_biasbn", "mode", "x0", "x1", "y0", "y1", "resolution",
+      "resolutionBox", "seed", "bn", "compute", "cancel"]) c[k].disabled = true;
+  }
+
+  let job = null; // {id, shape, x, y, metrics, loss, acc, known, complete}
+  let live = null; // last progress message of the running job
+  let error = null; // last error text
+  let revision = 0;
+  let frame = 0;
+  let plotted = false;
+  const pending = {};
+  let timer = null;
+
+  // --- traits <-> controls -------------------------------------------------------------
+  const get = (k) => (k in pending ? pending[k] : model.get(k));
+
+  function flush() {
+    clearTimeout(timer);
+    timer = null;
+    const keys = Object.keys(pending);
+    if (!keys.length) return;
+    for (const k of keys) model.set(k, pending[k]);
+    for (const k of keys) delete pending[k];
+    model.save_changes();
+  }
+
+  function setTrait(values) {
+    // Half-typed numbers (NaN) never reach the kernel; the control shows the trait again.
+    const bad = Object.values(values).some((v) => (Array.isArray(v) ? v : [v])
+      .some((x) => typeof x === "number" && !Number.isFinite(x)));
+    if (bad) {
+      syncControls();
+      return;
+    }
+    Object.assign(pending, values);
+    clearTimeout(timer);
+    timer = setTimeout(flush, DEBOUNCE_MS);
+    syncControls();
+    schedule();
+  }
+
+  function directionItems() {
+    const types = model.get("direction_types") || [];
+    return types.map((t, i) => [String(i), t.label]);
+  }
+
+  function syncControls() {
+    const types = model.get("direction_types") || [];
+    const mode = get("mode");
+    let idx = types.findIndex((t) => t.direction === get("direction") && t.norm === get("norm"));
+    if (idx < 0) idx = types.findIndex((t) => t.direction === get("direction"));
+    options(c.direction, directionItems(), String(Math.max(idx, 0)));
+    c.ignore_biasbn.checked = !!get("ignore_biasbn");
+    c.mode.value = mode;
+    const [x0, x1] = get("x_range");
+    const [y0, y1] = get("y_range");
+    for (const [input, v] of [[c.x0, x0], [c.x1, x1], [c.y0, y0], [c.y1, y1]]) {
+      if (document.activeElement !== input) input.value = v;
+    }
+    yRow.style.display = mode === "2d" ? "" : "none";
+    c.resolution.max = MAX_RES[mode] || 201;
+    c.resolutionBox.max = c.resolution.max;
+    c.resolution.value = get("resolution");
+    if (document.activeElement !== c.resolutionBox) c.resolutionBox.value = get("resolution");
+    c.metric.value = get("metric");
+    c.log_scale.checked = !!get("log_scale");
+    const views = VIEWS[mode] || VIEWS["2d"];
+    options(c.view, views, mode === "1d" ? "line" : get("view"));
+    c.view.disabled = mode === "1d";
+    if (document.activeElement !== c.seed) c.seed.value = get("seed");
+    c.bn.value = get("bn");
+  }
+
+  const num = (input) => Number.parseFloat(input.value);
+  const int = (input) => Number.parseInt(input.value, 10);
+  const on = (node, ev, fn) => node.addEventListener(ev, fn);
+
+  on(c.direction, "change", () => {
+    const t = (model.get("direction_types") || [])[Number(c.direction.value)];
+    if (t) setTrait({ direction: t.direction, norm: t.norm });
+  });
+  on(c.ignore_biasbn, "change", () => setTrait({ ignore_biasbn: c.ignore_biasbn.checked }));
+  on(c.mode, "change", () => {
+    const mode = c.mode.value;
+    const res = Math.min(get("resolution"), MAX_RES[mode]);
+    setTrait({ mode, resolution: res });
+  });
+  for (const input of [c.x0, c.x1]) {
+    on(input, "change", () => setTrait({ x_range: [num(c.x0), num(c.x1)] }));
+  }
+  for (const input of [c.y0, c.y1]) {
+    on(input, "change", () => setTrait({ y_range: [num(c.y0), num(c.y1)] }));
+  }
+  on(c.resolution, "input", () => setTrait({ resolution: int(c.resolution) }));
+  on(c.resolutionBox, "change", () => setTrait({ resolution: int(c.resolutionBox) }));
+  on(c.metric, "change", () => setTrait({ metric: c.metric.value }));
+  on(c.log_scale, "change", () => setTrait({ log_scale: c.log_scale.checked }));
+  on(c.view, "change", () => setTrait({ view: c.view.value }));
+  on(c.seed, "change", () => setTrait({ seed: int(c.seed) }));
+  on(c.bn, "change", () => setTrait({ bn: c.bn.value }));
+
+  function spec() {
+    const keys = ["mode", "direction", "norm", "ignore_biasbn", "x_range", "y_range",
+      "resolution", "seed", "bn"];
+    return Object.fromEntries(keys.map((k) => [k, get(k)]));
+  }
+
+  on(c.compute, "click", () => {
+    const s = spec();
+    flush();
+    error = null;
+    model.send({ kind: "compute", id: newId(), spec: s });
+  });
+  on(c.cancel, "click", () => {
+    flush();
+    model.send({ kind: "cancel", id: job ? job.id : "none" });
+  });
+
+  const traitNames = ["mode", "direction", "norm", "ignore_biasbn", "x_range", "y_range",
+    "resolution", "seed", "bn", "metric", "log_scale", "view", "direction_types"];
+  const onTraits = () => {
+    syncControls();
+    schedule();
+  };
+  for (const k of traitNames) model.on(`change:${k}`, onTraits);
+  const onStatus = () => showStatus();
+  model.on("change:status", onStatus);
+  const onResult = () => {
+    const r = model.get("result");
+    if (!r || !r.x) return;
+    if (job && !job.complete && job.id !== r.id && !job.ended) return; // a newer job runs
+    loadResult(r);
+  };
+  model.on("change:result", onResult);
+
+  // --- data --------------------------------------------------------------------------
+  function newJob(msg, buffers) {
+    const size = msg.shape.reduce((a, b) => a * b, 1);
+    const loss = new Float32Array(size).fill(NaN);
+    return {
+      id: msg.id, shape: msg.shape, metrics: msg.metrics || ["loss"], device: msg.device,
+      x: f32(buffers[0]), y: msg.shape.length === 2 ? f32(buffers[1]) : null,
+      loss, acc: Float32Array.from(loss), known: new Uint8Array(size),
+      complete: false, ended: false, tiles: 0,
+    };
+  }
+
+  function loadResult(r) {
+    const size = r.shape.reduce((a, b) => a * b, 1);
+    job = {
+      id: r.id, shape: r.shape, metrics: r.metrics || ["loss"], device: r.device,
+      x: f32(r.x), y: r.shape.length === 2 ? f32(r.y) : null,
+      loss: r.loss ? f32(r.loss) : new Float32Array(size).fill(NaN),
+      acc: r.accuracy ? f32(r.accuracy) : new Float32Array(size).fill(NaN),
+      known: new Uint8Array(size).fill(1), complete: !!r.complete, ended: true, tiles: 1,
+    };
+    schedule();
+  }
+
+  let incoming = null; // a started job whose first tile has not arrived (old plot stays)
+  function onMessage(msg, buffers) {
+    if (!msg || typeof msg !== "object") return;
+    buffers = buffers || [];
+    if (msg.kind === "start") {
+      incoming = newJob(msg, buffers);
+      live = { done: 0, total: incoming.known.length, device: msg.device };
+      error = null;
+    } else if (msg.kind === "tile") {
+      const target = incoming && incoming.id === msg.id ? incoming : job;
+      if (!target || target.id !== msg.id) return;
+      const flat = i32(buffers[0]);
+      const lo = f32(buffers[1]);
+      const ac = f32(buffers[2]);
+      for (let i = 0; i < flat.length; i++) {
+        const k = flat[i];
+        if (k < 0 || k >= target.known.length) continue;
+        if (lo.length) target.loss[k] = lo[i];
+        if (ac.length) target.acc[k] = ac[i];
+        target.known[k] = 1;
+      }
+      target.tiles += 1;
+      if (target === incoming) {
+        job = incoming;
+        incoming = null;
+      }
+      schedule();
+    } else if (msg.kind === "progress") {
+      live = msg;
+    } else if (msg.kind === "done" || msg.kind === "cancelled") {
+      for (const j of [job, incoming]) {
+        if (j && j.id === msg.id) {
+          j.ended = true;
+          j.complete = msg.kind === "done";
+        }
+      }
+      live = { ...msg, final: true };
+    } else if (msg.kind === "error") {
+      error = msg.message || "error";
+      if (incoming && incoming.id === msg.id) incoming = null;
+    }
+    showStatus();
+  }
+  model.on("msg:custom", onMessage);
+
+  // --- status ------------------------------------------------------------------------
+  function showStatus() {
+    const s = model.get("status") || {};
+    const parts = [];
+    let pct = 0;
+    if (live && !live.final && live.total) {
+      pct = (100 * live.done) / live.total;
+      parts.push(live.device || s.device || "", `${fmt(live.points_per_s)} pts/s`,
+        `${pct.toFixed(0)} %`, `ETA ${fmtTime(live.eta_s)}`);
+      if (live.plan) parts.push(live.plan);
+    } else if (live && live.kind === "done") {
+      pct = 100;
+      parts.push(`done: ${live.evaluated} evaluated, ${live.reused} reused in ${fmtTime(live.seconds)}`,
+        (job && job.device) || s.device || "");
+      if (live.nonfinite) parts.push(`${live.nonfinite} non-finite`);
+    } else if (live && live.kind === "cancelled") {
+      pct = live.total ? (100 * live.done) / live.total : 0;
+      parts.push(`cancelled at ${pct.toFixed(0)} %`);
+    } else if (s.state) {
+      pct = s.total ? (100 * s.done) / s.total : 0;
+      parts.push(s.state, s.device || "");
+      if (s.state === "running") parts.push(`${fmt(s.points_per_s)} pts/s`, `ETA ${fmtTime(s.eta_s)}`);
+      if (s.message && s.state !== "error") parts.push(s.message);
+    }
+    bar.style.width = `${Math.min(100, pct)}%`;
+    const text = parts.filter(Boolean).join(" · ");
+    const err = error || (s.state === "error" ? s.message : null);
+    status.replaceChildren(h("span", {}, text), ...(err ? [h("span", { class: "lw-error" }, ` ${err}`)] : []));
+  }
+
+  // --- plot --------------------------------------------------------------------------
+  function schedule() {
+    if (!frame) frame = requestAnimationFrame(draw);
+  }
+
+  function figure() {
+    const metric = get("metric") === "accuracy" && job.metrics.includes("accuracy") ? "accuracy" : "loss";
+    const raw = metric === "accuracy" ? job.acc : job.loss;
+    const log = !!get("log_scale");
+    const values = job.complete ? raw : fillCoarse(raw, job.known, job.shape);
+    const label = metric;
+    if (job.shape.length === 1) {
+      return {
+        data: [{ type: "scatter", mode: "lines+markers", marker: { size: 3 }, name: label,
+          x: Array.from(job.x), y: Array.from(values),
+          hovertemplate: `α=%{x:.4g}<br>${label}=%{y:.5g}<extra></extra>` }],
+        layout: { xaxis: { title: { text: "α" } },
+          yaxis: { title: { text: label }, type: log ? "log" : "linear" } },
+      };
+    }
+    const [ny, nx] = job.shape;
+    const z = rows(log ? log10(values) : values, ny, nx);
+    const title = (log ? "log10 " : "") + label;
+    const view = get("view");
+    const trace = { x: Array.from(job.x), y: Array.from(job.y), z, colorscale: "Viridis",
+      colorbar: { title: { text: title } },
+      hovertemplate: `α=%{x:.4g}<br>β=%{y:.4g}<br>${title}=%{z:.5g}<extra></extra>` };
+    if (view === "surface") {
+      return {
+        data: [{ ...trace, type: "surface" }],
+        layout: { scene: { uirevision: UIREVISION, xaxis: { title: { text: "α" } },
+          yaxis: { title: { text: "β" } }, zaxis: { title: { text: title } } } },
+      };
+    }
+    const main = view === "heatmap"
+      ? { ...trace, type: "heatmap", hoverongaps: false }
+      : { ...trace, type: "contour", contours: { coloring: "heatmap" }, connectgaps: false };
+    const marker = { type: "scatter", x: [0], y: [0], mode: "markers", name: "θ", showlegend: false,
+      marker: { symbol: "x", color: "red", size: 9 }, hovertemplate: "θ (the model)<extra></extra>" };
+    return {
+      data: [main, marker],
+      layout: { xaxis: { title: { text: "α" } }, yaxis: { title: { text: "β" } } },
+    };
+  }
+
+  function draw() {
+    frame = 0;
+    if (!job) return;
+    const fig = figure();
+    revision += 1;
+    const layout = { ...fig.layout, uirevision: UIREVISION, datarevision: revision,
+      margin: { l: 55, r: 10, t: 20, b: 45 }, autosize: true };
+    const config = { displaylogo: false, responsive: false };
+    Plotly.react(plot, fig.data, layout, config);
+    plotted = true;
+  }
+
+  const resize = new ResizeObserver(() => {
+    if (plotted && plot.isConnected) Plotly.Plots.resize(plot);
+  });
+  resize.observe(plot);
+
+  syncControls();
+  showStatus();
+  const initial = model.get("result");
+  if (initial && initial.x) loadResult(initial);
+  model.send({ kind: "sync", id: newId() });
+
+  return () => {
+    flush();
+    if (frame) cancelAnimationFrame(frame);
+    resize.disconnect();
+    for (const k of traitNames) model.off(`change:${k}`, onTraits);
+    model.off("change:status", onStatus);
+    model.off("change:result", onResult);
+    model.off("msg:custom", onMessage);
+    Plotly.purge(plot);
+  };
+}
+
+export default { render };

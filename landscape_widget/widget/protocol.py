@@ -1,0 +1,247 @@
+"""Messages between the front end and the kernel: validation, the compute spec, encoders.
+
+Every inbound message is checked here before anything runs. A malformed or hostile
+message (wrong types, unknown kinds or fields, huge resolutions, non-finite ranges) raises
+:class:`ProtocolError`, which the widget turns into an ``error`` message; nothing else
+happens. Error texts quote offending values through :func:`short` so a hostile payload
+cannot blow up the reply.
+
+JS -> Python::
+
+    {"kind": "compute", "id": str, "spec": {...}}
+    {"kind": "cancel", "id": str}    (the user pressed stop: the running job and one
+                                      scheduled by a control change are cancelled)
+    {"kind": "sync", "id": str}      (a new view asks for the running job so far: the
+                                      reply is its ``start`` and one ``tile`` of all
+                                      points computed yet)
+
+Python -> JS::
+
+    {"kind": "start", "id", "spec", "shape", "metrics", "device"} + [x, y] float32 buffers
+    {"kind": "tile", "id", "level", "n", "done", "total"}
+        + [flat int32, loss float32, accuracy float32] (accuracy empty if not computed)
+    {"kind": "progress", "id", "done", "total", "points_per_s", "eta_s", "device", "plan"}
+    {"kind": "done", "id", "seconds", "evaluated", "reused", "nonfinite"}
+    {"kind": "cancelled", "id", "done", "total"}
+    {"kind": "error", "id", "message"}
+
+Buffers are little-endian, C-contiguous; NaN marks a point that is not computed (or whose
+loss is not finite).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+MAX_2D = 201
+"""Largest resolution per axis in 2D (201 x 201 = 40,401 points)."""
+MAX_1D = 1025
+"""Largest resolution in 1D."""
+MAX_ID_LENGTH = 64
+MAX_RANGE = 1e6
+
+DIRECTION_TYPES = ("random", "interpolation")
+NORMS = ("filter", "layer", "weight", "none")
+MODES = ("1d", "2d")
+BN = ("eval", "batch")
+INBOUND_KINDS = ("compute", "cancel", "sync")
+
+SPEC_FIELDS = {
+    "mode": str,
+    "direction": str,
+    "norm": str,
+    "ignore_biasbn": bool,
+    "x_range": list,
+    "y_range": list,
+    "resolution": int,
+    "seed": int,
+    "bn": str,
+}
+
+
+class ProtocolError(ValueError):
+    """A message from the front end that cannot be accepted."""
+
+
+def short(value, limit: int = 80) -> str:
+    """``repr(value)`` cut to ``limit`` characters (for error texts about hostile input)."""
+    try:
+        text = repr(value)
+    except Exception:  # noqa: BLE001 - a hostile object's __repr__ must not escape
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _names(keys) -> list[str]:
+    """Sorted, shortened names of dict keys of any type (sorting mixed types would raise)."""
+    return sorted(short(k, 40) if not isinstance(k, str) else k[:40] for k in keys)[:10]
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What to compute; every field validated."""
+
+    mode: str = "2d"
+    direction: str = "random"
+    norm: str = "filter"
+    ignore_biasbn: bool = True
+    x_range: tuple[float, float] = (-1.0, 1.0)
+    y_range: tuple[float, float] = (-1.0, 1.0)
+    resolution: int = 31
+    seed: int = 0
+    bn: str = "eval"
+
+    def to_dict(self) -> dict:
+        """JSON-ready form."""
+        d = asdict(self)
+        d["x_range"], d["y_range"] = list(self.x_range), list(self.y_range)
+        return d
+
+    def direction_key(self) -> tuple:
+        """Specs with equal keys share directions (and so can reuse computed points)."""
+        return (self.mode, self.direction, self.norm, self.ignore_biasbn, self.seed)
+
+    def axes(self) -> tuple[tuple, tuple | None]:
+        """``(x, y)`` as ``(start, stop, num)`` for :func:`~landscape_widget.iter_tiles`.
+
+        ``y`` is ``None`` in 1D.
+        """
+        x = (self.x_range[0], self.x_range[1], self.resolution)
+        y = (self.y_range[0], self.y_range[1], self.resolution) if self.mode == "2d" else None
+        return x, y
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """``(ny, nx)`` in 2D, ``(n,)`` in 1D."""
+        n = self.resolution
+        return (n, n) if self.mode == "2d" else (n,)
+
+
+def _range(value, name: str) -> tuple[float, float]:
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise ProtocolError(f"{name} must be [start, stop], got {short(value)}.")
+    out = []
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ProtocolError(f"{name} entries must be numbers, got {short(v)}.")
+        # abs() first: math.isfinite(10**400) would raise OverflowError.
+        if abs(v) > MAX_RANGE or not math.isfinite(v):
+            raise ProtocolError(f"{name} entries must be finite and at most 1e6, got {short(v)}.")
+        out.append(float(v))
+    if out[0] >= out[1]:
+        raise ProtocolError(f"{name} start must be below stop, got {out}.")
+    return out[0], out[1]
+
+
+def parse_spec(raw, *, directions: tuple[str, ...] = DIRECTION_TYPES) -> Spec:
+    """Validate a spec dict from the front end (or from traits).
+
+    Args:
+        raw: The ``spec`` of a compute message.
+        directions: Direction types this widget offers (interpolation needs ``model_b``).
+
+    Returns:
+        The validated :class:`Spec`.
+
+    Raises:
+        ProtocolError: Naming the first problem found.
+
+    Example:
+        >>> parse_spec({**Spec().to_dict(), "resolution": 5}).shape
+        (5, 5)
+    """
+    if not isinstance(raw, dict):
+        raise ProtocolError(f"spec must be an object, got {type(raw).__name__}.")
+    unknown = [k for k in raw if k not in SPEC_FIELDS]
+    if unknown:
+        raise ProtocolError(
+            f"spec has unknown fields {_names(unknown)}; allowed: {sorted(SPEC_FIELDS)}."
+        )
+    missing = sorted(set(SPEC_FIELDS) - set(raw))
+    if missing:
+        raise ProtocolError(f"spec is missing fields {missing}.")
+    for key, typ in SPEC_FIELDS.items():
+        v = raw[key]
+        ok = isinstance(v, typ) and not (typ is int and isinstance(v, bool))
+        if typ is list:
+            ok = isinstance(v, (list, tuple))
+        if not ok:
+            raise ProtocolError(f"spec.{key} must be of type {typ.__name__}, got {short(v)}.")
+    for key, allowed in (("mode", MODES), ("direction", directions), ("norm", NORMS), ("bn", BN)):
+        if raw[key] not in allowed:
+            raise ProtocolError(f"spec.{key}={short(raw[key])} is not one of {list(allowed)}.")
+    cap = MAX_2D if raw["mode"] == "2d" else MAX_1D
+    if not 2 <= raw["resolution"] <= cap:
+        raise ProtocolError(
+            f"spec.resolution={short(raw['resolution'])} is outside [2, {cap}] for {raw['mode']}."
+        )
+    if not 0 <= raw["seed"] < 2**31:
+        raise ProtocolError(f"spec.seed={short(raw['seed'])} must be in [0, 2**31).")
+    return Spec(
+        mode=raw["mode"],
+        direction=raw["direction"],
+        norm=raw["norm"],
+        ignore_biasbn=raw["ignore_biasbn"],
+        x_range=_range(raw["x_range"], "spec.x_range"),
+        y_range=_range(raw["y_range"], "spec.y_range"),
+        resolution=raw["resolution"],
+        seed=raw["seed"],
+        bn=raw["bn"],
+    )
+
+
+def parse_message(msg, **kwargs) -> tuple[str, str, Spec | None]:
+    """Validate an inbound message; returns ``(kind, id, spec or None)``.
+
+    Args:
+        msg: The decoded JSON content of a custom message.
+        **kwargs: Passed to :func:`parse_spec` (``directions``).
+
+    Raises:
+        ProtocolError: For anything but a well-formed compute, cancel or sync message.
+    """
+    if not isinstance(msg, dict):
+        raise ProtocolError(f"message must be an object, got {type(msg).__name__}.")
+    kind = msg.get("kind")
+    if not isinstance(kind, str) or kind not in INBOUND_KINDS:
+        raise ProtocolError(
+            f"unknown message kind {short(kind)}; expected one of {list(INBOUND_KINDS)}."
+        )
+    allowed = {"kind", "id", "spec"} if kind == "compute" else {"kind", "id"}
+    extra = [k for k in msg if k not in allowed]
+    if extra:
+        raise ProtocolError(f"{kind} message has unknown fields {_names(extra)}.")
+    mid = msg.get("id")
+    if not isinstance(mid, str) or not 0 < len(mid) <= MAX_ID_LENGTH:
+        raise ProtocolError(f"{kind} message needs an id string of 1..{MAX_ID_LENGTH} characters.")
+    if kind != "compute":
+        return kind, mid, None
+    if "spec" not in msg:
+        raise ProtocolError("compute message is missing its spec.")
+    return kind, mid, parse_spec(msg["spec"], **kwargs)
+
+
+# --- outbound ---------------------------------------------------------------------------
+def f32(values) -> memoryview:
+    """A float32 buffer (C order) of ``values``; ``None`` gives an empty buffer."""
+    if values is None:
+        return memoryview(b"")
+    return memoryview(np.ascontiguousarray(values, dtype="<f4").reshape(-1)).cast("B")
+
+
+def i32(values) -> memoryview:
+    """An int32 buffer (C order) of ``values``."""
+    return memoryview(np.ascontiguousarray(values, dtype="<i4").reshape(-1)).cast("B")
+
+
+def error_message(job_id: str | None, message: str) -> dict:
+    """The ``error`` message (``id`` is ``None`` when the bad message had no usable id)."""
+    return {"kind": "error", "id": job_id, "message": str(message)[:2000]}
+
+
+def decode_buffer(buf, dtype: str = "<f4") -> np.ndarray:
+    """Inverse of :func:`f32`/:func:`i32` (for tests and fake front ends)."""
+    return np.frombuffer(bytes(buf), dtype=dtype)

@@ -1,0 +1,392 @@
+"""The live widget: :class:`LandscapeWidget`, an anywidget with a worker thread.
+
+Traits hold the controls, the status line and the finished result; custom messages carry
+only the live stream of tiles (see :mod:`.protocol`). A compute trait changed from Python
+(``w.resolution = 41``) or from the front end schedules a new computation after
+``DEBOUNCE_S`` and cancels the running one at once. All the maths is in ``core/``.
+
+Direction types plug in through three places: an entry ``{"label", "direction", "norm"}``
+in the ``direction_types`` trait (the front end's select lists these), the name in
+:data:`.protocol.DIRECTION_TYPES` (what a compute message may ask for), and a branch in
+:meth:`.worker.Worker.directions_for` (how the directions are made).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import gzip
+import html
+import json
+import threading
+from pathlib import Path
+
+import anywidget
+import traitlets as t
+
+from ..core.directions import interpolation_direction
+from ..core.params import check_module
+from ..core.surface import Curve, Surface
+from . import protocol
+from .protocol import ProtocolError, Spec, parse_message, parse_spec
+from .worker import Job, Worker, new_id, snapshot_messages
+
+STATIC = Path(__file__).resolve().parent.parent / "static"
+DEBOUNCE_S = 0.2
+COMPUTE_TRAITS = ("mode", "direction", "norm", "ignore_biasbn", "x_range", "y_range",
+                  "resolution", "seed", "bn")
+DISPLAY_TRAITS = ("metric", "log_scale", "view")
+_CONSTRUCTOR_TRAITS = COMPUTE_TRAITS + DISPLAY_TRAITS + ("layout",)
+
+RANDOM_TYPES = (
+    {"label": "random, filter-normalised", "direction": "random", "norm": "filter"},
+    {"label": "random, layer-normalised", "direction": "random", "norm": "layer"},
+    {"label": "random, raw", "direction": "random", "norm": "none"},
+)
+INTERPOLATION_TYPE = {"label": "interpolation to model_b", "direction": "interpolation",
+                      "norm": "filter"}
+
+
+def encode_result(job: Job, result: Surface | Curve, complete: bool, device: str) -> dict:
+    """The ``result`` trait: arrays as float32 bytes (binary buffers on the wire) + shapes."""
+    def raw(a):
+        return None if a is None else bytes(protocol.f32(a))
+
+    is_surface = isinstance(result, Surface)
+    return {
+        "id": job.id,
+        "spec": job.spec.to_dict(),
+        "shape": list(result.loss.shape if result.loss is not None else result.accuracy.shape),
+        "metrics": [m for m in ("loss", "accuracy") if getattr(result, m) is not None],
+        "x": raw(result.x),
+        "y": raw(result.y) if is_surface else None,
+        "loss": raw(result.loss),
+        "accuracy": raw(result.accuracy),
+        "complete": bool(complete),
+        "device": device,
+    }
+
+
+class LandscapeWidget(anywidget.AnyWidget):
+    """Loss landscape of a PyTorch model, computed live in a worker thread.
+
+    Args:
+        model: The model (never modified).
+        data: ``(inputs, targets)`` tensors, a ``Dataset`` or a ``DataLoader``.
+        model_b: A second model of the same architecture; offers interpolation directions.
+        loss_fn: ``loss_fn(outputs, targets)``, mean over the batch; cross-entropy by default.
+        device: Where to compute (the model's device by default).
+        autostart: Start computing the default grid at once.
+        **traits: Initial control values (``mode``, ``direction``, ``norm``,
+            ``ignore_biasbn``, ``x_range``, ``y_range``, ``resolution``, ``seed``, ``bn``,
+            ``metric``, ``log_scale``, ``view``) or ``layout``.
+
+    Raises:
+        TypeError: For an unknown keyword, or a ``model`` that is not an ``nn.Module``.
+        ValueError: For invalid control values (e.g. ``resolution=1000`` in 2D).
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Linear(4, 3)
+        >>> data = (torch.randn(32, 4), torch.randint(0, 3, (32,)))
+        >>> w = LandscapeWidget(model, data, resolution=5)  # computes at once, in a thread
+        >>> w.resolution = 9  # cancels, then recomputes (reusing the 25 points in common)
+        >>> w.wait().loss.shape
+        (9, 9)
+        >>> w.close()
+    """
+
+    _esm = STATIC / "widget.js"
+    _css = STATIC / "widget.css"
+
+    mode = t.Unicode("2d").tag(sync=True)
+    direction = t.Unicode("random").tag(sync=True)
+    norm = t.Unicode("filter").tag(sync=True)
+    ignore_biasbn = t.Bool(True).tag(sync=True)
+    x_range = t.List(t.Float(), default_value=[-1.0, 1.0]).tag(sync=True)
+    y_range = t.List(t.Float(), default_value=[-1.0, 1.0]).tag(sync=True)
+    resolution = t.Int(31).tag(sync=True)
+    seed = t.Int(0).tag(sync=True)
+    bn = t.Unicode("eval").tag(sync=True)
+    metric = t.Unicode("loss").tag(sync=True)
+    log_scale = t.Bool(False).tag(sync=True)
+    view = t.Unicode("contour").tag(sync=True)
+    direction_types = t.List(t.Dict()).tag(sync=True)
+    status = t.Dict().tag(sync=True)
+    result = t.Dict(allow_none=True, default_value=None).tag(sync=True)
+
+    def __init__(self, model, data, *, model_b=None, loss_fn=None, device=None,
+                 autostart: bool = True, **traits):
+        unknown = sorted(set(traits) - set(_CONSTRUCTOR_TRAITS))
+        if unknown:
+            raise TypeError(
+                f"LandscapeWidget() got unexpected keyword argument(s) {unknown}; the controls "
+                f"are {list(COMPUTE_TRAITS + DISPLAY_TRAITS)}."
+            )
+        check_module(model, "model")
+        if model_b is not None:
+            interpolation_direction(model, model_b)  # same architecture, else a clear error
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError("loss_fn must be callable as loss_fn(outputs, targets).")
+        types = list(RANDOM_TYPES) + ([INTERPOLATION_TYPE] if model_b is not None else [])
+        super().__init__(direction_types=[dict(d) for d in types], **traits)
+        self._direction_names = tuple(dict.fromkeys(d["direction"] for d in types))
+        try:
+            self.spec()  # invalid initial values raise here, in the caller's hands
+        except ProtocolError:
+            super().close()
+            raise
+        self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None
+        self._quiet = 0
+        self._worker = Worker(model, data, send=self._send_message, model_b=model_b,
+                              loss_fn=loss_fn, device=device, on_status=self._on_status,
+                              on_result=self._on_result)
+        self.status = {"state": "idle", "device": "", "done": 0, "total": 0,
+                       "points_per_s": 0.0, "eta_s": None, "message": ""}
+        self.observe(self._on_compute_trait, names=list(COMPUTE_TRAITS))
+        self.on_msg(self._handle_custom_msg_safely)
+        if autostart:
+            self.compute()
+
+    # --- public API -------------------------------------------------------------------
+    def spec(self) -> Spec:
+        """The compute spec of the current controls (raises ``ProtocolError`` if invalid)."""
+        raw = {k: getattr(self, k) for k in COMPUTE_TRAITS}
+        raw["x_range"], raw["y_range"] = list(raw["x_range"]), list(raw["y_range"])
+        return parse_spec(raw, directions=self._direction_names)
+
+    def compute(self) -> str:
+        """Start computing the current controls now (cancels the running job).
+
+        Returns:
+            The job id.
+        """
+        self._cancel_timer()
+        return self._submit(new_id(), self.spec())
+
+    def cancel(self) -> None:
+        """Cancel the running computation (and one scheduled by a control change)."""
+        self._cancel_timer()
+        self._worker.cancel()
+
+    def wait(self, timeout: float | None = None) -> Surface | Curve | None:
+        """Block until the scheduled and running computations are finished.
+
+        Returns:
+            :attr:`surface`.
+
+        Raises:
+            TimeoutError: If still computing after ``timeout`` seconds.
+        """
+        if self._cancel_timer():
+            self._fire()
+        if not self._worker.wait(timeout):
+            raise TimeoutError(f"still computing after {timeout} s.")
+        return self.surface
+
+    @property
+    def surface(self) -> Surface | Curve | None:
+        """The latest result: a :class:`Surface` (2D) or :class:`Curve` (1D), or ``None``.
+
+        A cancelled computation leaves a partial result (NaN where not computed);
+        ``status["state"]`` says ``"done"`` or ``"cancelled"``.
+        """
+        return self._worker.latest
+
+    @property
+    def busy(self) -> bool:
+        """Whether a computation is running or scheduled."""
+        return self._timer is not None or self._worker.busy
+
+    def close(self) -> None:
+        """Stop the worker and close the widget."""
+        if hasattr(self, "_lock"):
+            self._cancel_timer()
+        worker = getattr(self, "_worker", None)
+        if worker is not None:
+            worker.close()
+        super().close()
+
+    def handle_message(self, content, buffers=None) -> None:
+        """Handle one custom message from the front end; never raises.
+
+        Malformed messages are answered with an ``error`` message (and the status line);
+        well-formed ones start, cancel or replay a computation.
+        """
+        job_id = None
+        try:
+            if isinstance(content, dict):
+                cid = content.get("id")
+                if isinstance(cid, str) and len(cid) <= protocol.MAX_ID_LENGTH:
+                    job_id = cid
+            kind, mid, spec = parse_message(content, directions=self._direction_names)
+            if kind == "compute":
+                self._cancel_timer()
+                with self._silently():
+                    self._set_controls(spec)
+                self._submit(mid, spec)
+            elif kind == "cancel":
+                self.cancel()
+            else:  # sync: a new view joins a running job
+                snap = self._worker.snapshot()
+                if snap is not None:
+                    for msg, bufs in snapshot_messages(*snap):
+                        self._send_message(msg, bufs)
+        except ProtocolError as err:
+            self._report(job_id, f"Refused a message from the front end: {err}")
+        except Exception as err:  # noqa: BLE001 - nothing may escape into the kernel
+            self._report(job_id, f"Internal error ({type(err).__name__}): {err}")
+
+    def to_html(self, path: str | Path | None = None, *, title: str = "Loss landscape") -> str:
+        """A standalone HTML page of the widget with its latest result (no kernel needed).
+
+        The page inlines the widget's bundle (with its plotly.js build) and the ``result``
+        trait; metric, log scale and view still work, computing does not. For the
+        ipywidgets route, ``ipywidgets.embed.embed_minimal_html`` also carries the result
+        (it loads the widget manager from a CDN).
+
+        Args:
+            path: Where to write the page (optional).
+            title: The page title.
+
+        Returns:
+            The HTML text.
+        """
+        state = {k: getattr(self, k) for k in COMPUTE_TRAITS + DISPLAY_TRAITS}
+        state["direction_types"] = self.direction_types
+        state["status"] = self.status
+        state["_static"] = True  # the page has no kernel: the front end hides compute controls
+        result = dict(self.result) if self.result else None
+        if result:
+            for k in ("x", "y", "loss", "accuracy"):
+                if result.get(k) is not None:
+                    result[k] = base64.b64encode(result[k]).decode()
+        state["result"] = result
+        esm = gzip.compress((STATIC / "widget.js").read_bytes(), mtime=0)
+        page = (_TEMPLATE.replace("%TITLE%", html.escape(title))
+                .replace("%CSS%", (STATIC / "widget.css").read_text().replace("</", "<\\/"))
+                .replace("%STATE%", json.dumps(state).replace("</", "<\\/"))
+                .replace("%ESM%", base64.b64encode(esm).decode()))
+        if path is not None:
+            Path(path).write_text(page, encoding="utf-8")
+        return page
+
+    def set_state(self, sync_data) -> None:
+        """Apply a state update from the front end; a value of the wrong type is reported.
+
+        ipywidgets calls this for every trait update coming from the browser. A trait that
+        refuses its value (``resolution="many"``) becomes an ``error`` message instead of an
+        exception in the kernel, like a malformed custom message.
+        """
+        try:
+            super().set_state(sync_data)
+        except t.TraitError as err:
+            self._report(None, f"Refused a control value from the front end: {err}")
+
+    # --- internals --------------------------------------------------------------------
+    def _handle_custom_msg_safely(self, _widget, content, buffers) -> None:
+        self.handle_message(content, buffers)
+
+    def _send_message(self, message: dict, buffers: list) -> None:
+        self.send(message, buffers)
+
+    def _report(self, job_id: str | None, message: str) -> None:
+        try:
+            self._send_message(protocol.error_message(job_id, message), [])
+            self.status = {**self.status, "state": "error", "message": message}
+        except Exception:  # noqa: BLE001 - a closed comm: nothing left to tell
+            pass
+
+    def _submit(self, job_id: str, spec: Spec) -> str:
+        self._worker.submit(job_id, spec)
+        return job_id
+
+    def _set_controls(self, spec: Spec) -> None:
+        with self.hold_sync():
+            for k, v in spec.to_dict().items():
+                setattr(self, k, v)
+
+    @contextlib.contextmanager
+    def _silently(self):
+        self._quiet += 1
+        try:
+            yield
+        finally:
+            self._quiet -= 1
+
+    def _on_compute_trait(self, _change) -> None:
+        if self._quiet:
+            return
+        self._worker.cancel()  # stop wasting time on a grid nobody wants any more
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+            timer = threading.Timer(DEBOUNCE_S, self._fire)
+            timer.args = (timer,)
+            timer.daemon = True
+            self._timer = timer
+            timer.start()
+
+    def _cancel_timer(self) -> bool:
+        with self._lock:
+            timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
+        return timer is not None
+
+    def _fire(self, timer: threading.Timer | None = None) -> None:
+        """Submit the controls' spec: from the debounce timer, or at once (``timer=None``).
+
+        Runs under the lock, so :meth:`wait` cannot slip between the timer firing and the
+        job reaching the worker, and a timer cancelled or replaced meanwhile does nothing.
+        """
+        with self._lock:
+            if timer is not None:
+                if self._timer is not timer:
+                    return
+                self._timer = None
+            try:
+                self._submit(new_id(), self.spec())
+            except ProtocolError as err:
+                self._report(None, f"Invalid control value: {err}")
+            except Exception as err:  # noqa: BLE001 - runs in a timer thread
+                self._report(None, f"Internal error ({type(err).__name__}): {err}")
+
+    def _on_status(self, status: dict) -> None:
+        self.status = {"state": "idle", "device": "", "done": 0, "total": 0,
+                       "points_per_s": 0.0, "eta_s": None, "message": "", **status}
+
+    def _on_result(self, job: Job, result: Surface | Curve, complete: bool) -> None:
+        self.result = encode_result(job, result, complete, str(result.spec.get("device", "")))
+
+
+_TEMPLATE = """<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>%TITLE%</title>
+<style>body{margin:16px;font-family:system-ui,sans-serif}%CSS%</style></head>
+<body><div id="lw-root"></div>
+<script type="application/json" id="lw-state">%STATE%</script>
+<script type="module">
+const state = JSON.parse(document.getElementById("lw-state").textContent);
+const bytes = (b64) => Uint8Array.from(atob(b64), (ch) => ch.charCodeAt(0));
+if (state.result) {
+  for (const k of ["x", "y", "loss", "accuracy"]) {
+    if (state.result[k] != null) state.result[k] = new DataView(bytes(state.result[k]).buffer);
+  }
+}
+const listeners = {};
+const model = {
+  get: (k) => state[k],
+  set: (k, v) => { state[k] = v; for (const f of listeners["change:" + k] || []) f(); },
+  save_changes() {},
+  send() {},
+  on(ev, f) { (listeners[ev] = listeners[ev] || []).push(f); },
+  off(ev, f) { listeners[ev] = (listeners[ev] || []).filter((g) => g !== f); },
+};
+const gz = new Blob([bytes("%ESM%")]).stream().pipeThrough(new DecompressionStream("gzip"));
+const src = await new Response(gz).text();
+const url = URL.createObjectURL(new Blob([src], { type: "text/javascript" }));
+const widget = (await import(url)).default;
+widget.render({ model, el: document.getElementById("lw-root") });
+</script></body></html>
+"""
