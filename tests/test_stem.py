@@ -144,3 +144,23 @@ def test_out_of_memory_halves_the_pass_and_results_stay_exact(strategy):
     xs = linspace((-1, 1, 9))
     want_loss, _ = naive_surface(model, *data, d1, d2, xs, xs)
     np.testing.assert_allclose(surf.loss, want_loss, rtol=1e-5)
+
+
+@pytest.mark.parametrize("strategy,points", [("loop", 1), ("vmap", 4)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_every_stem_plan_matches_naive_loop(strategy, points, layout):
+    """Each plan the tuner may pick (stem x layout x strategy) gives the oracle's values."""
+    from landscape_widget.core.evaluate import Plan
+
+    case = next(c for c in CASES if c["name"] == "cnn-bn-res")
+    model, x, y, data = build(case)
+    d1, d2 = lw.random_direction(model, seed=1), gaussian_direction(model, seed=2)
+    ev = lw.Evaluator(model, data, [d1, d2], stem=True)
+    assert ev._prepare_stem()
+    ev.plan = Plan(strategy, points, 7, layout, stem=True)  # 7: batches of uneven size too
+    xs, ys = linspace((-1, 1, 3)), linspace((-0.5, 0.5, 2))
+    coords = np.array([(a, b) for b in ys for a in xs])
+    got = ev.evaluate(coords)
+    want_loss, want_acc = naive_surface(model, x, y, d1, d2, xs, ys)
+    np.testing.assert_allclose(got["loss"], want_loss.ravel(), rtol=1e-5, atol=0)
+    np.testing.assert_allclose(got["accuracy"], want_acc.ravel(), atol=1e-12)

@@ -212,7 +212,7 @@ class Evaluator:
         self.stem = split_stem(self.module) if stem and not self._shared else None
         self._stem_choice = stem
         self._stem_terms: list | None = None
-        self._stem_terms_cl: list | None = None
+        self._stem_packs: dict[str, tuple] = {}
         self.points_evaluated = 0
         # Callers that know how many points are coming (a grid) set this before the first
         # evaluate(); the tuner then skips plans wider than the whole job.
@@ -310,16 +310,31 @@ class Evaluator:
                 )
 
     # --- one point, one chunk ------------------------------------------------------------
-    def _outputs(self, params: Params, coef: Tensor, start: int, stop: int, plan: Plan) -> Tensor:
-        """Model outputs of one point on samples [start, stop)."""
+    def _outputs(self, params: Params, inputs: Tensor, plan: Plan) -> Tensor:
+        """Model outputs of one point: the whole model, or the suffix after the stem."""
         if plan.stem:
-            terms = self._stem_layout(plan.layout)
-            h = terms[0][start:stop]
-            for j, t in terms[1:]:
-                h = h + coef[j].to(h.dtype) * t[start:stop]
             sub = {k: params[k] for k in self.stem.suffix_keys}
-            return functional_call(self.stem.suffix, sub, (h,))
-        return functional_call(self.module, params, (self._inputs(plan.layout)[start:stop],))
+            return functional_call(self.stem.suffix, sub, (inputs,))
+        return functional_call(self.module, params, (inputs,))
+
+    def _stem_input(self, coef: Tensor, start: int, stop: int, layout: str) -> Tensor:
+        """The stem's outputs for K points, ``(K, B, ...)``, in one matrix product.
+
+        ``H0 + sum_j c_kj H_j`` for all k at once is ``addmm(H0, C, [H_1; ...; H_m])`` with
+        the sample and feature dims flattened: one pass over the precomputed terms.
+        """
+        base, dirs, cols, channels_last = self._stem_pack(layout)
+        b = base[start:stop]
+        k = coef.shape[0]
+        if not cols:
+            h = b.unsqueeze(0).expand(k, *b.shape)
+        else:
+            c = coef[:, cols].to(b.dtype)
+            d = dirs[:, start:stop].reshape(len(cols), -1)
+            h = torch.addmm(b.reshape(1, -1), c, d).view(k, *b.shape)
+        if channels_last:  # stored as (N, H, W, C): give each point NCHW with NHWC strides
+            h = h.permute(0, 1, 4, 2, 3)
+        return h
 
     def _metrics(self, out: Tensor, y: Tensor, vmapped: bool) -> tuple[Tensor, Tensor]:
         """Batch-mean loss and correct count of each of the K points of ``out`` (K, B, ...)."""
@@ -346,16 +361,23 @@ class Evaluator:
             return self._x_cl
         return self.x
 
-    def _stem_layout(self, layout: str) -> list:
-        """The stem terms in ``layout`` (channels-last copies made once, on first use)."""
-        if layout != "channels_last" or self._stem_terms[0].dim() != 4:
-            return self._stem_terms
-        if self._stem_terms_cl is None:
-            cl = torch.channels_last
-            self._stem_terms_cl = [self._stem_terms[0].contiguous(memory_format=cl)] + [
-                (j, t.contiguous(memory_format=cl)) for j, t in self._stem_terms[1:]
-            ]
-        return self._stem_terms_cl
+    def _stem_pack(self, layout: str) -> tuple[Tensor, Tensor | None, list[int], bool]:
+        """Stem terms as ``(base (N, ...), stacked directions (m, N, ...), columns, CL)``.
+
+        For channels-last plans of 4D outputs the terms are stored as ``(N, H, W, C)``, so
+        that the flattened product already has the channels-last memory order.
+        """
+        if layout not in self._stem_packs:
+            base = self._stem_terms[0]
+            cols = [j for j, _ in self._stem_terms[1:]]
+            terms = [t for _, t in self._stem_terms[1:]]
+            cl = layout == "channels_last" and base.dim() == 4
+            if cl:
+                base = base.permute(0, 2, 3, 1).contiguous()
+                terms = [t.permute(0, 2, 3, 1) for t in terms]
+            dirs = torch.stack(terms) if terms else None
+            self._stem_packs[layout] = (base, dirs, cols, cl)
+        return self._stem_packs[layout]
 
     def _prepare_stem(self) -> bool:
         """Compute the stem terms for all data once; False if no stem applies."""
@@ -422,12 +444,17 @@ class Evaluator:
         Returns ``(K,)`` batch-mean losses and ``(K,)`` correct counts.
         """
         y = self.y[start:stop]
+        coef2d = coef.reshape(-1, len(self.dirs))
+        if plan.stem:
+            inputs, in_dim = self._stem_input(coef2d, start, stop, plan.layout), 0
+        else:
+            inputs, in_dim = self._inputs(plan.layout)[start:stop], None
         if plan.strategy == "vmap":
-            in_dims = ({k: (0 if k in self.keys else None) for k in params}, 0)
-            fn = functools.partial(self._outputs, start=start, stop=stop, plan=plan)
-            out = torch.vmap(fn, in_dims=in_dims, randomness="same")(params, coef)
+            in_dims = ({k: (0 if k in self.keys else None) for k in params}, in_dim)
+            fn = functools.partial(self._outputs, plan=plan)
+            out = torch.vmap(fn, in_dims=in_dims, randomness="same")(params, inputs)
             return self._metrics(out, y, vmapped=True)
-        out = self._outputs(params, coef, start, stop, plan)
+        out = self._outputs(params, inputs[0] if plan.stem else inputs, plan)
         return self._metrics(out.unsqueeze(0), y, vmapped=False)
 
     def _run_chunk(self, plan: Plan, coeffs: Tensor) -> tuple[Tensor, Tensor]:
