@@ -126,3 +126,84 @@ def split_stem(module: nn.Module) -> Stem | None:
         k for k, _ in suffix.named_buffers()
     )
     return Stem(str(stem.target), prefix, layer, suffix, keys)
+
+
+class StemTerms:
+    """The precomputed stem terms of :class:`~landscape_widget.core.evaluate.Evaluator`.
+
+    A mixin: it uses the evaluator's ``stem``, ``base``, ``dirs``, ``x``, ``n``, ``module``,
+    ``budget``, ``act_bytes`` and ``stem_budget``.
+    """
+
+    def _stem_input(self, coef: Tensor, start: int, stop: int, layout: str) -> Tensor:
+        """The stem's outputs for K points, ``(K, B, ...)``, in one matrix product.
+
+        ``H0 + sum_j c_kj H_j`` for all k at once is ``addmm(H0, C, [H_1; ...; H_m])`` with
+        the sample and feature dims flattened: one pass over the precomputed terms.
+        """
+        base, dirs, cols, channels_last = self._stem_pack(layout)
+        b = base[start:stop]
+        k = coef.shape[0]
+        if not cols:
+            h = b.unsqueeze(0).expand(k, *b.shape)
+        else:
+            c = coef[:, cols].to(b.dtype)
+            d = dirs[:, start:stop].reshape(len(cols), -1)
+            h = torch.addmm(b.reshape(1, -1), c, d).view(k, *b.shape)
+        if channels_last:  # stored as (N, H, W, C): give each point NCHW with NHWC strides
+            h = h.permute(0, 1, 4, 2, 3)
+        return h
+
+    def _stem_pack(self, layout: str) -> tuple[Tensor, Tensor | None, list[int], bool]:
+        """Stem terms as ``(base (N, ...), stacked directions (m, N, ...), columns, CL)``.
+
+        For channels-last plans of 4D outputs the terms are stored as ``(N, H, W, C)``, so
+        that the flattened product already has the channels-last memory order.
+        """
+        if layout not in self._stem_packs:
+            base = self._stem_terms[0]
+            cols = [j for j, _ in self._stem_terms[1:]]
+            terms = [t for _, t in self._stem_terms[1:]]
+            cl = layout == "channels_last" and base.dim() == 4
+            if cl:
+                base = base.permute(0, 2, 3, 1).contiguous()
+                terms = [t.permute(0, 2, 3, 1) for t in terms]
+            dirs = torch.stack(terms) if terms else None
+            self._stem_packs[layout] = (base, dirs, cols, cl)
+        return self._stem_packs[layout]
+
+    def _prepare_stem(self) -> bool:
+        """Compute the stem terms for all data once; False if no stem applies."""
+        if self._stem_terms is not None:
+            return bool(self._stem_terms)
+        self._stem_terms = []
+        stem = self.stem
+        if stem is None:
+            return False
+        w_key, b_key = f"{stem.name}.weight", f"{stem.name}.bias"
+        moving = [j for j, d in enumerate(self.dirs) if w_key in d or b_key in d]
+        with torch.no_grad():
+            probe = stem.output(self.x[:1], self.base[w_key], self.base.get(b_key))
+            need = probe.numel() * probe.element_size() * self.n * (1 + len(moving))
+            if need > self.stem_budget:
+                return False
+            chunk = max(1, self.budget // max(1, self.act_bytes))
+            terms = []
+            for weight, bias, j in [(self.base[w_key], self.base.get(b_key), None)] + [
+                (self.dirs[j].get(w_key, torch.zeros_like(self.base[w_key])),
+                 self.dirs[j].get(b_key), j) for j in moving
+            ]:
+                parts = [stem.output(self.x[s : s + chunk], weight, bias)
+                         for s in range(0, self.n, chunk)]
+                terms.append((j, torch.cat(parts)))
+            # Safety net: the split model must reproduce the whole model.
+            sub = {k: self.base[k] for k in stem.suffix_keys}
+            out_split = functional_call(stem.suffix, sub, (terms[0][1][:2],))
+            out_full = functional_call(self.module, self.base, (self.x[:2],))
+            if out_split.shape != out_full.shape or not torch.allclose(
+                out_split, out_full, rtol=1e-4, atol=1e-5
+            ):
+                return False
+        self._stem_terms = [terms[0][1]] + terms[1:]
+        return True
+

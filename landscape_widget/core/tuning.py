@@ -1,0 +1,210 @@
+"""Choosing how the engine evaluates points: candidate plans, timing, a per-process cache.
+
+A :class:`Plan` fixes the strategy (one point per pass, or K points per ``torch.vmap``
+pass), the samples per pass B, the memory layout and whether the linear stem is used. The
+tuner times one pass of each candidate on the real model and data and keeps the fastest;
+repeated computations with the same architecture, shapes and options reuse the plan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Plan:
+    """How points are evaluated: strategy, points per pass K, samples per pass B."""
+
+    strategy: str
+    points: int
+    batch: int
+    layout: str = "contiguous"
+    stem: bool = False
+    seconds_per_point: float = math.nan
+
+
+def _is_oom(err: BaseException) -> bool:
+    msg = str(err).lower()
+    return "out of memory" in msg or "can't allocate memory" in msg
+
+
+_PLANS: dict[tuple, Plan] = {}
+_PLANS_MAX = 64
+
+
+def _remember(key: tuple, plan: Plan) -> None:
+    if len(_PLANS) >= _PLANS_MAX:
+        _PLANS.pop(next(iter(_PLANS)))
+    _PLANS[key] = dataclasses.replace(plan)
+
+
+def _is_vmap_error(err: BaseException) -> bool:
+    """Whether ``err`` says the code cannot run under ``torch.vmap`` (not a user error)."""
+    msg = str(err)
+    return isinstance(err, RuntimeError) and any(
+        word in msg for word in ("vmap", "Batched", "functorch")
+    )
+
+
+def _stem_budget(device: torch.device) -> int:
+    """Bytes the precomputed first-layer outputs may occupy."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.25)
+    return 1 << 30
+
+
+def _default_budget(device: torch.device) -> int:
+    """Bytes of activations one forward pass may use."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.4)
+    # On a CPU, working sets that stay near the caches run fastest.
+    return 64 * 2**20
+
+
+
+class PlanTuner:
+    """Plan selection for :class:`~landscape_widget.core.evaluate.Evaluator` (a mixin)."""
+
+    def _batch_for(self, points: int, budget: int | None = None) -> int:
+        if self.forced_batch:
+            return int(self.forced_batch)
+        budget = budget or self.budget
+        b = int(max(1, min(self.n, budget // max(1, points * self.act_bytes))))
+        # Even batches: 1024 samples in passes of 512 + 512, not 885 + 139.
+        return -(-self.n // -(-self.n // b))
+
+    def _plan_key(self) -> tuple:
+        """What the speed of a plan depends on: architecture, shapes, device and options.
+
+        Repeated computations with the same key reuse the plan, so they are bit-identical
+        (plans differ in float rounding at the 1e-7 level) and skip the timing.
+        """
+        return (
+            repr(self.module),
+            tuple((k, tuple(v.shape), v.dtype) for k, v in self.base.items()),
+            tuple(self.x.shape), self.x.dtype, tuple(self.y.shape), str(self.device),
+            self.bn, self.metrics, getattr(self.loss_fn, "__qualname__", repr(self.loss_fn)),
+            self._batched_ce, self.strategy, self._stem_choice, tuple(self.keys), len(self.dirs),
+            self.budget, self.forced_batch, self.expected_points < 64,
+        )
+
+    # --- tuning --------------------------------------------------------------------------
+    def _candidate_plans(self) -> list[Plan]:
+        """Candidate plans: loops first, then vmaps of growing K.
+
+        Loops vary the layout, the batch size and the stem; jobs of few points get fewer
+        candidates.
+        """
+        layouts = ["contiguous"]
+        if self.x.dim() == 4 and torch.is_floating_point(self.x):
+            layouts.append("channels_last")
+        stems = [False, True] if self.stem is not None else [False]
+        if self.stem is not None and self._stem_choice is True and self._prepare_stem():
+            stems = [True]
+        small = self.expected_points < 64
+        # On a CPU, activations that stay in cache can be several times faster than one
+        # pass over all data: try working sets of 1/16, 1/4 and 1 x the budget.
+        budgets = [self.budget]
+        if self.device.type == "cpu" and not small:
+            budgets = [self.budget // 16, self.budget // 4, self.budget]
+        plans: list[Plan] = []
+        if self.strategy in ("auto", "loop"):
+            for layout in layouts:
+                for stem in stems:
+                    sizes = {self._batch_for(1, b) for b in budgets}
+                    if not small:
+                        sizes.add(self.n)
+                    plans += [Plan("loop", 1, b, layout, stem) for b in sorted(sizes)]
+        if self.strategy in ("auto", "vmap"):
+            for stem in stems:
+                for k in (4, 16, 64, 256):
+                    if k > max(4, self.expected_points):
+                        break  # a 3x3 grid is not worth timing passes of 256 points
+                    b = self._batch_for(k)
+                    if b >= min(self.n, 8) or k == 4 or self.strategy == "vmap":
+                        plans.append(Plan("vmap", k, b, "contiguous", stem))
+        return plans
+
+    def _time_pass(self, plan: Plan, c: Tensor) -> float:
+        """Seconds per point of ``plan``, from one timed pass on its first batch of samples.
+
+        Out of memory halves K (then B) and tries again, as :meth:`_run` does.
+        """
+        while True:
+            try:
+                return self._time_pass_once(plan, c)
+            except (RuntimeError, MemoryError) as err:
+                if not _is_oom(err) or (plan.points == 1 and plan.batch == 1):
+                    raise
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if plan.points > 1:
+                    plan.points //= 2
+                else:
+                    plan.batch = max(1, plan.batch // 2)
+
+    def _time_pass_once(self, plan: Plan, c: Tensor) -> float:
+        with torch.no_grad():
+            if plan.strategy == "vmap":
+                coef = c[:1].expand(plan.points, -1)
+                params = self._stacked(coef)
+            else:
+                coef = c[0]
+                params = self._point(coef, plan.layout)
+            stop = min(plan.batch, self.n)
+            best = math.inf
+            for _ in range(2):  # the first pass warms up allocators and kernels
+                t0 = time.perf_counter()
+                self._pass(plan, params, coef, 0, stop)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                best = min(best, time.perf_counter() - t0)
+        return best * (self.n / stop) / plan.points
+
+    def _tune(self, c: Tensor) -> Plan:
+        """Time one pass of every candidate plan (results discarded) and keep the fastest."""
+        errors = []
+        slower: set[tuple] = set()  # (layout, stem) families where a larger K stopped paying
+        last: dict[tuple, float] = {}
+        for plan in self._candidate_plans():
+            family = (plan.strategy, plan.layout, plan.stem)
+            if family in slower or (plan.stem and not self._prepare_stem()):
+                continue
+            loops = [p for p in self._results if p.strategy == "loop"]
+            if plan.strategy == "vmap" and self.stem is not None and self._stem_terms and loops:
+                # Try vmap only with the stem setting that won point by point.
+                if plan.stem != min(loops, key=lambda p: p.seconds_per_point).stem:
+                    continue
+            try:
+                plan.seconds_per_point = self._time_pass(plan, c)
+                self._results.append(plan)
+            except Exception as err:
+                # The loop runs the user's code as written: its errors are the user's.
+                # A vmap failure (a loss_fn calling .item(), a data-dependent branch) only
+                # rules that strategy out.
+                if (plan.strategy == "loop" or not _is_vmap_error(err)) and not _is_oom(err):
+                    raise
+                self.rejected.append(f"{plan.strategy} K={plan.points}: {err}")
+                errors.append(err)
+                slower.add(family)
+                continue
+            if plan.strategy == "vmap":
+                if plan.seconds_per_point > last.get(family, math.inf):
+                    slower.add(family)
+                last[family] = plan.seconds_per_point
+        if not self._results:
+            raise errors[0]
+        return min(self._results, key=lambda p: p.seconds_per_point)
+
+    def next_chunk(self) -> int:
+        """Points per call that keep the engine efficient."""
+        return self.plan.points if self.plan is not None else 16
+
