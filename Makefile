@@ -20,11 +20,11 @@ PYTEST_ARGS := tests $(NOTEBOOKS) landscape_widget --doctest-modules --nbval-lax
 	--nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=900
 
 .DEFAULT_GOAL := help
-.PHONY: help venv lab test pytest notebooks demo docs-image bench lint clean distclean
+.PHONY: help venv lab test pytest test-browser notebooks demo docs-image bench lint clean distclean
 
 help:  ## List the targets.
 	@grep -E '^[a-z][a-zA-Z_-]*:.*## ' $(MAKEFILE_LIST) | \
-		awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
+		awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
 
 venv: $(STAMP)  ## Create .venv and install the package with its dev extras (once).
 
@@ -44,6 +44,10 @@ test: venv  ## Lint, then run the tests, the notebooks (nbval, lax) and the doct
 
 pytest: venv  ## The tests, notebooks and doctests of `make test`, without the lint step.
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Needs Debian's chromium (`apt-get install -y chromium`; .ci/run installs it).
+test-browser: venv  ## Only the real-browser test (JupyterLab + chromium), with its timings.
+	$(BIN)/python -m pytest tests/test_browser.py -s
 
 notebooks: venv  ## Re-execute the notebooks, keeping only the outputs nbval checks.
 	$(BIN)/python $(NOTEBOOKS)/_refresh.py

@@ -12,6 +12,9 @@ import "./widget.css";
 
 const DEBOUNCE_MS = 250;
 const MAX_RES = { "2d": 201, "1d": 1025 };
+const COMPUTE_KEYS = ["mode", "direction", "norm", "ignore_biasbn", "x_range", "y_range",
+  "resolution", "seed", "bn"];
+const TIMINGS_KEPT = 50;
 const VIEWS = {
   "2d": [["contour", "contour"], ["heatmap", "heatmap"], ["surface", "3D surface"]],
   "1d": [["line", "line"]],
@@ -105,6 +108,15 @@ function render({ model, el }) {
       "resolutionBox", "seed", "bn", "compute", "cancel"]) c[k].disabled = true;
   }
 
+  // Read-only hook for tests and for debugging in the browser console:
+  // `el.querySelector(".lw-root").landscape()` gives a snapshot of the view's state and the
+  // timings (performance.now(), ms) of every computation this view saw: `sent` (the compute
+  // message or the control change that asked for it), `start`, `firstTile` (message in) and
+  // `firstDraw` (the first tile drawn on screen).
+  const timings = {}; // job id -> {source, sent, start, firstTile, firstDraw}
+  let lastTraitFlush = null; // performance.now() of the last compute-trait change sent
+  Object.defineProperty(root, "landscape", { configurable: true, value: () => snapshot() });
+
   let job = null; // {id, shape, x, y, metrics, loss, acc, known, complete}
   let live = null; // last progress message of the running job
   let error = null; // last error text
@@ -122,6 +134,7 @@ function render({ model, el }) {
     timer = null;
     const keys = Object.keys(pending);
     if (!keys.length) return;
+    if (keys.some((k) => COMPUTE_KEYS.includes(k))) lastTraitFlush = performance.now();
     for (const k of keys) model.set(k, pending[k]);
     for (const k of keys) delete pending[k];
     model.save_changes();
@@ -194,25 +207,40 @@ function render({ model, el }) {
   for (const input of [c.y0, c.y1]) {
     on(input, "change", () => setTrait({ y_range: [num(c.y0), num(c.y1)] }));
   }
-  on(c.resolution, "input", () => setTrait({ resolution: int(c.resolution) }));
-  on(c.resolutionBox, "change", () => setTrait({ resolution: int(c.resolutionBox) }));
+  // Out-of-range numbers are clamped here rather than refused by the kernel.
+  const clampRes = (n) => (Number.isFinite(n) ? Math.min(Math.max(n, 2), MAX_RES[get("mode")] || 201) : n);
+  on(c.resolution, "input", () => setTrait({ resolution: clampRes(int(c.resolution)) }));
+  on(c.resolutionBox, "change", () => setTrait({ resolution: clampRes(int(c.resolutionBox)) }));
   on(c.metric, "change", () => setTrait({ metric: c.metric.value }));
   on(c.log_scale, "change", () => setTrait({ log_scale: c.log_scale.checked }));
   on(c.view, "change", () => setTrait({ view: c.view.value }));
-  on(c.seed, "change", () => setTrait({ seed: int(c.seed) }));
+  on(c.seed, "change", () => {
+    const seed = int(c.seed);
+    setTrait({ seed: Number.isFinite(seed) ? Math.min(Math.max(seed, 0), 2 ** 31 - 1) : seed });
+  });
   on(c.bn, "change", () => setTrait({ bn: c.bn.value }));
 
   function spec() {
-    const keys = ["mode", "direction", "norm", "ignore_biasbn", "x_range", "y_range",
-      "resolution", "seed", "bn"];
-    return Object.fromEntries(keys.map((k) => [k, get(k)]));
+    return Object.fromEntries(COMPUTE_KEYS.map((k) => [k, get(k)]));
+  }
+
+  function timing(id) {
+    if (!timings[id]) {
+      const ids = Object.keys(timings);
+      if (ids.length >= TIMINGS_KEPT) delete timings[ids[0]];
+      timings[id] = { source: "kernel", sent: null, start: null, firstTile: null, firstDraw: null };
+    }
+    return timings[id];
   }
 
   on(c.compute, "click", () => {
     const s = spec();
     flush();
     error = null;
-    model.send({ kind: "compute", id: newId(), spec: s });
+    const id = newId();
+    Object.assign(timing(id), { source: "compute", sent: performance.now() });
+    lastTraitFlush = null;
+    model.send({ kind: "compute", id, spec: s });
   });
   on(c.cancel, "click", () => {
     flush();
@@ -250,13 +278,21 @@ function render({ model, el }) {
 
   function loadResult(r) {
     const size = r.shape.reduce((a, b) => a * b, 1);
-    job = {
+    const loaded = {
       id: r.id, shape: r.shape, metrics: r.metrics || ["loss"], device: r.device,
       x: f32(r.x), y: r.shape.length === 2 ? f32(r.y) : null,
       loss: r.loss ? f32(r.loss) : new Float32Array(size).fill(NaN),
       acc: r.accuracy ? f32(r.accuracy) : new Float32Array(size).fill(NaN),
       known: new Uint8Array(size).fill(1), complete: !!r.complete, ended: true, tiles: 1,
     };
+    if (!loaded.complete) {
+      // A cancelled result: NaN marks points never computed, which the display fills in.
+      const first = loaded.metrics.includes("loss") ? loaded.loss : loaded.acc;
+      let known = 0;
+      for (let k = 0; k < size; k++) known += loaded.known[k] = Number.isNaN(first[k]) ? 0 : 1;
+      if (!known && job) return; // cancelled before its first tile: keep the picture shown
+    }
+    job = loaded;
     schedule();
   }
 
@@ -264,7 +300,12 @@ function render({ model, el }) {
   function onMessage(msg, buffers) {
     if (!msg || typeof msg !== "object") return;
     buffers = buffers || [];
+    const now = performance.now();
     if (msg.kind === "start") {
+      const t = timing(msg.id);
+      if (t.sent == null && lastTraitFlush != null) Object.assign(t, { source: "controls", sent: lastTraitFlush });
+      lastTraitFlush = null;
+      t.start = now;
       incoming = newJob(msg, buffers);
       live = { done: 0, total: incoming.known.length, device: msg.device };
       error = null;
@@ -282,6 +323,7 @@ function render({ model, el }) {
         target.known[k] = 1;
       }
       target.tiles += 1;
+      if (timings[msg.id] && timings[msg.id].firstTile == null) timings[msg.id].firstTile = now;
       if (target === incoming) {
         job = incoming;
         incoming = null;
@@ -296,6 +338,8 @@ function render({ model, el }) {
           j.complete = msg.kind === "done";
         }
       }
+      // Cancelled before its first tile: no tile will come; the old picture stays.
+      if (incoming && incoming.id === msg.id && msg.kind === "cancelled") incoming = null;
       live = { ...msg, final: true };
     } else if (msg.kind === "error") {
       error = msg.message || "error";
@@ -388,14 +432,37 @@ function render({ model, el }) {
     const layout = { ...fig.layout, uirevision: UIREVISION, datarevision: revision,
       margin: { l: 55, r: 10, t: 20, b: 45 }, autosize: true };
     const config = { displaylogo: false, responsive: false };
-    Plotly.react(plot, fig.data, layout, config);
+    const t = timings[job.id];
+    const first = t && t.firstTile != null && t.firstDraw == null;
+    Promise.resolve(Plotly.react(plot, fig.data, layout, config)).then(() => {
+      // The next frame is the first one painted with this plot.
+      if (first) requestAnimationFrame(() => { if (t.firstDraw == null) t.firstDraw = performance.now(); });
+    }, (err) => {
+      error = `plot: ${err && err.message ? err.message : err}`;
+      showStatus();
+    });
     plotted = true;
   }
 
   const resize = new ResizeObserver(() => {
-    if (plotted && plot.isConnected) Plotly.Plots.resize(plot);
+    // A hidden plot (collapsed output, background tab) has no size to resize to.
+    if (!plotted || !plot.isConnected || !plot.offsetWidth || !plot.offsetHeight) return;
+    Promise.resolve(Plotly.Plots.resize(plot)).catch(() => {});
   });
   resize.observe(plot);
+
+  function snapshot() {
+    const j = job;
+    return {
+      job: j && { id: j.id, shape: [...j.shape], size: j.known.length, tiles: j.tiles,
+        known: j.known.reduce((a, b) => a + b, 0), complete: j.complete, ended: j.ended },
+      incoming: incoming ? incoming.id : null,
+      status: status.textContent,
+      error,
+      draws: revision,
+      timings: JSON.parse(JSON.stringify(timings)),
+    };
+  }
 
   syncControls();
   showStatus();

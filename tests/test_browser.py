@@ -1,0 +1,307 @@
+"""The widget in a real browser: JupyterLab 4 + Debian's headless Chromium, via playwright.
+
+The test starts its own JupyterLab on 127.0.0.1 (free port, random token, temporary root
+and Jupyter directories), opens a generated notebook with ``?reset``, runs all cells from
+the Run menu and then drives the widget's own controls as a user would:
+
+1. the grid shown by plotly fills in to a complete 21×21 of finite values, equal to the
+   kernel's ``w.surface``;
+2. the resolution slider moves to 41 and a new complete 41×41 grid arrives;
+3. three computations with new seeds, started by the Compute button, measure the time from
+   the compute message to the first tile drawn (``performance.now()`` in the page, from the
+   front end's ``landscape()`` hook) — printed, not asserted tightly;
+4. a 201×201 computation is cancelled with the Cancel button after its first tile: the
+   status line says cancelled, the kernel answers and reports ``cancelled``.
+
+Screenshots go to ``tests/artifacts/`` (gitignored). JupyterLab, its kernel and the browser
+are shut down in ``finally`` blocks, and the test checks that the kernel process is gone.
+Set ``LANDSCAPE_SKIP_BROWSER=1`` to skip it; without that, a missing chromium or playwright
+is a failure (the test runs in ``make test`` and in CI).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+import time
+from pathlib import Path
+
+import nbformat
+import numpy as np
+import pytest
+from browser_utils import JupyterLab, launch_chromium, pid_alive, require_browser, session_pids
+
+from landscape_widget.widget.widget import DEBOUNCE_S
+
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+NOTEBOOK = "widget_test.ipynb"
+WAIT_MS = 120_000  # the longest any single wait may take
+TIMING_RUNS = 3
+
+CELLS = [
+    """\
+import torch
+torch.set_num_threads(1)  # two cores, shared with the browser and the server
+import numpy as np
+import landscape_widget as lw
+
+model, (X, y) = lw.demo.trained_mlp(seed=0)  # the quickstart's MLP 64-32-10, 1400 digits""",
+    """\
+w = lw.LandscapeWidget(model, (X, y), resolution=21)
+w""",
+]
+
+# JavaScript run in the page. ROOT: the widget view; its `landscape()` hook gives a
+# snapshot of the view's state (see js/src/widget.js).
+JS_STATE = """() => {
+  const root = document.querySelector('.lw-root');
+  return root && root.landscape ? root.landscape() : null;
+}"""
+
+# The grid plotly shows: data[0].z of the graph div, with a count of its finite values.
+JS_PLOT = """() => {
+  const plot = document.querySelector('.lw-root .lw-plot');
+  const trace = plot && plot.data && plot.data[0];
+  if (!trace || !Array.isArray(trace.z)) return null;
+  const z = trace.z;
+  const finite = z.reduce((n, row) => n + row.filter(Number.isFinite).length, 0);
+  return { type: trace.type, ny: z.length, nx: z.length ? z[0].length : 0, finite, z };
+}"""
+
+# True once plotly shows n x n finite values.
+JS_PLOT_FINITE = """(n) => {
+  const plot = document.querySelector('.lw-root .lw-plot');
+  const z = plot && plot.data && plot.data[0] && plot.data[0].z;
+  return Array.isArray(z) && z.length === n
+    && z.every((row) => row.length === n && row.every(Number.isFinite));
+}"""
+
+# True once job `id` (or any job when id is null) of shape n x n is complete, plotly shows
+# n x n finite values, and the time its first tile was drawn is known.
+JS_FULL_GRID = """([n, id]) => {
+  const root = document.querySelector('.lw-root');
+  if (!root || !root.landscape) return false;
+  const s = root.landscape();
+  if (!s.job || !s.job.complete || s.job.shape.join('x') !== `${n}x${n}`) return false;
+  if (id !== null && s.job.id !== id) return false;
+  const t = s.timings[s.job.id];  // its first tile drawn: the timing is recorded a frame later
+  if (t && t.firstTile !== null && t.firstDraw === null) return false;
+  const plot = root.querySelector('.lw-plot');
+  const trace = plot && plot.data && plot.data[0];
+  if (!trace || !Array.isArray(trace.z) || trace.z.length !== n) return false;
+  return trace.z.every((row) => row.length === n && row.every(Number.isFinite));
+}"""
+
+# The notebook panel and its kernel, through the app object JupyterLab exposes with
+# --LabApp.expose_app_in_browser.
+JS_PANEL = """(path) => {
+  const app = window.jupyterapp;
+  if (!app || !app.shell) return null;
+  return Array.from(app.shell.widgets('main')).find(
+    (w) => w.context && w.context.path === path && w.sessionContext) || null;
+}"""
+
+JS_KERNEL_IDLE = f"""(path) => {{
+  const panel = ({JS_PANEL})(path);
+  const kernel = panel && panel.sessionContext.session && panel.sessionContext.session.kernel;
+  return !!kernel && kernel.status === 'idle' && kernel.connectionStatus === 'connected';
+}}"""
+
+# Execute code in the notebook's kernel (as a second client would) and collect its output.
+JS_EXECUTE = f"""async ([path, code, ms]) => {{
+  const panel = ({JS_PANEL})(path);
+  const kernel = panel.sessionContext.session.kernel;
+  const future = kernel.requestExecute({{ code, store_history: false }});
+  let out = '';
+  future.onIOPub = (msg) => {{
+    const c = msg.content;
+    if (msg.header.msg_type === 'stream') out += c.text;
+    if (msg.header.msg_type === 'error') out += `${{c.ename}}: ${{c.evalue}}`;
+  }};
+  const timeout = new Promise((resolve) => setTimeout(() => resolve(null), ms));
+  const reply = await Promise.race([future.done, timeout]);
+  return {{ status: reply ? reply.content.status : 'timeout', out }};
+}}"""
+
+
+def _write_notebook(path: Path) -> None:
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(src) for src in CELLS]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)",
+                                 "language": "python"}
+    nbformat.write(nb, path)
+
+
+class Session:
+    """The page, with waits bounded by ``WAIT_MS`` and the log of what went on in it."""
+
+    def __init__(self, page):
+        self.page = page
+        self.log: list[str] = []
+        page.on("console", lambda m: self.log.append(f"console.{m.type}: {m.text}"))
+        page.on("pageerror", lambda e: self.log.append(f"pageerror: {e}"))
+
+    def wait(self, js: str, arg=None, what: str = "", timeout_ms: int = WAIT_MS):
+        try:
+            return self.page.wait_for_function(js, arg=arg, timeout=timeout_ms, polling=100)
+        except Exception as err:
+            raise AssertionError(f"timed out waiting for {what}: {err}\nwidget state: "
+                                 f"{self.state()}") from None
+
+    def state(self) -> dict | None:
+        return self.page.evaluate(JS_STATE)
+
+    def plot(self) -> dict | None:
+        return self.page.evaluate(JS_PLOT)
+
+    def execute(self, code: str, ms: int = 60_000) -> str:
+        reply = self.page.evaluate(JS_EXECUTE, [NOTEBOOK, code, ms])
+        assert reply["status"] == "ok", f"kernel did not run {code!r}: {reply}"
+        return reply["out"]
+
+    def set_input(self, selector: str, value, events=("input", "change")) -> None:
+        """Set an input of the widget and fire the events a user's edit fires."""
+        self.page.locator(selector).evaluate(
+            """(el, [value, events]) => {
+                 el.value = String(value);
+                 for (const ev of events) el.dispatchEvent(new Event(ev, { bubbles: true }));
+               }""",
+            [value, list(events)],
+        )
+
+    def full_grid(self, n: int, job_id: str | None = None, what: str = "") -> dict:
+        self.wait(JS_FULL_GRID, [n, job_id], what or f"a complete {n}x{n} grid")
+        state = self.state()
+        grid = self.plot()
+        assert (grid["ny"], grid["nx"], grid["finite"]) == (n, n, n * n), grid
+        return state
+
+    def compute(self) -> str:
+        """Press Compute; returns the id of the computation it asked for."""
+        before = set(self.state()["timings"])
+        self.page.locator(".lw-root button.lw-compute").click()
+        self.wait("""(before) => Object.entries(
+                       document.querySelector('.lw-root').landscape().timings)
+                       .some(([id, t]) => !before.includes(id) && t.source === 'compute')""",
+                  sorted(before), "the compute message")
+        new = [i for i, t in self.state()["timings"].items()
+               if i not in before and t["source"] == "compute"]
+        return new[-1]
+
+
+def _kernel_surface(session: Session) -> np.ndarray:
+    out = session.execute("import json; print(json.dumps(np.asarray(w.wait(60).loss, "
+                          "dtype=np.float32).tolist()))")
+    return np.array(json.loads(out), dtype=np.float32)
+
+
+def test_widget_in_jupyterlab(tmp_path):
+    if os.environ.get("LANDSCAPE_SKIP_BROWSER") == "1":
+        pytest.skip("LANDSCAPE_SKIP_BROWSER=1")
+    sync_playwright = require_browser()  # fails (does not skip) when something is missing
+    t_start = time.perf_counter()
+    ARTIFACTS.mkdir(exist_ok=True)
+    root = tmp_path / "root"
+    root.mkdir()
+    _write_notebook(root / NOTEBOOK)
+    lab = JupyterLab(root, tmp_path / "jupyter", ARTIFACTS / "jupyterlab.log")
+    kernel_pid = None
+    session = None
+    try:
+        lab.start(timeout=120)
+        with sync_playwright() as pw:
+            context = launch_chromium(pw, tmp_path / "chromium-profile")
+            try:
+                page = context.pages[0] if context.pages else context.new_page()
+                page.set_default_timeout(WAIT_MS)
+                session = Session(page)
+                page.goto(lab.url(f"/lab/tree/{NOTEBOOK}", "reset"),
+                          wait_until="domcontentloaded", timeout=WAIT_MS)
+                session.wait(JS_KERNEL_IDLE, NOTEBOOK, "the notebook's kernel")
+                kernel_pid = int(session.execute("import os; print(os.getpid())"))
+
+                # Run > Run All Cells, from JupyterLab's menu bar.
+                page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(r"^Run$")).click()
+                page.locator(".lm-Menu-itemLabel",
+                             has_text=re.compile(r"^Run All Cells$")).click()
+
+                # 1. The initial grid, computed at once by the widget.
+                session.full_grid(21, what="the initial 21x21 grid")
+                kernel = _kernel_surface(session)
+                shown = np.array(session.plot()["z"], dtype=np.float32)
+                np.testing.assert_allclose(shown, kernel, rtol=1e-6)
+
+                # 2. The resolution slider: 21 -> 41 (the 441 points computed are reused).
+                session.set_input(".lw-root input[type=range]", 41)
+                state = session.full_grid(41, what="the 41x41 grid after moving the slider")
+                assert "reused" in state["status"], state["status"]
+                t = state["timings"][state["job"]["id"]]
+                assert t["source"] == "controls", t
+                slider_ms = t["firstDraw"] - t["sent"]
+                assert page.locator(".lw-root input[type=number][min='2']").input_value() == "41"
+                np.testing.assert_allclose(np.array(session.plot()["z"], dtype=np.float32),
+                                           _kernel_surface(session), rtol=1e-6)
+                page.locator(".lw-root").screenshot(path=str(ARTIFACTS / "widget.png"))
+                page.screenshot(path=str(ARTIFACTS / "jupyterlab.png"))
+
+                # 3. Time from the compute request to the first tile on screen.
+                first_tile, first_draw = [], []
+                for seed in range(1, TIMING_RUNS + 1):
+                    session.set_input(".lw-root input[type=number][min='0']", seed, ("change",))
+                    job_id = session.compute()
+                    state = session.full_grid(41, job_id, f"the 41x41 grid of seed {seed}")
+                    t = state["timings"][job_id]
+                    first_tile.append(t["firstTile"] - t["sent"])
+                    first_draw.append(t["firstDraw"] - t["sent"])
+                print(f"\ntime from compute request to first tile on screen (41x41, "
+                      f"MLP 64-32-10, 1400 digits, CPU): median "
+                      f"{statistics.median(first_draw):.0f} ms of "
+                      f"{', '.join(f'{x:.0f}' for x in first_draw)} ms "
+                      f"(tile message in after {statistics.median(first_tile):.0f} ms); "
+                      f"after the slider: {slider_ms:.0f} ms (with the kernel's "
+                      f"{DEBOUNCE_S * 1000:.0f} ms debounce)")
+
+                # 4. A 201x201 computation, cancelled after its first tile.
+                session.set_input(".lw-root input[type=number][min='0']", 99, ("change",))
+                session.set_input(".lw-root input[type=number][min='2']", 201, ("change",))
+                big = session.compute()
+                session.wait("""(id) => { const s = document.querySelector('.lw-root').landscape();
+                                  return !!s.timings[id] && s.timings[id].firstDraw !== null; }""",
+                             big, "the first tile of the 201x201 grid")
+                t_cancel = time.perf_counter()
+                page.locator(".lw-root button.lw-cancel").click()
+                session.wait("""(id) => { const s = document.querySelector('.lw-root').landscape();
+                                  return s.job && s.job.id === id && s.job.ended; }""",
+                             big, "the 201x201 grid to end")
+                cancel_s = time.perf_counter() - t_cancel
+                state = session.state()
+                assert not state["job"]["complete"], f"finished before the cancel landed: {state}"
+                assert "cancelled" in state["status"], state["status"]
+                assert state["job"]["known"] < 201 * 201, state
+                # The partial grid stays on screen, points not computed filled in coarse.
+                session.wait(JS_PLOT_FINITE, 201, "the cancelled grid on screen")
+                out = session.execute("print(w.status['state'], w.busy, w.surface.loss.shape, "
+                                      "int(np.isnan(w.surface.loss).sum()) > 0)")
+                assert out.split() == ["cancelled", "False", "(201,", "201)", "True"], out
+                page.screenshot(path=str(ARTIFACTS / "cancelled.png"))
+                print(f"cancelled the 201x201 grid after {state['job']['known']} points; "
+                      f"status line updated {cancel_s:.2f} s after the click")
+                errors = [e for e in session.log if e.startswith("pageerror")]
+                assert not errors, errors
+            finally:
+                context.close()
+    except BaseException:
+        if session is not None:
+            print("\n".join(["--- browser log ---", *session.log[-40:]]))
+        print("--- jupyterlab log ---\n" + lab.tail())
+        raise
+    finally:
+        lab.stop()
+    deadline = time.monotonic() + 15
+    while kernel_pid is not None and pid_alive(kernel_pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert kernel_pid is None or not pid_alive(kernel_pid), "the kernel outlived JupyterLab"
+    assert lab.pid is None or not session_pids(lab.pid), "processes left behind"
+    print(f"browser test took {time.perf_counter() - t_start:.1f} s")
