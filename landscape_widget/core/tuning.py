@@ -197,7 +197,8 @@ class PlanTuner:
                 slower.add(family)
                 continue
             if plan.strategy == "vmap":
-                if plan.seconds_per_point > last.get(family, math.inf):
+                # A wider pass that gains under 10 % will not pay for the next, wider trial.
+                if plan.seconds_per_point > 0.9 * last.get(family, math.inf):
                     slower.add(family)
                 last[family] = plan.seconds_per_point
         if not self._results:
