@@ -12,6 +12,21 @@ import torch
 from sklearn.datasets import load_digits
 from torch import nn
 
+REPORT: list[str] = []
+
+
+def report(line: str) -> None:
+    """Print ``line`` now (with ``-s``) and again in the terminal summary (always)."""
+    print(line)
+    REPORT.append(line)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if REPORT:
+        terminalreporter.section("measured")
+        for line in REPORT:
+            terminalreporter.write_line(line)
+
 
 def pytest_configure(config):
     torch.set_num_threads(1)

@@ -32,6 +32,7 @@ import nbformat
 import numpy as np
 import pytest
 from browser_utils import JupyterLab, launch_chromium, pid_alive, require_browser, session_pids
+from conftest import report
 
 from landscape_widget.widget.widget import DEBOUNCE_S
 
@@ -255,7 +256,7 @@ def test_widget_in_jupyterlab(tmp_path):
                     t = state["timings"][job_id]
                     first_tile.append(t["firstTile"] - t["sent"])
                     first_draw.append(t["firstDraw"] - t["sent"])
-                print(f"\ntime from compute request to first tile on screen (41x41, "
+                report(f"time from compute request to first tile on screen (41x41, "
                       f"MLP 64-32-10, 1400 digits, CPU): median "
                       f"{statistics.median(first_draw):.0f} ms of "
                       f"{', '.join(f'{x:.0f}' for x in first_draw)} ms "
