@@ -38,7 +38,15 @@ from .params import (
     parameters_of,
 )
 from .stem import StemTerms, split_stem
-from .tuning import _PLANS, Plan, PlanTuner, _default_budget, _is_oom, _remember, _stem_budget
+from .tuning import (
+    _PLANS,
+    Plan,
+    PlanTuner,
+    _default_budget,
+    _remember,
+    _stem_budget,
+    shrink_after_oom,
+)
 
 METRICS = ("loss", "accuracy")
 BN_MODES = ("eval", "batch")
@@ -360,14 +368,7 @@ class Evaluator(PlanTuner, StemTerms):
                 with torch.no_grad():
                     lo, ac = self._run_chunk(plan, chunk)
             except (RuntimeError, MemoryError) as err:
-                if not _is_oom(err) or (plan.points == 1 and plan.batch == 1):
-                    raise
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                if plan.points > 1:
-                    plan.points //= 2
-                else:
-                    plan.batch = max(1, plan.batch // 2)
+                shrink_after_oom(plan, err, self.device)
                 continue
             losses.append(lo)
             accs.append(ac)

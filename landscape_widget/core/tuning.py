@@ -44,6 +44,18 @@ def _remember(key: tuple, plan: Plan) -> None:
     _PLANS[key] = dataclasses.replace(plan)
 
 
+def shrink_after_oom(plan: Plan, err: BaseException, device: torch.device) -> None:
+    """Halve K (then B) of ``plan`` after an out-of-memory ``err``; re-raise anything else."""
+    if not _is_oom(err) or (plan.points == 1 and plan.batch == 1):
+        raise err
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if plan.points > 1:
+        plan.points //= 2
+    else:
+        plan.batch = max(1, plan.batch // 2)
+
+
 def _is_vmap_error(err: BaseException) -> bool:
     """Whether ``err`` says the code cannot run under ``torch.vmap`` (not a user error)."""
     msg = str(err)
@@ -142,14 +154,7 @@ class PlanTuner:
             try:
                 return self._time_pass_once(plan, c)
             except (RuntimeError, MemoryError) as err:
-                if not _is_oom(err) or (plan.points == 1 and plan.batch == 1):
-                    raise
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                if plan.points > 1:
-                    plan.points //= 2
-                else:
-                    plan.batch = max(1, plan.batch // 2)
+                shrink_after_oom(plan, err, self.device)
 
     def _time_pass_once(self, plan: Plan, c: Tensor) -> float:
         with torch.no_grad():
