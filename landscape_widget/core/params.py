@@ -80,7 +80,8 @@ def evaluation_copy(model: nn.Module) -> nn.Module:
     Flags such as ``training`` can then be set on the copy without touching the user's
     module, also from a worker thread. Parameters and buffers are shared, not copied,
     so this costs no tensor memory. Returns the model itself if it cannot be deep-copied;
-    callers then restore flags in a ``finally`` block (see :func:`preserved_flags`).
+    callers then switch flags per call and restore them in a ``finally`` block
+    (see ``Evaluator._enter``/``_exit``).
     """
     memo: dict[int, object] = {}
     for t in list(model.parameters()) + list(model.buffers()):
@@ -89,22 +90,6 @@ def evaluation_copy(model: nn.Module) -> nn.Module:
         return copy.deepcopy(model, memo)
     except Exception:  # noqa: BLE001 - any module that refuses deepcopy falls back safely
         return model
-
-
-class preserved_flags:  # noqa: N801 - used like a function in ``with`` statements
-    """Context manager that restores every module's ``training`` flag on exit."""
-
-    def __init__(self, model: nn.Module):
-        self._model = model
-        self._flags: list[tuple[nn.Module, bool]] = []
-
-    def __enter__(self) -> nn.Module:
-        self._flags = [(m, m.training) for m in self._model.modules()]
-        return self._model
-
-    def __exit__(self, *exc) -> None:
-        for m, flag in self._flags:
-            m.training = flag
 
 
 def check_direction(model: nn.Module, direction: Params, name: str = "direction") -> None:
