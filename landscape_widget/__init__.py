@@ -18,6 +18,16 @@ from .core.evaluate import Evaluator
 from .core.grid import MAX_AXIS_POINTS, MAX_GRID_POINTS
 from .core.landscape import TileStream, compute_curve, compute_surface, iter_tiles
 from .core.surface import Curve, Surface
+from .experiments import (
+    PatternFit,
+    checkerboard,
+    fit_pattern,
+    image_mask,
+    random_mask,
+    random_squares,
+    ternary_mask,
+    text_mask,
+)
 from .magic import load_ipython_extension
 from .widget import LandscapeWidget
 
@@ -40,6 +50,15 @@ __all__ = [
     # results
     "Surface",
     "Curve",
+    # loss patterns: multi-point optimisation (Skorokhodov & Burtsev 2019)
+    "ternary_mask",
+    "fit_pattern",
+    "PatternFit",
+    "checkerboard",
+    "random_mask",
+    "random_squares",
+    "text_mask",
+    "image_mask",
     # the live widget and the %landscape notebook extension
     "LandscapeWidget",
     "load_ipython_extension",

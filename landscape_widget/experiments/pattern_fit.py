@@ -1,0 +1,337 @@
+"""The result of a pattern fit: a resumable trainer, evaluation on the plane, plots and files."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..core.data import as_tensors
+from ..core.landscape import compute_surface
+from .plane import FlatLayout, PatternPlane, cell_losses, mpo_loss
+
+FORMAT = "landscape_widget.PatternFit"
+
+
+def _is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err)
+
+
+class PatternFit:
+    """A plane of networks trained to show a pattern (see :func:`fit_pattern`).
+
+    Attributes:
+        layout: The flat-vector layout of the architecture (:class:`FlatLayout`).
+        plane: The trainable state, ``w0, w1, w2`` and ``s`` (:class:`PatternPlane`);
+            nothing per cell is ever stored.
+        binary: The drawn pattern (``uint8``, 1 = drawn).
+        mask: The ternary mask (``int8``: +1 good, -1 bad, 0 ignored).
+        config: The hyperparameters.
+        history: One dict per step: ``step``, ``loss``, ``good_ce``, ``bad_ce``, ``scale``.
+        step: Steps taken so far.
+    """
+
+    def __init__(self, layout: FlatLayout, plane: PatternPlane, binary: np.ndarray,
+                 mask: np.ndarray, config: dict):
+        self.layout, self.plane = layout, plane
+        self.binary, self.mask, self.config = binary, mask, dict(config)
+        self.history: list[dict] = []
+        self.step = 0
+        self.optimizer = torch.optim.Adam(plane.parameters(), lr=self.config["lr"])
+        seed = self.config["seed"]
+        self._cells_rng = np.random.default_rng(seed)
+        self._batch_gen = torch.Generator().manual_seed(seed + 1)
+        self._order: Tensor | None = None
+        self._cursor = 0
+        self.chunk: int | None = None
+        self.last_evaluation: dict | None = None
+        h, w = mask.shape
+        ij = np.indices((h, w)).reshape(2, -1).T - np.array([h // 2, w // 2])
+        self._good = ij[(mask == 1).reshape(-1)]
+        self._bad = ij[(mask == -1).reshape(-1)]
+
+    # --- state --------------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(H, W)`` of the mask."""
+        return tuple(self.mask.shape)
+
+    @property
+    def weights(self) -> dict[str, Tensor]:
+        """Detached ``w0, w1, w2`` (flat, BN scales minus one) and the scale ``s``."""
+        p = self.plane
+        return {"w0": p.w0.detach(), "w1": p.w1.detach(), "w2": p.w2.detach(),
+                "s": p.s.detach()}
+
+    def state_size(self) -> int:
+        """Number of trainable numbers the fit keeps: ``3 P + 1``."""
+        return sum(p.numel() for p in self.plane.parameters())
+
+    def cell_vector(self, i: int, j: int) -> Tensor:
+        """The flat vector of cell ``(i, j)`` (row, column of the mask)."""
+        h, w = self.shape
+        if not (0 <= i < h and 0 <= j < w):
+            raise IndexError(f"cell ({i}, {j}) is outside the {h}x{w} mask.")
+        with torch.no_grad():
+            off = torch.tensor([[i - h // 2, j - w // 2]], device=self.plane.w0.device)
+            return self.plane.cells(off)[0]
+
+    def materialize(self, i: int, j: int) -> nn.Module:
+        """A standalone network for cell ``(i, j)`` (its BatchNorm uses batch statistics)."""
+        return self.layout.module_at(self.cell_vector(i, j))
+
+    # --- training -----------------------------------------------------------------------
+    def _minibatch(self, n: int) -> Tensor:
+        b = min(self.config["batch_size"], n)
+        if self._order is None or self._order.numel() != n or self._cursor + b > n:
+            self._order = torch.randperm(n, generator=self._batch_gen)
+            self._cursor = 0
+        idx = self._order[self._cursor:self._cursor + b]
+        self._cursor += b
+        return idx
+
+    def _sample(self, cells: np.ndarray) -> np.ndarray:
+        k = min(self.config["cells_per_step"], len(cells))
+        return cells[self._cells_rng.choice(len(cells), size=k, replace=False)] if k else cells
+
+    def _chunk_size(self, x: Tensor, total: int) -> int:
+        """Cells per forward pass, from a memory budget (activations + the flat vectors)."""
+        if self.chunk is not None:
+            return self.chunk
+        dev = x.device
+        budget = (int(torch.cuda.mem_get_info(dev)[0] * 0.4) if dev.type == "cuda"
+                  else 1 << 30)
+        per_cell = 4 * self.layout.size * 4
+        acts = _activation_bytes(self.layout.template, x[:2]) * x.shape[0] * 3
+        return int(max(1, min(total, budget // max(1, per_cell + acts))))
+
+    def step_once(self, x: Tensor, y: Tensor, batched: bool = True) -> dict:
+        """One MPO step on the minibatch ``(x, y)``; returns its history entry.
+
+        ``batched=False`` evaluates the cells one by one (same maths, one
+        ``functional_call`` and one backward per cell, as the paper's code did); it exists
+        as the benchmark's baseline.
+        """
+        good, bad = self._sample(self._good), self._sample(self._bad)
+        offsets = torch.as_tensor(np.concatenate([good, bad]), device=x.device)
+        ng, nb, cfg = len(good), len(bad), self.config
+        while True:
+            self.optimizer.zero_grad(set_to_none=True)
+            chunk = self._chunk_size(x, ng + nb) if batched else 1
+            try:
+                ces = []
+                for start in range(0, ng + nb, chunk):
+                    off = offsets[start:start + chunk]
+                    flats = self.plane.cells(off)
+                    if batched:
+                        ce = cell_losses(self.layout, flats, x, y)
+                    else:
+                        ce = torch.nn.functional.cross_entropy(
+                            self.layout.forward_one(flats[0], x), y).reshape(1)
+                    g = max(0, min(ng - start, len(off)))
+                    mpo_loss(ce[:g], ce[g:], ng, nb, cfg["tau"], cfg["coef"]).backward()
+                    ces.append(ce.detach())
+                break
+            except RuntimeError as err:
+                if not batched or not _is_oom(err) or chunk == 1:
+                    raise
+                self.chunk = max(1, chunk // 2)
+                if x.device.type == "cuda":
+                    torch.cuda.empty_cache()
+        penalty = self.plane.penalty()
+        if penalty.requires_grad:
+            penalty.backward()
+        torch.nn.utils.clip_grad_norm_(self.plane.parameters(), cfg["clip"])
+        self.optimizer.step()
+        ce = torch.cat(ces)
+        good_ce = float(ce[:ng].mean()) if ng else float("nan")
+        bad_ce = float(ce[ng:].mean()) if nb else float("nan")
+        loss = good_ce - (cfg["coef"] * float(ce[ng:].clamp(0, cfg["tau"]).mean()) if nb else 0)
+        self.step += 1
+        entry = {"step": self.step, "loss": loss, "good_ce": good_ce, "bad_ce": bad_ce,
+                 "scale": float(self.plane.s.detach())}
+        self.history.append(entry)
+        return entry
+
+    def train(self, data, steps: int, *, progress: bool = True,
+              callback: Callable[[PatternFit], None] | None = None, every: int = 10,
+              cancel: threading.Event | None = None) -> PatternFit:
+        """Take ``steps`` more steps on ``data`` (resumes the optimizer and the samplers)."""
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"steps must be an int >= 0, got {steps!r}.")
+        x, y = as_tensors(data)
+        dev = self.plane.w0.device
+        x = x.to(dev, self.layout.dtype if torch.is_floating_point(x) else x.dtype)
+        y = y.to(dev)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=steps, desc="pattern fit", unit="step")
+        try:
+            for k in range(steps):
+                if cancel is not None and cancel.is_set():
+                    break
+                idx = self._minibatch(x.shape[0]).to(dev)
+                entry = self.step_once(x[idx], y[idx])
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(good=f"{entry['good_ce']:.3f}", bad=f"{entry['bad_ce']:.3f}",
+                                    refresh=False)
+                if callback is not None and ((k + 1) % every == 0 or k + 1 == steps):
+                    callback(self)
+        finally:
+            if bar is not None:
+                bar.close()
+        return self
+
+    # --- evaluation ---------------------------------------------------------------------
+    def evaluate(self, data, batch_size: int | None = None) -> dict[str, np.ndarray]:
+        """Loss and accuracy of every cell's network on ``data``: ``(H, W)`` arrays.
+
+        Computed by the surface engine on the plane ``w0 + a * s * right + b * s * up`` at
+        integer ``(a, b)``; BatchNorm uses the statistics of each batch of ``batch_size``
+        samples (the training minibatch size by default), as in training.
+        """
+        h, w = self.shape
+        with torch.no_grad():
+            right, up = self.plane.basis()
+            s = self.plane.s
+            center = self.layout.module_at(self.plane.w0)
+            d_right = self.layout.unflatten(s * right, offset=False)
+            d_up = self.layout.unflatten(s * up, offset=False)
+        surf = compute_surface(
+            center, data, directions=(d_right, d_up),
+            x=(-(w // 2), w - 1 - w // 2, w), y=(-(h // 2), h - 1 - h // 2, h),
+            bn="batch", progress=False,
+            evaluator_options={"batch_size": int(batch_size or self.config["batch_size"])},
+        )
+        out = {"loss": surf.loss, "accuracy": surf.accuracy}
+        self.last_evaluation = out
+        return out
+
+    def scores(self, data_or_evaluation) -> dict[str, float]:
+        """``acc_diff``, ``good_acc`` and ``bad_acc`` (mean accuracy over +1 / -1 cells)."""
+        ev = (data_or_evaluation if isinstance(data_or_evaluation, dict)
+              else self.evaluate(data_or_evaluation))
+        acc = ev["accuracy"]
+        good = float(acc[self.mask == 1].mean())
+        bad = float(acc[self.mask == -1].mean()) if (self.mask == -1).any() else float("nan")
+        return {"acc_diff": good - bad, "good_acc": good, "bad_acc": bad}
+
+    def acc_diff(self, data_or_evaluation) -> float:
+        """Mean accuracy on +1 cells minus mean accuracy on -1 cells (ignored cells excluded).
+
+        Args:
+            data_or_evaluation: Data to evaluate on, or a dict from :meth:`evaluate`.
+        """
+        return self.scores(data_or_evaluation)["acc_diff"]
+
+    def to_plotly(self, data=None, metric: str = "loss", log: bool = True):
+        """The ternary mask next to the plane's ``metric`` heatmap (rows as in the mask).
+
+        Args:
+            data: Data to evaluate on; default the last :meth:`evaluate` result.
+            metric: ``"loss"`` or ``"accuracy"``.
+            log: Colour the loss on a log2 scale (as the paper's figures).
+        """
+        from .plots import pattern_figure
+
+        if metric not in ("loss", "accuracy"):
+            raise ValueError("metric must be 'loss' or 'accuracy'.")
+        ev = self.evaluate(data) if data is not None else self.last_evaluation
+        if ev is None:
+            raise ValueError("nothing evaluated yet: pass data, e.g. fit.to_plotly(test_data).")
+        return pattern_figure(self.mask, ev[metric], metric, log and metric == "loss",
+                              title=f"step {self.step}")
+
+    # --- files --------------------------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        """Save weights, mask, config, history and optimizer state (``torch.save``).
+
+        The architecture is stored as a pickle blob beside the tensors, so
+        :meth:`load` can rebuild cells without ``model_fn`` when its classes are importable.
+        """
+        try:
+            arch = pickle.dumps(self.layout.template)
+        except Exception:  # e.g. a model class defined in a closure
+            arch = None
+        torch.save({
+            "format": FORMAT, "version": 1,
+            "weights": {k: v.cpu() for k, v in self.weights.items()},
+            "binary": torch.from_numpy(self.binary.copy()),
+            "mask": torch.from_numpy(self.mask.copy()),
+            "config": self.config, "history": self.history, "step": self.step,
+            "optimizer": self.optimizer.state_dict(), "architecture": arch,
+            # The samplers' states, so that a loaded fit resumes exactly where it stopped.
+            "cells_rng": json.dumps(self._cells_rng.bit_generator.state),
+            "batch_gen": self._batch_gen.get_state(),
+            "order": self._order, "cursor": self._cursor,
+        }, path)
+
+    @classmethod
+    def load(cls, path: str | Path, model_fn: Callable[[], nn.Module] | None = None,
+             device=None) -> PatternFit:
+        """Load a fit saved by :meth:`save`.
+
+        Args:
+            path: The file.
+            model_fn: Builds the architecture. Without it the pickled architecture in the
+                file is used; only load files you trust (as with ``torch.load``).
+            device: Where to put the weights (default CPU).
+        """
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a file written by PatternFit.save.")
+        if model_fn is not None:
+            template = model_fn() if not isinstance(model_fn, nn.Module) else model_fn
+        elif blob["architecture"] is not None:
+            template = pickle.loads(blob["architecture"])
+        else:
+            raise ValueError("this file holds no architecture (its model class could not be "
+                             "pickled); pass model_fn=, the function that builds the network.")
+        layout = FlatLayout(template.to(device) if device is not None else template)
+        wts = {k: v.to(layout.device) for k, v in blob["weights"].items()}
+        if wts["w0"].numel() != layout.size:
+            raise ValueError(f"model_fn builds {layout.size} parameters but the file holds "
+                             f"{wts['w0'].numel()}; pass the architecture that was fitted.")
+        plane = PatternPlane(wts["w0"], wts["w1"], wts["w2"], float(wts["s"]),
+                             plane=blob["config"]["plane"])
+        fit = cls(layout, plane, blob["binary"].numpy(), blob["mask"].numpy(), blob["config"])
+        fit.history, fit.step = list(blob["history"]), int(blob["step"])
+        fit.optimizer.load_state_dict(blob["optimizer"])
+        fit._cells_rng.bit_generator.state = json.loads(blob["cells_rng"])
+        fit._batch_gen.set_state(blob["batch_gen"])
+        fit._order, fit._cursor = blob["order"], int(blob["cursor"])
+        return fit
+
+    def __repr__(self) -> str:
+        h, w = self.shape
+        return (f"PatternFit({h}x{w} mask, {int((self.mask == 1).sum())} good / "
+                f"{int((self.mask == -1).sum())} bad cells, step {self.step}, "
+                f"P={self.layout.size}, s={float(self.plane.s.detach()):.4g})")
+
+
+def _activation_bytes(module: nn.Module, x: Tensor) -> int:
+    """Bytes of module outputs per sample, from one forward pass on ``x`` (2 samples)."""
+    total = 0
+
+    def hook(_m, _i, out):
+        nonlocal total
+        if isinstance(out, Tensor):
+            total += out.numel() * out.element_size()
+
+    handles = [m.register_forward_hook(hook) for m in module.modules()]
+    try:
+        with torch.no_grad():
+            module(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return max(1, total // max(1, x.shape[0]))
