@@ -11,7 +11,11 @@ the Run menu and then drives the widget's own controls as a user would:
    the compute message to the first tile drawn (``performance.now()`` in the page, from the
    front end's ``landscape()`` hook) — printed, not asserted tightly;
 4. a 201×201 computation is cancelled with the Cancel button after its first tile: the
-   status line says cancelled, the kernel answers and reports ``cancelled``.
+   status line says cancelled, the kernel answers and reports ``cancelled``;
+5. the pattern editor: cells are painted with the mouse (clicks and a drag stroke), the
+   kernel's ``w.mask`` and ternary preview agree with what was painted, Fit starts an MPO
+   fit whose heatmap changes on screen with at least two live updates, Stop stops it and
+   Resume continues from the step it reached.
 
 Screenshots go to ``tests/artifacts/`` (gitignored). JupyterLab, its kernel and the browser
 are shut down in ``finally`` blocks, and the test checks that the kernel process is gone.
@@ -50,7 +54,7 @@ import landscape_widget as lw
 
 model, (X, y) = lw.demo.trained_mlp(seed=0)  # the quickstart's MLP 64-32-10, 1400 digits""",
     """\
-w = lw.LandscapeWidget(model, (X, y), resolution=21)
+w = lw.LandscapeWidget(model, (X, y), resolution=21, test_data=lw.datasets.digits("test"))
 w""",
 ]
 
@@ -235,13 +239,13 @@ def test_widget_in_jupyterlab(tmp_path):
                 np.testing.assert_allclose(shown, kernel, rtol=1e-6)
 
                 # 2. The resolution slider: 21 -> 41 (the 441 points computed are reused).
-                session.set_input(".lw-root input[type=range]", 41)
+                session.set_input(".lw-root .lw-controls input[type=range]", 41)
                 state = session.full_grid(41, what="the 41x41 grid after moving the slider")
                 assert "reused" in state["status"], state["status"]
                 t = state["timings"][state["job"]["id"]]
                 assert t["source"] == "controls", t
                 slider_ms = t["firstDraw"] - t["sent"]
-                assert page.locator(".lw-root input[type=number][min='2']").input_value() == "41"
+                assert page.locator(".lw-root .lw-controls input[type=number][min='2']").input_value() == "41"
                 np.testing.assert_allclose(np.array(session.plot()["z"], dtype=np.float32),
                                            _kernel_surface(session), rtol=1e-6)
                 page.locator(".lw-root").screenshot(path=str(ARTIFACTS / "widget.png"))
@@ -250,7 +254,7 @@ def test_widget_in_jupyterlab(tmp_path):
                 # 3. Time from the compute request to the first tile on screen.
                 first_tile, first_draw = [], []
                 for seed in range(1, TIMING_RUNS + 1):
-                    session.set_input(".lw-root input[type=number][min='0']", seed, ("change",))
+                    session.set_input(".lw-root .lw-controls input[type=number][min='0']", seed, ("change",))
                     job_id = session.compute()
                     state = session.full_grid(41, job_id, f"the 41x41 grid of seed {seed}")
                     t = state["timings"][job_id]
@@ -265,8 +269,8 @@ def test_widget_in_jupyterlab(tmp_path):
                       f"{DEBOUNCE_S * 1000:.0f} ms debounce)")
 
                 # 4. A 201x201 computation, cancelled after its first tile.
-                session.set_input(".lw-root input[type=number][min='0']", 99, ("change",))
-                session.set_input(".lw-root input[type=number][min='2']", 201, ("change",))
+                session.set_input(".lw-root .lw-controls input[type=number][min='0']", 99, ("change",))
+                session.set_input(".lw-root .lw-controls input[type=number][min='2']", 201, ("change",))
                 big = session.compute()
                 session.wait("""(id) => { const s = document.querySelector('.lw-root').landscape();
                                   return !!s.timings[id] && s.timings[id].firstDraw !== null; }""",
@@ -289,6 +293,7 @@ def test_widget_in_jupyterlab(tmp_path):
                 page.screenshot(path=str(ARTIFACTS / "cancelled.png"))
                 print(f"cancelled the 201x201 grid after {state['job']['known']} points; "
                       f"status line updated {cancel_s:.2f} s after the click")
+                _pattern_editor(session, page)
                 errors = [e for e in session.log if e.startswith("pageerror")]
                 assert not errors, errors
             finally:
@@ -306,3 +311,69 @@ def test_widget_in_jupyterlab(tmp_path):
     assert kernel_pid is None or not pid_alive(kernel_pid), "the kernel outlived JupyterLab"
     assert lab.pid is None or not session_pids(lab.pid), "processes left behind"
     print(f"browser test took {time.perf_counter() - t_start:.1f} s")
+
+
+JS_PATTERN = """() => document.querySelector('.lw-root').pattern()"""
+JS_FIT_Z = """() => {
+  const plot = document.querySelector('.lw-root .lw-fit-plot');
+  const t = plot && plot.data && plot.data[0];
+  return t && Array.isArray(t.z) ? t.z : null;
+}"""
+
+
+def _pattern_editor(session: Session, page) -> None:
+    """Step 5: paint a pattern by mouse, fit it, watch the heatmap stream, stop, resume."""
+    page.locator(".lw-root .lw-pattern summary").click()
+    page.locator(".lw-root .lw-pattern select.lw-pattern-size").select_option("8")
+    canvas = page.locator(".lw-root canvas.lw-pattern-editor")
+    canvas.scroll_into_view_if_needed()
+    box = canvas.bounding_box()
+    cell = box["width"] / 8
+
+    def at(i, j):
+        return box["x"] + (j + 0.5) * cell, box["y"] + (i + 0.5) * cell
+
+    painted = np.zeros((8, 8), int)
+    for i, j in [(1, 1), (1, 6), (6, 1), (6, 6)]:  # four clicks
+        page.mouse.click(*at(i, j))
+        painted[i, j] = 1
+    page.mouse.move(*at(4, 1))  # a drag stroke along row 4
+    page.mouse.down()
+    for j in range(1, 7):
+        page.mouse.move(*at(4, j), steps=3)
+        painted[4, j] = 1
+    page.mouse.up()
+    page.mouse.click(*at(1, 1))  # a click on a drawn cell erases it
+    painted[1, 1] = 0
+    snap = session.page.evaluate(JS_PATTERN)
+    assert (snap["rows"], snap["drawn"]) == (8, int(painted.sum())), snap
+    out = session.execute("import json; print(json.dumps([w.mask.tolist(), "
+                          "lw.ternary_mask(w.mask).tolist()]))")
+    mask, ternary = json.loads(out)
+    np.testing.assert_array_equal(mask, painted)
+    assert snap["ternary"] == np.ravel(ternary).tolist()
+
+    session.set_input(".lw-root input.lw-fit-steps", 3000, ("change",))
+    page.locator(".lw-root button.lw-fit").click()
+    session.wait("() => document.querySelector('.lw-root').pattern().updates >= 1", None,
+                 "the first heatmap of the fit")
+    first = page.evaluate(JS_FIT_Z)
+    session.wait("() => document.querySelector('.lw-root').pattern().updates >= 3", None,
+                 "two more live heatmap updates")
+    later = page.evaluate(JS_FIT_Z)
+    assert np.array(first).shape == (8, 8) and not np.allclose(first, later), "heatmap unchanged"
+    page.locator(".lw-root button.lw-fit-stop").click()
+    session.wait("() => document.querySelector('.lw-root').pattern().done", None, "the stop")
+    stopped = page.evaluate(JS_PATTERN)["step"]
+    assert 0 < stopped < 3000
+    status = page.locator(".lw-root .lw-fit-status").inner_text()
+    assert "stopped" in status and "acc_diff train" in status and "test" in status, status
+    page.locator(".lw-root .lw-pattern").screenshot(path=str(ARTIFACTS / "pattern.png"))
+    session.set_input(".lw-root input.lw-fit-steps", 20, ("change",))
+    page.locator(".lw-root button.lw-fit-resume").click()
+    session.wait(f"() => {{ const p = document.querySelector('.lw-root').pattern(); "
+                 f"return p.done && p.step === {stopped + 20}; }}", None, "the resumed fit")
+    out = session.execute("print(w.pattern_fit.step, w.fit_status['state'])")
+    assert out.split() == [str(stopped + 20), "done"], out
+    report(f"pattern editor: {page.evaluate(JS_PATTERN)['updates']} live heatmap updates; "
+           f"stopped at step {stopped}, resumed to {stopped + 20}")

@@ -8,6 +8,7 @@
 // shows it without a kernel.
 import Plotly from "./plotly.js";
 import { f32, fillCoarse, i32, log10, rows } from "./grid.js";
+import { patternPanel } from "./pattern.js";
 import "./widget.css";
 
 const DEBOUNCE_MS = 250;
@@ -99,8 +100,10 @@ function render({ model, el }) {
   const plot = h("div", { class: "lw-plot" });
   const bar = h("div", { class: "lw-bar" });
   const status = h("div", { class: "lw-status" });
+  const pattern = patternPanel({ model, h, row, newId, isStatic: !!model.get("_static") });
   const root = h("div", { class: "lw-root" }, panel,
-    h("div", { class: "lw-main" }, plot, h("div", { class: "lw-progress" }, bar), status));
+    h("div", { class: "lw-main" }, plot, h("div", { class: "lw-progress" }, bar), status),
+    pattern.node);
   el.replaceChildren(root);
   if (model.get("_static")) {
     // A static HTML export: no kernel to compute; only the display controls stay live.
@@ -116,6 +119,7 @@ function render({ model, el }) {
   const timings = {}; // job id -> {source, sent, start, firstTile, firstDraw}
   let lastTraitFlush = null; // performance.now() of the last compute-trait change sent
   Object.defineProperty(root, "landscape", { configurable: true, value: () => snapshot() });
+  Object.defineProperty(root, "pattern", { configurable: true, value: () => pattern.snapshot() });
 
   let job = null; // {id, shape, x, y, metrics, loss, acc, known, complete}
   let live = null; // last progress message of the running job
@@ -299,6 +303,7 @@ function render({ model, el }) {
   let incoming = null; // a started job whose first tile has not arrived (old plot stays)
   function onMessage(msg, buffers) {
     if (!msg || typeof msg !== "object") return;
+    if (pattern.onMessage(msg, buffers)) return;
     buffers = buffers || [];
     const now = performance.now();
     if (msg.kind === "start") {
@@ -478,6 +483,7 @@ function render({ model, el }) {
     model.off("change:status", onStatus);
     model.off("change:result", onResult);
     model.off("msg:custom", onMessage);
+    pattern.dispose();
     Plotly.purge(plot);
   };
 }

@@ -14,6 +14,7 @@ JS -> Python::
     {"kind": "sync", "id": str}      (a new view asks for the running job so far: the
                                       reply is its ``start`` and one ``tile`` of all
                                       points computed yet)
+    {"kind": "fit", ...}, {"kind": "fit_stop", ...}   (the pattern editor: see .patterns)
 
 Python -> JS::
 
@@ -47,7 +48,7 @@ DIRECTION_TYPES = ("random", "interpolation")
 NORMS = ("filter", "layer", "weight", "none")
 MODES = ("1d", "2d")
 BN = ("eval", "batch")
-INBOUND_KINDS = ("compute", "cancel", "sync")
+INBOUND_KINDS = ("compute", "cancel", "sync", "fit", "fit_stop")
 
 SPEC_FIELDS = {
     "mode": str,
@@ -193,15 +194,19 @@ def parse_spec(raw, *, directions: tuple[str, ...] = DIRECTION_TYPES) -> Spec:
     )
 
 
-def parse_message(msg, **kwargs) -> tuple[str, str, Spec | None]:
+def parse_message(msg, **kwargs) -> tuple[str, str, Spec | object | None]:
     """Validate an inbound message; returns ``(kind, id, spec or None)``.
 
     Args:
         msg: The decoded JSON content of a custom message.
         **kwargs: Passed to :func:`parse_spec` (``directions``).
 
+    Returns:
+        For ``fit`` messages the third item is a :class:`.patterns.FitSpec`.
+
     Raises:
-        ProtocolError: For anything but a well-formed compute, cancel or sync message.
+        ProtocolError: For anything but a well-formed compute, cancel, sync, fit or
+            fit_stop message.
     """
     if not isinstance(msg, dict):
         raise ProtocolError(f"message must be an object, got {type(msg).__name__}.")
@@ -210,17 +215,21 @@ def parse_message(msg, **kwargs) -> tuple[str, str, Spec | None]:
         raise ProtocolError(
             f"unknown message kind {short(kind)}; expected one of {list(INBOUND_KINDS)}."
         )
-    allowed = {"kind", "id", "spec"} if kind == "compute" else {"kind", "id"}
+    allowed = {"kind", "id", "spec"} if kind in ("compute", "fit") else {"kind", "id"}
     extra = [k for k in msg if k not in allowed]
     if extra:
         raise ProtocolError(f"{kind} message has unknown fields {_names(extra)}.")
     mid = msg.get("id")
     if not isinstance(mid, str) or not 0 < len(mid) <= MAX_ID_LENGTH:
         raise ProtocolError(f"{kind} message needs an id string of 1..{MAX_ID_LENGTH} characters.")
-    if kind != "compute":
+    if kind not in ("compute", "fit"):
         return kind, mid, None
     if "spec" not in msg:
-        raise ProtocolError("compute message is missing its spec.")
+        raise ProtocolError(f"{kind} message is missing its spec.")
+    if kind == "fit":
+        from .patterns import parse_fit_spec  # patterns imports this module
+
+        return kind, mid, parse_fit_spec(msg["spec"])
     return kind, mid, parse_spec(msg["spec"], **kwargs)
 
 

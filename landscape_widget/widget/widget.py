@@ -29,14 +29,16 @@ from ..core.params import check_module
 from ..core.surface import Curve, Surface
 from . import protocol
 from .protocol import ProtocolError, Spec, parse_message, parse_spec
+from .pattern_panel import PatternPanel
 from .worker import Job, Worker, new_id, snapshot_messages
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
 DEBOUNCE_S = 0.2
+FIT_ARRAYS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy")
 COMPUTE_TRAITS = ("mode", "direction", "norm", "ignore_biasbn", "x_range", "y_range",
                   "resolution", "seed", "bn")
 DISPLAY_TRAITS = ("metric", "log_scale", "view")
-_CONSTRUCTOR_TRAITS = COMPUTE_TRAITS + DISPLAY_TRAITS + ("layout",)
+_CONSTRUCTOR_TRAITS = COMPUTE_TRAITS + DISPLAY_TRAITS + ("layout", "pattern", "show_pattern")
 
 RANDOM_TYPES = (
     {"label": "random, filter-normalised", "direction": "random", "norm": "filter"},
@@ -67,13 +69,16 @@ def encode_result(job: Job, result: Surface | Curve, complete: bool, device: str
     }
 
 
-class LandscapeWidget(anywidget.AnyWidget):
+class LandscapeWidget(PatternPanel, anywidget.AnyWidget):
     """Loss landscape of a PyTorch model, computed live in a worker thread.
 
     Args:
         model: The model (never modified).
         data: ``(inputs, targets)`` tensors, a ``Dataset`` or a ``DataLoader``.
         model_b: A second model of the same architecture; offers interpolation directions.
+        model_fn: For the pattern editor: builds a fresh network (three calls give the
+            plane's w0, w1, w2). By default re-initialised copies of ``model``.
+        test_data: For the pattern editor's test heatmaps (optional).
         loss_fn: ``loss_fn(outputs, targets)``, mean over the batch; cross-entropy by default.
         device: Where to compute (the model's device by default).
         autostart: Start computing the default grid at once.
@@ -115,8 +120,8 @@ class LandscapeWidget(anywidget.AnyWidget):
     status = t.Dict().tag(sync=True)
     result = t.Dict(allow_none=True, default_value=None).tag(sync=True)
 
-    def __init__(self, model, data, *, model_b=None, loss_fn=None, device=None,
-                 autostart: bool = True, **traits):
+    def __init__(self, model, data, *, model_b=None, model_fn=None, test_data=None,
+                 loss_fn=None, device=None, autostart: bool = True, **traits):
         unknown = sorted(set(traits) - set(_CONSTRUCTOR_TRAITS))
         if unknown:
             raise TypeError(
@@ -142,6 +147,7 @@ class LandscapeWidget(anywidget.AnyWidget):
         self._worker = Worker(model, data, send=self._send_message, model_b=model_b,
                               loss_fn=loss_fn, device=device, on_status=self._on_status,
                               on_result=self._on_result)
+        self._init_patterns(model, data, model_fn=model_fn, test_data=test_data, device=device)
         self.status = {"state": "idle", "device": "", "done": 0, "total": 0,
                        "points_per_s": 0.0, "eta_s": None, "message": ""}
         self.observe(self._on_compute_trait, names=list(COMPUTE_TRAITS))
@@ -206,6 +212,7 @@ class LandscapeWidget(anywidget.AnyWidget):
         worker = getattr(self, "_worker", None)
         if worker is not None:
             worker.close()
+        self._close_patterns()
         super().close()
 
     def handle_message(self, content, buffers=None) -> None:
@@ -221,7 +228,9 @@ class LandscapeWidget(anywidget.AnyWidget):
                 if isinstance(cid, str) and len(cid) <= protocol.MAX_ID_LENGTH:
                     job_id = cid
             kind, mid, spec = parse_message(content, directions=self._direction_names)
-            if kind == "compute":
+            if kind in ("fit", "fit_stop"):
+                self._handle_fit_message(kind, mid, spec)
+            elif kind == "compute":
                 self._cancel_timer()
                 with self._silently():
                     self._set_controls(spec)
@@ -263,6 +272,14 @@ class LandscapeWidget(anywidget.AnyWidget):
                 if result.get(k) is not None:
                     result[k] = base64.b64encode(result[k]).decode()
         state["result"] = result
+        state["pattern"], state["show_pattern"] = self.pattern, self.show_pattern
+        state["fit_status"] = self.fit_status
+        fitted = dict(self.pattern_result) if self.pattern_result else None
+        if fitted:
+            for k in FIT_ARRAYS:
+                if fitted.get(k) is not None:
+                    fitted[k] = base64.b64encode(fitted[k]).decode()
+        state["pattern_result"] = fitted
         esm = gzip.compress((STATIC / "widget.js").read_bytes(), mtime=0)
         page = (_TEMPLATE.replace("%TITLE%", html.escape(title))
                 .replace("%CSS%", (STATIC / "widget.css").read_text().replace("</", "<\\/"))
@@ -369,10 +386,11 @@ _TEMPLATE = """<!DOCTYPE html>
 <script type="module">
 const state = JSON.parse(document.getElementById("lw-state").textContent);
 const bytes = (b64) => Uint8Array.from(atob(b64), (ch) => ch.charCodeAt(0));
-if (state.result) {
-  for (const k of ["x", "y", "loss", "accuracy"]) {
-    if (state.result[k] != null) state.result[k] = new DataView(bytes(state.result[k]).buffer);
-  }
+for (const [key, names] of [["result", ["x", "y", "loss", "accuracy"]],
+  ["pattern_result", ["train_loss", "train_accuracy", "test_loss", "test_accuracy"]]]) {
+  const r = state[key];
+  if (!r) continue;
+  for (const k of names) if (r[k] != null) r[k] = new DataView(bytes(r[k]).buffer);
 }
 const listeners = {};
 const model = {

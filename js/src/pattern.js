@@ -1,0 +1,408 @@
+// The pattern editor: paint a binary mask, preview its ternary training mask, fit it with
+// multi-point optimisation on the kernel and watch the plane's heatmap stream in.
+//
+// Painting: press on a cell and drag; the first cell decides whether the stroke draws or
+// erases (right button always erases). The mask lives in the `pattern` trait (rows of 0/1),
+// written once per stroke. Fit sends {kind: "fit", id, spec}; the kernel answers with
+// fit_start / fit_update (+ float32 heatmaps) / fit_done messages.
+import Plotly from "./plotly.js";
+import { f32 } from "./grid.js";
+
+const SIZES = [4, 6, 8, 12, 16, 24, 32, 48, 64];
+const EDITOR_PX = 256;
+const VIEWS = [["train_loss", "train loss"], ["train_accuracy", "train accuracy"],
+  ["test_loss", "test loss"], ["test_accuracy", "test accuracy"]];
+const TERNARY_COLORS = { 1: "#111", [-1]: "#fff", 0: "#bdbdbd" };
+
+// PAPERS.md (c) step 1, as landscape_widget.ternary_mask: +1 good, -1 bad, 0 ignored.
+export function ternary(cells, rows, cols) {
+  const out = new Int8Array(rows * cols);
+  for (let i = 0; i < rows; i++) {
+    for (let j = 0; j < cols; j++) {
+      let drawn = 0;
+      let seen = 0;
+      for (let a = Math.max(0, i - 1); a <= Math.min(rows - 1, i + 1); a++) {
+        for (let b = Math.max(0, j - 1); b <= Math.min(cols - 1, j + 1); b++) {
+          drawn += cells[a * cols + b];
+          seen += 1;
+        }
+      }
+      const v = cells[i * cols + j];
+      out[i * cols + j] = v ? (drawn === seen ? 0 : 1) : (drawn === 0 ? 0 : -1);
+    }
+  }
+  return out;
+}
+
+function inkToCells(ctx, size, useAlpha) {
+  const { data } = ctx.getImageData(0, 0, size, size);
+  const cells = new Uint8Array(size * size);
+  for (let k = 0; k < size * size; k++) {
+    const [r, g, b, a] = [data[4 * k], data[4 * k + 1], data[4 * k + 2], data[4 * k + 3]];
+    const ink = useAlpha ? a / 255 : 1 - (a / 255) * ((r + g + b) / 765);
+    cells[k] = ink > 0.5 ? 1 : 0;
+  }
+  return cells;
+}
+
+function textCells(text, size) {
+  const canvas = document.createElement("canvas");
+  canvas.width = canvas.height = size;
+  const ctx = canvas.getContext("2d");
+  let px = size;
+  ctx.font = `bold ${px}px sans-serif`;
+  const width = ctx.measureText(text).width;
+  if (width > size * 0.95) px = Math.max(4, Math.floor((px * size * 0.95) / width));
+  ctx.font = `bold ${px}px sans-serif`;
+  ctx.textAlign = "center";
+  ctx.textBaseline = "middle";
+  ctx.fillStyle = "#000";
+  ctx.fillText(text, size / 2, size / 2 + px * 0.05);
+  return inkToCells(ctx, size, true);
+}
+
+async function imageCells(file, size) {
+  const url = URL.createObjectURL(file);
+  try {
+    const img = new Image();
+    await new Promise((ok, fail) => { img.onload = ok; img.onerror = () => fail(new Error("not an image")); img.src = url; });
+    const probe = document.createElement("canvas");
+    probe.width = img.naturalWidth;
+    probe.height = img.naturalHeight;
+    const pctx = probe.getContext("2d");
+    pctx.drawImage(img, 0, 0);
+    const all = pctx.getImageData(0, 0, probe.width, probe.height).data;
+    let transparent = false;
+    for (let k = 3; k < all.length; k += 4) if (all[k] < 250) { transparent = true; break; }
+    const canvas = document.createElement("canvas");
+    canvas.width = canvas.height = size;
+    const ctx = canvas.getContext("2d");
+    ctx.imageSmoothingEnabled = true;
+    ctx.imageSmoothingQuality = "high";
+    ctx.drawImage(img, 0, 0, size, size);
+    return inkToCells(ctx, size, transparent);
+  } finally {
+    URL.revokeObjectURL(url);
+  }
+}
+
+export function patternPanel({ model, h, row, newId, isStatic }) {
+  const c = {
+    size: h("select", { class: "lw-pattern-size", title: "Grid size (cells per side)" }),
+    paint: h("canvas", { class: "lw-pattern-editor", title: "Click and drag to paint; start on a drawn cell (or use the right button) to erase" }),
+    preview: h("canvas", { class: "lw-pattern-preview", title: "Training mask: black = good (loss minimised), white = bad (maximised up to τ), grey = ignored" }),
+    checker: h("button", {}, "Checkerboard"),
+    text: h("input", { type: "text", value: "A", maxLength: 4, size: 3, title: "Letter or short word" }),
+    textBtn: h("button", {}, "Text"),
+    p: h("input", { type: "number", min: 0, max: 1, step: 0.05, value: 0.5, title: "Density p" }),
+    random: h("button", {}, "Random"),
+    clear: h("button", {}, "Clear"),
+    invert: h("button", {}, "Invert"),
+    file: h("input", { type: "file", accept: "image/png,image/*", title: "Import a PNG (thresholded, resized to the grid)" }),
+    steps: h("input", { class: "lw-fit-steps", type: "number", min: 1, max: 100000, step: 1, value: 300 }),
+    lr: h("input", { type: "number", min: 0, step: "any", value: 0.003 }),
+    tau: h("input", { type: "number", min: 0, step: "any", value: 2.5 }),
+    cells: h("input", { type: "number", min: 1, max: 4096, step: 1, value: 50 }),
+    seed: h("input", { type: "number", min: 0, step: 1, value: 0 }),
+    fit: h("button", { class: "lw-fit" }, "Fit"),
+    stop: h("button", { class: "lw-fit-stop" }, "Stop"),
+    resume: h("button", { class: "lw-fit-resume" }, "Resume"),
+    export: h("button", { class: "lw-fit-export", title: "Download the heatmap as PNG" }, "Export"),
+    view: h("select", { title: "Heatmap shown" }),
+    log: h("input", { type: "checkbox", checked: true, title: "log2 colour scale for the loss" }),
+  };
+  c.size.replaceChildren(...SIZES.map((n) => h("option", { value: n }, `${n} × ${n}`)));
+  c.view.replaceChildren(...VIEWS.map(([v, l]) => h("option", { value: v }, l)));
+  const plot = h("div", { class: "lw-fit-plot" });
+  const status = h("div", { class: "lw-fit-status" });
+  const counts = h("div", { class: "lw-pattern-counts" });
+  const details = h("details", { class: "lw-pattern" },
+    h("summary", {}, "Pattern editor: draw a mask, fit it with multi-point optimisation"),
+    h("div", { class: "lw-pattern-body" },
+      h("div", { class: "lw-pattern-left" },
+        row("grid", c.size),
+        h("div", { class: "lw-pattern-canvases" }, c.paint, c.preview),
+        counts,
+        h("div", { class: "lw-pattern-presets" }, c.checker, c.text, c.textBtn, c.p, c.random,
+          c.clear, c.invert),
+        row("import PNG", c.file),
+        row("steps", c.steps), row("lr (Adam)", c.lr), row("τ", c.tau),
+        row("cells / step", c.cells), row("seed", c.seed),
+        h("div", { class: "lw-buttons" }, c.fit, c.stop, c.resume, c.export)),
+      h("div", { class: "lw-pattern-right" }, row("show", c.view, c.log), plot, status)));
+
+  let rows = 8;
+  let cols = 8;
+  let cells = new Uint8Array(rows * cols);
+  let fit = null; // {id, rows, cols, mask, step, steps, arrays, scores, last, done, stopped}
+  let updates = 0;
+  let error = null;
+  let frame = 0;
+
+  // --- the pattern trait ---------------------------------------------------------------
+  function loadTrait() {
+    const p = model.get("pattern") || [];
+    if (!p.length || !p[0].length) return;
+    rows = p.length;
+    cols = p[0].length;
+    cells = new Uint8Array(rows * cols);
+    p.forEach((r, i) => r.forEach((v, j) => { cells[i * cols + j] = v ? 1 : 0; }));
+    c.size.value = String(rows);
+    drawEditor();
+  }
+  function saveTrait() {
+    const out = [];
+    for (let i = 0; i < rows; i++) out.push(Array.from(cells.subarray(i * cols, (i + 1) * cols)));
+    model.set("pattern", out);
+    model.save_changes();
+  }
+  function setCells(next, size = rows) {
+    rows = cols = size;
+    cells = next;
+    c.size.value = String(size);
+    drawEditor();
+    saveTrait();
+  }
+
+  // --- drawing the editor and the ternary preview -----------------------------------
+  function cellPx() { return Math.max(4, Math.floor(EDITOR_PX / Math.max(rows, cols))); }
+  function drawEditor() {
+    const px = cellPx();
+    for (const cv of [c.paint, c.preview]) {
+      cv.width = cols * px;
+      cv.height = rows * px;
+    }
+    const ctx = c.paint.getContext("2d");
+    ctx.fillStyle = "#fff";
+    ctx.fillRect(0, 0, cols * px, rows * px);
+    ctx.fillStyle = "#111";
+    for (let k = 0; k < cells.length; k++) {
+      if (cells[k]) ctx.fillRect((k % cols) * px, Math.floor(k / cols) * px, px, px);
+    }
+    ctx.strokeStyle = "rgba(0,0,0,0.12)";
+    ctx.beginPath();
+    for (let i = 0; i <= rows; i++) { ctx.moveTo(0, i * px + 0.5); ctx.lineTo(cols * px, i * px + 0.5); }
+    for (let j = 0; j <= cols; j++) { ctx.moveTo(j * px + 0.5, 0); ctx.lineTo(j * px + 0.5, rows * px); }
+    ctx.stroke();
+    const t = ternary(cells, rows, cols);
+    const pctx = c.preview.getContext("2d");
+    let good = 0;
+    let bad = 0;
+    for (let k = 0; k < t.length; k++) {
+      pctx.fillStyle = TERNARY_COLORS[t[k]];
+      pctx.fillRect((k % cols) * px, Math.floor(k / cols) * px, px, px);
+      good += t[k] === 1;
+      bad += t[k] === -1;
+    }
+    counts.textContent = `training mask: ${good} good (black) · ${bad} bad (white) · ${t.length - good - bad} ignored (grey)`;
+    c.fit.disabled = isStatic || good === 0;
+  }
+
+  let stroke = null; // the value a stroke paints
+  function cellAt(ev) {
+    const r = c.paint.getBoundingClientRect();
+    const j = Math.floor(((ev.clientX - r.left) / r.width) * cols);
+    const i = Math.floor(((ev.clientY - r.top) / r.height) * rows);
+    return i >= 0 && i < rows && j >= 0 && j < cols ? i * cols + j : -1;
+  }
+  function paintAt(ev) {
+    const k = cellAt(ev);
+    if (k < 0 || stroke == null || cells[k] === stroke) return;
+    cells[k] = stroke;
+    drawEditor();
+  }
+  c.paint.addEventListener("contextmenu", (ev) => ev.preventDefault());
+  c.paint.addEventListener("pointerdown", (ev) => {
+    if (isStatic) return;
+    const k = cellAt(ev);
+    if (k < 0) return;
+    stroke = ev.button === 2 ? 0 : (cells[k] ? 0 : 1);
+    c.paint.setPointerCapture(ev.pointerId);
+    paintAt(ev);
+  });
+  c.paint.addEventListener("pointermove", (ev) => { if (stroke != null) paintAt(ev); });
+  const endStroke = () => {
+    if (stroke == null) return;
+    stroke = null;
+    saveTrait();
+  };
+  c.paint.addEventListener("pointerup", endStroke);
+  c.paint.addEventListener("pointercancel", endStroke);
+
+  // --- presets -------------------------------------------------------------------------
+  const size = () => Number.parseInt(c.size.value, 10) || 8;
+  c.size.addEventListener("change", () => setCells(new Uint8Array(size() * size()), size()));
+  c.checker.addEventListener("click", () => {
+    const n = size();
+    setCells(Uint8Array.from({ length: n * n }, (_, k) => ((Math.floor(k / n) + (k % n)) % 2 === 0 ? 1 : 0)), n);
+  });
+  c.textBtn.addEventListener("click", () => {
+    if (c.text.value.trim()) setCells(textCells(c.text.value.trim(), size()), size());
+  });
+  c.random.addEventListener("click", () => {
+    const p = Math.min(1, Math.max(0, Number.parseFloat(c.p.value) || 0));
+    const n = size();
+    setCells(Uint8Array.from({ length: n * n }, () => (Math.random() < p ? 1 : 0)), n);
+  });
+  c.clear.addEventListener("click", () => setCells(new Uint8Array(rows * cols), rows));
+  c.invert.addEventListener("click", () => setCells(cells.map((v) => 1 - v), rows));
+  c.file.addEventListener("change", async () => {
+    const file = c.file.files && c.file.files[0];
+    if (!file) return;
+    try {
+      setCells(await imageCells(file, size()), size());
+      error = null;
+    } catch (err) {
+      error = `import: ${err.message || err}`;
+    }
+    c.file.value = "";
+    showStatus();
+  });
+
+  // --- fitting -------------------------------------------------------------------------
+  const numOr = (input, fallback) => {
+    const v = Number.parseFloat(input.value);
+    return Number.isFinite(v) ? v : fallback;
+  };
+  function fitSpec(resume) {
+    const mask = [];
+    for (let i = 0; i < rows; i++) mask.push(Array.from(cells.subarray(i * cols, (i + 1) * cols)));
+    const steps = Math.round(Math.min(100000, Math.max(1, numOr(c.steps, 300))));
+    return {
+      mask, steps, lr: Math.min(1, Math.max(1e-7, numOr(c.lr, 0.003))),
+      tau: Math.min(100, Math.max(0.001, numOr(c.tau, 2.5))),
+      cells_per_step: Math.round(Math.min(4096, Math.max(1, numOr(c.cells, 50)))),
+      batch_size: 256, seed: Math.round(Math.min(2 ** 31 - 1, Math.max(0, numOr(c.seed, 0)))),
+      every: Math.max(1, Math.min(25, Math.round(steps / 30))), resume,
+    };
+  }
+  function startFit(resume) {
+    error = null;
+    model.send({ kind: "fit", id: newId().replace("js-", "js-fit-"), spec: fitSpec(resume) });
+  }
+  c.fit.addEventListener("click", () => startFit(false));
+  c.resume.addEventListener("click", () => startFit(true));
+  c.stop.addEventListener("click", () => model.send({ kind: "fit_stop", id: fit ? fit.id : "none" }));
+  c.export.addEventListener("click", () => {
+    if (fit) Plotly.downloadImage(plot, { format: "png", filename: `pattern-fit-step-${fit.step}` });
+  });
+  c.view.addEventListener("change", schedule);
+  c.log.addEventListener("change", schedule);
+
+  function loadUpdate(msg, arrays) {
+    fit = { ...(fit && fit.id === msg.id ? fit : {}), id: msg.id, rows: msg.rows, cols: msg.cols,
+      mask: msg.mask, step: msg.step, steps: msg.steps, scores: msg.scores, last: msg.last,
+      splits: msg.splits, arrays, done: false };
+    updates += 1;
+    plot.dataset.fitUpdates = String(updates);
+    schedule();
+  }
+  function onMessage(msg, buffers) {
+    if (!msg || typeof msg !== "object") return false;
+    if (msg.kind === "fit_start") {
+      fit = { id: msg.id, rows: msg.rows, cols: msg.cols, mask: msg.mask, step: 0,
+        steps: msg.steps, splits: msg.splits, arrays: fit ? fit.arrays : null, done: false };
+    } else if (msg.kind === "fit_update") {
+      const [trl, tra, tel, tea] = (buffers || []).map((b) => f32(b));
+      loadUpdate(msg, { train_loss: trl, train_accuracy: tra, test_loss: tel, test_accuracy: tea });
+    } else if (msg.kind === "fit_done") {
+      if (fit && fit.id === msg.id) Object.assign(fit, { done: true, stopped: msg.stopped, step: msg.step, seconds: msg.seconds });
+    } else if (msg.kind === "error" && typeof msg.id === "string" && msg.id.startsWith("js-fit")) {
+      error = msg.message;
+    } else {
+      return false;
+    }
+    showStatus();
+    return true;
+  }
+
+  function showStatus() {
+    const parts = [];
+    if (fit) {
+      parts.push(`step ${fit.step} / ${fit.steps}`);
+      const s = fit.scores || {};
+      for (const split of ["train", "test"]) {
+        if (s[split] && s[split].acc_diff != null) parts.push(`acc_diff ${split} ${s[split].acc_diff.toFixed(3)}`);
+      }
+      if (fit.last && fit.last.good_ce != null) parts.push(`CE good ${fit.last.good_ce.toFixed(3)} / bad ${fit.last.bad_ce != null ? fit.last.bad_ce.toFixed(3) : "–"}`);
+      if (fit.done) parts.push(fit.stopped ? "stopped" : `done in ${(fit.seconds || 0).toFixed(1)} s`);
+    }
+    status.replaceChildren(h("span", {}, parts.join(" · ")),
+      ...(error ? [h("span", { class: "lw-error" }, ` ${error}`)] : []));
+  }
+
+  function schedule() { if (!frame) frame = requestAnimationFrame(draw); }
+  function draw() {
+    frame = 0;
+    if (!fit || !fit.arrays) return;
+    let key = c.view.value;
+    if (!fit.arrays[key] || !fit.arrays[key].length) key = key.replace("test", "train");
+    const values = fit.arrays[key];
+    if (!values || !values.length) return;
+    const isLoss = key.endsWith("loss");
+    const log = isLoss && c.log.checked;
+    const z = [];
+    const text = [];
+    for (let i = 0; i < fit.rows; i++) {
+      const r = [];
+      const tr = [];
+      for (let j = 0; j < fit.cols; j++) {
+        const v = values[i * fit.cols + j];
+        r.push(log ? Math.log2(Math.max(v, 2 ** -12)) : v);
+        const m = fit.mask ? fit.mask[i * fit.cols + j] : 0;
+        tr.push(`${v.toPrecision(4)} (${m === 1 ? "good" : m === -1 ? "bad" : "ignored"})`);
+      }
+      z.push(r);
+      text.push(tr);
+    }
+    const data = [{ type: "heatmap", z, text, colorscale: isLoss ? "RdBu" : "Viridis",
+      zmin: isLoss ? undefined : 0, zmax: isLoss ? undefined : 1,
+      colorbar: { title: { text: `${log ? "log2 " : ""}${key.replace("_", " ")}` } },
+      hovertemplate: "row %{y}, col %{x}: %{text}<extra></extra>" }];
+    const layout = { margin: { l: 40, r: 10, t: 10, b: 30 }, autosize: true,
+      yaxis: { autorange: "reversed", scaleanchor: "x", constrain: "domain" },
+      xaxis: { constrain: "domain" }, uirevision: "pattern", datarevision: updates };
+    Promise.resolve(Plotly.react(plot, data, layout, { displaylogo: false })).catch((err) => {
+      error = `plot: ${err && err.message ? err.message : err}`;
+      showStatus();
+    });
+  }
+
+  // --- traits, re-render, static export ------------------------------------------------
+  const onPattern = () => { if (stroke == null) loadTrait(); };
+  model.on("change:pattern", onPattern);
+  details.open = !!model.get("show_pattern");
+  details.addEventListener("toggle", () => {
+    if (isStatic || details.open === !!model.get("show_pattern")) return;
+    model.set("show_pattern", details.open);
+    model.save_changes();
+  });
+  const onShow = () => { details.open = !!model.get("show_pattern"); };
+  model.on("change:show_pattern", onShow);
+  const last = model.get("pattern_result");
+  if (last && last.rows) {
+    const arrays = {};
+    for (const k of ["train_loss", "train_accuracy", "test_loss", "test_accuracy"]) arrays[k] = last[k] ? f32(last[k]) : null;
+    loadUpdate(last, arrays);
+    const st = model.get("fit_status") || {};
+    if (st.state === "done" || st.state === "stopped") Object.assign(fit, { done: true, stopped: st.state === "stopped" });
+  }
+  if (isStatic) for (const k of ["fit", "stop", "resume", "checker", "textBtn", "random", "clear", "invert", "file", "size"]) c[k].disabled = true;
+  loadTrait();
+  drawEditor();
+  showStatus();
+
+  return {
+    node: details,
+    onMessage,
+    snapshot: () => ({ rows, cols, drawn: cells.reduce((a, b) => a + b, 0), updates,
+      step: fit ? fit.step : 0, done: fit ? !!fit.done : false, error,
+      ternary: Array.from(ternary(cells, rows, cols)) }),
+    dispose() {
+      if (frame) cancelAnimationFrame(frame);
+      model.off("change:pattern", onPattern);
+      model.off("change:show_pattern", onShow);
+      Plotly.purge(plot);
+    },
+  };
+}

@@ -1,0 +1,298 @@
+"""The pattern editor's kernel side: fit messages and the thread that runs MPO fits.
+
+JS -> Python::
+
+    {"kind": "fit", "id": str, "spec": {"mask": [[0|1, ...], ...], "steps", "lr", "tau",
+     "cells_per_step", "batch_size", "seed", "every", "resume"}}
+    {"kind": "fit_stop", "id": str}
+
+Python -> JS::
+
+    {"kind": "fit_start", "id", "rows", "cols", "steps", "mask" (ternary, row-major),
+     "splits"}
+    {"kind": "fit_update", "id", "step", "steps", "rows", "cols", "scores", "last",
+     "seconds", "splits"} + [train loss, train accuracy, test loss, test accuracy] float32
+     (row-major H x W; the test buffers are empty without test data)
+    {"kind": "fit_done", "id", "step", "stopped", "seconds"}
+
+A fit runs in its own daemon thread (one at a time: a new fit stops the old one first), so
+surfaces and fits do not queue behind each other. ``resume`` continues the last fit when
+its mask is the one sent; otherwise a new fit starts.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..core.data import as_tensors
+from ..experiments.masks import MAX_CELLS, MIN_CELLS, ternary_mask
+from ..experiments.mpo import fit_pattern
+from ..experiments.pattern_fit import PatternFit
+from .protocol import ProtocolError, f32, short
+
+FIT_FIELDS = {"mask": list, "steps": int, "lr": float, "tau": float, "cells_per_step": int,
+              "batch_size": int, "seed": int, "every": int, "resume": bool}
+LIMITS = {"steps": (1, 100_000), "cells_per_step": (1, 4096), "batch_size": (1, 1 << 16),
+          "seed": (0, 2**31 - 1), "every": (1, 10_000), "lr": (1e-7, 1.0), "tau": (1e-3, 100.0)}
+
+
+@dataclass(frozen=True)
+class FitSpec:
+    """A validated fit request."""
+
+    mask: tuple[tuple[int, ...], ...]
+    steps: int = 300
+    lr: float = 3e-3
+    tau: float = 2.5
+    cells_per_step: int = 50
+    batch_size: int = 256
+    seed: int = 0
+    every: int = 10
+    resume: bool = False
+
+    @property
+    def binary(self) -> np.ndarray:
+        return np.array(self.mask, dtype=np.uint8)
+
+
+def parse_fit_spec(raw) -> FitSpec:
+    """Validate the ``spec`` of a fit message; raises :class:`ProtocolError`.
+
+    Example:
+        >>> parse_fit_spec({"mask": [[1, 0], [0, 1]], "steps": 5, "lr": 0.003, "tau": 2.5,
+        ...     "cells_per_step": 50, "batch_size": 256, "seed": 0, "every": 5,
+        ...     "resume": False}).binary.shape
+        (2, 2)
+    """
+    if not isinstance(raw, dict):
+        raise ProtocolError(f"fit spec must be an object, got {type(raw).__name__}.")
+    unknown = sorted(str(k)[:40] for k in raw if k not in FIT_FIELDS)[:10]
+    if unknown:
+        raise ProtocolError(f"fit spec has unknown fields {unknown}; allowed: {sorted(FIT_FIELDS)}.")
+    missing = sorted(set(FIT_FIELDS) - set(raw))
+    if missing:
+        raise ProtocolError(f"fit spec is missing fields {missing}.")
+    values = {}
+    for key, typ in FIT_FIELDS.items():
+        v = raw[key]
+        if typ is float:
+            ok = isinstance(v, int | float) and not isinstance(v, bool) and abs(v) < 1e300 \
+                and math.isfinite(v)
+        elif typ is int:
+            ok = isinstance(v, int) and not isinstance(v, bool)
+        else:
+            ok = isinstance(v, typ)
+        if not ok:
+            raise ProtocolError(f"fit spec.{key} must be of type {typ.__name__}, got {short(v)}.")
+        if key in LIMITS and not LIMITS[key][0] <= v <= LIMITS[key][1]:
+            raise ProtocolError(f"fit spec.{key}={short(v)} is outside {list(LIMITS[key])}.")
+        values[key] = float(v) if typ is float else v
+    values["mask"] = _mask(raw["mask"])
+    return FitSpec(**values)
+
+
+def _mask(rows) -> tuple[tuple[int, ...], ...]:
+    if not MIN_CELLS <= len(rows) <= MAX_CELLS:
+        raise ProtocolError(f"fit spec.mask needs {MIN_CELLS}..{MAX_CELLS} rows, got {len(rows)}.")
+    if not all(isinstance(r, list) for r in rows):
+        raise ProtocolError("fit spec.mask must be a list of rows (lists of 0/1).")
+    width = len(rows[0])
+    if not MIN_CELLS <= width <= MAX_CELLS or any(len(r) != width for r in rows):
+        raise ProtocolError(f"fit spec.mask rows must all have the same length in "
+                            f"{MIN_CELLS}..{MAX_CELLS}.")
+    for r in rows:
+        for v in r:
+            if isinstance(v, bool) or v not in (0, 1) or not isinstance(v, int):
+                raise ProtocolError(f"fit spec.mask cells must be 0 or 1, got {short(v)}.")
+    return tuple(tuple(r) for r in rows)
+
+
+@dataclass
+class FitJob:
+    """One fit request."""
+
+    id: str
+    spec: FitSpec
+    cancel: threading.Event = field(default_factory=threading.Event)
+    state: str = "pending"
+
+
+class PatternRunner:
+    """Runs MPO fits for a widget, one at a time, each in a daemon thread.
+
+    Args:
+        model_fn: Builds fresh networks (or the widget's model, re-initialised per copy).
+        data: Training data.
+        test_data: Optional test data for the test heatmaps.
+        send: ``send(message, buffers)``.
+        on_event: Called with every ``fit_update``, ``fit_done`` and ``error`` message and
+            its buffers (the widget keeps the last update and the state in traits).
+        device: Where to train.
+        eval_samples: Samples of each split used for the live heatmaps.
+    """
+
+    def __init__(self, model_fn, data, *, test_data=None,
+                 send: Callable[[dict, list], None], on_event: Callable[[dict, list], None],
+                 device=None, eval_samples: int = 256):
+        self.model_fn, self.device = model_fn, device
+        self._data, self._test = data, test_data
+        self.send, self.on_event = send, on_event
+        self.eval_samples = int(eval_samples)
+        self.fit: PatternFit | None = None
+        self._job: FitJob | None = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._tensors: dict | None = None
+
+    def submit(self, job_id: str, spec: FitSpec) -> FitJob:
+        """Start a fit; the running one is stopped first."""
+        job = FitJob(job_id, spec)
+        with self._lock:
+            old, previous = self._job, self._thread
+            if old is not None:
+                old.cancel.set()
+            thread = threading.Thread(target=self._main, args=(job, previous), daemon=True,
+                                      name="landscape-pattern-fit")
+            self._job, self._thread = job, thread
+            thread.start()
+        return job
+
+    def stop(self) -> bool:
+        """Stop the running fit (it can be resumed); returns whether one was running."""
+        with self._lock:
+            job = self._job
+        if job is not None and job.state in ("pending", "running"):
+            job.cancel.set()
+            return True
+        return False
+
+    @property
+    def busy(self) -> bool:
+        with self._lock:
+            thread = self._thread
+        return thread is not None and thread.is_alive()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the running fit ends; ``False`` on timeout."""
+        with self._lock:
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+            return not thread.is_alive()
+        return True
+
+    # --- fit thread ----------------------------------------------------------------------
+    def _emit(self, message: dict, buffers: list | None = None) -> None:
+        for deliver in (self.send, self.on_event):
+            try:
+                deliver(message, buffers or [])
+            except Exception:  # noqa: BLE001 - a closed comm must not kill the thread
+                pass
+
+    def _splits(self) -> dict:
+        """Training tensors and the evaluation subsets (first ``eval_samples`` of each)."""
+        if self._tensors is None:
+            x, y = as_tensors(self._data)
+            splits = {"train": (x[:self.eval_samples], y[:self.eval_samples])}
+            if self._test is not None:
+                tx, ty = as_tensors(self._test)
+                splits["test"] = (tx[:self.eval_samples], ty[:self.eval_samples])
+            self._tensors = {"train_full": (x, y), "eval": splits}
+        return self._tensors
+
+    def _main(self, job: FitJob, previous: threading.Thread | None) -> None:
+        if previous is not None:
+            previous.join()
+        if job.cancel.is_set():
+            job.state = "stopped"
+            self._emit({"kind": "fit_done", "id": job.id, "step": 0, "stopped": True,
+                        "seconds": 0.0})
+            return
+        job.state = "running"
+        try:
+            self._run(job)
+        except Exception as err:  # noqa: BLE001 - user code (model_fn, the model) may raise
+            job.state = "error"
+            self._emit({"kind": "error", "id": job.id,
+                        "message": f"pattern fit: {type(err).__name__}: {err}"[:2000]})
+
+    def _run(self, job: FitJob) -> None:
+        spec, t0 = job.spec, time.perf_counter()
+        tensors = self._splits()
+        train = tensors["train_full"]
+        binary = spec.binary
+        fit = self.fit
+        if not (spec.resume and fit is not None and np.array_equal(fit.binary, binary)):
+            fit = fit_pattern(self.model_fn, train, binary, steps=0, lr=spec.lr, tau=spec.tau,
+                              cells_per_step=spec.cells_per_step, batch_size=spec.batch_size,
+                              seed=spec.seed, device=self.device, progress=False)
+            self.fit = fit
+        rows, cols = fit.shape
+        splits = list(tensors["eval"])
+        target = fit.step + spec.steps
+        self._emit({"kind": "fit_start", "id": job.id, "rows": rows, "cols": cols,
+                    "steps": target, "mask": fit.mask.reshape(-1).tolist(), "splits": splits})
+
+        def update(f: PatternFit) -> None:
+            self._emit(*self._update(job, f, target, t0))
+
+        if fit.step == 0:
+            update(fit)  # the plane before training: the picture to compare with
+        fit.train(train, spec.steps, progress=False, callback=update, every=spec.every,
+                  cancel=job.cancel)
+        stopped = fit.step < target
+        if stopped and (not fit.history or fit.step % spec.every):
+            update(fit)
+        job.state = "stopped" if stopped else "done"
+        self._emit({"kind": "fit_done", "id": job.id, "step": fit.step, "stopped": stopped,
+                    "seconds": time.perf_counter() - t0})
+
+    def _update(self, job: FitJob, fit: PatternFit, target: int, t0: float):
+        with torch.no_grad():
+            evals = {name: fit.evaluate(data) for name, data in self._splits()["eval"].items()}
+        scores = {name: fit.scores(ev) for name, ev in evals.items()}
+        last = fit.history[-1] if fit.history else {}
+        msg = {"kind": "fit_update", "id": job.id, "step": fit.step, "steps": target,
+               "rows": fit.shape[0], "cols": fit.shape[1], "scores": _finite(scores),
+               "last": _finite(last), "seconds": time.perf_counter() - t0,
+               "splits": list(evals), "mask": fit.mask.reshape(-1).tolist()}
+        test = evals.get("test", {})
+        bufs = [f32(evals["train"]["loss"]), f32(evals["train"]["accuracy"]),
+                f32(test.get("loss")), f32(test.get("accuracy"))]
+        return msg, bufs
+
+
+def _finite(d: dict) -> dict:
+    """JSON-safe copy: NaN and inf become ``None`` (JSON has no NaN)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out[k] = _finite(v)
+        elif isinstance(v, float) and not math.isfinite(v):
+            out[k] = None
+        else:
+            out[k] = v
+    return out
+
+
+def default_binary(rows: int = 8, cols: int = 8) -> list[list[int]]:
+    """An empty pattern of ``rows x cols`` cells (the editor's starting grid)."""
+    return [[0] * cols for _ in range(rows)]
+
+
+def check_pattern(pattern) -> np.ndarray:
+    """A pattern from Python or the ``pattern`` trait, checked; with a trainable mask."""
+    binary = np.asarray(_mask([list(map(int, r)) for r in pattern]) if isinstance(pattern, list)
+                        else pattern)
+    mask = ternary_mask(binary)
+    if not (mask == 1).any():
+        raise ValueError("the pattern has no good cell: draw some cells first (an empty or "
+                         "all-drawn pattern has nothing to fit).")
+    return binary
