@@ -44,6 +44,8 @@ ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 NOTEBOOK = "widget_test.ipynb"
 WAIT_MS = 120_000  # the longest any single wait may take
 TIMING_RUNS = 3
+SEED_BOX = ".lw-root .lw-controls input[type=number][min='0']"
+RES_BOX = ".lw-root .lw-controls input[type=number][min='2']"
 
 CELLS = [
     """\
@@ -245,7 +247,7 @@ def test_widget_in_jupyterlab(tmp_path):
                 t = state["timings"][state["job"]["id"]]
                 assert t["source"] == "controls", t
                 slider_ms = t["firstDraw"] - t["sent"]
-                assert page.locator(".lw-root .lw-controls input[type=number][min='2']").input_value() == "41"
+                assert page.locator(RES_BOX).input_value() == "41"
                 np.testing.assert_allclose(np.array(session.plot()["z"], dtype=np.float32),
                                            _kernel_surface(session), rtol=1e-6)
                 page.locator(".lw-root").screenshot(path=str(ARTIFACTS / "widget.png"))
@@ -254,7 +256,7 @@ def test_widget_in_jupyterlab(tmp_path):
                 # 3. Time from the compute request to the first tile on screen.
                 first_tile, first_draw = [], []
                 for seed in range(1, TIMING_RUNS + 1):
-                    session.set_input(".lw-root .lw-controls input[type=number][min='0']", seed, ("change",))
+                    session.set_input(SEED_BOX, seed, ("change",))
                     job_id = session.compute()
                     state = session.full_grid(41, job_id, f"the 41x41 grid of seed {seed}")
                     t = state["timings"][job_id]
@@ -269,8 +271,8 @@ def test_widget_in_jupyterlab(tmp_path):
                       f"{DEBOUNCE_S * 1000:.0f} ms debounce)")
 
                 # 4. A 201x201 computation, cancelled after its first tile.
-                session.set_input(".lw-root .lw-controls input[type=number][min='0']", 99, ("change",))
-                session.set_input(".lw-root .lw-controls input[type=number][min='2']", 201, ("change",))
+                session.set_input(SEED_BOX, 99, ("change",))
+                session.set_input(RES_BOX, 201, ("change",))
                 big = session.compute()
                 session.wait("""(id) => { const s = document.querySelector('.lw-root').landscape();
                                   return !!s.timings[id] && s.timings[id].firstDraw !== null; }""",

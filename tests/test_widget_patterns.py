@@ -12,7 +12,6 @@ import threading
 
 import numpy as np
 import pytest
-import torch
 from snapshots import assert_same_snapshot, snapshot
 from test_widget_protocol import FakeFrontEnd, Unprintable, _model_data
 

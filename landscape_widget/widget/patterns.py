@@ -59,6 +59,7 @@ class FitSpec:
 
     @property
     def binary(self) -> np.ndarray:
+        """The mask as a ``uint8`` array."""
         return np.array(self.mask, dtype=np.uint8)
 
 
@@ -75,7 +76,8 @@ def parse_fit_spec(raw) -> FitSpec:
         raise ProtocolError(f"fit spec must be an object, got {type(raw).__name__}.")
     unknown = sorted(str(k)[:40] for k in raw if k not in FIT_FIELDS)[:10]
     if unknown:
-        raise ProtocolError(f"fit spec has unknown fields {unknown}; allowed: {sorted(FIT_FIELDS)}.")
+        raise ProtocolError(f"fit spec has unknown fields {unknown}; "
+                            f"allowed: {sorted(FIT_FIELDS)}.")
     missing = sorted(set(FIT_FIELDS) - set(raw))
     if missing:
         raise ProtocolError(f"fit spec is missing fields {missing}.")
@@ -175,6 +177,7 @@ class PatternRunner:
 
     @property
     def busy(self) -> bool:
+        """Whether a fit thread is alive."""
         with self._lock:
             thread = self._thread
         return thread is not None and thread.is_alive()

@@ -28,8 +28,8 @@ from ..core.directions import interpolation_direction
 from ..core.params import check_module
 from ..core.surface import Curve, Surface
 from . import protocol
-from .protocol import ProtocolError, Spec, parse_message, parse_spec
 from .pattern_panel import PatternPanel
+from .protocol import ProtocolError, Spec, parse_message, parse_spec
 from .worker import Job, Worker, new_id, snapshot_messages
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
