@@ -8,7 +8,7 @@
 import Plotly from "./plotly.js";
 import { f32 } from "./grid.js";
 
-const SIZES = [4, 6, 8, 12, 16, 24, 32, 48, 64];
+const SIZES = [4, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64];
 const EDITOR_PX = 256;
 const VIEWS = [["train_loss", "train loss"], ["train_accuracy", "train accuracy"],
   ["test_loss", "test loss"], ["test_accuracy", "test accuracy"]];
@@ -147,6 +147,11 @@ export function patternPanel({ model, h, row, newId, isStatic }) {
     cols = p[0].length;
     cells = new Uint8Array(rows * cols);
     p.forEach((r, i) => r.forEach((v, j) => { cells[i * cols + j] = v ? 1 : 0; }));
+    if (rows !== cols || !SIZES.includes(rows)) {
+      // A pattern set from Python may be any size (or not square): list it as it is.
+      c.size.querySelectorAll("option.lw-custom").forEach((o) => o.remove());
+      c.size.append(h("option", { value: String(rows), class: "lw-custom" }, `${rows} × ${cols}`));
+    }
     c.size.value = String(rows);
     drawEditor();
   }
@@ -292,7 +297,7 @@ export function patternPanel({ model, h, row, newId, isStatic }) {
   function loadUpdate(msg, arrays) {
     fit = { ...(fit && fit.id === msg.id ? fit : {}), id: msg.id, rows: msg.rows, cols: msg.cols,
       mask: msg.mask, step: msg.step, steps: msg.steps, scores: msg.scores, last: msg.last,
-      splits: msg.splits, arrays, done: false };
+      splits: msg.splits, arrays, seconds: msg.seconds, done: false };
     updates += 1;
     plot.dataset.fitUpdates = String(updates);
     schedule();

@@ -51,6 +51,7 @@ class PatternFit:
         self._cursor = 0
         self.chunk: int | None = None
         self.last_evaluation: dict | None = None
+        self._default_data: tuple | None = None  # views of the last training data
         h, w = mask.shape
         ij = np.indices((h, w)).reshape(2, -1).T - np.array([h // 2, w // 2])
         self._good = ij[(mask == 1).reshape(-1)]
@@ -169,6 +170,7 @@ class PatternFit:
         dev = self.plane.w0.device
         x = x.to(dev, self.layout.dtype if torch.is_floating_point(x) else x.dtype)
         y = y.to(dev)
+        self._default_data = (x[:512], y[:512])
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -237,7 +239,8 @@ class PatternFit:
         """The ternary mask next to the plane's ``metric`` heatmap (rows as in the mask).
 
         Args:
-            data: Data to evaluate on; default the last :meth:`evaluate` result.
+            data: Data to evaluate on; default the last :meth:`evaluate` result, else the
+                first 512 samples of the training data.
             metric: ``"loss"`` or ``"accuracy"``.
             log: Colour the loss on a log2 scale (as the paper's figures).
         """
@@ -246,6 +249,8 @@ class PatternFit:
         if metric not in ("loss", "accuracy"):
             raise ValueError("metric must be 'loss' or 'accuracy'.")
         ev = self.evaluate(data) if data is not None else self.last_evaluation
+        if ev is None and self._default_data is not None:
+            ev = self.evaluate(self._default_data)
         if ev is None:
             raise ValueError("nothing evaluated yet: pass data, e.g. fit.to_plotly(test_data).")
         return pattern_figure(self.mask, ev[metric], metric, log and metric == "loss",
