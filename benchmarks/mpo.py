@@ -84,9 +84,9 @@ def main(argv=None) -> int:
               f"{1e3 * best[False]:.1f} ms/step -> {speedup:.1f}x", flush=True)
     mlp = [r for r in rows if "MLP" in r["workload"]]
     ok = all(r["speedup"] >= 3 for r in mlp)
+    ratios = ", ".join(f"{r['speedup']:.1f}x" for r in mlp)
     print(f"goal >= 3x for the digits MLP on {device.type}: {'met' if ok else 'NOT met'} "
-          f"({', '.join('%.1fx' % r['speedup'] for r in mlp)}); torch {torch.__version__}, "
-          f"{THREADS} threads")
+          f"({ratios}); torch {torch.__version__}, {THREADS} threads")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"device": str(device), "rows": rows}, indent=1))

@@ -1,7 +1,8 @@
 """Render docs/pattern.png: the widget's pattern editor after a fit, in headless Chromium.
 
 The widget's static HTML export (``w.to_html``) is opened with playwright in Debian's
-chromium and the pattern panel is screenshotted. Run: ``.venv/bin/python docs/make_pattern_image.py``.
+chromium and the pattern panel is screenshotted.
+Run: ``.venv/bin/python docs/make_pattern_image.py``.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ import landscape_widget as lw
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
-from browser_utils import CHROMIUM_ARGS, CHROMIUM  # noqa: E402
+from browser_utils import CHROMIUM, CHROMIUM_ARGS  # noqa: E402
 
 
 def main() -> None:
+    """Fit the letter A on the digits MLP and screenshot the panel."""
     torch.manual_seed(0)
     train, test = lw.datasets.digits("train"), lw.datasets.digits("test")
     model, _ = lw.demo.trained_mlp(seed=0)

@@ -179,6 +179,20 @@ def test_save_load_round_trip_and_resume(tmp_path):
         lw.PatternFit.load(tmp_path / "plane.pt", model_fn=lambda: nn.Linear(3, 2))
 
 
+def test_strategies_take_the_same_steps():
+    x, y = mlp_data()
+    fits = {s: lw.fit_pattern(fresh(mlp), (x, y), lw.checkerboard(4), steps=4, seed=5,
+                              batch_size=16, progress=False, strategy=s)
+            for s in ("vmap", "loop", "auto")}
+    assert fits["vmap"].batched is True and fits["loop"].batched is False
+    assert fits["auto"].batched in (True, False) and set(fits["auto"]._trial) == {True, False}
+    for s in ("loop", "auto"):
+        for a, b in zip(fits["vmap"].weights.values(), fits[s].weights.values(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="strategy"):
+        lw.fit_pattern(fresh(mlp), (x, y), lw.checkerboard(4), steps=1, strategy="gpu")
+
+
 def test_to_plotly(digits_fit):
     fit, _, test = digits_fit
     fig = fit.to_plotly(test)

@@ -75,6 +75,7 @@ def fit_pattern(
     callback: Callable[[PatternFit], None] | None = None,
     every: int = 10,
     cancel: threading.Event | None = None,
+    strategy: str = "vmap",
 ) -> PatternFit:
     """Fit the pattern ``binary`` into the loss landscape of a plane of networks.
 
@@ -104,6 +105,8 @@ def fit_pattern(
         every: Steps between callbacks.
         cancel: A ``threading.Event``; once set, training stops after the current step
             (``fit.train(data, ...)`` resumes it).
+        strategy: ``"vmap"`` (all sampled cells in one batched pass), ``"loop"`` (cell by
+            cell, the same maths) or ``"auto"`` (time one step of each, keep the faster).
 
     Returns:
         A :class:`PatternFit`.
@@ -145,5 +148,8 @@ def fit_pattern(
     x, y = as_tensors(data)
     if x.shape[0] < 1:
         raise ValueError("data is empty.")
-    fit.train((x, y), steps, progress=progress, callback=callback, every=every, cancel=cancel)
+    if strategy not in ("vmap", "loop", "auto"):
+        raise ValueError(f"strategy={strategy!r}: choose 'vmap', 'loop' or 'auto'.")
+    fit.train((x, y), steps, progress=progress, callback=callback, every=every, cancel=cancel,
+              strategy=strategy)
     return fit

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pickle
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -50,6 +51,8 @@ class PatternFit:
         self._order: Tensor | None = None
         self._cursor = 0
         self.chunk: int | None = None
+        self.batched: bool | None = True  # vmap over cells; None while "auto" is timing
+        self._trial: dict[bool, float] = {}
         self.last_evaluation: dict | None = None
         self._default_data: tuple | None = None  # views of the last training data
         h, w = mask.shape
@@ -162,10 +165,22 @@ class PatternFit:
 
     def train(self, data, steps: int, *, progress: bool = True,
               callback: Callable[[PatternFit], None] | None = None, every: int = 10,
-              cancel: threading.Event | None = None) -> PatternFit:
-        """Take ``steps`` more steps on ``data`` (resumes the optimizer and the samplers)."""
+              cancel: threading.Event | None = None, strategy: str = "vmap") -> PatternFit:
+        """Take ``steps`` more steps on ``data`` (resumes the optimizer and the samplers).
+
+        ``strategy``: ``"vmap"`` evaluates all sampled cells in one batched pass;
+        ``"loop"`` one cell at a time (same maths); ``"auto"`` times one step of each and
+        keeps the faster (a convnet on a CPU can be faster looped: ``vmap`` turns its
+        convolutions into grouped ones). See :func:`fit_pattern` for the other arguments.
+        """
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ValueError(f"steps must be an int >= 0, got {steps!r}.")
+        if strategy not in ("vmap", "loop", "auto"):
+            raise ValueError(f"strategy={strategy!r}: choose 'vmap', 'loop' or 'auto'.")
+        if strategy == "auto":
+            self.batched, self._trial = None, {}
+        else:
+            self.batched = strategy == "vmap"
         x, y = as_tensors(data)
         dev = self.plane.w0.device
         x = x.to(dev, self.layout.dtype if torch.is_floating_point(x) else x.dtype)
@@ -181,7 +196,15 @@ class PatternFit:
                 if cancel is not None and cancel.is_set():
                     break
                 idx = self._minibatch(x.shape[0]).to(dev)
-                entry = self.step_once(x[idx], y[idx])
+                if self.batched is None:  # "auto": two real steps, one per path, are timed
+                    batched = True not in self._trial
+                    t = time.perf_counter()
+                    entry = self.step_once(x[idx], y[idx], batched=batched)
+                    self._trial[batched] = time.perf_counter() - t
+                    if len(self._trial) == 2:
+                        self.batched = self._trial[True] <= self._trial[False]
+                else:
+                    entry = self.step_once(x[idx], y[idx], batched=self.batched)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(good=f"{entry['good_ce']:.3f}", bad=f"{entry['bad_ce']:.3f}",
