@@ -8,6 +8,7 @@ Example::
 """
 
 from . import datasets, demo
+from .core.curvature import CurvatureMap, curvature_map
 from .core.directions import (
     interpolation_direction,
     normalize_direction,
@@ -16,8 +17,10 @@ from .core.directions import (
 )
 from .core.evaluate import Evaluator
 from .core.grid import MAX_AXIS_POINTS, MAX_GRID_POINTS
+from .core.hessian import TraceEstimate, hessian_density, hessian_eigenpairs, hessian_trace
 from .core.landscape import TileStream, compute_curve, compute_surface, iter_tiles
 from .core.surface import Curve, Surface
+from .core.trajectory import PCADirections, Trajectory
 from .experiments import (
     PatternFit,
     checkerboard,
@@ -50,6 +53,15 @@ __all__ = [
     # results
     "Surface",
     "Curve",
+    # training paths and curvature (Li et al. 2018)
+    "Trajectory",
+    "PCADirections",
+    "hessian_eigenpairs",
+    "hessian_trace",
+    "hessian_density",
+    "TraceEstimate",
+    "curvature_map",
+    "CurvatureMap",
     # loss patterns: multi-point optimisation (Skorokhodov & Burtsev 2019)
     "ternary_mask",
     "fit_pattern",

@@ -154,8 +154,8 @@ def compute_surface(
     data,
     *,
     directions: Sequence[Params] | None = None,
-    x=(-1, 1, 51),
-    y=(-1, 1, 51),
+    x="auto",
+    y="auto",
     loss_fn: LossFn | None = None,
     metrics: Sequence[str] = METRICS,
     bn: str = "eval",
@@ -172,8 +172,10 @@ def compute_surface(
         data: ``(inputs, targets)`` tensors, a ``Dataset`` or a ``DataLoader``.
         directions: ``(d1, d2)``; by default two filter-normalised random directions (bias
             and BatchNorm entries zero) drawn from ``seed``.
-        x: ``(start, stop, num)`` for ``a``, as in ``numpy.linspace``.
-        y: ``(start, stop, num)`` for ``b``.
+        x: ``(start, stop, num)`` for ``a``, as in ``numpy.linspace``. ``"auto"``:
+            ``(-1, 1, 51)``, or for PCA directions of a trajectory
+            (:meth:`~landscape_widget.Trajectory.pca_directions`) a range covering the path.
+        y: ``(start, stop, num)`` for ``b`` (``"auto"`` likewise).
         loss_fn: Mean loss of a batch, ``loss_fn(outputs, targets)``; cross-entropy by default.
         metrics: Any of ``"loss"``, ``"accuracy"``.
         bn: ``"eval"`` or ``"batch"``.
@@ -199,9 +201,18 @@ def compute_surface(
     """
     if y is None:
         raise ValueError("compute_surface needs a y range; use compute_curve for 1D.")
+    covering = getattr(directions, "covering_range", None)
+    if isinstance(x, str) and x == "auto":
+        x = covering(0) if covering else (-1, 1, 51)
+    if isinstance(y, str) and y == "auto":
+        y = covering(1) if covering else (-1, 1, 51)
     stream = iter_tiles(model, data, directions=directions, x=x, y=y, loss_fn=loss_fn,
                         metrics=metrics, bn=bn, device=device, seed=seed, reuse=reuse, **options)
-    return _run(stream, progress, "surface")
+    surface = _run(stream, progress, "surface")
+    labels = getattr(directions, "axis_labels", None)
+    if labels:
+        surface.spec["axis_labels"] = list(labels[:2])
+    return surface
 
 
 def compute_curve(

@@ -185,14 +185,20 @@ class Surface:
         metric: str = "loss",
         log: bool = False,
         title: str | None = None,
+        path=None,
     ):
         """A plotly figure: ``"contour"``, ``"heatmap"`` or ``"surface"`` (3D).
+
+        Axis titles are the directions' labels when known (``"1st PC: 91.2 %"`` for PCA
+        directions), else α and β.
 
         Args:
             kind: The view.
             metric: ``"loss"`` or ``"accuracy"``.
             log: Colour (and height) on a log10 scale.
             title: Figure title.
+            path: ``(n, 2)`` coordinates to draw over the plot, e.g. a training path from
+                :meth:`~landscape_widget.Trajectory.project` (start marked, end at θ).
         """
         import plotly.graph_objects as go
 
@@ -214,10 +220,24 @@ class Surface:
             trace = go.Surface(**common)
         fig = go.Figure(trace)
         fig.update_layout(title=title or f"{_metric_label(metric)} surface", width=640, height=560)
+        xlabel, ylabel = (self.spec.get("axis_labels") or ["α", "β"])[:2]
         if kind == "surface":
-            fig.update_layout(scene={"xaxis_title": "α", "yaxis_title": "β", "zaxis_title": label})
+            fig.update_layout(scene={"xaxis_title": xlabel, "yaxis_title": ylabel,
+                                     "zaxis_title": label})
         else:
-            fig.update_layout(xaxis_title="α", yaxis_title="β")
+            fig.update_layout(xaxis_title=xlabel, yaxis_title=ylabel)
+            if path is not None:
+                xy = np.asarray(path, dtype=float)
+                if xy.ndim != 2 or xy.shape[1] < 2:
+                    raise ValueError(f"path must be an (n, 2) array, got shape {xy.shape}.")
+                fig.add_trace(go.Scatter(x=xy[:, 0], y=xy[:, 1], mode="lines+markers",
+                                         name="path", line={"color": "white", "width": 2},
+                                         marker={"size": 5, "color": "white",
+                                                 "line": {"color": "black", "width": 1}},
+                                         hovertemplate="checkpoint %{pointNumber}<extra></extra>"))
+                fig.add_trace(go.Scatter(x=xy[:1, 0], y=xy[:1, 1], mode="markers", name="start",
+                                         marker={"symbol": "circle-open", "size": 11,
+                                                 "color": "orange", "line": {"width": 3}}))
             fig.add_trace(go.Scatter(x=[0], y=[0], mode="markers", name="θ",
                                      marker={"symbol": "x", "color": "red", "size": 9},
                                      hovertemplate="θ (the model)<extra></extra>"))
