@@ -151,12 +151,16 @@ def test_cancel_from_the_front_end_stops_within_one_tile(worker_factory):
             if msg["done"] >= 3 * 4:
                 tiles_at_cancel.append(len(rec.of("big", "tile")))
                 cancelled.set()
+                # Hold the worker until the main thread has cancelled, so a loaded machine
+                # (a slow main thread) cannot let it run tiles ahead.
+                resumed.wait(60)
 
-    cancelled = threading.Event()
+    cancelled, resumed = threading.Event(), threading.Event()
     worker, rec = worker_factory(hook=hook, tile_points=4)
     worker.submit("big", Spec(resolution=41))
     assert cancelled.wait(60)
-    worker.cancel()  # from the main thread, while the worker computes the next tile
+    worker.cancel()  # from the main thread, while the worker is between two tiles
+    resumed.set()
     assert worker.wait(60)
     tiles = len(rec.of("big", "tile"))
     assert tiles - tiles_at_cancel[0] <= 1
