@@ -82,7 +82,9 @@ def assemble(rec: Recorder, job_id: str):
         assert idx.size == msg["n"]
         seen[idx] += 1
         loss[idx] = decode_buffer(lo)
-        acc[idx] = decode_buffer(ac)
+        a = decode_buffer(ac)
+        if a.size:  # empty when accuracy is not computed
+            acc[idx] = a
     x = decode_buffer(bufs[0])
     return seen.reshape(shape), loss.reshape(shape), acc.reshape(shape), x
 

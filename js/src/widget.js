@@ -14,7 +14,8 @@ import "./widget.css";
 const DEBOUNCE_MS = 250;
 const MAX_RES = { "2d": 201, "1d": 1025 };
 const COMPUTE_KEYS = ["mode", "direction", "norm", "ignore_biasbn", "x_range", "y_range",
-  "resolution", "seed", "bn"];
+  "resolution", "seed", "bn", "quantity"];
+const MAX_CURVATURE = 31; // a curvature map costs two Lanczos runs per point
 const TIMINGS_KEPT = 50;
 const VIEWS = {
   "2d": [["contour", "contour"], ["heatmap", "heatmap"], ["surface", "3D surface"]],
@@ -68,12 +69,14 @@ function controls() {
     view: h("select", { title: "View" }),
     seed: h("input", { type: "number", min: 0, step: 1 }),
     bn: h("select", { title: "BatchNorm statistics" }),
+    quantity: h("select", { title: "What to compute: the loss, or the Hessian's eigenvalue ratio |λmin/λmax| (slow: two Lanczos runs per point)" }),
     compute: h("button", { class: "lw-compute", title: "Compute now" }, "Compute"),
     cancel: h("button", { class: "lw-cancel", title: "Stop the running computation" }, "Cancel"),
   };
   options(c.mode, [["2d", "2D surface"], ["1d", "1D curve"]]);
   options(c.metric, [["loss", "loss"], ["accuracy", "accuracy"]]);
   options(c.bn, [["eval", "BN: running stats"], ["batch", "BN: batch stats"]]);
+  options(c.quantity, [["loss", "loss & accuracy"], ["curvature", "curvature |λmin/λmax|"]]);
   return c;
 }
 
@@ -85,6 +88,7 @@ function render({ model, el }) {
   const c = controls();
   const yRow = row("β range", c.y0, c.y1);
   const panel = h("div", { class: "lw-controls" },
+    row("compute", c.quantity),
     row("direction", c.direction),
     row("ignore bias+BN", c.ignore_biasbn),
     row("mode", c.mode),
@@ -108,7 +112,7 @@ function render({ model, el }) {
   if (model.get("_static")) {
     // A static HTML export: no kernel to compute; only the display controls stay live.
     for (const k of ["direction", "ignore_biasbn", "mode", "x0", "x1", "y0", "y1", "resolution",
-      "resolutionBox", "seed", "bn", "compute", "cancel"]) c[k].disabled = true;
+      "resolutionBox", "seed", "bn", "compute", "cancel", "quantity"]) c[k].disabled = true;
   }
 
   // Read-only hook for tests and for debugging in the browser console:
@@ -178,7 +182,11 @@ function render({ model, el }) {
       if (document.activeElement !== input) input.value = v;
     }
     yRow.style.display = mode === "2d" ? "" : "none";
-    c.resolution.max = MAX_RES[mode] || 201;
+    const curvature = get("quantity") === "curvature";
+    c.quantity.value = get("quantity") || "loss";
+    c.mode.disabled = curvature || !!model.get("_static");
+    c.metric.disabled = curvature;
+    c.resolution.max = curvature ? MAX_CURVATURE : MAX_RES[mode] || 201;
     c.resolutionBox.max = c.resolution.max;
     c.resolution.value = get("resolution");
     if (document.activeElement !== c.resolutionBox) c.resolutionBox.value = get("resolution");
@@ -212,7 +220,16 @@ function render({ model, el }) {
     on(input, "change", () => setTrait({ y_range: [num(c.y0), num(c.y1)] }));
   }
   // Out-of-range numbers are clamped here rather than refused by the kernel.
-  const clampRes = (n) => (Number.isFinite(n) ? Math.min(Math.max(n, 2), MAX_RES[get("mode")] || 201) : n);
+  const maxRes = () => (get("quantity") === "curvature" ? MAX_CURVATURE : MAX_RES[get("mode")] || 201);
+  const clampRes = (n) => (Number.isFinite(n) ? Math.min(Math.max(n, 2), maxRes()) : n);
+  on(c.quantity, "change", () => {
+    const quantity = c.quantity.value;
+    if (quantity === "curvature") {
+      setTrait({ quantity, mode: "2d", resolution: Math.min(get("resolution"), 11), view: "heatmap" });
+    } else {
+      setTrait({ quantity });
+    }
+  });
   on(c.resolution, "input", () => setTrait({ resolution: clampRes(int(c.resolution)) }));
   on(c.resolutionBox, "change", () => setTrait({ resolution: clampRes(int(c.resolutionBox)) }));
   on(c.metric, "change", () => setTrait({ metric: c.metric.value }));
@@ -252,7 +269,7 @@ function render({ model, el }) {
   });
 
   const traitNames = ["mode", "direction", "norm", "ignore_biasbn", "x_range", "y_range",
-    "resolution", "seed", "bn", "metric", "log_scale", "view", "direction_types"];
+    "resolution", "seed", "bn", "quantity", "metric", "log_scale", "view", "direction_types"];
   const onTraits = () => {
     syncControls();
     schedule();
@@ -277,6 +294,7 @@ function render({ model, el }) {
       x: f32(buffers[0]), y: msg.shape.length === 2 ? f32(buffers[1]) : null,
       loss, acc: Float32Array.from(loss), known: new Uint8Array(size),
       complete: false, ended: false, tiles: 0,
+      path: msg.path || null, labels: msg.labels || null, label: msg.label || null,
     };
   }
 
@@ -288,6 +306,7 @@ function render({ model, el }) {
       loss: r.loss ? f32(r.loss) : new Float32Array(size).fill(NaN),
       acc: r.accuracy ? f32(r.accuracy) : new Float32Array(size).fill(NaN),
       known: new Uint8Array(size).fill(1), complete: !!r.complete, ended: true, tiles: 1,
+      path: r.path || null, labels: r.labels || null, label: r.label || null,
     };
     if (!loaded.complete) {
       // A cancelled result: NaN marks points never computed, which the display fills in.
@@ -394,13 +413,14 @@ function render({ model, el }) {
     const raw = metric === "accuracy" ? job.acc : job.loss;
     const log = !!get("log_scale");
     const values = job.complete ? raw : fillCoarse(raw, job.known, job.shape);
-    const label = metric;
+    const label = job.label || metric;
+    const [xTitle, yTitle] = job.labels || ["α", "β"];
     if (job.shape.length === 1) {
       return {
         data: [{ type: "scatter", mode: "lines+markers", marker: { size: 3 }, name: label,
           x: Array.from(job.x), y: Array.from(values),
           hovertemplate: `α=%{x:.4g}<br>${label}=%{y:.5g}<extra></extra>` }],
-        layout: { xaxis: { title: { text: "α" } },
+        layout: { xaxis: { title: { text: xTitle } },
           yaxis: { title: { text: label }, type: log ? "log" : "linear" } },
       };
     }
@@ -408,14 +428,16 @@ function render({ model, el }) {
     const z = rows(log ? log10(values) : values, ny, nx);
     const title = (log ? "log10 " : "") + label;
     const view = get("view");
+    const curvature = !!job.label;
     const trace = { x: Array.from(job.x), y: Array.from(job.y), z, colorscale: "Viridis",
       colorbar: { title: { text: title } },
+      ...(curvature && !log ? { zmin: 0, zmax: 0.5 } : {}),
       hovertemplate: `α=%{x:.4g}<br>β=%{y:.4g}<br>${title}=%{z:.5g}<extra></extra>` };
     if (view === "surface") {
       return {
         data: [{ ...trace, type: "surface" }],
-        layout: { scene: { uirevision: UIREVISION, xaxis: { title: { text: "α" } },
-          yaxis: { title: { text: "β" } }, zaxis: { title: { text: title } } } },
+        layout: { scene: { uirevision: UIREVISION, xaxis: { title: { text: xTitle } },
+          yaxis: { title: { text: yTitle } }, zaxis: { title: { text: title } } } },
       };
     }
     const main = view === "heatmap"
@@ -423,9 +445,16 @@ function render({ model, el }) {
       : { ...trace, type: "contour", contours: { coloring: "heatmap" }, connectgaps: false };
     const marker = { type: "scatter", x: [0], y: [0], mode: "markers", name: "θ", showlegend: false,
       marker: { symbol: "x", color: "red", size: 9 }, hovertemplate: "θ (the model)<extra></extra>" };
+    const extra = [];
+    if (job.path && job.path.length && job.path[0].length >= 2) {
+      extra.push({ type: "scatter", mode: "lines+markers", name: "training path", showlegend: false,
+        x: job.path.map((p) => p[0]), y: job.path.map((p) => p[1]),
+        line: { color: "white", width: 2 }, marker: { size: 5, color: "white", line: { color: "black", width: 1 } },
+        hovertemplate: "checkpoint %{pointNumber}<extra>path</extra>" });
+    }
     return {
-      data: [main, marker],
-      layout: { xaxis: { title: { text: "α" } }, yaxis: { title: { text: "β" } } },
+      data: [main, ...extra, marker],
+      layout: { xaxis: { title: { text: xTitle } }, yaxis: { title: { text: yTitle } } },
     };
   }
 

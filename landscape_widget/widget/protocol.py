@@ -44,7 +44,10 @@ MAX_1D = 1025
 MAX_ID_LENGTH = 64
 MAX_RANGE = 1e6
 
-DIRECTION_TYPES = ("random", "interpolation")
+DIRECTION_TYPES = ("random", "interpolation", "pca", "hessian")
+QUANTITIES = ("loss", "curvature")
+MAX_CURVATURE = 31
+"""Largest resolution per axis of a curvature map (every point costs two Lanczos runs)."""
 NORMS = ("filter", "layer", "weight", "none")
 MODES = ("1d", "2d")
 BN = ("eval", "batch")
@@ -60,6 +63,7 @@ SPEC_FIELDS = {
     "resolution": int,
     "seed": int,
     "bn": str,
+    "quantity": str,
 }
 
 
@@ -94,6 +98,7 @@ class Spec:
     resolution: int = 31
     seed: int = 0
     bn: str = "eval"
+    quantity: str = "loss"
 
     def to_dict(self) -> dict:
         """JSON-ready form."""
@@ -171,9 +176,14 @@ def parse_spec(raw, *, directions: tuple[str, ...] = DIRECTION_TYPES) -> Spec:
             ok = isinstance(v, (list, tuple))
         if not ok:
             raise ProtocolError(f"spec.{key} must be of type {typ.__name__}, got {short(v)}.")
-    for key, allowed in (("mode", MODES), ("direction", directions), ("norm", NORMS), ("bn", BN)):
+    for key, allowed in (("mode", MODES), ("direction", directions), ("norm", NORMS), ("bn", BN),
+                         ("quantity", QUANTITIES)):
         if raw[key] not in allowed:
             raise ProtocolError(f"spec.{key}={short(raw[key])} is not one of {list(allowed)}.")
+    if raw["quantity"] == "curvature" and (raw["mode"] != "2d"
+                                           or raw["resolution"] > MAX_CURVATURE):
+        raise ProtocolError(f"a curvature map is 2D with resolution <= {MAX_CURVATURE}; got "
+                            f"mode={raw['mode']}, resolution={short(raw['resolution'])}.")
     cap = MAX_2D if raw["mode"] == "2d" else MAX_1D
     if not 2 <= raw["resolution"] <= cap:
         raise ProtocolError(
@@ -191,6 +201,7 @@ def parse_spec(raw, *, directions: tuple[str, ...] = DIRECTION_TYPES) -> Spec:
         resolution=raw["resolution"],
         seed=raw["seed"],
         bn=raw["bn"],
+        quantity=raw["quantity"],
     )
 
 

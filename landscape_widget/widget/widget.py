@@ -13,11 +13,7 @@ in the ``direction_types`` trait (the front end's select lists these), the name 
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import gzip
-import html
-import json
 import threading
 from pathlib import Path
 
@@ -28,15 +24,15 @@ from ..core.directions import interpolation_direction
 from ..core.params import check_module
 from ..core.surface import Curve, Surface
 from . import protocol
+from .export import static_page
 from .pattern_panel import PatternPanel
 from .protocol import ProtocolError, Spec, parse_message, parse_spec
 from .worker import Job, Worker, new_id, snapshot_messages
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
 DEBOUNCE_S = 0.2
-FIT_ARRAYS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy")
 COMPUTE_TRAITS = ("mode", "direction", "norm", "ignore_biasbn", "x_range", "y_range",
-                  "resolution", "seed", "bn")
+                  "resolution", "seed", "bn", "quantity")
 DISPLAY_TRAITS = ("metric", "log_scale", "view")
 _CONSTRUCTOR_TRAITS = COMPUTE_TRAITS + DISPLAY_TRAITS + ("layout", "pattern", "show_pattern")
 
@@ -47,6 +43,8 @@ RANDOM_TYPES = (
 )
 INTERPOLATION_TYPE = {"label": "interpolation to model_b", "direction": "interpolation",
                       "norm": "filter"}
+PCA_TYPE = {"label": "PCA of trajectory", "direction": "pca", "norm": "none"}
+HESSIAN_TYPE = {"label": "Hessian top-2 eigenvectors", "direction": "hessian", "norm": "none"}
 
 
 def encode_result(job: Job, result: Surface | Curve, complete: bool, device: str) -> dict:
@@ -66,6 +64,11 @@ def encode_result(job: Job, result: Surface | Curve, complete: bool, device: str
         "accuracy": raw(result.accuracy),
         "complete": bool(complete),
         "device": device,
+        # Axis labels and the training path (PCA directions), the colour-bar label
+        # (curvature maps): what a re-render needs besides the arrays.
+        "labels": result.spec.get("labels"),
+        "path": result.spec.get("path"),
+        "label": result.spec.get("label"),
     }
 
 
@@ -76,6 +79,8 @@ class LandscapeWidget(PatternPanel, anywidget.AnyWidget):
         model: The model (never modified).
         data: ``(inputs, targets)`` tensors, a ``Dataset`` or a ``DataLoader``.
         model_b: A second model of the same architecture; offers interpolation directions.
+        trajectory: A :class:`~landscape_widget.Trajectory` of the training run; offers
+            "PCA of trajectory" directions, with the path drawn on the plot.
         model_fn: For the pattern editor: builds a fresh network (three calls give the
             plane's w0, w1, w2). By default re-initialised copies of ``model``.
         test_data: For the pattern editor's test heatmaps (optional).
@@ -84,6 +89,7 @@ class LandscapeWidget(PatternPanel, anywidget.AnyWidget):
         autostart: Start computing the default grid at once.
         **traits: Initial control values (``mode``, ``direction``, ``norm``,
             ``ignore_biasbn``, ``x_range``, ``y_range``, ``resolution``, ``seed``, ``bn``,
+            ``quantity`` (``"loss"`` or ``"curvature"``: the Hessian's ``|λmin/λmax|`` map),
             ``metric``, ``log_scale``, ``view``) or ``layout``.
 
     Raises:
@@ -113,6 +119,7 @@ class LandscapeWidget(PatternPanel, anywidget.AnyWidget):
     resolution = t.Int(31).tag(sync=True)
     seed = t.Int(0).tag(sync=True)
     bn = t.Unicode("eval").tag(sync=True)
+    quantity = t.Unicode("loss").tag(sync=True)
     metric = t.Unicode("loss").tag(sync=True)
     log_scale = t.Bool(False).tag(sync=True)
     view = t.Unicode("contour").tag(sync=True)
@@ -120,8 +127,8 @@ class LandscapeWidget(PatternPanel, anywidget.AnyWidget):
     status = t.Dict().tag(sync=True)
     result = t.Dict(allow_none=True, default_value=None).tag(sync=True)
 
-    def __init__(self, model, data, *, model_b=None, model_fn=None, test_data=None,
-                 loss_fn=None, device=None, autostart: bool = True, **traits):
+    def __init__(self, model, data, *, model_b=None, trajectory=None, model_fn=None,
+                 test_data=None, loss_fn=None, device=None, autostart: bool = True, **traits):
         unknown = sorted(set(traits) - set(_CONSTRUCTOR_TRAITS))
         if unknown:
             raise TypeError(
@@ -133,7 +140,10 @@ class LandscapeWidget(PatternPanel, anywidget.AnyWidget):
             interpolation_direction(model, model_b)  # same architecture, else a clear error
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError("loss_fn must be callable as loss_fn(outputs, targets).")
+        if trajectory is not None and not hasattr(trajectory, "pca_directions"):
+            raise TypeError("trajectory must be a landscape_widget.Trajectory.")
         types = list(RANDOM_TYPES) + ([INTERPOLATION_TYPE] if model_b is not None else [])
+        types += ([PCA_TYPE] if trajectory is not None else []) + [HESSIAN_TYPE]
         super().__init__(direction_types=[dict(d) for d in types], **traits)
         self._direction_names = tuple(dict.fromkeys(d["direction"] for d in types))
         try:
@@ -145,6 +155,7 @@ class LandscapeWidget(PatternPanel, anywidget.AnyWidget):
         self._timer: threading.Timer | None = None
         self._quiet = 0
         self._worker = Worker(model, data, send=self._send_message, model_b=model_b,
+                              trajectory=trajectory,
                               loss_fn=loss_fn, device=device, on_status=self._on_status,
                               on_result=self._on_result)
         self._init_patterns(model, data, model_fn=model_fn, test_data=test_data, device=device)
@@ -262,29 +273,7 @@ class LandscapeWidget(PatternPanel, anywidget.AnyWidget):
         Returns:
             The HTML text.
         """
-        state = {k: getattr(self, k) for k in COMPUTE_TRAITS + DISPLAY_TRAITS}
-        state["direction_types"] = self.direction_types
-        state["status"] = self.status
-        state["_static"] = True  # the page has no kernel: the front end hides compute controls
-        result = dict(self.result) if self.result else None
-        if result:
-            for k in ("x", "y", "loss", "accuracy"):
-                if result.get(k) is not None:
-                    result[k] = base64.b64encode(result[k]).decode()
-        state["result"] = result
-        state["pattern"], state["show_pattern"] = self.pattern, self.show_pattern
-        state["fit_status"] = self.fit_status
-        fitted = dict(self.pattern_result) if self.pattern_result else None
-        if fitted:
-            for k in FIT_ARRAYS:
-                if fitted.get(k) is not None:
-                    fitted[k] = base64.b64encode(fitted[k]).decode()
-        state["pattern_result"] = fitted
-        esm = gzip.compress((STATIC / "widget.js").read_bytes(), mtime=0)
-        page = (_TEMPLATE.replace("%TITLE%", html.escape(title))
-                .replace("%CSS%", (STATIC / "widget.css").read_text().replace("</", "<\\/"))
-                .replace("%STATE%", json.dumps(state).replace("</", "<\\/"))
-                .replace("%ESM%", base64.b64encode(esm).decode()))
+        page = static_page(self, COMPUTE_TRAITS + DISPLAY_TRAITS, title)
         if path is not None:
             Path(path).write_text(page, encoding="utf-8")
         return page
@@ -376,35 +365,3 @@ class LandscapeWidget(PatternPanel, anywidget.AnyWidget):
 
     def _on_result(self, job: Job, result: Surface | Curve, complete: bool) -> None:
         self.result = encode_result(job, result, complete, str(result.spec.get("device", "")))
-
-
-_TEMPLATE = """<!DOCTYPE html>
-<html><head><meta charset="utf-8"><title>%TITLE%</title>
-<style>body{margin:16px;font-family:system-ui,sans-serif}%CSS%</style></head>
-<body><div id="lw-root"></div>
-<script type="application/json" id="lw-state">%STATE%</script>
-<script type="module">
-const state = JSON.parse(document.getElementById("lw-state").textContent);
-const bytes = (b64) => Uint8Array.from(atob(b64), (ch) => ch.charCodeAt(0));
-for (const [key, names] of [["result", ["x", "y", "loss", "accuracy"]],
-  ["pattern_result", ["train_loss", "train_accuracy", "test_loss", "test_accuracy"]]]) {
-  const r = state[key];
-  if (!r) continue;
-  for (const k of names) if (r[k] != null) r[k] = new DataView(bytes(r[k]).buffer);
-}
-const listeners = {};
-const model = {
-  get: (k) => state[k],
-  set: (k, v) => { state[k] = v; for (const f of listeners["change:" + k] || []) f(); },
-  save_changes() {},
-  send() {},
-  on(ev, f) { (listeners[ev] = listeners[ev] || []).push(f); },
-  off(ev, f) { listeners[ev] = (listeners[ev] || []).filter((g) => g !== f); },
-};
-const gz = new Blob([bytes("%ESM%")]).stream().pipeThrough(new DecompressionStream("gzip"));
-const src = await new Response(gz).text();
-const url = URL.createObjectURL(new Blob([src], { type: "text/javascript" }));
-const widget = (await import(url)).default;
-widget.render({ model, el: document.getElementById("lw-root") });
-</script></body></html>
-"""

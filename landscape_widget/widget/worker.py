@@ -27,9 +27,10 @@ import numpy as np
 
 from ..core.compute import fingerprint
 from ..core.directions import interpolation_direction, random_directions
+from ..core.hessian import Cancelled
 from ..core.landscape import TileStream, iter_tiles
 from ..core.surface import Curve, Surface
-from . import protocol
+from . import extra_jobs, protocol
 from .protocol import Spec, f32, i32
 
 Send = Callable[[dict, list], None]
@@ -63,6 +64,7 @@ class Worker:
         data: ``(inputs, targets)``, a ``Dataset`` or a ``DataLoader``.
         send: ``send(message, buffers)``, called from the worker thread.
         model_b: Second model, the end point of ``"interpolation"`` directions.
+        trajectory: A :class:`~landscape_widget.Trajectory` for ``"pca"`` directions.
         loss_fn: ``loss_fn(outputs, targets)``; cross-entropy by default.
         device: Where to compute (the model's device by default).
         on_status: Called with a status dict (state, device, done, total, points_per_s,
@@ -73,11 +75,13 @@ class Worker:
         evaluator_options: Passed to ``iter_tiles`` (``strategy``, ``memory_budget``...).
     """
 
-    def __init__(self, model, data, *, send: Send, model_b=None, loss_fn=None, device=None,
+    def __init__(self, model, data, *, send: Send, model_b=None, trajectory=None, loss_fn=None,
+                 device=None,
                  on_status: Callable[[dict], None] | None = None,
                  on_result: Callable[[Job, Surface | Curve, bool], None] | None = None,
                  tile_points: int | None = None, evaluator_options: dict | None = None):
         self.model, self.data, self.model_b = model, data, model_b
+        self.trajectory = trajectory
         self.loss_fn, self.device = loss_fn, device
         self.send, self.on_status, self.on_result = send, on_status, on_result
         self.tile_points, self.evaluator_options = tile_points, evaluator_options
@@ -210,14 +214,17 @@ class Worker:
             ignore="biasbn" if spec.ignore_biasbn else None, seed=spec.seed,
         )
 
-    def directions_for(self, spec: Spec) -> list:
+    def directions_for(self, spec: Spec, job: Job | None = None) -> list:
         """The directions of ``spec`` (cached per direction key and model fingerprint).
 
         ``"random"`` draws ``1`` or ``2`` directions from ``spec.seed``. ``"interpolation"``
         goes from the model to ``model_b`` along the first axis; in 2D the second axis is a
-        random direction normalised as ``spec.norm`` says.
+        random direction normalised as ``spec.norm`` says. ``"pca"``: the trajectory's
+        principal directions; ``"hessian"``: the top Hessian eigenvectors (unit norm;
+        computed in this thread, cancellable with ``job``).
         """
-        key = (spec.direction_key(), fingerprint(dict(self.model.state_dict())))
+        key = (spec.direction_key(), fingerprint(dict(self.model.state_dict())),
+               spec.bn if spec.direction == "hessian" else None)
         if key in self._directions:
             self._directions.move_to_end(key)
             return self._directions[key]
@@ -230,6 +237,10 @@ class Worker:
                 dirs.append(self._random(spec, 1)[0])
         elif spec.direction == "random":
             dirs = self._random(spec, count)
+        elif spec.direction == "pca":
+            dirs = extra_jobs.pca_directions(self.trajectory, count)
+        elif spec.direction == "hessian":
+            dirs = extra_jobs.hessian_directions(self, job or Job("-", spec), count)
         else:
             raise ValueError(f"direction type {spec.direction!r} is not implemented.")
         self._directions[key] = dirs
@@ -240,7 +251,7 @@ class Worker:
     def _stream(self, job: Job, dirs: list) -> TileStream:
         spec = job.spec
         x, y = spec.axes()
-        reuse_key = (spec.direction_key(), spec.bn)
+        reuse_key = (spec.direction_key(), spec.bn, spec.quantity)
         reuse = None
         if self._complete is not None and self._complete[0] == reuse_key:
             reuse = self._complete[1]
@@ -272,7 +283,17 @@ class Worker:
         self._status(state="running", id=job.id, device=dev, done=0,
                      total=int(np.prod(spec.shape)), points_per_s=0.0, eta_s=None,
                      message="preparing")
-        dirs = self.directions_for(spec)
+        try:
+            dirs = self.directions_for(spec, job)
+        except Cancelled:
+            job.state = "cancelled"
+            self._emit({"kind": "cancelled", "id": job.id, "done": 0, "total": 0})
+            self._status(state="cancelled", id=job.id, device=dev, done=0, total=0,
+                         points_per_s=0.0, eta_s=None, message="cancelled")
+            return
+        if spec.quantity == "curvature":
+            extra_jobs.run_curvature(self, job, dirs)
+            return
         stream = self._stream(job, dirs)
         with self._cond:
             self.stream = stream
@@ -281,7 +302,7 @@ class Worker:
         x_axis, y_axis = axes[-1], (axes[0] if len(axes) == 2 else None)
         self._emit({"kind": "start", "id": job.id, "spec": spec.to_dict(),
                     "shape": list(stream.shape), "metrics": list(stream.evaluator.metrics),
-                    "device": dev}, [f32(x_axis), f32(y_axis)])
+                    "device": dev, **extra_jobs.path_info(dirs)}, [f32(x_axis), f32(y_axis)])
         last_status = 0.0
         done = 0
         for tile in stream:
@@ -305,11 +326,12 @@ class Worker:
         total = stream.total
         complete = done == total
         result = stream.result()
+        result.spec.update(extra_jobs.path_info(dirs))
         self.latest = result
         seconds = time.perf_counter() - t0
         if complete:
             job.state = "done"
-            self._complete = ((spec.direction_key(), spec.bn), result)
+            self._complete = ((spec.direction_key(), spec.bn, spec.quantity), result)
             self._emit({"kind": "done", "id": job.id, "seconds": seconds,
                         "evaluated": stream.evaluated, "reused": stream.reused,
                         "nonfinite": stream.evaluator.nonfinite_points})
