@@ -12,7 +12,9 @@ the Run menu and then drives the widget's own controls as a user would:
    front end's ``landscape()`` hook) — printed, not asserted tightly;
 4. a 201×201 computation is cancelled with the Cancel button after its first tile: the
    status line says cancelled, the kernel answers and reports ``cancelled``;
-5. the pattern editor: cells are painted with the mouse (clicks and a drag stroke), the
+5. the curvature view: "compute: curvature" draws the 3x3 |λmin/λmax| map, equal to the
+   kernel's;
+6. the pattern editor: cells are painted with the mouse (clicks and a drag stroke), the
    kernel's ``w.mask`` and ternary preview agree with what was painted, Fit starts an MPO
    fit whose heatmap changes on screen with at least two live updates, Stop stops it and
    Resume continues from the step it reached.
@@ -295,6 +297,7 @@ def test_widget_in_jupyterlab(tmp_path):
                 page.screenshot(path=str(ARTIFACTS / "cancelled.png"))
                 print(f"cancelled the 201x201 grid after {state['job']['known']} points; "
                       f"status line updated {cancel_s:.2f} s after the click")
+                _curvature_view(session, page)
                 _pattern_editor(session, page)
                 errors = [e for e in session.log if e.startswith("pageerror")]
                 assert not errors, errors
@@ -379,3 +382,24 @@ def _pattern_editor(session: Session, page) -> None:
     assert out.split() == [str(stopped + 20), "done"], out
     report(f"pattern editor: {page.evaluate(JS_PATTERN)['updates']} live heatmap updates; "
            f"stopped at step {stopped}, resumed to {stopped + 20}")
+
+
+def _curvature_view(session: Session, page) -> None:
+    """Step 5: the Hessian eigenvalue-ratio map through the 'compute' select."""
+    session.set_input(SEED_BOX, 0, ("change",))
+    page.locator(".lw-root .lw-controls select").first.select_option("curvature")
+    session.set_input(RES_BOX, 3, ("change",))
+    session.wait("""() => { const s = document.querySelector('.lw-root').landscape();
+                      const p = document.querySelector('.lw-root .lw-plot');
+                      return s.job && s.job.complete && s.job.shape.join() === '3,3'
+                        && p.data[0].colorbar.title.text === '|λmin/λmax|'; }""",
+                 None, "the 3x3 curvature map")
+    shown = np.array(session.plot()["z"], dtype=np.float32)
+    out = session.execute("print(json.dumps(np.asarray(w.wait(120).loss, "
+                          "dtype=np.float32).tolist()), w.surface.spec['quantity'])")
+    values, quantity = out.rsplit(" ", 1)
+    assert quantity.strip() == "curvature"
+    np.testing.assert_allclose(shown, np.array(json.loads(values), dtype=np.float32),
+                               rtol=1e-6)
+    assert np.isfinite(shown).all() and (shown >= 0).all()
+    page.locator(".lw-root .lw-controls select").first.select_option("loss")
