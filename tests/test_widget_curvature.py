@@ -54,9 +54,11 @@ def test_pca_directions_with_the_path(worker_factory):  # noqa: F811
 def test_hessian_directions_are_the_top_eigenvectors(worker_factory):  # noqa: F811
     model, data = _model(), _data()
     before = snapshot(model)
-    worker, rec = worker_factory(model, data)
+    statuses = []
+    worker, rec = worker_factory(model, data, on_status=statuses.append)
     worker.submit("h", Spec(direction="hessian", norm="none", resolution=3))
     assert worker.wait(120) and rec.of("h", "done")
+    assert any("Hessian-vector products" in s.get("message", "") for s in statuses)
     dirs = worker.directions_for(Spec(direction="hessian", norm="none", resolution=3))
     _, vecs = lw.hessian_eigenpairs(model, data, k=2, tol=1e-8)
     for d, v in zip(dirs, vecs, strict=True):

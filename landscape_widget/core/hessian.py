@@ -64,12 +64,14 @@ class HessianOperator:
             (a dict with some or all parameter names).
         device: Where to compute (default: the model's device).
         cancel: A ``threading.Event`` checked before every product.
+        on_product: Called with the number of products so far after each one (progress).
     """
 
     def __init__(self, model: nn.Module, data, *, loss_fn: Callable | None = None,
                  ignore: str | None = "biasbn", bn: str = "eval", batch_size: int | None = None,
                  point: Params | None = None, device=None,
-                 cancel: threading.Event | None = None):
+                 cancel: threading.Event | None = None,
+                 on_product: Callable[[int], None] | None = None):
         check_module(model)
         _warm_forward_ad()
         if ignore not in ("biasbn", None):
@@ -115,6 +117,7 @@ class HessianOperator:
         self.batch = int(batch_size or min(self.n, 2048))
         self.loss_fn = loss_fn if loss_fn is not None else F.cross_entropy
         self.cancel = cancel
+        self.on_product = on_product
         self.products = 0
 
     def unflatten(self, flat: Tensor) -> Params:
@@ -142,6 +145,8 @@ class HessianOperator:
             _, hv = jvp(lambda p, xb=xb, yb=yb: g(p, xb, yb), (self.params,), (tangent,))
             out += self.flatten(hv).double() * (xb.shape[0] / self.n)
         self.products += 1
+        if self.on_product is not None:
+            self.on_product(self.products)
         return out.to(v.dtype)
 
     def as_linear_operator(self):

@@ -33,12 +33,20 @@ def pca_directions(trajectory, count: int) -> list:
 
 def hessian_directions(worker, job, count: int) -> list:
     """The top-``count`` Hessian eigenvectors at the model (cancellable with the job)."""
-    worker._status(state="running", id=job.id, device=str(worker.device or ""), done=0,
-                   total=0, points_per_s=0.0, eta_s=None,
-                   message="computing the Hessian's top eigenvectors (Lanczos)")
+    dev = str(worker.device or "")
+    last = [0.0]
+
+    def progress(products: int) -> None:
+        now = time.perf_counter()
+        if products == 1 or now - last[0] > 0.5:
+            last[0] = now
+            worker._status(state="running", id=job.id, device=dev, done=0, total=0,
+                           points_per_s=0.0, eta_s=None,
+                           message=f"Hessian eigenvectors: {products} Hessian-vector products")
+
     _, vecs = hessian_eigenpairs(worker.model, worker.data, k=count, loss_fn=worker.loss_fn,
                                  device=worker.device, bn=job.spec.bn, cancel=job.cancel,
-                                 tol=1e-4)
+                                 tol=1e-4, on_product=progress)
     return vecs
 
 
