@@ -53,6 +53,26 @@ def test_a5_pca_directions(sgd_path):
            f"EVR {evr[0]:.3f}, {evr[1]:.3f}")
 
 
+def test_projection_on_random_directions_is_in_their_units(sgd_path):
+    model, _, traj = sgd_path
+    dirs = lw.random_directions(model, 2, seed=0)  # filter-normalised: far from unit norm
+    xy = traj.project(dirs)
+    norms = np.array([float(traj.flatten(d).norm()) for d in dirs])
+    m = (traj.points[0].double() - traj.points[-1].double()) * traj._weight_mask()
+    expected = np.array([float(m @ (traj.flatten(d) * traj._weight_mask())) for d in dirs])
+    np.testing.assert_allclose(xy[0], expected / norms ** 2, rtol=1e-6)
+
+
+def test_auto_range_has_the_model_on_the_grid(sgd_path):
+    _, _, traj = sgd_path
+    dirs, _ = traj.pca_directions()
+    for axis in (0, 1):
+        start, stop, num = dirs.covering_range(axis)
+        grid = np.linspace(start, stop, num)
+        assert np.abs(grid).min() < 1e-9 * (stop - start)
+        assert start < dirs.path[:, axis].min() and stop > dirs.path[:, axis].max()
+
+
 def test_projection_agrees_with_least_squares_oracle(sgd_path):
     _, _, traj = sgd_path
     dirs, _ = traj.pca_directions(k=2)
@@ -75,10 +95,11 @@ def test_surface_around_the_path(sgd_path):
     assert fig.layout.xaxis.title.text.startswith("1st PC: ")
     path = next(t for t in fig.data if t.name == "path")
     np.testing.assert_allclose(np.asarray(path.x, dtype=float), xy[:, 0])
-    # The path's end is the model: the surface there is its loss.
+    # The path's end is the model, on the grid: the surface there is the model's loss.
     iy, ix = np.argmin(np.abs(surf.y)), np.argmin(np.abs(surf.x))
-    if surf.x[ix] == 0 and surf.y[iy] == 0:
-        assert np.isfinite(surf.loss[iy, ix])
+    with torch.no_grad():
+        own = float(torch.nn.functional.cross_entropy(model(data[0]), data[1]))
+    assert surf.loss[iy, ix] == pytest.approx(own, rel=1e-5)
     assert_same_snapshot(before, snapshot(model))
 
 

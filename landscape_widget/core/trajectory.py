@@ -42,10 +42,21 @@ class PCADirections(list):
         ]
 
     def covering_range(self, axis: int, margin: float = 0.15, num: int = 31) -> tuple:
-        """``(start, stop, num)`` covering the path along ``axis`` with a relative margin."""
+        """``(start, stop, num)`` covering the path along ``axis`` with a relative margin.
+
+        The grid has a point at 0 (the path's end, the model).
+        """
         lo, hi = float(self.path[:, axis].min()), float(self.path[:, axis].max())
         span = max(hi - lo, 1e-3)
-        return (lo - margin * span, hi + margin * span, num)
+        lo, hi = lo - margin * span, hi + margin * span
+        # Put 0 (the model itself, the path's end) on the grid: align the start to a
+        # multiple of the step, widening the step until the range still fits.
+        step = (hi - lo) / (num - 1)
+        while True:
+            start = np.floor(lo / step) * step
+            if start + (num - 1) * step >= hi:
+                return (float(start), float(start + (num - 1) * step), num)
+            step *= 1.02
 
 
 class Trajectory:
@@ -214,8 +225,14 @@ class Trajectory:
 
         Args:
             dirs: Direction dicts (e.g. from :meth:`pca_directions`, or random ones).
-            method: ``"cos"``: ``<theta_i - theta_n, d> / ||d||`` per direction (exact for
-                orthogonal directions); ``"lstsq"``: least squares in the span of ``dirs``.
+            method: ``"cos"``: ``<theta_i - theta_n, d> / ||d||^2`` per direction, the
+                coordinate in units of ``d`` (for unit-norm PCA directions this is
+                loss-landscape's ``<theta_i - theta_n, d> / ||d||``; exact for orthogonal
+                directions); ``"lstsq"``: least squares in the span of ``dirs``.
+
+        Returns:
+            Coordinates in the units of the directions, so they can be drawn on a surface
+            computed along ``dirs`` (``surface.to_plotly(path=...)``).
         """
         if method not in ("cos", "lstsq"):
             raise ValueError("method must be 'cos' or 'lstsq'.")
@@ -224,7 +241,7 @@ class Trajectory:
         if self.ignore == "biasbn":
             basis = basis * self._weight_mask()
         if method == "cos":
-            return (m @ basis.T / basis.norm(dim=1)).numpy()
+            return (m @ basis.T / basis.norm(dim=1) ** 2).numpy()
         sol = torch.linalg.lstsq(basis.T, m.T).solution
         return sol.T.numpy()
 
