@@ -15,7 +15,8 @@ from __future__ import annotations
 import argparse
 import shlex
 
-USAGE = "%landscape MODEL DATA [--model-b NAME] [--loss-fn NAME] [--device D] [--resolution N]"
+USAGE = ("%landscape MODEL DATA [--model-b NAME] [--trajectory NAME] [--test-data NAME] "
+         "[--loss-fn NAME] [--device D] [--resolution N]")
 
 
 class MagicError(ValueError):
@@ -34,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("data")
     p.add_argument("--model-b", dest="model_b", default=None)
+    p.add_argument("--trajectory", default=None)
+    p.add_argument("--test-data", dest="test_data", default=None)
     p.add_argument("--loss-fn", dest="loss_fn", default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--resolution", type=int, default=None)
@@ -84,6 +87,10 @@ def widget_from_line(line: str, namespace: dict):
         _lookup(namespace, args.model, "the model"),
         _lookup(namespace, args.data, "the data"),
         model_b=None if args.model_b is None else _lookup(namespace, args.model_b, "--model-b"),
+        trajectory=(None if args.trajectory is None
+                    else _lookup(namespace, args.trajectory, "--trajectory")),
+        test_data=(None if args.test_data is None
+                   else _lookup(namespace, args.test_data, "--test-data")),
         loss_fn=None if args.loss_fn is None else _lookup(namespace, args.loss_fn, "--loss-fn"),
         device=args.device,
         **kwargs,
@@ -95,7 +102,8 @@ def landscape(line: str = ""):
 
     Usage::
 
-        %landscape MODEL DATA [--model-b NAME] [--loss-fn NAME] [--device D] [--resolution N]
+        %landscape MODEL DATA [--model-b NAME] [--trajectory NAME] [--test-data NAME]
+                   [--loss-fn NAME] [--device D] [--resolution N]
 
     MODEL, DATA and the names given to ``--model-b`` and ``--loss-fn`` are variables of the
     notebook. DATA is ``(inputs, targets)``, a ``Dataset`` or a ``DataLoader``. The widget

@@ -269,6 +269,17 @@ def test_magic_builds_the_widget_from_notebook_names():
         assert w.wait(60).loss.shape == (5, 5)
     finally:
         w.close()
+    import landscape_widget as lw
+
+    traj = lw.Trajectory()
+    for i in range(3):
+        traj.record({k: v + 0.1 * i * torch.ones_like(v) for k, v in model.state_dict().items()})
+    ns["traj"] = traj
+    w = widget_from_line("model data --trajectory traj --test-data data --resolution 3", ns)
+    try:
+        assert "pca" in [d["direction"] for d in w.direction_types]
+    finally:
+        w.close()
     for line, match in [("model nope", "no variable named 'nope'"),
                         ("model", "required: data"),
                         ("model data --bogus 1", "unrecognized"),
