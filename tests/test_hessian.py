@@ -161,3 +161,30 @@ def test_curvature_map_cancel_leaves_nan():
 def test_bad_arguments(kw, match):
     with pytest.raises(ValueError, match=match):
         lw.hessian_eigenpairs(mlp(), mlp_data(), **kw)
+
+
+def test_graph_and_jvp_products_agree():
+    model = bn_res_cnn()
+    x, y = cnn_data()
+    v = torch.randn(HessianOperator(model, (x, y)).size, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(1))
+    graph = HessianOperator(model, (x, y), method="graph")
+    fwd = HessianOperator(model, (x, y), method="jvp")
+    assert graph.method == "graph" and fwd.method == "jvp"
+    hv = graph.matvec(v)
+    np.testing.assert_allclose(hv.numpy(), fwd.matvec(v).numpy(), rtol=1e-4,
+                               atol=1e-5 * float(hv.abs().max()))
+    np.testing.assert_allclose(graph.matvec(v).numpy(), hv.numpy())  # the kept graph reruns
+    with pytest.raises(ValueError, match="one batch"):
+        HessianOperator(model, (x, y), method="graph", batch_size=5)
+
+
+def test_arpack_takes_over_when_the_lanczos_basis_is_capped(monkeypatch):
+    from landscape_widget.core import hessian
+
+    model = mlp()
+    x, y = mlp_data()
+    ev = torch.linalg.eigvalsh(dense_hessian(model, x, y)[0]).numpy()
+    monkeypatch.setattr(hessian, "BASIS_BYTES", 1)  # the basis cap: 2k + 2 steps
+    vals, _ = lw.hessian_eigenpairs(model, (x, y), k=1, which="smallest", tol=1e-8)
+    assert vals[0] == pytest.approx(ev[0], abs=1e-3 * ev[-1])

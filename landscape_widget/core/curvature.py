@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .grid import parse_axis
-from .hessian import Cancelled, HessianOperator, _bar, _start_vector
+from .hessian import Cancelled, HessianOperator, _bar, _start_vector, lanczos_extremes
 from .params import Params, check_direction, parameters_of
 
 
@@ -70,11 +70,16 @@ class CurvatureMap:
 
 def extreme_eigenvalues(op: HessianOperator, tol: float = 1e-2, seed: int = 0
                         ) -> tuple[float, float]:
-    """``(lambda_max, lambda_min)`` of ``op`` by two Lanczos runs (ARPACK, ``tol``)."""
+    """``(lambda_max, lambda_min)`` of ``op`` by Lanczos (relative residual ``tol``)."""
     from scipy.sparse.linalg import eigsh
 
-    lin = op.as_linear_operator()
     v0 = _start_vector(op.size, seed)
+    # One Lanczos run serves both ends; ARPACK only if it does not converge in the cap.
+    found = lanczos_extremes(op.matvec, torch.from_numpy(v0), ends=("largest", "smallest"),
+                             tol=tol, vectors=False)
+    if found is not None:
+        return float(found["largest"][0][0]), float(found["smallest"][0][0])
+    lin = op.as_linear_operator()
     ncv = min(op.size, 20)
     hi = float(eigsh(lin, k=1, which="LA", tol=tol, v0=v0, ncv=ncv,
                      return_eigenvectors=False)[0])

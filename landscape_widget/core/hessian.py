@@ -65,13 +65,20 @@ class HessianOperator:
         device: Where to compute (default: the model's device).
         cancel: A ``threading.Event`` checked before every product.
         on_product: Called with the number of products so far after each one (progress).
+        method: How products are taken. ``"graph"``: when all data fits in one batch, the
+            gradient's graph is built once and every product is one double backward
+            through it (fastest on CPU: 2-4x fewer milliseconds per product than ``jvp``
+            in benchmarks/hessian.py); ``"jvp"``: forward-over-reverse
+            (``torch.func.jvp`` of ``torch.func.grad``), batch by batch, keeping no graph
+            between products; ``"auto"`` (default): ``"graph"`` for one batch, else
+            ``"jvp"``.
     """
 
     def __init__(self, model: nn.Module, data, *, loss_fn: Callable | None = None,
                  ignore: str | None = "biasbn", bn: str = "eval", batch_size: int | None = None,
                  point: Params | None = None, device=None,
                  cancel: threading.Event | None = None,
-                 on_product: Callable[[int], None] | None = None):
+                 on_product: Callable[[int], None] | None = None, method: str = "auto"):
         check_module(model)
         _warm_forward_ad()
         if ignore not in ("biasbn", None):
@@ -115,6 +122,13 @@ class HessianOperator:
         self.x, self.y = x.to(self.device), y.to(self.device)
         self.n = int(x.shape[0])
         self.batch = int(batch_size or min(self.n, 2048))
+        if method not in ("auto", "graph", "jvp"):
+            raise ValueError("method must be 'auto', 'graph' or 'jvp'.")
+        if method == "graph" and self.batch < self.n:
+            raise ValueError("method='graph' needs all data in one batch; raise batch_size "
+                             "or use method='jvp'.")
+        self.method = ("graph" if self.batch >= self.n else "jvp") if method == "auto" else method
+        self._graph: tuple | None = None
         self.loss_fn = loss_fn if loss_fn is not None else F.cross_entropy
         self.cancel = cancel
         self.on_product = on_product
@@ -138,16 +152,39 @@ class HessianOperator:
         if self.cancel is not None and self.cancel.is_set():
             raise Cancelled("cancelled")
         tangent = self.unflatten(v.to(self.device, self.dtype))
+        if self.method == "graph":
+            out = self._graph_product(tangent)
+        else:
+            out = self._jvp_product(tangent)
+        self.products += 1
+        if self.on_product is not None:
+            self.on_product(self.products)
+        return out.to(v.dtype)
+
+    def _graph_product(self, tangent: Params) -> Tensor:
+        if self._graph is None:
+            # Leaves that require grad, separate from the model's tensors: functional_call
+            # uses them, so nothing of the model is touched or recorded.
+            leaves = {k: v.detach().clone().requires_grad_(True) for k, v in
+                      self.params.items()}
+            with torch.enable_grad():
+                loss = self._loss(leaves, self.x, self.y)
+                grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True)
+            self._graph = (list(leaves.values()), grads)
+        leaves, grads = self._graph
+        with torch.enable_grad():
+            dot = sum((g * tangent[k]).sum() for g, k in zip(grads, self.keys, strict=True))
+            hv = torch.autograd.grad(dot, leaves, retain_graph=True)
+        return torch.cat([h.reshape(-1) for h in hv]).double()
+
+    def _jvp_product(self, tangent: Params) -> Tensor:
         out = torch.zeros(self.size, dtype=torch.float64, device=self.device)
         g = grad(self._loss)
         for start in range(0, self.n, self.batch):
             xb, yb = self.x[start:start + self.batch], self.y[start:start + self.batch]
             _, hv = jvp(lambda p, xb=xb, yb=yb: g(p, xb, yb), (self.params,), (tangent,))
             out += self.flatten(hv).double() * (xb.shape[0] / self.n)
-        self.products += 1
-        if self.on_product is not None:
-            self.on_product(self.products)
-        return out.to(v.dtype)
+        return out
 
     def as_linear_operator(self):
         """A ``scipy.sparse.linalg.LinearOperator`` (float64 numpy vectors)."""
@@ -169,8 +206,78 @@ def _start_vector(size: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(size)
 
 
+BASIS_BYTES = 2 << 30
+"""Memory the Lanczos basis may take (float64 vectors); it caps the number of steps."""
+
+
+def lanczos_extremes(matvec: Callable[[Tensor], Tensor], v0: Tensor, *, k: int = 1,
+                     ends: tuple[str, ...] = ("largest",), tol: float = 1e-4,
+                     max_steps: int | None = None, vectors: bool = True) -> dict | None:
+    """Extreme eigenpairs of a symmetric operator by Lanczos, stopping once converged.
+
+    Full reorthogonalisation (twice, float64) keeps the Ritz values clean. After every
+    step the Ritz pairs of the tridiagonal matrix are checked: a pair is converged when its
+    residual ``||H y - theta y|| = beta_m |s_m|`` is at most ``tol * max|theta|``. One run
+    serves both ends of the spectrum (``ends=("largest", "smallest")``).
+
+    Args:
+        matvec: ``v -> H v`` on flat float64 vectors.
+        v0: Start vector.
+        k: Eigenpairs wanted at each end.
+        ends: ``"largest"`` and/or ``"smallest"`` (algebraic).
+        tol: Relative residual tolerance.
+        max_steps: Cap on steps (products); default from :data:`BASIS_BYTES`.
+        vectors: Also return the Ritz vectors.
+
+    Returns:
+        ``{end: (values, vectors or None)}`` with values ordered outward from the middle
+        reversed (largest first for ``"largest"``, smallest first for ``"smallest"``), or
+        ``None`` if not converged within ``max_steps``.
+    """
+    size = v0.numel()
+    cap = max(2 * k + 2, min(size, BASIS_BYTES // (8 * max(size, 1))))
+    steps = min(cap, max_steps or cap, size)
+    basis = torch.zeros(min(steps, 32), size, dtype=torch.float64)  # grows by doubling
+    q = v0.double().cpu()
+    basis[0] = q / q.norm()
+    alphas: list[float] = []
+    betas: list[float] = []
+    for m in range(steps):
+        w = matvec(basis[m]).double().cpu()
+        if m:
+            w = w - betas[-1] * basis[m - 1]
+        alphas.append(float(w @ basis[m]))
+        for _ in range(2):
+            w = w - basis[:m + 1].T @ (basis[:m + 1] @ w)
+        beta = float(w.norm())
+        t = np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
+        theta, svec = np.linalg.eigh(t)
+        scale = max(abs(theta[0]), abs(theta[-1]), 1e-30)
+        picks = {"largest": np.arange(len(theta) - 1, max(len(theta) - 1 - k, -1), -1),
+                 "smallest": np.arange(0, min(k, len(theta)))}
+        done = len(theta) >= k and all(
+            np.all(beta * np.abs(svec[-1, picks[e]]) <= tol * scale) for e in ends)
+        if done or beta < 1e-12 * scale or m + 1 == size:
+            out = {}
+            for e in ends:
+                idx = picks[e]
+                vecs = None
+                if vectors:
+                    vecs = (basis[:m + 1].T @ torch.from_numpy(svec[:, idx])).numpy()
+                out[e] = (theta[idx], vecs)
+            return out
+        betas.append(beta)
+        if m + 1 < steps:
+            if m + 1 == basis.shape[0]:
+                grown = torch.zeros(min(steps, 2 * basis.shape[0]), size, dtype=torch.float64)
+                grown[:m + 1] = basis
+                basis = grown
+            basis[m + 1] = w / beta
+    return None
+
+
 def hessian_eigenpairs(model: nn.Module, data, *, k: int = 2, which: str = "largest",
-                       tol: float = 1e-6, max_products: int | None = None, seed: int = 0,
+                       tol: float = 1e-4, max_products: int | None = None, seed: int = 0,
                        progress: bool = False, **options) -> tuple[np.ndarray, list[Params]]:
     """The ``k`` largest (or smallest) eigenvalues of the Hessian and their eigenvectors.
 
@@ -179,8 +286,9 @@ def hessian_eigenpairs(model: nn.Module, data, *, k: int = 2, which: str = "larg
         data: The data the loss is averaged over.
         k: Number of eigenpairs.
         which: ``"largest"`` or ``"smallest"`` (algebraic).
-        tol: Relative accuracy of the eigenvalues (ARPACK's ``tol``).
-        max_products: Cap on Hessian-vector products (ARPACK restarts included).
+        tol: Relative residual ``||H v - lambda v|| / max|lambda|`` at which a pair is
+            converged (the eigenvalue's error is of order ``tol**2``).
+        max_products: Cap on Hessian-vector products of the first Lanczos run.
         seed: Seed of the Lanczos start vector (results are deterministic).
         progress: Show a tqdm counter of Hessian-vector products.
         **options: :class:`HessianOperator` options (``loss_fn``, ``ignore``, ``bn``,
@@ -199,15 +307,25 @@ def hessian_eigenpairs(model: nn.Module, data, *, k: int = 2, which: str = "larg
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < op.size:
         raise ValueError(f"k must be an int in [1, {op.size - 1}], got {k!r}.")
     lin = _counted(op, progress, "Hessian-vector products")
+    v0 = _start_vector(op.size, seed)
     try:
-        ncv = min(op.size, max(2 * k + 1, 20))
-        maxiter = None if max_products is None else max(1, max_products // ncv)
-        vals, vecs = eigsh(lin, k=k, which="LA" if which == "largest" else "SA", tol=tol,
-                           v0=_start_vector(op.size, seed), ncv=ncv, maxiter=maxiter)
+        # Lanczos with a convergence test first: it stops as soon as the wanted Ritz pairs
+        # are accurate (a handful of products for the top eigenvalue); ARPACK (restarted
+        # Lanczos, at least ncv products) takes over if the basis cap is reached first.
+        found = lanczos_extremes(lambda v: torch.from_numpy(lin.matvec(v.numpy())),
+                                 torch.from_numpy(v0), k=k, ends=(which,), tol=tol,
+                                 max_steps=max_products)
+        if found is not None:
+            vals, vecs = found[which]
+        else:
+            ncv = min(op.size, max(2 * k + 1, 20))
+            maxiter = None if max_products is None else max(1, max_products // ncv)
+            vals, vecs = eigsh(lin, k=k, which="LA" if which == "largest" else "SA",
+                               tol=tol, v0=v0, ncv=ncv, maxiter=maxiter)
+            order = np.argsort(-vals if which == "largest" else vals)
+            vals, vecs = vals[order], vecs[:, order]
     finally:
         _close(lin)
-    order = np.argsort(-vals if which == "largest" else vals)
-    vals, vecs = vals[order], vecs[:, order]
     dirs = []
     for i in range(k):
         v = vecs[:, i]
