@@ -173,8 +173,8 @@ class HessianOperator:
             self._graph = (list(leaves.values()), grads)
         leaves, grads = self._graph
         with torch.enable_grad():
-            dot = sum((g * tangent[k]).sum() for g, k in zip(grads, self.keys, strict=True))
-            hv = torch.autograd.grad(dot, leaves, retain_graph=True)
+            hv = torch.autograd.grad(grads, leaves, grad_outputs=[tangent[k] for k in self.keys],
+                                     retain_graph=True)
         return torch.cat([h.reshape(-1) for h in hv]).double()
 
     def _jvp_product(self, tangent: Params) -> Tensor:
@@ -312,8 +312,15 @@ def hessian_eigenpairs(model: nn.Module, data, *, k: int = 2, which: str = "larg
         # Lanczos with a convergence test first: it stops as soon as the wanted Ritz pairs
         # are accurate (a handful of products for the top eigenvalue); ARPACK (restarted
         # Lanczos, at least ncv products) takes over if the basis cap is reached first.
-        found = lanczos_extremes(lambda v: torch.from_numpy(lin.matvec(v.numpy())),
-                                 torch.from_numpy(v0), k=k, ends=(which,), tol=tol,
+        bar = getattr(lin, "_bar", None)
+
+        def matvec(v: Tensor) -> Tensor:
+            out = op.matvec(v)
+            if bar is not None:
+                bar.update(1)
+            return out
+
+        found = lanczos_extremes(matvec, torch.from_numpy(v0), k=k, ends=(which,), tol=tol,
                                  max_steps=max_products)
         if found is not None:
             vals, vecs = found[which]
