@@ -352,9 +352,15 @@ def _pattern_editor(session: Session, page) -> None:
     painted[1, 1] = 0
     snap = session.page.evaluate(JS_PATTERN)
     assert (snap["rows"], snap["drawn"]) == (8, int(painted.sum())), snap
-    out = session.execute("import json; print(json.dumps([w.mask.tolist(), "
-                          "lw.ternary_mask(w.mask).tolist()]))")
-    mask, ternary = json.loads(out)
+    # The last stroke's trait update may still be on its way to the kernel.
+    deadline = time.monotonic() + 30
+    while True:
+        out = session.execute("import json; print(json.dumps([w.mask.tolist(), "
+                              "lw.ternary_mask(w.mask).tolist()]))")
+        mask, ternary = json.loads(out)
+        if np.array_equal(mask, painted) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     np.testing.assert_array_equal(mask, painted)
     assert snap["ternary"] == np.ravel(ternary).tolist()
 
