@@ -188,18 +188,23 @@ class HessianOperator:
 
     def as_linear_operator(self):
         """A ``scipy.sparse.linalg.LinearOperator`` (float64 numpy vectors)."""
-        from scipy.sparse.linalg import LinearOperator
-
-        def mv(v):
-            return self.matvec(torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64)
-                                                .reshape(-1))).cpu().numpy()
-
-        return LinearOperator((self.size, self.size), matvec=mv, dtype=np.float64)
+        return scipy_operator(self.matvec, self.size)
 
     def full_direction(self, flat: Tensor) -> Params:
         """A direction dict over *all* parameters (zero outside the Hessian's), on the CPU."""
         d = {k: v.detach().cpu().float() for k, v in self.unflatten(flat).items()}
         return {k: d[k] if k in d else torch.zeros(s) for k, s in self._all_shapes.items()}
+
+
+def scipy_operator(matvec: Callable[[Tensor], Tensor], size: int):
+    """``matvec`` on torch tensors as a scipy ``LinearOperator`` on float64 numpy vectors."""
+    from scipy.sparse.linalg import LinearOperator
+
+    def mv(v):
+        flat = np.ascontiguousarray(v, dtype=np.float64).reshape(-1)
+        return matvec(torch.from_numpy(flat)).cpu().numpy()
+
+    return LinearOperator((size, size), matvec=mv, dtype=np.float64)
 
 
 def _start_vector(size: int, seed: int) -> np.ndarray:
@@ -208,6 +213,39 @@ def _start_vector(size: int, seed: int) -> np.ndarray:
 
 BASIS_BYTES = 2 << 30
 """Memory the Lanczos basis may take (float64 vectors); it caps the number of steps."""
+
+
+def lanczos_steps(matvec: Callable[[Tensor], Tensor], v0: Tensor, steps: int):
+    """The Lanczos iteration with full reorthogonalisation (twice, float64).
+
+    Yields ``(alphas, betas, beta, basis)`` after every step: the tridiagonal's diagonal and
+    off-diagonal so far, the norm of the next residual, and the orthonormal basis (rows).
+    A consumer that stops early (converged, or ``beta`` about 0) simply breaks; the basis
+    grows by doubling up to ``steps`` rows.
+    """
+    size = v0.numel()
+    basis = torch.zeros(min(steps, 32), size, dtype=torch.float64)
+    q = v0.double().cpu()
+    basis[0] = q / q.norm()
+    alphas: list[float] = []
+    betas: list[float] = []
+    for m in range(steps):
+        w = matvec(basis[m]).double().cpu()
+        if m:
+            w = w - betas[-1] * basis[m - 1]
+        alphas.append(float(w @ basis[m]))
+        for _ in range(2):
+            w = w - basis[:m + 1].T @ (basis[:m + 1] @ w)
+        beta = float(w.norm())
+        yield alphas, betas, beta, basis[:m + 1]
+        if m + 1 == steps:
+            return
+        betas.append(beta)
+        if m + 1 == basis.shape[0]:
+            grown = torch.zeros(min(steps, 2 * basis.shape[0]), size, dtype=torch.float64)
+            grown[:m + 1] = basis
+            basis = grown
+        basis[m + 1] = w / beta
 
 
 def lanczos_extremes(matvec: Callable[[Tensor], Tensor], v0: Tensor, *, k: int = 1,
@@ -237,19 +275,7 @@ def lanczos_extremes(matvec: Callable[[Tensor], Tensor], v0: Tensor, *, k: int =
     size = v0.numel()
     cap = max(2 * k + 2, min(size, BASIS_BYTES // (8 * max(size, 1))))
     steps = min(cap, max_steps or cap, size)
-    basis = torch.zeros(min(steps, 32), size, dtype=torch.float64)  # grows by doubling
-    q = v0.double().cpu()
-    basis[0] = q / q.norm()
-    alphas: list[float] = []
-    betas: list[float] = []
-    for m in range(steps):
-        w = matvec(basis[m]).double().cpu()
-        if m:
-            w = w - betas[-1] * basis[m - 1]
-        alphas.append(float(w @ basis[m]))
-        for _ in range(2):
-            w = w - basis[:m + 1].T @ (basis[:m + 1] @ w)
-        beta = float(w.norm())
+    for alphas, betas, beta, basis in lanczos_steps(matvec, v0, steps):
         t = np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
         theta, svec = np.linalg.eigh(t)
         scale = max(abs(theta[0]), abs(theta[-1]), 1e-30)
@@ -257,22 +283,13 @@ def lanczos_extremes(matvec: Callable[[Tensor], Tensor], v0: Tensor, *, k: int =
                  "smallest": np.arange(0, min(k, len(theta)))}
         done = len(theta) >= k and all(
             np.all(beta * np.abs(svec[-1, picks[e]]) <= tol * scale) for e in ends)
-        if done or beta < 1e-12 * scale or m + 1 == size:
+        if done or beta < 1e-12 * scale or len(alphas) == size:
             out = {}
             for e in ends:
                 idx = picks[e]
-                vecs = None
-                if vectors:
-                    vecs = (basis[:m + 1].T @ torch.from_numpy(svec[:, idx])).numpy()
+                vecs = (basis.T @ torch.from_numpy(svec[:, idx])).numpy() if vectors else None
                 out[e] = (theta[idx], vecs)
             return out
-        betas.append(beta)
-        if m + 1 < steps:
-            if m + 1 == basis.shape[0]:
-                grown = torch.zeros(min(steps, 2 * basis.shape[0]), size, dtype=torch.float64)
-                grown[:m + 1] = basis
-                basis = grown
-            basis[m + 1] = w / beta
     return None
 
 
@@ -306,20 +323,19 @@ def hessian_eigenpairs(model: nn.Module, data, *, k: int = 2, which: str = "larg
     op = HessianOperator(model, data, **options)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < op.size:
         raise ValueError(f"k must be an int in [1, {op.size - 1}], got {k!r}.")
-    lin = _counted(op, progress, "Hessian-vector products")
     v0 = _start_vector(op.size, seed)
+    bar = _bar(progress, None, "Hessian-vector products")
+
+    def matvec(v: Tensor) -> Tensor:
+        out = op.matvec(v)
+        if bar is not None:
+            bar.update(1)
+        return out
+
     try:
         # Lanczos with a convergence test first: it stops as soon as the wanted Ritz pairs
         # are accurate (a handful of products for the top eigenvalue); ARPACK (restarted
         # Lanczos, at least ncv products) takes over if the basis cap is reached first.
-        bar = getattr(lin, "_bar", None)
-
-        def matvec(v: Tensor) -> Tensor:
-            out = op.matvec(v)
-            if bar is not None:
-                bar.update(1)
-            return out
-
         found = lanczos_extremes(matvec, torch.from_numpy(v0), k=k, ends=(which,), tol=tol,
                                  max_steps=max_products)
         if found is not None:
@@ -327,12 +343,14 @@ def hessian_eigenpairs(model: nn.Module, data, *, k: int = 2, which: str = "larg
         else:
             ncv = min(op.size, max(2 * k + 1, 20))
             maxiter = None if max_products is None else max(1, max_products // ncv)
-            vals, vecs = eigsh(lin, k=k, which="LA" if which == "largest" else "SA",
-                               tol=tol, v0=v0, ncv=ncv, maxiter=maxiter)
+            vals, vecs = eigsh(scipy_operator(matvec, op.size), k=k,
+                               which="LA" if which == "largest" else "SA", tol=tol, v0=v0,
+                               ncv=ncv, maxiter=maxiter)
             order = np.argsort(-vals if which == "largest" else vals)
             vals, vecs = vals[order], vecs[:, order]
     finally:
-        _close(lin)
+        if bar is not None:
+            bar.close()
     dirs = []
     for i in range(k):
         v = vecs[:, i]
@@ -384,29 +402,6 @@ def hessian_trace(model: nn.Module, data, *, samples: int = 100, seed: int = 0,
     return TraceEstimate(float(arr.mean()), float(arr.std(ddof=1) / np.sqrt(samples)), samples)
 
 
-def lanczos(matvec: Callable[[Tensor], Tensor], v0: Tensor, steps: int) -> tuple[np.ndarray,
-                                                                               np.ndarray]:
-    """Lanczos with full reorthogonalisation (float64); returns the tridiagonal's diagonals."""
-    q = v0.double() / v0.double().norm()
-    basis = [q]
-    alphas, betas = [], []
-    prev, beta = torch.zeros_like(q), 0.0
-    for _ in range(steps):
-        w = matvec(q).double().cpu() - beta * prev
-        alpha = float(w @ q)
-        w = w - alpha * q
-        for b in basis:  # full reorthogonalisation: keeps the Ritz values clean
-            w = w - (w @ b) * b
-        alphas.append(alpha)
-        beta = float(w.norm())
-        if beta < 1e-10 or len(alphas) == steps:
-            break
-        betas.append(beta)
-        prev, q = q, w / beta
-        basis.append(q)
-    return np.array(alphas), np.array(betas[:len(alphas) - 1])
-
-
 def hessian_density(model: nn.Module, data, *, steps: int = 60, runs: int = 3,
                     grid_points: int = 1000, sigma: float | None = None, seed: int = 0,
                     progress: bool = False, **options) -> tuple[np.ndarray, np.ndarray]:
@@ -438,7 +433,10 @@ def hessian_density(model: nn.Module, data, *, steps: int = 60, runs: int = 3,
     try:
         for _ in range(runs):
             v = (torch.randint(0, 2, (op.size,), generator=g) * 2 - 1).double()
-            a, b = lanczos(op.matvec, v, steps)
+            for step in lanczos_steps(op.matvec, v, steps):
+                if step[2] < 1e-10:  # an invariant subspace: the quadrature is exact
+                    break
+            a, b = step[0], step[1]
             t = np.diag(a) + np.diag(b, 1) + np.diag(b, -1)
             theta, u = np.linalg.eigh(t)
             nodes.append(theta)
@@ -465,29 +463,3 @@ def _bar(progress: bool, total: int | None, desc: str):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc)
-
-
-def _counted(op: HessianOperator, progress: bool, desc: str):
-    """The operator as a scipy LinearOperator, updating a tqdm counter per product."""
-    lin = op.as_linear_operator()
-    bar = _bar(progress, None, desc)
-    if bar is None:
-        return lin
-    inner = lin.matvec
-
-    def mv(v):
-        out = inner(v)
-        bar.update(1)
-        return out
-
-    from scipy.sparse.linalg import LinearOperator
-
-    wrapped = LinearOperator(lin.shape, matvec=mv, dtype=lin.dtype)
-    wrapped._bar = bar
-    return wrapped
-
-
-def _close(lin) -> None:
-    bar = getattr(lin, "_bar", None)
-    if bar is not None:
-        bar.close()

@@ -26,7 +26,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -36,6 +36,7 @@ from ..experiments.masks import MAX_CELLS, MIN_CELLS, ternary_mask
 from ..experiments.mpo import fit_pattern
 from ..experiments.pattern_fit import PatternFit
 from .protocol import ProtocolError, f32, short
+from .worker import Job
 
 FIT_FIELDS = {"mask": list, "steps": int, "lr": float, "tau": float, "cells_per_step": int,
               "batch_size": int, "seed": int, "every": int, "resume": bool}
@@ -116,16 +117,6 @@ def _mask(rows) -> tuple[tuple[int, ...], ...]:
     return tuple(tuple(r) for r in rows)
 
 
-@dataclass
-class FitJob:
-    """One fit request."""
-
-    id: str
-    spec: FitSpec
-    cancel: threading.Event = field(default_factory=threading.Event)
-    state: str = "pending"
-
-
 class PatternRunner:
     """Runs MPO fits for a widget, one at a time, each in a daemon thread.
 
@@ -148,14 +139,14 @@ class PatternRunner:
         self.send, self.on_event = send, on_event
         self.eval_samples = int(eval_samples)
         self.fit: PatternFit | None = None
-        self._job: FitJob | None = None
+        self._job: Job | None = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._tensors: dict | None = None
 
-    def submit(self, job_id: str, spec: FitSpec) -> FitJob:
+    def submit(self, job_id: str, spec: FitSpec) -> Job:
         """Start a fit; the running one is stopped first."""
-        job = FitJob(job_id, spec)
+        job = Job(job_id, spec)
         with self._lock:
             old, previous = self._job, self._thread
             if old is not None:
@@ -210,7 +201,7 @@ class PatternRunner:
             self._tensors = {"train_full": (x, y), "eval": splits}
         return self._tensors
 
-    def _main(self, job: FitJob, previous: threading.Thread | None) -> None:
+    def _main(self, job: Job, previous: threading.Thread | None) -> None:
         if previous is not None:
             previous.join()
         if job.cancel.is_set():
@@ -226,7 +217,7 @@ class PatternRunner:
             self._emit({"kind": "error", "id": job.id,
                         "message": f"pattern fit: {type(err).__name__}: {err}"[:2000]})
 
-    def _run(self, job: FitJob) -> None:
+    def _run(self, job: Job) -> None:
         spec, t0 = job.spec, time.perf_counter()
         tensors = self._splits()
         train = tensors["train_full"]
@@ -257,7 +248,7 @@ class PatternRunner:
         self._emit({"kind": "fit_done", "id": job.id, "step": fit.step, "stopped": stopped,
                     "seconds": time.perf_counter() - t0})
 
-    def _update(self, job: FitJob, fit: PatternFit, target: int, t0: float):
+    def _update(self, job: Job, fit: PatternFit, target: int, t0: float):
         with torch.no_grad():
             evals = {name: fit.evaluate(data) for name, data in self._splits()["eval"].items()}
         scores = {name: fit.scores(ev) for name, ev in evals.items()}

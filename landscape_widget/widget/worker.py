@@ -22,6 +22,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -48,10 +49,13 @@ def new_id(prefix: str = "py") -> str:
 
 @dataclass
 class Job:
-    """One computation request."""
+    """One request of the front end: a grid to compute, or a pattern fit.
+
+    ``spec`` is a :class:`.protocol.Spec` or a :class:`.patterns.FitSpec`.
+    """
 
     id: str
-    spec: Spec
+    spec: Spec | Any
     cancel: threading.Event = field(default_factory=threading.Event)
     state: str = "pending"
 
