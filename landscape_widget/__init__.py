@@ -31,6 +31,9 @@ from .experiments import (
     ternary_mask,
     text_mask,
 )
+from .experiments.optimizers import compare_optimizers
+from .experiments.runs import OptimizerRuns
+from .experiments.triangle import TriangleSurface, triangle_surface
 from .magic import load_ipython_extension
 from .widget import LandscapeWidget
 
@@ -71,6 +74,11 @@ __all__ = [
     "random_squares",
     "text_mask",
     "image_mask",
+    # optimizer comparisons (Im, Tao & Branson 2016)
+    "compare_optimizers",
+    "OptimizerRuns",
+    "triangle_surface",
+    "TriangleSurface",
     # the live widget and the %landscape notebook extension
     "LandscapeWidget",
     "load_ipython_extension",

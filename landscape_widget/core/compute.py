@@ -71,7 +71,14 @@ class _Job:
     known_mask: np.ndarray | None = None
 
 
-def _resolve_directions(model, directions, ndim, seed) -> tuple[list[Params], str]:
+def _resolve_directions(model, directions, ndim, seed, points: bool = False
+                        ) -> tuple[list[Params], str]:
+    if points:  # barycentric: ndim + 1 vertices (see Evaluator)
+        if not isinstance(directions, (list, tuple)) or len(directions) != ndim + 1:
+            raise TypeError(f"barycentric grids need {ndim + 1} points (parameter dicts).")
+        for i, d in enumerate(directions):
+            check_direction(model, d, name=f"points[{i}]")
+        return list(directions), "barycentric points"
     if directions is None:
         return random_directions(model, ndim, seed=seed), "random filter-normalised"
     if ndim == 1 and isinstance(directions, dict):
@@ -125,7 +132,8 @@ def _prepare(model, data, *, directions, axes_spec, loss_fn, metrics, bn, device
         raise ValueError(f"The grid has {total} points, above the cap of {MAX_GRID_POINTS}.")
     if isinstance(metrics, str):
         metrics = (metrics,)
-    dirs, kind = _resolve_directions(model, directions, len(axes), seed)
+    points = bool((evaluator_options or {}).get("barycentric"))
+    dirs, kind = _resolve_directions(model, directions, len(axes), seed, points)
     # Surfaces are (ny, nx) with d1 along x: evaluator coefficient j goes with directions[j].
     evaluator = Evaluator(model, data, dirs, loss_fn=loss_fn, metrics=metrics, bn=bn,
                           device=device, **(evaluator_options or {}))

@@ -79,6 +79,12 @@ class Evaluator(PlanTuner, StemTerms):
             never.
         stem_budget: Bytes the precomputed first-layer outputs may take (default 1 GiB on
             CPU, 25 % of free memory on CUDA).
+        barycentric: ``directions`` are ``m + 1`` points (full parameter dicts, e.g. trained
+            models' weights) instead of offsets, and a point with coordinates ``c`` (``m`` of
+            them) is ``sum_j c_j p_j + (1 - sum_j c_j) p_m``. The model only supplies the
+            architecture (and entries no point gives). Written as a weighted sum from zero
+            rather than as ``p_m + sum_j c_j (p_j - p_m)`` so that each vertex is its point
+            bit for bit (``1 * p + 0 * q = p`` exactly; ``p_m + (p_j - p_m)`` is not).
     """
 
     def __init__(
@@ -96,6 +102,7 @@ class Evaluator(PlanTuner, StemTerms):
         batch_size: int | None = None,
         stem: bool | str = "auto",
         stem_budget: int | None = None,
+        barycentric: bool = False,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
@@ -135,8 +142,12 @@ class Evaluator(PlanTuner, StemTerms):
 
         for i, d in enumerate(directions):
             check_direction(model, d, name=f"directions[{i}]")
-        # Keys along which every direction is zero (biases under "biasbn") stay unbatched.
-        keys = [k for k in base if any(k in d and bool(d[k].any()) for d in directions)]
+        self.barycentric = bool(barycentric)
+        if self.barycentric:
+            keys = self._barycentric_keys(self.base, directions)
+        else:
+            # Keys along which every direction is zero (biases under "biasbn") stay unbatched.
+            keys = [k for k in base if any(k in d and bool(d[k].any()) for d in directions)]
         self.keys = keys
         self.dirs = [
             {k: d.get(k, torch.zeros_like(base[k])).to(self.device, base[k].dtype) for k in keys}
@@ -174,6 +185,23 @@ class Evaluator(PlanTuner, StemTerms):
         self.nonfinite_points = 0
 
     # --- setup -------------------------------------------------------------------------
+    @staticmethod
+    def _barycentric_keys(base: Params, points: Sequence[Params]) -> list[str]:
+        """Entries the points replace; their base becomes zero (the sum starts from 0)."""
+        if len(points) < 2:
+            raise ValueError("barycentric=True needs at least two points (the vertices).")
+        keys = [k for k in base if any(k in p for p in points)]
+        for i, p in enumerate(points):
+            missing = [k for k in keys if k not in p]
+            if missing:
+                raise ValueError(
+                    f"point {i} lacks {missing[:3]}, which another point gives; every vertex "
+                    "needs the same entries (take them all from state dicts of one architecture)."
+                )
+        for k in keys:
+            base[k] = torch.zeros_like(base[k])
+        return keys
+
     @staticmethod
     def _set_flags(module: nn.Module, bn: str) -> None:
         """Eval mode everywhere; with ``bn="batch"`` BatchNorm uses batch statistics."""
@@ -387,7 +415,10 @@ class Evaluator(PlanTuner, StemTerms):
         Returns:
             ``{metric: (P,) float64 array}``; non-finite losses are NaN.
         """
-        c = torch.as_tensor(np.asarray(coeffs, dtype=np.float64)).reshape(-1, len(self.dirs))
+        width = len(self.dirs) - self.barycentric
+        c = torch.as_tensor(np.asarray(coeffs, dtype=np.float64)).reshape(-1, width)
+        if self.barycentric:
+            c = torch.cat([c, 1.0 - c.sum(1, keepdim=True)], 1)
         c = c.to(self.device)
         self._enter()
         try:

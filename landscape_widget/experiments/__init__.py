@@ -1,5 +1,7 @@
 """Paper-level recipes built on the core engine (see ../../shared/DESIGN.md).
 
+- :mod:`.optimizers`, :mod:`.runs`, :mod:`.runs_figure`, :mod:`.triangle`: optimizer
+  comparisons from one start, switching and planes through three models (Im et al. 2016).
 - :mod:`.masks`, :mod:`.plane`, :mod:`.mpo`, :mod:`.pattern_fit`: multi-point optimisation
   (Skorokhodov & Burtsev 2019).
 """

@@ -1,0 +1,265 @@
+"""Train one architecture with several optimizers from one start (Im, Tao & Branson 2016).
+
+PAPERS (b) B1: every optimizer starts from the same ``theta_0`` (same bytes), sees the same
+mini-batches in the same order and the same dropout masks (the global RNG is reseeded per
+step inside ``torch.random.fork_rng``, so the caller's RNG is untouched), and a checkpoint is
+kept at every epoch (epoch 0 is ``theta_0``). B4 switching continues from another run's
+checkpoint with a fresh optimizer on the remaining epochs of the same batch schedule.
+
+The analyses (distances, functional difference, basin size, planes, the table figure) live in
+:mod:`.runs`.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..core.data import as_tensors
+from ..core.params import check_module, model_device
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+
+
+@dataclass
+class Run:
+    """One optimizer's training run.
+
+    Attributes:
+        name: The run's name (an optimizer's key, or ``"adam5-sgd15"`` for a switch).
+        checkpoints: ``state_dict`` copies (CPU) after each epoch; ``[0]`` is ``theta_0``.
+        history: Per epoch (from 0): ``"train_loss"`` (mean over the epoch's batches, NaN at
+            epoch 0), ``"test_loss"`` and ``"test_accuracy"`` when test data was given.
+        batch_log: SHA-256 of the sample indices of every step, in order: equal across
+            runs when they saw the same batches.
+        init: SHA-256 of ``theta_0``'s bytes.
+        switched: ``(from_run, at_epoch)`` for a switched run, else ``None``.
+        diverged: The epoch at which the loss became non-finite (training stopped), or None.
+    """
+
+    name: str
+    checkpoints: list[dict[str, Tensor]]
+    history: dict[str, list[float]]
+    batch_log: str = ""
+    init: str = ""
+    switched: tuple[str, int] | None = None
+    diverged: int | None = None
+    optimizer: str = ""
+    _steps: list = field(default_factory=list, repr=False)
+
+
+def state_hash(state: Mapping[str, Tensor]) -> str:
+    """SHA-256 of a state dict's names, dtypes, shapes and bytes."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _cpu_state(model: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def _initial_model(model_fn, seed: int) -> nn.Module:
+    if isinstance(model_fn, nn.Module):
+        return copy.deepcopy(model_fn)  # the user's module is only read
+    if not callable(model_fn):
+        raise TypeError(
+            "model_fn must be a zero-argument callable that builds the network (e.g. "
+            f"lambda: lw.demo.mlp(seed=None)) or an nn.Module; got {type(model_fn).__name__}."
+        )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_fn()
+    check_module(model, "model_fn()")
+    return model
+
+
+def _make_optimizer(name: str, factory, model: nn.Module) -> torch.optim.Optimizer:
+    if not callable(factory):
+        raise TypeError(
+            f"optimizers[{name!r}] must build an optimizer from parameters, e.g. "
+            "functools.partial(torch.optim.SGD, lr=0.1) or lambda p: torch.optim.Adam(p, 1e-3)."
+        )
+    opt = factory(model.parameters())
+    if not isinstance(opt, torch.optim.Optimizer):
+        raise TypeError(
+            f"optimizers[{name!r}](params) returned {type(opt).__name__}, not a "
+            "torch.optim.Optimizer."
+        )
+    return opt
+
+
+class Schedule:
+    """The shared batch order and per-step dropout seeds of a comparison.
+
+    Args:
+        n: Number of training samples.
+        batch_size: Samples per step; the last, smaller batch of an epoch is kept.
+        epochs: Number of epochs.
+        seed: Seed of the order and of the dropout masks.
+    """
+
+    def __init__(self, n: int, batch_size: int, epochs: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        self.orders = [torch.randperm(n, generator=g) for _ in range(epochs)]
+        self.batch_size = batch_size
+        self.seed = seed
+        self.steps_per_epoch = -(-n // batch_size)
+
+    def batches(self, epoch: int):
+        """``(global_step, indices)`` of every step of ``epoch`` (0-based)."""
+        order = self.orders[epoch]
+        for i, start in enumerate(range(0, order.numel(), self.batch_size)):
+            yield epoch * self.steps_per_epoch + i, order[start : start + self.batch_size]
+
+    def step_seed(self, step: int) -> int:
+        """The RNG seed for ``step``'s forward pass (dropout), the same in every run."""
+        return (self.seed * 1_000_003 + step) % (2**63)
+
+
+def _evaluate(model: nn.Module, x: Tensor, y: Tensor, loss_fn, batch: int = 1024
+              ) -> tuple[float, float]:
+    """Mean loss and accuracy in eval mode (training flags restored)."""
+    was = model.training
+    model.eval()
+    total = correct = 0.0
+    with torch.no_grad():
+        for s in range(0, x.shape[0], batch):
+            out = model(x[s : s + batch])
+            total += float(loss_fn(out, y[s : s + batch])) * out.shape[0]
+            if out.dim() == 2 and y.dim() == 1:
+                correct += float((out.argmax(1) == y[s : s + batch]).sum())
+    model.train(was)
+    return total / x.shape[0], correct / x.shape[0]
+
+
+def train_run(run: Run, model: nn.Module, optimizer: torch.optim.Optimizer,
+              schedule: Schedule, epochs: range, data: tuple[Tensor, Tensor],
+              test: tuple[Tensor, Tensor] | None, loss_fn, bar=None) -> None:
+    """Train ``model`` (ours, a copy) over ``epochs`` of ``schedule``, appending to ``run``."""
+    x, y = data
+    digest = hashlib.sha256(run.batch_log.encode())
+    model.train()
+    for epoch in epochs:
+        losses = []
+        for step, idx in schedule.batches(epoch):
+            digest.update(idx.numpy().tobytes())
+            idx = idx.to(x.device)
+            with torch.random.fork_rng(devices=_rng_devices(x)):
+                torch.manual_seed(schedule.step_seed(step))
+                loss = loss_fn(model(x[idx]), y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            if bar is not None:
+                bar.update(1)
+        mean = float(np.mean(losses))
+        if not np.isfinite(mean):
+            run.diverged = epoch + 1
+            warnings.warn(
+                f"{run.name}: the training loss became non-finite in epoch {epoch + 1}; the run "
+                "stops there (lower its learning rate).", RuntimeWarning, stacklevel=3)
+            break
+        run.history["train_loss"].append(mean)
+        _log_test(run, model, test, loss_fn)
+        run.checkpoints.append(_cpu_state(model))
+    run.batch_log = digest.hexdigest()
+
+
+def _log_test(run: Run, model: nn.Module, test, loss_fn) -> None:
+    if test is not None:
+        tl, ta = _evaluate(model, *test, loss_fn)
+        run.history["test_loss"].append(tl)
+        run.history["test_accuracy"].append(ta)
+
+
+def _rng_devices(x: Tensor) -> list:
+    return [x.device] if x.device.type == "cuda" else []
+
+
+def compare_optimizers(model_fn, train_data, optimizers: Mapping[str, OptimizerFactory], *,
+                       epochs: int = 10, batch_size: int = 128, seed: int = 0, test_data=None,
+                       loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+                       progress: bool = True):
+    """Train one architecture with each optimizer from a shared start and batch order.
+
+    PAPERS (b) B1. Each run trains its own copy of ``theta_0`` (made once, from ``seed``),
+    visits the same mini-batches in the same order and draws the same dropout masks, and
+    keeps a checkpoint after every epoch. Re-run with another ``seed`` for another
+    initialisation (and batch order).
+
+    Args:
+        model_fn: Zero-argument callable returning a freshly initialised network (called
+            once, with the RNG seeded from ``seed``), or an ``nn.Module`` to start from
+            (copied, never modified).
+        train_data: ``(inputs, targets)`` tensors, a ``Dataset`` or a ``DataLoader``; held in
+            memory on the model's device.
+        optimizers: ``{name: factory}``, each ``factory(params)`` returning an optimizer,
+            e.g. ``{"sgd": functools.partial(torch.optim.SGD, lr=0.1)}``.
+        epochs: Epochs per run.
+        batch_size: Samples per step (the last, smaller batch of an epoch is used too).
+        seed: Seed of ``theta_0``, of the batch order and of the dropout masks.
+        test_data: Optional held-out data, evaluated after every epoch.
+        loss_fn: ``loss_fn(outputs, targets)``, mean over the batch; cross-entropy by default.
+        progress: Show a tqdm bar over all steps.
+
+    Returns:
+        An :class:`~landscape_widget.experiments.runs.OptimizerRuns`.
+    """
+    from .runs import OptimizerRuns
+
+    if not isinstance(optimizers, Mapping) or not optimizers:
+        raise TypeError("optimizers must be a non-empty dict {name: factory(params)}.")
+    for name in optimizers:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"optimizer names must be non-empty strings, got {name!r}.")
+    for what, v in (("epochs", epochs), ("batch_size", batch_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{what} must be an int >= 1, got {v!r}.")
+    init = _initial_model(model_fn, seed)
+    device = model_device(init)
+    loss_fn = loss_fn if loss_fn is not None else F.cross_entropy
+    x, y = (t.to(device) for t in as_tensors(train_data))
+    test = None if test_data is None else tuple(t.to(device) for t in as_tensors(test_data))
+    schedule = Schedule(int(x.shape[0]), batch_size, epochs, seed)
+    runs = OptimizerRuns(init, (x, y), test, dict(optimizers), schedule, loss_fn, epochs)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(optimizers) * epochs * schedule.steps_per_epoch, unit="step",
+                   desc="training")
+    try:
+        for name, factory in optimizers.items():
+            runs.train(name, factory, bar=bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    return runs
+
+
+def new_run(name: str, init_state: dict[str, Tensor], test_logged: bool) -> Run:
+    """An empty run whose epoch 0 is ``init_state``."""
+    history = {"train_loss": [float("nan")]}
+    if test_logged:
+        history.update(test_loss=[], test_accuracy=[])
+    return Run(name, [init_state], history, init=state_hash(init_state))
+
+
+def model_at(template: nn.Module, state: dict[str, Tensor]) -> nn.Module:
+    """A copy of ``template`` holding ``state``, in eval mode."""
+    model = copy.deepcopy(template)
+    model.load_state_dict(state)
+    return model.eval()

@@ -1,0 +1,294 @@
+"""What to do with a set of optimizer runs (Im, Tao & Branson 2016, PAPERS (b) B2–B7)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..core.data import as_tensors
+from ..core.directions import interpolation_direction, random_directions
+from ..core.evaluate import Evaluator
+from ..core.landscape import compute_curve
+from ..core.surface import Curve
+from .optimizers import (
+    Run,
+    Schedule,
+    _cpu_state,
+    _log_test,
+    _make_optimizer,
+    model_at,
+    new_run,
+    train_run,
+)
+from .triangle import TriangleSurface, triangle_surface
+
+
+class OptimizerRuns:
+    """Runs of several optimizers from one ``theta_0`` (see :func:`compare_optimizers`).
+
+    ``runs["adam"]`` is the final model of the Adam run (a fresh copy each time, in eval
+    mode); :attr:`runs` holds the :class:`~landscape_widget.experiments.optimizers.Run`
+    records (checkpoints and per-epoch logs).
+
+    Attributes:
+        runs: ``{name: Run}`` in training order; switched runs are added by :meth:`switch`.
+        epochs: Epochs per run.
+        schedule: The shared batch order and dropout seeds.
+    """
+
+    def __init__(self, init: nn.Module, data: tuple[Tensor, Tensor], test, factories: dict,
+                 schedule: Schedule, loss_fn, epochs: int):
+        self._init = init
+        self.data = data
+        self.test = test
+        self.factories = factories
+        self.schedule = schedule
+        self.loss_fn = loss_fn
+        self.epochs = epochs
+        self.runs: dict[str, Run] = {}
+
+    # --- training ---------------------------------------------------------------------
+    def train(self, name: str, factory, bar=None) -> Run:
+        """Train (or re-train) the run ``name`` from ``theta_0`` with ``factory``."""
+        model = copy.deepcopy(self._init)
+        optimizer = _make_optimizer(name, factory, model)
+        run = new_run(name, _cpu_state(model), self.test is not None)
+        run.optimizer = repr(factory)
+        _log_test(run, model, self.test, self.loss_fn)
+        train_run(run, model, optimizer, self.schedule, range(self.epochs), self.data,
+                  self.test, self.loss_fn, bar)
+        self.runs[name] = run
+        return run
+
+    def switch(self, a: str, b: str, at_epoch: int, *, optimizer=None,
+               progress: bool = False) -> Run:
+        """Run ``a`` for ``at_epoch`` epochs, then a fresh optimizer ``b`` to the end (B4).
+
+        The weights at the switch are run ``a``'s checkpoint, bit for bit; the new optimizer
+        has no state (no momentum, no moment estimates). The remaining epochs use the same
+        batches and dropout masks as every other run. The run is named
+        ``f"{a}{k}-{b}{T - k}"`` (PROPOSAL for the paper's "A200-S...").
+
+        Args:
+            a: The first run's name.
+            b: The second optimizer: a name in ``optimizers``.
+            at_epoch: ``k``, with ``1 <= k < epochs``.
+            optimizer: A factory to use instead of ``optimizers[b]``.
+            progress: Show a tqdm bar.
+
+        Returns:
+            The new :class:`Run` (also in :attr:`runs`).
+        """
+        run_a = self._run(a)
+        factory = optimizer if optimizer is not None else self.factories.get(b)
+        if factory is None:
+            raise KeyError(f"No optimizer named {b!r}; choose one of {list(self.factories)} or "
+                           "pass optimizer=factory.")
+        if isinstance(at_epoch, bool) or not isinstance(at_epoch, int) or not (
+                1 <= at_epoch < self.epochs):
+            raise ValueError(f"at_epoch must be an int in [1, {self.epochs - 1}], got "
+                             f"{at_epoch!r}.")
+        if at_epoch >= len(run_a.checkpoints):
+            raise ValueError(f"run {a!r} stopped (diverged) before epoch {at_epoch}.")
+        name = f"{a}{at_epoch}-{b}{self.epochs - at_epoch}"
+        model = model_at(self._init, run_a.checkpoints[at_epoch]).train()
+        opt = _make_optimizer(b, factory, model)
+        run = Run(name, list(run_a.checkpoints[: at_epoch + 1]),
+                  {k: list(v[: at_epoch + 1]) for k, v in run_a.history.items()},
+                  init=run_a.init, switched=(a, at_epoch), optimizer=repr(factory))
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=(self.epochs - at_epoch) * self.schedule.steps_per_epoch,
+                       unit="step", desc=name)
+        try:
+            train_run(run, model, opt, self.schedule, range(at_epoch, self.epochs), self.data,
+                      self.test, self.loss_fn, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        self.runs[name] = run
+        return run
+
+    # --- access -----------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        """The runs' names, in training order."""
+        return list(self.runs)
+
+    def _run(self, name: str) -> Run:
+        if name not in self.runs:
+            raise KeyError(f"No run named {name!r}; the runs are {self.names}.")
+        return self.runs[name]
+
+    def __getitem__(self, name: str) -> nn.Module:
+        return self.model(name)
+
+    def model(self, name: str, epoch: int = -1) -> nn.Module:
+        """A copy of the network of run ``name`` after ``epoch`` (default: the last one)."""
+        return model_at(self._init, self._run(name).checkpoints[epoch])
+
+    def initial_model(self) -> nn.Module:
+        """A copy of ``theta_0``, the shared start."""
+        return model_at(self._init, self._init.state_dict())
+
+    def __repr__(self) -> str:
+        rows = []
+        for name, run in self.runs.items():
+            last = run.history.get("test_accuracy") or [float("nan")]
+            rows.append(f"{name}: train loss {run.history['train_loss'][-1]:.4f}, "
+                        f"test acc {last[-1]:.4f}")
+        return f"OptimizerRuns({self.epochs} epochs; " + "; ".join(rows) + ")"
+
+    # --- analyses ---------------------------------------------------------------------
+    def distance_from_init(self) -> dict[str, dict[str, np.ndarray]]:
+        """Per run, per epoch: ``||theta_e - theta_0||`` and ``||theta_e||`` (B5, PROPOSAL).
+
+        Parameters only (buffers such as BatchNorm statistics are not weights); float64.
+
+        Returns:
+            ``{name: {"epoch": (E+1,), "distance": (E+1,), "norm": (E+1,)}}``; distance
+            starts at 0.
+        """
+        keys = [k for k, _ in self._init.named_parameters()]
+        out = {}
+        for name, run in self.runs.items():
+            start = run.checkpoints[0]
+            dist, norm = [], []
+            for state in run.checkpoints:
+                dist.append(np.sqrt(sum(float(((state[k].double() - start[k].double()) ** 2)
+                                              .sum()) for k in keys)))
+                norm.append(np.sqrt(sum(float((state[k].double() ** 2).sum()) for k in keys)))
+            out[name] = {"epoch": np.arange(len(run.checkpoints)),
+                         "distance": np.array(dist), "norm": np.array(norm)}
+        return out
+
+    def _data(self, data):
+        if data is None:
+            return self.test if self.test is not None else self.data
+        device = self.data[0].device
+        return tuple(t.to(device) for t in as_tensors(data))
+
+    def functional_difference(self, data=None, names: Sequence[str] | None = None
+                              ) -> dict[tuple[str, str], dict[str, float]]:
+        """How differently pairs of final models predict (B6, PROPOSAL).
+
+        Args:
+            data: Where to compare; the test data by default (else the training data).
+            names: Runs to compare (all by default).
+
+        Returns:
+            ``{(a, b): {...}}`` for every pair ``a`` before ``b``, with ``"disagreement"``
+            (fraction of samples whose argmax differs), ``"symmetric_kl"`` (mean over
+            samples of ``KL(p_a||p_b) + KL(p_b||p_a)`` of the softmax outputs, nats),
+            ``"ensemble_accuracy"`` (argmax of the averaged probabilities), and each model's
+            own ``"accuracy_a"``, ``"accuracy_b"``.
+        """
+        x, y = self._data(data)
+        names = list(names) if names is not None else self.names
+        logp = {}
+        for n in names:
+            with torch.no_grad():
+                out = torch.cat([self.model(n)(x[s : s + 1024]) for s in range(0, len(x), 1024)])
+            logp[n] = F.log_softmax(out.double(), dim=1)
+        result = {}
+        for i, a in enumerate(names):
+            for b in names[i + 1 :]:
+                la, lb = logp[a], logp[b]
+                pa, pb = la.exp(), lb.exp()
+                kl = ((pa * (la - lb)).sum(1) + (pb * (lb - la)).sum(1)).mean()
+                ens = ((pa + pb) / 2).argmax(1)
+                result[(a, b)] = {
+                    "disagreement": float((la.argmax(1) != lb.argmax(1)).double().mean()),
+                    "symmetric_kl": float(kl),
+                    "ensemble_accuracy": float((ens == y).double().mean()),
+                    "accuracy_a": float((la.argmax(1) == y).double().mean()),
+                    "accuracy_b": float((lb.argmax(1) == y).double().mean()),
+                }
+        return result
+
+    def basin_size(self, directions: int = 20, *, radii=(0.0, 2.0, 41), delta: float = 0.1,
+                   norm: str | None = "filter", data=None, seed: int = 0,
+                   names: Sequence[str] | None = None) -> dict[str, dict]:
+        """How far the loss stays within ``delta`` of the minimum (B7, PROPOSAL).
+
+        For each final model ``theta*`` and each of ``directions`` random directions ``d``
+        (filter-normalised by default; ``norm="weight"``/``None`` as variants), ``r*`` is the
+        first ``r`` of ``numpy.linspace(*radii)`` with ``L(theta* + r d) > L(theta*) + delta``,
+        or ``inf`` if the loss never rises that much in range. All points of one model go
+        through one engine call.
+
+        Args:
+            directions: ``K``, the number of random directions per model.
+            radii: ``(start, stop, num)``; must start at 0.
+            delta: The loss rise that ends the basin.
+            norm: Direction normalisation (see :func:`~landscape_widget.random_direction`).
+            data: Where to measure the loss; the training data by default.
+            seed: Seed of the directions (the same seeds for every model).
+            names: Runs to measure (all by default).
+
+        Returns:
+            ``{name: {"r": (K,) array, "median": float, "iqr": (q25, q75)}}``.
+        """
+        r = np.linspace(*radii)
+        if r.size < 2 or r[0] != 0:
+            raise ValueError(f"radii must be (0, stop, num) with num >= 2, got {radii!r}.")
+        if isinstance(directions, bool) or not isinstance(directions, int) or directions < 1:
+            raise ValueError(f"directions must be an int >= 1, got {directions!r}.")
+        data = self.data if data is None else self._data(data)
+        k = directions
+        coeffs = np.zeros((k * r.size, k))
+        for j in range(k):
+            coeffs[j * r.size : (j + 1) * r.size, j] = r
+        out = {}
+        for name in names if names is not None else self.names:
+            model = self.model(name)
+            dirs = random_directions(model, k, norm=norm, seed=seed)
+            loss = Evaluator(model, data, dirs, loss_fn=self.loss_fn, metrics=("loss",)
+                             ).evaluate(coeffs)["loss"].reshape(k, r.size)
+            above = loss > loss[:, :1] + delta
+            first = np.where(above.any(1), r[np.argmax(above, 1)], np.inf)
+            q25, med, q75 = np.percentile(first, [25, 50, 75])
+            out[name] = {"r": first, "median": float(med), "iqr": (float(q25), float(q75))}
+        return out
+
+    def interpolate(self, a: str, b: str, *, x=(-0.5, 1.5, 81), progress: bool = False
+                    ) -> dict[str, Curve]:
+        """Loss along ``(1 - alpha) theta_a + alpha theta_b`` (B2), train and test.
+
+        Returns:
+            ``{"train": Curve, "test": Curve}`` (``"test"`` only with test data).
+        """
+        ma, mb = self.model(a), self.model(b)
+        d = interpolation_direction(ma, mb)
+        out = {"train": compute_curve(ma, self.data, direction=d, x=x, loss_fn=self.loss_fn,
+                                      progress=progress)}
+        if self.test is not None:
+            out["test"] = compute_curve(ma, self.test, direction=d, x=x,
+                                        loss_fn=self.loss_fn, progress=progress)
+        return out
+
+    def triangle(self, a: str, b: str, c: str | None = None, *, data=None, **options
+                 ) -> TriangleSurface:
+        """The plane through runs ``a``, ``b`` and ``c`` (B3); ``c=None`` is ``theta_0``.
+
+        ``options`` go to :func:`~landscape_widget.triangle_surface` (``resolution``,
+        ``margin``, ``progress``...). The training data by default.
+        """
+        third = self.initial_model() if c is None else self.model(c)
+        data = self.data if data is None else self._data(data)
+        options.setdefault("loss_fn", self.loss_fn)
+        return triangle_surface(self.model(a), self.model(b), third, data,
+                                names=[a, b, "init" if c is None else c], **options)
+
+    def figure(self, names: Sequence[str] | None = None, **options):
+        """The comparison table (see :func:`~landscape_widget.experiments.runs_figure.table`)."""
+        from .runs_figure import table
+
+        return table(self, names=names, **options)
