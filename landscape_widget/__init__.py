@@ -31,8 +31,12 @@ from .experiments import (
     ternary_mask,
     text_mask,
 )
+from .experiments.curves import SHAPE_X, SHAPES, CurveShape, classify_curve
+from .experiments.mining import mine_direction, mine_plane, rayleigh_quotient
 from .experiments.optimizers import compare_optimizers
+from .experiments.permute import permutation_direction
 from .experiments.runs import OptimizerRuns
+from .experiments.side import side_direction
 from .experiments.triangle import TriangleSurface, triangle_surface
 from .magic import load_ipython_extension
 from .widget import LandscapeWidget
@@ -79,6 +83,16 @@ __all__ = [
     "OptimizerRuns",
     "triangle_surface",
     "TriangleSurface",
+    # curve shapes and mined directions (Li, Li & Zhan 2024)
+    "classify_curve",
+    "CurveShape",
+    "SHAPES",
+    "SHAPE_X",
+    "mine_direction",
+    "mine_plane",
+    "permutation_direction",
+    "side_direction",
+    "rayleigh_quotient",
     # the live widget and the %landscape notebook extension
     "LandscapeWidget",
     "load_ipython_extension",

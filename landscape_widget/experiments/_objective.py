@@ -1,0 +1,198 @@
+"""Private helpers of the mined directions: the functional loss around theta, and Adam.
+
+See :mod:`.mining` for the conventions (functional evaluation, eval mode, BatchNorm).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from ..core.data import as_tensors
+from ..core.directions import random_directions
+from ..core.params import (
+    Params,
+    buffers_of,
+    check_module,
+    evaluation_copy,
+    model_device,
+    parameters_of,
+)
+
+Callback = Callable[[int, int, float], None]
+
+
+class _Objective:
+    """``L(theta + shift)`` on minibatches or on all data, through ``functional_call``.
+
+    Args:
+        model: The model (never written to).
+        data: ``(inputs, targets)``, a ``Dataset`` or a ``DataLoader``.
+        loss_fn: Mean loss of a batch; cross-entropy by default.
+        bn: ``"eval"`` or ``"batch"``.
+        ignore: ``"biasbn"``: directions live on tensors of dim > 1; ``None``: on all.
+        device: Where to compute (default: the model's device).
+    """
+
+    def __init__(self, model: nn.Module, data, *, loss_fn: Callable | None, bn: str,
+                 ignore: str | None, device=None):
+        check_module(model)
+        if data is None:
+            raise ValueError("no data: pass the training data as data=(inputs, targets) (or a "
+                             "Dataset/DataLoader); the loss along a direction needs samples.")
+        if bn not in ("eval", "batch"):
+            raise ValueError(f"bn={bn!r}: choose 'eval' (running statistics) or 'batch'.")
+        if ignore not in ("biasbn", None):
+            raise ValueError(f"ignore={ignore!r}: choose 'biasbn' (directions on weights of "
+                             "dim > 1) or None (all parameters).")
+        self.model, self.bn, self.ignore = model, bn, ignore
+        self.device = torch.device(device) if device is not None else model_device(model)
+        self.module = evaluation_copy(model)
+        self._shared = self.module is model  # deepcopy refused: flags switched per session
+        params = {k: v.to(self.device) for k, v in parameters_of(model).items()}
+        self.theta = params
+        self.keys = [k for k, v in params.items() if ignore is None or v.dim() > 1]
+        if not self.keys:
+            raise ValueError("the model has no parameters of dim > 1 to move; pass "
+                             "ignore=None.")
+        self.buffers = {k: v.to(self.device) for k, v in buffers_of(model).items()}
+        self.dtype = next(iter(params.values())).dtype
+        x, y = as_tensors(data)
+        if torch.is_floating_point(x):
+            x = x.to(self.dtype)
+        self.x, self.y = x.to(self.device), y.to(self.device)
+        self.n = int(self.x.shape[0])
+        self.loss_fn = loss_fn if loss_fn is not None else F.cross_entropy
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        """Eval mode (and batch-statistics BN) for the block, on the copy if there is one."""
+        saved = [(m, m.training, getattr(m, "track_running_stats", None))
+                 for m in self.module.modules()]
+        self.module.eval()
+        if self.bn == "batch":
+            for m in self.module.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    # No tracking: F.batch_norm gets no running buffers, so nothing is updated.
+                    m.train()
+                    m.track_running_stats = False
+        try:
+            yield
+        finally:
+            if self._shared:
+                for m, training, track in saved:
+                    m.training = training
+                    if track is not None:
+                        m.track_running_stats = track
+
+    def loss(self, shift: Params, x: Tensor, y: Tensor) -> Tensor:
+        """Mean loss of ``theta + shift`` on ``(x, y)``; differentiable in ``shift``."""
+        p = {**self.buffers, **self.theta}
+        for k, s in shift.items():
+            p[k] = self.theta[k] + s
+        return self.loss_fn(functional_call(self.module, p, (x,)), y)
+
+    def full_loss(self, shift: Params, chunk: int = 2048) -> Tensor:
+        """Mean loss over all data (chunks weighted by size); differentiable in ``shift``."""
+        total = 0.0
+        for s in range(0, self.n, chunk):
+            xb, yb = self.x[s:s + chunk], self.y[s:s + chunk]
+            total = total + self.loss(shift, xb, yb) * (xb.shape[0] / self.n)
+        return total
+
+    def batches(self, batch_size: int, seed: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """Endless minibatches: epochs of a private seeded permutation (all data if small)."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}.")
+        return self._batches(batch_size, torch.Generator().manual_seed(seed))
+
+    def _batches(self, batch_size: int, gen: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
+        while True:
+            if batch_size >= self.n:
+                yield self.x, self.y
+                continue
+            order = torch.randperm(self.n, generator=gen).to(self.device)
+            # An epoch's last, smaller batch is skipped: every step averages batch_size
+            # samples, so the objective's noise is the same at every step.
+            for s in range(0, self.n - batch_size + 1, batch_size):
+                idx = order[s:s + batch_size]
+                yield self.x[idx], self.y[idx]
+
+    def start(self, count: int, seed: int, scale: float) -> list[Params]:
+        """``count`` filter-normalised Gaussian directions times ``scale``, on the keys."""
+        dirs = random_directions(self.model, count, norm="filter", ignore=self.ignore, seed=seed)
+        return [{k: (scale * d[k]).to(self.device, self.dtype) for k in self.keys} for d in dirs]
+
+    def direction(self, d: Params) -> Params:
+        """A full direction dict (zeros off the keys) on each parameter's device and dtype."""
+        out = {}
+        for k, p in parameters_of(self.model).items():
+            out[k] = d[k].detach().to(p.device, p.dtype).clone() if k in d else torch.zeros_like(p)
+        return out
+
+
+def _norm(d: Params) -> Tensor:
+    return torch.sqrt(sum((v.double() ** 2).sum() for v in d.values()))
+
+
+def _dot(a: Params, b: Params) -> Tensor:
+    return sum((a[k].double() * b[k].double()).sum() for k in a)
+
+
+def _check_common(steps, scale, lr, seed) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be an int >= 0, got {steps!r}.")
+    for name, value in (("scale", scale), ("lr", lr)):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+            raise ValueError(f"{name} must be a positive number, got {value!r}.")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}.")
+
+
+def _adam(leaves: list[Params], objective: Callable[[int], Tensor],
+          project: Callable[[], None], *, steps: int, lr: float, desc: str, progress: bool,
+          cancel: threading.Event | None, callback: Callback | None) -> int:
+    """Adam on the direction tensors, projecting after every step; returns steps taken.
+
+    ``cancel`` is checked before every step: the directions are then those after the last
+    completed (and projected) step, so a cancelled run still satisfies the norm constraint.
+    """
+    tensors = [t for d in leaves for t in d.values()]
+    for t in tensors:
+        t.requires_grad_(True)
+    opt = torch.optim.Adam(tensors, lr=lr)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc=desc, unit="step")
+    done = 0
+    try:
+        for step in range(1, steps + 1):
+            if cancel is not None and cancel.is_set():
+                break
+            opt.zero_grad(set_to_none=True)
+            loss = objective(step)
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                project()
+            done = step
+            value = float(loss.detach())
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix_str(f"objective {value:.4g}", refresh=False)
+            if callback is not None:
+                callback(step, steps, value)
+    finally:
+        if bar is not None:
+            bar.close()
+        for t in tensors:
+            t.requires_grad_(False)
+    return done

@@ -1,0 +1,104 @@
+"""The v-side direction: straight downhill from theta (Li, Li & Zhan 2024, PAPERS.md (d) 2).
+
+Evaluation follows :mod:`.mining`: ``functional_call`` on a copy, eval mode, the model
+untouched.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..core.params import Params
+from ._objective import _norm, _Objective
+
+
+def side_direction(model: nn.Module, data, *, at: float = 0.75, ignore: str | None = "biasbn",
+                   loss_fn: Callable | None = None, bn: str = "eval", device=None) -> Params:
+    """A v-side direction: straight downhill, scaled so the minimum lies at ``alpha = at``.
+
+    ``d`` is parallel to ``-grad L(theta)`` (over all data; on weights of dim > 1 with
+    ``ignore="biasbn"``). A line search finds ``t*``, the first minimum of
+    ``L(theta - t g/||g||)``; then ``d = -(t* / at) g/||g||``, so the curve's minimum sits at
+    ``alpha = at`` and ``theta`` is on its slope.
+
+    PAPERS.md (d) step 2 proposes scaling ``-grad L`` to a filter-normalised norm. At a
+    converged checkpoint the minimum along that much longer direction is at ``|alpha|`` of
+    a few hundredths: a v-basin to the eye and to :func:`classify_curve`. Scaling by the
+    line search gives a v-side at any checkpoint, trained or not.
+
+    The line search doubles ``t`` from ``1e-4 ||theta||`` until the loss rises (at most up
+    to ``||theta||``, the size of the weights themselves), then refines ``t*`` by golden
+    section to 1e-3 relative.
+
+    Args:
+        model: The model (never modified).
+        data: Training ``(inputs, targets)``, a ``Dataset`` or a ``DataLoader``.
+        at: Where the minimum should lie on the curve (``> 0``; the v-side bound of
+            :func:`classify_curve` is 0.25).
+        ignore: ``"biasbn"`` (weights of dim > 1 only) or ``None`` (all parameters).
+        loss_fn: Mean loss of a batch; cross-entropy by default.
+        bn: ``"eval"`` or ``"batch"``.
+        device: Where to compute.
+
+    Returns:
+        A direction dict keyed like ``model.named_parameters()``.
+
+    Raises:
+        ValueError: If the gradient is zero (``theta`` is a stationary point: no downhill)
+            or the settings are bad.
+    """
+    if isinstance(at, bool) or not isinstance(at, int | float) or not at > 0:
+        raise ValueError(f"at must be a positive number (where the minimum lies), got {at!r}.")
+    obj = _Objective(model, data, loss_fn=loss_fn, bn=bn, ignore=ignore, device=device)
+    with obj.session():
+        zero = {k: torch.zeros_like(obj.theta[k], requires_grad=True) for k in obj.keys}
+        with torch.enable_grad():
+            grads = torch.autograd.grad(obj.full_loss(zero), list(zero.values()))
+        g = dict(zip(obj.keys, grads, strict=True))
+        gnorm = _norm(g).item()
+        if not gnorm > 0 or not math.isfinite(gnorm):
+            raise ValueError(f"the gradient at theta has norm {gnorm}: theta is a stationary "
+                             "point (or the loss is not finite), so there is no downhill side.")
+        unit = {k: -t / gnorm for k, t in g.items()}
+
+        @torch.no_grad()
+        def line(t: float) -> float:
+            return float(obj.full_loss({k: t * v for k, v in unit.items()}))
+
+        t_star = _line_search(line, float(_norm({k: obj.theta[k] for k in obj.keys})))
+    return obj.direction({k: v * (t_star / at) for k, v in unit.items()})
+
+
+def _line_search(f: Callable[[float], float], size: float) -> float:
+    """The first local minimum of ``f`` on ``t > 0`` (``f`` decreasing at 0), up to ``size``."""
+    f0 = f(0.0)
+    lo, t, ft = 0.0, 1e-4 * size, f(1e-4 * size)
+    if not ft < f0:
+        return t  # not even a tiny step helps: the minimum is (numerically) at theta
+    prev = lo
+    while True:
+        nxt = min(2 * t, size)
+        fn = f(nxt)
+        if not fn < ft or nxt >= size:
+            if fn < ft:
+                return nxt  # still descending at the cap: the minimum lies beyond it
+            lo, hi = prev, nxt
+            break
+        prev, t, ft = t, nxt, fn
+    ratio = (math.sqrt(5) - 1) / 2
+    a, b = lo + (1 - ratio) * (hi - lo), lo + ratio * (hi - lo)
+    fa, fb = f(a), f(b)
+    while hi - lo > 1e-3 * hi:
+        if fa <= fb:
+            hi, b, fb = b, a, fa
+            a = lo + (1 - ratio) * (hi - lo)
+            fa = f(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + ratio * (hi - lo)
+            fb = f(b)
+    return (lo + hi) / 2

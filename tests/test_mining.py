@@ -1,0 +1,273 @@
+"""PAPERS.md (d1)-(d7) on the calibration model, and the mining API (Li, Li & Zhan 2024).
+
+The model is PAPERS' calibration MLP (conftest ``trained_digits_mlp``: 64-32-10, Adam 1e-2,
+300 steps of batch 128 on 1400 digits; train loss 0.0276 as in PAPERS (d2)/(d3)). Losses
+at the checked points are computed here with a plain ``functional_call`` over all data,
+not through the library's engine, and the thresholds are those of PAPERS (d1)-(d7).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from cases import classification_data, reinit
+from conftest import report
+from torch import nn
+from torch.func import functional_call
+
+import landscape_widget as lw
+
+
+@pytest.fixture(scope="module")
+def setup(trained_digits_mlp):
+    model, data = trained_digits_mlp
+    params = {k: p.detach() for k, p in model.named_parameters()}
+
+    @torch.no_grad()
+    def loss(d: dict | None = None, a: float = 0.0) -> float:
+        p = {k: v + a * d[k] for k, v in params.items()} if d else params
+        return float(F.cross_entropy(functional_call(model, p, (data[0],)), data[1]))
+
+    return model, data, loss
+
+
+@pytest.fixture(scope="module")
+def w_peak(setup):
+    model, data, _ = setup
+    return lw.mine_direction(model, data, "w-peak", seed=0, progress=False)
+
+
+def _norm(d: dict) -> float:
+    return float(torch.sqrt(sum((v.double() ** 2).sum() for v in d.values())))
+
+
+def test_d1_gaussian_directions_give_v_basins(setup):
+    model, data, loss = setup
+    shapes, centred, ratios = [], 0, []
+    for d in lw.random_directions(model, 10, seed=0):
+        a = np.linspace(-1, 1, 41)
+        f = np.array([loss(d, x) for x in a])
+        centred += abs(a[f.argmin()]) <= 0.05
+        ratios.append(min(f[0], f[-1]) / f[20])
+        shapes.append(lw.classify_curve(lw.compute_curve(
+            model, data, direction=d, x=lw.SHAPE_X, progress=False)).shape)
+    report(f"(d1) argmin |alpha|<=0.05 in {centred}/10, min L(+-1)/L(0) = {min(ratios):.0f}, "
+           f"shapes {sorted(set(shapes))}")
+    assert centred >= 9 and min(ratios) > 10
+    assert shapes.count("v-basin") >= 9
+
+
+def test_d2_permutation_w_basin(setup):
+    model, data, loss = setup
+    d = lw.permutation_direction(model, seed=0)
+    a = np.linspace(0, 1, 21)
+    f = np.array([loss(d, x) for x in a])
+    report(f"(d2) ends {f[0]:.4f} / {f[-1]:.4f}, peak {f.max():.3f} at alpha={a[f.argmax()]:.2f}")
+    assert abs(f[0] - f[-1]) < 1e-6
+    assert f.max() > 2 * f[0]
+    curve = lw.compute_curve(model, data, direction=d, x=lw.SHAPE_X, progress=False)
+    assert lw.classify_curve(curve).shape == "w-basin"
+
+
+def test_d3_mined_w_peak(setup, w_peak):
+    model, data, loss = setup
+    a = np.linspace(-1, 1, 41)
+    f = np.array([loss(w_peak, x) for x in a])
+    report(f"(d3) L(0) {f[20]:.4f}, L(+1) {f[-1]:.4f}, L(-1) {f[0]:.4f}, "
+           f"argmax on [-1, 1] at {a[f.argmax()]:+.2f}")
+    assert f[0] < f[20] and f[-1] < f[20]
+    assert abs(a[f.argmax()]) <= 0.25
+    curve = lw.compute_curve(model, data, direction=w_peak, x=lw.SHAPE_X, progress=False)
+    assert lw.classify_curve(curve).shape == "w-peak"
+
+
+def test_d4_mined_vvv_basin(setup):
+    model, data, loss = setup
+    d = lw.mine_direction(model, data, "vvv-basin", seed=0, progress=False)
+    f = {a: loss(d, a) for a in (-1, -0.5, 0, 0.5, 1)}
+    ratio = min(f[-0.5], f[0.5]) / max(f[0], f[-1], f[1])
+    report("(d4) L at -1, -.5, 0, .5, 1 = " + ", ".join(f"{v:.3f}" for v in f.values())
+           + f"; min L(+-.5) / max L(0, +-1) = {ratio:.1f}")
+    assert ratio > 10
+    curve = lw.compute_curve(model, data, direction=d, x=lw.SHAPE_X, progress=False)
+    assert lw.classify_curve(curve).shape == "vvv-basin"
+
+
+def test_d5_curvature_signs(setup, w_peak):
+    model, data, _ = setup
+    gauss = [lw.rayleigh_quotient(model, data, d) for d in lw.random_directions(model, 20,
+                                                                                seed=1)]
+    mined = lw.rayleigh_quotient(model, data, w_peak)
+    report(f"(d5) 20 Gaussian quotients {min(gauss):.2e}..{max(gauss):.2e}; "
+           f"mined w-peak {mined:.2e}")
+    assert min(gauss) > 0
+    assert mined < 0
+
+
+def test_d6_saddle(setup):
+    model, data, loss = setup
+    u, v = lw.mine_plane(model, data, "saddle", seed=0, progress=False)
+    assert abs(sum(float((u[k] * v[k]).sum()) for k in u)) < 1e-5 * _norm(u) ** 2
+    assert _norm(u) == pytest.approx(_norm(v), rel=1e-5)
+    l0, lu, lv = loss(), (loss(u, 1), loss(u, -1)), (loss(v, 1), loss(v, -1))
+    report(f"(d6) L(+-u) {lu[0]:.3f} / {lu[1]:.3f} > L0 {l0:.4f} > "
+           f"L(+-v) {lv[0]:.4f} / {lv[1]:.4f}")
+    assert min(lu) > l0 > max(lv)
+    surface = lw.compute_surface(model, data, directions=(u, v), x=(-1, 1, 5), y=(-1, 1, 5),
+                                 progress=False)
+    assert surface.loss[2, 2] == pytest.approx(l0, abs=1e-5)
+
+
+def test_d7_wine_bottle(setup):
+    model, data, loss = setup
+    u, v = lw.mine_plane(model, data, "wine-bottle", seed=0, progress=False)
+    l0 = loss()
+    rings = {}
+    for r in (1.0, 0.5):
+        rings[r] = [loss({k: np.cos(p) * u[k] + np.sin(p) * v[k] for k in u}, r)
+                    for p in np.arange(12) * np.pi / 6]
+    report(f"(d7) L0 {l0:.4f}; ring r=1 {min(rings[1.0]):.4f}-{max(rings[1.0]):.4f}, "
+           f"r=0.5 max {max(rings[0.5]):.4f}")
+    assert max(rings[1.0]) < l0 and max(rings[0.5]) < l0
+
+
+def test_v_side_direction(setup):
+    model, data, loss = setup
+    d = lw.side_direction(model, data)
+    curve = lw.compute_curve(model, data, direction=d, x=lw.SHAPE_X, progress=False)
+    r = lw.classify_curve(curve)
+    report(f"v-side: minimum at alpha={r.minima[0].alpha:.2f}, L {r.minima[0].loss:.4f} "
+           f"< L0 {r.theta_loss:.4f}")
+    assert r.shape == "v-side" and abs(r.minima[0].alpha - 0.75) <= 0.1
+    assert loss(d, 0.75) < loss() < loss(d, -0.75)
+    # An unconverged checkpoint, and another target position.
+    early = lw.demo.mlp(seed=1)
+    lw.demo.train(early, data, steps=20, seed=1)
+    d = lw.side_direction(early, data, at=0.5)
+    r = lw.classify_curve(lw.compute_curve(early, data, direction=d, x=lw.SHAPE_X,
+                                           progress=False))
+    assert r.shape == "v-side" and abs(r.minima[0].alpha - 0.5) <= 0.1
+
+
+def test_side_direction_errors(setup):
+    model, data, _ = setup
+    with pytest.raises(ValueError, match="at must be a positive"):
+        lw.side_direction(model, data, at=0)
+    with pytest.raises(ValueError, match="no data"):
+        lw.side_direction(model, None)
+    # theta at a stationary point: zero weights and biases give a zero weight gradient.
+    zero = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    for p in zero.parameters():
+        nn.init.zeros_(p)
+    with pytest.raises(ValueError, match="stationary"):
+        lw.side_direction(zero, classification_data(10, (3,), 2, seed=0))
+
+
+# --- the mining API ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def small():
+    model = reinit(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)), 12).eval()
+    return model, classification_data(60, (6,), 3, seed=25)
+
+
+def test_mined_directions_fit_the_model_and_the_engine(small):
+    model, data = small
+    d = lw.mine_direction(model, data, "w-peak", steps=5, progress=False)
+    names = dict(model.named_parameters())
+    assert list(d) == list(names) and all(d[k].shape == names[k].shape for k in d)
+    assert all(float(d[k].abs().sum()) == 0 for k in d if names[k].dim() == 1)  # biasbn
+    r0 = _norm(lw.random_direction(model, seed=0))
+    assert _norm(d) == pytest.approx(0.5 * r0, rel=1e-5)
+    v = lw.mine_direction(model, data, "vvv-basin", steps=2, progress=False)
+    assert _norm(v) == pytest.approx(1.0 * r0, rel=1e-5)
+    lw.compute_curve(model, data, direction=d, x=(-1, 1, 5), progress=False)
+    u, w = lw.mine_plane(model, data, "wine-bottle", steps=5, progress=False)
+    assert abs(sum(float((u[k] * w[k]).sum()) for k in u)) < 1e-5 * _norm(u) ** 2
+    assert _norm(u) == pytest.approx(_norm(w), rel=1e-5) == pytest.approx(0.5 * r0, rel=1e-5)
+    lw.compute_surface(model, data, directions=(u, w), x=(-1, 1, 3), y=(-1, 1, 3),
+                       progress=False)
+    d_all = lw.mine_direction(model, data, steps=2, ignore=None, progress=False)
+    assert all(float(d_all[k].abs().sum()) > 0 for k in d_all)
+
+
+def test_mining_is_deterministic(small):
+    model, data = small
+    kw = {"steps": 6, "progress": False, "batch_size": 16}
+    a = lw.mine_direction(model, data, seed=3, **kw)
+    b = lw.mine_direction(model, data, seed=3, **kw)
+    c = lw.mine_direction(model, data, seed=4, **kw)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+    p = lw.mine_plane(model, data, "wine-bottle", seed=3, **kw)
+    q = lw.mine_plane(model, data, "wine-bottle", seed=3, **kw)
+    assert all(torch.equal(x[k], y[k]) for x, y in zip(p, q, strict=True) for k in x)
+
+
+def test_callback_and_cancel(small):
+    model, data = small
+    seen = []
+    lw.mine_direction(model, data, steps=4, progress=False,
+                      callback=lambda s, t, v: seen.append((s, t, v)))
+    assert [(s, t) for s, t, _ in seen] == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert all(isinstance(v, float) and np.isfinite(v) for _, _, v in seen)
+
+    cancel = threading.Event()
+    steps = []
+
+    def stop_at_3(step, total, value):
+        steps.append(step)
+        if step == 3:
+            cancel.set()
+
+    d = lw.mine_direction(model, data, steps=50, progress=False, cancel=cancel,
+                          callback=stop_at_3)
+    assert steps == [1, 2, 3]
+    # The cancelled result is the 3-step result, on the constraint.
+    ref = lw.mine_direction(model, data, steps=3, progress=False)
+    assert all(torch.equal(d[k], ref[k]) for k in d)
+    # Cancelled before the first step: the start direction, scaled.
+    cancel = threading.Event()
+    cancel.set()
+    d0 = lw.mine_direction(model, data, steps=50, progress=False, cancel=cancel)
+    start = lw.random_direction(model, seed=0)
+    assert all(torch.allclose(d0[k], 0.5 * start[k]) for k in d0)
+
+
+def test_progress_bar(small, capsys):
+    model, data = small
+    lw.mine_direction(model, data, steps=3, progress=True)
+    assert "mining w-peak" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda m, d: lw.mine_direction(m, d, "w-basin"), "permutation_direction"),
+    (lambda m, d: lw.mine_direction(m, d, "v-side"), "side_direction"),
+    (lambda m, d: lw.mine_direction(m, d, "w_peak"), "choose one of"),
+    (lambda m, d: lw.mine_direction(m, None), "no data"),
+    (lambda m, d: lw.mine_direction(m, d, steps=-1), "steps"),
+    (lambda m, d: lw.mine_direction(m, d, scale=0), "scale"),
+    (lambda m, d: lw.mine_direction(m, d, lr=-1.0), "lr"),
+    (lambda m, d: lw.mine_direction(m, d, bn="train"), "bn="),
+    (lambda m, d: lw.mine_direction(m, d, ignore="bias"), "ignore="),
+    (lambda m, d: lw.mine_direction(m, d, batch_size=0, steps=1), "batch_size"),
+    (lambda m, d: lw.mine_plane(m, d, "bowl"), "saddle"),
+    (lambda m, d: lw.mine_plane(m, d, "wine-bottle", angles=0), "angles"),
+])
+def test_mining_errors(small, call, match):
+    model, data = small
+    with pytest.raises(ValueError, match=match):
+        call(model, data)
+
+
+def test_mining_type_errors(small):
+    model, data = small
+    with pytest.raises(TypeError, match="seed"):
+        lw.mine_direction(model, data, seed=1.5)
+    with pytest.raises(TypeError, match="nn.Module"):
+        lw.mine_direction("model", data)
+    with pytest.raises(TypeError, match="data must be"):
+        lw.mine_plane(model, [1, 2, 3])
