@@ -64,8 +64,8 @@ def table(runs, names: Sequence[str] | None = None, *, resolution: int = 10,
             _note(fig, n, i, j, f"disagree {100 * d['disagreement']:.1f}%<br>"
                                 f"sym KL {d['symmetric_kl']:.3g}<br>"
                                 f"ensemble {100 * d['ensemble_accuracy']:.1f}%")
-    fig.update_xaxes(visible=False, range=[-0.45, 1.45])
-    fig.update_yaxes(visible=False, range=[-0.35, 1.2])
+    fig.update_xaxes(visible=False, range=[-1.5 * margin - 0.2, 1 + 1.5 * margin + 0.2])
+    fig.update_yaxes(visible=False, range=[-0.87 * margin - 0.12, 0.87 * (1 + 2 * margin) + 0.1])
     fig.update_layout(width=size * n + 120, height=size * n + 60, plot_bgcolor="white",
                       title="Optimizers from one start: planes through (row, column, θ0) "
                             "below, functional difference above")

@@ -171,11 +171,20 @@ class TriangleSurface:
         import plotly.graph_objects as go
 
         fig = go.Figure(triangle_traces(self, metric=metric, log=log))
+        m = float(self.spec.get("margin", 0.0))
         fig.update_layout(
             title=title or f"{metric} on the plane through {', '.join(self.names)}",
-            width=620, height=560, xaxis={"visible": False},
-            yaxis={"visible": False, "scaleanchor": "x"}, plot_bgcolor="white")
+            width=620, height=560, plot_bgcolor="white",
+            # The region's bounding box with room for the names (the mask would widen it).
+            xaxis={"visible": False, "range": [-1.5 * m - 0.25, 1 + 1.5 * m + 0.25]},
+            yaxis={"visible": False, "scaleanchor": "x",
+                   "range": [-m * CORNERS[1, 1] - 0.1, (1 + 2 * m) * CORNERS[1, 1] + 0.1]})
         return fig
+
+
+def _cartesian(ab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Drawing coordinates of ``(alpha, beta)`` rows (model 3 at the origin)."""
+    return ab[:, 0] + ab[:, 1] / 2, ab[:, 1] * CORNERS[1, 1]
 
 
 def triangle_traces(tri: TriangleSurface, *, metric: str = "loss", log: bool | None = None,
@@ -221,27 +230,31 @@ def triangle_traces(tri: TriangleSurface, *, metric: str = "loss", log: bool | N
                          colorbar={"title": ("log10 " if log else "") + metric}),
     ]
     # Contours on a carpet extend over the NaN corner beyond alpha + beta = 1 + margin;
-    # paint that corner of the carpet over in the background colour.
+    # paint that corner over in the background colour, reaching a little past the carpet
+    # (else its anti-aliased edge shows the colours below).
     m = float(tri.spec.get("margin", 0.0))
-    top = float(axis[-1])
-    corner = np.array([[1 + m - (-m), -m], [top, -m], [top, top], [-m, top], [-m, 1 + m + m]])
-    cx = corner[:, 0] + corner[:, 1] / 2
-    cy = corner[:, 1] * CORNERS[1, 1]
+    e, top = 0.05, float(axis[-1])
+    lo, hi = -m - e, top + e
+    corner = np.array([[1 + 2 * m + e, lo], [hi, lo], [hi, hi], [lo, hi], [lo, 1 + 2 * m + e]])
+    cx, cy = _cartesian(corner)
     traces.append(go.Scatter(x=np.r_[cx, cx[:1]], y=np.r_[cy, cy[:1]], fill="toself",
-                             fillcolor="white", mode="lines", line={"width": 0},
+                             fillcolor="white", mode="lines", line={"width": 0, "color": "white"},
                              hoverinfo="skip", showlegend=False, xaxis=xaxis, yaxis=yaxis))
     ring = np.vstack([CORNERS, CORNERS[:1]])
     traces.append(go.Scatter(x=ring[:, 0], y=ring[:, 1], mode="lines", showlegend=False,
                              line={"color": "white", "width": 1.5}, hoverinfo="skip",
                              xaxis=xaxis, yaxis=yaxis))
-    labels = [f"{n}<br>{metric} {tri.loss_at_model(i, metric):.3g}"
+    labels = [f"{n}<br>{metric} {tri.loss_at_model(i, metric):.4g}"
               for i, n in enumerate(tri.names)]
-    traces.append(go.Scatter(x=CORNERS[:, 0], y=CORNERS[:, 1], mode="markers+text",
-                             text=tri.names, textposition=["bottom right", "top center",
-                                                           "bottom left"],
+    traces.append(go.Scatter(x=CORNERS[:, 0], y=CORNERS[:, 1], mode="markers",
                              hovertext=labels, hoverinfo="text", showlegend=False,
                              marker={"symbol": "x", "size": 10, "color": "red"},
                              xaxis=xaxis, yaxis=yaxis))
+    # The names go at the region's outer corners, on white, where contours cannot hide them.
+    ox, oy = _cartesian(np.array([[1 + 2 * m, -m], [-m, 1 + 2 * m], [-m, -m]]))
+    traces.append(go.Scatter(x=ox, y=oy, mode="text", text=tri.names, showlegend=False,
+                             textposition=["bottom center", "top center", "bottom center"],
+                             hoverinfo="skip", cliponaxis=False, xaxis=xaxis, yaxis=yaxis))
     return traces
 
 
