@@ -67,6 +67,7 @@ bench: $(BENCH_STAMP)  ## Install the peer libraries and run the benchmarks.
 	$(BIN)/python benchmarks/run.py --json benchmarks/results/latest.json
 	$(BIN)/python benchmarks/mpo.py --json benchmarks/results/mpo.json
 	$(BIN)/python benchmarks/hessian.py --dense --json benchmarks/results/hessian.json
+	$(BIN)/python benchmarks/executor.py --json benchmarks/results/executor.json
 
 lint: venv  ## ruff check.
 	$(BIN)/ruff check .

@@ -15,6 +15,7 @@ from .core.directions import (
     random_direction,
     random_directions,
 )
+from .core.distributed import local_gpu_executor
 from .core.evaluate import Evaluator
 from .core.grid import MAX_AXIS_POINTS, MAX_GRID_POINTS
 from .core.hessian import TraceEstimate, hessian_density, hessian_eigenpairs, hessian_trace
@@ -55,6 +56,7 @@ __all__ = [
     "iter_tiles",
     "TileStream",
     "Evaluator",
+    "local_gpu_executor",
     "MAX_AXIS_POINTS",
     "MAX_GRID_POINTS",
     # results

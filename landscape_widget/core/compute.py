@@ -122,7 +122,7 @@ def _reuse(job: _Job, reuse, metrics: Sequence[str]) -> None:
 
 
 def _prepare(model, data, *, directions, axes_spec, loss_fn, metrics, bn, device, seed,
-             reuse, keep_directions, evaluator_options) -> _Job:
+             reuse, keep_directions, evaluator_options, make_evaluator=None) -> _Job:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
     names = ["x"] if len(axes_spec) == 1 else ["y", "x"]
@@ -135,8 +135,10 @@ def _prepare(model, data, *, directions, axes_spec, loss_fn, metrics, bn, device
     points = bool((evaluator_options or {}).get("barycentric"))
     dirs, kind = _resolve_directions(model, directions, len(axes), seed, points)
     # Surfaces are (ny, nx) with d1 along x: evaluator coefficient j goes with directions[j].
-    evaluator = Evaluator(model, data, dirs, loss_fn=loss_fn, metrics=metrics, bn=bn,
-                          device=device, **(evaluator_options or {}))
+    # make_evaluator: a stand-in whose tiles run on an executor (core/distributed.py).
+    evaluator = (make_evaluator or Evaluator)(model, data, dirs, loss_fn=loss_fn,
+                                              metrics=metrics, bn=bn, device=device,
+                                              **(evaluator_options or {}))
     spec = {
         "x": list(axes_spec[-1]) if len(axes) == 2 else list(axes_spec[0]),
         "y": list(axes_spec[0]) if len(axes) == 2 else None,
@@ -151,7 +153,8 @@ def _prepare(model, data, *, directions, axes_spec, loss_fn, metrics, bn, device
         "directions": fingerprint(
             {f"{i}/{k}": v for i, d in enumerate(dirs) for k, v in d.items()}
         ),
-        "data": fingerprint({"x": evaluator.x, "y": evaluator.y}),
+        "data": getattr(evaluator, "data_fingerprint", None)
+        or fingerprint({"x": evaluator.x, "y": evaluator.y}),
         "n_samples": evaluator.n,
         "device": str(evaluator.device),
     }

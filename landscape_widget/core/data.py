@@ -24,6 +24,15 @@ def _as_pair(batch, where: str) -> tuple[Tensor, Tensor]:
     return x, y
 
 
+def is_data_fn(data) -> bool:
+    """Whether ``data`` is a zero-argument callable that returns the data (a ``data_fn``).
+
+    Datasets, loaders and modules (a model passed as data by mistake) never count as one.
+    """
+    kinds = (Dataset, DataLoader, Tensor, tuple, list, torch.nn.Module)
+    return callable(data) and not isinstance(data, kinds)
+
+
 def as_tensors(data) -> tuple[Tensor, Tensor]:
     """Collect ``data`` into one ``(inputs, targets)`` pair of tensors.
 
@@ -31,7 +40,9 @@ def as_tensors(data) -> tuple[Tensor, Tensor]:
         data: An ``(inputs, targets)`` pair of tensors (or arrays), a map-style ``Dataset``
             of ``(input, target)`` items, or a ``DataLoader``. A loader is iterated once;
             random augmentation or shuffling is frozen at that pass, so every grid point is
-            evaluated on exactly the same samples.
+            evaluated on exactly the same samples. A zero-argument callable returning one
+            of these (a ``data_fn``) is called here, once per call; it lets the workers of
+            an executor load the data themselves (see ``core/distributed.py``).
 
     Returns:
         ``(inputs, targets)`` with the samples along dim 0 (not yet moved to a device).
@@ -40,6 +51,11 @@ def as_tensors(data) -> tuple[Tensor, Tensor]:
         TypeError: If the data is of an unsupported form.
         ValueError: If it holds no samples, or inputs and targets disagree in length.
     """
+    if is_data_fn(data):
+        loaded = data()
+        if is_data_fn(loaded):
+            raise TypeError("data_fn returned another callable; it must return the data itself.")
+        return as_tensors(loaded)
     if isinstance(data, DataLoader):
         xs, ys = [], []
         for batch in data:
@@ -66,8 +82,8 @@ def as_tensors(data) -> tuple[Tensor, Tensor]:
         x, y = _as_pair(data, "data")
     else:
         raise TypeError(
-            f"data must be an (inputs, targets) pair of tensors, a Dataset or a DataLoader; "
-            f"got {type(data).__name__}."
+            f"data must be an (inputs, targets) pair of tensors, a Dataset, a DataLoader or a "
+            f"zero-argument function returning one; got {type(data).__name__}."
         )
     if x.dim() == 0 or y.dim() == 0:
         raise ValueError("inputs and targets need a sample dimension (dim 0).")

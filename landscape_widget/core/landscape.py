@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Iterator, Sequence
 
@@ -46,7 +47,9 @@ class TileStream:
         return int(np.prod(self.shape))
 
     def __iter__(self) -> Iterator[Tile]:
-        for tile in _tiles(self._job, self._tile_points, self._cancel):
+        # An evaluator whose tiles run on an executor (core/distributed.py) brings its loop.
+        run = getattr(self.evaluator, "run_tiles", _tiles)
+        for tile in run(self._job, self._tile_points, self._cancel):
             for m, v in tile.values.items():
                 self.arrays[m].reshape(-1)[tile.flat] = v
             self.evaluated += tile.evaluated
@@ -93,6 +96,7 @@ def iter_tiles(
     cancel: threading.Event | None = None,
     keep_directions: bool = True,
     evaluator_options: dict | None = None,
+    executor=None,
 ) -> TileStream:
     """Set up a surface (or, with ``y=None``, a curve) to be computed tile by tile.
 
@@ -100,7 +104,8 @@ def iter_tiles(
 
     Args:
         model: The model; never modified.
-        data: ``(inputs, targets)`` tensors, a ``Dataset`` or a ``DataLoader``.
+        data: ``(inputs, targets)`` tensors, a ``Dataset``, a ``DataLoader``, or a
+            zero-argument function returning one (called once).
         directions: ``(d1, d2)`` for a surface, ``d`` (or ``[d]``) for a curve; ``None``
             draws filter-normalised random directions from ``seed``.
         x: ``(start, stop, num)`` of the first coordinate (along ``d1``).
@@ -118,14 +123,27 @@ def iter_tiles(
         keep_directions: Keep the directions (on the CPU) in the result.
         evaluator_options: Extra keywords for the engine (``strategy``, ``memory_budget``,
             ``batch_size``).
+        executor: A ``dask.distributed.Client`` or any ``concurrent.futures.Executor``:
+            tiles are computed by its workers and yielded as they finish (see
+            ``core/distributed.py``). ``data`` may then be a ``data_fn``, a picklable
+            zero-argument function that returns the data on each worker; ``device`` is the
+            workers' device (default: their GPU if any). The result's
+            ``spec["executor"]`` counts tiles, workers and ``lost_tiles`` (recomputed after
+            a worker died).
 
     Returns:
         A :class:`TileStream`.
     """
     axes_spec = [x] if y is None else [y, x]
+    make_evaluator = None
+    if executor is not None:
+        from .distributed import RemoteEvaluator
+
+        make_evaluator = functools.partial(RemoteEvaluator, executor)
     job = _prepare(model, data, directions=directions, axes_spec=axes_spec, loss_fn=loss_fn,
                    metrics=metrics, bn=bn, device=device, seed=seed, reuse=reuse,
-                   keep_directions=keep_directions, evaluator_options=evaluator_options)
+                   keep_directions=keep_directions, evaluator_options=evaluator_options,
+                   make_evaluator=make_evaluator)
     return TileStream(job, tile_points, cancel)
 
 
@@ -169,7 +187,8 @@ def compute_surface(
 
     Args:
         model: The model; never modified.
-        data: ``(inputs, targets)`` tensors, a ``Dataset`` or a ``DataLoader``.
+        data: ``(inputs, targets)`` tensors, a ``Dataset``, a ``DataLoader``, or a
+            zero-argument function returning one (with ``executor``, called on the workers).
         directions: ``(d1, d2)``; by default two filter-normalised random directions (bias
             and BatchNorm entries zero) drawn from ``seed``.
         x: ``(start, stop, num)`` for ``a``, as in ``numpy.linspace``. ``"auto"``:
@@ -184,7 +203,8 @@ def compute_surface(
         seed: Seed for the default random directions.
         reuse: A previous :class:`Surface` whose coinciding points are reused.
         **options: Passed to :func:`iter_tiles` (``tile_points``, ``cancel``,
-            ``keep_directions``, ``evaluator_options``).
+            ``keep_directions``, ``evaluator_options``, ``executor``: a Dask client or
+            ``concurrent.futures`` executor whose workers compute the tiles).
 
     Returns:
         A :class:`Surface` with ``.x`` (nx,), ``.y`` (ny,), ``.loss`` and ``.accuracy``
@@ -234,7 +254,8 @@ def compute_curve(
 
     Args:
         model: The model; never modified.
-        data: ``(inputs, targets)`` tensors, a ``Dataset`` or a ``DataLoader``.
+        data: ``(inputs, targets)`` tensors, a ``Dataset``, a ``DataLoader``, or a
+            zero-argument function returning one (with ``executor``, called on the workers).
         direction: A direction dict (e.g. :func:`random_direction` or
             :func:`interpolation_direction`); by default a filter-normalised random one.
         x: ``(start, stop, num)``, as in ``numpy.linspace``.
@@ -245,7 +266,7 @@ def compute_curve(
         progress: Show a tqdm progress bar.
         seed: Seed for the default random direction.
         reuse: A previous :class:`Curve` whose coinciding points are reused.
-        **options: Passed to :func:`iter_tiles`.
+        **options: Passed to :func:`iter_tiles` (``executor`` included).
 
     Returns:
         A :class:`Curve` with ``.x``, ``.loss`` and ``.accuracy``.

@@ -1,0 +1,202 @@
+"""What runs on the workers of an executor: the job's payload, its caches, the tasks.
+
+The client side (scheduling, failures, cancel) is :mod:`.distributed`; this module holds
+what a worker process imports to run a tile, and what is pickled for it. The payload is
+pickled once on the client (with cloudpickle where installed, so models, losses and
+``data_fn`` defined in a notebook travel by value) and keyed by a hash of its bytes; a
+worker process keeps the last two evaluators and the last data set, so a later job with
+the same model, directions and data rebuilds nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import ctypes
+import dataclasses
+import hashlib
+import os
+import pickle
+import socket
+import threading
+import time
+from collections import OrderedDict
+
+import numpy as np
+import torch
+from torch import nn
+
+from .compute import fingerprint
+from .data import as_tensors
+from .evaluate import Evaluator
+from .params import model_device
+from .tuning import Plan, _remember
+
+try:
+    import cloudpickle as _pickler
+except ImportError:  # pragma: no cover - cloudpickle comes with dask
+    _pickler = pickle
+
+
+class MissingPayload(RuntimeError):
+    """A worker got a task naming a payload it does not hold (the client then resends it)."""
+
+
+# --- what travels --------------------------------------------------------------------------
+def _cpu_module(model: nn.Module) -> nn.Module:
+    """The model itself if it is on the CPU, else a copy with CPU tensors.
+
+    ``deepcopy`` with every parameter and buffer pre-mapped to a CPU copy keeps tied
+    weights tied and allocates no GPU memory; the user's module is not modified.
+    """
+    if model_device(model).type == "cpu":
+        return model
+    memo: dict[int, object] = {id(b): b.detach().cpu() for b in model.buffers()}
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(p.detach().cpu(), requires_grad=p.requires_grad)
+    return copy.deepcopy(model, memo)
+
+
+def _dumps(obj, what: str, fix: str) -> bytes:
+    try:
+        return _pickler.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as err:  # noqa: BLE001 - pickling raises many types
+        raise TypeError(
+            f"{what} cannot be sent to the executor's workers ({type(err).__name__}: {err}). "
+            f"{fix}"
+        ) from err
+
+
+def _digest(blob: bytes) -> str:
+    return hashlib.blake2b(blob, digest_size=12).hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class Payload:
+    """What a worker needs to build the evaluator of a job.
+
+    Attributes:
+        key: Hash of ``blob``, the evaluator's cache key on workers.
+        data_key: Hash of ``data_blob``, the data's cache key.
+        blob: Pickled ``(model, directions, options)``; ``None`` in a bare reference.
+        data_blob: Pickled data or ``data_fn``; ``None`` in a bare reference.
+        threads: ``torch.set_num_threads`` for the worker (``None``: leave it).
+    """
+
+    key: str
+    data_key: str
+    blob: bytes | None
+    data_blob: bytes | None
+    threads: int | None = None
+
+    def bare(self) -> Payload:
+        """The same reference without the bytes."""
+        return dataclasses.replace(self, blob=None, data_blob=None)
+
+
+def make_payload(model: nn.Module, data, directions, options: dict,
+                 threads: int | None = None) -> Payload:
+    """Pickle a job once; what cannot travel gets an error that names the fix."""
+    data_blob = _dumps(
+        data, "data",
+        "Pass data_fn instead: a zero-argument function defined at module level that "
+        "returns (inputs, targets) on the worker, e.g. by loading the data set from disk.",
+    )
+    if options.get("loss_fn") is not None:
+        _dumps(options["loss_fn"], "loss_fn", "Define loss_fn as a module-level function.")
+    dirs = [{k: v.detach().cpu() for k, v in d.items()} for d in directions]
+    blob = _dumps(
+        (_cpu_module(model), dirs, options), "the model",
+        "Define its class in an importable module (or a notebook cell) and remove "
+        "unpicklable attributes such as open files, locks or hooks that capture them.",
+    )
+    return Payload(_digest(blob), _digest(data_blob), blob, data_blob, threads)
+
+
+# --- worker side ---------------------------------------------------------------------------
+_EVALUATORS: OrderedDict[str, tuple[Evaluator, threading.Lock]] = OrderedDict()
+_DATA: OrderedDict[str, tuple] = OrderedDict()
+_CACHE_LOCK = threading.Lock()
+
+
+def _worker_name() -> str:
+    try:
+        from distributed import get_worker
+
+        return get_worker().address
+    except (ImportError, ValueError):
+        return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _undo_malloc_trim() -> None:
+    """Give glibc back large heap reuse in a Dask worker (once per process).
+
+    Dask's nannies start workers with ``MALLOC_TRIM_THRESHOLD_=65536`` so that freed memory
+    returns to the OS. Setting it also freezes glibc's mmap threshold at 128 KiB, so every
+    activation buffer of a forward pass is mmap-ed, page-faulted and unmapped again: the
+    benchmark CNN ran 3.3x slower. Raising both thresholds (to glibc's own dynamic maxima)
+    restores the speed; a worker then keeps up to 64 MiB of freed heap.
+    """
+    global _MALLOC_DONE
+    if _MALLOC_DONE or "MALLOC_TRIM_THRESHOLD_" not in os.environ:
+        return
+    _MALLOC_DONE = True
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: nothing to undo
+        pass
+
+
+_MALLOC_DONE = False
+
+
+def _evaluator(payload: Payload) -> tuple[Evaluator, threading.Lock]:
+    """This process's evaluator of ``payload``: built on its first task, then cached."""
+    with _CACHE_LOCK:
+        if payload.key in _EVALUATORS:
+            _EVALUATORS.move_to_end(payload.key)
+            return _EVALUATORS[payload.key]
+        if payload.blob is None or (payload.data_key not in _DATA and not payload.data_blob):
+            raise MissingPayload(payload.key)
+        if payload.threads:
+            torch.set_num_threads(payload.threads)
+        _undo_malloc_trim()
+        if payload.data_key not in _DATA:
+            _DATA.clear()  # one data set at a time: it may be large
+            _DATA[payload.data_key] = as_tensors(pickle.loads(payload.data_blob))
+        model, dirs, options = pickle.loads(payload.blob)
+        options = dict(options)
+        device = options.pop("device", None)
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        ev = Evaluator(model.to(device), _DATA[payload.data_key], dirs, device=device,
+                       **options)  # model: this process's own unpickled copy
+        _EVALUATORS[payload.key] = (ev, threading.Lock())
+        while len(_EVALUATORS) > 2:
+            _EVALUATORS.popitem(last=False)
+        return _EVALUATORS[payload.key]
+
+
+def probe(payload: Payload) -> dict:
+    """Worker task: build the evaluator (bad input fails here, early) and describe it."""
+    ev, _ = _evaluator(payload)
+    return {"metrics": list(ev.metrics), "n": ev.n, "device": str(ev.device),
+            "data": fingerprint({"x": ev.x, "y": ev.y}), "worker": _worker_name()}
+
+
+def run_tile(payload: Payload, coords: np.ndarray, total: int, plan: Plan | None) -> dict:
+    """Worker task: evaluate the points ``coords`` of a grid of ``total`` points.
+
+    ``plan`` is the one the first tile's worker chose; the others adopt it (through the
+    per-process plan cache the evaluator reads) instead of timing their own.
+    """
+    ev, lock = _evaluator(payload)
+    with lock:  # an evaluator is not thread-safe (plan tuning, stem caches)
+        ev.expected_points = total
+        if plan is not None and ev.plan is None:
+            _remember(ev._plan_key(), plan)
+        t0 = time.perf_counter()
+        values = ev.evaluate(coords)
+        seconds = time.perf_counter() - t0
+        plan = None if ev.plan is None else dataclasses.replace(ev.plan)
+    return {"values": values, "seconds": seconds, "plan": plan, "worker": _worker_name()}

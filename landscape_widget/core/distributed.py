@@ -1,0 +1,370 @@
+"""Tiles on other processes: a Dask ``Client`` or any ``concurrent.futures.Executor``.
+
+``iter_tiles(..., executor=...)`` (so also ``compute_surface``, ``compute_curve`` and the
+widget) ships the local engine instead of replacing it: each worker builds the same
+:class:`~landscape_widget.core.evaluate.Evaluator` once and evaluates tiles with it.
+
+- **Payload, once** (:mod:`._remote`, what workers run). The client pickles (with
+  cloudpickle, so notebook-defined models, losses and ``data_fn`` travel by value) a CPU
+  copy of the model (the user's module is never touched), the directions and the engine
+  options; apart from them the data, or a ``data_fn``: a zero-argument callable that
+  returns the data *on the worker*, so a large data set never crosses the network. Both
+  are keyed by a hash of their bytes and cached per worker process (two evaluators, one
+  data set), so a widget recomputing with the same model and directions rebuilds nothing,
+  and new directions reload no data.
+- **Dask** scatters the payload to every worker once (``broadcast=True``); tile tasks name
+  it as a dependency, so each runs on the copy its worker holds.
+- **Other executors** cannot address workers. Trade-off chosen: the payload rides with the
+  tasks until as many distinct workers as the executor has slots have answered; later
+  tasks carry only the key, and a process without it (a replacement) raises
+  :class:`MissingPayload`, whereupon that tile is sent again with it (``"resent"``).
+- **Order.** Tiles are cut coarse to fine and submitted in that order with two per worker
+  slot in flight, so coarse levels finish first as far as the schedule allows; each is
+  yielded as it finishes. The first tile goes alone: its worker times the engine's plans
+  and the others adopt the winner, so all tiles share one plan (and its rounding).
+  Without ``tile_points`` a tile aims at :data:`TILE_SECONDS` of worker time, measured on
+  the first tiles (more than the local 0.3 s: task overhead).
+- **Failures.** Dask reruns the tasks of a dead worker on the others by itself; the tiles
+  it had (running, queued, or finished but not collected) are counted from the scheduler's
+  ``remove-worker`` events into ``result.spec["executor"]["lost_tiles"]``. A dead process
+  breaks a whole ``ProcessPoolExecutor``; that is reported with Dask as the fix.
+- **Cancel.** Setting ``cancel`` (the widget does) or leaving the loop cancels every
+  outstanding future.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from ._remote import MissingPayload, Payload, make_payload, probe, run_tile
+from .compute import Tile, _coords
+from .grid import progressive_order
+from .tuning import Plan
+
+TILE_SECONDS = 1.0
+"""Worker time a tile aims at when ``tile_points`` is not given."""
+
+POLL_S = 0.05
+"""How often the client looks at ``cancel`` while it waits for tiles."""
+
+
+# --- executors -----------------------------------------------------------------------------
+def executor_kind(executor) -> str:
+    """``"dask"`` for a ``distributed.Client``, ``"concurrent.futures"`` for an executor."""
+    if not callable(getattr(executor, "submit", None)):
+        raise TypeError(
+            "executor must be a dask.distributed.Client or a concurrent.futures.Executor, "
+            f"got {type(executor).__name__}."
+        )
+    dask = callable(getattr(executor, "scatter", None)) and hasattr(executor, "nthreads")
+    return "dask" if dask else "concurrent.futures"
+
+
+class _Futures:
+    """Any ``concurrent.futures.Executor``: payload with the first tasks, then the key."""
+
+    kind = "concurrent.futures"
+
+    def __init__(self, executor):
+        self.executor = executor
+        self.slots = int(getattr(executor, "_max_workers", 0) or os.cpu_count() or 1)
+        self.seen: set[str] = set()  # workers known to hold the payload
+        # Processes of a local pool share its cores: one slot's share each.
+        process = "Process" in type(executor).__name__
+        self.threads = max(1, (os.cpu_count() or 1) // self.slots) if process else None
+
+    def ship(self, payload: Payload) -> Payload:
+        return payload
+
+    def submit(self, fn, payload: Payload, *args, key: str, full: bool = False):
+        ref = payload if full or len(self.seen) < self.slots else payload.bare()
+        return self.executor.submit(fn, ref, *args)
+
+    def cancel(self, futures) -> None:
+        for f in futures:
+            f.cancel()  # a running task finishes in the background; its result is dropped
+
+    def lost(self, keys: set[str]) -> int:
+        return 0
+
+
+class _Dask:
+    """A ``distributed.Client``: payload scattered once, lost tiles from scheduler events."""
+
+    kind = "dask"
+    threads = None  # Dask's nannies start workers with OMP_NUM_THREADS=1
+
+    def __init__(self, client):
+        self.client = client
+        nthreads = client.nthreads()
+        if not nthreads:
+            raise RuntimeError("The Dask cluster has no workers; start some, or wait for them "
+                               "with client.wait_for_workers(n).")
+        self.slots = int(sum(nthreads.values()))
+        self.addresses = set(nthreads)  # whose event topics say which workers died
+        self.seen: set[str] = set()
+        self.polled = time.monotonic()
+
+    def ship(self, payload: Payload):
+        return self.client.scatter(payload, broadcast=True, hash=False)
+
+    def submit(self, fn, shipped, *args, key: str, full: bool = False):
+        return self.client.submit(fn, shipped, *args, key=key, pure=False)
+
+    def cancel(self, futures) -> None:
+        if futures:
+            self.client.cancel(list(futures))
+
+    def lost(self, keys: set[str]) -> int:
+        if not keys:
+            return 0
+        self.addresses |= set(self.client.nthreads()) | self.seen
+        count = 0
+        for address in self.addresses:  # not the "all" topic: some of its events won't pickle
+            try:
+                events = self.client.get_events(address)
+            except Exception:  # noqa: BLE001 - a forgotten worker has no topic
+                continue
+            for _, msg in events:
+                if isinstance(msg, dict) and msg.get("action") == "remove-worker":
+                    for field in ("processing-tasks", "lost-computed-tasks"):
+                        count += len(keys & set(msg.get(field) or ()))
+        return count
+
+
+def _explain(err: BaseException) -> BaseException | None:
+    """A clearer error for an executor's own failures (``None``: re-raise ``err``)."""
+    if type(err).__name__ == "BrokenProcessPool":
+        return RuntimeError(
+            "A process of the ProcessPoolExecutor died (out of memory, or killed), which "
+            "breaks the whole pool. Use a Dask cluster, e.g. Client(LocalCluster(n_workers=2, "
+            "threads_per_worker=1)), to survive it: lost tiles are rerun on other workers."
+        )
+    if type(err).__name__ == "KilledWorker":
+        return RuntimeError(
+            f"A tile killed several Dask workers in a row ({err}); it probably runs out of "
+            "memory: lower evaluator_options={'memory_budget': ...} or tile_points."
+        )
+    return None
+
+
+# --- the client's side ---------------------------------------------------------------------
+class RemoteEvaluator:
+    """Stand-in for an :class:`Evaluator` whose tiles run on an executor's workers.
+
+    ``_prepare`` builds it where it would build a local evaluator, with the same
+    arguments; it ships them, lets one worker build the real evaluator (so bad input
+    fails here, before any tile) and brings its own tile loop, :meth:`run_tiles`.
+
+    Args:
+        executor: A ``dask.distributed.Client`` or a ``concurrent.futures.Executor``.
+        model: The model; never modified (a CPU copy travels).
+        data: The data, or a ``data_fn`` that each worker calls once.
+        directions: The directions (or points) of the grid.
+        device: Where workers compute (default: their GPU if they have one, else the CPU).
+        **options: The other keywords of :class:`Evaluator`.
+    """
+
+    def __init__(self, executor, model: nn.Module, data, directions, *, device=None,
+                 **options):
+        kind = executor_kind(executor)
+        self.backend = _Dask(executor) if kind == "dask" else _Futures(executor)
+        payload = make_payload(model, data, directions, dict(options, device=device),
+                               self.backend.threads)
+        self.shipped = self.backend.ship(payload)
+        info = self.backend.submit(probe, self.shipped, key=f"lw-probe-{uuid.uuid4().hex}",
+                                   full=True).result()
+        self.backend.seen.add(info["worker"])
+        self.metrics = tuple(info["metrics"])
+        self.n, self.device = int(info["n"]), info["device"]
+        self.data_fingerprint = info["data"]
+        self.plan: Plan | None = None
+        self.nonfinite_points = 0
+        self.expected_points = 1 << 30
+        self.seconds_per_point: float | None = None
+        self.workers: set[str] = set()  # those that returned tiles
+
+    def describe(self) -> dict:
+        """The plan of the latest tile, as :meth:`Evaluator.describe` reports it."""
+        return {"device": self.device, "plan": None if self.plan is None else vars(self.plan),
+                "trials": [], "rejected": [], "executor": self.backend.kind}
+
+    def _cuts(self, job, fixed: int | None, window: int) -> Iterator[tuple]:
+        """``(level, flat, todo, values)`` in coarse-to-fine order, sized as they are cut."""
+        shape = tuple(a.size for a in job.axes)
+        total = remaining = int(np.prod(shape))
+        for level, idx in progressive_order(shape):
+            pos = 0
+            while pos < idx.size:
+                if self.seconds_per_point is None:
+                    size = min(64, math.ceil(total / (4 * window)))
+                else:
+                    size = max(int(TILE_SECONDS / max(self.seconds_per_point, 1e-7)),
+                               self.plan.points if self.plan else 1)
+                # The last tiles shrink so that every worker still gets a share.
+                size = max(1, min(size, 4096, math.ceil(remaining / window)))
+                size = int(fixed) if fixed else size
+                flat = idx[pos : pos + size]
+                pos += flat.size
+                remaining -= flat.size
+                values = {m: np.full(flat.size, np.nan) for m in self.metrics}
+                todo = np.ones(flat.size, dtype=bool)
+                if job.known_mask is not None:
+                    todo = ~job.known_mask[flat]
+                    for m in self.metrics:
+                        values[m][~todo] = job.known[m][flat[~todo]]
+                yield level, flat, todo, values
+
+    def run_tiles(self, job, tile_points: int | None,
+                  cancel: threading.Event | None) -> Iterator[Tile]:
+        """The tile loop of ``job`` on the executor, tiles yielded as they finish.
+
+        Args:
+            job: The ``_Job`` prepared with this evaluator.
+            tile_points: Fixed tile size, or ``None`` for about :data:`TILE_SECONDS` each.
+            cancel: Once set, outstanding futures are cancelled and the loop ends.
+
+        Yields:
+            :class:`Tile` objects in completion order (``index`` counts them).
+        """
+        backend = self.backend
+        total = int(np.prod([a.size for a in job.axes]))
+        window = max(2, 2 * backend.slots)
+        cuts = self._cuts(job, tile_points, window)
+        flights: dict[int, tuple] = {}
+        finished: queue.SimpleQueue = queue.SimpleQueue()
+        keys: set[str] = set()
+        ids, run = itertools.count(), uuid.uuid4().hex[:10]
+        stats = {"kind": backend.kind, "slots": backend.slots, "workers": 0, "tiles": 0,
+                 "lost_tiles": 0, "resent": 0}
+        index = done = 0
+
+        def submit(cut, full=False):
+            tid = next(ids)
+            keys.add(f"lw-tile-{run}-{tid}")
+            fut = backend.submit(run_tile, self.shipped, _coords(job.axes, cut[1][cut[2]]),
+                                 total, self.plan, key=f"lw-tile-{run}-{tid}", full=full)
+            flights[tid] = (fut, cut)
+            fut.add_done_callback(lambda _f, tid=tid: finished.put(tid))
+
+        try:
+            while cancel is None or not cancel.is_set():
+                # The first tile goes alone: its worker times the plans, the others adopt
+                # the winner (one timing, not one per worker, and the same arithmetic).
+                limit = window if self.plan is not None or stats["tiles"] else 1
+                while len(flights) < limit and (cut := next(cuts, None)) is not None:
+                    if cut[2].any():
+                        submit(cut)
+                        continue
+                    done += cut[1].size  # every point reused: nothing to send
+                    yield Tile(index, cut[0], cut[1], cut[3], 0, done, total, 0.0)
+                    index += 1
+                if not flights:
+                    return
+                try:
+                    fut, cut = flights.pop(finished.get(timeout=POLL_S))
+                except queue.Empty:
+                    if isinstance(backend, _Dask) and time.monotonic() - backend.polled > 2:
+                        backend.polled = time.monotonic()
+                        backend.addresses |= set(backend.client.nthreads())
+                    continue
+                except KeyError:  # a future that was already dealt with
+                    continue
+                try:
+                    res = fut.result()
+                except MissingPayload:
+                    stats["resent"] += 1
+                    submit(cut, full=True)
+                    continue
+                except BaseException as err:
+                    clearer = _explain(err)
+                    if clearer is None:
+                        raise
+                    raise clearer from err
+                level, flat, todo, values = cut
+                self._record(res, int(todo.sum()))
+                for m in self.metrics:
+                    values[m][todo] = res["values"][m]
+                done += flat.size
+                stats.update(workers=len(self.workers), tiles=stats["tiles"] + 1)
+                job.spec["executor"] = dict(stats)
+                yield Tile(index, level, flat, values, int(todo.sum()), done, total,
+                           res["seconds"])
+                index += 1
+        finally:
+            backend.cancel([f for f, _ in flights.values()])
+            try:
+                stats["lost_tiles"] = backend.lost(keys)
+            except Exception:  # noqa: BLE001 - a closed client: the count is unknown
+                stats["lost_tiles"] = None
+            stats["workers"] = len(self.workers)
+            job.spec["executor"] = stats
+            release = getattr(self.shipped, "release", None)  # Dask: free workers' copies
+            if release is not None:
+                release()
+
+    def _record(self, res: dict, points: int) -> None:
+        self.backend.seen.add(res["worker"])
+        self.workers.add(res["worker"])
+        self.plan = res["plan"] or self.plan
+        if "loss" in res["values"]:
+            self.nonfinite_points += int(np.isnan(res["values"]["loss"]).sum())
+        if points:
+            spp, old = res["seconds"] / points, self.seconds_per_point
+            if old is None and self.plan is not None and self.plan.seconds_per_point > 0:
+                old = spp = self.plan.seconds_per_point  # the first tile's time includes tuning
+            self.seconds_per_point = spp if old is None else 0.5 * (old + spp)
+
+
+def local_gpu_executor(gpus=None, *, threads_per_worker: int = 1,
+                       dashboard_address: str = ":8787", **worker_options):
+    """A Dask client with one worker process per local GPU, each pinned to its device.
+
+    Each worker is a ``distributed.Nanny`` process started with ``CUDA_VISIBLE_DEVICES``
+    set to its GPU, so torch there sees exactly one device (and ``device=None`` uses it).
+    Close with ``client.close(); client.cluster.close()``.
+
+    Args:
+        gpus: GPU indices to use (default: every visible one).
+        threads_per_worker: Tiles a worker runs at once (1: one at a time per GPU).
+        dashboard_address: Where the scheduler serves its dashboard (``":0"``: any port).
+        **worker_options: More ``Nanny`` options (``memory_limit``, ``silence_logs``...).
+
+    Returns:
+        A ``dask.distributed.Client`` on a ``SpecCluster`` of one worker per GPU.
+
+    Raises:
+        RuntimeError: If torch sees no CUDA device, or an index is out of range.
+    """
+    count = torch.cuda.device_count()
+    if count == 0:
+        raise RuntimeError(
+            "local_gpu_executor needs CUDA GPUs, and torch sees none here. For worker "
+            "processes on the CPU use Client(LocalCluster(n_workers=2, threads_per_worker=1))."
+        )
+    gpus = list(range(count)) if gpus is None else [int(g) for g in gpus]
+    bad = [g for g in gpus if not 0 <= g < count]
+    if bad or not gpus:
+        raise RuntimeError(f"GPU indices {bad or gpus} are not among the {count} visible ones.")
+    from distributed import Client, Nanny, Scheduler, SpecCluster
+
+    env = dict(worker_options.pop("env", None) or {})
+    workers = {
+        f"gpu-{g}": {"cls": Nanny, "options": {
+            "nthreads": threads_per_worker, "env": {**env, "CUDA_VISIBLE_DEVICES": str(g)},
+            "resources": {"GPU": 1}, **worker_options}}
+        for g in gpus
+    }
+    scheduler = {"cls": Scheduler, "options": {"dashboard_address": dashboard_address}}
+    return Client(SpecCluster(workers=workers, scheduler=scheduler, name="landscape-gpus"))
