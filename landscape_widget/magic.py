@@ -4,8 +4,10 @@ Load it with ``%load_ext landscape_widget``, then::
 
     %landscape model data
     %landscape model data --model-b model_end --device cuda --resolution 51
+    %landscape sgd data --models sgd,adam,rmsprop
 
-``model`` and ``data`` (and ``--model-b``) are names in the notebook's namespace; data is
+``model`` and ``data`` (and ``--model-b``, ``--models``) are names in the notebook's
+namespace; ``--models`` names the widget's models by their variables' names; data is
 anything :class:`~landscape_widget.LandscapeWidget` accepts (``(inputs, targets)``, a
 ``Dataset``, a ``DataLoader``). ``%landscape?`` shows this help.
 """
@@ -15,8 +17,8 @@ from __future__ import annotations
 import argparse
 import shlex
 
-USAGE = ("%landscape MODEL DATA [--model-b NAME] [--trajectory NAME] [--test-data NAME] "
-         "[--loss-fn NAME] [--device D] [--resolution N]")
+USAGE = ("%landscape MODEL DATA [--model-b NAME] [--models A,B,C] [--trajectory NAME] "
+         "[--test-data NAME] [--loss-fn NAME] [--device D] [--resolution N]")
 
 
 class MagicError(ValueError):
@@ -35,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("data")
     p.add_argument("--model-b", dest="model_b", default=None)
+    p.add_argument("--models", default=None)
     p.add_argument("--trajectory", default=None)
     p.add_argument("--test-data", dest="test_data", default=None)
     p.add_argument("--loss-fn", dest="loss_fn", default=None)
@@ -83,6 +86,11 @@ def widget_from_line(line: str, namespace: dict):
     kwargs = {}
     if args.resolution is not None:
         kwargs["resolution"] = args.resolution
+    if args.models is not None:
+        names = [n.strip() for n in args.models.split(",") if n.strip()]
+        if not names:
+            raise MagicError(f"%landscape: --models needs names separated by commas; {USAGE}")
+        kwargs["models"] = {n: _lookup(namespace, n, "--models") for n in names}
     return LandscapeWidget(
         _lookup(namespace, args.model, "the model"),
         _lookup(namespace, args.data, "the data"),
@@ -102,11 +110,13 @@ def landscape(line: str = ""):
 
     Usage::
 
-        %landscape MODEL DATA [--model-b NAME] [--trajectory NAME] [--test-data NAME]
-                   [--loss-fn NAME] [--device D] [--resolution N]
+        %landscape MODEL DATA [--model-b NAME] [--models A,B,C] [--trajectory NAME]
+                   [--test-data NAME] [--loss-fn NAME] [--device D] [--resolution N]
 
-    MODEL, DATA and the names given to ``--model-b`` and ``--loss-fn`` are variables of the
-    notebook. DATA is ``(inputs, targets)``, a ``Dataset`` or a ``DataLoader``. The widget
+    MODEL, DATA and the names given to ``--model-b``, ``--models`` and ``--loss-fn`` are
+    variables of the notebook. ``--models sgd,adam,rmsprop`` offers the interpolation
+    between two of them and the plane through three, named as the variables. DATA is
+    ``(inputs, targets)``, a ``Dataset`` or a ``DataLoader``. The widget
     is displayed and starts computing at once; it is also stored in the notebook as
     ``_landscape``, so ``w = _landscape`` keeps a handle (``w.surface``, ``w.resolution``).
 
@@ -116,6 +126,7 @@ def landscape(line: str = ""):
         data = (x_train, y_train)
         %landscape model data --resolution 51
         %landscape model data --model-b model_final --device cuda
+        %landscape sgd data --models sgd,adam,rmsprop
     """
     from IPython import get_ipython
     from IPython.core.error import UsageError

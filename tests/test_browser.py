@@ -17,7 +17,14 @@ the Run menu and then drives the widget's own controls as a user would:
 6. the pattern editor: cells are painted with the mouse (clicks and a drag stroke), the
    kernel's ``w.mask`` and ternary preview agree with what was painted, Fit starts an MPO
    fit whose heatmap changes on screen with at least two live updates, Stop stops it and
-   Resume continues from the step it reached.
+   Resume continues from the step it reached;
+7. the plane through three models (the widget's ``models=``), picked in the direction
+   select: a carpet and contourcarpet on the triangle with the three models marked and
+   named, finite inside the region, equal to the kernel's ``TriangleSurface``;
+8. curve-shape types picked in the direction select: "permutation (w-basin)" switches the
+   view to the 1D taxonomy window, and the curve's label and its minima and maxima are
+   drawn, as the kernel's ``lw.classify_curve`` of ``w.surface`` finds them; then
+   "mined: w-peak", whose mining steps show in the status line before its curve.
 
 Screenshots go to ``tests/artifacts/`` (gitignored). JupyterLab, its kernel and the browser
 are shut down in ``finally`` blocks, and the test checks that the kernel process is gone.
@@ -56,9 +63,12 @@ torch.set_num_threads(1)  # two cores, shared with the browser and the server
 import numpy as np
 import landscape_widget as lw
 
-model, (X, y) = lw.demo.trained_mlp(seed=0)  # the quickstart's MLP 64-32-10, 1400 digits""",
+model, (X, y) = lw.demo.trained_mlp(seed=0)  # the quickstart's MLP 64-32-10, 1400 digits
+models = {"adam": model, "sgd": lw.demo.trained_mlp(seed=0, optimizer="sgd", lr=0.1)[0],
+          "adam (seed 1)": lw.demo.trained_mlp(seed=1)[0]}  # the corners of step 7's plane""",
     """\
-w = lw.LandscapeWidget(model, (X, y), resolution=21, test_data=lw.datasets.digits("test"))
+w = lw.LandscapeWidget(model, (X, y), models=models, resolution=21,
+                       test_data=lw.datasets.digits("test"))
 w""",
 ]
 
@@ -299,6 +309,8 @@ def test_widget_in_jupyterlab(tmp_path):
                       f"status line updated {cancel_s:.2f} s after the click")
                 _curvature_view(session, page)
                 _pattern_editor(session, page)
+                _plane_view(session, page)
+                _curve_shape(session, page)
                 errors = [e for e in session.log if e.startswith("pageerror")]
                 assert not errors, errors
             finally:
@@ -409,3 +421,124 @@ def _curvature_view(session: Session, page) -> None:
                                rtol=1e-6)
     assert np.isfinite(shown).all() and (shown >= 0).all()
     page.locator(".lw-root .lw-controls select").first.select_option("loss")
+
+
+# The plane on screen, once the complete n x n lattice is drawn (not a coarse-to-fine
+# frame of it): the contourcarpet's grid, how many of its values are finite and how many
+# lie in the region, and the named markers.
+JS_PLANE = """(n) => {
+  const root = document.querySelector('.lw-root');
+  const s = root.landscape();
+  const data = root.querySelector('.lw-plot').data || [];
+  const cc = data.find((t) => t.type === 'contourcarpet');
+  if (!s.job || !s.drawn || s.drawn.id !== s.job.id || !s.drawn.complete) return null;
+  if (!cc || cc.z.length !== n) return null;
+  const margin = -cc.a[0];
+  let finite = 0;
+  let inside = 0;
+  cc.z.forEach((row, j) => row.forEach((v, i) => {
+    if (cc.a[i] + cc.b[j] <= 1 + margin + 1e-6) inside += 1;
+    if (Number.isFinite(v)) finite += 1;
+  }));
+  const named = data.filter((t) => t.type === 'scatter' && Array.isArray(t.text));
+  return { types: data.map((t) => t.type), z: cc.z, finite, inside,
+           markers: named.map((t) => ({ mode: t.mode, text: t.text, x: t.x, y: t.y })) };
+}"""
+
+
+def _plane_view(session: Session, page) -> None:
+    """Step 7: the plane through the widget's three models, from the direction select."""
+    page.locator(".lw-root .lw-controls select[title='Direction type']").select_option(
+        label="plane through three models")
+    session.set_input(RES_BOX, 10, ("change",))  # 10 steps per unit, margin 0.2: 17 x 17
+    shown = session.wait(JS_PLANE, 17, "the plane through three models").json_value()
+    assert shown["types"][:2] == ["carpet", "contourcarpet"], shown["types"]
+    out = session.execute("s = w.wait(60); print(json.dumps([type(s).__name__, s.names, "
+                          "np.asarray(s.loss, dtype=np.float32).tolist()]))")
+    kind, names, loss = json.loads(out)
+    assert kind == "TriangleSurface" and names == ["adam", "sgd", "adam (seed 1)"]
+    markers = [m for m in shown["markers"] if m["mode"] == "markers"]
+    assert len(markers) == 1 and markers[0]["text"] == names, shown["markers"]
+    np.testing.assert_allclose(markers[0]["x"], [1, 0.5, 0], atol=1e-12)
+    assert shown["finite"] == shown["inside"] > 100, (shown["finite"], shown["inside"])
+    z = np.array(shown["z"], dtype=float)
+    np.testing.assert_allclose(z, np.array(loss, dtype=float), rtol=1e-6, equal_nan=True)
+    page.locator(".lw-root .lw-pattern summary").click()  # fold the editor of step 6 away
+    # plotly paints the SVG after plot.data is set: let two frames pass before the picture.
+    page.evaluate("() => new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r)))")
+    page.locator(".lw-root").screenshot(path=str(ARTIFACTS / "plane.png"))
+    report(f"plane through three models: {shown['inside']} points of a 17x17 lattice drawn "
+           f"on the triangle, models {', '.join(names)}")
+
+
+# The labelled curve on screen, once the complete 61-point curve is drawn with its label:
+# the annotation (data and SVG), the extremum markers (data, and their SVG points).
+JS_CURVE = """(previous) => {
+  const root = document.querySelector('.lw-root');
+  const s = root.landscape();
+  if (!s.job || !s.job.complete || s.job.shape.join() !== '61' || !s.job.curve) return null;
+  if (s.job.id === previous) return null;
+  if (!s.drawn || s.drawn.id !== s.job.id || !s.drawn.complete) return null;
+  const plot = root.querySelector('.lw-plot');
+  const notes = (plot.layout && plot.layout.annotations) || [];
+  const note = notes.find((a) => a.name === 'curve shape');
+  const svgNote = plot.querySelector('g.annotation text');
+  if (!note || !svgNote) return null;
+  const trace = (name) => plot.data.find((t) => t.name === name) || { x: [], y: [] };
+  const points = (name) => {
+    const i = plot.data.findIndex((t) => t.name === name);
+    const layer = plot.querySelectorAll('.scatterlayer .trace')[i];
+    return i < 0 || !layer ? 0 : layer.querySelectorAll('path.point').length;
+  };
+  return { id: s.job.id, label: s.job.curve, text: note.text, hover: note.hovertext,
+           svg: svgNote.textContent,
+           minima: trace('minima').x, maxima: trace('maxima').x, minLoss: trace('minima').y,
+           drawnMin: points('minima'), drawnMax: points('maxima') };
+}"""
+
+
+# Every text the status line shows from now on (mining may be over between two polls).
+JS_WATCH_STATUS = """() => {
+  const node = document.querySelector('.lw-root .lw-status');
+  window.lwStatusSeen = [];
+  new MutationObserver(() => window.lwStatusSeen.push(node.textContent))
+    .observe(node, { childList: true, subtree: true, characterData: true });
+}"""
+
+
+def _shown_curve(session: Session, previous: str | None, what: str) -> dict:
+    """The labelled curve on screen, checked against the kernel's classification."""
+    shown = session.wait(JS_CURVE, previous, what).json_value()
+    out = session.execute(
+        "c = w.wait(60); r = lw.classify_curve(c); print(json.dumps([r.shape, r.reason, "
+        "[m.alpha for m in r.minima], [m.loss for m in r.minima], [m.alpha for m in r.maxima], "
+        "w.direction, w.mode, list(w.x_range), w.resolution]))")
+    shape, reason, minima, min_loss, maxima, *controls = json.loads(out)
+    assert controls[1:] == ["1d", [-1.5, 1.5], 61], controls
+    assert shown["label"] == shape and shape in shown["text"] and shape == shown["svg"], shown
+    assert shown["hover"] == reason
+    np.testing.assert_allclose(shown["minima"], minima, atol=1e-12)
+    np.testing.assert_allclose(shown["minLoss"], min_loss, rtol=1e-6)
+    np.testing.assert_allclose(shown["maxima"], maxima, atol=1e-12)
+    assert (shown["drawnMin"], shown["drawnMax"]) == (len(minima), len(maxima)), shown
+    assert len(minima) >= 1
+    return {**shown, "direction": controls[0], "reason": reason}
+
+
+def _curve_shape(session: Session, page) -> None:
+    """Step 8: curve-shape direction types in 1D, labelled, with their extrema marked."""
+    select = page.locator(".lw-root .lw-controls select[title='Direction type']")
+    select.select_option(label="permutation (w-basin)")
+    perm = _shown_curve(session, None, "the labelled permutation curve")
+    assert perm["direction"] == "permutation"
+    page.locator(".lw-root").screenshot(path=str(ARTIFACTS / "curve_shape.png"))
+    page.evaluate(JS_WATCH_STATUS)
+    select.select_option(label="mined: w-peak")  # 500 Adam steps, the library's default
+    mined = _shown_curve(session, perm["id"], "the labelled mined w-peak curve")
+    seen = page.evaluate("() => window.lwStatusSeen")
+    mining = [t for t in seen if "mined: w-peak: mining step" in t]
+    assert mining, seen[-10:]
+    report(f"curve shapes: the permutation direction's curve labelled {perm['label']!r} "
+           f"({perm['reason']}), {len(perm['minima'])} minima and {len(perm['maxima'])} "
+           f"maxima marked; mined w-peak labelled {mined['label']!r} after "
+           f"{len(mining)} status updates of its mining")

@@ -106,6 +106,9 @@ MALFORMED = {
     "curvature in 1D": spec_with(quantity="curvature", mode="1d"),
     "curvature too fine": spec_with(quantity="curvature", resolution=33),
     "pca without trajectory": spec_with(direction="pca"),
+    "saddle in 1D": spec_with(direction="saddle", mode="1d"),
+    "wine-bottle in 1D": spec_with(direction="wine-bottle", mode="1d"),
+    "shape type misspelt": spec_with(direction="w-peak"),
     "x_range NaN": spec_with(x_range=[math.nan, 1.0]),
     "x_range inf": spec_with(x_range=[-1.0, math.inf]),
     "y_range -inf": spec_with(y_range=[-math.inf, 1.0]),
@@ -170,13 +173,15 @@ def _mutations(rng: random.Random):
         elif choice == 4:  # a spec field of the wrong type or out of range
             key = rng.choice(sorted(VALID))
             bad = {
-                "mode": ["3d", "", 2], "direction": ["pca", "interpolation", 0],
+                "mode": ["3d", "", 2],
+                "direction": ["pca", "interpolation", 0, "Saddle", "mined: w-peak"],
                 "norm": ["l2", None], "ignore_biasbn": [1, "true", None],
                 "x_range": [[math.nan, 1], [1, -1], [0, 0], "(-1, 1)", [0, 1e9]],
                 "y_range": [[-math.inf, 0], [None, 1], [1]],
                 "resolution": [0, 1, MAX_2D + 1, 10**12, 3.0, "9", True],
                 "seed": [-1, 2**31, 1.0, None, True], "bn": ["train", True],
                 "quantity": ["hessian", None, 1, "Curvature"],
+                "vertices": [["sgd"], "sgd", [1], None, ["a", "b", "c", "d"]],
             }[key]
             base["spec"][key] = rng.choice(bad)
             yield base

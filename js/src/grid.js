@@ -31,7 +31,9 @@ function nearest(i, c, s, n) {
  * Values for display: points not computed yet take the value of the nearest computed
  * point of a coarser lattice (the kernel visits every 2^L-th index first, anchored at the
  * middle index), so the picture is complete from the first level on and sharpens as
- * finer tiles arrive. Computed points (including NaN ones) are shown as they are.
+ * finer tiles arrive. Computed points (including NaN ones) are shown as they are; a NaN
+ * neighbour is passed over for a finite coarser one (beyond the plane through three models
+ * every point is NaN, and the region's edge would show gaps until its last tile).
  *
  * @param {Float32Array} values grid values, NaN where not computed
  * @param {Uint8Array} known 1 where computed
@@ -54,7 +56,7 @@ export function fillCoarse(values, known, shape) {
         const jy = ny === 1 ? 0 : nearest(iy, cy, s, ny);
         if (jx < 0 || jy < 0) continue;
         const j = jy * nx + jx;
-        if (known[j]) {
+        if (known[j] && !Number.isNaN(values[j])) {
           out[k] = values[j];
           break;
         }

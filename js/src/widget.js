@@ -9,12 +9,15 @@
 import Plotly from "./plotly.js";
 import { f32, fillCoarse, i32, log10, rows } from "./grid.js";
 import { patternPanel } from "./pattern.js";
+import { MAX_PLANE, marksOnCurve, marksTrace, modelPicker, typeChange } from "./models.js";
+import { fixedMode, shapeOverlay, shapeWindow } from "./shapes.js";
+import { triangleFigure } from "./triangle.js";
 import "./widget.css";
 
 const DEBOUNCE_MS = 250;
 const MAX_RES = { "2d": 201, "1d": 1025 };
 const COMPUTE_KEYS = ["mode", "direction", "norm", "ignore_biasbn", "x_range", "y_range",
-  "resolution", "seed", "bn", "quantity"];
+  "resolution", "seed", "bn", "quantity", "vertices"];
 const MAX_CURVATURE = 31; // a curvature map costs two Lanczos runs per point
 const TIMINGS_KEPT = 50;
 const VIEWS = {
@@ -62,6 +65,8 @@ function controls() {
     x1: h("input", { type: "number", step: "any" }),
     y0: h("input", { type: "number", step: "any" }),
     y1: h("input", { type: "number", step: "any" }),
+    margin: h("input", { type: "number", step: "any", class: "lw-margin",
+      title: "How far beyond the triangle to look: α, β ≥ −margin, α + β ≤ 1 + margin" }),
     resolution: h("input", { type: "range", min: 3, step: 2 }),
     resolutionBox: h("input", { type: "number", min: 2, step: 1 }),
     metric: h("select", { title: "Metric shown" }),
@@ -86,14 +91,21 @@ function row(label, ...inputs) {
 
 function render({ model, el }) {
   const c = controls();
+  const xRow = row("α range", c.x0, c.x1);
   const yRow = row("β range", c.y0, c.y1);
+  const marginRow = row("margin", c.margin);
+  const picker = modelPicker({ h, onChange: (vertices) => setTrait({ vertices }) });
+  const vertexRow = row("models", picker.node);
+  const plane = { before: null }; // the controls the plane replaced (see models.js)
   const panel = h("div", { class: "lw-controls" },
     row("compute", c.quantity),
     row("direction", c.direction),
+    vertexRow,
     row("ignore bias+BN", c.ignore_biasbn),
     row("mode", c.mode),
-    row("α range", c.x0, c.x1),
+    xRow,
     yRow,
+    marginRow,
     row("resolution", c.resolution, c.resolutionBox),
     row("metric", c.metric),
     row("log scale", c.log_scale),
@@ -112,7 +124,7 @@ function render({ model, el }) {
   if (model.get("_static")) {
     // A static HTML export: no kernel to compute; only the display controls stay live.
     for (const k of ["direction", "ignore_biasbn", "mode", "x0", "x1", "y0", "y1", "resolution",
-      "resolutionBox", "seed", "bn", "compute", "cancel", "quantity"]) c[k].disabled = true;
+      "resolutionBox", "seed", "bn", "compute", "cancel", "quantity", "margin"]) c[k].disabled = true;
   }
 
   // Read-only hook for tests and for debugging in the browser console:
@@ -131,6 +143,7 @@ function render({ model, el }) {
   let revision = 0;
   let frame = 0;
   let plotted = false;
+  let drawn = null; // {id, complete} of the job the plot shows (data handed to plotly)
   const pending = {};
   let timer = null;
 
@@ -174,19 +187,29 @@ function render({ model, el }) {
     let idx = types.findIndex((t) => t.direction === get("direction") && t.norm === get("norm"));
     if (idx < 0) idx = types.findIndex((t) => t.direction === get("direction"));
     options(c.direction, directionItems(), String(Math.max(idx, 0)));
+    const isStatic = !!model.get("_static");
+    vertexRow.style.display = picker.sync(types[idx], get("vertices"), isStatic) ? "" : "none";
     c.ignore_biasbn.checked = !!get("ignore_biasbn");
     c.mode.value = mode;
     const [x0, x1] = get("x_range");
     const [y0, y1] = get("y_range");
-    for (const [input, v] of [[c.x0, x0], [c.x1, x1], [c.y0, y0], [c.y1, y1]]) {
+    for (const [input, v] of [[c.x0, x0], [c.x1, x1], [c.y0, y0], [c.y1, y1], [c.margin, -x0]]) {
       if (document.activeElement !== input) input.value = v;
     }
-    yRow.style.display = mode === "2d" ? "" : "none";
+    // The plane has its own lattice: a margin instead of ranges, steps per unit as resolution.
+    const isPlane = get("direction") === "plane";
+    xRow.style.display = isPlane ? "none" : "";
+    yRow.style.display = mode === "2d" && !isPlane ? "" : "none";
+    marginRow.style.display = isPlane ? "" : "none";
     const curvature = get("quantity") === "curvature";
     c.quantity.value = get("quantity") || "loss";
-    c.mode.disabled = curvature || !!model.get("_static");
+    c.quantity.disabled = isStatic || !!(types[idx] && types[idx].count);
+    c.mode.disabled = curvature || isPlane || isStatic || fixedMode(types[idx]);
     c.metric.disabled = curvature;
-    c.resolution.max = curvature ? MAX_CURVATURE : MAX_RES[mode] || 201;
+    c.resolution.max = maxRes();
+    c.resolution.min = isPlane ? 2 : 3;
+    c.resolution.step = isPlane ? 1 : 2;
+    c.resolution.title = isPlane ? "Grid steps per unit of α and β" : "Points per axis";
     c.resolutionBox.max = c.resolution.max;
     c.resolution.value = get("resolution");
     if (document.activeElement !== c.resolutionBox) c.resolutionBox.value = get("resolution");
@@ -194,7 +217,7 @@ function render({ model, el }) {
     c.log_scale.checked = !!get("log_scale");
     const views = VIEWS[mode] || VIEWS["2d"];
     options(c.view, views, mode === "1d" ? "line" : get("view"));
-    c.view.disabled = mode === "1d";
+    c.view.disabled = mode === "1d" || isPlane;
     if (document.activeElement !== c.seed) c.seed.value = get("seed");
     c.bn.value = get("bn");
   }
@@ -204,8 +227,14 @@ function render({ model, el }) {
   const on = (node, ev, fn) => node.addEventListener(ev, fn);
 
   on(c.direction, "change", () => {
-    const t = (model.get("direction_types") || [])[Number(c.direction.value)];
-    if (t) setTrait({ direction: t.direction, norm: t.norm });
+    const types = model.get("direction_types") || [];
+    const t = types[Number(c.direction.value)];
+    const current = types.find((e) => e.direction === get("direction"));
+    if (t) setTrait({ ...typeChange(t, get, plane), ...shapeWindow(t, current, get) });
+  });
+  on(c.margin, "change", () => {
+    const m = Math.min(Math.max(num(c.margin), 0), 1);
+    setTrait({ x_range: [-m, 1 + m], y_range: [-m, 1 + m] });
   });
   on(c.ignore_biasbn, "change", () => setTrait({ ignore_biasbn: c.ignore_biasbn.checked }));
   on(c.mode, "change", () => {
@@ -220,7 +249,10 @@ function render({ model, el }) {
     on(input, "change", () => setTrait({ y_range: [num(c.y0), num(c.y1)] }));
   }
   // Out-of-range numbers are clamped here rather than refused by the kernel.
-  const maxRes = () => (get("quantity") === "curvature" ? MAX_CURVATURE : MAX_RES[get("mode")] || 201);
+  function maxRes() {
+    if (get("direction") === "plane") return MAX_PLANE;
+    return get("quantity") === "curvature" ? MAX_CURVATURE : MAX_RES[get("mode")] || 201;
+  }
   const clampRes = (n) => (Number.isFinite(n) ? Math.min(Math.max(n, 2), maxRes()) : n);
   on(c.quantity, "change", () => {
     const quantity = c.quantity.value;
@@ -269,7 +301,8 @@ function render({ model, el }) {
   });
 
   const traitNames = ["mode", "direction", "norm", "ignore_biasbn", "x_range", "y_range",
-    "resolution", "seed", "bn", "quantity", "metric", "log_scale", "view", "direction_types"];
+    "resolution", "seed", "bn", "quantity", "vertices", "metric", "log_scale", "view",
+    "direction_types"];
   const onTraits = () => {
     syncControls();
     schedule();
@@ -295,6 +328,7 @@ function render({ model, el }) {
       loss, acc: Float32Array.from(loss), known: new Uint8Array(size),
       complete: false, ended: false, tiles: 0,
       path: msg.path || null, labels: msg.labels || null, label: msg.label || null,
+      marks: msg.marks || null, plane: msg.plane || null, curve: null,
     };
   }
 
@@ -307,6 +341,7 @@ function render({ model, el }) {
       acc: r.accuracy ? f32(r.accuracy) : new Float32Array(size).fill(NaN),
       known: new Uint8Array(size).fill(1), complete: !!r.complete, ended: true, tiles: 1,
       path: r.path || null, labels: r.labels || null, label: r.label || null,
+      marks: r.marks || null, plane: r.plane || null, curve: r.curve || null,
     };
     if (!loaded.complete) {
       // A cancelled result: NaN marks points never computed, which the display fills in.
@@ -331,7 +366,7 @@ function render({ model, el }) {
       lastTraitFlush = null;
       t.start = now;
       incoming = newJob(msg, buffers);
-      live = { done: 0, total: incoming.known.length, device: msg.device };
+      live = { id: msg.id, done: 0, total: incoming.known.length, device: msg.device };
       error = null;
     } else if (msg.kind === "tile") {
       const target = incoming && incoming.id === msg.id ? incoming : job;
@@ -378,7 +413,15 @@ function render({ model, el }) {
     const s = model.get("status") || {};
     const parts = [];
     let pct = 0;
-    if (live && !live.final && live.total) {
+    // The status trait of a job that has sent no grid yet (mining a direction, Hessian
+    // eigenvectors, an error before its start) is newer than the last job's messages.
+    const stale = live && s.id && live.id !== s.id;
+    if (stale) {
+      pct = s.total ? (100 * s.done) / s.total : 0;
+      parts.push(s.state, s.device || "");
+      if (s.state === "running" && s.eta_s != null) parts.push(`ETA ${fmtTime(s.eta_s)}`);
+      if (s.message && s.state !== "error") parts.push(s.message);
+    } else if (live && !live.final && live.total) {
       pct = (100 * live.done) / live.total;
       parts.push(live.device || s.device || "", `${fmt(live.points_per_s)} pts/s`,
         `${pct.toFixed(0)} %`, `ETA ${fmtTime(live.eta_s)}`);
@@ -416,13 +459,18 @@ function render({ model, el }) {
     const label = job.label || metric;
     const [xTitle, yTitle] = job.labels || ["α", "β"];
     if (job.shape.length === 1) {
+      const shape = shapeOverlay(job.complete ? job.curve : null, metric);
       return {
         data: [{ type: "scatter", mode: "lines+markers", marker: { size: 3 }, name: label,
-          x: Array.from(job.x), y: Array.from(values),
-          hovertemplate: `α=%{x:.4g}<br>${label}=%{y:.5g}<extra></extra>` }],
-        layout: { xaxis: { title: { text: xTitle } },
+          showlegend: false, x: Array.from(job.x), y: Array.from(values),
+          hovertemplate: `α=%{x:.4g}<br>${label}=%{y:.5g}<extra></extra>` },
+        ...(job.marks ? [marksOnCurve(job.marks, job.x, values)] : []), ...shape.data],
+        layout: { xaxis: { title: { text: xTitle } }, annotations: shape.annotations,
           yaxis: { title: { text: label }, type: log ? "log" : "linear" } },
       };
+    }
+    if (job.plane) {
+      return triangleFigure({ a: job.x, b: job.y, values, plane: job.plane, label, log });
     }
     const [ny, nx] = job.shape;
     const z = rows(log ? log10(values) : values, ny, nx);
@@ -443,8 +491,9 @@ function render({ model, el }) {
     const main = view === "heatmap"
       ? { ...trace, type: "heatmap", hoverongaps: false }
       : { ...trace, type: "contour", contours: { coloring: "heatmap" }, connectgaps: false };
-    const marker = { type: "scatter", x: [0], y: [0], mode: "markers", name: "θ", showlegend: false,
-      marker: { symbol: "x", color: "red", size: 9 }, hovertemplate: "θ (the model)<extra></extra>" };
+    const marker = job.marks ? marksTrace(job.marks) : { type: "scatter", x: [0], y: [0],
+      mode: "markers", name: "θ", showlegend: false, marker: { symbol: "x", color: "red", size: 9 },
+      hovertemplate: "θ (the model)<extra></extra>" };
     const extra = [];
     if (job.path && job.path.length && job.path[0].length >= 2) {
       extra.push({ type: "scatter", mode: "lines+markers", name: "training path", showlegend: false,
@@ -463,7 +512,8 @@ function render({ model, el }) {
     if (!job) return;
     const fig = figure();
     revision += 1;
-    const layout = { ...fig.layout, uirevision: UIREVISION, datarevision: revision,
+    // The triangle brings its own uirevision: a zoom on a grid must not carry over to it.
+    const layout = { uirevision: UIREVISION, ...fig.layout, datarevision: revision,
       margin: { l: 55, r: 10, t: 20, b: 45 }, autosize: true };
     const config = { displaylogo: false, responsive: false };
     const t = timings[job.id];
@@ -476,6 +526,7 @@ function render({ model, el }) {
       showStatus();
     });
     plotted = true;
+    drawn = { id: job.id, complete: job.complete };
   }
 
   const resize = new ResizeObserver(() => {
@@ -489,11 +540,13 @@ function render({ model, el }) {
     const j = job;
     return {
       job: j && { id: j.id, shape: [...j.shape], size: j.known.length, tiles: j.tiles,
-        known: j.known.reduce((a, b) => a + b, 0), complete: j.complete, ended: j.ended },
+        known: j.known.reduce((a, b) => a + b, 0), complete: j.complete, ended: j.ended,
+        curve: j.curve ? j.curve.shape : null },
       incoming: incoming ? incoming.id : null,
       status: status.textContent,
       error,
       draws: revision,
+      drawn,
       timings: JSON.parse(JSON.stringify(timings)),
     };
   }

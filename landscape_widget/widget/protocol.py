@@ -16,6 +16,11 @@ JS -> Python::
                                       points computed yet)
     {"kind": "fit", ...}, {"kind": "fit_stop", ...}   (the pattern editor: see .patterns)
 
+``spec.vertices`` names the models a multi-model direction type runs through (the
+``models=`` of the widget): ``[A, B]`` for ``"interpolate"`` (from A to B, centred at A),
+``[A, B, C]`` for ``"plane"`` (the barycentric plane; A at alpha = 1, B at beta = 1, C at
+the origin). An empty list picks the first models; other direction types ignore it.
+
 Python -> JS::
 
     {"kind": "start", "id", "spec", "shape", "metrics", "device"} + [x, y] float32 buffers
@@ -44,7 +49,19 @@ MAX_1D = 1025
 MAX_ID_LENGTH = 64
 MAX_RANGE = 1e6
 
-DIRECTION_TYPES = ("random", "interpolation", "pca", "hessian")
+SHAPE_TYPES = ("mined-w-peak", "mined-vvv-basin", "permutation", "side", "saddle",
+               "wine-bottle")
+"""Directions of the curve shapes of Li, Li & Zhan 2024, computed on demand (see .shapes)."""
+SHAPE_PLANES = ("saddle", "wine-bottle")
+"""Of those, the mined planes ``(u, v)``: 2D only."""
+DIRECTION_TYPES = ("random", "interpolation", "pca", "hessian", "interpolate",
+                   "plane") + SHAPE_TYPES
+VERTEX_COUNTS = {"interpolate": 2, "plane": 3}
+"""Direction types through the widget's named models, and how many models each needs."""
+MAX_PLANE = 50
+"""Largest plane resolution (grid steps per unit of alpha, beta): 201 points per axis at
+margin 1, the 2D cap."""
+MAX_NAME = 64
 QUANTITIES = ("loss", "curvature")
 MAX_CURVATURE = 31
 """Largest resolution per axis of a curvature map (every point costs two Lanczos runs)."""
@@ -64,6 +81,7 @@ SPEC_FIELDS = {
     "seed": int,
     "bn": str,
     "quantity": str,
+    "vertices": list,
 }
 
 
@@ -99,16 +117,25 @@ class Spec:
     seed: int = 0
     bn: str = "eval"
     quantity: str = "loss"
+    vertices: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         """JSON-ready form."""
         d = asdict(self)
         d["x_range"], d["y_range"] = list(self.x_range), list(self.y_range)
+        d["vertices"] = list(self.vertices)
         return d
 
     def direction_key(self) -> tuple:
         """Specs with equal keys share directions (and so can reuse computed points)."""
-        return (self.mode, self.direction, self.norm, self.ignore_biasbn, self.seed)
+        # Vertices left over from an earlier choice must not split the cache of others.
+        through = self.vertices if self.direction in VERTEX_COUNTS else ()
+        return (self.mode, self.direction, self.norm, self.ignore_biasbn, self.seed, through)
+
+    @property
+    def margin(self) -> float:
+        """The plane's margin beyond the triangle: ``-x_range[0]`` (``"plane"`` only)."""
+        return -self.x_range[0]
 
     def axes(self) -> tuple[tuple, tuple | None]:
         """``(x, y)`` as ``(start, stop, num)`` for :func:`~landscape_widget.iter_tiles`.
@@ -123,6 +150,9 @@ class Spec:
     def shape(self) -> tuple[int, ...]:
         """``(ny, nx)`` in 2D, ``(n,)`` in 1D."""
         n = self.resolution
+        if self.direction == "plane":
+            # As experiments.triangle.lattice: -margin .. 1 + 2 * margin in steps of 1/n.
+            n += 3 * math.floor(self.margin * self.resolution + 1e-9) + 1
         return (n, n) if self.mode == "2d" else (n,)
 
 
@@ -142,12 +172,60 @@ def _range(value, name: str) -> tuple[float, float]:
     return out[0], out[1]
 
 
-def parse_spec(raw, *, directions: tuple[str, ...] = DIRECTION_TYPES) -> Spec:
+def _vertices(raw: dict, models: tuple[str, ...]) -> tuple[str, ...]:
+    """``spec.vertices``, checked against the widget's model names (defaults filled in)."""
+    value, direction = raw["vertices"], raw["direction"]
+    if len(value) > 3 or not all(isinstance(v, str) and 0 < len(v) <= MAX_NAME for v in value):
+        raise ProtocolError(f"spec.vertices must be a list of at most three model names, "
+                            f"got {short(value)}.")
+    unknown = [v for v in value if v not in models]
+    if unknown:
+        have = f"the widget's models are {list(models)[:10]}" if models else (
+            "this widget has no named models (pass models={name: model, ...})")
+        raise ProtocolError(f"spec.vertices names unknown model(s) {_names(unknown)}; {have}.")
+    if len(set(value)) != len(value):
+        raise ProtocolError(f"spec.vertices repeats a model: {short(value)}.")
+    need = VERTEX_COUNTS.get(direction)
+    if need is None:
+        return tuple(value)
+    if not value:
+        value = list(models[:need])  # the first models, in the order the user gave them
+    if len(value) != need:
+        what = "interpolation from A to B" if need == 2 else "plane through three models"
+        raise ProtocolError(
+            f"direction {direction!r} ({what}) needs {need} distinct models of the "
+            f"widget in spec.vertices, got {short(raw['vertices'])}"
+            + ("." if len(models) >= need else f"; the widget has only {len(models)}."))
+    return tuple(value)
+
+
+def _check_plane(raw: dict) -> None:
+    """The plane is a 2D loss map on its own lattice; refuse what does not apply to it."""
+    if raw["mode"] != "2d" or raw["quantity"] != "loss":
+        raise ProtocolError(f"the plane through three models is a 2D loss map; got "
+                            f"mode={short(raw['mode'])}, quantity={short(raw['quantity'])}.")
+    if not 2 <= raw["resolution"] <= MAX_PLANE:
+        raise ProtocolError(f"spec.resolution={short(raw['resolution'])}: for the plane it "
+                            f"counts grid steps per unit of alpha and beta, in [2, {MAX_PLANE}].")
+    start = raw["x_range"][0]
+    if not -1 <= start <= 0:
+        raise ProtocolError(f"for the plane, spec.x_range[0] is minus the margin beyond the "
+                            f"triangle (margin in [0, 1]), got {short(start)}.")
+
+
+def parse_spec(raw, *, directions: tuple[str, ...] = DIRECTION_TYPES,
+               models: tuple[str, ...] = ()) -> Spec:
     """Validate a spec dict from the front end (or from traits).
+
+    For ``"plane"``, ``resolution`` counts grid steps per unit (at most :data:`MAX_PLANE`),
+    ``x_range[0]`` is minus the margin (in ``[0, 1]``), the rest of the ranges is unused.
+    ``"interpolate"`` and ``"plane"`` refuse curvature maps (those are centred on the
+    widget's model); the mined planes ``"saddle"`` and ``"wine-bottle"`` refuse 1D.
 
     Args:
         raw: The ``spec`` of a compute message.
         directions: Direction types this widget offers (interpolation needs ``model_b``).
+        models: Names of the widget's models, which ``spec.vertices`` may name.
 
     Returns:
         The validated :class:`Spec`.
@@ -184,7 +262,20 @@ def parse_spec(raw, *, directions: tuple[str, ...] = DIRECTION_TYPES) -> Spec:
                                            or raw["resolution"] > MAX_CURVATURE):
         raise ProtocolError(f"a curvature map is 2D with resolution <= {MAX_CURVATURE}; got "
                             f"mode={raw['mode']}, resolution={short(raw['resolution'])}.")
-    cap = MAX_2D if raw["mode"] == "2d" else MAX_1D
+    if raw["quantity"] == "curvature" and raw["direction"] == "interpolate":
+        raise ProtocolError("a curvature map is centred on the widget's model; pick a random, "
+                            "PCA or Hessian direction for it.")
+    if raw["direction"] in SHAPE_PLANES and raw["mode"] != "2d":
+        raise ProtocolError(f"direction {raw['direction']!r} is a mined plane (u, v), a 2D "
+                            f"surface: set mode to '2d' (for a 1D curve pick a curve type "
+                            f"such as 'mined-w-peak').")
+    vertices = _vertices(raw, tuple(models))
+    x_range = _range(raw["x_range"], "spec.x_range")
+    if raw["direction"] == "plane":
+        _check_plane({**raw, "x_range": x_range})
+        cap = MAX_PLANE
+    else:
+        cap = MAX_2D if raw["mode"] == "2d" else MAX_1D
     if not 2 <= raw["resolution"] <= cap:
         raise ProtocolError(
             f"spec.resolution={short(raw['resolution'])} is outside [2, {cap}] for {raw['mode']}."
@@ -196,12 +287,13 @@ def parse_spec(raw, *, directions: tuple[str, ...] = DIRECTION_TYPES) -> Spec:
         direction=raw["direction"],
         norm=raw["norm"],
         ignore_biasbn=raw["ignore_biasbn"],
-        x_range=_range(raw["x_range"], "spec.x_range"),
+        x_range=x_range,
         y_range=_range(raw["y_range"], "spec.y_range"),
         resolution=raw["resolution"],
         seed=raw["seed"],
         bn=raw["bn"],
         quantity=raw["quantity"],
+        vertices=vertices,
     )
 
 
@@ -210,7 +302,7 @@ def parse_message(msg, **kwargs) -> tuple[str, str, Spec | object | None]:
 
     Args:
         msg: The decoded JSON content of a custom message.
-        **kwargs: Passed to :func:`parse_spec` (``directions``).
+        **kwargs: Passed to :func:`parse_spec` (``directions``, ``models``).
 
     Returns:
         For ``fit`` messages the third item is a :class:`.patterns.FitSpec`.

@@ -8,7 +8,8 @@ only the live stream of tiles (see :mod:`.protocol`). A compute trait changed fr
 Direction types plug in through three places: an entry ``{"label", "direction", "norm"}``
 in the ``direction_types`` trait (the front end's select lists these), the name in
 :data:`.protocol.DIRECTION_TYPES` (what a compute message may ask for), and a branch in
-:meth:`.worker.Worker.directions_for` (how the directions are made).
+:meth:`.worker.Worker.directions_for` (how the directions are made). Entries through the
+named models (:mod:`.models`) also carry ``models`` and ``count`` for the vertex selects.
 """
 
 from __future__ import annotations
@@ -21,18 +22,21 @@ import anywidget
 import traitlets as t
 
 from ..core.directions import interpolation_direction
-from ..core.params import check_module
 from ..core.surface import Curve, Surface
+from ..experiments.triangle import TriangleSurface
 from . import protocol
 from .export import static_page
+from .models import as_triangle, direction_entries, resolve_models
 from .pattern_panel import PatternPanel
 from .protocol import ProtocolError, Spec, parse_message, parse_spec
+from .shapes import check_steps, curve_info
+from .shapes import entries as shape_entries
 from .worker import Job, Worker, new_id, snapshot_messages
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
 DEBOUNCE_S = 0.2
 COMPUTE_TRAITS = ("mode", "direction", "norm", "ignore_biasbn", "x_range", "y_range",
-                  "resolution", "seed", "bn", "quantity")
+                  "resolution", "seed", "bn", "quantity", "vertices")
 DISPLAY_TRAITS = ("metric", "log_scale", "view")
 _CONSTRUCTOR_TRAITS = COMPUTE_TRAITS + DISPLAY_TRAITS + ("layout", "pattern", "show_pattern")
 
@@ -69,6 +73,11 @@ def encode_result(job: Job, result: Surface | Curve, complete: bool, device: str
         "labels": result.spec.get("labels"),
         "path": result.spec.get("path"),
         "label": result.spec.get("label"),
+        # Named models to mark, and the plane through three models (see .models).
+        "marks": result.spec.get("marks"),
+        "plane": result.spec.get("plane"),
+        # A complete 1D loss curve's shape label and extrema (see .shapes).
+        "curve": curve_info(result, complete),
     }
 
 
@@ -76,8 +85,13 @@ class LandscapeWidget(PatternPanel, anywidget.AnyWidget):
     """Loss landscape of a PyTorch model, computed live in a worker thread.
 
     Args:
-        model: The model (never modified).
+        model: The model (never modified); optional with ``models``, whose first model is
+            then the centre of the random, PCA and Hessian directions.
         data: ``(inputs, targets)`` tensors, a ``Dataset`` or a ``DataLoader``.
+        models: ``{name: model}`` of one architecture (e.g. one per optimizer; never
+            modified); offers "interpolate between two models" and, with three or more,
+            "plane through three models", which the ``vertices`` control names (see
+            :mod:`.models`).
         model_b: A second model of the same architecture; offers interpolation directions.
         trajectory: A :class:`~landscape_widget.Trajectory` of the training run; offers
             "PCA of trajectory" directions, with the path drawn on the plot.
@@ -85,16 +99,26 @@ class LandscapeWidget(PatternPanel, anywidget.AnyWidget):
             plane's w0, w1, w2). By default re-initialised copies of ``model``.
         test_data: For the pattern editor's test heatmaps (optional).
         loss_fn: ``loss_fn(outputs, targets)``, mean over the batch; cross-entropy by default.
-        device: Where to compute (the model's device by default).
+        device: Where to compute (the model's device by default; with an executor, the
+            workers' device, by default their GPU if they have one).
+        executor: A ``dask.distributed.Client`` (e.g. on ``lw.local_gpu_executor()``) or a
+            ``concurrent.futures.Executor``: grid tiles are computed by its workers and
+            stream in as they finish; cancel cancels their futures. ``data`` may then be a
+            ``data_fn``, a picklable zero-argument function returning the data on a worker.
+        mining_steps: Adam steps of the mined direction types ("mined: w-peak",
+            "mined: vvv-basin", the saddle and wine-bottle planes); ``None`` keeps the
+            library's defaults (500 to 800, seconds to minutes; see :mod:`.shapes`).
         autostart: Start computing the default grid at once.
         **traits: Initial control values (``mode``, ``direction``, ``norm``,
             ``ignore_biasbn``, ``x_range``, ``y_range``, ``resolution``, ``seed``, ``bn``,
             ``quantity`` (``"loss"`` or ``"curvature"``: the Hessian's ``|λmin/λmax|`` map),
-            ``metric``, ``log_scale``, ``view``) or ``layout``.
+            ``vertices``, ``metric``, ``log_scale``, ``view``) or ``layout``.
 
     Raises:
-        TypeError: For an unknown keyword, or a ``model`` that is not an ``nn.Module``.
-        ValueError: For invalid control values (e.g. ``resolution=1000`` in 2D).
+        TypeError: For an unknown keyword, no model or data, or a ``model`` (or an entry of
+            ``models``) that is not an ``nn.Module``, or a ``mining_steps`` not an int.
+        ValueError: For invalid control values (e.g. ``resolution=1000`` in 2D),
+            ``models`` of different architectures, or a negative ``mining_steps``.
 
     Example:
         >>> import torch
@@ -120,6 +144,7 @@ class LandscapeWidget(PatternPanel, anywidget.AnyWidget):
     seed = t.Int(0).tag(sync=True)
     bn = t.Unicode("eval").tag(sync=True)
     quantity = t.Unicode("loss").tag(sync=True)
+    vertices = t.List(t.Unicode()).tag(sync=True)
     metric = t.Unicode("loss").tag(sync=True)
     log_scale = t.Bool(False).tag(sync=True)
     view = t.Unicode("contour").tag(sync=True)
@@ -127,15 +152,20 @@ class LandscapeWidget(PatternPanel, anywidget.AnyWidget):
     status = t.Dict().tag(sync=True)
     result = t.Dict(allow_none=True, default_value=None).tag(sync=True)
 
-    def __init__(self, model, data, *, model_b=None, trajectory=None, model_fn=None,
-                 test_data=None, loss_fn=None, device=None, autostart: bool = True, **traits):
+    def __init__(self, model=None, data=None, *, models=None, model_b=None, trajectory=None,
+                 model_fn=None,
+                 test_data=None, loss_fn=None, device=None, executor=None,
+                 mining_steps: int | None = None, autostart: bool = True, **traits):
         unknown = sorted(set(traits) - set(_CONSTRUCTOR_TRAITS))
         if unknown:
             raise TypeError(
                 f"LandscapeWidget() got unexpected keyword argument(s) {unknown}; the controls "
                 f"are {list(COMPUTE_TRAITS + DISPLAY_TRAITS)}."
             )
-        check_module(model, "model")
+        model, named = resolve_models(model, models)
+        if data is None:
+            raise TypeError("LandscapeWidget needs data: (inputs, targets), a Dataset or a "
+                            "DataLoader.")
         if model_b is not None:
             interpolation_direction(model, model_b)  # same architecture, else a clear error
         if loss_fn is not None and not callable(loss_fn):
@@ -143,9 +173,13 @@ class LandscapeWidget(PatternPanel, anywidget.AnyWidget):
         if trajectory is not None and not hasattr(trajectory, "pca_directions"):
             raise TypeError("trajectory must be a landscape_widget.Trajectory.")
         types = list(RANDOM_TYPES) + ([INTERPOLATION_TYPE] if model_b is not None else [])
+        types += direction_entries(named)
         types += ([PCA_TYPE] if trajectory is not None else []) + [HESSIAN_TYPE]
+        types += shape_entries()
+        check_steps(mining_steps)  # before the comm opens, like the checks above
         super().__init__(direction_types=[dict(d) for d in types], **traits)
         self._direction_names = tuple(dict.fromkeys(d["direction"] for d in types))
+        self._model_names = tuple(named)
         try:
             self.spec()  # invalid initial values raise here, in the caller's hands
         except ProtocolError:
@@ -155,10 +189,13 @@ class LandscapeWidget(PatternPanel, anywidget.AnyWidget):
         self._timer: threading.Timer | None = None
         self._quiet = 0
         self._worker = Worker(model, data, send=self._send_message, model_b=model_b,
-                              trajectory=trajectory,
+                              trajectory=trajectory, models=named,
                               loss_fn=loss_fn, device=device, on_status=self._on_status,
-                              on_result=self._on_result)
-        self._init_patterns(model, data, model_fn=model_fn, test_data=test_data, device=device)
+                              on_result=self._on_result, executor=executor,
+                              mining_steps=mining_steps)
+        # The pattern editor runs here: a data_fn is loaded (once) by the worker's cache.
+        self._init_patterns(model, self._worker.data, model_fn=model_fn, test_data=test_data,
+                            device=device)
         self.status = {"state": "idle", "device": "", "done": 0, "total": 0,
                        "points_per_s": 0.0, "eta_s": None, "message": ""}
         self.observe(self._on_compute_trait, names=list(COMPUTE_TRAITS))
@@ -171,7 +208,8 @@ class LandscapeWidget(PatternPanel, anywidget.AnyWidget):
         """The compute spec of the current controls (raises ``ProtocolError`` if invalid)."""
         raw = {k: getattr(self, k) for k in COMPUTE_TRAITS}
         raw["x_range"], raw["y_range"] = list(raw["x_range"]), list(raw["y_range"])
-        return parse_spec(raw, directions=self._direction_names)
+        raw["vertices"] = list(raw["vertices"])
+        return parse_spec(raw, directions=self._direction_names, models=self._model_names)
 
     def compute(self) -> str:
         """Start computing the current controls now (cancels the running job).
@@ -203,13 +241,14 @@ class LandscapeWidget(PatternPanel, anywidget.AnyWidget):
         return self.surface
 
     @property
-    def surface(self) -> Surface | Curve | None:
+    def surface(self) -> Surface | Curve | TriangleSurface | None:
         """The latest result: a :class:`Surface` (2D) or :class:`Curve` (1D), or ``None``.
 
+        The plane through three models gives a :class:`~landscape_widget.TriangleSurface`.
         A cancelled computation leaves a partial result (NaN where not computed);
         ``status["state"]`` says ``"done"`` or ``"cancelled"``.
         """
-        return self._worker.latest
+        return as_triangle(self._worker.latest)
 
     @property
     def busy(self) -> bool:
@@ -238,7 +277,8 @@ class LandscapeWidget(PatternPanel, anywidget.AnyWidget):
                 cid = content.get("id")
                 if isinstance(cid, str) and len(cid) <= protocol.MAX_ID_LENGTH:
                     job_id = cid
-            kind, mid, spec = parse_message(content, directions=self._direction_names)
+            kind, mid, spec = parse_message(content, directions=self._direction_names,
+                                            models=self._model_names)
             if kind in ("fit", "fit_stop"):
                 self._handle_fit_message(kind, mid, spec)
             elif kind == "compute":

@@ -16,6 +16,7 @@ cancelled result is never reused: its NaN would be copied as if computed.)
 
 from __future__ import annotations
 
+import functools
 import itertools
 import threading
 import time
@@ -27,12 +28,14 @@ from typing import Any
 import numpy as np
 
 from ..core.compute import fingerprint
+from ..core.data import is_data_fn
 from ..core.directions import interpolation_direction, random_directions
 from ..core.hessian import Cancelled
 from ..core.landscape import TileStream, iter_tiles
 from ..core.surface import Curve, Surface
-from . import extra_jobs, protocol
-from .protocol import Spec, f32, i32
+from . import extra_jobs, protocol, shapes
+from . import models as vertex_models
+from .protocol import SHAPE_TYPES, VERTEX_COUNTS, Spec, f32, i32
 
 Send = Callable[[dict, list], None]
 """``send(message, buffers)``: delivers one message to the front end."""
@@ -68,6 +71,8 @@ class Worker:
         data: ``(inputs, targets)``, a ``Dataset`` or a ``DataLoader``.
         send: ``send(message, buffers)``, called from the worker thread.
         model_b: Second model, the end point of ``"interpolation"`` directions.
+        models: ``{name: model}`` for the ``"interpolate"`` and ``"plane"`` types
+            (see :mod:`.models`).
         trajectory: A :class:`~landscape_widget.Trajectory` for ``"pca"`` directions.
         loss_fn: ``loss_fn(outputs, targets)``; cross-entropy by default.
         device: Where to compute (the model's device by default).
@@ -77,14 +82,29 @@ class Worker:
         on_result: Called with ``(job, result, complete)`` when a job ends with data.
         tile_points: Fixed tile size (default: adaptive, about 0.3 s per tile).
         evaluator_options: Passed to ``iter_tiles`` (``strategy``, ``memory_budget``...).
+        executor: A Dask client or ``concurrent.futures`` executor computing the grid
+            tiles (``iter_tiles(executor=...)``); a cancelled job cancels its futures.
+            With one, ``data`` may be a ``data_fn`` that the executor's workers call; the
+            Hessian and pattern features call it here, once, when first needed.
+        mining_steps: Adam steps of the mined curve-shape directions (``None``: the
+            library's defaults; see :mod:`.shapes`).
     """
 
     def __init__(self, model, data, *, send: Send, model_b=None, trajectory=None, loss_fn=None,
-                 device=None,
+                 device=None, models: dict | None = None,
                  on_status: Callable[[dict], None] | None = None,
                  on_result: Callable[[Job, Surface | Curve, bool], None] | None = None,
-                 tile_points: int | None = None, evaluator_options: dict | None = None):
-        self.model, self.data, self.model_b = model, data, model_b
+                 tile_points: int | None = None, evaluator_options: dict | None = None,
+                 executor=None, mining_steps: int | None = None):
+        self.model, self.model_b = model, model_b
+        self.shapes = shapes.ShapeDirections(mining_steps)
+        self.models = dict(models or {})
+        # A data_fn is loaded here at most once (lazily); an executor's workers get the
+        # function itself, so they load the data where they run.
+        self.executor, self.grid_data = executor, data
+        self.data = functools.cache(data) if is_data_fn(data) else data
+        if executor is None:
+            self.grid_data = self.data
         self.trajectory = trajectory
         self.loss_fn, self.device = loss_fn, device
         self.send, self.on_status, self.on_result = send, on_status, on_result
@@ -225,8 +245,14 @@ class Worker:
         goes from the model to ``model_b`` along the first axis; in 2D the second axis is a
         random direction normalised as ``spec.norm`` says. ``"pca"``: the trajectory's
         principal directions; ``"hessian"``: the top Hessian eigenvectors (unit norm;
-        computed in this thread, cancellable with ``job``).
+        computed in this thread, cancellable with ``job``). ``"interpolate"`` and
+        ``"plane"`` go through the named models (:func:`.models.directions`); the curve
+        shapes are mined or built by :class:`.shapes.ShapeDirections` (cancellable).
         """
+        if spec.direction in VERTEX_COUNTS:
+            return vertex_models.directions(self, spec)
+        if spec.direction in SHAPE_TYPES:  # mined or built: cached apart (see .shapes)
+            return self.shapes.directions(self, spec, job or Job("-", spec))
         key = (spec.direction_key(), fingerprint(dict(self.model.state_dict())),
                spec.bn if spec.direction == "hessian" else None)
         if key in self._directions:
@@ -254,6 +280,8 @@ class Worker:
 
     def _stream(self, job: Job, dirs: list) -> TileStream:
         spec = job.spec
+        if spec.direction == "plane":
+            return vertex_models.plane_stream(self, job)
         x, y = spec.axes()
         reuse_key = (spec.direction_key(), spec.bn, spec.quantity)
         reuse = None
@@ -265,8 +293,9 @@ class Worker:
                       evaluator_options=self.evaluator_options)
         for _ in range(3):
             try:
-                return iter_tiles(self.model, self.data, metrics=self.metrics, reuse=reuse,
-                                  **kwargs)
+                return iter_tiles(vertex_models.centre(self, spec), self.grid_data,
+                                  metrics=self.metrics,
+                                  reuse=reuse, executor=self.executor, **kwargs)
             except ValueError as err:
                 text = str(err)
                 if reuse is not None and text.startswith("reuse="):
@@ -304,9 +333,10 @@ class Worker:
         dev = str(stream.evaluator.device)
         axes = stream.axes
         x_axis, y_axis = axes[-1], (axes[0] if len(axes) == 2 else None)
+        info = vertex_models.view_info(dirs, stream)
         self._emit({"kind": "start", "id": job.id, "spec": spec.to_dict(),
                     "shape": list(stream.shape), "metrics": list(stream.evaluator.metrics),
-                    "device": dev, **extra_jobs.path_info(dirs)}, [f32(x_axis), f32(y_axis)])
+                    "device": dev, **info}, [f32(x_axis), f32(y_axis)])
         last_status = 0.0
         done = 0
         for tile in stream:
@@ -330,14 +360,15 @@ class Worker:
         total = stream.total
         complete = done == total
         result = stream.result()
-        result.spec.update(extra_jobs.path_info(dirs))
+        result.spec.update(info)
         self.latest = result
         seconds = time.perf_counter() - t0
         if complete:
             job.state = "done"
             self._complete = ((spec.direction_key(), spec.bn, spec.quantity), result)
             self._emit({"kind": "done", "id": job.id, "seconds": seconds,
-                        "evaluated": stream.evaluated, "reused": stream.reused,
+                        "evaluated": stream.evaluated,
+                        "reused": stream.reused - vertex_models.outside(info),
                         "nonfinite": stream.evaluator.nonfinite_points})
             note = ""
             if stream.evaluator.nonfinite_points:
