@@ -90,6 +90,9 @@ def triangle_stream(models: Sequence[nn.Module], data, *, resolution: int = 20,
     names = list(names) if names is not None else ["model 1", "model 2", "model 3"]
     points = _check_same(models, names)
     axis = lattice(resolution, margin)
+    # The lattice reaches the largest multiple of 1/resolution within the margin asked for;
+    # that is the margin of the region (and of the drawing).
+    margin = abs(float(axis[0]))
     ev_options = dict(options.pop("evaluator_options", None) or {}, barycentric=True)
     job = _prepare(models[2], data, directions=points, axes_spec=[
         (float(axis[0]), float(axis[-1]), axis.size)] * 2, loss_fn=loss_fn, metrics=metrics,
@@ -272,7 +275,8 @@ def triangle_surface(m1: nn.Module, m2: nn.Module, m3: nn.Module, data, *,
         data: ``(inputs, targets)`` tensors, a ``Dataset`` or a ``DataLoader``.
         resolution: Grid steps per unit of alpha and beta (20: the PROPOSAL's 0.05 grid).
         margin: How far beyond the triangle to look: ``alpha, beta >= -margin`` and
-            ``alpha + beta <= 1 + margin`` (PROPOSAL 0.2).
+            ``alpha + beta <= 1 + margin`` (PROPOSAL 0.2), rounded down to a multiple of
+            ``1 / resolution`` (``spec["margin"]`` holds the margin used).
         loss_fn: Mean loss of a batch; cross-entropy by default.
         metrics: Any of ``"loss"``, ``"accuracy"``.
         bn: ``"eval"`` (combined running statistics) or ``"batch"``.
@@ -289,9 +293,9 @@ def triangle_surface(m1: nn.Module, m2: nn.Module, m3: nn.Module, data, *,
         >>> torch.manual_seed(0) and None
         >>> ms = [torch.nn.Linear(4, 3) for _ in range(3)]
         >>> data = (torch.randn(32, 4), torch.randint(0, 3, (32,)))
-        >>> tri = triangle_surface(*ms, data, resolution=4, progress=False)
-        >>> tri.loss.shape
-        (7, 7)
+        >>> tri = triangle_surface(*ms, data, resolution=5, progress=False)
+        >>> tri.loss.shape  # alpha, beta in -0.2, 0, 0.2, ..., 1.4
+        (9, 9)
     """
     stream = triangle_stream([m1, m2, m3], data, resolution=resolution, margin=margin,
                              loss_fn=loss_fn, metrics=metrics, bn=bn, device=device,
