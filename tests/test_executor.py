@@ -27,15 +27,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import report
+from dask.distributed import Client, LocalCluster  # in the dev extra: these tests never skip
 from torch import nn
 
 import landscape_widget as lw
 from landscape_widget.core import _remote
 from landscape_widget.widget.protocol import Spec
 from landscape_widget.widget.worker import Worker
-
-pytest.importorskip("distributed")
-from dask.distributed import Client, LocalCluster  # noqa: E402
 
 TOL = 1e-6
 
@@ -334,3 +332,18 @@ def test_local_gpu_executor_pins_one_gpu_per_worker(monkeypatch):
         cluster = client.cluster
         client.close()
         cluster.close()
+
+
+def test_dask_plane_through_three_models_equals_local(client):
+    """The barycentric plane goes through the executor too, skipping the outer corner."""
+    models = [make_model(s) for s in (0, 1, 2)]
+    before = [_state(m) for m in models]
+    local = lw.triangle_surface(*models, data_fn(), resolution=4, margin=0.25, progress=False)
+    remote = lw.triangle_surface(*models, data_fn, resolution=4, margin=0.25, progress=False,
+                                 executor=client, tile_points=7)
+    inside = np.isfinite(local.loss)
+    assert np.array_equal(inside, np.isfinite(remote.loss))
+    np.testing.assert_allclose(remote.loss[inside], local.loss[inside], rtol=0, atol=TOL)
+    assert remote.spec["executor"]["kind"] == "dask"
+    assert remote.spec["evaluated"] == int(inside.sum())  # the corner beyond is never sent
+    assert all(_same_state(m, b) for m, b in zip(models, before, strict=True))

@@ -16,6 +16,7 @@ come out NaN.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -83,7 +84,7 @@ def triangle_stream(models: Sequence[nn.Module], data, *, resolution: int = 20,
 
     Points outside the region (``alpha + beta > 1 + margin``) are never evaluated; they stay
     NaN. Args are those of :func:`triangle_surface`; ``options`` go to the engine
-    (``tile_points``, ``cancel``, ``evaluator_options``).
+    (``tile_points``, ``cancel``, ``evaluator_options``, ``executor``).
     """
     if len(models) != 3:
         raise ValueError(f"A plane through models needs exactly three models, got {len(models)}.")
@@ -94,10 +95,16 @@ def triangle_stream(models: Sequence[nn.Module], data, *, resolution: int = 20,
     # that is the margin of the region (and of the drawing).
     margin = abs(float(axis[0]))
     ev_options = dict(options.pop("evaluator_options", None) or {}, barycentric=True)
+    executor = options.pop("executor", None)
+    make_evaluator = None
+    if executor is not None:
+        from ..core.distributed import RemoteEvaluator
+
+        make_evaluator = functools.partial(RemoteEvaluator, executor)
     job = _prepare(models[2], data, directions=points, axes_spec=[
         (float(axis[0]), float(axis[-1]), axis.size)] * 2, loss_fn=loss_fn, metrics=metrics,
         bn=bn, device=device, seed=None, reuse=None, keep_directions=False,
-        evaluator_options=ev_options)
+        evaluator_options=ev_options, make_evaluator=make_evaluator)
     job.axes = [axis, axis]  # exact quotients, so the vertices are grid points
     alpha, beta = np.meshgrid(axis, axis)
     outside = (alpha + beta > 1 + margin + 1e-9).ravel()
@@ -283,7 +290,9 @@ def triangle_surface(m1: nn.Module, m2: nn.Module, m3: nn.Module, data, *,
         device: Where to compute (the models' device by default).
         names: Labels of the three models.
         progress: Show a tqdm progress bar.
-        **options: ``tile_points``, ``cancel``, ``evaluator_options`` for the engine.
+        **options: ``tile_points``, ``cancel``, ``evaluator_options`` for the engine, and
+            ``executor`` (a Dask ``Client`` or ``concurrent.futures`` executor whose workers
+            compute the tiles, as in :func:`~landscape_widget.compute_surface`).
 
     Returns:
         A :class:`TriangleSurface`; ``tri.loss_at_model(i)`` is the value at vertex ``i``.

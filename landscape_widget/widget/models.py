@@ -155,10 +155,11 @@ def plane_stream(worker, job) -> TileStream:
     while True:
         try:
             return triangle_stream(
-                models, worker.data, resolution=spec.resolution, margin=spec.margin,
+                models, worker.grid_data, resolution=spec.resolution, margin=spec.margin,
                 loss_fn=worker.loss_fn, metrics=worker.metrics, bn=spec.bn,
                 device=worker.device, names=names, tile_points=worker.tile_points,
-                cancel=job.cancel, evaluator_options=worker.evaluator_options)
+                cancel=job.cancel, evaluator_options=worker.evaluator_options,
+                executor=worker.executor)
         except ValueError as err:
             if "accuracy" in worker.metrics and str(err).startswith("accuracy needs"):
                 worker.metrics = ("loss",)  # not a classification task; the loss still is
