@@ -25,13 +25,14 @@ from ..core.directions import interpolation_direction
 from ..core.surface import Curve, Surface
 from ..experiments.triangle import TriangleSurface
 from . import protocol
+from .encode import encode_result, snapshot_messages
 from .export import static_page
 from .models import as_triangle, direction_entries, resolve_models
 from .pattern_panel import PatternPanel
 from .protocol import ProtocolError, Spec, parse_message, parse_spec
-from .shapes import check_steps, curve_info
+from .shapes import check_steps
 from .shapes import entries as shape_entries
-from .worker import Job, Worker, new_id, snapshot_messages
+from .worker import Job, Worker, new_id
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
 DEBOUNCE_S = 0.2
@@ -49,36 +50,6 @@ INTERPOLATION_TYPE = {"label": "interpolation to model_b", "direction": "interpo
                       "norm": "filter"}
 PCA_TYPE = {"label": "PCA of trajectory", "direction": "pca", "norm": "none"}
 HESSIAN_TYPE = {"label": "Hessian top-2 eigenvectors", "direction": "hessian", "norm": "none"}
-
-
-def encode_result(job: Job, result: Surface | Curve, complete: bool, device: str) -> dict:
-    """The ``result`` trait: arrays as float32 bytes (binary buffers on the wire) + shapes."""
-    def raw(a):
-        return None if a is None else bytes(protocol.f32(a))
-
-    is_surface = isinstance(result, Surface)
-    return {
-        "id": job.id,
-        "spec": job.spec.to_dict(),
-        "shape": list(result.loss.shape if result.loss is not None else result.accuracy.shape),
-        "metrics": [m for m in ("loss", "accuracy") if getattr(result, m) is not None],
-        "x": raw(result.x),
-        "y": raw(result.y) if is_surface else None,
-        "loss": raw(result.loss),
-        "accuracy": raw(result.accuracy),
-        "complete": bool(complete),
-        "device": device,
-        # Axis labels and the training path (PCA directions), the colour-bar label
-        # (curvature maps): what a re-render needs besides the arrays.
-        "labels": result.spec.get("labels"),
-        "path": result.spec.get("path"),
-        "label": result.spec.get("label"),
-        # Named models to mark, and the plane through three models (see .models).
-        "marks": result.spec.get("marks"),
-        "plane": result.spec.get("plane"),
-        # A complete 1D loss curve's shape label and extrema (see .shapes).
-        "curve": curve_info(result, complete),
-    }
 
 
 class LandscapeWidget(PatternPanel, anywidget.AnyWidget):

@@ -35,7 +35,9 @@ from ..core.landscape import TileStream, iter_tiles
 from ..core.surface import Curve, Surface
 from . import extra_jobs, protocol, shapes
 from . import models as vertex_models
-from .protocol import SHAPE_TYPES, VERTEX_COUNTS, Spec, f32, i32
+from .encode import snapshot_messages as snapshot_messages  # re-exported
+from .encode import tile_message
+from .protocol import SHAPE_TYPES, VERTEX_COUNTS, Spec, f32
 
 Send = Callable[[dict, list], None]
 """``send(message, buffers)``: delivers one message to the front end."""
@@ -383,29 +385,3 @@ class Worker:
                          points_per_s=0.0, eta_s=None, message="cancelled")
         if self.on_result is not None:
             self.on_result(job, result, complete)
-
-
-def tile_message(job_id: str, tile) -> tuple[dict, list]:
-    """The ``tile`` message and its ``[flat, loss, accuracy]`` buffers."""
-    msg = {"kind": "tile", "id": job_id, "level": int(tile.level), "n": int(tile.flat.size),
-           "done": int(tile.done), "total": int(tile.total)}
-    return msg, [i32(tile.flat), f32(tile.values.get("loss")), f32(tile.values.get("accuracy"))]
-
-
-def snapshot_messages(job: Job, stream: TileStream) -> list[tuple[dict, list]]:
-    """``start`` plus one ``tile`` of every point computed so far (for a joining view)."""
-    axes = stream.axes
-    arrays = {m: a.reshape(-1).copy() for m, a in stream.arrays.items()}
-    loss = arrays.get("loss")
-    known = np.flatnonzero(~np.isnan(loss if loss is not None else next(iter(arrays.values()))))
-    start = {"kind": "start", "id": job.id, "spec": job.spec.to_dict(),
-             "shape": list(stream.shape), "metrics": list(stream.evaluator.metrics),
-             "device": str(stream.evaluator.device)}
-    tile = {"kind": "tile", "id": job.id, "level": 0, "n": int(known.size),
-            "done": int(known.size), "total": stream.total}
-    acc = arrays.get("accuracy")
-    return [
-        (start, [f32(axes[-1]), f32(axes[0] if len(axes) == 2 else None)]),
-        (tile, [i32(known), f32(None if loss is None else loss[known]),
-                f32(None if acc is None else acc[known])]),
-    ]
