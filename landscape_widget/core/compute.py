@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -121,6 +122,15 @@ def _reuse(job: _Job, reuse, metrics: Sequence[str]) -> None:
     job.known_mask = mask.ravel()
 
 
+def remote_evaluators(executor) -> Callable | None:
+    """The ``make_evaluator`` of :func:`_prepare` for ``executor`` (``None``: local)."""
+    if executor is None:
+        return None
+    from .distributed import RemoteEvaluator  # imports dask lazily
+
+    return functools.partial(RemoteEvaluator, executor)
+
+
 def _prepare(model, data, *, directions, axes_spec, loss_fn, metrics, bn, device, seed,
              reuse, keep_directions, evaluator_options, make_evaluator=None) -> _Job:
     if not isinstance(model, nn.Module):
@@ -174,6 +184,25 @@ def _coords(axes: list[np.ndarray], flat: np.ndarray) -> np.ndarray:
     return np.stack([axes[1][ix], axes[0][iy]], axis=1)
 
 
+def known_values(job: _Job, flat: np.ndarray, metrics: Sequence[str]
+                 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The known values of the grid points ``flat`` and the mask of those still to compute.
+
+    Known points were reused from an earlier result or lie outside the region (a plane
+    through three models); the others are NaN until computed.
+
+    Returns:
+        ``({metric: array}, todo)``.
+    """
+    values = {m: np.full(flat.size, np.nan) for m in metrics}
+    todo = np.ones(flat.size, dtype=bool)
+    if job.known_mask is not None:
+        todo = ~job.known_mask[flat]
+        for m in metrics:
+            values[m][~todo] = job.known[m][flat[~todo]]
+    return values, todo
+
+
 def _tile_size(ev: Evaluator, fixed: int | None) -> int:
     if fixed:
         return fixed
@@ -198,12 +227,7 @@ def _tiles(job: _Job, tile_points: int | None, cancel: threading.Event | None) -
             t0 = time.perf_counter()
             flat = idx[pos : pos + _tile_size(ev, tile_points)]
             pos += flat.size
-            values = {m: np.full(flat.size, np.nan) for m in ev.metrics}
-            todo = np.ones(flat.size, dtype=bool)
-            if job.known_mask is not None:
-                todo = ~job.known_mask[flat]
-                for m in ev.metrics:
-                    values[m][~todo] = job.known[m][flat[~todo]]
+            values, todo = known_values(job, flat, ev.metrics)
             if todo.any():
                 out = ev.evaluate(_coords(job.axes, flat[todo]))
                 for m in ev.metrics:

@@ -48,7 +48,7 @@ import torch
 from torch import nn
 
 from ._remote import MissingPayload, Payload, make_payload, probe, run_tile
-from .compute import Tile, _coords
+from .compute import Tile, _coords, known_values
 from .grid import progressive_order
 from .tuning import Plan
 
@@ -218,12 +218,7 @@ class RemoteEvaluator:
                 flat = idx[pos : pos + size]
                 pos += flat.size
                 remaining -= flat.size
-                values = {m: np.full(flat.size, np.nan) for m in self.metrics}
-                todo = np.ones(flat.size, dtype=bool)
-                if job.known_mask is not None:
-                    todo = ~job.known_mask[flat]
-                    for m in self.metrics:
-                        values[m][~todo] = job.known[m][flat[~todo]]
+                values, todo = known_values(job, flat, self.metrics)
                 yield level, flat, todo, values
 
     def run_tiles(self, job, tile_points: int | None,

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import functools
 import threading
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 from torch import nn
 
-from .compute import Tile, _prepare, _tiles
+from .compute import Tile, _prepare, _tiles, remote_evaluators
 from .evaluate import METRICS, LossFn, warn_nonfinite
 from .params import Params
 from .surface import Curve, Surface
@@ -135,15 +134,10 @@ def iter_tiles(
         A :class:`TileStream`.
     """
     axes_spec = [x] if y is None else [y, x]
-    make_evaluator = None
-    if executor is not None:
-        from .distributed import RemoteEvaluator
-
-        make_evaluator = functools.partial(RemoteEvaluator, executor)
     job = _prepare(model, data, directions=directions, axes_spec=axes_spec, loss_fn=loss_fn,
                    metrics=metrics, bn=bn, device=device, seed=seed, reuse=reuse,
                    keep_directions=keep_directions, evaluator_options=evaluator_options,
-                   make_evaluator=make_evaluator)
+                   make_evaluator=remote_evaluators(executor))
     return TileStream(job, tile_points, cancel)
 
 

@@ -16,7 +16,7 @@ import copy
 import hashlib
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -53,7 +53,6 @@ class Run:
     switched: tuple[str, int] | None = None
     diverged: int | None = None
     optimizer: str = ""
-    _steps: list = field(default_factory=list, repr=False)
 
 
 def state_hash(state: Mapping[str, Tensor]) -> str:

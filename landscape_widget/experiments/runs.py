@@ -136,7 +136,7 @@ class OptimizerRuns:
 
     def initial_model(self) -> nn.Module:
         """A copy of ``theta_0``, the shared start."""
-        return model_at(self._init, self._init.state_dict())
+        return copy.deepcopy(self._init).eval()
 
     def __repr__(self) -> str:
         rows = []

@@ -16,7 +16,6 @@ come out NaN.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core.compute import _prepare
+from ..core.compute import _prepare, fingerprint, remote_evaluators
 from ..core.evaluate import METRICS, LossFn
 from ..core.landscape import TileStream, _run
 from ..core.params import Params, check_module, float_buffers_of, parameters_of
@@ -95,31 +94,19 @@ def triangle_stream(models: Sequence[nn.Module], data, *, resolution: int = 20,
     # that is the margin of the region (and of the drawing).
     margin = abs(float(axis[0]))
     ev_options = dict(options.pop("evaluator_options", None) or {}, barycentric=True)
-    executor = options.pop("executor", None)
-    make_evaluator = None
-    if executor is not None:
-        from ..core.distributed import RemoteEvaluator
-
-        make_evaluator = functools.partial(RemoteEvaluator, executor)
     job = _prepare(models[2], data, directions=points, axes_spec=[
         (float(axis[0]), float(axis[-1]), axis.size)] * 2, loss_fn=loss_fn, metrics=metrics,
         bn=bn, device=device, seed=None, reuse=None, keep_directions=False,
-        evaluator_options=ev_options, make_evaluator=make_evaluator)
+        evaluator_options=ev_options,
+        make_evaluator=remote_evaluators(options.pop("executor", None)))
     job.axes = [axis, axis]  # exact quotients, so the vertices are grid points
     alpha, beta = np.meshgrid(axis, axis)
     outside = (alpha + beta > 1 + margin + 1e-9).ravel()
     job.known = {m: np.full(outside.size, np.nan) for m in job.evaluator.metrics}
     job.known_mask = outside
     job.spec.update(kind="triangle", names=names, resolution=resolution, margin=margin,
-                    models=[job.spec["model"]] + [
-                        _fingerprint(p) for p in points[:2]])
+                    models=[fingerprint(p) for p in points])
     return TileStream(job, options.pop("tile_points", None), options.pop("cancel", None))
-
-
-def _fingerprint(point: Params) -> str:
-    from ..core.compute import fingerprint
-
-    return fingerprint(point)
 
 
 @dataclass

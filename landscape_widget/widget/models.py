@@ -26,7 +26,7 @@ import numpy as np
 from torch import nn
 
 from ..core.compute import fingerprint
-from ..core.directions import interpolation_direction, random_directions
+from ..core.directions import interpolation_direction
 from ..core.landscape import TileStream
 from ..core.params import check_module
 from ..core.surface import Curve, Surface
@@ -136,9 +136,7 @@ def directions(worker, spec: Spec) -> list:
     dirs = _Labelled([interpolation_direction(a, b)])
     dirs.axis_labels = [f"α ({a_name} → {b_name})"]
     if spec.mode == "2d":
-        dirs += random_directions(a, 1, norm=None if spec.norm == "none" else spec.norm,
-                                  ignore="biasbn" if spec.ignore_biasbn else None,
-                                  seed=spec.seed)
+        dirs += worker.random_for(spec, 1, model=a)
         dirs.axis_labels.append("β (random direction)")
     dirs.marks = [{"name": a_name, "x": 0.0, "y": 0.0}, {"name": b_name, "x": 1.0, "y": 0.0}]
     cache[key] = dirs

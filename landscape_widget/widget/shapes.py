@@ -46,7 +46,6 @@ from collections import OrderedDict
 import numpy as np
 
 from ..core.compute import fingerprint
-from ..core.directions import random_directions
 from ..core.hessian import Cancelled
 from ..core.surface import Curve
 from ..experiments.curves import SHAPE_X, classify_curve
@@ -170,10 +169,7 @@ class ShapeDirections:
         dirs = _Labelled(base)
         dirs.axis_labels = list(_AXES[spec.direction])
         if spec.direction not in SHAPE_PLANES and spec.mode == "2d":
-            second = random_directions(worker.model, 2, norm=None if spec.norm == "none"
-                                       else spec.norm,
-                                       ignore="biasbn" if spec.ignore_biasbn else None,
-                                       seed=spec.seed)[1]
+            second = worker.random_for(spec, 2)[1]
             dirs.append(second)
             dirs.axis_labels.append("β (random direction)")
         return dirs

@@ -234,9 +234,17 @@ class Worker:
                     self.stream = None
                     self._cond.notify_all()
 
-    def _random(self, spec: Spec, count: int) -> list:
+    def random_for(self, spec: Spec, count: int, model=None) -> list:
+        """``count`` random directions as ``spec`` says (norm, bias+BN, seed).
+
+        Args:
+            spec: The view's spec.
+            count: How many directions (drawn one after another from ``spec.seed``).
+            model: Where to draw them (default: the widget's model).
+        """
         return random_directions(
-            self.model, count, norm=None if spec.norm == "none" else spec.norm,
+            self.model if model is None else model, count,
+            norm=None if spec.norm == "none" else spec.norm,
             ignore="biasbn" if spec.ignore_biasbn else None, seed=spec.seed,
         )
 
@@ -266,9 +274,9 @@ class Worker:
                 raise ValueError("interpolation directions need model_b=... in the widget.")
             dirs = [interpolation_direction(self.model, self.model_b)]
             if count == 2:
-                dirs.append(self._random(spec, 1)[0])
+                dirs.append(self.random_for(spec, 1)[0])
         elif spec.direction == "random":
-            dirs = self._random(spec, count)
+            dirs = self.random_for(spec, count)
         elif spec.direction == "pca":
             dirs = extra_jobs.pca_directions(self.trajectory, count)
         elif spec.direction == "hessian":
