@@ -47,7 +47,9 @@ def test_a5_pca_directions(sgd_path):
     xy = traj.project(dirs)
     assert xy.shape == (31, 2) and np.all(xy[-1] == 0.0)
     np.testing.assert_allclose(xy, traj.project(dirs, method="lstsq"), atol=1e-4)
-    np.testing.assert_allclose(xy, dirs.path, atol=1e-9)
+    # dirs.path projects on the float64 components, project() on the float32 directions
+    # the user gets: they agree to float32 rounding, not to float64's.
+    np.testing.assert_allclose(xy, dirs.path, rtol=1e-6, atol=1e-6 * np.abs(xy).max())
     assert dirs.axis_labels[0] == f"1st PC: {100 * evr[0]:.1f} %"
     report(f"PCA of an SGD path (digits MLP, lr 0.1, 300 steps, 31 checkpoints): "
            f"EVR {evr[0]:.3f}, {evr[1]:.3f}")
