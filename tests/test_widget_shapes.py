@@ -188,17 +188,33 @@ def test_mined_directions_are_cached_across_windows_and_modes(monkeypatch):
         w.close()
 
 
-def test_permutation_of_a_residual_net_is_a_status_error():
+def test_permutation_of_a_residual_net_has_equal_ends():
     model = lw.demo.mlp((6, 8, 8, 3), residual=True)
+    before = snapshot(model)
+    w = LandscapeWidget(model, _data(), autostart=False, mode="1d", x_range=(0, 1),
+                        resolution=5)
+    try:
+        w.direction = "permutation"
+        curve = w.wait(60)
+        assert w.status["state"] == "done"
+        assert curve.loss[0] == pytest.approx(curve.loss[-1], rel=1e-5)
+    finally:
+        w.close()
+    assert_same_snapshot(before, snapshot(model))
+
+
+def test_permutation_with_nothing_to_permute_is_a_status_error():
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.LayerNorm(4),
+                                torch.nn.Linear(4, 3))
     before = snapshot(model)
     w = LandscapeWidget(model, _data(), autostart=False, resolution=5)
     try:
         front = FakeFrontEnd(w)
         w.direction = "permutation"
         w.wait(60)
-        assert w.status["state"] == "error" and "skip/residual" in w.status["message"]
+        assert w.status["state"] == "error" and "LayerNorm" in w.status["message"]
         (err,) = front.errors()
-        assert "skip/residual" in err["message"]
+        assert "no hidden unit can be permuted" in err["message"]
         w.direction = "random"  # the widget lives on
         assert w.wait(60).loss.shape == (5, 5) and w.status["state"] == "done"
     finally:
