@@ -115,6 +115,41 @@ class Pinned(nn.Module):
         return self.e(torch.tanh(self.d(h)))
 
 
+class Sequence(nn.Module):
+    """Linear layers on ``(N, T, F)``: units on the last dim, interleaved after a flatten."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(5, 6), nn.Linear(6, 6), nn.Linear(4 * 6, 3)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))).flatten(1))
+
+
+class LinearOverLength(nn.Module):
+    """A Linear layer over the length of a Conv1d's output (not over its channels)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv1d(3, 4, 1)
+        self.l = nn.Linear(4, 4)
+        self.o = nn.Linear(4 * 4, 2)
+
+    def forward(self, x):
+        return self.o(torch.relu(self.l(torch.relu(self.c(x)))).flatten(1))
+
+
+class MeanOverUnits(nn.Module):
+    """The mean over the last dim of a Linear layer's (N, T, C) output averages its units."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.c = nn.Linear(5, 6), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.a(x)).mean(2))
+
+
 def _bn_stats(model: nn.Module, seed: int) -> nn.Module:
     """Non-trivial BatchNorm parameters and running statistics (a permutation must move them)."""
     return reinit(model, seed)
@@ -143,6 +178,9 @@ PERMUTABLE = {
     "bn-res-cnn": (lambda: bn_res_cnn(), (3, 8, 8), ()),
     "pinned": (lambda: reinit(Pinned(), 11), (4,),
                ("a.weight", "a.bias", "b.weight", "b.bias", "norm.weight", "c.weight")),
+    "sequence-flatten": (lambda: reinit(Sequence(), 14), (4, 5), ()),
+    "linear-over-length": (lambda: reinit(LinearOverLength(), 15), (3, 4),
+                           ("c.weight", "c.bias")),
     "resnet18": (lambda: _bn_stats(torchvision.models.resnet18(num_classes=10), 12),
                  (3, 32, 32), ()),
     "resnet-bottleneck": (lambda: _bn_stats(ResNet(Bottleneck, [1, 1, 1, 1], num_classes=7), 13),
@@ -271,6 +309,7 @@ class DataDependent(nn.Module):
     (nn.Sequential(nn.Linear(3, 1), nn.ReLU(), nn.Linear(1, 2)), "single unit"),
     (nn.Sequential(nn.Linear(3, 4), nn.Softmax(-1), nn.Linear(4, 2)), r"no hidden.*Softmax"),
     (DataDependent(), "could not trace"),
+    (MeanOverUnits(), r"no hidden.*reduces over dims"),
 ])
 def test_permutation_refuses_what_it_cannot_permute(model, match):
     before = snapshot(model)

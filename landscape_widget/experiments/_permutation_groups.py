@@ -6,6 +6,12 @@ groups of their operands; a layer called twice or a weight tied between layers m
 groups it touches; the model's inputs and outputs belong to the fixed group
 :data:`FIXED`; an operation no permutation can follow pins its inputs to :data:`FIXED`.
 The result is a :class:`Plan`: which tensors each group permutes, along which axis.
+
+Where the units lie is tracked too (:class:`_Units`): a convolution's channels are dim 1 of
+a tensor of known rank, a Linear layer's outputs the last dim of a tensor of unknown rank
+(dim 1 only for 2-D inputs). So a flatten of Linear outputs over a sequence interleaves the
+units, a Linear layer over a conv output's length does not read its channels, and a mean
+over the last dim averages the units: each is followed or pinned accordingly, never guessed.
 """
 
 from __future__ import annotations
@@ -51,15 +57,36 @@ _SCALAR = "scalar"  # state of a node that is a number (x.size(0)), not a tensor
 
 
 class _Units:
-    """The units a tensor carries along dim 1: permutation group ``group``.
+    """Which permutation group a tensor's units belong to, and where they lie in it.
 
-    After a flatten (``flat``), each unit is a block of ``k`` consecutive features (a
-    channel's ``H x W`` positions in row-major order); ``k`` is learnt from the next layer.
+    ``axis`` is ``"first"`` (dim 1 of a tensor of known ``rank`` > 2: a convolution's
+    channels), ``"last"`` (the last dim of a tensor of unknown rank: a Linear layer's
+    outputs, which are dim 1 only for a 2-D input) or ``"both"`` (a 2-D tensor). After a
+    flatten, ``flat`` says how each unit's ``k`` features lie: ``"blocks"`` (unit-major,
+    ``c * k + j``: a channel's ``H x W`` positions) or ``"interleaved"`` (unit-minor,
+    ``j * C + c``: a Linear layer's outputs at every position of a sequence); ``k`` is
+    learnt from the next layer.
     """
 
-    def __init__(self, group: int, flat: bool = False):
+    def __init__(self, group: int, axis: str = "last", rank: int | None = None,
+                 flat: str | None = None):
         self.group = group
+        self.axis = axis
+        self.rank = 2 if axis == "both" else rank
         self.flat = flat
+
+    def flattened(self) -> _Units:
+        if self.flat:
+            return self
+        return _Units(self.group, "both", 2, "interleaved" if self.axis == "last" else "blocks")
+
+    def same_place(self, other: _Units) -> bool:
+        """Whether an elementwise op of the two tensors lines up their units."""
+        if self.flat != other.flat:
+            return False
+        if self.axis == other.axis:
+            return self.axis != "first" or self.rank == other.rank
+        return {self.axis, other.axis} == {"last", "both"}
 
 
 class _Groups:
@@ -142,18 +169,23 @@ def _flattens(node) -> bool | None:
     return None
 
 
-def _adds_trailing_dims(node) -> bool:
-    """``g[:, :, None, None]`` or ``g.unsqueeze(-1)``: dims 0 and 1 stay (a gate's shape)."""
+def _added_trailing_dims(node) -> int | None:
+    """How many dims ``g[:, :, None, None]`` or ``g.unsqueeze(-1)`` add after dims 0 and 1.
+
+    ``None`` if the node is no such call (slicing, indexing, an unsqueeze in front).
+    """
     name = _name_of(node)
     if node.target is operator.getitem and isinstance(node.args[1], tuple):
         index = node.args[1]
         full = slice(None, None, None)
-        return (len(index) >= 2 and index[0] == full and index[1] == full
-                and all(i is None or i == full for i in index[2:]))
+        if (len(index) >= 2 and index[0] == full and index[1] == full
+                and all(i is None or i == full for i in index[2:])):
+            return sum(i is None for i in index[2:])
+        return None
     if name == "unsqueeze" or node.target is torch.unsqueeze:
         dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
-        return isinstance(dim, int) and (dim >= 2 or dim == -1)
-    return False
+        return 1 if isinstance(dim, int) and (dim >= 2 or dim == -1) else None
+    return None
 
 
 class Plan:
@@ -163,7 +195,8 @@ class Plan:
         self.modules = dict(traced.named_modules())
         self.groups = _Groups()
         self.size: dict[int, int] = {}  # group of a layer's outputs -> its number of units
-        self.rows: dict[str, int] = {}  # tensor key -> group of its dim 0 (units)
+        # tensor key -> (group of its dim 0, how a unit's entries lie after a flatten)
+        self.rows: dict[str, tuple[int, str | None]] = {}
         self.cols: dict[str, _Units] = {}  # weight key -> units of its dim 1 (inputs)
         self.out: dict[str, int] = {}  # weight key -> group of the layer's outputs
         # A tied tensor appears in named_parameters() once: its first name is its key.
@@ -180,22 +213,30 @@ class Plan:
         t = getattr(module, attr, None)
         return None if t is None else self.key[id(t)]
 
-    def row(self, key: str | None, group: int) -> None:
+    def row(self, key: str | None, group: int, flat: str | None = None) -> None:
         if key is None:
             return
         if key in self.rows:  # a shared module or a tied tensor: one permutation for all uses
-            self.groups.union(self.rows[key], group)
+            self.groups.union(self.rows[key][0], group)
+            if self.rows[key][1] != flat:
+                self.groups.union(group, FIXED)
         else:
-            self.rows[key] = group
+            self.rows[key] = (group, flat)
 
     def mixing(self, node, m: nn.Module, units: _Units) -> _Units:
         w = self._key(m, "weight")
         self.layers.add(w)
         groups = getattr(m, "groups", 1)
+        conv = not isinstance(m, nn.Linear)
         depthwise = groups == m.weight.shape[0] == getattr(m, "in_channels", 0) > 1
-        if groups != 1 and not depthwise or depthwise and units.flat:
+        out = (_Units(0, "first", m.weight.dim()) if conv  # (N, C, *spatial)
+               else _Units(0, "both" if units.axis == "both" else "last"))
+        if groups != 1 and not depthwise or depthwise and units.axis != "first":
             self.pinned_keys.update(self._keys_under(node.target))
-            return self.pin(node, [units], f"a convolution in {groups} groups")
+            return self.pin(node, [units], f"a convolution in {groups} groups", always=True)
+        if units.axis == ("last" if conv else "first"):
+            # A conv mixes dim 1, a Linear layer the last dim: here not the units' dim.
+            units = self.pin(node, [units], "mixes another dim than its input's units")
         if w not in self.out:
             self.out[w] = self.groups.new()
             self.size[self.out[w]] = m.weight.shape[0]
@@ -211,28 +252,33 @@ class Plan:
             self.cols[w] = units
         self.row(w, group)
         self.row(self._key(m, "bias"), group)
-        return _Units(group)
+        out.group = group
+        return out
 
     def per_unit_tensors(self, m: nn.Module, units: _Units) -> None:
         """BatchNorm's scale, shift and statistics, PReLU's slopes: one entry per unit.
 
-        After a flatten a BatchNorm1d has an entry per feature: the entries move in blocks.
+        They act on dim 1. After a Linear layer (``axis="last"``) that is the units' dim
+        for the usual 2-D input; a BatchNorm1d over the time steps of a ``(N, T, C)``
+        tensor with ``T == C`` would be mistaken for one over the units. After a flatten a
+        BatchNorm1d has an entry per feature: the entries move in blocks.
         """
         names = ("weight", "bias", "running_mean", "running_var")
         if isinstance(m, nn.PReLU):
             names = ("weight",) if m.num_parameters > 1 else ()
         for k in (self._key(m, n) for n in names):
-            self.row(k, units.group)
+            self.row(k, units.group, units.flat)
 
-    def pin(self, node, units: list[_Units], why: str) -> _Units:
+    def pin(self, node, units: list[_Units], why: str, always: bool = False) -> _Units:
         """An operation no permutation can follow: its inputs and output stay unpermuted.
 
         Sound for any deterministic operation: if nothing that flows into it moved, it
         computes what it computed before, and whatever reads its output sees the old values.
         """
+        moved = [u for u in units if self.groups.find(u.group) != FIXED]
         for u in units:
             self.groups.union(u.group, FIXED)
-        if len(self.pins) < 50:
+        if (moved or always) and len(self.pins) < 50:  # say why, unless nothing changed
             self.pins.append(f"{_describe(node, self.modules)} ({why})")
         return _Units(FIXED)
 
@@ -244,7 +290,7 @@ class Plan:
             tensors = [a for a in inputs if state.get(a) is not _SCALAR]
             units_in = [state[a] for a in tensors]
             if node.op == "placeholder":
-                state[node] = _Units(FIXED)
+                state[node] = _Units(FIXED)  # its rank is unknown: a Linear's is "last"
                 continue
             if node.op == "output":
                 for u in units_in:  # the model's outputs stay where they are
@@ -264,12 +310,12 @@ class Plan:
                 continue
             units = units_in[0]
             if node.target in _ELEMENTWISE or name in _ELEMENTWISE_METHODS:
-                if len(units_in) > 2 or len({u.flat for u in units_in}) > 1:
+                if len(units_in) > 2 or not units.same_place(units_in[-1]):
                     state[node] = self.pin(node, units_in, "combines tensors of other shapes")
                     continue
                 for u in units_in[1:]:  # a residual addition: both sides move alike
                     self.groups.union(units.group, u.group)
-                state[node] = units
+                state[node] = units if units.axis != "last" else units_in[-1]
                 continue
             if len(tensors) > 1:
                 cat = node.target in (torch.cat, torch.stack) or name in ("cat", "concat",
@@ -281,17 +327,18 @@ class Plan:
                 state[node] = self._module(node, units)
                 continue
             flat = _flattens(node)
+            added = _added_trailing_dims(node)
             if flat is not None:
-                state[node] = (_Units(units.group, True) if flat else
+                state[node] = (units.flattened() if flat else
                                self.pin(node, units_in, "reshapes across units"))
             elif name in _REDUCTIONS or node.target in (torch.mean, torch.sum, torch.amax):
-                dims = _dims_of(node)
-                if dims is None or any(d in (0, 1) for d in dims) or units.flat:
-                    state[node] = self.pin(node, units_in, f"reduces over dims {dims}")
-                else:  # a spatial mean: each channel on its own
-                    state[node] = units
+                state[node] = self._reduce(node, units)
+            elif added is not None:  # g[:, :, None, None]: dims 0 and 1 stay
+                state[node] = (_Units(units.group, "first", units.rank + added)
+                               if units.axis != "last" and not units.flat
+                               else self.pin(node, units_in, "indexes a tensor"))
             elif (node.target in _PER_UNIT_FUNCTIONS or name in _PER_UNIT_METHODS
-                  or name.rstrip("_") in _PER_UNIT_PREFIX or _adds_trailing_dims(node)):
+                  or name.rstrip("_") in _PER_UNIT_PREFIX):
                 state[node] = units
             else:
                 state[node] = self.pin(node, units_in, f"calls {name!r}")
@@ -299,9 +346,21 @@ class Plan:
         # would be permuted (tied weights), must not move either.
         for key in self.pinned_keys:
             if key in self.rows:
-                self.groups.union(self.rows[key], FIXED)
+                self.groups.union(self.rows[key][0], FIXED)
             if key in self.cols:
                 self.groups.union(self.cols[key].group, FIXED)
+
+    def _reduce(self, node, units: _Units) -> _Units:
+        """A mean or sum over spatial dims keeps each channel on its own; others pin."""
+        dims = _dims_of(node)
+        if units.axis != "first" or dims is None:
+            return self.pin(node, [units], f"reduces over dims {dims}")
+        dims = {d % units.rank for d in dims}
+        if dims & {0, 1}:
+            return self.pin(node, [units], f"reduces over dims {sorted(dims)}")
+        keep = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
+        rank = units.rank if keep else units.rank - len(dims)
+        return _Units(units.group, "both" if rank == 2 else "first", rank)
 
     def _keys_under(self, target: str) -> set[str]:
         obj = self.model
@@ -321,7 +380,7 @@ class Plan:
         if isinstance(m, nn.Flatten):
             if m.start_dim != 1 or m.end_dim != -1:
                 return self.pin(node, [units], f"flattens dims {m.start_dim}..{m.end_dim}")
-            return _Units(units.group, True)
+            return units.flattened()
         if isinstance(m, _PER_UNIT_MODULES):
             return units
         self.pinned_keys.update(self._keys_under(node.target))

@@ -40,13 +40,22 @@ def _derangement(n: int, gen: torch.Generator) -> Tensor:
             return p
 
 
-def _permute(t: Tensor, perm: Tensor, dim: int, where: str) -> Tensor:
+def _permute(t: Tensor, perm: Tensor, dim: int, flat: str | None, where: str) -> Tensor:
+    """``t`` with its units along ``dim`` reordered by ``perm``.
+
+    After a flatten each unit owns ``k = size / len(perm)`` entries: consecutive ones
+    (``flat="blocks"``) or one in every ``len(perm)`` (``"interleaved"``).
+    """
     size, c = t.shape[dim], perm.numel()
     if size != c:
-        if size % c:
-            raise ValueError(f"{where} has {size} units where {c} were expected; {HELP}.")
-        k = size // c  # a flattened channel: a block of k features
-        perm = (perm[:, None] * k + torch.arange(k)).reshape(-1)
+        if flat is None or size % c:
+            raise ValueError(f"{where} has {size} entries along dim {dim} where {c} units "
+                             f"were expected; {HELP}.")
+        k = size // c
+        if flat == "blocks":
+            perm = (perm[:, None] * k + torch.arange(k)).reshape(-1)
+        else:
+            perm = (torch.arange(k)[:, None] * c + perm[None, :]).reshape(-1)
     return t.index_select(dim, perm.to(t.device))
 
 
@@ -133,14 +142,14 @@ def permutation_direction(model: nn.Module, *, seed: int = 0, buffers: bool = Tr
     params = parameters_of(model)
     bufs = float_buffers_of(model)
     new = {k: v.clone() for k, v in {**params, **bufs}.items()}
-    for key, g in plan.rows.items():
+    for key, (g, flat) in plan.rows.items():
         perm = perms.get(groups.find(g))
         if perm is not None:
-            new[key] = _permute(new[key], perm, 0, f"tensor {key!r}")
+            new[key] = _permute(new[key], perm, 0, flat, f"tensor {key!r}")
     for key, units in plan.cols.items():
         perm = perms.get(groups.find(units.group))
         if perm is not None:
-            new[key] = _permute(new[key], perm, 1, f"the inputs of {key!r}")
+            new[key] = _permute(new[key], perm, 1, units.flat, f"the inputs of {key!r}")
     keys = list(params) + (list(bufs) if buffers else [])
     d = {k: new[k] - ({**params, **bufs})[k] for k in keys}
     check_direction(model, d)
