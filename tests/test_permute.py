@@ -198,12 +198,14 @@ def test_permutation_endpoints_compute_the_same_function(name):
     factory, shape, fixed = PERMUTABLE[name]
     model = factory().eval()
     before = snapshot(model)
+    x = torch.randn((8 if name.startswith("resnet") else 64, *shape),
+                    generator=torch.Generator().manual_seed(1))
     d = lw.permutation_direction(model, seed=0)
     assert_same_snapshot(before, snapshot(model))
     assert set(d) == {k for k, _ in model.named_parameters()} | {
         k for k, b in model.named_buffers() if torch.is_floating_point(b)}
-    x = torch.randn((8 if name.startswith("resnet") else 64, *shape),
-                    generator=torch.Generator().manual_seed(1))
+    checked = lw.permutation_direction(model, seed=0, check_inputs=x[:4])
+    assert all(torch.equal(checked[k], d[k]) for k in d)
     with torch.no_grad():
         out0 = model(x)
         out1 = functional_call(model, _endpoint(model, d), (x,))
@@ -323,3 +325,44 @@ def test_permutation_type_errors():
         lw.permutation_direction(lw.demo.mlp(), seed=1.5)
     with pytest.raises(TypeError):
         lw.permutation_direction("not a model")
+
+
+class CumsumInside(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.b(torch.cumsum(self.a(x), dim=1))  # mixes units in their order
+
+
+def test_check_inputs_catch_an_analysis_that_is_wrong(monkeypatch):
+    """If the graph analysis were wrong, the check on real inputs says so (the safety net
+    the widget relies on); here a cumulative sum is wrongly declared per-unit."""
+    from landscape_widget.experiments import _permutation_groups as groups
+
+    monkeypatch.setattr(groups, "_PER_UNIT_FUNCTIONS",
+                        groups._PER_UNIT_FUNCTIONS | {torch.cumsum})
+    model = reinit(CumsumInside(), 3).train()
+    before = snapshot(model)
+    lw.permutation_direction(model)  # unchecked: silently another function
+    with pytest.raises(ValueError, match="computes another function"):
+        lw.permutation_direction(model, check_inputs=torch.randn(8, 4))
+    assert_same_snapshot(before, snapshot(model))
+    assert model.training and all(m.training for m in model.modules())
+
+
+def test_sample_inputs_reads_only_what_it_needs():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from landscape_widget.core.data import sample_inputs
+
+    x, y = torch.randn(100, 3), torch.randint(0, 2, (100,))
+    forms = {"tensors": (x, y), "dataset": TensorDataset(x, y),
+             "data_fn": lambda: (x, y)}
+    for form, data in forms.items():
+        assert torch.equal(sample_inputs(data, 64), x[:64]), form
+    loader = DataLoader(TensorDataset(x, y), batch_size=10)
+    assert torch.equal(sample_inputs(loader, 64), x[:10])  # the first batch only
+    with pytest.raises(ValueError, match="no batches"):
+        sample_inputs(DataLoader(TensorDataset(x[:0], y[:0]), batch_size=4))

@@ -95,3 +95,21 @@ def as_tensors(data) -> tuple[Tensor, Tensor]:
             "they must match along dim 0."
         )
     return x, y
+
+
+def sample_inputs(data, n: int = 64) -> Tensor:
+    """The inputs of the first ``n`` samples of ``data`` (any form :func:`as_tensors` takes).
+
+    Reads no more than it needs: a ``DataLoader`` gives its first batch, a ``Dataset`` its
+    first ``n`` items; only a ``data_fn`` is called whole.
+    """
+    if is_data_fn(data):
+        return sample_inputs(data(), n)
+    if isinstance(data, DataLoader):
+        for batch in data:
+            return _as_pair(batch, "the DataLoader")[0][:n]
+        raise ValueError("The DataLoader yielded no batches; pass data with at least one sample.")
+    if isinstance(data, Dataset):
+        k = min(n, len(data))  # type: ignore[arg-type]
+        return as_tensors(torch.utils.data.Subset(data, range(k)))[0]
+    return as_tensors(data)[0][:n]

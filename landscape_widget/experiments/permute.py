@@ -23,8 +23,17 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 
-from ..core.params import Params, check_direction, check_module, float_buffers_of, parameters_of
+from ..core.params import (
+    Params,
+    check_direction,
+    check_module,
+    evaluation_copy,
+    float_buffers_of,
+    model_device,
+    parameters_of,
+)
 from ._permutation_groups import FIXED, HELP, MIXING, Plan, trace
 
 
@@ -59,7 +68,41 @@ def _permute(t: Tensor, perm: Tensor, dim: int, flat: str | None, where: str) ->
     return t.index_select(dim, perm.to(t.device))
 
 
-def permutation_direction(model: nn.Module, *, seed: int = 0, buffers: bool = True) -> Params:
+def _verify(model: nn.Module, d: Params, inputs: Tensor) -> None:
+    """Raise if ``theta + d`` computes another function than ``theta`` on ``inputs``.
+
+    Eval mode on a structural copy (the user's flags untouched); the outputs may be any
+    nest of tensors.
+    """
+    from torch.utils._pytree import tree_leaves
+
+    module = evaluation_copy(model)
+    modes = {m: m.training for m in module.modules()}
+    state = {**parameters_of(model), **float_buffers_of(model)}
+    end = {k: v + d[k] if k in d else v for k, v in state.items()}
+    inputs = inputs.to(model_device(model))
+    try:
+        module.eval()
+        with torch.no_grad():
+            before = [t for t in tree_leaves(functional_call(module, state, (inputs,)))
+                      if isinstance(t, Tensor) and t.is_floating_point()]
+            after = [t for t in tree_leaves(functional_call(module, end, (inputs,)))
+                     if isinstance(t, Tensor) and t.is_floating_point()]
+    finally:
+        for m, training in modes.items():  # restored one by one: train() would recurse
+            m.training = training
+    for a, b in zip(before, after, strict=True):
+        scale = max(1.0, float(a.abs().max()))
+        diff = float((a - b).abs().max())
+        if not diff <= 1e-4 * scale:
+            raise ValueError(f"the permuted network computes another function on the check "
+                             f"inputs (largest output difference {diff:.3g}, outputs up to "
+                             f"{scale:.3g}): the model does something the permutation did not "
+                             f"follow. Please report the architecture; {HELP}.")
+
+
+def permutation_direction(model: nn.Module, *, seed: int = 0, buffers: bool = True,
+                          check_inputs: Tensor | None = None) -> Params:
     """The w-basin direction ``d = pi(theta) - theta`` for a random hidden-unit permutation.
 
     Every group of hidden units that can be permuted (see the module docstring: a layer's
@@ -86,6 +129,9 @@ def permutation_direction(model: nn.Module, *, seed: int = 0, buffers: bool = Tr
             weights; any other operation keeps its inputs unpermuted.
         seed: Seed of the permutations (a private generator; the global RNG is untouched).
         buffers: Include the floating-point buffers (see above).
+        check_inputs: Optional model inputs (a few samples): the two endpoints are run on
+            them in eval mode and must give the same outputs (to 1e-4 of their scale), a
+            check of the graph analysis on the real model. The widget passes 64 samples.
 
     Returns:
         ``dict[str, Tensor]`` keyed like ``model.named_parameters()`` (plus float buffers),
@@ -153,4 +199,6 @@ def permutation_direction(model: nn.Module, *, seed: int = 0, buffers: bool = Tr
     keys = list(params) + (list(bufs) if buffers else [])
     d = {k: new[k] - ({**params, **bufs})[k] for k in keys}
     check_direction(model, d)
+    if check_inputs is not None:
+        _verify(model, {**d, **{k: new[k] - bufs[k] for k in bufs}}, check_inputs)
     return d

@@ -46,6 +46,7 @@ from collections import OrderedDict
 import numpy as np
 
 from ..core.compute import fingerprint
+from ..core.data import sample_inputs
 from ..core.hessian import Cancelled
 from ..core.surface import Curve
 from ..experiments.curves import SHAPE_X, classify_curve
@@ -208,7 +209,9 @@ class ShapeDirections:
         common = dict(loss_fn=worker.loss_fn, bn=spec.bn, device=worker.device)
         _status(worker, job, f"{label}: computing the direction")
         if name == "permutation":
-            return [permutation_direction(worker.model, seed=spec.seed)]
+            # Checked on a few real inputs: a w-basin whose ends differ would mislead.
+            inputs = sample_inputs(worker.data, 64)
+            return [permutation_direction(worker.model, seed=spec.seed, check_inputs=inputs)]
         if name == "side":
             return [side_direction(worker.model, worker.data, ignore=ignore, **common)]
         mining = dict(steps=self.steps_for(name), seed=spec.seed, ignore=ignore,
