@@ -295,3 +295,101 @@ def test_diverging_run_stops_with_a_warning(digits):
             epochs=3, progress=False)
     assert runs.runs["wild"].diverged is not None
     assert runs.runs["calm"].diverged is None and len(runs.runs["calm"].checkpoints) == 4
+    with pytest.warns(RuntimeWarning, match="wild: the run diverged"):
+        sizes = runs.basin_size(directions=2, radii=(0, 0.5, 3))
+    assert np.isnan(sizes["wild"]["median"]) and not np.isnan(sizes["calm"]["r"]).any()
+
+
+# --- edge cases found in review --------------------------------------------------------
+SGD = {"sgd": functools.partial(torch.optim.SGD, lr=0.05)}
+
+
+def test_float64_model_trains_on_float32_data():
+    x, y = mlp_data()
+    model = reinit(nn.Sequential(nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, 4)), 0).double()
+    runs = lw.compare_optimizers(model, (x.float(), y), SGD, epochs=2, test_data=(x, y),
+                                 progress=False)
+    assert next(runs["sgd"].parameters()).dtype == torch.float64
+    assert np.isfinite(runs.runs["sgd"].history["train_loss"][1:]).all()
+    assert set(runs.functional_difference(data=(x, y))) == set()  # one run: no pairs
+
+
+def test_shuffling_loader_is_reproducible_and_leaves_the_rng_alone():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x, y = mlp_data()
+    loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    a = lw.compare_optimizers(lambda: mlp_dropout(), loader, SGD, epochs=2, progress=False)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    b = lw.compare_optimizers(lambda: mlp_dropout(), loader, SGD, epochs=2, progress=False)
+    assert all(torch.equal(a.runs["sgd"].checkpoints[-1][k], v)
+               for k, v in b.runs["sgd"].checkpoints[-1].items())
+
+
+def test_a_single_leftover_sample_joins_the_last_batch():
+    from landscape_widget.experiments.optimizers import Schedule
+
+    schedule = Schedule(201, 50, 1, 0)
+    sizes = [idx.numel() for _, idx in schedule.batches(0)]
+    assert sizes == [50, 50, 50, 51] and schedule.steps_per_epoch == 4
+    assert sorted(torch.cat([i for _, i in schedule.batches(0)]).tolist()) == list(range(201))
+    x, y = cnn_data()
+    x, y = torch.cat([x, x[:1]]), torch.cat([y, y[:1]])  # n % batch_size == 1
+    runs = lw.compare_optimizers(bn_res_cnn, (x, y), SGD, epochs=1, batch_size=x.shape[0] - 1,
+                                 progress=False)
+    assert len(runs.runs["sgd"].checkpoints) == 2
+
+
+def test_soft_targets_and_regression():
+    x, y = mlp_data()
+    soft = F.one_hot(y, 4).float()
+
+    def soft_ce(out, t):
+        return -(t * F.log_softmax(out, 1)).sum(1).mean()
+
+    runs = lw.compare_optimizers(lambda: mlp_dropout(), (x, soft), {**SGD, "sgd2": SGD["sgd"]},
+                                 epochs=2, test_data=(x, soft), loss_fn=soft_ce, progress=False)
+    expect = float((runs["sgd"](x).argmax(1) == y).double().mean())
+    assert runs.runs["sgd"].history["test_accuracy"][-1] == pytest.approx(expect)
+    diff = runs.functional_difference()[("sgd", "sgd2")]
+    assert diff["accuracy_a"] == pytest.approx(expect) and diff["disagreement"] == 0.0
+    reg = lw.compare_optimizers(lambda: mlp_dropout(), (x, torch.randn(len(x), 4)),
+                                {**SGD, "sgd2": SGD["sgd"]}, epochs=1, loss_fn=F.mse_loss,
+                                test_data=(x, torch.randn(len(x), 4)), progress=False)
+    assert np.isnan(reg.runs["sgd"].history["test_accuracy"][-1])  # no accuracy, not 0
+    with pytest.raises(ValueError, match="class-index"):
+        reg.functional_difference(data=(x, torch.randn(len(x), 3)))
+
+
+def test_basin_radii_that_never_leave_are_inf_not_nan(runs):
+    sizes = runs.basin_size(directions=4, radii=(0, 0.01, 3), names=["sgd"])
+    assert np.isinf(sizes["sgd"]["r"]).all()
+    assert sizes["sgd"]["median"] == np.inf and sizes["sgd"]["iqr"] == (np.inf, np.inf)
+
+
+def test_switching_and_closure_optimizers_explain_themselves():
+    x, y = mlp_data()
+    one = lw.compare_optimizers(lambda: mlp_dropout(), (x, y), SGD, epochs=1, progress=False)
+    with pytest.raises(ValueError, match="at least 2 epochs"):
+        one.switch("sgd", "sgd", at_epoch=1)
+    with pytest.raises(TypeError, match="needs a closure"):
+        lw.compare_optimizers(lambda: mlp_dropout(), (x, y),
+                              {"lbfgs": functools.partial(torch.optim.LBFGS, lr=0.1)},
+                              epochs=1, progress=False)
+
+
+def test_negative_running_variances_are_named_as_the_cause_of_nan():
+    m1, m2 = bn_res_cnn(3), bn_res_cnn(4)
+    with torch.no_grad():
+        for m in m2.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_var.mul_(5)
+    d = lw.interpolation_direction(m1, m2)
+    with pytest.warns(RuntimeWarning, match="BatchNorm running variances.*bn='batch'"):
+        curve = lw.compute_curve(m1, cnn_data(), direction=d, x=(-1, 2, 7), progress=False)
+    assert np.isnan(curve.loss[0]) and np.isfinite(curve.loss[2:5]).all()  # alpha 0, .5, 1
+    batch = lw.compute_curve(m1, cnn_data(), direction=d, x=(-1, 2, 7), bn="batch",
+                             progress=False)
+    assert np.isfinite(batch.loss).all()

@@ -157,7 +157,7 @@ def _run(stream: TileStream, progress: bool, desc: str):
     finally:
         if bar is not None:
             bar.close()
-    warn_nonfinite(stream.evaluator.nonfinite_points)
+    warn_nonfinite(stream.evaluator.nonfinite_points, stream.evaluator)
     return stream.result()
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -96,6 +97,13 @@ def _make_optimizer(name: str, factory, model: nn.Module) -> torch.optim.Optimiz
             f"optimizers[{name!r}](params) returned {type(opt).__name__}, not a "
             "torch.optim.Optimizer."
         )
+    closure = inspect.signature(opt.step).parameters.get("closure")
+    if closure is not None and closure.default is inspect.Parameter.empty:
+        raise TypeError(
+            f"optimizers[{name!r}] is a {type(opt).__name__}, whose step() needs a closure "
+            "that re-evaluates the loss; compare_optimizers runs one forward pass per step "
+            "(the shared dropout masks depend on it): use a first-order optimizer."
+        )
     return opt
 
 
@@ -104,7 +112,9 @@ class Schedule:
 
     Args:
         n: Number of training samples.
-        batch_size: Samples per step; the last, smaller batch of an epoch is kept.
+        batch_size: Samples per step; the last, smaller batch of an epoch is kept, except
+            that a single leftover sample joins the batch before it (BatchNorm cannot
+            train on a batch of one).
         epochs: Number of epochs.
         seed: Seed of the order and of the dropout masks.
     """
@@ -114,13 +124,17 @@ class Schedule:
         self.orders = [torch.randperm(n, generator=g) for _ in range(epochs)]
         self.batch_size = batch_size
         self.seed = seed
-        self.steps_per_epoch = -(-n // batch_size)
+        self.starts = list(range(0, n, batch_size))
+        if len(self.starts) > 1 and n - self.starts[-1] == 1:
+            self.starts.pop()
+        self.steps_per_epoch = len(self.starts)
 
     def batches(self, epoch: int):
         """``(global_step, indices)`` of every step of ``epoch`` (0-based)."""
         order = self.orders[epoch]
-        for i, start in enumerate(range(0, order.numel(), self.batch_size)):
-            yield epoch * self.steps_per_epoch + i, order[start : start + self.batch_size]
+        ends = self.starts[1:] + [order.numel()]
+        for i, (start, end) in enumerate(zip(self.starts, ends, strict=True)):
+            yield epoch * self.steps_per_epoch + i, order[start:end]
 
     def step_seed(self, step: int) -> int:
         """The RNG seed for ``step``'s forward pass (dropout), the same in every run."""
@@ -137,8 +151,12 @@ def _evaluate(model: nn.Module, x: Tensor, y: Tensor, loss_fn, batch: int = 1024
         for s in range(0, x.shape[0], batch):
             out = model(x[s : s + batch])
             total += float(loss_fn(out, y[s : s + batch])) * out.shape[0]
-            if out.dim() == 2 and y.dim() == 1:
-                correct += float((out.argmax(1) == y[s : s + batch]).sum())
+            try:
+                target = class_targets(out, y[s : s + batch], "accuracy")
+            except ValueError:  # not a classifier: no accuracy (NaN), the loss still counts
+                correct = float("nan")
+                continue
+            correct += float((out.argmax(1) == target).sum())
     model.train(was)
     return total / x.shape[0], correct / x.shape[0]
 
@@ -182,6 +200,40 @@ def _log_test(run: Run, model: nn.Module, test, loss_fn) -> None:
         tl, ta = _evaluate(model, *test, loss_fn)
         run.history["test_loss"].append(tl)
         run.history["test_accuracy"].append(ta)
+
+
+def held_data(data, model: nn.Module, seed: int) -> tuple[Tensor, Tensor]:
+    """``data`` as two tensors on the model's device, floating inputs in its dtype.
+
+    A shuffling ``DataLoader`` is read once under a private RNG seeded with ``seed``: the
+    order is then the same on every call with that seed, and the caller's RNG is untouched.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        x, y = as_tensors(data)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    device = model_device(model)
+    x = x.to(device, dtype) if dtype is not None and x.is_floating_point() else x.to(device)
+    return x, y.to(device)
+
+
+def class_targets(out: Tensor, y: Tensor, what: str) -> Tensor:
+    """Class indices from ``y``: as given, or the argmax of one-hot / soft targets.
+
+    Soft targets are rows of class probabilities (non-negative, summing to 1); other
+    real-valued targets of the outputs' shape are regression targets, with no classes.
+
+    Raises:
+        ValueError: If the outputs are not ``(N, C)`` class scores matching ``y``.
+    """
+    if out.dim() == 2 and y.dim() == 1 and not y.is_floating_point():
+        return y
+    if (out.dim() == 2 and y.shape == out.shape and bool((y >= 0).all())
+            and torch.allclose(y.sum(1), torch.ones((), dtype=y.dtype, device=y.device))):
+        return y.argmax(1)
+    raise ValueError(f"{what} needs class scores (N, C) and class-index (N,) or one-hot "
+                     f"(N, C) targets; got outputs {tuple(out.shape)} and targets "
+                     f"{tuple(y.shape)}.")
 
 
 def _rng_devices(x: Tensor) -> list:
@@ -228,10 +280,9 @@ def compare_optimizers(model_fn, train_data, optimizers: Mapping[str, OptimizerF
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{what} must be an int >= 1, got {v!r}.")
     init = _initial_model(model_fn, seed)
-    device = model_device(init)
     loss_fn = loss_fn if loss_fn is not None else F.cross_entropy
-    x, y = (t.to(device) for t in as_tensors(train_data))
-    test = None if test_data is None else tuple(t.to(device) for t in as_tensors(test_data))
+    x, y = held_data(train_data, init, seed)
+    test = None if test_data is None else held_data(test_data, init, seed)
     schedule = Schedule(int(x.shape[0]), batch_size, epochs, seed)
     runs = OptimizerRuns(init, (x, y), test, dict(optimizers), schedule, loss_fn, epochs)
     bar = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -10,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core.data import as_tensors
 from ..core.directions import interpolation_direction, random_directions
 from ..core.evaluate import Evaluator
 from ..core.landscape import compute_curve
@@ -21,11 +21,30 @@ from .optimizers import (
     _cpu_state,
     _log_test,
     _make_optimizer,
+    class_targets,
+    held_data,
     model_at,
     new_run,
     train_run,
 )
 from .triangle import TriangleSurface, triangle_surface
+
+
+def _quantiles(values: np.ndarray, qs: Sequence[float]) -> list[float]:
+    """Linear-interpolation quantiles (numpy's default) that allow ``inf`` values.
+
+    A radius is ``inf`` when the loss never left the basin in range; numpy interpolates
+    ``inf - inf`` to NaN, while any quantile that leans on an ``inf`` is ``inf``.
+    """
+    v = np.sort(np.asarray(values, dtype=float))
+    out = []
+    for q in qs:
+        pos = q * (v.size - 1)
+        lo, hi = int(np.floor(pos)), int(np.ceil(pos))
+        w = pos - lo
+        out.append(float(v[lo]) if w == 0 or v[lo] == v[hi] else
+                   float(np.inf) if np.isinf(v[hi]) else float(v[lo] + w * (v[hi] - v[lo])))
+    return out
 
 
 class OptimizerRuns:
@@ -89,6 +108,9 @@ class OptimizerRuns:
         if factory is None:
             raise KeyError(f"No optimizer named {b!r}; choose one of {list(self.factories)} or "
                            "pass optimizer=factory.")
+        if self.epochs < 2:
+            raise ValueError("switching needs runs of at least 2 epochs (A for k, B for the "
+                             "rest); these ran 1. Re-run compare_optimizers with epochs >= 2.")
         if isinstance(at_epoch, bool) or not isinstance(at_epoch, int) or not (
                 1 <= at_epoch < self.epochs):
             raise ValueError(f"at_epoch must be an int in [1, {self.epochs - 1}], got "
@@ -172,8 +194,7 @@ class OptimizerRuns:
     def _data(self, data):
         if data is None:
             return self.test if self.test is not None else self.data
-        device = self.data[0].device
-        return tuple(t.to(device) for t in as_tensors(data))
+        return held_data(data, self._init, self.schedule.seed)
 
     def functional_difference(self, data=None, names: Sequence[str] | None = None
                               ) -> dict[tuple[str, str], dict[str, float]]:
@@ -196,6 +217,7 @@ class OptimizerRuns:
         for n in names:
             with torch.no_grad():
                 out = torch.cat([self.model(n)(x[s : s + 1024]) for s in range(0, len(x), 1024)])
+            y = class_targets(out, y, "functional_difference")
             logp[n] = F.log_softmax(out.double(), dim=1)
         result = {}
         for i, a in enumerate(names):
@@ -248,13 +270,19 @@ class OptimizerRuns:
             coeffs[j * r.size : (j + 1) * r.size, j] = r
         out = {}
         for name in names if names is not None else self.names:
+            if self._run(name).diverged:
+                warnings.warn(f"{name}: the run diverged, so it has no basin; its radii are NaN.",
+                              RuntimeWarning, stacklevel=2)
+                out[name] = {"r": np.full(k, np.nan), "median": float("nan"),
+                             "iqr": (float("nan"), float("nan"))}
+                continue
             model = self.model(name)
             dirs = random_directions(model, k, norm=norm, seed=seed)
             loss = Evaluator(model, data, dirs, loss_fn=self.loss_fn, metrics=("loss",)
                              ).evaluate(coeffs)["loss"].reshape(k, r.size)
             above = loss > loss[:, :1] + delta
             first = np.where(above.any(1), r[np.argmax(above, 1)], np.inf)
-            q25, med, q75 = np.percentile(first, [25, 50, 75])
+            q25, med, q75 = _quantiles(first, (0.25, 0.5, 0.75))
             out[name] = {"r": first, "median": float(med), "iqr": (float(q25), float(q75))}
         return out
 
