@@ -132,6 +132,43 @@ def test_dask_general_models_equal_local(client, case, bn):
 _DATA = {"bn_res_cnn": "cnn_data", "tied_mlp": "tied_data", "mlp_dropout": "mlp_data"}
 
 
+def test_dask_same_model_other_data_is_not_stale(client):
+    """Train then test data with the same model and directions: two different surfaces."""
+    model = make_model(2)
+    dirs = lw.random_directions(model, 2, seed=3)
+    x, y = data_fn()
+    train, test = (x[:48], y[:48]), (x[48:], y[48:])
+    grid = dict(directions=dirs, x=(-1, 1, 5), y=(-1, 1, 5), progress=False)
+    remote_train = lw.compute_surface(model, train, executor=client, **grid)
+    remote_test = lw.compute_surface(model, test, executor=client, **grid)
+    _close(remote_train, lw.compute_surface(model, train, **grid))
+    _close(remote_test, lw.compute_surface(model, test, **grid))
+    assert remote_test.spec["data"] != remote_train.spec["data"]
+
+
+def test_dask_loader_is_read_once_for_all_workers(client):
+    """A shuffling, batch-dropping loader: every worker gets the same samples."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model = make_model(3)
+    loader = DataLoader(TensorDataset(*data_fn()), batch_size=10, shuffle=True, drop_last=True)
+    grid = dict(x=(-1, 1, 7), y=(-1, 1, 5), progress=False)
+    torch.manual_seed(5)
+    remote = lw.compute_surface(model, loader, executor=client, tile_points=3, **grid)
+    torch.manual_seed(5)  # the local engine reads the loader once, with the same RNG state
+    local = lw.compute_surface(model, loader, **grid)
+    _close(remote, local)
+    assert remote.spec["n_samples"] == 90 and remote.spec["data"] == local.spec["data"]
+
+
+def test_closed_client_names_the_fix(client):
+    other = Client(client.scheduler.address)
+    other.close()
+    with pytest.raises(RuntimeError, match="client is closed"):
+        lw.compute_surface(make_model(), data_fn(), executor=other, x=(-1, 1, 3),
+                           y=(-1, 1, 3), progress=False)
+
+
 def test_dask_data_fn_curve_and_reuse(client):
     """A data_fn runs on the workers; a curve; reuse sends only the new points."""
     model = make_model(1)
@@ -277,8 +314,14 @@ class LockedData(torch.utils.data.Dataset):
 
 def test_unpicklable_input_names_the_fix():
     with ThreadPoolExecutor(1) as pool:
+        # A Dataset is read into tensors before it travels: its own attributes never do.
+        remote = lw.compute_curve(make_model(), LockedData(), executor=pool, x=(-1, 1, 3),
+                                  progress=False)
+        _close(remote, lw.compute_curve(make_model(), data_fn(), x=(-1, 1, 3), progress=False))
+        lock = threading.Lock()
         with pytest.raises(TypeError, match="data_fn"):
-            lw.iter_tiles(make_model(), LockedData(), executor=pool, x=(-1, 1, 3), y=None)
+            lw.iter_tiles(make_model(), lambda: (lock, data_fn())[1], executor=pool,
+                          x=(-1, 1, 3), y=None)
         with pytest.raises(TypeError, match="the model cannot be sent"):
             lw.iter_tiles(Locked(), data_fn, executor=pool, x=(-1, 1, 3), y=None)
     with pytest.raises(TypeError, match="concurrent.futures.Executor"):
@@ -344,11 +387,13 @@ def test_local_gpu_executor_pins_one_gpu_per_worker(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     with pytest.raises(RuntimeError, match="not among"):
         lw.local_gpu_executor(gpus=[2])
+    # A batch scheduler gave this process physical GPUs 5 and 7: local indices 0 and 1.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")
     client = lw.local_gpu_executor(dashboard_address=":0", silence_logs=logging.CRITICAL)
     try:
         client.wait_for_workers(2, timeout=120)
         seen = client.run(_visible)
-        assert sorted(seen.values()) == ["0", "1"]
+        assert sorted(seen.values()) == ["5", "7"]
         assert sorted(client.run(lambda dask_worker: dask_worker.name).values()) == [
             "gpu-0", "gpu-1"]
     finally:

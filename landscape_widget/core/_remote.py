@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .compute import fingerprint
-from .data import as_tensors
+from .data import as_tensors, is_data_fn
 from .evaluate import Evaluator
 from .params import model_device
 from .tuning import Plan, _remember
@@ -95,7 +95,16 @@ class Payload:
 
 def make_payload(model: nn.Module, data, directions, options: dict,
                  threads: int | None = None) -> Payload:
-    """Pickle a job once; what cannot travel gets an error that names the fix."""
+    """Pickle a job once; what cannot travel gets an error that names the fix.
+
+    Data other than a ``data_fn`` is collected into tensors here, once: a ``DataLoader``
+    or ``Dataset`` iterated on every worker could give each one other samples (shuffling,
+    ``drop_last``, random augmentation), and one grid would mix them. The evaluator cache
+    key covers model, directions, options *and* data, so the same model on other data is
+    a new evaluator, never a stale one.
+    """
+    if not is_data_fn(data):
+        data = as_tensors(data)
     data_blob = _dumps(
         data, "data",
         "Pass data_fn instead: a zero-argument function defined at module level that "
@@ -109,7 +118,8 @@ def make_payload(model: nn.Module, data, directions, options: dict,
         "Define its class in an importable module (or a notebook cell) and remove "
         "unpicklable attributes such as open files, locks or hooks that capture them.",
     )
-    return Payload(_digest(blob), _digest(data_blob), blob, data_blob, threads)
+    data_key = _digest(data_blob)
+    return Payload(_digest(blob + data_key.encode()), data_key, blob, data_blob, threads)
 
 
 # --- worker side ---------------------------------------------------------------------------

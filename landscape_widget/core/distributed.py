@@ -107,6 +107,9 @@ class _Dask:
 
     def __init__(self, client):
         self.client = client
+        if getattr(client, "status", "running") in ("closing", "closed"):
+            raise RuntimeError("The Dask client is closed; connect a new one "
+                               "(Client(cluster) or Client('tcp://scheduler:8786')).")
         nthreads = client.nthreads()
         if not nthreads:
             raise RuntimeError("The Dask cluster has no workers; start some, or wait for them "
@@ -355,9 +358,13 @@ def local_gpu_executor(gpus=None, *, threads_per_worker: int = 1,
     from distributed import Client, Nanny, Scheduler, SpecCluster
 
     env = dict(worker_options.pop("env", None) or {})
+    # Indices count the devices this process sees: under CUDA_VISIBLE_DEVICES=2,3 (a batch
+    # scheduler's allocation) GPU 0 is physical device 2, which the worker must be given.
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    names = [v.strip() for v in visible.split(",")] if visible else [str(i) for i in range(count)]
     workers = {
         f"gpu-{g}": {"cls": Nanny, "options": {
-            "nthreads": threads_per_worker, "env": {**env, "CUDA_VISIBLE_DEVICES": str(g)},
+            "nthreads": threads_per_worker, "env": {**env, "CUDA_VISIBLE_DEVICES": names[g]},
             "resources": {"GPU": 1}, **worker_options}}
         for g in gpus
     }
