@@ -393,3 +393,21 @@ def test_negative_running_variances_are_named_as_the_cause_of_nan():
     batch = lw.compute_curve(m1, cnn_data(), direction=d, x=(-1, 2, 7), bn="batch",
                              progress=False)
     assert np.isfinite(batch.loss).all()
+
+
+def test_models_with_other_layers_or_dtypes_are_refused():
+    """Same tensors, other function: points would be computed with one model's layers."""
+    x, y = mlp_data()
+    relu = reinit(nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 4)), 0)
+    tanh = reinit(nn.Sequential(nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, 4)), 1)
+    with pytest.raises(ValueError, match=r"differ at '1': ReLU\(\) against Tanh\(\)"):
+        lw.interpolation_direction(relu, tanh)
+    with pytest.raises(ValueError, match="differ at '1'"):
+        lw.triangle_surface(relu, relu, tanh, (x, y), progress=False)
+    with pytest.raises(ValueError, match="different dtypes"):
+        lw.triangle_surface(relu, copy.deepcopy(relu), copy.deepcopy(relu).double(), (x, y),
+                            progress=False)
+    eps = [nn.Sequential(nn.Linear(10, 4), nn.BatchNorm1d(4, eps=e), nn.Linear(4, 4))
+           for e in (1e-5, 1e-3)]
+    with pytest.raises(ValueError, match="eps=0.001"):
+        lw.interpolation_direction(*eps)

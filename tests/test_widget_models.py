@@ -8,6 +8,7 @@ shares no code with the vmapped engine.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -105,6 +106,29 @@ def test_plane_arrives_in_several_tiles_coarse_first(worker_factory):  # noqa: F
     assert tiles[0][0]["level"] > tiles[-1][0]["level"]  # coarse to fine
     seen, loss, _, _ = assemble(rec, "t")
     assert (seen == 1).all() and loss.shape == spec.shape == (8 + 3 + 1,) * 2
+
+
+def test_a_joining_view_gets_the_plane_and_its_names(worker_factory):  # noqa: F811
+    """The replay for a view that joins mid-computation carries the live start's extras."""
+    from landscape_widget.widget.encode import snapshot_messages
+
+    models, data = _models(bn=False), _data()
+    replayed = []
+    holder = {}
+
+    def hook(msg):
+        if msg["kind"] == "tile" and not replayed:
+            snap = holder["worker"].snapshot()
+            if snap is not None:
+                replayed.append(snapshot_messages(*snap)[0][0])
+
+    worker, rec = worker_factory(models["sgd"], data, models=models, tile_points=8, hook=hook)
+    holder["worker"] = worker
+    worker.submit("t", parse_spec(_plane_spec(resolution=8), models=NAMES))
+    assert worker.wait(60) and replayed
+    (live, _), = rec.of("t", "start")
+    assert replayed[0]["plane"] == live["plane"] and replayed[0]["plane"]["names"] == list(NAMES)
+    assert set(live) - {"kind"} <= set(replayed[0])
 
 
 @pytest.mark.parametrize("mode", ["1d", "2d"])
@@ -251,6 +275,18 @@ def test_constructor_forms_and_errors():
                         data=data, autostart=False)
     with pytest.raises(ValueError, match="vertices"):
         LandscapeWidget(models=models, data=data, direction="plane", vertices=["x"],
+                        autostart=False)
+
+
+def test_models_of_other_layers_or_dtypes_are_refused():
+    data = _data()
+    a = _models(bn=False)["sgd"]
+    b = copy.deepcopy(a)
+    b[1] = torch.nn.Tanh() if isinstance(a[1], torch.nn.ReLU) else torch.nn.ReLU()
+    with pytest.raises(ValueError, match=r"models\['b'\] and models\['a'\] differ.*at '1'"):
+        LandscapeWidget(models={"a": a, "b": b}, data=data, autostart=False)
+    with pytest.raises(ValueError, match="dtypes"):
+        LandscapeWidget(models={"a": a, "b": copy.deepcopy(a).double()}, data=data,
                         autostart=False)
 
 

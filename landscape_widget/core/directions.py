@@ -10,7 +10,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .params import Params, check_direction, check_module, float_buffers_of, parameters_of
+from .params import (
+    Params,
+    check_direction,
+    check_module,
+    check_same_structure,
+    float_buffers_of,
+    parameters_of,
+)
 
 NORMS = ("filter", "layer", "weight", None)
 IGNORES = ("biasbn", None)
@@ -154,10 +161,13 @@ def interpolation_direction(
         buffers: Also interpolate floating-point buffers.
 
     Raises:
-        ValueError: If the two models do not have the same parameter names and shapes.
+        ValueError: If the two models do not have the same parameter names and shapes,
+            or differ in their layers or layer settings (model_a's layers compute every
+            point, so model_b's values would be silently wrong at alpha = 1).
     """
     check_module(model_a, "model_a")
     check_module(model_b, "model_b")
+    check_same_structure(model_a, model_b, "model_a", "model_b")
     pa, pb = parameters_of(model_a), parameters_of(model_b)
     if buffers:
         pa.update(float_buffers_of(model_a))

@@ -136,3 +136,36 @@ def check_direction(model: nn.Module, direction: Params, name: str = "direction"
             raise TypeError(f"{name}[{k!r}] must be a floating-point tensor, got {d.dtype}.")
         if not bool(torch.isfinite(d).all()):
             raise ValueError(f"{name}[{k!r}] contains NaN or inf; directions must be finite.")
+
+
+def module_structure(model: nn.Module) -> list[tuple[str, str, str]]:
+    """``(name, class, settings)`` of every submodule.
+
+    What decides the function besides the tensors: a ReLU where another model has a Tanh,
+    a stride, an eps.
+    """
+    return [(name, f"{type(m).__module__}.{type(m).__qualname__}", m.extra_repr())
+            for name, m in model.named_modules()]
+
+
+def check_same_structure(a: nn.Module, b: nn.Module, name_a: str, name_b: str) -> None:
+    """Raise unless ``a`` and ``b`` are built of the same modules with the same settings.
+
+    Points between two models are evaluated with one of them as the template, so models
+    whose tensors match but whose layers differ would give the other's values silently.
+
+    Raises:
+        ValueError: Naming the first submodule that differs.
+    """
+    sa, sb = module_structure(a), module_structure(b)
+    for x, y in zip(sa, sb, strict=False):
+        if x != y:
+            where = repr(x[0]) if x[0] else "the top-level module"
+            raise ValueError(
+                f"{name_a} and {name_b} differ at {where}: {x[1].rsplit('.', 1)[-1]}"
+                f"({x[2]}) against {y[1].rsplit('.', 1)[-1]}({y[2]}); they must be the same "
+                "architecture with the same layer settings."
+            )
+    if len(sa) != len(sb):
+        raise ValueError(f"{name_a} and {name_b} have {len(sa)} and {len(sb)} submodules; "
+                         "they must be the same architecture.")

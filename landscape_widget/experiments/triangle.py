@@ -27,7 +27,13 @@ from torch import nn
 from ..core.compute import _prepare, fingerprint, remote_evaluators
 from ..core.evaluate import METRICS, LossFn
 from ..core.landscape import TileStream, _run
-from ..core.params import Params, check_module, float_buffers_of, parameters_of
+from ..core.params import (
+    Params,
+    check_module,
+    check_same_structure,
+    float_buffers_of,
+    parameters_of,
+)
 
 # Corners of the drawing: model 1 right, model 2 top, model 3 at the origin.
 CORNERS = np.array([[1.0, 0.0], [0.5, math.sqrt(3) / 2], [0.0, 0.0]])
@@ -52,9 +58,13 @@ def _check_same(models: Sequence[nn.Module], names: Sequence[str]) -> list[Param
                 f"{name} does not have the architecture of {names[0]} (differences: {diff}); "
                 "a plane through models needs three models of the same architecture."
             )
-    device = next(iter(points[0].values())).device
-    if any(next(iter(p.values())).device != device for p in points):
-        raise ValueError("The three models live on different devices; move them to one first.")
+    for name, m in zip(names[1:], models[1:], strict=True):
+        check_same_structure(models[0], m, names[0], name)
+    for what in ("device", "dtype"):
+        kinds = [{getattr(v, what) for v in p.values() if v.is_floating_point()} for p in points]
+        if any(k != kinds[0] for k in kinds):
+            raise ValueError(f"The three models have different {what}s ({kinds}); a plane "
+                             f"needs one {what} for all: convert them with .to(...) first.")
     return points
 
 

@@ -73,6 +73,13 @@ def resolve_models(model, models) -> tuple[nn.Module, dict[str, nn.Module]]:
     for name in others:
         try:
             interpolation_direction(named[first], named[name])
+            for what in ("device", "dtype"):
+                ka = {getattr(p, what) for p in named[first].parameters()}
+                kb = {getattr(p, what) for p in named[name].parameters()}
+                if ka != kb:
+                    raise ValueError(f"their {what}s are {sorted(map(str, kb))} and "
+                                     f"{sorted(map(str, ka))}; convert them with .to(...) "
+                                     "first")
         except ValueError as err:
             raise ValueError(f"models[{name!r}] and models[{first!r}] differ: {err}") from None
     centre = named[first] if model is None else model

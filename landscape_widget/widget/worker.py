@@ -63,6 +63,7 @@ class Job:
     spec: Spec | Any
     cancel: threading.Event = field(default_factory=threading.Event)
     state: str = "pending"
+    view: dict = field(default_factory=dict)  # the start message's extras, for a joining view
 
 
 class Worker:
@@ -338,12 +339,13 @@ class Worker:
             extra_jobs.run_curvature(self, job, dirs)
             return
         stream = self._stream(job, dirs)
+        info = vertex_models.view_info(dirs, stream)
+        job.view = dict(info)  # before the stream is visible to a joining view's snapshot
         with self._cond:
             self.stream = stream
         dev = str(stream.evaluator.device)
         axes = stream.axes
         x_axis, y_axis = axes[-1], (axes[0] if len(axes) == 2 else None)
-        info = vertex_models.view_info(dirs, stream)
         self._emit({"kind": "start", "id": job.id, "spec": spec.to_dict(),
                     "shape": list(stream.shape), "metrics": list(stream.evaluator.metrics),
                     "device": dev, **info}, [f32(x_axis), f32(y_axis)])
