@@ -312,3 +312,37 @@ def test_model_untouched(call, cls):
     for k, g in before["grad"].items():
         assert (g is None) == (after["grad"][k] is None)
         assert g is None or torch.equal(g, after["grad"][k])
+
+
+def test_flat_floor_and_exact_ties():
+    """Found in review: the grid argmin wandering along a flat floor, and tied dips."""
+    g = np.random.default_rng(0)
+    for width in (0.3, 0.6, 1.0):  # theta on a floor, the noise 1e-6 of the span
+        f = np.maximum(np.abs(A) - width, 0) ** 2
+        labels = {lw.classify_curve(A, f + 1e-6 * g.standard_normal(A.size)).shape
+                  for _ in range(20)}
+        assert labels == {"v-basin"}, (width, labels)
+    # Two equal, insignificant dips on a basin floor: one basin, however the tie falls.
+    f = A**2 + 1.0
+    dips = 1e-3 * (np.exp(-((A - 0.2) ** 2) / 1e-3) + np.exp(-((A + 0.2) ** 2) / 1e-3))
+    for eps in (0.0, 1e-12, -1e-12):
+        h = f - dips
+        h[np.argmin(np.abs(A - 0.2))] -= eps
+        assert lw.classify_curve(A, h).shape == "v-basin"
+    # An exactly symmetric w-peak keeps both minima (the tie decides nothing).
+    assert lw.classify_curve(A, (A**2 - 1) ** 2).shape == "w-peak"
+
+
+def test_side_direction_near_convergence_is_still_a_v_side():
+    """One tiny step already overshoots the minimum; the line search must shrink it."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 5, generator=g, dtype=torch.float64)
+    w = torch.randn(1, 5, generator=g, dtype=torch.float64)
+    net = nn.Linear(5, 1, bias=False).double()
+    with torch.no_grad():
+        net.weight.copy_(w + 1e-5 * torch.randn(1, 5, generator=g, dtype=torch.float64))
+    d = lw.side_direction(net, (x, x @ w.T), loss_fn=F.mse_loss)
+    curve = lw.compute_curve(net, (x, x @ w.T), direction=d, x=lw.SHAPE_X,
+                             loss_fn=F.mse_loss, progress=False)
+    r = lw.classify_curve(curve)
+    assert r.shape == "v-side" and r.minima[0].alpha == pytest.approx(0.75, abs=0.06)

@@ -8,6 +8,7 @@ not through the library's engine, and the thresholds are those of PAPERS (d1)-(d
 
 from __future__ import annotations
 
+import copy
 import threading
 
 import numpy as np
@@ -256,6 +257,14 @@ def test_progress_bar(small, capsys):
     (lambda m, d: lw.mine_direction(m, d, batch_size=0, steps=1), "batch_size"),
     (lambda m, d: lw.mine_plane(m, d, "bowl"), "saddle"),
     (lambda m, d: lw.mine_plane(m, d, "wine-bottle", angles=0), "angles"),
+    (lambda m, d: lw.mine_direction(m, d, lr=float("inf"), steps=1), "finite"),
+    (lambda m, d: lw.mine_direction(m, d, scale=float("inf"), steps=1), "finite"),
+    (lambda m, d: lw.mine_direction(m, d, seed=2**70, steps=1), "seed"),
+    (lambda m, d: lw.side_direction(m, d, at=float("inf")), "at must"),
+    (lambda m, d: lw.rayleigh_quotient(m, d, lw.random_direction(m), batch_size=-5),
+     "batch_size"),
+    (lambda m, d: lw.rayleigh_quotient(m, d, lw.random_direction(m), batch_size=2.5),
+     "batch_size"),
 ])
 def test_mining_errors(small, call, match):
     model, data = small
@@ -271,3 +280,42 @@ def test_mining_type_errors(small):
         lw.mine_direction("model", data)
     with pytest.raises(TypeError, match="data must be"):
         lw.mine_plane(model, [1, 2, 3])
+
+
+def test_cancel_and_callback_of_the_wrong_type(small):
+    model, data = small
+    with pytest.raises(TypeError, match="threading.Event"):
+        lw.mine_direction(model, data, steps=1, cancel=True, progress=False)
+    with pytest.raises(TypeError, match="callback must be callable"):
+        lw.mine_direction(model, data, steps=1, callback=3, progress=False)
+
+
+def test_shuffling_loader_and_mixed_precision(small):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model, (x, y) = small
+    loader = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True)
+    torch.manual_seed(7)
+    before = torch.random.get_rng_state()
+    a = lw.mine_direction(model, loader, steps=3, seed=0, progress=False)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    b = lw.mine_direction(model, loader, steps=3, seed=0, progress=False)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    mixed = copy.deepcopy(model)
+    first = next(m for m in mixed.modules() if isinstance(m, torch.nn.Linear))
+    first.double()  # one float64 layer feeding float32 ones
+
+    class Cast(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            h = x.double()
+            for m in self.net:
+                h = m(h.to(m.weight.dtype) if isinstance(m, torch.nn.Linear) else h)
+            return h.float()
+
+    d = lw.mine_direction(Cast(mixed), (x, y), steps=2, seed=0, progress=False)
+    assert d["net.0.weight"].dtype == torch.float64 and all(
+        torch.isfinite(v).all() for v in d.values())

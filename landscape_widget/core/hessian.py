@@ -121,6 +121,10 @@ class HessianOperator:
             x = x.to(self.dtype)
         self.x, self.y = x.to(self.device), y.to(self.device)
         self.n = int(x.shape[0])
+        if batch_size is not None and (isinstance(batch_size, bool)
+                                       or not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"batch_size must be an int >= 1 or None (all data, at most "
+                             f"2048), got {batch_size!r}.")
         self.batch = int(batch_size or min(self.n, 2048))
         if method not in ("auto", "graph", "jvp"):
             raise ValueError("method must be 'auto', 'graph' or 'jvp'.")

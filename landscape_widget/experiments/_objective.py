@@ -6,6 +6,7 @@ See :mod:`.mining` for the conventions (functional evaluation, eval mode, BatchN
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from collections.abc import Callable, Iterator
 
@@ -63,7 +64,12 @@ class _Objective:
                              "ignore=None.")
         self.buffers = {k: v.to(self.device) for k, v in buffers_of(model).items()}
         self.dtype = next(iter(params.values())).dtype
-        x, y = as_tensors(data)
+        # A shuffling DataLoader is read once under a fixed private seed: the samples'
+        # order (which the seeded minibatches index) is then the same on every call, and
+        # the caller's RNG is not consumed.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            x, y = as_tensors(data)
         if torch.is_floating_point(x):
             x = x.to(self.dtype)
         self.x, self.y = x.to(self.device), y.to(self.device)
@@ -127,7 +133,8 @@ class _Objective:
     def start(self, count: int, seed: int, scale: float) -> list[Params]:
         """``count`` filter-normalised Gaussian directions times ``scale``, on the keys."""
         dirs = random_directions(self.model, count, norm="filter", ignore=self.ignore, seed=seed)
-        return [{k: (scale * d[k]).to(self.device, self.dtype) for k in self.keys} for d in dirs]
+        return [{k: (scale * d[k]).to(self.device, self.theta[k].dtype) for k in self.keys}
+                for d in dirs]
 
     def direction(self, d: Params) -> Params:
         """A full direction dict (zeros off the keys) on each parameter's device and dtype."""
@@ -149,10 +156,13 @@ def _check_common(steps, scale, lr, seed) -> None:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be an int >= 0, got {steps!r}.")
     for name, value in (("scale", scale), ("lr", lr)):
-        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-            raise ValueError(f"{name} must be a positive number, got {value!r}.")
+        if (isinstance(value, bool) or not isinstance(value, int | float) or not value > 0
+                or not math.isfinite(value)):
+            raise ValueError(f"{name} must be a positive finite number, got {value!r}.")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}.")
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be in [0, 2**63), got {seed}.")
 
 
 def _adam(leaves: list[Params], objective: Callable[[int], Tensor],
@@ -163,6 +173,11 @@ def _adam(leaves: list[Params], objective: Callable[[int], Tensor],
     ``cancel`` is checked before every step: the directions are then those after the last
     completed (and projected) step, so a cancelled run still satisfies the norm constraint.
     """
+    if cancel is not None and not callable(getattr(cancel, "is_set", None)):
+        raise TypeError(f"cancel must be a threading.Event (or None), got {cancel!r}.")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable as callback(step, steps, value), got "
+                        f"{callback!r}.")
     tensors = [t for d in leaves for t in d.values()]
     for t in tensors:
         t.requires_grad_(True)

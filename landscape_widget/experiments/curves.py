@@ -32,6 +32,8 @@ SHAPE_X = (-1.5, 1.5, 61)
 """The window of PAPERS.md (d) step 1, as ``compute_curve``'s ``x=(start, stop, num)``."""
 
 _EPS = 1e-9  # grid coordinates from linspace are off by ~1e-16; thresholds get this slack
+FLOOR = 1e-4
+"""Level (fraction of the span) within which theta counts as on an extremum's flat floor."""
 
 
 class Extremum(NamedTuple):
@@ -80,9 +82,30 @@ class CurveShape:
         return self.shape
 
 
+def _prominences(g: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Topographic prominences of the peaks ``idx`` of ``g``, with exact ties broken.
+
+    scipy walks from a peak to the first *strictly* higher one, so two peaks of exactly
+    equal height each reach the window's ends and both look as prominent as the highest
+    peak; a difference of 1e-12 would leave one of them at the depth of the col between.
+    Tied peaks are ordered by position by a relative 1e-12 nudge, so ties count as that.
+    """
+    from scipy.signal import peak_prominences
+
+    if not idx.size:
+        return np.zeros(0)
+    values = g[idx]
+    nudge = 1e-12 * max(1.0, float(np.abs(g).max()))
+    g = g.copy()
+    for v in np.unique(values):
+        tied = idx[values == v]
+        g[tied] += nudge * np.arange(tied.size)
+    return peak_prominences(g, idx)[0]
+
+
 def _extrema(f: np.ndarray, threshold: float) -> tuple[list[tuple[int, float, bool]], list]:
     """Indices, prominences and edge flags of minima (edges allowed) and interior maxima."""
-    from scipy.signal import find_peaks, peak_prominences
+    from scipy.signal import find_peaks
 
     span = float(f.max() - f.min())
     # Minima are peaks of -f. A wall below everything at both ends (= loss assumed to rise
@@ -91,11 +114,11 @@ def _extrema(f: np.ndarray, threshold: float) -> tuple[list[tuple[int, float, bo
     wall = -(float(f.max()) + span + 1.0)
     g = np.concatenate([[wall], -f, [wall]])
     idx, _ = find_peaks(g)
-    prom = peak_prominences(g, idx)[0] if idx.size else np.zeros(0)
+    prom = _prominences(g, idx)
     minima = [(int(i) - 1, float(p), i in (1, g.size - 2)) for i, p in zip(idx, prom, strict=True)
               if p > threshold]
     idx, _ = find_peaks(f)
-    prom = peak_prominences(f, idx)[0] if idx.size else np.zeros(0)
+    prom = _prominences(f, idx)
     maxima = [(int(i), float(p), False) for i, p in zip(idx, prom, strict=True) if p > threshold]
     return minima, maxima
 
@@ -143,18 +166,22 @@ def classify_curve(alphas, losses=None, *, prominence: float = 0.05,
     2. A curve whose span ``max - min`` is below ``1e-9 * max(1, max|f|)`` is flat:
        ``"other"``.
     3. Local minima and maxima count when their topographic prominence exceeds
-       ``prominence * span``. Minima may sit at an end of the window when the curve
-       descends into it (so a monotonic curve has one minimum, at its low end); maxima
-       are interior only.
+       ``prominence * span`` (exact ties in height are broken by position, so of two
+       equal dips only one stands out by the whole depth of the curve). Minima may sit
+       at an end of the window when the curve descends into it (so a monotonic curve has
+       one minimum, at its low end); maxima are interior only.
     4. An extremum is *at theta* when ``|alpha| < center`` and ``|f(0) - f(extremum)|``
-       is at most ``prominence * span``. PAPERS.md asks for ``|argmin| <= 0.05`` for a
+       is at most ``prominence * span``, or wherever it lies when ``|f(0) - f(extremum)|``
+       is at most ``FLOOR * span`` (1e-4): theta on a flat floor whose grid argmin
+       wandered off. PAPERS.md asks for ``|argmin| <= 0.05`` for a
        v-basin; with 1 % noise the grid argmin of ``alpha**2`` wanders to ``|alpha|`` of
        0.15 and more, so we test the level as well and keep PAPERS' 0.25 (its v-side
        bound) as the position bound, which leaves no gap between v-basin and v-side.
     5. One minimum: ``"v-basin"`` if it is at theta, else ``"v-side"`` (monotonic curves
        included: theta is on the slope of a basin whose bottom lies at or past the edge).
        Two minima: ``"w-basin"`` if one is at theta; ``"w-peak"`` if they lie on either
-       side of ``alpha = 0`` with a maximum at theta between them. Three minima:
+       side of ``alpha = 0`` with a maximum at theta between them (a cap falling to both
+       edges counts, as a monotonic curve counts as a v-side). Three minima:
        ``"vvv-basin"`` if the middle one is at theta and the others lie on either side.
        Anything else: ``"other"``.
 
@@ -208,7 +235,10 @@ def classify_curve(alphas, losses=None, *, prominence: float = 0.05,
     maxima = [Extremum(float(a[i]), float(f[i]), p, e) for i, p, e in raw_max]
 
     def at_theta(e: Extremum) -> bool:
-        return abs(e.alpha) < center - _EPS and abs(f0 - e.loss) <= tol
+        # On a flat floor (or top) the grid argmin wanders anywhere along it: theta is at
+        # the extremum when it lies on that floor, whatever the argmin's position.
+        on_floor = abs(f0 - e.loss) <= FLOOR * span
+        return on_floor or (abs(e.alpha) < center - _EPS and abs(f0 - e.loss) <= tol)
 
     def done(shape: str, reason: str) -> CurveShape:
         return result(shape, reason, minima, maxima, f0, span)

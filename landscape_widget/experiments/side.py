@@ -51,7 +51,8 @@ def side_direction(model: nn.Module, data, *, at: float = 0.75, ignore: str | No
         ValueError: If the gradient is zero (``theta`` is a stationary point: no downhill)
             or the settings are bad.
     """
-    if isinstance(at, bool) or not isinstance(at, int | float) or not at > 0:
+    if (isinstance(at, bool) or not isinstance(at, int | float) or not at > 0
+            or not math.isfinite(at)):
         raise ValueError(f"at must be a positive number (where the minimum lies), got {at!r}.")
     obj = _Objective(model, data, loss_fn=loss_fn, bn=bn, ignore=ignore, device=device)
     with obj.session():
@@ -77,8 +78,17 @@ def _line_search(f: Callable[[float], float], size: float) -> float:
     """The first local minimum of ``f`` on ``t > 0`` (``f`` decreasing at 0), up to ``size``."""
     f0 = f(0.0)
     lo, t, ft = 0.0, 1e-4 * size, f(1e-4 * size)
-    if not ft < f0:
-        return t  # not even a tiny step helps: the minimum is (numerically) at theta
+    # Near convergence even the first step can overshoot the minimum: shrink it until the
+    # loss drops (the gradient says it must, for a small enough step), then bracket.
+    for _ in range(40):
+        if ft < f0:
+            break
+        t /= 4
+        ft = f(t)
+    else:
+        raise ValueError("no step along -grad L lowers the loss (down to 1e-28 of ||theta||): "
+                         "theta is numerically a minimum along the gradient, so there is no "
+                         "downhill side to put it on.")
     prev = lo
     while True:
         nxt = min(2 * t, size)
