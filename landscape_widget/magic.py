@@ -88,6 +88,10 @@ def widget_from_line(line: str, namespace: dict):
         kwargs["resolution"] = args.resolution
     if args.models is not None:
         names = [n.strip() for n in args.models.split(",") if n.strip()]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise MagicError(f"%landscape: --models names {repeated} more than once; name "
+                             f"each model once. {USAGE}")
         if not names:
             raise MagicError(f"%landscape: --models needs names separated by commas; {USAGE}")
         kwargs["models"] = {n: _lookup(namespace, n, "--models") for n in names}

@@ -15,6 +15,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import traitlets as t
 from snapshots import assert_same_snapshot, snapshot
 from test_widget_protocol import FakeFrontEnd
 from test_widget_worker import Recorder, _data, _model, assemble, worker_factory  # noqa: F401
@@ -344,3 +345,39 @@ def test_magic_models_option():
         widget_from_line("sgd data --models sgd,lion", ns)
     with pytest.raises(MagicError, match="--models needs names"):
         widget_from_line("sgd data --models ,", ns)
+
+
+def test_review_edge_cases_of_the_widget(widget):
+    """Found in review: leftover vertices, bools for ints, a non-dict state update."""
+    front = FakeFrontEnd(widget)
+    widget.handle_message({"kind": "compute", "id": "p", "spec": _plane_spec()})
+    widget.wait(60)
+    assert len(widget.vertices) == 3
+    widget.direction = "interpolate"  # the plane's three vertices: the first two are used
+    curve = widget.wait(60)
+    assert widget.status["state"] == "done" and curve is not None
+    for bad in ({"resolution": True}, {"seed": False}):
+        with pytest.raises(t.TraitError, match="must be an int"):
+            setattr(widget, *next(iter(bad.items())))
+    widget.set_state("not a dict")  # reported, not raised
+    assert any("state update" in e["message"] for e in front.errors())
+
+
+def test_magic_refuses_repeated_model_names():
+    from landscape_widget.magic import MagicError, widget_from_line
+
+    ns = {**_models(), "data": _data()}
+    with pytest.raises(MagicError, match="more than once"):
+        widget_from_line("sgd data --models sgd,sgd,adam", ns)
+
+
+def test_side_direction_stops_when_cancelled():
+    import threading
+
+    model, data = _model(), _data()
+    stop = threading.Event()
+    stop.set()
+    d = lw.side_direction(model, data, cancel=stop)  # returns at once, the widget drops it
+    assert set(d) == {k for k, _ in model.named_parameters()}
+    with pytest.raises(TypeError, match="threading.Event"):
+        lw.side_direction(model, data, cancel=True)

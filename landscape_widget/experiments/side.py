@@ -7,6 +7,7 @@ untouched.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
 
 import torch
@@ -16,8 +17,17 @@ from ..core.params import Params
 from ._objective import _norm, _Objective
 
 
+class _Stopped(Exception):
+    """The line search was cancelled; carries the step it had reached."""
+
+    def __init__(self, t: float):
+        super().__init__(t)
+        self.t = t
+
+
 def side_direction(model: nn.Module, data, *, at: float = 0.75, ignore: str | None = "biasbn",
-                   loss_fn: Callable | None = None, bn: str = "eval", device=None) -> Params:
+                   loss_fn: Callable | None = None, bn: str = "eval", device=None,
+                   cancel: threading.Event | None = None) -> Params:
     """A v-side direction: straight downhill, scaled so the minimum lies at ``alpha = at``.
 
     ``d`` is parallel to ``-grad L(theta)`` (over all data; on weights of dim > 1 with
@@ -43,6 +53,9 @@ def side_direction(model: nn.Module, data, *, at: float = 0.75, ignore: str | No
         loss_fn: Mean loss of a batch; cross-entropy by default.
         bn: ``"eval"`` or ``"batch"``.
         device: Where to compute.
+        cancel: A ``threading.Event``, checked before every loss evaluation of the line
+            search; once set, the direction of the best step so far is returned (the
+            widget drops it).
 
     Returns:
         A direction dict keyed like ``model.named_parameters()``.
@@ -51,6 +64,8 @@ def side_direction(model: nn.Module, data, *, at: float = 0.75, ignore: str | No
         ValueError: If the gradient is zero (``theta`` is a stationary point: no downhill)
             or the settings are bad.
     """
+    if cancel is not None and not callable(getattr(cancel, "is_set", None)):
+        raise TypeError(f"cancel must be a threading.Event (or None), got {cancel!r}.")
     if (isinstance(at, bool) or not isinstance(at, int | float) or not at > 0
             or not math.isfinite(at)):
         raise ValueError(f"at must be a positive number (where the minimum lies), got {at!r}.")
@@ -66,11 +81,21 @@ def side_direction(model: nn.Module, data, *, at: float = 0.75, ignore: str | No
                              "point (or the loss is not finite), so there is no downhill side.")
         unit = {k: -t / gnorm for k, t in g.items()}
 
+        best = [0.0, math.inf]
+
         @torch.no_grad()
         def line(t: float) -> float:
-            return float(obj.full_loss({k: t * v for k, v in unit.items()}))
+            if cancel is not None and cancel.is_set():
+                raise _Stopped(best[0])
+            value = float(obj.full_loss({k: t * v for k, v in unit.items()}))
+            if value < best[1]:
+                best[:] = [t, value]
+            return value
 
-        t_star = _line_search(line, float(_norm({k: obj.theta[k] for k in obj.keys})))
+        try:
+            t_star = _line_search(line, float(_norm({k: obj.theta[k] for k in obj.keys})))
+        except _Stopped as stop:
+            t_star = stop.t or 1e-4 * float(_norm({k: obj.theta[k] for k in obj.keys}))
     return obj.direction({k: v * (t_star / at) for k, v in unit.items()})
 
 

@@ -213,7 +213,8 @@ class ShapeDirections:
             inputs = sample_inputs(worker.data, 64)
             return [permutation_direction(worker.model, seed=spec.seed, check_inputs=inputs)]
         if name == "side":
-            return [side_direction(worker.model, worker.data, ignore=ignore, **common)]
+            return [side_direction(worker.model, worker.data, ignore=ignore, cancel=job.cancel,
+                                   **common)]
         mining = dict(steps=self.steps_for(name), seed=spec.seed, ignore=ignore,
                       progress=False, cancel=job.cancel,
                       callback=_progress(worker, job, label), **common)

@@ -123,6 +123,14 @@ class LandscapeWidget(PatternPanel, anywidget.AnyWidget):
     status = t.Dict().tag(sync=True)
     result = t.Dict(allow_none=True, default_value=None).tag(sync=True)
 
+    @t.validate("resolution", "seed")
+    def _no_bools(self, proposal):
+        # traitlets' Int takes True as 1; a bool here is a front-end or typing mistake.
+        if isinstance(proposal["value"], bool):
+            raise t.TraitError(f"{proposal['trait'].name} must be an int, got "
+                               f"{proposal['value']!r}.")
+        return proposal["value"]
+
     def __init__(self, model=None, data=None, *, models=None, model_b=None, trajectory=None,
                  model_fn=None,
                  test_data=None, loss_fn=None, device=None, executor=None,
@@ -180,6 +188,11 @@ class LandscapeWidget(PatternPanel, anywidget.AnyWidget):
         raw = {k: getattr(self, k) for k in COMPUTE_TRAITS}
         raw["x_range"], raw["y_range"] = list(raw["x_range"]), list(raw["y_range"])
         raw["vertices"] = list(raw["vertices"])
+        need = protocol.VERTEX_COUNTS.get(raw["direction"])
+        if need is not None and len(raw["vertices"]) > need:
+            # Left from the other type (a plane's three after switching to interpolate),
+            # as the front end's pickers do: the first ones stay.
+            raw["vertices"] = raw["vertices"][:need]
         return parse_spec(raw, directions=self._direction_names, models=self._model_names)
 
     def compute(self) -> str:
@@ -300,6 +313,9 @@ class LandscapeWidget(PatternPanel, anywidget.AnyWidget):
             super().set_state(sync_data)
         except t.TraitError as err:
             self._report(None, f"Refused a control value from the front end: {err}")
+        except Exception as err:  # noqa: BLE001 - a malformed update must not raise here
+            self._report(None, f"Refused a state update from the front end "
+                               f"({type(err).__name__}: {err}).")
 
     # --- internals --------------------------------------------------------------------
     def _handle_custom_msg_safely(self, _widget, content, buffers) -> None:
