@@ -411,3 +411,16 @@ def test_models_with_other_layers_or_dtypes_are_refused():
            for e in (1e-5, 1e-3)]
     with pytest.raises(ValueError, match="eps=0.001"):
         lw.interpolation_direction(*eps)
+
+
+def test_b7_unit_norm_variant_against_naive_curves(runs, digits):
+    train, _ = digits
+    sizes = runs.basin_size(directions=2, radii=(0, 30, 16), names=["sgd"], seed=2, norm="unit")
+    r = np.linspace(0, 30, 16)
+    model = runs["sgd"]
+    x, y = train
+    for j, d in enumerate(lw.random_directions(model, 2, norm=None, seed=2)):
+        n = float(torch.sqrt(sum((v.double() ** 2).sum() for v in d.values())))
+        loss, _ = naive_eval(model, x, y, [{k: v / n for k, v in d.items()}], r[:, None])
+        above = np.flatnonzero(loss > loss[0] + 0.1)
+        assert sizes["sgd"]["r"][j] == pytest.approx(r[above[0]] if above.size else np.inf)

@@ -137,8 +137,14 @@ class Schedule:
             yield epoch * self.steps_per_epoch + i, order[start:end]
 
     def step_seed(self, step: int) -> int:
-        """The RNG seed for ``step``'s forward pass (dropout), the same in every run."""
-        return (self.seed * 1_000_003 + step) % (2**63)
+        """The RNG seed for ``step``'s forward pass (dropout), the same in every run.
+
+        Mixed from ``(seed, step)`` by numpy's ``SeedSequence``, so no step reuses the seed
+        that drew ``theta_0`` (``seed`` itself): a dropout mask correlated with the initial
+        weights would be a hidden coupling between them.
+        """
+        state = np.random.SeedSequence([self.seed, step, 0x6F7074]).generate_state(2)
+        return int(state[0]) << 31 ^ int(state[1])
 
 
 def _evaluate(model: nn.Module, x: Tensor, y: Tensor, loss_fn, batch: int = 1024

@@ -30,6 +30,10 @@ from .optimizers import (
 from .triangle import TriangleSurface, triangle_surface
 
 
+def _norm(d: dict) -> float:
+    return float(torch.sqrt(sum((v.double() ** 2).sum() for v in d.values())))
+
+
 def _quantiles(values: np.ndarray, qs: Sequence[float]) -> list[float]:
     """Linear-interpolation quantiles (numpy's default) that allow ``inf`` values.
 
@@ -241,7 +245,8 @@ class OptimizerRuns:
         """How far the loss stays within ``delta`` of the minimum (B7, PROPOSAL).
 
         For each final model ``theta*`` and each of ``directions`` random directions ``d``
-        (filter-normalised by default; ``norm="weight"``/``None`` as variants), ``r*`` is the
+        (filter-normalised by default; ``norm="unit"`` (norm 1 over the weights, PAPERS
+        B7's variant), ``"weight"`` or ``None`` as variants), ``r*`` is the
         first ``r`` of ``numpy.linspace(*radii)`` with ``L(theta* + r d) > L(theta*) + delta``,
         or ``inf`` if the loss never rises that much in range. All points of one model go
         through one engine call.
@@ -277,7 +282,11 @@ class OptimizerRuns:
                              "iqr": (float("nan"), float("nan"))}
                 continue
             model = self.model(name)
-            dirs = random_directions(model, k, norm=norm, seed=seed)
+            if norm == "unit":  # PAPERS B7's variant: Gaussian directions of norm 1
+                dirs = [{n: v / _norm(d) for n, v in d.items()}
+                        for d in random_directions(model, k, norm=None, seed=seed)]
+            else:
+                dirs = random_directions(model, k, norm=norm, seed=seed)
             loss = Evaluator(model, data, dirs, loss_fn=self.loss_fn, metrics=("loss",)
                              ).evaluate(coeffs)["loss"].reshape(k, r.size)
             above = loss > loss[:, :1] + delta
