@@ -415,3 +415,19 @@ def test_dask_plane_through_three_models_equals_local(client):
     assert remote.spec["executor"]["kind"] == "dask"
     assert remote.spec["evaluated"] == int(inside.sum())  # the corner beyond is never sent
     assert all(_same_state(m, b) for m, b in zip(models, before, strict=True))
+
+
+def test_worker_cache_keys_follow_contents_not_addresses():
+    """Equal model, directions and data drawn anew hit the worker's cache; other data not."""
+    _remote._EVALUATORS.clear()
+    model, (x, y) = make_model(4), data_fn()
+    grid = dict(x=(-1, 1, 3), y=(-1, 1, 3), progress=False, seed=0)
+    with ThreadPoolExecutor(1) as pool:  # the worker is this process: its cache is visible
+        first = lw.compute_surface(model, (x, y), executor=pool, **grid)
+        again = lw.compute_surface(model, (x.clone(), y.clone()), executor=pool, **grid)
+        assert len(_remote._EVALUATORS) == 1  # fresh directions, copied data: one evaluator
+        other = lw.compute_surface(model, (x[:50], y[:50]), executor=pool, **grid)
+        assert len(_remote._EVALUATORS) == 2
+    _close(first, again)
+    _close(other, lw.compute_surface(model, (x[:50], y[:50]), **grid))
+    _remote._EVALUATORS.clear()

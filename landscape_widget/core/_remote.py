@@ -14,6 +14,7 @@ import copy
 import ctypes
 import dataclasses
 import hashlib
+import io
 import os
 import pickle
 import socket
@@ -56,6 +57,30 @@ def _cpu_module(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
+class _ContentPickler(_pickler.Pickler):
+    """Pickles tensors as hashes of their contents (for cache keys, never for sending).
+
+    A plain pickle holds storage addresses, so equal directions drawn twice, or data read
+    into new tensors, would never hit a worker's cache; everything else (the module's
+    classes, settings, options) is pickled as it is, so a key still tells functions apart.
+    """
+
+    def persistent_id(self, obj):
+        if isinstance(obj, torch.Tensor):
+            return ("tensor", fingerprint({"t": obj}), type(obj).__name__, obj.requires_grad)
+        return None
+
+
+def _content_key(obj) -> str:
+    """A key equal for objects equal in structure and tensor contents."""
+    buf = io.BytesIO()
+    try:
+        _ContentPickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
+    except Exception:  # noqa: BLE001 - then keys fall back to the sent bytes
+        return ""
+    return _digest(buf.getvalue())
+
+
 def _dumps(obj, what: str, fix: str) -> bytes:
     try:
         return _pickler.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
@@ -75,8 +100,9 @@ class Payload:
     """What a worker needs to build the evaluator of a job.
 
     Attributes:
-        key: Hash of ``blob``, the evaluator's cache key on workers.
-        data_key: Hash of ``data_blob``, the data's cache key.
+        key: The evaluator's cache key on workers: model, directions, options and data,
+            tensors by content (:func:`_content_key`).
+        data_key: The data's cache key, likewise.
         blob: Pickled ``(model, directions, options)``; ``None`` in a bare reference.
         data_blob: Pickled data or ``data_fn``; ``None`` in a bare reference.
         threads: ``torch.set_num_threads`` for the worker (``None``: leave it).
@@ -118,8 +144,9 @@ def make_payload(model: nn.Module, data, directions, options: dict,
         "Define its class in an importable module (or a notebook cell) and remove "
         "unpicklable attributes such as open files, locks or hooks that capture them.",
     )
-    data_key = _digest(data_blob)
-    return Payload(_digest(blob + data_key.encode()), data_key, blob, data_blob, threads)
+    data_key = _content_key(data) or _digest(data_blob)
+    key = _content_key((_cpu_module(model), dirs, options)) or _digest(blob)
+    return Payload(_digest((key + data_key).encode()), data_key, blob, data_blob, threads)
 
 
 # --- worker side ---------------------------------------------------------------------------
