@@ -139,13 +139,14 @@ def make_payload(model: nn.Module, data, directions, options: dict,
     if options.get("loss_fn") is not None:
         _dumps(options["loss_fn"], "loss_fn", "Define loss_fn as a module-level function.")
     dirs = [{k: v.detach().cpu() for k, v in d.items()} for d in directions]
+    job = (_cpu_module(model), dirs, options)
     blob = _dumps(
-        (_cpu_module(model), dirs, options), "the model",
+        job, "the model",
         "Define its class in an importable module (or a notebook cell) and remove "
         "unpicklable attributes such as open files, locks or hooks that capture them.",
     )
     data_key = _content_key(data) or _digest(data_blob)
-    key = _content_key((_cpu_module(model), dirs, options)) or _digest(blob)
+    key = _content_key(job) or _digest(blob)
     return Payload(_digest((key + data_key).encode()), data_key, blob, data_blob, threads)
 
 

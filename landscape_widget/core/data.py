@@ -33,7 +33,7 @@ def is_data_fn(data) -> bool:
     return callable(data) and not isinstance(data, kinds)
 
 
-def as_tensors(data) -> tuple[Tensor, Tensor]:
+def as_tensors(data, seed: int | None = None) -> tuple[Tensor, Tensor]:
     """Collect ``data`` into one ``(inputs, targets)`` pair of tensors.
 
     Args:
@@ -43,6 +43,9 @@ def as_tensors(data) -> tuple[Tensor, Tensor]:
             evaluated on exactly the same samples. A zero-argument callable returning one
             of these (a ``data_fn``) is called here, once per call; it lets the workers of
             an executor load the data themselves (see ``core/distributed.py``).
+        seed: If given, the data is read under a private RNG seeded with it: a shuffling
+            loader then gives the same order on every call, and the caller's RNG is not
+            consumed. ``None`` reads with the global RNG.
 
     Returns:
         ``(inputs, targets)`` with the samples along dim 0 (not yet moved to a device).
@@ -51,6 +54,10 @@ def as_tensors(data) -> tuple[Tensor, Tensor]:
         TypeError: If the data is of an unsupported form.
         ValueError: If it holds no samples, or inputs and targets disagree in length.
     """
+    if seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return as_tensors(data)
     if is_data_fn(data):
         loaded = data()
         if is_data_fn(loaded):

@@ -169,3 +169,19 @@ def check_same_structure(a: nn.Module, b: nn.Module, name_a: str, name_b: str) -
     if len(sa) != len(sb):
         raise ValueError(f"{name_a} and {name_b} have {len(sa)} and {len(sb)} submodules; "
                          "they must be the same architecture.")
+
+
+def check_same_placement(models: list[nn.Module], names: list[str]) -> None:
+    """Raise unless the models' floating-point tensors share one dtype and one device.
+
+    Points between models are combined into one template's tensors: a float64 model
+    beside float32 ones would be rounded, a model on another device moved, silently.
+    """
+    for what in ("device", "dtype"):
+        kinds = [{str(getattr(t, what)) for t in list(m.parameters()) + list(m.buffers())
+                  if t.is_floating_point()} for m in models]
+        for name, kind in zip(names[1:], kinds[1:], strict=True):
+            if kind != kinds[0]:
+                raise ValueError(f"{names[0]} and {name} have different {what}s "
+                                 f"({sorted(kinds[0])} and {sorted(kind)}); convert them with "
+                                 ".to(...) first.")

@@ -67,9 +67,7 @@ class _Objective:
         # A shuffling DataLoader is read once under a fixed private seed: the samples'
         # order (which the seeded minibatches index) is then the same on every call, and
         # the caller's RNG is not consumed.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            x, y = as_tensors(data)
+        x, y = as_tensors(data, seed=0)
         if torch.is_floating_point(x):
             x = x.to(self.dtype)
         self.x, self.y = x.to(self.device), y.to(self.device)

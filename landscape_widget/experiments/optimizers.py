@@ -214,9 +214,7 @@ def held_data(data, model: nn.Module, seed: int) -> tuple[Tensor, Tensor]:
     A shuffling ``DataLoader`` is read once under a private RNG seeded with ``seed``: the
     order is then the same on every call with that seed, and the caller's RNG is untouched.
     """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        x, y = as_tensors(data)
+    x, y = as_tensors(data, seed=seed)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     device = model_device(model)
     x = x.to(device, dtype) if dtype is not None and x.is_floating_point() else x.to(device)

@@ -165,13 +165,13 @@ def permutation_direction(model: nn.Module, *, seed: int = 0, buffers: bool = Tr
                          "needs at least one hidden layer between two weight layers.")
 
     groups = plan.groups
+    sizes_of: dict[int, set[int]] = {}  # each free group's layer widths (all must agree)
+    for g in sorted(plan.size):  # in graph order: the same seed gives the same permutation
+        sizes_of.setdefault(groups.find(g), set()).add(plan.size[g])
+    sizes_of.pop(FIXED, None)
     perms: dict[int, Tensor] = {}
     gen = torch.Generator().manual_seed(seed)
-    for g in sorted(plan.size):  # in graph order: the same seed gives the same permutation
-        root = groups.find(g)
-        if root == FIXED or root in perms:
-            continue
-        sizes = {plan.size[h] for h in plan.size if groups.find(h) == root}
+    for root, sizes in sizes_of.items():
         if len(sizes) > 1:
             raise ValueError(f"layers with {sorted(sizes)} output units are added or "
                              f"multiplied together; {HELP}.")

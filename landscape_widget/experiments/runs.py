@@ -15,6 +15,7 @@ from ..core.directions import interpolation_direction, random_directions
 from ..core.evaluate import Evaluator
 from ..core.landscape import compute_curve
 from ..core.surface import Curve
+from ._objective import _norm
 from .optimizers import (
     Run,
     Schedule,
@@ -28,10 +29,6 @@ from .optimizers import (
     train_run,
 )
 from .triangle import TriangleSurface, triangle_surface
-
-
-def _norm(d: dict) -> float:
-    return float(torch.sqrt(sum((v.double() ** 2).sum() for v in d.values())))
 
 
 def _quantiles(values: np.ndarray, qs: Sequence[float]) -> list[float]:
@@ -283,7 +280,7 @@ class OptimizerRuns:
                 continue
             model = self.model(name)
             if norm == "unit":  # PAPERS B7's variant: Gaussian directions of norm 1
-                dirs = [{n: v / _norm(d) for n, v in d.items()}
+                dirs = [{n: v / float(_norm(d)) for n, v in d.items()}
                         for d in random_directions(model, k, norm=None, seed=seed)]
             else:
                 dirs = random_directions(model, k, norm=norm, seed=seed)

@@ -30,6 +30,7 @@ from ..core.landscape import TileStream, _run
 from ..core.params import (
     Params,
     check_module,
+    check_same_placement,
     check_same_structure,
     float_buffers_of,
     parameters_of,
@@ -60,11 +61,7 @@ def _check_same(models: Sequence[nn.Module], names: Sequence[str]) -> list[Param
             )
     for name, m in zip(names[1:], models[1:], strict=True):
         check_same_structure(models[0], m, names[0], name)
-    for what in ("device", "dtype"):
-        kinds = [{getattr(v, what) for v in p.values() if v.is_floating_point()} for p in points]
-        if any(k != kinds[0] for k in kinds):
-            raise ValueError(f"The three models have different {what}s ({kinds}); a plane "
-                             f"needs one {what} for all: convert them with .to(...) first.")
+    check_same_placement(list(models), list(names))
     return points
 
 

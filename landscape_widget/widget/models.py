@@ -28,7 +28,7 @@ from torch import nn
 from ..core.compute import fingerprint
 from ..core.directions import interpolation_direction
 from ..core.landscape import TileStream
-from ..core.params import check_module
+from ..core.params import check_module, check_same_placement
 from ..core.surface import Curve, Surface
 from ..experiments.triangle import TriangleSurface, triangle_stream
 from . import extra_jobs
@@ -73,15 +73,9 @@ def resolve_models(model, models) -> tuple[nn.Module, dict[str, nn.Module]]:
     for name in others:
         try:
             interpolation_direction(named[first], named[name])
-            for what in ("device", "dtype"):
-                ka = {getattr(p, what) for p in named[first].parameters()}
-                kb = {getattr(p, what) for p in named[name].parameters()}
-                if ka != kb:
-                    raise ValueError(f"their {what}s are {sorted(map(str, kb))} and "
-                                     f"{sorted(map(str, ka))}; convert them with .to(...) "
-                                     "first")
         except ValueError as err:
             raise ValueError(f"models[{name!r}] and models[{first!r}] differ: {err}") from None
+    check_same_placement(list(named.values()), [f"models[{n!r}]" for n in named])
     centre = named[first] if model is None else model
     check_module(centre, "model")
     return centre, named
