@@ -7,7 +7,7 @@ Example::
     lw.compute_surface(model, data).to_plotly()
 """
 
-from . import datasets, demo
+from . import datasets, demo, models
 from .core.curvature import CurvatureMap, curvature_map
 from .core.directions import (
     interpolation_direction,
@@ -101,4 +101,5 @@ __all__ = [
     # offline data and models
     "datasets",
     "demo",
+    "models",
 ]

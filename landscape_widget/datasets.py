@@ -241,7 +241,81 @@ def synthetic_classification(
     return x.float(), y.long()
 
 
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+"""Per-channel mean and standard deviation of the CIFAR-10 training images (in [0, 1])."""
+
+
+def cifar10(
+    root,
+    split: str = "train",
+    *,
+    normalize: bool = True,
+    limit: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """CIFAR-10 read from disk with ``torchvision.datasets.CIFAR10(root, download=False)``.
+
+    Nothing is downloaded: if the files are not under ``root`` the error says how to get
+    them. The images are returned as one tensor (50,000 training images take 600 MB as
+    float32; ``limit`` keeps the first ``limit``).
+
+    Args:
+        root: The folder that holds ``cifar-10-batches-py`` (as torchvision lays it out).
+        split: ``"train"`` (50,000 images) or ``"test"`` (10,000).
+        normalize: Subtract :data:`CIFAR10_MEAN` and divide by :data:`CIFAR10_STD` per
+            channel, as loss-landscape's training does; else values lie in [0, 1].
+        limit: Keep only the first ``limit`` images.
+
+    Returns:
+        ``(X, y)``: float32 ``(N, 3, 32, 32)`` and int64 ``(N,)``.
+
+    Raises:
+        FileNotFoundError: If CIFAR-10 is not under ``root`` (the message names the fix).
+        ValueError: If ``split`` or ``limit`` is invalid.
+
+    Example:
+        >>> cifar10("/nonexistent")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: CIFAR-10 was not found under '/nonexistent' ...
+    """
+    from pathlib import Path
+
+    if split not in ("train", "test"):
+        raise ValueError(f"split={split!r} is not supported for CIFAR-10; choose 'train' or "
+                         "'test'.")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be None or an int >= 1, got {limit!r}.")
+    from torchvision.datasets import CIFAR10
+
+    try:
+        ds = CIFAR10(str(root), train=split == "train", download=False)
+    except RuntimeError as err:
+        folder = Path(root).expanduser() / "cifar-10-batches-py"
+        raise FileNotFoundError(
+            f"CIFAR-10 was not found under {str(root)!r} (or its files fail torchvision's "
+            f"checksums; expected {str(folder)!r}, as "
+            "torchvision lays it out). This library never downloads data; fetch it once "
+            f"yourself, e.g. torchvision.datasets.CIFAR10({str(root)!r}, download=True), or "
+            "unpack cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html "
+            "there. For an offline stand-in use lw.datasets.digits_images()."
+        ) from err
+    data = np.asarray(ds.data)  # (N, 32, 32, 3) uint8
+    targets = np.asarray(ds.targets, dtype=np.int64)
+    if limit is not None:
+        data, targets = data[:limit], targets[:limit]
+    x = torch.from_numpy(data).permute(0, 3, 1, 2).float().div_(255.0).contiguous()
+    if normalize:
+        mean = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
+        x = (x - mean) / std
+    return x, torch.from_numpy(targets.copy())
+
+
 __all__ = [
+    "cifar10",
+    "CIFAR10_MEAN",
+    "CIFAR10_STD",
     "digits",
     "digits_images",
     "mnist1d",
