@@ -20,6 +20,14 @@ from .core.evaluate import Evaluator
 from .core.grid import MAX_AXIS_POINTS, MAX_GRID_POINTS
 from .core.hessian import TraceEstimate, hessian_density, hessian_eigenpairs, hessian_trace
 from .core.landscape import TileStream, compute_curve, compute_surface, iter_tiles
+from .core.stats import (
+    LandscapeStats,
+    basin_radius,
+    count_minima,
+    landscape_stats,
+    nonconvex_fraction,
+    roughness,
+)
 from .core.surface import Curve, Surface
 from .core.trajectory import PCADirections, Trajectory
 from .experiments import (
@@ -71,6 +79,13 @@ __all__ = [
     "TraceEstimate",
     "curvature_map",
     "CurvatureMap",
+    # convex vs chaotic: landscape statistics
+    "landscape_stats",
+    "LandscapeStats",
+    "nonconvex_fraction",
+    "count_minima",
+    "roughness",
+    "basin_radius",
     # loss patterns: multi-point optimisation (Skorokhodov & Burtsev 2019)
     "ternary_mask",
     "fit_pattern",

@@ -147,6 +147,22 @@ class Surface:
             raise ValueError(f"metric {metric!r} was not computed; pass metrics=(..., {metric!r}).")
         return arr
 
+    def stats(self, curvature=None, **options):
+        """Chaos statistics of the loss grid (non-convex fraction, minima, roughness, basin).
+
+        Args:
+            curvature: Optional :class:`~landscape_widget.CurvatureMap` of the same plane
+                (its full-Hessian eigenvalues then give the non-convex fraction).
+            **options: ``threshold``, ``rise``, ``tol`` of
+                :func:`~landscape_widget.core.stats.landscape_stats`.
+
+        Returns:
+            A :class:`~landscape_widget.core.stats.LandscapeStats`.
+        """
+        from .stats import landscape_stats
+
+        return landscape_stats(self, curvature, **options)
+
     def save(self, path: str | Path) -> None:
         """Write an HDF5 file that loss-landscape's ``plot_2D.py`` can read."""
         import h5py
