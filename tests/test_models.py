@@ -200,3 +200,27 @@ def test_mpo_fits_zoo_models(build):
     assert torch.isfinite(net(x[:4])).all()
     scores = fit.scores(data)
     assert -1.0 <= scores["acc_diff"] <= 1.0
+
+
+def test_skip_study_tiny():
+    from landscape_widget.experiments.skip import skip_study, study_figure
+
+    x, y = lw.datasets.digits_images("train")
+    data = (x[:64], y[:64])
+    state = torch.random.get_rng_state()
+    runs = skip_study(data, depths=(8,), widths=(1,), base=2, epochs=1, points=5, seed=3)
+    assert [r.name for r in runs] == ["ResNet-8", "ResNet-8-noshort"]
+    for r in runs:
+        assert r.surface.loss.shape == (5, 5)
+        # theta's loss is the trained model's loss on the data (eval-mode BatchNorm).
+        with torch.no_grad():
+            expected = float(F.cross_entropy(r.model(data[0]), data[1]))
+        assert r.surface.loss[2, 2] == pytest.approx(expected, rel=1e-5)
+        assert r.train_loss == pytest.approx(expected, rel=1e-5)
+        assert r.stats == lw.landscape_stats(r.surface)
+        assert r.row()["name"] == r.name
+    # Seeded builders, batch order and directions: the global RNG is left as it was.
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert len(study_figure(runs).data) == 2
+    with pytest.raises(ValueError, match="odd"):
+        skip_study(data, depths=(8,), points=4)

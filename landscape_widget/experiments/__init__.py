@@ -6,6 +6,7 @@
   (Skorokhodov & Burtsev 2019).
 - :mod:`.curves`, :mod:`.permute`, :mod:`.side`, :mod:`.mining`: the curve taxonomy and
   mined directions (Li, Li & Zhan 2024).
+- :mod:`.skip`: ResNets with and without shortcuts, trained and mapped (Li et al. 2018).
 """
 
 from .curves import SHAPE_X, SHAPES, CurveShape, Extremum, classify_curve
