@@ -169,6 +169,26 @@ def test_an_unfinished_loss_landscape_run_is_finished_by_reuse(tmp_path):
                            reuse=part, progress=False)
 
 
+def test_an_unfinished_loss_landscape_curve(tmp_path):
+    """1D: plot_surface.py without --y writes (len(x),) arrays, -1 where not computed."""
+    model = mlp(seed=8).eval()
+    x, y = mlp_data()
+    d = lw.random_direction(model, seed=9)
+    xs = np.linspace(-1, 1, 9)
+    loss, acc = naive_eval(model, x, y, [d], xs[:, None])
+    loss[[1, 6]] = acc[[1, 6]] = -1.0
+    with h5py.File(tmp_path / "c.h5", "w") as f:
+        f["dir_file"] = "d.h5"
+        f["xcoordinates"], f["train_loss"], f["train_acc"] = xs, loss, np.where(acc < 0, -1,
+                                                                                 100 * acc)
+    c = lw.Curve.load(tmp_path / "c.h5")
+    assert np.isnan(c.loss[[1, 6]]).all() and np.isnan(c.accuracy[[1, 6]]).all()
+    done = lw.compute_curve(model, (x, y), direction=d, x=(-1, 1, 9), reuse=c, progress=False)
+    assert done.spec["evaluated"] == 2
+    np.testing.assert_allclose(done.loss, naive_eval(model, x, y, [d], xs[:, None])[0],
+                               rtol=1e-5)
+
+
 # --- directions files ------------------------------------------------------------------------
 def bn_mlp(seed=0):
     torch.manual_seed(seed)
