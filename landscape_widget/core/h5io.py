@@ -230,7 +230,8 @@ def read_grid(path: str | Path, fields: tuple[str, ...]) -> dict:
             directions = [{k: torch.from_numpy(np.asarray(g[str(i)][k])) for k in g[str(i)]}
                           for i in range(len(g))]
         known = set(COORDS) | {KEYS[n] for n in fields} | {DIRECTIONS_GROUP}
-        if ours and "train_acc" in f and f["train_acc"].attrs.get(OURS + "not_computed"):
+        if "accuracy" in fields and "train_acc" in f and f["train_acc"].attrs.get(
+                OURS + "not_computed"):  # our "not computed" stand-in: written anew by save
             known.add("train_acc")
         extra = {
             "datasets": _read_node({k: v for k, v in f.items() if k not in known}),
