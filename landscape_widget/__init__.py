@@ -15,6 +15,7 @@ from .core.directions import (
     random_direction,
     random_directions,
 )
+from .core.dirfile import load_directions, save_directions
 from .core.distributed import local_gpu_executor
 from .core.evaluate import Evaluator
 from .core.grid import MAX_AXIS_POINTS, MAX_GRID_POINTS
@@ -58,6 +59,9 @@ __all__ = [
     "random_directions",
     "interpolation_direction",
     "normalize_direction",
+    # loss-landscape's directions files
+    "save_directions",
+    "load_directions",
     # computation
     "compute_surface",
     "compute_curve",

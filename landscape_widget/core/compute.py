@@ -97,7 +97,10 @@ def _resolve_directions(model, directions, ndim, seed, points: bool = False
 def _reuse(job: _Job, reuse, metrics: Sequence[str]) -> None:
     """Copy the values of ``reuse`` at coordinates that coincide with the new grid."""
     same = ("model", "directions", "loss_fn", "bn", "n_samples", "data")
-    diff = [k for k in same if reuse.spec.get(k) != job.spec.get(k)]
+    # A loss-landscape file records none of these: its values are checked by recomputing
+    # a few of them instead (check_foreign_reuse in landscape.py).
+    foreign = reuse.spec.get("source") == "loss-landscape"
+    diff = [] if foreign else [k for k in same if reuse.spec.get(k) != job.spec.get(k)]
     missing = [m for m in metrics if getattr(reuse, m, None) is None]
     if diff or missing:
         raise ValueError(
@@ -119,6 +122,10 @@ def _reuse(job: _Job, reuse, metrics: Sequence[str]) -> None:
         arr = np.full(shape, np.nan)
         arr[mask] = np.asarray(getattr(reuse, m))[src]
         job.known[m] = arr.ravel()
+    # NaN: not computed (a cancelled run, an unfinished loss-landscape file) or non-finite:
+    # computed (again).
+    for m in metrics:
+        mask &= ~np.isnan(job.known[m].reshape(shape))
     job.known_mask = mask.ravel()
 
 

@@ -37,6 +37,30 @@ class CurvatureMap:
     lambda_max: np.ndarray
     lambda_min: np.ndarray
     spec: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict, repr=False)  # file content we keep (h5io.py)
+
+    def save(self, path, *, overwrite: bool = False) -> None:
+        """Write ``min_eig``/``max_eig`` as loss-landscape's ``plot_2D.py`` ratio plot reads.
+
+        Raises:
+            FileExistsError: If ``path`` exists and ``overwrite`` is false.
+        """
+        from .h5io import write_grid
+
+        write_grid(path, self.x, self.y, {"lambda_min": self.lambda_min, "lambda_max":
+                   self.lambda_max}, spec=self.spec, directions=None, extra=self.extra,
+                   overwrite=overwrite)
+
+    @classmethod
+    def load(cls, path) -> CurvatureMap:
+        """Read :meth:`save`'s file or loss-landscape's (its +1/-1 pre-fill: NaN)."""
+        from .h5io import read_grid
+
+        got = read_grid(path, ("lambda_min", "lambda_max"))
+        if got["y"] is None or got["lambda_min"] is None or got["lambda_max"] is None:
+            raise ValueError(f"{path} holds no 2D min_eig/max_eig maps.")
+        return cls(got["x"], got["y"], got["lambda_max"], got["lambda_min"], got["spec"],
+                   got["extra"])
 
     @property
     def ratio(self) -> np.ndarray:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Iterator, Sequence
 
 import numpy as np
 from torch import nn
 
-from .compute import Tile, _prepare, _tiles, remote_evaluators
+from .compute import Tile, _coords, _prepare, _tiles, remote_evaluators
 from .evaluate import METRICS, LossFn, warn_nonfinite
 from .params import Params
 from .surface import Curve, Surface
@@ -138,7 +139,46 @@ def iter_tiles(
                    metrics=metrics, bn=bn, device=device, seed=seed, reuse=reuse,
                    keep_directions=keep_directions, evaluator_options=evaluator_options,
                    make_evaluator=remote_evaluators(executor))
+    if reuse is not None and reuse.spec.get("source") == "loss-landscape":
+        check_foreign_reuse(job)
     return TileStream(job, tile_points, cancel)
+
+
+def check_foreign_reuse(job) -> None:
+    """Recompute two reused values of a loss-landscape file and refuse it unless they agree.
+
+    Its files record no model, data or directions to compare fingerprints with.
+
+    Raises:
+        ValueError: If a recomputed loss differs from the file's (rtol 1e-3), or an accuracy
+            by more than one sample.
+    """
+    idx = np.flatnonzero(job.known_mask) if job.known_mask is not None else np.zeros(0, int)
+    if idx.size == 0:
+        return
+    ev = job.evaluator
+    if not hasattr(ev, "evaluate"):  # an executor's stand-in evaluates tiles only
+        warnings.warn("reuse= of a loss-landscape file with an executor: its values were not "
+                      "checked against this model, data and directions.", stacklevel=3)
+        return
+    radius = np.linalg.norm(_coords(job.axes, idx), axis=1)
+    pick = np.unique(idx[[int(np.argmin(radius)), int(np.argmax(radius))]])
+    coords = _coords(job.axes, pick)
+    got = ev.evaluate(coords)
+    # accuracy: one sample may flip on float noise between the two tools' arithmetic
+    n = max(int(job.spec.get("n_samples") or 1), 1)
+    for m, tol in (("loss", {"rtol": 1e-3, "atol": 1e-6}), ("accuracy", {"atol": 1.01 / n})):
+        if m not in got:
+            continue
+        want = job.known[m][pick]
+        bad = ~np.isclose(got[m], want, **tol)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise ValueError(
+                f"reuse=: the file's {m} at ({coords[i][0]:.4g}, {coords[i][-1]:.4g}) is "
+                f"{want[i]:.6g}, but this model, data and directions give {got[m][i]:.6g}. "
+                "The file was computed with another model, data, directions or loss; pass the "
+                "ones it was made with (lw.load_directions reads its directions file).")
 
 
 def _run(stream: TileStream, progress: bool, desc: str):
@@ -175,6 +215,7 @@ def compute_surface(
     progress: bool = True,
     seed: int | None = 0,
     reuse: Surface | None = None,
+    test_data=None,
     **options,
 ) -> Surface:
     """The loss surface ``L(theta + a * d1 + b * d2)`` on a grid, with a progress bar.
@@ -195,7 +236,10 @@ def compute_surface(
         device: Where to compute (the model's device by default).
         progress: Show a tqdm progress bar.
         seed: Seed for the default random directions.
-        reuse: A previous :class:`Surface` whose coinciding points are reused.
+        reuse: A previous :class:`Surface` whose coinciding points are reused (also one
+            read from a loss-landscape file, whose unfinished points are then computed).
+        test_data: Data for a second pass over the same grid: ``test_loss`` and
+            ``test_accuracy`` (loss-landscape's ``test_*`` keys).
         **options: Passed to :func:`iter_tiles` (``tile_points``, ``cancel``,
             ``keep_directions``, ``evaluator_options``, ``executor``: a Dask client or
             ``concurrent.futures`` executor whose workers compute the tiles).
@@ -220,9 +264,12 @@ def compute_surface(
         x = covering(0) if covering else (-1, 1, 51)
     if isinstance(y, str) and y == "auto":
         y = covering(1) if covering else (-1, 1, 51)
-    stream = iter_tiles(model, data, directions=directions, x=x, y=y, loss_fn=loss_fn,
-                        metrics=metrics, bn=bn, device=device, seed=seed, reuse=reuse, **options)
+    kw = dict(x=x, y=y, loss_fn=loss_fn, metrics=metrics, bn=bn, device=device, seed=seed,
+              **options)
+    stream = iter_tiles(model, data, directions=directions, reuse=reuse, **kw)
     surface = _run(stream, progress, "surface")
+    if test_data is not None:
+        _test_pass(surface, model, test_data, directions, reuse, progress, kw)
     labels = getattr(directions, "axis_labels", None)
     if labels:
         surface.spec["axis_labels"] = list(labels[:2])
@@ -242,6 +289,7 @@ def compute_curve(
     progress: bool = True,
     seed: int | None = 0,
     reuse: Curve | None = None,
+    test_data=None,
     **options,
 ) -> Curve:
     """The loss ``L(theta + a * d)`` along one direction.
@@ -260,12 +308,43 @@ def compute_curve(
         progress: Show a tqdm progress bar.
         seed: Seed for the default random direction.
         reuse: A previous :class:`Curve` whose coinciding points are reused.
+        test_data: Data for a second pass: ``test_loss`` and ``test_accuracy``.
         **options: Passed to :func:`iter_tiles` (``executor`` included).
 
     Returns:
         A :class:`Curve` with ``.x``, ``.loss`` and ``.accuracy``.
     """
-    stream = iter_tiles(model, data, directions=None if direction is None else [direction],
-                        x=x, y=None, loss_fn=loss_fn, metrics=metrics, bn=bn, device=device,
-                        seed=seed, reuse=reuse, **options)
-    return _run(stream, progress, "curve")
+    kw = dict(x=x, y=None, loss_fn=loss_fn, metrics=metrics, bn=bn, device=device, seed=seed,
+              **options)
+    directions = None if direction is None else [direction]
+    curve = _run(iter_tiles(model, data, directions=directions, reuse=reuse, **kw), progress,
+                 "curve")
+    if test_data is not None:
+        _test_pass(curve, model, test_data, directions, reuse, progress, kw)
+    return curve
+
+
+def _test_pass(result, model, test_data, directions, reuse, progress, kw) -> None:
+    """Evaluate ``test_data`` on ``result``'s grid and directions, into its ``test_*`` fields.
+
+    The same engine runs a second grid; its spec (data fingerprint, sample count) is kept
+    under ``spec["test"]`` so that a later ``reuse=`` reuses test values only for the same
+    test data.
+    """
+    if directions is None and result.directions is not None:
+        directions = result.directions  # the random directions the first pass drew
+    old = None
+    metrics = (kw["metrics"],) if isinstance(kw["metrics"], str) else tuple(kw["metrics"])
+    have = {"loss": getattr(reuse, "test_loss", None),
+            "accuracy": getattr(reuse, "test_accuracy", None)}
+    if reuse is not None and all(have.get(m) is not None for m in metrics):
+        old_spec = dict(reuse.spec)
+        old_spec.update(reuse.spec.get("test") or {})
+        old = (Curve(reuse.x, have["loss"], have["accuracy"], old_spec)
+               if isinstance(result, Curve) else
+               Surface(reuse.x, reuse.y, have["loss"], have["accuracy"], old_spec))
+    stream = iter_tiles(model, test_data, directions=directions, reuse=old, **kw)
+    test = _run(stream, progress, "test")
+    result.test_loss, result.test_accuracy = test.loss, test.accuracy
+    result.spec["test"] = {k: test.spec[k] for k in ("data", "n_samples", "evaluated",
+                                                      "reused")}

@@ -1,59 +1,42 @@
 """Result objects: :class:`Surface` (2D) and :class:`Curve` (1D), with HDF5 files and plotly.
 
-Files use tomgoldstein/loss-landscape's key names (``xcoordinates``, ``ycoordinates``,
-``train_loss``, ``train_acc``) so its ``plot_2D.py``/``plot_1D.py`` read them: the loss
-array is stored with rows = y (``Z[iy, ix]``), which is what those scripts' ``contour(X, Y,
-Z)`` with ``X, Y = meshgrid(x, y)`` expects, and accuracy is stored in percent as there.
-Our own metadata goes into attributes under ``landscape_widget/``.
+Files use tomgoldstein/loss-landscape's layout (``core/h5io.py``): ``xcoordinates``,
+``ycoordinates``, ``train_loss``, ``train_acc`` (percent), ``test_loss``, ``test_acc``, with
+rows = y (``Z[iy, ix]``, what its ``plot_2D.py`` contours with ``meshgrid(x, y)``), so its
+scripts read our files and we read theirs. Our own metadata goes into attributes under
+``landscape_widget/``.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
+
+from . import h5io
 
 KINDS = ("contour", "heatmap", "surface")
-FORMAT_VERSION = 1
+METRIC_FIELDS = ("loss", "accuracy", "test_loss", "test_accuracy")
 
 
 def _metric_label(metric: str) -> str:
-    return {"loss": "loss", "accuracy": "accuracy"}.get(metric, metric)
+    return metric.replace("_", " ")
 
 
-def _write_common(f, spec: dict, directions) -> None:
-    f.attrs["landscape_widget/format"] = FORMAT_VERSION
-    f.attrs["landscape_widget/spec"] = json.dumps(spec, default=str)
-    f.attrs["landscape_widget/acc_units"] = "percent"
-    if directions:
-        g = f.create_group("landscape_widget_directions")
-        for i, d in enumerate(directions):
-            gi = g.create_group(str(i))
-            for k, v in d.items():
-                gi.create_dataset(k, data=v.detach().cpu().numpy())
+def _values(obj, metric: str) -> np.ndarray:
+    if metric not in METRIC_FIELDS:
+        raise ValueError(f"metric must be one of {list(METRIC_FIELDS)}, got {metric!r}.")
+    arr = getattr(obj, metric)
+    if arr is None:
+        hint = (f"pass test_data= to compute {metric}" if metric.startswith("test")
+                else f"pass metrics=(..., {metric!r})")
+        raise ValueError(f"metric {metric!r} was not computed; {hint}.")
+    return arr
 
 
-def _read_common(f):
-    spec = json.loads(f.attrs.get("landscape_widget/spec", "{}"))
-    directions = None
-    if "landscape_widget_directions" in f:
-        g = f["landscape_widget_directions"]
-        directions = [
-            {k: torch.from_numpy(np.asarray(g[str(i)][k])) for k in g[str(i)]}
-            for i in range(len(g))
-        ]
-    return spec, directions
-
-
-def _acc_from_file(f) -> np.ndarray | None:
-    if "train_acc" not in f:
-        return None
-    acc = np.asarray(f["train_acc"], dtype=np.float64)
-    # loss-landscape writes percent; so do we (attribute says so).
-    return acc / 100.0
+def _fields(obj) -> dict:
+    return {name: getattr(obj, name) for name in METRIC_FIELDS}
 
 
 @dataclass
@@ -66,6 +49,8 @@ class Curve:
         accuracy: ``(n,)`` accuracy in [0, 1], or ``None`` if not requested.
         spec: How it was computed (ranges, loss, bn mode, seed, device, timings).
         directions: The direction as a one-element list of dicts (CPU tensors), if kept.
+        test_loss, test_accuracy: The same on test data (``test_data=``), or ``None``.
+        extra: What a loaded file held that this class does not use (written back by save).
     """
 
     x: np.ndarray
@@ -73,30 +58,42 @@ class Curve:
     accuracy: np.ndarray | None = None
     spec: dict = field(default_factory=dict)
     directions: list | None = None
+    test_loss: np.ndarray | None = None
+    test_accuracy: np.ndarray | None = None
+    extra: dict = field(default_factory=dict, repr=False)
 
-    def save(self, path: str | Path) -> None:
-        """Write an HDF5 file that loss-landscape's ``plot_1D.py`` can read."""
-        import h5py
+    def values(self, metric: str = "loss") -> np.ndarray:
+        """The ``(n,)`` array of ``metric`` (``"loss"``, ``"accuracy"``, ``"test_loss"``, ...)."""
+        return _values(self, metric)
 
-        with h5py.File(path, "w") as f:
-            f["xcoordinates"] = self.x
-            if self.loss is not None:
-                f["train_loss"] = self.loss
-            if self.accuracy is not None:
-                f["train_acc"] = self.accuracy * 100.0
-            _write_common(f, self.spec, self.directions)
+    def save(self, path: str | Path, *, overwrite: bool = False,
+             missing: float = float("nan")) -> None:
+        """Write an HDF5 file in loss-landscape's layout (``core/h5io.py``).
+
+        Args:
+            path: The file.
+            overwrite: Replace an existing file (default False: a ``FileExistsError``
+                protects it). What a loaded file held that this object does not use
+                (``dir_file``, ``min_eig``, ...) is written back.
+            missing: Value written where there is no value (NaN: not computed or
+                non-finite). ``-1`` lets loss-landscape's ``plot_surface.py`` compute those
+                points; NaN leaves them out of its plots.
+
+        Raises:
+            FileExistsError: If ``path`` exists and ``overwrite`` is false.
+        """
+        h5io.write_grid(path, self.x, None, _fields(self), spec=self.spec,
+                        directions=self.directions, extra=self.extra, overwrite=overwrite,
+                        missing=missing)
 
     @classmethod
     def load(cls, path: str | Path) -> Curve:
-        """Read a file written by :meth:`save` (or a loss-landscape 1D file)."""
-        import h5py
-
-        with h5py.File(path, "r") as f:
-            if "ycoordinates" in f:
-                raise ValueError(f"{path} holds a 2D surface; use lw.Surface.load.")
-            spec, directions = _read_common(f)
-            loss = np.asarray(f["train_loss"], dtype=np.float64) if "train_loss" in f else None
-            return cls(np.asarray(f["xcoordinates"]), loss, _acc_from_file(f), spec, directions)
+        """Read a file written by :meth:`save` or by loss-landscape (-1 entries: NaN)."""
+        got = h5io.read_grid(path, METRIC_FIELDS)
+        if got["y"] is not None:
+            raise ValueError(f"{path} holds a 2D surface; use lw.Surface.load.")
+        return cls(got["x"], *(got[k] for k in ("loss", "accuracy", "spec", "directions",
+                                                "test_loss", "test_accuracy", "extra")))
 
     def to_plotly(self, *, log: bool = False, title: str | None = None):
         """A line plot of loss (left axis) and accuracy (right axis, if computed)."""
@@ -110,6 +107,12 @@ class Curve:
             fig.add_trace(go.Scatter(x=self.x, y=self.accuracy, name="accuracy", yaxis="y2",
                                      mode="lines", line={"dash": "dash"},
                                      hovertemplate="α=%{x:.4g}<br>acc=%{y:.4f}<extra></extra>"))
+        if self.test_loss is not None:
+            fig.add_trace(go.Scatter(x=self.x, y=self.test_loss, name="test loss", mode="lines",
+                                     line={"dash": "dot"}))
+        if self.test_accuracy is not None:
+            fig.add_trace(go.Scatter(x=self.x, y=self.test_accuracy, name="test accuracy",
+                                     yaxis="y2", mode="lines", line={"dash": "dashdot"}))
         fig.update_layout(
             title=title or "Loss along a direction",
             xaxis_title="α",
@@ -131,6 +134,8 @@ class Surface:
         accuracy: ``(ny, nx)`` accuracy in [0, 1], or ``None``.
         spec: How it was computed.
         directions: ``[d1, d2]`` (CPU tensors), if kept.
+        test_loss, test_accuracy: The same on test data (``test_data=``), or ``None``.
+        extra: What a loaded file held that this class does not use (written back by save).
     """
 
     x: np.ndarray
@@ -139,13 +144,13 @@ class Surface:
     accuracy: np.ndarray | None = None
     spec: dict = field(default_factory=dict)
     directions: list | None = None
+    test_loss: np.ndarray | None = None
+    test_accuracy: np.ndarray | None = None
+    extra: dict = field(default_factory=dict, repr=False)
 
     def values(self, metric: str = "loss") -> np.ndarray:
-        """The ``(ny, nx)`` array of ``metric`` ("loss" or "accuracy")."""
-        arr = {"loss": self.loss, "accuracy": self.accuracy}.get(metric)
-        if arr is None:
-            raise ValueError(f"metric {metric!r} was not computed; pass metrics=(..., {metric!r}).")
-        return arr
+        """The ``(ny, nx)`` array of ``metric``: loss, accuracy, test_loss, test_accuracy."""
+        return _values(self, metric)
 
     def stats(self, curvature=None, **options):
         """Chaos statistics of the loss grid (non-convex fraction, minima, roughness, basin).
@@ -163,36 +168,53 @@ class Surface:
 
         return landscape_stats(self, curvature, **options)
 
-    def save(self, path: str | Path) -> None:
-        """Write an HDF5 file that loss-landscape's ``plot_2D.py`` can read."""
-        import h5py
+    def save(self, path: str | Path, *, overwrite: bool = False,
+             missing: float = float("nan")) -> None:
+        """Write an HDF5 file in loss-landscape's layout (``core/h5io.py``).
 
-        with h5py.File(path, "w") as f:
-            f["xcoordinates"] = self.x
-            f["ycoordinates"] = self.y
-            if self.loss is not None:
-                f["train_loss"] = self.loss
-            if self.accuracy is not None:
-                f["train_acc"] = self.accuracy * 100.0
-            _write_common(f, self.spec, self.directions)
+        Args:
+            path: The file.
+            overwrite: Replace an existing file (default False: a ``FileExistsError``
+                protects it). What a loaded file held that this object does not use
+                (``dir_file``, ``min_eig``, ...) is written back.
+            missing: Value written where there is no value (NaN: not computed or
+                non-finite). ``-1`` lets loss-landscape's ``plot_surface.py`` compute those
+                points; NaN leaves them out of its plots.
+
+        Raises:
+            FileExistsError: If ``path`` exists and ``overwrite`` is false.
+        """
+        h5io.write_grid(path, self.x, self.y, _fields(self), spec=self.spec,
+                        directions=self.directions, extra=self.extra, overwrite=overwrite,
+                        missing=missing)
 
     @classmethod
     def load(cls, path: str | Path) -> Surface:
-        """Read a file written by :meth:`save` (or a loss-landscape 2D file)."""
-        import h5py
+        """Read a file written by :meth:`save` or by loss-landscape.
 
-        with h5py.File(path, "r") as f:
-            if "ycoordinates" not in f:
-                raise ValueError(f"{path} holds a 1D curve; use lw.Curve.load.")
-            spec, directions = _read_common(f)
-            x = np.asarray(f["xcoordinates"])
-            y = np.asarray(f["ycoordinates"])
-            loss = np.asarray(f["train_loss"], dtype=np.float64) if "train_loss" in f else None
-            acc = _acc_from_file(f)
-        shape = (y.size, x.size)
-        loss = None if loss is None else loss.reshape(shape)
-        acc = None if acc is None else acc.reshape(shape)
-        return cls(x, y, loss, acc, spec, directions)
+        loss-landscape's ``(len(x), len(y))`` arrays are read in the order its
+        ``plot_surface.py`` filled them; its -1 ("not computed") entries become NaN, and
+        such a surface can be finished with ``compute_surface(..., reuse=surface)``.
+        """
+        got = h5io.read_grid(path, METRIC_FIELDS)
+        if got["y"] is None:
+            raise ValueError(f"{path} holds a 1D curve; use lw.Curve.load.")
+        return cls(got["x"], got["y"], *(got[k] for k in (
+            "loss", "accuracy", "spec", "directions", "test_loss", "test_accuracy", "extra")))
+
+    def to_vtp(self, path: str | Path, *, metric: str = "loss", log: bool = False,
+               overwrite: bool = False) -> None:
+        """Write a ParaView ``.vtp`` file: the surface as quads with ``metric`` as height.
+
+        Works for any grid (non-square included). See :func:`~landscape_widget.core.vtp.write_vtp`.
+
+        Raises:
+            FileExistsError: If ``path`` exists and ``overwrite`` is false.
+        """
+        from .vtp import write_vtp
+
+        write_vtp(path, self.x, self.y, self.values(metric), name=metric, log=log,
+                  overwrite=overwrite)
 
     def to_plotly(
         self,

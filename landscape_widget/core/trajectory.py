@@ -36,6 +36,8 @@ class PCADirections(list):
         super().__init__(dirs)
         self.evr = np.asarray(evr, dtype=np.float64)
         self.path = np.asarray(path, dtype=np.float64)
+        self.singular_values: np.ndarray | None = None  # set by Trajectory.pca_directions
+        self.n_checkpoints: int | None = None
         self.axis_labels = [
             f"{ORDINALS[i] if i < 3 else f'{i + 1}th'} PC: {100 * r:.1f} %"
             for i, r in enumerate(self.evr)
@@ -218,6 +220,7 @@ class Trajectory:
                 comps[i] = -comps[i]
         path = (m @ comps.T).numpy()
         dirs = PCADirections([self.unflatten(c) for c in comps], evr, path)
+        dirs.singular_values, dirs.n_checkpoints = s[:k].numpy(), m.shape[0]
         return dirs, evr
 
     def project(self, dirs, method: str = "cos") -> np.ndarray:
@@ -244,6 +247,47 @@ class Trajectory:
             return (m @ basis.T / basis.norm(dim=1) ** 2).numpy()
         sol = torch.linalg.lstsq(basis.T, m.T).solution
         return sol.T.numpy()
+
+    def save_projection(self, proj_path: str | Path, dir_path: str | Path, dirs, *,
+                        model: nn.Module | None = None, method: str = "cos",
+                        overwrite: bool = False) -> np.ndarray:
+        """Write loss-landscape's projection file and directions file of the path.
+
+        ``proj_path`` gets ``proj_xcoord``/``proj_ycoord`` (:meth:`project`, the last
+        checkpoint at 0); ``dir_path`` the two directions in its ``weights`` layout (in
+        ``model.parameters()`` order: pass the model when the trajectory was read from files
+        without one) with ``explained_variance_ratio_``, ``singular_values_`` and
+        ``explained_variance_`` for PCA directions. Its ``plot_2D.py --proj_file --dir_file``
+        (``plot_trajectory``, and with ``--surf_file`` ``plot_contour_trajectory``, which
+        needs PCA directions) draws them.
+
+        Returns:
+            The ``(n, 2)`` coordinates written.
+
+        Raises:
+            ValueError: If ``dirs`` are not two directions of this trajectory.
+            FileExistsError: If either file exists and ``overwrite`` is false.
+        """
+        from .dirfile import save_directions, write_directions, write_projection
+        from .h5io import check_target
+
+        if len(dirs) != 2:
+            raise ValueError(f"a projection file needs two directions, got {len(dirs)}.")
+        coords = self.project(dirs, method)
+        check_target(proj_path, overwrite)
+        check_target(dir_path, overwrite)
+        pca = {"explained_variance_ratio": getattr(dirs, "evr", None),
+               "singular_values": getattr(dirs, "singular_values", None),
+               "n_samples": getattr(dirs, "n_checkpoints", None)}
+        if model is not None:
+            save_directions(dir_path, list(dirs), model, dir_type="weights",
+                            overwrite=overwrite, **pca)
+        else:
+            order = [(n, torch.empty(s)) for n, s in zip(self.names, self.shapes, strict=True)]
+            write_directions(dir_path, [{n: d[n] for n in self.names} for d in dirs], order,
+                             "weights", overwrite=overwrite, **pca)
+        write_projection(proj_path, coords, overwrite=overwrite)
+        return coords
 
 
 def _parameters(model) -> dict[str, Tensor]:

@@ -284,7 +284,8 @@ class PatternFit:
         """Save weights, mask, config, history and optimizer state (``torch.save``).
 
         The architecture is stored as a pickle blob beside the tensors, so
-        :meth:`load` can rebuild cells without ``model_fn`` when its classes are importable.
+        :meth:`load` with ``trusted=True`` can rebuild cells without ``model_fn`` when its
+        classes are importable.
         """
         try:
             arch = pickle.dumps(self.layout.template)
@@ -305,20 +306,35 @@ class PatternFit:
 
     @classmethod
     def load(cls, path: str | Path, model_fn: Callable[[], nn.Module] | None = None,
-             device=None) -> PatternFit:
+             device=None, *, trusted: bool = False) -> PatternFit:
         """Load a fit saved by :meth:`save`.
+
+        Loading runs no code from the file: tensors are read with ``weights_only=True`` and
+        the pickled architecture is only unpickled with ``trusted=True``.
 
         Args:
             path: The file.
-            model_fn: Builds the architecture. Without it the pickled architecture in the
-                file is used; only load files you trust (as with ``torch.load``).
+            model_fn: Builds the architecture (the function given to :func:`fit_pattern`).
             device: Where to put the weights (default CPU).
+            trusted: Without ``model_fn``, rebuild the architecture from the pickle in the
+                file. Unpickling runs whatever code the file names: only for files you
+                wrote yourself.
+
+        Raises:
+            ValueError: Without ``model_fn`` and ``trusted``, or if the file does not fit.
         """
         blob = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(blob, dict) or blob.get("format") != FORMAT:
             raise ValueError(f"{path} is not a file written by PatternFit.save.")
+        if not isinstance(trusted, bool):
+            raise TypeError(f"trusted must be True or False, got {trusted!r}.")
         if model_fn is not None:
             template = model_fn() if not isinstance(model_fn, nn.Module) else model_fn
+        elif not trusted:
+            raise ValueError(
+                f"pass model_fn=, the function that builds the network, to load {path}. "
+                "The file's pickled architecture is not unpickled by default, since unpickling "
+                "runs code named in the file; trusted=True does it for files you wrote.")
         elif blob["architecture"] is not None:
             template = pickle.loads(blob["architecture"])
         else:

@@ -1,0 +1,221 @@
+"""Directions and projection files in tomgoldstein/loss-landscape's layout.
+
+A directions file holds groups ``xdirection`` (and ``ydirection`` for a plane) of datasets
+``'0'`` ... ``'n-1'``: one per tensor of ``model.parameters()`` (its ``weights`` type) or of
+``model.state_dict()`` (its ``states`` type, buffers included), in that order, as its
+``net_plotter.load_directions`` reads them. PCA directions add ``explained_variance_ratio_``
+(and ``explained_variance_``, ``singular_values_``), which ``plot_2D.py`` puts on the axes.
+A projection file holds ``proj_xcoord`` and ``proj_ycoord``, one entry per checkpoint.
+
+We also write each dataset's name as an attribute, so our own files are read back by name;
+files without names are read by position and checked tensor by tensor against the model.
+``num_batches_tracked`` (an integer step count, no direction of the loss) is written as 0 and
+dropped when read.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .h5io import OURS, atomic_h5
+from .params import Params, check_direction, check_module
+
+GROUPS = ("xdirection", "ydirection")
+DIR_TYPES = ("weights", "states")
+
+
+def _as_list(directions) -> list[Params]:
+    if isinstance(directions, dict):
+        directions = [directions]
+    if not isinstance(directions, (list, tuple)) or not 1 <= len(directions) <= 2:
+        raise TypeError("directions must be a direction dict or a list of one or two of them "
+                        f"(x and y); got {type(directions).__name__}.")
+    return list(directions)
+
+
+def _order(model: nn.Module, dir_type: str) -> list[tuple[str, torch.Tensor]]:
+    if dir_type == "weights":
+        return [(n, p.detach()) for n, p in model.named_parameters()]
+    return [(n, v.detach()) for n, v in model.state_dict().items()]
+
+
+def save_directions(path: str | Path, directions, model: nn.Module, *,
+                    dir_type: str | None = None, overwrite: bool = False,
+                    explained_variance_ratio=None, singular_values=None,
+                    n_samples: int | None = None) -> str:
+    """Write directions as loss-landscape's directions file (``net_plotter.load_directions``).
+
+    Args:
+        path: The file.
+        directions: ``d`` or ``[d1]`` (a line) or ``[d1, d2]`` (a plane), direction dicts as
+            made by :func:`~landscape_widget.random_direction`.
+        model: The model the directions belong to (its tensor order is the file's order).
+        dir_type: ``"weights"`` (one dataset per ``model.parameters()`` entry) or
+            ``"states"`` (one per ``state_dict()`` entry; buffers the directions do not
+            move are 0). Default: ``"states"`` if a direction moves buffers, else
+            ``"weights"``.
+        overwrite: Replace an existing file (default False).
+        explained_variance_ratio: PCA ratios to store (``explained_variance_ratio_``).
+        singular_values: PCA singular values (``singular_values_``; with ``n_samples``
+            checkpoints also ``explained_variance_ = s**2 / (n_samples - 1)``).
+        n_samples: Number of rows the PCA was fitted on.
+
+    Returns:
+        The ``dir_type`` written.
+
+    Raises:
+        ValueError: If a direction does not fit the model, or moves buffers with
+            ``dir_type="weights"``.
+        FileExistsError: If ``path`` exists and ``overwrite`` is false.
+    """
+    check_module(model)
+    dirs = _as_list(directions)
+    for i, d in enumerate(dirs):
+        check_direction(model, d, name=f"directions[{i}]")
+    params = dict(model.named_parameters())
+    moves_buffers = any(k not in params for d in dirs for k in d)
+    dir_type = dir_type or ("states" if moves_buffers else "weights")
+    if dir_type not in DIR_TYPES:
+        raise ValueError(f"dir_type must be 'weights' or 'states', got {dir_type!r}.")
+    if dir_type == "weights" and moves_buffers:
+        raise ValueError("these directions move BatchNorm buffers, which the 'weights' type "
+                         "cannot hold; use dir_type='states'.")
+    write_directions(path, dirs, _order(model, dir_type), dir_type, overwrite=overwrite,
+                     explained_variance_ratio=explained_variance_ratio,
+                     singular_values=singular_values, n_samples=n_samples)
+    return dir_type
+
+
+def write_directions(path, dirs: list[Params], order: list[tuple[str, torch.Tensor]],
+                     dir_type: str, *, overwrite: bool, explained_variance_ratio=None,
+                     singular_values=None, n_samples: int | None = None) -> None:
+    """Write ``dirs`` with one dataset per ``(name, reference tensor)`` of ``order``.
+
+    Entries a direction lacks are written as zeros of the reference's shape (float32 for
+    integer references such as ``num_batches_tracked``).
+    """
+    with atomic_h5(path, overwrite) as f:
+        f.attrs[OURS + "dir_type"] = dir_type
+        for group, d in zip(GROUPS, dirs, strict=False):
+            g = f.create_group(group)
+            for i, (name, ref) in enumerate(order):
+                v = d.get(name)
+                if v is None:  # a buffer this direction does not move, or an integer one
+                    v = torch.zeros(ref.shape, dtype=ref.dtype if ref.is_floating_point()
+                                    else torch.float32)
+                ds = g.create_dataset(str(i), data=v.detach().cpu().numpy())
+                ds.attrs[OURS + "name"] = name
+            g.attrs[OURS + "keys"] = [k for k, _ in order if k in d]
+        if explained_variance_ratio is not None:
+            f["explained_variance_ratio_"] = np.asarray(explained_variance_ratio, np.float64)
+        if singular_values is not None:
+            s = np.asarray(singular_values, np.float64)
+            f["singular_values_"] = s
+            if n_samples is not None and n_samples > 1:
+                f["explained_variance_"] = s ** 2 / (n_samples - 1)
+
+
+def _by_position(values: list[np.ndarray], model: nn.Module, path) -> tuple[list[str], str]:
+    for dir_type in DIR_TYPES:
+        order = _order(model, dir_type)
+        if len(order) == len(values) and all(
+            tuple(v.shape) == tuple(ref.shape) for v, (_, ref) in zip(values, order, strict=True)
+        ):
+            return [n for n, _ in order], dir_type
+    n_w, n_s = len(_order(model, "weights")), len(_order(model, "states"))
+    raise ValueError(
+        f"{path} holds {len(values)} tensors that fit neither this model's parameters() "
+        f"({n_w} tensors) nor its state_dict() ({n_s}) in order and shape: it was written "
+        "for another model (or a differently built one).")
+
+
+def load_directions(path: str | Path, model: nn.Module) -> list[Params]:
+    """Read a directions file (ours or loss-landscape's) as direction dicts for ``model``.
+
+    Our files are mapped by the stored names; loss-landscape's by position, as its
+    ``weights`` type (``model.parameters()`` order) or ``states`` type (``state_dict()``
+    order), whichever matches every shape. Buffers: floating-point ones (BatchNorm running
+    statistics) are kept when non-zero; ``num_batches_tracked`` is dropped.
+
+    Args:
+        path: The file.
+        model: The model the directions are for (not modified).
+
+    Returns:
+        ``[d]`` or ``[d1, d2]``: CPU tensors in the dtype of the model's tensors.
+
+    Raises:
+        FileNotFoundError: If there is no such file.
+        ValueError: If the file holds no ``xdirection`` or does not fit the model.
+    """
+    import h5py
+
+    check_module(model)
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such file: {path}")
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    params = dict(model.named_parameters())
+    float_buffers = {k for k, v in model.named_buffers() if v.is_floating_point()}
+    out = []
+    with h5py.File(path, "r") as f:
+        if "xdirection" not in f:
+            raise ValueError(f"{path} has no 'xdirection' group: it is not a directions file.")
+        for group in GROUPS:
+            if group not in f:
+                break
+            g = f[group]
+            values = [np.asarray(g[str(i)][()]) for i in range(len(g))]
+            names = [g[str(i)].attrs.get(OURS + "name") for i in range(len(g))]
+            if all(isinstance(n, str) for n in names):
+                keys = list(g.attrs.get(OURS + "keys", names))
+                unknown = [n for n in names if n not in state]
+                if unknown:
+                    raise ValueError(f"{path}: tensors {unknown[:3]} are not in this model.")
+            else:
+                names, _ = _by_position(values, model, path)
+                keys = [n for n, v in zip(names, values, strict=True)
+                        if n in params or (n in float_buffers and np.any(v != 0))]
+            d = {}
+            for name, v in zip(names, values, strict=True):
+                if name not in keys:
+                    continue
+                ref = state[name]
+                if tuple(v.shape) != tuple(ref.shape):
+                    raise ValueError(f"{path}: {group}/{name} has shape {tuple(v.shape)}, the "
+                                     f"model's tensor {tuple(ref.shape)}.")
+                if ref.is_floating_point():  # num_batches_tracked and other integers: no
+                    d[name] = torch.from_numpy(np.array(v)).to("cpu", ref.dtype)
+            missing = [n for n in params if n not in d]
+            if missing:
+                raise ValueError(f"{path}: {group} lacks parameters {missing[:3]}.")
+            out.append(d)
+    return out
+
+
+def write_projection(path: str | Path, coords: np.ndarray, *, overwrite: bool = False) -> None:
+    """Write ``coords`` ``(n, 2)`` as loss-landscape's projection file.
+
+    Raises:
+        ValueError: If ``coords`` is not ``(n, 2)``.
+        FileExistsError: If ``path`` exists and ``overwrite`` is false.
+    """
+    xy = np.asarray(coords, dtype=np.float64)
+    if xy.ndim != 2 or xy.shape[1] != 2:
+        raise ValueError(f"coords must be (n, 2), got shape {xy.shape}.")
+    with atomic_h5(path, overwrite) as f:
+        f["proj_xcoord"] = xy[:, 0]
+        f["proj_ycoord"] = xy[:, 1]
+
+
+def read_projection(path: str | Path) -> np.ndarray:
+    """The ``(n, 2)`` coordinates of a projection file (``proj_xcoord``, ``proj_ycoord``)."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        return np.stack([np.asarray(f["proj_xcoord"][()], np.float64),
+                         np.asarray(f["proj_ycoord"][()], np.float64)], axis=1)

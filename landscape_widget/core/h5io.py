@@ -1,0 +1,241 @@
+"""Grid files (surfaces, curves, curvature maps) in tomgoldstein/loss-landscape's HDF5 layout.
+
+What its scripts read (``plot_surface.py``, ``plot_2D.py``, ``plot_1D.py``, ``h52vtp.py``,
+``plot_hessian_eigen.py``): ``xcoordinates`` (and ``ycoordinates``), float64; the value
+arrays ``train_loss``, ``train_acc`` (percent), ``test_loss``, ``test_acc``, ``min_eig``,
+``max_eig``; and ``dir_file``, the name of the directions file. ``plot_surface.py`` creates
+the arrays with shape ``(len(x), len(y))`` but fills them through
+``meshgrid(x, y).ravel()``, so their *memory* order is ``rows = y`` whatever the declared
+shape: the value at ``(x[i], y[j])`` is flat element ``j * len(x) + i``. We read any shape
+with that flat order and write ``(len(y), len(x))``, the shape whose rows are really y (the
+one ``plot_2D.py``'s ``contour(meshgrid(x, y), Z)`` accepts on a non-square grid).
+
+loss-landscape pre-fills unfinished results with -1 (``min_eig`` with +1): in its files
+those values read as NaN, "not computed". Our own files write NaN (or ``missing=``, e.g. -1
+so that ``plot_surface.py`` computes those points) and say so in an attribute. Everything
+in a file that we do not interpret is read into ``extra`` and written back, so a
+load-and-save keeps it. Saving never replaces an existing file unless ``overwrite=True``,
+and replaces it atomically (a new file is written beside it, then renamed over it).
+Nothing here unpickles: HDF5 datasets and JSON attributes only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FORMAT_VERSION = 1
+OURS = "landscape_widget/"  # prefix of our attributes
+DIRECTIONS_GROUP = "landscape_widget_directions"
+NOT_COMPUTED = -1.0  # loss-landscape's pre-fill of train/test loss and accuracy
+# Our field name -> loss-landscape dataset; accuracy is stored in percent as there.
+KEYS = {"loss": "train_loss", "accuracy": "train_acc", "test_loss": "test_loss",
+        "test_accuracy": "test_acc", "lambda_min": "min_eig", "lambda_max": "max_eig"}
+PERCENT = ("accuracy", "test_accuracy")
+COORDS = ("xcoordinates", "ycoordinates")
+
+
+def check_target(path: str | Path, overwrite: bool) -> Path:
+    """``path`` as a ``Path``, refusing an existing file unless ``overwrite``.
+
+    Raises:
+        FileExistsError: If the file exists and ``overwrite`` is false.
+        TypeError: If ``overwrite`` is not a bool.
+    """
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"overwrite must be True or False, got {overwrite!r}.")
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it (what the file "
+                              "holds that this object does not know is kept if it was loaded "
+                              "from it), or choose another path.")
+    return path
+
+
+class atomic_h5:
+    """``with atomic_h5(path, overwrite) as f:`` writes a new HDF5 file in place of ``path``.
+
+    The file is written beside ``path`` and renamed over it only once complete, so a failed
+    write leaves the old file as it was.
+    """
+
+    def __init__(self, path: str | Path, overwrite: bool):
+        self.path = check_target(path, overwrite)
+        self.tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:8]}.tmp")
+
+    def __enter__(self):
+        import h5py
+
+        self.file = h5py.File(self.tmp, "w")
+        return self.file
+
+    def __exit__(self, kind, value, tb):
+        self.file.close()
+        if kind is None:
+            os.replace(self.tmp, self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)
+        return False
+
+
+def _read_node(node) -> dict:
+    """An HDF5 group (or a dict of its members) as ``{name: (value, attrs)}``.
+
+    Values are arrays, scalars or bytes, and sub-dicts for groups.
+    """
+    import h5py
+
+    out = {}
+    for name, obj in node.items():
+        attrs = dict(obj.attrs)
+        if isinstance(obj, h5py.Group):
+            value = _read_node(obj)
+        elif h5py.check_string_dtype(obj.dtype) and obj.shape == ():
+            value = obj.asstr()[()]  # str, written back as the same variable-length string
+        else:
+            value = obj[()]
+        out[name] = (value, attrs)
+    return out
+
+
+def _write_node(group, items: dict) -> None:
+    for name, (value, attrs) in items.items():
+        if name in group:
+            continue  # we wrote it anew
+        if isinstance(value, dict):
+            obj = group.create_group(name)
+            _write_node(obj, value)
+        else:
+            obj = group.create_dataset(name, data=value)
+        obj.attrs.update(attrs)
+
+
+def write_grid(path: str | Path, x: np.ndarray, y: np.ndarray | None, arrays: dict, *,
+               spec: dict, directions, extra: dict, overwrite: bool,
+               missing: float = float("nan")) -> None:
+    """Write a grid file (see the module docstring).
+
+    Args:
+        path: The file.
+        x: The x coordinates.
+        y: The y coordinates (None for a curve).
+        arrays: ``{field: array or None}`` with fields from :data:`KEYS`; ``(ny, nx)`` or ``(nx,)``.
+        spec: Our metadata (JSON).
+        directions: Direction dicts to keep in the file, or None.
+        extra: What :func:`read_grid` found and did not interpret: written back as it was.
+        overwrite: Replace an existing file.
+        missing: Value written where an array is NaN (loss-landscape's scripts treat -1 as
+            "not computed"; NaN is left out of its plots).
+
+    Raises:
+        FileExistsError: If ``path`` exists and ``overwrite`` is false.
+        ValueError: If an array's shape does not match the coordinates.
+    """
+    shape = (np.asarray(x).size,) if y is None else (np.asarray(y).size, np.asarray(x).size)
+    if not isinstance(missing, (int, float)) or isinstance(missing, bool):
+        raise TypeError(f"missing must be a number (NaN or -1), got {missing!r}.")
+    with atomic_h5(path, overwrite) as f:
+        f["xcoordinates"] = np.asarray(x, dtype=np.float64)
+        if y is not None:
+            f["ycoordinates"] = np.asarray(y, dtype=np.float64)
+        for name, arr in arrays.items():
+            if arr is None:
+                continue
+            arr = np.array(arr, dtype=np.float64)
+            if arr.shape != shape:
+                raise ValueError(f"{name} has shape {arr.shape}, the grid is {shape}.")
+            if name in PERCENT:
+                arr = arr * 100.0
+            arr[np.isnan(arr)] = missing
+            f[KEYS[name]] = arr
+            f[KEYS[name]].attrs[OURS + "missing"] = missing
+        if "loss" in arrays and arrays.get("accuracy") is None and "train_acc" not in extra:
+            # plot_1D.py (and plot_surface.py resuming a file) read train_acc with train_loss:
+            # a loss-only grid gets one that says "not computed" everywhere.
+            f["train_acc"] = np.full(shape, missing)
+            f["train_acc"].attrs[OURS + "not_computed"] = True
+        f.attrs[OURS + "format"] = FORMAT_VERSION
+        f.attrs[OURS + "spec"] = json.dumps(spec, default=str)
+        f.attrs[OURS + "acc_units"] = "percent"
+        if directions:
+            g = f.create_group(DIRECTIONS_GROUP)
+            for i, d in enumerate(directions):
+                gi = g.create_group(str(i))
+                for k, v in d.items():
+                    gi.create_dataset(k, data=v.detach().cpu().numpy())
+        _write_node(f, extra.get("datasets", {}))
+        for k, v in extra.get("attrs", {}).items():
+            if k not in f.attrs:
+                f.attrs[k] = v
+
+
+def read_grid(path: str | Path, fields: tuple[str, ...]) -> dict:
+    """Read a grid file written by :func:`write_grid` or by loss-landscape.
+
+    Returns:
+        ``{"x", "y" (None for a curve), field: array or None for each of fields, "spec",
+        "directions", "extra"}``; arrays are float64, ``(ny, nx)`` or ``(nx,)``, NaN where
+        not computed, accuracy as a fraction.
+
+    Raises:
+        FileNotFoundError: If there is no such file.
+        ValueError: If the file has no ``xcoordinates`` or an array of the wrong size.
+    """
+    import h5py
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such file: {path}")
+    with h5py.File(path, "r") as f:
+        if "xcoordinates" not in f:
+            raise ValueError(f"{path} has no 'xcoordinates': it is not a loss-landscape or "
+                             "landscape_widget grid file.")
+        ours = OURS + "format" in f.attrs
+        x = np.asarray(f["xcoordinates"][()], dtype=np.float64).reshape(-1)
+        y = (np.asarray(f["ycoordinates"][()], dtype=np.float64).reshape(-1)
+             if "ycoordinates" in f else None)
+        shape = (x.size,) if y is None else (y.size, x.size)
+        out = {"x": x, "y": y}
+        for name in fields:
+            key = KEYS[name]
+            ds = f.get(key)
+            if ds is None or ds.attrs.get(OURS + "not_computed", False):
+                out[name] = None
+                continue
+            arr = np.asarray(ds[()], dtype=np.float64)
+            if arr.size != int(np.prod(shape)):
+                raise ValueError(f"{path}: '{key}' has {arr.size} values for a grid of "
+                                 f"{' x '.join(map(str, shape[::-1]))} points.")
+            arr = arr.reshape(shape)  # flat order is rows = y in both tools' files
+            fill = ds.attrs.get(OURS + "missing") if ours else (
+                None if key in ("min_eig", "max_eig") else NOT_COMPUTED)
+            if fill is not None and not np.isnan(fill):
+                arr[arr == fill] = np.nan
+            out[name] = arr / 100.0 if name in PERCENT else arr
+        if not ours and out.get("lambda_min") is not None and out.get("lambda_max") is not None:
+            # plot_hessian_eigen.py pre-fills min_eig with +1 and max_eig with -1: a point
+            # is unfinished where both still hold them.
+            pending = (out["lambda_min"] == 1.0) & (out["lambda_max"] == -1.0)
+            out["lambda_min"][pending] = out["lambda_max"][pending] = np.nan
+        spec = json.loads(f.attrs[OURS + "spec"]) if ours else {
+            "source": "loss-landscape", "file": str(path)}
+        directions = None
+        if DIRECTIONS_GROUP in f:
+            g = f[DIRECTIONS_GROUP]
+            directions = [{k: torch.from_numpy(np.asarray(g[str(i)][k])) for k in g[str(i)]}
+                          for i in range(len(g))]
+        known = set(COORDS) | {KEYS[n] for n in fields} | {DIRECTIONS_GROUP}
+        if "accuracy" in fields and "train_acc" in f and f["train_acc"].attrs.get(
+                OURS + "not_computed"):  # our "not computed" stand-in: written anew by save
+            known.add("train_acc")
+        extra = {
+            "datasets": _read_node({k: v for k, v in f.items() if k not in known}),
+            "attrs": {k: v for k, v in f.attrs.items() if not k.startswith(OURS)},
+        }
+    out.update(spec=spec, directions=directions, extra=extra)
+    return out
