@@ -207,8 +207,9 @@ def test_skip_study_tiny():
 
     x, y = lw.datasets.digits_images("train")
     data = (x[:64], y[:64])
-    state = torch.random.get_rng_state()
+    state, threads = torch.random.get_rng_state(), torch.get_num_threads()
     runs = skip_study(data, depths=(8,), widths=(1,), base=2, epochs=1, points=5, seed=3)
+    assert torch.get_num_threads() == threads  # the study's 1 thread is restored
     assert [r.name for r in runs] == ["ResNet-8", "ResNet-8-noshort"]
     for r in runs:
         assert r.surface.loss.shape == (5, 5)
