@@ -2,13 +2,21 @@
 
 The Hessian is that of the mean loss over *all* data (batches weighted by their size), with
 respect to the parameters of dimension > 1 by default (``ignore="biasbn"``, as loss-landscape's
-``hess_vec_prod``), or of all parameters (``ignore=None``). Products are forward-over-reverse
-(``torch.func.jvp`` of ``torch.func.grad``) through ``functional_call`` on an evaluation copy
-of the model: the model is never edited, and BatchNorm uses its running statistics
-(``bn="eval"``) unless ``bn="batch"``.
+``hess_vec_prod``), or of all parameters (``ignore=None``). Products run through
+``functional_call`` on an evaluation copy of the model with its own copies of the buffers:
+the model is never edited, BatchNorm uses its running statistics (``bn="eval"``) unless
+``bn="batch"``, and quantisation observers are frozen.
 
-- :func:`hessian_eigenpairs`: Lanczos (ARPACK via ``scipy.sparse.linalg.eigsh``).
-- :func:`hessian_trace`: Hutchinson's estimator with Rademacher vectors and its standard error.
+How a product is taken (:class:`HessianOperator`, ``method``): with all data in one batch the
+gradient's graph is built once and every product is one double backward through it (the
+cost of a plain ``autograd.grad`` Hessian-vector product); over several batches,
+forward-over-reverse ``torch.func.jvp`` of ``torch.func.grad``, batch by batch. Layers that
+``torch.func`` cannot transform (``nn.LSTM`` on CPU, fused fake-quantisation of QAT modules)
+fall back to double backward batch by batch; ``op.method`` and ``op.fallback`` say what ran.
+
+- :func:`hessian_eigenpairs`: Lanczos with full reorthogonalisation (:mod:`.lanczos`),
+  restarted by ARPACK if its basis would outgrow memory.
+- :func:`hessian_trace`: Hutchinson's estimator, one product per Rademacher vector.
 - :func:`hessian_density`: stochastic Lanczos quadrature (Ghorbani et al. 2019, as PyHessian).
 """
 
@@ -26,9 +34,11 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp
 
 from .data import as_tensors
+from .lanczos import extreme_pairs, lanczos, max_steps
 from .params import Params, buffers_of, check_module, evaluation_copy, model_device, parameters_of
 
 _WARMED = False
+METHODS = ("auto", "graph", "jvp", "backward")
 
 
 def _warm_forward_ad() -> None:
@@ -59,19 +69,27 @@ class HessianOperator:
         loss_fn: ``loss_fn(outputs, targets)``, a batch mean; cross-entropy by default.
         ignore: ``"biasbn"`` (default): only parameters of dimension > 1; ``None``: all.
         bn: ``"eval"`` (running statistics) or ``"batch"``.
-        batch_size: Samples per HVP pass (default: all, at most 2048).
+        batch_size: Samples per pass (default: all, at most 2048).
         point: Parameter values to take the Hessian at, instead of the model's own
             (a dict with some or all parameter names).
         device: Where to compute (default: the model's device).
         cancel: A ``threading.Event`` checked before every product.
         on_product: Called with the number of products so far after each one (progress).
-        method: How products are taken. ``"graph"``: when all data fits in one batch, the
-            gradient's graph is built once and every product is one double backward
-            through it (fastest on CPU: 2-4x fewer milliseconds per product than ``jvp``
-            in benchmarks/hessian.py); ``"jvp"``: forward-over-reverse
-            (``torch.func.jvp`` of ``torch.func.grad``), batch by batch, keeping no graph
-            between products; ``"auto"`` (default): ``"graph"`` for one batch, else
-            ``"jvp"``.
+        method: ``"graph"``: all data in one batch; the gradient's graph is built once
+            and every product is one double backward through it. ``"jvp"``:
+            forward-over-reverse, batch by batch, keeping nothing between products.
+            ``"backward"``: double backward batch by batch, keeping nothing (works where
+            ``torch.func`` cannot transform a layer). ``"auto"`` (default): ``"graph"`` for
+            one batch, else ``"jvp"``; either falls back to the other kind (``"jvp"``,
+            resp. ``"backward"``) if its first product fails, and ``fallback`` says why.
+
+    Attributes:
+        method: The method products use (after a fallback, the one that worked).
+        fallback: Why the first choice was dropped, or ``None``.
+        products: Products taken so far.
+
+    Raises:
+        ValueError: For bad options (each message names the fix).
     """
 
     def __init__(self, model: nn.Module, data, *, loss_fn: Callable | None = None,
@@ -85,6 +103,8 @@ class HessianOperator:
             raise ValueError("ignore must be 'biasbn' (parameters of dim > 1) or None (all).")
         if bn not in ("eval", "batch"):
             raise ValueError("bn must be 'eval' or 'batch'.")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
         self.device = torch.device(device) if device is not None else model_device(model)
         self.module = evaluation_copy(model)
         if self.module is model:
@@ -97,23 +117,25 @@ class HessianOperator:
                     m.train()
                     m.track_running_stats = False
         params = parameters_of(model)
-        if point is not None:
-            unknown = sorted(set(point) - set(params))
-            if unknown:
-                raise ValueError(f"point has unknown parameter names {unknown[:3]}.")
-            params = {**params, **{k: v.detach() for k, v in point.items()}}
-        params = {k: v.to(self.device) for k, v in params.items()}
         self._all_shapes = {k: tuple(v.shape) for k, v in params.items()}
         self.keys = [k for k, v in params.items() if ignore is None or v.dim() > 1]
         if not self.keys:
             raise ValueError("the model has no parameters of dimension > 1; pass ignore=None.")
-        self.params = {k: params[k] for k in self.keys}
-        self.fixed = {k: v for k, v in params.items() if k not in self.params}
-        self.fixed.update({k: v.to(self.device) for k, v in buffers_of(model).items()})
-        self.shapes = [tuple(self.params[k].shape) for k in self.keys]
-        self.numels = [self.params[k].numel() for k in self.keys]
+        self._base = params
+        self.shapes = [tuple(params[k].shape) for k in self.keys]
+        self.numels = [params[k].numel() for k in self.keys]
         self.size = int(sum(self.numels))
-        self.dtype = next(iter(self.params.values())).dtype
+        self.dtype = params[self.keys[0]].dtype
+        # Own copies of the buffers: a layer that writes into its buffers in a forward pass
+        # (a quantisation observer) cannot reach the model's; observers are frozen so the
+        # function, and with it the Hessian, stays fixed.
+        self._buffers = {}
+        for k, b in buffers_of(model).items():
+            b = b.to(self.device).clone()
+            if k.endswith("observer_enabled"):
+                b.zero_()
+            self._buffers[k] = b
+        self.set_point(point)
         x, y = as_tensors(data)
         if x.shape[0] == 0:
             raise ValueError("data is empty.")
@@ -126,22 +148,45 @@ class HessianOperator:
             raise ValueError(f"batch_size must be an int >= 1 or None (all data, at most "
                              f"2048), got {batch_size!r}.")
         self.batch = int(batch_size or min(self.n, 2048))
-        if method not in ("auto", "graph", "jvp"):
-            raise ValueError("method must be 'auto', 'graph' or 'jvp'.")
         if method == "graph" and self.batch < self.n:
             raise ValueError("method='graph' needs all data in one batch; raise batch_size "
-                             "or use method='jvp'.")
-        self.method = ("graph" if self.batch >= self.n else "jvp") if method == "auto" else method
-        self._graph: tuple | None = None
+                             "or use method='jvp' or 'backward'.")
+        if method == "auto":
+            self._plan = ["graph", "jvp"] if self.batch >= self.n else ["jvp", "backward"]
+        else:
+            self._plan = [method]
+        self.method = self._plan[0]
+        self.fallback: str | None = None
         self.loss_fn = loss_fn if loss_fn is not None else F.cross_entropy
         self.cancel = cancel
         self.on_product = on_product
         self.products = 0
 
+    def set_point(self, point: Params | None) -> None:
+        """Take the Hessian at ``point`` (parameter values by name; ``None``: the model's).
+
+        The operator's set-up (copies, data, method) is kept; only the gradient's graph is
+        rebuilt at the next product.
+
+        Raises:
+            ValueError: If ``point`` names unknown parameters.
+        """
+        params = self._base
+        if point is not None:
+            unknown = sorted(set(point) - set(params))
+            if unknown:
+                raise ValueError(f"point has unknown parameter names {unknown[:3]}.")
+            params = {**params, **{k: v.detach() for k, v in point.items()}}
+        params = {k: v.to(self.device) for k, v in params.items()}
+        self.params = {k: params[k] for k in self.keys}
+        self.fixed = {k: v for k, v in params.items() if k not in self.params}
+        self.fixed.update(self._buffers)
+        self._graph: tuple | None = None
+
     def unflatten(self, flat: Tensor) -> Params:
-        """Direction dict over the Hessian's parameters from a flat vector."""
+        """Direction dict over the Hessian's parameters from a flat vector (views)."""
         parts = torch.split(flat, self.numels)
-        return {k: p.reshape(s) for k, p, s in zip(self.keys, parts, self.shapes, strict=True)}
+        return {k: p.view(s) for k, p, s in zip(self.keys, parts, self.shapes, strict=True)}
 
     def flatten(self, d: Params) -> Tensor:
         """Flat vector of a dict over (at least) the Hessian's parameters."""
@@ -152,20 +197,48 @@ class HessianOperator:
         return self.loss_fn(out, y)
 
     def matvec(self, v: Tensor) -> Tensor:
-        """``H v`` for a flat vector ``v`` (any float dtype; the result has ``v``'s dtype)."""
+        """``H v`` for a flat vector ``v`` (any float dtype; the result has ``v``'s dtype).
+
+        Raises:
+            Cancelled: If the cancel event is set.
+            RuntimeError: If no method can differentiate the model twice (says what to do).
+        """
         if self.cancel is not None and self.cancel.is_set():
             raise Cancelled("cancelled")
-        tangent = self.unflatten(v.to(self.device, self.dtype))
-        if self.method == "graph":
-            out = self._graph_product(tangent)
-        else:
-            out = self._jvp_product(tangent)
+        tangent = [p.contiguous() for p in self.unflatten(v.to(self.device, self.dtype))
+                   .values()]
+        while True:
+            try:
+                out = getattr(self, f"_{self.method}_product")(tangent)
+                break
+            except Cancelled:
+                raise
+            except (RuntimeError, NotImplementedError) as err:
+                self._failed(err)
         self.products += 1
         if self.on_product is not None:
             self.on_product(self.products)
         return out.to(v.dtype)
 
-    def _graph_product(self, tangent: Params) -> Tensor:
+    def _failed(self, err: Exception) -> None:
+        """Switch to the next method after a first product failed, or explain and raise."""
+        msg = f"{self.method}: {type(err).__name__}: {str(err).splitlines()[0]}"
+        tried = [self.fallback, msg] if self.fallback else [msg]
+        if self.products == 0 and self.method != self._plan[-1]:
+            self.method = self._plan[self._plan.index(self.method) + 1]
+            self.fallback = msg
+            self._graph = None
+            return
+        hint = ("on CUDA a cuDNN RNN has no double backward: run the call inside "
+                "`with torch.backends.cudnn.flags(enabled=False):`" if self.device.type == "cuda"
+                else "replace that layer by a twice-differentiable one")
+        raise RuntimeError(
+            "Hessian-vector products need the loss differentiated twice, and torch could not ("
+            + "; ".join(tried) + f"). Fix: {hint}, or pass method='backward' (double backward "
+            "batch by batch) or method='jvp' (forward-over-reverse) to try the other "
+            "way.") from err
+
+    def _graph_product(self, tangent: list[Tensor]) -> Tensor:
         if self._graph is None:
             # Leaves that require grad, separate from the model's tensors: functional_call
             # uses them, so nothing of the model is touched or recorded.
@@ -173,26 +246,56 @@ class HessianOperator:
                       self.params.items()}
             with torch.enable_grad():
                 loss = self._loss(leaves, self.x, self.y)
-                grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True)
+                grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True,
+                                            allow_unused=True)
             self._graph = (list(leaves.values()), grads)
         leaves, grads = self._graph
         with torch.enable_grad():
-            hv = torch.autograd.grad(grads, leaves, grad_outputs=[tangent[k] for k in self.keys],
-                                     retain_graph=True)
-        return torch.cat([h.reshape(-1) for h in hv]).double()
+            return self._double_backward(grads, leaves, tangent, retain=True)
 
-    def _jvp_product(self, tangent: Params) -> Tensor:
-        out = torch.zeros(self.size, dtype=torch.float64, device=self.device)
-        g = grad(self._loss)
+    def _double_backward(self, grads, leaves, tangent, retain: bool) -> Tensor:
+        # A gradient with no graph (unused, or linear in the parameters) has a zero Hessian
+        # row: it is left out of the second backward.
+        live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        hv = torch.autograd.grad([grads[i] for i in live], leaves,
+                                 grad_outputs=[tangent[i] for i in live],
+                                 retain_graph=retain, allow_unused=True)
+        return torch.cat([h.reshape(-1) if h is not None else leaf.new_zeros(leaf.numel())
+                          for h, leaf in zip(hv, leaves, strict=True)])
+
+    def _batches(self):
         for start in range(0, self.n, self.batch):
             xb, yb = self.x[start:start + self.batch], self.y[start:start + self.batch]
-            _, hv = jvp(lambda p, xb=xb, yb=yb: g(p, xb, yb), (self.params,), (tangent,))
-            out += self.flatten(hv).double() * (xb.shape[0] / self.n)
+            yield xb, yb, xb.shape[0] / self.n
+
+    def _backward_product(self, tangent: list[Tensor]) -> Tensor:
+        out = torch.zeros(self.size, dtype=self.dtype, device=self.device)
+        for xb, yb, weight in self._batches():
+            leaves = [self.params[k].detach().clone().requires_grad_(True) for k in self.keys]
+            with torch.enable_grad():
+                loss = self._loss(dict(zip(self.keys, leaves, strict=True)), xb, yb)
+                grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+                out.add_(self._double_backward(grads, leaves, tangent, retain=False),
+                         alpha=weight)
+        return out
+
+    def _jvp_product(self, tangent: list[Tensor]) -> Tensor:
+        out = torch.zeros(self.size, dtype=self.dtype, device=self.device)
+        g = grad(self._loss)
+        tan = dict(zip(self.keys, tangent, strict=True))
+        for xb, yb, weight in self._batches():
+            _, hv = jvp(lambda p, xb=xb, yb=yb: g(p, xb, yb), (self.params,), (tan,))
+            out.add_(torch.cat([hv[k].reshape(-1) for k in self.keys]), alpha=weight)
         return out
 
     def as_linear_operator(self):
         """A ``scipy.sparse.linalg.LinearOperator`` (float64 numpy vectors)."""
         return scipy_operator(self.matvec, self.size)
+
+    def start_vector(self, seed: int) -> Tensor:
+        """A seeded standard normal vector of the operator's size, dtype and device."""
+        g = torch.Generator().manual_seed(int(seed))
+        return torch.randn(self.size, generator=g, dtype=self.dtype).to(self.device)
 
     def full_direction(self, flat: Tensor) -> Params:
         """A direction dict over *all* parameters (zero outside the Hessian's), on the CPU."""
@@ -211,95 +314,33 @@ def scipy_operator(matvec: Callable[[Tensor], Tensor], size: int):
     return LinearOperator((size, size), matvec=mv, dtype=np.float64)
 
 
-def _start_vector(size: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal(size)
+class Eigenpairs(tuple):
+    """``(values, vectors)`` of :func:`hessian_eigenpairs`, with what was achieved.
 
+    Unpacks as the pair; the attributes say how far the answer is to be trusted.
 
-BASIS_BYTES = 2 << 30
-"""Memory the Lanczos basis may take (float64 vectors); it caps the number of steps."""
-
-
-def lanczos_steps(matvec: Callable[[Tensor], Tensor], v0: Tensor, steps: int):
-    """The Lanczos iteration with full reorthogonalisation (twice, float64).
-
-    Yields ``(alphas, betas, beta, basis)`` after every step: the tridiagonal's diagonal and
-    off-diagonal so far, the norm of the next residual, and the orthonormal basis (rows).
-    A consumer that stops early (converged, or ``beta`` about 0) simply breaks; the basis
-    grows by doubling up to ``steps`` rows.
+    Attributes:
+        values: Eigenvalues (numpy, float64).
+        vectors: Unit eigenvectors as direction dicts.
+        residuals: ``||H v - lambda v||`` of each pair (absolute).
+        products: Hessian-vector products taken.
+        method: How products were taken (``HessianOperator.method``).
+        solver: ``"lanczos"`` or ``"lanczos+arpack"`` (restarted when the basis was full).
+        converged: Whether every residual is within ``tol * max|lambda|``.
     """
-    size = v0.numel()
-    basis = torch.zeros(min(steps, 32), size, dtype=torch.float64)
-    q = v0.double().cpu()
-    basis[0] = q / q.norm()
-    alphas: list[float] = []
-    betas: list[float] = []
-    for m in range(steps):
-        w = matvec(basis[m]).double().cpu()
-        if m:
-            w = w - betas[-1] * basis[m - 1]
-        alphas.append(float(w @ basis[m]))
-        for _ in range(2):
-            w = w - basis[:m + 1].T @ (basis[:m + 1] @ w)
-        beta = float(w.norm())
-        yield alphas, betas, beta, basis[:m + 1]
-        if m + 1 == steps:
-            return
-        betas.append(beta)
-        if m + 1 == basis.shape[0]:
-            grown = torch.zeros(min(steps, 2 * basis.shape[0]), size, dtype=torch.float64)
-            grown[:m + 1] = basis
-            basis = grown
-        basis[m + 1] = w / beta
 
+    def __new__(cls, values, vectors, **info):  # noqa: D102 - the class docstring says it
+        self = super().__new__(cls, (values, vectors))
+        self.__dict__.update(info)
+        return self
 
-def lanczos_extremes(matvec: Callable[[Tensor], Tensor], v0: Tensor, *, k: int = 1,
-                     ends: tuple[str, ...] = ("largest",), tol: float = 1e-4,
-                     max_steps: int | None = None, vectors: bool = True) -> dict | None:
-    """Extreme eigenpairs of a symmetric operator by Lanczos, stopping once converged.
-
-    Full reorthogonalisation (twice, float64) keeps the Ritz values clean. After every
-    step the Ritz pairs of the tridiagonal matrix are checked: a pair is converged when its
-    residual ``||H y - theta y|| = beta_m |s_m|`` is at most ``tol * max|theta|``. One run
-    serves both ends of the spectrum (``ends=("largest", "smallest")``).
-
-    Args:
-        matvec: ``v -> H v`` on flat float64 vectors.
-        v0: Start vector.
-        k: Eigenpairs wanted at each end.
-        ends: ``"largest"`` and/or ``"smallest"`` (algebraic).
-        tol: Relative residual tolerance.
-        max_steps: Cap on steps (products); default from :data:`BASIS_BYTES`.
-        vectors: Also return the Ritz vectors.
-
-    Returns:
-        ``{end: (values, vectors or None)}`` with values ordered outward from the middle
-        reversed (largest first for ``"largest"``, smallest first for ``"smallest"``), or
-        ``None`` if not converged within ``max_steps``.
-    """
-    size = v0.numel()
-    cap = max(2 * k + 2, min(size, BASIS_BYTES // (8 * max(size, 1))))
-    steps = min(cap, max_steps or cap, size)
-    for alphas, betas, beta, basis in lanczos_steps(matvec, v0, steps):
-        t = np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
-        theta, svec = np.linalg.eigh(t)
-        scale = max(abs(theta[0]), abs(theta[-1]), 1e-30)
-        picks = {"largest": np.arange(len(theta) - 1, max(len(theta) - 1 - k, -1), -1),
-                 "smallest": np.arange(0, min(k, len(theta)))}
-        done = len(theta) >= k and all(
-            np.all(beta * np.abs(svec[-1, picks[e]]) <= tol * scale) for e in ends)
-        if done or beta < 1e-12 * scale or len(alphas) == size:
-            out = {}
-            for e in ends:
-                idx = picks[e]
-                vecs = (basis.T @ torch.from_numpy(svec[:, idx])).numpy() if vectors else None
-                out[e] = (theta[idx], vecs)
-            return out
-    return None
+    values = property(lambda self: self[0])
+    vectors = property(lambda self: self[1])
 
 
 def hessian_eigenpairs(model: nn.Module, data, *, k: int = 2, which: str = "largest",
                        tol: float = 1e-4, max_products: int | None = None, seed: int = 0,
-                       progress: bool = False, **options) -> tuple[np.ndarray, list[Params]]:
+                       progress: bool = False, **options) -> Eigenpairs:
     """The ``k`` largest (or smallest) eigenvalues of the Hessian and their eigenvectors.
 
     Args:
@@ -308,26 +349,32 @@ def hessian_eigenpairs(model: nn.Module, data, *, k: int = 2, which: str = "larg
         k: Number of eigenpairs.
         which: ``"largest"`` or ``"smallest"`` (algebraic).
         tol: Relative residual ``||H v - lambda v|| / max|lambda|`` at which a pair is
-            converged (the eigenvalue's error is of order ``tol**2``).
-        max_products: Cap on Hessian-vector products of the first Lanczos run.
+            converged (the eigenvalue's error is of order ``tol**2`` times the ratio of
+            ``max|lambda|`` to the gap to the next eigenvalue).
+        max_products: Cap on Hessian-vector products.
         seed: Seed of the Lanczos start vector (results are deterministic).
         progress: Show a tqdm counter of Hessian-vector products.
         **options: :class:`HessianOperator` options (``loss_fn``, ``ignore``, ``bn``,
-            ``batch_size``, ``point``, ``device``, ``cancel``).
+            ``batch_size``, ``point``, ``device``, ``cancel``, ``on_product``, ``method``).
 
     Returns:
-        ``(values, vectors)``: eigenvalues sorted from largest to smallest (``"largest"``)
-        or smallest to largest (``"smallest"``), and unit-norm eigenvectors as direction
-        dicts over all parameters (zero where excluded), usable as surface directions.
-    """
-    from scipy.sparse.linalg import eigsh
+        :class:`Eigenpairs` ``(values, vectors)``: eigenvalues sorted from largest to
+        smallest (``"largest"``) or smallest to largest (``"smallest"``), and unit-norm
+        eigenvectors as direction dicts over all parameters (zero where excluded), usable as
+        surface directions; ``.residuals``, ``.products``, ``.method``, ``.converged``.
+        A warning is issued if a pair did not converge within ``max_products``.
 
+    Raises:
+        ValueError: For a bad ``k``, ``which`` or operator option.
+    """
     if which not in ("largest", "smallest"):
         raise ValueError("which must be 'largest' or 'smallest'.")
+    if max_products is not None and (isinstance(max_products, bool)
+                                     or not isinstance(max_products, int) or max_products < 1):
+        raise ValueError(f"max_products must be an int >= 1 or None, got {max_products!r}.")
     op = HessianOperator(model, data, **options)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < op.size:
         raise ValueError(f"k must be an int in [1, {op.size - 1}], got {k!r}.")
-    v0 = _start_vector(op.size, seed)
     bar = _bar(progress, None, "Hessian-vector products")
 
     def matvec(v: Tensor) -> Tensor:
@@ -336,44 +383,78 @@ def hessian_eigenpairs(model: nn.Module, data, *, k: int = 2, which: str = "larg
             bar.update(1)
         return out
 
+    cap = max_steps(op.size, op.dtype, k)
+    solver = "lanczos"
     try:
-        # Lanczos with a convergence test first: it stops as soon as the wanted Ritz pairs
-        # are accurate (a handful of products for the top eigenvalue); ARPACK (restarted
-        # Lanczos, at least ncv products) takes over if the basis cap is reached first.
-        found = lanczos_extremes(matvec, torch.from_numpy(v0), k=k, ends=(which,), tol=tol,
-                                 max_steps=max_products)
-        if found is not None:
-            vals, vecs = found[which]
-        else:
-            ncv = min(op.size, max(2 * k + 1, 20))
-            maxiter = None if max_products is None else max(1, max_products // ncv)
-            vals, vecs = eigsh(scipy_operator(matvec, op.size), k=k,
-                               which="LA" if which == "largest" else "SA", tol=tol, v0=v0,
-                               ncv=ncv, maxiter=maxiter)
-            order = np.argsort(-vals if which == "largest" else vals)
-            vals, vecs = vals[order], vecs[:, order]
+        found = extreme_pairs(matvec, op.start_vector(seed), k=k, ends=(which,), tol=tol,
+                              steps=min(cap, max_products or cap))
+        vals, coef, _ = found[which]
+        vecs = found["state"].vectors(coef)
+        left = None if max_products is None else max_products - op.products
+        if not found["converged"] and (left is None or left > 0):
+            # The basis is full: ARPACK (implicitly restarted Lanczos) goes on from the
+            # best Ritz vectors so far.
+            solver = "lanczos+arpack"
+            vals, vecs = _arpack(matvec, op.size, k, which, tol, vecs.sum(1), cap, left)
+            vecs = vecs.to(op.device)
     finally:
         if bar is not None:
             bar.close()
+    vecs = vecs / vecs.norm(dim=0)
+    hv = torch.stack([op.matvec(vecs[:, i]) for i in range(k)], 1) if solver != "lanczos" \
+        else None
+    residuals = (np.asarray(found[which][2]) if hv is None else
+                 (hv - vecs * torch.as_tensor(vals, device=vecs.device)).norm(dim=0).cpu().numpy())
+    scale = max(found["scale"], float(np.abs(vals).max()), 1e-300)
+    converged = bool(np.all(residuals <= tol * scale))
+    if not converged:
+        warnings.warn(f"hessian_eigenpairs: not converged after {op.products} products; "
+                      f"relative residuals {residuals / scale} above tol={tol:g}. "
+                      "Raise max_products or tol.", RuntimeWarning, stacklevel=2)
     dirs = []
     for i in range(k):
         v = vecs[:, i]
-        v = v * (1.0 if v[np.argmax(np.abs(v))] >= 0 else -1.0)  # a fixed sign
-        dirs.append(op.full_direction(torch.from_numpy(v / np.linalg.norm(v))))
-    return vals, dirs
+        v = v * (1.0 if v[torch.argmax(v.abs())] >= 0 else -1.0)  # a fixed sign
+        dirs.append(op.full_direction(v))
+    return Eigenpairs(np.asarray(vals, dtype=np.float64), dirs, residuals=residuals,
+                      products=op.products, method=op.method, fallback=op.fallback,
+                      solver=solver, converged=converged, tol=tol)
+
+
+def _arpack(matvec, size: int, k: int, which: str, tol: float, v0: Tensor, cap: int,
+            left: int | None) -> tuple[np.ndarray, Tensor]:
+    from scipy.sparse.linalg import ArpackNoConvergence, eigsh
+
+    ncv = min(size, max(2 * k + 1, min(cap, 20)))
+    maxiter = None if left is None else max(1, left // ncv)
+    try:
+        vals, vecs = eigsh(scipy_operator(matvec, size), k=k,
+                           which="LA" if which == "largest" else "SA", tol=tol,
+                           v0=v0.double().cpu().numpy(), ncv=ncv, maxiter=maxiter)
+    except ArpackNoConvergence as err:
+        vals, vecs = err.eigenvalues, err.eigenvectors
+        if len(vals) < k:
+            raise RuntimeError(f"no eigenpair converged within max_products; "
+                               f"raise it (ARPACK: {err}).") from err
+    order = np.argsort(-vals if which == "largest" else vals)
+    return vals[order], torch.from_numpy(vecs[:, order])
 
 
 class TraceEstimate(NamedTuple):
-    """Hutchinson's estimate of the Hessian trace."""
+    """Hutchinson's estimate of the Hessian trace (``products`` equals ``samples``)."""
 
     value: float
     stderr: float
     samples: int
+    products: int = 0
+    method: str = ""
 
 
 def hessian_trace(model: nn.Module, data, *, samples: int = 100, seed: int = 0,
                   progress: bool = False, **options) -> TraceEstimate:
     """Hutchinson's trace estimate ``mean(v^T H v)`` over Rademacher ``v``, with its error.
+
+    One Hessian-vector product per sample and nothing else.
 
     Args:
         model: The model (never modified).
@@ -384,8 +465,11 @@ def hessian_trace(model: nn.Module, data, *, samples: int = 100, seed: int = 0,
         **options: :class:`HessianOperator` options.
 
     Returns:
-        ``TraceEstimate(value, stderr, samples)``; ``stderr`` is the sample standard
-        deviation over ``sqrt(samples)``.
+        ``TraceEstimate(value, stderr, samples, products, method)``; ``stderr`` is the
+        sample standard deviation over ``sqrt(samples)``.
+
+    Raises:
+        ValueError: If ``samples`` is not an int >= 2.
     """
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 2:
         raise ValueError(f"samples must be an int >= 2, got {samples!r}.")
@@ -395,25 +479,41 @@ def hessian_trace(model: nn.Module, data, *, samples: int = 100, seed: int = 0,
     est = []
     try:
         for _ in range(samples):
-            v = (torch.randint(0, 2, (op.size,), generator=g) * 2 - 1).double()
-            est.append(float(v @ op.matvec(v).cpu()))
+            v = _rademacher(op, g)
+            est.append(float((v * op.matvec(v)).sum(dtype=torch.float64)))
             if bar is not None:
                 bar.update(1)
     finally:
         if bar is not None:
             bar.close()
     arr = np.array(est)
-    return TraceEstimate(float(arr.mean()), float(arr.std(ddof=1) / np.sqrt(samples)), samples)
+    return TraceEstimate(float(arr.mean()), float(arr.std(ddof=1) / np.sqrt(samples)), samples,
+                         op.products, op.method)
+
+
+def _rademacher(op: HessianOperator, g: torch.Generator) -> Tensor:
+    v = torch.randint(0, 2, (op.size,), generator=g, dtype=torch.int8)
+    return (v.to(op.device, op.dtype) * 2 - 1)
+
+
+class Density(tuple):
+    """``(grid, density)`` of :func:`hessian_density`, with ``products`` and ``method``."""
+
+    def __new__(cls, grid, density, **info):  # noqa: D102 - the class docstring says it
+        self = super().__new__(cls, (grid, density))
+        self.__dict__.update(info)
+        return self
 
 
 def hessian_density(model: nn.Module, data, *, steps: int = 60, runs: int = 3,
                     grid_points: int = 1000, sigma: float | None = None, seed: int = 0,
-                    progress: bool = False, **options) -> tuple[np.ndarray, np.ndarray]:
+                    progress: bool = False, **options) -> Density:
     """The Hessian's eigenvalue density by stochastic Lanczos quadrature.
 
-    Each run starts Lanczos from a Rademacher vector; the Ritz values are the quadrature
-    nodes and the squared first components of the Ritz vectors their weights; the density
-    is the run average of Gaussians of width ``sigma`` at the nodes.
+    Each run starts Lanczos from a Rademacher vector (one product per step); the Ritz
+    values are the quadrature nodes and the squared first components of the Ritz vectors
+    their weights; the density is the run average of Gaussians of width ``sigma`` at the
+    nodes.
 
     Args:
         model: The model (never modified).
@@ -427,7 +527,8 @@ def hessian_density(model: nn.Module, data, *, steps: int = 60, runs: int = 3,
         **options: :class:`HessianOperator` options.
 
     Returns:
-        ``(grid, density)``: the density integrates to 1 over the grid.
+        :class:`Density` ``(grid, density)``: the density integrates to 1 over the grid;
+        ``.products``, ``.method``.
     """
     op = HessianOperator(model, data, **options)
     steps = int(min(steps, op.size))
@@ -436,13 +537,9 @@ def hessian_density(model: nn.Module, data, *, steps: int = 60, runs: int = 3,
     bar = _bar(progress, runs, "SLQ runs")
     try:
         for _ in range(runs):
-            v = (torch.randint(0, 2, (op.size,), generator=g) * 2 - 1).double()
-            for step in lanczos_steps(op.matvec, v, steps):
-                if step[2] < 1e-10:  # an invariant subspace: the quadrature is exact
-                    break
-            a, b = step[0], step[1]
-            t = np.diag(a) + np.diag(b, 1) + np.diag(b, -1)
-            theta, u = np.linalg.eigh(t)
+            for state in lanczos(op.matvec, _rademacher(op, g), steps):
+                last = state  # the last step's decomposition (an invariant subspace may end early)
+            theta, u, _ = last.ritz()
             nodes.append(theta)
             weights.append(u[0] ** 2 / runs)
             if bar is not None:
@@ -458,7 +555,7 @@ def hessian_density(model: nn.Module, data, *, steps: int = 60, runs: int = 3,
     dens = (weights_[None, :] * np.exp(-0.5 * ((grid[:, None] - nodes_[None, :]) / sigma) ** 2)
             ).sum(1) / (sigma * np.sqrt(2 * np.pi))
     dens = dens / np.trapezoid(dens, grid)
-    return grid, dens
+    return Density(grid, dens, products=op.products, method=op.method)
 
 
 def _bar(progress: bool, total: int | None, desc: str):
