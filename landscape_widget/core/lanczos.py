@@ -138,9 +138,9 @@ def extreme_pairs(matvec: Callable[[Tensor], Tensor], v0: Tensor, *, k: int = 1,
 
     Returns:
         ``{"converged": bool, "products": int, "state": LanczosState, "scale": float
-        (the largest |Ritz value|), end: (values, coefficients, residuals)}`` with values ordered outward (largest
-        first for ``"largest"``, smallest first for ``"smallest"``); when not converged,
-        the best pairs so far.
+        (the largest |Ritz value|), end: (values, coefficients, residuals)}`` with values
+        ordered outward (largest first for ``"largest"``, smallest first for
+        ``"smallest"``); when not converged, the best pairs so far.
     """
     if steps is None:
         steps = max_steps(v0.numel(), v0.dtype, k)
