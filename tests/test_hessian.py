@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from cases import bn_res_cnn, cnn_data, mlp, mlp_data, tied_data, tied_mlp
 from snapshots import assert_same_snapshot, snapshot
+from torch import nn
 from torch.func import functional_call
 
 import landscape_widget as lw
@@ -180,11 +182,159 @@ def test_graph_and_jvp_products_agree():
 
 
 def test_arpack_takes_over_when_the_lanczos_basis_is_capped(monkeypatch):
-    from landscape_widget.core import hessian
+    from landscape_widget.core import lanczos
 
     model = mlp()
     x, y = mlp_data()
     ev = torch.linalg.eigvalsh(dense_hessian(model, x, y)[0]).numpy()
-    monkeypatch.setattr(hessian, "BASIS_BYTES", 1)  # the basis cap: 2k + 2 steps
+    monkeypatch.setattr(lanczos, "BASIS_BYTES", 1)  # the basis cap: 2k + 2 steps
     vals, _ = lw.hessian_eigenpairs(model, (x, y), k=1, which="smallest", tol=1e-8)
     assert vals[0] == pytest.approx(ev[0], abs=1e-3 * ev[-1])
+
+
+class Recurrent(nn.Module):
+    """A sequence classifier: an LSTM or GRU over 5 steps, then a linear head."""
+
+    def __init__(self, cell: type[nn.Module], seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.rnn = cell(3, 4, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        out, _ = self.rnn(x)
+        return self.head(out[:, -1])
+
+
+def recurrent_case(cell):
+    model = Recurrent(cell)
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(12, 5, 3, generator=g), torch.randint(0, 3, (12,), generator=g)
+    return model, (x, y)
+
+
+def dense_hessian_double_backward(model, x, y, point=None):
+    """Dense float64 Hessian over all parameters by reverse-over-reverse, row by row.
+
+    ``torch.autograd.functional.hessian`` (no forward AD, which an LSTM lacks on CPU).
+    """
+    net = copy.deepcopy(model).double().eval()
+    params = {n: p.detach().double() for n, p in net.named_parameters()}
+    if point is not None:
+        params.update({k: v.detach().double() for k, v in point.items()})
+    keys, sizes = list(params), [p.numel() for p in params.values()]
+
+    def loss(flat):
+        parts = {k: c.reshape(params[k].shape)
+                 for k, c in zip(keys, torch.split(flat, sizes), strict=True)}
+        return F.cross_entropy(functional_call(net, parts, (x.double(),)), y)
+
+    flat0 = torch.cat([p.reshape(-1) for p in params.values()])
+    return torch.autograd.functional.hessian(loss, flat0)
+
+
+@pytest.mark.parametrize("cell, batched", [(nn.LSTM, "backward"), (nn.GRU, "jvp")])
+def test_recurrent_models_against_a_dense_double_backward_hessian(cell, batched):
+    model, (x, y) = recurrent_case(cell)
+    before = snapshot(model)
+    h = dense_hessian_double_backward(model, x, y)
+    ev = torch.linalg.eigvalsh(h).numpy()
+    lmax = ev[-1]
+    for batch_size, method in [(None, "graph"), (5, batched)]:
+        opts = {"ignore": None, "batch_size": batch_size}
+        top = lw.hessian_eigenpairs(model, (x, y), k=2, **opts)
+        assert top.method == method and top.converged
+        np.testing.assert_allclose(top.values, ev[::-1][:2], rtol=1e-4)
+        low = lw.hessian_eigenpairs(model, (x, y), k=1, which="smallest", **opts)
+        assert low.values[0] == pytest.approx(ev[0], abs=1e-3 * lmax)
+        est = lw.hessian_trace(model, (x, y), samples=60, seed=2, **opts)
+        assert est.products == 60 and est.method == method
+        assert abs(est.value - ev.sum()) <= 3 * est.stderr
+    if method == "backward":  # torch.func has no forward AD for the CPU LSTM kernel
+        assert "forward AD" in top.fallback
+    d1, d2 = lw.random_directions(model, 2, seed=1)
+    cmap = lw.curvature_map(model, (x, y), (d1, d2), x=(-0.3, 0.3, 2), y=(0.0, 0.0, 1),
+                            tol=1e-6, progress=False, ignore=None, batch_size=5)
+    assert cmap.spec["method"] == batched and cmap.spec["not_converged"] == 0
+    base = {n: p.detach() for n, p in model.named_parameters()}
+    for ix, a in enumerate(cmap.x):
+        point = {k: v + a * d1[k] for k, v in base.items()}
+        ev = torch.linalg.eigvalsh(dense_hessian_double_backward(model, x, y, point)).numpy()
+        assert cmap.lambda_max[0, ix] == pytest.approx(ev[-1], rel=1e-4)
+        assert cmap.lambda_min[0, ix] == pytest.approx(ev[0], abs=1e-4 * ev[-1])
+    assert_same_snapshot(before, snapshot(model))
+
+
+def test_a_method_that_cannot_run_says_what_to_do_and_leaves_the_model():
+    model, data = recurrent_case(nn.LSTM)
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match="method='backward'"):
+        lw.hessian_eigenpairs(model, data, k=1, ignore=None, method="jvp")
+    assert_same_snapshot(before, snapshot(model))
+
+
+def test_qat_model_observers_stay_untouched():
+    import torch.ao.quantization as q
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    net.qconfig = q.get_default_qat_qconfig("fbgemm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = q.prepare_qat(net.train())
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 4, generator=g), torch.randint(0, 3, (16,), generator=g)
+    model(x)  # the observers have statistics and stay enabled
+    model.eval()
+    before = snapshot(model)
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(1))
+    graph = HessianOperator(model, (x, y), ignore=None)
+    batched = HessianOperator(model, (x, y), ignore=None, batch_size=6)
+    hv = graph.matvec(v)
+    np.testing.assert_allclose(batched.matvec(v).numpy(), hv.numpy(), rtol=1e-4,
+                               atol=1e-5 * float(hv.abs().max()))
+    assert (graph.method, batched.method) == ("graph", "backward")
+    np.testing.assert_allclose(graph.matvec(v).numpy(), hv.numpy())  # observers frozen
+    assert_same_snapshot(before, snapshot(model))
+
+
+def test_results_report_residuals_products_and_method(monkeypatch):
+    model = mlp()
+    x, y = mlp_data()
+    h, keys = dense_hessian(model, x, y)
+    calls = [0]
+    matvec = HessianOperator.matvec
+
+    def counted(self, v):
+        calls[0] += 1
+        return matvec(self, v)
+
+    monkeypatch.setattr(HessianOperator, "matvec", counted)
+    res = lw.hessian_eigenpairs(model, (x, y), k=2, tol=1e-3)
+    vals, vecs = res  # still unpacks as a pair
+    assert res.products == calls[0] and res.method == "graph" and res.converged
+    lmax = float(torch.linalg.eigvalsh(h)[-1])
+    for val, vec, reported in zip(vals, vecs, res.residuals, strict=True):
+        v = flat(vec, keys)
+        true = float((h @ v - val * v).norm())
+        assert reported <= 1e-3 * lmax and abs(reported - true) <= 1e-5 * lmax
+    calls[0] = 0
+    est = lw.hessian_trace(model, (x, y), samples=7)
+    assert calls[0] == est.products == 7
+    calls[0] = 0
+    dens = lw.hessian_density(model, (x, y), steps=10, runs=2)
+    assert calls[0] == dens.products == 20
+    with pytest.warns(RuntimeWarning, match="not converged"):
+        short = lw.hessian_eigenpairs(model, (x, y), k=1, tol=1e-8, max_products=3)
+    assert not short.converged and short.products == 3
+
+
+def test_a_cancel_midway_leaves_the_model_untouched():
+    model, data = recurrent_case(nn.LSTM)
+    before = snapshot(model)
+    stop = threading.Event()
+    with pytest.raises(Cancelled):
+        lw.hessian_eigenpairs(model, data, k=1, batch_size=5, cancel=stop,
+                              on_product=lambda n: n == 3 and stop.set())
+    assert_same_snapshot(before, snapshot(model))

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from .grid import parse_axis
-from .hessian import Cancelled, HessianOperator, _bar, _start_vector, lanczos_extremes
+from .grid import parse_axis, progressive_order
+from .hessian import Cancelled, HessianOperator, _arpack, _bar
+from .lanczos import extreme_pairs, max_steps
 from .params import Params, check_direction, parameters_of
 
 
@@ -92,24 +95,124 @@ class CurvatureMap:
         return fig
 
 
-def extreme_eigenvalues(op: HessianOperator, tol: float = 1e-2, seed: int = 0
-                        ) -> tuple[float, float]:
-    """``(lambda_max, lambda_min)`` of ``op`` by Lanczos (relative residual ``tol``)."""
-    from scipy.sparse.linalg import eigsh
+@dataclass
+class CurvaturePoint:
+    """The extreme eigenvalues at one grid point, as :func:`curvature_points` yields them.
 
-    v0 = _start_vector(op.size, seed)
-    # One Lanczos run serves both ends; ARPACK only if it does not converge in the cap.
-    found = lanczos_extremes(op.matvec, torch.from_numpy(v0), ends=("largest", "smallest"),
-                             tol=tol, vectors=False)
-    if found is not None:
-        return float(found["largest"][0][0]), float(found["smallest"][0][0])
-    lin = op.as_linear_operator()
-    ncv = min(op.size, 20)
-    hi = float(eigsh(lin, k=1, which="LA", tol=tol, v0=v0, ncv=ncv,
-                     return_eigenvectors=False)[0])
-    lo = float(eigsh(lin, k=1, which="SA", tol=tol, v0=v0, ncv=ncv,
-                     return_eigenvectors=False)[0])
-    return hi, lo
+    Attributes:
+        iy, ix: Row (``y``) and column (``x``) of the point; ``flat = iy * nx + ix``.
+        flat: Flat (row-major) index.
+        level: Coarseness level of the point in the coarse-to-fine order.
+        lambda_max, lambda_min: The largest and smallest eigenvalue.
+        products: Hessian-vector products this point took.
+        residual: The larger measured ``||H v - lambda v||`` of the two pairs, relative to
+            ``max(|lambda_max|, |lambda_min|)``.
+        converged: Whether ``residual <= tol``.
+        method: How Hessian-vector products were taken (``HessianOperator.method``).
+    """
+
+    iy: int
+    ix: int
+    flat: int
+    level: int
+    lambda_max: float
+    lambda_min: float
+    products: int
+    residual: float
+    converged: bool
+    method: str
+
+
+def extreme_eigenvalues(op: HessianOperator, tol: float = 1e-2, seed: int = 0,
+                        v0: Tensor | None = None) -> tuple[float, float, dict]:
+    """``(lambda_max, lambda_min, info)`` of ``op`` by one Lanczos run for both ends.
+
+    ARPACK (restarted Lanczos, warm from the best Ritz vectors) takes over only if the
+    basis would outgrow memory before convergence.
+
+    Args:
+        op: The Hessian operator.
+        tol: Relative residual tolerance (see :func:`~.hessian.hessian_eigenpairs`).
+        seed: Seed of the start vector when ``v0`` is not given.
+        v0: Start vector (a warm start), on ``op``'s device and dtype.
+
+    Returns:
+        The two eigenvalues and ``info`` with ``"vectors"`` (``(size, 2)``: the top and
+        bottom Ritz vectors, float64), ``"residual"`` (relative, the larger of the two) and
+        ``"converged"``.
+    """
+    start = op.start_vector(seed) if v0 is None else v0
+    found = extreme_pairs(op.matvec, start, ends=("largest", "smallest"), tol=tol)
+    (hi,), c_hi, (r_hi,) = found["largest"]
+    (lo,), c_lo, (r_lo,) = found["smallest"]
+    vecs = found["state"].vectors(np.concatenate([c_hi, c_lo], 1))
+    res = [r_hi, r_lo]
+    if not found["converged"]:
+        cap = max_steps(op.size, op.dtype)
+        parts = []
+        for i, which in enumerate(("largest", "smallest")):
+            val, vec = _arpack(op.matvec, op.size, 1, which, tol, vecs[:, i], cap, None)
+            vec = vec.to(op.device)[:, 0]
+            res[i] = float((op.matvec(vec) - float(val[0]) * vec).norm())
+            parts.append((float(val[0]), vec))
+        (hi, v_hi), (lo, v_lo) = parts
+        vecs = torch.stack([v_hi, v_lo], 1)
+    scale = max(abs(hi), abs(lo), 1e-300)
+    residual = max(res) / scale
+    return float(hi), float(lo), {"vectors": vecs, "residual": residual,
+                                  "converged": residual <= tol}
+
+
+def curvature_points(model: nn.Module, data, directions, xs: np.ndarray, ys: np.ndarray, *,
+                     tol: float = 1e-2, seed: int = 0, cancel: threading.Event | None = None,
+                     **options) -> Iterator[CurvaturePoint]:
+    """The extreme Hessian eigenvalues at every point of a plane, coarse to fine.
+
+    Points come in :func:`~.grid.progressive_order` (a coarse lattice first, then its
+    refinements). One :class:`~.hessian.HessianOperator` serves every point (set-up once;
+    its gradient graph is rebuilt per point), and every point after the first starts
+    Lanczos warm: from the sum of the previous point's top and bottom Ritz vectors plus a
+    seeded random part, which shortens both ends' convergence on smooth landscapes.
+
+    Args:
+        model: The model (never modified).
+        data: The data the loss is averaged over.
+        directions: ``(d1, d2)`` direction dicts.
+        xs: Grid coordinates along ``d1``.
+        ys: Grid coordinates along ``d2``.
+        tol: Relative residual tolerance of each point's eigenpairs.
+        seed: Seed of the start vectors.
+        cancel: A ``threading.Event`` checked before every product.
+        **options: :class:`~.hessian.HessianOperator` options.
+
+    Yields:
+        A :class:`CurvaturePoint` per grid point.
+
+    Raises:
+        Cancelled: Once ``cancel`` is set.
+    """
+    base = parameters_of(model)
+    nx = len(xs)
+    op = HessianOperator(model, data, cancel=cancel, **options)
+    noise = op.start_vector(seed)
+    noise = noise / noise.norm()
+    warm = None
+    for level, flat in progressive_order((len(ys), nx)):
+        for k in flat:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("cancelled")
+            iy, ix = divmod(int(k), nx)
+            op.set_point(_point(base, directions, float(xs[ix]), float(ys[iy])))
+            v0 = None if warm is None else (
+                warm.sum(1).to(op.dtype) + _WARM_NOISE * noise)
+            before = op.products
+            hi, lo, info = extreme_eigenvalues(op, tol, seed, v0)
+            warm = info["vectors"]
+            yield CurvaturePoint(iy, ix, int(k), int(level), hi, lo, op.products - before,
+                                 info["residual"], info["converged"], op.method)
+
+
+_WARM_NOISE = 0.5  # random share of a warm start: keeps it from lying in an invariant subspace
 
 
 def curvature_map(model: nn.Module, data, directions, *, x=(-1, 1, 11), y=(-1, 1, 11),
@@ -117,51 +220,58 @@ def curvature_map(model: nn.Module, data, directions, *, x=(-1, 1, 11), y=(-1, 1
                   cancel: threading.Event | None = None, **options) -> CurvatureMap:
     """``|lambda_min / lambda_max|`` of the Hessian at every point of a plane.
 
+    Computed by :func:`curvature_points` (coarse to fine, warm-started Lanczos).
+
     Args:
         model: The model (never modified).
         data: The data the loss is averaged over.
         directions: ``(d1, d2)`` direction dicts (e.g. random, filter-normalised).
         x: ``(start, stop, num)`` along ``d1``.
         y: ``(start, stop, num)`` along ``d2``.
-        tol: Relative tolerance of the eigenvalues (1e-2 as loss-landscape).
+        tol: Relative residual tolerance of the eigenpairs (1e-2 as loss-landscape).
         seed: Seed of the Lanczos start vectors.
         progress: Show a tqdm bar over grid points.
         cancel: A ``threading.Event``; once set, the remaining points stay NaN.
         **options: :class:`~landscape_widget.core.hessian.HessianOperator` options
-            (``loss_fn``, ``ignore``, ``bn``, ``batch_size``, ``device``).
+            (``loss_fn``, ``ignore``, ``bn``, ``batch_size``, ``device``, ``method``).
 
     Returns:
-        A :class:`CurvatureMap`.
+        A :class:`CurvatureMap`; ``spec`` holds ``products``, ``method``, the largest
+        relative ``residual`` and the number of points not ``converged`` (also warned).
+
+    Raises:
+        ValueError: If ``directions`` are not two directions of this model.
     """
     if len(directions) != 2:
         raise ValueError("curvature_map needs two directions (d1, d2).")
     for i, d in enumerate(directions):
         check_direction(model, d, name=f"directions[{i}]")
     xs, ys = parse_axis(x, "x"), parse_axis(y, "y")
-    base = parameters_of(model)
     hi = np.full((ys.size, xs.size), np.nan)
     lo = np.full((ys.size, xs.size), np.nan)
     bar = _bar(progress, xs.size * ys.size, "curvature")
     t0 = time.perf_counter()
-    products = 0
+    products, worst, short, method = 0, 0.0, 0, None
     try:
-        for iy, b in enumerate(ys):
-            for ix, a in enumerate(xs):
-                if cancel is not None and cancel.is_set():
-                    raise Cancelled("cancelled")
-                point = _point(base, directions, float(a), float(b))
-                op = HessianOperator(model, data, point=point, cancel=cancel, **options)
-                hi[iy, ix], lo[iy, ix] = extreme_eigenvalues(op, tol, seed)
-                products += op.products
-                if bar is not None:
-                    bar.update(1)
+        for pt in curvature_points(model, data, directions, xs, ys, tol=tol, seed=seed,
+                                   cancel=cancel, **options):
+            hi[pt.iy, pt.ix], lo[pt.iy, pt.ix] = pt.lambda_max, pt.lambda_min
+            products += pt.products
+            worst, short = max(worst, pt.residual), short + (not pt.converged)
+            method = pt.method
+            if bar is not None:
+                bar.update(1)
     except Cancelled:
         pass
     finally:
         if bar is not None:
             bar.close()
+    if short:
+        warnings.warn(f"curvature_map: {short} points did not reach tol={tol:g} (largest "
+                      f"relative residual {worst:.2g}).", RuntimeWarning, stacklevel=2)
     spec = {"x": list(x), "y": list(y), "tol": tol, "seed": seed, "products": products,
-            "seconds": time.perf_counter() - t0,
+            "method": method, "seconds": time.perf_counter() - t0, "residual": worst,
+            "not_converged": short,
             "ignore": options.get("ignore", "biasbn"), "bn": options.get("bn", "eval")}
     return CurvatureMap(xs, ys, hi, lo, spec)
 

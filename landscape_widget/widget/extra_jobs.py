@@ -12,10 +12,8 @@ import time
 
 import numpy as np
 
-from ..core.curvature import _point, extreme_eigenvalues
-from ..core.grid import progressive_order
-from ..core.hessian import Cancelled, HessianOperator, hessian_eigenpairs
-from ..core.params import parameters_of
+from ..core.curvature import curvature_points
+from ..core.hessian import Cancelled, hessian_eigenpairs
 from ..core.surface import Surface
 from .protocol import f32, i32
 
@@ -72,27 +70,22 @@ def run_curvature(worker, job, dirs) -> None:
     worker._emit({"kind": "start", "id": job.id, "spec": spec.to_dict(), "shape": [ny, nx],
                   "metrics": ["loss"], "device": dev, "label": CURVATURE_LABEL,
                   **path_info(dirs)}, [f32(xs), f32(ys)])
-    base = parameters_of(worker.model)
     hi, lo = np.full((ny, nx), np.nan), np.full((ny, nx), np.nan)
     t0, done = time.perf_counter(), 0
     try:
-        for _, flat in progressive_order((ny, nx)):
-            for k in flat:
-                if job.cancel.is_set():
-                    raise Cancelled("cancelled")
-                iy, ix = divmod(int(k), nx)
-                op = HessianOperator(worker.model, worker.data, loss_fn=worker.loss_fn,
-                                     bn=spec.bn, device=worker.device, cancel=job.cancel,
-                                     point=_point(base, dirs, float(xs[ix]), float(ys[iy])))
-                hi[iy, ix], lo[iy, ix] = extreme_eigenvalues(op, 1e-2, spec.seed)
-                ratio = abs(lo[iy, ix] / hi[iy, ix]) if hi[iy, ix] != 0 else np.nan
-                done += 1
-                worker._emit({"kind": "tile", "id": job.id, "level": 0, "n": 1, "done": done,
-                              "total": total}, [i32([k]), f32([ratio]), f32(None)])
-                rate = done / (time.perf_counter() - t0)
-                worker._emit({"kind": "progress", "id": job.id, "done": done, "total": total,
-                              "points_per_s": rate, "eta_s": (total - done) / rate,
-                              "device": dev, "plan": "Lanczos"})
+        # The same coarse-to-fine, warm-started iterator as lw.curvature_map: equal maps.
+        for pt in curvature_points(worker.model, worker.data, dirs, xs, ys, tol=1e-2,
+                                   seed=spec.seed, cancel=job.cancel, loss_fn=worker.loss_fn,
+                                   bn=spec.bn, device=worker.device):
+            hi[pt.iy, pt.ix], lo[pt.iy, pt.ix] = pt.lambda_max, pt.lambda_min
+            ratio = abs(pt.lambda_min / pt.lambda_max) if pt.lambda_max != 0 else np.nan
+            done += 1
+            worker._emit({"kind": "tile", "id": job.id, "level": 0, "n": 1, "done": done,
+                          "total": total}, [i32([pt.flat]), f32([ratio]), f32(None)])
+            rate = done / (time.perf_counter() - t0)
+            worker._emit({"kind": "progress", "id": job.id, "done": done, "total": total,
+                          "points_per_s": rate, "eta_s": (total - done) / rate,
+                          "device": dev, "plan": "Lanczos"})
     except Cancelled:
         pass
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -1,0 +1,322 @@
+"""Hessian-vector products of the mean loss over data: :class:`HessianOperator`.
+
+How a product is taken (``method``): with all data in one batch the gradient's graph is
+built once and every product is one double backward through it (the cost of a plain
+``autograd.grad`` Hessian-vector product); over several batches, forward-over-reverse
+``torch.func.jvp`` of ``torch.func.grad``, batch by batch. Layers that ``torch.func`` cannot
+transform (``nn.LSTM`` on CPU, fused fake-quantisation of QAT modules) fall back to double
+backward batch by batch; fused attention kernels without a double backward
+(``scaled_dot_product_attention`` on CPU) to the math kernel; ``op.method`` and
+``op.fallback`` say what ran. The model is never edited: products run through
+``functional_call`` on an evaluation copy with its own copies of the buffers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import warnings
+from collections.abc import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jvp
+
+from .data import as_tensors
+from .params import Params, buffers_of, check_module, evaluation_copy, model_device, parameters_of
+
+_WARMED = False
+METHODS = ("auto", "graph", "jvp", "backward")
+
+
+def _warm_forward_ad() -> None:
+    """Load torch's forward-AD decompositions once, hiding torch's own FutureWarning.
+
+    The first ``jvp`` of a process imports ``torch._decomp.decompositions_for_jvp``, which
+    calls the deprecated ``torch.jit.script``; the warning is about torch, not user code.
+    """
+    global _WARMED
+    if not _WARMED:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated",
+                                    category=FutureWarning)
+            jvp(lambda t: t * t, (torch.ones(1),), (torch.ones(1),))
+        _WARMED = True
+
+
+class Cancelled(RuntimeError):
+    """A curvature computation stopped by its cancel event."""
+
+
+class HessianOperator:
+    """``v -> H v`` for the Hessian of the mean loss over ``data``.
+
+    Args:
+        model: The model (never modified).
+        data: ``(inputs, targets)``, a ``Dataset`` or a ``DataLoader``.
+        loss_fn: ``loss_fn(outputs, targets)``, a batch mean; cross-entropy by default.
+        ignore: ``"biasbn"`` (default): only parameters of dimension > 1; ``None``: all.
+        bn: ``"eval"`` (running statistics) or ``"batch"``.
+        batch_size: Samples per pass (default: all, at most 2048).
+        point: Parameter values to take the Hessian at, instead of the model's own
+            (a dict with some or all parameter names).
+        device: Where to compute (default: the model's device).
+        cancel: A ``threading.Event`` checked before every product.
+        on_product: Called with the number of products so far after each one (progress).
+        method: ``"graph"``: all data in one batch; the gradient's graph is built once
+            and every product is one double backward through it. ``"jvp"``:
+            forward-over-reverse, batch by batch, keeping nothing between products.
+            ``"backward"``: double backward batch by batch, keeping nothing (works where
+            ``torch.func`` cannot transform a layer). ``"auto"`` (default): ``"graph"`` for
+            one batch, else ``"jvp"``; either falls back to the other kind (``"jvp"``,
+            resp. ``"backward"``) if its first product fails, and ``fallback`` says why.
+
+    Attributes:
+        method: The method products use (after a fallback, the one that worked).
+        fallback: Why the first choice was dropped, or ``None``.
+        products: Products taken so far.
+
+    Raises:
+        ValueError: For bad options (each message names the fix).
+    """
+
+    def __init__(self, model: nn.Module, data, *, loss_fn: Callable | None = None,
+                 ignore: str | None = "biasbn", bn: str = "eval", batch_size: int | None = None,
+                 point: Params | None = None, device=None,
+                 cancel: threading.Event | None = None,
+                 on_product: Callable[[int], None] | None = None, method: str = "auto"):
+        check_module(model)
+        _warm_forward_ad()
+        if ignore not in ("biasbn", None):
+            raise ValueError("ignore must be 'biasbn' (parameters of dim > 1) or None (all).")
+        if bn not in ("eval", "batch"):
+            raise ValueError("bn must be 'eval' or 'batch'.")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
+        self.device = torch.device(device) if device is not None else model_device(model)
+        self.module = evaluation_copy(model)
+        if self.module is model:
+            raise ValueError("this model cannot be copied (deepcopy failed), so its flags "
+                             "cannot be set without modifying it; make it deep-copyable.")
+        self.module.eval()
+        if bn == "batch":
+            for m in self.module.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.train()
+                    m.track_running_stats = False
+        params = parameters_of(model)
+        self._all_shapes = {k: tuple(v.shape) for k, v in params.items()}
+        self.keys = [k for k, v in params.items() if ignore is None or v.dim() > 1]
+        if not self.keys:
+            raise ValueError("the model has no parameters of dimension > 1; pass ignore=None.")
+        self._base = params
+        self.shapes = [tuple(params[k].shape) for k in self.keys]
+        self.numels = [params[k].numel() for k in self.keys]
+        self.size = int(sum(self.numels))
+        self.dtype = params[self.keys[0]].dtype
+        # Own copies of the buffers: a layer that writes into its buffers in a forward pass
+        # (a quantisation observer) cannot reach the model's; observers are frozen so the
+        # function, and with it the Hessian, stays fixed.
+        self._buffers = {}
+        for k, b in buffers_of(model).items():
+            b = b.to(self.device).clone()
+            if k.endswith("observer_enabled"):
+                b.zero_()
+            self._buffers[k] = b
+        self.set_point(point)
+        x, y = as_tensors(data)
+        if x.shape[0] == 0:
+            raise ValueError("data is empty.")
+        if torch.is_floating_point(x):
+            x = x.to(self.dtype)
+        self.x, self.y = x.to(self.device), y.to(self.device)
+        self.n = int(x.shape[0])
+        if batch_size is not None and (isinstance(batch_size, bool)
+                                       or not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"batch_size must be an int >= 1 or None (all data, at most "
+                             f"2048), got {batch_size!r}.")
+        self.batch = int(batch_size or min(self.n, 2048))
+        if method == "graph" and self.batch < self.n:
+            raise ValueError("method='graph' needs all data in one batch; raise batch_size "
+                             "or use method='jvp' or 'backward'.")
+        if method == "auto":
+            self._plan = ["graph", "jvp"] if self.batch >= self.n else ["jvp", "backward"]
+        else:
+            self._plan = [method]
+        self.method = self._plan[0]
+        self.fallback: str | None = None
+        self._math_attention = False
+        self.loss_fn = loss_fn if loss_fn is not None else F.cross_entropy
+        self.cancel = cancel
+        self.on_product = on_product
+        self.products = 0
+
+    def set_point(self, point: Params | None) -> None:
+        """Take the Hessian at ``point`` (parameter values by name; ``None``: the model's).
+
+        The operator's set-up (copies, data, method) is kept; only the gradient's graph is
+        rebuilt at the next product.
+
+        Raises:
+            ValueError: If ``point`` names unknown parameters.
+        """
+        params = self._base
+        if point is not None:
+            unknown = sorted(set(point) - set(params))
+            if unknown:
+                raise ValueError(f"point has unknown parameter names {unknown[:3]}.")
+            params = {**params, **{k: v.detach() for k, v in point.items()}}
+        params = {k: v.to(self.device) for k, v in params.items()}
+        self.params = {k: params[k] for k in self.keys}
+        self.fixed = {k: v for k, v in params.items() if k not in self.params}
+        self.fixed.update(self._buffers)
+        self._graph: tuple | None = None
+
+    def unflatten(self, flat: Tensor) -> Params:
+        """Direction dict over the Hessian's parameters from a flat vector (views)."""
+        parts = torch.split(flat, self.numels)
+        return {k: p.view(s) for k, p, s in zip(self.keys, parts, self.shapes, strict=True)}
+
+    def flatten(self, d: Params) -> Tensor:
+        """Flat vector of a dict over (at least) the Hessian's parameters."""
+        return torch.cat([d[k].reshape(-1).to(self.device, self.dtype) for k in self.keys])
+
+    def _loss(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
+        out = functional_call(self.module, {**self.fixed, **params}, (x,))
+        return self.loss_fn(out, y)
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """``H v`` for a flat vector ``v`` (any float dtype; the result has ``v``'s dtype).
+
+        Raises:
+            Cancelled: If the cancel event is set.
+            RuntimeError: If no method can differentiate the model twice (says what to do).
+        """
+        if self.cancel is not None and self.cancel.is_set():
+            raise Cancelled("cancelled")
+        tangent = [p.contiguous() for p in self.unflatten(v.to(self.device, self.dtype))
+                   .values()]
+        while True:
+            try:
+                with self._attention():
+                    out = getattr(self, f"_{self.method}_product")(tangent)
+                break
+            except Cancelled:
+                raise
+            except (RuntimeError, NotImplementedError) as err:
+                self._failed(err)
+        self.products += 1
+        if self.on_product is not None:
+            self.on_product(self.products)
+        return out.to(v.dtype)
+
+    def _attention(self):
+        """The math attention kernel once a fused one proved not twice differentiable."""
+        if not self._math_attention:
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel(SDPBackend.MATH)
+
+    def _failed(self, err: Exception) -> None:
+        """Switch to the next method after a first product failed, or explain and raise."""
+        msg = f"{self.method}: {type(err).__name__}: {str(err).splitlines()[0]}"
+        if (self.products == 0 and not self._math_attention
+                and "scaled_dot_product" in str(err)):
+            # Fused attention kernels (flash, memory-efficient) have no double backward;
+            # the math kernel computes the same function from differentiable operations.
+            self._math_attention = True
+            self.fallback = msg + " -> math attention kernel"
+            self._graph = None
+            return
+        tried = [self.fallback, msg] if self.fallback else [msg]
+        if self.products == 0 and self.method != self._plan[-1]:
+            self.method = self._plan[self._plan.index(self.method) + 1]
+            self.fallback = msg
+            self._graph = None
+            return
+        hint = ("on CUDA a cuDNN RNN has no double backward: run the call inside "
+                "`with torch.backends.cudnn.flags(enabled=False):`" if self.device.type == "cuda"
+                else "replace that layer by a twice-differentiable one")
+        raise RuntimeError(
+            "Hessian-vector products need the loss differentiated twice, and torch could not ("
+            + "; ".join(tried) + f"). Fix: {hint}, or pass method='backward' (double backward "
+            "batch by batch) or method='jvp' (forward-over-reverse) to try the other "
+            "way.") from err
+
+    def _graph_product(self, tangent: list[Tensor]) -> Tensor:
+        if self._graph is None:
+            # Leaves that require grad, separate from the model's tensors: functional_call
+            # uses them, so nothing of the model is touched or recorded.
+            leaves = {k: v.detach().clone().requires_grad_(True) for k, v in
+                      self.params.items()}
+            with torch.enable_grad():
+                loss = self._loss(leaves, self.x, self.y)
+                grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True,
+                                            allow_unused=True)
+            self._graph = (list(leaves.values()), grads)
+        leaves, grads = self._graph
+        with torch.enable_grad():
+            return self._double_backward(grads, leaves, tangent, retain=True)
+
+    def _double_backward(self, grads, leaves, tangent, retain: bool) -> Tensor:
+        # A gradient with no graph (unused, or linear in the parameters) has a zero Hessian
+        # row: it is left out of the second backward.
+        live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        hv = torch.autograd.grad([grads[i] for i in live], leaves,
+                                 grad_outputs=[tangent[i] for i in live],
+                                 retain_graph=retain, allow_unused=True)
+        return torch.cat([h.reshape(-1) if h is not None else leaf.new_zeros(leaf.numel())
+                          for h, leaf in zip(hv, leaves, strict=True)])
+
+    def _batches(self):
+        for start in range(0, self.n, self.batch):
+            xb, yb = self.x[start:start + self.batch], self.y[start:start + self.batch]
+            yield xb, yb, xb.shape[0] / self.n
+
+    def _backward_product(self, tangent: list[Tensor]) -> Tensor:
+        out = torch.zeros(self.size, dtype=self.dtype, device=self.device)
+        for xb, yb, weight in self._batches():
+            leaves = [self.params[k].detach().clone().requires_grad_(True) for k in self.keys]
+            with torch.enable_grad():
+                loss = self._loss(dict(zip(self.keys, leaves, strict=True)), xb, yb)
+                grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+                out.add_(self._double_backward(grads, leaves, tangent, retain=False),
+                         alpha=weight)
+        return out
+
+    def _jvp_product(self, tangent: list[Tensor]) -> Tensor:
+        out = torch.zeros(self.size, dtype=self.dtype, device=self.device)
+        g = grad(self._loss)
+        tan = dict(zip(self.keys, tangent, strict=True))
+        for xb, yb, weight in self._batches():
+            _, hv = jvp(lambda p, xb=xb, yb=yb: g(p, xb, yb), (self.params,), (tan,))
+            out.add_(torch.cat([hv[k].reshape(-1) for k in self.keys]), alpha=weight)
+        return out
+
+    def as_linear_operator(self):
+        """A ``scipy.sparse.linalg.LinearOperator`` (float64 numpy vectors)."""
+        return scipy_operator(self.matvec, self.size)
+
+    def start_vector(self, seed: int) -> Tensor:
+        """A seeded standard normal vector of the operator's size, dtype and device."""
+        g = torch.Generator().manual_seed(int(seed))
+        return torch.randn(self.size, generator=g, dtype=self.dtype).to(self.device)
+
+    def full_direction(self, flat: Tensor) -> Params:
+        """A direction dict over *all* parameters (zero outside the Hessian's), on the CPU."""
+        d = {k: v.detach().cpu().float() for k, v in self.unflatten(flat).items()}
+        return {k: d[k] if k in d else torch.zeros(s) for k, s in self._all_shapes.items()}
+
+
+def scipy_operator(matvec: Callable[[Tensor], Tensor], size: int):
+    """``matvec`` on torch tensors as a scipy ``LinearOperator`` on float64 numpy vectors."""
+    from scipy.sparse.linalg import LinearOperator
+
+    def mv(v):
+        flat = np.ascontiguousarray(v, dtype=np.float64).reshape(-1)
+        return matvec(torch.from_numpy(flat)).cpu().numpy()
+
+    return LinearOperator((size, size), matvec=mv, dtype=np.float64)
