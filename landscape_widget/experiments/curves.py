@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -358,8 +359,6 @@ def warn_shortfall(result: ShapeOutcome, method: str, hint: str, stacklevel: int
     tried = "; ".join(", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                 for k, v in a.settings.items()) + f" -> {a.achieved}"
                       for a in result.attempts)
-    import warnings
-
     warnings.warn(f"{method}(shape={result.requested!r}) fell short: it achieved "
                   f"{result.achieved!r} ({result.reason}); tried {tried}. The best attempt is "
                   f"returned; its .success is False and .achieved says what it is. {hint}",
