@@ -451,3 +451,27 @@ def test_results_are_still_plain_directions(small):
     plane = lw.mine_plane(model, data, steps=2, progress=False, attempts=1, warn=False)
     u, v = plane
     assert isinstance(plane, tuple) and len(plane) == 2 and plane.requested == "saddle"
+
+
+def test_widget_shows_the_shortfall(convex):
+    import warnings
+
+    from landscape_widget import LandscapeWidget
+
+    model, data = convex
+    w = LandscapeWidget(model, data, autostart=False, mining_steps=10, mode="1d",
+                        x_range=(-1.5, 1.5), resolution=31)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", lw.ShapeWarning)  # reported, not warned
+            w.direction = "mined-w-peak"
+            w.wait(120)
+        assert w.status["state"] == "done", w.status
+        assert "w-peak: fell short, achieved" in w.status["message"]
+        assert "fell short" in w.result["labels"][0]
+        # The same settings in the API: the same outcome, with a warning.
+        with pytest.warns(lw.ShapeWarning):
+            d = lw.mine_direction(model, data, "w-peak", steps=10, progress=False)
+        assert f"achieved {d.achieved!r}" in w.status["message"]
+    finally:
+        w.close()
