@@ -475,3 +475,25 @@ def test_widget_shows_the_shortfall(convex):
         assert f"achieved {d.achieved!r}" in w.status["message"]
     finally:
         w.close()
+
+
+def test_vvv_basin_far_from_convergence(setup):
+    # 25 Adam steps: L(theta) 1.28. PAPERS' recipe leaves theta on a cap (a w-peak: the
+    # ends fall to 0.52 and the barriers never rise); the retry floors the ends.
+    model, data, _ = setup
+    torch.manual_seed(2)
+    early = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+    opt = torch.optim.Adam(early.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    x, y = data[0][:1000], data[1][:1000]
+    for _ in range(25):
+        idx = torch.randint(0, 1000, (128,), generator=g)
+        opt.zero_grad()
+        F.cross_entropy(early(x[idx]), y[idx]).backward()
+        opt.step()
+    early.eval()
+    d = lw.mine_direction(early, (x, y), "vvv-basin", progress=False, warn=False)
+    report("vvv-basin, early-stopped MLP: " + ", ".join(
+        f"{a.achieved} (floor={a.settings['floor']})" for a in d.attempts))
+    assert d.attempts[0].achieved == "w-peak" and not d.attempts[0].settings["floor"]
+    assert d.success and _loop_shape(early, (x, y), d) == "vvv-basin"

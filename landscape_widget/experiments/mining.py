@@ -52,7 +52,8 @@ DEFAULT_LR = 0.025
 DEFAULT_ATTEMPTS = 3
 """Tries before a method gives up: try ``i`` uses seed ``seed + i``, and ``scale`` and
 ``lr`` divided by ``2**i`` (near convergence a w-peak is often found only closer to
-theta: on an MNIST-1D MLP at 0.125 but at neither 0.5 nor 0.25)."""
+theta: on an MNIST-1D MLP at 0.125 but at neither 0.5 nor 0.25). vvv-basin retries keep
+``scale`` and floor the ends' loss at ``L(theta)`` instead (see :func:`_mine_1d`)."""
 _BUILT = {"v-basin": "lw.random_direction(model)", "v-side": "lw.side_direction(model, data)",
           "w-basin": "lw.permutation_direction(model)"}
 _ALPHAS = np.linspace(*SHAPE_X)
@@ -60,7 +61,12 @@ _HINT = ("More steps=, other seeds or a smaller scale= may reach it; a model at 
          "isolated minimum may have no such direction nearby.")
 
 
-def _plan(seed: int, scale: float, lr: float, attempts: int) -> list[dict]:
+def _plan(seed: int, scale: float, lr: float, attempts: int, shape: str = "") -> list[dict]:
+    if shape == "vvv-basin":
+        # Its failure is a cap, not a too-large radius (an early-stopped MLP: L(theta) 1.28,
+        # ends 0.52, no barriers): retries keep the radius and floor the ends at L(theta).
+        return [{"seed": (seed + i) % 2**63, "scale": scale, "lr": lr / 2**i,
+                 "floor": i > 0} for i in range(attempts)]
     return [{"seed": (seed + i) % 2**63, "scale": scale / 2**i, "lr": lr / 2**i}
             for i in range(attempts)]
 
@@ -98,7 +104,9 @@ def mine_direction(model: nn.Module, data, shape: str = "w-peak", *, steps: int 
     Checked: the loss over all data along the result on the taxonomy window
     :data:`~landscape_widget.SHAPE_X` is labelled by :func:`classify_curve`. If it is not
     the requested shape, mining starts again (up to ``attempts`` tries: seed ``seed + i``,
-    ``scale`` and ``lr`` divided by ``2**i``). If no try succeeds the best one (lowest
+    ``lr`` divided by ``2**i``, and ``scale`` too for w-peak; for vvv-basin the ends then
+    earn nothing below ``L(theta)``, so that far from convergence the barriers are raised
+    instead of theta being left on a cap). If no try succeeds the best one (lowest
     objective over all data) is returned with ``success=False`` and a :class:`ShapeWarning`.
 
     Args:
@@ -155,7 +163,7 @@ def mine_direction(model: nn.Module, data, shape: str = "w-peak", *, steps: int 
         (d,) = obj.start(1, settings["seed"], settings["scale"])
         _mine_1d(obj, d, shape, scales, steps=steps, seed=settings["seed"],
                  lr=settings["lr"], batch_size=batch_size, progress=progress, cancel=cancel,
-                 callback=callback)
+                 callback=callback, floor=settings.get("floor", False))
         return d
 
     def check(d: Params) -> dict:
@@ -163,7 +171,8 @@ def mine_direction(model: nn.Module, data, shape: str = "w-peak", *, steps: int 
             f = obj.curve(d, _ALPHAS)
         return _curve_check(f, shape)
 
-    d, tries, chosen, cancelled = _retry(run, check, _plan(seed, scale, lr, attempts), cancel)
+    d, tries, chosen, cancelled = _retry(run, check, _plan(seed, scale, lr, attempts, shape),
+                                         cancel)
     out = ShapedDirection(obj.direction(d))
     out._set_outcome(shape, tries, chosen, cancelled=cancelled)
     if warn and out.success is False:
@@ -185,22 +194,32 @@ def _curve_check(f: np.ndarray, shape: str) -> dict:
 
 def _mine_1d(obj: _Objective, d: Params, shape: str, scales: dict[str, float], *, steps: int,
              seed: int, lr: float, batch_size: int, progress: bool, cancel,
-             callback) -> None:
-    """Mine ``d`` in place (its scaled norm is kept)."""
+             callback, floor: bool = False) -> None:
+    """Mine ``d`` in place (its scaled norm is kept).
+
+    ``floor`` (vvv-basin retries): the ends earn nothing below ``L(theta)``. Far from
+    convergence the ends can fall far below ``L(theta)`` and that gain outweighs the capped
+    barriers, leaving theta on a cap (a w-peak); with the floor the barriers take over.
+    """
     radius = _norm(d, scales)
     if not radius > 0:
         raise ValueError("the start direction is zero; the model's weights are all zero?")
     batches = obj.batches(batch_size, seed)
     with obj.session():
-        cap = None
+        cap, low = None, None
         if shape == "vvv-basin":
             with torch.no_grad():
-                cap = 2 * float(obj.full_loss({})) + 1  # PAPERS' c = 2 L(theta) + 1
+                l0 = float(obj.full_loss({}))
+            cap = 2 * l0 + 1  # PAPERS' c = 2 L(theta) + 1
+            low = l0 if floor else None
 
         def objective(_step: int) -> Tensor:
             x, y = next(batches)
             minus = {k: -v for k, v in d.items()}
-            value = 0.5 * (obj.loss(d, x, y) + obj.loss(minus, x, y))
+            ends = [obj.loss(d, x, y), obj.loss(minus, x, y)]
+            if low is not None:
+                ends = [e.clamp(min=low) for e in ends]
+            value = 0.5 * (ends[0] + ends[1])
             if cap is not None:
                 half = {k: 0.5 * v for k, v in d.items()}
                 neg_half = {k: -0.5 * v for k, v in d.items()}
