@@ -202,11 +202,15 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--json", default=None)
     parser.add_argument("--only", nargs="*", default=None, help="methods to run")
+    parser.add_argument("--models", nargs="*", default=None,
+                        help="models to run (names start with these)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     methods = args.only or METHODS
     rows = []
     for name, (model, data) in zoo().items():
+        if args.models and not any(name.startswith(m) for m in args.models):
+            continue
         for method in methods:
             seeds = [0] if method == "side" else range(args.seeds)
             for seed in seeds:
