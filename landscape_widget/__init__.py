@@ -41,7 +41,15 @@ from .experiments import (
     ternary_mask,
     text_mask,
 )
-from .experiments.curves import SHAPE_X, SHAPES, CurveShape, classify_curve
+from .experiments.curves import (
+    SHAPE_X,
+    SHAPES,
+    CurveShape,
+    ShapedDirection,
+    ShapedPlane,
+    ShapeWarning,
+    classify_curve,
+)
 from .experiments.mining import mine_direction, mine_plane, rayleigh_quotient
 from .experiments.optimizers import compare_optimizers
 from .experiments.permute import permutation_direction
@@ -106,6 +114,9 @@ __all__ = [
     "TriangleSurface",
     # curve shapes and mined directions (Li, Li & Zhan 2024)
     "classify_curve",
+    "ShapeWarning",
+    "ShapedDirection",
+    "ShapedPlane",
     "CurveShape",
     "SHAPES",
     "SHAPE_X",

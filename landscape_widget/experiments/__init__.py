@@ -9,7 +9,16 @@
 - :mod:`.skip`: ResNets with and without shortcuts, trained and mapped (Li et al. 2018).
 """
 
-from .curves import SHAPE_X, SHAPES, CurveShape, Extremum, classify_curve
+from .curves import (
+    SHAPE_X,
+    SHAPES,
+    CurveShape,
+    Extremum,
+    ShapedDirection,
+    ShapedPlane,
+    ShapeWarning,
+    classify_curve,
+)
 from .masks import (
     checkerboard,
     image_mask,
@@ -28,6 +37,7 @@ from .side import side_direction
 __all__ = [
     "ternary_mask", "checkerboard", "random_mask", "random_squares", "text_mask", "image_mask",
     "fit_pattern", "fresh_networks", "PatternFit", "PatternPlane", "FlatLayout",
-    "classify_curve", "CurveShape", "Extremum", "SHAPES", "SHAPE_X", "mine_direction",
+    "classify_curve", "CurveShape", "ShapeWarning", "ShapedDirection", "ShapedPlane",
+    "Extremum", "SHAPES", "SHAPE_X", "mine_direction",
     "mine_plane", "permutation_direction", "side_direction", "rayleigh_quotient",
 ]

@@ -10,6 +10,7 @@ import math
 import threading
 from collections.abc import Callable, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -96,10 +97,14 @@ class _Objective:
                         m.track_running_stats = track
 
     def loss(self, shift: Params, x: Tensor, y: Tensor) -> Tensor:
-        """Mean loss of ``theta + shift`` on ``(x, y)``; differentiable in ``shift``."""
+        """Mean loss of ``theta + shift`` on ``(x, y)``; differentiable in ``shift``.
+
+        ``shift`` may also move floating-point buffers (a permutation direction moves the
+        BatchNorm statistics with their units).
+        """
         p = {**self.buffers, **self.theta}
         for k, s in shift.items():
-            p[k] = self.theta[k] + s
+            p[k] = p[k] + s.to(p[k].device, p[k].dtype)
         return self.loss_fn(functional_call(self.module, p, (x,)), y)
 
     def full_loss(self, shift: Params, chunk: int = 2048) -> Tensor:
@@ -109,6 +114,30 @@ class _Objective:
             xb, yb = self.x[s:s + chunk], self.y[s:s + chunk]
             total = total + self.loss(shift, xb, yb) * (xb.shape[0] / self.n)
         return total
+
+    @torch.no_grad()
+    def curve(self, d: Params, alphas) -> np.ndarray:
+        """``L(theta + alpha d)`` over all data at each ``alpha`` (call inside :meth:`session`)."""
+        return np.array([float(self.full_loss({k: float(a) * v for k, v in d.items()}))
+                         for a in alphas])
+
+    def scales(self) -> dict[str, float]:
+        """The unit of each moved tensor: the RMS of its weights.
+
+        Mining measures its steps (Adam's learning rate) and its radius in these units, so
+        it does the same on a model whose layers are rescaled (``W1 * c``, ``W2 / c`` in a
+        ReLU net: the same function) and needs no retuning for the size of the weights. A
+        tensor that is all zero takes the RMS over all moved weights (1 if they are all zero).
+        """
+        sq = {k: self.theta[k].double().pow(2) for k in self.keys}
+        total = float(sum(v.sum() for v in sq.values()))
+        count = sum(v.numel() for v in sq.values())
+        overall = math.sqrt(total / count) if total > 0 else 1.0
+        out = {}
+        for k, v in sq.items():
+            rms = math.sqrt(float(v.mean())) if v.numel() else 0.0
+            out[k] = rms if rms > 0 and math.isfinite(rms) else overall
+        return out
 
     def batches(self, batch_size: int, seed: int) -> Iterator[tuple[Tensor, Tensor]]:
         """Endless minibatches: epochs of a private seeded permutation (all data if small)."""
@@ -142,12 +171,17 @@ class _Objective:
         return out
 
 
-def _norm(d: Params) -> Tensor:
-    return torch.sqrt(sum((v.double() ** 2).sum() for v in d.values()))
+def _norm(d: Params, scales: dict[str, float] | None = None) -> Tensor:
+    """Euclidean norm, or with ``scales`` the norm of ``d_k / scales[k]`` (scale-free)."""
+    if scales is None:
+        return torch.sqrt(sum((v.double() ** 2).sum() for v in d.values()))
+    return torch.sqrt(sum((v.double() ** 2).sum() / scales[k] ** 2 for k, v in d.items()))
 
 
-def _dot(a: Params, b: Params) -> Tensor:
-    return sum((a[k].double() * b[k].double()).sum() for k in a)
+def _dot(a: Params, b: Params, scales: dict[str, float] | None = None) -> Tensor:
+    """Inner product, weighted by ``1 / scales[k]**2`` when given (matches :func:`_norm`)."""
+    w = scales or {}
+    return sum((a[k].double() * b[k].double()).sum() / w.get(k, 1.0) ** 2 for k in a)
 
 
 def _check_common(steps, scale, lr, seed) -> None:
@@ -165,8 +199,12 @@ def _check_common(steps, scale, lr, seed) -> None:
 
 def _adam(leaves: list[Params], objective: Callable[[int], Tensor],
           project: Callable[[], None], *, steps: int, lr: float, desc: str, progress: bool,
-          cancel: threading.Event | None, callback: Callback | None) -> int:
+          cancel: threading.Event | None, callback: Callback | None,
+          scales: dict[str, float] | None = None) -> int:
     """Adam on the direction tensors, projecting after every step; returns steps taken.
+
+    With ``scales``, tensor ``k`` steps with learning rate ``lr * scales[k]`` (``lr`` is then
+    relative to the size of each tensor's weights).
 
     ``cancel`` is checked before every step: the directions are then those after the last
     completed (and projected) step, so a cancelled run still satisfies the norm constraint.
@@ -179,7 +217,9 @@ def _adam(leaves: list[Params], objective: Callable[[int], Tensor],
     tensors = [t for d in leaves for t in d.values()]
     for t in tensors:
         t.requires_grad_(True)
-    opt = torch.optim.Adam(tensors, lr=lr)
+    w = scales or {}
+    groups = [{"params": [t], "lr": lr * w.get(k, 1.0)} for d in leaves for k, t in d.items()]
+    opt = torch.optim.Adam(groups, lr=lr)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -209,3 +249,35 @@ def _adam(leaves: list[Params], objective: Callable[[int], Tensor],
         for t in tensors:
             t.requires_grad_(False)
     return done
+
+
+def _check_attempts(attempts) -> None:
+    if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
+        raise ValueError(f"attempts must be an int >= 1 (tries before giving up), got "
+                         f"{attempts!r}.")
+
+
+def _retry(run: Callable[[dict], object], check: Callable[[object], dict], plan: list[dict],
+           cancel: threading.Event | None) -> tuple[object, list, dict | None, bool]:
+    """Try the settings of ``plan`` in order until ``check`` says one reached its shape.
+
+    ``run(settings)`` builds a candidate; ``check(candidate)`` returns ``{"achieved",
+    "reason", "ok", "score"}`` (plus optional ``"curve"``), lower ``score`` being closer to
+    the requested shape. Returns ``(candidate, attempts, chosen check, cancelled)``: the
+    first success, else the failure with the lowest score; a cancelled run is returned as
+    it is, unchecked, and stops the retries.
+    """
+    from .curves import Attempt
+
+    attempts, best = [], None
+    for settings in plan:
+        candidate = run(settings)
+        if cancel is not None and cancel.is_set():
+            return candidate, attempts, None, True
+        found = check(candidate)
+        attempts.append(Attempt(dict(settings), found["achieved"], found["reason"]))
+        if found["ok"]:
+            return candidate, attempts, found, False
+        if best is None or found["score"] < best[1]["score"]:
+            best = (candidate, found)
+    return best[0], attempts, best[1], False

@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -262,3 +263,103 @@ def classify_curve(alphas, losses=None, *, prominence: float = 0.05,
             return done("vvv-basin", "three minima, theta at the middle one")
         return done("other", "three minima, theta not at the middle one")
     return done("other", f"{n} minima")
+
+
+# --- what a shape method achieved ----------------------------------------------------------
+class ShapeWarning(UserWarning):
+    """A curve-shape method (mining, side, permutation) fell short of the requested shape."""
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One try of a curve-shape method.
+
+    Attributes:
+        settings: What this try used (``seed``, ``lr``, ``at``, ...).
+        achieved: The shape it reached (see :class:`ShapeOutcome`).
+        reason: Why that label (the classifier's reason, or the plane criterion).
+    """
+
+    settings: dict
+    achieved: str
+    reason: str
+
+
+class ShapeOutcome:
+    """What a curve-shape method was asked for and what it achieved (mixed into its result).
+
+    Attributes:
+        requested: The shape asked for (``"w-peak"``, ``"saddle"``, ...).
+        achieved: The shape reached, checked on the loss over all data: a label of
+            :func:`classify_curve` on the taxonomy window :data:`SHAPE_X` for a direction,
+            the plane's name or a description of what it is instead for a plane;
+            ``None`` when nothing was checked (cancelled, or no data to check on).
+        success: ``achieved == requested`` (``None`` when unchecked).
+        reason: Why (the classifier's reason, or the plane criterion's numbers).
+        curve: The :class:`CurveShape` of the returned direction (planes: of ``v``),
+            or ``None``.
+        attempts: Every try, in order (:class:`Attempt`).
+        cancelled: The call was cancelled (the result is what it had reached).
+    """
+
+    requested: str
+    achieved: str | None = None
+    success: bool | None = None
+    reason: str = "not checked"
+    curve: CurveShape | None = None
+    attempts: tuple[Attempt, ...] = ()
+    cancelled: bool = False
+
+    def _set_outcome(self, requested: str, attempts, chosen: dict | None, *,
+                     cancelled: bool = False) -> None:
+        self.requested, self.attempts, self.cancelled = requested, tuple(attempts), cancelled
+        if chosen is not None:
+            self.achieved, self.reason = chosen["achieved"], chosen["reason"]
+            self.curve = chosen.get("curve")
+            self.success = self.achieved == requested
+
+    def summary(self) -> str:
+        """One line: requested, achieved, attempts (for status lines and warnings)."""
+        if self.cancelled:
+            return f"{self.requested}: cancelled"
+        if self.success is None:
+            return f"{self.requested}: not checked"
+        tries = f"{len(self.attempts)} attempt{'s' if len(self.attempts) != 1 else ''}"
+        if self.success:
+            return f"{self.requested}: achieved ({tries})"
+        return (f"{self.requested}: fell short, achieved {self.achieved!r} ({self.reason}) "
+                f"after {tries}")
+
+
+class ShapedDirection(ShapeOutcome, dict):
+    """A direction dict (keyed like ``model.named_parameters()``) with its :class:`ShapeOutcome`.
+
+    It is a plain ``dict`` of tensors for every function that takes a direction.
+    """
+
+    def __repr__(self) -> str:
+        return f"ShapedDirection({len(self)} tensors; {self.summary()})"
+
+
+class ShapedPlane(ShapeOutcome, tuple):
+    """A pair of directions ``(u, v)`` with its :class:`ShapeOutcome`.
+
+    Attributes:
+        ring: Wine bottle only: ``(max loss on the rings r = 0.5 and 1, L(theta))``.
+    """
+
+    ring: tuple[float, float] | None = None
+
+    def __repr__(self) -> str:
+        return f"ShapedPlane(u, v; {self.summary()})"
+
+
+def warn_shortfall(result: ShapeOutcome, method: str, hint: str, stacklevel: int = 3) -> None:
+    """Warn (:class:`ShapeWarning`) that ``result`` fell short of the requested shape."""
+    tried = "; ".join(", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                for k, v in a.settings.items()) + f" -> {a.achieved}"
+                      for a in result.attempts)
+    warnings.warn(f"{method}(shape={result.requested!r}) fell short: it achieved "
+                  f"{result.achieved!r} ({result.reason}); tried {tried}. The best attempt is "
+                  f"returned; its .success is False and .achieved says what it is. {hint}",
+                  ShapeWarning, stacklevel=stacklevel)

@@ -9,10 +9,13 @@ a mined curve looks the same in :func:`~landscape_widget.compute_curve`) or the 
 statistics (``bn="batch"``); running statistics are never updated.
 
 Mining is Adam on the direction only (``theta`` fixed), on minibatches drawn from a private
-generator, with the direction projected back to its norm ``R`` after each step. ``R`` is
-``scale`` times the norm of a filter-normalised Gaussian direction (biases and BatchNorm
+generator, with the direction projected back to its size ``R`` after each step. ``R`` is
+that of ``scale`` times a filter-normalised Gaussian direction (biases and BatchNorm
 entries zero with ``ignore="biasbn"``), so ``alpha = 1`` is as far from ``theta`` as a
-random direction at ``alpha = scale``.
+random direction at ``alpha = scale``. Sizes and steps are in units of the weights (each
+tensor's RMS), so mining is scale-free. Every method checks the shape it reached on the
+loss over all data, retries within a budget and reports what it achieved
+(:class:`~landscape_widget.experiments.curves.ShapeOutcome`).
 """
 
 from __future__ import annotations
@@ -21,31 +24,64 @@ import math
 import threading
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from ..core.hessian import HessianOperator
 from ..core.params import Params, check_direction, check_module
-from ._objective import Callback, _adam, _check_common, _dot, _norm, _Objective
+from ._objective import (
+    Callback,
+    _adam,
+    _check_attempts,
+    _check_common,
+    _dot,
+    _norm,
+    _Objective,
+    _retry,
+)
+from .curves import SHAPE_X, ShapedDirection, ShapedPlane, classify_curve, warn_shortfall
 
 MINED_SHAPES = ("w-peak", "vvv-basin")
 PLANE_SHAPES = ("saddle", "wine-bottle")
 DEFAULT_STEPS = {"w-peak": 500, "vvv-basin": 800, "saddle": 500, "wine-bottle": 800}
 DEFAULT_SCALE = {"w-peak": 0.5, "vvv-basin": 1.0, "saddle": 0.5, "wine-bottle": 0.5}
+DEFAULT_LR = 0.025
+"""Adam's learning rate relative to each tensor's RMS weight: on PAPERS' digits MLP (RMS
+0.36 and 0.44) it is the absolute 1e-2 the recipes were calibrated with."""
+DEFAULT_ATTEMPTS = 3
+"""Tries before a method gives up: try ``i`` uses seed ``seed + i``, and ``scale`` and
+``lr`` divided by ``2**i`` (near convergence a w-peak is often found only closer to
+theta: on an MNIST-1D MLP at 0.125 but at neither 0.5 nor 0.25). vvv-basin retries keep
+``scale`` and floor the ends' loss at ``L(theta)`` instead (see :func:`_mine_1d`)."""
 _BUILT = {"v-basin": "lw.random_direction(model)", "v-side": "lw.side_direction(model, data)",
           "w-basin": "lw.permutation_direction(model)"}
+_ALPHAS = np.linspace(*SHAPE_X)
+_HINT = ("More steps=, other seeds or a smaller scale= may reach it; a model at a sharp, "
+         "isolated minimum may have no such direction nearby.")
+
+
+def _plan(seed: int, scale: float, lr: float, attempts: int, shape: str = "") -> list[dict]:
+    if shape == "vvv-basin":
+        # Its failure is a cap, not a too-large radius (an early-stopped MLP: L(theta) 1.28,
+        # ends 0.52, no barriers): retries keep the radius and floor the ends at L(theta).
+        return [{"seed": (seed + i) % 2**63, "scale": scale, "lr": lr / 2**i,
+                 "floor": i > 0} for i in range(attempts)]
+    return [{"seed": (seed + i) % 2**63, "scale": scale / 2**i, "lr": lr / 2**i}
+            for i in range(attempts)]
 
 
 def mine_direction(model: nn.Module, data, shape: str = "w-peak", *, steps: int | None = None,
-                   seed: int = 0, scale: float | None = None, lr: float = 1e-2,
-                   batch_size: int = 256, loss_fn: Callable | None = None, bn: str = "eval",
+                   seed: int = 0, scale: float | None = None, lr: float = DEFAULT_LR,
+                   batch_size: int = 256, attempts: int = DEFAULT_ATTEMPTS,
+                   loss_fn: Callable | None = None, bn: str = "eval",
                    ignore: str | None = "biasbn", device=None, progress: bool = True,
-                   cancel: threading.Event | None = None,
-                   callback: Callback | None = None) -> Params:
+                   cancel: threading.Event | None = None, callback: Callback | None = None,
+                   warn: bool = True) -> ShapedDirection:
     """Mine a direction whose loss curve has the shape ``"w-peak"`` or ``"vvv-basin"``.
 
-    Start: ``d0 = scale * lw.random_direction(model, seed=seed, ignore=ignore)``, and
-    ``R = ||d0||``. Adam (``lr``) then minimises, on minibatches of ``batch_size``:
+    Start: ``d0 = scale * lw.random_direction(model, seed=seed, ignore=ignore)``. Adam then
+    minimises, on minibatches of ``batch_size``:
 
     - ``"w-peak"`` (PAPERS.md (d) step 3): ``(L(theta + d) + L(theta - d)) / 2``: both ends
       lower than ``theta``, which ends up on a ridge: ``theta`` at a peak between two minima
@@ -55,14 +91,23 @@ def mine_direction(model: nn.Module, data, shape: str = "w-peak", *, steps: int 
       also *raise* the loss half-way, into two peaks at ``alpha = +-0.5`` (capped, as in
       MPO), leaving minima at -1, 0 and 1. Default 800 steps.
 
-    After each step ``d`` is rescaled to norm ``R`` (otherwise it would shrink back to
-    ``theta`` or run off to where everything is flat). Default ``scale``: 0.5 for w-peak
-    (PAPERS: at 1.0 the maximum drifted to ``alpha = 0.25``) and 1.0 for vvv-basin. PAPERS
-    says "same settings" for vvv-basin, but its measured curve (0.021, 1.29, 0.028, 1.43,
-    0.033) is what ``scale=1.0`` reproduces on its MLP (0.021, 1.54, 0.028, 1.44, 0.023),
-    while at 0.5 two of three seeds collapse to a w-peak-like valley with no barriers
-    (``L(+-0.5)`` below ``L(theta)``). ``lr`` is absolute (Adam's step per entry),
-    calibrated on the digits MLP; scale it with the size of your weights.
+    Scale-free: sizes are measured in units of the weights. Each tensor ``k`` steps with
+    learning rate ``lr * rms(theta_k)``, and after each step ``d`` is rescaled to keep
+    ``sqrt(sum_k ||d_k||^2 / rms(theta_k)^2)`` at its start value (otherwise it would
+    shrink back to ``theta`` or run off to where everything is flat). Rescaling a layer
+    (``W1 * c``, ``W2 / c`` in a ReLU net, the same function) rescales the mined direction
+    with it, and the defaults need no retuning for the size of the weights. Default
+    ``scale``: 0.5 for w-peak (PAPERS: at 1.0 the maximum drifted to ``alpha = 0.25``) and
+    1.0 for vvv-basin (PAPERS' measured curve; at 0.5 two of three seeds collapsed to a
+    valley without barriers).
+
+    Checked: the loss over all data along the result on the taxonomy window
+    :data:`~landscape_widget.SHAPE_X` is labelled by :func:`classify_curve`. If it is not
+    the requested shape, mining starts again (up to ``attempts`` tries: seed ``seed + i``,
+    ``lr`` divided by ``2**i``, and ``scale`` too for w-peak; for vvv-basin the ends then
+    earn nothing below ``L(theta)``, so that far from convergence the barriers are raised
+    instead of theta being left on a cap). If no try succeeds the best one (lowest
+    objective over all data) is returned with ``success=False`` and a :class:`ShapeWarning`.
 
     Args:
         model: The model (never modified: parameters, buffers and flags stay bit-identical).
@@ -70,12 +115,14 @@ def mine_direction(model: nn.Module, data, shape: str = "w-peak", *, steps: int 
         shape: ``"w-peak"`` or ``"vvv-basin"``. (v-basin, v-side and w-basin directions are
             built, not mined: see :func:`~landscape_widget.random_direction`,
             :func:`side_direction`, :func:`~landscape_widget.permutation_direction`.)
-        steps: Adam steps (default 500 for w-peak, 800 for vvv-basin).
-        seed: Seeds the start direction and the minibatch order (deterministic).
-        scale: ``R`` as a multiple of a filter-normalised direction's norm (default: 0.5
+        steps: Adam steps per try (default 500 for w-peak, 800 for vvv-basin).
+        seed: Seeds the start direction and the minibatch order of the first try.
+        scale: The radius as a multiple of a filter-normalised direction's (default: 0.5
             for w-peak, 1.0 for vvv-basin).
-        lr: Adam learning rate.
+        lr: Adam's learning rate relative to each tensor's RMS weight (default
+            :data:`DEFAULT_LR`).
         batch_size: Samples per step (all data if fewer).
+        attempts: Tries before giving up (default 3; 1 for no retry).
         loss_fn: Mean loss of a batch, ``loss_fn(outputs, targets)``; cross-entropy default.
         bn: ``"eval"`` (running statistics of ``theta``) or ``"batch"``.
         ignore: ``"biasbn"``: mine only tensors of dim > 1 (biases and BatchNorm entries of
@@ -83,13 +130,19 @@ def mine_direction(model: nn.Module, data, shape: str = "w-peak", *, steps: int 
         device: Where to compute (default: the model's device).
         progress: Show a tqdm bar.
         cancel: A ``threading.Event``; once set, mining stops before the next step and the
-            direction reached so far (after the last completed step, norm ``R``) is
-            returned. No exception: the caller knows it cancelled.
-        callback: Called as ``callback(step, total, objective)`` after every step.
+            direction reached so far (after the last completed step, on the constraint) is
+            returned unchecked (``cancelled=True``, ``success=None``). No exception: the
+            caller knows it cancelled.
+        callback: Called as ``callback(step, total, objective)`` after every step of every
+            try (``step`` restarts at 1 on a retry).
+        warn: Issue the :class:`ShapeWarning` on failure (the widget reports it instead).
 
     Returns:
-        ``dict[str, Tensor]`` keyed like ``model.named_parameters()`` with ``||d|| = R``,
-        for ``lw.compute_curve(model, data, direction=d)``.
+        A :class:`~landscape_widget.experiments.curves.ShapedDirection`: a ``dict[str,
+        Tensor]`` keyed like ``model.named_parameters()``, for
+        ``lw.compute_curve(model, data, direction=d)``, carrying ``requested``,
+        ``achieved``, ``success``, ``reason``, ``curve`` (the :class:`CurveShape`) and
+        ``attempts``.
 
     Raises:
         ValueError: On an unknown shape, missing data or bad settings.
@@ -102,30 +155,71 @@ def mine_direction(model: nn.Module, data, shape: str = "w-peak", *, steps: int 
     steps = DEFAULT_STEPS[shape] if steps is None else steps
     scale = DEFAULT_SCALE[shape] if scale is None else scale
     _check_common(steps, scale, lr, seed)
+    _check_attempts(attempts)
     obj = _Objective(model, data, loss_fn=loss_fn, bn=bn, ignore=ignore, device=device)
-    (d,) = obj.start(1, seed, scale)
-    _mine_1d(obj, d, shape, steps=steps, seed=seed, lr=lr, batch_size=batch_size,
-             progress=progress, cancel=cancel, callback=callback)
-    return obj.direction(d)
+    scales = obj.scales()
+
+    def run(settings: dict) -> Params:
+        (d,) = obj.start(1, settings["seed"], settings["scale"])
+        _mine_1d(obj, d, shape, scales, steps=steps, seed=settings["seed"],
+                 lr=settings["lr"], batch_size=batch_size, progress=progress, cancel=cancel,
+                 callback=callback, floor=settings.get("floor", False))
+        return d
+
+    def check(d: Params) -> dict:
+        with obj.session():
+            f = obj.curve(d, _ALPHAS)
+        return _curve_check(f, shape)
+
+    d, tries, chosen, cancelled = _retry(run, check, _plan(seed, scale, lr, attempts, shape),
+                                         cancel)
+    out = ShapedDirection(obj.direction(d))
+    out._set_outcome(shape, tries, chosen, cancelled=cancelled)
+    if warn and out.success is False:
+        warn_shortfall(out, "mine_direction", _HINT)
+    return out
 
 
-def _mine_1d(obj: _Objective, d: Params, shape: str, *, steps: int, seed: int, lr: float,
-             batch_size: int, progress: bool, cancel, callback) -> None:
-    """Mine ``d`` in place (its norm is kept)."""
-    radius = _norm(d)
+def _curve_check(f: np.ndarray, shape: str) -> dict:
+    """The label of ``f`` on ``_ALPHAS`` and the mining objective read off it (the score)."""
+    found = classify_curve(_ALPHAS, f)
+    at = {a: float(np.interp(a, _ALPHAS, f)) for a in (-1.0, -0.5, 0.0, 0.5, 1.0)}
+    score = (at[-1.0] + at[1.0]) / 2
+    if shape == "vvv-basin":
+        cap = 2 * at[0.0] + 1
+        score -= (min(max(at[-0.5], 0), cap) + min(max(at[0.5], 0), cap)) / 2
+    return {"achieved": found.shape, "reason": found.reason, "curve": found,
+            "ok": found.shape == shape, "score": score if math.isfinite(score) else math.inf}
+
+
+def _mine_1d(obj: _Objective, d: Params, shape: str, scales: dict[str, float], *, steps: int,
+             seed: int, lr: float, batch_size: int, progress: bool, cancel,
+             callback, floor: bool = False) -> None:
+    """Mine ``d`` in place (its scaled norm is kept).
+
+    ``floor`` (vvv-basin retries): the ends earn nothing below ``L(theta)``. Far from
+    convergence the ends can fall far below ``L(theta)`` and that gain outweighs the capped
+    barriers, leaving theta on a cap (a w-peak); with the floor the barriers take over.
+    """
+    radius = _norm(d, scales)
     if not radius > 0:
         raise ValueError("the start direction is zero; the model's weights are all zero?")
     batches = obj.batches(batch_size, seed)
     with obj.session():
-        cap = None
+        cap, low = None, None
         if shape == "vvv-basin":
             with torch.no_grad():
-                cap = 2 * float(obj.full_loss({})) + 1  # PAPERS' c = 2 L(theta) + 1
+                l0 = float(obj.full_loss({}))
+            cap = 2 * l0 + 1  # PAPERS' c = 2 L(theta) + 1
+            low = l0 if floor else None
 
         def objective(_step: int) -> Tensor:
             x, y = next(batches)
             minus = {k: -v for k, v in d.items()}
-            value = 0.5 * (obj.loss(d, x, y) + obj.loss(minus, x, y))
+            ends = [obj.loss(d, x, y), obj.loss(minus, x, y)]
+            if low is not None:
+                ends = [e.clamp(min=low) for e in ends]
+            value = 0.5 * (ends[0] + ends[1])
             if cap is not None:
                 half = {k: 0.5 * v for k, v in d.items()}
                 neg_half = {k: -0.5 * v for k, v in d.items()}
@@ -134,60 +228,72 @@ def _mine_1d(obj: _Objective, d: Params, shape: str, *, steps: int, seed: int, l
             return value
 
         def project() -> None:
-            factor = (radius / _norm(d)).item()
+            factor = (radius / _norm(d, scales)).item()
             for v in d.values():
                 v.mul_(factor)
 
         _adam([d], objective, project, steps=steps, lr=lr, desc=f"mining {shape}",
-              progress=progress, cancel=cancel, callback=callback)
+              progress=progress, cancel=cancel, callback=callback, scales=scales)
 
 
 def mine_plane(model: nn.Module, data, shape: str = "saddle", *, steps: int | None = None,
-               seed: int = 0, scale: float | None = None, lr: float = 1e-2,
-               batch_size: int = 256, angles: int = 4, loss_fn: Callable | None = None,
-               bn: str = "eval", ignore: str | None = "biasbn", device=None,
-               progress: bool = True, cancel: threading.Event | None = None,
-               callback: Callback | None = None) -> tuple[Params, Params]:
-    """Two orthogonal directions ``(u, v)`` of norm ``R`` spanning a saddle or a wine bottle.
+               seed: int = 0, scale: float | None = None, lr: float = DEFAULT_LR,
+               batch_size: int = 256, angles: int = 4, attempts: int = DEFAULT_ATTEMPTS,
+               loss_fn: Callable | None = None, bn: str = "eval",
+               ignore: str | None = "biasbn", device=None, progress: bool = True,
+               cancel: threading.Event | None = None, callback: Callback | None = None,
+               warn: bool = True) -> ShapedPlane:
+    """Two orthogonal directions ``(u, v)`` of equal size spanning a saddle or a wine bottle.
 
     Both start from ``scale`` times two filter-normalised Gaussian directions drawn from
-    ``seed`` (``lw.random_directions(model, 2, seed=seed)``); ``R`` is the first one's norm.
+    ``seed`` (``lw.random_directions(model, 2, seed=seed)``). Sizes, angles and steps are
+    measured in units of the weights, as in :func:`mine_direction` (scale-free): norms
+    and inner products weight tensor ``k`` by ``1 / rms(theta_k)**2``.
 
     - ``"saddle"`` (PAPERS.md (d) step 5): ``u`` is the first (random: a v-basin, the
       loss rises along it), ``v`` is mined from the second as a w-peak direction
       (:func:`mine_direction`, default 500 steps), then made orthogonal to ``u``
-      (Gram-Schmidt) and rescaled to ``R``: the loss falls along ``v``.
+      (Gram-Schmidt) and rescaled to ``u``'s size: the loss falls along ``v``. Checked:
+      the curve along ``u`` is a v-basin and the one along ``v`` a w-peak
+      (:func:`classify_curve` on :data:`~landscape_widget.SHAPE_X`).
     - ``"wine-bottle"``: ``u`` and ``v`` are mined jointly to minimise the mean of
       ``L(theta + cos(phi) u + sin(phi) v)`` over ``angles`` angles per step,
-      re-orthonormalised (Gram-Schmidt, then both rescaled to ``R``) after each step
-      (default 800 steps): a ring of low loss around ``theta``, the punt at the bottom of
-      a wine bottle. The angles are equally spaced with a random offset (PAPERS draws 4
-      independent ones): on the digits MLP, 5 seeds x 2 trainings, the highest loss on
-      the ``r = 0.5`` ring fell from 0.93-1.00 to 0.85-0.93 times ``L(theta)`` (and on the
-      ``r = 1`` ring from 0.70-0.90 to 0.57-0.67), so every ring point stays below
-      ``L(theta)`` for every seed tried.
+      re-orthonormalised after each step (default 800 steps): a ring of low loss around
+      ``theta``, the punt at the bottom of a wine bottle. The angles are equally spaced
+      with a random offset (PAPERS draws 4 independent ones; stratified ones sample the
+      whole ring every step). Checked (PAPERS (d7)): all 12 equally spaced points on the
+      rings ``r = 0.5`` and ``r = 1`` lie below ``L(theta)``.
+
+    A plane that fails its check is mined again (``attempts`` tries: seed ``seed + i``,
+    ``scale`` and ``lr`` divided by ``2**i``); if none passes, the best is returned with
+    ``success=False`` and a :class:`ShapeWarning`.
 
     Args:
         model: The model (never modified).
         data: Training ``(inputs, targets)``, a ``Dataset`` or a ``DataLoader``.
         shape: ``"saddle"`` or ``"wine-bottle"``.
-        steps: Adam steps (defaults above).
-        seed: Seeds the start directions, minibatches and angles (deterministic).
-        scale: ``R`` as a multiple of a filter-normalised direction's norm (default 0.5).
-        lr: Adam learning rate (absolute; see :func:`mine_direction`).
+        steps: Adam steps per try (defaults above).
+        seed: Seeds the start directions, minibatches and angles of the first try.
+        scale: Size as a multiple of a filter-normalised direction's (default 0.5).
+        lr: Adam learning rate relative to each tensor's RMS weight.
         batch_size: Samples per step.
         angles: Angles per step (wine bottle), equally spaced with a random offset.
+        attempts: Tries before giving up (default 3).
         loss_fn: Mean loss of a batch; cross-entropy by default.
         bn: ``"eval"`` or ``"batch"``.
         ignore: ``"biasbn"`` (weights of dim > 1 only) or ``None``.
         device: Where to compute.
         progress: Show a tqdm bar.
         cancel: A ``threading.Event``; once set, mining stops and the directions reached so
-            far (orthogonal, norm ``R``) are returned.
+            far (orthogonal, equal size) are returned unchecked (``cancelled=True``).
         callback: Called as ``callback(step, total, objective)`` after every step.
+        warn: Issue the :class:`ShapeWarning` on failure.
 
     Returns:
-        ``(u, v)``, direction dicts for ``lw.compute_surface(model, data, directions=(u, v))``.
+        A :class:`~landscape_widget.experiments.curves.ShapedPlane` ``(u, v)`` of direction
+        dicts for ``lw.compute_surface(model, data, directions=(u, v))``, carrying
+        ``requested``, ``achieved``, ``success``, ``reason`` and ``attempts`` (and ``ring``,
+        the highest ring loss and ``L(theta)``, for the wine bottle).
 
     Raises:
         ValueError: On an unknown shape, missing data or bad settings.
@@ -198,27 +304,76 @@ def mine_plane(model: nn.Module, data, shape: str = "saddle", *, steps: int | No
     steps = DEFAULT_STEPS[shape] if steps is None else steps
     scale = DEFAULT_SCALE[shape] if scale is None else scale
     _check_common(steps, scale, lr, seed)
+    _check_attempts(attempts)
     if isinstance(angles, bool) or not isinstance(angles, int) or angles < 1:
         raise ValueError(f"angles must be an int >= 1, got {angles!r}.")
     obj = _Objective(model, data, loss_fn=loss_fn, bn=bn, ignore=ignore, device=device)
+    scales = obj.scales()
+    mine = dict(steps=steps, batch_size=batch_size, angles=angles, progress=progress,
+                cancel=cancel, callback=callback)
+
+    def run(settings: dict) -> tuple[Params, Params]:
+        return _mine_plane_once(obj, shape, scales, scale=settings["scale"],
+                                seed=settings["seed"], lr=settings["lr"], **mine)
+
+    def check(plane: tuple[Params, Params]) -> dict:
+        with obj.session():
+            return _plane_check(obj, shape, *plane)
+
+    (u, v), tries, chosen, cancelled = _retry(run, check, _plan(seed, scale, lr, attempts), cancel)
+    out = ShapedPlane((obj.direction(u), obj.direction(v)))
+    out._set_outcome(shape, tries, chosen, cancelled=cancelled)
+    if chosen is not None:
+        out.ring = chosen.get("ring")
+    if warn and out.success is False:
+        warn_shortfall(out, "mine_plane", _HINT)
+    return out
+
+
+def _plane_check(obj: _Objective, shape: str, u: Params, v: Params) -> dict:
+    if shape == "saddle":
+        fu, fv = obj.curve(u, _ALPHAS), obj.curve(v, _ALPHAS)
+        su, sv = classify_curve(_ALPHAS, fu), classify_curve(_ALPHAS, fv)
+        ok = su.shape == "v-basin" and sv.shape == "w-peak"
+        score = float(_curve_check(fv, "w-peak")["score"]) - float(fu[0] + fu[-1]) / 2
+        return {"achieved": "saddle" if ok else f"u {su.shape} / v {sv.shape}",
+                "reason": f"along u: {su.shape} ({su.reason}); along v: {sv.shape} "
+                          f"({sv.reason}); a saddle needs a v-basin along u, a w-peak along v",
+                "curve": sv, "ok": ok, "score": score if math.isfinite(score) else math.inf}
+    with torch.no_grad():
+        l0 = float(obj.full_loss({}))
+        ring = [float(obj.full_loss({k: r * (math.cos(p) * u[k] + math.sin(p) * v[k])
+                                     for k in u}))
+                for r in (0.5, 1.0) for p in np.arange(12) * math.pi / 6]
+    top = max(ring)
+    ok = top < l0
+    return {"achieved": "wine-bottle" if ok else "other", "ok": ok,
+            "reason": f"highest loss on the rings r=0.5 and r=1 (12 angles each) {top:.4g} "
+                      f"{'<' if ok else '>='} L(theta) {l0:.4g}",
+            "ring": (top, l0), "score": top - l0 if math.isfinite(top) else math.inf}
+
+
+def _mine_plane_once(obj: _Objective, shape: str, scales: dict[str, float], *, scale: float,
+                     seed: int, lr: float, steps: int, batch_size: int, angles: int,
+                     progress: bool, cancel, callback) -> tuple[Params, Params]:
     u, v = obj.start(2, seed, scale)
-    radius = _norm(u)
+    radius = _norm(u, scales)
 
     def orthonormalise() -> None:
-        c = (_dot(v, u) / _dot(u, u)).item()
+        c = (_dot(v, u, scales) / _dot(u, u, scales)).item()
         for k in v:
             v[k].sub_(c * u[k])
         for d in (u, v):
-            factor = (radius / _norm(d)).item()
+            factor = (radius / _norm(d, scales)).item()
             for t in d.values():
                 t.mul_(factor)
 
     if shape == "saddle":
-        _mine_1d(obj, v, "w-peak", steps=steps, seed=seed, lr=lr, batch_size=batch_size,
-                 progress=progress, cancel=cancel, callback=callback)
+        _mine_1d(obj, v, "w-peak", scales, steps=steps, seed=seed, lr=lr,
+                 batch_size=batch_size, progress=progress, cancel=cancel, callback=callback)
         with torch.no_grad():
             orthonormalise()
-        return obj.direction(u), obj.direction(v)
+        return u, v
 
     with torch.no_grad():
         orthonormalise()
@@ -227,20 +382,18 @@ def mine_plane(model: nn.Module, data, shape: str = "saddle", *, steps: int | No
 
     def objective(_step: int) -> Tensor:
         x, y = next(batches)
-        # Stratified: equally spaced angles with a random offset. PAPERS draws them
-        # independently; stratified ones sample the whole ring every step (lower variance).
         offset = float(torch.rand((), generator=gen, dtype=torch.float64)) * 2 * math.pi
-        phis = [offset + 2 * math.pi * i / angles for i in range(angles)]
         total = 0.0
-        for phi in phis:
+        for i in range(angles):
+            phi = offset + 2 * math.pi * i / angles
             shift = {k: math.cos(phi) * u[k] + math.sin(phi) * v[k] for k in u}
             total = total + obj.loss(shift, x, y)
         return total / angles
 
     with obj.session():
         _adam([u, v], objective, orthonormalise, steps=steps, lr=lr, desc=f"mining {shape}",
-              progress=progress, cancel=cancel, callback=callback)
-    return obj.direction(u), obj.direction(v)
+              progress=progress, cancel=cancel, callback=callback, scales=scales)
+    return u, v
 
 
 def rayleigh_quotient(model: nn.Module, data, direction: Params, *,

@@ -21,6 +21,10 @@ which is sound for any deterministic operation, and the rest of the model still 
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -34,7 +38,16 @@ from ..core.params import (
     model_device,
     parameters_of,
 )
+from ._objective import _check_attempts, _Objective, _retry
 from ._permutation_groups import FIXED, HELP, MIXING, Plan, trace
+from .curves import ShapedDirection, classify_curve, warn_shortfall
+from .mining import DEFAULT_ATTEMPTS
+
+PERMUTATION_X = (-0.5, 1.5, 41)
+"""The window the w-basin is checked on (and the widget shows): theta at 0, its permuted
+twin at 1. On :data:`SHAPE_X` the far side (``alpha = -1.5``) often rises so high that the
+barrier between the twins falls under the classifier's 5 % of the span."""
+_ALPHAS = np.linspace(*PERMUTATION_X)
 
 
 def _derangement(n: int, gen: torch.Generator) -> Tensor:
@@ -102,7 +115,10 @@ def _verify(model: nn.Module, d: Params, inputs: Tensor) -> None:
 
 
 def permutation_direction(model: nn.Module, *, seed: int = 0, buffers: bool = True,
-                          check_inputs: Tensor | None = None) -> Params:
+                          check_inputs: Tensor | None = None, data=None,
+                          loss_fn: Callable | None = None, bn: str = "eval", device=None,
+                          attempts: int = DEFAULT_ATTEMPTS,
+                          warn: bool = True) -> ShapedDirection:
     """The w-basin direction ``d = pi(theta) - theta`` for a random hidden-unit permutation.
 
     Every group of hidden units that can be permuted (see the module docstring: a layer's
@@ -113,6 +129,15 @@ def permutation_direction(model: nn.Module, *, seed: int = 0, buffers: bool = Tr
     ``lw.compute_curve(model, data, direction=d, x=(-0.5, 1.5, 41))`` have the same loss.
     In a ResNet the channels of each stage's residual stream form one group, the inner
     channels of each block another.
+
+    Equal ends do not make a w-basin by themselves: a wide network may be linearly
+    connected to its permuted twin, with no barrier between them. With ``data`` the shape
+    is checked (:func:`classify_curve` of the loss over all data on :data:`PERMUTATION_X`,
+    ``(-0.5, 1.5, 41)``, where the twin sits at ``alpha = 1``); a
+    permutation that gives no w-basin is drawn again (seed ``seed + i``, ``attempts``
+    tries), and if none does the one with the highest barrier is returned with
+    ``success=False`` and a :class:`ShapeWarning`. Without ``data`` nothing is checked
+    (``success`` is ``None``).
 
     BatchNorm: with ``buffers=True`` (default) ``d`` also holds every floating-point buffer
     (zero where nothing moves), as :func:`~landscape_widget.interpolation_direction` does,
@@ -132,10 +157,19 @@ def permutation_direction(model: nn.Module, *, seed: int = 0, buffers: bool = Tr
         check_inputs: Optional model inputs (a few samples): the two endpoints are run on
             them in eval mode and must give the same outputs (to 1e-4 of their scale), a
             check of the graph analysis on the real model. The widget passes 64 samples.
+        data: Optional ``(inputs, targets)``, ``Dataset`` or ``DataLoader`` to check the
+            curve's shape on (see above).
+        loss_fn: Mean loss of a batch for the check; cross-entropy by default.
+        bn: ``"eval"`` or ``"batch"``, for the check.
+        device: Where to compute the check.
+        attempts: Permutations to try when checking (default 3).
+        warn: Issue the :class:`ShapeWarning` on failure.
 
     Returns:
-        ``dict[str, Tensor]`` keyed like ``model.named_parameters()`` (plus float buffers),
-        each tensor on its parameter's device and dtype.
+        A :class:`~landscape_widget.experiments.curves.ShapedDirection`: ``dict[str,
+        Tensor]`` keyed like ``model.named_parameters()`` (plus float buffers), each tensor
+        on its parameter's device and dtype, carrying ``requested`` (``"w-basin"``),
+        ``achieved``, ``success``, ``reason``, ``curve`` and ``attempts``.
 
     Raises:
         ValueError: If ``torch.fx`` cannot trace the model (data-dependent control flow),
@@ -154,6 +188,39 @@ def permutation_direction(model: nn.Module, *, seed: int = 0, buffers: bool = Tr
     check_module(model)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}.")
+    _check_attempts(attempts)
+    if data is None:
+        out = ShapedDirection(_permutation(model, seed, buffers, check_inputs))
+        out._set_outcome("w-basin", (), None)
+        return out
+    obj = _Objective(model, data, loss_fn=loss_fn, bn=bn, ignore=None, device=device)
+
+    def run(settings: dict) -> Params:
+        return _permutation(model, settings["seed"], buffers, check_inputs)
+
+    def check(d: Params) -> dict:
+        with obj.session():
+            f = obj.curve(d, _ALPHAS)
+        found = classify_curve(_ALPHAS, f)
+        inside = (_ALPHAS >= 0) & (_ALPHAS <= 1)
+        ends = max(np.interp(0.0, _ALPHAS, f), np.interp(1.0, _ALPHAS, f))
+        barrier = float(np.nanmax(f[inside]) - ends)
+        return {"achieved": found.shape, "reason": found.reason, "curve": found,
+                "ok": found.shape == "w-basin",
+                "score": -barrier if math.isfinite(barrier) else math.inf}
+
+    plan = [{"seed": seed + i} for i in range(attempts)]
+    d, tries, chosen, _ = _retry(run, check, plan, None)
+    out = ShapedDirection(d)
+    out._set_outcome("w-basin", tries, chosen)
+    if warn and out.success is False:
+        warn_shortfall(out, "permutation_direction", "The model may be linearly connected to "
+                       "its permuted twin (no barrier between them: common for wide networks).")
+    return out
+
+
+def _permutation(model: nn.Module, seed: int, buffers: bool,
+                 check_inputs: Tensor | None) -> Params:
     if isinstance(model, MIXING):
         raise ValueError(f"the model is a single {type(model).__name__} layer: a permutation "
                          "needs at least one hidden layer between two weight layers.")

@@ -10,11 +10,15 @@ import math
 import threading
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..core.params import Params
-from ._objective import _norm, _Objective
+from ._objective import _check_attempts, _norm, _Objective, _retry
+from .curves import SHAPE_X, ShapedDirection, classify_curve, warn_shortfall
+
+_ALPHAS = np.linspace(*SHAPE_X)
 
 
 class _Stopped(Exception):
@@ -25,9 +29,15 @@ class _Stopped(Exception):
         self.t = t
 
 
+AT_FACTORS = (1.0, 1.5, 2.0)
+"""Retries of :func:`side_direction` put the minimum at ``at`` times these (a shorter
+direction, so the far side of the window rises less and the dip stands out more)."""
+
+
 def side_direction(model: nn.Module, data, *, at: float = 0.75, ignore: str | None = "biasbn",
                    loss_fn: Callable | None = None, bn: str = "eval", device=None,
-                   cancel: threading.Event | None = None) -> Params:
+                   cancel: threading.Event | None = None, attempts: int = len(AT_FACTORS),
+                   warn: bool = True) -> ShapedDirection:
     """A v-side direction: straight downhill, scaled so the minimum lies at ``alpha = at``.
 
     ``d`` is parallel to ``-grad L(theta)`` (over all data; on weights of dim > 1 with
@@ -42,7 +52,15 @@ def side_direction(model: nn.Module, data, *, at: float = 0.75, ignore: str | No
 
     The line search doubles ``t`` from ``1e-4 ||theta||`` until the loss rises (at most up
     to ``||theta||``, the size of the weights themselves), then refines ``t*`` by golden
-    section to 1e-3 relative.
+    section to 1e-3 relative. The step is relative to the weights and the direction's
+    length comes from the loss itself, so nothing depends on the scale of the weights.
+
+    Checked: :func:`classify_curve` labels the loss over all data along ``d`` on the
+    taxonomy window :data:`~landscape_widget.SHAPE_X`. Near convergence the dip to the
+    minimum can be too shallow next to the rise on the other side (a v-basin); the next
+    tries put the minimum further out (``at`` times 1.5, then 2: a shorter direction). If
+    no try gives a v-side the best one is returned with ``success=False`` and a
+    :class:`ShapeWarning`.
 
     Args:
         model: The model (never modified).
@@ -54,11 +72,15 @@ def side_direction(model: nn.Module, data, *, at: float = 0.75, ignore: str | No
         bn: ``"eval"`` or ``"batch"``.
         device: Where to compute.
         cancel: A ``threading.Event``, checked before every loss evaluation of the line
-            search; once set, the direction of the best step so far is returned (the
-            widget drops it).
+            search; once set, the direction of the best step so far is returned unchecked
+            (``cancelled=True``; the widget drops it).
+        attempts: Tries (positions ``at``, ``1.5 at``, ``2 at``), 1 to 3.
+        warn: Issue the :class:`ShapeWarning` on failure.
 
     Returns:
-        A direction dict keyed like ``model.named_parameters()``.
+        A :class:`~landscape_widget.experiments.curves.ShapedDirection` (a direction dict
+        keyed like ``model.named_parameters()``) carrying ``requested`` (``"v-side"``),
+        ``achieved``, ``success``, ``reason``, ``curve`` and ``attempts``.
 
     Raises:
         ValueError: If the gradient is zero (``theta`` is a stationary point: no downhill)
@@ -69,6 +91,10 @@ def side_direction(model: nn.Module, data, *, at: float = 0.75, ignore: str | No
     if (isinstance(at, bool) or not isinstance(at, int | float) or not at > 0
             or not math.isfinite(at)):
         raise ValueError(f"at must be a positive number (where the minimum lies), got {at!r}.")
+    _check_attempts(attempts)
+    if attempts > len(AT_FACTORS):
+        raise ValueError(f"attempts must be 1 to {len(AT_FACTORS)} for side_direction (one "
+                         f"per position of the minimum), got {attempts}.")
     obj = _Objective(model, data, loss_fn=loss_fn, bn=bn, ignore=ignore, device=device)
     with obj.session():
         zero = {k: torch.zeros_like(obj.theta[k], requires_grad=True) for k in obj.keys}
@@ -92,11 +118,35 @@ def side_direction(model: nn.Module, data, *, at: float = 0.75, ignore: str | No
                 best[:] = [t, value]
             return value
 
+        stopped = False
         try:
             t_star = _line_search(line, float(_norm({k: obj.theta[k] for k in obj.keys})))
         except _Stopped as stop:
             t_star = stop.t or 1e-4 * float(_norm({k: obj.theta[k] for k in obj.keys}))
-    return obj.direction({k: v * (t_star / at) for k, v in unit.items()})
+            stopped = True
+
+        def run(settings: dict) -> Params:
+            return {k: v * (t_star / settings["at"]) for k, v in unit.items()}
+
+        def check(d: Params) -> dict:
+            found = classify_curve(_ALPHAS, obj.curve(d, _ALPHAS))
+            dip = (found.theta_loss - min(m.loss for m in found.minima)) / found.span \
+                if found.minima and found.span > 0 else 0.0
+            return {"achieved": found.shape, "reason": found.reason, "curve": found,
+                    "ok": found.shape == "v-side",
+                    "score": -dip if math.isfinite(dip) else math.inf}
+
+        plan = [{"at": at * f} for f in AT_FACTORS[:attempts]]
+        if stopped:
+            d, tries, chosen, cancelled = run(plan[0]), [], None, True
+        else:
+            d, tries, chosen, cancelled = _retry(run, check, plan, cancel)
+    out = ShapedDirection(obj.direction(d))
+    out._set_outcome("v-side", tries, chosen, cancelled=cancelled)
+    if warn and out.success is False:
+        warn_shortfall(out, "side_direction", "The model may sit at a minimum along its "
+                       "gradient (converged): no downhill side stands out in this window.")
+    return out
 
 
 def _line_search(f: Callable[[float], float], size: float) -> float:

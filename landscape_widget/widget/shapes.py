@@ -51,7 +51,7 @@ from ..core.hessian import Cancelled
 from ..core.surface import Curve
 from ..experiments.curves import SHAPE_X, classify_curve
 from ..experiments.mining import DEFAULT_STEPS, mine_direction, mine_plane
-from ..experiments.permute import permutation_direction
+from ..experiments.permute import PERMUTATION_X, permutation_direction
 from ..experiments.side import side_direction
 from .protocol import SHAPE_PLANES, SHAPE_TYPES, Spec
 
@@ -85,13 +85,15 @@ def entries() -> list[dict]:
     Besides ``label``, ``direction`` and ``norm`` (that of the random y axis of a curve
     type in 2D), each carries ``shape`` (``"curve"`` or ``"surface"``) and ``window``:
     ``[start, stop, num]``, which the front end sets when the user enters this kind of
-    type: the taxonomy window :data:`~landscape_widget.SHAPE_X` for curves (1D), the same
+    type: the taxonomy window :data:`~landscape_widget.SHAPE_X` for curves (1D; the
+    permutation's ``(-0.5, 1.5, 41)``, theta and its twin, where its shape is checked), the same
     range on both axes for planes (2D only; ``num`` applies when coming from 1D).
     """
-    start, stop, num = SHAPE_X
     out = []
     for name in SHAPE_TYPES:
         plane = name in SHAPE_PLANES
+        # The permutation's shape is checked on PERMUTATION_X (theta at 0, its twin at 1).
+        start, stop, num = PERMUTATION_X if name == "permutation" else SHAPE_X
         out.append({"label": _LABELS[name], "direction": name,
                     "norm": "none" if plane else "filter",
                     "shape": "surface" if plane else "curve",
@@ -100,9 +102,14 @@ def entries() -> list[dict]:
 
 
 class _Labelled(list):
-    """Directions with axis labels (read by :func:`.extra_jobs.path_info`)."""
+    """Directions with axis labels (read by :func:`.extra_jobs.path_info`) and a ``note``.
+
+    ``note`` says what a curve-shape method fell short of ("" when it got its shape); the
+    worker shows it in the status line of the finished job.
+    """
 
     axis_labels: list[str]
+    note: str = ""
 
 
 def check_steps(steps: int | None) -> int | None:
@@ -169,6 +176,10 @@ class ShapeDirections:
         base = self._base(worker, spec, job)
         dirs = _Labelled(base)
         dirs.axis_labels = list(_AXES[spec.direction])
+        dirs.note = getattr(base, "note", "")
+        if dirs.note:  # the shortfall stays visible on the plot, not only in the status
+            dirs.axis_labels[0] += f" — fell short: {base[0].achieved}" if len(base) == 1 \
+                else " — fell short"
         if spec.direction not in SHAPE_PLANES and spec.mode == "2d":
             second = worker.random_for(spec, 2)[1]
             dirs.append(second)
@@ -190,7 +201,7 @@ class ShapeDirections:
         with self._lock:
             if key in self._cache:
                 self._cache.move_to_end(key)
-                return list(self._cache[key])
+                return self._cache[key]
         if job.cancel.is_set():
             raise Cancelled("cancelled")
         base = self._compute(worker, spec, job)
@@ -201,26 +212,62 @@ class ShapeDirections:
             self._cache[key] = base
             while len(self._cache) > CACHE:
                 self._cache.popitem(last=False)
-        return list(base)
+        return base
 
     def _compute(self, worker, spec: Spec, job) -> list:
         name, label = spec.direction, _LABELS[spec.direction]
         ignore = "biasbn" if spec.ignore_biasbn else None
         common = dict(loss_fn=worker.loss_fn, bn=spec.bn, device=worker.device)
         _status(worker, job, f"{label}: computing the direction")
+        # warn=False: the shortfall goes to the status line and the axis label (a warning
+        # from the worker thread would land in whichever cell runs next).
         if name == "permutation":
             # Checked on a few real inputs: a w-basin whose ends differ would mislead.
             inputs = sample_inputs(worker.data, 64)
-            return [permutation_direction(worker.model, seed=spec.seed, check_inputs=inputs)]
+            found = permutation_direction(worker.model, seed=spec.seed, check_inputs=inputs,
+                                          data=worker.data, warn=False, **common)
+            return _reported([found], found, worker, job, label)
         if name == "side":
-            return [side_direction(worker.model, worker.data, ignore=ignore, cancel=job.cancel,
-                                   **common)]
+            found = side_direction(worker.model, worker.data, ignore=ignore, cancel=job.cancel,
+                                   warn=False, **common)
+            return _reported([found], found, worker, job, label)
         mining = dict(steps=self.steps_for(name), seed=spec.seed, ignore=ignore,
-                      progress=False, cancel=job.cancel,
+                      progress=False, cancel=job.cancel, warn=False,
                       callback=_progress(worker, job, label), **common)
         if name in SHAPE_PLANES:
-            return list(mine_plane(worker.model, worker.data, shape=_MINED[name], **mining))
-        return [mine_direction(worker.model, worker.data, shape=_MINED[name], **mining)]
+            found = mine_plane(worker.model, worker.data, shape=_MINED[name], **mining)
+            return _reported(list(found), found, worker, job, label)
+        found = mine_direction(worker.model, worker.data, shape=_MINED[name], **mining)
+        return _reported([found], found, worker, job, label)
+
+
+def shape_note(found) -> str:
+    """What a curve-shape method achieved, for the status line (``""`` when it succeeded).
+
+    Example:
+        >>> from landscape_widget.experiments.curves import ShapedDirection
+        >>> d = ShapedDirection()
+        >>> d._set_outcome("w-peak", [], {"achieved": "v-basin", "reason": "one minimum"})
+        >>> shape_note(d)
+        "w-peak: fell short, achieved 'v-basin' (one minimum) after 0 attempts"
+    """
+    if getattr(found, "success", None) is False:
+        return found.summary()
+    return ""
+
+
+class _Base(list):
+    """The computed directions and what they achieved (``note``: the shortfall, or "")."""
+
+    note: str = ""
+
+
+def _reported(dirs: list, found, worker, job, label: str) -> list:
+    out = _Base(dirs)
+    out.note = shape_note(found)
+    if not job.cancel.is_set():
+        _status(worker, job, f"{label}: {out.note or found.summary()}")
+    return out
 
 
 def _status(worker, job, message: str, done: int = 0, total: int = 0,

@@ -382,9 +382,12 @@ class Worker:
                         "evaluated": stream.evaluated,
                         "reused": stream.reused - vertex_models.outside(info),
                         "nonfinite": stream.evaluator.nonfinite_points})
-            note = ""
+            # A curve-shape direction that fell short says so (see .shapes).
+            notes = [getattr(dirs, "note", "")]
             if stream.evaluator.nonfinite_points:
-                note = f"{stream.evaluator.nonfinite_points} point(s) gave a non-finite loss"
+                notes.append(f"{stream.evaluator.nonfinite_points} point(s) gave a non-finite "
+                             "loss")
+            note = "; ".join(n for n in notes if n)
             self._status(state="done", id=job.id, device=dev, done=total, total=total,
                          points_per_s=total / seconds if seconds > 0 else 0.0, eta_s=0.0,
                          message=note)
