@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Every GPU measurement of the benchmarks in one run (a lent H200 has 15 minutes a session,
+# machine start included, so each step has its own time limit and a failure does not stop
+# the next). Usage, on the GPU machine, in the repository root:
+#
+#   OUT=/tmp/gpu bash benchmarks/gpu.sh
+#
+# Writes log.txt, hessian.json, zoo/{results.json,surfaces.png} and mpo/{results.json,
+# acc_diff.png} to $OUT. Needs torch with CUDA and the package's Python dependencies
+# (the device image lacks anywidget/ipywidgets/plotly/pyhessian: carry them as wheels).
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+OUT=${OUT:-/tmp/gpu}
+mkdir -p "$OUT/zoo" "$OUT/mpo"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+log="$OUT/log.txt"
+
+step() {  # step SECONDS NAME COMMAND...
+  local limit=$1 name=$2; shift 2
+  echo "== $name ($(date +%T), limit ${limit}s)" | tee -a "$log"
+  local t0=$SECONDS
+  timeout "$limit" "$@" 2>&1 | tee -a "$log"
+  echo "== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0)) s" | tee -a "$log"
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "$log"
+python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name())' 2>&1 \
+  | tee -a "$log"
+step 150 "Hessian vs PyHessian, ResNet-18 on 1024 samples" \
+  python3 benchmarks/hessian.py --device cuda --repeats 3 --json "$OUT/hessian.json"
+step 210 "skip connections: ResNet-20/56 with and without shortcuts" \
+  python3 benchmarks/zoo_gpu.py --out "$OUT/zoo"
+step 150 "MPO random squares: acc_diff vs p, plain/BN/skip" \
+  python3 benchmarks/mpo_squares_gpu.py --out "$OUT/mpo" --seeds 0,1
+rm -f "$OUT"/zoo/*.npz "$OUT"/mpo/*.npz
+ls -la "$OUT" "$OUT/zoo" "$OUT/mpo" | tee -a "$log"
