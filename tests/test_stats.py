@@ -142,3 +142,10 @@ def test_stats_with_a_computed_curvature_map():
     assert lw.nonconvex_fraction(cmap) == expected
     assert surface.stats(cmap).nonconvex_fraction == expected
     assert surface.stats().minima == lw.count_minima(surface.loss)
+
+
+def test_landscape_stats_off_centre_grid_reports_no_basin():
+    x = np.linspace(0.1, 1, 10)  # theta (0, 0) is not a grid point
+    s = lw.Surface(x, x, x[None, :] ** 2 + x[:, None] ** 2).stats()
+    assert np.isnan(s.basin_radius) and np.isnan(s.basin_radius_min)
+    assert s.minima == 1 and s.nonconvex_fraction == 0.0
