@@ -126,3 +126,26 @@ def test_surface_stats_separates_bowl_from_egg_crate():
     assert set(a.as_dict()) >= {"nonconvex_fraction", "minima", "roughness", "basin_radius"}
     assert "minima 1" in a.summary()
     assert lw.landscape_stats(bowl) == a
+
+
+def test_stats_with_a_computed_curvature_map():
+
+    x, y = lw.datasets.digits("test")
+    data = (x[:64], y[:64])
+    net = lw.demo.mlp((64, 8, 10), seed=0)
+    dirs = lw.random_directions(net, 2, seed=1)
+    kw = {"x": (-0.5, 0.5, 3), "y": (-0.5, 0.5, 3)}
+    cmap = lw.curvature_map(net, data, dirs, progress=False, **kw)
+    surface = lw.compute_surface(net, data, directions=dirs, progress=False, **kw)
+    lo, hi = cmap.lambda_min, cmap.lambda_max
+    expected = float(((lo < 0) & ((hi <= 0) | (-lo > 0.1 * hi))).mean())
+    assert lw.nonconvex_fraction(cmap) == expected
+    assert surface.stats(cmap).nonconvex_fraction == expected
+    assert surface.stats().minima == lw.count_minima(surface.loss)
+
+
+def test_landscape_stats_off_centre_grid_reports_no_basin():
+    x = np.linspace(0.1, 1, 10)  # theta (0, 0) is not a grid point
+    s = lw.Surface(x, x, x[None, :] ** 2 + x[:, None] ** 2).stats()
+    assert np.isnan(s.basin_radius) and np.isnan(s.basin_radius_min)
+    assert s.minima == 1 and s.nonconvex_fraction == 0.0

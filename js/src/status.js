@@ -44,6 +44,7 @@ export function showStatus(bar, node, { s, live, job, error }) {
     parts.push(`done: ${live.evaluated} evaluated, ${live.reused} reused in ${fmtTime(live.seconds)}`,
       (job && job.device) || s.device || "");
     if (live.nonfinite) parts.push(`${live.nonfinite} non-finite`);
+    if (live.stats) parts.push(live.stats);
   } else if (live && live.kind === "cancelled") {
     pct = live.total ? (100 * live.done) / live.total : 0;
     parts.push(`cancelled at ${pct.toFixed(0)} %`);

@@ -316,8 +316,9 @@ class LandscapeStats:
         minima: Strict local minima of the grid (border included).
         interior_minima: Strict local minima away from the grid's edge.
         roughness: Mean total variation over range of the grid lines.
-        basin_radius: Mean of the four axis radii (``inf`` if any leaves the window).
-        basin_radius_min: The smallest of the four.
+        basin_radius: Mean of the four axis radii (``inf`` if any leaves the window; NaN
+            if theta, ``(0, 0)``, is not a grid point or its loss is not finite).
+        basin_radius_min: The smallest of the four (NaN likewise).
         threshold: The ratio threshold used.
         rise: The loss rise used for the basin.
     """
@@ -357,7 +358,12 @@ def landscape_stats(surface, curvature=None, *, threshold: float = DEFAULT_THRES
         A :class:`LandscapeStats`.
     """
     x, y, z = _xyz(surface)
-    radii = basin_radius(x, y, z, rise)
+    try:
+        radii = basin_radius(x, y, z, rise)
+    except ValueError:
+        # theta is not a grid point (an off-centre range) or its loss is not finite: the
+        # basin is not measured, and says so with NaN; the other statistics still hold.
+        radii = {"mean": float("nan"), "min": float("nan")}
     return LandscapeStats(
         nonconvex_fraction=nonconvex_fraction(curvature if curvature is not None
                                               else (x, y, z), threshold),

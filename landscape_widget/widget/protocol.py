@@ -27,7 +27,9 @@ Python -> JS::
     {"kind": "tile", "id", "level", "n", "done", "total"}
         + [flat int32, loss float32, accuracy float32] (accuracy empty if not computed)
     {"kind": "progress", "id", "done", "total", "points_per_s", "eta_s", "device", "plan"}
-    {"kind": "done", "id", "seconds", "evaluated", "reused", "nonfinite"}
+    {"kind": "done", "id", "seconds", "evaluated", "reused", "nonfinite", "stats"}
+        (``stats``: the statistics line of a 2D loss surface, see ``lw.landscape_stats``;
+        "" otherwise)
     {"kind": "cancelled", "id", "done", "total"}
     {"kind": "error", "id", "message"}
 

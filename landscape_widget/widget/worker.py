@@ -39,6 +39,18 @@ from .encode import snapshot_messages as snapshot_messages  # re-exported
 from .encode import tile_message
 from .protocol import SHAPE_TYPES, VERTEX_COUNTS, Spec, f32
 
+
+def stats_line(result) -> str:
+    """The landscape statistics of a finished 2D loss surface for the status line, else ``""``.
+
+    See :func:`~landscape_widget.core.stats.landscape_stats` (non-convex fraction, minima,
+    roughness, basin radius); 1D curves, accuracy-only grids and other views get none.
+    """
+    if not isinstance(result, Surface) or result.loss is None:
+        return ""
+    return result.stats().summary()
+
+
 Send = Callable[[dict, list], None]
 """``send(message, buffers)``: delivers one message to the front end."""
 
@@ -381,7 +393,8 @@ class Worker:
             self._emit({"kind": "done", "id": job.id, "seconds": seconds,
                         "evaluated": stream.evaluated,
                         "reused": stream.reused - vertex_models.outside(info),
-                        "nonfinite": stream.evaluator.nonfinite_points})
+                        "nonfinite": stream.evaluator.nonfinite_points,
+                        "stats": stats_line(result)})
             # A curve-shape direction that fell short says so (see .shapes).
             notes = [getattr(dirs, "note", "")]
             if stream.evaluator.nonfinite_points:
