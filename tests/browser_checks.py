@@ -30,8 +30,8 @@ def arrow_keys(session, path: str) -> None:
     page = session.page
     slider = page.locator(".lw-root .lw-controls input[type=range]")
     before = int(slider.input_value())
+    slider.focus()  # (Notebook 7 makes the widget's cell the active one)
     cell = page.evaluate(JS_ACTIVE_CELL, path)
-    slider.focus()
     page.keyboard.press("ArrowRight")
     session.wait(f"() => document.querySelector('.lw-root').landscape().job.shape[0] "
                  f"=== {before + 2}", None, "the grid of the resolution the arrow key set")
@@ -210,10 +210,9 @@ def write_restored_notebook(path: Path, data_dir: Path) -> None:
     Signed as trusted with the server's key in ``data_dir`` (the user's own notebook is: an
     untrusted one shows no widget at all, only its text form).
     """
-    from nbformat.sign import NotebookNotary
-
     import torch
     from ipywidgets.embed import embed_data
+    from nbformat.sign import NotebookNotary
 
     import landscape_widget as lw
 

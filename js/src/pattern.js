@@ -273,8 +273,9 @@ export function patternPanel({ model, h, row, newId, offline }) {
   };
   c.paint.addEventListener("pointerup", endStroke);
   c.paint.addEventListener("pointercancel", endStroke);
-  c.paint.addEventListener("keydown", (ev) => {
-    if (ev.ctrlKey || ev.metaKey || ev.altKey) return;
+  // Called by widget.js for every key aimed at the widget (it stops them at the window).
+  function onKey(ev) {
+    if (ev.target !== c.paint || ev.ctrlKey || ev.metaKey || ev.altKey) return;
     const move = MOVES[ev.key];
     if (move) {
       const i = Math.min(rows - 1, Math.max(0, Math.floor(cursor / cols) + move[0]));
@@ -289,7 +290,7 @@ export function patternPanel({ model, h, row, newId, offline }) {
     }
     ev.preventDefault(); // no page scroll
     drawEditor();
-  });
+  }
   c.paint.addEventListener("focus", drawEditor);
   c.paint.addEventListener("blur", drawEditor);
 
@@ -474,6 +475,7 @@ export function patternPanel({ model, h, row, newId, offline }) {
   return {
     node: details,
     onMessage,
+    onKey,
     sync,
     redraw() {
       drawEditor();

@@ -56,17 +56,22 @@ function render({ model, el }) {
   el.replaceChildren(root);
 
   // Keys stay in the widget: in JupyterLab and Notebook 7 an arrow key, space or a letter
-  // in command mode is a notebook shortcut (→ on the slider would select the next cell).
-  // Lumino skips shortcuts for targets inside [data-lm-suppress-shortcuts]; other hosts
-  // listening on the document never see the event. Escape and modified keys (Shift+Enter,
-  // Ctrl+S) still reach the host.
+  // in command mode is a notebook shortcut (→ on the slider would select the next cell,
+  // and the slider would not move). Lumino skips shortcuts for targets inside
+  // [data-lm-suppress-shortcuts], but Notebook 7 listens on the document in the capture
+  // phase and still swallows them; so a key aimed at this widget is stopped on its way
+  // down, at the window (its default action, moving the slider, still happens), and the
+  // widget's own key handling (the pattern canvas) is called from here. Escape and
+  // modified keys (Shift+Enter, Ctrl+S) still reach the host.
   root.setAttribute("data-lm-suppress-shortcuts", "true");
+  const plainKey = (ev) => !(ev.key === "Escape" || ev.ctrlKey || ev.metaKey || ev.altKey
+    || (ev.shiftKey && ev.key === "Enter"));
   const keepKeys = (ev) => {
-    if (ev.key === "Escape" || ev.ctrlKey || ev.metaKey || ev.altKey
-      || (ev.shiftKey && ev.key === "Enter")) return;
+    if (!(ev.target instanceof Node) || !root.contains(ev.target) || !plainKey(ev)) return;
     ev.stopPropagation();
+    if (ev.type === "keydown") pattern.onKey(ev);
   };
-  for (const type of ["keydown", "keypress", "keyup"]) root.addEventListener(type, keepKeys);
+  for (const type of ["keydown", "keypress", "keyup"]) window.addEventListener(type, keepKeys, true);
 
   // Read-only hook for tests and for debugging in the browser console:
   // `el.querySelector(".lw-root").landscape()` gives a snapshot of the view's state and the
@@ -307,6 +312,7 @@ function render({ model, el }) {
     if (frame) cancelAnimationFrame(frame);
     clearTimeout(kernelTimer);
     stopTheme();
+    for (const type of ["keydown", "keypress", "keyup"]) window.removeEventListener(type, keepKeys, true);
     resize.disconnect();
     for (const k of traitNames) model.off(`change:${k}`, onTraits);
     model.off("change:status", onStatus);
