@@ -67,4 +67,5 @@ NOT_RUN: list[str] = []
 def not_run(line: str) -> None:
     """Say loudly, in its own section of the terminal summary, that a test could not run."""
     print(line)
-    NOT_RUN.append(line)
+    if line not in NOT_RUN:
+        NOT_RUN.append(line)
