@@ -249,7 +249,7 @@ def restored_view(session, url: str, run_all) -> None:
     for sel in ["button.lw-compute", "input[type=range]", "button.lw-fit"]:
         assert page.locator(f".lw-root {sel}").is_disabled(), sel
     note = page.locator(".lw-root .lw-offline-note").inner_text()
-    assert "No kernel" in note and "Run the cell again" in note, note
+    assert "No answer from a kernel" in note and "run the cell again" in note, note
     run_all()
     session.wait("""() => { const r = document.querySelector('.lw-root');
                       const s = r && r.landscape && r.landscape();

@@ -34,8 +34,9 @@ const TIMINGS_KEPT = 50;
 const KERNEL_WAIT_MS = 2500;
 export const OFFLINE = {
   static: "Static HTML export: no kernel, so nothing can be computed here (metric, log scale and view still work).",
-  restored: "No kernel behind this view (restored from saved widget state, or the kernel restarted): "
-    + "Compute, the controls and Fit are off. Run the cell again to compute.",
+  restored: "No answer from a kernel: this view was restored from saved widget state, the kernel "
+    + "restarted, or it is busy. Compute, the controls and Fit are off until a kernel answers: "
+    + "run the cell again to compute.",
 };
 
 function render({ model, el }) {
