@@ -20,7 +20,7 @@ PYTEST_ARGS := tests $(NOTEBOOKS) landscape_widget --doctest-modules --nbval-lax
 	--nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=900
 
 .DEFAULT_GOAL := help
-.PHONY: help venv lab test pytest test-browser notebooks demo docs-image bench lint clean distclean
+.PHONY: help venv browser-deps lab test pytest test-browser notebooks demo docs-image bench lint clean distclean
 
 help:  ## List the targets.
 	@grep -E '^[a-z][a-zA-Z_-]*:.*## ' $(MAKEFILE_LIST) | \
@@ -35,18 +35,33 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -e '.[dev]'
 	@touch $@
 
-lab: venv  ## Open the quickstart notebook in JupyterLab.
-	$(BIN)/jupyter lab $(NOTEBOOKS)/01_quickstart.ipynb
+# JupyterLab refuses to run as root without --allow-root (a container, a cloud VM), and on a
+# machine with no display there is no browser to open: it then prints the URL to open
+# (with its token). Extra options through LAB_ARGS, e.g. make lab LAB_ARGS="--ip=0.0.0.0".
+LAB_ARGS ?=
+lab: venv  ## Serve the quickstart notebook in JupyterLab (prints the URL to open).
+	@args=(); \
+	if [[ $$(id -u) -eq 0 ]]; then args+=(--allow-root); fi; \
+	if [[ $$(uname -s) == Linux && -z "$${DISPLAY:-}$${WAYLAND_DISPLAY:-}" ]]; then \
+		args+=(--no-browser); \
+		echo "== no display here: open the URL printed below (http://localhost:PORT/lab?token=...) in a browser"; \
+		echo "   (on a remote machine: ssh -L 8888:localhost:8888, or make lab LAB_ARGS=--ip=0.0.0.0)"; \
+	fi; \
+	set -x; exec $(BIN)/jupyter lab "$${args[@]}" $(LAB_ARGS) $(NOTEBOOKS)/01_quickstart.ipynb
 
-test: venv  ## Lint, then run the tests, the notebooks (nbval, lax) and the doctests.
+# Chromium (apt-get, as root or with passwordless sudo) and axe-core (npm) for the browser
+# tests; where they cannot be installed the test summary says the browser tests did not run.
+browser-deps:  ## Install what the browser tests need, where this machine allows it.
+	@bash .ci/browser-deps
+
+test: venv browser-deps  ## Lint, then run the tests, the notebooks (nbval, lax) and the doctests.
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-pytest: venv  ## The tests, notebooks and doctests of `make test`, without the lint step.
+pytest: venv browser-deps  ## The tests, notebooks and doctests of `make test`, without the lint step.
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# Needs Debian's chromium (`apt-get install -y chromium`; .ci/run installs it).
-test-browser: venv  ## Only the real-browser test (JupyterLab + chromium), with its timings.
+test-browser: venv browser-deps  ## Only the real-browser tests (JupyterLab, Notebook 7), with timings.
 	$(BIN)/python -m pytest tests/test_browser.py -s
 
 notebooks: venv  ## Re-execute the notebooks, keeping only the outputs nbval checks.

@@ -1,13 +1,16 @@
-"""Helpers of the real-browser test: a private JupyterLab server and a headless Chromium.
+"""Helpers of the real-browser tests: private Jupyter servers and a headless Chromium.
 
-:class:`JupyterLab` starts ``jupyter lab`` from this virtual environment on 127.0.0.1 (a
-free port, a random token, a temporary root directory and temporary Jupyter config, data
-and runtime directories, so nothing of the user's set-up leaks in) and stops it again
-through its REST API, killing its process group only if that fails. :func:`launch_chromium`
-starts Debian's ``/usr/bin/chromium`` through playwright with a fresh profile.
+:class:`JupyterLab` starts ``jupyter lab`` (or, with ``app="notebook"``, Notebook 7) from
+this virtual environment on 127.0.0.1 (its own free port, a random token, a temporary root
+directory and temporary Jupyter config, data and runtime directories, so nothing of the
+user's set-up leaks in) and stops it again through its REST API, killing its process group
+only if that fails. :func:`launch_chromium` starts Debian's ``/usr/bin/chromium`` through
+playwright with a fresh profile.
 
-Nothing here skips: a missing browser or playwright is an error with the command that
-installs it (the test runs in ``make test`` and in CI).
+:func:`missing` says what of the browser tests' needs is absent (chromium, playwright,
+axe-core); ``make test`` installs them first where it can (``.ci/browser-deps``). In CI
+(``CI=true``) a missing piece fails the tests; elsewhere they are reported as not run, with
+the reason and the fix, in the test summary.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import urllib.request
 from pathlib import Path
 
 CHROMIUM = Path(os.environ.get("LANDSCAPE_CHROMIUM", "/usr/bin/chromium"))
+AXE = Path(__file__).resolve().parent.parent / "js" / "node_modules" / "axe-core" / "axe.min.js"
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -36,9 +40,10 @@ CHROMIUM_ARGS = [
     "--disable-quic",
 ]
 INSTALL_HINT = (
-    "The browser test needs Debian's chromium and the playwright Python package: run "
-    "`apt-get install -y chromium` (as root) and `.venv/bin/pip install -e '.[dev]'` "
-    "(`bash .ci/run` does both). Set LANDSCAPE_SKIP_BROWSER=1 to skip it knowingly."
+    "The browser tests need Debian's chromium, the playwright Python package and axe-core "
+    "from npm: run `sudo apt-get install -y chromium` (or as root), `.venv/bin/pip install "
+    "-e '.[dev]'` and `cd js && npm ci` (`make test` does all three where it can: as root or "
+    "with passwordless sudo, and with npm)."
 )
 
 # JupyterLab settings for the test profile: no news or update checks (no network).
@@ -49,15 +54,23 @@ LAB_SETTINGS = {
 }
 
 
-def require_browser():
-    """``playwright.sync_api.sync_playwright``; fails with :data:`INSTALL_HINT` if missing."""
+def missing() -> list[str]:
+    """What the browser tests need and do not find (empty when all is there)."""
+    out = []
     if not CHROMIUM.exists():
-        raise RuntimeError(f"{CHROMIUM} not found. {INSTALL_HINT}")
+        out.append(f"no browser: {CHROMIUM} not found")
     try:
-        from playwright.sync_api import sync_playwright
+        import playwright.sync_api  # noqa: F401
     except ImportError as err:
-        raise RuntimeError(f"playwright is not importable ({err}). {INSTALL_HINT}") from None
-    return sync_playwright
+        out.append(f"playwright is not importable ({err})")
+    if not AXE.exists():
+        out.append(f"axe-core is not installed ({AXE.relative_to(AXE.parents[3])} not found)")
+    return out
+
+
+def in_ci() -> bool:
+    """Whether this runs in CI, where the browser tests must run (``CI=true``)."""
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 def free_port() -> int:
@@ -80,15 +93,19 @@ def launch_chromium(playwright, profile: Path):
 
 
 class JupyterLab:
-    """``jupyter lab`` serving ``root`` on 127.0.0.1; use as a context manager.
+    """``jupyter lab`` (or Notebook 7) serving ``root`` on 127.0.0.1; a context manager.
 
     Args:
         root: The server's root directory (holds the notebook).
         home: A scratch directory for Jupyter's config, data, runtime and settings.
         log: Where the server's output goes.
+        app: ``"lab"`` (JupyterLab) or ``"notebook"`` (Notebook 7).
     """
 
-    def __init__(self, root: Path, home: Path, log: Path):
+    def __init__(self, root: Path, home: Path, log: Path, app: str = "lab"):
+        if app not in ("lab", "notebook"):
+            raise ValueError(f"app must be 'lab' or 'notebook', got {app!r}")
+        self.app = app
         self.root, self.home, self.log_path = Path(root), Path(home), Path(log)
         self.port = free_port()
         self.token = secrets.token_hex(16)
@@ -132,16 +149,20 @@ class JupyterLab:
             PYTHONUNBUFFERED="1",
         )
         env.pop("JUPYTER_PATH", None)
+        app = "LabApp" if self.app == "lab" else "JupyterNotebookApp"
         cmd = [
-            sys.executable, "-m", "jupyterlab",
-            "--allow-root", "--no-browser",
+            sys.executable, "-m", "jupyterlab" if self.app == "lab" else "notebook",
+            "--no-browser",
             "--ip=127.0.0.1", f"--port={self.port}", "--ServerApp.port_retries=0",
             f"--ServerApp.root_dir={self.root}",
             f"--ServerApp.token={self.token}",
             "--ServerApp.disable_check_xsrf=True",
-            "--LabApp.expose_app_in_browser=True",
-            "--LabApp.news_url=None",
+            f"--{app}.expose_app_in_browser=True",
         ]
+        if self.app == "lab":
+            cmd.append("--LabApp.news_url=None")
+        if os.getuid() == 0:  # a container or a CI runner: Jupyter refuses root without it
+            cmd.append("--allow-root")
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(cmd, cwd=self.root, env=env, stdout=self._log,
                                      stderr=subprocess.STDOUT, start_new_session=True)

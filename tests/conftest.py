@@ -22,6 +22,10 @@ def report(line: str) -> None:
 
 
 def pytest_terminal_summary(terminalreporter):
+    if NOT_RUN:
+        terminalreporter.section("NOT RUN", sep="!", red=True, bold=True)
+        for line in NOT_RUN:
+            terminalreporter.write_line(line, red=True, bold=True)
     if REPORT:
         terminalreporter.section("measured")
         for line in REPORT:
@@ -55,3 +59,13 @@ def trained_digits_mlp():
     for p in model.parameters():
         p.grad = None
     return model, (x, y)
+
+
+NOT_RUN: list[str] = []
+
+
+def not_run(line: str) -> None:
+    """Say loudly, in its own section of the terminal summary, that a test could not run."""
+    print(line)
+    if line not in NOT_RUN:
+        NOT_RUN.append(line)

@@ -11,7 +11,8 @@ const VIEWS = {
   "2d": [["contour", "contour"], ["heatmap", "heatmap"], ["surface", "3D surface"]],
   "1d": [["line", "line"]],
 };
-// A static HTML export has no kernel to compute: only the display controls stay live.
+// A view with no kernel (a static HTML export, a restored view) cannot compute: only the
+// display controls stay live.
 const COMPUTE_ONLY = ["direction", "ignore_biasbn", "mode", "x0", "x1", "y0", "y1", "resolution",
   "resolutionBox", "seed", "bn", "compute", "cancel", "quantity", "margin"];
 
@@ -20,14 +21,15 @@ function controls() {
     direction: h("select", { title: "Direction type" }),
     ignore_biasbn: h("input", { type: "checkbox", title: "Zero the direction on biases and BatchNorm" }),
     mode: h("select", { title: "1D curve or 2D surface" }),
-    x0: h("input", { type: "number", step: "any" }),
-    x1: h("input", { type: "number", step: "any" }),
-    y0: h("input", { type: "number", step: "any" }),
-    y1: h("input", { type: "number", step: "any" }),
+    // Every input has its own accessible name: a row's <label> names only its first input.
+    x0: h("input", { type: "number", step: "any", "aria-label": "α from" }),
+    x1: h("input", { type: "number", step: "any", "aria-label": "α to" }),
+    y0: h("input", { type: "number", step: "any", "aria-label": "β from" }),
+    y1: h("input", { type: "number", step: "any", "aria-label": "β to" }),
     margin: h("input", { type: "number", step: "any", class: "lw-margin",
       title: "How far beyond the triangle to look: α, β ≥ −margin, α + β ≤ 1 + margin" }),
-    resolution: h("input", { type: "range", min: 3, step: 2 }),
-    resolutionBox: h("input", { type: "number", min: 2, step: 1 }),
+    resolution: h("input", { type: "range", min: 3, step: 2, "aria-label": "resolution" }),
+    resolutionBox: h("input", { type: "number", min: 2, step: 1, "aria-label": "resolution (number)" }),
     metric: h("select", { title: "Metric shown" }),
     log_scale: h("input", { type: "checkbox", title: "log10 colour / y scale" }),
     view: h("select", { title: "View" }),
@@ -53,9 +55,10 @@ function controls() {
  * @param {(values: object) => void} p.setTrait write traits (debounced)
  * @param {() => void} p.onCompute the Compute button
  * @param {() => void} p.onCancel the Cancel button
+ * @param {() => boolean} p.offline whether no kernel is behind the view (compute controls off)
  * @returns {{node: HTMLElement, sync: () => void}}
  */
-export function controlPanel({ model, get, setTrait, onCompute, onCancel }) {
+export function controlPanel({ model, get, setTrait, onCompute, onCancel, offline }) {
   const c = controls();
   const xRow = row("α range", c.x0, c.x1);
   const yRow = row("β range", c.y0, c.y1);
@@ -79,7 +82,6 @@ export function controlPanel({ model, get, setTrait, onCompute, onCancel }) {
     row("seed", c.seed),
     row("batch norm", c.bn),
     h("div", { class: "lw-buttons" }, c.compute, c.cancel));
-  if (model.get("_static")) for (const k of COMPUTE_ONLY) c[k].disabled = true;
 
   function directionItems() {
     const types = model.get("direction_types") || [];
@@ -92,8 +94,9 @@ export function controlPanel({ model, get, setTrait, onCompute, onCancel }) {
     let idx = types.findIndex((t) => t.direction === get("direction") && t.norm === get("norm"));
     if (idx < 0) idx = types.findIndex((t) => t.direction === get("direction"));
     options(c.direction, directionItems(), String(Math.max(idx, 0)));
-    const isStatic = !!model.get("_static");
-    vertexRow.style.display = picker.sync(types[idx], get("vertices"), isStatic) ? "" : "none";
+    const noKernel = offline();
+    for (const k of COMPUTE_ONLY) c[k].disabled = noKernel;
+    vertexRow.style.display = picker.sync(types[idx], get("vertices"), noKernel) ? "" : "none";
     c.ignore_biasbn.checked = !!get("ignore_biasbn");
     c.mode.value = mode;
     const [x0, x1] = get("x_range");
@@ -108,8 +111,8 @@ export function controlPanel({ model, get, setTrait, onCompute, onCancel }) {
     marginRow.style.display = isPlane ? "" : "none";
     const curvature = get("quantity") === "curvature";
     c.quantity.value = get("quantity") || "loss";
-    c.quantity.disabled = isStatic || !!(types[idx] && types[idx].count);
-    c.mode.disabled = curvature || isPlane || isStatic || fixedMode(types[idx]);
+    c.quantity.disabled = noKernel || !!(types[idx] && types[idx].count);
+    c.mode.disabled = curvature || isPlane || noKernel || fixedMode(types[idx]);
     c.metric.disabled = curvature;
     c.resolution.max = maxRes();
     c.resolution.min = isPlane ? 2 : 3;
@@ -120,6 +123,8 @@ export function controlPanel({ model, get, setTrait, onCompute, onCancel }) {
     if (document.activeElement !== c.resolutionBox) c.resolutionBox.value = get("resolution");
     c.metric.value = get("metric");
     c.log_scale.checked = !!get("log_scale");
+    // Accuracy lives in [0, 1]: the log scale is for the loss (plot.js ignores it there).
+    c.log_scale.disabled = get("metric") === "accuracy" && !curvature;
     const views = VIEWS[mode] || VIEWS["2d"];
     options(c.view, views, mode === "1d" ? "line" : get("view"));
     c.view.disabled = mode === "1d" || isPlane;

@@ -2,17 +2,24 @@
 // multi-point optimisation on the kernel and watch the plane's heatmap stream in.
 //
 // Painting: press on a cell and drag; the first cell decides whether the stroke draws or
-// erases (right button always erases). The mask lives in the `pattern` trait (rows of 0/1),
-// written once per stroke. Fit sends {kind: "fit", id, spec}; the kernel answers with
+// erases (right button always erases). From the keyboard: the canvas takes focus, the
+// arrow keys move a cursor (drawn as an outline), space or Enter toggles its cell. The mask
+// lives in the `pattern` trait (rows of 0/1), written once per stroke or key press. The
+// canvases take the host's colours (theme.js): ink in the text colour on the background.
+// The settings of the last fit come back in the `fit_settings` trait (a re-render or a
+// static export shows what was run, not the defaults). Fit sends {kind: "fit", id, spec}; the kernel answers with
 // fit_start / fit_update (+ float32 heatmaps) / fit_done messages.
 import Plotly from "./plotly.js";
 import { f32 } from "./grid.js";
+import { hostTheme, PLOT_CONFIG, themedLayout } from "./theme.js";
 
 const SIZES = [4, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64];
 const EDITOR_PX = 256;
 const VIEWS = [["train_loss", "train loss"], ["train_accuracy", "train accuracy"],
   ["test_loss", "test loss"], ["test_accuracy", "test accuracy"]];
-const TERNARY_COLORS = { 1: "#111", [-1]: "#fff", 0: "#bdbdbd" };
+// The ternary preview in the host's colours: good = ink, bad = background, ignored = grey.
+const ternaryColors = (theme) => ({ 1: theme.text, [-1]: theme.background, 0: "#8c8c8c" });
+const MOVES = { ArrowUp: [-1, 0], ArrowDown: [1, 0], ArrowLeft: [0, -1], ArrowRight: [0, 1] };
 
 // PAPERS.md (c) step 1, as landscape_widget.ternary_mask: +1 good, -1 bad, 0 ignored.
 export function ternary(cells, rows, cols) {
@@ -86,19 +93,34 @@ async function imageCells(file, size) {
   }
 }
 
-export function patternPanel({ model, h, row, newId, isStatic }) {
+/**
+ * The pattern editor panel.
+ *
+ * @param {object} p
+ * @param {object} p.model the anywidget model
+ * @param {() => boolean} p.offline whether no kernel is behind the view (editing and Fit off)
+ */
+export function patternPanel({ model, h, row, newId, offline }) {
   const c = {
     size: h("select", { class: "lw-pattern-size", title: "Grid size (cells per side)" }),
-    paint: h("canvas", { class: "lw-pattern-editor", title: "Click and drag to paint; start on a drawn cell (or use the right button) to erase" }),
-    preview: h("canvas", { class: "lw-pattern-preview", title: "Training mask: black = good (loss minimised), white = bad (maximised up to τ), grey = ignored" }),
+    paint: h("canvas", { class: "lw-pattern-editor", tabIndex: 0, role: "application",
+      "aria-roledescription": "pattern editor",
+      "aria-label": "Pattern editor: arrow keys move the cursor, space toggles a cell",
+      title: "Click and drag to paint; start on a drawn cell (or use the right button) to erase. Keyboard: arrows move, space toggles." }),
+    preview: h("canvas", { class: "lw-pattern-preview", role: "img",
+      "aria-label": "Training mask preview",
+      title: "Training mask: ink = good (loss minimised), blank = bad (maximised up to τ), grey = ignored" }),
     checker: h("button", {}, "Checkerboard"),
-    text: h("input", { type: "text", value: "A", maxLength: 4, size: 3, title: "Letter or short word" }),
+    text: h("input", { type: "text", value: "A", maxLength: 4, size: 3, title: "Letter or short word",
+      "aria-label": "Text to draw (a letter or short word)" }),
     textBtn: h("button", {}, "Text"),
-    p: h("input", { type: "number", min: 0, max: 1, step: 0.05, value: 0.5, title: "Density p" }),
+    p: h("input", { type: "number", min: 0, max: 1, step: 0.05, value: 0.5, title: "Density p",
+      "aria-label": "Density p of the random pattern" }),
     random: h("button", {}, "Random"),
     clear: h("button", {}, "Clear"),
     invert: h("button", {}, "Invert"),
-    file: h("input", { type: "file", accept: "image/png,image/*", title: "Import a PNG (thresholded, resized to the grid)" }),
+    file: h("input", { type: "file", accept: "image/png,image/*", title: "Import a PNG (thresholded, resized to the grid)",
+      "aria-label": "Import a PNG" }),
     steps: h("input", { class: "lw-fit-steps", type: "number", min: 1, max: 100000, step: 1, value: 300 }),
     lr: h("input", { type: "number", min: 0, step: "any", value: 0.003 }),
     tau: h("input", { type: "number", min: 0, step: "any", value: 2.5 }),
@@ -108,8 +130,9 @@ export function patternPanel({ model, h, row, newId, isStatic }) {
     stop: h("button", { class: "lw-fit-stop" }, "Stop"),
     resume: h("button", { class: "lw-fit-resume" }, "Resume"),
     export: h("button", { class: "lw-fit-export", title: "Download the heatmap as PNG" }, "Export"),
-    view: h("select", { title: "Heatmap shown" }),
-    log: h("input", { type: "checkbox", checked: true, title: "log2 colour scale for the loss" }),
+    view: h("select", { title: "Heatmap shown", "aria-label": "Heatmap shown" }),
+    log: h("input", { type: "checkbox", checked: true, title: "log2 colour scale for the loss",
+      "aria-label": "log2 colour scale for the loss" }),
   };
   c.size.replaceChildren(...SIZES.map((n) => h("option", { value: n }, `${n} × ${n}`)));
   c.view.replaceChildren(...VIEWS.map(([v, l]) => h("option", { value: v }, l)));
@@ -171,36 +194,53 @@ export function patternPanel({ model, h, row, newId, isStatic }) {
 
   // --- drawing the editor and the ternary preview -----------------------------------
   function cellPx() { return Math.max(4, Math.floor(EDITOR_PX / Math.max(rows, cols))); }
+  let cursor = 0; // the keyboard cursor's cell (row-major index)
   function drawEditor() {
     const px = cellPx();
+    const theme = hostTheme(details);
     for (const cv of [c.paint, c.preview]) {
       cv.width = cols * px;
       cv.height = rows * px;
     }
     const ctx = c.paint.getContext("2d");
-    ctx.fillStyle = "#fff";
+    ctx.fillStyle = theme.background;
     ctx.fillRect(0, 0, cols * px, rows * px);
-    ctx.fillStyle = "#111";
+    ctx.fillStyle = theme.text;
     for (let k = 0; k < cells.length; k++) {
       if (cells[k]) ctx.fillRect((k % cols) * px, Math.floor(k / cols) * px, px, px);
     }
-    ctx.strokeStyle = "rgba(0,0,0,0.12)";
+    ctx.strokeStyle = theme.grid;
     ctx.beginPath();
     for (let i = 0; i <= rows; i++) { ctx.moveTo(0, i * px + 0.5); ctx.lineTo(cols * px, i * px + 0.5); }
     for (let j = 0; j <= cols; j++) { ctx.moveTo(j * px + 0.5, 0); ctx.lineTo(j * px + 0.5, rows * px); }
     ctx.stroke();
+    cursor = Math.min(cursor, cells.length - 1);
+    if (document.activeElement === c.paint) {
+      // The keyboard cursor: a two-tone outline, visible on ink and on background.
+      const [x, y] = [(cursor % cols) * px, Math.floor(cursor / cols) * px];
+      ctx.lineWidth = 2;
+      ctx.strokeStyle = "#1e88e5";
+      ctx.strokeRect(x + 1, y + 1, px - 2, px - 2);
+      ctx.lineWidth = 1;
+      ctx.strokeStyle = "#ff9800";
+      ctx.strokeRect(x + 3.5, y + 3.5, px - 7, px - 7);
+    }
     const t = ternary(cells, rows, cols);
+    const colors = ternaryColors(theme);
     const pctx = c.preview.getContext("2d");
     let good = 0;
     let bad = 0;
     for (let k = 0; k < t.length; k++) {
-      pctx.fillStyle = TERNARY_COLORS[t[k]];
+      pctx.fillStyle = colors[t[k]];
       pctx.fillRect((k % cols) * px, Math.floor(k / cols) * px, px, px);
       good += t[k] === 1;
       bad += t[k] === -1;
     }
-    counts.textContent = `training mask: ${good} good (black) · ${bad} bad (white) · ${t.length - good - bad} ignored (grey)`;
-    c.fit.disabled = isStatic || good === 0;
+    counts.textContent = `training mask: ${good} good (ink) · ${bad} bad (blank) · ${t.length - good - bad} ignored (grey)`;
+    c.fit.disabled = offline() || good === 0;
+    const [ci, cj] = [Math.floor(cursor / cols), cursor % cols];
+    c.paint.setAttribute("aria-description", `${rows} × ${cols} cells, ${cells.reduce((a, b) => a + b, 0)} drawn; `
+      + `cursor at row ${ci + 1}, column ${cj + 1}: ${cells[cursor] ? "drawn" : "blank"}`);
   }
 
   let stroke = null; // the value a stroke paints
@@ -218,7 +258,7 @@ export function patternPanel({ model, h, row, newId, isStatic }) {
   }
   c.paint.addEventListener("contextmenu", (ev) => ev.preventDefault());
   c.paint.addEventListener("pointerdown", (ev) => {
-    if (isStatic) return;
+    if (offline()) return;
     const k = cellAt(ev);
     if (k < 0) return;
     stroke = ev.button === 2 ? 0 : (cells[k] ? 0 : 1);
@@ -233,6 +273,26 @@ export function patternPanel({ model, h, row, newId, isStatic }) {
   };
   c.paint.addEventListener("pointerup", endStroke);
   c.paint.addEventListener("pointercancel", endStroke);
+  // Called by widget.js for every key aimed at the widget (it stops them at the window).
+  function onKey(ev) {
+    if (ev.target !== c.paint || ev.ctrlKey || ev.metaKey || ev.altKey) return;
+    const move = MOVES[ev.key];
+    if (move) {
+      const i = Math.min(rows - 1, Math.max(0, Math.floor(cursor / cols) + move[0]));
+      const j = Math.min(cols - 1, Math.max(0, (cursor % cols) + move[1]));
+      cursor = i * cols + j;
+    } else if (ev.key === " " || ev.key === "Enter") {
+      if (offline()) return;
+      cells[cursor] = 1 - cells[cursor];
+      saveTrait();
+    } else {
+      return;
+    }
+    ev.preventDefault(); // no page scroll
+    drawEditor();
+  }
+  c.paint.addEventListener("focus", drawEditor);
+  c.paint.addEventListener("blur", drawEditor);
 
   // --- presets -------------------------------------------------------------------------
   const size = () => Number.parseInt(c.size.value, 10) || 8;
@@ -367,7 +427,7 @@ export function patternPanel({ model, h, row, newId, isStatic }) {
     const layout = { margin: { l: 40, r: 10, t: 10, b: 30 }, autosize: true,
       yaxis: { autorange: "reversed", scaleanchor: "x", constrain: "domain" },
       xaxis: { constrain: "domain" }, uirevision: "pattern", datarevision: updates };
-    Promise.resolve(Plotly.react(plot, data, layout, { displaylogo: false })).catch((err) => {
+    Promise.resolve(Plotly.react(plot, data, themedLayout(hostTheme(plot), layout), { ...PLOT_CONFIG })).catch((err) => {
       error = `plot: ${err && err.message ? err.message : err}`;
       showStatus();
     });
@@ -378,7 +438,7 @@ export function patternPanel({ model, h, row, newId, isStatic }) {
   model.on("change:pattern", onPattern);
   details.open = !!model.get("show_pattern");
   details.addEventListener("toggle", () => {
-    if (isStatic || details.open === !!model.get("show_pattern")) return;
+    if (offline() || details.open === !!model.get("show_pattern")) return;
     model.set("show_pattern", details.open);
     model.save_changes();
   });
@@ -392,14 +452,35 @@ export function patternPanel({ model, h, row, newId, isStatic }) {
     const st = model.get("fit_status") || {};
     if (st.state === "done" || st.state === "stopped") Object.assign(fit, { done: true, stopped: st.state === "stopped" });
   }
-  if (isStatic) for (const k of ["fit", "stop", "resume", "checker", "textBtn", "random", "clear", "invert", "file", "size"]) c[k].disabled = true;
+  const EDIT = ["stop", "resume", "checker", "textBtn", "random", "clear", "invert", "file", "size"];
+  function sync() {
+    for (const k of EDIT) c[k].disabled = offline();
+    drawEditor(); // Fit: off without a kernel or a good cell
+  }
+
+  // The settings the last fit ran with (steps of that run, lr, τ, cells per step, seed).
+  const SETTINGS = { steps: "steps", lr: "lr", tau: "tau", cells_per_step: "cells", seed: "seed" };
+  function loadSettings() {
+    const s = model.get("fit_settings") || {};
+    for (const [key, input] of Object.entries(SETTINGS)) {
+      if (s[key] != null && document.activeElement !== c[input]) c[input].value = String(s[key]);
+    }
+  }
+  model.on("change:fit_settings", loadSettings);
+  loadSettings();
   loadTrait();
-  drawEditor();
+  sync();
   showStatus();
 
   return {
     node: details,
     onMessage,
+    onKey,
+    sync,
+    redraw() {
+      drawEditor();
+      schedule();
+    },
     snapshot: () => ({ rows, cols, drawn: cells.reduce((a, b) => a + b, 0), updates,
       step: fit ? fit.step : 0, done: fit ? !!fit.done : false, error,
       ternary: Array.from(ternary(cells, rows, cols)) }),
@@ -407,6 +488,7 @@ export function patternPanel({ model, h, row, newId, isStatic }) {
       if (frame) cancelAnimationFrame(frame);
       model.off("change:pattern", onPattern);
       model.off("change:show_pattern", onShow);
+      model.off("change:fit_settings", loadSettings);
       Plotly.purge(plot);
     },
   };

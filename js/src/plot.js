@@ -6,15 +6,20 @@ import Plotly from "./plotly.js";
 import { fillCoarse, log10, rows } from "./grid.js";
 import { marksOnCurve, marksTrace } from "./models.js";
 import { shapeOverlay } from "./shapes.js";
+import { PLOT_CONFIG, themedLayout } from "./theme.js";
 import { triangleFigure } from "./triangle.js";
 
 const UIREVISION = "landscape";
 
-/** Plotly data and layout of `job`, shown as the display traits (read with `get`) say. */
-export function figure(job, get) {
+/**
+ * Plotly data and layout of `job`, shown as the display traits (read with `get`) say, in the
+ * host's colours `theme` (theme.js).
+ */
+export function figure(job, get, theme) {
   const metric = get("metric") === "accuracy" && job.metrics.includes("accuracy") ? "accuracy" : "loss";
   const raw = metric === "accuracy" ? job.acc : job.loss;
-  const log = !!get("log_scale");
+  // Log scale is for the loss (and the curvature ratio): accuracy lives in [0, 1].
+  const log = !!get("log_scale") && metric !== "accuracy";
   const values = job.complete ? raw : fillCoarse(raw, job.known, job.shape);
   const label = job.label || metric;
   const [xTitle, yTitle] = job.labels || ["α", "β"];
@@ -25,12 +30,14 @@ export function figure(job, get) {
         showlegend: false, x: Array.from(job.x), y: Array.from(values),
         hovertemplate: `α=%{x:.4g}<br>${label}=%{y:.5g}<extra></extra>` },
       ...(job.marks ? [marksOnCurve(job.marks, job.x, values)] : []), ...shape.data],
-      layout: { xaxis: { title: { text: xTitle } }, annotations: shape.annotations,
+      layout: { xaxis: { title: { text: xTitle } },
+        annotations: shape.annotations.map((a) => ({ ...a, bgcolor: theme.background })),
         yaxis: { title: { text: label }, type: log ? "log" : "linear" } },
     };
   }
   if (job.plane) {
-    return triangleFigure({ a: job.x, b: job.y, values, plane: job.plane, label, log });
+    return triangleFigure({ a: job.x, b: job.y, values, plane: job.plane, label, log,
+      background: theme.background });
   }
   const [ny, nx] = job.shape;
   const z = rows(log ? log10(values) : values, ny, nx);
@@ -67,11 +74,14 @@ export function figure(job, get) {
   };
 }
 
-/** Draw figure `fig` into `plot` as data revision `revision`; a promise of the redraw. */
-export function react(plot, fig, revision) {
+/**
+ * Draw figure `fig` into `plot` as data revision `revision`, in the colours of `theme`; a
+ * promise of the redraw.
+ */
+export function react(plot, fig, revision, theme) {
   // The triangle brings its own uirevision: a zoom on a grid must not carry over to it.
-  const layout = { uirevision: UIREVISION, ...fig.layout, datarevision: revision,
-    margin: { l: 55, r: 10, t: 20, b: 45 }, autosize: true };
-  const config = { displaylogo: false, responsive: false };
+  const layout = themedLayout(theme, { uirevision: UIREVISION, ...fig.layout,
+    datarevision: revision, margin: { l: 55, r: 10, t: 20, b: 45 }, autosize: true });
+  const config = { ...PLOT_CONFIG, responsive: false };
   return Promise.resolve(Plotly.react(plot, fig.data, layout, config));
 }

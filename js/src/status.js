@@ -1,6 +1,7 @@
 // The status line under the plot: the progress bar, then the device, rate, percentage and
 // ETA of the running job, the summary of a finished or cancelled one, or the `status`
 // trait (a job that has sent no grid yet, or a view opened with no job), and any error.
+// A view that cannot compute (no kernel) says why first.
 import { h } from "./dom.js";
 
 function fmt(n, digits = 3) {
@@ -14,6 +15,11 @@ function fmtTime(s) {
   return `${Math.floor(s / 60)} min ${Math.round(s % 60)} s`;
 }
 
+/** "done: E evaluated, R reused in T" of a done message (or the status trait of one). */
+function summary(d) {
+  return `done: ${d.evaluated} evaluated, ${d.reused} reused in ${fmtTime(d.seconds)}`;
+}
+
 /**
  * Fill the progress `bar` and the status line `node`.
  *
@@ -22,8 +28,9 @@ function fmtTime(s) {
  * @param {object|null} p.live the last progress / done / cancelled message of the job shown
  * @param {object|null} p.job the job shown (its device)
  * @param {string|null} p.error the last error text of this view
+ * @param {string|null} p.offline why this view cannot compute (null if it can)
  */
-export function showStatus(bar, node, { s, live, job, error }) {
+export function showStatus(bar, node, { s, live, job, error, offline = null }) {
   const parts = [];
   let pct = 0;
   // The status trait of a job that has sent no grid yet (mining a direction, Hessian
@@ -41,10 +48,15 @@ export function showStatus(bar, node, { s, live, job, error }) {
     if (live.plan) parts.push(live.plan);
   } else if (live && live.kind === "done") {
     pct = 100;
-    parts.push(`done: ${live.evaluated} evaluated, ${live.reused} reused in ${fmtTime(live.seconds)}`,
-      (job && job.device) || s.device || "");
+    parts.push(summary(live), (job && job.device) || s.device || "");
     if (live.nonfinite) parts.push(`${live.nonfinite} non-finite`);
     if (live.stats) parts.push(live.stats);
+  } else if (s.state === "done" && s.evaluated != null) {
+    // A re-render (or a restored view) of a finished job: the kernel's summary of it.
+    pct = 100;
+    parts.push(summary(s), s.device || "");
+    if (s.nonfinite) parts.push(`${s.nonfinite} non-finite`);
+    if (s.stats) parts.push(s.stats);
   } else if (live && live.kind === "cancelled") {
     pct = live.total ? (100 * live.done) / live.total : 0;
     parts.push(`cancelled at ${pct.toFixed(0)} %`);
@@ -57,5 +69,6 @@ export function showStatus(bar, node, { s, live, job, error }) {
   bar.style.width = `${Math.min(100, pct)}%`;
   const text = parts.filter(Boolean).join(" · ");
   const err = error || (s.state === "error" ? s.message : null);
-  node.replaceChildren(h("span", {}, text), ...(err ? [h("span", { class: "lw-error" }, ` ${err}`)] : []));
+  node.replaceChildren(...(offline ? [h("div", { class: "lw-offline-note", role: "note" }, offline)] : []),
+    h("span", {}, text), ...(err ? [h("span", { class: "lw-error" }, ` ${err}`)] : []));
 }

@@ -1,6 +1,6 @@
 // The plane through three models, drawn on an equilateral triangle: the front-end twin of
 // `triangle_traces` in landscape_widget/experiments/triangle.py (same corners, carpet,
-// contours, white mask over the corner beyond the region, outline, named models).
+// contours, a mask in the background colour over the corner beyond the region, outline, named models).
 import { log10, rows } from "./grid.js";
 
 const H = Math.sqrt(3) / 2;
@@ -32,8 +32,9 @@ function indexOf(axis, value) {
  * @param {object} p.plane {names, margin} from the kernel
  * @param {string} p.label metric name
  * @param {boolean} p.log colour by log10
+ * @param {string} p.background the host's background colour (the mask beyond the region)
  */
-export function triangleFigure({ a, b, values, plane, label, log }) {
+export function triangleFigure({ a, b, values, plane, label, log, background = "white" }) {
   const n = a.length;
   const z = rows(log ? log10(values) : values, b.length, n);
   const title = (log ? "log10 " : "") + label;
@@ -62,26 +63,26 @@ export function triangleFigure({ a, b, values, plane, label, log }) {
     { type: "contourcarpet", carpet: CARPET, a: Array.from(a), b: Array.from(b), z,
       colorscale: "Viridis", contours: { coloring: "fill" }, line: { width: 0.5 },
       colorbar: { title: { text: title } } },
-    { type: "scatter", mode: "lines", fill: "toself", fillcolor: "white",
-      line: { width: 0, color: "white" },
+    { type: "scatter", mode: "lines", fill: "toself", fillcolor: background,
+      line: { width: 0, color: background },
       x: corner.map(([av, bv]) => cx(av, bv)), y: corner.map(([av, bv]) => cy(av, bv)),
       hoverinfo: "skip", showlegend: false },
     { type: "scatter", mode: "lines", x: [...CORNERS, CORNERS[0]].map((p) => p[0]),
-      y: [...CORNERS, CORNERS[0]].map((p) => p[1]), line: { color: "white", width: 1.5 },
+      y: [...CORNERS, CORNERS[0]].map((p) => p[1]), line: { color: background, width: 1.5 },
       hoverinfo: "skip", showlegend: false },
     { type: "scatter", mode: "markers", name: "models", showlegend: false,
       x: CORNERS.map((p) => p[0]), y: CORNERS.map((p) => p[1]), text: names,
       marker: { symbol: "x", size: 10, color: "red" },
       hovertext: names.map((name, i) => `${name}<br>${label} ${fmt(vertex[i])}`),
       hoverinfo: "text" },
-    // The names go at the region's outer corners, on the white background, where the
+    // The names go at the region's outer corners, on the background, where the
     // contours cannot hide them (the models' own corners lie inside the margin).
     { type: "scatter", mode: "text", name: "names", showlegend: false, hoverinfo: "skip",
       x: outer.map(([av, bv]) => cx(av, bv)), y: outer.map(([av, bv]) => cy(av, bv)),
       text: names, textposition: POSITIONS, textfont: { size: 12 }, cliponaxis: false },
   ];
   const layout = {
-    uirevision: "plane", plot_bgcolor: "white",
+    uirevision: "plane", plot_bgcolor: background,
     // The region's bounding box, with room for the names (the mask would stretch autorange).
     xaxis: { visible: false, range: [-1.5 * m - 0.25, 1 + 1.5 * m + 0.25] },
     yaxis: { visible: false, scaleanchor: "x", range: [-m * H - 0.1, (1 + 2 * m) * H + 0.1] },

@@ -8,7 +8,15 @@
 // shows it without a kernel.
 //
 // The pieces: controls.js (the control panel), job.js (a job's grid), plot.js (the
-// figure), status.js (the status line), pattern.js (the pattern editor).
+// figure), status.js (the status line), pattern.js (the pattern editor), theme.js (the
+// host's colours and the plotly config).
+//
+// A view with no kernel behind it (a static HTML export, or a view restored from saved
+// widget state with no kernel or a new one) cannot compute: its compute controls are
+// disabled and the status line says why. A restored view is recognised by silence: the
+// kernel answers the `sync` message every view sends (and sends status and results); with
+// no word from it within KERNEL_WAIT_MS the view goes offline, and any later word from a
+// kernel brings it back.
 import Plotly from "./plotly.js";
 import { controlPanel } from "./controls.js";
 import { h, newId, row } from "./dom.js";
@@ -16,26 +24,55 @@ import { applyTile, knownCount, newJob, resultJob } from "./job.js";
 import { patternPanel } from "./pattern.js";
 import { figure, react } from "./plot.js";
 import { showStatus as paintStatus } from "./status.js";
+import { hostTheme, onThemeChange } from "./theme.js";
 import "./widget.css";
 
 const DEBOUNCE_MS = 250;
 const COMPUTE_KEYS = ["mode", "direction", "norm", "ignore_biasbn", "x_range", "y_range",
   "resolution", "seed", "bn", "quantity", "vertices"];
 const TIMINGS_KEPT = 50;
+const KERNEL_WAIT_MS = 2500;
+export const OFFLINE = {
+  static: "Static HTML export: no kernel, so nothing can be computed here (metric, log scale and view still work).",
+  restored: "No answer from a kernel: this view was restored from saved widget state, the kernel "
+    + "restarted, or it is busy. Compute, the controls and Fit are off until a kernel answers: "
+    + "run the cell again to compute.",
+};
 
 function render({ model, el }) {
   const pending = {};
   let timer = null;
   const get = (k) => (k in pending ? pending[k] : model.get(k));
-  const panel = controlPanel({ model, get, setTrait, onCompute: compute, onCancel: cancel });
+  // Why this view cannot compute (OFFLINE.static / OFFLINE.restored), or null when it can.
+  let offline = model.get("_static") ? OFFLINE.static : null;
+  const panel = controlPanel({ model, get, setTrait, onCompute: compute, onCancel: cancel,
+    offline: () => !!offline });
   const plot = h("div", { class: "lw-plot" });
   const bar = h("div", { class: "lw-bar" });
   const status = h("div", { class: "lw-status" });
-  const pattern = patternPanel({ model, h, row, newId, isStatic: !!model.get("_static") });
+  const pattern = patternPanel({ model, h, row, newId, offline: () => !!offline });
   const root = h("div", { class: "lw-root" }, panel.node,
     h("div", { class: "lw-main" }, plot, h("div", { class: "lw-progress" }, bar), status),
     pattern.node);
   el.replaceChildren(root);
+
+  // Keys stay in the widget: in JupyterLab and Notebook 7 an arrow key, space or a letter
+  // in command mode is a notebook shortcut (→ on the slider would select the next cell,
+  // and the slider would not move). Lumino skips shortcuts for targets inside
+  // [data-lm-suppress-shortcuts], but Notebook 7 listens on the document in the capture
+  // phase and still swallows them; so a key aimed at this widget is stopped on its way
+  // down, at the window (its default action, moving the slider, still happens), and the
+  // widget's own key handling (the pattern canvas) is called from here. Escape and
+  // modified keys (Shift+Enter, Ctrl+S) still reach the host.
+  root.setAttribute("data-lm-suppress-shortcuts", "true");
+  const plainKey = (ev) => !(ev.key === "Escape" || ev.ctrlKey || ev.metaKey || ev.altKey
+    || (ev.shiftKey && ev.key === "Enter"));
+  const keepKeys = (ev) => {
+    if (!(ev.target instanceof Node) || !root.contains(ev.target) || !plainKey(ev)) return;
+    ev.stopPropagation();
+    if (ev.type === "keydown") pattern.onKey(ev);
+  };
+  for (const type of ["keydown", "keypress", "keyup"]) window.addEventListener(type, keepKeys, true);
 
   // Read-only hook for tests and for debugging in the browser console:
   // `el.querySelector(".lw-root").landscape()` gives a snapshot of the view's state and the
@@ -118,9 +155,13 @@ function render({ model, el }) {
     schedule();
   };
   for (const k of traitNames) model.on(`change:${k}`, onTraits);
-  const onStatus = () => showStatus();
+  const onStatus = () => {
+    heard();
+    showStatus();
+  };
   model.on("change:status", onStatus);
   const onResult = () => {
+    heard();
     const r = model.get("result");
     if (!r || !r.x) return;
     if (job && !job.complete && job.id !== r.id && !job.ended) return; // a newer job runs
@@ -140,6 +181,8 @@ function render({ model, el }) {
   let incoming = null; // a started job whose first tile has not arrived (old plot stays)
   function onMessage(msg, buffers) {
     if (!msg || typeof msg !== "object") return;
+    heard();
+    if (msg.kind === "ready") return;
     if (pattern.onMessage(msg, buffers)) return;
     buffers = buffers || [];
     const now = performance.now();
@@ -182,8 +225,23 @@ function render({ model, el }) {
   model.on("msg:custom", onMessage);
 
   function showStatus() {
-    paintStatus(bar, status, { s: model.get("status") || {}, live, job, error });
+    paintStatus(bar, status, { s: model.get("status") || {}, live, job, error, offline });
   }
+
+  // --- a kernel behind this view? ------------------------------------------------------
+  function setOffline(reason) {
+    if (offline === reason) return;
+    offline = reason;
+    root.classList.toggle("lw-offline", !!offline);
+    panel.sync();
+    pattern.sync();
+    showStatus();
+  }
+  function heard() {
+    clearTimeout(kernelTimer);
+    if (offline === OFFLINE.restored) setOffline(null);
+  }
+  let kernelTimer = null;
 
   // --- plot --------------------------------------------------------------------------
   function schedule() {
@@ -193,11 +251,12 @@ function render({ model, el }) {
   function draw() {
     frame = 0;
     if (!job) return;
-    const fig = figure(job, get);
+    const theme = hostTheme(root);
+    const fig = figure(job, get, theme);
     revision += 1;
     const t = timings[job.id];
     const first = t && t.firstTile != null && t.firstDraw == null;
-    react(plot, fig, revision).then(() => {
+    react(plot, fig, revision, theme).then(() => {
       // The next frame is the first one painted with this plot.
       if (first) requestAnimationFrame(() => { if (t.firstDraw == null) t.firstDraw = performance.now(); });
     }, (err) => {
@@ -226,19 +285,35 @@ function render({ model, el }) {
       error,
       draws: revision,
       drawn,
+      offline,
       timings: JSON.parse(JSON.stringify(timings)),
     };
   }
+
+  const stopTheme = onThemeChange(() => {
+    schedule();
+    pattern.redraw();
+  });
 
   panel.sync();
   showStatus();
   const initial = model.get("result");
   if (initial && initial.x) loadResult(initial);
-  model.send({ kind: "sync", id: newId() });
+  if (!offline) {
+    kernelTimer = setTimeout(() => setOffline(OFFLINE.restored), KERNEL_WAIT_MS);
+    try {
+      model.send({ kind: "sync", id: newId() });
+    } catch (err) { // no comm at all: certainly no kernel
+      setOffline(OFFLINE.restored);
+    }
+  }
 
   return () => {
     flush();
     if (frame) cancelAnimationFrame(frame);
+    clearTimeout(kernelTimer);
+    stopTheme();
+    for (const type of ["keydown", "keypress", "keyup"]) window.removeEventListener(type, keepKeys, true);
     resize.disconnect();
     for (const k of traitNames) model.off(`change:${k}`, onTraits);
     model.off("change:status", onStatus);

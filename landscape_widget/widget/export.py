@@ -26,6 +26,7 @@ def static_page(widget, traits: tuple[str, ...], title: str) -> str:
     state["result"] = result
     state["pattern"], state["show_pattern"] = widget.pattern, widget.show_pattern
     state["fit_status"] = widget.fit_status
+    state["fit_settings"] = widget.fit_settings  # the editor's boxes show what was run
     fitted = dict(widget.pattern_result) if widget.pattern_result else None
     if fitted:
         for k in FIT_ARRAYS:

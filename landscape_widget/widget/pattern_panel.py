@@ -22,6 +22,9 @@ class PatternPanel(t.HasTraits):
     show_pattern = t.Bool(False).tag(sync=True)
     fit_status = t.Dict().tag(sync=True)
     pattern_result = t.Dict(allow_none=True, default_value=None).tag(sync=True)
+    fit_settings = t.Dict().tag(sync=True)
+    """The settings of the last fit started (its steps, lr, tau, cells per step, seed,
+    batch size), shown by the editor's boxes after a re-render and in the HTML export."""
 
     def _init_patterns(self, model, data, *, model_fn=None, test_data=None, device=None,
                        eval_samples: int = 256) -> None:
@@ -79,6 +82,13 @@ class PatternPanel(t.HasTraits):
     # --- internals --------------------------------------------------------------------
     def _start_fit(self, job_id: str, spec: FitSpec) -> str:
         check_pattern(spec.binary)  # a pattern with nothing to fit gets a clear error
+        fit = self._runner.fit
+        settings = {"lr": spec.lr, "tau": spec.tau, "cells_per_step": spec.cells_per_step,
+                    "seed": spec.seed, "batch_size": spec.batch_size}
+        if spec.resume and fit is not None and np.array_equal(fit.binary, spec.binary):
+            # A resumed fit keeps training with the settings it was created with.
+            settings = {k: fit.config.get(k, v) for k, v in settings.items()}
+        self.fit_settings = {**settings, "steps": spec.steps}
         self.fit_status = {"state": "running", "id": job_id, "step": 0, "steps": spec.steps}
         self._runner.submit(job_id, spec)
         return job_id

@@ -12,8 +12,8 @@ JS -> Python::
     {"kind": "cancel", "id": str}    (the user pressed stop: the running job and one
                                       scheduled by a control change are cancelled)
     {"kind": "sync", "id": str}      (a new view asks for the running job so far: the
-                                      reply is its ``start`` and one ``tile`` of all
-                                      points computed yet)
+                                      reply is ``ready``, then the job's ``start`` and
+                                      one ``tile`` of all points computed yet)
     {"kind": "fit", ...}, {"kind": "fit_stop", ...}   (the pattern editor: see .patterns)
 
 ``spec.vertices`` names the models a multi-model direction type runs through (the
@@ -32,6 +32,7 @@ Python -> JS::
         "" otherwise)
     {"kind": "cancelled", "id", "done", "total"}
     {"kind": "error", "id", "message"}
+    {"kind": "ready", "id"}          (the answer to ``sync``: a kernel is behind the view)
 
 Buffers are little-endian, C-contiguous; NaN marks a point that is not computed (or whose
 loss is not finite).

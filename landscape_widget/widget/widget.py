@@ -167,6 +167,7 @@ class LandscapeWidget(PatternPanel, anywidget.AnyWidget):
         self._lock = threading.Lock()
         self._timer: threading.Timer | None = None
         self._quiet = 0
+        self._last_done: dict = {}  # the last `done` message: its summary joins the status
         self._worker = Worker(model, data, send=self._send_message, model_b=model_b,
                               trajectory=trajectory, models=named,
                               loss_fn=loss_fn, device=device, on_status=self._on_status,
@@ -272,7 +273,10 @@ class LandscapeWidget(PatternPanel, anywidget.AnyWidget):
                 self._submit(mid, spec)
             elif kind == "cancel":
                 self.cancel()
-            else:  # sync: a new view joins a running job
+            else:  # sync: a new view joins (a running job's grid so far, if any)
+                # "ready" tells the view a kernel is behind it (a view restored from saved
+                # widget state hears nothing and disables its compute controls).
+                self._send_message({"kind": "ready", "id": mid}, [])
                 snap = self._worker.snapshot()
                 if snap is not None:
                     for msg, bufs in snapshot_messages(*snap):
@@ -322,6 +326,8 @@ class LandscapeWidget(PatternPanel, anywidget.AnyWidget):
         self.handle_message(content, buffers)
 
     def _send_message(self, message: dict, buffers: list) -> None:
+        if message.get("kind") == "done":
+            self._last_done = message
         self.send(message, buffers)
 
     def _report(self, job_id: str | None, message: str) -> None:
@@ -387,6 +393,11 @@ class LandscapeWidget(PatternPanel, anywidget.AnyWidget):
                 self._report(None, f"Internal error ({type(err).__name__}): {err}")
 
     def _on_status(self, status: dict) -> None:
+        done = self._last_done
+        if status.get("state") == "done" and done.get("id") == status.get("id"):
+            # The summary of the `done` message, so a re-rendered view shows it too.
+            status = {**status, **{k: done[k] for k in ("evaluated", "reused", "seconds",
+                                                         "nonfinite", "stats") if k in done}}
         self.status = {"state": "idle", "device": "", "done": 0, "total": 0,
                        "points_per_s": 0.0, "eta_s": None, "message": "", **status}
 
