@@ -49,7 +49,7 @@ def _norm(d: dict) -> float:
 def _scaled_norm(model: nn.Module, d: dict) -> float:
     """Norm of ``d_k / rms(theta_k)`` over the moved tensors (mining's scale-free size)."""
     p = dict(model.named_parameters())
-    return float(torch.sqrt(sum((v.double() ** 2).sum() / p[k].double().pow(2).mean()
+    return float(torch.sqrt(sum((v.double() ** 2).sum() / p[k].detach().double().pow(2).mean()
                                 for k, v in d.items() if float(v.abs().sum()) > 0)))
 
 
