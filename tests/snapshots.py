@@ -9,6 +9,8 @@ parametrization swaps it), ``training`` flags and ``track_running_stats``.
 
 from __future__ import annotations
 
+import enum
+
 import torch
 from torch import nn
 
@@ -36,6 +38,8 @@ def _freeze(value, depth: int = 0):
         return ("M", id(value))
     if isinstance(value, (str, bytes, int, float, bool, complex, type(None))):
         return value
+    if isinstance(value, (type, enum.Enum, torch.dtype, torch.device)):
+        return ("C", id(value))  # classes and constants: by identity
     if isinstance(value, dict):
         return ("D", type(value).__name__,
                 tuple((repr(k), _freeze(v, depth + 1)) for k, v in value.items()))

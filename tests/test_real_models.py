@@ -11,14 +11,13 @@ failed and a cancelled call, in the API (``compute_surface``, ``compute_curve``,
 
 from __future__ import annotations
 
-import io
 import threading
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from cases import REAL_CASE_IDS, REAL_CASES, gaussian_direction, wrap_data
+from cases import REAL_CASE_IDS, REAL_CASES, gaussian_direction
 from oracle import linspace, naive_eval, naive_surface
 from snapshots import assert_same_snapshot, snapshot
 

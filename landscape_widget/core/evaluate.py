@@ -244,31 +244,46 @@ class Evaluator(PlanTuner, StemTerms):
         return module
 
     def _state_versions(self) -> None:
-        """Remember the base tensors' version counters and a copy of every buffer."""
-        self._pristine = {k: v.clone() for k, v in buffers_of(self.module).items()}
-        self._versions = {k: v._version for k, v in self.base.items()}
+        """Gather the buffers into one flat tensor per dtype, beside a pristine copy.
+
+        ``base`` then holds views into the flat tensors, so putting every buffer back
+        after a pass is one copy per dtype, whatever the forward wrote and however (QAT's
+        fused observers write in place without bumping version counters).
+        """
+        groups: dict[tuple, list[str]] = {}
+        for k in buffers_of(self.module):
+            groups.setdefault((self.base[k].dtype, self.base[k].device), []).append(k)
+        self._flats: list[tuple[Tensor, Tensor]] = []
+        for keys in groups.values():
+            flat = torch.cat([self.base[k].reshape(-1) for k in keys])
+            pos = 0
+            for k in keys:
+                size, shape = self.base[k].numel(), self.base[k].shape
+                self.base[k] = flat[pos : pos + size].view(shape)
+                pos += size
+            self._flats.append((flat, flat.clone()))
+        params = parameters_of(self.module)
+        self._versions = {k: self.base[k]._version for k in params}
 
     def _reset_state(self) -> None:
-        """Put back buffers a forward changed in place (a counter, QAT observers).
+        """Put back every buffer (a counter, QAT observers, what a hook wrote).
 
-        Every point then starts from the user's state, whatever the order of the points.
-        Version counters tell which changed, so this costs nothing for the usual models.
+        Every pass then starts from the user's state, whatever the order of the points.
 
         Raises:
             RuntimeError: If the forward wrote into a parameter in place (its value at
                 the point would then be undefined).
         """
-        for k, v in self.base.items():
-            if v._version != self._versions[k]:
-                if k not in self._pristine:
-                    raise RuntimeError(
-                        f"The model's forward writes into its parameter {k!r} in place, so "
-                        "its loss at a point is not defined by the point; move that update "
-                        "out of forward (e.g. into the training step)."
-                    )
-                with torch.no_grad():
-                    v.copy_(self._pristine[k])
-                self._versions[k] = v._version
+        with torch.no_grad():
+            for flat, pristine in self._flats:
+                flat.copy_(pristine)
+        for k, version in self._versions.items():
+            if self.base[k]._version != version:
+                raise RuntimeError(
+                    f"The model's forward writes into its parameter {k!r} in place, so "
+                    "its loss at a point is not defined by the point; move that update "
+                    "out of forward (e.g. into the training step)."
+                )
 
     # The probes and evaluate() run between _enter and _exit (in a finally block).
     _enter = _reset_state
