@@ -172,7 +172,7 @@ class PlanTuner:
             for layout in layouts:
                 for stem in stems:
                     sizes = {self._batch_for(1, b) for b in budgets}
-                    if not small:
+                    if not small and self.bn_batch_size is None:
                         sizes.add(self.n)
                     plans += [Plan("loop", 1, b, layout, stem) for b in sorted(sizes)]
         if self.strategy in ("auto", "vmap"):
