@@ -19,7 +19,8 @@ from oracle import linspace, naive_eval
 from snapshots import assert_same_snapshot, snapshot
 
 import landscape_widget as lw
-from landscape_widget.core.evaluate import BN_BATCH_SIZE, Evaluator
+from landscape_widget.core.evaluate import Evaluator
+from landscape_widget.core.state import BN_BATCH_SIZE
 from landscape_widget.widget.protocol import Spec
 from landscape_widget.widget.worker import Worker
 

@@ -22,6 +22,7 @@ from oracle import linspace, naive_eval, naive_surface
 from snapshots import assert_same_snapshot, snapshot
 
 import landscape_widget as lw
+from landscape_widget.core.state import BN_BATCH_SIZE
 from landscape_widget.widget.protocol import Spec
 from landscape_widget.widget.worker import Worker
 
@@ -163,7 +164,7 @@ def test_widget_worker_matches_oracle_and_never_flips_flags(case):
         ref = model.eval()  # the oracle evaluates in eval mode, as the engine does
         loss, _ = naive_surface(ref, x, y, *result.directions, result.x, result.y,
                                 **{**_oracle_kw(case), "bn_batch_size": (
-                                    lw.core.evaluate.BN_BATCH_SIZE if case["bn"] == "batch"
+                                    BN_BATCH_SIZE if case["bn"] == "batch"
                                     else None)})
         rtol, atol = _tol(case)
         np.testing.assert_allclose(result.loss, loss, rtol=rtol, atol=atol)

@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from .directions import random_directions
-from .evaluate import Evaluator, bn_batch_size_for
+from .evaluate import Evaluator
 from .grid import MAX_GRID_POINTS, match_axis, parse_axis, progressive_order
 from .params import Params, check_direction
+from .state import bn_batch_size_for
 
 
 @dataclass

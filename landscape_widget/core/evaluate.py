@@ -43,6 +43,7 @@ from .params import (
     model_device,
     parameters_of,
 )
+from .state import BufferState, bn_batch_size_for
 from .stem import StemTerms, split_stem
 from .tuning import (
     _PLANS,
@@ -58,12 +59,10 @@ from .tuning import (
 
 METRICS = ("loss", "accuracy")
 BN_MODES = ("eval", "batch")
-BN_BATCH_SIZE = 128
-"""Default samples per BatchNorm batch with ``bn="batch"`` (see :func:`bn_batch_size_for`)."""
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
-class Evaluator(PlanTuner, StemTerms):
+class Evaluator(PlanTuner, StemTerms, BufferState):
     """Evaluate loss and metrics of ``model`` at points of a low-dimensional subspace.
 
     Args:
@@ -79,7 +78,8 @@ class Evaluator(PlanTuner, StemTerms):
             consecutive batches of ``bn_batch_size`` samples (in data order) and leaves
             running statistics untouched. Dropout is off.
         bn_batch_size: Samples per BatchNorm batch with ``bn="batch"`` (default
-            :data:`BN_BATCH_SIZE`; see :func:`bn_batch_size_for`). The engine's passes then
+            :data:`~landscape_widget.core.state.BN_BATCH_SIZE`; see
+            :func:`~landscape_widget.core.state.bn_batch_size_for`). The engine's passes then
             hold exactly these batches, so the values do not depend on its plan.
         device: Where to compute; defaults to the model's device. The model must already
             live there (it is not moved, since moving it would modify it).
@@ -242,52 +242,6 @@ class Evaluator(PlanTuner, StemTerms):
         module = evaluation_copy(model)  # the user's flags are never switched
         self._set_flags(module, bn)
         return module
-
-    def _state_versions(self) -> None:
-        """Gather the buffers into one flat tensor per dtype, beside a pristine copy.
-
-        ``base`` then holds views into the flat tensors, so putting every buffer back
-        after a pass is one copy per dtype, whatever the forward wrote and however (QAT's
-        fused observers write in place without bumping version counters).
-        """
-        groups: dict[tuple, list[str]] = {}
-        for k in buffers_of(self.module):
-            groups.setdefault((self.base[k].dtype, self.base[k].device), []).append(k)
-        self._flats: list[tuple[Tensor, Tensor]] = []
-        for keys in groups.values():
-            flat = torch.cat([self.base[k].reshape(-1) for k in keys])
-            pos = 0
-            for k in keys:
-                size, shape = self.base[k].numel(), self.base[k].shape
-                self.base[k] = flat[pos : pos + size].view(shape)
-                pos += size
-            self._flats.append((flat, flat.clone()))
-        params = parameters_of(self.module)
-        self._versions = {k: self.base[k]._version for k in params}
-
-    def _reset_state(self) -> None:
-        """Put back every buffer (a counter, QAT observers, what a hook wrote).
-
-        Every pass then starts from the user's state, whatever the order of the points.
-
-        Raises:
-            RuntimeError: If the forward wrote into a parameter in place (its value at
-                the point would then be undefined).
-        """
-        with torch.no_grad():
-            for flat, pristine in self._flats:
-                flat.copy_(pristine)
-        for k, version in self._versions.items():
-            if self.base[k]._version != version:
-                raise RuntimeError(
-                    f"The model's forward writes into its parameter {k!r} in place, so "
-                    "its loss at a point is not defined by the point; move that update "
-                    "out of forward (e.g. into the training step)."
-                )
-
-    # The probes and evaluate() run between _enter and _exit (in a finally block).
-    _enter = _reset_state
-    _exit = _reset_state
 
     def _activation_bytes(self) -> int:
         """Approximate bytes of activations per sample, from one forward pass of 2 samples."""
@@ -521,45 +475,6 @@ class Evaluator(PlanTuner, StemTerms):
             "bn_batch_size": self.bn_batch_size,
             "activation_bytes_per_sample": self.act_bytes,
         }
-
-
-def bn_batch_size_for(bn: str, bn_batch_size: int | None) -> int | None:
-    """The samples per BatchNorm batch of a computation: ``None`` unless ``bn="batch"``.
-
-    With ``bn="batch"`` BatchNorm layers normalise with the statistics of consecutive
-    batches of this many samples, in data order (the last batch holds the rest), exactly
-    like a ``DataLoader(batch_size=bn_batch_size, shuffle=False)`` loop over the data with
-    train-mode BatchNorm. The values then depend on this number and on the data order, but
-    never on the engine's plan, device or executor. The default, :data:`BN_BATCH_SIZE` =
-    128, is the batch size most image classifiers are trained with, so the statistics are
-    as noisy as those the network saw in training, and the memory of one pass does not grow
-    with the data set. Data sorted by class (as ``ImageFolder`` yields it) gives batches of
-    one class: shuffle it once, or pass the size of the whole data set.
-
-    Raises:
-        ValueError: If ``bn_batch_size`` is not a positive int, or is given with
-            ``bn="eval"``.
-
-    Example:
-        >>> bn_batch_size_for("batch", None), bn_batch_size_for("batch", 32)
-        (128, 32)
-        >>> bn_batch_size_for("eval", None) is None
-        True
-    """
-    if bn_batch_size is not None and (
-        isinstance(bn_batch_size, bool) or not isinstance(bn_batch_size, (int, np.integer))
-        or bn_batch_size < 1
-    ):
-        raise ValueError(f"bn_batch_size must be an int >= 1, got {bn_batch_size!r}.")
-    if bn != "batch":
-        if bn_batch_size is not None:
-            raise ValueError(
-                f"bn_batch_size={bn_batch_size} only applies to bn='batch' (BatchNorm with "
-                "batch statistics); bn='eval' uses the running statistics. Pass bn='batch' "
-                "or drop bn_batch_size."
-            )
-        return None
-    return int(bn_batch_size) if bn_batch_size is not None else BN_BATCH_SIZE
 
 
 def warn_nonfinite(count: int, evaluator: Evaluator | None = None) -> None:

@@ -115,7 +115,7 @@ def iter_tiles(
         bn: ``"eval"`` (running statistics) or ``"batch"`` (batch statistics).
         bn_batch_size: With ``bn="batch"``, BatchNorm uses the statistics of consecutive
             batches of this many samples in data order (default 128, see
-            :func:`~landscape_widget.core.evaluate.bn_batch_size_for`); recorded as
+            :func:`~landscape_widget.core.state.bn_batch_size_for`); recorded as
             ``spec["bn_batch_size"]``. The values do not depend on the engine's plan.
         device: Where to compute (the model's device by default).
         seed: Seed of the random directions when ``directions`` is None.

@@ -22,7 +22,7 @@ import anywidget
 import traitlets as t
 
 from ..core.directions import interpolation_direction
-from ..core.evaluate import bn_batch_size_for
+from ..core.state import bn_batch_size_for
 from ..core.surface import Curve, Surface
 from ..experiments.triangle import TriangleSurface
 from . import protocol
@@ -81,7 +81,7 @@ class LandscapeWidget(PatternPanel, anywidget.AnyWidget):
             "mined: vvv-basin", the saddle and wine-bottle planes); ``None`` keeps the
             library's defaults (500 to 800, seconds to minutes; see :mod:`.shapes`).
         bn_batch_size: Samples per BatchNorm batch when the ``bn`` control is ``"batch"``
-            (default 128; see :func:`~landscape_widget.core.evaluate.bn_batch_size_for`).
+            (default 128; see :func:`~landscape_widget.core.state.bn_batch_size_for`).
         autostart: Start computing the default grid at once.
         **traits: Initial control values (``mode``, ``direction``, ``norm``,
             ``ignore_biasbn``, ``x_range``, ``y_range``, ``resolution``, ``seed``, ``bn``,

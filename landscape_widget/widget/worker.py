@@ -30,9 +30,9 @@ import numpy as np
 from ..core.compute import fingerprint
 from ..core.data import is_data_fn
 from ..core.directions import interpolation_direction, random_directions
-from ..core.evaluate import bn_batch_size_for
 from ..core.hessian import Cancelled
 from ..core.landscape import TileStream, iter_tiles
+from ..core.state import bn_batch_size_for
 from ..core.surface import Curve, Surface
 from . import extra_jobs, protocol, shapes
 from . import models as vertex_models
