@@ -138,3 +138,17 @@ def test_evaluator_takes_bn_batch_size(setup):
     np.testing.assert_allclose(ev.evaluate([[0.3]])["loss"], ref, rtol=1e-5)
     assert ev.describe()["bn_batch_size"] == 16
     assert torch.equal(ev.x, x)
+
+
+def test_landscape_widget_takes_bn_batch_size(setup):
+    from landscape_widget import LandscapeWidget
+
+    model, x, y, _ = setup
+    with pytest.raises(ValueError, match="bn_batch_size"):
+        LandscapeWidget(model, (x, y), bn_batch_size=-1, autostart=False)
+    widget = LandscapeWidget(model, (x, y), bn_batch_size=12, bn="batch", mode="1d",
+                             resolution=3, autostart=False)
+    try:
+        assert widget._worker.bn_batch_size == 12
+    finally:
+        widget.close()
