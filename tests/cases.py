@@ -131,6 +131,146 @@ def resnet18(seed: int = 4) -> nn.Module:
     return reinit(torchvision.models.resnet18(num_classes=10), seed, gain=1.0)
 
 
+# --- models researchers bring (issue 14) -------------------------------------------------
+class RecurrentNet(nn.Module):
+    """An LSTM or GRU over a sequence, its last output to a linear head (no vmap rule)."""
+
+    def __init__(self, kind: str = "lstm", features: int = 5, hidden: int = 8, classes: int = 3):
+        super().__init__()
+        cell = {"lstm": nn.LSTM, "gru": nn.GRU}[kind]
+        self.rnn = cell(features, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x):
+        out, _ = self.rnn(x)
+        return self.head(out[:, -1])
+
+
+def lstm_net(seed: int = 20) -> nn.Module:
+    return reinit(RecurrentNet("lstm"), seed, gain=1.5)
+
+
+def gru_net(seed: int = 21) -> nn.Module:
+    return reinit(RecurrentNet("gru"), seed, gain=1.5)
+
+
+class EncoderNet(nn.Module):
+    """A Transformer encoder layer (eval-mode fast path), mean-pooled, linear head."""
+
+    def __init__(self, d: int = 8, classes: int = 3):
+        super().__init__()
+        self.embed = nn.Linear(5, d)
+        self.encoder = nn.TransformerEncoderLayer(d, 2, 16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):
+        return self.head(self.encoder(self.embed(x)).mean(1))
+
+
+def transformer(seed: int = 22) -> nn.Module:
+    return reinit(EncoderNet(), seed, gain=1.0)
+
+
+def qat_mlp(seed: int = 23) -> nn.Module:
+    """A quantisation-aware-training MLP (``prepare_qat``: FakeQuantize with observers that
+    update ``min_val``/``max_val``/``scale`` in every forward, also in eval mode)."""
+    import warnings
+
+    import torch.ao.quantization as tq
+
+    model = nn.Sequential(tq.QuantStub(), nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 3),
+                          tq.DeQuantStub())
+    reinit(model, seed, gain=2.0)
+    model.qconfig = tq.get_default_qat_qconfig("fbgemm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's deprecation notice of eager-mode QAT
+        tq.prepare_qat(model.train(), inplace=True)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        model(torch.randn(32, 6, generator=g))  # calibrate the observers
+    return model.eval()
+
+
+def parametrized_mlp(seed: int = 24) -> nn.Module:
+    """weight_norm, spectral_norm and orthogonal parametrizations (torch.nn.utils.parametrize)."""
+    from torch.nn.utils import parametrizations as P
+
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+    reinit(model, seed, gain=2.0)
+    P.weight_norm(model[0])
+    P.spectral_norm(model[2])
+    P.orthogonal(model[4])
+    return model.eval()
+
+
+def legacy_weight_norm_mlp(seed: int = 25) -> nn.Module:
+    """Legacy ``torch.nn.utils.weight_norm``: ``weight`` is a plain attribute recomputed by a
+    pre-hook; after one forward with autograd on it is a non-leaf (``deepcopy`` refuses)."""
+    import warnings
+
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    reinit(model, seed, gain=2.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecated in favour of parametrizations
+        torch.nn.utils.weight_norm(model[0])
+    model(torch.zeros(1, 6))  # an ordinary forward, with autograd: model[0].weight non-leaf
+    return model.eval()
+
+
+class StatefulNet(nn.Module):
+    """A forward that writes state: a buffer counter, a non-persistent buffer, a scale it
+    uses and then changes in place, attributes (``self.features = h``), and hooks that
+    store into the module, into a closure's dict and into a hook object."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1 = nn.Linear(6, 8)
+        self.l2 = nn.Linear(8, 3)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.register_buffer("scratch", torch.zeros(8), persistent=False)
+        self.register_buffer("scale", torch.ones(()))
+        self.seen: list = []
+        self.closure_store: dict = {}
+        store = self.closure_store
+
+        def remember(module, inputs, output):
+            store["last"] = output  # a closure over an object the model holds
+            module.last_output = output
+
+        def scale_inputs(module, args):
+            module.pre_calls = getattr(module, "pre_calls", 0) + 1
+            return (args[0] * 1.0,)
+
+        self.l1.register_forward_hook(remember)
+        self.l2.register_forward_pre_hook(scale_inputs)
+        self.counter = HookCounter()
+        self.l2.register_forward_hook(self.counter)
+
+    def forward(self, x):
+        self.calls += 1
+        h = torch.tanh(self.l1(x))
+        self.scratch.add_(h.detach().mean(0))
+        self.features = h
+        self.seen.append(1)
+        out = self.l2(h) * self.scale
+        self.scale.mul_(1.5)  # used before it changes: each call starts from the user's
+        return out
+
+
+class HookCounter:
+    """A forward hook object with state of its own."""
+
+    def __init__(self):
+        self.count = 0
+
+    def __call__(self, module, inputs, output):
+        self.count += 1
+
+
+def stateful_net(seed: int = 26) -> nn.Module:
+    return reinit(StatefulNet(), seed, gain=2.0).eval()
+
+
 # --- data --------------------------------------------------------------------------------
 def mlp_data():
     return classification_data(40, (10,), 4, seed=10)
@@ -175,6 +315,23 @@ def wrap_data(x, y, how: str):
         g = torch.Generator().manual_seed(99)
         return DataLoader(TensorDataset(x, y), batch_size=7, shuffle=True, generator=g)
     raise ValueError(how)
+
+
+def seq_data():
+    return classification_data(24, (6, 5), 3, seed=14)
+
+
+def mlp6_data():
+    return classification_data(32, (6,), 3, seed=15)
+
+
+def class_sorted_cnn_data(n: int = 60):
+    """Images sorted by class, as ``ImageFolder`` yields them: BatchNorm batch statistics
+    then depend strongly on which samples share a batch."""
+    g = torch.Generator().manual_seed(16)
+    y = torch.sort(torch.randint(0, 5, (n,), generator=g)).values
+    x = torch.randn((n, 3, 8, 8), generator=g) + 0.8 * y.float().reshape(-1, 1, 1, 1)
+    return x, y
 
 
 # --- directions made by the tests ------------------------------------------------------
@@ -247,6 +404,24 @@ CASES = [
           dtype=torch.float64, **SMALL),
 ]
 
+# Models researchers bring (issue 14), each against the float64 oracle and a full-state
+# snapshot. ``vmap_fails``: the vmap path cannot run them, so the plan must say why.
+# ``oracle_dtype``: fake quantisation only runs in float32. ``template``: a fresh model
+# for the oracle where deepcopy of the user's model is refused (legacy weight_norm).
+REAL_CASES = [
+    _case("lstm", lstm_net, seq_data, vmap_fails=True, **SMALL),
+    _case("gru", gru_net, seq_data, vmap_fails=True, **SMALL),
+    _case("transformer", transformer, seq_data, **SMALL),
+    _case("qat", qat_mlp, mlp6_data, vmap_fails=True, oracle_dtype=torch.float32, **SMALL),
+    _case("parametrizations", parametrized_mlp, mlp6_data, **SMALL),
+    _case("legacy-weight-norm", legacy_weight_norm_mlp, mlp6_data, template=True, **SMALL),
+    _case("stateful-hooks", stateful_net, mlp6_data, vmap_fails=True, **SMALL),
+    _case("resnet18-bn", resnet18, resnet_data, **SMALL),
+    _case("cnn-bn-class-sorted-batch", bn_res_cnn, class_sorted_cnn_data, bn="batch",
+          bn_batch_size=16, **SMALL),
+]
+REAL_CASE_IDS = [c["name"] for c in REAL_CASES]
+
 CASE_IDS = [c["name"] for c in CASES]
 
 STRATEGY_CASES = [(c, s) for c in CASES for s in c["strategies"]]
@@ -266,10 +441,11 @@ def build(case):
 
 
 def engine_options(case, strategy: str, n: int) -> dict:
-    """``evaluator_options`` for ``case``: the strategy; for bn="batch" one batch of all data."""
+    """``evaluator_options`` for ``case``: the strategy; for bn="batch" one BatchNorm batch
+    of all data (``bn_batch_size=n``), the oracle's default."""
     opts = {}
     if strategy != "auto":
         opts["strategy"] = strategy
     if case["bn"] == "batch":
-        opts["batch_size"] = n
+        opts["bn_batch_size"] = case.get("bn_batch_size") or n
     return opts

@@ -40,24 +40,33 @@ def naive_eval(
     *,
     loss_fn=None,
     bn: str = "eval",
+    bn_batch_size: int | None = None,
+    dtype: torch.dtype = torch.float64,
+    template: nn.Module | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Loss and accuracy at ``theta + sum_j coords[i, j] * directions[j]`` for every row ``i``.
 
     Direction keys may name parameters or buffers (BatchNorm running statistics); a tied
-    tensor moves under every name it has.
+    tensor moves under every name it has. With ``bn="batch"`` and ``bn_batch_size`` the
+    data go through in consecutive batches of that size (a plain ``for`` over slices) and
+    the loss is the sample-weighted mean of the batch losses; without it, one batch of all.
+    ``dtype``: the computation's dtype (fake quantisation runs in float32 only).
+    ``template``: a fresh model of the same architecture to load the points into, for
+    models that refuse ``deepcopy``.
 
     Returns:
         ``(loss, accuracy)``, float64 arrays of length ``len(coords)``.
     """
     loss_fn = loss_fn or F.cross_entropy
-    ref = copy.deepcopy(model).double()
+    ref = (template if template is not None else copy.deepcopy(model)).to(dtype)
     base = {
         k: (v.detach().double() if torch.is_floating_point(v) else v.detach()).clone()
         for k, v in model.state_dict().items()
     }
     alias = _aliases(model)
     dirs = [{k: v.detach().double() for k, v in d.items()} for d in directions]
-    xd = x.double() if torch.is_floating_point(x) else x
+    xd = x.to(dtype) if torch.is_floating_point(x) else x
+    step = bn_batch_size if bn == "batch" and bn_batch_size else len(xd)
     losses, accs = [], []
     for c in np.atleast_2d(np.asarray(coords, dtype=np.float64)):
         state = {}
@@ -67,17 +76,21 @@ def naive_eval(
             for cj, d in zip(c, dirs, strict=True):
                 if key in d:
                     w = w + float(cj) * d[key]
-            state[k] = w
+            state[k] = w.to(dtype) if torch.is_floating_point(w) else w
         ref.load_state_dict(state)
         ref.eval()
         if bn == "batch":
             for m in ref.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.train()
+        loss = correct = 0.0
         with torch.no_grad():
-            out = ref(xd)
-            losses.append(float(loss_fn(out, y)))
-            accs.append(float((out.argmax(-1) == y).double().mean()))
+            for s in range(0, len(xd), step):
+                out = ref(xd[s : s + step])
+                loss += float(loss_fn(out, y[s : s + step])) * len(out)
+                correct += float((out.argmax(-1) == y[s : s + step]).double().sum())
+        losses.append(loss / len(xd))
+        accs.append(correct / len(xd))
     return np.array(losses), np.array(accs)
 
 

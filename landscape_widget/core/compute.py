@@ -17,6 +17,7 @@ from .directions import random_directions
 from .evaluate import Evaluator
 from .grid import MAX_GRID_POINTS, match_axis, parse_axis, progressive_order
 from .params import Params, check_direction
+from .state import bn_batch_size_for
 
 
 @dataclass
@@ -96,7 +97,7 @@ def _resolve_directions(model, directions, ndim, seed, points: bool = False
 
 def _reuse(job: _Job, reuse, metrics: Sequence[str]) -> None:
     """Copy the values of ``reuse`` at coordinates that coincide with the new grid."""
-    same = ("model", "directions", "loss_fn", "bn", "n_samples", "data")
+    same = ("model", "directions", "loss_fn", "bn", "bn_batch_size", "n_samples", "data")
     # A loss-landscape file records none of these: its values are checked by recomputing
     # a few of them instead (check_foreign_reuse in landscape.py).
     foreign = reuse.spec.get("source") == "loss-landscape"
@@ -139,7 +140,8 @@ def remote_evaluators(executor) -> Callable | None:
 
 
 def _prepare(model, data, *, directions, axes_spec, loss_fn, metrics, bn, device, seed,
-             reuse, keep_directions, evaluator_options, make_evaluator=None) -> _Job:
+             reuse, keep_directions, evaluator_options, make_evaluator=None,
+             bn_batch_size: int | None = None) -> _Job:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
     names = ["x"] if len(axes_spec) == 1 else ["y", "x"]
@@ -151,17 +153,24 @@ def _prepare(model, data, *, directions, axes_spec, loss_fn, metrics, bn, device
         metrics = (metrics,)
     points = bool((evaluator_options or {}).get("barycentric"))
     dirs, kind = _resolve_directions(model, directions, len(axes), seed, points)
+    options = dict(evaluator_options or {})
+    if "bn_batch_size" in options:  # also accepted among the engine's options
+        if bn_batch_size is not None:
+            raise TypeError("bn_batch_size was given twice (also in evaluator_options).")
+        bn_batch_size = options.pop("bn_batch_size")
+    bn_batch_size = bn_batch_size_for(bn, bn_batch_size)  # before any work: a clear error
     # Surfaces are (ny, nx) with d1 along x: evaluator coefficient j goes with directions[j].
     # make_evaluator: a stand-in whose tiles run on an executor (core/distributed.py).
     evaluator = (make_evaluator or Evaluator)(model, data, dirs, loss_fn=loss_fn,
                                               metrics=metrics, bn=bn, device=device,
-                                              **(evaluator_options or {}))
+                                              bn_batch_size=bn_batch_size, **options)
     spec = {
         "x": list(axes_spec[-1]) if len(axes) == 2 else list(axes_spec[0]),
         "y": list(axes_spec[0]) if len(axes) == 2 else None,
         "metrics": list(evaluator.metrics),
         "loss_fn": _loss_name(loss_fn),
         "bn": bn,
+        "bn_batch_size": bn_batch_size,
         "seed": seed if directions is None else None,
         "direction_kind": kind,
         "model": fingerprint(dict(model.state_dict())),

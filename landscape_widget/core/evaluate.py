@@ -2,14 +2,20 @@
 
 Every surface, curve and later feature evaluates parameter points through
 :class:`Evaluator`. The user's module is never written to: points are evaluated with
-``torch.func.functional_call`` on a structural copy of the module that shares its
-tensors (see :func:`~landscape_widget.core.params.evaluation_copy`).
+``torch.func.functional_call`` on a private copy of the module (its own tensors, attributes,
+hooks and flags; see :func:`~landscape_widget.core.params.evaluation_copy`), and buffers a
+``forward`` changes in place are put back after every pass, so every point starts from the
+user's state.
 
 Two strategies, chosen by timing real grid points on the first call:
 
 - ``"vmap"``: K points per forward pass, ``torch.vmap`` over stacked parameter sets, the
   data in batches of B samples so that K x B x (activations per sample) fits a memory budget.
 - ``"loop"``: one point at a time over the whole data set in large batches.
+
+Any failure of the vmap path (an operation without a batching rule such as ``aten::lstm``,
+an in-place update of a buffer, a data-dependent branch) falls back to the loop, and the
+plan records why (``plan.vmap_error``).
 
 Small, overhead-bound models gain a lot from vmap; convolutional ones are bound by
 activation memory traffic and can be faster point by point. Measuring beats guessing.
@@ -37,14 +43,17 @@ from .params import (
     model_device,
     parameters_of,
 )
+from .state import BufferState, bn_batch_size_for
 from .stem import StemTerms, split_stem
 from .tuning import (
     _PLANS,
     Plan,
     PlanTuner,
     _default_budget,
+    _is_oom,
     _remember,
     _stem_budget,
+    is_user_error,
     shrink_after_oom,
 )
 
@@ -53,7 +62,7 @@ BN_MODES = ("eval", "batch")
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
-class Evaluator(PlanTuner, StemTerms):
+class Evaluator(PlanTuner, StemTerms, BufferState):
     """Evaluate loss and metrics of ``model`` at points of a low-dimensional subspace.
 
     Args:
@@ -66,13 +75,19 @@ class Evaluator(PlanTuner, StemTerms):
             is cross-entropy. The reported loss is the exact per-sample mean over all data.
         metrics: Any of ``"loss"``, ``"accuracy"`` (argmax match, in [0, 1]).
         bn: ``"eval"`` uses BatchNorm running statistics; ``"batch"`` uses the statistics of
-            each evaluation batch and leaves running statistics untouched. Dropout is off.
+            consecutive batches of ``bn_batch_size`` samples (in data order) and leaves
+            running statistics untouched. Dropout is off.
+        bn_batch_size: Samples per BatchNorm batch with ``bn="batch"`` (default
+            :data:`~landscape_widget.core.state.BN_BATCH_SIZE`; see
+            :func:`~landscape_widget.core.state.bn_batch_size_for`). The engine's passes then
+            hold exactly these batches, so the values do not depend on its plan.
         device: Where to compute; defaults to the model's device. The model must already
             live there (it is not moved, since moving it would modify it).
         strategy: ``"auto"`` (time both), ``"vmap"`` or ``"loop"``.
         memory_budget: Bytes of activations per forward pass (default: 64 MiB on CPU, 40 %
             of free memory on CUDA).
-        batch_size: Force the number of samples per forward pass.
+        batch_size: Force the number of samples per forward pass (not with ``bn="batch"``,
+            where ``bn_batch_size`` decides).
         stem: The linear-stem shortcut: the first layer's output is linear in its weights,
             so it is computed once per direction for all data (core/stem.py). ``"auto"``
             lets the timing decide, ``True`` uses it whenever the model allows, ``False``
@@ -96,6 +111,7 @@ class Evaluator(PlanTuner, StemTerms):
         loss_fn: LossFn | None = None,
         metrics: Sequence[str] = METRICS,
         bn: str = "eval",
+        bn_batch_size: int | None = None,
         device: str | torch.device | None = None,
         strategy: str = "auto",
         memory_budget: int | None = None,
@@ -133,12 +149,20 @@ class Evaluator(PlanTuner, StemTerms):
         # The default loss is computed for all K points at once, outside vmap.
         self._batched_ce = loss_fn is None
         self.bn = bn
+        self.bn_batch_size = bn_batch_size_for(bn, bn_batch_size)
+        if self.bn_batch_size is not None and batch_size is not None:
+            raise ValueError(
+                "batch_size cannot be forced with bn='batch': the samples per pass are the "
+                "BatchNorm batches; pass bn_batch_size= to choose them."
+            )
 
         self.module = self._prepare_module(model, bn)
-        base = parameters_of(model)
-        base.update(buffers_of(model))
+        # The copy's own tensors: nothing a forward writes to them reaches the user's model.
+        base = parameters_of(self.module)
+        base.update(buffers_of(self.module))
         self.base: Params = {k: v.to(self.device) for k, v in base.items()}
-        self.dtype = next(iter(parameters_of(model).values())).dtype
+        self.dtype = next(iter(base.values())).dtype
+        self._state_versions()
 
         for i, d in enumerate(directions):
             check_direction(model, d, name=f"directions[{i}]")
@@ -174,7 +198,7 @@ class Evaluator(PlanTuner, StemTerms):
         # The linear-stem shortcut (see core/stem.py) needs a copy of the module to trace.
         if stem not in ("auto", True, False):
             raise ValueError("stem must be 'auto', True or False.")
-        self.stem = split_stem(self.module) if stem and not self._shared else None
+        self.stem = split_stem(self.module) if stem else None
         self._stem_choice = stem
         self._stem_terms: list | None = None
         self._stem_packs: dict[str, tuple] = {}
@@ -215,28 +239,9 @@ class Evaluator(PlanTuner, StemTerms):
                     m.track_running_stats = False
 
     def _prepare_module(self, model: nn.Module, bn: str) -> nn.Module:
-        module = evaluation_copy(model)
-        self._shared = module is model
-        if not self._shared:
-            self._set_flags(module, bn)
+        module = evaluation_copy(model)  # the user's flags are never switched
+        self._set_flags(module, bn)
         return module
-
-    def _enter(self) -> None:
-        # Only when the module could not be copied: switch the user's flags for the call
-        # and put them back in _exit, always (a finally block calls it).
-        if self._shared:
-            self._saved = [
-                (m, m.training, getattr(m, "track_running_stats", None))
-                for m in self.module.modules()
-            ]
-            self._set_flags(self.module, self.bn)
-
-    def _exit(self) -> None:
-        if self._shared:
-            for m, training, trs in self._saved:
-                m.training = training
-                if trs is not None:
-                    m.track_running_stats = trs
 
     def _activation_bytes(self) -> int:
         """Approximate bytes of activations per sample, from one forward pass of 2 samples."""
@@ -253,7 +258,7 @@ class Evaluator(PlanTuner, StemTerms):
         try:
             self._enter()
             with torch.no_grad():
-                functional_call(self.module, self.base, (self.x[:2],))
+                functional_call(self.module, dict(self.base), (self.x[:2],))
         finally:
             self._exit()
             for h in handles:
@@ -265,7 +270,7 @@ class Evaluator(PlanTuner, StemTerms):
         self._enter()
         try:
             with torch.no_grad():
-                out = functional_call(self.module, self.base, (self.x[:2],))
+                out = functional_call(self.module, dict(self.base), (self.x[:2],))
                 if not isinstance(out, Tensor):
                     raise TypeError(
                         f"The model returned {type(out).__name__}; landscape_widget needs a model "
@@ -355,17 +360,22 @@ class Evaluator(PlanTuner, StemTerms):
         """
         y = self.y[start:stop]
         coef2d = coef.reshape(-1, len(self.dirs))
-        if plan.stem:
-            inputs, in_dim = self._stem_input(coef2d, start, stop, plan.layout), 0
-        else:
-            inputs, in_dim = self._inputs(plan.layout)[start:stop], None
-        if plan.strategy == "vmap":
-            in_dims = ({k: (0 if k in self.keys else None) for k in params}, in_dim)
-            fn = functools.partial(self._outputs, plan=plan)
-            out = torch.vmap(fn, in_dims=in_dims, randomness="same")(params, inputs)
-            return self._metrics(out, y, vmapped=True)
-        out = self._outputs(params, inputs[0] if plan.stem else inputs, plan)
-        return self._metrics(out.unsqueeze(0), y, vmapped=False)
+        # A fresh dict: functional_call writes buffers that forward reassigns back into it.
+        params = dict(params)
+        try:
+            if plan.stem:
+                inputs, in_dim = self._stem_input(coef2d, start, stop, plan.layout), 0
+            else:
+                inputs, in_dim = self._inputs(plan.layout)[start:stop], None
+            if plan.strategy == "vmap":
+                in_dims = ({k: (0 if k in self.keys else None) for k in params}, in_dim)
+                fn = functools.partial(self._outputs, plan=plan)
+                out = torch.vmap(fn, in_dims=in_dims, randomness="same")(params, inputs)
+                return self._metrics(out, y, vmapped=True)
+            out = self._outputs(params, inputs[0] if plan.stem else inputs, plan)
+            return self._metrics(out.unsqueeze(0), y, vmapped=False)
+        finally:
+            self._reset_state()  # every pass starts from the user's buffers
 
     def _run_chunk(self, plan: Plan, coeffs: Tensor) -> tuple[Tensor, Tensor]:
         """Mean loss and accuracy of the points ``coeffs`` (K <= plan.points) over all data."""
@@ -395,8 +405,11 @@ class Evaluator(PlanTuner, StemTerms):
             try:
                 with torch.no_grad():
                     lo, ac = self._run_chunk(plan, chunk)
-            except (RuntimeError, MemoryError) as err:
-                shrink_after_oom(plan, err, self.device)
+            except Exception as err:
+                if plan.strategy == "vmap" and not _is_oom(err) and not is_user_error(err):
+                    plan = self._fall_back(err)  # a later batch the trial did not see
+                else:
+                    shrink_after_oom(plan, err, self.device, self.bn_batch_size is not None)
                 continue
             losses.append(lo)
             accs.append(ac)
@@ -459,6 +472,7 @@ class Evaluator(PlanTuner, StemTerms):
             "plan": None if self.plan is None else vars(self.plan).copy(),
             "trials": [vars(p).copy() for p in self._results],
             "rejected": list(self.rejected),
+            "bn_batch_size": self.bn_batch_size,
             "activation_bytes_per_sample": self.act_bytes,
         }
 

@@ -89,6 +89,7 @@ def iter_tiles(
     loss_fn: LossFn | None = None,
     metrics: Sequence[str] = METRICS,
     bn: str = "eval",
+    bn_batch_size: int | None = None,
     device=None,
     seed: int | None = 0,
     reuse: Surface | Curve | None = None,
@@ -113,6 +114,10 @@ def iter_tiles(
         loss_fn: ``loss_fn(outputs, targets)``, mean over the batch; cross-entropy by default.
         metrics: Any of ``"loss"``, ``"accuracy"``.
         bn: ``"eval"`` (running statistics) or ``"batch"`` (batch statistics).
+        bn_batch_size: With ``bn="batch"``, BatchNorm uses the statistics of consecutive
+            batches of this many samples in data order (default 128, see
+            :func:`~landscape_widget.core.state.bn_batch_size_for`); recorded as
+            ``spec["bn_batch_size"]``. The values do not depend on the engine's plan.
         device: Where to compute (the model's device by default).
         seed: Seed of the random directions when ``directions`` is None.
         reuse: An earlier result of the same model, directions, data and loss: points whose
@@ -122,7 +127,8 @@ def iter_tiles(
         cancel: A ``threading.Event``; once set, iteration stops after the current tile.
         keep_directions: Keep the directions (on the CPU) in the result.
         evaluator_options: Extra keywords for the engine (``strategy``, ``memory_budget``,
-            ``batch_size``).
+            ``batch_size``). A model whose vmap path fails falls back to the loop by
+            itself; ``spec["plan"]["vmap_error"]`` says why.
         executor: A ``dask.distributed.Client`` or any ``concurrent.futures.Executor``:
             tiles are computed by its workers and yielded as they finish (see
             ``core/distributed.py``). ``data`` may then be a ``data_fn``, a picklable
@@ -136,8 +142,9 @@ def iter_tiles(
     """
     axes_spec = [x] if y is None else [y, x]
     job = _prepare(model, data, directions=directions, axes_spec=axes_spec, loss_fn=loss_fn,
-                   metrics=metrics, bn=bn, device=device, seed=seed, reuse=reuse,
-                   keep_directions=keep_directions, evaluator_options=evaluator_options,
+                   metrics=metrics, bn=bn, bn_batch_size=bn_batch_size, device=device,
+                   seed=seed, reuse=reuse, keep_directions=keep_directions,
+                   evaluator_options=evaluator_options,
                    make_evaluator=remote_evaluators(executor))
     if reuse is not None and reuse.spec.get("source") == "loss-landscape":
         check_foreign_reuse(job)
@@ -232,7 +239,8 @@ def compute_surface(
         y: ``(start, stop, num)`` for ``b`` (``"auto"`` likewise).
         loss_fn: Mean loss of a batch, ``loss_fn(outputs, targets)``; cross-entropy by default.
         metrics: Any of ``"loss"``, ``"accuracy"``.
-        bn: ``"eval"`` or ``"batch"``.
+        bn: ``"eval"`` or ``"batch"``; with ``"batch"``, ``bn_batch_size=`` (an option passed
+            to :func:`iter_tiles`) sets the samples per BatchNorm batch (default 128).
         device: Where to compute (the model's device by default).
         progress: Show a tqdm progress bar.
         seed: Seed for the default random directions.
@@ -303,7 +311,8 @@ def compute_curve(
         x: ``(start, stop, num)``, as in ``numpy.linspace``.
         loss_fn: Mean loss of a batch; cross-entropy by default.
         metrics: Any of ``"loss"``, ``"accuracy"``.
-        bn: ``"eval"`` or ``"batch"``.
+        bn: ``"eval"`` or ``"batch"``; with ``"batch"``, ``bn_batch_size=`` (an option passed
+            to :func:`iter_tiles`) sets the samples per BatchNorm batch (default 128).
         device: Where to compute.
         progress: Show a tqdm progress bar.
         seed: Seed for the default random direction.

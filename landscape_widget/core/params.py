@@ -7,6 +7,7 @@ Nothing in this module writes into the user's module.
 from __future__ import annotations
 
 import copy
+import types
 
 import torch
 from torch import Tensor, nn
@@ -74,22 +75,105 @@ def model_device(model: nn.Module) -> torch.device:
     return devices.pop()
 
 
-def evaluation_copy(model: nn.Module) -> nn.Module:
-    """A structural copy of ``model`` that shares every tensor with it.
+class IsolationError(TypeError):
+    """The model cannot be copied, so it cannot be evaluated without risk to it."""
 
-    Flags such as ``training`` can then be set on the copy without touching the user's
-    module, also from a worker thread. Parameters and buffers are shared, not copied,
-    so this costs no tensor memory. Returns the model itself if it cannot be deep-copied;
-    callers then switch flags per call and restore them in a ``finally`` block
-    (see ``Evaluator._enter``/``_exit``).
+
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks")
+
+
+def _copy_hook(fn, memo: dict):
+    """``fn`` with its closure copied through ``memo`` (the user's objects become the copy's).
+
+    ``deepcopy`` treats functions as atoms, so a hook closing over a dict or over the module
+    itself would still write to the user's objects. A closure that cannot be copied keeps
+    the original function.
     """
-    memo: dict[int, object] = {}
-    for t in list(model.parameters()) + list(model.buffers()):
-        memo[id(t)] = t
+    if not isinstance(fn, types.FunctionType) or not fn.__closure__:
+        return fn
     try:
-        return copy.deepcopy(model, memo)
-    except Exception:  # noqa: BLE001 - any module that refuses deepcopy falls back safely
-        return model
+        cells = tuple(types.CellType(copy.deepcopy(c.cell_contents, memo)) for c in fn.__closure__)
+    except Exception:  # noqa: BLE001 - an empty cell or an uncopyable object: keep it
+        return fn
+    new = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, cells)
+    new.__kwdefaults__ = copy.copy(fn.__kwdefaults__)
+    return new
+
+
+def _module_by_module(model: nn.Module, memo: dict) -> nn.Module:
+    """A deep copy built from each module's ``__dict__``.
+
+    It gets past classes that refuse ``deepcopy`` or pickling as a whole (a ``__deepcopy__``
+    or ``__getstate__`` that raises) while their parts can be copied.
+    """
+    for m in model.modules():
+        memo[id(m)] = type(m).__new__(type(m))  # references between modules map to these
+    for m in model.modules():
+        memo[id(m)].__dict__.update(copy.deepcopy(vars(m), memo))
+    return memo[id(model)]
+
+
+def _uncopyable(model: nn.Module, memo: dict) -> str:
+    """Where ``deepcopy`` of ``model`` fails: ``"path (type): error"``."""
+    for name, m in model.named_modules():
+        for key, value in vars(m).items():
+            if key in ("_parameters", "_buffers", "_modules"):
+                continue
+            try:
+                copy.deepcopy(value, dict(memo))
+            except Exception as err:  # noqa: BLE001 - we only look for the culprit
+                path = f"{name}.{key}" if name else key
+                return f"model.{path} ({type(value).__name__}): {type(err).__name__}: {err}"
+    return "an unknown part of the model"
+
+
+def evaluation_copy(model: nn.Module) -> nn.Module:
+    """A private copy of ``model`` that nothing in its ``forward`` can use to reach the user's.
+
+    Parameters, buffers (persistent or not), attributes, hooks (and the objects their
+    closures hold) and ``training`` flags are the copy's own, so the copy's flags can be set
+    from a worker thread and its ``forward`` may write to anything (a buffer counter, QAT
+    observers, ``self.features = h``, legacy ``weight_norm``'s ``weight``) without the
+    user's module seeing it. Tensors held as plain attributes are copied detached (legacy
+    ``weight_norm`` keeps a non-leaf ``weight`` that ``deepcopy`` refuses). Costs one copy
+    of the model's tensors.
+
+    Raises:
+        IsolationError: If the model cannot be deep-copied (an open file, a lock, a C
+            handle held by a submodule): naming the attribute and the fix, before anything
+            runs on it.
+    """
+    check_module(model)
+    memo: dict[int, object] = {}
+    for m in model.modules():
+        for value in list(vars(m).values()):
+            if isinstance(value, Tensor) and not isinstance(value, nn.Parameter):
+                memo[id(value)] = value.detach().clone()
+    work = dict(memo)  # after the copy: each of the user's objects -> the copy's
+    try:
+        with torch.no_grad():
+            out = copy.deepcopy(model, work)
+    except Exception:  # noqa: BLE001 - a class may refuse deepcopy as a whole: copy its parts
+        work = dict(memo)
+        try:
+            with torch.no_grad():
+                out = _module_by_module(model, work)
+        except Exception as err:  # noqa: BLE001 - any failure gets the same clear refusal
+            raise IsolationError(
+                f"The model cannot be copied: copy.deepcopy fails at "
+                f"{_uncopyable(model, work)}. landscape_widget evaluates points on a private "
+                "copy so that nothing forward does can change your model, and never on the "
+                "model itself. Fix: make that attribute deep-copyable (give its class a "
+                "__deepcopy__) or keep it outside the module (pass it to forward, or hold it "
+                "in a closure or a global)."
+            ) from err
+    for m in out.modules():
+        for attr in _HOOK_DICTS:
+            hooks = getattr(m, attr, None)
+            if hooks:
+                for key in list(hooks):
+                    hooks[key] = _copy_hook(hooks[key], work)
+    return out
 
 
 def check_direction(model: nn.Module, direction: Params, name: str = "direction") -> None:

@@ -61,6 +61,16 @@ def _free_of_state(mod: nn.Module) -> bool:
     return not any(True for _ in mod.parameters()) and not any(True for _ in mod.buffers())
 
 
+def _plain_layer(mod: nn.Module) -> bool:
+    """Whether the layer computes with its own ``weight`` and ``bias`` and nothing else.
+
+    Legacy ``weight_norm`` computes ``weight`` in a pre-hook from ``weight_g``/``weight_v``.
+    """
+    names = {k for k, _ in mod.named_parameters()}
+    return (names in ({"weight"}, {"weight", "bias"}) and not mod._forward_pre_hooks
+            and not mod._forward_hooks)
+
+
 def _only_node_arg(node: fx.Node, source: fx.Node) -> bool:
     """``node`` takes ``source`` exactly once and no other graph value."""
     found = []
@@ -87,7 +97,7 @@ def split_stem(module: nn.Module) -> Stem | None:
             return None
         if nxt.op == "call_module":
             sub = gm.get_submodule(nxt.target)
-            if type(sub) in LINEAR_TYPES and not nxt.kwargs:
+            if type(sub) in LINEAR_TYPES and not nxt.kwargs and _plain_layer(sub):
                 stem = nxt
                 break
             if not _free_of_state(sub):
@@ -132,7 +142,7 @@ class StemTerms:
     """The precomputed stem terms of :class:`~landscape_widget.core.evaluate.Evaluator`.
 
     A mixin: it uses the evaluator's ``stem``, ``base``, ``dirs``, ``x``, ``n``, ``module``,
-    ``budget``, ``act_bytes`` and ``stem_budget``.
+    ``budget``, ``act_bytes``, ``stem_budget`` and ``_reset_state``.
     """
 
     def _stem_input(self, coef: Tensor, start: int, stop: int, layout: str) -> Tensor:
@@ -199,11 +209,12 @@ class StemTerms:
             # Safety net: the split model must reproduce the whole model.
             sub = {k: self.base[k] for k in stem.suffix_keys}
             out_split = functional_call(stem.suffix, sub, (terms[0][1][:2],))
-            out_full = functional_call(self.module, self.base, (self.x[:2],))
+            out_full = functional_call(self.module, dict(self.base), (self.x[:2],))
             if out_split.shape != out_full.shape or not torch.allclose(
                 out_split, out_full, rtol=1e-4, atol=1e-5
             ):
                 return False
+            self._reset_state()  # the probe's forward may have changed buffers
         self._stem_terms = [terms[0][1]] + terms[1:]
         return True
 

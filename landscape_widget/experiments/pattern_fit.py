@@ -235,7 +235,7 @@ class PatternFit:
             center, data, directions=(d_right, d_up),
             x=(-(w // 2), w - 1 - w // 2, w), y=(-(h // 2), h - 1 - h // 2, h),
             bn="batch", progress=False,
-            evaluator_options={"batch_size": int(batch_size or self.config["batch_size"])},
+            bn_batch_size=int(batch_size or self.config["batch_size"]),
         )
         out = {"loss": surf.loss, "accuracy": surf.accuracy}
         self.last_evaluation = out

@@ -22,6 +22,7 @@ import anywidget
 import traitlets as t
 
 from ..core.directions import interpolation_direction
+from ..core.state import bn_batch_size_for
 from ..core.surface import Curve, Surface
 from ..experiments.triangle import TriangleSurface
 from . import protocol
@@ -79,6 +80,8 @@ class LandscapeWidget(PatternPanel, anywidget.AnyWidget):
         mining_steps: Adam steps of the mined direction types ("mined: w-peak",
             "mined: vvv-basin", the saddle and wine-bottle planes); ``None`` keeps the
             library's defaults (500 to 800, seconds to minutes; see :mod:`.shapes`).
+        bn_batch_size: Samples per BatchNorm batch when the ``bn`` control is ``"batch"``
+            (default 128; see :func:`~landscape_widget.core.state.bn_batch_size_for`).
         autostart: Start computing the default grid at once.
         **traits: Initial control values (``mode``, ``direction``, ``norm``,
             ``ignore_biasbn``, ``x_range``, ``y_range``, ``resolution``, ``seed``, ``bn``,
@@ -134,7 +137,8 @@ class LandscapeWidget(PatternPanel, anywidget.AnyWidget):
     def __init__(self, model=None, data=None, *, models=None, model_b=None, trajectory=None,
                  model_fn=None,
                  test_data=None, loss_fn=None, device=None, executor=None,
-                 mining_steps: int | None = None, autostart: bool = True, **traits):
+                 mining_steps: int | None = None, bn_batch_size: int | None = None,
+                 autostart: bool = True, **traits):
         unknown = sorted(set(traits) - set(_CONSTRUCTOR_TRAITS))
         if unknown:
             raise TypeError(
@@ -156,6 +160,7 @@ class LandscapeWidget(PatternPanel, anywidget.AnyWidget):
         types += ([PCA_TYPE] if trajectory is not None else []) + [HESSIAN_TYPE]
         types += shape_entries()
         check_steps(mining_steps)  # before the comm opens, like the checks above
+        bn_batch_size_for("batch", bn_batch_size)
         super().__init__(direction_types=[dict(d) for d in types], **traits)
         self._direction_names = tuple(dict.fromkeys(d["direction"] for d in types))
         self._model_names = tuple(named)
@@ -172,7 +177,7 @@ class LandscapeWidget(PatternPanel, anywidget.AnyWidget):
                               trajectory=trajectory, models=named,
                               loss_fn=loss_fn, device=device, on_status=self._on_status,
                               on_result=self._on_result, executor=executor,
-                              mining_steps=mining_steps)
+                              mining_steps=mining_steps, bn_batch_size=bn_batch_size)
         # The pattern editor runs here: a data_fn is loaded (once) by the worker's cache.
         self._init_patterns(model, self._worker.data, model_fn=model_fn, test_data=test_data,
                             device=device)

@@ -32,6 +32,7 @@ from ..core.data import is_data_fn
 from ..core.directions import interpolation_direction, random_directions
 from ..core.hessian import Cancelled
 from ..core.landscape import TileStream, iter_tiles
+from ..core.state import bn_batch_size_for
 from ..core.surface import Curve, Surface
 from . import extra_jobs, protocol, shapes
 from . import models as vertex_models
@@ -57,6 +58,14 @@ Send = Callable[[dict, list], None]
 STATUS_INTERVAL_S = 0.5
 DIRECTION_CACHE = 8
 _ids = itertools.count(1)
+
+
+def plan_text(plan) -> str | None:
+    """The engine's plan for the status line: ``"vmap K=64"``, ``"loop K=1 (no vmap)"``."""
+    if plan is None:
+        return None
+    text = f"{plan.strategy} K={plan.points}"
+    return text + " (no vmap)" if getattr(plan, "vmap_error", "") else text
 
 
 def new_id(prefix: str = "py") -> str:
@@ -103,6 +112,12 @@ class Worker:
             Hessian and pattern features call it here, once, when first needed.
         mining_steps: Adam steps of the mined curve-shape directions (``None``: the
             library's defaults; see :mod:`.shapes`).
+        bn_batch_size: Samples per BatchNorm batch for jobs with ``bn="batch"`` (``None``:
+            the library's default).
+
+    The engine evaluates a private copy of ``model`` (see
+    :func:`~landscape_widget.core.params.evaluation_copy`): the user's model, its flags
+    included, is only read, so a training step in the main thread meanwhile is unaffected.
     """
 
     def __init__(self, model, data, *, send: Send, model_b=None, trajectory=None, loss_fn=None,
@@ -110,7 +125,8 @@ class Worker:
                  on_status: Callable[[dict], None] | None = None,
                  on_result: Callable[[Job, Surface | Curve, bool], None] | None = None,
                  tile_points: int | None = None, evaluator_options: dict | None = None,
-                 executor=None, mining_steps: int | None = None):
+                 executor=None, mining_steps: int | None = None,
+                 bn_batch_size: int | None = None):
         self.model, self.model_b = model, model_b
         self.shapes = shapes.ShapeDirections(mining_steps)
         self.models = dict(models or {})
@@ -124,6 +140,8 @@ class Worker:
         self.loss_fn, self.device = loss_fn, device
         self.send, self.on_status, self.on_result = send, on_status, on_result
         self.tile_points, self.evaluator_options = tile_points, evaluator_options
+        bn_batch_size_for("batch", bn_batch_size)  # a bad value fails here, not in a job
+        self.bn_batch_size = bn_batch_size
         self.metrics: tuple[str, ...] = ("loss", "accuracy")
         self.latest: Surface | Curve | None = None
         self.stream: TileStream | None = None
@@ -312,6 +330,7 @@ class Worker:
             reuse = self._complete[1]
         kwargs = dict(directions=dirs if spec.mode == "2d" else dirs[0], x=x, y=y,
                       loss_fn=self.loss_fn, bn=spec.bn, device=self.device, seed=None,
+                      bn_batch_size=self.bn_batch_size if spec.bn == "batch" else None,
                       tile_points=self.tile_points, cancel=job.cancel,
                       evaluator_options=self.evaluator_options)
         for _ in range(3):
@@ -371,10 +390,9 @@ class Worker:
             elapsed = time.perf_counter() - t0
             rate = done / elapsed if elapsed > 0 else 0.0
             eta = (tile.total - done) / rate if rate > 0 else None
-            plan = stream.evaluator.plan
             progress = {"kind": "progress", "id": job.id, "done": done, "total": tile.total,
                         "points_per_s": rate, "eta_s": eta, "device": dev,
-                        "plan": None if plan is None else f"{plan.strategy} K={plan.points}"}
+                        "plan": plan_text(stream.evaluator.plan)}
             self._emit(progress)
             now = time.perf_counter()
             if now - last_status > STATUS_INTERVAL_S:
@@ -400,6 +418,8 @@ class Worker:
             if stream.evaluator.nonfinite_points:
                 notes.append(f"{stream.evaluator.nonfinite_points} point(s) gave a non-finite "
                              "loss")
+            if getattr(stream.evaluator.plan, "vmap_error", ""):
+                notes.append("computed point by point: the model cannot run under vmap")
             note = "; ".join(n for n in notes if n)
             self._status(state="done", id=job.id, device=dev, done=total, total=total,
                          points_per_s=total / seconds if seconds > 0 else 0.0, eta_s=0.0,

@@ -1,0 +1,111 @@
+"""The evaluator's own state: buffers put back after every pass, and the BatchNorm batch.
+
+A forward pass may write to buffers (a call counter, QAT observers, what a hook stores).
+The evaluator runs on a private copy of the model
+(:func:`~landscape_widget.core.params.evaluation_copy`), so nothing reaches the user's
+module; :class:`BufferState` also puts the copy's buffers back after every pass, so that
+every point starts from the user's state whatever the order of the points.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .params import buffers_of, parameters_of
+
+BN_BATCH_SIZE = 128
+"""Default samples per BatchNorm batch with ``bn="batch"`` (see :func:`bn_batch_size_for`)."""
+
+
+def bn_batch_size_for(bn: str, bn_batch_size: int | None) -> int | None:
+    """The samples per BatchNorm batch of a computation: ``None`` unless ``bn="batch"``.
+
+    With ``bn="batch"`` BatchNorm layers normalise with the statistics of consecutive
+    batches of this many samples, in data order (the last batch holds the rest), exactly
+    like a ``DataLoader(batch_size=bn_batch_size, shuffle=False)`` loop over the data with
+    train-mode BatchNorm. The values then depend on this number and on the data order, but
+    never on the engine's plan, device or executor. The default, :data:`BN_BATCH_SIZE` =
+    128, is the batch size most image classifiers are trained with, so the statistics are
+    as noisy as those the network saw in training, and the memory of one pass does not grow
+    with the data set. Data sorted by class (as ``ImageFolder`` yields it) gives batches of
+    one class: shuffle it once, or pass the size of the whole data set.
+
+    Raises:
+        ValueError: If ``bn_batch_size`` is not a positive int, or is given with
+            ``bn="eval"``.
+
+    Example:
+        >>> bn_batch_size_for("batch", None), bn_batch_size_for("batch", 32)
+        (128, 32)
+        >>> bn_batch_size_for("eval", None) is None
+        True
+    """
+    if bn_batch_size is not None and (
+        isinstance(bn_batch_size, bool) or not isinstance(bn_batch_size, (int, np.integer))
+        or bn_batch_size < 1
+    ):
+        raise ValueError(f"bn_batch_size must be an int >= 1, got {bn_batch_size!r}.")
+    if bn != "batch":
+        if bn_batch_size is not None:
+            raise ValueError(
+                f"bn_batch_size={bn_batch_size} only applies to bn='batch' (BatchNorm with "
+                "batch statistics); bn='eval' uses the running statistics. Pass bn='batch' "
+                "or drop bn_batch_size."
+            )
+        return None
+    return int(bn_batch_size) if bn_batch_size is not None else BN_BATCH_SIZE
+
+
+class BufferState:
+    """Buffer restoration for :class:`~landscape_widget.core.evaluate.Evaluator` (a mixin).
+
+    It uses the evaluator's ``module`` (the private copy) and ``base`` (its tensors).
+    """
+
+    def _state_versions(self) -> None:
+        """Gather the buffers into one flat tensor per dtype, beside a pristine copy.
+
+        ``base`` then holds views into the flat tensors, so putting every buffer back
+        after a pass is one copy per dtype, whatever the forward wrote and however (QAT's
+        fused observers write in place without bumping version counters).
+        """
+        groups: dict[tuple, list[str]] = {}
+        for k in buffers_of(self.module):
+            groups.setdefault((self.base[k].dtype, self.base[k].device), []).append(k)
+        self._flats: list[tuple[Tensor, Tensor]] = []
+        for keys in groups.values():
+            flat = torch.cat([self.base[k].reshape(-1) for k in keys])
+            pos = 0
+            for k in keys:
+                size, shape = self.base[k].numel(), self.base[k].shape
+                self.base[k] = flat[pos : pos + size].view(shape)
+                pos += size
+            self._flats.append((flat, flat.clone()))
+        params = parameters_of(self.module)
+        self._versions = {k: self.base[k]._version for k in params}
+
+    def _reset_state(self) -> None:
+        """Put back every buffer (a counter, QAT observers, what a hook wrote).
+
+        Every pass then starts from the user's state, whatever the order of the points.
+
+        Raises:
+            RuntimeError: If the forward wrote into a parameter in place (its value at
+                the point would then be undefined).
+        """
+        with torch.no_grad():
+            for flat, pristine in self._flats:
+                flat.copy_(pristine)
+        for k, version in self._versions.items():
+            if self.base[k]._version != version:
+                raise RuntimeError(
+                    f"The model's forward writes into its parameter {k!r} in place, so "
+                    "its loss at a point is not defined by the point; move that update "
+                    "out of forward (e.g. into the training step)."
+                )
+
+    # The probes and evaluate() run between _enter and _exit (in a finally block).
+    _enter = _reset_state
+    _exit = _reset_state
