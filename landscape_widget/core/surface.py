@@ -48,6 +48,22 @@ def _read_common(f):
     return spec, directions
 
 
+def _write_extra(f, extra: dict) -> None:
+    """User metrics (``metrics={name: fn}``) go to their own group, one dataset each."""
+    if extra:
+        g = f.create_group("landscape_widget_metrics")
+        for name, arr in extra.items():
+            g.create_dataset(name, data=np.asarray(arr, dtype=np.float64))
+
+
+def _read_extra(f, shape=None) -> dict:
+    if "landscape_widget_metrics" not in f:
+        return {}
+    g = f["landscape_widget_metrics"]
+    out = {k: np.asarray(g[k], dtype=np.float64) for k in g}
+    return {k: v.reshape(shape) for k, v in out.items()} if shape else out
+
+
 def _acc_from_file(f) -> np.ndarray | None:
     if "train_acc" not in f:
         return None
@@ -66,6 +82,7 @@ class Curve:
         accuracy: ``(n,)`` accuracy in [0, 1], or ``None`` if not requested.
         spec: How it was computed (ranges, loss, bn mode, seed, device, timings).
         directions: The direction as a one-element list of dicts (CPU tensors), if kept.
+        extra_metrics: ``{name: (n,) array}`` of the user's metrics (``metrics={name: fn}``).
     """
 
     x: np.ndarray
@@ -73,6 +90,7 @@ class Curve:
     accuracy: np.ndarray | None = None
     spec: dict = field(default_factory=dict)
     directions: list | None = None
+    extra_metrics: dict = field(default_factory=dict)
 
     def save(self, path: str | Path) -> None:
         """Write an HDF5 file that loss-landscape's ``plot_1D.py`` can read."""
@@ -85,6 +103,7 @@ class Curve:
             if self.accuracy is not None:
                 f["train_acc"] = self.accuracy * 100.0
             _write_common(f, self.spec, self.directions)
+            _write_extra(f, self.extra_metrics)
 
     @classmethod
     def load(cls, path: str | Path) -> Curve:
@@ -96,7 +115,8 @@ class Curve:
                 raise ValueError(f"{path} holds a 2D surface; use lw.Surface.load.")
             spec, directions = _read_common(f)
             loss = np.asarray(f["train_loss"], dtype=np.float64) if "train_loss" in f else None
-            return cls(np.asarray(f["xcoordinates"]), loss, _acc_from_file(f), spec, directions)
+            return cls(np.asarray(f["xcoordinates"]), loss, _acc_from_file(f), spec, directions,
+                       _read_extra(f))
 
     def to_plotly(self, *, log: bool = False, title: str | None = None):
         """A line plot of loss (left axis) and accuracy (right axis, if computed)."""
@@ -131,6 +151,7 @@ class Surface:
         accuracy: ``(ny, nx)`` accuracy in [0, 1], or ``None``.
         spec: How it was computed.
         directions: ``[d1, d2]`` (CPU tensors), if kept.
+        extra_metrics: ``{name: (ny, nx) array}`` of the user's metrics.
     """
 
     x: np.ndarray
@@ -139,11 +160,19 @@ class Surface:
     accuracy: np.ndarray | None = None
     spec: dict = field(default_factory=dict)
     directions: list | None = None
+    extra_metrics: dict = field(default_factory=dict)
 
     def values(self, metric: str = "loss") -> np.ndarray:
-        """The ``(ny, nx)`` array of ``metric`` ("loss" or "accuracy")."""
-        arr = {"loss": self.loss, "accuracy": self.accuracy}.get(metric)
+        """The ``(ny, nx)`` array of ``metric`` ("loss", "accuracy" or a user metric's name).
+
+        Raises:
+            ValueError: If it was not computed (with the reason accuracy was left out).
+        """
+        arr = {"loss": self.loss, "accuracy": self.accuracy, **self.extra_metrics}.get(metric)
         if arr is None:
+            why = (self.spec.get("metrics_dropped") or {}).get(metric)
+            if why:
+                raise ValueError(f"metric {metric!r} was not computed: {why}.")
             raise ValueError(f"metric {metric!r} was not computed; pass metrics=(..., {metric!r}).")
         return arr
 
@@ -159,6 +188,7 @@ class Surface:
             if self.accuracy is not None:
                 f["train_acc"] = self.accuracy * 100.0
             _write_common(f, self.spec, self.directions)
+            _write_extra(f, self.extra_metrics)
 
     @classmethod
     def load(cls, path: str | Path) -> Surface:
@@ -173,10 +203,11 @@ class Surface:
             y = np.asarray(f["ycoordinates"])
             loss = np.asarray(f["train_loss"], dtype=np.float64) if "train_loss" in f else None
             acc = _acc_from_file(f)
+            extra = _read_extra(f, (y.size, x.size))
         shape = (y.size, x.size)
         loss = None if loss is None else loss.reshape(shape)
         acc = None if acc is None else acc.reshape(shape)
-        return cls(x, y, loss, acc, spec, directions)
+        return cls(x, y, loss, acc, spec, directions, extra)
 
     def to_plotly(
         self,

@@ -32,6 +32,7 @@ from ..core.data import is_data_fn
 from ..core.directions import interpolation_direction, random_directions
 from ..core.hessian import Cancelled
 from ..core.landscape import TileStream, iter_tiles
+from ..core.metrics import METRICS
 from ..core.surface import Curve, Surface
 from . import extra_jobs, protocol, shapes
 from . import models as vertex_models
@@ -112,7 +113,8 @@ class Worker:
         self.loss_fn, self.device = loss_fn, device
         self.send, self.on_status, self.on_result = send, on_status, on_result
         self.tile_points, self.evaluator_options = tile_points, evaluator_options
-        self.metrics: tuple[str, ...] = ("loss", "accuracy")
+        # The loss, and accuracy only where it means something (see core/metrics.py).
+        self.metrics: tuple[str, ...] = METRICS
         self.latest: Surface | Curve | None = None
         self.stream: TileStream | None = None
         self._cond = threading.Condition()
@@ -346,9 +348,11 @@ class Worker:
         dev = str(stream.evaluator.device)
         axes = stream.axes
         x_axis, y_axis = axes[-1], (axes[0] if len(axes) == 2 else None)
+        dropped = dict(getattr(stream.evaluator, "dropped", {}))
         self._emit({"kind": "start", "id": job.id, "spec": spec.to_dict(),
                     "shape": list(stream.shape), "metrics": list(stream.evaluator.metrics),
-                    "device": dev, **info}, [f32(x_axis), f32(y_axis)])
+                    "metrics_dropped": dropped, "device": dev, **info},
+                   [f32(x_axis), f32(y_axis)])
         last_status = 0.0
         done = 0
         for tile in stream:
@@ -382,9 +386,11 @@ class Worker:
                         "evaluated": stream.evaluated,
                         "reused": stream.reused - vertex_models.outside(info),
                         "nonfinite": stream.evaluator.nonfinite_points})
-            note = ""
+            notes = [f"no {k}: {why}" for k, why in dropped.items()]
             if stream.evaluator.nonfinite_points:
-                note = f"{stream.evaluator.nonfinite_points} point(s) gave a non-finite loss"
+                notes.insert(0, f"{stream.evaluator.nonfinite_points} point(s) gave a "
+                                "non-finite loss")
+            note = "; ".join(notes)
             self._status(state="done", id=job.id, device=dev, done=total, total=total,
                          points_per_s=total / seconds if seconds > 0 else 0.0, eta_s=0.0,
                          message=note)
