@@ -206,7 +206,9 @@ class Evaluator(PlanTuner, StemTerms):
         # The linear-stem shortcut (see core/stem.py) needs a copy of the module to trace.
         if stem not in ("auto", True, False):
             raise ValueError("stem must be 'auto', True or False.")
-        self.stem = split_stem(self.module) if stem and not self._shared else None
+        # (Outputs other than one Tensor go without: its safety net compares tensors.)
+        self.stem = (split_stem(self.module)
+                     if stem and not self._shared and self._tensor_out else None)
         self._stem_choice = stem
         self._stem_terms: list | None = None
         self._stem_packs: dict[str, tuple] = {}
@@ -338,8 +340,9 @@ class Evaluator(PlanTuner, StemTerms):
             self.dropped["accuracy"] = why
             self.metrics = tuple(k for k in self.metrics if k != "accuracy")
         self._accuracy = "accuracy" in self.metrics and "accuracy" not in self.user_metrics
+        self._tensor_out = isinstance(out, Tensor)
         self._batched_ce = (not self._user_loss and not self.user_metrics
-                            and isinstance(out, Tensor) and self.output_fn is None)
+                            and self._tensor_out and self.output_fn is None)
         if self._user_loss and (self.forced_batch or 0) < self.n:
             check_reduction(self.loss_fn, out, y, self.task)
         for name, fn in self.user_metrics.items():
