@@ -29,12 +29,12 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .data import as_tensors, check_finite
+from .losses import check_reduction, loss_error
 from .metrics import (
     METRICS,
     DefaultMetrics,
     MetricFn,
     Task,
-    check_reduction,
     describe,
     find_logits,
     resolve_task,
@@ -316,7 +316,9 @@ class Evaluator(PlanTuner, StemTerms):
             try:
                 loss = self.loss_fn(out, y)
             except (RuntimeError, TypeError, ValueError, IndexError) as err:
-                raise ValueError(self._loss_error(err, out)) from err
+                raise ValueError(loss_error(err, describe(out, self.n), self.y,
+                                            default=not self._user_loss,
+                                            tensor_out=isinstance(out, Tensor))) from err
         if not isinstance(loss, Tensor) or loss.dim() != 0:
             raise ValueError(
                 "loss_fn must return a scalar tensor (the mean loss of the batch); got "
@@ -340,6 +342,7 @@ class Evaluator(PlanTuner, StemTerms):
             self.dropped["accuracy"] = why
             self.metrics = tuple(k for k in self.metrics if k != "accuracy")
         self._accuracy = "accuracy" in self.metrics and "accuracy" not in self.user_metrics
+        self._denoms: dict[int, tuple[Tensor, Tensor]] = {}
         self._tensor_out = isinstance(out, Tensor)
         self._batched_ce = (not self._user_loss and not self.user_metrics
                             and self._tensor_out and self.output_fn is None)
@@ -357,26 +360,6 @@ class Evaluator(PlanTuner, StemTerms):
 
     def _targets(self) -> str:
         return f"{tuple(self.y.shape)} {str(self.y.dtype).replace('torch.', '')}"
-
-    def _loss_error(self, err: Exception, out) -> str:
-        """The message for a loss_fn that fails on the first samples, with the likely fix."""
-        text = str(err)
-        y = self.y
-        hint = "check that loss_fn(outputs, targets) takes these shapes and dtypes"
-        if y.is_floating_point() and ("Long" in text or "class probabilities" in text
-                                      or "Int" in text):
-            hint = "the loss wants class indices: pass the targets as integers, y.long()"
-        elif not y.is_floating_point() and y.dtype != torch.long and "Long" in text:
-            hint = "class-index targets must be torch.long: pass y.long()"
-        elif not y.is_floating_point() and any(w in text for w in ("Float", "Double", "float",
-                                                                    "Half", "cast")):
-            hint = ("the loss wants real-valued targets: pass y.float() (the outputs' dtype)")
-        elif not isinstance(out, Tensor) and not self._user_loss:
-            hint = ("the default loss is cross-entropy on the logits; pass output_fn= to say "
-                    "where they are, or your own loss_fn(outputs, targets)")
-        return (f"loss_fn(outputs, targets) failed on the first samples: the model returns "
-                f"{describe(out, self.n)} and the targets are {self._targets()}; {hint}. "
-                f"({type(err).__name__}: {text.splitlines()[0] if text else ''})")
 
     # --- one point, one chunk ------------------------------------------------------------
     def _outputs(self, params: Params, inputs: Tensor, plan: Plan) -> Tensor:
@@ -483,12 +466,7 @@ class Evaluator(PlanTuner, StemTerms):
             groups = [(self._stacked(coeffs), coeffs, coeffs.shape[0])]
         else:
             groups = [(self._point(c, plan.layout), c, 1) for c in coeffs]
-        # Denominators depend on the targets only: the loss weight and counted predictions.
-        weight = count = 0.0
-        for s in range(0, self.n, plan.batch):
-            y = self.y[s : s + plan.batch]
-            weight = weight + self.task.loss_weight(y)
-            count = count + self.task.acc_count(y)
+        weight, count = self._denominators(plan.batch)
         values = []
         for params, coef, _k in groups:
             sums = sum(self._pass(plan, params, coef, s, s + plan.batch)
@@ -497,6 +475,20 @@ class Evaluator(PlanTuner, StemTerms):
             cols += [sums[:, 2 + 2 * j] / sums[:, 3 + 2 * j] for j in range(len(self.user_metrics))]
             values.append(torch.stack(cols, 1))
         return torch.cat(values)
+
+    def _denominators(self, batch: int) -> tuple[Tensor, Tensor]:
+        """Total loss weight and counted predictions over all data (targets only).
+
+        Summed batch by batch like the numerators, so a float rounding matches.
+        """
+        if batch not in self._denoms:
+            weight = count = 0.0
+            for s in range(0, self.n, batch):
+                y = self.y[s : s + batch]
+                weight = weight + self.task.loss_weight(y)
+                count = count + self.task.acc_count(y)
+            self._denoms[batch] = (weight, count)
+        return self._denoms[batch]
 
     def _run(self, plan: Plan, coeffs: Tensor) -> Tensor:
         """Evaluate every row of ``coeffs`` with ``plan``, halving K (then B) on out-of-memory."""

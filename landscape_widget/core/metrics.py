@@ -13,22 +13,22 @@ over all batches and divided once at the end:
 - a user metric ``fn(outputs, targets)``: per-sample values ``(B,)`` (their sum and ``B``),
   or a pair ``(total, count)`` of scalars, summed separately.
 
+The loss side (ignored targets, reductions) is in core/losses.py.
 :func:`resolve_task` decides, from the outputs of the first samples and all targets,
 whether accuracy means something and how to compute it.
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
+
+from .losses import base_fn, ignore_index, multilabel_threshold
 
 BUILTIN = ("loss", "accuracy")
-IGNORE_INDEX = -100  # torch's default for cross_entropy / nll_loss (and HuggingFace's)
 MetricFn = Callable[..., Tensor | tuple[Tensor, Tensor]]
 
 
@@ -134,39 +134,6 @@ def describe(out, n: int | None = None) -> str:
     return f"a {type(out).__name__}"
 
 
-def _base_fn(loss_fn):
-    while isinstance(loss_fn, functools.partial):
-        loss_fn = loss_fn.func
-    return loss_fn
-
-
-def ignore_index(loss_fn) -> int:
-    """The target value the loss skips.
-
-    The module's ``ignore_index``, a partial's keyword, or -100 (torch's and HuggingFace's
-    default).
-    """
-    if isinstance(loss_fn, functools.partial) and "ignore_index" in loss_fn.keywords:
-        return int(loss_fn.keywords["ignore_index"])
-    value = getattr(_base_fn(loss_fn), "ignore_index", IGNORE_INDEX)
-    return int(value) if isinstance(value, int) else IGNORE_INDEX
-
-
-_LOGIT_LOSSES = (nn.BCEWithLogitsLoss, nn.MultiLabelSoftMarginLoss)
-_PROB_LOSSES = (nn.BCELoss,)
-
-
-def multilabel_threshold(loss_fn) -> float | None:
-    """0 if ``loss_fn`` takes logits of independent labels, 0.5 if probabilities, else None."""
-    fn = _base_fn(loss_fn)
-    if isinstance(fn, _LOGIT_LOSSES) or fn in (F.binary_cross_entropy_with_logits,
-                                               F.multilabel_soft_margin_loss):
-        return 0.0
-    if isinstance(fn, _PROB_LOSSES) or fn is F.binary_cross_entropy:
-        return 0.5
-    return None
-
-
 @dataclass
 class Task:
     """How accuracy and batch weights are computed for one data set and loss.
@@ -242,7 +209,7 @@ def resolve_task(logits: Tensor | None, y: Tensor, loss_fn, n: int) -> Task:
         A :class:`Task`; ``kind=None`` with ``why`` when accuracy is undefined.
     """
     ignore = ignore_index(loss_fn) if not y.is_floating_point() else None
-    weight = getattr(_base_fn(loss_fn), "weight", None)
+    weight = getattr(base_fn(loss_fn), "weight", None)
     weight = weight if isinstance(weight, Tensor) and ignore is not None else None
     if logits is None:
         return Task(None, ignore=ignore, class_weight=weight)
@@ -344,73 +311,3 @@ def user_metric_stats(name: str, value, batch: int) -> Tensor:
         "scalars for a ratio over other units (tokens, labels): the engine sums over all "
         "data and divides once, so the value does not depend on its batch size."
     )
-
-
-def slice_outputs(out, sl: slice, n: int):
-    """``out`` restricted to samples ``sl`` (tensors whose dim 0 is ``n``), or None."""
-    if isinstance(out, Tensor):
-        return out[sl] if out.dim() and out.shape[0] == n else out
-    if isinstance(out, Mapping):
-        items = {k: slice_outputs(v, sl, n) for k, v in out.items()}
-        try:
-            return type(out)(**items) if type(out) is not dict else items
-        except TypeError:
-            return items
-    if isinstance(out, (tuple, list)):
-        return type(out)(slice_outputs(v, sl, n) for v in out)
-    return out
-
-
-def check_reduction(loss_fn, out, y: Tensor, task: Task) -> None:
-    """Refuse a ``loss_fn`` whose batch value is not the weighted mean of its parts' values.
-
-    The engine combines batches as ``sum_b w_b L_b / sum_b w_b`` (see the module
-    docstring); a loss that sums (``reduction='sum'``) or otherwise does not decompose
-    would give a value that changes with the engine's batch size. Checked on the outputs
-    of the first samples, split in two halves (the same outputs: independent of BatchNorm).
-
-    Raises:
-        ValueError: If the loss is a sum or does not decompose, with the fix.
-    """
-    m = y.shape[0]
-    if m < 2:
-        return
-    h = m // 2
-    parts = [(slice(0, h), y[:h]), (slice(h, m), y[h:])]
-    with torch.no_grad():
-        whole = float(loss_fn(out, y))
-        vals = [float(loss_fn(slice_outputs(out, s, m), yy)) for s, yy in parts]
-    weights = [float(task.loss_weight(yy)) for _, yy in parts]
-    total_w = sum(weights)
-    if total_w == 0 or not all(map(_finite, [whole] + [v for v, w in
-                                                       zip(vals, weights, strict=True) if w])):
-        return
-    mean = sum(v * w for v, w in zip(vals, weights, strict=True) if w) / total_w
-    scale = max(abs(whole), abs(mean), 1e-12)
-    if abs(whole - mean) <= 1e-4 * scale:
-        return
-    if abs(whole - sum(vals)) <= 1e-4 * max(abs(whole), 1e-12):
-        raise ValueError(
-            f"loss_fn returns a sum over the batch (on {m} samples it gives {whole:.6g}, the "
-            f"sum of its halves' values {vals[0]:.6g} + {vals[1]:.6g}); the landscape would "
-            "change with the engine's batch size. Return the mean: reduction='mean' (the "
-            "default of torch's losses), or divide by the batch size: "
-            "loss_fn=lambda out, y: my_loss(out, y) / len(y)."
-        )
-    raise ValueError(
-        f"loss_fn is not a mean over samples: on {m} samples it gives {whole:.6g}, but the "
-        f"weighted mean of its halves' values is {mean:.6g}. The engine splits the data into "
-        "batches and averages their losses (weighted by the number of counted targets), so "
-        "the value would depend on its batch size. Make loss_fn the mean of per-sample (or "
-        "per-target) losses, or evaluate all data in one batch with "
-        "evaluator_options={'batch_size': len(data)}."
-    )
-
-
-def _finite(v: float) -> bool:
-    return v == v and abs(v) != float("inf")
-
-
-def names_of(metrics: Sequence[str]) -> list[str]:
-    """The names in ``metrics`` as a list (for specs and messages)."""
-    return list(metrics)
