@@ -271,3 +271,39 @@ def test_user_metrics_saved_and_loaded(tmp_path):
     back = lw.Surface.load(tmp_path / "s.h5")
     np.testing.assert_array_equal(back.values("first"), surf.values("first"))
     assert back.values("first").shape == (2, 3)
+
+
+# --- the widget ----------------------------------------------------------------------
+def _widget_surface(model, data, **kwargs):
+    sent = []
+    w = lw.LandscapeWidget(model, data, resolution=5, **kwargs)
+    w.send = lambda content, buffers=None: sent.append(content)
+    try:
+        surf = w.wait(120)
+        return surf, w, sent
+    finally:
+        w.close()
+
+
+def test_widget_regression_offers_no_accuracy():
+    model, (x, y) = reinit(Regressor(3), 3), regression_data(3)()
+    surf, w, sent = _widget_surface(model, (x, y), loss_fn=F.mse_loss, metric="accuracy")
+    assert surf.accuracy is None and w.metric == "loss"  # the menu falls back to the loss
+    assert w.result["metrics"] == ["loss"]
+    assert "no accuracy" in w.status["message"] and "regression" in w.status["message"]
+    start = next(m for m in sent if m["kind"] == "start")
+    assert start["metrics"] == ["loss"] and "accuracy" in start["metrics_dropped"]
+    want = naive_values(model, x, y, surf.directions, surface_coords(surf.x, surf.y),
+                        loss_fn=F.mse_loss, metrics={})
+    np.testing.assert_allclose(surf.loss.ravel(), want["loss"], rtol=RTOL)
+
+
+def test_widget_token_tagging_accuracy_skips_ignored_targets():
+    case = next(c for c in TASK_CASES if c["name"] == "tokens-ignore-100")
+    model, x, y = _build(case)
+    surf, w, _ = _widget_surface(model, (x, y), loss_fn=case["loss_fn"], metric="accuracy")
+    assert w.metric == "accuracy" and w.result["metrics"] == ["loss", "accuracy"]
+    want = naive_values(model, x, y, surf.directions, surface_coords(surf.x, surf.y),
+                        loss_fn=case["loss_fn"], metrics={"accuracy": case["oracle"]["accuracy"]})
+    np.testing.assert_allclose(surf.loss.ravel(), want["loss"], rtol=RTOL)
+    np.testing.assert_allclose(surf.accuracy.ravel(), want["accuracy"], rtol=0, atol=1e-12)
