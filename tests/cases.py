@@ -394,6 +394,11 @@ TASK_CASES = [
           nn.BCEWithLogitsLoss(),
           {"loss": F.binary_cross_entropy_with_logits,
            "accuracy": lambda o, y: float(((o > 0) == (y > 0.5)).double().mean())}),
+    _task("binary-one-logit", lambda: reinit(nn.Sequential(
+        nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 1), nn.Flatten(0)), 37, gain=2.0),
+          lambda: (multilabel_data()[0], multilabel_data()[1][:, 0]), nn.BCEWithLogitsLoss(),
+          {"loss": F.binary_cross_entropy_with_logits,
+           "accuracy": lambda o, y: float(((o > 0) == (y > 0.5)).double().mean())}),
     _task("tokens-ignore-100", lambda: reinit(TokenTagger(), 33), token_data(), token_ce,
           {"loss": token_ce, "accuracy": masked_accuracy(-1, -100)}, batches=(None, 2, 5)),
     _task("tokens-module-ignore-index", lambda: reinit(TokenTagger(channels_first=True), 34),

@@ -192,7 +192,7 @@ class Task:
             hit = logits.argmax(-1) == y.argmax(-1)
         else:
             hit = (logits > self.threshold) == (y > 0.5)
-            hit = hit.flatten(lead + 1).to(torch.float64).mean(-1)
+            hit = hit.reshape(*hit.shape[:lead + 1], -1).to(torch.float64).mean(-1)
         return hit.flatten(lead).to(torch.float64).sum(-1)
 
 
@@ -242,12 +242,14 @@ def resolve_task(logits: Tensor | None, y: Tensor, loss_fn, n: int) -> Task:
                 f"{int(counted.max())}] ({got})"))
         return Task("class", class_dim=dim, ignore=ignore, class_weight=weight)
     y = y.to(logits.dtype) if y.dtype == torch.bool else y
-    if y.shape[1:] != logits.shape[1:] or logits.dim() < 2:
+    if y.shape[1:] != logits.shape[1:]:
         return Task(None, why=f"accuracy is undefined for real-valued (regression) targets; "
                               f"got {got}")
     binary = bool(((y == 0) | (y == 1)).all())
-    if multilabel_threshold(loss_fn) is None and bool((y >= 0).all()) and bool(
-            torch.allclose(y.sum(-1), torch.ones((), dtype=y.dtype, device=y.device))):
+    soft = (logits.dim() >= 2 and multilabel_threshold(loss_fn) is None
+            and bool((y >= 0).all())
+            and bool(torch.allclose(y.sum(-1), torch.ones((), dtype=y.dtype, device=y.device))))
+    if soft:
         return Task("soft")  # one-hot or class probabilities: argmax against argmax
     if binary:
         return _multilabel(logits, y, loss_fn, got, None, None)
