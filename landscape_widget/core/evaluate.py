@@ -342,7 +342,7 @@ class Evaluator(PlanTuner, StemTerms):
             self.dropped["accuracy"] = why
             self.metrics = tuple(k for k in self.metrics if k != "accuracy")
         self._accuracy = "accuracy" in self.metrics and "accuracy" not in self.user_metrics
-        self._denoms: dict[int, tuple[Tensor, Tensor]] = {}
+        self._denoms: dict[int, tuple[list[float], float, float]] = {}
         self._tensor_out = isinstance(out, Tensor)
         self._batched_ce = (not self._user_loss and not self.user_metrics
                             and self._tensor_out and self.output_fn is None)
@@ -369,14 +369,14 @@ class Evaluator(PlanTuner, StemTerms):
             return functional_call(self.stem.suffix, sub, (inputs,))
         return functional_call(self.module, params, (inputs,))
 
-    def _stats(self, out, y: Tensor, w: Tensor) -> Tensor:
+    def _stats(self, out, y: Tensor, w: float) -> Tensor:
         """Sums of one point on one batch, float64 ``(S,)``; runs under vmap too.
 
         The loss times the batch's weight ``w`` (0 for a batch of only ignored targets),
         correct predictions, then the ``(total, count)`` of each user metric.
         """
         loss = self.loss_fn(out, y).to(torch.float64)
-        cols = [torch.where(w > 0, loss * w, torch.zeros_like(loss))]
+        cols = [loss * w if w > 0 else torch.zeros_like(loss)]
         if self._accuracy:
             cols.append(self.task.correct(find_logits(out, self.output_fn), y))
         else:
@@ -391,7 +391,7 @@ class Evaluator(PlanTuner, StemTerms):
         targets = y.unsqueeze(0).expand(k, *y.shape).flatten(0, 1)
         # reduction="none" gives 0 for ignored targets: the sum is over counted ones.
         per_sample = F.cross_entropy(out.flatten(0, 1), targets, reduction="none")
-        loss = per_sample.reshape(k, -1).sum(1, dtype=torch.float64)
+        loss = per_sample.reshape(k, -1).sum(1).double()  # float32 sum: as fast as the mean
         if self._accuracy:
             correct = self.task.correct(out, y, lead=1)
         else:
@@ -446,7 +446,7 @@ class Evaluator(PlanTuner, StemTerms):
                 fn = functools.partial(self._outputs, plan=plan)
                 out = torch.vmap(fn, in_dims=in_dims, randomness="same")(params, inputs)
                 return self._batched_stats(out, y)
-            w = self.task.loss_weight(y)
+            w = self._denominators(plan.batch)[0][start // plan.batch]
 
             def stats(p, i):
                 return self._stats(self._outputs(p, i, plan), y, w)
@@ -455,7 +455,8 @@ class Evaluator(PlanTuner, StemTerms):
         out = self._outputs(params, inputs[0] if plan.stem else inputs, plan)
         if self._batched_ce:
             return self._batched_stats(out.unsqueeze(0), y)
-        return self._stats(out, y, self.task.loss_weight(y)).unsqueeze(0)
+        w = self._denominators(plan.batch)[0][start // plan.batch]
+        return self._stats(out, y, w).unsqueeze(0)
 
     def _run_chunk(self, plan: Plan, coeffs: Tensor) -> Tensor:
         """Values of the points ``coeffs`` (K <= plan.points) over all data.
@@ -466,7 +467,7 @@ class Evaluator(PlanTuner, StemTerms):
             groups = [(self._stacked(coeffs), coeffs, coeffs.shape[0])]
         else:
             groups = [(self._point(c, plan.layout), c, 1) for c in coeffs]
-        weight, count = self._denominators(plan.batch)
+        _, weight, count = self._denominators(plan.batch)
         values = []
         for params, coef, _k in groups:
             sums = sum(self._pass(plan, params, coef, s, s + plan.batch)
@@ -476,18 +477,19 @@ class Evaluator(PlanTuner, StemTerms):
             values.append(torch.stack(cols, 1))
         return torch.cat(values)
 
-    def _denominators(self, batch: int) -> tuple[Tensor, Tensor]:
-        """Total loss weight and counted predictions over all data (targets only).
+    def _denominators(self, batch: int) -> tuple[list[float], float, float]:
+        """Per-batch loss weights, their total and the counted predictions over all data.
 
-        Summed batch by batch like the numerators, so a float rounding matches.
+        They depend on the targets only: computed once per batch size (one device sync per
+        batch, here rather than in every pass).
         """
         if batch not in self._denoms:
-            weight = count = 0.0
+            weights, count = [], 0.0
             for s in range(0, self.n, batch):
                 y = self.y[s : s + batch]
-                weight = weight + self.task.loss_weight(y)
-                count = count + self.task.acc_count(y)
-            self._denoms[batch] = (weight, count)
+                weights.append(float(self.task.loss_weight(y)))
+                count += float(self.task.acc_count(y))
+            self._denoms[batch] = (weights, float(sum(weights)), count)
         return self._denoms[batch]
 
     def _run(self, plan: Plan, coeffs: Tensor) -> Tensor:

@@ -147,6 +147,7 @@ class Task:
         threshold: Decision threshold of ``"multilabel"`` (0 for logits, 0.5 for probabilities).
         class_weight: The loss's per-class weights, if any (they weigh each target's loss).
         why: Why accuracy is undefined.
+        masked: Whether any target equals ``ignore`` (else no mask is applied: cheaper).
     """
 
     kind: str | None
@@ -155,6 +156,7 @@ class Task:
     threshold: float = 0.0
     class_weight: Tensor | None = None
     why: str = ""
+    masked: bool = True
 
     def counted(self, y: Tensor) -> Tensor:
         """Mask of the targets that count (class-index targets other than ``ignore``)."""
@@ -187,13 +189,16 @@ class Task:
         """
         if self.kind == "class":
             dim = self.class_dim if self.class_dim < 0 else self.class_dim + lead
-            hit = (logits.argmax(dim) == y) & self.counted(y)
+            hit = logits.argmax(dim) == y
+            if self.masked:
+                hit = hit & self.counted(y)
         elif self.kind == "soft":
             hit = logits.argmax(-1) == y.argmax(-1)
         else:
             hit = (logits > self.threshold) == (y > 0.5)
             hit = hit.reshape(*hit.shape[:lead + 1], -1).to(torch.float64).mean(-1)
-        return hit.flatten(lead).to(torch.float64).sum(-1)
+        # Counting bools in int64, then one conversion: cheaper than converting each.
+        return hit.flatten(lead).sum(-1).to(torch.float64)
 
 
 def resolve_task(logits: Tensor | None, y: Tensor, loss_fn, n: int) -> Task:
@@ -240,7 +245,8 @@ def resolve_task(logits: Tensor | None, y: Tensor, loss_fn, n: int) -> Task:
                 f"accuracy needs class indices in [0, {classes}) (or {ignore} to ignore a "
                 f"target); the targets range over [{int(counted.min())}, "
                 f"{int(counted.max())}] ({got})"))
-        return Task("class", class_dim=dim, ignore=ignore, class_weight=weight)
+        return Task("class", class_dim=dim, ignore=ignore, class_weight=weight,
+                    masked=bool((y == ignore).any()))
     y = y.to(logits.dtype) if y.dtype == torch.bool else y
     if y.shape[1:] != logits.shape[1:]:
         return Task(None, why=f"accuracy is undefined for real-valued (regression) targets; "
