@@ -354,6 +354,12 @@ def token_ce(out, y):
     return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
 
 
+def per_sequence_ce(out, y):
+    """Mean over sequences of each sequence's mean over its counted tokens (not per token)."""
+    per = F.cross_entropy(out.transpose(1, 2), y, reduction="none")  # 0 where ignored
+    return (per.sum(1) / (y != -100).sum(1).clamp(min=1)).mean()
+
+
 def masked_accuracy(class_dim: int, ignore: int):
     def acc(out, y):
         counted = y != ignore
@@ -401,6 +407,9 @@ TASK_CASES = [
            "accuracy": lambda o, y: float(((o > 0) == (y > 0.5)).double().mean())}),
     _task("tokens-ignore-100", lambda: reinit(TokenTagger(), 33), token_data(), token_ce,
           {"loss": token_ce, "accuracy": masked_accuracy(-1, -100)}, batches=(None, 2, 5)),
+    _task("tokens-per-sequence-mean", lambda: reinit(TokenTagger(), 33), token_data(),
+          per_sequence_ce, {"loss": per_sequence_ce, "accuracy": masked_accuracy(-1, -100)},
+          batches=(None, 2, 5)),
     _task("tokens-module-ignore-index", lambda: reinit(TokenTagger(channels_first=True), 34),
           token_data(ignore=7), nn.CrossEntropyLoss(ignore_index=7),
           {"loss": nn.CrossEntropyLoss(ignore_index=7), "accuracy": masked_accuracy(1, 7)},

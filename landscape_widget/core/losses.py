@@ -72,7 +72,10 @@ def check_reduction(loss_fn, out, y: Tensor, task) -> None:
     The engine combines batches as ``sum_b w_b L_b / sum_b w_b`` (see the module
     docstring); a loss that sums (``reduction='sum'``) or otherwise does not decompose
     would give a value that changes with the engine's batch size. Checked on the outputs
-    of the first samples, split in two halves (the same outputs: independent of BatchNorm).
+    of the first samples, split in two ways (halves; first sample and the rest), on the
+    same outputs, so BatchNorm does not matter. With ignored targets the weights are the
+    counted targets (torch's ``ignore_index`` mean); a loss that is instead a mean of
+    per-sample means is recognised and weighted by samples (``task.per_sample``).
 
     Raises:
         ValueError: If the loss is a sum or does not decompose, with the fix.
@@ -80,34 +83,49 @@ def check_reduction(loss_fn, out, y: Tensor, task) -> None:
     m = y.shape[0]
     if m < 2:
         return
-    h = m // 2
-    parts = [(slice(0, h), y[:h]), (slice(h, m), y[h:])]
     with torch.no_grad():
         whole = float(loss_fn(out, y))
-        vals = [float(loss_fn(slice_outputs(out, s, m), yy)) for s, yy in parts]
-    weights = [float(task.loss_weight(yy)) for _, yy in parts]
-    total_w = sum(weights)
-    if total_w == 0 or not all(map(_finite, [whole] + [v for v, w in
-                                                       zip(vals, weights, strict=True) if w])):
+        splits = []
+        for h in sorted({m // 2, 1}):
+            parts = [(slice(0, h), y[:h]), (slice(h, m), y[h:])]
+            splits.append([(float(loss_fn(slice_outputs(out, sl, m), yy)), yy)
+                           for sl, yy in parts])
+    if not _finite(whole):
         return
-    mean = sum(v * w for v, w in zip(vals, weights, strict=True) if w) / total_w
-    scale = max(abs(whole), abs(mean), 1e-12)
-    if abs(whole - mean) <= 1e-4 * scale:
+
+    def agrees() -> bool:
+        for parts in splits:
+            pairs = [(v, float(task.loss_weight(yy))) for v, yy in parts]
+            pairs = [(v, w) for v, w in pairs if w]
+            if not pairs or not all(_finite(v) for v, _ in pairs):
+                continue
+            mean = sum(v * w for v, w in pairs) / sum(w for _, w in pairs)
+            if abs(whole - mean) > 1e-4 * max(abs(whole), abs(mean), 1e-12):
+                return False
+        return True
+
+    if agrees():
         return
+    if task.ignore is not None:
+        task.per_sample = True
+        if agrees():
+            return
+        task.per_sample = False
+    vals = [v for v, _ in splits[0]]
     if abs(whole - sum(vals)) <= 1e-4 * max(abs(whole), 1e-12):
         raise ValueError(
             f"loss_fn returns a sum over the batch (on {m} samples it gives {whole:.6g}, the "
-            f"sum of its halves' values {vals[0]:.6g} + {vals[1]:.6g}); the landscape would "
+            f"sum of its parts' values {vals[0]:.6g} + {vals[1]:.6g}); the landscape would "
             "change with the engine's batch size. Return the mean: reduction='mean' (the "
             "default of torch's losses), or divide by the batch size: "
             "loss_fn=lambda out, y: my_loss(out, y) / len(y)."
         )
     raise ValueError(
-        f"loss_fn is not a mean over samples: on {m} samples it gives {whole:.6g}, but the "
-        f"weighted mean of its halves' values is {mean:.6g}. The engine splits the data into "
-        "batches and averages their losses (weighted by the number of counted targets), so "
-        "the value would depend on its batch size. Make loss_fn the mean of per-sample (or "
-        "per-target) losses, or evaluate all data in one batch with "
+        f"loss_fn is not a mean over samples: on {m} samples it gives {whole:.6g}, but not "
+        "the weighted mean of its parts' values. The engine splits the data into batches "
+        "and averages their losses (weighted by the number of counted targets, or of "
+        "samples), so the value would depend on its batch size. Make loss_fn the mean of "
+        "per-sample (or per-target) losses, or evaluate all data in one batch with "
         "evaluator_options={'batch_size': len(data)}."
     )
 

@@ -148,6 +148,8 @@ class Task:
         class_weight: The loss's per-class weights, if any (they weigh each target's loss).
         why: Why accuracy is undefined.
         masked: Whether any target equals ``ignore`` (else no mask is applied: cheaper).
+        per_sample: The loss is a mean of per-sample values (each sample weighs the same,
+            whatever its counted targets); set by :func:`~.losses.check_reduction`.
     """
 
     kind: str | None
@@ -157,6 +159,7 @@ class Task:
     class_weight: Tensor | None = None
     why: str = ""
     masked: bool = True
+    per_sample: bool = False
 
     def counted(self, y: Tensor) -> Tensor:
         """Mask of the targets that count (class-index targets other than ``ignore``)."""
@@ -168,7 +171,7 @@ class Task:
         The number of counted targets (or the sum of their class weights) for class-index
         targets, the number of samples otherwise.
         """
-        if self.ignore is None:
+        if self.ignore is None or self.per_sample:
             return torch.tensor(float(y.shape[0]), dtype=torch.float64, device=y.device)
         mask = self.counted(y)
         if self.class_weight is not None:
