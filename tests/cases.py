@@ -367,6 +367,10 @@ def masked_accuracy(class_dim: int, ignore: int):
     return acc
 
 
+def dict_ce(out, y):
+    return F.cross_entropy(out["logits"], y)
+
+
 def top2_per_sample(out, y):
     """A user metric returning per-sample values (B,)."""
     logits = out["logits"] if isinstance(out, dict) else out

@@ -307,3 +307,24 @@ def test_widget_token_tagging_accuracy_skips_ignored_targets():
                         loss_fn=case["loss_fn"], metrics={"accuracy": case["oracle"]["accuracy"]})
     np.testing.assert_allclose(surf.loss.ravel(), want["loss"], rtol=RTOL)
     np.testing.assert_allclose(surf.accuracy.ravel(), want["accuracy"], rtol=0, atol=1e-12)
+
+
+def test_executor_carries_user_metrics_and_dropped_accuracy():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cases import dict_ce, top2_per_sample
+
+    x, y = mlp_data()
+    model = reinit(DictOut(), 8)
+    kw = dict(loss_fn=dict_ce, x=(-1, 1, 5), progress=False,
+              metrics={"loss": None, "accuracy": None, "top2": top2_per_sample})
+    local = lw.compute_curve(model, (x, y), **kw)
+    with ThreadPoolExecutor(1) as pool:
+        remote = lw.compute_curve(model, (x, y), executor=pool, **kw)
+        np.testing.assert_allclose(remote.loss, local.loss, rtol=1e-6)
+        np.testing.assert_array_equal(remote.accuracy, local.accuracy)
+        np.testing.assert_array_equal(remote.extra_metrics["top2"], local.extra_metrics["top2"])
+        rx, ry = regression_data(1)()
+        reg = lw.compute_curve(reinit(Regressor(1), 3), (rx, ry), loss_fn=F.mse_loss,
+                               x=(-1, 1, 3), progress=False, executor=pool)
+    assert reg.accuracy is None and "regression" in reg.spec["metrics_dropped"]["accuracy"]
