@@ -21,6 +21,7 @@ from .core.evaluate import Evaluator
 from .core.grid import MAX_AXIS_POINTS, MAX_GRID_POINTS
 from .core.hessian import TraceEstimate, hessian_density, hessian_eigenpairs, hessian_trace
 from .core.landscape import TileStream, compute_curve, compute_surface, iter_tiles
+from .core.metrics import multilabel_accuracy
 from .core.stats import (
     LandscapeStats,
     basin_radius,
@@ -75,6 +76,7 @@ __all__ = [
     "compute_curve",
     "iter_tiles",
     "TileStream",
+    "multilabel_accuracy",
     "Evaluator",
     "local_gpu_executor",
     "MAX_AXIS_POINTS",

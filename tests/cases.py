@@ -449,3 +449,175 @@ def engine_options(case, strategy: str, n: int) -> dict:
     if case["bn"] == "batch":
         opts["bn_batch_size"] = case.get("bn_batch_size") or n
     return opts
+
+
+# --- tasks: outputs, losses and metrics beyond classification (issue 14, items 4-6) --------
+# A task case: ``model``/``data`` factories, the engine's ``loss_fn``, ``metrics`` and
+# ``output_fn``, and ``oracle``: ``{name: fn(outputs, targets) -> float}`` on all data in
+# float64, written without the engine's code (tests/oracle.py's naive_values). ``batches``
+# are forced engine batch sizes (None: the engine's choice); each must give the oracle's
+# values, which is what "exact over all data" means for a batched engine.
+class Regressor(nn.Module):
+    def __init__(self, outputs: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, outputs))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def regression_data(outputs: int):
+    def data():
+        g = torch.Generator().manual_seed(20 + outputs)
+        x = torch.randn(30, 5, generator=g)
+        return x, torch.sin(x[:, :outputs] * 2) + 0.1 * torch.randn(30, outputs, generator=g)
+    return data
+
+
+def multilabel_data():
+    g = torch.Generator().manual_seed(23)
+    x = torch.randn(36, 10, generator=g)
+    return x, (torch.rand(36, 4, generator=g) < 0.4).float()
+
+
+class TokenTagger(nn.Module):
+    """Embedding + one Transformer encoder layer + per-token head: ``(N, T, C)`` logits."""
+
+    def __init__(self, vocab: int = 20, d: int = 16, classes: int = 5, channels_first=False):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.enc = nn.TransformerEncoderLayer(d, 2, dim_feedforward=32, dropout=0.0,
+                                              batch_first=True)
+        self.head = nn.Linear(d, classes)
+        self.channels_first = channels_first
+
+    def forward(self, tokens):
+        logits = self.head(self.enc(self.emb(tokens)))
+        return logits.transpose(1, 2) if self.channels_first else logits  # (N, C, T)
+
+
+def token_data(ignore: int = -100):
+    def data():
+        g = torch.Generator().manual_seed(24)
+        tokens = torch.randint(0, 20, (26, 6), generator=g)
+        tags = torch.randint(0, 5, (26, 6), generator=g)
+        tags[torch.rand(26, 6, generator=g) < 0.3] = ignore
+        tags[:3] = ignore  # the first batches of 2 hold only ignored targets
+        return tokens, tags
+    return data
+
+
+class DictOut(nn.Module):
+    """HuggingFace style: ``{"logits": ..., "hidden": ...}``."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(10, 16), nn.Tanh())
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.body(x)
+        return {"logits": self.head(h), "hidden": h}
+
+
+class TupleOut(DictOut):
+    def forward(self, x):
+        out = super().forward(x)
+        return out["hidden"], out["logits"]  # the logits are not first
+
+
+def token_ce(out, y):
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+
+
+def per_sequence_ce(out, y):
+    """Mean over sequences of each sequence's mean over its counted tokens (not per token)."""
+    per = F.cross_entropy(out.transpose(1, 2), y, reduction="none")  # 0 where ignored
+    return (per.sum(1) / (y != -100).sum(1).clamp(min=1)).mean()
+
+
+def masked_accuracy(class_dim: int, ignore: int):
+    def acc(out, y):
+        counted = y != ignore
+        return float((out.argmax(class_dim) == y)[counted].double().mean())
+    return acc
+
+
+def dict_ce(out, y):
+    return F.cross_entropy(out["logits"], y)
+
+
+def top2_per_sample(out, y):
+    """A user metric returning per-sample values (B,)."""
+    logits = out["logits"] if isinstance(out, dict) else out
+    return (logits.topk(2, -1).indices == y[:, None]).any(-1).double()
+
+
+def token_hits(out, y):
+    """A user metric returning (total, count): correct tokens over counted tokens."""
+    counted = y != -100
+    return ((out.argmax(-1) == y) & counted).sum(), counted.sum()
+
+
+def _task(name, model, data, loss_fn, oracle, **kw):
+    case = {"name": name, "model": model, "data": data, "loss_fn": loss_fn, "oracle": oracle,
+            "metrics": tuple(oracle), "output_fn": None, "batches": (None, 4),
+            "strategies": ("vmap", "loop"), **kw}
+    return case
+
+
+def _mse(out, y):
+    return F.mse_loss(out, y)
+
+
+TASK_CASES = [
+    _task("regression-1", lambda: reinit(Regressor(1), 30), regression_data(1), _mse,
+          {"loss": _mse}),
+    _task("regression-3", lambda: reinit(Regressor(3), 31), regression_data(3),
+          nn.MSELoss(), {"loss": F.mse_loss}),
+    _task("multilabel-bce", lambda: reinit(nn.Sequential(
+        nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 4)), 32, gain=2.0), multilabel_data,
+          nn.BCEWithLogitsLoss(),
+          {"loss": F.binary_cross_entropy_with_logits,
+           "accuracy": lambda o, y: float(((o > 0) == (y > 0.5)).double().mean())}),
+    _task("binary-one-logit", lambda: reinit(nn.Sequential(
+        nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 1), nn.Flatten(0)), 37, gain=2.0),
+          lambda: (multilabel_data()[0], multilabel_data()[1][:, 0]), nn.BCEWithLogitsLoss(),
+          {"loss": F.binary_cross_entropy_with_logits,
+           "accuracy": lambda o, y: float(((o > 0) == (y > 0.5)).double().mean())}),
+    _task("tokens-ignore-100", lambda: reinit(TokenTagger(), 33), token_data(), token_ce,
+          {"loss": token_ce, "accuracy": masked_accuracy(-1, -100)}, batches=(None, 2, 5)),
+    _task("tokens-per-sequence-mean", lambda: reinit(TokenTagger(), 33), token_data(),
+          per_sequence_ce, {"loss": per_sequence_ce, "accuracy": masked_accuracy(-1, -100)},
+          batches=(None, 2, 5)),
+    _task("tokens-module-ignore-index", lambda: reinit(TokenTagger(channels_first=True), 34),
+          token_data(ignore=7), nn.CrossEntropyLoss(ignore_index=7),
+          {"loss": nn.CrossEntropyLoss(ignore_index=7), "accuracy": masked_accuracy(1, 7)},
+          batches=(None, 2)),
+    _task("tokens-user-metric", lambda: reinit(TokenTagger(), 33), token_data(), token_ce,
+          {"loss": token_ce, "token_acc": masked_accuracy(-1, -100)},
+          metrics={"loss": None, "token_acc": token_hits}, batches=(3,)),
+    _task("class-weights-ignore", mlp, lambda: _with_ignored(mlp_data()),
+          nn.CrossEntropyLoss(weight=torch.tensor([0.5, 2.0, 1.0, 3.0])),
+          {"loss": nn.CrossEntropyLoss(weight=torch.tensor([0.5, 2.0, 1.0, 3.0])),
+           "accuracy": masked_accuracy(-1, -100)}, batches=(None, 3)),
+    _task("dict-outputs", lambda: reinit(DictOut(), 35), mlp_data,
+          lambda out, y: F.cross_entropy(out["logits"], y),
+          {"loss": lambda out, y: F.cross_entropy(out["logits"], y),
+           "accuracy": lambda o, y: float((o["logits"].argmax(-1) == y).double().mean()),
+           "top2": lambda o, y: float(top2_per_sample(o, y).mean())},
+          metrics={"loss": None, "accuracy": None, "top2": top2_per_sample}),
+    _task("tuple-outputs", lambda: reinit(TupleOut(), 36), mlp_data,
+          lambda out, y: F.cross_entropy(out[1], y),
+          {"loss": lambda out, y: F.cross_entropy(out[1], y),
+           "accuracy": lambda o, y: float((o[1].argmax(-1) == y).double().mean())},
+          output_fn=lambda out: out[1]),
+]
+TASK_IDS = [c["name"] for c in TASK_CASES]
+
+
+def _with_ignored(data):
+    x, y = data
+    y = y.clone()
+    y[::3] = -100
+    return x, y

@@ -108,3 +108,39 @@ def naive_surface(model, x, y, d1, d2, xs, ys, **kw) -> tuple[np.ndarray, np.nda
 
 def linspace(spec) -> np.ndarray:
     return np.linspace(float(spec[0]), float(spec[1]), int(spec[2]))
+
+
+def naive_values(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                 directions: list[dict[str, torch.Tensor]], coords, *, loss_fn,
+                 metrics: dict) -> dict[str, np.ndarray]:
+    """Like :func:`naive_eval` for any task: ``{"loss": ..., name: ...}`` at every row.
+
+    ``metrics`` maps names to ``fn(outputs, targets) -> float`` computed on *all* data at
+    once, in float64 (the outputs as the model returns them: a tuple or dict too). The loss
+    is ``loss_fn`` on all data in one call: for a loss with ``ignore_index`` that is the
+    mean over all counted targets, which the engine must reproduce from its batches.
+    """
+    ref = copy.deepcopy(model).double().eval()
+    if isinstance(loss_fn, nn.Module):  # class weights in float64 too
+        loss_fn = copy.deepcopy(loss_fn).double()
+    base = {k: (v.detach().double() if torch.is_floating_point(v) else v.detach()).clone()
+            for k, v in model.state_dict().items()}
+    dirs = [{k: v.detach().double() for k, v in d.items()} for d in directions]
+    xd = x.double() if torch.is_floating_point(x) else x
+    yd = y.double() if torch.is_floating_point(y) else y
+    out_values: dict[str, list[float]] = {"loss": [], **{k: [] for k in metrics}}
+    for c in np.atleast_2d(np.asarray(coords, dtype=np.float64)):
+        state = {}
+        for k, v in base.items():
+            w = v.clone()
+            for cj, d in zip(c, dirs, strict=True):
+                if k in d:
+                    w = w + float(cj) * d[k]
+            state[k] = w
+        ref.load_state_dict(state)
+        with torch.no_grad():
+            out = ref(xd)
+            out_values["loss"].append(float(loss_fn(out, yd)))
+            for k, fn in metrics.items():
+                out_values[k].append(float(fn(out, yd)))
+    return {k: np.array(v) for k, v in out_values.items()}

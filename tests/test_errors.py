@@ -122,9 +122,9 @@ BAD = [
     ("loss-not-scalar", lambda: _surface(
         loss_fn=lambda o, t: F.cross_entropy(o, t, reduction="none")),
      ValueError, "reduction='mean'"),
-    ("accuracy-for-regression", lambda: _surface(data=(torch.zeros(5, 10), torch.zeros(5, 7)),
-                                                 loss_fn=lambda o, t: (o.sum() - t.sum()) ** 2),
-     ValueError, r"metrics=\('loss',\)"),
+    ("accuracy-for-regression", lambda: _surface(data=(torch.zeros(5, 10), torch.rand(5, 4)),
+                                                 loss_fn=F.mse_loss, metrics=("loss", "accuracy")),
+     ValueError, r"regression.*metrics=\('loss',\)"),
     ("interpolation-other-architecture", lambda: lw.interpolation_direction(m0, bn_res_cnn()),
      ValueError, "same architecture"),
     ("unknown-keyword", lambda: _surface(colour="red"), TypeError, "colour"),

@@ -138,6 +138,12 @@ def make_payload(model: nn.Module, data, directions, options: dict,
     )
     if options.get("loss_fn") is not None:
         _dumps(options["loss_fn"], "loss_fn", "Define loss_fn as a module-level function.")
+    if options.get("output_fn") is not None:
+        _dumps(options["output_fn"], "output_fn", "Define output_fn as a module-level function.")
+    if isinstance(options.get("metrics"), dict):
+        for name, fn in options["metrics"].items():
+            if fn is not None:
+                _dumps(fn, f"metrics[{name!r}]", "Define it as a module-level function.")
     dirs = [{k: v.detach().cpu() for k, v in d.items()} for d in directions]
     job = (_cpu_module(model), dirs, options)
     blob = _dumps(
@@ -218,7 +224,8 @@ def _evaluator(payload: Payload) -> tuple[Evaluator, threading.Lock]:
 def probe(payload: Payload) -> dict:
     """Worker task: build the evaluator (bad input fails here, early) and describe it."""
     ev, _ = _evaluator(payload)
-    return {"metrics": list(ev.metrics), "n": ev.n, "device": str(ev.device),
+    return {"metrics": list(ev.metrics), "dropped": dict(ev.dropped), "n": ev.n,
+            "device": str(ev.device),
             "data": fingerprint({"x": ev.x, "y": ev.y}), "worker": _worker_name()}
 
 

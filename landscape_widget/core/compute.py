@@ -15,6 +15,7 @@ from torch import nn
 
 from .directions import random_directions
 from .evaluate import Evaluator
+from .fingerprints import callable_fingerprint
 from .grid import MAX_GRID_POINTS, match_axis, parse_axis, progressive_order
 from .params import Params, check_direction
 from .state import bn_batch_size_for
@@ -61,6 +62,35 @@ def _loss_name(loss_fn) -> str:
     return getattr(loss_fn, "__qualname__", None) or type(loss_fn).__name__
 
 
+def _what_is_computed(loss_fn, metrics, output_fn) -> dict:
+    """Fingerprints of the loss and of the user metrics (with ``output_fn``), for reuse.
+
+    ``None`` where a function cannot be fingerprinted reliably (see core/fingerprints.py).
+    """
+    user = {k: v for k, v in metrics.items() if v is not None} if isinstance(metrics, dict) else {}
+    parts = {name: callable_fingerprint(fn) for name, fn in sorted(user.items())}
+    if output_fn is not None:
+        parts["output_fn"] = callable_fingerprint(output_fn)
+    unreliable = [k for k, v in parts.items() if v is None]
+    return {
+        "loss_fingerprint": callable_fingerprint(loss_fn) if loss_fn is not None
+        else "cross_entropy",
+        "metrics_fingerprint": None if unreliable else fingerprint_text(repr(parts)),
+    }
+
+
+def fingerprint_text(text: str) -> str:
+    """A short hash of a string."""
+    return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
+
+
+def metric_values(result, name: str):
+    """The array of metric ``name`` in a Surface/Curve (None if it was not computed)."""
+    if name in ("loss", "accuracy"):
+        return getattr(result, name, None)
+    return (getattr(result, "extra_metrics", None) or {}).get(name)
+
+
 @dataclass
 class _Job:
     """Everything :func:`iter_tiles` needs, validated once."""
@@ -97,12 +127,26 @@ def _resolve_directions(model, directions, ndim, seed, points: bool = False
 
 def _reuse(job: _Job, reuse, metrics: Sequence[str]) -> None:
     """Copy the values of ``reuse`` at coordinates that coincide with the new grid."""
-    same = ("model", "directions", "loss_fn", "bn", "bn_batch_size", "n_samples", "data")
+    for key, what in (("loss_fingerprint", "loss_fn"), ("metrics_fingerprint", "metrics")):
+        if job.spec.get(key) is None or reuse.spec.get(key) is None:
+            if reuse.spec.get("source") == "loss-landscape" and job.spec.get(key) is not None:
+                continue  # checked by recomputing a few points (check_foreign_reuse)
+            which = "this call's" if job.spec.get(key) is None else "reuse='s"
+            raise ValueError(
+                f"reuse= cannot tell whether {which} {what} is the one the points were "
+                "computed with: it holds a value that cannot be fingerprinted (an object with "
+                "no state or stable repr), or the result predates fingerprints. Compute "
+                "without reuse=, or use a loss module / module-level function."
+            )
+    same = ("model", "directions", "loss_fn", "loss_fingerprint", "metrics_fingerprint", "bn",
+            "bn_batch_size", "n_samples", "data")
     # A loss-landscape file records none of these: its values are checked by recomputing
     # a few of them instead (check_foreign_reuse in landscape.py).
     foreign = reuse.spec.get("source") == "loss-landscape"
     diff = [] if foreign else [k for k in same if reuse.spec.get(k) != job.spec.get(k)]
-    missing = [m for m in metrics if getattr(reuse, m, None) is None]
+    if "loss_fingerprint" in diff and "loss_fn" not in diff:
+        diff[diff.index("loss_fingerprint")] = "loss (same name, other settings or code)"
+    missing = [m for m in metrics if metric_values(reuse, m) is None]
     if diff or missing:
         raise ValueError(
             f"reuse= was computed with a different {', '.join(diff) or 'set of metrics'}; "
@@ -121,7 +165,7 @@ def _reuse(job: _Job, reuse, metrics: Sequence[str]) -> None:
         src = (maps[0][iy], maps[1][ix])
     for m in metrics:
         arr = np.full(shape, np.nan)
-        arr[mask] = np.asarray(getattr(reuse, m))[src]
+        arr[mask] = np.asarray(metric_values(reuse, m))[src]
         job.known[m] = arr.ravel()
     # NaN: not computed (a cancelled run, an unfinished loss-landscape file) or non-finite:
     # computed (again).
@@ -141,7 +185,7 @@ def remote_evaluators(executor) -> Callable | None:
 
 def _prepare(model, data, *, directions, axes_spec, loss_fn, metrics, bn, device, seed,
              reuse, keep_directions, evaluator_options, make_evaluator=None,
-             bn_batch_size: int | None = None) -> _Job:
+             bn_batch_size: int | None = None, output_fn=None) -> _Job:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
     names = ["x"] if len(axes_spec) == 1 else ["y", "x"]
@@ -161,6 +205,8 @@ def _prepare(model, data, *, directions, axes_spec, loss_fn, metrics, bn, device
     bn_batch_size = bn_batch_size_for(bn, bn_batch_size)  # before any work: a clear error
     # Surfaces are (ny, nx) with d1 along x: evaluator coefficient j goes with directions[j].
     # make_evaluator: a stand-in whose tiles run on an executor (core/distributed.py).
+    if output_fn is not None:
+        options["output_fn"] = output_fn
     evaluator = (make_evaluator or Evaluator)(model, data, dirs, loss_fn=loss_fn,
                                               metrics=metrics, bn=bn, device=device,
                                               bn_batch_size=bn_batch_size, **options)
@@ -168,7 +214,9 @@ def _prepare(model, data, *, directions, axes_spec, loss_fn, metrics, bn, device
         "x": list(axes_spec[-1]) if len(axes) == 2 else list(axes_spec[0]),
         "y": list(axes_spec[0]) if len(axes) == 2 else None,
         "metrics": list(evaluator.metrics),
+        "metrics_dropped": dict(getattr(evaluator, "dropped", {})),
         "loss_fn": _loss_name(loss_fn),
+        **_what_is_computed(loss_fn, metrics, options.get("output_fn")),
         "bn": bn,
         "bn_batch_size": bn_batch_size,
         "seed": seed if directions is None else None,

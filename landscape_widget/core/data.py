@@ -24,6 +24,47 @@ def _as_pair(batch, where: str) -> tuple[Tensor, Tensor]:
     return x, y
 
 
+def _collect(loader: DataLoader, where: str) -> tuple[Tensor, Tensor]:
+    """All batches of ``loader`` concatenated; ``where`` names the user's object in errors."""
+    xs, ys = [], []
+    for batch in loader:
+        x, y = _as_pair(batch, where)
+        xs.append(x)
+        ys.append(y)
+    if not xs:
+        raise ValueError(f"{where[0].upper()}{where[1:]} yielded no batches; pass data with at "
+                         "least one sample.")
+    return torch.cat(xs), torch.cat(ys)
+
+
+def check_finite(x: Tensor, y: Tensor) -> None:
+    """Refuse data with NaN or infinite values, naming where they are.
+
+    Otherwise every grid point would come out NaN and look like a diverging model.
+
+    Raises:
+        ValueError: If the inputs or the targets hold a non-finite value.
+
+    Example:
+        >>> check_finite(torch.tensor([[0.0, float("nan")]]), torch.tensor([1]))
+        Traceback (most recent call last):
+        ...
+        ValueError: the inputs hold 1 NaN/inf value(s), the first in sample 0; ...
+    """
+    for name, t in (("inputs", x), ("targets", y)):
+        if not (torch.is_floating_point(t) or torch.is_complex(t)):
+            continue
+        bad = ~torch.isfinite(t)
+        if bool(bad.any()):
+            rows = bad.reshape(t.shape[0], -1).any(1)
+            first = int(rows.nonzero()[0, 0])
+            raise ValueError(
+                f"the {name} hold {int(bad.sum())} NaN/inf value(s), the first in sample "
+                f"{first}; every point of the landscape would be NaN. Clean the data first "
+                f"(drop those samples, or torch.nan_to_num)."
+            )
+
+
 def is_data_fn(data) -> bool:
     """Whether ``data`` is a zero-argument callable that returns the data (a ``data_fn``).
 
@@ -64,16 +105,7 @@ def as_tensors(data, seed: int | None = None) -> tuple[Tensor, Tensor]:
             raise TypeError("data_fn returned another callable; it must return the data itself.")
         return as_tensors(loaded)
     if isinstance(data, DataLoader):
-        xs, ys = [], []
-        for batch in data:
-            x, y = _as_pair(batch, "the DataLoader")
-            xs.append(x)
-            ys.append(y)
-        if not xs:
-            raise ValueError(
-                "The DataLoader yielded no batches; pass data with at least one sample."
-            )
-        x, y = torch.cat(xs), torch.cat(ys)
+        x, y = _collect(data, "the DataLoader")
     elif isinstance(data, Dataset):
         try:
             n = len(data)  # type: ignore[arg-type]
@@ -83,8 +115,8 @@ def as_tensors(data, seed: int | None = None) -> tuple[Tensor, Tensor]:
             ) from err
         if n == 0:
             raise ValueError("The Dataset is empty; pass data with at least one sample.")
-        loader = DataLoader(data, batch_size=min(n, 4096), shuffle=False)
-        return as_tensors(loader)
+        x, y = _collect(DataLoader(data, batch_size=min(n, 4096), shuffle=False),
+                        "the Dataset")
     elif isinstance(data, (tuple, list)) and len(data) == 2:
         x, y = _as_pair(data, "data")
     else:

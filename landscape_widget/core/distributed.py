@@ -190,6 +190,7 @@ class RemoteEvaluator:
                                    full=True).result()
         self.backend.seen.add(info["worker"])
         self.metrics = tuple(info["metrics"])
+        self.dropped = dict(info.get("dropped", {}))
         self.n, self.device = int(info["n"]), info["device"]
         self.data_fingerprint = info["data"]
         self.plan: Plan | None = None

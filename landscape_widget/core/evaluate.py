@@ -34,7 +34,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .data import as_tensors
+from .data import as_tensors, check_finite
+from .losses import check_reduction, loss_error
+from .metrics import (
+    METRICS,
+    DefaultMetrics,
+    MetricFn,
+    Task,
+    describe,
+    find_logits,
+    resolve_task,
+    split_metrics,
+    user_metric_stats,
+)
 from .params import (
     Params,
     buffers_of,
@@ -57,7 +69,6 @@ from .tuning import (
     shrink_after_oom,
 )
 
-METRICS = ("loss", "accuracy")
 BN_MODES = ("eval", "batch")
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -72,8 +83,26 @@ class Evaluator(PlanTuner, StemTerms, BufferState):
         directions: The subspace: a sequence of direction dicts (see
             :func:`~landscape_widget.random_direction`).
         loss_fn: ``loss_fn(outputs, targets)`` returning the mean loss of a batch; the default
-            is cross-entropy. The reported loss is the exact per-sample mean over all data.
-        metrics: Any of ``"loss"``, ``"accuracy"`` (argmax match, in [0, 1]).
+            is cross-entropy on the logits. ``outputs`` are what the model returns, as they
+            are (a Tensor, a tuple, a dict such as HuggingFace's ``{"logits": ...}``). The
+            reported loss is the mean over all counted targets of all data: batches are
+            weighted by their number of targets not equal to ``ignore_index`` (-100, or the
+            loss module's own) and by the loss's class ``weight`` if it has one. A loss that
+            sums over the batch, or otherwise is no such mean, is refused (checked on the
+            first samples), since its value would depend on the engine's batch size.
+        metrics: Names from ``"loss"``, ``"accuracy"``, or a mapping ``{name: fn}`` with
+            ``None`` for those built-ins and ``fn(outputs, targets)`` for your own metrics,
+            returning per-sample values ``(B,)`` (reported: their mean over all samples) or a
+            pair ``(total, count)`` of scalars (reported: sum of totals / sum of counts over
+            all data, e.g. correct tokens / counted tokens). Accuracy is the argmax match
+            for class-index targets with at least 2 classes (targets equal to
+            ``ignore_index`` not counted) or one-hot / probability targets, and per-label
+            accuracy for 0/1 multi-label targets with a BCE loss; for other tasks it is
+            refused with the reason. The default asks for the loss and accuracy where it
+            means something (``dropped`` records why it was left out).
+        output_fn: ``output_fn(outputs)`` returning the logits, for accuracy and the default
+            loss, when the model returns neither a Tensor, nor a dict with ``"logits"``,
+            nor an object with ``.logits`` (e.g. ``lambda out: out[0]`` for a tuple).
         bn: ``"eval"`` uses BatchNorm running statistics; ``"batch"`` uses the statistics of
             consecutive batches of ``bn_batch_size`` samples (in data order) and leaves
             running statistics untouched. Dropout is off.
@@ -109,7 +138,8 @@ class Evaluator(PlanTuner, StemTerms, BufferState):
         directions: Sequence[Params],
         *,
         loss_fn: LossFn | None = None,
-        metrics: Sequence[str] = METRICS,
+        metrics: Sequence[str] | dict[str, MetricFn | None] = METRICS,
+        output_fn: Callable | None = None,
         bn: str = "eval",
         bn_batch_size: int | None = None,
         device: str | torch.device | None = None,
@@ -124,12 +154,13 @@ class Evaluator(PlanTuner, StemTerms, BufferState):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         if bn not in BN_MODES:
             raise ValueError(f"bn={bn!r} is not supported; choose 'eval' or 'batch'.")
-        if isinstance(metrics, str):
-            metrics = (metrics,)
-        metrics = tuple(metrics)
-        bad = [m for m in metrics if m not in METRICS]
-        if bad or not metrics:
-            raise ValueError(f"metrics={metrics!r}: choose a non-empty subset of {list(METRICS)}.")
+        self._default_metrics = isinstance(metrics, DefaultMetrics)
+        metrics, self.user_metrics = split_metrics(metrics)
+        if output_fn is not None and not callable(output_fn):
+            raise TypeError("output_fn must be callable as output_fn(outputs) -> logits.")
+        self.output_fn = output_fn
+        # Metrics asked for by default but undefined for this task: {name: why}.
+        self.dropped: dict[str, str] = {}
         if strategy not in ("auto", "vmap", "loop"):
             raise ValueError("strategy must be 'auto', 'vmap' or 'loop'.")
         if loss_fn is not None and not callable(loss_fn):
@@ -145,9 +176,11 @@ class Evaluator(PlanTuner, StemTerms, BufferState):
                 f"first (model.to({str(self.device)!r})) or pass device={str(home)!r}."
             )
         self.metrics = metrics
-        self.loss_fn: LossFn = loss_fn if loss_fn is not None else F.cross_entropy
-        # The default loss is computed for all K points at once, outside vmap.
-        self._batched_ce = loss_fn is None
+        self.loss_fn: LossFn = loss_fn if loss_fn is not None else self._default_loss
+        self._user_loss = loss_fn is not None
+        # The default loss on plain Tensor outputs is computed for all K points at once,
+        # outside vmap (decided in _check_outputs).
+        self._batched_ce = False
         self.bn = bn
         self.bn_batch_size = bn_batch_size_for(bn, bn_batch_size)
         if self.bn_batch_size is not None and batch_size is not None:
@@ -179,11 +212,10 @@ class Evaluator(PlanTuner, StemTerms, BufferState):
         ]
 
         x, y = as_tensors(data)
+        check_finite(x, y)
         if torch.is_floating_point(x) and self.dtype.is_floating_point:
             x = x.to(self.dtype)
         self.x, self.y = x.to(self.device), y.to(self.device)
-        if loss_fn is None and not torch.is_floating_point(self.y) and bool((self.y < 0).any()):
-            self._batched_ce = False  # F.cross_entropy's ignore_index=-100 changes the mean
         self.n = int(self.x.shape[0])
         self.budget = memory_budget or _default_budget(self.device)
         self.forced_batch = batch_size
@@ -198,7 +230,8 @@ class Evaluator(PlanTuner, StemTerms, BufferState):
         # The linear-stem shortcut (see core/stem.py) needs a copy of the module to trace.
         if stem not in ("auto", True, False):
             raise ValueError("stem must be 'auto', True or False.")
-        self.stem = split_stem(self.module) if stem else None
+        # (Outputs other than one Tensor go without: its safety net compares tensors.)
+        self.stem = split_stem(self.module) if stem and self._tensor_out else None
         self._stem_choice = stem
         self._stem_terms: list | None = None
         self._stem_packs: dict[str, tuple] = {}
@@ -266,35 +299,71 @@ class Evaluator(PlanTuner, StemTerms, BufferState):
         per_sample = total / min(2, self.n)
         return max(int(per_sample), 4 * int(self.x[:1].numel()), 64)
 
+    def _default_loss(self, out, y: Tensor) -> Tensor:
+        """Cross-entropy on the logits of ``out`` (see ``output_fn``)."""
+        return F.cross_entropy(find_logits(out, self.output_fn), y)
+
     def _check_outputs(self) -> None:
+        """Run the first samples once: check loss and metrics, decide what accuracy means.
+
+        Messages show the data's shapes (``n`` samples), not those of the probe.
+        """
+        m = min(self.n, 8)
+        y = self.y[:m]
         self._enter()
         try:
             with torch.no_grad():
-                out = functional_call(self.module, dict(self.base), (self.x[:2],))
-                if not isinstance(out, Tensor):
-                    raise TypeError(
-                        f"The model returned {type(out).__name__}; landscape_widget needs a model "
-                        "whose forward returns one Tensor of outputs (wrap it to select it)."
-                    )
-                loss = self.loss_fn(out, self.y[:2])
+                out = functional_call(self.module, dict(self.base), (self.x[:m],))
         finally:
             self._exit()
+        with torch.no_grad():
+            try:
+                loss = self.loss_fn(out, y)
+            except (RuntimeError, TypeError, ValueError, IndexError) as err:
+                raise ValueError(loss_error(err, describe(out, self.n), self.y,
+                                            default=not self._user_loss,
+                                            tensor_out=isinstance(out, Tensor))) from err
         if not isinstance(loss, Tensor) or loss.dim() != 0:
             raise ValueError(
                 "loss_fn must return a scalar tensor (the mean loss of the batch); got "
                 f"{getattr(loss, 'shape', type(loss).__name__)}. Use reduction='mean'."
             )
-        if "accuracy" in self.metrics:
-            y = self.y
-            if not (
-                (y.dim() == 1 and not torch.is_floating_point(y) and out.dim() == 2)
-                or (y.shape[1:] == out.shape[1:] and out.dim() >= 2)
-            ):
-                raise ValueError(
-                    f"accuracy needs class-index targets of shape (N,) with outputs (N, C), or "
-                    f"targets shaped like the outputs; got targets {tuple(y.shape)} and outputs "
-                    f"{tuple(out.shape)}. Pass metrics=('loss',) for other tasks."
-                )
+        try:
+            logits, no_logits = find_logits(out, self.output_fn), ""
+        except TypeError as err:
+            logits, no_logits = None, str(err)
+        self.task: Task = resolve_task(logits, self.y, self.loss_fn if self._user_loss else None,
+                                       self.n)
+        if self.task.ignore is not None and float(self.task.loss_weight(self.y)) == 0:
+            raise ValueError(f"every target equals ignore_index={self.task.ignore}; the loss "
+                             "is a mean over no targets. Pass data with counted targets.")
+        if "accuracy" in self.metrics and "accuracy" not in self.user_metrics and (
+                logits is None or self.task.kind is None):
+            why = no_logits or self.task.why
+            if not self._default_metrics:
+                raise ValueError(f"{why}. Pass metrics=('loss',), or your own metric as "
+                                 "metrics={'loss': None, 'accuracy': fn(outputs, targets)}.")
+            self.dropped["accuracy"] = why
+            self.metrics = tuple(k for k in self.metrics if k != "accuracy")
+        self._accuracy = "accuracy" in self.metrics and "accuracy" not in self.user_metrics
+        self._denoms: dict[int, tuple[list[float], float, float]] = {}
+        self._tensor_out = isinstance(out, Tensor)
+        self._batched_ce = (not self._user_loss and not self.user_metrics
+                            and self._tensor_out and self.output_fn is None)
+        if self._user_loss and (self.forced_batch or 0) < self.n:
+            check_reduction(self.loss_fn, out, y, self.task)
+        for name, fn in self.user_metrics.items():
+            with torch.no_grad():
+                try:
+                    value = fn(out, y)
+                except Exception as err:
+                    raise ValueError(f"metrics[{name!r}](outputs, targets) failed on the first "
+                                     f"samples ({describe(out, self.n)}, targets "
+                                     f"{self._targets()}): {err}") from err
+            user_metric_stats(name, value, m)
+
+    def _targets(self) -> str:
+        return f"{tuple(self.y.shape)} {str(self.y.dtype).replace('torch.', '')}"
 
     # --- one point, one chunk ------------------------------------------------------------
     def _outputs(self, params: Params, inputs: Tensor, plan: Plan) -> Tensor:
@@ -304,23 +373,34 @@ class Evaluator(PlanTuner, StemTerms, BufferState):
             return functional_call(self.stem.suffix, sub, (inputs,))
         return functional_call(self.module, params, (inputs,))
 
-    def _metrics(self, out: Tensor, y: Tensor, vmapped: bool) -> tuple[Tensor, Tensor]:
-        """Batch-mean loss and correct count of each of the K points of ``out`` (K, B, ...)."""
+    def _stats(self, out, y: Tensor, w: float) -> Tensor:
+        """Sums of one point on one batch, float64 ``(S,)``; runs under vmap too.
+
+        The loss times the batch's weight ``w`` (0 for a batch of only ignored targets),
+        correct predictions, then the ``(total, count)`` of each user metric.
+        """
+        loss = self.loss_fn(out, y).to(torch.float64)
+        cols = [loss * w if w > 0 else torch.zeros_like(loss)]
+        if self._accuracy:
+            cols.append(self.task.correct(find_logits(out, self.output_fn), y))
+        else:
+            cols.append(torch.zeros_like(cols[0]))
+        for name, fn in self.user_metrics.items():
+            cols.extend(user_metric_stats(name, fn(out, y), y.shape[0]).unbind())
+        return torch.stack(cols)
+
+    def _batched_stats(self, out: Tensor, y: Tensor) -> Tensor:
+        """:meth:`_stats` of K points at once for the default loss (``out`` is (K, B, ...))."""
         k = out.shape[0]
-        if self._batched_ce:
-            targets = y.unsqueeze(0).expand(k, *y.shape).flatten(0, 1)
-            per_sample = F.cross_entropy(out.flatten(0, 1), targets, reduction="none")
-            loss = per_sample.reshape(k, -1).mean(1)
-        elif vmapped:
-            loss = torch.vmap(self.loss_fn, in_dims=(0, None))(out, y)
+        targets = y.unsqueeze(0).expand(k, *y.shape).flatten(0, 1)
+        # reduction="none" gives 0 for ignored targets: the sum is over counted ones.
+        per_sample = F.cross_entropy(out.flatten(0, 1), targets, reduction="none")
+        loss = per_sample.reshape(k, -1).sum(1).double()  # float32 sum: as fast as the mean
+        if self._accuracy:
+            correct = self.task.correct(out, y, lead=1)
         else:
-            loss = self.loss_fn(out[0], y).unsqueeze(0)
-        if "accuracy" in self.metrics:
-            target = y if y.dim() == out.dim() - 2 else y.argmax(-1)
-            correct = (out.argmax(-1) == target).reshape(k, -1).sum(1)
-        else:
-            correct = torch.zeros(k, device=out.device)
-        return loss, correct
+            correct = torch.zeros_like(loss)
+        return torch.stack([loss, correct], 1)
 
     def _inputs(self, layout: str) -> Tensor:
         if layout == "channels_last":
@@ -353,10 +433,10 @@ class Evaluator(PlanTuner, StemTerms, BufferState):
             params[k] = acc
         return params
 
-    def _pass(self, plan: Plan, params: Params, coef: Tensor, start: int, stop: int):
+    def _pass(self, plan: Plan, params: Params, coef: Tensor, start: int, stop: int) -> Tensor:
         """One forward pass of one point (loop) or K points (vmap) on samples [start, stop).
 
-        Returns ``(K,)`` batch-mean losses and ``(K,)`` correct counts.
+        Returns the ``(K, S)`` sums of :meth:`_stats`.
         """
         y = self.y[start:stop]
         coef2d = coef.reshape(-1, len(self.dirs))
@@ -369,52 +449,75 @@ class Evaluator(PlanTuner, StemTerms, BufferState):
                 inputs, in_dim = self._inputs(plan.layout)[start:stop], None
             if plan.strategy == "vmap":
                 in_dims = ({k: (0 if k in self.keys else None) for k in params}, in_dim)
-                fn = functools.partial(self._outputs, plan=plan)
-                out = torch.vmap(fn, in_dims=in_dims, randomness="same")(params, inputs)
-                return self._metrics(out, y, vmapped=True)
+                if self._batched_ce:
+                    fn = functools.partial(self._outputs, plan=plan)
+                    out = torch.vmap(fn, in_dims=in_dims, randomness="same")(params, inputs)
+                    return self._batched_stats(out, y)
+                w = self._denominators(plan.batch)[0][start // plan.batch]
+
+                def stats(p, i):
+                    return self._stats(self._outputs(p, i, plan), y, w)
+
+                return torch.vmap(stats, in_dims=in_dims, randomness="same")(params, inputs)
             out = self._outputs(params, inputs[0] if plan.stem else inputs, plan)
-            return self._metrics(out.unsqueeze(0), y, vmapped=False)
+            if self._batched_ce:
+                return self._batched_stats(out.unsqueeze(0), y)
+            w = self._denominators(plan.batch)[0][start // plan.batch]
+            return self._stats(out, y, w).unsqueeze(0)
         finally:
             self._reset_state()  # every pass starts from the user's buffers
 
-    def _run_chunk(self, plan: Plan, coeffs: Tensor) -> tuple[Tensor, Tensor]:
-        """Mean loss and accuracy of the points ``coeffs`` (K <= plan.points) over all data."""
+    def _run_chunk(self, plan: Plan, coeffs: Tensor) -> Tensor:
+        """Values of the points ``coeffs`` (K <= plan.points) over all data.
+
+        Returns ``(K, 2 + len(user_metrics))``: loss, accuracy, then the user metrics.
+        """
         if plan.strategy == "vmap":
             groups = [(self._stacked(coeffs), coeffs, coeffs.shape[0])]
         else:
             groups = [(self._point(c, plan.layout), c, 1) for c in coeffs]
-        losses, accs = [], []
-        for params, coef, k in groups:
-            loss_sum = torch.zeros(k, dtype=torch.float64, device=self.device)
-            correct = torch.zeros(k, dtype=torch.float64, device=self.device)
-            for s in range(0, self.n, plan.batch):
-                loss, corr = self._pass(plan, params, coef, s, s + plan.batch)
-                # Mean-reduced batch losses weighted by batch size: the exact sample mean.
-                loss_sum += loss.double() * min(plan.batch, self.n - s)
-                correct += corr.double()
-            losses.append(loss_sum / self.n)
-            accs.append(correct / self.n)
-        return torch.cat(losses), torch.cat(accs)
+        _, weight, count = self._denominators(plan.batch)
+        values = []
+        for params, coef, _k in groups:
+            sums = sum(self._pass(plan, params, coef, s, s + plan.batch)
+                       for s in range(0, self.n, plan.batch))
+            cols = [sums[:, 0] / weight, sums[:, 1] / count]
+            cols += [sums[:, 2 + 2 * j] / sums[:, 3 + 2 * j] for j in range(len(self.user_metrics))]
+            values.append(torch.stack(cols, 1))
+        return torch.cat(values)
 
-    def _run(self, plan: Plan, coeffs: Tensor) -> tuple[Tensor, Tensor]:
+    def _denominators(self, batch: int) -> tuple[list[float], float, float]:
+        """Per-batch loss weights, their total and the counted predictions over all data.
+
+        They depend on the targets only: computed once per batch size (one device sync per
+        batch, here rather than in every pass).
+        """
+        if batch not in self._denoms:
+            weights, count = [], 0.0
+            for s in range(0, self.n, batch):
+                y = self.y[s : s + batch]
+                weights.append(float(self.task.loss_weight(y)))
+                count += float(self.task.acc_count(y))
+            self._denoms[batch] = (weights, float(sum(weights)), count)
+        return self._denoms[batch]
+
+    def _run(self, plan: Plan, coeffs: Tensor) -> Tensor:
         """Evaluate every row of ``coeffs`` with ``plan``, halving K (then B) on out-of-memory."""
-        losses, accs = [], []
+        values = []
         pos = 0
         while pos < coeffs.shape[0]:
             chunk = coeffs[pos : pos + plan.points]
             try:
                 with torch.no_grad():
-                    lo, ac = self._run_chunk(plan, chunk)
+                    values.append(self._run_chunk(plan, chunk))
             except Exception as err:
                 if plan.strategy == "vmap" and not _is_oom(err) and not is_user_error(err):
                     plan = self._fall_back(err)  # a later batch the trial did not see
                 else:
                     shrink_after_oom(plan, err, self.device, self.bn_batch_size is not None)
                 continue
-            losses.append(lo)
-            accs.append(ac)
             pos += chunk.shape[0]
-        return torch.cat(losses), torch.cat(accs)
+        return torch.cat(values)
 
     # --- public --------------------------------------------------------------------------
     def evaluate(self, coeffs) -> dict[str, np.ndarray]:
@@ -447,23 +550,21 @@ class Evaluator(PlanTuner, StemTerms, BufferState):
                     else:
                         self.plan = self._tune(c)
                     _remember(key, self.plan)
-            lo, ac = self._run(self.plan, c) if c.shape[0] else (torch.zeros(0),) * 2
+            width = 2 + len(self.user_metrics)
+            values = (self._run(self.plan, c) if c.shape[0]
+                      else torch.zeros(0, width, dtype=torch.float64))
         finally:
             self._exit()
-        loss = lo.cpu().numpy()
-        acc = ac.cpu().numpy()
+        values = values.cpu().numpy()
+        loss = values[:, 0].copy()
         bad = ~np.isfinite(loss)
         if bad.any():
-            loss = loss.copy()
             loss[bad] = np.nan
             self.nonfinite_points += int(bad.sum())
         self.points_evaluated += int(c.shape[0])
-        out = {}
-        if "loss" in self.metrics:
-            out["loss"] = loss
-        if "accuracy" in self.metrics:
-            out["accuracy"] = acc
-        return out
+        column = {"loss": loss, "accuracy": values[:, 1]}
+        column.update({name: values[:, 2 + j] for j, name in enumerate(self.user_metrics)})
+        return {m: column[m] for m in self.metrics}
 
     def describe(self) -> dict:
         """The chosen plan and the timings of the trials, for status lines and benchmarks."""

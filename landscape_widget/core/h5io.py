@@ -32,6 +32,7 @@ import torch
 FORMAT_VERSION = 1
 OURS = "landscape_widget/"  # prefix of our attributes
 DIRECTIONS_GROUP = "landscape_widget_directions"
+METRICS_GROUP = "landscape_widget_metrics"  # the user's metrics (metrics={name: fn})
 NOT_COMPUTED = -1.0  # loss-landscape's pre-fill of train/test loss and accuracy
 # Our field name -> loss-landscape dataset; accuracy is stored in percent as there.
 KEYS = {"loss": "train_loss", "accuracy": "train_acc", "test_loss": "test_loss",
@@ -117,7 +118,7 @@ def _write_node(group, items: dict) -> None:
 
 def write_grid(path: str | Path, x: np.ndarray, y: np.ndarray | None, arrays: dict, *,
                spec: dict, directions, extra: dict, overwrite: bool,
-               missing: float = float("nan")) -> None:
+               missing: float = float("nan"), user_metrics: dict | None = None) -> None:
     """Write a grid file (see the module docstring).
 
     Args:
@@ -131,6 +132,8 @@ def write_grid(path: str | Path, x: np.ndarray, y: np.ndarray | None, arrays: di
         overwrite: Replace an existing file.
         missing: Value written where an array is NaN (loss-landscape's scripts treat -1 as
             "not computed"; NaN is left out of its plots).
+        user_metrics: ``{name: array}`` of the user's metrics, written as float64 datasets
+            of the group ``landscape_widget_metrics`` (NaN kept).
 
     Raises:
         FileExistsError: If ``path`` exists and ``overwrite`` is false.
@@ -168,6 +171,10 @@ def write_grid(path: str | Path, x: np.ndarray, y: np.ndarray | None, arrays: di
                 gi = g.create_group(str(i))
                 for k, v in d.items():
                     gi.create_dataset(k, data=v.detach().cpu().numpy())
+        if user_metrics:
+            g = f.create_group(METRICS_GROUP)
+            for name, arr in user_metrics.items():
+                g.create_dataset(name, data=np.asarray(arr, dtype=np.float64).reshape(shape))
         _write_node(f, extra.get("datasets", {}))
         for k, v in extra.get("attrs", {}).items():
             if k not in f.attrs:
@@ -179,8 +186,8 @@ def read_grid(path: str | Path, fields: tuple[str, ...]) -> dict:
 
     Returns:
         ``{"x", "y" (None for a curve), field: array or None for each of fields, "spec",
-        "directions", "extra"}``; arrays are float64, ``(ny, nx)`` or ``(nx,)``, NaN where
-        not computed, accuracy as a fraction.
+        "directions", "extra", "user_metrics"}``; arrays are float64, ``(ny, nx)`` or
+        ``(nx,)``, NaN where not computed, accuracy as a fraction.
 
     Raises:
         FileNotFoundError: If there is no such file.
@@ -229,7 +236,9 @@ def read_grid(path: str | Path, fields: tuple[str, ...]) -> dict:
             g = f[DIRECTIONS_GROUP]
             directions = [{k: torch.from_numpy(np.asarray(g[str(i)][k])) for k in g[str(i)]}
                           for i in range(len(g))]
-        known = set(COORDS) | {KEYS[n] for n in fields} | {DIRECTIONS_GROUP}
+        user_metrics = ({k: np.asarray(v[()], dtype=np.float64).reshape(shape)
+                         for k, v in f[METRICS_GROUP].items()} if METRICS_GROUP in f else {})
+        known = set(COORDS) | {KEYS[n] for n in fields} | {DIRECTIONS_GROUP, METRICS_GROUP}
         if "accuracy" in fields and "train_acc" in f and f["train_acc"].attrs.get(
                 OURS + "not_computed"):  # our "not computed" stand-in: written anew by save
             known.add("train_acc")
@@ -237,5 +246,5 @@ def read_grid(path: str | Path, fields: tuple[str, ...]) -> dict:
             "datasets": _read_node({k: v for k, v in f.items() if k not in known}),
             "attrs": {k: v for k, v in f.attrs.items() if not k.startswith(OURS)},
         }
-    out.update(spec=spec, directions=directions, extra=extra)
+    out.update(spec=spec, directions=directions, extra=extra, user_metrics=user_metrics)
     return out

@@ -74,9 +74,11 @@ class TileStream:
         acc = self.arrays.get("accuracy")
         loss = None if loss is None else loss.copy()
         acc = None if acc is None else acc.copy()
+        extra = {m: a.copy() for m, a in self.arrays.items() if m not in ("loss", "accuracy")}
         if len(self.axes) == 1:
-            return Curve(self.axes[0].copy(), loss, acc, spec, dirs)
-        return Surface(self.axes[1].copy(), self.axes[0].copy(), loss, acc, spec, dirs)
+            return Curve(self.axes[0].copy(), loss, acc, spec, dirs, extra_metrics=extra)
+        return Surface(self.axes[1].copy(), self.axes[0].copy(), loss, acc, spec, dirs,
+                       extra_metrics=extra)
 
 
 def iter_tiles(
@@ -98,6 +100,7 @@ def iter_tiles(
     keep_directions: bool = True,
     evaluator_options: dict | None = None,
     executor=None,
+    output_fn=None,
 ) -> TileStream:
     """Set up a surface (or, with ``y=None``, a curve) to be computed tile by tile.
 
@@ -111,8 +114,12 @@ def iter_tiles(
             draws filter-normalised random directions from ``seed``.
         x: ``(start, stop, num)`` of the first coordinate (along ``d1``).
         y: ``(start, stop, num)`` of the second coordinate, or ``None`` for a curve.
-        loss_fn: ``loss_fn(outputs, targets)``, mean over the batch; cross-entropy by default.
-        metrics: Any of ``"loss"``, ``"accuracy"``.
+        loss_fn: ``loss_fn(outputs, targets)``, mean over the batch (over its counted
+            targets); cross-entropy by default. ``outputs`` are the model's, as returned (a
+            tuple or a dict too). A loss that sums is refused.
+        metrics: ``"loss"``, ``"accuracy"``, or ``{name: fn}`` with your own per-sample
+            metrics (see :class:`~landscape_widget.Evaluator`). By default the loss, and
+            accuracy where it means something (``spec["metrics_dropped"]`` says why not).
         bn: ``"eval"`` (running statistics) or ``"batch"`` (batch statistics).
         bn_batch_size: With ``bn="batch"``, BatchNorm uses the statistics of consecutive
             batches of this many samples in data order (default 128, see
@@ -136,6 +143,9 @@ def iter_tiles(
             workers' device (default: their GPU if any). The result's
             ``spec["executor"]`` counts tiles, workers and ``lost_tiles`` (recomputed after
             a worker died).
+        output_fn: ``output_fn(outputs)`` returning the logits (for accuracy and the default
+            loss) when the model's outputs are not a Tensor, a dict with ``"logits"`` or an
+            object with ``.logits``; e.g. ``lambda out: out[0]``.
 
     Returns:
         A :class:`TileStream`.
@@ -145,7 +155,7 @@ def iter_tiles(
                    metrics=metrics, bn=bn, bn_batch_size=bn_batch_size, device=device,
                    seed=seed, reuse=reuse, keep_directions=keep_directions,
                    evaluator_options=evaluator_options,
-                   make_evaluator=remote_evaluators(executor))
+                   make_evaluator=remote_evaluators(executor), output_fn=output_fn)
     if reuse is not None and reuse.spec.get("source") == "loss-landscape":
         check_foreign_reuse(job)
     return TileStream(job, tile_points, cancel)
@@ -238,7 +248,7 @@ def compute_surface(
             (:meth:`~landscape_widget.Trajectory.pca_directions`) a range covering the path.
         y: ``(start, stop, num)`` for ``b`` (``"auto"`` likewise).
         loss_fn: Mean loss of a batch, ``loss_fn(outputs, targets)``; cross-entropy by default.
-        metrics: Any of ``"loss"``, ``"accuracy"``.
+        metrics: ``"loss"``, ``"accuracy"`` or ``{name: fn}`` (see :func:`iter_tiles`).
         bn: ``"eval"`` or ``"batch"``; with ``"batch"``, ``bn_batch_size=`` (an option passed
             to :func:`iter_tiles`) sets the samples per BatchNorm batch (default 128).
         device: Where to compute (the model's device by default).
@@ -248,7 +258,7 @@ def compute_surface(
             read from a loss-landscape file, whose unfinished points are then computed).
         test_data: Data for a second pass over the same grid: ``test_loss`` and
             ``test_accuracy`` (loss-landscape's ``test_*`` keys).
-        **options: Passed to :func:`iter_tiles` (``tile_points``, ``cancel``,
+        **options: Passed to :func:`iter_tiles` (``output_fn``, ``tile_points``, ``cancel``,
             ``keep_directions``, ``evaluator_options``, ``executor``: a Dask client or
             ``concurrent.futures`` executor whose workers compute the tiles).
 
@@ -310,7 +320,7 @@ def compute_curve(
             :func:`interpolation_direction`); by default a filter-normalised random one.
         x: ``(start, stop, num)``, as in ``numpy.linspace``.
         loss_fn: Mean loss of a batch; cross-entropy by default.
-        metrics: Any of ``"loss"``, ``"accuracy"``.
+        metrics: ``"loss"``, ``"accuracy"`` or ``{name: fn}`` (see :func:`iter_tiles`).
         bn: ``"eval"`` or ``"batch"``; with ``"batch"``, ``bn_batch_size=`` (an option passed
             to :func:`iter_tiles`) sets the samples per BatchNorm batch (default 128).
         device: Where to compute.

@@ -25,10 +25,16 @@ def _metric_label(metric: str) -> str:
 
 
 def _values(obj, metric: str) -> np.ndarray:
+    if metric in obj.extra_metrics:
+        return obj.extra_metrics[metric]
     if metric not in METRIC_FIELDS:
-        raise ValueError(f"metric must be one of {list(METRIC_FIELDS)}, got {metric!r}.")
+        raise ValueError(f"metric must be one of {list(METRIC_FIELDS) + list(obj.extra_metrics)}"
+                         f", got {metric!r}.")
     arr = getattr(obj, metric)
     if arr is None:
+        why = (obj.spec.get("metrics_dropped") or {}).get(metric)
+        if why:
+            raise ValueError(f"metric {metric!r} was not computed: {why}.")
         hint = (f"pass test_data= to compute {metric}" if metric.startswith("test")
                 else f"pass metrics=(..., {metric!r})")
         raise ValueError(f"metric {metric!r} was not computed; {hint}.")
@@ -51,6 +57,7 @@ class Curve:
         directions: The direction as a one-element list of dicts (CPU tensors), if kept.
         test_loss, test_accuracy: The same on test data (``test_data=``), or ``None``.
         extra: What a loaded file held that this class does not use (written back by save).
+        extra_metrics: ``{name: array}`` of the user's metrics (``metrics={name: fn}``).
     """
 
     x: np.ndarray
@@ -61,6 +68,7 @@ class Curve:
     test_loss: np.ndarray | None = None
     test_accuracy: np.ndarray | None = None
     extra: dict = field(default_factory=dict, repr=False)
+    extra_metrics: dict = field(default_factory=dict)
 
     def values(self, metric: str = "loss") -> np.ndarray:
         """The ``(n,)`` array of ``metric`` (``"loss"``, ``"accuracy"``, ``"test_loss"``, ...)."""
@@ -84,6 +92,7 @@ class Curve:
         """
         h5io.write_grid(path, self.x, None, _fields(self), spec=self.spec,
                         directions=self.directions, extra=self.extra, overwrite=overwrite,
+                        user_metrics=self.extra_metrics,
                         missing=missing)
 
     @classmethod
@@ -93,7 +102,8 @@ class Curve:
         if got["y"] is not None:
             raise ValueError(f"{path} holds a 2D surface; use lw.Surface.load.")
         return cls(got["x"], *(got[k] for k in ("loss", "accuracy", "spec", "directions",
-                                                "test_loss", "test_accuracy", "extra")))
+                                                "test_loss", "test_accuracy", "extra")),
+                   extra_metrics=got["user_metrics"])
 
     def to_plotly(self, *, log: bool = False, title: str | None = None):
         """A line plot of loss (left axis) and accuracy (right axis, if computed)."""
@@ -136,6 +146,7 @@ class Surface:
         directions: ``[d1, d2]`` (CPU tensors), if kept.
         test_loss, test_accuracy: The same on test data (``test_data=``), or ``None``.
         extra: What a loaded file held that this class does not use (written back by save).
+        extra_metrics: ``{name: array}`` of the user's metrics (``metrics={name: fn}``).
     """
 
     x: np.ndarray
@@ -147,6 +158,7 @@ class Surface:
     test_loss: np.ndarray | None = None
     test_accuracy: np.ndarray | None = None
     extra: dict = field(default_factory=dict, repr=False)
+    extra_metrics: dict = field(default_factory=dict)
 
     def values(self, metric: str = "loss") -> np.ndarray:
         """The ``(ny, nx)`` array of ``metric``: loss, accuracy, test_loss, test_accuracy."""
@@ -186,6 +198,7 @@ class Surface:
         """
         h5io.write_grid(path, self.x, self.y, _fields(self), spec=self.spec,
                         directions=self.directions, extra=self.extra, overwrite=overwrite,
+                        user_metrics=self.extra_metrics,
                         missing=missing)
 
     @classmethod
@@ -200,7 +213,8 @@ class Surface:
         if got["y"] is None:
             raise ValueError(f"{path} holds a 1D curve; use lw.Curve.load.")
         return cls(got["x"], got["y"], *(got[k] for k in (
-            "loss", "accuracy", "spec", "directions", "test_loss", "test_accuracy", "extra")))
+            "loss", "accuracy", "spec", "directions", "test_loss", "test_accuracy", "extra")),
+                   extra_metrics=got["user_metrics"])
 
     def to_vtp(self, path: str | Path, *, metric: str = "loss", log: bool = False,
                overwrite: bool = False) -> None:

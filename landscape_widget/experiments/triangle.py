@@ -127,6 +127,7 @@ class TriangleSurface:
         accuracy: ``(n, n)`` accuracy in [0, 1], or ``None``.
         names: The three models' names.
         spec: How it was computed.
+        extra_metrics: ``{name: (n, n) array}`` of the user's metrics (``metrics={name: fn}``).
     """
 
     alpha: np.ndarray
@@ -135,6 +136,7 @@ class TriangleSurface:
     accuracy: np.ndarray | None
     names: list[str]
     spec: dict = field(default_factory=dict)
+    extra_metrics: dict = field(default_factory=dict)
 
     @property
     def xy(self) -> tuple[np.ndarray, np.ndarray]:
@@ -145,8 +147,8 @@ class TriangleSurface:
         return x, y
 
     def values(self, metric: str = "loss") -> np.ndarray:
-        """The ``(n, n)`` array of ``metric`` ("loss" or "accuracy")."""
-        arr = {"loss": self.loss, "accuracy": self.accuracy}.get(metric)
+        """The ``(n, n)`` array of ``metric`` ("loss", "accuracy" or a user metric's name)."""
+        arr = {"loss": self.loss, "accuracy": self.accuracy, **self.extra_metrics}.get(metric)
         if arr is None:
             raise ValueError(f"metric {metric!r} was not computed; pass metrics=(..., {metric!r}).")
         return arr
@@ -279,7 +281,7 @@ def triangle_surface(m1: nn.Module, m2: nn.Module, m3: nn.Module, data, *,
             ``alpha + beta <= 1 + margin`` (PROPOSAL 0.2), rounded down to a multiple of
             ``1 / resolution`` (``spec["margin"]`` holds the margin used).
         loss_fn: Mean loss of a batch; cross-entropy by default.
-        metrics: Any of ``"loss"``, ``"accuracy"``.
+        metrics: ``"loss"``, ``"accuracy"`` or ``{name: fn}`` (see :func:`~.iter_tiles`).
         bn: ``"eval"`` (combined running statistics) or ``"batch"``.
         device: Where to compute (the models' device by default).
         names: Labels of the three models.
@@ -306,7 +308,7 @@ def triangle_surface(m1: nn.Module, m2: nn.Module, m3: nn.Module, data, *,
     surface = _run(stream, progress, "plane")
     alpha, beta = np.meshgrid(surface.x, surface.y)
     return TriangleSurface(alpha, beta, surface.loss, surface.accuracy,
-                           list(stream.spec["names"]), surface.spec)
+                           list(stream.spec["names"]), surface.spec, surface.extra_metrics)
 
 
 def barycentric_point(points: Sequence[Params], alpha: float, beta: float) -> Params:

@@ -36,6 +36,7 @@ def snapshot_messages(job: Job, stream: TileStream) -> list[tuple[dict, list]]:
     known = np.flatnonzero(~np.isnan(loss if loss is not None else next(iter(arrays.values()))))
     start = {"kind": "start", "id": job.id, "spec": job.spec.to_dict(),
              "shape": list(stream.shape), "metrics": list(stream.evaluator.metrics),
+             "metrics_dropped": dict(getattr(stream.evaluator, "dropped", {})),
              "device": str(stream.evaluator.device), **job.view}
     tile = {"kind": "tile", "id": job.id, "level": 0, "n": int(known.size),
             "done": int(known.size), "total": stream.total}

@@ -408,3 +408,5 @@ class LandscapeWidget(PatternPanel, anywidget.AnyWidget):
 
     def _on_result(self, job: Job, result: Surface | Curve, complete: bool) -> None:
         self.result = encode_result(job, result, complete, str(result.spec.get("device", "")))
+        if self.metric == "accuracy" and getattr(result, "accuracy", 1) is None:
+            self.metric = "loss"  # accuracy is undefined for this task (status says why)

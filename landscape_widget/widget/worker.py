@@ -32,6 +32,7 @@ from ..core.data import is_data_fn
 from ..core.directions import interpolation_direction, random_directions
 from ..core.hessian import Cancelled
 from ..core.landscape import TileStream, iter_tiles
+from ..core.metrics import METRICS
 from ..core.state import bn_batch_size_for
 from ..core.surface import Curve, Surface
 from . import extra_jobs, protocol, shapes
@@ -142,7 +143,8 @@ class Worker:
         self.tile_points, self.evaluator_options = tile_points, evaluator_options
         bn_batch_size_for("batch", bn_batch_size)  # a bad value fails here, not in a job
         self.bn_batch_size = bn_batch_size
-        self.metrics: tuple[str, ...] = ("loss", "accuracy")
+        # The loss, and accuracy only where it means something (see core/metrics.py).
+        self.metrics: tuple[str, ...] = METRICS
         self.latest: Surface | Curve | None = None
         self.stream: TileStream | None = None
         self._cond = threading.Condition()
@@ -377,9 +379,11 @@ class Worker:
         dev = str(stream.evaluator.device)
         axes = stream.axes
         x_axis, y_axis = axes[-1], (axes[0] if len(axes) == 2 else None)
+        dropped = dict(getattr(stream.evaluator, "dropped", {}))
         self._emit({"kind": "start", "id": job.id, "spec": spec.to_dict(),
                     "shape": list(stream.shape), "metrics": list(stream.evaluator.metrics),
-                    "device": dev, **info}, [f32(x_axis), f32(y_axis)])
+                    "metrics_dropped": dropped, "device": dev, **info},
+                   [f32(x_axis), f32(y_axis)])
         last_status = 0.0
         done = 0
         for tile in stream:
@@ -415,9 +419,10 @@ class Worker:
                         "stats": stats_line(result)})
             # A curve-shape direction that fell short says so (see .shapes).
             notes = [getattr(dirs, "note", "")]
+            notes += [f"no {k}: {why}" for k, why in dropped.items()]
             if stream.evaluator.nonfinite_points:
-                notes.append(f"{stream.evaluator.nonfinite_points} point(s) gave a non-finite "
-                             "loss")
+                notes.insert(0, f"{stream.evaluator.nonfinite_points} point(s) gave a "
+                                "non-finite loss")
             if getattr(stream.evaluator.plan, "vmap_error", ""):
                 notes.append("computed point by point: the model cannot run under vmap")
             note = "; ".join(n for n in notes if n)

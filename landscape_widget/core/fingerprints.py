@@ -1,0 +1,197 @@
+"""Fingerprints of what the user computes with: loss functions and metrics.
+
+``reuse=`` may only copy points computed with *the same* loss. A name says little (two
+lambdas are both ``<lambda>``; ``CrossEntropyLoss()`` and
+``CrossEntropyLoss(label_smoothing=0.3)`` share their class), so the fingerprint hashes
+what decides the values:
+
+- a module: its class, every submodule's public attributes (``reduction``,
+  ``ignore_index``, ``label_smoothing``, ...), parameters and buffers, and, for a class
+  defined outside installed packages, its ``forward``;
+- a function defined outside installed packages: its byte code and constants, default
+  arguments, the values its closure captured and the module-level globals it reads
+  (recursively); a function of an installed package (``torch.nn.functional.cross_entropy``)
+  by its qualified name;
+- ``functools.partial``, bound methods, callable objects: what they wrap and hold.
+
+When something cannot be hashed reliably (an object with neither state nor a stable
+``repr``), the fingerprint is ``None`` and reuse is refused, with that said.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import hashlib
+import sys
+import sysconfig
+import types
+
+import numpy as np
+import torch
+from torch import nn
+
+_LIBRARY_ROOTS = tuple(
+    p for p in {sysconfig.get_paths().get(k) for k in ("stdlib", "platstdlib", "purelib",
+                                                       "platlib")} if p
+)
+_MAX_DEPTH = 12
+
+
+class _Unreliable(Exception):
+    """Raised inside the walk when an object cannot be fingerprinted."""
+
+
+def callable_fingerprint(fn) -> str | None:
+    """A short hash of what ``fn`` computes, or ``None`` if that cannot be told reliably.
+
+    Example:
+        >>> a = callable_fingerprint(torch.nn.CrossEntropyLoss())
+        >>> a == callable_fingerprint(torch.nn.CrossEntropyLoss())
+        True
+        >>> a == callable_fingerprint(torch.nn.CrossEntropyLoss(label_smoothing=0.3))
+        False
+    """
+    h = hashlib.blake2b(digest_size=12)
+    try:
+        _feed(h, fn, 0, set())
+    except (_Unreliable, RecursionError):
+        return None
+    return h.hexdigest()
+
+
+def _is_library(obj) -> bool:
+    module = sys.modules.get(getattr(obj, "__module__", None) or "")
+    if module is None:
+        return False
+    path = getattr(module, "__file__", None)
+    if path is None:  # built into the interpreter
+        return True
+    return "site-packages" in path or "dist-packages" in path or path.startswith(_LIBRARY_ROOTS)
+
+
+def _name(obj) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', '?')}"
+
+
+def _feed(h, obj, depth: int, seen: set) -> None:  # noqa: C901 - one case per kind of value
+    if depth > _MAX_DEPTH:
+        raise _Unreliable
+    put = h.update
+    if obj is None or isinstance(obj, (bool, int, float, complex, str, bytes, np.generic,
+                                       torch.dtype, torch.device, enum.Enum, range, slice)):
+        put(f"{type(obj).__name__}:{obj!r};".encode())
+    elif isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        put(f"tensor{tuple(t.shape)}{t.dtype};".encode())
+        put(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, np.ndarray):
+        put(f"ndarray{obj.shape}{obj.dtype};".encode())
+        put(np.ascontiguousarray(obj).tobytes())
+    elif isinstance(obj, (tuple, list)):
+        put(f"{type(obj).__name__}[{len(obj)}];".encode())
+        for v in obj:
+            _feed(h, v, depth + 1, seen)
+    elif isinstance(obj, (set, frozenset)):
+        parts = sorted(callable_fingerprint(v) or "" for v in obj)
+        if "" in parts:
+            raise _Unreliable
+        put(f"set{parts};".encode())
+    elif isinstance(obj, dict):
+        put(f"dict[{len(obj)}];".encode())
+        for k in sorted(obj, key=repr):
+            _feed(h, k, depth + 1, seen)
+            _feed(h, obj[k], depth + 1, seen)
+    elif isinstance(obj, types.ModuleType):
+        put(f"module:{obj.__name__};".encode())
+    elif isinstance(obj, type):
+        put(f"class:{_name(obj)};".encode())
+    elif isinstance(obj, nn.Module):
+        _feed_module(h, obj, depth, seen)
+    elif isinstance(obj, functools.partial):
+        put(b"partial;")
+        for part in (obj.func, obj.args, obj.keywords):
+            _feed(h, part, depth + 1, seen)
+    elif isinstance(obj, types.MethodType):
+        put(b"method;")
+        _feed(h, obj.__func__, depth + 1, seen)
+        _feed(h, obj.__self__, depth + 1, seen)
+    elif isinstance(obj, types.FunctionType):
+        _feed_function(h, obj, depth, seen)
+    elif isinstance(obj, (types.BuiltinFunctionType, types.WrapperDescriptorType,
+                          types.MethodWrapperType, types.MethodDescriptorType)):
+        put(f"builtin:{_name(obj)};".encode())
+        owner = getattr(obj, "__self__", None)
+        if owner is not None and not isinstance(owner, types.ModuleType):
+            _feed(h, owner, depth + 1, seen)
+    elif isinstance(obj, types.CodeType):
+        _feed_code(h, obj, depth, seen)
+    elif hasattr(obj, "__dict__"):  # a callable object or plain instance: class and state
+        if id(obj) in seen:
+            put(b"cycle;")
+            return
+        seen.add(id(obj))
+        put(f"object:{_name(type(obj))};".encode())
+        if not _is_library(type(obj)) and callable(obj):
+            _feed(h, type(obj).__call__, depth + 1, seen)
+        _feed(h, {k: v for k, v in vars(obj).items()}, depth + 1, seen)
+    else:
+        text = repr(obj)
+        if " at 0x" in text:
+            raise _Unreliable
+        put(f"repr:{type(obj).__name__}:{text};".encode())
+
+
+def _feed_module(h, module: nn.Module, depth: int, seen: set) -> None:
+    if id(module) in seen:
+        h.update(b"cycle;")
+        return
+    seen.add(id(module))
+    for name, m in module.named_modules(remove_duplicate=False):
+        h.update(f"submodule:{name}:{_name(type(m))};".encode())
+        if not _is_library(type(m)):
+            _feed(h, type(m).forward, depth + 1, seen)
+        public = {k: v for k, v in vars(m).items() if not k.startswith("_") and k != "training"}
+        _feed(h, public, depth + 1, seen)
+    for name, t in module.named_parameters(remove_duplicate=False):
+        h.update(f"param:{name};".encode())
+        _feed(h, t, depth + 1, seen)
+    for name, t in module.named_buffers(remove_duplicate=False):
+        h.update(f"buffer:{name};".encode())
+        _feed(h, t, depth + 1, seen)
+
+
+def _feed_function(h, fn: types.FunctionType, depth: int, seen: set) -> None:
+    h.update(f"function:{_name(fn)};".encode())
+    if _is_library(fn) or id(fn) in seen:
+        return  # an installed package's function: its name says what it computes
+    seen.add(id(fn))
+    _feed_code(h, fn.__code__, depth, seen)
+    _feed(h, fn.__defaults__, depth + 1, seen)
+    _feed(h, fn.__kwdefaults__, depth + 1, seen)
+    cells = []
+    for cell in fn.__closure__ or ():
+        try:
+            cells.append(cell.cell_contents)
+        except ValueError:  # an empty cell (a name assigned later)
+            cells.append(None)
+    _feed(h, cells, depth + 1, seen)
+    used = {k: fn.__globals__[k] for k in sorted(_global_names(fn.__code__))
+            if k in fn.__globals__}
+    _feed(h, used, depth + 1, seen)
+
+
+def _feed_code(h, code: types.CodeType, depth: int, seen: set) -> None:
+    h.update(b"code;")
+    h.update(code.co_code)
+    h.update(repr((code.co_names, code.co_varnames, code.co_freevars)).encode())
+    for c in code.co_consts:
+        _feed(h, c, depth + 1, seen)
+
+
+def _global_names(code: types.CodeType) -> set[str]:
+    names = set(code.co_names)
+    for c in code.co_consts:
+        if isinstance(c, types.CodeType):
+            names |= _global_names(c)
+    return names

@@ -1,0 +1,164 @@
+"""What the engine needs to know about the user's loss: ignored targets, labels, reduction.
+
+The engine combines batches as ``sum_b w_b L_b / sum_b w_b`` (weights from
+:meth:`~landscape_widget.core.metrics.Task.loss_weight`); :func:`check_reduction` verifies,
+on the first samples, that the loss is such a mean, and refuses sums with the fix.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+IGNORE_INDEX = -100  # torch's default for cross_entropy / nll_loss (and HuggingFace's)
+
+
+def base_fn(loss_fn):
+    """The function under any ``functools.partial`` layers."""
+    while isinstance(loss_fn, functools.partial):
+        loss_fn = loss_fn.func
+    return loss_fn
+
+
+def ignore_index(loss_fn) -> int:
+    """The target value the loss skips.
+
+    The module's ``ignore_index``, a partial's keyword, or -100 (torch's and HuggingFace's
+    default).
+    """
+    if isinstance(loss_fn, functools.partial) and "ignore_index" in loss_fn.keywords:
+        return int(loss_fn.keywords["ignore_index"])
+    value = getattr(base_fn(loss_fn), "ignore_index", IGNORE_INDEX)
+    return int(value) if isinstance(value, int) else IGNORE_INDEX
+
+
+_LOGIT_LOSSES = (nn.BCEWithLogitsLoss, nn.MultiLabelSoftMarginLoss)
+_PROB_LOSSES = (nn.BCELoss,)
+
+
+def multilabel_threshold(loss_fn) -> float | None:
+    """0 if ``loss_fn`` takes logits of independent labels, 0.5 if probabilities, else None."""
+    fn = base_fn(loss_fn)
+    if isinstance(fn, _LOGIT_LOSSES) or fn in (F.binary_cross_entropy_with_logits,
+                                               F.multilabel_soft_margin_loss):
+        return 0.0
+    if isinstance(fn, _PROB_LOSSES) or fn is F.binary_cross_entropy:
+        return 0.5
+    return None
+
+
+def slice_outputs(out, sl: slice, n: int):
+    """``out`` restricted to samples ``sl`` (tensors whose dim 0 is ``n``), or None."""
+    if isinstance(out, Tensor):
+        return out[sl] if out.dim() and out.shape[0] == n else out
+    if isinstance(out, Mapping):
+        items = {k: slice_outputs(v, sl, n) for k, v in out.items()}
+        try:
+            return type(out)(**items) if type(out) is not dict else items
+        except TypeError:
+            return items
+    if isinstance(out, (tuple, list)):
+        return type(out)(slice_outputs(v, sl, n) for v in out)
+    return out
+
+
+def check_reduction(loss_fn, out, y: Tensor, task) -> None:
+    """Refuse a ``loss_fn`` whose batch value is not the weighted mean of its parts' values.
+
+    The engine combines batches as ``sum_b w_b L_b / sum_b w_b`` (see the module
+    docstring); a loss that sums (``reduction='sum'``) or otherwise does not decompose
+    would give a value that changes with the engine's batch size. Checked on the outputs
+    of the first samples, split in two ways (halves; first sample and the rest), on the
+    same outputs, so BatchNorm does not matter. With ignored targets the weights are the
+    counted targets (torch's ``ignore_index`` mean); a loss that is instead a mean of
+    per-sample means is recognised and weighted by samples (``task.per_sample``).
+
+    Raises:
+        ValueError: If the loss is a sum or does not decompose, with the fix.
+    """
+    m = y.shape[0]
+    if m < 2:
+        return
+    with torch.no_grad():
+        whole = float(loss_fn(out, y))
+        splits = []
+        for h in sorted({m // 2, 1}):
+            parts = [(slice(0, h), y[:h]), (slice(h, m), y[h:])]
+            splits.append([(float(loss_fn(slice_outputs(out, sl, m), yy)), yy)
+                           for sl, yy in parts])
+    if not _finite(whole):
+        return
+
+    def agrees() -> bool:
+        for parts in splits:
+            pairs = [(v, float(task.loss_weight(yy))) for v, yy in parts]
+            pairs = [(v, w) for v, w in pairs if w]
+            if not pairs or not all(_finite(v) for v, _ in pairs):
+                continue
+            mean = sum(v * w for v, w in pairs) / sum(w for _, w in pairs)
+            if abs(whole - mean) > 1e-4 * max(abs(whole), abs(mean), 1e-12):
+                return False
+        return True
+
+    if agrees():
+        return
+    if task.ignore is not None:
+        task.per_sample = True
+        if agrees():
+            return
+        task.per_sample = False
+    vals = [v for v, _ in splits[0]]
+    if abs(whole - sum(vals)) <= 1e-4 * max(abs(whole), 1e-12):
+        raise ValueError(
+            f"loss_fn returns a sum over the batch (on {m} samples it gives {whole:.6g}, the "
+            f"sum of its parts' values {vals[0]:.6g} + {vals[1]:.6g}); the landscape would "
+            "change with the engine's batch size. Return the mean: reduction='mean' (the "
+            "default of torch's losses), or divide by the batch size: "
+            "loss_fn=lambda out, y: my_loss(out, y) / len(y)."
+        )
+    raise ValueError(
+        f"loss_fn is not a mean over samples: on {m} samples it gives {whole:.6g}, but not "
+        "the weighted mean of its parts' values. The engine splits the data into batches "
+        "and averages their losses (weighted by the number of counted targets, or of "
+        "samples), so the value would depend on its batch size. Make loss_fn the mean of "
+        "per-sample (or per-target) losses, or evaluate all data in one batch with "
+        "evaluator_options={'batch_size': len(data)}."
+    )
+
+
+def _finite(v: float) -> bool:
+    return v == v and abs(v) != float("inf")
+
+
+def loss_error(err: Exception, outputs: str, y: Tensor, *, default: bool,
+               tensor_out: bool) -> str:
+    """The message for a loss that fails on the first samples, with the likely fix.
+
+    Args:
+        err: What the loss raised.
+        outputs: The model's outputs, described with the data's size.
+        y: All targets.
+        default: Whether the loss is the default cross-entropy.
+        tensor_out: Whether the model returns one Tensor.
+    """
+    text = str(err)
+    hint = "check that loss_fn(outputs, targets) takes these shapes and dtypes"
+    if y.is_floating_point() and ("Long" in text or "class probabilities" in text
+                                  or "Int" in text):
+        hint = "the loss wants class indices: pass the targets as integers, y.long()"
+    elif not y.is_floating_point() and y.dtype != torch.long and "Long" in text:
+        hint = "class-index targets must be torch.long: pass y.long()"
+    elif not y.is_floating_point() and any(w in text for w in ("Float", "Double", "float",
+                                                                "Half", "cast")):
+        hint = "the loss wants real-valued targets: pass y.float() (the outputs' dtype)"
+    elif default and not tensor_out:
+        hint = ("the default loss is cross-entropy on the logits; pass output_fn= to say "
+                "where they are, or your own loss_fn(outputs, targets)")
+    targets = f"{tuple(y.shape)} {str(y.dtype).replace('torch.', '')}"
+    first = text.splitlines()[0] if text else ""
+    return (f"loss_fn(outputs, targets) failed on the first samples: the model returns "
+            f"{outputs} and the targets are {targets}; {hint}. ({type(err).__name__}: {first})")
