@@ -91,3 +91,15 @@ def test_hdf5_files_are_read_as_data(tmp_path):
     assert not marker.exists()
     with h5py.File(path) as f:
         assert f["blob"][()].tobytes() == pickle.dumps(Payload(marker))  # kept, as bytes
+
+
+def test_pattern_fit_save_never_replaces_a_file_unasked(fit_file):
+    fit, path = fit_file
+    before = path.read_bytes()
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        fit.save(path)
+    assert path.read_bytes() == before  # the user's file is as it was
+    fit.step += 1  # something to tell the two saves apart
+    fit.save(path, overwrite=True)
+    assert lw.PatternFit.load(path, model_fn=lambda: mlp(seed=0)).step == fit.step
+    assert [p.name for p in path.parent.iterdir() if p.name.endswith(".tmp")] == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import threading
 import time
@@ -14,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.data import as_tensors
+from ..core.h5io import check_target
 from ..core.landscape import compute_surface
 from .plane import FlatLayout, PatternPlane, cell_losses, mpo_loss
 
@@ -280,18 +282,28 @@ class PatternFit:
                               title=f"step {self.step}")
 
     # --- files --------------------------------------------------------------------------
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path, *, overwrite: bool = False) -> None:
         """Save weights, mask, config, history and optimizer state (``torch.save``).
 
         The architecture is stored as a pickle blob beside the tensors, so
         :meth:`load` with ``trusted=True`` can rebuild cells without ``model_fn`` when its
-        classes are importable.
+        classes are importable. The file is written beside ``path`` and renamed over it
+        once complete, so a failed save leaves an existing file as it was.
+
+        Args:
+            path: The file.
+            overwrite: Replace an existing file (default False: it is the user's).
+
+        Raises:
+            FileExistsError: If ``path`` exists and ``overwrite`` is false.
         """
+        path = check_target(path, overwrite)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             arch = pickle.dumps(self.layout.template)
         except Exception:  # e.g. a model class defined in a closure
             arch = None
-        torch.save({
+        blob = {
             "format": FORMAT, "version": 1,
             "weights": {k: v.cpu() for k, v in self.weights.items()},
             "binary": torch.from_numpy(self.binary.copy()),
@@ -302,7 +314,12 @@ class PatternFit:
             "cells_rng": json.dumps(self._cells_rng.bit_generator.state),
             "batch_gen": self._batch_gen.get_state(),
             "order": self._order, "cursor": self._cursor,
-        }, path)
+        }
+        try:
+            torch.save(blob, tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     @classmethod
     def load(cls, path: str | Path, model_fn: Callable[[], nn.Module] | None = None,
