@@ -49,6 +49,9 @@ class Eigenpairs(tuple):
         self.__dict__.update(info)
         return self
 
+    def __getnewargs__(self):  # pickling: the pair goes to __new__, the rest is __dict__
+        return tuple(self)
+
     values = property(lambda self: self[0])
     vectors = property(lambda self: self[1])
 
@@ -218,6 +221,9 @@ class Density(tuple):
         self = super().__new__(cls, (grid, density))
         self.__dict__.update(info)
         return self
+
+    def __getnewargs__(self):  # pickling: the pair goes to __new__, the rest is __dict__
+        return tuple(self)
 
 
 def hessian_density(model: nn.Module, data, *, steps: int = 60, runs: int = 3,
