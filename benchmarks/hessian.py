@@ -289,6 +289,8 @@ def bench(key: str, args) -> dict:
         method = "ours" if side == "ours" else "pyhessian"
         r = dict(r, method=method, tol=tol, note=note, rel_err=abs(r["value"] - ref) / abs(ref))
         out["rows"].append(r)
+    out["eig_ratio"] = out["rows"][2]["seconds"] / out["rows"][3]["seconds"]
+    out["matched"] = peer_ok and our_ok
     log(f"  trace, {args.trace_samples} samples ...")
     tr = timed(b, {"pyhessian": (lambda: b.their_trace(args.trace_samples), "theirs"),
                    "ours": (lambda: b.our_trace(args.trace_samples), "ours")}, args.repeats, {})
