@@ -198,7 +198,7 @@ def hessian_trace(model: nn.Module, data, *, samples: int = 100, seed: int = 0,
     try:
         for _ in range(samples):
             v = _rademacher(op, g)
-            est.append(float((v * op.matvec(v)).sum(dtype=torch.float64)))
+            est.append(float(torch.dot(v, op.matvec(v))))
             if bar is not None:
                 bar.update(1)
     finally:
@@ -210,8 +210,9 @@ def hessian_trace(model: nn.Module, data, *, samples: int = 100, seed: int = 0,
 
 
 def _rademacher(op: HessianOperator, g: torch.Generator) -> Tensor:
-    v = torch.randint(0, 2, (op.size,), generator=g, dtype=torch.int8)
-    return (v.to(op.device, op.dtype) * 2 - 1)
+    # Drawn in place on the CPU generator (the same signs on every device), then moved once.
+    v = torch.empty(op.size, dtype=op.dtype).bernoulli_(0.5, generator=g).mul_(2).sub_(1)
+    return v.to(op.device)
 
 
 class Density(tuple):
