@@ -289,6 +289,8 @@ def bench(key: str, args) -> dict:
         method = "ours" if side == "ours" else "pyhessian"
         r = dict(r, method=method, tol=tol, note=note, rel_err=abs(r["value"] - ref) / abs(ref))
         out["rows"].append(r)
+    out["eig_ratio"] = out["rows"][2]["seconds"] / out["rows"][3]["seconds"]
+    out["matched"] = peer_ok and our_ok
     log(f"  trace, {args.trace_samples} samples ...")
     tr = timed(b, {"pyhessian": (lambda: b.their_trace(args.trace_samples), "theirs"),
                    "ours": (lambda: b.our_trace(args.trace_samples), "ours")}, args.repeats, {})
@@ -353,6 +355,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", help="cpu, or cuda (resnet18 on 1024 samples)")
     p.add_argument("--samples", type=int, help="resnet18 samples (32 on CPU, 1024 on CUDA)")
     p.add_argument("--trace-samples", type=int, default=100)
+    p.add_argument("--threads", type=int, default=THREADS,
+                   help="CPU threads (2; 1 on a machine oversubscribed by other work)")
     p.add_argument("--dense", action="store_true", help="dense float64 check of small models")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
@@ -360,10 +364,10 @@ def main(argv=None) -> int:
     if cuda and not torch.cuda.is_available():
         p.error("--device cuda: torch sees no CUDA device here.")
     args.samples = args.samples or (1024 if cuda else 32)
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(args.threads)
     load0 = os.getloadavg()
     peer = "pyhessian unavailable: " + PEER_ERROR if PEER_ERROR else "pyhessian 0.1"
-    where = torch.cuda.get_device_name() if cuda else f"{THREADS} threads"
+    where = torch.cuda.get_device_name() if cuda else f"{args.threads} threads"
     print(f"torch {torch.__version__}, {args.device} ({where}), {os.cpu_count()} CPUs, {peer}, "
           f"load average {load0[0]:.2f} at start, median of {args.repeats}", flush=True)
     keys = args.only or (["resnet18"] if cuda else list(WORKLOADS))
@@ -383,7 +387,7 @@ def main(argv=None) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"torch": torch.__version__, "device": args.device,
-                                         "threads": THREADS, "peer": peer, "load_start": load0,
+                                         "threads": args.threads, "peer": peer, "load_start": load0,
                                          "load_end": load1, "results": results}, indent=1,
                                         default=str))
     return 0

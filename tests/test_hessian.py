@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import pickle
 import threading
 import warnings
 
@@ -314,6 +315,8 @@ def test_results_report_residuals_products_and_method(monkeypatch):
     res = lw.hessian_eigenpairs(model, (x, y), k=2, tol=1e-3)
     vals, vecs = res  # still unpacks as a pair
     assert res.products == calls[0] and res.method == "graph" and res.converged
+    again = pickle.loads(pickle.dumps(res))  # results travel between processes
+    assert again.products == res.products and np.array_equal(again.values, vals)
     lmax = float(torch.linalg.eigvalsh(h)[-1])
     for val, vec, reported in zip(vals, vecs, res.residuals, strict=True):
         v = flat(vec, keys)
