@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp
 
 from .data import as_tensors
+from .metrics import find_logits, resolve_task
 from .params import Params, buffers_of, check_module, evaluation_copy, model_device, parameters_of
 
 _WARMED = False
@@ -56,7 +57,11 @@ class HessianOperator:
     Args:
         model: The model (never modified).
         data: ``(inputs, targets)``, a ``Dataset`` or a ``DataLoader``.
-        loss_fn: ``loss_fn(outputs, targets)``, a batch mean; cross-entropy by default.
+        loss_fn: ``loss_fn(outputs, targets)``, a batch mean (over its counted targets);
+            cross-entropy on the logits by default. ``outputs`` are the model's, as returned
+            (a tuple or a dict too).
+        output_fn: Where the default loss finds the logits in the outputs (see
+            :func:`~landscape_widget.core.metrics.find_logits`).
         ignore: ``"biasbn"`` (default): only parameters of dimension > 1; ``None``: all.
         bn: ``"eval"`` (running statistics) or ``"batch"``.
         batch_size: Samples per pass (default: all, at most 2048).
@@ -86,7 +91,8 @@ class HessianOperator:
                  ignore: str | None = "biasbn", bn: str = "eval", batch_size: int | None = None,
                  point: Params | None = None, device=None,
                  cancel: threading.Event | None = None,
-                 on_product: Callable[[int], None] | None = None, method: str = "auto"):
+                 on_product: Callable[[int], None] | None = None, method: str = "auto",
+                 output_fn: Callable | None = None):
         check_module(model)
         _warm_forward_ad()
         if ignore not in ("biasbn", None):
@@ -148,7 +154,18 @@ class HessianOperator:
         self.method = self._plan[0]
         self.fallback: str | None = None
         self._math_attention = False
-        self.loss_fn = loss_fn if loss_fn is not None else F.cross_entropy
+        self.output_fn = output_fn
+        self.loss_fn = loss_fn if loss_fn is not None else self._default_loss
+        # Batches weigh by their counted targets (ignore_index, class weights), as the
+        # engine's losses do, so the Hessian is that of the mean over all counted targets
+        # whatever the batch size; a batch with none counts nothing (its loss is NaN).
+        task = resolve_task(None, self.y, loss_fn, self.n)
+        weights = [float(task.loss_weight(self.y[s:s + self.batch]))
+                   for s in range(0, self.n, self.batch)]
+        if not sum(weights):
+            raise ValueError("every target is ignored (ignore_index): the loss is a mean over "
+                             "no targets. Pass data with counted targets.")
+        self._weights = [w / sum(weights) for w in weights]
         self.cancel = cancel
         self.on_product = on_product
         self.products = 0
@@ -182,6 +199,9 @@ class HessianOperator:
     def flatten(self, d: Params) -> Tensor:
         """Flat vector of a dict over (at least) the Hessian's parameters."""
         return torch.cat([d[k].reshape(-1).to(self.device, self.dtype) for k in self.keys])
+
+    def _default_loss(self, out, y: Tensor) -> Tensor:
+        return F.cross_entropy(find_logits(out, self.output_fn), y)
 
     def _loss(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
         out = functional_call(self.module, {**self.fixed, **params}, (x,))
@@ -272,9 +292,9 @@ class HessianOperator:
                           for h, leaf in zip(hv, leaves, strict=True)])
 
     def _batches(self):
-        for start in range(0, self.n, self.batch):
-            xb, yb = self.x[start:start + self.batch], self.y[start:start + self.batch]
-            yield xb, yb, xb.shape[0] / self.n
+        for start, weight in zip(range(0, self.n, self.batch), self._weights, strict=True):
+            if weight:
+                yield self.x[start:start + self.batch], self.y[start:start + self.batch], weight
 
     def _backward_product(self, tangent: list[Tensor]) -> Tensor:
         out = torch.zeros(self.size, dtype=self.dtype, device=self.device)
