@@ -11,12 +11,14 @@
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-/tmp/gpu}
+SKIP=${SKIP:-}  # e.g. SKIP=zoo: steps to leave out (hessian, zoo, mpo)
 mkdir -p "$OUT/zoo" "$OUT/mpo"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 log="$OUT/log.txt"
 
-step() {  # step SECONDS NAME COMMAND...
-  local limit=$1 name=$2; shift 2
+step() {  # step KEY SECONDS NAME COMMAND...
+  local key=$1 limit=$2 name=$3; shift 3
+  [[ " $SKIP " == *" $key "* ]] && return
   echo "== $name ($(date +%T), limit ${limit}s)" | tee -a "$log"
   local t0=$SECONDS
   timeout "$limit" "$@" 2>&1 | tee -a "$log"
@@ -26,11 +28,11 @@ step() {  # step SECONDS NAME COMMAND...
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "$log"
 python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name())' 2>&1 \
   | tee -a "$log"
-step 150 "Hessian vs PyHessian, ResNet-18 on 1024 samples" \
+step hessian 150 "Hessian vs PyHessian, ResNet-18 on 1024 samples" \
   python3 benchmarks/hessian.py --device cuda --repeats 3 --json "$OUT/hessian.json"
-step 210 "skip connections: ResNet-20/56 with and without shortcuts" \
+step zoo 210 "skip connections: ResNet-20/56 with and without shortcuts" \
   python3 benchmarks/zoo_gpu.py --out "$OUT/zoo"
-step 150 "MPO random squares: acc_diff vs p, plain/BN/skip" \
-  python3 benchmarks/mpo_squares_gpu.py --out "$OUT/mpo" --seeds 0,1
+step mpo 150 "MPO random squares: acc_diff vs p, plain/BN/skip" \
+  python3 benchmarks/mpo_squares_gpu.py --out "$OUT/mpo" ${MPO_ARGS:---seeds 0,1}
 rm -f "$OUT"/zoo/*.npz "$OUT"/mpo/*.npz
 ls -la "$OUT" "$OUT/zoo" "$OUT/mpo" | tee -a "$log"
