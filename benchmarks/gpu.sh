@@ -32,7 +32,7 @@ step hessian 150 "Hessian vs PyHessian, ResNet-18 on 1024 samples" \
   python3 benchmarks/hessian.py --device cuda --repeats 3 --json "$OUT/hessian.json"
 step zoo 210 "skip connections: ResNet-20/56 with and without shortcuts" \
   python3 benchmarks/zoo_gpu.py --out "$OUT/zoo"
-step mpo 150 "MPO random squares: acc_diff vs p, plain/BN/skip" \
+step mpo 200 "MPO random squares: acc_diff vs p, plain/BN/skip" \
   python3 benchmarks/mpo_squares_gpu.py --out "$OUT/mpo" ${MPO_ARGS:---seeds 0,1}
 rm -f "$OUT"/zoo/*.npz "$OUT"/mpo/*.npz
 ls -la "$OUT" "$OUT/zoo" "$OUT/mpo" | tee -a "$log"
