@@ -45,8 +45,32 @@ def _fields(obj) -> dict:
     return {name: getattr(obj, name) for name in METRIC_FIELDS}
 
 
+class _GridFile:
+    """``save`` shared by :class:`Curve` and :class:`Surface` (a curve has no ``y``)."""
+
+    def save(self, path: str | Path, *, overwrite: bool = False,
+             missing: float = float("nan")) -> None:
+        """Write an HDF5 file in loss-landscape's layout (``core/h5io.py``).
+
+        Args:
+            path: The file.
+            overwrite: Replace an existing file (default False: a ``FileExistsError``
+                protects it). What a loaded file held that this object does not use
+                (``dir_file``, ``min_eig``, ...) is written back.
+            missing: Value written where there is no value (NaN: not computed or
+                non-finite). ``-1`` lets loss-landscape's ``plot_surface.py`` compute those
+                points; NaN leaves them out of its plots.
+
+        Raises:
+            FileExistsError: If ``path`` exists and ``overwrite`` is false.
+        """
+        h5io.write_grid(path, self.x, getattr(self, "y", None), _fields(self), spec=self.spec,
+                        directions=self.directions, extra=self.extra, overwrite=overwrite,
+                        user_metrics=self.extra_metrics, missing=missing)
+
+
 @dataclass
-class Curve:
+class Curve(_GridFile):
     """Loss (and accuracy) along one direction: ``theta + alpha * d`` for ``alpha`` in ``x``.
 
     Attributes:
@@ -73,27 +97,6 @@ class Curve:
     def values(self, metric: str = "loss") -> np.ndarray:
         """The ``(n,)`` array of ``metric`` (``"loss"``, ``"accuracy"``, ``"test_loss"``, ...)."""
         return _values(self, metric)
-
-    def save(self, path: str | Path, *, overwrite: bool = False,
-             missing: float = float("nan")) -> None:
-        """Write an HDF5 file in loss-landscape's layout (``core/h5io.py``).
-
-        Args:
-            path: The file.
-            overwrite: Replace an existing file (default False: a ``FileExistsError``
-                protects it). What a loaded file held that this object does not use
-                (``dir_file``, ``min_eig``, ...) is written back.
-            missing: Value written where there is no value (NaN: not computed or
-                non-finite). ``-1`` lets loss-landscape's ``plot_surface.py`` compute those
-                points; NaN leaves them out of its plots.
-
-        Raises:
-            FileExistsError: If ``path`` exists and ``overwrite`` is false.
-        """
-        h5io.write_grid(path, self.x, None, _fields(self), spec=self.spec,
-                        directions=self.directions, extra=self.extra, overwrite=overwrite,
-                        user_metrics=self.extra_metrics,
-                        missing=missing)
 
     @classmethod
     def load(cls, path: str | Path) -> Curve:
@@ -134,7 +137,7 @@ class Curve:
 
 
 @dataclass
-class Surface:
+class Surface(_GridFile):
     """Loss (and accuracy) on a plane ``theta + alpha * d1 + beta * d2``.
 
     Attributes:
@@ -179,27 +182,6 @@ class Surface:
         from .stats import landscape_stats
 
         return landscape_stats(self, curvature, **options)
-
-    def save(self, path: str | Path, *, overwrite: bool = False,
-             missing: float = float("nan")) -> None:
-        """Write an HDF5 file in loss-landscape's layout (``core/h5io.py``).
-
-        Args:
-            path: The file.
-            overwrite: Replace an existing file (default False: a ``FileExistsError``
-                protects it). What a loaded file held that this object does not use
-                (``dir_file``, ``min_eig``, ...) is written back.
-            missing: Value written where there is no value (NaN: not computed or
-                non-finite). ``-1`` lets loss-landscape's ``plot_surface.py`` compute those
-                points; NaN leaves them out of its plots.
-
-        Raises:
-            FileExistsError: If ``path`` exists and ``overwrite`` is false.
-        """
-        h5io.write_grid(path, self.x, self.y, _fields(self), spec=self.spec,
-                        directions=self.directions, extra=self.extra, overwrite=overwrite,
-                        user_metrics=self.extra_metrics,
-                        missing=missing)
 
     @classmethod
     def load(cls, path: str | Path) -> Surface:
