@@ -102,10 +102,7 @@ class HessianOperator:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
         self.device = torch.device(device) if device is not None else model_device(model)
-        self.module = evaluation_copy(model)
-        if self.module is model:
-            raise ValueError("this model cannot be copied (deepcopy failed), so its flags "
-                             "cannot be set without modifying it; make it deep-copyable.")
+        self.module = evaluation_copy(model)  # private: its flags are ours to set
         self.module.eval()
         if bn == "batch":
             for m in self.module.modules():

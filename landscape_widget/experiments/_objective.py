@@ -55,8 +55,7 @@ class _Objective:
                              "dim > 1) or None (all parameters).")
         self.model, self.bn, self.ignore = model, bn, ignore
         self.device = torch.device(device) if device is not None else model_device(model)
-        self.module = evaluation_copy(model)
-        self._shared = self.module is model  # deepcopy refused: flags switched per session
+        self.module = evaluation_copy(model)  # private: its flags are ours to set
         params = {k: v.to(self.device) for k, v in parameters_of(model).items()}
         self.theta = params
         self.keys = [k for k, v in params.items() if ignore is None or v.dim() > 1]
@@ -77,9 +76,7 @@ class _Objective:
 
     @contextlib.contextmanager
     def session(self) -> Iterator[None]:
-        """Eval mode (and batch-statistics BN) for the block, on the copy if there is one."""
-        saved = [(m, m.training, getattr(m, "track_running_stats", None))
-                 for m in self.module.modules()]
+        """Eval mode (and batch-statistics BN) for the block, on the private copy."""
         self.module.eval()
         if self.bn == "batch":
             for m in self.module.modules():
@@ -87,14 +84,7 @@ class _Objective:
                     # No tracking: F.batch_norm gets no running buffers, so nothing is updated.
                     m.train()
                     m.track_running_stats = False
-        try:
-            yield
-        finally:
-            if self._shared:
-                for m, training, track in saved:
-                    m.training = training
-                    if track is not None:
-                        m.track_running_stats = track
+        yield
 
     def loss(self, shift: Params, x: Tensor, y: Tensor) -> Tensor:
         """Mean loss of ``theta + shift`` on ``(x, y)``; differentiable in ``shift``.
