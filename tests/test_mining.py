@@ -497,3 +497,29 @@ def test_vvv_basin_far_from_convergence(setup):
         f"{a.achieved} (floor={a.settings['floor']})" for a in d.attempts))
     assert d.attempts[0].achieved == "w-peak" and not d.attempts[0].settings["floor"]
     assert d.success and _loop_shape(early, (x, y), d) == "vvv-basin"
+
+
+def test_objective_weighs_chunks_by_counted_targets_and_reads_dict_outputs():
+    """Mining's full-data loss is the engine's: the mean over counted targets of all data."""
+    from landscape_widget.experiments._objective import _Objective
+
+    class Tagger(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(3)
+            self.emb, self.head = torch.nn.Embedding(7, 4), torch.nn.Linear(4, 3)
+
+        def forward(self, x):
+            return {"logits": self.head(torch.tanh(self.emb(x))).transpose(1, 2)}
+
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randint(0, 7, (9, 5), generator=g), torch.randint(0, 3, (9, 5), generator=g)
+    y[3:6] = -100  # a chunk with no counted target
+    y[0, :4] = -100
+    model = Tagger()
+    net = copy.deepcopy(model).double()
+    exact = float(F.cross_entropy(net(x)["logits"], y))  # float64, all data at once
+    obj = _Objective(model, (x, y), loss_fn=None, bn="eval", ignore=None, device=None)
+    with obj.session():
+        for chunk in (9, 3, 2):
+            assert float(obj.full_loss({}, chunk=chunk)) == pytest.approx(exact, rel=1e-6)

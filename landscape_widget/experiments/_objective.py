@@ -18,6 +18,7 @@ from torch.func import functional_call
 
 from ..core.data import as_tensors
 from ..core.directions import random_directions
+from ..core.metrics import find_logits, resolve_task
 from ..core.params import (
     Params,
     buffers_of,
@@ -72,7 +73,13 @@ class _Objective:
             x = x.to(self.dtype)
         self.x, self.y = x.to(self.device), y.to(self.device)
         self.n = int(self.x.shape[0])
-        self.loss_fn = loss_fn if loss_fn is not None else F.cross_entropy
+        self.loss_fn = loss_fn if loss_fn is not None else _cross_entropy
+        # Chunks weigh by their counted targets (ignore_index, class weights), as the
+        # engine's surfaces do; resolve_task needs no outputs for that.
+        self._task = resolve_task(None, self.y, loss_fn, self.n)
+        if not float(self._task.loss_weight(self.y)):
+            raise ValueError("every target is ignored (ignore_index): the loss is a mean over "
+                             "no targets. Pass data with counted targets.")
 
     @contextlib.contextmanager
     def session(self) -> Iterator[None]:
@@ -98,11 +105,13 @@ class _Objective:
         return self.loss_fn(functional_call(self.module, p, (x,)), y)
 
     def full_loss(self, shift: Params, chunk: int = 2048) -> Tensor:
-        """Mean loss over all data (chunks weighted by size); differentiable in ``shift``."""
-        total = 0.0
+        """Mean loss over all data (the engine's weighting); differentiable in ``shift``."""
+        total, weight = 0.0, float(self._task.loss_weight(self.y))
         for s in range(0, self.n, chunk):
             xb, yb = self.x[s:s + chunk], self.y[s:s + chunk]
-            total = total + self.loss(shift, xb, yb) * (xb.shape[0] / self.n)
+            w = float(self._task.loss_weight(yb))
+            if w:  # a chunk of ignored targets only has a NaN mean and no weight
+                total = total + self.loss(shift, xb, yb) * (w / weight)
         return total
 
     @torch.no_grad()
@@ -271,3 +280,8 @@ def _retry(run: Callable[[dict], object], check: Callable[[object], dict], plan:
         if best is None or found["score"] < best[1]["score"]:
             best = (candidate, found)
     return best[0], attempts, best[1], False
+
+
+def _cross_entropy(out, y: Tensor) -> Tensor:
+    """The default loss: cross-entropy on the logits (dict and ``ModelOutput`` outputs too)."""
+    return F.cross_entropy(find_logits(out), y)
