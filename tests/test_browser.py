@@ -65,6 +65,8 @@ from browser_utils import (
 )
 from conftest import not_run, report
 
+import landscape_widget as lw
+from landscape_widget.experiments.permute import PERMUTATION_X
 from landscape_widget.widget.widget import DEBOUNCE_S
 
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
@@ -600,10 +602,10 @@ def _plane_view(session: Session, page) -> None:
 
 # The labelled curve on screen, once the complete 61-point curve is drawn with its label:
 # the annotation (data and SVG), the extremum markers (data, and their SVG points).
-JS_CURVE = """(previous) => {
+JS_CURVE = """([previous, num]) => {
   const root = document.querySelector('.lw-root');
   const s = root.landscape();
-  if (!s.job || !s.job.complete || s.job.shape.join() !== '61' || !s.job.curve) return null;
+  if (!s.job || !s.job.complete || s.job.shape.join() !== String(num) || !s.job.curve) return null;
   if (s.job.id === previous) return null;
   if (!s.drawn || s.drawn.id !== s.job.id || !s.drawn.complete) return null;
   const plot = root.querySelector('.lw-plot');
@@ -633,15 +635,21 @@ JS_WATCH_STATUS = """() => {
 }"""
 
 
-def _shown_curve(session: Session, previous: str | None, what: str) -> dict:
-    """The labelled curve on screen, checked against the kernel's classification."""
-    shown = session.wait(JS_CURVE, previous, what).json_value()
+def _shown_curve(session: Session, previous: str | None, what: str,
+                 window: tuple = lw.SHAPE_X) -> dict:
+    """The labelled curve on screen, checked against the kernel's classification.
+
+    ``window``: the ``(start, stop, num)`` the front end sets for this direction type (the
+    taxonomy window; the permutation's is theta and its twin, ``PERMUTATION_X``).
+    """
+    start, stop, num = window
+    shown = session.wait(JS_CURVE, [previous, num], what).json_value()
     out = session.execute(
         "c = w.wait(60); r = lw.classify_curve(c); print(json.dumps([r.shape, r.reason, "
         "[m.alpha for m in r.minima], [m.loss for m in r.minima], [m.alpha for m in r.maxima], "
         "w.direction, w.mode, list(w.x_range), w.resolution]))")
     shape, reason, minima, min_loss, maxima, *controls = json.loads(out)
-    assert controls[1:] == ["1d", [-1.5, 1.5], 61], controls
+    assert controls[1:] == ["1d", [start, stop], num], controls
     assert shown["label"] == shape and shape in shown["text"] and shape == shown["svg"], shown
     assert shown["hover"] == reason
     np.testing.assert_allclose(shown["minima"], minima, atol=1e-12)
@@ -656,7 +664,7 @@ def _curve_shape(session: Session, page) -> None:
     """Step 8: curve-shape direction types in 1D, labelled, with their extrema marked."""
     select = page.locator(".lw-root .lw-controls select[title='Direction type']")
     select.select_option(label="permutation (w-basin)")
-    perm = _shown_curve(session, None, "the labelled permutation curve")
+    perm = _shown_curve(session, None, "the labelled permutation curve", PERMUTATION_X)
     assert perm["direction"] == "permutation"
     page.locator(".lw-root").screenshot(path=str(ARTIFACTS / "curve_shape.png"))
     page.evaluate(JS_WATCH_STATUS)
