@@ -16,12 +16,21 @@ const ONE = { min: "minimum", max: "maximum" };
  * Entries of the curve-shape types carry `shape` ("curve" or "surface") and `window`
  * ([start, stop, num], the taxonomy window for curves). Entering a kind sets its window
  * (curves are 1D loss curves; planes are 2D, `num` applies when coming from 1D); moving
- * between types of one kind keeps the window the user may have changed.
+ * between types of one kind keeps a window the user changed, and otherwise takes the new
+ * type's window (the permutation's is theta and its twin, not the taxonomy window).
  */
 export function shapeWindow(entry, current, get) {
   if (!entry || !entry.window) return {};
-  if (current && current.shape === entry.shape) return {};
   const [x0, x1, n] = entry.window;
+  if (current && current.shape === entry.shape) {
+    // Same kind: keep a window the user changed; follow the new type's own window (the
+    // permutation's differs from the taxonomy window) while the current one is untouched.
+    const w = current.window;
+    const xr = get("x_range") || [];
+    const untouched = !!w && xr[0] === w[0] && xr[1] === w[1] && get("resolution") === w[2];
+    const same = !!w && w[0] === x0 && w[1] === x1 && w[2] === n;
+    if (!untouched || same || entry.shape === "surface") return {};
+  }
   if (entry.shape === "surface") {
     const out = { mode: "2d", x_range: [x0, x1], y_range: [x0, x1] };
     if (get("mode") !== "2d") out.resolution = n;
