@@ -246,10 +246,12 @@ def test_constructor_forms_and_errors():
         entry = next(d for d in w.direction_types if d["direction"] == "plane")
         assert entry["models"] == list(NAMES) and entry["count"] == 3
         assert w.wait(60) is None
-        w.compute()
         ref = lw.compute_surface(models["sgd"], data, x=(-1, 1, 5), y=(-1, 1, 5), seed=0,
                                  progress=False)
-        np.testing.assert_allclose(w.wait(60).loss, ref.loss, rtol=1e-6)
+        w.compute()
+        got = w.wait(60)
+        assert got is not None, w.status  # the status names an error, if the job had one
+        np.testing.assert_allclose(got.loss, ref.loss, rtol=1e-6)
     finally:
         w.close()
     other = _model(bn=True, seed=7)
