@@ -16,6 +16,7 @@ anywhere else, or whose first layer shares its weights simply do not get a stem.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -78,10 +79,24 @@ def _only_node_arg(node: fx.Node, source: fx.Node) -> bool:
     return found == [source]
 
 
+# torch.fx's tracer patches nn.Module.__call__ process-wide while it runs, so two threads
+# tracing at once (the widget's worker and a compute_surface in the notebook) see each
+# other's modules ("module is not installed as a submodule"). Every trace takes this lock.
+# A plain forward pass in one thread during another's trace can still meet the patch: not
+# yet handled.
+FX_LOCK = threading.Lock()
+
+
+def symbolic_trace(module: nn.Module) -> fx.GraphModule:
+    """``torch.fx.symbolic_trace`` under :data:`FX_LOCK` (one trace at a time)."""
+    with FX_LOCK:
+        return fx.symbolic_trace(module)
+
+
 def split_stem(module: nn.Module) -> Stem | None:
     """Split ``module`` at its first linear layer, or return ``None`` if that is not safe."""
     try:
-        gm = fx.symbolic_trace(module)
+        gm = symbolic_trace(module)
     except Exception:  # noqa: BLE001 - untraceable models just run without a stem
         return None
     graph = gm.graph
