@@ -539,6 +539,7 @@ def _curvature_view(session: Session, page) -> None:
     session.wait("""() => { const s = document.querySelector('.lw-root').landscape();
                       const p = document.querySelector('.lw-root .lw-plot');
                       return s.job && s.job.complete && s.job.shape.join() === '3,3'
+                        && s.drawn && s.drawn.id === s.job.id && s.drawn.complete
                         && p.data[0].colorbar.title.text === '|λmin/λmax|'; }""",
                  None, "the 3x3 curvature map")
     shown = np.array(session.plot()["z"], dtype=np.float32)
