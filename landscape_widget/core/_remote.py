@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import ctypes
 import dataclasses
-import hashlib
 import io
 import os
 import pickle
@@ -26,9 +25,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .compute import fingerprint
 from .data import as_tensors, is_data_fn
 from .evaluate import Evaluator
+from .fingerprints import fingerprint, fingerprint_bytes
 from .params import model_device
 from .tuning import Plan, _remember
 
@@ -78,7 +77,7 @@ def _content_key(obj) -> str:
         _ContentPickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(obj)
     except Exception:  # noqa: BLE001 - then keys fall back to the sent bytes
         return ""
-    return _digest(buf.getvalue())
+    return fingerprint_bytes(buf.getvalue())
 
 
 def _dumps(obj, what: str, fix: str) -> bytes:
@@ -89,10 +88,6 @@ def _dumps(obj, what: str, fix: str) -> bytes:
             f"{what} cannot be sent to the executor's workers ({type(err).__name__}: {err}). "
             f"{fix}"
         ) from err
-
-
-def _digest(blob: bytes) -> str:
-    return hashlib.blake2b(blob, digest_size=12).hexdigest()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,9 +146,10 @@ def make_payload(model: nn.Module, data, directions, options: dict,
         "Define its class in an importable module (or a notebook cell) and remove "
         "unpicklable attributes such as open files, locks or hooks that capture them.",
     )
-    data_key = _content_key(data) or _digest(data_blob)
-    key = _content_key(job) or _digest(blob)
-    return Payload(_digest((key + data_key).encode()), data_key, blob, data_blob, threads)
+    data_key = _content_key(data) or fingerprint_bytes(data_blob)
+    key = _content_key(job) or fingerprint_bytes(blob)
+    return Payload(fingerprint_bytes((key + data_key).encode()), data_key, blob, data_blob,
+                   threads)
 
 
 # --- worker side ---------------------------------------------------------------------------

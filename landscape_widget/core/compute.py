@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 from torch import nn
 
 from .directions import random_directions
 from .evaluate import Evaluator
-from .fingerprints import callable_fingerprint
+from .fingerprints import callable_fingerprint, fingerprint, fingerprint_text
 from .grid import MAX_GRID_POINTS, match_axis, parse_axis, progressive_order
 from .params import Params, check_direction
 from .state import bn_batch_size_for
@@ -46,16 +44,6 @@ class Tile:
     seconds: float
 
 
-def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
-    """A short hash of tensor names, shapes, dtypes and bytes (used to decide reuse)."""
-    h = hashlib.blake2b(digest_size=12)
-    for k in sorted(tensors):
-        t = tensors[k].detach().cpu().contiguous()
-        h.update(f"{k}:{tuple(t.shape)}:{t.dtype};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def _loss_name(loss_fn) -> str:
     if loss_fn is None:
         return "cross_entropy"
@@ -77,11 +65,6 @@ def _what_is_computed(loss_fn, metrics, output_fn) -> dict:
         else "cross_entropy",
         "metrics_fingerprint": None if unreliable else fingerprint_text(repr(parts)),
     }
-
-
-def fingerprint_text(text: str) -> str:
-    """A short hash of a string."""
-    return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
 
 
 def metric_values(result, name: str):

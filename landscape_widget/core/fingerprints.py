@@ -1,9 +1,15 @@
-"""Fingerprints of what the user computes with: loss functions and metrics.
+"""Content hashes: of tensors, text and bytes, and of what the user computes with.
+
+Every hash of the package is made here. :func:`fingerprint` (tensors) and
+:func:`fingerprint_text` key the reuse of computed points (a model's ``state_dict``, the
+directions, the data), :func:`fingerprint_bytes` keys the executor's per-worker caches,
+:func:`state_hash` records the initial weights of an optimizer run (full SHA-256, as in
+the run's record) and :func:`callable_fingerprint` tells loss functions and metrics apart.
 
 ``reuse=`` may only copy points computed with *the same* loss. A name says little (two
 lambdas are both ``<lambda>``; ``CrossEntropyLoss()`` and
-``CrossEntropyLoss(label_smoothing=0.3)`` share their class), so the fingerprint hashes
-what decides the values:
+``CrossEntropyLoss(label_smoothing=0.3)`` share their class), so the callable fingerprint
+hashes what decides the values:
 
 - a module: its class, every submodule's public attributes (``reduction``,
   ``ignore_index``, ``label_smoothing``, ...), parameters and buffers, and, for a class
@@ -16,6 +22,9 @@ what decides the values:
 
 When something cannot be hashed reliably (an object with neither state nor a stable
 ``repr``), the fingerprint is ``None`` and reuse is refused, with that said.
+
+The formats hashed are part of saved results (a surface's ``spec`` holds its
+fingerprints, compared by a later ``reuse=``): changing one makes old files unreusable.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import hashlib
 import sys
 import sysconfig
 import types
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -36,6 +46,75 @@ _LIBRARY_ROOTS = tuple(
                                                        "platlib")} if p
 )
 _MAX_DEPTH = 12
+
+
+DIGEST_SIZE = 12
+"""Bytes of a BLAKE2b fingerprint (24 hex digits): ample to tell results apart."""
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    """The raw bytes of ``t`` (on the CPU, contiguous, viewed as ``uint8``)."""
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:
+    """A short hash of tensor names, shapes, dtypes and bytes (used to decide reuse).
+
+    Example:
+        >>> a = {"w": torch.arange(4.0)}
+        >>> fingerprint(a) == fingerprint({"w": torch.arange(4.0).clone()})
+        True
+        >>> fingerprint(a) == fingerprint({"w": torch.tensor([0.0, 1.0, 2.0, 3.5])})
+        False
+        >>> h = hashlib.blake2b(digest_size=12)
+        >>> h.update(b"w:(4,):torch.float32;")
+        >>> h.update(np.arange(4, dtype=np.float32).tobytes())
+        >>> fingerprint(a) == h.hexdigest()
+        True
+    """
+    h = hashlib.blake2b(digest_size=DIGEST_SIZE)
+    for k in sorted(tensors):
+        t = tensors[k]
+        h.update(f"{k}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(_tensor_bytes(t))
+    return h.hexdigest()
+
+
+def fingerprint_bytes(blob: bytes) -> str:
+    """A short hash of bytes (BLAKE2b, :data:`DIGEST_SIZE` bytes, as hex).
+
+    Example:
+        >>> fingerprint_bytes(b"abc") == hashlib.blake2b(b"abc", digest_size=12).hexdigest()
+        True
+    """
+    return hashlib.blake2b(blob, digest_size=DIGEST_SIZE).hexdigest()
+
+
+def fingerprint_text(text: str) -> str:
+    """A short hash of a string (of its UTF-8 bytes).
+
+    Example:
+        >>> fingerprint_text("é") == fingerprint_bytes(bytes([0xC3, 0xA9]))
+        True
+    """
+    return fingerprint_bytes(text.encode())
+
+
+def state_hash(state: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of a state dict's names, dtypes, shapes and bytes.
+
+    Example:
+        >>> h = hashlib.sha256(b"b|torch.int64|(2,)")
+        >>> h.update(np.array([1, 2], dtype=np.int64).tobytes())
+        >>> state_hash({"b": torch.tensor([1, 2])}) == h.hexdigest()
+        True
+    """
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k]
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(_tensor_bytes(t))
+    return h.hexdigest()
 
 
 class _Unreliable(Exception):
@@ -52,7 +131,7 @@ def callable_fingerprint(fn) -> str | None:
         >>> a == callable_fingerprint(torch.nn.CrossEntropyLoss(label_smoothing=0.3))
         False
     """
-    h = hashlib.blake2b(digest_size=12)
+    h = hashlib.blake2b(digest_size=DIGEST_SIZE)
     try:
         _feed(h, fn, 0, set())
     except (_Unreliable, RecursionError):
@@ -82,9 +161,8 @@ def _feed(h, obj, depth: int, seen: set) -> None:  # noqa: C901 - one case per k
                                        torch.dtype, torch.device, enum.Enum, range, slice)):
         put(f"{type(obj).__name__}:{obj!r};".encode())
     elif isinstance(obj, torch.Tensor):
-        t = obj.detach().cpu().contiguous()
-        put(f"tensor{tuple(t.shape)}{t.dtype};".encode())
-        put(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        put(f"tensor{tuple(obj.shape)}{obj.dtype};".encode())
+        put(_tensor_bytes(obj))
     elif isinstance(obj, np.ndarray):
         put(f"ndarray{obj.shape}{obj.dtype};".encode())
         put(np.ascontiguousarray(obj).tobytes())

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.data import as_tensors
+from ..core.fingerprints import state_hash
 from ..core.params import check_module, model_device
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
@@ -54,16 +55,6 @@ class Run:
     switched: tuple[str, int] | None = None
     diverged: int | None = None
     optimizer: str = ""
-
-
-def state_hash(state: Mapping[str, Tensor]) -> str:
-    """SHA-256 of a state dict's names, dtypes, shapes and bytes."""
-    h = hashlib.sha256()
-    for k in sorted(state):
-        t = state[k].detach().cpu()
-        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def _cpu_state(model: nn.Module) -> dict[str, Tensor]:
