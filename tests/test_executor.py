@@ -33,6 +33,8 @@ from torch import nn
 
 import landscape_widget as lw
 from landscape_widget.core import _remote
+from landscape_widget.core.compute import LocalRunner, TileRunner
+from landscape_widget.core.distributed import ExecutorRunner
 from landscape_widget.widget.protocol import Spec
 from landscape_widget.widget.worker import Worker
 
@@ -326,6 +328,21 @@ def test_unpicklable_input_names_the_fix():
             lw.iter_tiles(Locked(), data_fn, executor=pool, x=(-1, 1, 3), y=None)
     with pytest.raises(TypeError, match="concurrent.futures.Executor"):
         lw.iter_tiles(make_model(), data_fn, executor=object(), x=(-1, 1, 3), y=None)
+
+
+def test_local_and_executor_runners_share_one_protocol():
+    """Both runners are TileRunners (the stream reads nothing else of them), and they
+    describe the same data alike, so a result of one is reusable by the other."""
+    with ThreadPoolExecutor(1) as pool:
+        remote = lw.iter_tiles(make_model(), data_fn, executor=pool, x=(-1, 1, 5), y=None)
+        local = lw.iter_tiles(make_model(), data_fn(), x=(-1, 1, 5), y=None)
+        assert isinstance(remote.evaluator, ExecutorRunner)
+        assert isinstance(local.evaluator, LocalRunner)
+        for stream in (remote, local):
+            assert isinstance(stream.evaluator, TileRunner)
+            list(stream)
+    assert remote.spec["data"] == local.spec["data"]
+    _close(remote.result(), local.result())
 
 
 def test_data_fn_without_executor_is_called_locally():

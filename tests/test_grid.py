@@ -7,7 +7,7 @@ import pytest
 from cases import mlp, mlp_data
 
 import landscape_widget as lw
-from landscape_widget.core.grid import make_tiles, progressive_order
+from landscape_widget.core.grid import cut_tiles, progressive_order
 
 SHAPES = [(1,), (2,), (3,), (4,), (5,), (17,), (50,), (51,), (1025,),
           (1, 1), (1, 9), (9, 1), (2, 2), (3, 3), (7, 5), (5, 7), (21, 21), (41, 41), (50, 51),
@@ -67,27 +67,39 @@ def test_centre_of_symmetric_odd_grid_comes_first(shape):
 @pytest.mark.parametrize("tile_points", [1, 3, 16])
 def test_tiles_cover_the_order(tile_points):
     shape = (7, 5)
-    tiles = make_tiles(shape, tile_points)
-    flat = np.concatenate([t.flat for t in tiles])
+    tiles = list(cut_tiles(shape, tile_points))
+    flat = np.concatenate([f for _, f in tiles])
     expected = np.concatenate([idx for _, idx in progressive_order(shape)])
     np.testing.assert_array_equal(flat, expected)
-    assert all(t.flat.size <= tile_points for t in tiles)
-    assert [t.index for t in tiles] == list(range(len(tiles)))
+    assert all(f.size <= tile_points for _, f in tiles)
+    # A tile lies on one level (the tiles' indices in the stream: see the next test).
+    level_of = {int(i): level for level, idx in progressive_order(shape) for i in idx}
+    assert all({level_of[int(i)] for i in f} == {level} for level, f in tiles)
+
+
+def test_tiles_are_sized_by_a_function_asked_before_each_tile():
+    sizes = iter([1, 4, 2, 100, 3])
+    tiles = list(cut_tiles((9,), lambda: next(sizes)))
+    assert [f.tolist() for _, f in tiles] == [[0], [2, 4, 6, 8], [1, 3], [5, 7]]
+    with pytest.raises(ValueError, match="at least one point"):
+        list(cut_tiles((9,), 0))
 
 
 def test_streamed_tiles_cover_grid_once_coarse_to_fine():
     model, data = mlp().eval(), mlp_data()
     stream = lw.iter_tiles(model, data, x=(-1, 1, 7), y=(-1, 1, 5), tile_points=3)
-    seen, levels = [], []
+    seen, levels, indices = [], [], []
     for tile in stream:
         seen.append(tile.flat)
         levels.append(tile.level)
+        indices.append(tile.index)
         assert tile.values["loss"].shape == tile.flat.shape
         assert np.all(np.isfinite(tile.values["loss"]))
         assert tile.done == sum(s.size for s in seen) and tile.total == 35
     flat = np.concatenate(seen)
     np.testing.assert_array_equal(np.sort(flat), np.arange(35))
     assert levels == sorted(levels, reverse=True)
+    assert indices == list(range(len(indices)))
     full = stream.result()
     direct = lw.compute_surface(model, data, x=(-1, 1, 7), y=(-1, 1, 5), progress=False)
     np.testing.assert_allclose(full.loss, direct.loss, rtol=1e-6, atol=0)

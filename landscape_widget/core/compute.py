@@ -1,47 +1,206 @@
-"""Grid jobs: validation, reuse of computed points and the tile stream behind ``iter_tiles``."""
+"""The grid job: one surface or curve to compute, validated once, and the local runner.
+
+:func:`grid_job` checks everything before any work (model, axes, directions or points,
+region, reuse, options) and returns a :class:`GridJob`: its axes, its directions, the
+``spec`` recorded in the result, the points already known (reused, or outside the region)
+and the :class:`TileRunner` that computes the others tile by tile. Two runners exist:
+:class:`LocalRunner` (the engine on this process) and
+:class:`~landscape_widget.core.distributed.ExecutorRunner` (a Dask client's or
+``concurrent.futures`` executor's workers).
+"""
 
 from __future__ import annotations
 
 import functools
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import numpy as np
+import torch
 from torch import nn
 
 from .directions import random_directions
-from .evaluate import Evaluator
+from .evaluate import METRICS, Evaluator
 from .fingerprints import callable_fingerprint, fingerprint, fingerprint_text
-from .grid import MAX_GRID_POINTS, match_axis, parse_axis, progressive_order
+from .grid import MAX_GRID_POINTS, Tile, axis_range, axis_values, cut_tiles, match_axis
 from .params import Params, check_direction
 from .state import bn_batch_size_for
+from .tuning import Plan
+
+__all__ = ["GridJob", "LocalRunner", "TileRunner", "fingerprint", "fingerprint_text",
+           "grid_job", "metric_values"]  # fingerprint*: re-exported for widget/ (was here)
+
+
+@runtime_checkable
+class TileRunner(Protocol):
+    """What computes the tiles of a :class:`GridJob`, here or on an executor's workers.
+
+    :func:`grid_job` builds one with the engine's arguments; the job's spec, the
+    :class:`~landscape_widget.TileStream` and its result read these attributes.
+
+    Attributes:
+        metrics: The metrics computed, in order.
+        dropped: ``{metric: why}`` of metrics asked for but not computed.
+        n: Samples in the data.
+        device: Where the points are computed.
+        data_fingerprint: Hash of the data as evaluated (for reuse).
+        plan: The engine's plan (``None`` until chosen).
+        nonfinite_points: Points whose loss was not finite so far.
+        expected_points: Points of the whole grid (the engine plans for it).
+    """
+
+    metrics: tuple[str, ...]
+    dropped: dict[str, str]
+    n: int
+    device: torch.device | str
+    data_fingerprint: str
+    plan: Plan | None
+    nonfinite_points: int
+    expected_points: int
+
+    def describe(self) -> dict:
+        """The plan (and engine details) for status lines and ``spec["plan"]``."""
+        ...
+
+    def run_tiles(self, job: GridJob, tile_points: int | None,
+                  cancel: threading.Event | None) -> Iterator[Tile]:
+        """Compute ``job``'s unknown points, yielding one :class:`Tile` at a time.
+
+        Args:
+            job: The job this runner was built for.
+            tile_points: Fixed points per tile, or ``None``: sized by measured speed.
+            cancel: Once set, no further tile starts.
+        """
+        ...
 
 
 @dataclass
-class Tile:
-    """A batch of finished grid points, as streamed to a progress bar or the widget.
+class GridJob:
+    """One grid to compute: axes, directions, spec, runner and the points already known.
 
     Attributes:
-        index: Position in the stream.
-        level: Coarseness (points lie on the lattice of every ``2**level``-th index).
-        flat: Flat indices into the grid (row-major; rows = y for surfaces).
-        values: ``{metric: array}`` aligned with ``flat``.
-        evaluated: How many of these points were computed (the others were reused).
-        done: Points finished so far, this tile included.
-        total: Points in the whole grid.
-        seconds: Wall time spent on this tile.
+        axes: ``[x]`` for a curve, ``[y, x]`` for a surface (1-D float arrays).
+        directions: The directions, or with ``points`` the vertices of a barycentric grid.
+        spec: How the grid is computed, as recorded in the result (a dict the caller may
+            extend, e.g. with what it is a grid of).
+        runner: The :class:`TileRunner` that computes the tiles.
+        known: ``{metric: flat array}`` of the values not to compute (see ``known_mask``).
+        known_mask: Flat mask of the points not to compute: reused from an earlier result,
+            or outside the region (NaN there); ``None`` if every point is computed.
     """
 
-    index: int
-    level: int
-    flat: np.ndarray
-    values: dict[str, np.ndarray]
-    evaluated: int
-    done: int
-    total: int
-    seconds: float
+    axes: list[np.ndarray]
+    directions: list[Params]
+    spec: dict
+    runner: TileRunner
+    known: dict[str, np.ndarray] = field(default_factory=dict)
+    known_mask: np.ndarray | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """``(nx,)`` or ``(ny, nx)``."""
+        return tuple(a.size for a in self.axes)
+
+    @property
+    def total(self) -> int:
+        """Number of grid points."""
+        return int(np.prod(self.shape))
+
+    def coords(self, flat: np.ndarray) -> np.ndarray:
+        """``(len(flat), ndim)`` coefficients of the grid points ``flat`` (x first).
+
+        Example:
+            >>> job = GridJob([np.array([0.0, 1.0]), np.array([-1.0, 0.0, 1.0])], [], {}, None)
+            >>> job.coords(np.array([0, 5])).tolist()
+            [[-1.0, 0.0], [1.0, 1.0]]
+        """
+        if len(self.axes) == 1:
+            return self.axes[0][flat][:, None]
+        iy, ix = np.unravel_index(flat, self.shape)
+        return np.stack([self.axes[1][ix], self.axes[0][iy]], axis=1)
+
+    def known_values(self, flat: np.ndarray, metrics: Sequence[str]
+                     ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """The known values of the grid points ``flat`` and the mask of those to compute.
+
+        Returns:
+            ``({metric: array}, todo)``: NaN where ``todo`` (still to compute).
+        """
+        values = {m: np.full(flat.size, np.nan) for m in metrics}
+        todo = np.ones(flat.size, dtype=bool)
+        if self.known_mask is not None:
+            todo = ~self.known_mask[flat]
+            for m in metrics:
+                values[m][~todo] = self.known[m][flat[~todo]]
+        return values, todo
+
+    def restrict(self, region: np.ndarray) -> None:
+        """Leave the points outside ``region`` (a mask of the grid's shape) NaN, uncomputed.
+
+        Raises:
+            TypeError: If ``region`` is not a boolean array.
+            ValueError: If its shape is not the grid's.
+        """
+        region = np.asarray(region)
+        if region.dtype != bool:
+            raise TypeError(f"region must be a boolean mask (True: compute), got {region.dtype}.")
+        if region.shape != self.shape:
+            raise ValueError(f"region has shape {region.shape}; the grid's is {self.shape} "
+                             "(rows = y, columns = x).")
+        outside = ~region.ravel()
+        for m in self.runner.metrics:
+            self.known.setdefault(m, np.full(self.total, np.nan))[outside] = np.nan
+        mask = np.zeros(self.total, bool) if self.known_mask is None else self.known_mask
+        self.known_mask = mask | outside
+
+
+class LocalRunner(Evaluator):
+    """The engine on this process, computing a job's tiles itself (the default runner).
+
+    An :class:`~landscape_widget.core.evaluate.Evaluator` with the tile loop: the same
+    arguments, the same points.
+    """
+
+    @functools.cached_property
+    def data_fingerprint(self) -> str:
+        """Hash of the data as held by the engine."""
+        return fingerprint({"x": self.x, "y": self.y})
+
+    def tile_size(self, fixed: int | None) -> int:
+        """Points of the next tile: ``fixed``, else about a third of a second of work."""
+        if fixed:
+            return fixed
+        if self.plan is None:
+            return self.next_chunk()
+        # About a third of a second of work (and at least one engine pass), so the stream
+        # stays live and a cancel lands quickly.
+        per_point = max(self.plan.seconds_per_point, 1e-7)
+        return int(max(self.plan.points, min(4096, 0.3 / per_point)))
+
+    def run_tiles(self, job: GridJob, tile_points: int | None,
+                  cancel: threading.Event | None) -> Iterator[Tile]:
+        """Compute ``job``'s tiles one after the other (see :meth:`TileRunner.run_tiles`).
+
+        Yields:
+            Each :class:`Tile` once computed, coarse to fine.
+        """
+        index = done = 0
+        for level, flat in cut_tiles(job.shape, lambda: self.tile_size(tile_points)):
+            if cancel is not None and cancel.is_set():
+                return
+            t0 = time.perf_counter()
+            values, todo = job.known_values(flat, self.metrics)
+            if todo.any():
+                out = self.evaluate(job.coords(flat[todo]))
+                for m in self.metrics:
+                    values[m][todo] = out[m]
+            done += flat.size
+            yield Tile(index, level, flat, values, int(todo.sum()), done, job.total,
+                       time.perf_counter() - t0)
+            index += 1
 
 
 def _loss_name(loss_fn) -> str:
@@ -74,18 +233,6 @@ def metric_values(result, name: str):
     return (getattr(result, "extra_metrics", None) or {}).get(name)
 
 
-@dataclass
-class _Job:
-    """Everything :func:`iter_tiles` needs, validated once."""
-
-    axes: list[np.ndarray]
-    directions: list[Params]
-    spec: dict
-    evaluator: Evaluator
-    known: dict[str, np.ndarray] = field(default_factory=dict)
-    known_mask: np.ndarray | None = None
-
-
 def _resolve_directions(model, directions, ndim, seed, points: bool = False
                         ) -> tuple[list[Params], str]:
     if points:  # barycentric: ndim + 1 vertices (see Evaluator)
@@ -108,7 +255,7 @@ def _resolve_directions(model, directions, ndim, seed, points: bool = False
     return list(directions), "given"
 
 
-def _reuse(job: _Job, reuse, metrics: Sequence[str]) -> None:
+def _reuse(job: GridJob, reuse, metrics: Sequence[str]) -> None:
     """Copy the values of ``reuse`` at coordinates that coincide with the new grid."""
     for key, what in (("loss_fingerprint", "loss_fn"), ("metrics_fingerprint", "metrics")):
         if job.spec.get(key) is None or reuse.spec.get(key) is None:
@@ -157,47 +304,89 @@ def _reuse(job: _Job, reuse, metrics: Sequence[str]) -> None:
     job.known_mask = mask.ravel()
 
 
-def remote_evaluators(executor) -> Callable | None:
-    """The ``make_evaluator`` of :func:`_prepare` for ``executor`` (``None``: local)."""
-    if executor is None:
-        return None
-    from .distributed import RemoteEvaluator  # imports dask lazily
+def grid_job(model: nn.Module, data, *, axes: Sequence, directions=None,
+             points: Sequence[Params] | None = None, region: np.ndarray | None = None,
+             reuse=None, loss_fn=None, metrics=METRICS, bn: str = "eval",
+             bn_batch_size: int | None = None, device=None, seed: int | None = 0,
+             keep_directions: bool = True, evaluator_options: dict | None = None,
+             executor=None, output_fn=None) -> GridJob:
+    """Validate one grid computation and set it up; no point is computed yet.
 
-    return functools.partial(RemoteEvaluator, executor)
+    The arguments are those of :func:`~landscape_widget.iter_tiles`, with the axes as a
+    list and two more ways to say what the grid is.
 
+    Args:
+        model: The model; never modified.
+        data: The data (see :func:`~landscape_widget.iter_tiles`).
+        axes: ``[x]`` for a curve, ``[y, x]`` for a surface; each a ``(start, stop, num)``
+            range or a 1-D array of coordinates (taken exactly, see
+            :func:`~landscape_widget.core.grid.axis_values`).
+        directions: One direction per axis (``None``: random, drawn from ``seed``).
+        points: Instead of ``directions``, the ``ndim + 1`` vertices of a barycentric grid
+            (full parameter dicts): coordinate ``c`` is ``sum_j c_j * p_j +
+            (1 - sum_j c_j) * p_last``, so each vertex is its model exactly.
+        region: Boolean mask of the grid's shape: points outside it are never computed
+            and stay NaN (also where ``reuse`` had them).
+        reuse: An earlier result whose coinciding points are copied, not recomputed.
+        loss_fn: The loss (cross-entropy by default).
+        metrics: The metrics (see :func:`~landscape_widget.iter_tiles`).
+        bn: ``"eval"`` or ``"batch"``.
+        bn_batch_size: Samples per BatchNorm batch with ``bn="batch"``.
+        device: Where to compute.
+        seed: Seed of random directions.
+        keep_directions: Keep the directions in the result.
+        evaluator_options: More keywords of the engine (:class:`LocalRunner`).
+        executor: A Dask client or ``concurrent.futures`` executor whose workers compute
+            the tiles (:class:`~landscape_widget.core.distributed.ExecutorRunner`).
+        output_fn: Maps the model's outputs to logits.
 
-def _prepare(model, data, *, directions, axes_spec, loss_fn, metrics, bn, device, seed,
-             reuse, keep_directions, evaluator_options, make_evaluator=None,
-             bn_batch_size: int | None = None, output_fn=None) -> _Job:
+    Returns:
+        The :class:`GridJob`.
+
+    Raises:
+        TypeError: If the model, an axis, the directions or points, or an option has the
+            wrong type, or ``bn_batch_size`` is given twice.
+        ValueError: If the grid has more than ``MAX_GRID_POINTS`` points, an axis or the
+            region is invalid, or ``reuse`` was computed otherwise.
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
-    names = ["x"] if len(axes_spec) == 1 else ["y", "x"]
-    axes = [parse_axis(s, n) for s, n in zip(axes_spec, names, strict=True)]
-    total = int(np.prod([a.size for a in axes]))
+    names = ["x"] if len(axes) == 1 else ["y", "x"]
+    values = [axis_values(s, n) for s, n in zip(axes, names, strict=True)]
+    total = int(np.prod([a.size for a in values]))
     if total > MAX_GRID_POINTS:
         raise ValueError(f"The grid has {total} points, above the cap of {MAX_GRID_POINTS}.")
     if isinstance(metrics, str):
         metrics = (metrics,)
-    points = bool((evaluator_options or {}).get("barycentric"))
-    dirs, kind = _resolve_directions(model, directions, len(axes), seed, points)
     options = dict(evaluator_options or {})
+    if points is not None:
+        if directions is not None:
+            raise TypeError("Give directions or points (the vertices of a barycentric grid), "
+                            "not both.")
+        directions, options["barycentric"] = points, True
+    barycentric = bool(options.get("barycentric"))
+    dirs, kind = _resolve_directions(model, directions, len(values), seed, barycentric)
     if "bn_batch_size" in options:  # also accepted among the engine's options
         if bn_batch_size is not None:
             raise TypeError("bn_batch_size was given twice (also in evaluator_options).")
         bn_batch_size = options.pop("bn_batch_size")
     bn_batch_size = bn_batch_size_for(bn, bn_batch_size)  # before any work: a clear error
     # Surfaces are (ny, nx) with d1 along x: evaluator coefficient j goes with directions[j].
-    # make_evaluator: a stand-in whose tiles run on an executor (core/distributed.py).
     if output_fn is not None:
         options["output_fn"] = output_fn
-    evaluator = (make_evaluator or Evaluator)(model, data, dirs, loss_fn=loss_fn,
-                                              metrics=metrics, bn=bn, device=device,
-                                              bn_batch_size=bn_batch_size, **options)
+    if executor is None:
+        make_runner = LocalRunner
+    else:
+        from .distributed import ExecutorRunner  # imports dask lazily
+
+        make_runner = functools.partial(ExecutorRunner, executor)
+    runner = make_runner(model, data, dirs, loss_fn=loss_fn, metrics=metrics, bn=bn,
+                         device=device, bn_batch_size=bn_batch_size, **options)
     spec = {
-        "x": list(axes_spec[-1]) if len(axes) == 2 else list(axes_spec[0]),
-        "y": list(axes_spec[0]) if len(axes) == 2 else None,
-        "metrics": list(evaluator.metrics),
-        "metrics_dropped": dict(getattr(evaluator, "dropped", {})),
+        "x": axis_range(axes[-1], values[-1]),
+        "y": axis_range(axes[0], values[0]) if len(values) == 2 else None,
+        "metrics": list(runner.metrics),
+        "metrics_dropped": dict(runner.dropped),
         "loss_fn": _loss_name(loss_fn),
         **_what_is_computed(loss_fn, metrics, options.get("output_fn")),
         "bn": bn,
@@ -210,76 +399,17 @@ def _prepare(model, data, *, directions, axes_spec, loss_fn, metrics, bn, device
         "directions": fingerprint(
             {f"{i}/{k}": v for i, d in enumerate(dirs) for k, v in d.items()}
         ),
-        "data": getattr(evaluator, "data_fingerprint", None)
-        or fingerprint({"x": evaluator.x, "y": evaluator.y}),
-        "n_samples": evaluator.n,
-        "device": str(evaluator.device),
+        "data": runner.data_fingerprint,
+        "n_samples": runner.n,
+        "device": str(runner.device),
     }
-    evaluator.expected_points = total
-    job = _Job(axes, dirs, spec, evaluator)
+    runner.expected_points = total
+    job = GridJob(values, dirs, spec, runner)
     job.spec["keep_directions"] = keep_directions
     if reuse is not None:
-        _reuse(job, reuse, evaluator.metrics)
+        _reuse(job, reuse, runner.metrics)
+    if region is not None:
+        job.restrict(region)
     return job
 
 
-def _coords(axes: list[np.ndarray], flat: np.ndarray) -> np.ndarray:
-    if len(axes) == 1:
-        return axes[0][flat][:, None]
-    ny, nx = axes[0].size, axes[1].size
-    iy, ix = np.unravel_index(flat, (ny, nx))
-    return np.stack([axes[1][ix], axes[0][iy]], axis=1)
-
-
-def known_values(job: _Job, flat: np.ndarray, metrics: Sequence[str]
-                 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """The known values of the grid points ``flat`` and the mask of those still to compute.
-
-    Known points were reused from an earlier result or lie outside the region (a plane
-    through three models); the others are NaN until computed.
-
-    Returns:
-        ``({metric: array}, todo)``.
-    """
-    values = {m: np.full(flat.size, np.nan) for m in metrics}
-    todo = np.ones(flat.size, dtype=bool)
-    if job.known_mask is not None:
-        todo = ~job.known_mask[flat]
-        for m in metrics:
-            values[m][~todo] = job.known[m][flat[~todo]]
-    return values, todo
-
-
-def _tile_size(ev: Evaluator, fixed: int | None) -> int:
-    if fixed:
-        return fixed
-    if ev.plan is None:
-        return ev.next_chunk()
-    # About a third of a second of work (and at least one engine pass), so the stream
-    # stays live and a cancel lands quickly.
-    per_point = max(ev.plan.seconds_per_point, 1e-7)
-    return int(max(ev.plan.points, min(4096, 0.3 / per_point)))
-
-
-def _tiles(job: _Job, tile_points: int | None, cancel: threading.Event | None) -> Iterator[Tile]:
-    shape = tuple(a.size for a in job.axes)
-    total = int(np.prod(shape))
-    ev = job.evaluator
-    index = done = 0
-    for level, idx in progressive_order(shape):
-        pos = 0
-        while pos < idx.size:
-            if cancel is not None and cancel.is_set():
-                return
-            t0 = time.perf_counter()
-            flat = idx[pos : pos + _tile_size(ev, tile_points)]
-            pos += flat.size
-            values, todo = known_values(job, flat, ev.metrics)
-            if todo.any():
-                out = ev.evaluate(_coords(job.axes, flat[todo]))
-                for m in ev.metrics:
-                    values[m][todo] = out[m]
-            done += flat.size
-            yield Tile(index, level, flat, values, int(todo.sum()), done, total,
-                       time.perf_counter() - t0)
-            index += 1

@@ -48,8 +48,7 @@ import torch
 from torch import nn
 
 from ._remote import MissingPayload, Payload, make_payload, probe, run_tile
-from .compute import Tile, _coords, known_values
-from .grid import progressive_order
+from .grid import Tile, cut_tiles
 from .tuning import Plan
 
 TILE_SECONDS = 1.0
@@ -163,12 +162,12 @@ def _explain(err: BaseException) -> BaseException | None:
 
 
 # --- the client's side ---------------------------------------------------------------------
-class RemoteEvaluator:
-    """Stand-in for an :class:`Evaluator` whose tiles run on an executor's workers.
+class ExecutorRunner:
+    """The :class:`~landscape_widget.core.compute.TileRunner` on an executor's workers.
 
-    ``_prepare`` builds it where it would build a local evaluator, with the same
-    arguments; it ships them, lets one worker build the real evaluator (so bad input
-    fails here, before any tile) and brings its own tile loop, :meth:`run_tiles`.
+    :func:`~landscape_widget.core.compute.grid_job` builds it where it would build the
+    local runner, with the same arguments; it ships them, lets one worker build the real
+    evaluator (so bad input fails here, before any tile) and runs the tiles there.
 
     Args:
         executor: A ``dask.distributed.Client`` or a ``concurrent.futures.Executor``.
@@ -206,31 +205,31 @@ class RemoteEvaluator:
 
     def _cuts(self, job, fixed: int | None, window: int) -> Iterator[tuple]:
         """``(level, flat, todo, values)`` in coarse-to-fine order, sized as they are cut."""
-        shape = tuple(a.size for a in job.axes)
-        total = remaining = int(np.prod(shape))
-        for level, idx in progressive_order(shape):
-            pos = 0
-            while pos < idx.size:
-                if self.seconds_per_point is None:
-                    size = min(64, math.ceil(total / (4 * window)))
-                else:
-                    size = max(int(TILE_SECONDS / max(self.seconds_per_point, 1e-7)),
-                               self.plan.points if self.plan else 1)
-                # The last tiles shrink so that every worker still gets a share.
-                size = max(1, min(size, 4096, math.ceil(remaining / window)))
-                size = int(fixed) if fixed else size
-                flat = idx[pos : pos + size]
-                pos += flat.size
-                remaining -= flat.size
-                values, todo = known_values(job, flat, self.metrics)
-                yield level, flat, todo, values
+        total = remaining = job.total
+
+        def size() -> int:
+            if fixed:
+                return int(fixed)
+            if self.seconds_per_point is None:
+                n = min(64, math.ceil(total / (4 * window)))
+            else:
+                n = max(int(TILE_SECONDS / max(self.seconds_per_point, 1e-7)),
+                        self.plan.points if self.plan else 1)
+            # The last tiles shrink so that every worker still gets a share.
+            return max(1, min(n, 4096, math.ceil(remaining / window)))
+
+        for level, flat in cut_tiles(job.shape, size):
+            remaining -= flat.size
+            values, todo = job.known_values(flat, self.metrics)
+            yield level, flat, todo, values
 
     def run_tiles(self, job, tile_points: int | None,
                   cancel: threading.Event | None) -> Iterator[Tile]:
         """The tile loop of ``job`` on the executor, tiles yielded as they finish.
 
         Args:
-            job: The ``_Job`` prepared with this evaluator.
+            job: The :class:`~landscape_widget.core.compute.GridJob` built with this
+                runner.
             tile_points: Fixed tile size, or ``None`` for about :data:`TILE_SECONDS` each.
             cancel: Once set, outstanding futures are cancelled and the loop ends.
 
@@ -238,7 +237,7 @@ class RemoteEvaluator:
             :class:`Tile` objects in completion order (``index`` counts them).
         """
         backend = self.backend
-        total = int(np.prod([a.size for a in job.axes]))
+        total = job.total
         window = max(2, 2 * backend.slots)
         cuts = self._cuts(job, tile_points, window)
         flights: dict[int, tuple] = {}
@@ -252,7 +251,7 @@ class RemoteEvaluator:
         def submit(cut, full=False):
             tid = next(ids)
             keys.add(f"lw-tile-{run}-{tid}")
-            fut = backend.submit(run_tile, self.shipped, _coords(job.axes, cut[1][cut[2]]),
+            fut = backend.submit(run_tile, self.shipped, job.coords(cut[1][cut[2]]),
                                  total, self.plan, key=f"lw-tile-{run}-{tid}", full=full)
             flights[tid] = (fut, cut)
             fut.add_done_callback(lambda _f, tid=tid: finished.put(tid))

@@ -1,15 +1,17 @@
 """Grids, coarse-to-fine ordering and tiles.
 
-A grid is one or two ``numpy.linspace`` axes. Points are visited coarse to fine: first
-the lattice of every ``2**L``-th index, anchored at the middle index so that the centre
-of a symmetric odd grid (the model itself) comes first, then every ``2**(L-1)``-th, down
-to every point. Each point is visited exactly once. Points are grouped into tiles; a
-tile is the unit that is computed, streamed and cancelled.
+A grid is one or two axes, ``numpy.linspace`` ranges or given coordinates. Points are
+visited coarse to fine: first the lattice of every ``2**L``-th index, anchored at the
+middle index so that the centre of a symmetric odd grid (the model itself) comes first,
+then every ``2**(L-1)``-th, down to every point. Each point is visited exactly once.
+Points are grouped into tiles (:func:`cut_tiles`, the one place a grid is cut); a tile is
+the unit that is computed, streamed and cancelled (:class:`Tile`, once computed).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,6 +53,49 @@ def parse_axis(spec, name: str = "x") -> np.ndarray:
     if int(num) > 1 and float(start) == float(stop):
         raise ValueError(f"{name} start and stop are equal ({start}); give a non-empty range.")
     return np.linspace(float(start), float(stop), int(num))
+
+
+def axis_values(spec, name: str = "x") -> np.ndarray:
+    """An axis from ``(start, stop, num)`` (:func:`parse_axis`) or from its coordinates.
+
+    Coordinates are taken as given (e.g. exact quotients ``i / n``, so that chosen values
+    such as 0 and 1 are grid points, which ``linspace`` rounding may miss).
+
+    Raises:
+        TypeError: If ``spec`` is neither a 3-tuple nor a 1-D array of numbers.
+        ValueError: If coordinates are not finite, not strictly monotonic, or more than
+            :data:`MAX_AXIS_POINTS`; see :func:`parse_axis` for ranges.
+
+    Example:
+        >>> axis_values((0, 1, 3), "x").tolist()
+        [0.0, 0.5, 1.0]
+        >>> axis_values(np.arange(-1, 4) / 3, "x").tolist() == [i / 3 for i in range(-1, 4)]
+        True
+    """
+    if not isinstance(spec, np.ndarray):
+        return parse_axis(spec, name)
+    if spec.ndim != 1 or spec.dtype.kind not in "iuf":
+        raise TypeError(f"{name} coordinates must be a 1-D array of numbers, got shape "
+                        f"{spec.shape} of {spec.dtype}.")
+    values = spec.astype(np.float64)
+    if not 1 <= values.size <= MAX_AXIS_POINTS:
+        raise ValueError(f"{name} has {values.size} coordinates, outside [1, {MAX_AXIS_POINTS}].")
+    if not np.isfinite(values).all():
+        raise ValueError(f"{name} coordinates must be finite.")
+    steps = np.diff(values)
+    if values.size > 1 and not ((steps > 0).all() or (steps < 0).all()):
+        raise ValueError(f"{name} coordinates must be strictly increasing or decreasing.")
+    return values
+
+
+def axis_range(spec, values: np.ndarray) -> list:
+    """``[start, stop, num]`` of an axis as recorded in a result's spec.
+
+    A range is recorded as given; given coordinates by their first, last and count.
+    """
+    if isinstance(spec, np.ndarray):
+        return [float(values[0]), float(values[-1]), int(values.size)]
+    return list(spec)
 
 
 def _axis_levels(n: int) -> np.ndarray:
@@ -95,30 +140,63 @@ def progressive_order(shape: tuple[int, ...]) -> list[tuple[int, np.ndarray]]:
     return out
 
 
+def cut_tiles(shape: tuple[int, ...], size: int | Callable[[], int]
+              ) -> Iterator[tuple[int, np.ndarray]]:
+    """The progressive order of a grid cut into tiles: ``(level, flat indices)``.
+
+    A tile never spans two levels. Every runner cuts its tiles here (the local one and
+    the executor's); they differ only in how large the next tile should be.
+
+    Args:
+        shape: ``(n,)`` for a curve or ``(ny, nx)`` for a surface.
+        size: Points per tile, or a function called before each tile is cut that returns
+            it (runners size tiles by the speed measured so far).
+
+    Yields:
+        ``(level, flat)``: the tile's level and at most ``size`` flat indices (row-major,
+        rows = y), in the order of :func:`progressive_order`.
+
+    Raises:
+        ValueError: If a size is below 1.
+
+    Example:
+        >>> [(level, flat.tolist()) for level, flat in cut_tiles((9,), 3)]
+        [(1, [0, 2, 4]), (1, [6, 8]), (0, [1, 3, 5]), (0, [7])]
+    """
+    for level, idx in progressive_order(shape):
+        pos = 0
+        while pos < idx.size:
+            n = int(size() if callable(size) else size)
+            if n < 1:
+                raise ValueError(f"a tile needs at least one point, got a size of {n}.")
+            flat = idx[pos : pos + n]
+            pos += flat.size
+            yield level, flat
+
+
 @dataclass
-class TileSpec:
-    """Which points a tile holds.
+class Tile:
+    """A batch of finished grid points, as streamed to a progress bar or the widget.
 
     Attributes:
-        level: Coarseness: the tile's points lie on the lattice of every ``2**level``-th index.
-        flat: Flat indices into the grid (row-major, rows = y).
-        index: Position of this tile in the stream (0, 1, ...).
+        index: Position in the stream.
+        level: Coarseness (points lie on the lattice of every ``2**level``-th index).
+        flat: Flat indices into the grid (row-major; rows = y for surfaces).
+        values: ``{metric: array}`` aligned with ``flat``.
+        evaluated: How many of these points were computed (the others were reused).
+        done: Points finished so far, this tile included.
+        total: Points in the whole grid.
+        seconds: Wall time spent on this tile.
     """
 
+    index: int
     level: int
     flat: np.ndarray
-    index: int
-
-
-def make_tiles(shape: tuple[int, ...], tile_points: int) -> list[TileSpec]:
-    """Split the progressive order into tiles of at most ``tile_points`` points."""
-    if tile_points < 1:
-        raise ValueError("tile_points must be >= 1.")
-    tiles: list[TileSpec] = []
-    for level, idx in progressive_order(shape):
-        for s in range(0, idx.size, tile_points):
-            tiles.append(TileSpec(level, idx[s : s + tile_points], len(tiles)))
-    return tiles
+    values: dict[str, np.ndarray]
+    evaluated: int
+    done: int
+    total: int
+    seconds: float
 
 
 def match_axis(new: np.ndarray, old: np.ndarray) -> np.ndarray:

@@ -9,8 +9,9 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from torch import nn
 
-from .compute import Tile, _coords, _prepare, _tiles, remote_evaluators
+from .compute import GridJob, grid_job
 from .evaluate import METRICS, LossFn, warn_nonfinite
+from .grid import Tile
 from .params import Params
 from .surface import Curve, Surface
 
@@ -26,17 +27,19 @@ class TileStream:
         axes: ``[x]`` for a curve, ``[y, x]`` for a surface.
         shape: ``(nx,)`` or ``(ny, nx)``.
         spec: How the grid is computed (ranges, loss, bn, seed, fingerprints, device).
-        evaluator: The :class:`~landscape_widget.core.evaluate.Evaluator` doing the work.
+        evaluator: The job's runner doing the work (:class:`~.compute.TileRunner`: the
+            local :class:`~landscape_widget.core.evaluate.Evaluator`, or an executor's).
     """
 
-    def __init__(self, job, tile_points: int | None, cancel: threading.Event | None):
+    def __init__(self, job: GridJob, tile_points: int | None,
+                 cancel: threading.Event | None):
         self._job = job
         self._tile_points = tile_points
         self._cancel = cancel
         self.axes = job.axes
         self.shape = tuple(a.size for a in job.axes)
         self.spec = job.spec
-        self.evaluator = job.evaluator
+        self.evaluator = job.runner
         self.arrays = {m: np.full(self.shape, np.nan) for m in self.evaluator.metrics}
         self.evaluated = 0
         self.reused = 0
@@ -47,9 +50,7 @@ class TileStream:
         return int(np.prod(self.shape))
 
     def __iter__(self) -> Iterator[Tile]:
-        # An evaluator whose tiles run on an executor (core/distributed.py) brings its loop.
-        run = getattr(self.evaluator, "run_tiles", _tiles)
-        for tile in run(self._job, self._tile_points, self._cancel):
+        for tile in self._job.runner.run_tiles(self._job, self._tile_points, self._cancel):
             for m, v in tile.values.items():
                 self.arrays[m].reshape(-1)[tile.flat] = v
             self.evaluated += tile.evaluated
@@ -150,18 +151,17 @@ def iter_tiles(
     Returns:
         A :class:`TileStream`.
     """
-    axes_spec = [x] if y is None else [y, x]
-    job = _prepare(model, data, directions=directions, axes_spec=axes_spec, loss_fn=loss_fn,
-                   metrics=metrics, bn=bn, bn_batch_size=bn_batch_size, device=device,
-                   seed=seed, reuse=reuse, keep_directions=keep_directions,
-                   evaluator_options=evaluator_options,
-                   make_evaluator=remote_evaluators(executor), output_fn=output_fn)
+    job = grid_job(model, data, axes=[x] if y is None else [y, x], directions=directions,
+                   loss_fn=loss_fn, metrics=metrics, bn=bn, bn_batch_size=bn_batch_size,
+                   device=device, seed=seed, reuse=reuse, keep_directions=keep_directions,
+                   evaluator_options=evaluator_options, executor=executor,
+                   output_fn=output_fn)
     if reuse is not None and reuse.spec.get("source") == "loss-landscape":
         check_foreign_reuse(job)
     return TileStream(job, tile_points, cancel)
 
 
-def check_foreign_reuse(job) -> None:
+def check_foreign_reuse(job: GridJob) -> None:
     """Recompute two reused values of a loss-landscape file and refuse it unless they agree.
 
     Its files record no model, data or directions to compare fingerprints with.
@@ -173,14 +173,14 @@ def check_foreign_reuse(job) -> None:
     idx = np.flatnonzero(job.known_mask) if job.known_mask is not None else np.zeros(0, int)
     if idx.size == 0:
         return
-    ev = job.evaluator
-    if not hasattr(ev, "evaluate"):  # an executor's stand-in evaluates tiles only
+    ev = job.runner
+    if not hasattr(ev, "evaluate"):  # an executor's runner evaluates whole tiles only
         warnings.warn("reuse= of a loss-landscape file with an executor: its values were not "
                       "checked against this model, data and directions.", stacklevel=3)
         return
-    radius = np.linalg.norm(_coords(job.axes, idx), axis=1)
+    radius = np.linalg.norm(job.coords(idx), axis=1)
     pick = np.unique(idx[[int(np.argmin(radius)), int(np.argmax(radius))]])
-    coords = _coords(job.axes, pick)
+    coords = job.coords(pick)
     got = ev.evaluate(coords)
     # accuracy: one sample may flip on float noise between the two tools' arithmetic
     n = max(int(job.spec.get("n_samples") or 1), 1)

@@ -24,8 +24,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core.compute import _prepare, fingerprint, remote_evaluators
+from ..core.compute import grid_job
 from ..core.evaluate import METRICS, LossFn
+from ..core.fingerprints import fingerprint
 from ..core.landscape import TileStream, _run
 from ..core.params import (
     Params,
@@ -100,17 +101,13 @@ def triangle_stream(models: Sequence[nn.Module], data, *, resolution: int = 20,
     # The lattice reaches the largest multiple of 1/resolution within the margin asked for;
     # that is the margin of the region (and of the drawing).
     margin = abs(float(axis[0]))
-    ev_options = dict(options.pop("evaluator_options", None) or {}, barycentric=True)
-    job = _prepare(models[2], data, directions=points, axes_spec=[
-        (float(axis[0]), float(axis[-1]), axis.size)] * 2, loss_fn=loss_fn, metrics=metrics,
-        bn=bn, device=device, seed=None, reuse=None, keep_directions=False,
-        evaluator_options=ev_options,
-        make_evaluator=remote_evaluators(options.pop("executor", None)))
-    job.axes = [axis, axis]  # exact quotients, so the vertices are grid points
     alpha, beta = np.meshgrid(axis, axis)
-    outside = (alpha + beta > 1 + margin + 1e-9).ravel()
-    job.known = {m: np.full(outside.size, np.nan) for m in job.evaluator.metrics}
-    job.known_mask = outside
+    # axes: the exact quotients, so that the vertices are grid points.
+    job = grid_job(models[2], data, axes=[axis, axis], points=points,
+                   region=alpha + beta <= 1 + margin + 1e-9, loss_fn=loss_fn, metrics=metrics,
+                   bn=bn, device=device, seed=None, keep_directions=False,
+                   evaluator_options=options.pop("evaluator_options", None),
+                   executor=options.pop("executor", None))
     job.spec.update(kind="triangle", names=names, resolution=resolution, margin=margin,
                     models=[fingerprint(p) for p in points])
     return TileStream(job, options.pop("tile_points", None), options.pop("cancel", None))
