@@ -52,9 +52,8 @@ from .experiments.curves import (
     classify_curve,
 )
 from .experiments.mining import mine_direction, mine_plane, rayleigh_quotient
-from .experiments.optimizers import compare_optimizers
 from .experiments.permute import permutation_direction
-from .experiments.runs import OptimizerRuns
+from .experiments.runs import OptimizerRuns, compare_optimizers
 from .experiments.side import side_direction
 from .experiments.triangle import TriangleSurface, triangle_surface
 from .magic import load_ipython_extension

@@ -6,8 +6,10 @@ step inside ``torch.random.fork_rng``, so the caller's RNG is untouched), and a 
 kept at every epoch (epoch 0 is ``theta_0``). B4 switching continues from another run's
 checkpoint with a fresh optimizer on the remaining epochs of the same batch schedule.
 
-The analyses (distances, functional difference, basin size, planes, the table figure) live in
-:mod:`.runs`.
+This module trains one run (:func:`start_run`, :func:`train_run`); the set of runs,
+:func:`~landscape_widget.experiments.runs.compare_optimizers` that makes it, and the analyses
+(distances, functional difference, basin size, planes, the table figure) live in
+:mod:`.runs`, which imports this module and never the other way round.
 """
 
 from __future__ import annotations
@@ -16,12 +18,11 @@ import copy
 import hashlib
 import inspect
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.data import as_tensors
@@ -61,7 +62,12 @@ def _cpu_state(model: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
-def _initial_model(model_fn, seed: int) -> nn.Module:
+def initial_model(model_fn, seed: int) -> nn.Module:
+    """``theta_0``: ``model_fn()`` built under ``seed`` (global RNG untouched), or a copy.
+
+    Raises:
+        TypeError: If ``model_fn`` is neither a module nor a callable, or builds no module.
+    """
     if isinstance(model_fn, nn.Module):
         return copy.deepcopy(model_fn)  # the user's module is only read
     if not callable(model_fn):
@@ -76,7 +82,13 @@ def _initial_model(model_fn, seed: int) -> nn.Module:
     return model
 
 
-def _make_optimizer(name: str, factory, model: nn.Module) -> torch.optim.Optimizer:
+def make_optimizer(name: str, factory, model: nn.Module) -> torch.optim.Optimizer:
+    """``factory(model.parameters())``, checked to be a first-order optimizer.
+
+    Raises:
+        TypeError: If ``factory`` is not callable, returns no optimizer, or returns one whose
+            ``step`` needs a closure.
+    """
     if not callable(factory):
         raise TypeError(
             f"optimizers[{name!r}] must build an optimizer from parameters, e.g. "
@@ -235,66 +247,6 @@ def _rng_devices(x: Tensor) -> list:
     return [x.device] if x.device.type == "cuda" else []
 
 
-def compare_optimizers(model_fn, train_data, optimizers: Mapping[str, OptimizerFactory], *,
-                       epochs: int = 10, batch_size: int = 128, seed: int = 0, test_data=None,
-                       loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
-                       progress: bool = True):
-    """Train one architecture with each optimizer from a shared start and batch order.
-
-    PAPERS (b) B1. Each run trains its own copy of ``theta_0`` (made once, from ``seed``),
-    visits the same mini-batches in the same order and draws the same dropout masks, and
-    keeps a checkpoint after every epoch. Re-run with another ``seed`` for another
-    initialisation (and batch order).
-
-    Args:
-        model_fn: Zero-argument callable returning a freshly initialised network (called
-            once, with the RNG seeded from ``seed``), or an ``nn.Module`` to start from
-            (copied, never modified).
-        train_data: ``(inputs, targets)`` tensors, a ``Dataset`` or a ``DataLoader``; held in
-            memory on the model's device.
-        optimizers: ``{name: factory}``, each ``factory(params)`` returning an optimizer,
-            e.g. ``{"sgd": functools.partial(torch.optim.SGD, lr=0.1)}``.
-        epochs: Epochs per run.
-        batch_size: Samples per step (the last, smaller batch of an epoch is used too).
-        seed: Seed of ``theta_0``, of the batch order and of the dropout masks.
-        test_data: Optional held-out data, evaluated after every epoch.
-        loss_fn: ``loss_fn(outputs, targets)``, mean over the batch; cross-entropy by default.
-        progress: Show a tqdm bar over all steps.
-
-    Returns:
-        An :class:`~landscape_widget.experiments.runs.OptimizerRuns`.
-    """
-    from .runs import OptimizerRuns
-
-    if not isinstance(optimizers, Mapping) or not optimizers:
-        raise TypeError("optimizers must be a non-empty dict {name: factory(params)}.")
-    for name in optimizers:
-        if not isinstance(name, str) or not name:
-            raise TypeError(f"optimizer names must be non-empty strings, got {name!r}.")
-    for what, v in (("epochs", epochs), ("batch_size", batch_size)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{what} must be an int >= 1, got {v!r}.")
-    init = _initial_model(model_fn, seed)
-    loss_fn = loss_fn if loss_fn is not None else F.cross_entropy
-    x, y = held_data(train_data, init, seed)
-    test = None if test_data is None else held_data(test_data, init, seed)
-    schedule = Schedule(int(x.shape[0]), batch_size, epochs, seed)
-    runs = OptimizerRuns(init, (x, y), test, dict(optimizers), schedule, loss_fn, epochs)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(optimizers) * epochs * schedule.steps_per_epoch, unit="step",
-                   desc="training")
-    try:
-        for name, factory in optimizers.items():
-            runs.train(name, factory, bar=bar)
-    finally:
-        if bar is not None:
-            bar.close()
-    return runs
-
-
 def new_run(name: str, init_state: dict[str, Tensor], test_logged: bool) -> Run:
     """An empty run whose epoch 0 is ``init_state``."""
     history = {"train_loss": [float("nan")]}
@@ -308,3 +260,16 @@ def model_at(template: nn.Module, state: dict[str, Tensor]) -> nn.Module:
     model = copy.deepcopy(template)
     model.load_state_dict(state)
     return model.eval()
+
+
+def start_run(name: str, factory, init: nn.Module, schedule: Schedule, epochs: int,
+              data: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor] | None, loss_fn,
+              bar=None) -> Run:
+    """Train a new run ``name`` with ``factory`` from a copy of ``init`` (its epoch 0)."""
+    model = copy.deepcopy(init)
+    optimizer = make_optimizer(name, factory, model)
+    run = new_run(name, _cpu_state(model), test is not None)
+    run.optimizer = repr(factory)
+    _log_test(run, model, test, loss_fn)
+    train_run(run, model, optimizer, schedule, range(epochs), data, test, loss_fn, bar)
+    return run

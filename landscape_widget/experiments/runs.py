@@ -1,10 +1,15 @@
-"""What to do with a set of optimizer runs (Im, Tao & Branson 2016, PAPERS (b) B2–B7)."""
+"""A set of optimizer runs from one start: how it is made and what to do with it.
+
+Im, Tao & Branson 2016, PAPERS (b) B1–B7: :func:`compare_optimizers` trains the runs (each
+with :mod:`.optimizers`) into an :class:`OptimizerRuns`, whose methods switch optimizers
+mid-run and measure distances, functional differences, basins and planes.
+"""
 
 from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -17,15 +22,15 @@ from ..core.landscape import compute_curve
 from ..core.surface import Curve
 from ._objective import _norm
 from .optimizers import (
+    OptimizerFactory,
     Run,
     Schedule,
-    _cpu_state,
-    _log_test,
-    _make_optimizer,
     class_targets,
     held_data,
+    initial_model,
+    make_optimizer,
     model_at,
-    new_run,
+    start_run,
     train_run,
 )
 from .triangle import TriangleSurface, triangle_surface
@@ -46,6 +51,64 @@ def _quantiles(values: np.ndarray, qs: Sequence[float]) -> list[float]:
         out.append(float(v[lo]) if w == 0 or v[lo] == v[hi] else
                    float(np.inf) if np.isinf(v[hi]) else float(v[lo] + w * (v[hi] - v[lo])))
     return out
+
+
+def compare_optimizers(model_fn, train_data, optimizers: Mapping[str, OptimizerFactory], *,
+                       epochs: int = 10, batch_size: int = 128, seed: int = 0, test_data=None,
+                       loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+                       progress: bool = True) -> OptimizerRuns:
+    """Train one architecture with each optimizer from a shared start and batch order.
+
+    PAPERS (b) B1. Each run trains its own copy of ``theta_0`` (made once, from ``seed``),
+    visits the same mini-batches in the same order and draws the same dropout masks, and
+    keeps a checkpoint after every epoch. Re-run with another ``seed`` for another
+    initialisation (and batch order).
+
+    Args:
+        model_fn: Zero-argument callable returning a freshly initialised network (called
+            once, with the RNG seeded from ``seed``), or an ``nn.Module`` to start from
+            (copied, never modified).
+        train_data: ``(inputs, targets)`` tensors, a ``Dataset`` or a ``DataLoader``; held in
+            memory on the model's device.
+        optimizers: ``{name: factory}``, each ``factory(params)`` returning an optimizer,
+            e.g. ``{"sgd": functools.partial(torch.optim.SGD, lr=0.1)}``.
+        epochs: Epochs per run.
+        batch_size: Samples per step (the last, smaller batch of an epoch is used too).
+        seed: Seed of ``theta_0``, of the batch order and of the dropout masks.
+        test_data: Optional held-out data, evaluated after every epoch.
+        loss_fn: ``loss_fn(outputs, targets)``, mean over the batch; cross-entropy by default.
+        progress: Show a tqdm bar over all steps.
+
+    Returns:
+        An :class:`~landscape_widget.experiments.runs.OptimizerRuns`.
+    """
+    if not isinstance(optimizers, Mapping) or not optimizers:
+        raise TypeError("optimizers must be a non-empty dict {name: factory(params)}.")
+    for name in optimizers:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"optimizer names must be non-empty strings, got {name!r}.")
+    for what, v in (("epochs", epochs), ("batch_size", batch_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{what} must be an int >= 1, got {v!r}.")
+    init = initial_model(model_fn, seed)
+    loss_fn = loss_fn if loss_fn is not None else F.cross_entropy
+    x, y = held_data(train_data, init, seed)
+    test = None if test_data is None else held_data(test_data, init, seed)
+    schedule = Schedule(int(x.shape[0]), batch_size, epochs, seed)
+    runs = OptimizerRuns(init, (x, y), test, dict(optimizers), schedule, loss_fn, epochs)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(optimizers) * epochs * schedule.steps_per_epoch, unit="step",
+                   desc="training")
+    try:
+        for name, factory in optimizers.items():
+            runs.train(name, factory, bar=bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    return runs
 
 
 class OptimizerRuns:
@@ -75,13 +138,8 @@ class OptimizerRuns:
     # --- training ---------------------------------------------------------------------
     def train(self, name: str, factory, bar=None) -> Run:
         """Train (or re-train) the run ``name`` from ``theta_0`` with ``factory``."""
-        model = copy.deepcopy(self._init)
-        optimizer = _make_optimizer(name, factory, model)
-        run = new_run(name, _cpu_state(model), self.test is not None)
-        run.optimizer = repr(factory)
-        _log_test(run, model, self.test, self.loss_fn)
-        train_run(run, model, optimizer, self.schedule, range(self.epochs), self.data,
-                  self.test, self.loss_fn, bar)
+        run = start_run(name, factory, self._init, self.schedule, self.epochs, self.data,
+                        self.test, self.loss_fn, bar)
         self.runs[name] = run
         return run
 
@@ -120,7 +178,7 @@ class OptimizerRuns:
             raise ValueError(f"run {a!r} stopped (diverged) before epoch {at_epoch}.")
         name = f"{a}{at_epoch}-{b}{self.epochs - at_epoch}"
         model = model_at(self._init, run_a.checkpoints[at_epoch]).train()
-        opt = _make_optimizer(b, factory, model)
+        opt = make_optimizer(b, factory, model)
         run = Run(name, list(run_a.checkpoints[: at_epoch + 1]),
                   {k: list(v[: at_epoch + 1]) for k, v in run_a.history.items()},
                   init=run_a.init, switched=(a, at_epoch), optimizer=repr(factory))
