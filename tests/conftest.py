@@ -69,3 +69,25 @@ def not_run(line: str) -> None:
     print(line)
     if line not in NOT_RUN:
         NOT_RUN.append(line)
+
+
+@pytest.fixture
+def worker_factory():
+    """``make(model=None, data=None, hook=None, **kwargs) -> (Worker, Recorder)``; closes
+    every worker it made. Defaults: :func:`widget_cases.worker_model` and ``worker_data``."""
+    from widget_cases import Recorder, worker_data, worker_model
+
+    from landscape_widget.widget.worker import Worker
+
+    made = []
+
+    def make(model=None, data=None, hook=None, **kwargs):
+        rec = Recorder(hook)
+        w = Worker(model if model is not None else worker_model(),
+                   data if data is not None else worker_data(), send=rec, **kwargs)
+        made.append(w)
+        return w, rec
+
+    yield make
+    for w in made:
+        w.close()

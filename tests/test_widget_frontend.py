@@ -14,7 +14,8 @@ import json
 import re
 
 import pytest
-from test_widget_protocol import FakeFrontEnd, _model_data
+from widget_cases import FakeFrontEnd
+from widget_cases import model_data as _model_data
 
 import landscape_widget as lw
 from landscape_widget import LandscapeWidget

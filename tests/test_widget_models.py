@@ -17,8 +17,9 @@ import pytest
 import torch
 import traitlets as t
 from snapshots import assert_same_snapshot, snapshot
-from test_widget_protocol import FakeFrontEnd
-from test_widget_worker import Recorder, _data, _model, assemble, worker_factory  # noqa: F401
+from widget_cases import FakeFrontEnd, Recorder, assemble
+from widget_cases import worker_data as _data
+from widget_cases import worker_model as _model
 
 import landscape_widget as lw
 from landscape_widget import LandscapeWidget

@@ -13,7 +13,8 @@ import threading
 import numpy as np
 import pytest
 from snapshots import assert_same_snapshot, snapshot
-from test_widget_protocol import FakeFrontEnd, Unprintable, _model_data
+from widget_cases import FakeFrontEnd, Unprintable
+from widget_cases import model_data as _model_data
 
 import landscape_widget as lw
 from landscape_widget import LandscapeWidget

@@ -12,37 +12,14 @@ import random
 
 import pytest
 import torch
-from torch import nn
+from widget_cases import FakeFrontEnd, Unprintable
+from widget_cases import model_data as _model_data
 
 from landscape_widget import LandscapeWidget
 from landscape_widget.widget import protocol
 from landscape_widget.widget.protocol import MAX_1D, MAX_2D, ProtocolError, Spec, parse_spec
 
 VALID = Spec(resolution=5).to_dict()
-
-
-def _model_data():
-    g = torch.Generator().manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    data = (torch.randn(32, 4, generator=g), torch.randint(0, 3, (32,), generator=g))
-    return model, data
-
-
-class FakeFrontEnd:
-    """Records what the widget sends."""
-
-    def __init__(self, widget):
-        self.sent: list[tuple[dict, list]] = []
-        widget.send = lambda content, buffers=None: self.sent.append((content, buffers or []))
-
-    def kinds(self):
-        return [m["kind"] for m, _ in self.sent]
-
-    def errors(self):
-        return [m for m, _ in self.sent if m["kind"] == "error"]
 
 
 @pytest.fixture
@@ -55,11 +32,6 @@ def widget():
 
 def spec_with(**changes):
     return {"kind": "compute", "id": "req-1", "spec": {**VALID, **changes}}
-
-
-class Unprintable:
-    def __repr__(self):
-        raise RuntimeError("hostile repr")
 
 
 MALFORMED = {

@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 import torch
 from snapshots import assert_same_snapshot, snapshot
-from test_widget_protocol import FakeFrontEnd
-from test_widget_worker import _data, _model, worker_factory  # noqa: F401
+from widget_cases import FakeFrontEnd
+from widget_cases import worker_data as _data
+from widget_cases import worker_model as _model
 
 import landscape_widget as lw
 from landscape_widget import LandscapeWidget

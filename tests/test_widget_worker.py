@@ -21,88 +21,13 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from widget_cases import Recorder, assemble
+from widget_cases import worker_data as _data
+from widget_cases import worker_model as _model
 
 import landscape_widget as lw
 from landscape_widget import LandscapeWidget
-from landscape_widget.widget.protocol import Spec, decode_buffer
-from landscape_widget.widget.worker import Worker
-
-
-def _model(bn: bool = False, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    layers = [nn.Linear(6, 12)] + ([nn.BatchNorm1d(12)] if bn else []) + [nn.ReLU(),
-                                                                          nn.Linear(12, 3)]
-    model = nn.Sequential(*layers)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-        if bn:
-            model.train()
-            for _ in range(3):
-                model(torch.randn(16, 6, generator=g))
-    model.eval()
-    return model
-
-
-def _data(n: int = 48):
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
-
-
-class Recorder:
-    """A fake front end: collects messages; optional hook called on each."""
-
-    def __init__(self, hook=None):
-        self.messages: list[tuple[dict, list]] = []
-        self.hook = hook
-        self.lock = threading.Lock()
-
-    def __call__(self, msg, buffers):
-        with self.lock:
-            self.messages.append((msg, buffers))
-        if self.hook is not None:
-            self.hook(msg)
-
-    def of(self, job_id, kind=None):
-        with self.lock:
-            return [(m, b) for m, b in self.messages
-                    if m.get("id") == job_id and (kind is None or m["kind"] == kind)]
-
-
-def assemble(rec: Recorder, job_id: str):
-    """The grid a front end would hold after the tiles of ``job_id``; checks coverage."""
-    (start, bufs), = rec.of(job_id, "start")
-    shape = tuple(start["shape"])
-    size = int(np.prod(shape))
-    loss = np.full(size, np.nan, dtype=np.float32)
-    acc = np.full(size, np.nan, dtype=np.float32)
-    seen = np.zeros(size, dtype=int)
-    for msg, (flat, lo, ac) in rec.of(job_id, "tile"):
-        idx = decode_buffer(flat, "<i4")
-        assert idx.size == msg["n"]
-        seen[idx] += 1
-        loss[idx] = decode_buffer(lo)
-        a = decode_buffer(ac)
-        if a.size:  # empty when accuracy is not computed
-            acc[idx] = a
-    x = decode_buffer(bufs[0])
-    return seen.reshape(shape), loss.reshape(shape), acc.reshape(shape), x
-
-
-@pytest.fixture
-def worker_factory():
-    made = []
-
-    def make(model=None, data=None, hook=None, **kwargs):
-        rec = Recorder(hook)
-        w = Worker(model if model is not None else _model(), data if data is not None else _data(),
-                   send=rec, **kwargs)
-        made.append(w)
-        return w, rec
-
-    yield make
-    for w in made:
-        w.close()
+from landscape_widget.widget.protocol import Spec
 
 
 @pytest.mark.parametrize("norm", ["filter", "layer", "none"])
