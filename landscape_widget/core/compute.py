@@ -24,14 +24,15 @@ from torch import nn
 
 from .directions import random_directions
 from .evaluate import METRICS, Evaluator
-from .fingerprints import callable_fingerprint, fingerprint, fingerprint_text
-from .grid import MAX_GRID_POINTS, Tile, axis_range, axis_values, cut_tiles, match_axis
+from .fingerprints import fingerprint, fingerprint_text
+from .grid import MAX_GRID_POINTS, Tile, axis_range, axis_values, cut_tiles
 from .params import Params, check_direction
+from .reuse import check_reusable, loss_name, reused_points, what_is_computed
 from .state import bn_batch_size_for
 from .tuning import Plan
 
 __all__ = ["GridJob", "LocalRunner", "TileRunner", "fingerprint", "fingerprint_text",
-           "grid_job", "metric_values"]  # fingerprint*: re-exported for widget/ (was here)
+           "grid_job"]  # fingerprint*: re-exported, as widget/ imports them from here
 
 
 @runtime_checkable
@@ -203,36 +204,6 @@ class LocalRunner(Evaluator):
             index += 1
 
 
-def _loss_name(loss_fn) -> str:
-    if loss_fn is None:
-        return "cross_entropy"
-    return getattr(loss_fn, "__qualname__", None) or type(loss_fn).__name__
-
-
-def _what_is_computed(loss_fn, metrics, output_fn) -> dict:
-    """Fingerprints of the loss and of the user metrics (with ``output_fn``), for reuse.
-
-    ``None`` where a function cannot be fingerprinted reliably (see core/fingerprints.py).
-    """
-    user = {k: v for k, v in metrics.items() if v is not None} if isinstance(metrics, dict) else {}
-    parts = {name: callable_fingerprint(fn) for name, fn in sorted(user.items())}
-    if output_fn is not None:
-        parts["output_fn"] = callable_fingerprint(output_fn)
-    unreliable = [k for k, v in parts.items() if v is None]
-    return {
-        "loss_fingerprint": callable_fingerprint(loss_fn) if loss_fn is not None
-        else "cross_entropy",
-        "metrics_fingerprint": None if unreliable else fingerprint_text(repr(parts)),
-    }
-
-
-def metric_values(result, name: str):
-    """The array of metric ``name`` in a Surface/Curve (None if it was not computed)."""
-    if name in ("loss", "accuracy"):
-        return getattr(result, name, None)
-    return (getattr(result, "extra_metrics", None) or {}).get(name)
-
-
 def _resolve_directions(model, directions, ndim, seed, points: bool = False
                         ) -> tuple[list[Params], str]:
     if points:  # barycentric: ndim + 1 vertices (see Evaluator)
@@ -255,55 +226,6 @@ def _resolve_directions(model, directions, ndim, seed, points: bool = False
     return list(directions), "given"
 
 
-def _reuse(job: GridJob, reuse, metrics: Sequence[str]) -> None:
-    """Copy the values of ``reuse`` at coordinates that coincide with the new grid."""
-    for key, what in (("loss_fingerprint", "loss_fn"), ("metrics_fingerprint", "metrics")):
-        if job.spec.get(key) is None or reuse.spec.get(key) is None:
-            if reuse.spec.get("source") == "loss-landscape" and job.spec.get(key) is not None:
-                continue  # checked by recomputing a few points (check_foreign_reuse)
-            which = "this call's" if job.spec.get(key) is None else "reuse='s"
-            raise ValueError(
-                f"reuse= cannot tell whether {which} {what} is the one the points were "
-                "computed with: it holds a value that cannot be fingerprinted (an object with "
-                "no state or stable repr), or the result predates fingerprints. Compute "
-                "without reuse=, or use a loss module / module-level function."
-            )
-    same = ("model", "directions", "loss_fn", "loss_fingerprint", "metrics_fingerprint", "bn",
-            "bn_batch_size", "n_samples", "data")
-    # A loss-landscape file records none of these: its values are checked by recomputing
-    # a few of them instead (check_foreign_reuse in landscape.py).
-    foreign = reuse.spec.get("source") == "loss-landscape"
-    diff = [] if foreign else [k for k in same if reuse.spec.get(k) != job.spec.get(k)]
-    if "loss_fingerprint" in diff and "loss_fn" not in diff:
-        diff[diff.index("loss_fingerprint")] = "loss (same name, other settings or code)"
-    missing = [m for m in metrics if metric_values(reuse, m) is None]
-    if diff or missing:
-        raise ValueError(
-            f"reuse= was computed with a different {', '.join(diff) or 'set of metrics'}; "
-            "only a result of the same model, directions, data, loss and bn mode can be reused."
-        )
-    old_axes = [reuse.x] if len(job.axes) == 1 else [reuse.y, reuse.x]
-    maps = [match_axis(new, old) for new, old in zip(job.axes, old_axes, strict=True)]
-    shape = tuple(a.size for a in job.axes)
-    mask = np.ones(shape, dtype=bool)
-    if len(maps) == 1:
-        mask &= maps[0] >= 0
-        src = (maps[0][mask],)
-    else:
-        mask &= np.logical_and.outer(maps[0] >= 0, maps[1] >= 0)
-        iy, ix = np.nonzero(mask)
-        src = (maps[0][iy], maps[1][ix])
-    for m in metrics:
-        arr = np.full(shape, np.nan)
-        arr[mask] = np.asarray(metric_values(reuse, m))[src]
-        job.known[m] = arr.ravel()
-    # NaN: not computed (a cancelled run, an unfinished loss-landscape file) or non-finite:
-    # computed (again).
-    for m in metrics:
-        mask &= ~np.isnan(job.known[m].reshape(shape))
-    job.known_mask = mask.ravel()
-
-
 def grid_job(model: nn.Module, data, *, axes: Sequence, directions=None,
              points: Sequence[Params] | None = None, region: np.ndarray | None = None,
              reuse=None, loss_fn=None, metrics=METRICS, bn: str = "eval",
@@ -319,8 +241,7 @@ def grid_job(model: nn.Module, data, *, axes: Sequence, directions=None,
         model: The model; never modified.
         data: The data (see :func:`~landscape_widget.iter_tiles`).
         axes: ``[x]`` for a curve, ``[y, x]`` for a surface; each a ``(start, stop, num)``
-            range or a 1-D array of coordinates (taken exactly, see
-            :func:`~landscape_widget.core.grid.axis_values`).
+            range or an :class:`~landscape_widget.core.grid.ExactAxis` of coordinates.
         directions: One direction per axis (``None``: random, drawn from ``seed``).
         points: Instead of ``directions``, the ``ndim + 1`` vertices of a barycentric grid
             (full parameter dicts): coordinate ``c`` is ``sum_j c_j * p_j +
@@ -387,8 +308,8 @@ def grid_job(model: nn.Module, data, *, axes: Sequence, directions=None,
         "y": axis_range(axes[0], values[0]) if len(values) == 2 else None,
         "metrics": list(runner.metrics),
         "metrics_dropped": dict(runner.dropped),
-        "loss_fn": _loss_name(loss_fn),
-        **_what_is_computed(loss_fn, metrics, options.get("output_fn")),
+        "loss_fn": loss_name(loss_fn),
+        **what_is_computed(loss_fn, metrics, options.get("output_fn")),
         "bn": bn,
         "bn_batch_size": bn_batch_size,
         "seed": seed if directions is None else None,
@@ -407,7 +328,8 @@ def grid_job(model: nn.Module, data, *, axes: Sequence, directions=None,
     job = GridJob(values, dirs, spec, runner)
     job.spec["keep_directions"] = keep_directions
     if reuse is not None:
-        _reuse(job, reuse, runner.metrics)
+        check_reusable(job.spec, reuse, runner.metrics)
+        job.known, job.known_mask = reused_points(values, reuse, runner.metrics)
     if region is not None:
         job.restrict(region)
     return job

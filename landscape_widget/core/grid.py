@@ -1,6 +1,6 @@
 """Grids, coarse-to-fine ordering and tiles.
 
-A grid is one or two axes, ``numpy.linspace`` ranges or given coordinates. Points are
+A grid is one or two axes, ``numpy.linspace`` ranges or exact coordinates. Points are
 visited coarse to fine: first the lattice of every ``2**L``-th index, anchored at the
 middle index so that the centre of a symmetric odd grid (the model itself) comes first,
 then every ``2**(L-1)``-th, down to every point. Each point is visited exactly once.
@@ -55,29 +55,43 @@ def parse_axis(spec, name: str = "x") -> np.ndarray:
     return np.linspace(float(start), float(stop), int(num))
 
 
-def axis_values(spec, name: str = "x") -> np.ndarray:
-    """An axis from ``(start, stop, num)`` (:func:`parse_axis`) or from its coordinates.
+@dataclass(frozen=True)
+class ExactAxis:
+    """An axis given by its coordinates, taken as they are (not a ``linspace`` range).
 
-    Coordinates are taken as given (e.g. exact quotients ``i / n``, so that chosen values
-    such as 0 and 1 are grid points, which ``linspace`` rounding may miss).
+    E.g. exact quotients ``i / n``, so that chosen values such as 0 and 1 are grid points,
+    which ``linspace`` rounding may miss.
+
+    Attributes:
+        values: The coordinates, strictly increasing or decreasing.
+    """
+
+    values: np.ndarray
+
+
+def axis_values(spec, name: str = "x") -> np.ndarray:
+    """An axis from ``(start, stop, num)`` (:func:`parse_axis`) or an :class:`ExactAxis`.
 
     Raises:
-        TypeError: If ``spec`` is neither a 3-tuple nor a 1-D array of numbers.
+        TypeError: If ``spec`` is neither (see :func:`parse_axis`), or the coordinates of an
+            ``ExactAxis`` are not a 1-D array of numbers.
         ValueError: If coordinates are not finite, not strictly monotonic, or more than
             :data:`MAX_AXIS_POINTS`; see :func:`parse_axis` for ranges.
 
     Example:
         >>> axis_values((0, 1, 3), "x").tolist()
         [0.0, 0.5, 1.0]
-        >>> axis_values(np.arange(-1, 4) / 3, "x").tolist() == [i / 3 for i in range(-1, 4)]
+        >>> exact = axis_values(ExactAxis(np.arange(-1, 4) / 3), "x")
+        >>> exact.tolist() == [i / 3 for i in range(-1, 4)]
         True
     """
-    if not isinstance(spec, np.ndarray):
+    if not isinstance(spec, ExactAxis):
         return parse_axis(spec, name)
-    if spec.ndim != 1 or spec.dtype.kind not in "iuf":
+    values = np.asarray(spec.values)
+    if values.ndim != 1 or values.dtype.kind not in "iuf":
         raise TypeError(f"{name} coordinates must be a 1-D array of numbers, got shape "
-                        f"{spec.shape} of {spec.dtype}.")
-    values = spec.astype(np.float64)
+                        f"{values.shape} of {values.dtype}.")
+    values = values.astype(np.float64)
     if not 1 <= values.size <= MAX_AXIS_POINTS:
         raise ValueError(f"{name} has {values.size} coordinates, outside [1, {MAX_AXIS_POINTS}].")
     if not np.isfinite(values).all():
@@ -91,9 +105,9 @@ def axis_values(spec, name: str = "x") -> np.ndarray:
 def axis_range(spec, values: np.ndarray) -> list:
     """``[start, stop, num]`` of an axis as recorded in a result's spec.
 
-    A range is recorded as given; given coordinates by their first, last and count.
+    A range is recorded as given; an :class:`ExactAxis` by its first, last and count.
     """
-    if isinstance(spec, np.ndarray):
+    if isinstance(spec, ExactAxis):
         return [float(values[0]), float(values[-1]), int(values.size)]
     return list(spec)
 

@@ -61,6 +61,20 @@ _HINT = ("More steps=, other seeds or a smaller scale= may reach it; a model at 
          "isolated minimum may have no such direction nearby.")
 
 
+def _settings(shape: str, steps, scale, lr, seed, attempts) -> tuple[int, float]:
+    """``steps`` and ``scale`` (the shape's defaults where ``None``), every setting checked.
+
+    Raises:
+        TypeError: If ``seed`` is not an int.
+        ValueError: If a setting is out of range.
+    """
+    steps = DEFAULT_STEPS[shape] if steps is None else steps
+    scale = DEFAULT_SCALE[shape] if scale is None else scale
+    _check_common(steps, scale, lr, seed)
+    _check_attempts(attempts)
+    return steps, scale
+
+
 def _plan(seed: int, scale: float, lr: float, attempts: int, shape: str = "") -> list[dict]:
     if shape == "vvv-basin":
         # Its failure is a cap, not a too-large radius (an early-stopped MLP: L(theta) 1.28,
@@ -152,10 +166,7 @@ def mine_direction(model: nn.Module, data, shape: str = "w-peak", *, steps: int 
     if shape not in MINED_SHAPES:
         raise ValueError(f"shape={shape!r} is not a mined curve shape; choose one of "
                          f"{list(MINED_SHAPES)} (or 'saddle'/'wine-bottle' with lw.mine_plane).")
-    steps = DEFAULT_STEPS[shape] if steps is None else steps
-    scale = DEFAULT_SCALE[shape] if scale is None else scale
-    _check_common(steps, scale, lr, seed)
-    _check_attempts(attempts)
+    steps, scale = _settings(shape, steps, scale, lr, seed, attempts)
     obj = _Objective(model, data, loss_fn=loss_fn, bn=bn, ignore=ignore, device=device)
     scales = obj.scales()
 
@@ -301,10 +312,7 @@ def mine_plane(model: nn.Module, data, shape: str = "saddle", *, steps: int | No
     if shape not in PLANE_SHAPES:
         raise ValueError(f"shape={shape!r} is not a mined surface; choose one of "
                          f"{list(PLANE_SHAPES)}.")
-    steps = DEFAULT_STEPS[shape] if steps is None else steps
-    scale = DEFAULT_SCALE[shape] if scale is None else scale
-    _check_common(steps, scale, lr, seed)
-    _check_attempts(attempts)
+    steps, scale = _settings(shape, steps, scale, lr, seed, attempts)
     if isinstance(angles, bool) or not isinstance(angles, int) or angles < 1:
         raise ValueError(f"angles must be an int >= 1, got {angles!r}.")
     obj = _Objective(model, data, loss_fn=loss_fn, bn=bn, ignore=ignore, device=device)

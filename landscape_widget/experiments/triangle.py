@@ -27,6 +27,7 @@ from torch import nn
 from ..core.compute import grid_job
 from ..core.evaluate import METRICS, LossFn
 from ..core.fingerprints import fingerprint
+from ..core.grid import ExactAxis
 from ..core.landscape import TileStream, _run
 from ..core.params import (
     Params,
@@ -103,7 +104,7 @@ def triangle_stream(models: Sequence[nn.Module], data, *, resolution: int = 20,
     margin = abs(float(axis[0]))
     alpha, beta = np.meshgrid(axis, axis)
     # axes: the exact quotients, so that the vertices are grid points.
-    job = grid_job(models[2], data, axes=[axis, axis], points=points,
+    job = grid_job(models[2], data, axes=[ExactAxis(axis)] * 2, points=points,
                    region=alpha + beta <= 1 + margin + 1e-9, loss_fn=loss_fn, metrics=metrics,
                    bn=bn, device=device, seed=None, keep_directions=False,
                    evaluator_options=options.pop("evaluator_options", None),

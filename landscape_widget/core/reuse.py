@@ -1,0 +1,127 @@
+"""Reuse of computed points: what must match, and where old points fall on a new grid.
+
+A result records in its ``spec`` fingerprints of the model, directions, data, loss and
+metrics (:func:`what_is_computed`, :mod:`.fingerprints`). ``reuse=`` copies the points of
+an earlier result whose coordinates coincide with the new grid's (:func:`reused_points`)
+once :func:`check_reusable` has found it computed alike; a loss-landscape file records no
+fingerprints and is checked by recomputing two of its points instead
+(:func:`~landscape_widget.core.landscape.check_foreign_reuse`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from .fingerprints import callable_fingerprint, fingerprint_text
+from .grid import match_axis
+
+
+def loss_name(loss_fn) -> str:
+    """The name recorded as ``spec["loss_fn"]``."""
+    if loss_fn is None:
+        return "cross_entropy"
+    return getattr(loss_fn, "__qualname__", None) or type(loss_fn).__name__
+
+
+def what_is_computed(loss_fn, metrics, output_fn) -> dict:
+    """Fingerprints of the loss and of the user metrics (with ``output_fn``), for reuse.
+
+    ``None`` where a function cannot be fingerprinted reliably (see :mod:`.fingerprints`).
+    """
+    user = {k: v for k, v in metrics.items() if v is not None} if isinstance(metrics, dict) else {}
+    parts = {name: callable_fingerprint(fn) for name, fn in sorted(user.items())}
+    if output_fn is not None:
+        parts["output_fn"] = callable_fingerprint(output_fn)
+    unreliable = [k for k, v in parts.items() if v is None]
+    return {
+        "loss_fingerprint": callable_fingerprint(loss_fn) if loss_fn is not None
+        else "cross_entropy",
+        "metrics_fingerprint": None if unreliable else fingerprint_text(repr(parts)),
+    }
+
+
+def metric_values(result, name: str):
+    """The array of metric ``name`` in a Surface/Curve (None if it was not computed)."""
+    if name in ("loss", "accuracy"):
+        return getattr(result, name, None)
+    return (getattr(result, "extra_metrics", None) or {}).get(name)
+
+
+def check_reusable(spec: dict, reuse, metrics: Sequence[str]) -> None:
+    """Refuse ``reuse`` unless it was computed like the grid of ``spec``.
+
+    Raises:
+        ValueError: If the model, directions, data, loss, metrics, bn mode or sample count
+            differ, a metric is missing, or a loss or metric cannot be fingerprinted.
+    """
+    for key, what in (("loss_fingerprint", "loss_fn"), ("metrics_fingerprint", "metrics")):
+        if spec.get(key) is None or reuse.spec.get(key) is None:
+            if reuse.spec.get("source") == "loss-landscape" and spec.get(key) is not None:
+                continue  # checked by recomputing a few points (check_foreign_reuse)
+            which = "this call's" if spec.get(key) is None else "reuse='s"
+            raise ValueError(
+                f"reuse= cannot tell whether {which} {what} is the one the points were "
+                "computed with: it holds a value that cannot be fingerprinted (an object with "
+                "no state or stable repr), or the result predates fingerprints. Compute "
+                "without reuse=, or use a loss module / module-level function."
+            )
+    same = ("model", "directions", "loss_fn", "loss_fingerprint", "metrics_fingerprint", "bn",
+            "bn_batch_size", "n_samples", "data")
+    # A loss-landscape file records none of these: its values are checked by recomputing
+    # a few of them instead (check_foreign_reuse in landscape.py).
+    foreign = reuse.spec.get("source") == "loss-landscape"
+    diff = [] if foreign else [k for k in same if reuse.spec.get(k) != spec.get(k)]
+    if "loss_fingerprint" in diff and "loss_fn" not in diff:
+        diff[diff.index("loss_fingerprint")] = "loss (same name, other settings or code)"
+    missing = [m for m in metrics if metric_values(reuse, m) is None]
+    if diff or missing:
+        raise ValueError(
+            f"reuse= was computed with a different {', '.join(diff) or 'set of metrics'}; "
+            "only a result of the same model, directions, data, loss and bn mode can be reused."
+        )
+
+
+def reused_points(axes: list[np.ndarray], reuse, metrics: Sequence[str]
+                  ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The values of ``reuse`` at the coordinates of ``axes`` that it holds.
+
+    Args:
+        axes: ``[x]`` or ``[y, x]`` of the new grid.
+        reuse: A :class:`~.surface.Surface` or :class:`~.surface.Curve` checked by
+            :func:`check_reusable`.
+        metrics: The metrics to copy.
+
+    Returns:
+        ``({metric: flat array}, flat mask)``: values (NaN elsewhere) and where every metric
+        has a value.
+
+    Example:
+        >>> from landscape_widget.core.surface import Curve
+        >>> old = Curve(np.linspace(-1, 1, 3), np.array([3.0, 1.0, np.nan]), None, {})
+        >>> known, mask = reused_points([np.linspace(-1, 1, 5)], old, ["loss"])
+        >>> known["loss"].tolist()[:3], mask.tolist()
+        ([3.0, nan, 1.0], [True, False, True, False, False])
+    """
+    old_axes = [reuse.x] if len(axes) == 1 else [reuse.y, reuse.x]
+    maps = [match_axis(new, old) for new, old in zip(axes, old_axes, strict=True)]
+    shape = tuple(a.size for a in axes)
+    mask = np.ones(shape, dtype=bool)
+    if len(maps) == 1:
+        mask &= maps[0] >= 0
+        src = (maps[0][mask],)
+    else:
+        mask &= np.logical_and.outer(maps[0] >= 0, maps[1] >= 0)
+        iy, ix = np.nonzero(mask)
+        src = (maps[0][iy], maps[1][ix])
+    known = {}
+    for m in metrics:
+        arr = np.full(shape, np.nan)
+        arr[mask] = np.asarray(metric_values(reuse, m))[src]
+        known[m] = arr.ravel()
+    # NaN: not computed (a cancelled run, an unfinished loss-landscape file) or non-finite:
+    # computed (again).
+    for m in metrics:
+        mask &= ~np.isnan(known[m].reshape(shape))
+    return known, mask.ravel()
