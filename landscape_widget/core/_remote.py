@@ -47,6 +47,9 @@ def _cpu_module(model: nn.Module) -> nn.Module:
 
     ``deepcopy`` with every parameter and buffer pre-mapped to a CPU copy keeps tied
     weights tied and allocates no GPU memory; the user's module is not modified.
+
+    Returns:
+        A module with every tensor on the CPU.
     """
     if model_device(model).type == "cpu":
         return model
@@ -123,6 +126,9 @@ def make_payload(model: nn.Module, data, directions, options: dict,
     ``drop_last``, random augmentation), and one grid would mix them. The evaluator cache
     key covers model, directions, options *and* data, so the same model on other data is
     a new evaluator, never a stale one.
+
+    Returns:
+        The :class:`Payload`, with its bytes.
     """
     if not is_data_fn(data):
         data = as_tensors(data)
@@ -230,6 +236,10 @@ def run_tile(payload: Payload, coords: np.ndarray, total: int, plan: Plan | None
 
     ``plan`` is the one the first tile's worker chose; the others adopt it (through the
     per-process plan cache the evaluator reads) instead of timing their own.
+
+    Returns:
+        ``{"values", "seconds", "plan", "worker"}``: the metrics at ``coords``, the time,
+        the plan used and the worker that ran it.
     """
     ev, lock = _evaluator(payload)
     with lock:  # an evaluator is not thread-safe (plan tuning, stem caches)

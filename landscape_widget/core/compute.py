@@ -113,6 +113,9 @@ class GridJob:
     def coords(self, flat: np.ndarray) -> np.ndarray:
         """``(len(flat), ndim)`` coefficients of the grid points ``flat`` (x first).
 
+        Returns:
+            The coordinates, one row per point.
+
         Example:
             >>> job = GridJob([np.array([0.0, 1.0]), np.array([-1.0, 0.0, 1.0])], [], {}, None)
             >>> job.coords(np.array([0, 5])).tolist()

@@ -60,6 +60,9 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
 def fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:
     """A short hash of tensor names, shapes, dtypes and bytes (used to decide reuse).
 
+    Returns:
+        24 hex digits, equal for equal names and contents wherever they are stored.
+
     Example:
         >>> a = {"w": torch.arange(4.0)}
         >>> fingerprint(a) == fingerprint({"w": torch.arange(4.0).clone()})
@@ -83,6 +86,9 @@ def fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:
 def fingerprint_bytes(blob: bytes) -> str:
     """A short hash of bytes (BLAKE2b, :data:`DIGEST_SIZE` bytes, as hex).
 
+    Returns:
+        24 hex digits.
+
     Example:
         >>> fingerprint_bytes(b"abc") == hashlib.blake2b(b"abc", digest_size=12).hexdigest()
         True
@@ -93,6 +99,9 @@ def fingerprint_bytes(blob: bytes) -> str:
 def fingerprint_text(text: str) -> str:
     """A short hash of a string (of its UTF-8 bytes).
 
+    Returns:
+        24 hex digits.
+
     Example:
         >>> fingerprint_text("é") == fingerprint_bytes(bytes([0xC3, 0xA9]))
         True
@@ -102,6 +111,9 @@ def fingerprint_text(text: str) -> str:
 
 def state_hash(state: Mapping[str, torch.Tensor]) -> str:
     """SHA-256 of a state dict's names, dtypes, shapes and bytes.
+
+    Returns:
+        64 hex digits.
 
     Example:
         >>> h = hashlib.sha256(b"b|torch.int64|(2,)")
@@ -123,6 +135,9 @@ class _Unreliable(Exception):
 
 def callable_fingerprint(fn) -> str | None:
     """A short hash of what ``fn`` computes, or ``None`` if that cannot be told reliably.
+
+    Returns:
+        24 hex digits, or ``None``.
 
     Example:
         >>> a = callable_fingerprint(torch.nn.CrossEntropyLoss())

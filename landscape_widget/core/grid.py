@@ -26,6 +26,9 @@ MAX_GRID_POINTS = 1025 * 1025
 def parse_axis(spec, name: str = "x") -> np.ndarray:
     """Turn ``(start, stop, num)`` into ``numpy.linspace(start, stop, num)`` with checks.
 
+    Returns:
+        The ``num`` coordinates.
+
     Raises:
         TypeError: If ``spec`` is not a 3-tuple of numbers.
         ValueError: If the range is not finite or ``num`` is outside ``[1, MAX_AXIS_POINTS]``.
@@ -72,6 +75,9 @@ class ExactAxis:
 def axis_values(spec, name: str = "x") -> np.ndarray:
     """An axis from ``(start, stop, num)`` (:func:`parse_axis`) or an :class:`ExactAxis`.
 
+    Returns:
+        The coordinates as a float64 array.
+
     Raises:
         TypeError: If ``spec`` is neither (see :func:`parse_axis`), or the coordinates of an
             ``ExactAxis`` are not a 1-D array of numbers.
@@ -106,6 +112,9 @@ def axis_range(spec, values: np.ndarray) -> list:
     """``[start, stop, num]`` of an axis as recorded in a result's spec.
 
     A range is recorded as given; an :class:`ExactAxis` by its first, last and count.
+
+    Returns:
+        ``[start, stop, num]``.
     """
     if isinstance(spec, ExactAxis):
         return [float(values[0]), float(values[-1]), int(values.size)]
@@ -218,6 +227,9 @@ def match_axis(new: np.ndarray, old: np.ndarray) -> np.ndarray:
 
     Two coordinates are the same when they differ by less than ``1e-9`` of the axis span
     (linspace rounding differs between ``n`` and ``2n - 1`` points in the last bits).
+
+    Returns:
+        An index array of ``new``'s shape.
     """
     if old.size == 0:
         return np.full(new.shape, -1)

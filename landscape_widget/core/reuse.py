@@ -29,6 +29,9 @@ def what_is_computed(loss_fn, metrics, output_fn) -> dict:
     """Fingerprints of the loss and of the user metrics (with ``output_fn``), for reuse.
 
     ``None`` where a function cannot be fingerprinted reliably (see :mod:`.fingerprints`).
+
+    Returns:
+        ``{"loss_fingerprint", "metrics_fingerprint"}`` for the spec.
     """
     user = {k: v for k, v in metrics.items() if v is not None} if isinstance(metrics, dict) else {}
     parts = {name: callable_fingerprint(fn) for name, fn in sorted(user.items())}

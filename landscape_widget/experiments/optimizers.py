@@ -65,6 +65,9 @@ def _cpu_state(model: nn.Module) -> dict[str, Tensor]:
 def initial_model(model_fn, seed: int) -> nn.Module:
     """``theta_0``: ``model_fn()`` built under ``seed`` (global RNG untouched), or a copy.
 
+    Returns:
+        A module the caller owns.
+
     Raises:
         TypeError: If ``model_fn`` is neither a module nor a callable, or builds no module.
     """
@@ -84,6 +87,9 @@ def initial_model(model_fn, seed: int) -> nn.Module:
 
 def make_optimizer(name: str, factory, model: nn.Module) -> torch.optim.Optimizer:
     """``factory(model.parameters())``, checked to be a first-order optimizer.
+
+    Returns:
+        The optimizer over ``model``'s parameters.
 
     Raises:
         TypeError: If ``factory`` is not callable, returns no optimizer, or returns one whose
@@ -145,6 +151,9 @@ class Schedule:
         Mixed from ``(seed, step)`` by numpy's ``SeedSequence``, so no step reuses the seed
         that drew ``theta_0`` (``seed`` itself): a dropout mask correlated with the initial
         weights would be a hidden coupling between them.
+
+        Returns:
+            A seed for ``torch.manual_seed``.
         """
         state = np.random.SeedSequence([self.seed, step, 0x6F7074]).generate_state(2)
         return int(state[0]) << 31 ^ int(state[1])
@@ -216,6 +225,9 @@ def held_data(data, model: nn.Module, seed: int) -> tuple[Tensor, Tensor]:
 
     A shuffling ``DataLoader`` is read once under a private RNG seeded with ``seed``: the
     order is then the same on every call with that seed, and the caller's RNG is untouched.
+
+    Returns:
+        ``(inputs, targets)``.
     """
     x, y = as_tensors(data, seed=seed)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
@@ -229,6 +241,9 @@ def class_targets(out: Tensor, y: Tensor, what: str) -> Tensor:
 
     Soft targets are rows of class probabilities (non-negative, summing to 1); other
     real-valued targets of the outputs' shape are regression targets, with no classes.
+
+    Returns:
+        ``(N,)`` class indices.
 
     Raises:
         ValueError: If the outputs are not ``(N, C)`` class scores matching ``y``.

@@ -41,6 +41,9 @@ def _quantiles(values: np.ndarray, qs: Sequence[float]) -> list[float]:
 
     A radius is ``inf`` when the loss never left the basin in range; numpy interpolates
     ``inf - inf`` to NaN, while any quantile that leans on an ``inf`` is ``inf``.
+
+    Returns:
+        One value per ``qs``.
     """
     v = np.sort(np.asarray(values, dtype=float))
     out = []
@@ -81,6 +84,11 @@ def compare_optimizers(model_fn, train_data, optimizers: Mapping[str, OptimizerF
 
     Returns:
         An :class:`~landscape_widget.experiments.runs.OptimizerRuns`.
+
+    Raises:
+        TypeError: If ``optimizers`` is not a non-empty dict of named factories, or a
+            factory or ``model_fn`` is not what it must be.
+        ValueError: If ``epochs`` or ``batch_size`` is not an int >= 1.
     """
     if not isinstance(optimizers, Mapping) or not optimizers:
         raise TypeError("optimizers must be a non-empty dict {name: factory(params)}.")
@@ -161,6 +169,11 @@ class OptimizerRuns:
 
         Returns:
             The new :class:`Run` (also in :attr:`runs`).
+
+        Raises:
+            KeyError: If there is no optimizer ``b`` and no ``optimizer`` is given.
+            ValueError: If the runs are too short to switch, ``at_epoch`` is out of range, or
+                run ``a`` diverged before it.
         """
         run_a = self._run(a)
         factory = optimizer if optimizer is not None else self.factories.get(b)
@@ -317,6 +330,9 @@ class OptimizerRuns:
 
         Returns:
             ``{name: {"r": (K,) array, "median": float, "iqr": (q25, q75)}}``.
+
+        Raises:
+            ValueError: If ``radii`` or ``directions`` is invalid.
         """
         r = np.linspace(*radii)
         if r.size < 2 or r[0] != 0:
@@ -372,6 +388,9 @@ class OptimizerRuns:
 
         ``options`` go to :func:`~landscape_widget.triangle_surface` (``resolution``,
         ``margin``, ``progress``...). The training data by default.
+
+        Returns:
+            The :class:`~landscape_widget.experiments.triangle.TriangleSurface`.
         """
         third = self.initial_model() if c is None else self.model(c)
         data = self.data if data is None else self._data(data)

@@ -72,6 +72,13 @@ def lattice(resolution: int, margin: float) -> np.ndarray:
 
     Written as exact quotients (not ``numpy.linspace``) so that 0 and 1 are on the axis
     exactly and the vertices are grid points.
+
+    Returns:
+        The axis values.
+
+    Raises:
+        TypeError: If ``resolution`` is not an int.
+        ValueError: If ``resolution`` is outside [2, 200] or ``margin`` outside [0, 1].
     """
     if isinstance(resolution, bool) or not isinstance(resolution, (int, np.integer)):
         raise TypeError(f"resolution must be an int (grid steps per unit), got {resolution!r}.")
@@ -93,6 +100,13 @@ def triangle_stream(models: Sequence[nn.Module], data, *, resolution: int = 20,
     Points outside the region (``alpha + beta > 1 + margin``) are never evaluated; they stay
     NaN. Args are those of :func:`triangle_surface`; ``options`` go to the engine
     (``tile_points``, ``cancel``, ``evaluator_options``, ``executor``).
+
+    Returns:
+        The :class:`~landscape_widget.TileStream`.
+
+    Raises:
+        ValueError: If there are not three models of one architecture (see
+            :func:`triangle_surface` for the other checks).
     """
     if len(models) != 3:
         raise ValueError(f"A plane through models needs exactly three models, got {len(models)}.")
@@ -171,6 +185,9 @@ class TriangleSurface:
             metric: ``"loss"`` or ``"accuracy"``.
             log: Colour by log10 (default: for the loss, as the paper's figures).
             title: Figure title.
+
+        Returns:
+            A ``plotly.graph_objects.Figure``.
         """
         import plotly.graph_objects as go
 
@@ -205,6 +222,9 @@ def triangle_traces(tri: TriangleSurface, *, metric: str = "loss", log: bool | N
         xaxis: Plotly x axis to draw on.
         yaxis: Plotly y axis to draw on.
         zrange: ``(low, high)`` of the colour scale (after log10), to share it across panels.
+
+    Returns:
+        Plotly trace objects.
     """
     import plotly.graph_objects as go
 
@@ -314,6 +334,9 @@ def barycentric_point(points: Sequence[Params], alpha: float, beta: float) -> Pa
 
     Useful to materialise a point of the plane; at the vertices it returns the models'
     tensors bit for bit.
+
+    Returns:
+        The point, a parameter dict.
     """
     gamma = 1.0 - alpha - beta
     out = {}
