@@ -9,7 +9,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from torch import nn
 
-from .compute import GridJob, grid_job
+from .compute import GridJob, LocalRunner, grid_job
 from .evaluate import METRICS, LossFn, warn_nonfinite
 from .grid import Tile
 from .params import Params
@@ -174,7 +174,7 @@ def check_foreign_reuse(job: GridJob) -> None:
     if idx.size == 0:
         return
     ev = job.runner
-    if not hasattr(ev, "evaluate"):  # an executor's runner evaluates whole tiles only
+    if not isinstance(ev, LocalRunner):  # an executor's runner evaluates whole tiles only
         warnings.warn("reuse= of a loss-landscape file with an executor: its values were not "
                       "checked against this model, data and directions.", stacklevel=3)
         return
