@@ -164,3 +164,45 @@ def test_every_stem_plan_matches_naive_loop(strategy, points, layout):
     want_loss, want_acc = naive_surface(model, x, y, d1, d2, xs, ys)
     np.testing.assert_allclose(got["loss"], want_loss.ravel(), rtol=1e-5, atol=0)
     np.testing.assert_allclose(got["accuracy"], want_acc.ravel(), atol=1e-12)
+
+
+def test_a_trace_in_another_thread_leaves_this_threads_forward_alone():
+    """The user's forward pass runs untraced while the widget's worker traces a model.
+
+    torch.fx patches ``nn.Module.__call__`` for every thread during a trace; the plain
+    ``fx.symbolic_trace`` fails this test with "module is not installed as a submodule".
+    """
+    import threading
+    import time
+
+    from landscape_widget.core.stem import symbolic_trace
+
+    tracing = threading.Event()
+
+    class Slow(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x):
+            tracing.set()
+            time.sleep(0.5)  # hold the tracer's patch while the main thread runs its model
+            return self.lin(x)
+
+    torch.manual_seed(0)
+    slow = Slow()
+    user = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    x = torch.randn(5, 3)
+    expected = user(x)
+    traced = {}
+    worker = threading.Thread(target=lambda: traced.setdefault("gm", symbolic_trace(slow)))
+    worker.start()
+    assert tracing.wait(10)
+    outputs = [user(x) for _ in range(20)]  # all inside the 0.5 s trace
+    assert worker.is_alive(), "the trace ended before the user's forward passes ran"
+    worker.join()
+    for out in outputs:
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    gm = traced["gm"]
+    assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["lin"]
+    torch.testing.assert_close(gm(x), slow.lin(x), rtol=0, atol=0)

@@ -79,18 +79,52 @@ def _only_node_arg(node: fx.Node, source: fx.Node) -> bool:
     return found == [source]
 
 
-# torch.fx's tracer patches nn.Module.__call__ process-wide while it runs, so two threads
-# tracing at once (the widget's worker and a compute_surface in the notebook) see each
-# other's modules ("module is not installed as a submodule"). Every trace takes this lock.
-# A plain forward pass in one thread during another's trace can still meet the patch: not
-# yet handled.
+# torch.fx's tracer patches nn.Module.__call__ and __getattr__ process-wide while it runs, so
+# without care a trace in one thread (the widget's worker splitting a stem) turns every module
+# call in every other thread (the user's own forward pass in the notebook) into a tracing step
+# that fails with "module is not installed as a submodule". _ThreadTracer hands calls from other
+# threads straight to the real module, and FX_LOCK keeps two traces from overlapping (each
+# trace's patch is stacked on the other's, so they must not interleave).
 FX_LOCK = threading.Lock()
 
 
+class _ThreadTracer(fx.Tracer):
+    """A tracer that records only the calls made by the thread that runs the trace."""
+
+    def trace(self, root, concrete_args=None):  # noqa: D102 - see fx.Tracer.trace
+        self._owner = threading.get_ident()
+        return super().trace(root, concrete_args)
+
+    def call_module(self, m, forward, args, kwargs):  # noqa: D102
+        if threading.get_ident() != self._owner:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):  # noqa: D102
+        if threading.get_ident() != self._owner:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+
 def symbolic_trace(module: nn.Module) -> fx.GraphModule:
-    """``torch.fx.symbolic_trace`` under :data:`FX_LOCK` (one trace at a time)."""
+    """``torch.fx.symbolic_trace`` that leaves other threads' module calls alone.
+
+    Only one trace runs at a time (:data:`FX_LOCK`); calls of any module from another thread
+    while it runs go to the real module, untraced.
+
+    Args:
+        module: The module to trace.
+
+    Returns:
+        The traced graph module (``module``'s class name, as ``fx.symbolic_trace`` names it).
+
+    Raises:
+        Exception: Whatever ``torch.fx`` raises for a module it cannot trace.
+    """
     with FX_LOCK:
-        return fx.symbolic_trace(module)
+        tracer = _ThreadTracer()
+        graph = tracer.trace(module)
+    return fx.GraphModule(tracer.root, graph, type(module).__name__)
 
 
 def split_stem(module: nn.Module) -> Stem | None:
