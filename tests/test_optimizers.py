@@ -424,3 +424,45 @@ def test_b7_unit_norm_variant_against_naive_curves(runs, digits):
         loss, _ = naive_eval(model, x, y, [{k: v / n for k, v in d.items()}], r[:, None])
         above = np.flatnonzero(loss > loss[0] + 0.1)
         assert sizes["sgd"]["r"][j] == pytest.approx(r[above[0]] if above.size else np.inf)
+
+
+def test_test_history_weighs_batches_as_the_loss_does():
+    """The logged test loss and accuracy are the full-data values, not means of batch means.
+
+    Targets equal to ``ignore_index`` are spread unevenly over the 1024-sample evaluation
+    batches, with class weights, and the model returns a dict: the oracle is the loss and
+    the counted accuracy of the whole test set at once, in float64.
+    """
+    from landscape_widget.experiments.optimizers import _evaluate
+
+    torch.manual_seed(0)
+    n, classes = 2500, 4
+    x = torch.randn(n, 6)
+    y = torch.randint(0, classes, (n,))
+    y[:900] = -100  # most ignored targets in the first batch
+    y[2100:2200] = -100
+
+    class DictNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(6, classes)
+
+        def forward(self, x):
+            return {"logits": self.lin(x), "aux": x.sum()}
+
+    model = DictNet()
+    weight = torch.tensor([1.0, 2.0, 0.5, 3.0])
+    loss = nn.CrossEntropyLoss(weight=weight, ignore_index=-100)
+    loss_fn = lambda out, t: loss(out["logits"], t)  # noqa: E731
+    loss_fn.ignore_index = -100  # how a wrapped loss tells the engine what it ignores
+    loss_fn.weight = weight
+    model.train()
+    got_loss, got_acc = _evaluate(model, x, y, loss_fn)
+    assert model.training  # flags restored
+    with torch.no_grad():
+        logits = model.double()(x.double())["logits"]
+    keep = y != -100
+    expected = F.cross_entropy(logits, y, weight=weight.double(), ignore_index=-100)
+    assert got_loss == pytest.approx(float(expected), rel=1e-5)
+    acc = float((logits.argmax(1)[keep] == y[keep]).double().mean())
+    assert got_acc == pytest.approx(acc, abs=1e-12)

@@ -23,10 +23,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.data import as_tensors
 from ..core.fingerprints import state_hash
+from ..core.metrics import find_logits, resolve_task
 from ..core.params import check_module, model_device
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
@@ -161,22 +163,44 @@ class Schedule:
 
 def _evaluate(model: nn.Module, x: Tensor, y: Tensor, loss_fn, batch: int = 1024
               ) -> tuple[float, float]:
-    """Mean loss and accuracy in eval mode (training flags restored)."""
+    """Mean loss and accuracy on ``(x, y)`` in eval mode (training flags restored).
+
+    Batches are weighed and accuracy counted as the surface engine does (:class:`Task`):
+    a loss with ``ignore_index`` or class weights gets the full-data value, not a mean of
+    batch means; logits are found in dict / ``.logits`` outputs; accuracy is NaN where it
+    is undefined (regression targets, outputs without logits).
+
+    Returns:
+        ``(loss, accuracy)``.
+    """
     was = model.training
     model.eval()
-    total = correct = 0.0
-    with torch.no_grad():
-        for s in range(0, x.shape[0], batch):
-            out = model(x[s : s + batch])
-            total += float(loss_fn(out, y[s : s + batch])) * out.shape[0]
-            try:
-                target = class_targets(out, y[s : s + batch], "accuracy")
-            except ValueError:  # not a classifier: no accuracy (NaN), the loss still counts
-                correct = float("nan")
-                continue
-            correct += float((out.argmax(1) == target).sum())
-    model.train(was)
-    return total / x.shape[0], correct / x.shape[0]
+    loss_fn = loss_fn if loss_fn is not None else F.cross_entropy
+    total = weight = correct = counted = 0.0
+    try:
+        with torch.no_grad():
+            outs = (model(x[s : s + batch]) for s in range(0, x.shape[0], batch))
+            task = None
+            for s, out in zip(range(0, x.shape[0], batch), outs, strict=True):
+                target = y[s : s + batch]
+                if task is None:
+                    try:
+                        logits = find_logits(out)
+                    except TypeError:
+                        logits = None
+                    task = resolve_task(logits, y, loss_fn, x.shape[0])
+                w = float(task.loss_weight(target))
+                if w > 0:  # a batch whose targets are all ignored adds nothing (its mean is 0/0)
+                    total += float(loss_fn(out, target)) * w
+                    weight += w
+                if task.kind is not None:
+                    correct += float(task.correct(find_logits(out), target))
+                    counted += float(task.acc_count(target))
+    finally:
+        model.train(was)
+    accuracy = correct / counted if task is not None and task.kind is not None and counted \
+        else float("nan")
+    return total / weight if weight else float("nan"), accuracy
 
 
 def train_run(run: Run, model: nn.Module, optimizer: torch.optim.Optimizer,
