@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .directions import random_directions
+from .errors import ReuseMismatch
 from .evaluate import Evaluator
 from .fingerprints import callable_fingerprint
 from .grid import MAX_GRID_POINTS, match_axis, parse_axis, progressive_order
@@ -132,7 +133,7 @@ def _reuse(job: _Job, reuse, metrics: Sequence[str]) -> None:
             if reuse.spec.get("source") == "loss-landscape" and job.spec.get(key) is not None:
                 continue  # checked by recomputing a few points (check_foreign_reuse)
             which = "this call's" if job.spec.get(key) is None else "reuse='s"
-            raise ValueError(
+            raise ReuseMismatch(
                 f"reuse= cannot tell whether {which} {what} is the one the points were "
                 "computed with: it holds a value that cannot be fingerprinted (an object with "
                 "no state or stable repr), or the result predates fingerprints. Compute "
@@ -148,7 +149,7 @@ def _reuse(job: _Job, reuse, metrics: Sequence[str]) -> None:
         diff[diff.index("loss_fingerprint")] = "loss (same name, other settings or code)"
     missing = [m for m in metrics if metric_values(reuse, m) is None]
     if diff or missing:
-        raise ValueError(
+        raise ReuseMismatch(
             f"reuse= was computed with a different {', '.join(diff) or 'set of metrics'}; "
             "only a result of the same model, directions, data, loss and bn mode can be reused."
         )

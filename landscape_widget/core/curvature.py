@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .errors import Cancelled
 from .grid import parse_axis, progressive_order
-from .hessian import Cancelled, HessianOperator, _arpack, _bar
+from .hessian import HessianOperator, _arpack, _bar
 from .lanczos import extreme_pairs, max_steps
 from .params import Params, check_direction, parameters_of
 
