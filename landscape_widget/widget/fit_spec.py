@@ -7,6 +7,7 @@ runner (:mod:`.patterns`).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -78,6 +79,19 @@ def parse_fit_spec(raw) -> FitSpec:
     return FitSpec(**values)
 
 
+def fit_schema() -> dict:
+    """What the pattern editor knows of a fit: its fields' ``limits`` and ``defaults``.
+
+    Sent in the widget's read-only ``_spec_schema`` trait (under ``"fit"``).
+
+    Example:
+        >>> fit_schema()["limits"]["cells_per_step"], fit_schema()["defaults"]["steps"]
+        ([1, 4096], 300)
+    """
+    defaults = {f.name: f.default for f in dataclasses.fields(FitSpec) if f.name != "mask"}
+    return {"limits": {k: list(v) for k, v in LIMITS.items()}, "defaults": defaults}
+
+
 def check_mask(rows) -> tuple[tuple[int, ...], ...]:
     """The rows of a fit mask (0/1 cells, equal lengths), checked; raises ProtocolError."""
     if not MIN_CELLS <= len(rows) <= MAX_CELLS:
@@ -95,4 +109,4 @@ def check_mask(rows) -> tuple[tuple[int, ...], ...]:
     return tuple(tuple(r) for r in rows)
 
 
-__all__ = ["FIT_FIELDS", "LIMITS", "FitSpec", "check_mask", "parse_fit_spec"]
+__all__ = ["FIT_FIELDS", "LIMITS", "FitSpec", "check_mask", "fit_schema", "parse_fit_spec"]

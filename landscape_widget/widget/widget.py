@@ -34,6 +34,7 @@ from . import protocol
 from .directions import offered
 from .encode import encode_result, snapshot_messages
 from .export import static_page
+from .fit_spec import fit_schema
 from .jobs import STATUS_DEFAULTS, Job, new_id
 from .models import as_triangle, resolve_models
 from .pattern_panel import PatternPanel
@@ -108,8 +109,10 @@ class LandscapeWidget(PatternPanel, SpecTraits, anywidget.AnyWidget):
     _css = STATIC / "widget.css"
 
     # The compute traits (mode, direction, ..., vertices) come from SpecTraits.
-    _spec_schema = t.Dict(default_value=schema(), read_only=True).tag(sync=True)
-    """The spec's fields, enumerations and limits, for the front end (see .spec)."""
+    _spec_schema = t.Dict(default_value={**schema(), "fit": fit_schema()},
+                          read_only=True).tag(sync=True)
+    """The spec's fields, enumerations and limits, and the fit's, for the front end (see
+    :func:`.spec.schema` and :func:`.fit_spec.fit_schema`)."""
     metric = t.Unicode("loss").tag(sync=True)
     log_scale = t.Bool(False).tag(sync=True)
     view = t.Unicode("contour").tag(sync=True)
@@ -317,6 +320,11 @@ class LandscapeWidget(PatternPanel, SpecTraits, anywidget.AnyWidget):
         refuses its value (``resolution="many"``) becomes an ``error`` message instead of an
         exception in the kernel, like a malformed custom message.
         """
+        if isinstance(sync_data, dict) and "_spec_schema" in sync_data:
+            # ipywidgets sets traits with set_trait, which a read_only trait does not stop.
+            sync_data = {k: v for k, v in sync_data.items() if k != "_spec_schema"}
+            self._report(None, "Refused a state update from the front end: _spec_schema is "
+                               "read-only (the kernel's spec fields and limits).")
         try:
             super().set_state(sync_data)
         except t.TraitError as err:
