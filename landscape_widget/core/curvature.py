@@ -123,6 +123,16 @@ class CurvaturePoint:
     converged: bool
     method: str
 
+    @property
+    def ratio(self) -> float:
+        """``|lambda_min / lambda_max|`` at this point (NaN where ``lambda_max`` is 0).
+
+        Example:
+            >>> CurvaturePoint(0, 0, 0, 0, 4.0, -1.0, 10, 0.0, True, "exact").ratio
+            0.25
+        """
+        return abs(self.lambda_min / self.lambda_max) if self.lambda_max != 0 else float("nan")
+
 
 def extreme_eigenvalues(op: HessianOperator, tol: float = 1e-2, seed: int = 0,
                         v0: Tensor | None = None) -> tuple[float, float, dict]:

@@ -5,7 +5,7 @@
 - :class:`Context`: what every job of one widget computes with (the model, data, loss,
   device, executor...) and the state jobs share (the metrics, the last complete grid,
   the direction cache). The direction types (:mod:`.directions`) and the job runners
-  (:mod:`.grid_job`, :mod:`.extra_jobs`) take it instead of reaching into the worker.
+  (:mod:`.grid_job`, :mod:`.curvature_job`) take it instead of reaching into the worker.
 - :class:`Reporter`: the messages and status updates of one job; ``send`` and
   ``on_status`` raising (a closed comm) never kills the worker.
 - :class:`Labelled`: directions with what the front end draws besides them.

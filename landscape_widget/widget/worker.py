@@ -3,7 +3,7 @@
 The kernel's main thread only validates messages and hands a :class:`~.jobs.Job` to the
 :class:`Worker`; the worker thread runs it: its directions (:mod:`.directions`, cached),
 then the grid (:func:`.grid_job.run_grid`) or the curvature map
-(:func:`.extra_jobs.run_curvature`), whose messages go to the injected ``send`` function
+(:func:`.curvature_job.run_curvature`), whose messages go to the injected ``send`` function
 (the widget's ``send``, or a list in tests). A new job cancels the running one: its cancel
 event is set, and the grid engine checks it before every tile, so the old job stops within
 one tile. Errors, including those raised by user code such as ``loss_fn``, end the job with
@@ -26,9 +26,9 @@ from ..core.landscape import TileStream
 from ..core.state import bn_batch_size_for
 from ..core.surface import Curve, Surface
 from . import protocol, shapes
+from .curvature_job import run_curvature
 from .directions import DirectionCache, directions_for
 from .encode import snapshot_messages as snapshot_messages  # re-exported
-from .extra_jobs import run_curvature
 from .grid_job import plan_text as plan_text  # re-exported
 from .grid_job import run_grid
 from .grid_job import stats_line as stats_line  # re-exported

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from ..core.curvature import curvature_points
+from ..core.curvature import CurvatureMap, curvature_points
 from ..core.errors import Cancelled
 from ..core.surface import Surface
 from . import protocol
@@ -50,17 +50,15 @@ def run_curvature(ctx: Context, job: Job, dirs) -> tuple[Surface, bool]:
                                    seed=spec.seed, cancel=job.cancel, loss_fn=ctx.loss_fn,
                                    bn=spec.bn, device=ctx.device):
             hi[pt.iy, pt.ix], lo[pt.iy, pt.ix] = pt.lambda_max, pt.lambda_min
-            ratio = abs(pt.lambda_min / pt.lambda_max) if pt.lambda_max != 0 else np.nan
             done += 1
-            report.emit(*protocol.tile_message(job.id, [pt.flat], [ratio], None, done=done,
+            report.emit(*protocol.tile_message(job.id, [pt.flat], [pt.ratio], None, done=done,
                                                total=total))
             rate = done / (time.perf_counter() - t0)
             report.emit(protocol.progress_message(job.id, done, total, rate,
                                                   (total - done) / rate, dev, "Lanczos"))
     except Cancelled:
         pass
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = np.abs(lo / hi)
+    ratio = CurvatureMap(xs, ys, hi, lo).ratio  # as lw.curvature_map(...).ratio
     result = Surface(xs, ys, ratio, None, {
         "quantity": "curvature", "label": CURVATURE_LABEL, "lambda_max": hi.tolist(),
         "lambda_min": lo.tolist(), "device": dev, "direction": spec.direction})
