@@ -92,7 +92,7 @@ def bounded(default: int, low: int, high: int):
     return field(default=default, metadata={"limits": (low, high)})
 
 
-def items(default: tuple, kind: type):
+def list_of(kind: type, default: tuple):
     """A list field of ``kind`` entries (a tuple in :class:`Spec`, a list on the wire)."""
     return field(default=default, metadata={"items": kind})
 
@@ -105,13 +105,13 @@ class Spec:
     direction: str = choice("random", DIRECTION_TYPES)
     norm: str = choice("filter", NORMS)
     ignore_biasbn: bool = True
-    x_range: tuple[float, float] = items((-1.0, 1.0), float)
-    y_range: tuple[float, float] = items((-1.0, 1.0), float)
+    x_range: tuple[float, float] = list_of(float, (-1.0, 1.0))
+    y_range: tuple[float, float] = list_of(float, (-1.0, 1.0))
     resolution: int = 31  # its cap depends on mode, direction and quantity: see parse_spec
     seed: int = bounded(0, 0, MAX_SEED)
     bn: str = choice("eval", BN)
     quantity: str = choice("loss", QUANTITIES)
-    vertices: tuple[str, ...] = items((), str)
+    vertices: tuple[str, ...] = list_of(str, ())
 
     def to_dict(self) -> dict:
         """JSON-ready form (tuples as lists).
@@ -340,4 +340,4 @@ def parse_spec(raw, *, directions: tuple[str, ...] = DIRECTION_TYPES,
 
 
 __all__ = ["Spec", "ProtocolError", "parse_spec", "schema", "spec_traits", "short", "choice",
-           "bounded", "items", "SPEC_FIELDS", "COMPUTE_TRAITS", "CHOICES", "LIMITS"]
+           "bounded", "list_of", "SPEC_FIELDS", "COMPUTE_TRAITS", "CHOICES", "LIMITS"]
