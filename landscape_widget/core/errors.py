@@ -20,9 +20,10 @@ class Cancelled(RuntimeError):
 
 
 class ReuseMismatch(ValueError):
-    """``reuse=`` holds points of another model, data, loss, metrics or directions.
+    """``reuse=`` cannot be used: its points are of another model, data, loss, metrics or
+    directions, or whether they are cannot be checked (a value with no fingerprint).
 
-    The message starts with ``"reuse="`` and names what differs.
+    The message starts with ``"reuse="`` and names what differs or cannot be checked.
     """
 
 
