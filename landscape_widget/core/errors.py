@@ -22,7 +22,8 @@ class Cancelled(RuntimeError):
 class ReuseMismatch(ValueError):
     """``reuse=`` cannot be used: its points are of another setting, or that cannot be checked.
 
-    Another model, data, loss, metrics or directions; or a value with no fingerprint. The message starts with ``"reuse="`` and names what differs or cannot be checked.
+    Another model, data, loss, metrics or directions; or a value with no fingerprint. The
+    message starts with ``"reuse="`` and names what differs or cannot be checked.
     """
 
 
