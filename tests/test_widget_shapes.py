@@ -140,7 +140,7 @@ def test_mining_streams_progress_and_cancel_stops_it_quickly(worker_factory):  #
     assert first["id"] == "m" and first["total"] == 10**6 and first["done"] >= 1
     assert "mined: vvv-basin" in first["message"] and "objective" in first["message"]
     assert statuses[-1]["state"] == "cancelled"
-    assert not worker.shapes._cache  # a half-mined direction is never kept
+    assert not worker.directions.entries  # a half-mined direction is never kept
     # A new request cancels mining the same way, and runs.
     mining.clear()
     worker.submit("n", Spec(direction="mined-w-peak", **CURVE))

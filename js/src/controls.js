@@ -1,12 +1,11 @@
-// The control panel: one input per trait. `sync()` shows the traits (pending values first,
-// through `get`); a change goes back through `setTrait` (debounced by widget.js). Numbers
-// out of range are clamped here rather than refused by the kernel.
+// The control panel: one input per trait. `sync()` shows the traits (through `get`); a
+// change goes back through `setTrait` (the kernel debounces it). Numbers out of range are
+// clamped here, to the limits of the `_spec_schema` trait (the kernel's, written once in
+// landscape_widget/widget/spec.py), rather than refused by the kernel.
 import { h, options, row } from "./dom.js";
-import { MAX_PLANE, modelPicker, typeChange } from "./models.js";
+import { modelPicker, typeChange } from "./models.js";
 import { fixedMode, shapeWindow } from "./shapes.js";
 
-const MAX_RES = { "2d": 201, "1d": 1025 };
-const MAX_CURVATURE = 31; // a curvature map costs two Lanczos runs per point
 const VIEWS = {
   "2d": [["contour", "contour"], ["heatmap", "heatmap"], ["surface", "3D surface"]],
   "1d": [["line", "line"]],
@@ -50,7 +49,7 @@ function controls() {
  * The control panel of the widget.
  *
  * @param {object} p
- * @param {object} p.model the anywidget model (direction_types, _static)
+ * @param {object} p.model the anywidget model (direction_types, _spec_schema, _static)
  * @param {(k: string) => any} p.get a trait's value, the pending one if any
  * @param {(values: object) => void} p.setTrait write traits (debounced)
  * @param {() => void} p.onCompute the Compute button
@@ -140,7 +139,7 @@ export function controlPanel({ model, get, setTrait, onCompute, onCancel, offlin
     const types = model.get("direction_types") || [];
     const t = types[Number(c.direction.value)];
     const current = types.find((e) => e.direction === get("direction"));
-    if (t) setTrait({ ...typeChange(t, get, plane), ...shapeWindow(t, current, get) });
+    if (t) setTrait({ ...typeChange(t, get, plane, schema()), ...shapeWindow(t, current, get) });
   });
   on(c.margin, "change", () => {
     const m = Math.min(Math.max(num(c.margin), 0), 1);
@@ -149,7 +148,7 @@ export function controlPanel({ model, get, setTrait, onCompute, onCancel, offlin
   on(c.ignore_biasbn, "change", () => setTrait({ ignore_biasbn: c.ignore_biasbn.checked }));
   on(c.mode, "change", () => {
     const mode = c.mode.value;
-    const res = Math.min(get("resolution"), MAX_RES[mode]);
+    const res = Math.min(get("resolution"), schema().resolution[mode]);
     setTrait({ mode, resolution: res });
   });
   for (const input of [c.x0, c.x1]) {
@@ -158,9 +157,13 @@ export function controlPanel({ model, get, setTrait, onCompute, onCancel, offlin
   for (const input of [c.y0, c.y1]) {
     on(input, "change", () => setTrait({ y_range: [num(c.y0), num(c.y1)] }));
   }
+  // The kernel's limits: {fields, defaults, choices, limits, resolution} (see spec.py).
+  const schema = () => model.get("_spec_schema");
   function maxRes() {
-    if (get("direction") === "plane") return MAX_PLANE;
-    return get("quantity") === "curvature" ? MAX_CURVATURE : MAX_RES[get("mode")] || 201;
+    const caps = schema().resolution;
+    if (get("direction") === "plane") return caps.plane;
+    // A curvature map costs two Lanczos runs per point: its cap is far lower.
+    return get("quantity") === "curvature" ? caps.curvature : caps[get("mode")] || caps["2d"];
   }
   const clampRes = (n) => (Number.isFinite(n) ? Math.min(Math.max(n, 2), maxRes()) : n);
   on(c.quantity, "change", () => {
@@ -178,7 +181,8 @@ export function controlPanel({ model, get, setTrait, onCompute, onCancel, offlin
   on(c.view, "change", () => setTrait({ view: c.view.value }));
   on(c.seed, "change", () => {
     const seed = int(c.seed);
-    setTrait({ seed: Number.isFinite(seed) ? Math.min(Math.max(seed, 0), 2 ** 31 - 1) : seed });
+    const [low, high] = schema().limits.seed;
+    setTrait({ seed: Number.isFinite(seed) ? Math.min(Math.max(seed, low), high) : seed });
   });
   on(c.bn, "change", () => setTrait({ bn: c.bn.value }));
   on(c.compute, "click", () => onCompute());

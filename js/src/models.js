@@ -5,7 +5,6 @@
 // (an entry per ordered pair and per triple would grow as n^3). The kernel validates the
 // names again (landscape_widget/widget/protocol.py).
 
-export const MAX_PLANE = 50; // grid steps per unit of alpha and beta
 const PLANE_DEFAULTS = { mode: "2d", quantity: "loss", resolution: 20, x_range: [-0.2, 1.2],
   y_range: [-0.2, 1.2] }; // the PROPOSAL's 0.05 lattice and margin 0.2
 const INTERPOLATE_RANGE = [-0.5, 1.5]; // A at 0, B at 1, with room on both sides
@@ -27,9 +26,9 @@ function pick(names, current, count) {
  * The trait values for a switch to direction entry `entry` (from the select).
  *
  * The plane replaces mode, resolution and ranges with its own; they are kept in `saved`
- * and restored when the user leaves it.
+ * and restored when the user leaves it (the spec's defaults of `schema` if none were kept).
  */
-export function typeChange(entry, get, saved) {
+export function typeChange(entry, get, saved, schema) {
   const out = { direction: entry.direction, norm: entry.norm };
   const from = get("direction");
   if (entry.count) {
@@ -41,7 +40,8 @@ export function typeChange(entry, get, saved) {
       x_range: get("x_range"), y_range: get("y_range") };
     Object.assign(out, PLANE_DEFAULTS);
   } else if (entry.direction !== "plane" && from === "plane") {
-    Object.assign(out, saved.before || { resolution: 31, x_range: [-1, 1], y_range: [-1, 1] });
+    const { resolution, x_range, y_range } = schema.defaults;
+    Object.assign(out, saved.before || { resolution, x_range, y_range });
   }
   if (entry.direction === "interpolate" && from !== "interpolate") {
     out.x_range = INTERPOLATE_RANGE;

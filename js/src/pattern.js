@@ -97,10 +97,12 @@ async function imageCells(file, size) {
  * The pattern editor panel.
  *
  * @param {object} p
- * @param {object} p.model the anywidget model
+ * @param {object} p.model the anywidget model (pattern, _spec_schema)
  * @param {() => boolean} p.offline whether no kernel is behind the view (editing and Fit off)
  */
 export function patternPanel({ model, h, row, newId, offline }) {
+  // The fit's limits and defaults, from the kernel (landscape_widget/widget/fit_spec.py).
+  const { limits, defaults } = model.get("_spec_schema").fit;
   const c = {
     size: h("select", { class: "lw-pattern-size", title: "Grid size (cells per side)" }),
     paint: h("canvas", { class: "lw-pattern-editor", tabIndex: 0, role: "application",
@@ -121,11 +123,13 @@ export function patternPanel({ model, h, row, newId, offline }) {
     invert: h("button", {}, "Invert"),
     file: h("input", { type: "file", accept: "image/png,image/*", title: "Import a PNG (thresholded, resized to the grid)",
       "aria-label": "Import a PNG" }),
-    steps: h("input", { class: "lw-fit-steps", type: "number", min: 1, max: 100000, step: 1, value: 300 }),
-    lr: h("input", { type: "number", min: 0, step: "any", value: 0.003 }),
-    tau: h("input", { type: "number", min: 0, step: "any", value: 2.5 }),
-    cells: h("input", { type: "number", min: 1, max: 4096, step: 1, value: 50 }),
-    seed: h("input", { type: "number", min: 0, step: 1, value: 0 }),
+    steps: h("input", { class: "lw-fit-steps", type: "number", min: limits.steps[0],
+      max: limits.steps[1], step: 1, value: defaults.steps }),
+    lr: h("input", { type: "number", min: 0, step: "any", value: defaults.lr }),
+    tau: h("input", { type: "number", min: 0, step: "any", value: defaults.tau }),
+    cells: h("input", { type: "number", min: limits.cells_per_step[0],
+      max: limits.cells_per_step[1], step: 1, value: defaults.cells_per_step }),
+    seed: h("input", { type: "number", min: limits.seed[0], step: 1, value: defaults.seed }),
     fit: h("button", { class: "lw-fit" }, "Fit"),
     stop: h("button", { class: "lw-fit-stop" }, "Stop"),
     resume: h("button", { class: "lw-fit-resume" }, "Resume"),
@@ -332,12 +336,13 @@ export function patternPanel({ model, h, row, newId, offline }) {
   function fitSpec(resume) {
     const mask = [];
     for (let i = 0; i < rows; i++) mask.push(Array.from(cells.subarray(i * cols, (i + 1) * cols)));
-    const steps = Math.round(Math.min(100000, Math.max(1, numOr(c.steps, 300))));
+    // Clamped to the kernel's limits (landscape_widget/widget/fit_spec.py, sent once).
+    const clamp = (k, input) => Math.min(limits[k][1], Math.max(limits[k][0], numOr(input, defaults[k])));
+    const steps = Math.round(clamp("steps", c.steps));
     return {
-      mask, steps, lr: Math.min(1, Math.max(1e-7, numOr(c.lr, 0.003))),
-      tau: Math.min(100, Math.max(0.001, numOr(c.tau, 2.5))),
-      cells_per_step: Math.round(Math.min(4096, Math.max(1, numOr(c.cells, 50)))),
-      batch_size: 256, seed: Math.round(Math.min(2 ** 31 - 1, Math.max(0, numOr(c.seed, 0)))),
+      mask, steps, lr: clamp("lr", c.lr), tau: clamp("tau", c.tau),
+      cells_per_step: Math.round(clamp("cells_per_step", c.cells)),
+      batch_size: defaults.batch_size, seed: Math.round(clamp("seed", c.seed)),
       every: Math.max(1, Math.min(25, Math.round(steps / 30))), resume,
     };
   }

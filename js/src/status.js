@@ -24,7 +24,7 @@ function summary(d) {
  * Fill the progress `bar` and the status line `node`.
  *
  * @param {object} p
- * @param {object} p.s the `status` trait ({} if none)
+ * @param {object} p.s the `status` trait ({} if none; `traceback` after a failure)
  * @param {object|null} p.live the last progress / done / cancelled message of the job shown
  * @param {object|null} p.job the job shown (its device)
  * @param {string|null} p.error the last error text of this view
@@ -69,6 +69,8 @@ export function showStatus(bar, node, { s, live, job, error, offline = null }) {
   bar.style.width = `${Math.min(100, pct)}%`;
   const text = parts.filter(Boolean).join(" · ");
   const err = error || (s.state === "error" ? s.message : null);
+  // A failed job's traceback (the kernel keeps it, also in widget.last_error) on hover.
+  const where = s.state === "error" && s.traceback ? { title: s.traceback } : {};
   node.replaceChildren(...(offline ? [h("div", { class: "lw-offline-note", role: "note" }, offline)] : []),
-    h("span", {}, text), ...(err ? [h("span", { class: "lw-error" }, ` ${err}`)] : []));
+    h("span", {}, text), ...(err ? [h("span", { class: "lw-error", ...where }, ` ${err}`)] : []));
 }

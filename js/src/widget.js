@@ -1,7 +1,9 @@
 // landscape_widget front end: an anywidget ESM module.
 //
-// Controls write traits (debounced 250 ms); the kernel recomputes when a compute trait
-// changes. Tiles arrive as custom messages with float32 buffers and fill a Float32Array;
+// Controls write traits at once; the kernel debounces them (once, in Python: it validates
+// every update and decides when to compute) and recomputes when a compute trait changes.
+// The compute traits' names, enumerations and limits come from the read-only
+// `_spec_schema` trait (written once in landscape_widget/widget/spec.py). Tiles arrive as custom messages with float32 buffers and fill a Float32Array;
 // the plot is redrawn with Plotly.react at most once per animation frame, with a constant
 // uirevision (zoom and camera survive) and a bumped datarevision. The finished grid also
 // lives in the `result` trait, so a re-render, a second view or a static HTML export
@@ -27,9 +29,7 @@ import { showStatus as paintStatus } from "./status.js";
 import { hostTheme, onThemeChange } from "./theme.js";
 import "./widget.css";
 
-const DEBOUNCE_MS = 250;
-const COMPUTE_KEYS = ["mode", "direction", "norm", "ignore_biasbn", "x_range", "y_range",
-  "resolution", "seed", "bn", "quantity", "vertices"];
+const DISPLAY_KEYS = ["metric", "log_scale", "view", "direction_types"];
 const TIMINGS_KEPT = 50;
 const KERNEL_WAIT_MS = 2500;
 export const OFFLINE = {
@@ -40,9 +40,8 @@ export const OFFLINE = {
 };
 
 function render({ model, el }) {
-  const pending = {};
-  let timer = null;
-  const get = (k) => (k in pending ? pending[k] : model.get(k));
+  const get = (k) => model.get(k);
+  const computeKeys = () => (model.get("_spec_schema") || {}).fields || [];
   // Why this view cannot compute (OFFLINE.static / OFFLINE.restored), or null when it can.
   let offline = model.get("_static") ? OFFLINE.static : null;
   const panel = controlPanel({ model, get, setTrait, onCompute: compute, onCancel: cancel,
@@ -93,17 +92,6 @@ function render({ model, el }) {
   let drawn = null; // {id, complete} of the job the plot shows (data handed to plotly)
 
   // --- traits <-> controls -------------------------------------------------------------
-  function flush() {
-    clearTimeout(timer);
-    timer = null;
-    const keys = Object.keys(pending);
-    if (!keys.length) return;
-    if (keys.some((k) => COMPUTE_KEYS.includes(k))) lastTraitFlush = performance.now();
-    for (const k of keys) model.set(k, pending[k]);
-    for (const k of keys) delete pending[k];
-    model.save_changes();
-  }
-
   function setTrait(values) {
     // Half-typed numbers (NaN) never reach the kernel; the control shows the trait again.
     const bad = Object.values(values).some((v) => (Array.isArray(v) ? v : [v])
@@ -112,15 +100,16 @@ function render({ model, el }) {
       panel.sync();
       return;
     }
-    Object.assign(pending, values);
-    clearTimeout(timer);
-    timer = setTimeout(flush, DEBOUNCE_MS);
+    const keys = Object.keys(values);
+    if (keys.some((k) => computeKeys().includes(k))) lastTraitFlush = performance.now();
+    for (const k of keys) model.set(k, values[k]);
+    model.save_changes();
     panel.sync();
     schedule();
   }
 
   function spec() {
-    return Object.fromEntries(COMPUTE_KEYS.map((k) => [k, get(k)]));
+    return Object.fromEntries(computeKeys().map((k) => [k, get(k)]));
   }
 
   function timing(id) {
@@ -134,7 +123,6 @@ function render({ model, el }) {
 
   function compute() {
     const s = spec();
-    flush();
     error = null;
     const id = newId();
     Object.assign(timing(id), { source: "compute", sent: performance.now() });
@@ -143,13 +131,10 @@ function render({ model, el }) {
   }
 
   function cancel() {
-    flush();
     model.send({ kind: "cancel", id: job ? job.id : "none" });
   }
 
-  const traitNames = ["mode", "direction", "norm", "ignore_biasbn", "x_range", "y_range",
-    "resolution", "seed", "bn", "quantity", "vertices", "metric", "log_scale", "view",
-    "direction_types"];
+  const traitNames = [...computeKeys(), ...DISPLAY_KEYS];
   const onTraits = () => {
     panel.sync();
     schedule();
@@ -309,7 +294,6 @@ function render({ model, el }) {
   }
 
   return () => {
-    flush();
     if (frame) cancelAnimationFrame(frame);
     clearTimeout(kernelTimer);
     stopTheme();

@@ -24,15 +24,14 @@ from torch import nn
 
 from .directions import random_directions
 from .evaluate import METRICS, Evaluator
-from .fingerprints import fingerprint, fingerprint_text
+from .fingerprints import fingerprint
 from .grid import MAX_GRID_POINTS, Tile, axis_range, axis_values, cut_tiles
 from .params import Params, check_direction
 from .reuse import check_reusable, loss_name, reused_points, what_is_computed
 from .state import bn_batch_size_for
 from .tuning import Plan
 
-__all__ = ["GridJob", "LocalRunner", "TileRunner", "fingerprint", "fingerprint_text",
-           "grid_job"]  # fingerprint*: re-exported, as widget/ imports them from here
+__all__ = ["GridJob", "LocalRunner", "TileRunner", "grid_job"]
 
 
 @runtime_checkable

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .errors import Cancelled
 from .grid import parse_axis, progressive_order
-from .hessian import Cancelled, HessianOperator, _arpack, _bar
+from .hessian import HessianOperator, _arpack, _bar
 from .lanczos import extreme_pairs, max_steps
 from .params import Params, check_direction, parameters_of
 
@@ -121,6 +122,16 @@ class CurvaturePoint:
     residual: float
     converged: bool
     method: str
+
+    @property
+    def ratio(self) -> float:
+        """``|lambda_min / lambda_max|`` at this point (NaN where ``lambda_max`` is 0).
+
+        Example:
+            >>> CurvaturePoint(0, 0, 0, 0, 4.0, -1.0, 10, 0.0, True, "exact").ratio
+            0.25
+        """
+        return abs(self.lambda_min / self.lambda_max) if self.lambda_max != 0 else float("nan")
 
 
 def extreme_eigenvalues(op: HessianOperator, tol: float = 1e-2, seed: int = 0,

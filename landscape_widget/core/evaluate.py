@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .data import as_tensors, check_finite
+from .errors import AccuracyUndefined
 from .losses import check_reduction, loss_error
 from .metrics import (
     METRICS,
@@ -341,7 +342,7 @@ class Evaluator(PlanTuner, StemTerms, BufferState):
                 logits is None or self.task.kind is None):
             why = no_logits or self.task.why
             if not self._default_metrics:
-                raise ValueError(f"{why}. Pass metrics=('loss',), or your own metric as "
+                raise AccuracyUndefined(f"{why}. Pass metrics=('loss',), or your own metric as "
                                  "metrics={'loss': None, 'accuracy': fn(outputs, targets)}.")
             self.dropped["accuracy"] = why
             self.metrics = tuple(k for k in self.metrics if k != "accuracy")

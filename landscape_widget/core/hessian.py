@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .hvp import METHODS, Cancelled, HessianOperator, scipy_operator
+from .errors import Cancelled  # re-exported: `from core.hessian import Cancelled` works
+from .hvp import METHODS, HessianOperator, scipy_operator
 from .lanczos import extreme_pairs, lanczos, max_steps
 
 __all__ = ["METHODS", "Cancelled", "Density", "Eigenpairs", "HessianOperator", "TraceEstimate",

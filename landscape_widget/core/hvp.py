@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp
 
 from .data import as_tensors
+from .errors import Cancelled  # re-exported: `from core.hvp import Cancelled` still works
 from .metrics import find_logits, resolve_task
 from .params import Params, buffers_of, check_module, evaluation_copy, model_device, parameters_of
 
@@ -45,10 +46,6 @@ def _warm_forward_ad() -> None:
                                     category=FutureWarning)
             jvp(lambda t: t * t, (torch.ones(1),), (torch.ones(1),))
         _WARMED = True
-
-
-class Cancelled(RuntimeError):
-    """A curvature computation stopped by its cancel event."""
 
 
 class HessianOperator:

@@ -10,6 +10,7 @@ import numpy as np
 from torch import nn
 
 from .compute import GridJob, LocalRunner, grid_job
+from .errors import ReuseMismatch
 from .evaluate import METRICS, LossFn, warn_nonfinite
 from .grid import Tile
 from .params import Params
@@ -191,7 +192,7 @@ def check_foreign_reuse(job: GridJob) -> None:
         bad = ~np.isclose(got[m], want, **tol)
         if bad.any():
             i = int(np.argmax(bad))
-            raise ValueError(
+            raise ReuseMismatch(
                 f"reuse=: the file's {m} at ({coords[i][0]:.4g}, {coords[i][-1]:.4g}) is "
                 f"{want[i]:.6g}, but this model, data and directions give {got[m][i]:.6g}. "
                 "The file was computed with another model, data, directions or loss; pass the "

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .errors import ReuseMismatch
 from .fingerprints import callable_fingerprint, fingerprint_text
 from .grid import match_axis
 
@@ -56,15 +57,16 @@ def check_reusable(spec: dict, reuse, metrics: Sequence[str]) -> None:
     """Refuse ``reuse`` unless it was computed like the grid of ``spec``.
 
     Raises:
-        ValueError: If the model, directions, data, loss, metrics, bn mode or sample count
-            differ, a metric is missing, or a loss or metric cannot be fingerprinted.
+        ReuseMismatch: (a ``ValueError``) If the model, directions, data, loss, metrics, bn
+            mode or sample count differ, a metric is missing, or a loss or metric cannot be
+            fingerprinted.
     """
     for key, what in (("loss_fingerprint", "loss_fn"), ("metrics_fingerprint", "metrics")):
         if spec.get(key) is None or reuse.spec.get(key) is None:
             if reuse.spec.get("source") == "loss-landscape" and spec.get(key) is not None:
                 continue  # checked by recomputing a few points (check_foreign_reuse)
             which = "this call's" if spec.get(key) is None else "reuse='s"
-            raise ValueError(
+            raise ReuseMismatch(
                 f"reuse= cannot tell whether {which} {what} is the one the points were "
                 "computed with: it holds a value that cannot be fingerprinted (an object with "
                 "no state or stable repr), or the result predates fingerprints. Compute "
@@ -80,7 +82,7 @@ def check_reusable(spec: dict, reuse, metrics: Sequence[str]) -> None:
         diff[diff.index("loss_fingerprint")] = "loss (same name, other settings or code)"
     missing = [m for m in metrics if metric_values(reuse, m) is None]
     if diff or missing:
-        raise ValueError(
+        raise ReuseMismatch(
             f"reuse= was computed with a different {', '.join(diff) or 'set of metrics'}; "
             "only a result of the same model, directions, data, loss and bn mode can be reused."
         )

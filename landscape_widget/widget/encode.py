@@ -1,9 +1,9 @@
-"""What the kernel sends of a grid: ``tile`` messages, a joining view's replay, the ``result``.
+"""What the kernel sends of a grid: ``start``, ``tile``, a joining view's replay, ``result``.
 
-Kept apart from :mod:`.worker` and :mod:`.widget` so each file stays small. The live stream
-goes out as custom messages with float32 / int32 buffers (see :mod:`.protocol`); the
-finished grid goes into the widget's ``result`` trait, which a re-render, a second view or
-a static HTML export reads without a kernel.
+The messages themselves are built by :mod:`.protocol`; this module maps a stream onto them,
+with the view's extras (trajectory path, axis labels). The live stream goes out as custom
+messages with float32 / int32 buffers; the finished grid goes into the widget's ``result``
+trait, which a re-render, a second view or a static HTML export reads without a kernel.
 """
 
 from __future__ import annotations
@@ -14,38 +14,51 @@ import numpy as np
 
 from ..core.landscape import TileStream
 from ..core.surface import Curve, Surface
-from .protocol import f32, i32
+from .protocol import Message, f32, start_message, tile_message
 from .shapes import curve_info
 
 if TYPE_CHECKING:
-    from .worker import Job
+    from .jobs import Job
 
 
-def tile_message(job_id: str, tile) -> tuple[dict, list]:
-    """The ``tile`` message and its ``[flat, loss, accuracy]`` buffers."""
-    msg = {"kind": "tile", "id": job_id, "level": int(tile.level), "n": int(tile.flat.size),
-           "done": int(tile.done), "total": int(tile.total)}
-    return msg, [i32(tile.flat), f32(tile.values.get("loss")), f32(tile.values.get("accuracy"))]
+def path_info(dirs) -> dict:
+    """``path`` (the trajectory's coordinates) and axis ``labels`` for the start message."""
+    path = getattr(dirs, "path", None)
+    labels = getattr(dirs, "axis_labels", None)
+    out = {}
+    if path is not None:
+        out["path"] = np.asarray(path, dtype=float).round(8).tolist()
+    if labels:
+        out["labels"] = list(labels)
+    return out
 
 
-def snapshot_messages(job: Job, stream: TileStream) -> list[tuple[dict, list]]:
-    """``start`` plus one ``tile`` of every point computed so far (for a joining view)."""
+def stream_start(job: Job, stream: TileStream) -> Message:
+    """The ``start`` message of ``job``'s grid (its extras ``job.view``: labels, marks...)."""
     axes = stream.axes
+    return start_message(job.id, job.spec.to_dict(), stream.shape, stream.evaluator.metrics,
+                         str(stream.evaluator.device), axes[-1],
+                         axes[0] if len(axes) == 2 else None,
+                         metrics_dropped=dict(getattr(stream.evaluator, "dropped", {})),
+                         **job.view)
+
+
+def stream_tile(job_id: str, tile) -> Message:
+    """The ``tile`` message of one tile of a stream."""
+    return tile_message(job_id, tile.flat, tile.values.get("loss"), tile.values.get("accuracy"),
+                        level=tile.level, done=tile.done, total=tile.total)
+
+
+def snapshot_messages(job: Job, stream: TileStream) -> list[Message]:
+    """``start`` plus one ``tile`` of every point computed so far (for a joining view)."""
     arrays = {m: a.reshape(-1).copy() for m, a in stream.arrays.items()}
     loss = arrays.get("loss")
     known = np.flatnonzero(~np.isnan(loss if loss is not None else next(iter(arrays.values()))))
-    start = {"kind": "start", "id": job.id, "spec": job.spec.to_dict(),
-             "shape": list(stream.shape), "metrics": list(stream.evaluator.metrics),
-             "metrics_dropped": dict(getattr(stream.evaluator, "dropped", {})),
-             "device": str(stream.evaluator.device), **job.view}
-    tile = {"kind": "tile", "id": job.id, "level": 0, "n": int(known.size),
-            "done": int(known.size), "total": stream.total}
     acc = arrays.get("accuracy")
-    return [
-        (start, [f32(axes[-1]), f32(axes[0] if len(axes) == 2 else None)]),
-        (tile, [i32(known), f32(None if loss is None else loss[known]),
-                f32(None if acc is None else acc[known])]),
-    ]
+    return [stream_start(job, stream),
+            tile_message(job.id, known, None if loss is None else loss[known],
+                         None if acc is None else acc[known], level=0, done=known.size,
+                         total=stream.total)]
 
 
 def encode_result(job: Job, result: Surface | Curve, complete: bool, device: str) -> dict:

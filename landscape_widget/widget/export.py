@@ -16,6 +16,7 @@ def static_page(widget, traits: tuple[str, ...], title: str) -> str:
     """The standalone HTML page of :meth:`LandscapeWidget.to_html` (see its docstring)."""
     state = {k: getattr(widget, k) for k in traits}
     state["direction_types"] = widget.direction_types
+    state["_spec_schema"] = widget._spec_schema  # the spec's fields and limits (see .spec)
     state["status"] = widget.status
     state["_static"] = True  # the page has no kernel: the front end hides compute controls
     result = dict(widget.result) if widget.result else None

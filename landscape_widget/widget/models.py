@@ -25,17 +25,15 @@ from collections.abc import Mapping
 import numpy as np
 from torch import nn
 
-from ..core.compute import fingerprint
 from ..core.directions import interpolation_direction
+from ..core.fingerprints import fingerprint
 from ..core.landscape import TileStream
 from ..core.params import check_module, check_same_placement
 from ..core.surface import Curve, Surface
 from ..experiments.triangle import TriangleSurface, triangle_stream
-from . import extra_jobs
-from .protocol import MAX_NAME, Spec, short
-
-DIRECTION_CACHE = 8
-"""Direction sets kept per worker (as the worker's own cache)."""
+from .encode import path_info
+from .jobs import Context, Job, Labelled
+from .spec import MAX_NAME, VERTEX_COUNTS, Spec, short
 
 
 def resolve_models(model, models) -> tuple[nn.Module, dict[str, nn.Module]]:
@@ -81,89 +79,73 @@ def resolve_models(model, models) -> tuple[nn.Module, dict[str, nn.Module]]:
     return centre, named
 
 
-def direction_entries(names) -> list[dict]:
-    """Entries of the ``direction_types`` trait for the named models.
+def entries(names, direction: str) -> list[dict]:
+    """The ``direction_types`` entry of ``direction`` (``"interpolate"`` or ``"plane"``).
 
+    None without enough named models (two for interpolate, three for the plane).
     ``models`` are the names the front end's vertex selects offer, ``count`` how many it
     shows.
+
+    Example:
+        >>> [e["count"] for e in entries(["a", "b"], "interpolate") + entries(["a", "b"], "plane")]
+        [2]
     """
     names = list(names)
-    out = []
-    if len(names) >= 2:
-        out.append({"label": "interpolate between two models", "direction": "interpolate",
-                    "norm": "filter", "models": names, "count": 2})
-    if len(names) >= 3:
-        out.append({"label": "plane through three models", "direction": "plane",
-                    "norm": "none", "models": names, "count": 3})
-    return out
+    if len(names) < VERTEX_COUNTS[direction]:
+        return []
+    if direction == "interpolate":
+        return [{"label": "interpolate between two models", "direction": "interpolate",
+                 "norm": "filter", "models": names, "count": 2}]
+    return [{"label": "plane through three models", "direction": "plane", "norm": "none",
+             "models": names, "count": 3}]
 
 
-def _named(worker, name: str) -> nn.Module:
+def _named(ctx: Context, name: str) -> nn.Module:
     try:
-        return worker.models[name]
+        return ctx.models[name]
     except KeyError:
         raise ValueError(f"no model named {name!r}; the widget's models are "
-                         f"{sorted(worker.models)}.") from None
+                         f"{sorted(ctx.models)}.") from None
 
 
-def centre(worker, spec: Spec) -> nn.Module:
+def centre(ctx: Context, spec: Spec) -> nn.Module:
     """The model a grid of ``spec`` is centred at: A for ``"interpolate"``."""
-    return _named(worker, spec.vertices[0]) if spec.direction == "interpolate" else worker.model
+    return _named(ctx, spec.vertices[0]) if spec.direction == "interpolate" else ctx.model
 
 
-class _Labelled(list):
-    """Directions with axis labels and the named points to mark on the plot."""
+def vertex_key(ctx: Context, spec: Spec) -> tuple:
+    """What ``"interpolate"`` directions depend on (their cache key in :mod:`.directions`)."""
+    a, b = (_named(ctx, name) for name in spec.vertices)
+    # The models' bytes are in the key: a model trained further gets new directions.
+    return (spec.direction_key(), fingerprint(dict(a.state_dict())),
+            fingerprint(dict(b.state_dict())))
 
-    axis_labels: list[str]
-    marks: list[dict]
 
-
-def directions(worker, spec: Spec) -> list:
-    """Directions of the ``"interpolate"`` and ``"plane"`` types (cached like the others).
+def interpolate_directions(ctx: Context, spec: Spec, job: Job | None = None) -> Labelled:
+    """Directions of the ``"interpolate"`` type: A to B on x, in 2D a random y drawn at A.
 
     The plane has none: :func:`plane_stream` weighs the three models themselves.
     """
-    if spec.direction == "plane":
-        return []
     a_name, b_name = spec.vertices
-    a, b = _named(worker, a_name), _named(worker, b_name)
-    # The models' bytes are in the key: a model trained further gets new directions.
-    key = ("vertices", spec.direction_key(), fingerprint(dict(a.state_dict())),
-           fingerprint(dict(b.state_dict())))
-    cache = worker._directions
-    if key in cache:
-        cache.move_to_end(key)
-        return cache[key]
-    dirs = _Labelled([interpolation_direction(a, b)])
+    a, b = _named(ctx, a_name), _named(ctx, b_name)
+    dirs = Labelled([interpolation_direction(a, b)])
     dirs.axis_labels = [f"α ({a_name} → {b_name})"]
     if spec.mode == "2d":
-        dirs += worker.random_for(spec, 1, model=a)
+        dirs += ctx.random(spec, 1, model=a)
         dirs.axis_labels.append("β (random direction)")
     dirs.marks = [{"name": a_name, "x": 0.0, "y": 0.0}, {"name": b_name, "x": 1.0, "y": 0.0}]
-    cache[key] = dirs
-    while len(cache) > DIRECTION_CACHE:
-        cache.popitem(last=False)
     return dirs
 
 
-def plane_stream(worker, job) -> TileStream:
+def plane_stream(ctx: Context, job: Job) -> TileStream:
     """The plane through ``job.spec.vertices`` as a stream of tiles (cancellable)."""
     spec = job.spec
     names = list(spec.vertices)
-    models = [_named(worker, n) for n in names]
-    while True:
-        try:
-            return triangle_stream(
-                models, worker.grid_data, resolution=spec.resolution, margin=spec.margin,
-                loss_fn=worker.loss_fn, metrics=worker.metrics, bn=spec.bn,
-                device=worker.device, names=names, tile_points=worker.tile_points,
-                cancel=job.cancel, evaluator_options=worker.evaluator_options,
-                executor=worker.executor)
-        except ValueError as err:
-            if "accuracy" in worker.metrics and str(err).startswith("accuracy needs"):
-                worker.metrics = ("loss",)  # not a classification task; the loss still is
-            else:
-                raise
+    return triangle_stream(
+        [_named(ctx, n) for n in names], ctx.grid_data, resolution=spec.resolution,
+        margin=spec.margin, loss_fn=ctx.loss_fn, metrics=ctx.metrics, bn=spec.bn,
+        device=ctx.device, names=names, tile_points=ctx.tile_points, cancel=job.cancel,
+        evaluator_options=ctx.evaluator_options, executor=ctx.executor)
 
 
 def view_info(dirs, stream: TileStream) -> dict:
@@ -172,7 +154,7 @@ def view_info(dirs, stream: TileStream) -> dict:
     For the plane: ``{"plane": {"names", "margin", "resolution", "outside"}}``, where
     ``outside`` counts the grid points beyond the region, never evaluated (NaN).
     """
-    info = extra_jobs.path_info(dirs)
+    info = path_info(dirs)
     marks = getattr(dirs, "marks", None)
     if marks:
         info["marks"] = [dict(m) for m in marks]
@@ -200,5 +182,5 @@ def as_triangle(result: Surface | Curve | None) -> Surface | Curve | TriangleSur
                            dict(result.spec))
 
 
-__all__ = ["resolve_models", "direction_entries", "centre", "directions", "plane_stream",
-           "view_info", "outside", "as_triangle"]
+__all__ = ["resolve_models", "entries", "centre", "vertex_key", "interpolate_directions",
+           "plane_stream", "view_info", "outside", "as_triangle"]

@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import traitlets as t
 
+from .jobs import new_id
 from .patterns import FitSpec, PatternRunner, check_pattern, default_binary
-from .worker import new_id
 
 
 class PatternPanel(t.HasTraits):

@@ -26,95 +26,17 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ..core.data import as_tensors
-from ..experiments.masks import MAX_CELLS, MIN_CELLS, ternary_mask
+from ..experiments.masks import ternary_mask
 from ..experiments.mpo import fit_pattern
 from ..experiments.pattern_fit import PatternFit
-from .protocol import ProtocolError, f32, short
-from .worker import Job
-
-FIT_FIELDS = {"mask": list, "steps": int, "lr": float, "tau": float, "cells_per_step": int,
-              "batch_size": int, "seed": int, "every": int, "resume": bool}
-LIMITS = {"steps": (1, 100_000), "cells_per_step": (1, 4096), "batch_size": (1, 1 << 16),
-          "seed": (0, 2**31 - 1), "every": (1, 10_000), "lr": (1e-7, 1.0), "tau": (1e-3, 100.0)}
-
-
-@dataclass(frozen=True)
-class FitSpec:
-    """A validated fit request."""
-
-    mask: tuple[tuple[int, ...], ...]
-    steps: int = 300
-    lr: float = 3e-3
-    tau: float = 2.5
-    cells_per_step: int = 50
-    batch_size: int = 256
-    seed: int = 0
-    every: int = 10
-    resume: bool = False
-
-    @property
-    def binary(self) -> np.ndarray:
-        """The mask as a ``uint8`` array."""
-        return np.array(self.mask, dtype=np.uint8)
-
-
-def parse_fit_spec(raw) -> FitSpec:
-    """Validate the ``spec`` of a fit message; raises :class:`ProtocolError`.
-
-    Example:
-        >>> parse_fit_spec({"mask": [[1, 0], [0, 1]], "steps": 5, "lr": 0.003, "tau": 2.5,
-        ...     "cells_per_step": 50, "batch_size": 256, "seed": 0, "every": 5,
-        ...     "resume": False}).binary.shape
-        (2, 2)
-    """
-    if not isinstance(raw, dict):
-        raise ProtocolError(f"fit spec must be an object, got {type(raw).__name__}.")
-    unknown = sorted(str(k)[:40] for k in raw if k not in FIT_FIELDS)[:10]
-    if unknown:
-        raise ProtocolError(f"fit spec has unknown fields {unknown}; "
-                            f"allowed: {sorted(FIT_FIELDS)}.")
-    missing = sorted(set(FIT_FIELDS) - set(raw))
-    if missing:
-        raise ProtocolError(f"fit spec is missing fields {missing}.")
-    values = {}
-    for key, typ in FIT_FIELDS.items():
-        v = raw[key]
-        if typ is float:
-            ok = isinstance(v, int | float) and not isinstance(v, bool) and abs(v) < 1e300 \
-                and math.isfinite(v)
-        elif typ is int:
-            ok = isinstance(v, int) and not isinstance(v, bool)
-        else:
-            ok = isinstance(v, typ)
-        if not ok:
-            raise ProtocolError(f"fit spec.{key} must be of type {typ.__name__}, got {short(v)}.")
-        if key in LIMITS and not LIMITS[key][0] <= v <= LIMITS[key][1]:
-            raise ProtocolError(f"fit spec.{key}={short(v)} is outside {list(LIMITS[key])}.")
-        values[key] = float(v) if typ is float else v
-    values["mask"] = _mask(raw["mask"])
-    return FitSpec(**values)
-
-
-def _mask(rows) -> tuple[tuple[int, ...], ...]:
-    if not MIN_CELLS <= len(rows) <= MAX_CELLS:
-        raise ProtocolError(f"fit spec.mask needs {MIN_CELLS}..{MAX_CELLS} rows, got {len(rows)}.")
-    if not all(isinstance(r, list) for r in rows):
-        raise ProtocolError("fit spec.mask must be a list of rows (lists of 0/1).")
-    width = len(rows[0])
-    if not MIN_CELLS <= width <= MAX_CELLS or any(len(r) != width for r in rows):
-        raise ProtocolError(f"fit spec.mask rows must all have the same length in "
-                            f"{MIN_CELLS}..{MAX_CELLS}.")
-    for r in rows:
-        for v in r:
-            if isinstance(v, bool) or v not in (0, 1) or not isinstance(v, int):
-                raise ProtocolError(f"fit spec.mask cells must be 0 or 1, got {short(v)}.")
-    return tuple(tuple(r) for r in rows)
+from . import protocol
+from .fit_spec import FIT_FIELDS, LIMITS, FitSpec, check_mask, parse_fit_spec
+from .jobs import Job
 
 
 class PatternRunner:
@@ -206,16 +128,14 @@ class PatternRunner:
             previous.join()
         if job.cancel.is_set():
             job.state = "stopped"
-            self._emit({"kind": "fit_done", "id": job.id, "step": 0, "stopped": True,
-                        "seconds": 0.0})
+            self._emit(protocol.fit_done_message(job.id, 0, True, 0.0))
             return
         job.state = "running"
         try:
             self._run(job)
         except Exception as err:  # noqa: BLE001 - user code (model_fn, the model) may raise
             job.state = "error"
-            self._emit({"kind": "error", "id": job.id,
-                        "message": f"pattern fit: {type(err).__name__}: {err}"[:2000]})
+            self._emit(protocol.error_message(job.id, f"pattern fit: {type(err).__name__}: {err}"))
 
     def _run(self, job: Job) -> None:
         spec, t0 = job.spec, time.perf_counter()
@@ -231,8 +151,8 @@ class PatternRunner:
         rows, cols = fit.shape
         splits = list(tensors["eval"])
         target = fit.step + spec.steps
-        self._emit({"kind": "fit_start", "id": job.id, "rows": rows, "cols": cols,
-                    "steps": target, "mask": fit.mask.reshape(-1).tolist(), "splits": splits})
+        self._emit(protocol.fit_start_message(job.id, rows, cols, target,
+                                              fit.mask.reshape(-1).tolist(), splits))
 
         def update(f: PatternFit) -> None:
             self._emit(*self._update(job, f, target, t0))
@@ -245,22 +165,18 @@ class PatternRunner:
         if stopped and (not fit.history or fit.step % spec.every):
             update(fit)
         job.state = "stopped" if stopped else "done"
-        self._emit({"kind": "fit_done", "id": job.id, "step": fit.step, "stopped": stopped,
-                    "seconds": time.perf_counter() - t0})
+        self._emit(protocol.fit_done_message(job.id, fit.step, stopped,
+                                             time.perf_counter() - t0))
 
     def _update(self, job: Job, fit: PatternFit, target: int, t0: float):
         with torch.no_grad():
             evals = {name: fit.evaluate(data) for name, data in self._splits()["eval"].items()}
         scores = {name: fit.scores(ev) for name, ev in evals.items()}
         last = fit.history[-1] if fit.history else {}
-        msg = {"kind": "fit_update", "id": job.id, "step": fit.step, "steps": target,
-               "rows": fit.shape[0], "cols": fit.shape[1], "scores": _finite(scores),
-               "last": _finite(last), "seconds": time.perf_counter() - t0,
-               "splits": list(evals), "mask": fit.mask.reshape(-1).tolist()}
-        test = evals.get("test", {})
-        bufs = [f32(evals["train"]["loss"]), f32(evals["train"]["accuracy"]),
-                f32(test.get("loss")), f32(test.get("accuracy"))]
-        return msg, bufs
+        return protocol.fit_update_message(
+            job.id, step=fit.step, steps=target, rows=fit.shape[0], cols=fit.shape[1],
+            scores=_finite(scores), last=_finite(last), seconds=time.perf_counter() - t0,
+            mask=fit.mask.reshape(-1).tolist(), evals=evals)
 
 
 def _finite(d: dict) -> dict:
@@ -283,10 +199,15 @@ def default_binary(rows: int = 8, cols: int = 8) -> list[list[int]]:
 
 def check_pattern(pattern) -> np.ndarray:
     """A pattern from Python or the ``pattern`` trait, checked; with a trainable mask."""
-    binary = np.asarray(_mask([list(map(int, r)) for r in pattern]) if isinstance(pattern, list)
-                        else pattern)
+    binary = np.asarray(check_mask([list(map(int, r)) for r in pattern])
+                        if isinstance(pattern, list) else pattern)
     mask = ternary_mask(binary)
     if not (mask == 1).any():
         raise ValueError("the pattern has no good cell: draw some cells first (an empty or "
                          "all-drawn pattern has nothing to fit).")
     return binary
+
+
+__all__ = ["PatternRunner", "check_pattern", "default_binary",
+           # re-exported from .fit_spec, where they moved:
+           "FIT_FIELDS", "LIMITS", "FitSpec", "check_mask", "parse_fit_spec"]

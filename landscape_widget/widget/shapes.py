@@ -39,24 +39,20 @@ Two parts, both thin layers over :mod:`landscape_widget.experiments`:
 
 from __future__ import annotations
 
-import threading
 import time
-from collections import OrderedDict
 
 import numpy as np
 
-from ..core.compute import fingerprint
 from ..core.data import sample_inputs
-from ..core.hessian import Cancelled
+from ..core.fingerprints import fingerprint
 from ..core.surface import Curve
 from ..experiments.curves import SHAPE_X, classify_curve
 from ..experiments.mining import DEFAULT_STEPS, mine_direction, mine_plane
 from ..experiments.permute import PERMUTATION_X, permutation_direction
 from ..experiments.side import side_direction
-from .protocol import SHAPE_PLANES, SHAPE_TYPES, Spec
+from .jobs import Context, Job, Labelled
+from .spec import SHAPE_PLANES, SHAPE_TYPES, Spec
 
-CACHE = 4
-"""Mined or built directions kept per worker (each is one or two copies of the weights)."""
 STATUS_INTERVAL_S = 0.25
 
 _MINED = {"mined-w-peak": "w-peak", "mined-vvv-basin": "vvv-basin", "saddle": "saddle",
@@ -79,37 +75,31 @@ _AXES = {
 }
 
 
-def entries() -> list[dict]:
-    """Entries of the ``direction_types`` trait, one per curve-shape direction type.
+def entry(name: str) -> dict:
+    """The entry of the ``direction_types`` trait of curve-shape direction type ``name``.
 
     Besides ``label``, ``direction`` and ``norm`` (that of the random y axis of a curve
-    type in 2D), each carries ``shape`` (``"curve"`` or ``"surface"``) and ``window``:
+    type in 2D), it carries ``shape`` (``"curve"`` or ``"surface"``) and ``window``:
     ``[start, stop, num]``, which the front end sets when the user enters this kind of
     type: the taxonomy window :data:`~landscape_widget.SHAPE_X` for curves (1D; the
     permutation's ``(-0.5, 1.5, 41)``, theta and its twin, where its shape is checked), the same
     range on both axes for planes (2D only; ``num`` applies when coming from 1D).
+
+    Example:
+        >>> entry("saddle")["window"]
+        [-1.5, 1.5, 31]
     """
-    out = []
-    for name in SHAPE_TYPES:
-        plane = name in SHAPE_PLANES
-        # The permutation's shape is checked on PERMUTATION_X (theta at 0, its twin at 1).
-        start, stop, num = PERMUTATION_X if name == "permutation" else SHAPE_X
-        out.append({"label": _LABELS[name], "direction": name,
-                    "norm": "none" if plane else "filter",
-                    "shape": "surface" if plane else "curve",
-                    "window": [float(start), float(stop), 31 if plane else int(num)]})
-    return out
+    plane = name in SHAPE_PLANES
+    # The permutation's shape is checked on PERMUTATION_X (theta at 0, its twin at 1).
+    start, stop, num = PERMUTATION_X if name == "permutation" else SHAPE_X
+    return {"label": _LABELS[name], "direction": name, "norm": "none" if plane else "filter",
+            "shape": "surface" if plane else "curve",
+            "window": [float(start), float(stop), 31 if plane else int(num)]}
 
 
-class _Labelled(list):
-    """Directions with axis labels (read by :func:`.extra_jobs.path_info`) and a ``note``.
-
-    ``note`` says what a curve-shape method fell short of ("" when it got its shape); the
-    worker shows it in the status line of the finished job.
-    """
-
-    axis_labels: list[str]
-    note: str = ""
+def entries() -> list[dict]:
+    """Entries of the ``direction_types`` trait, one per curve-shape direction type."""
+    return [entry(name) for name in SHAPE_TYPES]
 
 
 def check_steps(steps: int | None) -> int | None:
@@ -132,113 +122,102 @@ def check_steps(steps: int | None) -> int | None:
     return steps
 
 
-class ShapeDirections:
-    """The mined and built directions of one worker, cached.
+def steps_for(direction: str, steps: int | None) -> int | None:
+    """Adam steps of mining ``direction`` (``None`` for the built ones).
 
     Args:
-        steps: Adam steps of every mining (``None``: the defaults of
+        direction: A curve-shape direction type.
+        steps: The widget's ``mining_steps`` (``None``: the library's defaults,
             :data:`~landscape_widget.experiments.mining.DEFAULT_STEPS`, 500 to 800).
 
-    Raises:
-        TypeError: If ``steps`` is not an int or ``None``.
-        ValueError: If ``steps`` is negative.
+    Returns:
+        The steps, or ``None`` for a built (not mined) type.
     """
+    shape = _MINED.get(direction)
+    if shape is None:
+        return None
+    return DEFAULT_STEPS[shape] if steps is None else steps
 
-    def __init__(self, steps: int | None = None):
-        self.steps = check_steps(steps)
-        self._cache: OrderedDict[tuple, list] = OrderedDict()
-        self._lock = threading.Lock()
 
-    def steps_for(self, direction: str) -> int | None:
-        """Adam steps of ``direction`` (``None`` for the built ones)."""
-        shape = _MINED.get(direction)
-        if shape is None:
-            return None
-        return DEFAULT_STEPS[shape] if self.steps is None else self.steps
+def key(ctx: Context, spec: Spec) -> tuple:
+    """What a curve-shape direction depends on (its cache key in :mod:`.directions`).
 
-    def directions(self, worker, spec: Spec, job) -> list:
-        """The directions of ``spec`` (one in 1D, two in 2D), computing them if needed.
+    Not ``mode``, ``norm``, the ranges or the resolution: a new window, resolution or 1D/2D
+    switch re-uses the direction. ``side`` has no seed; ``permutation`` moves everything, so
+    it has no BN mode or ignore.
+    """
+    name = spec.direction
+    seed = None if name == "side" else spec.seed
+    bn = None if name == "permutation" else spec.bn
+    ignore = None if name == "permutation" else spec.ignore_biasbn
+    return (name, seed, bn, ignore, steps_for(name, ctx.mining_steps),
+            fingerprint(dict(ctx.model.state_dict())))
 
-        Args:
-            worker: The :class:`.worker.Worker` (model, data, loss, device, status).
-            spec: A spec whose ``direction`` is one of :data:`.protocol.SHAPE_TYPES`.
-            job: The running job: its cancel event stops mining, its id tags the status.
 
-        Returns:
-            A list of direction dicts with ``axis_labels``.
+def finish(ctx: Context, spec: Spec, base: list) -> Labelled:
+    """The directions of ``spec`` from the computed ``base``: axis labels, note, 2D y axis.
 
-        Raises:
-            Cancelled: If the job was cancelled while mining.
-            ValueError: If the type is unknown or the experiment refuses the model.
-        """
-        if spec.direction not in SHAPE_TYPES:
-            raise ValueError(f"{spec.direction!r} is not a curve-shape direction type.")
-        base = self._base(worker, spec, job)
-        dirs = _Labelled(base)
-        dirs.axis_labels = list(_AXES[spec.direction])
-        dirs.note = getattr(base, "note", "")
-        if dirs.note:  # the shortfall stays visible on the plot, not only in the status
-            dirs.axis_labels[0] += f" — fell short: {base[0].achieved}" if len(base) == 1 \
-                else " — fell short"
-        if spec.direction not in SHAPE_PLANES and spec.mode == "2d":
-            second = worker.random_for(spec, 2)[1]
-            dirs.append(second)
-            dirs.axis_labels.append("β (random direction)")
-        return dirs
+    Args:
+        ctx: The widget's context.
+        spec: A spec whose ``direction`` is one of :data:`.spec.SHAPE_TYPES`.
+        base: What :func:`compute` returned (cached).
 
-    def _key(self, worker, spec: Spec) -> tuple:
-        name = spec.direction
-        # Only what the direction depends on: side has no seed, permutation no BN mode
-        # or ignore (it moves everything).
-        seed = None if name == "side" else spec.seed
-        bn = None if name == "permutation" else spec.bn
-        ignore = None if name == "permutation" else spec.ignore_biasbn
-        return (name, seed, bn, ignore, self.steps_for(name),
-                fingerprint(dict(worker.model.state_dict())))
+    Returns:
+        A :class:`.jobs.Labelled` list (one direction in 1D, two in 2D).
+    """
+    dirs = Labelled(base)
+    dirs.axis_labels = list(_AXES[spec.direction])
+    dirs.note = getattr(base, "note", "")
+    if dirs.note:  # the shortfall stays visible on the plot, not only in the status
+        dirs.axis_labels[0] += f" — fell short: {base[0].achieved}" if len(base) == 1 \
+            else " — fell short"
+    if spec.direction not in SHAPE_PLANES and spec.mode == "2d":
+        dirs.append(ctx.random(spec, 2)[1])
+        dirs.axis_labels.append("β (random direction)")
+    return dirs
 
-    def _base(self, worker, spec: Spec, job) -> list:
-        key = self._key(worker, spec)
-        with self._lock:
-            if key in self._cache:
-                self._cache.move_to_end(key)
-                return self._cache[key]
-        if job.cancel.is_set():
-            raise Cancelled("cancelled")
-        base = self._compute(worker, spec, job)
-        if job.cancel.is_set():
-            # Mining returns what it reached when cancelled: half mined, never cached.
-            raise Cancelled("cancelled")
-        with self._lock:
-            self._cache[key] = base
-            while len(self._cache) > CACHE:
-                self._cache.popitem(last=False)
-        return base
 
-    def _compute(self, worker, spec: Spec, job) -> list:
-        name, label = spec.direction, _LABELS[spec.direction]
-        ignore = "biasbn" if spec.ignore_biasbn else None
-        common = dict(loss_fn=worker.loss_fn, bn=spec.bn, device=worker.device)
-        _status(worker, job, f"{label}: computing the direction")
-        # warn=False: the shortfall goes to the status line and the axis label (a warning
-        # from the worker thread would land in whichever cell runs next).
-        if name == "permutation":
-            # Checked on a few real inputs: a w-basin whose ends differ would mislead.
-            inputs = sample_inputs(worker.data, 64)
-            found = permutation_direction(worker.model, seed=spec.seed, check_inputs=inputs,
-                                          data=worker.data, warn=False, **common)
-            return _reported([found], found, worker, job, label)
-        if name == "side":
-            found = side_direction(worker.model, worker.data, ignore=ignore, cancel=job.cancel,
-                                   warn=False, **common)
-            return _reported([found], found, worker, job, label)
-        mining = dict(steps=self.steps_for(name), seed=spec.seed, ignore=ignore,
-                      progress=False, cancel=job.cancel, warn=False,
-                      callback=_progress(worker, job, label), **common)
-        if name in SHAPE_PLANES:
-            found = mine_plane(worker.model, worker.data, shape=_MINED[name], **mining)
-            return _reported(list(found), found, worker, job, label)
-        found = mine_direction(worker.model, worker.data, shape=_MINED[name], **mining)
-        return _reported([found], found, worker, job, label)
+def compute(ctx: Context, spec: Spec, job: Job) -> list:
+    """Mine or build the direction(s) of ``spec`` (in the worker thread; cancellable).
+
+    Args:
+        ctx: The widget's context (model, data, loss, device, mining steps).
+        spec: A spec whose ``direction`` is one of :data:`.spec.SHAPE_TYPES`.
+        job: The running job: its cancel event stops mining, its reporter shows progress.
+
+    Returns:
+        The computed directions with ``note`` (what fell short, or ``""``).
+
+    Raises:
+        ValueError: If the type is unknown or the experiment refuses the model.
+    """
+    name = spec.direction
+    if name not in SHAPE_TYPES:
+        raise ValueError(f"{name!r} is not a curve-shape direction type.")
+    label = _LABELS[name]
+    ignore = "biasbn" if spec.ignore_biasbn else None
+    common = dict(loss_fn=ctx.loss_fn, bn=spec.bn, device=ctx.device)
+    job.report.status(message=f"{label}: computing the direction")
+    # warn=False: the shortfall goes to the status line and the axis label (a warning
+    # from the worker thread would land in whichever cell runs next).
+    if name == "permutation":
+        # Checked on a few real inputs: a w-basin whose ends differ would mislead.
+        inputs = sample_inputs(ctx.data, 64)
+        found = permutation_direction(ctx.model, seed=spec.seed, check_inputs=inputs,
+                                      data=ctx.data, warn=False, **common)
+        return _reported([found], found, job, label)
+    if name == "side":
+        found = side_direction(ctx.model, ctx.data, ignore=ignore, cancel=job.cancel,
+                               warn=False, **common)
+        return _reported([found], found, job, label)
+    mining = dict(steps=steps_for(name, ctx.mining_steps), seed=spec.seed, ignore=ignore,
+                  progress=False, cancel=job.cancel, warn=False,
+                  callback=_progress(job, label), **common)
+    if name in SHAPE_PLANES:
+        found = mine_plane(ctx.model, ctx.data, shape=_MINED[name], **mining)
+        return _reported(list(found), found, job, label)
+    found = mine_direction(ctx.model, ctx.data, shape=_MINED[name], **mining)
+    return _reported([found], found, job, label)
 
 
 def shape_note(found) -> str:
@@ -256,27 +235,15 @@ def shape_note(found) -> str:
     return ""
 
 
-class _Base(list):
-    """The computed directions and what they achieved (``note``: the shortfall, or "")."""
-
-    note: str = ""
-
-
-def _reported(dirs: list, found, worker, job, label: str) -> list:
-    out = _Base(dirs)
+def _reported(dirs: list, found, job: Job, label: str) -> Labelled:
+    out = Labelled(dirs)
     out.note = shape_note(found)
     if not job.cancel.is_set():
-        _status(worker, job, f"{label}: {out.note or found.summary()}")
+        job.report.status(message=f"{label}: {out.note or found.summary()}")
     return out
 
 
-def _status(worker, job, message: str, done: int = 0, total: int = 0,
-            eta: float | None = None) -> None:
-    worker._status(state="running", id=job.id, device=str(worker.device or ""), done=done,
-                   total=total, points_per_s=0.0, eta_s=eta, message=message)
-
-
-def _progress(worker, job, label: str):
+def _progress(job: Job, label: str):
     """A mining callback that reports to the status line, at most every 0.25 s."""
     t0 = time.perf_counter()
     last = [0.0]
@@ -288,8 +255,8 @@ def _progress(worker, job, label: str):
         last[0] = now
         rate = step / (now - t0) if now > t0 else 0.0
         eta = (total - step) / rate if rate > 0 else None
-        _status(worker, job, f"{label}: mining step {step}/{total}, objective {objective:.4g}",
-                done=step, total=total, eta=eta)
+        job.report.status(message=f"{label}: mining step {step}/{total}, objective "
+                                  f"{objective:.4g}", done=step, total=total, eta_s=eta)
 
     return callback
 
@@ -328,4 +295,5 @@ def curve_info(result, complete: bool) -> dict | None:
             "theta_loss": theta if np.isfinite(theta) else None}
 
 
-__all__ = ["entries", "check_steps", "ShapeDirections", "curve_info"]
+__all__ = ["entry", "entries", "check_steps", "steps_for", "key", "compute", "finish",
+           "curve_info", "shape_note"]

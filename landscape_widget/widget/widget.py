@@ -5,11 +5,15 @@ only the live stream of tiles (see :mod:`.protocol`). A compute trait changed fr
 (``w.resolution = 41``) or from the front end schedules a new computation after
 ``DEBOUNCE_S`` and cancels the running one at once. All the maths is in ``core/``.
 
-Direction types plug in through three places: an entry ``{"label", "direction", "norm"}``
-in the ``direction_types`` trait (the front end's select lists these), the name in
-:data:`.protocol.DIRECTION_TYPES` (what a compute message may ask for), and a branch in
-:meth:`.worker.Worker.directions_for` (how the directions are made). Entries through the
-named models (:mod:`.models`) also carry ``models`` and ``count`` for the vertex selects.
+The compute traits are made from the fields of :class:`.spec.Spec` (the one list of them;
+enumerations are ``Enum`` traits), and the front end reads the field names, enumerations
+and limits from the read-only ``_spec_schema`` trait. Direction types are entries of
+:data:`.directions.TYPES` (what the select lists, how the directions are made); the names a
+compute message may ask for are :data:`.spec.DIRECTION_TYPES`.
+
+Changes from the front end are debounced here, once (``DEBOUNCE_S``): the front end sends
+every control change at once, and the kernel, which validates every message anyway,
+decides when to compute, so a front end sending many updates cannot start a job per update.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import anywidget
 import traitlets as t
@@ -26,34 +31,29 @@ from ..core.state import bn_batch_size_for
 from ..core.surface import Curve, Surface
 from ..experiments.triangle import TriangleSurface
 from . import protocol
+from .directions import offered
 from .encode import encode_result, snapshot_messages
 from .export import static_page
-from .models import as_triangle, direction_entries, resolve_models
+from .fit_spec import fit_schema
+from .jobs import STATUS_DEFAULTS, Job, new_id
+from .models import as_triangle, resolve_models
 from .pattern_panel import PatternPanel
-from .protocol import ProtocolError, Spec, parse_message, parse_spec
+from .protocol import ProtocolError, parse_message
 from .shapes import check_steps
-from .shapes import entries as shape_entries
-from .worker import Job, Worker, new_id
+from .spec import COMPUTE_TRAITS, SPEC_FIELDS, VERTEX_COUNTS, Spec, parse_spec, schema, spec_traits
+from .worker import Worker
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
 DEBOUNCE_S = 0.2
-COMPUTE_TRAITS = ("mode", "direction", "norm", "ignore_biasbn", "x_range", "y_range",
-                  "resolution", "seed", "bn", "quantity", "vertices")
 DISPLAY_TRAITS = ("metric", "log_scale", "view")
 _CONSTRUCTOR_TRAITS = COMPUTE_TRAITS + DISPLAY_TRAITS + ("layout", "pattern", "show_pattern")
 
-RANDOM_TYPES = (
-    {"label": "random, filter-normalised", "direction": "random", "norm": "filter"},
-    {"label": "random, layer-normalised", "direction": "random", "norm": "layer"},
-    {"label": "random, raw", "direction": "random", "norm": "none"},
-)
-INTERPOLATION_TYPE = {"label": "interpolation to model_b", "direction": "interpolation",
-                      "norm": "filter"}
-PCA_TYPE = {"label": "PCA of trajectory", "direction": "pca", "norm": "none"}
-HESSIAN_TYPE = {"label": "Hessian top-2 eigenvectors", "direction": "hessian", "norm": "none"}
+SpecTraits = type("SpecTraits", (t.HasTraits,), spec_traits())
+"""The compute traits, one per field of :class:`.spec.Spec` (mixed into the widget)."""
+_INT_TRAITS = tuple(k for k, typ in SPEC_FIELDS.items() if typ is int)
 
 
-class LandscapeWidget(PatternPanel, anywidget.AnyWidget):
+class LandscapeWidget(PatternPanel, SpecTraits, anywidget.AnyWidget):
     """Loss landscape of a PyTorch model, computed live in a worker thread.
 
     Args:
@@ -108,17 +108,11 @@ class LandscapeWidget(PatternPanel, anywidget.AnyWidget):
     _esm = STATIC / "widget.js"
     _css = STATIC / "widget.css"
 
-    mode = t.Unicode("2d").tag(sync=True)
-    direction = t.Unicode("random").tag(sync=True)
-    norm = t.Unicode("filter").tag(sync=True)
-    ignore_biasbn = t.Bool(True).tag(sync=True)
-    x_range = t.List(t.Float(), default_value=[-1.0, 1.0]).tag(sync=True)
-    y_range = t.List(t.Float(), default_value=[-1.0, 1.0]).tag(sync=True)
-    resolution = t.Int(31).tag(sync=True)
-    seed = t.Int(0).tag(sync=True)
-    bn = t.Unicode("eval").tag(sync=True)
-    quantity = t.Unicode("loss").tag(sync=True)
-    vertices = t.List(t.Unicode()).tag(sync=True)
+    # The compute traits (mode, direction, ..., vertices) come from SpecTraits.
+    _spec_schema = t.Dict(default_value={**schema(), "fit": fit_schema()},
+                          read_only=True).tag(sync=True)
+    """The spec's fields, enumerations and limits, and the fit's, for the front end (see
+    :func:`.spec.schema` and :func:`.fit_spec.fit_schema`)."""
     metric = t.Unicode("loss").tag(sync=True)
     log_scale = t.Bool(False).tag(sync=True)
     view = t.Unicode("contour").tag(sync=True)
@@ -126,7 +120,7 @@ class LandscapeWidget(PatternPanel, anywidget.AnyWidget):
     status = t.Dict().tag(sync=True)
     result = t.Dict(allow_none=True, default_value=None).tag(sync=True)
 
-    @t.validate("resolution", "seed")
+    @t.validate(*_INT_TRAITS)
     def _no_bools(self, proposal):
         # traitlets' Int takes True as 1; a bool here is a front-end or typing mistake.
         if isinstance(proposal["value"], bool):
@@ -155,13 +149,13 @@ class LandscapeWidget(PatternPanel, anywidget.AnyWidget):
             raise TypeError("loss_fn must be callable as loss_fn(outputs, targets).")
         if trajectory is not None and not hasattr(trajectory, "pca_directions"):
             raise TypeError("trajectory must be a landscape_widget.Trajectory.")
-        types = list(RANDOM_TYPES) + ([INTERPOLATION_TYPE] if model_b is not None else [])
-        types += direction_entries(named)
-        types += ([PCA_TYPE] if trajectory is not None else []) + [HESSIAN_TYPE]
-        types += shape_entries()
+        types = offered(SimpleNamespace(model_b=model_b, models=named, trajectory=trajectory))
         check_steps(mining_steps)  # before the comm opens, like the checks above
         bn_batch_size_for("batch", bn_batch_size)
-        super().__init__(direction_types=[dict(d) for d in types], **traits)
+        try:
+            super().__init__(direction_types=[dict(d) for d in types], **traits)
+        except t.TraitError as err:  # e.g. mode="3d": not one of the Enum's values
+            raise ValueError(f"invalid control value: {err}") from None
         self._direction_names = tuple(dict.fromkeys(d["direction"] for d in types))
         self._model_names = tuple(named)
         try:
@@ -181,8 +175,8 @@ class LandscapeWidget(PatternPanel, anywidget.AnyWidget):
         # The pattern editor runs here: a data_fn is loaded (once) by the worker's cache.
         self._init_patterns(model, self._worker.data, model_fn=model_fn, test_data=test_data,
                             device=device)
-        self.status = {"state": "idle", "device": "", "done": 0, "total": 0,
-                       "points_per_s": 0.0, "eta_s": None, "message": ""}
+        self.status = dict(STATUS_DEFAULTS)
+        self._last_error: dict | None = None
         self.observe(self._on_compute_trait, names=list(COMPUTE_TRAITS))
         self.on_msg(self._handle_custom_msg_safely)
         if autostart:
@@ -191,10 +185,9 @@ class LandscapeWidget(PatternPanel, anywidget.AnyWidget):
     # --- public API -------------------------------------------------------------------
     def spec(self) -> Spec:
         """The compute spec of the current controls (raises ``ProtocolError`` if invalid)."""
-        raw = {k: getattr(self, k) for k in COMPUTE_TRAITS}
-        raw["x_range"], raw["y_range"] = list(raw["x_range"]), list(raw["y_range"])
-        raw["vertices"] = list(raw["vertices"])
-        need = protocol.VERTEX_COUNTS.get(raw["direction"])
+        raw = {k: list(v) if isinstance(v, (list, tuple)) else v
+               for k, v in ((k, getattr(self, k)) for k in COMPUTE_TRAITS)}
+        need = VERTEX_COUNTS.get(raw["direction"])
         if need is not None and len(raw["vertices"]) > need:
             # Left from the other type (a plane's three after switching to interpolate),
             # as the front end's pickers do: the first ones stay.
@@ -241,6 +234,15 @@ class LandscapeWidget(PatternPanel, anywidget.AnyWidget):
         return as_triangle(self._worker.latest)
 
     @property
+    def last_error(self) -> dict | None:
+        """The last failed computation: ``{"id", "message", "traceback"}``, or ``None``.
+
+        The status line shows ``Type: message``; ``traceback`` is the formatted traceback
+        of the exception (raised in the worker thread, e.g. by ``loss_fn``), to find where.
+        """
+        return self._last_error
+
+    @property
     def busy(self) -> bool:
         """Whether a computation is running or scheduled."""
         return self._timer is not None or self._worker.busy
@@ -281,7 +283,7 @@ class LandscapeWidget(PatternPanel, anywidget.AnyWidget):
             else:  # sync: a new view joins (a running job's grid so far, if any)
                 # "ready" tells the view a kernel is behind it (a view restored from saved
                 # widget state hears nothing and disables its compute controls).
-                self._send_message({"kind": "ready", "id": mid}, [])
+                self._send_message(protocol.ready_message(mid), [])
                 snap = self._worker.snapshot()
                 if snap is not None:
                     for msg, bufs in snapshot_messages(*snap):
@@ -318,6 +320,11 @@ class LandscapeWidget(PatternPanel, anywidget.AnyWidget):
         refuses its value (``resolution="many"``) becomes an ``error`` message instead of an
         exception in the kernel, like a malformed custom message.
         """
+        if isinstance(sync_data, dict) and "_spec_schema" in sync_data:
+            # ipywidgets sets traits with set_trait, which a read_only trait does not stop.
+            sync_data = {k: v for k, v in sync_data.items() if k != "_spec_schema"}
+            self._report(None, "Refused a state update from the front end: _spec_schema is "
+                               "read-only (the kernel's spec fields and limits).")
         try:
             super().set_state(sync_data)
         except t.TraitError as err:
@@ -403,8 +410,9 @@ class LandscapeWidget(PatternPanel, anywidget.AnyWidget):
             # The summary of the `done` message, so a re-rendered view shows it too.
             status = {**status, **{k: done[k] for k in ("evaluated", "reused", "seconds",
                                                          "nonfinite", "stats") if k in done}}
-        self.status = {"state": "idle", "device": "", "done": 0, "total": 0,
-                       "points_per_s": 0.0, "eta_s": None, "message": "", **status}
+        if status.get("state") == "error" and "traceback" in status:
+            self._last_error = {k: status[k] for k in ("id", "message", "traceback")}
+        self.status = {**STATUS_DEFAULTS, **status}
 
     def _on_result(self, job: Job, result: Surface | Curve, complete: bool) -> None:
         self.result = encode_result(job, result, complete, str(result.spec.get("device", "")))

@@ -1,92 +1,42 @@
 """The widget's worker thread: one per widget, one job at a time, cancellable.
 
-The kernel's main thread only validates messages and hands a :class:`Job` to the
-:class:`Worker`; the grid is computed in the worker thread through
-:func:`~landscape_widget.iter_tiles`, and every finished tile goes to the injected ``send``
-function (the widget's ``send``, or a list in tests). A new job cancels the running one: its
-cancel event is set, and ``iter_tiles`` checks it before every tile, so the old job stops
-within one tile. Errors, including those raised by user code such as ``loss_fn``, end the
-job with an ``error`` message; the thread lives on.
+The kernel's main thread only validates messages and hands a :class:`~.jobs.Job` to the
+:class:`Worker`; the worker thread runs it: its directions (:mod:`.directions`, cached),
+then the grid (:func:`.grid_job.run_grid`) or the curvature map
+(:func:`.curvature_job.run_curvature`), whose messages go to the injected ``send`` function
+(the widget's ``send``, or a list in tests). A new job cancels the running one: its cancel
+event is set, and the grid engine checks it before every tile, so the old job stops within
+one tile. Errors, including those raised by user code such as ``loss_fn``, end the job with
+an ``error`` message (and its traceback in the status); the thread lives on.
 
-Directions are cached per :meth:`Spec.direction_key` (and model fingerprint), and the last
-*complete* result is passed as ``reuse=`` to the next job with the same directions and BN
-mode, so raising the resolution from ``n`` to ``2n - 1`` recomputes no old point. (A
-cancelled result is never reused: its NaN would be copied as if computed.)
+This module owns only the thread, the queue (one pending job) and the run loop; what the
+jobs compute with lives in the worker's :class:`~.jobs.Context`.
 """
 
 from __future__ import annotations
 
-import functools
-import itertools
+import dataclasses
 import threading
-import time
-from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
-from ..core.compute import fingerprint
-from ..core.data import is_data_fn
-from ..core.directions import interpolation_direction, random_directions
-from ..core.hessian import Cancelled
-from ..core.landscape import TileStream, iter_tiles
-from ..core.metrics import METRICS
+from ..core.errors import Cancelled
+from ..core.landscape import TileStream
 from ..core.state import bn_batch_size_for
 from ..core.surface import Curve, Surface
-from . import extra_jobs, protocol, shapes
-from . import models as vertex_models
+from . import protocol, shapes
+from .curvature_job import run_curvature
+from .directions import DirectionCache, directions_for
 from .encode import snapshot_messages as snapshot_messages  # re-exported
-from .encode import tile_message
-from .protocol import SHAPE_TYPES, VERTEX_COUNTS, Spec, f32
+from .grid_job import plan_text as plan_text  # re-exported
+from .grid_job import run_grid
+from .grid_job import stats_line as stats_line  # re-exported
+from .jobs import Context, Job, Reporter, Send
+from .jobs import new_id as new_id  # re-exported
+from .spec import Spec
 
-
-def stats_line(result) -> str:
-    """The landscape statistics of a finished 2D loss surface for the status line, else ``""``.
-
-    See :func:`~landscape_widget.core.stats.landscape_stats` (non-convex fraction, minima,
-    roughness, basin radius); 1D curves, accuracy-only grids and other views get none.
-    """
-    if not isinstance(result, Surface) or result.loss is None:
-        return ""
-    return result.stats().summary()
-
-
-Send = Callable[[dict, list], None]
-"""``send(message, buffers)``: delivers one message to the front end."""
-
-STATUS_INTERVAL_S = 0.5
-DIRECTION_CACHE = 8
-_ids = itertools.count(1)
-
-
-def plan_text(plan) -> str | None:
-    """The engine's plan for the status line: ``"vmap K=64"``, ``"loop K=1 (no vmap)"``."""
-    if plan is None:
-        return None
-    text = f"{plan.strategy} K={plan.points}"
-    return text + " (no vmap)" if getattr(plan, "vmap_error", "") else text
-
-
-def new_id(prefix: str = "py") -> str:
-    """A fresh job id (unique within the process)."""
-    return f"{prefix}-{next(_ids)}"
-
-
-@dataclass
-class Job:
-    """One request of the front end: a grid to compute, or a pattern fit.
-
-    ``spec`` is a :class:`.protocol.Spec` or a :class:`.patterns.FitSpec`.
-    """
-
-    id: str
-    spec: Spec | Any
-    cancel: threading.Event = field(default_factory=threading.Event)
-    state: str = "pending"
-    view: dict = field(default_factory=dict)  # the start message's extras, for a joining view
-
+_CONTEXT_FIELDS = frozenset(f.name for f in dataclasses.fields(Context))
 
 class Worker:
     """Computes jobs in one daemon thread and streams their tiles through ``send``.
@@ -128,38 +78,43 @@ class Worker:
                  tile_points: int | None = None, evaluator_options: dict | None = None,
                  executor=None, mining_steps: int | None = None,
                  bn_batch_size: int | None = None):
-        self.model, self.model_b = model, model_b
-        self.shapes = shapes.ShapeDirections(mining_steps)
-        self.models = dict(models or {})
-        # A data_fn is loaded here at most once (lazily); an executor's workers get the
-        # function itself, so they load the data where they run.
-        self.executor, self.grid_data = executor, data
-        self.data = functools.cache(data) if is_data_fn(data) else data
-        if executor is None:
-            self.grid_data = self.data
-        self.trajectory = trajectory
-        self.loss_fn, self.device = loss_fn, device
-        self.send, self.on_status, self.on_result = send, on_status, on_result
-        self.tile_points, self.evaluator_options = tile_points, evaluator_options
+        shapes.check_steps(mining_steps)
         bn_batch_size_for("batch", bn_batch_size)  # a bad value fails here, not in a job
-        self.bn_batch_size = bn_batch_size
-        # The loss, and accuracy only where it means something (see core/metrics.py).
-        self.metrics: tuple[str, ...] = METRICS
-        self.latest: Surface | Curve | None = None
-        self.stream: TileStream | None = None
+        self.ctx = Context(model, data, loss_fn=loss_fn, device=device, model_b=model_b,
+                           models=models, trajectory=trajectory, executor=executor,
+                           tile_points=tile_points, evaluator_options=evaluator_options,
+                           mining_steps=mining_steps, bn_batch_size=bn_batch_size)
+        self.directions = DirectionCache()
+        self.send, self.on_status, self.on_result = send, on_status, on_result
         self._cond = threading.Condition()
         self._pending: Job | None = None
         self._current: Job | None = None
         self._closed = False
-        self._directions: OrderedDict[tuple, list] = OrderedDict()
-        self._complete: tuple[tuple, Surface | Curve] | None = None
         self._thread = threading.Thread(target=self._loop, name="landscape-worker", daemon=True)
         self._thread.start()
+
+    # What the jobs compute with (model, data, loss_fn, device, metrics, latest...) lives
+    # in the context; reading or setting it through the worker (`worker.latest`,
+    # `worker.tile_points = 16`) reaches the context.
+    def __getattr__(self, name: str):
+        if name in _CONTEXT_FIELDS and "ctx" in self.__dict__:
+            return getattr(self.ctx, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in _CONTEXT_FIELDS:
+            setattr(self.ctx, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def reporter(self, job_id: str) -> Reporter:
+        """A reporter of job ``job_id`` to this worker's ``send`` and ``on_status``."""
+        return Reporter(job_id, self.send, self.on_status, self.ctx.device_name)
 
     # --- control (any thread) ----------------------------------------------------------
     def submit(self, job_id: str, spec: Spec) -> Job:
         """Queue a job; the running and any queued job are cancelled."""
-        job = Job(job_id, spec)
+        job = Job(job_id, spec, report=self.reporter(job_id))
         with self._cond:
             if self._closed:
                 raise RuntimeError("the worker is closed; create a new widget.")
@@ -167,7 +122,7 @@ class Worker:
                 if old is not None:
                     old.cancel.set()
             if self._pending is not None:
-                self._emit({"kind": "cancelled", "id": self._pending.id, "done": 0, "total": 0})
+                self._pending.report.emit(protocol.cancelled_message(self._pending.id))
             self._pending = job
             self._cond.notify_all()
         return job
@@ -182,7 +137,7 @@ class Worker:
         with self._cond:
             if self._pending is not None and job_id in (None, self._pending.id):
                 self._pending.cancel.set()
-                self._emit({"kind": "cancelled", "id": self._pending.id, "done": 0, "total": 0})
+                self._pending.report.emit(protocol.cancelled_message(self._pending.id))
                 self._pending = None
                 hit = True
             if self._current is not None and job_id in (None, self._current.id):
@@ -201,6 +156,12 @@ class Worker:
     def current(self) -> Job | None:
         """The running job, if any."""
         return self._current
+
+    @property
+    def stream(self) -> TileStream | None:
+        """The running grid's stream, if any."""
+        job = self._current
+        return None if job is None else job.stream
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until no job is running or queued; returns ``False`` on timeout."""
@@ -224,26 +185,30 @@ class Worker:
     def snapshot(self) -> tuple[Job, TileStream] | None:
         """The running job and its stream (for a view that joins mid-computation)."""
         with self._cond:
-            job, stream = self._current, self.stream
+            job = self._current
+        stream = None if job is None else job.stream
         if job is None or stream is None or job.cancel.is_set():
             return None
         return job, stream
 
+    def directions_for(self, spec: Spec, job: Job | None = None) -> list:
+        """The directions of ``spec`` (see :func:`.directions.directions_for`).
+
+        Args:
+            spec: The validated spec.
+            job: The job computing them (default: one that is never cancelled).
+
+        Returns:
+            The directions (one in 1D, two in 2D; none for the plane).
+        """
+        job = job or Job("-", spec, report=self.reporter("-"))
+        return directions_for(self.ctx, self.directions, spec, job)
+
+    def random_for(self, spec: Spec, count: int, model=None) -> list:
+        """``count`` random directions as ``spec`` says (see :meth:`.jobs.Context.random`)."""
+        return self.ctx.random(spec, count, model)
+
     # --- worker thread -------------------------------------------------------------------
-    def _emit(self, message: dict, buffers: list | None = None) -> None:
-        try:
-            self.send(message, buffers or [])
-        except Exception:  # noqa: BLE001 - a closed comm must not kill the worker
-            pass
-
-    def _status(self, **status) -> None:
-        if self.on_status is None:
-            return
-        try:
-            self.on_status(status)
-        except Exception:  # noqa: BLE001 - same as _emit
-            pass
-
     def _loop(self) -> None:
         while True:
             with self._cond:
@@ -257,182 +222,23 @@ class Worker:
                 self._run(job)
             except Exception as err:  # noqa: BLE001 - user code (loss_fn, model) may raise
                 job.state = "error"
-                message = f"{type(err).__name__}: {err}"
-                self._emit(protocol.error_message(job.id, message))
-                self._status(state="error", id=job.id, message=message, done=0, total=0,
-                             device=str(self.device or ""), points_per_s=0.0, eta_s=None)
+                job.report.failed(err)
             finally:
                 with self._cond:
                     self._current = None
-                    self.stream = None
+                    job.stream = None
                     self._cond.notify_all()
-
-    def random_for(self, spec: Spec, count: int, model=None) -> list:
-        """``count`` random directions as ``spec`` says (norm, bias+BN, seed).
-
-        Args:
-            spec: The view's spec.
-            count: How many directions (drawn one after another from ``spec.seed``).
-            model: Where to draw them (default: the widget's model).
-        """
-        return random_directions(
-            self.model if model is None else model, count,
-            norm=None if spec.norm == "none" else spec.norm,
-            ignore="biasbn" if spec.ignore_biasbn else None, seed=spec.seed,
-        )
-
-    def directions_for(self, spec: Spec, job: Job | None = None) -> list:
-        """The directions of ``spec`` (cached per direction key and model fingerprint).
-
-        ``"random"`` draws ``1`` or ``2`` directions from ``spec.seed``. ``"interpolation"``
-        goes from the model to ``model_b`` along the first axis; in 2D the second axis is a
-        random direction normalised as ``spec.norm`` says. ``"pca"``: the trajectory's
-        principal directions; ``"hessian"``: the top Hessian eigenvectors (unit norm;
-        computed in this thread, cancellable with ``job``). ``"interpolate"`` and
-        ``"plane"`` go through the named models (:func:`.models.directions`); the curve
-        shapes are mined or built by :class:`.shapes.ShapeDirections` (cancellable).
-        """
-        if spec.direction in VERTEX_COUNTS:
-            return vertex_models.directions(self, spec)
-        if spec.direction in SHAPE_TYPES:  # mined or built: cached apart (see .shapes)
-            return self.shapes.directions(self, spec, job or Job("-", spec))
-        key = (spec.direction_key(), fingerprint(dict(self.model.state_dict())),
-               spec.bn if spec.direction == "hessian" else None)
-        if key in self._directions:
-            self._directions.move_to_end(key)
-            return self._directions[key]
-        count = 2 if spec.mode == "2d" else 1
-        if spec.direction == "interpolation":
-            if self.model_b is None:
-                raise ValueError("interpolation directions need model_b=... in the widget.")
-            dirs = [interpolation_direction(self.model, self.model_b)]
-            if count == 2:
-                dirs.append(self.random_for(spec, 1)[0])
-        elif spec.direction == "random":
-            dirs = self.random_for(spec, count)
-        elif spec.direction == "pca":
-            dirs = extra_jobs.pca_directions(self.trajectory, count)
-        elif spec.direction == "hessian":
-            dirs = extra_jobs.hessian_directions(self, job or Job("-", spec), count)
-        else:
-            raise ValueError(f"direction type {spec.direction!r} is not implemented.")
-        self._directions[key] = dirs
-        while len(self._directions) > DIRECTION_CACHE:
-            self._directions.popitem(last=False)
-        return dirs
-
-    def _stream(self, job: Job, dirs: list) -> TileStream:
-        spec = job.spec
-        if spec.direction == "plane":
-            return vertex_models.plane_stream(self, job)
-        x, y = spec.axes()
-        reuse_key = (spec.direction_key(), spec.bn, spec.quantity)
-        reuse = None
-        if self._complete is not None and self._complete[0] == reuse_key:
-            reuse = self._complete[1]
-        kwargs = dict(directions=dirs if spec.mode == "2d" else dirs[0], x=x, y=y,
-                      loss_fn=self.loss_fn, bn=spec.bn, device=self.device, seed=None,
-                      bn_batch_size=self.bn_batch_size if spec.bn == "batch" else None,
-                      tile_points=self.tile_points, cancel=job.cancel,
-                      evaluator_options=self.evaluator_options)
-        for _ in range(3):
-            try:
-                return iter_tiles(vertex_models.centre(self, spec), self.grid_data,
-                                  metrics=self.metrics,
-                                  reuse=reuse, executor=self.executor, **kwargs)
-            except ValueError as err:
-                text = str(err)
-                if reuse is not None and text.startswith("reuse="):
-                    # The model or data changed since: compute everything again.
-                    self._complete = reuse = None
-                elif "accuracy" in self.metrics and text.startswith("accuracy needs"):
-                    # Not a classification task: the loss is still well defined.
-                    self.metrics = ("loss",)
-                    reuse = None
-                else:
-                    raise
-        raise RuntimeError("could not set up the computation.")  # pragma: no cover
 
     def _run(self, job: Job) -> None:
         spec = job.spec
-        t0 = time.perf_counter()
-        dev = str(self.device or "")
-        self._status(state="running", id=job.id, device=dev, done=0,
-                     total=int(np.prod(spec.shape)), points_per_s=0.0, eta_s=None,
-                     message="preparing")
+        job.report.status(message="preparing", total=int(np.prod(spec.shape)))
         try:
             dirs = self.directions_for(spec, job)
         except Cancelled:
             job.state = "cancelled"
-            self._emit({"kind": "cancelled", "id": job.id, "done": 0, "total": 0})
-            self._status(state="cancelled", id=job.id, device=dev, done=0, total=0,
-                         points_per_s=0.0, eta_s=None, message="cancelled")
+            job.report.cancelled()
             return
-        if spec.quantity == "curvature":
-            extra_jobs.run_curvature(self, job, dirs)
-            return
-        stream = self._stream(job, dirs)
-        info = vertex_models.view_info(dirs, stream)
-        job.view = dict(info)  # before the stream is visible to a joining view's snapshot
-        with self._cond:
-            self.stream = stream
-        dev = str(stream.evaluator.device)
-        axes = stream.axes
-        x_axis, y_axis = axes[-1], (axes[0] if len(axes) == 2 else None)
-        dropped = dict(getattr(stream.evaluator, "dropped", {}))
-        self._emit({"kind": "start", "id": job.id, "spec": spec.to_dict(),
-                    "shape": list(stream.shape), "metrics": list(stream.evaluator.metrics),
-                    "metrics_dropped": dropped, "device": dev, **info},
-                   [f32(x_axis), f32(y_axis)])
-        last_status = 0.0
-        done = 0
-        for tile in stream:
-            if job.cancel.is_set():
-                break
-            done = tile.done
-            self._emit(*tile_message(job.id, tile))
-            elapsed = time.perf_counter() - t0
-            rate = done / elapsed if elapsed > 0 else 0.0
-            eta = (tile.total - done) / rate if rate > 0 else None
-            progress = {"kind": "progress", "id": job.id, "done": done, "total": tile.total,
-                        "points_per_s": rate, "eta_s": eta, "device": dev,
-                        "plan": plan_text(stream.evaluator.plan)}
-            self._emit(progress)
-            now = time.perf_counter()
-            if now - last_status > STATUS_INTERVAL_S:
-                last_status = now
-                self._status(state="running", id=job.id, device=dev, done=done,
-                             total=tile.total, points_per_s=rate, eta_s=eta, message="")
-        total = stream.total
-        complete = done == total
-        result = stream.result()
-        result.spec.update(info)
-        self.latest = result
-        seconds = time.perf_counter() - t0
-        if complete:
-            job.state = "done"
-            self._complete = ((spec.direction_key(), spec.bn, spec.quantity), result)
-            self._emit({"kind": "done", "id": job.id, "seconds": seconds,
-                        "evaluated": stream.evaluated,
-                        "reused": stream.reused - vertex_models.outside(info),
-                        "nonfinite": stream.evaluator.nonfinite_points,
-                        "stats": stats_line(result)})
-            # A curve-shape direction that fell short says so (see .shapes).
-            notes = [getattr(dirs, "note", "")]
-            notes += [f"no {k}: {why}" for k, why in dropped.items()]
-            if stream.evaluator.nonfinite_points:
-                notes.insert(0, f"{stream.evaluator.nonfinite_points} point(s) gave a "
-                                "non-finite loss")
-            if getattr(stream.evaluator.plan, "vmap_error", ""):
-                notes.append("computed point by point: the model cannot run under vmap")
-            note = "; ".join(n for n in notes if n)
-            self._status(state="done", id=job.id, device=dev, done=total, total=total,
-                         points_per_s=total / seconds if seconds > 0 else 0.0, eta_s=0.0,
-                         message=note)
-        else:
-            job.state = "cancelled"
-            self._emit({"kind": "cancelled", "id": job.id, "done": done, "total": total})
-            self._status(state="cancelled", id=job.id, device=dev, done=done, total=total,
-                         points_per_s=0.0, eta_s=None, message="cancelled")
+        run = run_curvature if spec.quantity == "curvature" else run_grid
+        result, complete = run(self.ctx, job, dirs)
         if self.on_result is not None:
             self.on_result(job, result, complete)

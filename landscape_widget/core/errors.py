@@ -1,0 +1,36 @@
+"""Typed errors that callers tell apart by their class, never by their text.
+
+Each subclasses the builtin its raisers raised before (``RuntimeError``, ``ValueError``), so
+``except ValueError`` around an old call still catches it. The widget's worker catches
+:class:`ReuseMismatch` (then computes everything again) and :class:`AccuracyUndefined`
+(then computes the loss alone), and treats :class:`Cancelled` as a cancelled job.
+
+Example:
+    >>> issubclass(ReuseMismatch, ValueError), issubclass(Cancelled, RuntimeError)
+    (True, True)
+"""
+
+from __future__ import annotations
+
+__all__ = ["AccuracyUndefined", "Cancelled", "ReuseMismatch"]
+
+
+class Cancelled(RuntimeError):
+    """A computation stopped by its cancel event (Hessian, curvature map, mining)."""
+
+
+class ReuseMismatch(ValueError):
+    """``reuse=`` cannot be used: its points are of another setting, or that cannot be checked.
+
+    Another model, data, loss, metrics or directions; or a value with no fingerprint. The
+    message starts with ``"reuse="`` and names what differs or cannot be checked.
+    """
+
+
+class AccuracyUndefined(ValueError):
+    """Accuracy was asked for explicitly, but it is undefined for this model and data.
+
+    Raised when the outputs hold no logits of a classification task (regression targets,
+    one logit per target, class indices out of range...); the message says why and how to
+    pass ``metrics=``.
+    """
