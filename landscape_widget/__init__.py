@@ -17,6 +17,7 @@ from .core.directions import (
 )
 from .core.dirfile import load_directions, save_directions
 from .core.distributed import local_gpu_executor
+from .core.errors import AccuracyUndefined, Cancelled, IsolationError, ReuseMismatch
 from .core.evaluate import Evaluator
 from .core.grid import MAX_AXIS_POINTS, MAX_GRID_POINTS
 from .core.hessian import TraceEstimate, hessian_density, hessian_eigenpairs, hessian_trace
@@ -62,6 +63,11 @@ from .widget import LandscapeWidget
 __version__ = "0.1.0"
 
 __all__ = [
+    # typed errors (catch by class)
+    "AccuracyUndefined",
+    "Cancelled",
+    "IsolationError",
+    "ReuseMismatch",
     # directions
     "random_direction",
     "random_directions",

@@ -4,6 +4,7 @@ Each subclasses the builtin its raisers raised before (``RuntimeError``, ``Value
 ``except ValueError`` around an old call still catches it. The widget's worker catches
 :class:`ReuseMismatch` (then computes everything again) and :class:`AccuracyUndefined`
 (then computes the loss alone), and treats :class:`Cancelled` as a cancelled job.
+:class:`IsolationError` is raised before any work when the model cannot be copied.
 
 Example:
     >>> issubclass(ReuseMismatch, ValueError), issubclass(Cancelled, RuntimeError)
@@ -12,7 +13,7 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["AccuracyUndefined", "Cancelled", "ReuseMismatch"]
+__all__ = ["AccuracyUndefined", "Cancelled", "IsolationError", "ReuseMismatch"]
 
 
 class Cancelled(RuntimeError):
@@ -33,4 +34,12 @@ class AccuracyUndefined(ValueError):
     Raised when the outputs hold no logits of a classification task (regression targets,
     one logit per target, class indices out of range...); the message says why and how to
     pass ``metrics=``.
+    """
+
+
+class IsolationError(TypeError):
+    """The model cannot be copied, so it cannot be evaluated without risk to it.
+
+    Raised before any work; the message names the attribute that refuses to be copied (e.g.
+    ``model.body.guard (lock)``) and how to make the model copyable.
     """

@@ -12,6 +12,8 @@ import types
 import torch
 from torch import Tensor, nn
 
+from .errors import IsolationError
+
 Params = dict[str, Tensor]
 
 
@@ -73,10 +75,6 @@ def model_device(model: nn.Module) -> torch.device:
             "move the whole model to one device with model.to(device) first."
         )
     return devices.pop()
-
-
-class IsolationError(TypeError):
-    """The model cannot be copied, so it cannot be evaluated without risk to it."""
 
 
 _HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks")
