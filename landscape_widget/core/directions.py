@@ -129,6 +129,13 @@ def random_directions(
 
     The first equals ``random_direction(model, seed=seed)``. As in loss-landscape, the
     directions are not orthogonalised (in high dimension they are nearly orthogonal).
+
+    Returns:
+        ``count`` direction dicts (parameter name -> tensor shaped, typed and placed like the
+        parameter), each normalised per ``norm`` with the ``ignore``d entries zeroed.
+
+    Raises:
+        ValueError: If ``norm`` or ``ignore`` is not one of the supported choices.
     """
     _check_choice(norm, NORMS, "norm")
     _check_choice(ignore, IGNORES, "ignore")
@@ -159,6 +166,10 @@ def interpolation_direction(
         model_a: The start model (alpha = 0).
         model_b: The end model (alpha = 1), of the same architecture.
         buffers: Also interpolate floating-point buffers.
+
+    Returns:
+        A direction dict (``model_b``'s value minus ``model_a``'s, in ``model_a``'s dtype and
+        device) over the parameters, plus the floating-point buffers if ``buffers``.
 
     Raises:
         ValueError: If the two models do not have the same parameter names and shapes,
