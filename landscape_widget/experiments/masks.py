@@ -144,7 +144,8 @@ def text_mask(text: str, rows: int = 16, cols: int | None = None) -> np.ndarray:
         cols: Grid width (default: enough for the text, at most 64).
 
     Returns:
-        A ``(rows, cols)`` ``uint8`` array, 1 where the anti-aliased text, resized to the grid, is above 0.5.
+        A ``(rows, cols)`` ``uint8`` array, 1 where the anti-aliased text, resized to the grid,
+        is above 0.5.
 
     Raises:
         ValueError: If ``text`` is not a non-empty string, or a side of the grid is outside
