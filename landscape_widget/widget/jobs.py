@@ -39,6 +39,9 @@ _ids = itertools.count(1)
 def new_id(prefix: str = "py") -> str:
     """A fresh job id (unique within the process).
 
+    Returns:
+        ``"{prefix}-{n}"`` with ``n`` counting up from 1 over the process.
+
     Example:
         >>> new_id("t").startswith("t-")
         True
