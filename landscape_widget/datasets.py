@@ -77,6 +77,7 @@ def digits(split: str = "train", seed: int = 0, test_size: int = 397) -> tuple[T
 
     Raises:
         ValueError: If ``split`` or ``test_size`` is invalid.
+        TypeError: If ``test_size`` is not an int.
 
     Example:
         >>> X, y = digits("test")
@@ -223,6 +224,9 @@ def synthetic_classification(
 
     Returns:
         ``(X, y)``: float32 ``(n, features)`` and int64 ``(n,)``.
+
+    Raises:
+        ValueError: If ``n`` or ``features`` is not an int >= 1, or ``classes`` not an int >= 2.
 
     Example:
         >>> X, y = synthetic_classification(100, features=5, classes=4, seed=1)

@@ -146,6 +146,10 @@ def mlp(
     Returns:
         An ``nn.Sequential``.
 
+    Raises:
+        ValueError: If ``widths`` has fewer than two entries or one below 1, or ``depth`` is given
+            with ``widths`` not of length 3 or is not an int >= 1.
+
     Example:
         >>> sum(p.numel() for p in mlp().parameters())
         2410
@@ -205,6 +209,9 @@ def cnn(
 
     Returns:
         An ``nn.Sequential``.
+
+    Raises:
+        ValueError: If ``in_channels``, ``num_classes`` or ``width`` is not an int >= 1.
 
     Example:
         >>> net = cnn(bn=True, residual=True)
@@ -280,6 +287,11 @@ def train(
 
     Returns:
         The training loss of every step's batch.
+
+    Raises:
+        ValueError: If ``optimizer`` is not ``"adam"`` or ``"sgd"``, ``steps`` is not an int >= 0,
+            ``batch_size`` not an int >= 1, or the inputs and targets have different or zero
+            lengths.
 
     Example:
         >>> X, y = datasets.synthetic_classification(200, features=4, classes=3)
