@@ -113,6 +113,9 @@ def random_direction(
         >>> d = random_direction(m, seed=0)
         >>> sorted(d), float(d["bias"].abs().sum())
         (['bias', 'weight'], 0.0)
+        >>> # filter normalisation: each output unit's row has the norm of the model's row
+        >>> torch.allclose(d["weight"].norm(dim=1), m.weight.detach().norm(dim=1))
+        True
     """
     return random_directions(model, 1, norm=norm, ignore=ignore, seed=seed)[0]
 

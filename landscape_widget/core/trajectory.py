@@ -81,8 +81,12 @@ class Trajectory:
         >>> handle = traj.attach(opt, model, every=1)
         >>> for _ in range(3):
         ...     opt.zero_grad(); model(torch.randn(4, 3)).square().sum().backward(); opt.step()
-        >>> len(traj)
-        4
+        >>> len(traj), traj.steps
+        (4, [0, 1, 2, 3])
+        >>> # the last checkpoint is the model's parameters after the third step, flattened
+        >>> torch.equal(traj.points[-1], torch.cat([model.weight.detach().reshape(-1),
+        ...                                         model.bias.detach()]))
+        True
     """
 
     def __init__(self, ignore: str | None = "biasbn"):
@@ -227,6 +231,17 @@ class Trajectory:
         Raises:
             ValueError: If ``k`` is not in ``[1, min(checkpoints, parameters)]``, or the trajectory
                 has fewer than 3 checkpoints.
+
+        Example:
+            >>> traj = Trajectory(ignore=None)  # a straight path theta_t = t * (1, 2)
+            >>> for t in range(4):
+            ...     traj.record({"w": torch.tensor([1.0, 2.0]) * t})
+            >>> dirs, evr = traj.pca_directions(k=1)
+            >>> evr.tolist(), torch.allclose(dirs[0]["w"], torch.tensor([1.0, 2.0]) / 5 ** 0.5)
+            ([1.0], True)
+            >>> # coordinates relative to the last checkpoint: (t - 3) * ||(1, 2)||
+            >>> np.allclose(traj.project(dirs)[:, 0], (np.arange(4) - 3) * 5 ** 0.5)
+            True
         """
         m = self._matrix()
         if not 1 <= k <= min(m.shape):
