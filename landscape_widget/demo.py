@@ -217,6 +217,11 @@ def cnn(
         >>> net = cnn(bn=True, residual=True)
         >>> tuple(net(torch.zeros(2, 1, 8, 8)).shape), tuple(net(torch.zeros(2, 1, 28, 28)).shape)
         ((2, 10), (2, 10))
+        >>> # 3x3 convolutions without bias, 2 BatchNorm parameters per channel, w = 16
+        >>> sum(p.numel() for p in net.parameters()) == (
+        ...     (9 * 1 * 16 + 2 * 16) + 2 * (9 * 16 * 16 + 2 * 16) + (9 * 16 * 32 + 2 * 32)
+        ...     + (32 * 10 + 10))
+        True
     """
     checks = ((in_channels, "in_channels"), (num_classes, "num_classes"), (width, "width"))
     for value, name in checks:

@@ -57,8 +57,8 @@ def parse_fit_spec(raw) -> FitSpec:
     Example:
         >>> parse_fit_spec({"mask": [[1, 0], [0, 1]], "steps": 5, "lr": 0.003, "tau": 2.5,
         ...     "cells_per_step": 50, "batch_size": 256, "seed": 0, "every": 5,
-        ...     "resume": False}).binary.shape
-        (2, 2)
+        ...     "resume": False}).binary.tolist()
+        [[1, 0], [0, 1]]
     """
     if not isinstance(raw, dict):
         raise ProtocolError(f"fit spec must be an object, got {type(raw).__name__}.")
