@@ -196,6 +196,14 @@ def mpo_loss(ce_good: Tensor, ce_bad: Tensor, n_good: int, n_bad: int, tau: floa
     Returns:
         A scalar tensor: ``sum(ce_good) / n_good - coef * sum(clamp(ce_bad, 0, tau)) / n_bad`` (the
         bad term dropped when ``n_bad`` is 0).
+
+    Example:
+        >>> # two chunks of a step with 3 good and 2 bad cells add up to the whole step's loss
+        >>> good, bad = torch.tensor([1.0, 3.0, 2.0]), torch.tensor([0.5, 9.0])
+        >>> parts = (mpo_loss(good[:2], bad[:1], 3, 2, tau=2.0, coef=1.0)
+        ...          + mpo_loss(good[2:], bad[1:], 3, 2, tau=2.0, coef=1.0))
+        >>> round(float(parts), 6) == (1 + 3 + 2) / 3 - (0.5 + min(9.0, 2.0)) / 2  # float32
+        True
     """
     loss = ce_good.sum() / max(n_good, 1)
     if n_bad:
