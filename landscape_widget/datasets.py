@@ -77,11 +77,18 @@ def digits(split: str = "train", seed: int = 0, test_size: int = 397) -> tuple[T
 
     Raises:
         ValueError: If ``split`` or ``test_size`` is invalid.
+        TypeError: If ``test_size`` is not an int.
 
     Example:
         >>> X, y = digits("test")
         >>> tuple(X.shape), int(y.max())
         ((397, 64), 9)
+        >>> from sklearn.datasets import load_digits  # the same pixels and labels, in order
+        >>> X, y = digits("all")
+        >>> bunch = load_digits()
+        >>> torch.equal(X * 16, torch.tensor(bunch.data, dtype=torch.float32)), torch.equal(
+        ...     y, torch.tensor(bunch.target))
+        (True, True)
     """
     _check_split(split)
     if isinstance(test_size, bool) or not isinstance(test_size, int):
@@ -114,8 +121,8 @@ def digits_images(
 
     Example:
         >>> X, y = digits_images("train")
-        >>> tuple(X.shape)
-        (1400, 1, 8, 8)
+        >>> tuple(X.shape), torch.equal(X.reshape(-1, 64), digits("train")[0])
+        ((1400, 1, 8, 8), True)
     """
     x, y = digits(split, seed=seed, test_size=test_size)
     return x.reshape(-1, 1, 8, 8), y
@@ -182,6 +189,11 @@ def mnist1d(
         >>> X, y = mnist1d("train", num_samples=100)
         >>> tuple(X.shape), y.dtype
         ((80, 40), torch.int64)
+        >>> X, y = mnist1d("all", num_samples=100)  # 10 per class, standardised over all
+        >>> torch.bincount(y).tolist()
+        [10, 10, 10, 10, 10, 10, 10, 10, 10, 10]
+        >>> abs(round(float(X.double().mean()), 4)), round(float(X.double().std(correction=0)), 4)
+        (0.0, 1.0)
     """
     _check_split(split)
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 20:
@@ -224,10 +236,13 @@ def synthetic_classification(
     Returns:
         ``(X, y)``: float32 ``(n, features)`` and int64 ``(n,)``.
 
+    Raises:
+        ValueError: If ``n`` or ``features`` is not an int >= 1, or ``classes`` not an int >= 2.
+
     Example:
         >>> X, y = synthetic_classification(100, features=5, classes=4, seed=1)
-        >>> tuple(X.shape), sorted(set(y.tolist()))
-        ((100, 5), [0, 1, 2, 3])
+        >>> tuple(X.shape), torch.bincount(y).tolist()  # balanced: i % classes
+        ((100, 5), [25, 25, 25, 25])
     """
     for value, name, low in ((n, "n", 1), (features, "features", 1), (classes, "classes", 2)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:

@@ -146,6 +146,10 @@ def mlp(
     Returns:
         An ``nn.Sequential``.
 
+    Raises:
+        ValueError: If ``widths`` has fewer than two entries or one below 1, or ``depth`` is given
+            with ``widths`` not of length 3 or is not an int >= 1.
+
     Example:
         >>> sum(p.numel() for p in mlp().parameters())
         2410
@@ -206,10 +210,18 @@ def cnn(
     Returns:
         An ``nn.Sequential``.
 
+    Raises:
+        ValueError: If ``in_channels``, ``num_classes`` or ``width`` is not an int >= 1.
+
     Example:
         >>> net = cnn(bn=True, residual=True)
         >>> tuple(net(torch.zeros(2, 1, 8, 8)).shape), tuple(net(torch.zeros(2, 1, 28, 28)).shape)
         ((2, 10), (2, 10))
+        >>> # 3x3 convolutions without bias, 2 BatchNorm parameters per channel, w = 16
+        >>> sum(p.numel() for p in net.parameters()) == (
+        ...     (9 * 1 * 16 + 2 * 16) + 2 * (9 * 16 * 16 + 2 * 16) + (9 * 16 * 32 + 2 * 32)
+        ...     + (32 * 10 + 10))
+        True
     """
     checks = ((in_channels, "in_channels"), (num_classes, "num_classes"), (width, "width"))
     for value, name in checks:
@@ -280,6 +292,11 @@ def train(
 
     Returns:
         The training loss of every step's batch.
+
+    Raises:
+        ValueError: If ``optimizer`` is not ``"adam"`` or ``"sgd"``, ``steps`` is not an int >= 0,
+            ``batch_size`` not an int >= 1, or the inputs and targets have different or zero
+            lengths.
 
     Example:
         >>> X, y = datasets.synthetic_classification(200, features=4, classes=3)

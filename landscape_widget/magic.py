@@ -124,6 +124,11 @@ def landscape(line: str = ""):
     is displayed and starts computing at once; it is also stored in the notebook as
     ``_landscape``, so ``w = _landscape`` keeps a handle (``w.surface``, ``w.resolution``).
 
+    Raises:
+        UsageError: If the line cannot be parsed, names a variable the notebook lacks, or building
+            the widget fails with a ``MagicError``, ``TypeError`` or ``ValueError``; it carries that
+            error's message, so IPython shows one line instead of a traceback.
+
     Example::
 
         %load_ext landscape_widget

@@ -113,6 +113,9 @@ def random_direction(
         >>> d = random_direction(m, seed=0)
         >>> sorted(d), float(d["bias"].abs().sum())
         (['bias', 'weight'], 0.0)
+        >>> # filter normalisation: each output unit's row has the norm of the model's row
+        >>> torch.allclose(d["weight"].norm(dim=1), m.weight.detach().norm(dim=1))
+        True
     """
     return random_directions(model, 1, norm=norm, ignore=ignore, seed=seed)[0]
 
@@ -129,6 +132,13 @@ def random_directions(
 
     The first equals ``random_direction(model, seed=seed)``. As in loss-landscape, the
     directions are not orthogonalised (in high dimension they are nearly orthogonal).
+
+    Returns:
+        ``count`` direction dicts (parameter name -> tensor shaped, typed and placed like the
+        parameter), each normalised per ``norm`` with the ``ignore``d entries zeroed.
+
+    Raises:
+        ValueError: If ``norm`` or ``ignore`` is not one of the supported choices.
     """
     _check_choice(norm, NORMS, "norm")
     _check_choice(ignore, IGNORES, "ignore")
@@ -159,6 +169,10 @@ def interpolation_direction(
         model_a: The start model (alpha = 0).
         model_b: The end model (alpha = 1), of the same architecture.
         buffers: Also interpolate floating-point buffers.
+
+    Returns:
+        A direction dict (``model_b``'s value minus ``model_a``'s, in ``model_a``'s dtype and
+        device) over the parameters, plus the floating-point buffers if ``buffers``.
 
     Raises:
         ValueError: If the two models do not have the same parameter names and shapes,

@@ -220,6 +220,9 @@ def _rademacher(op: HessianOperator, g: torch.Generator) -> Tensor:
     from the bits of each 64-bit random word (its top byte left zero, so every bit used is
     uniform) and are unpacked with vector operations; on an accelerator the unpacking
     runs there. The signs are the same on every device.
+
+    Returns:
+        A flat tensor of ``op.size`` entries, each -1 or +1 with probability 1/2.
     """
     words = torch.randint(0, 2**56, (-(-op.size // 56),), generator=g, dtype=torch.int64)
     octets = words.view(torch.uint8).reshape(-1, 8)

@@ -204,6 +204,9 @@ class HessianOperator:
     def matvec(self, v: Tensor) -> Tensor:
         """``H v`` for a flat vector ``v`` (any float dtype; the result has ``v``'s dtype).
 
+        Returns:
+            The Hessian of the loss at the base point times ``v``, flat, in ``v``'s dtype.
+
         Raises:
             Cancelled: If the cancel event is set.
             RuntimeError: If no method can differentiate the model twice (says what to do).

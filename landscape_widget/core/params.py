@@ -60,8 +60,12 @@ def buffers_of(model: nn.Module) -> Params:
 def model_device(model: nn.Module) -> torch.device:
     """The single device holding the model's parameters and buffers.
 
+    Returns:
+        The device of every parameter and buffer of ``model``.
+
     Raises:
         ValueError: If the model spans several devices or has no tensors at all.
+        TypeError: If ``model`` is not an ``nn.Module``.
     """
     check_module(model)
     devices = {t.device for t in list(model.parameters()) + list(model.buffers())}
@@ -86,6 +90,10 @@ def _copy_hook(fn, memo: dict):
     ``deepcopy`` treats functions as atoms, so a hook closing over a dict or over the module
     itself would still write to the user's objects. A closure that cannot be copied keeps
     the original function.
+
+    Returns:
+        A new function sharing ``fn``'s code and globals with deep copies of its closure cells, or
+        ``fn`` itself when it is not a Python function, has no closure, or a cell cannot be copied.
     """
     if not isinstance(fn, types.FunctionType) or not fn.__closure__:
         return fn
@@ -103,6 +111,9 @@ def _module_by_module(model: nn.Module, memo: dict) -> nn.Module:
 
     It gets past classes that refuse ``deepcopy`` or pickling as a whole (a ``__deepcopy__``
     or ``__getstate__`` that raises) while their parts can be copied.
+
+    Returns:
+        The copy of ``model`` (``memo`` then maps each original object's id to its copy).
     """
     for m in model.modules():
         memo[id(m)] = type(m).__new__(type(m))  # references between modules map to these
@@ -135,6 +146,10 @@ def evaluation_copy(model: nn.Module) -> nn.Module:
     user's module seeing it. Tensors held as plain attributes are copied detached (legacy
     ``weight_norm`` keeps a non-leaf ``weight`` that ``deepcopy`` refuses). Costs one copy
     of the model's tensors.
+
+    Returns:
+        A new module with the same class, tensors (as independent copies), attributes and hooks as
+        ``model``, sharing no mutable object with it.
 
     Raises:
         IsolationError: If the model cannot be deep-copied (an open file, a lock, a C
@@ -225,6 +240,10 @@ def module_structure(model: nn.Module) -> list[tuple[str, str, str]]:
 
     What decides the function besides the tensors: a ReLU where another model has a Tanh,
     a stride, an eps.
+
+    Returns:
+        One ``(qualified name, module.Class, extra_repr())`` triple per submodule in
+        ``named_modules()`` order, the root first (name ``""``).
     """
     return [(name, f"{type(m).__module__}.{type(m).__qualname__}", m.extra_repr())
             for name, m in model.named_modules()]
@@ -258,6 +277,10 @@ def check_same_placement(models: list[nn.Module], names: list[str]) -> None:
 
     Points between models are combined into one template's tensors: a float64 model
     beside float32 ones would be rounded, a model on another device moved, silently.
+
+    Raises:
+        ValueError: If a model's floating-point tensors are on other devices or of other dtypes than
+            those of ``models[0]`` (named with ``names``).
     """
     for what in ("device", "dtype"):
         kinds = [{str(getattr(t, what)) for t in list(m.parameters()) + list(m.buffers())

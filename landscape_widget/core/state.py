@@ -32,6 +32,10 @@ def bn_batch_size_for(bn: str, bn_batch_size: int | None) -> int | None:
     with the data set. Data sorted by class (as ``ImageFolder`` yields it) gives batches of
     one class: shuffle it once, or pass the size of the whole data set.
 
+    Returns:
+        ``None`` for ``bn="eval"`` (or any other mode); for ``bn="batch"`` the given size as an int,
+        or :data:`BN_BATCH_SIZE` when it is ``None``.
+
     Raises:
         ValueError: If ``bn_batch_size`` is not a positive int, or is given with
             ``bn="eval"``.

@@ -162,6 +162,9 @@ def count_minima(z, *, border: bool = True, tol: float = 0.0) -> int:
     Returns:
         The count.
 
+    Raises:
+        ValueError: If ``tol`` is negative or not finite, or ``z`` is not a 2-D grid.
+
     Example:
         >>> t = np.linspace(0, 4 * np.pi, 41)  # cos(x) + cos(y): minima at (pi|3pi, pi|3pi)
         >>> count_minima(np.cos(t)[None, :] + np.cos(t)[:, None])

@@ -66,6 +66,10 @@ def _plain_layer(mod: nn.Module) -> bool:
     """Whether the layer computes with its own ``weight`` and ``bias`` and nothing else.
 
     Legacy ``weight_norm`` computes ``weight`` in a pre-hook from ``weight_g``/``weight_v``.
+
+    Returns:
+        ``True`` if the layer's only parameters are ``weight`` (and ``bias``) and it has no forward
+        hooks or pre-hooks, so its output is a fixed function of them.
     """
     names = {k for k, _ in mod.named_parameters()}
     return (names in ({"weight"}, {"weight", "bias"}) and not mod._forward_pre_hooks
@@ -199,6 +203,11 @@ class StemTerms:
 
         ``H0 + sum_j c_kj H_j`` for all k at once is ``addmm(H0, C, [H_1; ...; H_m])`` with
         the sample and feature dims flattened: one pass over the precomputed terms.
+
+        Returns:
+            The inputs of the layer after the stem for samples ``start:stop`` at the ``K`` points
+            with coordinates ``coef`` (``(K, m)``), shaped ``(K, stop - start, ...)`` (NCHW dims
+            with channels-last strides when ``layout`` is ``"channels_last"``).
         """
         base, dirs, cols, channels_last = self._stem_pack(layout)
         b = base[start:stop]
@@ -218,6 +227,12 @@ class StemTerms:
 
         For channels-last plans of 4D outputs the terms are stored as ``(N, H, W, C)``, so
         that the flattened product already has the channels-last memory order.
+
+        Returns:
+            ``(base, dirs, cols, cl)``: the stem output at the base point over all ``N`` samples,
+            the per-direction terms stacked (``None`` when no direction reaches the stem), the
+            coordinate columns those terms belong to, and whether the tensors are stored
+            channels-last. Cached per layout.
         """
         if layout not in self._stem_packs:
             base = self._stem_terms[0]

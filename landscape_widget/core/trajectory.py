@@ -47,6 +47,11 @@ class PCADirections(list):
         """``(start, stop, num)`` covering the path along ``axis`` with a relative margin.
 
         The grid has a point at 0 (the path's end, the model).
+
+        Returns:
+            ``(start, stop, num)`` for ``np.linspace``: an evenly spaced range that includes every
+            path coordinate along ``axis`` widened by ``margin`` of its span on each side and has
+            ``0`` as one of its ``num`` points.
         """
         lo, hi = float(self.path[:, axis].min()), float(self.path[:, axis].max())
         span = max(hi - lo, 1e-3)
@@ -76,8 +81,12 @@ class Trajectory:
         >>> handle = traj.attach(opt, model, every=1)
         >>> for _ in range(3):
         ...     opt.zero_grad(); model(torch.randn(4, 3)).square().sum().backward(); opt.step()
-        >>> len(traj)
-        4
+        >>> len(traj), traj.steps
+        (4, [0, 1, 2, 3])
+        >>> # the last checkpoint is the model's parameters after the third step, flattened
+        >>> torch.equal(traj.points[-1], torch.cat([model.weight.detach().reshape(-1),
+        ...                                         model.bias.detach()]))
+        True
     """
 
     def __init__(self, ignore: str | None = "biasbn"):
@@ -116,6 +125,13 @@ class Trajectory:
 
         Uses ``optimizer.register_step_post_hook``; returns its handle (also kept:
         :meth:`detach` removes it).
+
+        Returns:
+            The ``RemovableHandle`` of the optimizer step hook.
+
+        Raises:
+            TypeError: If ``model`` is not an ``nn.Module``.
+            ValueError: If ``every`` is not an int >= 1.
         """
         check_module(model)
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
@@ -147,6 +163,12 @@ class Trajectory:
         ``"state_dict"`` or ``"model"`` entry is unwrapped. With ``model`` only its
         parameter names are kept; without it, every floating-point entry except BatchNorm
         running statistics.
+
+        Returns:
+            A :class:`Trajectory` with one checkpoint per entry of ``paths`` (steps ``0, 1, ...``).
+
+        Raises:
+            ValueError: If a checkpoint lacks one of ``model``'s parameters.
         """
         traj = cls(ignore=ignore)
         names = None if model is None else [n for n, _ in model.named_parameters()]
@@ -205,6 +227,21 @@ class Trajectory:
             labels), ``evr`` the explained-variance ratios. The sign of each direction is
             fixed so that the first checkpoint has a non-positive coordinate (the path
             runs towards +).
+
+        Raises:
+            ValueError: If ``k`` is not in ``[1, min(checkpoints, parameters)]``, or the trajectory
+                has fewer than 3 checkpoints.
+
+        Example:
+            >>> traj = Trajectory(ignore=None)  # a straight path theta_t = t * (1, 2)
+            >>> for t in range(4):
+            ...     traj.record({"w": torch.tensor([1.0, 2.0]) * t})
+            >>> dirs, evr = traj.pca_directions(k=1)
+            >>> evr.tolist(), torch.allclose(dirs[0]["w"], torch.tensor([1.0, 2.0]) / 5 ** 0.5)
+            ([1.0], True)
+            >>> # coordinates relative to the last checkpoint: (t - 3) * ||(1, 2)||
+            >>> np.allclose(traj.project(dirs)[:, 0], (np.arange(4) - 3) * 5 ** 0.5)
+            True
         """
         m = self._matrix()
         if not 1 <= k <= min(m.shape):
@@ -236,6 +273,10 @@ class Trajectory:
         Returns:
             Coordinates in the units of the directions, so they can be drawn on a surface
             computed along ``dirs`` (``surface.to_plotly(path=...)``).
+
+        Raises:
+            ValueError: If ``method`` is neither ``"cos"`` nor ``"lstsq"``, or the trajectory has
+                fewer than 3 checkpoints.
         """
         if method not in ("cos", "lstsq"):
             raise ValueError("method must be 'cos' or 'lstsq'.")

@@ -19,6 +19,10 @@ from .h5io import check_target
 def grid_quads(nx: int, ny: int) -> np.ndarray:
     """``((nx-1)*(ny-1), 4)`` point indices of the cells of an ``ny x nx`` row-major grid.
 
+    Returns:
+        An int array with one row per grid cell (row-major over cells), holding the indices of its
+        corners counter-clockwise from the lower left: ``(i, i + 1, i + 1 + nx, i + nx)``.
+
     Example:
         >>> grid_quads(3, 2).tolist()
         [[0, 1, 4, 3], [1, 2, 5, 4]]

@@ -98,6 +98,10 @@ class _Objective:
 
         ``shift`` may also move floating-point buffers (a permutation direction moves the
         BatchNorm statistics with their units).
+
+        Returns:
+            The loss of the model with parameters (and buffers) ``theta + shift`` on ``(x, y)``, a
+            scalar tensor with a graph back to ``shift``.
         """
         p = {**self.buffers, **self.theta}
         for k, s in shift.items():
@@ -127,6 +131,10 @@ class _Objective:
         it does the same on a model whose layers are rescaled (``W1 * c``, ``W2 / c`` in a
         ReLU net: the same function) and needs no retuning for the size of the weights. A
         tensor that is all zero takes the RMS over all moved weights (1 if they are all zero).
+
+        Returns:
+            Moved tensor name -> RMS of its entries at ``theta`` (the RMS over all moved weights
+            where that is zero or not finite; 1.0 if every moved weight is zero).
         """
         sq = {k: self.theta[k].double().pow(2) for k in self.keys}
         total = float(sum(v.sum() for v in sq.values()))
@@ -207,6 +215,12 @@ def _adam(leaves: list[Params], objective: Callable[[int], Tensor],
 
     ``cancel`` is checked before every step: the directions are then those after the last
     completed (and projected) step, so a cancelled run still satisfies the norm constraint.
+
+    Returns:
+        The number of completed steps: ``steps``, or fewer when ``cancel`` was set.
+
+    Raises:
+        TypeError: If ``cancel`` has no callable ``is_set`` or ``callback`` is not callable.
     """
     if cancel is not None and not callable(getattr(cancel, "is_set", None)):
         raise TypeError(f"cancel must be a threading.Event (or None), got {cancel!r}.")
@@ -265,6 +279,11 @@ def _retry(run: Callable[[dict], object], check: Callable[[object], dict], plan:
     the requested shape. Returns ``(candidate, attempts, chosen check, cancelled)``: the
     first success, else the failure with the lowest score; a cancelled run is returned as
     it is, unchecked, and stops the retries.
+
+    Returns:
+        ``(candidate, attempts, check, cancelled)``: the first candidate whose check is ``ok``, else
+        the lowest-scoring one; the :class:`Attempt` record of every checked setting; that
+        candidate's check dict (``None`` when cancelled); and whether ``cancel`` was set.
     """
     from .curves import Attempt
 

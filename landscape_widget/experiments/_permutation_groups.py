@@ -173,6 +173,10 @@ def _added_trailing_dims(node) -> int | None:
     """How many dims ``g[:, :, None, None]`` or ``g.unsqueeze(-1)`` add after dims 0 and 1.
 
     ``None`` if the node is no such call (slicing, indexing, an unsqueeze in front).
+
+    Returns:
+        The number of trailing size-1 dims the node appends after the batch and unit dims, or
+        ``None`` if the node is not such a broadcast (so units cannot be followed through it).
     """
     name = _name_of(node)
     if node.target is operator.getitem and isinstance(node.args[1], tuple):
@@ -274,6 +278,9 @@ class Plan:
 
         Sound for any deterministic operation: if nothing that flows into it moved, it
         computes what it computed before, and whatever reads its output sees the old values.
+
+        Returns:
+            The units of the operation's output: the fixed (never permuted) group.
         """
         moved = [u for u in units if self.groups.find(u.group) != FIXED]
         for u in units:

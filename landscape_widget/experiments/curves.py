@@ -90,6 +90,10 @@ def _prominences(g: np.ndarray, idx: np.ndarray) -> np.ndarray:
     equal height each reach the window's ends and both look as prominent as the highest
     peak; a difference of 1e-12 would leave one of them at the depth of the col between.
     Tied peaks are ordered by position by a relative 1e-12 nudge, so ties count as that.
+
+    Returns:
+        One prominence per index in ``idx`` (the peak's height above the higher of its two bases,
+        scipy's definition), an empty array when ``idx`` is empty.
     """
     from scipy.signal import peak_prominences
 

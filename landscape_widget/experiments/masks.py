@@ -25,6 +25,9 @@ def as_binary(pattern, name: str = "pattern") -> np.ndarray:
         pattern: A 2D array-like (lists, numpy, torch) of 0/1 or booleans.
         name: How the argument is called in error messages.
 
+    Returns:
+        The pattern as a ``(rows, cols)`` ``uint8`` array of 0 (background) and 1 (drawn).
+
     Raises:
         ValueError: If it is not 2D, has a side outside [2, 64], holds values other than
             0 and 1, or has no cell of either kind.
@@ -81,6 +84,12 @@ def ternary_mask(binary) -> np.ndarray:
 def checkerboard(rows: int, cols: int | None = None) -> np.ndarray:
     """A checkerboard of single cells, drawn where ``(i + j)`` is even.
 
+    Returns:
+        A ``(rows, cols)`` ``uint8`` array, 1 where ``i + j`` is even and 0 elsewhere.
+
+    Raises:
+        ValueError: If a side is outside ``[MIN_CELLS, MAX_CELLS]``.
+
     Example:
         >>> checkerboard(2).tolist()
         [[1, 0], [0, 1]]
@@ -103,6 +112,12 @@ def random_squares(n: int = 30, p: float = 0.5, seed: int = 0) -> np.ndarray:
 
     Rows and columns 1 and ``n - 2`` are drawn; the interior ``[2, n - 2)`` is filled with
     Bernoulli(``p``) cells; the outermost ring stays empty (PAPERS.md (c) step 1).
+
+    Returns:
+        An ``(n, n)`` ``uint8`` array: the ring of ones, the random interior, an empty border.
+
+    Raises:
+        ValueError: If ``n < 5`` or ``n > MAX_CELLS``, or ``p`` is not a number in ``[0, 1]``.
 
     Example:
         >>> m = random_squares(6, p=1.0)
@@ -127,6 +142,14 @@ def text_mask(text: str, rows: int = 16, cols: int | None = None) -> np.ndarray:
         text: One to a few characters.
         rows: Grid height.
         cols: Grid width (default: enough for the text, at most 64).
+
+    Returns:
+        A ``(rows, cols)`` ``uint8`` array, 1 where the anti-aliased text, resized to the grid,
+        is above 0.5.
+
+    Raises:
+        ValueError: If ``text`` is not a non-empty string, or a side of the grid is outside
+            ``[MIN_CELLS, MAX_CELLS]``.
     """
     from PIL import Image, ImageDraw, ImageFont
 
@@ -150,6 +173,13 @@ def image_mask(image, rows: int = 32, cols: int | None = None,
     Images with transparency are drawn where alpha > ``threshold`` (the paper's icons);
     opaque images where the darkness (1 - luminance) > ``threshold``. The image is resized
     with anti-aliasing to ``rows x cols`` (``cols`` defaults to ``rows``).
+
+    Returns:
+        A ``(rows, cols)`` ``uint8`` array, 1 where the resized ink is above ``threshold``.
+
+    Raises:
+        ValueError: If an array image is not 2D, or a side of the grid is outside
+            ``[MIN_CELLS, MAX_CELLS]``.
     """
     import io
 

@@ -64,6 +64,9 @@ _HINT = ("More steps=, other seeds or a smaller scale= may reach it; a model at 
 def _settings(shape: str, steps, scale, lr, seed, attempts) -> tuple[int, float]:
     """``steps`` and ``scale`` (the shape's defaults where ``None``), every setting checked.
 
+    Returns:
+        ``(steps, scale)`` with the shape's defaults filled in.
+
     Raises:
         TypeError: If ``seed`` is not an int.
         ValueError: If a setting is out of range.
@@ -211,6 +214,10 @@ def _mine_1d(obj: _Objective, d: Params, shape: str, scales: dict[str, float], *
     ``floor`` (vvv-basin retries): the ends earn nothing below ``L(theta)``. Far from
     convergence the ends can fall far below ``L(theta)`` and that gain outweighs the capped
     barriers, leaving theta on a cap (a w-peak); with the floor the barriers take over.
+
+    Raises:
+        ValueError: If the start direction ``d`` has zero norm (a model whose moved weights are all
+            zero).
     """
     radius = _norm(d, scales)
     if not radius > 0:

@@ -55,6 +55,9 @@ def _derangement(n: int, gen: torch.Generator) -> Tensor:
 
     Every unit moves, so ``d`` is non-zero on every hidden row; about ``1/e`` of the draws
     qualify, so the expected number of draws is under 3.
+
+    Returns:
+        A permutation tensor ``p`` of ``0..n-1`` with ``p[i] != i`` for every ``i``.
     """
     while True:
         p = torch.randperm(n, generator=gen)
@@ -67,6 +70,14 @@ def _permute(t: Tensor, perm: Tensor, dim: int, flat: str | None, where: str) ->
 
     After a flatten each unit owns ``k = size / len(perm)`` entries: consecutive ones
     (``flat="blocks"``) or one in every ``len(perm)`` (``"interleaved"``).
+
+    Returns:
+        A new tensor: ``t`` with its slices along ``dim`` taken in the order ``perm`` (expanded to
+        blocks or interleaved entries after a flatten).
+
+    Raises:
+        ValueError: If ``t``'s size along ``dim`` is not the number of units and (after a flatten)
+            not a multiple of it; the message names the tensor (``where``).
     """
     size, c = t.shape[dim], perm.numel()
     if size != c:
@@ -86,6 +97,10 @@ def _verify(model: nn.Module, d: Params, inputs: Tensor) -> None:
 
     Eval mode on a structural copy (the user's flags untouched); the outputs may be any
     nest of tensors.
+
+    Raises:
+        ValueError: If an output of ``theta + d`` differs from that of ``theta`` by more than 1e-4
+            of the outputs' scale.
     """
     from torch.utils._pytree import tree_leaves
 
@@ -176,6 +191,7 @@ def permutation_direction(model: nn.Module, *, seed: int = 0, buffers: bool = Tr
             if it has fewer than two weight layers, or if no hidden unit can move (every
             group reaches the input or output, has a single unit, or feeds an operation that
             mixes units; the message names such operations).
+        TypeError: If ``model`` is not an ``nn.Module`` or ``seed`` is not an int.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2))

@@ -31,6 +31,10 @@ def batch_stat_copy(module: nn.Module) -> nn.Module:
 
     Dropout is therefore off; BatchNorm has no running buffers, so nothing is updated in
     place (which ``vmap`` could not batch anyway). The original is not touched.
+
+    Returns:
+        The copy: eval mode, BatchNorm layers without running statistics (so they normalise with
+        each batch's), parameters with ``requires_grad`` off.
     """
     out = copy.deepcopy(module).eval()
     for m in out.modules():
@@ -94,6 +98,10 @@ class FlatLayout:
         """``{name: tensor}`` from flat vectors of shape ``(..., P)``.
 
         With ``offset=False`` the result is a *direction* (no BN ``+1``).
+
+        Returns:
+            Parameter name -> tensor of shape ``(..., *param_shape)``, the slices of ``flat`` (plus
+            the BatchNorm weight offset when ``offset``).
         """
         if offset:
             flat = flat + self.offset
@@ -184,6 +192,18 @@ def mpo_loss(ce_good: Tensor, ce_bad: Tensor, n_good: int, n_bad: int, tau: floa
     Chunks of cells add up to the paper's loss: each term is divided by the step's total
     number of good (bad) cells, not the chunk's. The clamp makes a bad cell's gradient
     exactly zero once its CE reaches tau.
+
+    Returns:
+        A scalar tensor: ``sum(ce_good) / n_good - coef * sum(clamp(ce_bad, 0, tau)) / n_bad`` (the
+        bad term dropped when ``n_bad`` is 0).
+
+    Example:
+        >>> # two chunks of a step with 3 good and 2 bad cells add up to the whole step's loss
+        >>> good, bad = torch.tensor([1.0, 3.0, 2.0]), torch.tensor([0.5, 9.0])
+        >>> parts = (mpo_loss(good[:2], bad[:1], 3, 2, tau=2.0, coef=1.0)
+        ...          + mpo_loss(good[2:], bad[1:], 3, 2, tau=2.0, coef=1.0))
+        >>> round(float(parts), 6) == (1 + 3 + 2) / 3 - (0.5 + min(9.0, 2.0)) / 2  # float32
+        True
     """
     loss = ce_good.sum() / max(n_good, 1)
     if n_bad:

@@ -18,6 +18,9 @@ def pattern_figure(mask: np.ndarray, values: np.ndarray, metric: str, log: bool,
         metric: ``"loss"`` or ``"accuracy"`` (axis and colour-bar title).
         log: Colour ``log2(values)``; the hover text keeps the plain value.
         title: Figure title.
+
+    Returns:
+        A ``plotly.graph_objects.Figure`` with the mask on the left and the metric on the right.
     """
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots

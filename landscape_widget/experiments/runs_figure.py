@@ -32,6 +32,9 @@ def table(runs, names: Sequence[str] | None = None, *, resolution: int = 10,
 
     Returns:
         A ``plotly.graph_objects.Figure``.
+
+    Raises:
+        ValueError: If fewer than two runs are named.
     """
     from plotly.subplots import make_subplots
 

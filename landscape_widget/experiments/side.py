@@ -85,6 +85,7 @@ def side_direction(model: nn.Module, data, *, at: float = 0.75, ignore: str | No
     Raises:
         ValueError: If the gradient is zero (``theta`` is a stationary point: no downhill)
             or the settings are bad.
+        TypeError: If ``cancel`` has no callable ``is_set``.
     """
     if cancel is not None and not callable(getattr(cancel, "is_set", None)):
         raise TypeError(f"cancel must be a threading.Event (or None), got {cancel!r}.")

@@ -62,6 +62,9 @@ def fit(model: nn.Module, data: tuple[Tensor, Tensor], *, epochs: int, lr: float
     Li et al. train with SGD, lr 0.1, momentum 0.9, weight decay 5e-4, batch 128 and step
     decays; a cosine decay over the (much shorter) run plays that role here. The batch order
     comes from a private generator seeded with ``seed``.
+
+    Raises:
+        ValueError: If ``optimizer`` is neither ``"sgd"`` nor ``"adam"``.
     """
     x, y = data
     params = list(model.parameters())
@@ -142,6 +145,10 @@ def skip_study(train_data, *, depths: Sequence[int] = (20, 56), widths: Sequence
 
     Returns:
         One :class:`StudyRun` per configuration, in the order depth, width, shortcut.
+
+    Raises:
+        ValueError: If ``points`` is even (theta would not be a grid point), or ``optimizer`` is
+            neither ``"sgd"`` nor ``"adam"``.
     """
     x, y = train_data
     device = torch.device(device) if device is not None else x.device

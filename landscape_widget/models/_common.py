@@ -45,6 +45,9 @@ def tracing(x) -> bool:
 
     Input checks are skipped while tracing: a proxy has no concrete shape, and the
     permutation tools trace the zoo's models.
+
+    Returns:
+        ``True`` if ``x`` is a ``torch.fx.Proxy`` (the model is being traced), else ``False``.
     """
     import torch.fx
 
@@ -53,6 +56,9 @@ def tracing(x) -> bool:
 
 def count_parameters(model: nn.Module) -> int:
     """Number of scalar parameters (buffers such as BatchNorm running statistics excluded).
+
+    Returns:
+        The sum of ``numel()`` over ``model.parameters()``.
 
     Example:
         >>> count_parameters(nn.Linear(3, 2))

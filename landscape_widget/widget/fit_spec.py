@@ -45,11 +45,20 @@ class FitSpec:
 def parse_fit_spec(raw) -> FitSpec:
     """Validate the ``spec`` of a fit message; raises :class:`ProtocolError`.
 
+    Returns:
+        A :class:`FitSpec` with the checked values (floats as ``float``) and the mask as a binary
+        array.
+
+    Raises:
+        ProtocolError: (a ValueError) If ``raw`` is not a dict, has unknown or missing fields, a
+            field of the wrong type or outside its :data:`LIMITS`, or a mask that is not a rectangle
+            of 0/1 cells of allowed size.
+
     Example:
         >>> parse_fit_spec({"mask": [[1, 0], [0, 1]], "steps": 5, "lr": 0.003, "tau": 2.5,
         ...     "cells_per_step": 50, "batch_size": 256, "seed": 0, "every": 5,
-        ...     "resume": False}).binary.shape
-        (2, 2)
+        ...     "resume": False}).binary.tolist()
+        [[1, 0], [0, 1]]
     """
     if not isinstance(raw, dict):
         raise ProtocolError(f"fit spec must be an object, got {type(raw).__name__}.")
@@ -83,6 +92,10 @@ def fit_schema() -> dict:
     """What the pattern editor knows of a fit: its fields' ``limits`` and ``defaults``.
 
     Sent in the widget's read-only ``_spec_schema`` trait (under ``"fit"``).
+
+    Returns:
+        ``{"limits": {field: [low, high]}, "defaults": {field: default}}`` for every field of
+        :class:`FitSpec` but the mask.
 
     Example:
         >>> fit_schema()["limits"]["cells_per_step"], fit_schema()["defaults"]["steps"]

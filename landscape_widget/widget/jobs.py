@@ -39,9 +39,13 @@ _ids = itertools.count(1)
 def new_id(prefix: str = "py") -> str:
     """A fresh job id (unique within the process).
 
+    Returns:
+        ``"{prefix}-{n}"`` with ``n`` counting up from 1 over the process.
+
     Example:
-        >>> new_id("t").startswith("t-")
-        True
+        >>> a, b = new_id("t"), new_id("t")
+        >>> a.startswith("t-"), int(b.split("-")[1]) - int(a.split("-")[1])  # counts up by one
+        (True, 1)
     """
     return f"{prefix}-{next(_ids)}"
 

@@ -86,6 +86,10 @@ def entries(names, direction: str) -> list[dict]:
     ``models`` are the names the front end's vertex selects offer, ``count`` how many it
     shows.
 
+    Returns:
+        A list holding the one entry of ``direction`` (its ``label``, ``direction``, ``norm``,
+        ``models`` and ``count``), or an empty list with fewer names than the type needs.
+
     Example:
         >>> [e["count"] for e in entries(["a", "b"], "interpolate") + entries(["a", "b"], "plane")]
         [2]
@@ -125,6 +129,14 @@ def interpolate_directions(ctx: Context, spec: Spec, job: Job | None = None) -> 
     """Directions of the ``"interpolate"`` type: A to B on x, in 2D a random y drawn at A.
 
     The plane has none: :func:`plane_stream` weighs the three models themselves.
+
+    Returns:
+        A :class:`Labelled` list: ``B - A`` (with float buffers) and, in 2D, a random direction at
+        A; with its axis labels and the marks of A at 0 and B at 1.
+
+    Raises:
+        ValueError: If a vertex names no model of the widget, or A and B differ in their parameters
+            or layers.
     """
     a_name, b_name = spec.vertices
     a, b = _named(ctx, a_name), _named(ctx, b_name)
@@ -153,6 +165,10 @@ def view_info(dirs, stream: TileStream) -> dict:
 
     For the plane: ``{"plane": {"names", "margin", "resolution", "outside"}}``, where
     ``outside`` counts the grid points beyond the region, never evaluated (NaN).
+
+    Returns:
+        The dict of :func:`path_info` (axis labels and path), plus ``"marks"`` (the named points)
+        and, for a plane, ``"plane"``.
     """
     info = path_info(dirs)
     marks = getattr(dirs, "marks", None)

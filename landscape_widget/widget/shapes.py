@@ -85,6 +85,9 @@ def entry(name: str) -> dict:
     permutation's ``(-0.5, 1.5, 41)``, theta and its twin, where its shape is checked), the same
     range on both axes for planes (2D only; ``num`` applies when coming from 1D).
 
+    Returns:
+        The trait entry: ``label``, ``direction``, ``norm``, ``shape`` and ``window``.
+
     Example:
         >>> entry("saddle")["window"]
         [-1.5, 1.5, 31]
@@ -145,6 +148,10 @@ def key(ctx: Context, spec: Spec) -> tuple:
     Not ``mode``, ``norm``, the ranges or the resolution: a new window, resolution or 1D/2D
     switch re-uses the direction. ``side`` has no seed; ``permutation`` moves everything, so
     it has no BN mode or ignore.
+
+    Returns:
+        ``(name, seed, bn, ignore, mining steps, fingerprint of the model's state)``, with ``None``
+        for the settings that do not apply to the type.
     """
     name = spec.direction
     seed = None if name == "side" else spec.seed
@@ -222,6 +229,10 @@ def compute(ctx: Context, spec: Spec, job: Job) -> list:
 
 def shape_note(found) -> str:
     """What a curve-shape method achieved, for the status line (``""`` when it succeeded).
+
+    Returns:
+        ``found.summary()`` (requested shape, what was achieved and why, after how many attempts) if
+        the method fell short, else ``""``.
 
     Example:
         >>> from landscape_widget.experiments.curves import ShapedDirection
