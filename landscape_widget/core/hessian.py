@@ -31,7 +31,19 @@ __all__ = ["METHODS", "Cancelled", "Density", "Eigenpairs", "HessianOperator", "
            "hessian_density", "hessian_eigenpairs", "hessian_trace", "scipy_operator"]
 
 
-class Eigenpairs(tuple):
+class _PairWithInfo(tuple):
+    """A pair that unpacks as ``(a, b)`` and carries what was achieved as attributes."""
+
+    def __new__(cls, first, second, **info):  # noqa: D102 - the class docstring says it
+        self = super().__new__(cls, (first, second))
+        self.__dict__.update(info)
+        return self
+
+    def __getnewargs__(self):  # pickling: the pair goes to __new__, the rest is __dict__
+        return tuple(self)
+
+
+class Eigenpairs(_PairWithInfo):
     """``(values, vectors)`` of :func:`hessian_eigenpairs`, with what was achieved.
 
     Unpacks as the pair; the attributes say how far the answer is to be trusted.
@@ -45,14 +57,6 @@ class Eigenpairs(tuple):
         solver: ``"lanczos"`` or ``"lanczos+arpack"`` (restarted when the basis was full).
         converged: Whether every residual is within ``tol * max|lambda|``.
     """
-
-    def __new__(cls, values, vectors, **info):  # noqa: D102 - the class docstring says it
-        self = super().__new__(cls, (values, vectors))
-        self.__dict__.update(info)
-        return self
-
-    def __getnewargs__(self):  # pickling: the pair goes to __new__, the rest is __dict__
-        return tuple(self)
 
     values = property(lambda self: self[0])
     vectors = property(lambda self: self[1])
@@ -232,16 +236,8 @@ def _rademacher(op: HessianOperator, g: torch.Generator) -> Tensor:
     return bits.to(op.dtype).mul_(2).sub_(1)
 
 
-class Density(tuple):
+class Density(_PairWithInfo):
     """``(grid, density)`` of :func:`hessian_density`, with ``products`` and ``method``."""
-
-    def __new__(cls, grid, density, **info):  # noqa: D102 - the class docstring says it
-        self = super().__new__(cls, (grid, density))
-        self.__dict__.update(info)
-        return self
-
-    def __getnewargs__(self):  # pickling: the pair goes to __new__, the rest is __dict__
-        return tuple(self)
 
 
 def hessian_density(model: nn.Module, data, *, steps: int = 60, runs: int = 3,
