@@ -26,6 +26,7 @@ from ..core.state import bn_batch_size_for
 from ..core.surface import Curve, Surface
 from ..experiments.triangle import TriangleSurface
 from . import protocol
+from .compare import ComparePanel, is_compare_message, same_architecture
 from .encode import encode_result, snapshot_messages
 from .export import static_page
 from .models import as_triangle, direction_entries, resolve_models
@@ -53,17 +54,17 @@ PCA_TYPE = {"label": "PCA of trajectory", "direction": "pca", "norm": "none"}
 HESSIAN_TYPE = {"label": "Hessian top-2 eigenvectors", "direction": "hessian", "norm": "none"}
 
 
-class LandscapeWidget(PatternPanel, anywidget.AnyWidget):
+class LandscapeWidget(PatternPanel, ComparePanel, anywidget.AnyWidget):
     """Loss landscape of a PyTorch model, computed live in a worker thread.
 
     Args:
         model: The model (never modified); optional with ``models``, whose first model is
             then the centre of the random, PCA and Hessian directions.
         data: ``(inputs, targets)`` tensors, a ``Dataset`` or a ``DataLoader``.
-        models: ``{name: model}`` of one architecture (e.g. one per optimizer; never
-            modified); offers "interpolate between two models" and, with three or more,
+        models: ``{name: model}`` (e.g. one per optimizer; never modified); of one
+            architecture, offers "interpolate between two models" and, with three or more,
             "plane through three models", which the ``vertices`` control names (see
-            :mod:`.models`).
+            :mod:`.models`); of any architectures, the compare panel (:mod:`.compare`).
         model_b: A second model of the same architecture; offers interpolation directions.
         trajectory: A :class:`~landscape_widget.Trajectory` of the training run; offers
             "PCA of trajectory" directions, with the path drawn on the plot.
@@ -92,7 +93,7 @@ class LandscapeWidget(PatternPanel, anywidget.AnyWidget):
         TypeError: For an unknown keyword, no model or data, or a ``model`` (or an entry of
             ``models``) that is not an ``nn.Module``, or a ``mining_steps`` not an int.
         ValueError: For invalid control values (e.g. ``resolution=1000`` in 2D),
-            ``models`` of different architectures, or a negative ``mining_steps``.
+            ``models`` of different dtypes or devices, or a negative ``mining_steps``.
 
     Example:
         >>> import torch
@@ -156,7 +157,7 @@ class LandscapeWidget(PatternPanel, anywidget.AnyWidget):
         if trajectory is not None and not hasattr(trajectory, "pca_directions"):
             raise TypeError("trajectory must be a landscape_widget.Trajectory.")
         types = list(RANDOM_TYPES) + ([INTERPOLATION_TYPE] if model_b is not None else [])
-        types += direction_entries(named)
+        types += direction_entries(named if same_architecture(named) else {})
         types += ([PCA_TYPE] if trajectory is not None else []) + [HESSIAN_TYPE]
         types += shape_entries()
         check_steps(mining_steps)  # before the comm opens, like the checks above
@@ -181,6 +182,7 @@ class LandscapeWidget(PatternPanel, anywidget.AnyWidget):
         # The pattern editor runs here: a data_fn is loaded (once) by the worker's cache.
         self._init_patterns(model, self._worker.data, model_fn=model_fn, test_data=test_data,
                             device=device)
+        self._init_compare(named, self._worker)  # models of any architectures (.compare)
         self.status = {"state": "idle", "device": "", "done": 0, "total": 0,
                        "points_per_s": 0.0, "eta_s": None, "message": ""}
         self.observe(self._on_compute_trait, names=list(COMPUTE_TRAITS))
@@ -253,6 +255,7 @@ class LandscapeWidget(PatternPanel, anywidget.AnyWidget):
         if worker is not None:
             worker.close()
         self._close_patterns()
+        self._close_compare()
         super().close()
 
     def handle_message(self, content, buffers=None) -> None:
@@ -267,6 +270,9 @@ class LandscapeWidget(PatternPanel, anywidget.AnyWidget):
                 cid = content.get("id")
                 if isinstance(cid, str) and len(cid) <= protocol.MAX_ID_LENGTH:
                     job_id = cid
+            if is_compare_message(content):
+                self._handle_compare_message(content)
+                return
             kind, mid, spec = parse_message(content, directions=self._direction_names,
                                             models=self._model_names)
             if kind in ("fit", "fit_stop"):
