@@ -22,6 +22,11 @@ const STAT_COLUMNS = [
   ["basin_radius", "basin radius", (v) => v.toPrecision(3)],
 ];
 
+/** A float32 array of a buffer from the kernel, or of base64 text (static HTML export). */
+function floats(buf) {
+  return f32(typeof buf === "string" ? Uint8Array.from(atob(buf), (ch) => ch.charCodeAt(0)) : buf);
+}
+
 /** The z values and range shown: log10 of the loss when `log` (and the range is positive). */
 export function scaled(values, zmin, zmax, log) {
   if (!log || !(zmin > 0)) return { z: values, lo: zmin, hi: zmax, log: false };
@@ -119,7 +124,7 @@ export function comparePanel({ model, h, row, newId, offline }) {
     const rows = (r ? r.names : []).map((n) => {
       const s = (r.stats || {})[n];
       const cells = STAT_COLUMNS.map(([key, , fmt]) => h("td", {},
-        !s ? "…" : s[key] == null ? (key === "basin_radius" ? "∞ / n/a" : "n/a") : fmt(s[key])));
+        !s ? "…" : s[key] == null ? "n/a" : s[key] === "inf" ? "> window" : fmt(s[key])));
       const tr = h("tr", { title: s ? s.summary : "not computed yet" }, h("td", {}, n), ...cells);
       if (n === model.get("compare_shown")) tr.className = "lw-compare-current";
       return tr;
@@ -141,15 +146,15 @@ export function comparePanel({ model, h, row, newId, offline }) {
       Plotly.purge(plot);
       return;
     }
-    const x = Array.from(f32(r.x));
-    const y = Array.from(f32(r.y));
+    const x = Array.from(floats(r.x));
+    const y = Array.from(floats(r.y));
     const [ny, nx] = r.shape;
     const side = (model.get("compare_layout") || "toggle") === "side";
     let show = side ? computed : [model.get("compare_shown")].filter((n) => computed.includes(n));
     if (!show.length) show = [computed[0]];
     const theme = hostTheme(plot);
     const data = show.map((n, k) => {
-      const flat = f32(r.loss[n]);
+      const flat = floats(r.loss[n]);
       const s = scaled(flat, r.zmin, r.zmax, c.log.checked);
       const z = [];
       for (let i = 0; i < ny; i++) z.push(Array.from(s.z.slice(i * nx, (i + 1) * nx)));

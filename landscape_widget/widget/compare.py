@@ -20,6 +20,7 @@ computation with ``{"kind": "compare", "id", "names"}`` and stops it with
 
 from __future__ import annotations
 
+import base64
 import threading
 from collections.abc import Mapping
 
@@ -35,6 +36,8 @@ from .protocol import MAX_ID_LENGTH, ProtocolError, Spec, f32, short
 
 COMPARE_KINDS = ("compare", "compare_stop")
 LAYOUTS = ("toggle", "side")
+TRAITS = ("compare_models", "compare_result", "compare_status", "compare_layout",
+          "compare_shown")
 
 
 def same_architecture(named: Mapping[str, nn.Module]) -> bool:
@@ -122,11 +125,18 @@ def shared_range(surfaces: Mapping[str, Surface]) -> tuple[float, float] | None:
     return float(min(f.min() for f in finite)), float(max(f.max() for f in finite))
 
 
+def _json_number(v):
+    # JSON has no inf or NaN: an infinite basin radius (the loss never rose by `rise`
+    # inside the window) is the text "inf", an unmeasured one (NaN) is None.
+    if not isinstance(v, float) or np.isfinite(v):
+        return v
+    return None if np.isnan(v) else ("inf" if v > 0 else "-inf")
+
+
 def stats_row(surface: Surface) -> dict:
-    """The statistics of one surface as JSON-ready numbers (``None`` for NaN/inf)."""
+    """The statistics of one surface, JSON-ready, plus its one-line ``summary``."""
     stats = landscape_stats(surface)
-    row = {k: (float(v) if isinstance(v, float) and np.isfinite(v) else
-               (None if isinstance(v, float) else v)) for k, v in stats.as_dict().items()}
+    row = {k: _json_number(v) for k, v in stats.as_dict().items()}
     row["summary"] = stats.summary()
     return row
 
@@ -151,6 +161,17 @@ def encode_compare(job_id: str, names: tuple[str, ...], surfaces: Mapping[str, S
         "seed": spec.seed,
         "complete": bool(complete),
     }
+
+
+def export_state(widget) -> dict:
+    """The compare traits for the static HTML export (arrays as base64 text)."""
+    state = {k: getattr(widget, k) for k in TRAITS}
+    result = state["compare_result"]
+    if result:
+        text = lambda b: None if b is None else base64.b64encode(b).decode()  # noqa: E731
+        state["compare_result"] = {**result, "x": text(result["x"]), "y": text(result["y"]),
+                                   "loss": {n: text(b) for n, b in result["loss"].items()}}
+    return state
 
 
 class CompareRunner:
@@ -330,4 +351,5 @@ class ComparePanel(t.HasTraits):
 
 
 __all__ = ["ComparePanel", "CompareRunner", "is_compare_message", "parse_compare_message",
-           "same_architecture", "shared_range", "encode_compare", "compare_directions"]
+           "same_architecture", "shared_range", "encode_compare", "compare_directions",
+           "export_state"]
