@@ -169,6 +169,13 @@ def test_stop_keeps_finished_models_and_one_architecture_still_interpolates():
         assert w.compare_status["done"] == len(w.compared)
     finally:
         w.close()
+    single = LandscapeWidget(models["mlp"], data, autostart=False)
+    try:
+        assert single.compare_models == []  # no panel without named models
+        with pytest.raises(ValueError, match="needs named models"):
+            single.compare()
+    finally:
+        single.close()
     same = {"a": models["mlp"], "b": copy.deepcopy(models["mlp"])}
     w = LandscapeWidget(models=same, data=data, autostart=False)
     try:

@@ -292,10 +292,14 @@ class ComparePanel(t.HasTraits):
             The job id.
 
         Raises:
-            ValueError: For names that are not the widget's models.
+            ValueError: For names that are not the widget's models, or a widget without
+                ``models=``.
         """
         from .worker import new_id
 
+        if not self._compare_names:
+            raise ValueError("compare() needs named models: LandscapeWidget(models={'a': "
+                             "model_a, 'b': model_b}, data=data).")
         names = self._compare_names if names is None else names
         try:
             names = check_names(list(names) if isinstance(names, tuple) else names,
