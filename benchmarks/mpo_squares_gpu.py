@@ -10,6 +10,9 @@ CPU at useful sizes (a step of 100 cells is seconds there); ``--tiny`` is a smok
 
     python benchmarks/mpo_squares_gpu.py --out /tmp/mpo         # a GPU
     python benchmarks/mpo_squares_gpu.py --out /tmp/mpo --tiny  # CPU smoke run
+    # notebook 09's CPU configuration (one seed is ~3 min on an idle core):
+    python benchmarks/mpo_squares_gpu.py --out /tmp/mpo --width 0.25 --steps 150 --lr 3e-3 \
+        --cells 10 --batch 64 --p 0.1,0.5,0.9 --seeds 0,1,2
 """
 
 from __future__ import annotations
@@ -40,6 +43,10 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--tau", type=float, default=5.0)
+    parser.add_argument("--width", type=float, default=1.0,
+                        help="channel factor of squares_net (notebook 09's CPU run: 0.25)")
+    parser.add_argument("--cells", type=int, default=50, help="good (and bad) cells per step")
+    parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run")
     args = parser.parse_args(argv)
@@ -48,8 +55,8 @@ def main(argv=None) -> None:
     test = lw.datasets.digits_images("test")
     ps = [float(p) for p in args.p.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
-    opts = {"steps": args.steps, "lr": args.lr, "tau": args.tau, "cells_per_step": 50,
-            "batch_size": 256}
+    opts = {"steps": args.steps, "lr": args.lr, "tau": args.tau, "cells_per_step": args.cells,
+            "batch_size": args.batch}
     n = args.n
     if args.tiny:
         ps, seeds, n = [0.5], [0], 6
@@ -63,7 +70,7 @@ def main(argv=None) -> None:
         for p in ps:
             for seed in seeds:
                 def build(kind=kind):
-                    return squares_net(kind, seed=None).to(args.device)
+                    return squares_net(kind, width=args.width, seed=None).to(args.device)
 
                 fit = lw.fit_pattern(build, train, lw.random_squares(n, p, seed=seed),
                                      seed=seed, progress=False, **opts)
@@ -84,8 +91,8 @@ def main(argv=None) -> None:
             cells.append(f"{vals.mean():9.3f} +- {vals.std():.3f}")
         print(f"{p:.1f}  " + "".join(f"{c:>16s}" for c in cells))
     (args.out / "results.json").write_text(json.dumps(
-        {"options": {**opts, "n": n, "p": ps, "seeds": seeds}, "seconds": total,
-         "results": results, "summary": summary}, indent=1))
+        {"options": {**opts, "n": n, "p": ps, "seeds": seeds, "width": args.width},
+         "seconds": total, "results": results, "summary": summary}, indent=1))
     import matplotlib
 
     matplotlib.use("Agg")

@@ -94,6 +94,25 @@ def test_bad_arguments_are_named():
         models.vgg9()(torch.zeros(2, 3, 8, 8))
     with pytest.raises(ValueError, match="kind"):
         models.squares_net("wide")
+    for bad in (0, -1.0, True, "half"):
+        with pytest.raises(ValueError, match="width must be a positive number"):
+            models.squares_net("plain", width=bad)
+
+
+def test_squares_net_width_scales_channels_and_keeps_the_skips():
+    """width=0.25: channels 2,2,8,8,16,16, head 32; skips only where widths agree."""
+    net = models.squares_net("skip", width=0.25)
+    convs = [layer.conv for layer in net.features]
+    assert [c.out_channels for c in convs] == [2, 2, 8, 8, 16, 16]
+    assert [layer.skip for layer in net.features] == [False, True, False, True, False, True]
+    assert net.head[0].in_features == 16 * 16 and net.head[0].out_features == 32
+    # By hand: 6 convs (3x3 weights + bias) + Linear(256, 32) + Linear(32, 10).
+    cins = [1, 2, 2, 8, 8, 16]
+    by_hand = sum(ci * co * 9 + co for ci, co in zip(cins, [2, 2, 8, 8, 16, 16], strict=True))
+    by_hand += 256 * 32 + 32 + 32 * 10 + 10
+    assert models.count_parameters(net) == by_hand
+    x = torch.randn(3, 1, 8, 8)
+    assert net(x).shape == (3, 10)
 
 
 # --- CIFAR-10 from disk ---------------------------------------------------------------

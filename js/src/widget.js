@@ -20,6 +20,7 @@
 // no word from it within KERNEL_WAIT_MS the view goes offline, and any later word from a
 // kernel brings it back.
 import Plotly from "./plotly.js";
+import { comparePanel } from "./compare.js";
 import { controlPanel } from "./controls.js";
 import { h, newId, row } from "./dom.js";
 import { applyTile, knownCount, newJob, resultJob } from "./job.js";
@@ -50,9 +51,10 @@ function render({ model, el }) {
   const bar = h("div", { class: "lw-bar" });
   const status = h("div", { class: "lw-status" });
   const pattern = patternPanel({ model, h, row, newId, offline: () => !!offline });
+  const compare = comparePanel({ model, h, row, newId, offline: () => !!offline });
   const root = h("div", { class: "lw-root" }, panel.node,
     h("div", { class: "lw-main" }, plot, h("div", { class: "lw-progress" }, bar), status),
-    pattern.node);
+    pattern.node, compare.node);
   el.replaceChildren(root);
 
   // Keys stay in the widget: in JupyterLab and Notebook 7 an arrow key, space or a letter
@@ -82,6 +84,7 @@ function render({ model, el }) {
   let lastTraitFlush = null; // performance.now() of the last compute-trait change sent
   Object.defineProperty(root, "landscape", { configurable: true, value: () => snapshot() });
   Object.defineProperty(root, "pattern", { configurable: true, value: () => pattern.snapshot() });
+  Object.defineProperty(root, "compare", { configurable: true, value: () => compare.snapshot() });
 
   let job = null; // {id, shape, x, y, metrics, loss, acc, known, complete} (see job.js)
   let live = null; // last progress message of the running job
@@ -220,6 +223,7 @@ function render({ model, el }) {
     root.classList.toggle("lw-offline", !!offline);
     panel.sync();
     pattern.sync();
+    compare.sync();
     showStatus();
   }
   function heard() {
@@ -278,6 +282,7 @@ function render({ model, el }) {
   const stopTheme = onThemeChange(() => {
     schedule();
     pattern.redraw();
+    compare.redraw();
   });
 
   panel.sync();
@@ -304,6 +309,7 @@ function render({ model, el }) {
     model.off("change:result", onResult);
     model.off("msg:custom", onMessage);
     pattern.dispose();
+    compare.dispose();
     Plotly.purge(plot);
   };
 }

@@ -6,6 +6,9 @@ convolutions (padding 1, no pooling) take the channels ``1 -> 8 -> 8 -> 32 -> 32
 64``, each followed by (BatchNorm and) ReLU; in the skip form a convolution whose input and
 output channels agree adds its input (``relu(x + conv(x))``). An adaptive average pool to
 4x4 gives 1024 features, then ``Linear(1024, 128)``, ReLU, ``Linear(128, 10)``.
+
+``width`` scales every channel count and the hidden layer (``width=0.25``: ``1 -> 2 -> 2 -> 8
+-> 8 -> 16 -> 16``, hidden 32), so the same three forms fit a CPU's time budget (notebook 09).
 """
 
 from __future__ import annotations
@@ -17,7 +20,19 @@ from ._common import check_int, seeded
 
 SQUARES_CHANNELS = (8, 8, 32, 32, 64, 64)
 """Output channels of the six convolutions."""
+SQUARES_HIDDEN = 128
+"""Width of the hidden linear layer."""
 KINDS = ("plain", "bn", "skip")
+
+
+def scaled_channels(width: float) -> tuple[int, ...]:
+    """The six convolutions' output channels times ``width`` (rounded, at least 1).
+
+    Example:
+        >>> scaled_channels(0.25)
+        (2, 2, 8, 8, 16, 16)
+    """
+    return tuple(max(1, round(c * width)) for c in SQUARES_CHANNELS)
 
 
 class SquaresConv(nn.Module):
@@ -40,20 +55,25 @@ class SquaresConv(nn.Module):
 class SquaresNet(nn.Module):
     """MPO's random-squares network; build one with :func:`squares_net`."""
 
-    def __init__(self, kind: str = "plain", *, in_channels: int = 1, num_classes: int = 10):
+    def __init__(self, kind: str = "plain", *, in_channels: int = 1, num_classes: int = 10,
+                 width: float = 1.0):
         super().__init__()
         if kind not in KINDS:
             raise ValueError(f"kind={kind!r} is not supported; choose one of {list(KINDS)}.")
         check_int(in_channels, "in_channels")
         check_int(num_classes, "num_classes")
-        self.kind = kind
+        if isinstance(width, bool) or not isinstance(width, int | float) or not width > 0:
+            raise ValueError(f"width must be a positive number (1 = the paper's), got {width!r}.")
+        self.kind, self.width = kind, float(width)
         convs, cin = [], in_channels
-        for cout in SQUARES_CHANNELS:
+        for cout in scaled_channels(width):
             convs.append(SquaresConv(cin, cout, bn=kind == "bn", skip=kind == "skip"))
             cin = cout
         self.features = nn.Sequential(*convs)
         self.pool = nn.AdaptiveAvgPool2d(4)
-        self.head = nn.Sequential(nn.Linear(cin * 16, 128), nn.ReLU(), nn.Linear(128, num_classes))
+        hidden = max(1, round(SQUARES_HIDDEN * width))
+        self.head = nn.Sequential(nn.Linear(cin * 16, hidden), nn.ReLU(),
+                                  nn.Linear(hidden, num_classes))
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits of images ``(N, C, H, W)``."""
@@ -61,11 +81,11 @@ class SquaresNet(nn.Module):
 
     def extra_repr(self) -> str:
         """Show the form."""
-        return f"kind={self.kind!r}"
+        return f"kind={self.kind!r}" + (f", width={self.width:g}" if self.width != 1 else "")
 
 
 def squares_net(kind: str = "plain", *, in_channels: int = 1, num_classes: int = 10,
-                seed: int | None = 0) -> SquaresNet:
+                width: float = 1.0, seed: int | None = 0) -> SquaresNet:
     """MPO's random-squares network in ``"plain"``, ``"bn"`` or ``"skip"`` form.
 
     The three forms have the same convolutions and head (``"bn"`` adds 2 parameters per
@@ -75,16 +95,24 @@ def squares_net(kind: str = "plain", *, in_channels: int = 1, num_classes: int =
         kind: ``"plain"``, ``"bn"`` or ``"skip"``.
         in_channels: Input channels (1 for FashionMNIST or digits images).
         num_classes: Number of outputs.
+        width: Factor on every channel count and the hidden layer (1 = the paper's
+            network; 0.25 is a CPU-sized version with the same three forms).
         seed: Seed of the initial weights; pass ``None`` inside a ``model_fn`` for
             :func:`~landscape_widget.fit_pattern`, which seeds the three draws itself.
 
     Returns:
         A :class:`SquaresNet`.
 
+    Raises:
+        ValueError: If ``kind`` is unknown, ``width`` is not positive or a count is not an
+            int >= 1.
+
     Example:
         >>> from landscape_widget.models import count_parameters
         >>> [count_parameters(squares_net(k)) for k in KINDS]
         [200162, 200578, 200162]
+        >>> [count_parameters(squares_net(k, width=0.25)) for k in KINDS]
+        [12836, 12940, 12836]
     """
-    return seeded(lambda: SquaresNet(kind, in_channels=in_channels, num_classes=num_classes),
-                  seed)
+    return seeded(lambda: SquaresNet(kind, in_channels=in_channels, num_classes=num_classes,
+                                     width=width), seed)

@@ -8,6 +8,8 @@ import html
 import json
 from pathlib import Path
 
+from .compare import export_state as compare_state
+
 STATIC = Path(__file__).resolve().parent.parent / "static"
 FIT_ARRAYS = ("train_loss", "train_accuracy", "test_loss", "test_accuracy")
 
@@ -34,6 +36,7 @@ def static_page(widget, traits: tuple[str, ...], title: str) -> str:
             if fitted.get(k) is not None:
                 fitted[k] = base64.b64encode(fitted[k]).decode()
     state["pattern_result"] = fitted
+    state.update(compare_state(widget))  # the compare panel (.compare), arrays as base64
     esm = gzip.compress((STATIC / "widget.js").read_bytes(), mtime=0)
     page = (_TEMPLATE.replace("%TITLE%", html.escape(title))
             .replace("%CSS%", (STATIC / "widget.css").read_text().replace("</", "<\\/"))

@@ -42,14 +42,13 @@ def resolve_models(model, models) -> tuple[nn.Module, dict[str, nn.Module]]:
     Args:
         model: The centre model (random, PCA and Hessian directions start there), or
             ``None`` to take the first of ``models``.
-        models: ``{name: model}`` of one architecture, or ``None``.
+        models: ``{name: model}``, or ``None``.
 
     Returns:
         ``(centre, {name: model})``; the dict is empty without ``models``.
 
     Raises:
         TypeError: Without any model, or for names or models of the wrong type.
-        ValueError: If the named models differ in architecture.
     """
     if models is None:
         if model is None:
@@ -67,14 +66,10 @@ def resolve_models(model, models) -> tuple[nn.Module, dict[str, nn.Module]]:
                             f"{short(name)}.")
         check_module(m, f"models[{name!r}]")
         named[name] = m
-    first, *others = named
-    for name in others:
-        try:
-            interpolation_direction(named[first], named[name])
-        except ValueError as err:
-            raise ValueError(f"models[{name!r}] and models[{first!r}] differ: {err}") from None
+    # Models of different architectures are allowed: the compare panel (.compare) shows
+    # each one's surface; "interpolate" and "plane" are offered only for one architecture.
     check_same_placement(list(named.values()), [f"models[{n!r}]" for n in named])
-    centre = named[first] if model is None else model
+    centre = next(iter(named.values())) if model is None else model
     check_module(centre, "model")
     return centre, named
 

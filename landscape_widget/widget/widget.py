@@ -31,6 +31,7 @@ from ..core.state import bn_batch_size_for
 from ..core.surface import Curve, Surface
 from ..experiments.triangle import TriangleSurface
 from . import protocol
+from .compare import ComparePanel, is_compare_message, same_architecture
 from .directions import offered
 from .encode import encode_result, snapshot_messages
 from .export import static_page
@@ -53,17 +54,17 @@ SpecTraits = type("SpecTraits", (t.HasTraits,), spec_traits())
 _INT_TRAITS = tuple(k for k, typ in SPEC_FIELDS.items() if typ is int)
 
 
-class LandscapeWidget(PatternPanel, SpecTraits, anywidget.AnyWidget):
+class LandscapeWidget(PatternPanel, ComparePanel, SpecTraits, anywidget.AnyWidget):
     """Loss landscape of a PyTorch model, computed live in a worker thread.
 
     Args:
         model: The model (never modified); optional with ``models``, whose first model is
             then the centre of the random, PCA and Hessian directions.
         data: ``(inputs, targets)`` tensors, a ``Dataset`` or a ``DataLoader``.
-        models: ``{name: model}`` of one architecture (e.g. one per optimizer; never
-            modified); offers "interpolate between two models" and, with three or more,
+        models: ``{name: model}`` (e.g. one per optimizer; never modified); of one
+            architecture, offers "interpolate between two models" and, with three or more,
             "plane through three models", which the ``vertices`` control names (see
-            :mod:`.models`).
+            :mod:`.models`); of any architectures, the compare panel (:mod:`.compare`).
         model_b: A second model of the same architecture; offers interpolation directions.
         trajectory: A :class:`~landscape_widget.Trajectory` of the training run; offers
             "PCA of trajectory" directions, with the path drawn on the plot.
@@ -92,7 +93,7 @@ class LandscapeWidget(PatternPanel, SpecTraits, anywidget.AnyWidget):
         TypeError: For an unknown keyword, no model or data, or a ``model`` (or an entry of
             ``models``) that is not an ``nn.Module``, or a ``mining_steps`` not an int.
         ValueError: For invalid control values (e.g. ``resolution=1000`` in 2D),
-            ``models`` of different architectures, or a negative ``mining_steps``.
+            ``models`` of different dtypes or devices, or a negative ``mining_steps``.
 
     Example:
         >>> import torch
@@ -149,7 +150,10 @@ class LandscapeWidget(PatternPanel, SpecTraits, anywidget.AnyWidget):
             raise TypeError("loss_fn must be callable as loss_fn(outputs, targets).")
         if trajectory is not None and not hasattr(trajectory, "pca_directions"):
             raise TypeError("trajectory must be a landscape_widget.Trajectory.")
-        types = offered(SimpleNamespace(model_b=model_b, models=named, trajectory=trajectory))
+        # "interpolate" and "plane" only between models of one architecture; models of
+        # different architectures are compared side by side (.compare) instead.
+        same = named if same_architecture(named) else {}
+        types = offered(SimpleNamespace(model_b=model_b, models=same, trajectory=trajectory))
         check_steps(mining_steps)  # before the comm opens, like the checks above
         bn_batch_size_for("batch", bn_batch_size)
         try:
@@ -175,6 +179,7 @@ class LandscapeWidget(PatternPanel, SpecTraits, anywidget.AnyWidget):
         # The pattern editor runs here: a data_fn is loaded (once) by the worker's cache.
         self._init_patterns(model, self._worker.data, model_fn=model_fn, test_data=test_data,
                             device=device)
+        self._init_compare(named, self._worker)  # models of any architectures (.compare)
         self.status = dict(STATUS_DEFAULTS)
         self._last_error: dict | None = None
         self.observe(self._on_compute_trait, names=list(COMPUTE_TRAITS))
@@ -255,6 +260,7 @@ class LandscapeWidget(PatternPanel, SpecTraits, anywidget.AnyWidget):
         if worker is not None:
             worker.close()
         self._close_patterns()
+        self._close_compare()
         super().close()
 
     def handle_message(self, content, buffers=None) -> None:
@@ -269,6 +275,9 @@ class LandscapeWidget(PatternPanel, SpecTraits, anywidget.AnyWidget):
                 cid = content.get("id")
                 if isinstance(cid, str) and len(cid) <= protocol.MAX_ID_LENGTH:
                     job_id = cid
+            if is_compare_message(content):
+                self._handle_compare_message(content)
+                return
             kind, mid, spec = parse_message(content, directions=self._direction_names,
                                             models=self._model_names)
             if kind in ("fit", "fit_stop"):
