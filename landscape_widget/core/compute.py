@@ -86,7 +86,7 @@ def fingerprint_text(text: str) -> str:
 
 def metric_values(result, name: str):
     """The array of metric ``name`` in a Surface/Curve (None if it was not computed)."""
-    if name in ("loss", "accuracy"):
+    if name in ("loss", "accuracy", "loss_se"):
         return getattr(result, name, None)
     return (getattr(result, "extra_metrics", None) or {}).get(name)
 
