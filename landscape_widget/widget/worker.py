@@ -33,6 +33,7 @@ from ..core.directions import interpolation_direction, random_directions
 from ..core.hessian import Cancelled
 from ..core.landscape import TileStream, iter_tiles
 from ..core.metrics import METRICS
+from ..core.progressive import progressive_stream
 from ..core.state import bn_batch_size_for
 from ..core.surface import Curve, Surface
 from . import extra_jobs, protocol, shapes
@@ -337,9 +338,14 @@ class Worker:
                       evaluator_options=self.evaluator_options)
         for _ in range(3):
             try:
-                return iter_tiles(vertex_models.centre(self, spec), self.grid_data,
-                                  metrics=self.metrics,
-                                  reuse=reuse, executor=self.executor, **kwargs)
+                make = functools.partial(iter_tiles, vertex_models.centre(self, spec),
+                                         self.grid_data, metrics=self.metrics, reuse=reuse,
+                                         executor=self.executor, **kwargs)
+                # Large data: subset passes first (core/progressive.py), unless points are
+                # reused (those are exact already).
+                staged = (None if reuse is not None or self.executor is not None else
+                          progressive_stream(make, self.grid_data))
+                return staged or make()
             except ValueError as err:
                 text = str(err)
                 if reuse is not None and text.startswith("reuse="):
@@ -397,12 +403,16 @@ class Worker:
             progress = {"kind": "progress", "id": job.id, "done": done, "total": tile.total,
                         "points_per_s": rate, "eta_s": eta, "device": dev,
                         "plan": plan_text(stream.evaluator.plan)}
+            if getattr(tile, "stage", ""):  # a subset pass (core/progressive.py), labelled
+                progress["stage"] = tile.stage
+                progress["plan"] = " · ".join(filter(None, [tile.stage, progress["plan"]]))
             self._emit(progress)
             now = time.perf_counter()
             if now - last_status > STATUS_INTERVAL_S:
                 last_status = now
                 self._status(state="running", id=job.id, device=dev, done=done,
-                             total=tile.total, points_per_s=rate, eta_s=eta, message="")
+                             total=tile.total, points_per_s=rate, eta_s=eta,
+                             message=getattr(tile, "stage", ""))
         total = stream.total
         complete = done == total
         result = stream.result()
