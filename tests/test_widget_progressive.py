@@ -43,7 +43,7 @@ class Recorder:
 @pytest.fixture
 def small_stages(monkeypatch):
     monkeypatch.setattr(progressive, "PROGRESSIVE_MIN_SAMPLES", 500)
-    monkeypatch.setattr(progressive, "PROGRESSIVE_STAGES", (100, 300))
+    monkeypatch.setattr(progressive, "PROGRESSIVE_STAGES", (50, 120))
 
 
 def _setup():
@@ -92,17 +92,17 @@ def test_subset_stages_first_then_exact_values(small_stages):
     assert kinds[0] == "start" and kinds[-1] == "done"
     stages = _stage_values(rec, (7, 7))
     labels = [s[0] for s in stages]
-    assert labels == [f"subset 100 of {N} samples", f"subset 300 of {N} samples", ""]
+    assert labels == [f"subset 50 of {N} samples", f"subset 120 of {N} samples", ""]
     for _, _, seen in stages:
         assert (seen == 1).all()  # every point once per stage
     progress = [p for p, _ in rec.of("j", "progress")]
-    assert progress[0]["plan"].startswith("subset 100 of 600 samples (±")  # the status line
+    assert progress[0]["plan"].startswith("subset 50 of 600 samples (±")  # the status line
     done = [p["done"] for p in progress]
     assert done == sorted(done) and done[-1] == 3 * 49 == progress[-1]["total"]
     dirs = lw.random_directions(model, 2, ignore="biasbn", seed=3)
     grid = dict(directions=dirs, x=(-1, 1, 7), y=(-1, 1, 7), progress=False)
     exact = lw.compute_surface(model, data, **grid)
-    for n, (_, loss, _) in zip((100, 300), stages, strict=False):
+    for n, (_, loss, _) in zip((50, 120), stages, strict=False):
         sub = lw.compute_surface(model, data, samples=n, **grid)
         np.testing.assert_allclose(loss.reshape(7, 7), sub.loss.astype(np.float32), rtol=1e-5)
     np.testing.assert_allclose(stages[2][1].reshape(7, 7), exact.loss.astype(np.float32),
@@ -162,4 +162,4 @@ def test_cancel_during_a_subset_stage_starts_no_later_stage(small_stages):
         worker.close()
     kinds = [m["kind"] for m, _ in rec.of("j")]
     assert kinds[-1] == "cancelled" and kinds.count("tile") <= 2
-    assert worker.latest.spec["samples"]["n"] == 100  # the partial subset result
+    assert worker.latest.spec["samples"]["n"] == 50  # the partial subset result
