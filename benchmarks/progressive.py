@@ -111,20 +111,21 @@ def main():
     points = args.grid ** 2
 
     first_stage = progressive.progressive_sizes(args.samples)[0]
-    prog = run(model, data, args.grid, staged=True, stop_at_stage=True)
-    exact = run(model, data, args.grid, staged=False, stop_after=1)
-    load1 = os.getloadavg()
-
-    t_prog, n_prog = prog.tiles[0]
-    t_exact, n_exact = exact.tiles[0]
-    per_point_exact = t_exact / max(n_exact, 1)
     print(f"ResNet-18 (torchvision, 10 classes), {args.samples} samples 3x32x32, "
           f"{args.grid}x{args.grid} grid, CPU, {args.threads} threads; "
-          f"load average {load0[0]:.1f} -> {load1[0]:.1f}")
+          f"load average {load0[0]:.1f} at start", flush=True)
+    prog = run(model, data, args.grid, staged=True, stop_at_stage=True)
+    t_prog, n_prog = prog.tiles[0]
     print(f"  progressive (first subset {first_stage}): first picture {t_prog:6.2f} s "
-          f"({n_prog} points); whole grid on the subset after {prog.stage_end:6.2f} s")
+          f"({n_prog} points); whole grid on the subset after {prog.stage_end:6.2f} s",
+          flush=True)
+    exact = run(model, data, args.grid, staged=False, stop_after=1)
+    load1 = os.getloadavg()
+    t_exact, n_exact = exact.tiles[0]
+    per_point_exact = t_exact / max(n_exact, 1)
     print(f"  exact (all {args.samples}): first picture {t_exact:6.2f} s ({n_exact} points);"
-          f" the whole grid ~{per_point_exact * points:7.0f} s (from its first tile)")
+          f" the whole grid ~{per_point_exact * points:7.0f} s (from its first tile); "
+          f"load average {load1[0]:.1f} at end")
     print(f"  time to first picture, exact / progressive: {t_exact / t_prog:5.1f}x; "
           f"whole grid drawn, exact / progressive: "
           f"{per_point_exact * points / prog.stage_end:5.1f}x (goal: first picture <= 2 s)")
