@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from . import subset
 from .data import as_tensors, check_finite
 from .errors import AccuracyUndefined
 from .losses import check_reduction, loss_error
@@ -130,6 +131,10 @@ class Evaluator(PlanTuner, StemTerms, BufferState):
             architecture (and entries no point gives). Written as a weighted sum from zero
             rather than as ``p_m + sum_j c_j (p_j - p_m)`` so that each vertex is its point
             bit for bit (``1 * p + 0 * q = p`` exactly; ``p_m + (p_j - p_m)`` is not).
+        population: ``data`` is a random subset of a data set of this many samples
+            (``samples=`` of :func:`~landscape_widget.compute_surface`): the evaluator also
+            reports ``"loss_se"``, the standard error of each point's mean loss (defined in
+            ``core/subset.py``), from per-sample losses (``reduction='none'``).
     """
 
     def __init__(
@@ -150,6 +155,7 @@ class Evaluator(PlanTuner, StemTerms, BufferState):
         stem: bool | str = "auto",
         stem_budget: int | None = None,
         barycentric: bool = False,
+        population: int | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
@@ -223,6 +229,7 @@ class Evaluator(PlanTuner, StemTerms, BufferState):
         self.stem_budget = stem_budget if stem_budget is not None else _stem_budget(self.device)
         self.act_bytes = self._activation_bytes()
         self._check_outputs()
+        self.population = self._subset_se(population)
         self.strategy = strategy
         self.plan: Plan | None = None
         self._results: list[Plan] = []
@@ -363,6 +370,29 @@ class Evaluator(PlanTuner, StemTerms, BufferState):
                                      f"{self._targets()}): {err}") from err
             user_metric_stats(name, value, m)
 
+    def _subset_se(self, population: int | None) -> int | None:
+        """Set up the per-sample losses of ``loss_se`` (see core/subset.py); the population."""
+        if population is None or "loss" not in self.metrics:
+            return None
+        if self._user_loss:
+            self._loss_none = subset.unreduced_loss(self.loss_fn)
+        else:
+            self._loss_none = self._default_loss_none
+        m = min(self.n, 8)
+        self._enter()
+        try:
+            with torch.no_grad():
+                out = functional_call(self.module, dict(self.base), (self.x[:m],))
+        finally:
+            self._exit()
+        subset.check_unreduced(self.loss_fn, self._loss_none, out, self.y[:m], self.task,
+                               default=not self._user_loss)
+        self.metrics = (*self.metrics, "loss_se")
+        return int(population)
+
+    def _default_loss_none(self, out, y: Tensor) -> Tensor:
+        return F.cross_entropy(find_logits(out, self.output_fn), y, reduction="none")
+
     def _targets(self) -> str:
         return f"{tuple(self.y.shape)} {str(self.y.dtype).replace('torch.', '')}"
 
@@ -388,6 +418,8 @@ class Evaluator(PlanTuner, StemTerms, BufferState):
             cols.append(torch.zeros_like(cols[0]))
         for name, fn in self.user_metrics.items():
             cols.extend(user_metric_stats(name, fn(out, y), y.shape[0]).unbind())
+        if self.population:  # sum a^2, sum ab, sum b^2 of loss_se (core/subset.py)
+            cols.extend(subset.se_sums(self._loss_none(out, y), y, self.task).unbind())
         return torch.stack(cols)
 
     def _batched_stats(self, out: Tensor, y: Tensor) -> Tensor:
@@ -401,6 +433,9 @@ class Evaluator(PlanTuner, StemTerms, BufferState):
             correct = self.task.correct(out, y, lead=1)
         else:
             correct = torch.zeros_like(loss)
+        if self.population:  # sum a^2, sum ab, sum b^2 of loss_se (core/subset.py)
+            se = subset.se_sums(per_sample.reshape(k, y.shape[0], -1), y, self.task, lead=1)
+            return torch.cat([torch.stack([loss, correct], 1), se], 1)
         return torch.stack([loss, correct], 1)
 
     def _inputs(self, layout: str) -> Tensor:
@@ -484,6 +519,9 @@ class Evaluator(PlanTuner, StemTerms, BufferState):
                        for s in range(0, self.n, plan.batch))
             cols = [sums[:, 0] / weight, sums[:, 1] / count]
             cols += [sums[:, 2 + 2 * j] / sums[:, 3 + 2 * j] for j in range(len(self.user_metrics))]
+            if self.population:
+                cols.append(subset.ratio_se(sums[:, 0], sums[:, -3], sums[:, -2], weight,
+                                            sums[:, -1], self.n, self.population))
             values.append(torch.stack(cols, 1))
         return torch.cat(values)
 
@@ -551,7 +589,7 @@ class Evaluator(PlanTuner, StemTerms, BufferState):
                     else:
                         self.plan = self._tune(c)
                     _remember(key, self.plan)
-            width = 2 + len(self.user_metrics)
+            width = 2 + len(self.user_metrics) + bool(self.population)
             values = (self._run(self.plan, c) if c.shape[0]
                       else torch.zeros(0, width, dtype=torch.float64))
         finally:
@@ -565,6 +603,8 @@ class Evaluator(PlanTuner, StemTerms, BufferState):
         self.points_evaluated += int(c.shape[0])
         column = {"loss": loss, "accuracy": values[:, 1]}
         column.update({name: values[:, 2 + j] for j, name in enumerate(self.user_metrics)})
+        if self.population:
+            column["loss_se"] = np.where(bad, np.nan, values[:, -1])
         return {m: column[m] for m in self.metrics}
 
     def describe(self) -> dict:

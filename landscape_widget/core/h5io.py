@@ -36,7 +36,10 @@ METRICS_GROUP = "landscape_widget_metrics"  # the user's metrics (metrics={name:
 NOT_COMPUTED = -1.0  # loss-landscape's pre-fill of train/test loss and accuracy
 # Our field name -> loss-landscape dataset; accuracy is stored in percent as there.
 KEYS = {"loss": "train_loss", "accuracy": "train_acc", "test_loss": "test_loss",
-        "test_accuracy": "test_acc", "lambda_min": "min_eig", "lambda_max": "max_eig"}
+        "test_accuracy": "test_acc", "lambda_min": "min_eig", "lambda_max": "max_eig",
+        # Standard error of train_loss on a data subset (samples=N): an extra dataset,
+        # which loss-landscape's scripts do not read (and so do not mind).
+        "loss_se": "train_loss_se"}
 PERCENT = ("accuracy", "test_accuracy")
 COORDS = ("xcoordinates", "ycoordinates")
 

@@ -14,6 +14,7 @@ from .errors import ReuseMismatch
 from .evaluate import METRICS, LossFn, warn_nonfinite
 from .grid import Tile
 from .params import Params
+from .subset import SUBSET_SEED, SubsetError, take_subset
 from .surface import Curve, Surface
 
 
@@ -76,11 +77,15 @@ class TileStream:
         acc = self.arrays.get("accuracy")
         loss = None if loss is None else loss.copy()
         acc = None if acc is None else acc.copy()
-        extra = {m: a.copy() for m, a in self.arrays.items() if m not in ("loss", "accuracy")}
+        extra = {m: a.copy() for m, a in self.arrays.items()
+                 if m not in ("loss", "accuracy", "loss_se")}
+        se = self.arrays.get("loss_se")
+        se = None if se is None else se.copy()
         if len(self.axes) == 1:
-            return Curve(self.axes[0].copy(), loss, acc, spec, dirs, extra_metrics=extra)
+            return Curve(self.axes[0].copy(), loss, acc, spec, dirs, extra_metrics=extra,
+                         loss_se=se)
         return Surface(self.axes[1].copy(), self.axes[0].copy(), loss, acc, spec, dirs,
-                       extra_metrics=extra)
+                       extra_metrics=extra, loss_se=se)
 
 
 def iter_tiles(
@@ -103,6 +108,8 @@ def iter_tiles(
     evaluator_options: dict | None = None,
     executor=None,
     output_fn=None,
+    samples: int | None = None,
+    sample_seed: int = SUBSET_SEED,
 ) -> TileStream:
     """Set up a surface (or, with ``y=None``, a curve) to be computed tile by tile.
 
@@ -148,15 +155,36 @@ def iter_tiles(
         output_fn: ``output_fn(outputs)`` returning the logits (for accuracy and the default
             loss) when the model's outputs are not a Tensor, a dict with ``"logits"`` or an
             object with ``.logits``; e.g. ``lambda out: out[0]``.
+        samples: Evaluate every point on the same random subset of this many samples
+            (drawn without replacement from ``sample_seed``) instead of all data, and give
+            each point's standard error (``loss_se`` of the result; see
+            ``core/subset.py``). ``None`` (default): all data, exact. ``data`` must then be
+            tensors, a map-style ``Dataset`` or a ``DataLoader`` over one, and ``loss_fn``
+            one whose ``reduction='none'`` gives per-sample losses. Recorded as
+            ``spec["samples"] = {"n", "of", "seed"}``.
+        sample_seed: Seed of the subset.
 
     Returns:
         A :class:`TileStream`.
+
+    Raises:
+        SubsetError: (a ``ValueError``) if ``samples`` is given for data or a loss that
+            cannot be subset, naming the fix.
     """
+    population = None
+    if samples is not None:
+        if executor is not None:
+            raise SubsetError("samples= does not run on an executor yet; take the subset "
+                              "in your data_fn, or compute without executor=.")
+        data, population = take_subset(data, samples, sample_seed)
+        evaluator_options = {**(evaluator_options or {}), "population": population}
     job = grid_job(model, data, axes=[x] if y is None else [y, x], directions=directions,
                    loss_fn=loss_fn, metrics=metrics, bn=bn, bn_batch_size=bn_batch_size,
                    device=device, seed=seed, reuse=reuse, keep_directions=keep_directions,
                    evaluator_options=evaluator_options, executor=executor,
                    output_fn=output_fn)
+    job.spec["samples"] = (None if population is None else
+                           {"n": int(samples), "of": population, "seed": int(sample_seed)})
     if reuse is not None and reuse.spec.get("source") == "loss-landscape":
         check_foreign_reuse(job)
     return TileStream(job, tile_points, cancel)
@@ -261,7 +289,9 @@ def compute_surface(
             ``test_accuracy`` (loss-landscape's ``test_*`` keys).
         **options: Passed to :func:`iter_tiles` (``output_fn``, ``tile_points``, ``cancel``,
             ``keep_directions``, ``evaluator_options``, ``executor``: a Dask client or
-            ``concurrent.futures`` executor whose workers compute the tiles).
+            ``concurrent.futures`` executor whose workers compute the tiles; ``samples=N``
+            and ``sample_seed``: every point on one fixed random subset of ``N`` samples,
+            with each point's standard error in ``Surface.loss_se``).
 
     Returns:
         A :class:`Surface` with ``.x`` (nx,), ``.y`` (ny,), ``.loss`` and ``.accuracy``
@@ -329,7 +359,8 @@ def compute_curve(
         seed: Seed for the default random direction.
         reuse: A previous :class:`Curve` whose coinciding points are reused.
         test_data: Data for a second pass: ``test_loss`` and ``test_accuracy``.
-        **options: Passed to :func:`iter_tiles` (``executor`` included).
+        **options: Passed to :func:`iter_tiles` (``executor`` included; ``samples=N``: a
+            subset curve with standard errors in ``Curve.loss_se``).
 
     Returns:
         A :class:`Curve` with ``.x``, ``.loss`` and ``.accuracy``.
@@ -367,4 +398,4 @@ def _test_pass(result, model, test_data, directions, reuse, progress, kw) -> Non
     test = _run(stream, progress, "test")
     result.test_loss, result.test_accuracy = test.loss, test.accuracy
     result.spec["test"] = {k: test.spec[k] for k in ("data", "n_samples", "evaluated",
-                                                      "reused")}
+                                                      "reused", "samples")}

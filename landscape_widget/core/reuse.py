@@ -48,7 +48,7 @@ def what_is_computed(loss_fn, metrics, output_fn) -> dict:
 
 def metric_values(result, name: str):
     """The array of metric ``name`` in a Surface/Curve (None if it was not computed)."""
-    if name in ("loss", "accuracy"):
+    if name in ("loss", "accuracy", "loss_se"):
         return getattr(result, name, None)
     return (getattr(result, "extra_metrics", None) or {}).get(name)
 

@@ -17,7 +17,7 @@ import numpy as np
 from . import h5io
 
 KINDS = ("contour", "heatmap", "surface")
-METRIC_FIELDS = ("loss", "accuracy", "test_loss", "test_accuracy")
+METRIC_FIELDS = ("loss", "accuracy", "test_loss", "test_accuracy", "loss_se")
 
 
 def _metric_label(metric: str) -> str:
@@ -36,7 +36,8 @@ def _values(obj, metric: str) -> np.ndarray:
         if why:
             raise ValueError(f"metric {metric!r} was not computed: {why}.")
         hint = (f"pass test_data= to compute {metric}" if metric.startswith("test")
-                else f"pass metrics=(..., {metric!r})")
+                else "pass samples=N to evaluate on a subset with standard errors"
+                if metric == "loss_se" else f"pass metrics=(..., {metric!r})")
         raise ValueError(f"metric {metric!r} was not computed; {hint}.")
     return arr
 
@@ -82,6 +83,8 @@ class Curve(_GridFile):
         test_loss, test_accuracy: The same on test data (``test_data=``), or ``None``.
         extra: What a loaded file held that this class does not use (written back by save).
         extra_metrics: ``{name: array}`` of the user's metrics (``metrics={name: fn}``).
+        loss_se: ``(n,)`` standard errors of ``loss`` when it was evaluated on a random
+            subset of the data (``samples=N``; see :attr:`Surface.loss_se`), else ``None``.
     """
 
     x: np.ndarray
@@ -93,6 +96,7 @@ class Curve(_GridFile):
     test_accuracy: np.ndarray | None = None
     extra: dict = field(default_factory=dict, repr=False)
     extra_metrics: dict = field(default_factory=dict)
+    loss_se: np.ndarray | None = None
 
     def values(self, metric: str = "loss") -> np.ndarray:
         """The ``(n,)`` array of ``metric`` (``"loss"``, ``"accuracy"``, ``"test_loss"``, ...)."""
@@ -106,7 +110,7 @@ class Curve(_GridFile):
             raise ValueError(f"{path} holds a 2D surface; use lw.Surface.load.")
         return cls(got["x"], *(got[k] for k in ("loss", "accuracy", "spec", "directions",
                                                 "test_loss", "test_accuracy", "extra")),
-                   extra_metrics=got["user_metrics"])
+                   extra_metrics=got["user_metrics"], loss_se=got["loss_se"])
 
     def to_plotly(self, *, log: bool = False, title: str | None = None):
         """A line plot of loss (left axis) and accuracy (right axis, if computed)."""
@@ -150,6 +154,12 @@ class Surface(_GridFile):
         test_loss, test_accuracy: The same on test data (``test_data=``), or ``None``.
         extra: What a loaded file held that this class does not use (written back by save).
         extra_metrics: ``{name: array}`` of the user's metrics (``metrics={name: fn}``).
+        loss_se: ``(ny, nx)`` standard errors of ``loss`` when it was evaluated on a random
+            subset of ``n`` of the ``N`` samples (``samples=n``; ``spec["samples"]`` records
+            ``n``, ``N`` and the subset's seed), else ``None``: the sample standard deviation
+            of the per-sample losses over ``sqrt(n)``, times ``sqrt((N - n) / (N - 1))``
+            (0 when ``n = N``); for losses weighted by counted targets, the ratio-estimator
+            form of ``core/subset.py``. Saved as ``train_loss_se`` in the HDF5 file.
     """
 
     x: np.ndarray
@@ -162,6 +172,7 @@ class Surface(_GridFile):
     test_accuracy: np.ndarray | None = None
     extra: dict = field(default_factory=dict, repr=False)
     extra_metrics: dict = field(default_factory=dict)
+    loss_se: np.ndarray | None = None
 
     def values(self, metric: str = "loss") -> np.ndarray:
         """The ``(ny, nx)`` array of ``metric``: loss, accuracy, test_loss, test_accuracy."""
@@ -196,7 +207,7 @@ class Surface(_GridFile):
             raise ValueError(f"{path} holds a 1D curve; use lw.Curve.load.")
         return cls(got["x"], got["y"], *(got[k] for k in (
             "loss", "accuracy", "spec", "directions", "test_loss", "test_accuracy", "extra")),
-                   extra_metrics=got["user_metrics"])
+                   extra_metrics=got["user_metrics"], loss_se=got["loss_se"])
 
     def to_vtp(self, path: str | Path, *, metric: str = "loss", log: bool = False,
                overwrite: bool = False) -> None:

@@ -10,10 +10,12 @@ cancelled result is never reused: its NaN would be copied as if computed.)
 
 from __future__ import annotations
 
+import functools
 import time
 
 from ..core.errors import AccuracyUndefined, ReuseMismatch
 from ..core.landscape import TileStream, iter_tiles
+from ..core.progressive import progressive_stream
 from ..core.surface import Curve, Surface
 from . import models, protocol
 from .encode import stream_start, stream_tile
@@ -59,13 +61,19 @@ def open_stream(ctx: Context, job: Job, dirs: list) -> TileStream:
     def make(reuse) -> TileStream:
         if spec.direction == "plane":
             return models.plane_stream(ctx, job)
-        return iter_tiles(
-            models.centre(ctx, spec), ctx.grid_data, metrics=ctx.metrics, reuse=reuse,
-            executor=ctx.executor, directions=dirs if spec.mode == "2d" else dirs[0], x=x, y=y,
+        exact = functools.partial(
+            iter_tiles, models.centre(ctx, spec), ctx.grid_data, metrics=ctx.metrics,
+            reuse=reuse, executor=ctx.executor,
+            directions=dirs if spec.mode == "2d" else dirs[0], x=x, y=y,
             loss_fn=ctx.loss_fn, bn=spec.bn, device=ctx.device, seed=None,
             bn_batch_size=ctx.bn_batch_size if spec.bn == "batch" else None,
             tile_points=ctx.tile_points, cancel=job.cancel,
             evaluator_options=ctx.evaluator_options)
+        # Large data: subset passes first (core/progressive.py), unless points are reused
+        # (those are exact already) or an executor computes the tiles.
+        staged = (None if reuse is not None or ctx.executor is not None else
+                  progressive_stream(exact, ctx.grid_data))
+        return staged or exact()
 
     reuse = None
     if ctx.complete is not None and ctx.complete[0] == _reuse_key(spec):
@@ -115,12 +123,14 @@ def run_grid(ctx: Context, job: Job, dirs: list) -> tuple[Surface | Curve, bool]
         elapsed = time.perf_counter() - t0
         rate = done / elapsed if elapsed > 0 else 0.0
         eta = (tile.total - done) / rate if rate > 0 else None
+        stage = getattr(tile, "stage", "")  # a subset pass (core/progressive.py), labelled
         report.emit(protocol.progress_message(job.id, done, tile.total, rate, eta, dev,
-                                              plan_text(stream.evaluator.plan)))
+                                              plan_text(stream.evaluator.plan), stage))
         now = time.perf_counter()
         if now - last_status > STATUS_INTERVAL_S:
             last_status = now
-            report.status(done=done, total=tile.total, points_per_s=rate, eta_s=eta)
+            report.status(message=stage, done=done, total=tile.total, points_per_s=rate,
+                          eta_s=eta)
     total = stream.total
     complete = done == total
     result = stream.result()

@@ -172,10 +172,22 @@ def tile_message(job_id: str, flat, loss, accuracy=None, *, level: int = 0, done
 
 
 def progress_message(job_id: str, done: int, total: int, points_per_s: float,
-                     eta_s: float | None, device: str, plan: str | None) -> dict:
-    """``progress`` of the running job (``plan``: the engine's strategy, for the status)."""
-    return {"kind": "progress", "id": job_id, "done": done, "total": total,
-            "points_per_s": points_per_s, "eta_s": eta_s, "device": device, "plan": plan}
+                     eta_s: float | None, device: str, plan: str | None,
+                     stage: str = "") -> dict:
+    """``progress`` of the running job.
+
+    ``plan`` is the engine's strategy, for the status line; ``stage`` labels a subset pass
+    (e.g. ``"subset 256 of 10,000 samples (±0.012)"``), shown before the plan.
+
+    Returns:
+        The message.
+    """
+    msg = {"kind": "progress", "id": job_id, "done": done, "total": total,
+           "points_per_s": points_per_s, "eta_s": eta_s, "device": device, "plan": plan}
+    if stage:
+        msg["stage"] = stage
+        msg["plan"] = " · ".join(filter(None, [stage, plan]))
+    return msg
 
 
 def done_message(job_id: str, seconds: float, evaluated: int, reused: int, nonfinite: int,
