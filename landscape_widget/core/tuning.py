@@ -212,8 +212,12 @@ class PlanTuner:
 
     # --- tuning --------------------------------------------------------------------------
     def _plain_plan(self) -> Plan:
-        """One point per pass over all data (or the largest batch that fits)."""
-        return Plan("loop", 1, self._batch_for(1), precision=self.precision)
+        """One point per pass over all data (or the largest batch that fits).
+
+        With ``stem=True`` (forced) through the stem, where the model allows it.
+        """
+        stem = self._stem_choice is True and self.stem is not None and self._prepare_stem()
+        return Plan("loop", 1, self._batch_for(1), stem=stem, precision=self.precision)
 
     def _candidate_plans(self) -> list[Plan]:
         """Candidates after the plain loop, the likeliest winners first.
