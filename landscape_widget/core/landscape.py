@@ -59,10 +59,14 @@ class TileStream:
     def result(self) -> Surface | Curve:
         """The grid as computed so far, as a :class:`Surface` or :class:`Curve`."""
         spec = dict(self.spec)
+        plan = self.evaluator.describe()["plan"]
         spec.update(
             evaluated=self.evaluated,
             reused=self.reused,
-            plan=self.evaluator.describe()["plan"],
+            plan=plan,
+            # Compute precision and the measured max |loss - fp32 loss| (see core/precision.py).
+            precision=(plan or {}).get("precision", getattr(self.evaluator, "precision", "fp32")),
+            precision_error=(plan or {}).get("precision_error"),
         )
         keep = spec.pop("keep_directions", True)
         dirs = (
@@ -134,7 +138,8 @@ def iter_tiles(
         cancel: A ``threading.Event``; once set, iteration stops after the current tile.
         keep_directions: Keep the directions (on the CPU) in the result.
         evaluator_options: Extra keywords for the engine (``strategy``, ``memory_budget``,
-            ``batch_size``). A model whose vmap path fails falls back to the loop by
+            ``batch_size``, ``precision``, ``compile``; see
+            :class:`~landscape_widget.core.evaluate.Evaluator`). A model whose vmap path fails falls back to the loop by
             itself; ``spec["plan"]["vmap_error"]`` says why.
         executor: A ``dask.distributed.Client`` or any ``concurrent.futures.Executor``:
             tiles are computed by its workers and yielded as they finish (see
