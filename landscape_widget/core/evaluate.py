@@ -215,6 +215,7 @@ class Evaluator(PlanTuner, CompiledForward, StemTerms, BufferState):
         # compile=True compiles a loop plan: the tuner then times loops only.
         self.compile_only_loops = self.compile is True
         self._active = "fp32"  # the precision of the passes running now
+        self._precision_fallback = ""  # why precision fell back to fp32 (autocast failed)
         self._trial_values: dict[str, dict[int, Tensor]] = {}
         self._error_pairs: list[tuple[float, float]] = []  # (loss, fp32 loss) checked
         self.module = self._prepare_module(model, bn)
@@ -613,8 +614,8 @@ class Evaluator(PlanTuner, CompiledForward, StemTerms, BufferState):
             else:
                 self.plan = self._tune(c)
         self._setup_compile(self.plan, c, key)
-        self.plan.precision, self.plan.precision_note = self.precision, precision_note(
-            self.precision, self.device)
+        self.plan.precision, self.plan.precision_note = self.precision, (
+            self._precision_fallback or precision_note(self.precision, self.device))
         _remember(key, self.plan)
 
     def _evaluate(self, c: Tensor) -> Tensor:
@@ -627,7 +628,13 @@ class Evaluator(PlanTuner, CompiledForward, StemTerms, BufferState):
             return torch.zeros(0, width, dtype=torch.float64)
         if self.plan is None:
             self._trial_values.clear()
-            self._choose_plan(c)
+            try:
+                self._choose_plan(c)
+            except Exception as err:
+                if self._active not in AUTOCAST_DTYPES or _is_oom(err) or is_user_error(err):
+                    raise
+                self._precision_failed(err)
+                self._choose_plan(c)
         kept = self._trial_values.pop(self.plan.label, {})
         self._trial_values.clear()  # only the first call's rows
         if not kept:
@@ -639,6 +646,21 @@ class Evaluator(PlanTuner, CompiledForward, StemTerms, BufferState):
         if rest:
             out[rest] = self._run(self.plan, c[rest])
         return out
+
+    def _precision_failed(self, err: BaseException) -> None:
+        """Back to fp32 after the model failed under autocast; the plan and a warning say so.
+
+        (oneDNN has no bf16 LSTM on CPUs without bf16 instructions, for one.)
+        """
+        why = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        warnings.warn(f"precision={self.precision!r} failed on this model and device ({why}); "
+                      "the points are computed in fp32 instead (spec['precision']).",
+                      RuntimeWarning, stacklevel=4)
+        self._precision_fallback = f"{self.precision} failed ({why}): computed in fp32"
+        self.precision = self._active = "fp32"
+        self._results.clear()
+        self.rejected.clear()
+        self._reset_state()
 
     def _check_precision(self, c: Tensor, values: Tensor) -> None:
         """Evaluate a few of these points in fp32 too; the largest |loss difference|."""

@@ -105,6 +105,8 @@ def iter_tiles(
     evaluator_options: dict | None = None,
     executor=None,
     output_fn=None,
+    precision: str | None = None,
+    compile: bool | str | None = None,
 ) -> TileStream:
     """Set up a surface (or, with ``y=None``, a curve) to be computed tile by tile.
 
@@ -139,8 +141,8 @@ def iter_tiles(
         keep_directions: Keep the directions (on the CPU) in the result.
         evaluator_options: Extra keywords for the engine (``strategy``, ``memory_budget``,
             ``batch_size``, ``precision``, ``compile``; see
-            :class:`~landscape_widget.core.evaluate.Evaluator`). A model whose vmap path fails falls back to the loop by
-            itself; ``spec["plan"]["vmap_error"]`` says why.
+            :class:`~landscape_widget.core.evaluate.Evaluator`). A model whose vmap path
+            fails falls back to the loop by itself; ``spec["plan"]["vmap_error"]`` says why.
         executor: A ``dask.distributed.Client`` or any ``concurrent.futures.Executor``:
             tiles are computed by its workers and yielded as they finish (see
             ``core/distributed.py``). ``data`` may then be a ``data_fn``, a picklable
@@ -151,10 +153,20 @@ def iter_tiles(
         output_fn: ``output_fn(outputs)`` returning the logits (for accuracy and the default
             loss) when the model's outputs are not a Tensor, a dict with ``"logits"`` or an
             object with ``.logits``; e.g. ``lambda out: out[0]``.
+        precision: ``"fp32"`` (default, exact), ``"tf32"``, ``"bf16"`` or ``"fp16"`` (CUDA);
+            recorded as ``spec["precision"]`` with ``spec["precision_error"]``, the largest
+            |loss - fp32 loss| measured on 3 points of the grid (core/precision.py).
+        compile: ``True``, ``False`` or ``"auto"`` (default): evaluate through
+            ``torch.compile`` (core/compiled.py); ``"auto"`` only for large, slow grids.
 
     Returns:
         A :class:`TileStream`.
     """
+    for name, value in (("precision", precision), ("compile", compile)):
+        if value is not None:  # also accepted among evaluator_options
+            if name in (evaluator_options or {}):
+                raise TypeError(f"{name} was given twice (also in evaluator_options).")
+            evaluator_options = dict(evaluator_options or {}, **{name: value})
     axes_spec = [x] if y is None else [y, x]
     job = _prepare(model, data, directions=directions, axes_spec=axes_spec, loss_fn=loss_fn,
                    metrics=metrics, bn=bn, bn_batch_size=bn_batch_size, device=device,
