@@ -150,11 +150,30 @@ def matmul_ceiling(device: torch.device, precision: str, size: int) -> float:
 
 
 def flops_per_sample(model: nn.Module, x: torch.Tensor) -> int:
+    """FlopCounterMode's count of one sample's forward, plus LSTMs counted by hand.
+
+    Counted on a train-mode copy: in eval mode the Transformer takes its fused fast path,
+    which FlopCounterMode does not see (no dropout or BatchNorm differs in FLOPs). LSTM
+    kernels have no FLOP rule: 2 x 4 gates x (input + hidden) x hidden per step.
+    """
     from torch.utils.flop_counter import FlopCounterMode
 
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x[:1])
-    return int(counter.get_total_flops())
+    net = copy.deepcopy(model).train()
+    lstm = 0
+
+    def hook(mod, inp, out):
+        nonlocal lstm
+        steps = inp[0].shape[1] if mod.batch_first else inp[0].shape[0]
+        lstm += 2 * 4 * (mod.input_size + mod.hidden_size) * mod.hidden_size * steps
+
+    handles = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, nn.LSTM)]
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            net(x[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    return int(counter.get_total_flops()) + lstm
 
 
 def coords(m: int) -> np.ndarray:
