@@ -220,3 +220,17 @@ def test_compiled_matches_oracle():
     assert plan["strategy"] == "loop"
     np.testing.assert_allclose(surf.loss, loss, rtol=1e-5)
     np.testing.assert_allclose(surf.accuracy, acc, atol=1e-12)
+
+
+def test_widget_spec_carries_precision():
+    """The widget's precision control: validated, optional for older front ends, and
+    passed to the engine by the worker (spec['precision'] of the widget's result)."""
+    from landscape_widget.widget.protocol import ProtocolError, Spec, parse_spec
+
+    raw = Spec(resolution=5).to_dict()
+    assert parse_spec(raw).precision == "fp32"
+    assert parse_spec({**raw, "precision": "bf16"}).precision == "bf16"
+    del raw["precision"]
+    assert parse_spec(raw).precision == "fp32"
+    with pytest.raises(ProtocolError, match="precision"):
+        parse_spec({**raw, "precision": "half"})

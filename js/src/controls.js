@@ -14,7 +14,7 @@ const VIEWS = {
 // A view with no kernel (a static HTML export, a restored view) cannot compute: only the
 // display controls stay live.
 const COMPUTE_ONLY = ["direction", "ignore_biasbn", "mode", "x0", "x1", "y0", "y1", "resolution",
-  "resolutionBox", "seed", "bn", "compute", "cancel", "quantity", "margin"];
+  "resolutionBox", "seed", "bn", "compute", "cancel", "quantity", "margin", "precision"];
 
 function controls() {
   const c = {
@@ -35,6 +35,7 @@ function controls() {
     view: h("select", { title: "View" }),
     seed: h("input", { type: "number", min: 0, step: 1 }),
     bn: h("select", { title: "BatchNorm statistics" }),
+    precision: h("select", { title: "Compute precision: fp32 is exact; tf32 and fp16 need a GPU, bf16 is approximate (the result reports its measured error)" }),
     quantity: h("select", { title: "What to compute: the loss, or the Hessian's eigenvalue ratio |λmin/λmax| (slow: two Lanczos runs per point)" }),
     compute: h("button", { class: "lw-compute", title: "Compute now" }, "Compute"),
     cancel: h("button", { class: "lw-cancel", title: "Stop the running computation" }, "Cancel"),
@@ -42,6 +43,7 @@ function controls() {
   options(c.mode, [["2d", "2D surface"], ["1d", "1D curve"]]);
   options(c.metric, [["loss", "loss"], ["accuracy", "accuracy"]]);
   options(c.bn, [["eval", "BN: running stats"], ["batch", "BN: batch stats"]]);
+  options(c.precision, [["fp32", "fp32 (exact)"], ["tf32", "tf32 (GPU)"], ["bf16", "bf16"], ["fp16", "fp16 (GPU)"]]);
   options(c.quantity, [["loss", "loss & accuracy"], ["curvature", "curvature |λmin/λmax|"]]);
   return c;
 }
@@ -81,6 +83,7 @@ export function controlPanel({ model, get, setTrait, onCompute, onCancel, offlin
     row("view", c.view),
     row("seed", c.seed),
     row("batch norm", c.bn),
+    row("precision", c.precision),
     h("div", { class: "lw-buttons" }, c.compute, c.cancel));
 
   function directionItems() {
@@ -130,6 +133,7 @@ export function controlPanel({ model, get, setTrait, onCompute, onCancel, offlin
     c.view.disabled = mode === "1d" || isPlane;
     if (document.activeElement !== c.seed) c.seed.value = get("seed");
     c.bn.value = get("bn");
+    c.precision.value = get("precision") || "fp32";
   }
 
   const num = (input) => Number.parseFloat(input.value);
@@ -181,6 +185,7 @@ export function controlPanel({ model, get, setTrait, onCompute, onCancel, offlin
     setTrait({ seed: Number.isFinite(seed) ? Math.min(Math.max(seed, 0), 2 ** 31 - 1) : seed });
   });
   on(c.bn, "change", () => setTrait({ bn: c.bn.value }));
+  on(c.precision, "change", () => setTrait({ precision: c.precision.value }));
   on(c.compute, "click", () => onCompute());
   on(c.cancel, "click", () => onCancel());
 

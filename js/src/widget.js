@@ -29,7 +29,7 @@ import "./widget.css";
 
 const DEBOUNCE_MS = 250;
 const COMPUTE_KEYS = ["mode", "direction", "norm", "ignore_biasbn", "x_range", "y_range",
-  "resolution", "seed", "bn", "quantity", "vertices"];
+  "resolution", "seed", "bn", "quantity", "vertices", "precision"];
 const TIMINGS_KEPT = 50;
 const KERNEL_WAIT_MS = 2500;
 export const OFFLINE = {

@@ -45,6 +45,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from ..core.precision import PRECISIONS
+
 MAX_2D = 201
 """Largest resolution per axis in 2D (201 x 201 = 40,401 points)."""
 MAX_1D = 1025
@@ -88,6 +90,10 @@ SPEC_FIELDS = {
 }
 
 
+# Fields a front end may leave out (their Spec default applies), checked by their parsers.
+OPTIONAL_FIELDS = {"precision": str}
+
+
 class ProtocolError(ValueError):
     """A message from the front end that cannot be accepted."""
 
@@ -121,6 +127,7 @@ class Spec:
     bn: str = "eval"
     quantity: str = "loss"
     vertices: tuple[str, ...] = ()
+    precision: str = "fp32"  # the engine's compute precision (core/precision.py)
 
     def to_dict(self) -> dict:
         """JSON-ready form."""
@@ -242,10 +249,11 @@ def parse_spec(raw, *, directions: tuple[str, ...] = DIRECTION_TYPES,
     """
     if not isinstance(raw, dict):
         raise ProtocolError(f"spec must be an object, got {type(raw).__name__}.")
-    unknown = [k for k in raw if k not in SPEC_FIELDS]
+    unknown = [k for k in raw if k not in SPEC_FIELDS and k not in OPTIONAL_FIELDS]
     if unknown:
         raise ProtocolError(
-            f"spec has unknown fields {_names(unknown)}; allowed: {sorted(SPEC_FIELDS)}."
+            f"spec has unknown fields {_names(unknown)}; allowed: "
+            f"{sorted(SPEC_FIELDS) + sorted(OPTIONAL_FIELDS)}."
         )
     missing = sorted(set(SPEC_FIELDS) - set(raw))
     if missing:
@@ -297,6 +305,7 @@ def parse_spec(raw, *, directions: tuple[str, ...] = DIRECTION_TYPES,
         bn=raw["bn"],
         quantity=raw["quantity"],
         vertices=vertices,
+        precision=_precision(raw),
     )
 
 
@@ -360,3 +369,11 @@ def error_message(job_id: str | None, message: str) -> dict:
 def decode_buffer(buf, dtype: str = "<f4") -> np.ndarray:
     """Inverse of :func:`f32`/:func:`i32` (for tests and fake front ends)."""
     return np.frombuffer(bytes(buf), dtype=dtype)
+
+
+def _precision(raw: dict) -> str:
+    """``spec.precision`` (optional: a front end without the control means fp32)."""
+    value = raw.get("precision", "fp32")
+    if not isinstance(value, str) or value not in PRECISIONS:
+        raise ProtocolError(f"spec.precision={short(value)} is not one of {list(PRECISIONS)}.")
+    return value

@@ -38,7 +38,7 @@ from .worker import Job, Worker, new_id
 STATIC = Path(__file__).resolve().parent.parent / "static"
 DEBOUNCE_S = 0.2
 COMPUTE_TRAITS = ("mode", "direction", "norm", "ignore_biasbn", "x_range", "y_range",
-                  "resolution", "seed", "bn", "quantity", "vertices")
+                  "resolution", "seed", "bn", "quantity", "vertices", "precision")
 DISPLAY_TRAITS = ("metric", "log_scale", "view")
 _CONSTRUCTOR_TRAITS = COMPUTE_TRAITS + DISPLAY_TRAITS + ("layout", "pattern", "show_pattern")
 
@@ -86,7 +86,9 @@ class LandscapeWidget(PatternPanel, anywidget.AnyWidget):
         **traits: Initial control values (``mode``, ``direction``, ``norm``,
             ``ignore_biasbn``, ``x_range``, ``y_range``, ``resolution``, ``seed``, ``bn``,
             ``quantity`` (``"loss"`` or ``"curvature"``: the Hessian's ``|λmin/λmax|`` map),
-            ``vertices``, ``metric``, ``log_scale``, ``view``) or ``layout``.
+            ``vertices``, ``precision`` (``"fp32"``, ``"tf32"``, ``"bf16"``, ``"fp16"``: the
+            engine's compute precision, see core/precision.py), ``metric``, ``log_scale``,
+            ``view``) or ``layout``.
 
     Raises:
         TypeError: For an unknown keyword, no model or data, or a ``model`` (or an entry of
@@ -119,6 +121,7 @@ class LandscapeWidget(PatternPanel, anywidget.AnyWidget):
     bn = t.Unicode("eval").tag(sync=True)
     quantity = t.Unicode("loss").tag(sync=True)
     vertices = t.List(t.Unicode()).tag(sync=True)
+    precision = t.Unicode("fp32").tag(sync=True)  # fp32 | tf32 | bf16 | fp16 (CUDA)
     metric = t.Unicode("loss").tag(sync=True)
     log_scale = t.Bool(False).tag(sync=True)
     view = t.Unicode("contour").tag(sync=True)

@@ -326,7 +326,7 @@ class Worker:
         if spec.direction == "plane":
             return vertex_models.plane_stream(self, job)
         x, y = spec.axes()
-        reuse_key = (spec.direction_key(), spec.bn, spec.quantity)
+        reuse_key = (spec.direction_key(), spec.bn, spec.quantity, spec.precision)
         reuse = None
         if self._complete is not None and self._complete[0] == reuse_key:
             reuse = self._complete[1]
@@ -334,7 +334,7 @@ class Worker:
                       loss_fn=self.loss_fn, bn=spec.bn, device=self.device, seed=None,
                       bn_batch_size=self.bn_batch_size if spec.bn == "batch" else None,
                       tile_points=self.tile_points, cancel=job.cancel,
-                      evaluator_options=self.evaluator_options)
+                      evaluator_options=self.evaluator_options, precision=spec.precision)
         for _ in range(3):
             try:
                 return iter_tiles(vertex_models.centre(self, spec), self.grid_data,
