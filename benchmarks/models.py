@@ -169,11 +169,11 @@ def flops_per_sample(model: nn.Module, x: torch.Tensor) -> int:
     handles = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, nn.LSTM)]
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            net(x[:1])
+            net(x[:2])  # two samples: train-mode BatchNorm needs more than one value
     finally:
         for h in handles:
             h.remove()
-    return int(counter.get_total_flops()) + lstm
+    return (int(counter.get_total_flops()) + lstm) // 2
 
 
 def coords(m: int) -> np.ndarray:
