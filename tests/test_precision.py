@@ -234,3 +234,15 @@ def test_widget_spec_carries_precision():
     assert parse_spec(raw).precision == "fp32"
     with pytest.raises(ProtocolError, match="precision"):
         parse_spec({**raw, "precision": "half"})
+
+
+def test_reuse_refuses_another_precision():
+    model, x, y = _cnn()
+    low = lw.compute_surface(model, (x, y), x=(-1, 1, 3), y=(-1, 1, 3), progress=False,
+                             precision="bf16")
+    with pytest.raises(ValueError, match="precision"):
+        lw.compute_surface(model, (x, y), x=(-1, 1, 5), y=(-1, 1, 5), progress=False,
+                           reuse=low)
+    again = lw.compute_surface(model, (x, y), x=(-1, 1, 5), y=(-1, 1, 5), progress=False,
+                               precision="bf16", reuse=low)
+    assert again.spec["reused"] == 9

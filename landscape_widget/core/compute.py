@@ -144,6 +144,9 @@ def _reuse(job: _Job, reuse, metrics: Sequence[str]) -> None:
     # a few of them instead (check_foreign_reuse in landscape.py).
     foreign = reuse.spec.get("source") == "loss-landscape"
     diff = [] if foreign else [k for k in same if reuse.spec.get(k) != job.spec.get(k)]
+    # Results from before precision= were fp32.
+    if not foreign and reuse.spec.get("precision", "fp32") != job.spec.get("precision", "fp32"):
+        diff.append("precision")
     if "loss_fingerprint" in diff and "loss_fn" not in diff:
         diff[diff.index("loss_fingerprint")] = "loss (same name, other settings or code)"
     missing = [m for m in metrics if metric_values(reuse, m) is None]
@@ -231,6 +234,7 @@ def _prepare(model, data, *, directions, axes_spec, loss_fn, metrics, bn, device
         or fingerprint({"x": evaluator.x, "y": evaluator.y}),
         "n_samples": evaluator.n,
         "device": str(evaluator.device),
+        "precision": options.get("precision", "fp32"),
     }
     evaluator.expected_points = total
     job = _Job(axes, dirs, spec, evaluator)

@@ -411,7 +411,8 @@ class Worker:
         seconds = time.perf_counter() - t0
         if complete:
             job.state = "done"
-            self._complete = ((spec.direction_key(), spec.bn, spec.quantity), result)
+            self._complete = ((spec.direction_key(), spec.bn, spec.quantity, spec.precision),
+                              result)
             self._emit({"kind": "done", "id": job.id, "seconds": seconds,
                         "evaluated": stream.evaluated,
                         "reused": stream.reused - vertex_models.outside(info),
