@@ -246,3 +246,33 @@ def test_reuse_refuses_another_precision():
     again = lw.compute_surface(model, (x, y), x=(-1, 1, 5), y=(-1, 1, 5), progress=False,
                                precision="bf16", reuse=low)
     assert again.spec["reused"] == 9
+
+
+def test_flags_nested_and_from_two_threads():
+    """An fp32 check inside a tf32 run gets tf32 back after it; two threads overlapping
+    leave the user's values once both have ended."""
+    import threading
+
+    nodes = (torch.backends.cuda.matmul, torch.backends.cudnn.conv, torch.backends.cudnn.rnn)
+    user = [n.fp32_precision for n in nodes]
+    cuda = torch.device("cuda")
+    with precision_flags("tf32", cuda):
+        with precision_flags("fp32", cuda):
+            assert nodes[1].fp32_precision == "ieee"
+        assert all(n.fp32_precision == "tf32" for n in nodes)
+    assert [n.fp32_precision for n in nodes] == user
+    entered, leave = threading.Event(), threading.Event()
+
+    def other():
+        with precision_flags("fp32", cuda):
+            entered.set()
+            leave.wait(10)
+
+    t = threading.Thread(target=other)
+    t.start()
+    entered.wait(10)
+    with precision_flags("fp32", cuda):
+        leave.set()  # the other thread leaves first, while this one still computes
+        t.join(10)
+        assert all(n.fp32_precision == "ieee" for n in nodes)
+    assert [n.fp32_precision for n in nodes] == user

@@ -32,6 +32,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -42,6 +43,10 @@ PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Points checked against fp32 for spec["precision_error"].
 ERROR_POINTS = 3
+# Computations in several threads (the widget's worker and the notebook) share the flags:
+# the first to enter saves the user's values, the last to leave puts them back.
+_FLAGS_LOCK = threading.Lock()
+_FLAGS_STATE: dict[str, list] = {}  # device type -> [saved values, targets entered]
 
 
 def check_precision(precision: str, device: torch.device) -> str:
@@ -74,20 +79,31 @@ def precision_flags(precision: str, device: torch.device) -> Iterator[None]:
     Only the new ``fp32_precision`` settings are written (mixing them with the legacy
     ``allow_tf32`` setters makes torch refuse to read them back); restoring their old
     values restores the legacy flags as well. The flags are process-wide: other threads
-    computing float32 on the same device meanwhile see them too.
+    computing float32 on the same device meanwhile see them too, and of two computations
+    running at once with different precisions on one device the later sets the flags for
+    both. The user's values come back when the last computation ends.
     """
     target = "tf32" if precision == "tf32" and device.type == "cuda" else "ieee"
     nodes = _nodes(device)
-    saved = [n.fp32_precision for n in nodes]
+    with _FLAGS_LOCK:
+        state = _FLAGS_STATE.setdefault(device.type, [None, []])
+        if not state[1]:
+            state[0] = [n.fp32_precision for n in nodes]
+        state[1].append(target)
+        _write(nodes, [target] * len(nodes))
     try:
-        for n in nodes:
-            if n.fp32_precision != target:
-                n.fp32_precision = target
         yield
     finally:
-        for n, value in zip(nodes, saved, strict=True):
-            if n.fp32_precision != value:
-                n.fp32_precision = value
+        with _FLAGS_LOCK:
+            state[1].remove(target)
+            # Nested (an fp32 check inside a tf32 run): the outer target again; else the user's.
+            _write(nodes, [state[1][-1]] * len(nodes) if state[1] else state[0])
+
+
+def _write(nodes, values) -> None:
+    for n, value in zip(nodes, values, strict=True):
+        if n.fp32_precision != value:
+            n.fp32_precision = value
 
 
 def autocast(precision: str, device: torch.device):
