@@ -353,7 +353,10 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     for case in CASES:
         if case.name in args.models.split(","):
-            rows += bench(case, args, ceilings)
+            done = bench(case, args, ceilings)
+            report(done)  # as each model finishes: a long run shows its figures early
+            rows += done
+    print("\nall models:")
     report(rows)
     load1 = os.getloadavg()
     print(f"\ntotal {time.perf_counter() - t0:.0f} s; load average {load1[0]:.2f} at end "
