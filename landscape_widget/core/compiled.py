@@ -5,7 +5,9 @@ The compiled function is ``forward(params, inputs) = functional_call(module, par
 point of the grid (and every batch of the same shape; an odd last batch compiles once more).
 
 ``compile=True`` compiles the chosen loop plan (vmap plans run eagerly: the tuner then times
-loops only). ``compile="auto"`` (the default) compiles only when the grid's predicted time,
+loops only). ``compile="auto"`` (the default) compiles on CUDA devices only (on a CPU the
+eager oneDNN kernels leave little to gain for minutes of compiling on a few cores), and
+there only when the grid's predicted time,
 from the plain loop's measured time, is at least :data:`AUTO_FACTOR` times the expected
 compile time and the grid has :data:`AUTO_MIN_POINTS` points or more: small interactive grids
 never compile. After compiling, the compiled pass is timed; it is kept only if faster (with
@@ -76,6 +78,11 @@ class CompiledForward:
         if plan.strategy != "loop":
             plan.compiled = False
             plan.compile_note = "not compiled: vmap plans run eagerly"
+            return
+        if self.compile == "auto" and not plan.compiled and self.device.type != "cuda":
+            plan.compile_note = ("not compiled (compile='auto' compiles on CUDA only: on a CPU "
+                                 "the eager oneDNN kernels leave little to gain for minutes of "
+                                 "compiling; pass compile=True to try)")
             return
         if self.compile == "auto" and not plan.compiled:
             predicted = plan.seconds_per_point * self.expected_points

@@ -147,7 +147,7 @@ class Evaluator(PlanTuner, CompiledForward, StemTerms, BufferState):
             measured (``describe()["plan"]["precision_error"]``).
         compile: ``True``, ``False`` or ``"auto"`` (default): evaluate through
             ``torch.compile`` with the weights as inputs (see core/compiled.py); ``"auto"``
-            compiles only large grids whose predicted time dwarfs the compile time.
+            compiles only on CUDA, large grids whose predicted time dwarfs the compile time.
     """
 
     def __init__(

@@ -157,7 +157,8 @@ def iter_tiles(
             recorded as ``spec["precision"]`` with ``spec["precision_error"]``, the largest
             |loss - fp32 loss| measured on 3 points of the grid (core/precision.py).
         compile: ``True``, ``False`` or ``"auto"`` (default): evaluate through
-            ``torch.compile`` (core/compiled.py); ``"auto"`` only for large, slow grids.
+            ``torch.compile`` (core/compiled.py); ``"auto"`` only on CUDA, for large, slow
+            grids.
 
     Returns:
         A :class:`TileStream`.
