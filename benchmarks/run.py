@@ -158,9 +158,11 @@ def bench_workload(wl: workloads.Workload, args, rate: float) -> dict:
 def fmt_plan(plan: dict | None) -> str:
     if not plan:
         return "plan: none"
-    known = ("strategy", "points", "batch", "seconds_per_point")
-    rest = "".join(f" {k}={v}" for k, v in plan.items() if k not in known)
-    return f"{plan.get('strategy')} K={plan.get('points')} B={plan.get('batch')}{rest}"
+    flags = "".join(f" {k}={plan[k]}" for k in ("layout", "stem", "vmap_error", "precision",
+                                                 "compiled") if plan.get(k))
+    why = f" ({plan['reason']})" if plan.get("reason") else ""
+    return (f"{plan.get('strategy')} K={plan.get('points')} B={plan.get('batch')}{flags}"
+            f"{why}")
 
 
 def report(res: dict, rate: float) -> None:

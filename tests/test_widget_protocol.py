@@ -136,7 +136,8 @@ def _mutations(rng: random.Random):
             if rng.random() < 0.5:
                 del base[rng.choice(["kind", "id", "spec"])]
             else:
-                del base["spec"][rng.choice(sorted(VALID))]
+                # (precision is optional: a front end without the control means fp32)
+                del base["spec"][rng.choice(sorted(k for k in VALID if k != "precision"))]
             yield base
         elif choice == 3:  # extra field somewhere
             target = base if rng.random() < 0.5 else base["spec"]
@@ -154,6 +155,7 @@ def _mutations(rng: random.Random):
                 "seed": [-1, 2**31, 1.0, None, True], "bn": ["train", True],
                 "quantity": ["hessian", None, 1, "Curvature"],
                 "vertices": [["sgd"], "sgd", [1], None, ["a", "b", "c", "d"]],
+                "precision": ["half", "FP32", None, 16],
             }[key]
             base["spec"][key] = rng.choice(bad)
             yield base

@@ -13,7 +13,7 @@ const VIEWS = {
 // A view with no kernel (a static HTML export, a restored view) cannot compute: only the
 // display controls stay live.
 const COMPUTE_ONLY = ["direction", "ignore_biasbn", "mode", "x0", "x1", "y0", "y1", "resolution",
-  "resolutionBox", "seed", "bn", "compute", "cancel", "quantity", "margin"];
+  "resolutionBox", "seed", "bn", "compute", "cancel", "quantity", "margin", "precision"];
 
 function controls() {
   const c = {
@@ -34,6 +34,7 @@ function controls() {
     view: h("select", { title: "View" }),
     seed: h("input", { type: "number", min: 0, step: 1 }),
     bn: h("select", { title: "BatchNorm statistics" }),
+    precision: h("select", { title: "Compute precision: fp32 is exact; tf32 and fp16 need a GPU, bf16 is approximate (the result reports its measured error)" }),
     quantity: h("select", { title: "What to compute: the loss, or the Hessian's eigenvalue ratio |λmin/λmax| (slow: two Lanczos runs per point)" }),
     compute: h("button", { class: "lw-compute", title: "Compute now" }, "Compute"),
     cancel: h("button", { class: "lw-cancel", title: "Stop the running computation" }, "Cancel"),
@@ -59,6 +60,10 @@ function controls() {
  */
 export function controlPanel({ model, get, setTrait, onCompute, onCancel, offline }) {
   const c = controls();
+  // The precisions are the kernel's enumeration (spec.py); the labels say where each runs.
+  const precisionLabels = { fp32: "fp32 (exact)", tf32: "tf32 (GPU)", fp16: "fp16 (GPU)" };
+  options(c.precision, ((model.get("_spec_schema") || {}).choices?.precision || ["fp32"])
+    .map((v) => [v, precisionLabels[v] || v]));
   const xRow = row("α range", c.x0, c.x1);
   const yRow = row("β range", c.y0, c.y1);
   const marginRow = row("margin", c.margin);
@@ -80,6 +85,7 @@ export function controlPanel({ model, get, setTrait, onCompute, onCancel, offlin
     row("view", c.view),
     row("seed", c.seed),
     row("batch norm", c.bn),
+    row("precision", c.precision),
     h("div", { class: "lw-buttons" }, c.compute, c.cancel));
 
   function directionItems() {
@@ -129,6 +135,7 @@ export function controlPanel({ model, get, setTrait, onCompute, onCancel, offlin
     c.view.disabled = mode === "1d" || isPlane;
     if (document.activeElement !== c.seed) c.seed.value = get("seed");
     c.bn.value = get("bn");
+    c.precision.value = get("precision") || "fp32";
   }
 
   const num = (input) => Number.parseFloat(input.value);
@@ -185,6 +192,7 @@ export function controlPanel({ model, get, setTrait, onCompute, onCancel, offlin
     setTrait({ seed: Number.isFinite(seed) ? Math.min(Math.max(seed, low), high) : seed });
   });
   on(c.bn, "change", () => setTrait({ bn: c.bn.value }));
+  on(c.precision, "change", () => setTrait({ precision: c.precision.value }));
   on(c.compute, "click", () => onCompute());
   on(c.cancel, "click", () => onCancel());
 

@@ -325,6 +325,7 @@ def grid_job(model: nn.Module, data, *, axes: Sequence, directions=None,
         "data": runner.data_fingerprint,
         "n_samples": runner.n,
         "device": str(runner.device),
+        "precision": options.get("precision", "fp32"),
     }
     runner.expected_points = total
     job = GridJob(values, dirs, spec, runner)

@@ -62,10 +62,14 @@ class TileStream:
     def result(self) -> Surface | Curve:
         """The grid as computed so far, as a :class:`Surface` or :class:`Curve`."""
         spec = dict(self.spec)
+        plan = self.evaluator.describe()["plan"]
         spec.update(
             evaluated=self.evaluated,
             reused=self.reused,
-            plan=self.evaluator.describe()["plan"],
+            plan=plan,
+            # Compute precision and the measured max |loss - fp32 loss| (see core/precision.py).
+            precision=(plan or {}).get("precision", getattr(self.evaluator, "precision", "fp32")),
+            precision_error=(plan or {}).get("precision_error"),
         )
         keep = spec.pop("keep_directions", True)
         dirs = (
@@ -110,6 +114,8 @@ def iter_tiles(
     output_fn=None,
     samples: int | None = None,
     sample_seed: int = SUBSET_SEED,
+    precision: str | None = None,
+    compile: bool | str | None = None,
 ) -> TileStream:
     """Set up a surface (or, with ``y=None``, a curve) to be computed tile by tile.
 
@@ -143,8 +149,9 @@ def iter_tiles(
         cancel: A ``threading.Event``; once set, iteration stops after the current tile.
         keep_directions: Keep the directions (on the CPU) in the result.
         evaluator_options: Extra keywords for the engine (``strategy``, ``memory_budget``,
-            ``batch_size``). A model whose vmap path fails falls back to the loop by
-            itself; ``spec["plan"]["vmap_error"]`` says why.
+            ``batch_size``, ``precision``, ``compile``; see
+            :class:`~landscape_widget.core.evaluate.Evaluator`). A model whose vmap path
+            fails falls back to the loop by itself; ``spec["plan"]["vmap_error"]`` says why.
         executor: A ``dask.distributed.Client`` or any ``concurrent.futures.Executor``:
             tiles are computed by its workers and yielded as they finish (see
             ``core/distributed.py``). ``data`` may then be a ``data_fn``, a picklable
@@ -163,6 +170,12 @@ def iter_tiles(
             one whose ``reduction='none'`` gives per-sample losses. Recorded as
             ``spec["samples"] = {"n", "of", "seed"}``.
         sample_seed: Seed of the subset.
+        precision: ``"fp32"`` (default, exact), ``"tf32"``, ``"bf16"`` or ``"fp16"`` (CUDA);
+            recorded as ``spec["precision"]`` with ``spec["precision_error"]``, the largest
+            |loss - fp32 loss| measured on 3 points of the grid (core/precision.py).
+        compile: ``True``, ``False`` or ``"auto"`` (default): evaluate through
+            ``torch.compile`` (core/compiled.py); ``"auto"`` only on CUDA, for large, slow
+            grids.
 
     Returns:
         A :class:`TileStream`.
@@ -171,6 +184,11 @@ def iter_tiles(
         SubsetError: (a ``ValueError``) if ``samples`` is given for data or a loss that
             cannot be subset, naming the fix.
     """
+    for name, value in (("precision", precision), ("compile", compile)):
+        if value is not None:  # also accepted among evaluator_options
+            if name in (evaluator_options or {}):
+                raise TypeError(f"{name} was given twice (also in evaluator_options).")
+            evaluator_options = dict(evaluator_options or {}, **{name: value})
     population = None
     if samples is not None:
         if executor is not None:

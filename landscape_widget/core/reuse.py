@@ -78,6 +78,9 @@ def check_reusable(spec: dict, reuse, metrics: Sequence[str]) -> None:
     # a few of them instead (check_foreign_reuse in landscape.py).
     foreign = reuse.spec.get("source") == "loss-landscape"
     diff = [] if foreign else [k for k in same if reuse.spec.get(k) != spec.get(k)]
+    # Results from before precision= were fp32.
+    if not foreign and reuse.spec.get("precision", "fp32") != spec.get("precision", "fp32"):
+        diff.append("precision")
     if "loss_fingerprint" in diff and "loss_fn" not in diff:
         diff[diff.index("loss_fingerprint")] = "loss (same name, other settings or code)"
     missing = [m for m in metrics if metric_values(reuse, m) is None]

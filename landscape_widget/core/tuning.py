@@ -28,7 +28,8 @@ class Plan:
     """How points are evaluated: strategy, points per pass K, samples per pass B.
 
     ``vmap_error`` is empty unless the vmap path failed on this model; it then says how
-    (and the plan is a loop).
+    (and the plan is a loop). ``reason`` says why this plan was chosen, ``candidates`` the
+    measured seconds per point of every plan timed (``spec["plan"]`` shows both).
     """
 
     strategy: str
@@ -38,11 +39,30 @@ class Plan:
     stem: bool = False
     seconds_per_point: float = math.nan
     vmap_error: str = ""
+    precision: str = "fp32"
+    precision_error: float | None = None
+    precision_note: str = ""
+    compiled: bool = False
+    compile_note: str = ""
+    reason: str = ""
+    candidates: list = dataclasses.field(default_factory=list)
+    tuning_seconds: float = 0.0
+    # Points of the grid the search was sized for (the cache re-tunes for larger grids).
+    tuned_for: int = 0
+    complete: bool = True
 
     @property
     def plain(self) -> bool:
         """The plain loop: one point per pass, contiguous inputs, the whole model."""
         return self.strategy == "loop" and self.layout == "contiguous" and not self.stem
+
+    @property
+    def label(self) -> str:
+        """``"loop B=128 channels_last stem"`` and the like."""
+        k = f" K={self.points}" if self.strategy == "vmap" else ""
+        extra = (" " + self.layout if self.layout != "contiguous" else "") + (
+            " stem" if self.stem else "") + (" compiled" if self.compiled else "")
+        return f"{self.strategy}{k} B={self.batch}{extra}"
 
 
 def _is_oom(err: BaseException) -> bool:
@@ -101,33 +121,66 @@ def _describe_error(err: BaseException) -> str:
     return first if len(first) <= 300 else first[:297] + "..."
 
 
-def _stem_budget(device: torch.device) -> int:
-    """Bytes the precomputed first-layer outputs may occupy."""
+def free_memory(device: torch.device) -> int:
+    """Bytes free for the engine: CUDA's free memory, or the CPU's available RAM."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free * 0.25)
-    return 1 << 30
+        return int(free)
+    try:
+        import psutil  # optional: only used when installed
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30  # nothing to read (not Linux, no psutil): assume a small machine
+
+
+# Share of the free memory one forward pass may fill with activations, and the stem terms.
+ACTIVATION_SHARE = {"cuda": 0.4, "cpu": 0.25}
+STEM_SHARE = 0.25
+# CPU working sets that stay near the caches can beat one pass over all data: the cache-
+# sized candidates use 1/16, 1/4 and 1 x this many bytes of activations.
+CPU_CACHE_BUDGET = 64 * 2**20
+# Tuning may cost this share of the predicted grid time (beyond the plain loop's trial,
+# whose points are kept when it wins): a losing search costs at most 5 %, which the
+# fused point build (see Evaluator._point) recovers on large models.
+TUNING_SHARE = 0.05
+# ... or this many seconds, too little to notice, for grids that take no time at all.
+TUNING_FLOOR = 0.02
+
+
+def _stem_budget(device: torch.device) -> int:
+    """Bytes the precomputed first-layer outputs may occupy."""
+    return int(free_memory(device) * STEM_SHARE)
 
 
 def _default_budget(device: torch.device) -> int:
-    """Bytes of activations one forward pass may use."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free * 0.4)
-    # On a CPU, working sets that stay near the caches run fastest.
-    return 64 * 2**20
-
+    """Bytes of activations one forward pass may use: a share of the free memory."""
+    return int(free_memory(device) * ACTIVATION_SHARE.get(device.type, 0.25))
 
 
 class PlanTuner:
-    """Plan selection for :class:`~landscape_widget.core.evaluate.Evaluator` (a mixin)."""
+    """Plan selection for :class:`~landscape_widget.core.evaluate.Evaluator` (a mixin).
+
+    The plain loop (one point per pass over all data, or the largest batch that fits the
+    memory budget) is timed first on two real grid points, whose values are kept if it
+    wins; the other candidates are timed on one batch each, as long as their trials fit
+    :data:`TUNING_SHARE` of the grid's time predicted from the plain loop.
+    """
 
     def _batch_for(self, points: int, budget: int | None = None) -> int:
         if self.bn_batch_size is not None:  # passes hold exactly the BatchNorm batches
             return min(self.n, self.bn_batch_size)
         if self.forced_batch:
             return int(self.forced_batch)
-        budget = budget or self.budget
+        budget = min(budget or self.budget, self.budget)
         b = int(max(1, min(self.n, budget // max(1, points * self.act_bytes))))
         # Even batches: 1024 samples in passes of 512 + 512, not 885 + 139.
         return -(-self.n // -(-self.n // b))
@@ -136,24 +189,42 @@ class PlanTuner:
         """What the speed of a plan depends on: architecture, shapes, device and options.
 
         Repeated computations with the same key reuse the plan, so they are bit-identical
-        (plans differ in float rounding at the 1e-7 level) and skip the timing.
+        (plans differ in float rounding at the 1e-7 level) and skip the timing. The free
+        memory is not part of it (it changes from call to call); a memory_budget given is.
         """
         return (
-            repr(self.module),
+            type(self.module), repr(self.module),
             tuple((k, tuple(v.shape), v.dtype) for k, v in self.base.items()),
             tuple(self.x.shape), self.x.dtype, tuple(self.y.shape), str(self.device),
             self.bn, self.bn_batch_size, self.metrics,
             getattr(self.loss_fn, "__qualname__", repr(self.loss_fn)),
             self._batched_ce, self.strategy, self._stem_choice, tuple(self.keys), len(self.dirs),
-            self.budget, self.forced_batch, self.expected_points < 64,
+            self.user_budget, self.forced_batch, self.precision, self.compile,
         )
 
-    # --- tuning --------------------------------------------------------------------------
-    def _candidate_plans(self) -> list[Plan]:
-        """Candidate plans: loops first, then vmaps of growing K.
+    def _cached_plan(self, key: tuple) -> Plan | None:
+        """The cached plan for ``key`` if its search suits a grid of this size."""
+        plan = _PLANS.get(key)
+        if plan is None or not (plan.complete or plan.tuned_for >= self.expected_points):
+            return None
+        plan = dataclasses.replace(plan, precision_error=None)
+        plan.reason = "reused: " + plan.reason.removeprefix("reused: ")
+        return plan
 
-        Loops vary the layout, the batch size and the stem; jobs of few points get fewer
-        candidates.
+    # --- tuning --------------------------------------------------------------------------
+    def _plain_plan(self) -> Plan:
+        """One point per pass over all data (or the largest batch that fits).
+
+        With ``stem=True`` (forced) through the stem, where the model allows it.
+        """
+        stem = self._stem_choice is True and self.stem is not None and self._prepare_stem()
+        return Plan("loop", 1, self._batch_for(1), stem=stem, precision=self.precision)
+
+    def _candidate_plans(self) -> list[Plan]:
+        """Candidates after the plain loop, the likeliest winners first.
+
+        Full-batch loops in the other layout and with the stem, then cache-sized batches
+        (CPU), then vmaps of growing K.
         """
         layouts = ["contiguous"]
         if self.x.dim() == 4 and torch.is_floating_point(self.x):
@@ -161,28 +232,28 @@ class PlanTuner:
         stems = [False, True] if self.stem is not None else [False]
         if self.stem is not None and self._stem_choice is True and self._prepare_stem():
             stems = [True]
-        small = self.expected_points < 64
-        # On a CPU, activations that stay in cache can be several times faster than one
-        # pass over all data: try working sets of 1/16, 1/4 and 1 x the budget.
-        budgets = [self.budget]
-        if self.device.type == "cpu" and not small:
-            budgets = [self.budget // 16, self.budget // 4, self.budget]
+        full = self._batch_for(1)
         plans: list[Plan] = []
         if self.strategy in ("auto", "loop"):
-            for layout in layouts:
-                for stem in stems:
-                    sizes = {self._batch_for(1, b) for b in budgets}
-                    if not small and self.bn_batch_size is None:
-                        sizes.add(self.n)
-                    plans += [Plan("loop", 1, b, layout, stem) for b in sorted(sizes)]
-        if self.strategy in ("auto", "vmap"):
+            plans += [Plan("loop", 1, full, layout, stem) for layout in layouts for stem in stems]
+            if self.device.type == "cpu" and self.bn_batch_size is None:
+                sizes = sorted({self._batch_for(1, CPU_CACHE_BUDGET // f) for f in (16, 4, 1)})
+                plans += [Plan("loop", 1, b, layout, stem) for b in sizes if b < full
+                          for layout in layouts for stem in stems]
+        if self.strategy in ("auto", "vmap") and not self.compile_only_loops:
+            budget = CPU_CACHE_BUDGET if self.device.type == "cpu" else self.budget
             for stem in stems:
                 for k in (4, 16, 64, 256):
                     if k > max(4, self.expected_points):
                         break  # a 3x3 grid is not worth timing passes of 256 points
-                    b = self._batch_for(k)
+                    b = self._batch_for(k, budget)
                     if b >= min(self.n, 8) or k == 4 or self.strategy == "vmap":
                         plans.append(Plan("vmap", k, b, "contiguous", stem))
+        plain = self._plain_plan()
+        plans = [p for p in plans if (p.strategy, p.batch, p.layout, p.stem) !=
+                 (plain.strategy, plain.batch, plain.layout, plain.stem)]
+        for p in plans:
+            p.precision = self.precision
         return plans
 
     def _time_pass(self, plan: Plan, c: Tensor) -> float:
@@ -197,69 +268,132 @@ class PlanTuner:
                 shrink_after_oom(plan, err, self.device, self.bn_batch_size is not None)
 
     def _time_pass_once(self, plan: Plan, c: Tensor) -> float:
+        """Seconds per point of ``plan`` from the faster of two passes (the first warms up).
+
+        A loop over all data in one pass evaluates real points: the two passes take the
+        first two rows of ``c`` and their values are kept (``self._trial_values``).
+        """
+        whole = plan.strategy == "loop" and plan.batch >= self.n
         with torch.no_grad():
-            if plan.strategy == "vmap":
-                coef = c[:1].expand(plan.points, -1)
-                params = self._stacked(coef)
-            else:
-                coef = c[0]
-                params = self._point(coef, plan.layout)
             stop = min(plan.batch, self.n)
             best = math.inf
-            for _ in range(2):  # the first pass warms up allocators and kernels
+            times = []
+            rows = {}
+            for i in range(2):
                 t0 = time.perf_counter()
-                self._pass(plan, params, coef, 0, stop)
+                if plan.strategy == "vmap":
+                    coef = c[:1].expand(plan.points, -1)
+                    self._pass(plan, self._stacked(coef), coef, 0, stop)
+                else:
+                    row = min(i, c.shape[0] - 1) if whole else 0
+                    sums = self._pass(plan, self._point(c[row], plan.layout), c[row], 0, stop)
+                    if whole:
+                        rows[row] = self._values(sums, plan.batch)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
-                best = min(best, time.perf_counter() - t0)
+                times.append(time.perf_counter() - t0)
+                best = min(best, times[-1])
+        # What a first pass costs beyond the second (oneDNN primitives for a new shape,
+        # allocator growth): every other trial pays it too (see _trial_cost).
+        self._warmup = max(getattr(self, "_warmup", 0.0), times[0] - best)
+        if whole:
+            self._trial_values[plan.label] = rows
         return best * (self.n / stop) / plan.points
 
+    def _trial_cost(self, plan: Plan, plain_spp: float, last: dict) -> float:
+        """Predicted seconds of timing ``plan``: two passes over its first batch.
+
+        A vmap plan is predicted from the narrower K of its family timed before, if any.
+        """
+        share = min(plan.batch, self.n) / self.n
+        spp = last.get((plan.strategy, plan.layout, plan.stem), plain_spp)
+        return 2 * spp * share * plan.points + getattr(self, "_warmup", 0.0)
+
     def _tune(self, c: Tensor) -> Plan:
-        """Time one pass of every candidate plan (results discarded) and keep the fastest."""
+        """Time the plain loop, then the other candidates as far as the budget allows.
+
+        Keeps the fastest. A candidate whose trial would push the tuning time past
+        :data:`TUNING_SHARE` of the grid's predicted time is skipped (and the plan says so).
+        """
+        t_start = time.perf_counter()
+        self._warmup = 0.0
+        plain = self._plain_plan()
+        predicted = allowance = math.inf
+        if self.strategy != "vmap":  # strategy="vmap" times vmap plans only
+            plain.seconds_per_point = self._time_pass(plain, c)
+            self._results.append(plain)
+            predicted = plain.seconds_per_point * self.expected_points
+            allowance = max(TUNING_SHARE * predicted, TUNING_FLOOR)
+        spent = 0.0
         errors: list[BaseException] = []
         vmap_errors: list[str] = []
+        skipped = 0
         slower: set[tuple] = set()  # (layout, stem) families where a larger K stopped paying
         last: dict[tuple, float] = {}
         for plan in self._candidate_plans():
             family = (plan.strategy, plan.layout, plan.stem)
-            if family in slower or (plan.stem and not self._prepare_stem()):
+            if family in slower:
                 continue
             loops = [p for p in self._results if p.strategy == "loop"]
             if plan.strategy == "vmap" and self.stem is not None and self._stem_terms and loops:
                 # Try vmap only with the stem setting that won point by point.
                 if plan.stem != min(loops, key=lambda p: p.seconds_per_point).stem:
                     continue
+            if (self._results and
+                    spent + self._trial_cost(plan, plain.seconds_per_point, last) > allowance):
+                skipped += 1
+                continue
+            t0 = time.perf_counter()
             try:
+                if plan.stem and not self._prepare_stem():
+                    continue
                 plan.seconds_per_point = self._time_pass(plan, c)
                 self._results.append(plan)
             except Exception as err:
-                # The plain loop runs the user's code as written: its errors are the user's.
-                # Any other failure (vmap without a batching rule, an in-place buffer
-                # update under vmap, a stem or layout the model rejects) rules that
-                # family out.
-                if (plan.plain or is_user_error(err)) and not _is_oom(err):
+                # Any failure of another plan than the plain loop (vmap without a batching
+                # rule, an in-place buffer update under vmap, a stem or layout the model
+                # rejects) rules that family out; the user's own exceptions are raised.
+                if is_user_error(err) and not _is_oom(err):
                     raise
                 why = _describe_error(err)
-                self.rejected.append(
-                    f"{plan.strategy} K={plan.points} B={plan.batch} {plan.layout}"
-                    f"{' stem' if plan.stem else ''}: {why}")
+                self.rejected.append(f"{plan.label}: {why}")
                 if plan.strategy == "vmap" and not _is_oom(err):
                     vmap_errors.append(why)
                 errors.append(err)
                 slower.add(family)
                 continue
+            finally:
+                spent += time.perf_counter() - t0
             if plan.strategy == "vmap":
                 # A wider pass that gains under 10 % will not pay for the next, wider trial.
                 if plan.seconds_per_point > 0.9 * last.get(family, math.inf):
                     slower.add(family)
                 last[family] = plan.seconds_per_point
-        if vmap_errors and not any(p.strategy == "loop" for p in self._results):
+        if vmap_errors and not self._results:
             # strategy="vmap" asked for vmap alone: the plain loop is always possible.
             return self._fall_back(vmap_errors[0], c)
         if not self._results:
             raise errors[0]
         best = dataclasses.replace(min(self._results, key=lambda p: p.seconds_per_point))
         best.vmap_error = vmap_errors[0] if vmap_errors else ""
+        best.candidates = [{"plan": p.label, "seconds_per_point": p.seconds_per_point}
+                           for p in self._results]
+        best.tuning_seconds = time.perf_counter() - t_start
+        best.tuned_for, best.complete = int(self.expected_points), not skipped
+        if self.strategy == "vmap":
+            best.reason = "strategy='vmap' asked for; the fastest K"
+        elif best.label == plain.label:
+            best.reason = ("the plain loop (one point per pass over all data"
+                           f"{'' if plain.batch >= self.n else f', in batches of {plain.batch}'}"
+                           ") was the fastest")
+        else:
+            best.reason = (f"{plain.seconds_per_point / best.seconds_per_point:.2f}x faster "
+                           "than the plain loop (measured)")
+        best.reason += (f"; {len(self._results)} plan(s) timed" +
+                        (f", {skipped} skipped to keep tuning under "
+                         f"{TUNING_SHARE:.0%} of the predicted {predicted:.3g} s"
+                         f" (or {TUNING_FLOOR} s)" if skipped
+                         else ""))
         return best
 
     def _fall_back(self, err: BaseException | str, c: Tensor | None = None) -> Plan:
@@ -271,7 +405,8 @@ class PlanTuner:
         why = err if isinstance(err, str) else _describe_error(err)
         if not isinstance(err, str):
             self.rejected.append(f"vmap K={self.plan.points if self.plan else '?'}: {why}")
-        plan = Plan("loop", 1, self._batch_for(1), vmap_error=why)
+        plan = Plan("loop", 1, self._batch_for(1), vmap_error=why, precision=self.precision,
+                    reason="the vmap path failed on this model")
         if c is not None and c.shape[0]:
             plan.seconds_per_point = self._time_pass(plan, c)
             self._results.append(plan)

@@ -44,7 +44,8 @@ def stats_line(result) -> str:
 
 
 def _reuse_key(spec) -> tuple:
-    return (spec.direction_key(), spec.bn, spec.quantity)
+    # Points of another precision are other values: never reused (the engine refuses too).
+    return (spec.direction_key(), spec.bn, spec.quantity, spec.precision)
 
 
 def open_stream(ctx: Context, job: Job, dirs: list) -> TileStream:
@@ -68,7 +69,7 @@ def open_stream(ctx: Context, job: Job, dirs: list) -> TileStream:
             loss_fn=ctx.loss_fn, bn=spec.bn, device=ctx.device, seed=None,
             bn_batch_size=ctx.bn_batch_size if spec.bn == "batch" else None,
             tile_points=ctx.tile_points, cancel=job.cancel,
-            evaluator_options=ctx.evaluator_options)
+            evaluator_options=ctx.evaluator_options, precision=spec.precision)
         # Large data: subset passes first (core/progressive.py), unless points are reused
         # (those are exact already) or an executor computes the tiles.
         staged = (None if reuse is not None or ctx.executor is not None else

@@ -7,9 +7,9 @@ every enumeration), and :func:`schema`, which the widget sends to the front end 
 read-only ``_spec_schema`` trait (the JS reads the field names, enumerations, defaults and
 limits from there and has no copy of them).
 
-Adding a field is one line in :class:`Spec`, for example::
+Adding a field is one line in :class:`Spec`, for example (``precision`` was added so)::
 
-    precision: str = choice("fp32", ("fp32", "tf32", "bf16", "fp16"))
+    precision: str = choice("fp32", PRECISIONS)
     samples: int = bounded(0, 0, 1_000_000)
 
 which gives a widget trait (an ``Enum`` for a :func:`choice`), a wire field checked for type,
@@ -28,6 +28,8 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+
+from ..core.precision import PRECISIONS
 
 MAX_2D = 201
 """Largest resolution per axis in 2D (201 x 201 = 40,401 points)."""
@@ -112,6 +114,7 @@ class Spec:
     bn: str = choice("eval", BN)
     quantity: str = choice("loss", QUANTITIES)
     vertices: tuple[str, ...] = list_of(str, ())
+    precision: str = choice("fp32", PRECISIONS)  # the engine's (core/precision.py)
 
     def to_dict(self) -> dict:
         """JSON-ready form (tuples as lists).

@@ -1,0 +1,139 @@
+"""The engine's compute precision: "fp32" (exact, the default), "tf32", "bf16", "fp16".
+
+- ``"fp32"``: true float32 arithmetic. Torch enables TF32 for cuDNN convolutions by
+  default (``torch.backends.cudnn.conv.fp32_precision == "tf32"``, the legacy
+  ``torch.backends.cudnn.allow_tf32 = True``), which rounds the inputs of every
+  convolution to a 10-bit mantissa on Ampere and later GPUs. Under ``"fp32"`` the engine
+  switches TF32 off for matmuls, convolutions and RNNs while it computes, and puts the
+  user's settings back afterwards (:func:`precision_flags`).
+- ``"tf32"``: TF32 tensor cores for float32 matmuls and convolutions on CUDA (about 8x the
+  fp32 rate on an H200). CPUs have no TF32: on a CPU this computes in fp32 (the plan says so).
+- ``"bf16"`` / ``"fp16"``: the forward pass runs under ``torch.autocast`` (matmuls and
+  convolutions in 16 bits, reductions and normalisations as autocast decides); the model's
+  outputs are cast to float32 before the loss, and losses and accuracies are accumulated
+  in float64 as in fp32. ``"fp16"`` only on CUDA (CPUs have no fast fp16 path; use bf16).
+
+The grid points themselves (``theta + sum_j c_j d_j``) are always formed in the model's
+dtype, so only the forward pass is approximate; ``spec["precision_error"]`` measures the
+effect against fp32 on a few points of the same grid.
+
+Example:
+    >>> import torch
+    >>> check_precision("bf16", torch.device("cpu"))
+    'bf16'
+    >>> before = torch.backends.cudnn.conv.fp32_precision
+    >>> with precision_flags("fp32", torch.device("cuda")):
+    ...     torch.backends.cudnn.conv.fp32_precision
+    'ieee'
+    >>> torch.backends.cudnn.conv.fp32_precision == before
+    True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+from torch.utils._pytree import tree_map
+
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# Points checked against fp32 for spec["precision_error"].
+ERROR_POINTS = 3
+# Computations in several threads (the widget's worker and the notebook) share the flags:
+# the first to enter saves the user's values, the last to leave puts them back.
+_FLAGS_LOCK = threading.Lock()
+_FLAGS_STATE: dict[str, list] = {}  # device type -> [saved values, targets entered]
+
+
+def check_precision(precision: str, device: torch.device) -> str:
+    """``precision`` if it is possible on ``device``.
+
+    Returns:
+        ``precision`` unchanged.
+
+    Raises:
+        ValueError: If it is not one of :data:`PRECISIONS`, or ``"fp16"`` on a CPU.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not supported; choose one of "
+                         f"{', '.join(map(repr, PRECISIONS))}.")
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("precision='fp16' needs a CUDA device (CPUs have no fast float16 "
+                         "path); use precision='bf16' on a CPU.")
+    return precision
+
+
+def _nodes(device: torch.device) -> tuple:
+    """The backends whose float32 precision decides how ``device`` computes."""
+    b = torch.backends
+    if device.type == "cuda":
+        return (b.cuda.matmul, b.cudnn.conv, b.cudnn.rnn)
+    return (b.mkldnn.matmul, b.mkldnn.conv, b.mkldnn.rnn)
+
+
+@contextlib.contextmanager
+def precision_flags(precision: str, device: torch.device) -> Iterator[None]:
+    """Torch's float32 flags for ``precision`` while the block runs; the user's afterwards.
+
+    Only the new ``fp32_precision`` settings are written (mixing them with the legacy
+    ``allow_tf32`` setters makes torch refuse to read them back); restoring their old
+    values restores the legacy flags as well. The flags are process-wide: other threads
+    computing float32 on the same device meanwhile see them too, and of two computations
+    running at once with different precisions on one device the later sets the flags for
+    both. The user's values come back when the last computation ends.
+    """
+    target = "tf32" if precision == "tf32" and device.type == "cuda" else "ieee"
+    nodes = _nodes(device)
+    with _FLAGS_LOCK:
+        state = _FLAGS_STATE.setdefault(device.type, [None, []])
+        if not state[1]:
+            state[0] = [n.fp32_precision for n in nodes]
+        state[1].append(target)
+        _write(nodes, [target] * len(nodes))
+    try:
+        yield
+    finally:
+        with _FLAGS_LOCK:
+            state[1].remove(target)
+            # Nested (an fp32 check inside a tf32 run): the outer target again; else the user's.
+            _write(nodes, [state[1][-1]] * len(nodes) if state[1] else state[0])
+
+
+def _write(nodes, values) -> None:
+    for n, value in zip(nodes, values, strict=True):
+        if n.fp32_precision != value:
+            n.fp32_precision = value
+
+
+def autocast(precision: str, device: torch.device):
+    """``torch.autocast`` for bf16/fp16, else a null context."""
+    dtype = AUTOCAST_DTYPES.get(precision)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def to_float32(out):
+    """``out`` with every bf16/fp16 tensor cast to float32 (for the loss and metrics)."""
+    def cast(t):
+        if isinstance(t, Tensor) and t.dtype in (torch.bfloat16, torch.float16):
+            return t.float()
+        return t
+
+    return tree_map(cast, out)
+
+
+def precision_note(precision: str, device: torch.device) -> str:
+    """What ``precision`` means on ``device``, for ``spec["plan"]``."""
+    if precision == "tf32" and device.type != "cuda":
+        return "tf32 has no effect on a CPU: computed in fp32"
+    if precision == "fp32":
+        return "true fp32 (TF32 off for matmuls, convolutions and RNNs while computing)"
+    if precision == "tf32":
+        return "TF32 tensor cores for float32 matmuls and convolutions"
+    return (f"forward under torch.autocast({device.type!r}, {precision}); outputs cast to "
+            "float32 before the loss, sums in float64")
