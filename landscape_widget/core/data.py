@@ -69,6 +69,15 @@ def is_data_fn(data) -> bool:
     """Whether ``data`` is a zero-argument callable that returns the data (a ``data_fn``).
 
     Datasets, loaders and modules (a model passed as data by mistake) never count as one.
+
+    Returns:
+        ``True`` if ``data`` is callable and not a ``Dataset``, ``DataLoader``, tensor,
+        tuple, list or ``nn.Module``; then :func:`as_tensors` calls it to get the data.
+
+    Example:
+        >>> x, y = torch.zeros(2, 1), torch.zeros(2)
+        >>> is_data_fn(lambda: (x, y)), is_data_fn((x, y)), is_data_fn(torch.nn.Linear(1, 1))
+        (True, False, False)
     """
     kinds = (Dataset, DataLoader, Tensor, tuple, list, torch.nn.Module)
     return callable(data) and not isinstance(data, kinds)
@@ -141,6 +150,21 @@ def sample_inputs(data, n: int = 64) -> Tensor:
 
     Reads no more than it needs: a ``DataLoader`` gives its first batch, a ``Dataset`` its
     first ``n`` items; only a ``data_fn`` is called whole.
+
+    Returns:
+        The inputs of the first ``min(n, number of samples)`` samples, samples along dim 0
+        (for a ``DataLoader``: of its first batch only, so fewer if that batch is smaller).
+
+    Raises:
+        ValueError: If a ``DataLoader`` yields no batches, or (through :func:`as_tensors`)
+            the data holds no samples or its inputs and targets differ in length.
+        TypeError: If the data is of an unsupported form or yields no ``(input, target)``
+            pairs (see :func:`as_tensors`).
+
+    Example:
+        >>> x = torch.arange(20.0).reshape(10, 2)
+        >>> torch.equal(sample_inputs((x, torch.zeros(10)), n=3), x[:3])
+        True
     """
     if is_data_fn(data):
         return sample_inputs(data(), n)

@@ -47,6 +47,9 @@ COORDS = ("xcoordinates", "ycoordinates")
 def check_target(path: str | Path, overwrite: bool) -> Path:
     """``path`` as a ``Path``, refusing an existing file unless ``overwrite``.
 
+    Returns:
+        ``path`` converted to a ``Path`` (not resolved); the file may or may not exist.
+
     Raises:
         FileExistsError: If the file exists and ``overwrite`` is false.
         TypeError: If ``overwrite`` is not a bool.
@@ -91,6 +94,12 @@ def _read_node(node) -> dict:
     """An HDF5 group (or a dict of its members) as ``{name: (value, attrs)}``.
 
     Values are arrays, scalars or bytes, and sub-dicts for groups.
+
+    Returns:
+        ``{name: (value, attrs)}`` for every member of ``node``: ``value`` is the dataset's
+        data (a ``str`` for a scalar string dataset) or, for a group, the same kind of dict
+        read recursively; ``attrs`` is the member's HDF5 attributes as a dict. This is what
+        :func:`_write_node` writes back.
     """
     import h5py
 
@@ -140,6 +149,8 @@ def write_grid(path: str | Path, x: np.ndarray, y: np.ndarray | None, arrays: di
 
     Raises:
         FileExistsError: If ``path`` exists and ``overwrite`` is false.
+        TypeError: If ``missing`` is not a number (a bool counts as none), or ``overwrite``
+            is not a bool.
         ValueError: If an array's shape does not match the coordinates.
     """
     shape = (np.asarray(x).size,) if y is None else (np.asarray(y).size, np.asarray(x).size)

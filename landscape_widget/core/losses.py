@@ -29,6 +29,19 @@ def ignore_index(loss_fn) -> int:
 
     The module's ``ignore_index``, a partial's keyword, or -100 (torch's and HuggingFace's
     default).
+
+    Returns:
+        The ``ignore_index`` keyword of a ``functools.partial`` if it has one, else the
+        ``ignore_index`` attribute of the loss under the partials if it is an int, else
+        :data:`IGNORE_INDEX` (-100).
+
+    Example:
+        >>> ignore_index(nn.CrossEntropyLoss(ignore_index=3))
+        3
+        >>> ignore_index(functools.partial(F.cross_entropy, ignore_index=7))
+        7
+        >>> ignore_index(F.mse_loss) == IGNORE_INDEX
+        True
     """
     if isinstance(loss_fn, functools.partial) and "ignore_index" in loss_fn.keywords:
         return int(loss_fn.keywords["ignore_index"])
@@ -144,6 +157,11 @@ def loss_error(err: Exception, outputs: str, y: Tensor, *, default: bool,
         y: All targets.
         default: Whether the loss is the default cross-entropy.
         tensor_out: Whether the model returns one Tensor.
+
+    Returns:
+        One line for the user: what the model returns and the targets' shape and dtype,
+        the most likely fix (integer or ``torch.long`` targets, float targets, or
+        ``output_fn=`` for the default loss), and the type and first line of ``err``.
     """
     text = str(err)
     hint = "check that loss_fn(outputs, targets) takes these shapes and dtypes"

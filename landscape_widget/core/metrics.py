@@ -98,8 +98,18 @@ def find_logits(out, output_fn: Callable | None = None) -> Tensor:
     entry of a dict (HuggingFace's ``ModelOutput`` included) or a ``.logits`` attribute.
     Tuples are not guessed at (which entry holds the logits varies).
 
+    Returns:
+        The logits Tensor itself (not a copy): ``output_fn(out)``, ``out``, ``out["logits"]``
+        or ``out.logits``, the first of these that applies.
+
     Raises:
-        TypeError: If no logits can be found.
+        TypeError: If ``output_fn`` returns something other than a Tensor, or, without
+            ``output_fn``, no logits can be found in ``out`` (a tuple, say).
+
+    Example:
+        >>> t = torch.zeros(2, 3)
+        >>> find_logits({"logits": t, "aux": 1}) is t, find_logits((t, 1), lambda o: o[0]) is t
+        (True, True)
     """
     if output_fn is not None:
         logits = output_fn(out)
@@ -170,6 +180,19 @@ class Task:
 
         The number of counted targets (or the sum of their class weights) for class-index
         targets, the number of samples otherwise.
+
+        Returns:
+            A float64 scalar on ``y``'s device: ``y.shape[0]`` when nothing is ignored or
+            the loss is per-sample; else the number of targets other than ``ignore``, or the
+            sum of ``class_weight`` over those targets if the loss has class weights.
+
+        Example:
+            >>> task = Task("class", ignore=-100)
+            >>> task.loss_weight(torch.tensor([0, -100, 2, 2])).item()
+            3.0
+            >>> Task("class", ignore=-100, class_weight=torch.tensor([1.0, 5.0, 0.5])
+            ...      ).loss_weight(torch.tensor([0, -100, 2, 2])).item()
+            2.0
         """
         if self.ignore is None or self.per_sample:
             return torch.tensor(float(y.shape[0]), dtype=torch.float64, device=y.device)
@@ -189,6 +212,17 @@ class Task:
         """Correct predictions in a batch; ``lead`` leading point dims (K) before the batch.
 
         Per-label accuracy adds, for each sample, the fraction of its labels predicted right.
+
+        Returns:
+            A float64 tensor of shape ``logits.shape[:lead]`` (a scalar for ``lead=0``): per
+            leading point, the number of correct predictions in the batch, counting only
+            targets other than ``ignore`` for ``"class"`` and, for ``"multilabel"``, each
+            sample's fraction of labels right.
+
+        Example:
+            >>> logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 1.0]])
+            >>> Task("class", ignore=-100).correct(logits, torch.tensor([0, 0, -100])).item()
+            1.0
         """
         if self.kind == "class":
             dim = self.class_dim if self.class_dim < 0 else self.class_dim + lead
@@ -287,6 +321,12 @@ def multilabel_accuracy(threshold: float = 0.0, output_fn: Callable | None = Non
     Use ``threshold=0.0`` for logits, ``0.5`` for probabilities. Each sample contributes
     the fraction of its labels predicted right.
 
+    Returns:
+        A metric ``fn(outputs, targets)`` returning, per sample, the fraction of its labels
+        with ``(logits > threshold) == (target > 0.5)`` as a float64 ``(B,)`` tensor (the
+        logits found by :func:`find_logits` with ``output_fn``). Its ``threshold``
+        attribute is part of its fingerprint for reusing results.
+
     Example:
         >>> fn = multilabel_accuracy(0.0)
         >>> fn(torch.tensor([[2.0, -1.0], [0.5, 0.5]]), torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
@@ -305,8 +345,18 @@ def multilabel_accuracy(threshold: float = 0.0, output_fn: Callable | None = Non
 def user_metric_stats(name: str, value, batch: int) -> Tensor:
     """``(total, count)`` of one batch from a user metric's return value (float64 ``(2,)``).
 
+    Returns:
+        ``tensor([total, count])`` in float64: the metric's own pair of scalars, or for
+        per-sample values the sum of the values and the batch size.
+
     Raises:
         ValueError: If the value is neither per-sample ``(B,)`` nor a ``(total, count)`` pair.
+
+    Example:
+        >>> user_metric_stats("m", torch.tensor([1.0, 2.0, 4.0]), 3).tolist()
+        [7.0, 3.0]
+        >>> user_metric_stats("m", (torch.tensor(5.0), torch.tensor(8)), 3).tolist()
+        [5.0, 8.0]
     """
     if isinstance(value, (tuple, list)) and len(value) == 2:
         total, count = (torch.as_tensor(v) for v in value)

@@ -201,6 +201,18 @@ class Surface(_GridFile):
         loss-landscape's ``(len(x), len(y))`` arrays are read in the order its
         ``plot_surface.py`` filled them; its -1 ("not computed") entries become NaN, and
         such a surface can be finished with ``compute_surface(..., reuse=surface)``.
+
+        Returns:
+            A :class:`Surface` with the file's coordinates, float64 ``(ny, nx)`` arrays (NaN
+            where not computed, accuracy as a fraction), spec, directions, user metrics
+            and ``loss_se``; what the file holds that is not interpreted is kept in
+            ``extra`` and written back by :meth:`save`.
+
+        Raises:
+            FileNotFoundError: If there is no such file.
+            ValueError: If the file holds a 1D curve (no ``ycoordinates``; use
+                ``lw.Curve.load``), has no ``xcoordinates``, or an array's size does not
+                match the grid.
         """
         got = h5io.read_grid(path, METRIC_FIELDS)
         if got["y"] is None:
@@ -244,6 +256,14 @@ class Surface(_GridFile):
             title: Figure title.
             path: ``(n, 2)`` coordinates to draw over the plot, e.g. a training path from
                 :meth:`~landscape_widget.Trajectory.project` (start marked, end at θ).
+
+        Returns:
+            A ``plotly.graph_objects.Figure`` of ``metric`` over the grid (NaN points left as
+            gaps), with θ marked at (0, 0) in the 2D views and ``path`` drawn if given.
+
+        Raises:
+            ValueError: If ``kind`` is not one of :data:`KINDS`, ``metric`` is unknown or was
+                not computed for this surface, or ``path`` is not an ``(n, 2)`` array.
         """
         import plotly.graph_objects as go
 

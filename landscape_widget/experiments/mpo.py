@@ -32,6 +32,21 @@ def fresh_networks(model_fn: ModelFn | nn.Module, seed: int, count: int = 3) -> 
     left as it was). An ``nn.Module`` is accepted too: it is copied (never modified) and
     every submodule with a ``reset_parameters`` method is re-initialised, which covers the
     standard layers; parameters of custom modules without one keep the model's values.
+
+    Returns:
+        A list of ``count`` new networks (deep copies for an ``nn.Module``, so the user's
+        model is untouched), initialised from ``seed``: the same seed gives the same
+        weights.
+
+    Raises:
+        TypeError: If ``model_fn`` is neither an ``nn.Module`` nor callable, or
+            ``model_fn()`` returns something other than an ``nn.Module``.
+
+    Example:
+        >>> a, b = fresh_networks(lambda: nn.Linear(3, 2), seed=0, count=2)
+        >>> c, = fresh_networks(lambda: nn.Linear(3, 2), seed=0, count=1)
+        >>> torch.equal(a.weight, c.weight), torch.equal(a.weight, b.weight)
+        (True, False)
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
@@ -109,7 +124,17 @@ def fit_pattern(
             cell, the same maths) or ``"auto"`` (time one step of each, keep the faster).
 
     Returns:
-        A :class:`PatternFit`.
+        A :class:`PatternFit` after ``steps`` steps (fewer if ``cancel`` was set); call its
+        ``train`` to go on, ``evaluate``/``acc_diff`` to score it.
+
+    Raises:
+        ValueError: If ``binary`` is not a 2D 0/1 pattern with sides in [2, 64], has no
+            good cell, a number or count argument is not positive, ``plane`` or
+            ``strategy`` is unknown, ``model_fn`` builds identical networks or networks
+            without parameters, or the data is empty.
+        TypeError: If ``model_fn`` does not build ``nn.Module`` networks, or the data is
+            of an unsupported form.
+        RuntimeError: If a training step fails (see :meth:`PatternFit.step_once`).
 
     Example:
         >>> import landscape_widget as lw

@@ -123,6 +123,19 @@ class PatternFit:
         ``batched=False`` evaluates the cells one by one (same maths, one
         ``functional_call`` and one backward per cell, as the paper's code did); it exists
         as the benchmark's baseline.
+
+        Returns:
+            The entry appended to :attr:`history`: ``{"step", "loss", "good_ce", "bad_ce",
+            "scale"}`` with the new step number, the MPO loss of this minibatch (mean good
+            cross-entropy minus ``coef`` times the mean bad one clamped to ``[0, tau]``),
+            the mean cross-entropies of the sampled good and bad cells (NaN if none was
+            sampled) and the scale ``s`` after the Adam step.
+
+        Raises:
+            RuntimeError: What the forward or backward pass raised, unless it is a
+                batched pass running out of memory: then the cells are split into smaller
+                chunks and the step retried; re-raised once a single cell runs out of
+                memory.
         """
         good, bad = self._sample(self._good), self._sample(self._bad)
         offsets = torch.as_tensor(np.concatenate([good, bad]), device=x.device)
@@ -174,6 +187,19 @@ class PatternFit:
         ``"loop"`` one cell at a time (same maths); ``"auto"`` times one step of each and
         keeps the faster (a convnet on a CPU can be faster looped: ``vmap`` turns its
         convolutions into grouped ones). See :func:`fit_pattern` for the other arguments.
+
+        Returns:
+            This fit itself (trained in place), after ``steps`` steps or fewer if
+            ``cancel`` was set.
+
+        Raises:
+            ValueError: If ``steps`` is not an int >= 0, ``strategy`` is not ``"vmap"``,
+                ``"loop"`` or ``"auto"``, or (through
+                :func:`~landscape_widget.core.data.as_tensors`) the data is empty or its
+                inputs and targets differ in length.
+            TypeError: If the data is of an unsupported form (see
+                :func:`~landscape_widget.core.data.as_tensors`).
+            RuntimeError: If a step fails (see :meth:`step_once`).
         """
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise ValueError(f"steps must be an int >= 0, got {steps!r}.")
@@ -225,6 +251,11 @@ class PatternFit:
         Computed by the surface engine on the plane ``w0 + a * s * right + b * s * up`` at
         integer ``(a, b)``; BatchNorm uses the statistics of each batch of ``batch_size``
         samples (the training minibatch size by default), as in training.
+
+        Returns:
+            ``{"loss": array, "accuracy": array}``, float64 ``(H, W)`` arrays in the
+            mask's row/column order: the mean cross-entropy and the accuracy on ``data`` of
+            the network at each cell. Also kept as ``last_evaluation``.
         """
         h, w = self.shape
         with torch.no_grad():
@@ -257,6 +288,10 @@ class PatternFit:
 
         Args:
             data_or_evaluation: Data to evaluate on, or a dict from :meth:`evaluate`.
+
+        Returns:
+            The mean accuracy over the good (+1) cells minus that over the bad (-1) cells,
+            as a float in [-1, 1]; NaN if the mask has no bad cell.
         """
         return self.scores(data_or_evaluation)["acc_diff"]
 
@@ -268,6 +303,14 @@ class PatternFit:
                 first 512 samples of the training data.
             metric: ``"loss"`` or ``"accuracy"``.
             log: Colour the loss on a log2 scale (as the paper's figures).
+
+        Returns:
+            A plotly figure with two panels: the ternary mask (good, bad and ignored
+            cells) and the heatmap of ``metric`` over the cells, titled with the step.
+
+        Raises:
+            ValueError: If ``metric`` is not ``"loss"`` or ``"accuracy"``, or ``data`` is
+                not given and nothing was evaluated or trained on yet.
         """
         from .plots import pattern_figure
 
@@ -337,8 +380,16 @@ class PatternFit:
                 file. Unpickling runs whatever code the file names: only for files you
                 wrote yourself.
 
+        Returns:
+            A :class:`PatternFit` that resumes where the saved one stopped: the same plane
+            weights, mask, config, history, step, optimizer state and sampler states.
+
         Raises:
-            ValueError: Without ``model_fn`` and ``trusted``, or if the file does not fit.
+            ValueError: If the file was not written by :meth:`save`; without ``model_fn``
+                unless ``trusted`` (or when the file holds no pickled architecture); if
+                ``model_fn`` builds a network with another number of parameters than the
+                file holds, or one without parameters.
+            TypeError: If ``trusted`` is not a bool.
         """
         blob = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(blob, dict) or blob.get("format") != FORMAT:

@@ -28,6 +28,10 @@ KINDS = ("plain", "bn", "skip")
 def scaled_channels(width: float) -> tuple[int, ...]:
     """The six convolutions' output channels times ``width`` (rounded, at least 1).
 
+    Returns:
+        Six ints, ``max(1, round(c * width))`` for each ``c`` of :data:`SQUARES_CHANNELS`:
+        the paper's widths for ``width=1``.
+
     Example:
         >>> scaled_channels(0.25)
         (2, 2, 8, 8, 16, 16)

@@ -37,6 +37,10 @@ def stats_line(result) -> str:
 
     See :func:`~landscape_widget.core.stats.landscape_stats` (non-convex fraction, minima,
     roughness, basin radius); 1D curves, accuracy-only grids and other views get none.
+
+    Returns:
+        The one-line summary of :meth:`Surface.stats <landscape_widget.Surface.stats>` for
+        a :class:`~landscape_widget.Surface` with a loss grid, else the empty string.
     """
     if not isinstance(result, Surface) or result.loss is None:
         return ""
@@ -55,6 +59,21 @@ def open_stream(ctx: Context, job: Job, dirs: list) -> TileStream:
     computes everything again; accuracy undefined for this task
     (:class:`~landscape_widget.core.errors.AccuracyUndefined`) computes the loss alone, for
     this and every later job of the widget.
+
+    Returns:
+        The engine's tile stream for the job: the plane stream for ``direction="plane"``,
+        else :func:`~landscape_widget.iter_tiles` over the job's grid, with
+        progressive subset stages first for large data when no points are reused and no
+        executor computes the tiles. ``ctx.complete`` (dropped reuse) and ``ctx.metrics``
+        (accuracy dropped) are updated when a fallback was taken.
+
+    Raises:
+        ReuseMismatch: (a ``ValueError``) If the engine refuses a reuse although none was
+            passed (not expected; without a reuse it cannot mismatch).
+        AccuracyUndefined: (a ``ValueError``) If accuracy is undefined for the task
+            although it was not asked for (not expected either).
+        RuntimeError: If three tries all end in a fallback (cannot happen: each
+            fallback is taken at most once; kept as a guard).
     """
     spec = job.spec
     x, y = spec.axes()

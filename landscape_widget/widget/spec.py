@@ -67,9 +67,18 @@ class ProtocolError(ValueError):
 def short(value, limit: int = 80) -> str:
     """``repr(value)`` cut to ``limit`` characters (for error texts about hostile input).
 
+    Returns:
+        ``repr(value)`` if it has at most ``limit`` characters, else its first
+        ``limit - 3`` characters and ``"..."``; ``"<TypeName>"`` if ``repr`` raises.
+
     Example:
-        >>> short("x" * 100, 10)
-        "'xxxxxx..."
+        >>> short("x" * 100, 10) == repr("x" * 100)[:7] + "..."
+        True
+        >>> class Hostile:
+        ...     def __repr__(self):
+        ...         raise RuntimeError
+        >>> short(Hostile())
+        '<Hostile>'
     """
     try:
         text = repr(value)
@@ -119,6 +128,10 @@ class Spec:
     def to_dict(self) -> dict:
         """JSON-ready form (tuples as lists).
 
+        Returns:
+            ``{field: value}`` for every field of the spec, in declaration order, tuple
+            fields (ranges, vertices) as lists.
+
         Example:
             >>> Spec(vertices=("a", "b")).to_dict()["vertices"]
             ['a', 'b']
@@ -141,6 +154,14 @@ class Spec:
         """``(x, y)`` as ``(start, stop, num)`` for :func:`~landscape_widget.iter_tiles`.
 
         ``y`` is ``None`` in 1D.
+
+        Returns:
+            ``((x_range[0], x_range[1], resolution), (y_range[0], y_range[1], resolution))``
+            in 2D; the second is ``None`` in 1D.
+
+        Example:
+            >>> Spec(mode="1d", x_range=(-0.5, 2.0), resolution=11).axes()
+            ((-0.5, 2.0, 11), None)
         """
         x = (self.x_range[0], self.x_range[1], self.resolution)
         y = (self.y_range[0], self.y_range[1], self.resolution) if self.mode == "2d" else None
@@ -174,6 +195,11 @@ def schema() -> dict:
 
     Sent as the widget's read-only ``_spec_schema`` trait; ``resolution`` maps each case to
     its largest resolution (``"2d"``, ``"1d"``, ``"curvature"``, ``"plane"``).
+
+    Returns:
+        ``{"fields", "defaults", "choices", "limits", "resolution"}``: the field names in
+        order, :class:`Spec`'s defaults (JSON form), each enumeration's values, each bounded
+        int's ``[low, high]``, and the largest resolution per case; JSON-ready (lists).
 
     Example:
         >>> s = schema()
