@@ -345,6 +345,16 @@ class Evaluator(PlanTuner, CompiledForward, StemTerms, BufferState):
         """Run the first samples once: check loss and metrics, decide what accuracy means.
 
         Messages show the data's shapes (``n`` samples), not those of the probe.
+
+        Raises:
+            ValueError: If ``loss_fn`` fails on the outputs or does not return a scalar
+                tensor, if every target equals ``ignore_index``, if a user loss is not a
+                batch mean (``check_reduction``), or if a user metric fails on the first
+                samples or returns neither per-sample values nor a ``(total, count)`` pair.
+            AccuracyUndefined: (a ``ValueError``) If ``"accuracy"`` was asked for explicitly
+                (``metrics=`` given without a user accuracy) but the outputs hold no logits
+                of a classification task; with the default metrics it is dropped instead
+                (recorded in ``dropped``).
         """
         m = min(self.n, 8)
         y = self.y[:m]
@@ -446,6 +456,11 @@ class Evaluator(PlanTuner, CompiledForward, StemTerms, BufferState):
 
         The loss times the batch's weight ``w`` (0 for a batch of only ignored targets),
         correct predictions, then the ``(total, count)`` of each user metric.
+
+        Returns:
+            The float64 ``(S,)`` column sums of this batch: weighted loss, number of correct
+            predictions (0 when accuracy is not computed), each user metric's total and
+            count, then the three ``loss_se`` sums when a population is set.
         """
         loss = self.loss_fn(out, y).to(torch.float64)
         cols = [loss * w if w > 0 else torch.zeros_like(loss)]
@@ -489,6 +504,11 @@ class Evaluator(PlanTuner, CompiledForward, StemTerms, BufferState):
         for a ResNet that is 40 % less memory traffic than ``acc = acc + c_j * d_j``, which
         cost a third of a plain forward over 32 samples. The coefficients are rounded to the
         model's dtype first, as in :meth:`_stacked`.
+
+        Returns:
+            A new name -> tensor dict: the base parameters and buffers, with each moved
+            parameter replaced by its value at the point (channels-last 4D weights when
+            ``layout == "channels_last"``); ``self.base`` is not changed.
         """
         params = dict(self.base)
         coef = c.to(self.dtype if self.dtype.is_floating_point else torch.float32).tolist()
@@ -521,7 +541,9 @@ class Evaluator(PlanTuner, CompiledForward, StemTerms, BufferState):
     def _pass(self, plan: Plan, params: Params, coef: Tensor, start: int, stop: int) -> Tensor:
         """One forward pass of one point (loop) or K points (vmap) on samples [start, stop).
 
-        Returns the ``(K, S)`` sums of :meth:`_stats`.
+        Returns:
+            The float64 ``(K, S)`` sums of :meth:`_stats` over samples ``[start, stop)``,
+            one row per point (K = 1 for the loop).
         """
         y = self.y[start:stop]
         coef2d = coef.reshape(-1, len(self.dirs))
@@ -555,7 +577,10 @@ class Evaluator(PlanTuner, CompiledForward, StemTerms, BufferState):
     def _run_chunk(self, plan: Plan, coeffs: Tensor) -> Tensor:
         """Values of the points ``coeffs`` (K <= plan.points) over all data.
 
-        Returns ``(K, 2 + len(user_metrics))``: loss, accuracy, then the user metrics.
+        Returns:
+            The float64 ``(K, 2 + len(user_metrics))`` values (plus a ``loss_se`` column
+            when a population is set), one row per point of ``coeffs``: mean loss,
+            accuracy, then the user metrics, over all data.
         """
         if plan.strategy == "vmap":
             groups = [(self._stacked(coeffs), coeffs, coeffs.shape[0])]
@@ -583,6 +608,11 @@ class Evaluator(PlanTuner, CompiledForward, StemTerms, BufferState):
 
         They depend on the targets only: computed once per batch size (one device sync per
         batch, here rather than in every pass).
+
+        Returns:
+            ``(weights, total, count)``: the loss weight of each batch of size ``batch``
+            (its counted targets, or samples), their sum, and the number of predictions
+            that count for accuracy over all data; cached per batch size.
         """
         if batch not in self._denoms:
             weights, count = [], 0.0
@@ -675,6 +705,11 @@ class Evaluator(PlanTuner, CompiledForward, StemTerms, BufferState):
         """Values ``(P, 2 + U)`` of the points ``c``; the plan is chosen on the first call.
 
         A full-batch trial of the chosen plan evaluated the first rows already: kept.
+
+        Returns:
+            The float64 ``(P, 2 + U)`` values (plus ``loss_se`` with a population), one row
+            per row of ``c`` in order: rows the plan trial computed are reused, the rest
+            are evaluated with the chosen plan. ``(0, width)`` for no points.
         """
         width = 2 + len(self.user_metrics) + bool(self.population)
         if not c.shape[0]:

@@ -181,8 +181,15 @@ def iter_tiles(
         A :class:`TileStream`.
 
     Raises:
+        TypeError: If ``precision`` or ``compile`` is given both as an argument and in
+            ``evaluator_options``; or, from :func:`grid_job`, if the model, an axis, the
+            directions or an option has the wrong type.
         SubsetError: (a ``ValueError``) if ``samples`` is given for data or a loss that
-            cannot be subset, naming the fix.
+            cannot be subset, or together with ``executor``, naming the fix.
+        ValueError: From :func:`grid_job`: the grid is above ``MAX_GRID_POINTS`` points, an
+            axis is invalid, or ``reuse`` was computed otherwise (``ReuseMismatch``).
+        ReuseMismatch: (a ``ValueError``) If ``reuse`` is a loss-landscape file whose values
+            this model, data and directions do not reproduce (:func:`check_foreign_reuse`).
     """
     for name, value in (("precision", precision), ("compile", compile)):
         if value is not None:  # also accepted among evaluator_options
@@ -214,8 +221,9 @@ def check_foreign_reuse(job: GridJob) -> None:
     Its files record no model, data or directions to compare fingerprints with.
 
     Raises:
-        ValueError: If a recomputed loss differs from the file's (rtol 1e-3), or an accuracy
-            by more than one sample.
+        ReuseMismatch: (a ``ValueError``) If a recomputed loss at the file's innermost or
+            outermost reused point differs from the file's (rtol 1e-3), or an accuracy by
+            more than one sample; the message names the point and both values.
     """
     idx = np.flatnonzero(job.known_mask) if job.known_mask is not None else np.zeros(0, int)
     if idx.size == 0:
@@ -314,6 +322,11 @@ def compute_surface(
     Returns:
         A :class:`Surface` with ``.x`` (nx,), ``.y`` (ny,), ``.loss`` and ``.accuracy``
         (ny, nx). Non-finite losses are NaN (with one warning).
+
+    Raises:
+        ValueError: If ``y`` is None (a 1D range: use ``compute_curve``); and the errors of
+            :func:`iter_tiles` for invalid input (``TypeError``, ``ValueError``,
+            ``SubsetError``, ``ReuseMismatch``).
 
     Example:
         >>> import torch

@@ -110,6 +110,10 @@ def is_user_error(err: BaseException) -> bool:
     Such an error was raised on purpose by the user's code and reaches the caller even
     when it happens under vmap; any other failure of the vmap path makes the engine
     fall back to the loop, which raises the error again if it is not vmap's.
+
+    Returns:
+        True if the class of ``err`` is defined outside ``builtins`` and ``torch`` (the
+        engine then raises it instead of falling back or shrinking).
     """
     module = type(err).__module__
     return module != "builtins" and module.split(".")[0] != "torch"
@@ -191,6 +195,11 @@ class PlanTuner:
         Repeated computations with the same key reuse the plan, so they are bit-identical
         (plans differ in float rounding at the 1e-7 level) and skip the timing. The free
         memory is not part of it (it changes from call to call); a memory_budget given is.
+
+        Returns:
+            A hashable tuple of the module's class and repr, parameter names/shapes/dtypes,
+            data shapes and dtypes, device and every option that changes the plans timed;
+            the key of the plan cache.
         """
         return (
             type(self.module), repr(self.module),
@@ -203,7 +212,13 @@ class PlanTuner:
         )
 
     def _cached_plan(self, key: tuple) -> Plan | None:
-        """The cached plan for ``key`` if its search suits a grid of this size."""
+        """The cached plan for ``key`` if its search suits a grid of this size.
+
+        Returns:
+            A copy of the cached plan (``precision_error`` cleared, reason prefixed
+            ``"reused: "``), or None if there is none or its search was cut short for a
+            smaller grid than ``expected_points``.
+        """
         plan = _PLANS.get(key)
         if plan is None or not (plan.complete or plan.tuned_for >= self.expected_points):
             return None
@@ -216,6 +231,10 @@ class PlanTuner:
         """One point per pass over all data (or the largest batch that fits).
 
         With ``stem=True`` (forced) through the stem, where the model allows it.
+
+        Returns:
+            A new loop plan with K = 1 and the largest batch the memory budget allows
+            (or the BatchNorm / forced batch), through the stem only if it was forced.
         """
         stem = self._stem_choice is True and self.stem is not None and self._prepare_stem()
         return Plan("loop", 1, self._batch_for(1), stem=stem, precision=self.precision)
@@ -225,6 +244,10 @@ class PlanTuner:
 
         Full-batch loops in the other layout and with the stem, then cache-sized batches
         (CPU), then vmaps of growing K.
+
+        Returns:
+            New plans to time, in that order, limited by ``strategy`` and the grid size,
+            without the plain loop itself; each carries the requested precision.
         """
         layouts = ["contiguous"]
         if self.x.dim() == 4 and torch.is_floating_point(self.x):
@@ -260,6 +283,15 @@ class PlanTuner:
         """Seconds per point of ``plan``, from one timed pass on its first batch of samples.
 
         Out of memory halves K (then B) and tries again, as :meth:`_run` does.
+
+        Returns:
+            The measured seconds per point (``plan`` may have a smaller K or B than given).
+
+        Raises:
+            RuntimeError: The error of the pass, re-raised if it is not out of memory (or
+                nothing is left to halve).
+            MemoryError: If out of memory with the BatchNorm batch fixed and K = 1
+                (``shrink_after_oom``), or re-raised as for ``RuntimeError``.
         """
         while True:
             try:
@@ -272,6 +304,10 @@ class PlanTuner:
 
         A loop over all data in one pass evaluates real points: the two passes take the
         first two rows of ``c`` and their values are kept (``self._trial_values``).
+
+        Returns:
+            Seconds of the faster pass, scaled to all ``n`` samples and divided by the
+            points per pass: the predicted cost of one grid point.
         """
         whole = plan.strategy == "loop" and plan.batch >= self.n
         with torch.no_grad():
@@ -304,6 +340,10 @@ class PlanTuner:
         """Predicted seconds of timing ``plan``: two passes over its first batch.
 
         A vmap plan is predicted from the narrower K of its family timed before, if any.
+
+        Returns:
+            Predicted seconds: two passes of ``plan.points`` points on its batch's share
+            of the data, plus the warm-up cost measured so far.
         """
         share = min(plan.batch, self.n) / self.n
         spp = last.get((plan.strategy, plan.layout, plan.stem), plain_spp)
@@ -314,6 +354,16 @@ class PlanTuner:
 
         Keeps the fastest. A candidate whose trial would push the tuning time past
         :data:`TUNING_SHARE` of the grid's predicted time is skipped (and the plan says so).
+
+        Returns:
+            A copy of the fastest timed plan, with the candidates' timings, the tuning time,
+            whether the search was complete and a ``reason`` naming the speed-up over the
+            plain loop; or the plain loop of :meth:`_fall_back` if only vmap was asked for
+            and every vmap plan failed.
+
+        Raises:
+            Exception: An exception of the user's own class (:func:`is_user_error`) raised
+                by a trial, as is; or, if no plan at all could be timed, the first error.
         """
         t_start = time.perf_counter()
         self._warmup = 0.0
@@ -400,7 +450,11 @@ class PlanTuner:
         """Switch to the plain loop after the vmap path failed with ``err``.
 
         Recorded in the plan (``vmap_error``) and in ``rejected``; a warning when the user
-        asked for ``strategy="vmap"``. Returns the new plan (also ``self.plan``).
+        asked for ``strategy="vmap"``.
+
+        Returns:
+            The new plain-loop plan (also set as ``self.plan`` and cached), timed on ``c``
+            when rows are given; its ``vmap_error`` says why vmap failed.
         """
         why = err if isinstance(err, str) else _describe_error(err)
         if not isinstance(err, str):

@@ -138,6 +138,10 @@ def i32(values) -> memoryview:
 def decode_buffer(buf, dtype: str = "<f4") -> np.ndarray:
     """Inverse of :func:`f32`/:func:`i32` (for tests and fake front ends).
 
+    Returns:
+        A read-only 1D array of ``dtype`` over a copy of the buffer's bytes (empty for the
+        empty buffer that ``f32(None)`` gives).
+
     Example:
         >>> decode_buffer(f32([1.5, 2.0])).tolist()
         [1.5, 2.0]
@@ -156,6 +160,10 @@ def start_message(job_id: str, spec: dict, shape, metrics, device: str, x, y=Non
 
     ``view`` adds what the front end draws besides the grid (``labels``, ``path``,
     ``marks``, ``plane``, ``label``, ``metrics_dropped``).
+
+    Returns:
+        ``(message, buffers)``: the ``start`` dict (id, spec, integer shape, metric names,
+        device, plus ``view``) and the float32 buffers of ``x`` and ``y`` (empty in 1D).
     """
     msg = {"kind": "start", "id": job_id, "spec": spec, "shape": [int(n) for n in shape],
            "metrics": list(metrics), "device": str(device), **view}
@@ -228,6 +236,11 @@ def fit_update_message(job_id: str, *, step: int, steps: int, rows: int, cols: i
     """``fit_update`` + [train loss, train accuracy, test loss, test accuracy] buffers.
 
     ``evals`` maps each split (``"train"``, maybe ``"test"``) to its loss and accuracy maps.
+
+    Returns:
+        ``(message, buffers)``: the ``fit_update`` dict (step counts, map size, scores,
+        last values, seconds, mask and the splits present) and four float32 buffers, the
+        test ones empty when there is no ``"test"`` split.
     """
     splits, train, test = list(evals), evals["train"], evals.get("test", {})
     msg = {"kind": "fit_update", "id": job_id, "step": step, "steps": steps, "rows": rows,
