@@ -611,8 +611,9 @@ class Evaluator(PlanTuner, CompiledForward, StemTerms, BufferState):
 
         Returns:
             ``(weights, total, count)``: the loss weight of each batch of size ``batch``
-            (its counted targets, or samples), their sum, and the number of predictions
-            that count for accuracy over all data; cached per batch size.
+            (``Task.loss_weight``: its counted targets, their class weights, or its
+            samples), their sum, and the number of predictions that count for accuracy
+            over all data; cached per batch size.
         """
         if batch not in self._denoms:
             weights, count = [], 0.0
