@@ -358,12 +358,7 @@ class Evaluator(PlanTuner, CompiledForward, StemTerms, BufferState):
         """
         m = min(self.n, 8)
         y = self.y[:m]
-        self._enter()
-        try:
-            with torch.no_grad():
-                out = functional_call(self.module, dict(self.base), (self.x[:m],))
-        finally:
-            self._exit()
+        out = self._probe(m)
         with torch.no_grad():
             try:
                 loss = self.loss_fn(out, y)
@@ -410,6 +405,19 @@ class Evaluator(PlanTuner, CompiledForward, StemTerms, BufferState):
                                      f"{self._targets()}): {err}") from err
             user_metric_stats(name, value, m)
 
+    def _probe(self, m: int):
+        """The model's outputs on the first ``m`` samples at theta (no grad; buffers restored).
+
+        Returns:
+            The outputs, as the model returns them.
+        """
+        self._enter()
+        try:
+            with torch.no_grad():
+                return functional_call(self.module, dict(self.base), (self.x[:m],))
+        finally:
+            self._exit()
+
     def _subset_se(self, population: int | None) -> int | None:
         """Set up the per-sample losses of ``loss_se`` (see core/subset.py); the population."""
         if population is None or "loss" not in self.metrics:
@@ -419,12 +427,7 @@ class Evaluator(PlanTuner, CompiledForward, StemTerms, BufferState):
         else:
             self._loss_none = self._default_loss_none
         m = min(self.n, 8)
-        self._enter()
-        try:
-            with torch.no_grad():
-                out = functional_call(self.module, dict(self.base), (self.x[:m],))
-        finally:
-            self._exit()
+        out = self._probe(m)
         subset.check_unreduced(self.loss_fn, self._loss_none, out, self.y[:m], self.task,
                                default=not self._user_loss)
         self.metrics = (*self.metrics, "loss_se")
