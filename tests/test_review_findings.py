@@ -1,0 +1,63 @@
+"""Failing tests for bugs found in review (see /work/notes/rev-findings.md).
+
+Each asserts the correct behaviour against an independent oracle: ``lw.compute_surface``
+at the asked precision, and a float64 per-point computation by hand.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import landscape_widget as lw
+from landscape_widget import LandscapeWidget
+
+
+def _two_architectures():
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    a = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    b = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 5), nn.Tanh(),
+                      nn.Linear(5, 3)).eval()
+    return {"a": a, "b": b}, (x, y)
+
+
+def test_compare_panel_computes_at_the_widgets_precision():
+    """The compare panel must use the widget's ``precision`` (here bf16) like the main view,
+    and its surfaces must say so; today it always computes (and labels) fp32."""
+    models, data = _two_architectures()
+    w = LandscapeWidget(models=models, data=data, autostart=False, resolution=3,
+                        precision="bf16", seed=5)
+    try:
+        w.compare(wait=True, timeout=120)
+        for name, model in models.items():
+            dirs = lw.random_directions(model, 2, norm="filter", ignore="biasbn", seed=5)
+            grid = dict(directions=dirs, x=(*w.x_range, 3), y=(*w.y_range, 3),
+                        metrics=("loss",), progress=False, seed=None)
+            oracle = lw.compute_surface(model, data, precision="bf16", **grid)
+            got = w.compared[name]
+            assert got.spec.get("precision") == "bf16", name
+            np.testing.assert_allclose(got.loss, oracle.loss, rtol=1e-6, atol=1e-7)
+    finally:
+        w.close()
+
+
+def test_partial_cross_entropy_with_class_weights_is_accepted():
+    """``functools.partial(F.cross_entropy, weight=w)`` is the same loss as
+    ``nn.CrossEntropyLoss(weight=w)`` (accepted); it must give the same surface, not be
+    refused as "not a mean over samples"."""
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 5), torch.randint(0, 3, (40,))
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    w = torch.tensor([1.0, 3.0, 0.5])
+    loss_fn = functools.partial(F.cross_entropy, weight=w)
+    s = lw.compute_surface(model, (x, y), loss_fn=loss_fn, x=(-1, 1, 3), y=(-1, 1, 3),
+                           metrics=("loss",), progress=False)
+    with torch.no_grad():  # the centre point (a = b = 0) is the model itself, in float64
+        want = float(F.cross_entropy(model.double()(x.double()), y, weight=w.double()))
+    assert s.loss[1, 1] == pytest.approx(want, rel=1e-5)
