@@ -61,3 +61,44 @@ def test_partial_cross_entropy_with_class_weights_is_accepted():
     with torch.no_grad():  # the centre point (a = b = 0) is the model itself, in float64
         want = float(F.cross_entropy(model.double()(x.double()), y, weight=w.double()))
     assert s.loss[1, 1] == pytest.approx(want, rel=1e-5)
+
+
+def _subset_with_test_data(samples):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    train = torch.randn(40, 5), torch.randint(0, 3, (40,))
+    test = torch.randn(30, 5), torch.randint(0, 3, (30,))
+    s = lw.compute_surface(model, train, samples=samples, test_data=test, x=(-1, 1, 3),
+                           y=(-1, 1, 3), progress=False)
+    return model, test, s
+
+
+def test_subset_test_loss_is_exact_or_carries_its_standard_error():
+    """With ``samples=10, test_data=...`` the test pass silently runs on a 10-sample subset
+    of the test set too, and its standard error is dropped (no ``test_loss_se``, nothing in
+    the HDF5 file): ``test_loss`` then reads as the test loss but is off by its sampling
+    error with nothing saying how much. Either the exact test loss or its standard error."""
+    from landscape_widget.core.subset import subset_indices
+
+    model, (xt, yt), s = _subset_with_test_data(10)
+    with torch.no_grad():  # centre point = the model itself; float64 per-sample losses
+        per = F.cross_entropy(model.double()(xt.double()), yt, reduction="none")
+    exact = float(per.mean())
+    if abs(s.test_loss[1, 1] - exact) <= 1e-5 * exact:
+        return  # exact on all test data: fine
+    sub = per[subset_indices(30, 10)]
+    se = float(sub.std() / 10 ** 0.5 * (20 / 29) ** 0.5)
+    assert s.test_loss[1, 1] == pytest.approx(float(sub.mean()), rel=1e-5)
+    got = getattr(s, "test_loss_se", None)
+    assert got is not None, "subset test_loss without its standard error"
+    assert got[1, 1] == pytest.approx(se, rel=1e-4)
+
+
+def test_samples_larger_than_the_test_set_is_not_blamed_on_the_data():
+    """``samples=35`` on 40 training and 30 test samples: refused with "exceeds the 30
+    samples of the data", which contradicts the 40 the user passed as data. It must work
+    (test values exact) or name test_data in the error."""
+    try:
+        _subset_with_test_data(35)
+    except ValueError as err:
+        assert "test" in str(err), str(err)
