@@ -131,3 +131,27 @@ def test_subset_of_a_loader_with_a_subset_sampler_stays_inside_the_sampled_sampl
     # Whatever 10 of the first 20 were drawn, the value lies within their range.
     assert float(per.min()) <= s.loss[1, 1] <= float(per.max())
     assert abs(s.loss[1, 1] - float(per.mean())) < 4 * s.loss_se[1, 1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA flags path only (seen "
+                    "failing on an H200 with torch 2.11: see /work/notes/rev-findings.md F5)")
+def test_user_code_can_read_torchs_float32_flags_while_a_cuda_computation_runs():
+    """While ``precision_flags`` is active (a widget computing in its worker thread, the
+    notebook free), torch's legacy readers raise RuntimeError ("PyTorch is checking whether
+    allow_tf32 is enabled for cuDNN without a specific operator name ...") because only
+    the per-backend ``fp32_precision`` values are written. Libraries read them (Lightning's
+    Trainer reads ``get_float32_matmul_precision()``); the user's cell must not crash."""
+    from landscape_widget.core.precision import precision_flags
+
+    readers = {"cuda.matmul.allow_tf32": lambda: torch.backends.cuda.matmul.allow_tf32,
+               "cudnn.allow_tf32": lambda: torch.backends.cudnn.allow_tf32,
+               "get_float32_matmul_precision": torch.get_float32_matmul_precision}
+    before = {k: f() for k, f in readers.items()}
+    for precision in ("fp32", "tf32"):
+        with precision_flags(precision, torch.device("cuda")):
+            for name, read in readers.items():
+                try:
+                    read()
+                except RuntimeError as err:
+                    pytest.fail(f"{name} raised under precision={precision!r}: {err}")
+        assert {k: f() for k, f in readers.items()} == before, precision
