@@ -312,7 +312,8 @@ def compute_surface(
         reuse: A previous :class:`Surface` whose coinciding points are reused (also one
             read from a loss-landscape file, whose unfinished points are then computed).
         test_data: Data for a second pass over the same grid: ``test_loss`` and
-            ``test_accuracy`` (loss-landscape's ``test_*`` keys).
+            ``test_accuracy`` (loss-landscape's ``test_*`` keys), always exact on all of
+            it (``samples=`` subsets the training data only).
         **options: Passed to :func:`iter_tiles` (``output_fn``, ``tile_points``, ``cancel``,
             ``keep_directions``, ``evaluator_options``, ``executor``: a Dask client or
             ``concurrent.futures`` executor whose workers compute the tiles; ``samples=N``
@@ -389,7 +390,8 @@ def compute_curve(
         progress: Show a tqdm progress bar.
         seed: Seed for the default random direction.
         reuse: A previous :class:`Curve` whose coinciding points are reused.
-        test_data: Data for a second pass: ``test_loss`` and ``test_accuracy``.
+        test_data: Data for a second pass: ``test_loss`` and ``test_accuracy``, exact on
+            all of it (``samples=`` subsets the training data only).
         **options: Passed to :func:`iter_tiles` (``executor`` included; ``samples=N``: a
             subset curve with standard errors in ``Curve.loss_se``).
 
@@ -411,8 +413,10 @@ def _test_pass(result, model, test_data, directions, reuse, progress, kw) -> Non
 
     The same engine runs a second grid; its spec (data fingerprint, sample count) is kept
     under ``spec["test"]`` so that a later ``reuse=`` reuses test values only for the same
-    test data.
+    test data. ``samples=`` subsets the training data only: the test pass is exact on all
+    of ``test_data`` (a subset test loss would be read as the test loss, without its error).
     """
+    kw = {k: v for k, v in kw.items() if k not in ("samples", "sample_seed")}
     if directions is None and result.directions is not None:
         directions = result.directions  # the random directions the first pass drew
     old = None

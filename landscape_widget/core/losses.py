@@ -49,6 +49,26 @@ def ignore_index(loss_fn) -> int:
     return int(value) if isinstance(value, int) else IGNORE_INDEX
 
 
+def class_weight(loss_fn) -> Tensor | None:
+    """The loss's per-class weights: a partial's ``weight=`` keyword or the module's ``weight``.
+
+    Returns:
+        The weight tensor, or ``None`` if the loss has none.
+
+    Example:
+        >>> w = torch.tensor([1.0, 3.0])
+        >>> class_weight(functools.partial(F.cross_entropy, weight=w)) is w
+        True
+        >>> class_weight(nn.CrossEntropyLoss(weight=w)).tolist(), class_weight(F.mse_loss)
+        ([1.0, 3.0], None)
+    """
+    if isinstance(loss_fn, functools.partial) and "weight" in loss_fn.keywords:
+        value = loss_fn.keywords["weight"]
+    else:
+        value = getattr(base_fn(loss_fn), "weight", None)
+    return value if isinstance(value, Tensor) else None
+
+
 _LOGIT_LOSSES = (nn.BCEWithLogitsLoss, nn.MultiLabelSoftMarginLoss)
 _PROB_LOSSES = (nn.BCELoss,)
 

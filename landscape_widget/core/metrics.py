@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .losses import base_fn, ignore_index, multilabel_threshold
+from .losses import class_weight, ignore_index, multilabel_threshold
 
 BUILTIN = ("loss", "accuracy")
 MetricFn = Callable[..., Tensor | tuple[Tensor, Tensor]]
@@ -251,8 +251,7 @@ def resolve_task(logits: Tensor | None, y: Tensor, loss_fn, n: int) -> Task:
         A :class:`Task`; ``kind=None`` with ``why`` when accuracy is undefined.
     """
     ignore = ignore_index(loss_fn) if not y.is_floating_point() else None
-    weight = getattr(base_fn(loss_fn), "weight", None)
-    weight = weight if isinstance(weight, Tensor) and ignore is not None else None
+    weight = class_weight(loss_fn) if ignore is not None else None
     if logits is None:
         return Task(None, ignore=ignore, class_weight=weight)
     shape = (n, *logits.shape[1:])

@@ -44,7 +44,15 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+    Subset,
+    SubsetRandomSampler,
+)
 
 from .data import as_tensors, is_data_fn
 
@@ -96,7 +104,20 @@ def _loader_dataset(loader: DataLoader) -> Dataset:
     if loader.batch_size is None:
         raise SubsetError("samples= needs a DataLoader that batches its samples "
                           "(batch_size=None yields ready-made batches, which cannot be subset).")
-    return loader.dataset
+    # The population is what the loader visits (its sampler), not its whole dataset: a
+    # SubsetRandomSampler over a train split must not let the subset draw validation samples.
+    sampler = loader.sampler
+    if isinstance(sampler, SequentialSampler) or (
+            isinstance(sampler, RandomSampler) and not sampler.replacement
+            and sampler.num_samples == len(loader.dataset)):  # type: ignore[arg-type]
+        return loader.dataset
+    if isinstance(sampler, SubsetRandomSampler):
+        return Subset(loader.dataset, sorted(int(i) for i in sampler.indices))
+    raise SubsetError(
+        f"samples= cannot tell which samples this DataLoader visits: its sampler is a "
+        f"{type(sampler).__name__} (with replacement, weighted or custom). Pass the samples "
+        "to draw from as a Dataset (e.g. torch.utils.data.Subset) or (inputs, targets) "
+        "tensors, or leave samples=None.")
 
 
 def subset_indices(population: int, n: int, seed: int = SUBSET_SEED) -> Tensor:
@@ -144,8 +165,9 @@ def take_subset(data, samples: int, seed: int = SUBSET_SEED):
 
     Args:
         data: ``(inputs, targets)`` tensors or arrays, a map-style ``Dataset``, or a
-            ``DataLoader`` over one (its collate function is kept; its sampler and shuffling
-            are not: the subset is drawn from its dataset, in index order).
+            ``DataLoader`` over one (its collate function is kept; the subset is drawn from
+            the samples its sampler visits, in index order: all of its dataset for a
+            sequential or shuffling loader, the indices of a ``SubsetRandomSampler``).
         samples: Size of the subset.
         seed: Seed of the draw.
 
@@ -154,7 +176,8 @@ def take_subset(data, samples: int, seed: int = SUBSET_SEED):
         number of samples it was drawn from.
 
     Raises:
-        SubsetError: If ``data`` cannot be subset (a data function, an iterable dataset).
+        SubsetError: If ``data`` cannot be subset (a data function, an iterable dataset,
+            a loader whose sampler draws with replacement, by weight or its own way).
         ValueError: If ``samples`` is not in ``[2, population]``.
     """
     population = data_size(data)

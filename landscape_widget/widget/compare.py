@@ -236,7 +236,7 @@ class CompareRunner:
                 surface = compute_surface(
                     model, self.data, directions=compare_directions(model, spec), x=x, y=y,
                     loss_fn=self.loss_fn, metrics=("loss",), bn=spec.bn, device=self.device,
-                    progress=False, seed=None, cancel=cancel,
+                    progress=False, seed=None, cancel=cancel, precision=spec.precision,
                     bn_batch_size=self.bn_batch_size if spec.bn == "batch" else None)
                 if cancel.is_set():
                     break
