@@ -33,8 +33,10 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils._pytree import tree_map
@@ -137,3 +139,42 @@ def precision_note(precision: str, device: torch.device) -> str:
         return "TF32 tensor cores for float32 matmuls and convolutions"
     return (f"forward under torch.autocast({device.type!r}, {precision}); outputs cast to "
             "float32 before the loss, sums in float64")
+
+
+class PrecisionCheck:
+    """The evaluator's fp32 fallback and its measured ``precision_error`` (a mixin).
+
+    Uses the evaluator's ``precision``, ``device``, ``plan``, ``_run`` and ``_plain_plan``.
+    """
+
+    def _precision_failed(self, err: BaseException) -> None:
+        """Back to fp32 after the model failed under autocast; the plan and a warning say so.
+
+        (oneDNN has no bf16 LSTM on CPUs without bf16 instructions, for one.)
+        """
+        why = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        warnings.warn(f"precision={self.precision!r} failed on this model and device ({why}); "
+                      "the points are computed in fp32 instead (spec['precision']).",
+                      RuntimeWarning, stacklevel=4)
+        self._precision_fallback = f"{self.precision} failed ({why}): computed in fp32"
+        self.precision = self._active = "fp32"
+        self._results.clear()
+        self.rejected.clear()
+        self._reset_state()
+
+    def _check_precision(self, c: Tensor, values: Tensor) -> None:
+        """Evaluate a few of these points in fp32 too; the largest |loss difference|."""
+        rows = np.unique(np.linspace(0, c.shape[0] - 1,
+                                     min(ERROR_POINTS - len(self._error_pairs), c.shape[0]))
+                         .round().astype(int))
+        plain = self._plain_plan()
+        with precision_flags("fp32", self.device):
+            self._active = "fp32"
+            try:
+                exact = self._run(plain, c[rows])
+            finally:
+                self._active = self.precision
+        for i, r in enumerate(rows):
+            self._error_pairs.append((float(values[r, 0]), float(exact[i, 0])))
+        diffs = [abs(a - b) for a, b in self._error_pairs]
+        self.plan.precision_error = float(max(diffs)) if diffs else None
