@@ -73,6 +73,22 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
+def require_playwright():
+    """``sync_playwright``; in CI a missing piece fails, elsewhere it is reported, not run."""
+    import pytest
+    from conftest import not_run
+
+    lacking = missing()
+    if lacking:
+        why = "; ".join(lacking)
+        if in_ci():
+            pytest.fail(f"CI=true and the browser tests cannot run: {why}. {INSTALL_HINT}")
+        not_run(f"THE BROWSER TESTS DID NOT RUN: {why}. {INSTALL_HINT}")
+        pytest.skip(f"browser tests not run: {why} (see the summary)")
+    from playwright.sync_api import sync_playwright
+    return sync_playwright
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket() as s:

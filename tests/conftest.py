@@ -91,3 +91,17 @@ def worker_factory():
     yield make
     for w in made:
         w.close()
+
+
+@pytest.fixture
+def widget():
+    """A LandscapeWidget of :func:`widget_cases.model_data` at resolution 5, not started;
+    closed after the test."""
+    from widget_cases import model_data
+
+    from landscape_widget import LandscapeWidget
+
+    model, data = model_data()
+    w = LandscapeWidget(model, data, autostart=False, resolution=5)
+    yield w
+    w.close()

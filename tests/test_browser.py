@@ -53,17 +53,14 @@ from pathlib import Path
 import browser_checks as checks
 import nbformat
 import numpy as np
-import pytest
 from browser_utils import (
-    INSTALL_HINT,
     JupyterLab,
-    in_ci,
     launch_chromium,
-    missing,
     pid_alive,
+    require_playwright,
     session_pids,
 )
-from conftest import not_run, report
+from conftest import report
 
 import landscape_widget as lw
 from landscape_widget.experiments.permute import PERMUTATION_X
@@ -244,23 +241,26 @@ class Session:
         return new[-1]
 
 
+def _print_logs(session, server, name: str) -> None:
+    """The browser's and the server's last lines, for a failed test's report."""
+    if session is not None:
+        print("\n".join(["--- browser log ---", *session.log[-40:]]))
+    print(f"--- {name} log ---\n" + server.tail())
+
+
+def _assert_server_gone(server, kernel_pid: int | None, what: str) -> None:
+    """The kernel ends with its server, and none of the server's processes is left."""
+    deadline = time.monotonic() + 15
+    while kernel_pid is not None and pid_alive(kernel_pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert kernel_pid is None or not pid_alive(kernel_pid), f"the kernel outlived {what}"
+    assert server.pid is None or not session_pids(server.pid), "processes left behind"
+
+
 def _kernel_surface(session: Session) -> np.ndarray:
     out = session.execute("import json; print(json.dumps(np.asarray(w.wait(60).loss, "
                           "dtype=np.float32).tolist()))")
     return np.array(json.loads(out), dtype=np.float32)
-
-
-def _require_browser():
-    """``sync_playwright``; in CI a missing piece fails, elsewhere it is reported, not run."""
-    lacking = missing()
-    if lacking:
-        why = "; ".join(lacking)
-        if in_ci():
-            pytest.fail(f"CI=true and the browser tests cannot run: {why}. {INSTALL_HINT}")
-        not_run(f"THE BROWSER TESTS DID NOT RUN: {why}. {INSTALL_HINT}")
-        pytest.skip(f"browser tests not run: {why} (see the summary)")
-    from playwright.sync_api import sync_playwright
-    return sync_playwright
 
 
 def _run_all(page) -> None:
@@ -270,7 +270,7 @@ def _run_all(page) -> None:
 
 
 def test_widget_in_jupyterlab(tmp_path):
-    sync_playwright = _require_browser()
+    sync_playwright = require_playwright()
     t_start = time.perf_counter()
     ARTIFACTS.mkdir(exist_ok=True)
     root = tmp_path / "root"
@@ -378,23 +378,17 @@ def test_widget_in_jupyterlab(tmp_path):
             finally:
                 context.close()
     except BaseException:
-        if session is not None:
-            print("\n".join(["--- browser log ---", *session.log[-40:]]))
-        print("--- jupyterlab log ---\n" + lab.tail())
+        _print_logs(session, lab, "jupyterlab")
         raise
     finally:
         lab.stop()
-    deadline = time.monotonic() + 15
-    while kernel_pid is not None and pid_alive(kernel_pid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert kernel_pid is None or not pid_alive(kernel_pid), "the kernel outlived JupyterLab"
-    assert lab.pid is None or not session_pids(lab.pid), "processes left behind"
+    _assert_server_gone(lab, kernel_pid, "JupyterLab")
     report(f"JupyterLab browser test took {time.perf_counter() - t_start:.1f} s")
 
 
 def test_widget_in_notebook7(tmp_path):
     """Notebook 7: render, compute, cancel, the arrow keys, no share button."""
-    sync_playwright = _require_browser()
+    sync_playwright = require_playwright()
     t_start = time.perf_counter()
     ARTIFACTS.mkdir(exist_ok=True)
     root = tmp_path / "root"
@@ -443,17 +437,11 @@ def test_widget_in_notebook7(tmp_path):
             finally:
                 context.close()
     except BaseException:
-        if session is not None:
-            print("\n".join(["--- browser log ---", *session.log[-40:]]))
-        print("--- notebook log ---\n" + server.tail())
+        _print_logs(session, server, "notebook")
         raise
     finally:
         server.stop()
-    deadline = time.monotonic() + 15
-    while kernel_pid is not None and pid_alive(kernel_pid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert kernel_pid is None or not pid_alive(kernel_pid), "the kernel outlived the server"
-    assert server.pid is None or not session_pids(server.pid), "processes left behind"
+    _assert_server_gone(server, kernel_pid, "the server")
     report(f"Notebook 7: rendered, computed, cancelled, arrow keys kept (host's own page "
            f"errors: {session.host_errors if session else []}); browser test took "
            f"{time.perf_counter() - t_start:.1f} s")

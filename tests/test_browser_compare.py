@@ -15,8 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from browser_utils import INSTALL_HINT, in_ci, launch_chromium, missing
-from conftest import not_run
+from browser_utils import launch_chromium, require_playwright
 
 import landscape_widget as lw
 from landscape_widget.models import resnet
@@ -28,20 +27,8 @@ JS_Z = """(k) => {
 }"""
 
 
-def _browser():
-    lacking = missing()
-    if lacking:
-        why = "; ".join(lacking)
-        if in_ci():
-            pytest.fail(f"CI=true and the browser tests cannot run: {why}. {INSTALL_HINT}")
-        not_run(f"THE BROWSER TESTS DID NOT RUN: {why}. {INSTALL_HINT}")
-        pytest.skip(f"browser tests not run: {why} (see the summary)")
-    from playwright.sync_api import sync_playwright
-    return sync_playwright
-
-
 def test_toggle_and_side_by_side_show_each_surface_on_one_scale(tmp_path):
-    sync_playwright = _browser()
+    sync_playwright = require_playwright()
     x, y = lw.datasets.digits_images("train")
     models = {"resnet8": resnet(8, shortcut=True, in_channels=1, base=4, seed=0).eval(),
               "resnet8-noshort": resnet(8, shortcut=False, in_channels=1, base=4,

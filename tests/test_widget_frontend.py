@@ -13,21 +13,10 @@ from __future__ import annotations
 import json
 import re
 
-import pytest
 from widget_cases import FakeFrontEnd
-from widget_cases import model_data as _model_data
 
 import landscape_widget as lw
-from landscape_widget import LandscapeWidget
 from landscape_widget.widget.export import STATIC
-
-
-@pytest.fixture
-def widget():
-    model, data = _model_data()
-    w = LandscapeWidget(model, data, autostart=False, resolution=5)
-    yield w
-    w.close()
 
 
 def test_sync_is_answered_ready_even_with_nothing_running(widget):

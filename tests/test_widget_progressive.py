@@ -7,12 +7,11 @@ in the progress messages; the last stage's tiles equal compute_surface's exact v
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 import torch
 from torch import nn
+from widget_cases import Recorder
 
 import landscape_widget as lw
 from landscape_widget.core import progressive
@@ -20,24 +19,6 @@ from landscape_widget.widget.protocol import Spec, decode_buffer
 from landscape_widget.widget.worker import Worker
 
 N = 600
-
-
-class Recorder:
-    """A fake front end: the messages ``send`` got; ``hook(msg)`` called on each."""
-
-    def __init__(self):
-        self.messages, self.hook, self.lock = [], None, threading.Lock()
-
-    def __call__(self, msg, buffers):
-        with self.lock:
-            self.messages.append((msg, buffers))
-        if self.hook is not None:
-            self.hook(msg)
-
-    def of(self, job_id, kind=None):
-        with self.lock:
-            return [(m, b) for m, b in self.messages
-                    if m.get("id") == job_id and (kind is None or m["kind"] == kind)]
 
 
 @pytest.fixture

@@ -22,14 +22,6 @@ from landscape_widget.widget.protocol import MAX_1D, MAX_2D, ProtocolError, Spec
 VALID = Spec(resolution=5).to_dict()
 
 
-@pytest.fixture
-def widget():
-    model, data = _model_data()
-    w = LandscapeWidget(model, data, autostart=False, resolution=5)
-    yield w
-    w.close()
-
-
 def spec_with(**changes):
     return {"kind": "compute", "id": "req-1", "spec": {**VALID, **changes}}
 
