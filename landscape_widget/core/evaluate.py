@@ -218,6 +218,7 @@ class Evaluator(LossStats, PrecisionCheck, PlanTuner, CompiledForward, StemTerms
         self._active = "fp32"  # the precision of the passes running now
         self._precision_fallback = ""  # why precision fell back to fp32 (autocast failed)
         self._trial_values: dict[str, dict[int, Tensor]] = {}
+        self._trial_row = 0  # the next grid row a full-data plan trial computes
         self._error_pairs: list[tuple[float, float]] = []  # (loss, fp32 loss) checked
         self.module = self._prepare_module(model, bn)
         # The copy's own tensors: nothing a forward writes to them reaches the user's model.

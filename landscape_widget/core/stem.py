@@ -24,6 +24,8 @@ import torch.fx as fx
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from . import rewrite
+
 LINEAR_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -185,6 +187,9 @@ def split_stem(module: nn.Module) -> Stem | None:
         elif n not in dropped:
             env[n] = suffix_graph.node_copy(n, lambda a: env[a])
     suffix = fx.GraphModule(gm, suffix_graph)
+    # Every pass gives the suffix a new stem output (StemTerms._stem_input), so a ReLU on it
+    # may work in place; see core/rewrite.py.
+    rewrite.optimise(suffix, fresh_inputs=("stem_out",))
     keys = frozenset(k for k, _ in suffix.named_parameters()) | frozenset(
         k for k, _ in suffix.named_buffers()
     )
@@ -212,8 +217,8 @@ class StemTerms:
         base, dirs, cols, channels_last = self._stem_pack(layout)
         b = base[start:stop]
         k = coef.shape[0]
-        if not cols:
-            h = b.unsqueeze(0).expand(k, *b.shape)
+        if not cols:  # a copy: the suffix may work in place on its input (core/rewrite.py)
+            h = b.unsqueeze(0).expand(k, *b.shape).clone()
         else:
             c = coef[:, cols].to(b.dtype)
             d = dirs[:, start:stop].reshape(len(cols), -1)
@@ -272,7 +277,7 @@ class StemTerms:
                 terms.append((j, torch.cat(parts)))
             # Safety net: the split model must reproduce the whole model.
             sub = {k: self.base[k] for k in stem.suffix_keys}
-            out_split = functional_call(stem.suffix, sub, (terms[0][1][:2],))
+            out_split = functional_call(stem.suffix, sub, (terms[0][1][:2].clone(),))
             out_full = functional_call(self.module, dict(self.base), (self.x[:2],))
             if out_split.shape != out_full.shape or not torch.allclose(
                 out_split, out_full, rtol=1e-4, atol=1e-5

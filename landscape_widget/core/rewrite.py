@@ -1,0 +1,166 @@
+"""Faster, equivalent forms of common layers in the engine's own traced graphs.
+
+The engine runs the part of a model after the linear stem (core/stem.py) as a
+``torch.fx`` graph it traced itself from its private copy of the model. Every point runs it
+again, so two slow spots of eager PyTorch on a CPU are worth rewriting there:
+
+- ``nn.ReLU`` / ``F.relu`` whose input is a fresh tensor nobody else reads becomes
+  ``torch.relu_``: no new activation tensor is written (3x less time than the
+  out-of-place ReLU on a 1024 x 8 x 28 x 28 activation on a 2-core CPU).
+- ``nn.AvgPool2d`` with ``kernel_size == stride``, no padding and no ``ceil_mode`` becomes
+  :func:`avg_pool2d`: sums of strided views, 2-4x faster than torch's CPU kernel on NCHW
+  and NHWC activations.
+
+Both give the same values up to float rounding (the pool sums in another order). Modules
+with hooks are left as they are (a hook may change what the layer computes), and so is
+everything the rewrite cannot prove safe: a ReLU's input must come from an operation that
+always returns a new tensor and have no other user.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# Operations whose result is always a new tensor (never a view of an input, a parameter or a
+# buffer): an in-place ReLU on it changes nothing anyone else can read.
+FRESH_MODULES = (
+    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d,
+    nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm, nn.AvgPool2d, nn.MaxPool2d,
+    nn.AdaptiveAvgPool2d,
+)
+FRESH_FUNCTIONS = (
+    operator.add, operator.mul, operator.sub, torch.add, torch.mul, torch.sub,
+    F.conv1d, F.conv2d, F.conv3d, F.linear, F.batch_norm, F.layer_norm, F.avg_pool2d,
+    torch.cat,
+)
+
+
+def avg_pool2d(x: Tensor, k: int) -> Tensor:
+    """``F.avg_pool2d(x, k)`` (stride ``k``, no padding) as sums of strided views.
+
+    Falls back to ``F.avg_pool2d`` for anything but a dense 4D NCHW or NHWC tensor, and
+    inside ``torch.vmap``.
+
+    Args:
+        x: A ``(N, C, H, W)`` tensor.
+        k: Kernel size and stride.
+
+    Returns:
+        The ``(N, C, H // k, W // k)`` means of the ``k`` x ``k`` blocks, in ``x``'s memory
+        format.
+
+    Example:
+        >>> x = torch.arange(32.0).reshape(1, 2, 4, 4)
+        >>> torch.equal(avg_pool2d(x, 2), F.avg_pool2d(x, 2))
+        True
+        >>> cl = x.contiguous(memory_format=torch.channels_last)
+        >>> torch.equal(avg_pool2d(cl, 2), F.avg_pool2d(x, 2))
+        True
+    """
+    if (x.dim() != 4 or torch._C._functorch.is_batchedtensor(x)
+            or not x.is_floating_point()):
+        return F.avg_pool2d(x, k)
+    n, c, h, w = x.shape
+    ho, wo = h // k, w // k
+    if ho == 0 or wo == 0:
+        return F.avg_pool2d(x, k)
+    if x.is_contiguous():
+        rows = x[:, :, : ho * k].reshape(n, c, ho, k, w)
+        acc = rows[:, :, :, 0].clone() if k == 1 else rows[:, :, :, 0] + rows[:, :, :, 1]
+        for i in range(2, k):
+            acc += rows[:, :, :, i]
+        cols = acc[..., : wo * k].reshape(n, c, ho, wo, k)
+        out = cols[..., 0] if k == 1 else cols[..., 0] + cols[..., 1]
+        for i in range(2, k):
+            out += cols[..., i]
+        return out.div_(k * k)
+    if x.is_contiguous(memory_format=torch.channels_last):
+        s = x.permute(0, 2, 3, 1)  # dense (N, H, W, C)
+        rows = s[:, : ho * k].reshape(n, ho, k, w, c)
+        acc = rows[:, :, 0].clone() if k == 1 else rows[:, :, 0] + rows[:, :, 1]
+        for i in range(2, k):
+            acc += rows[:, :, i]
+        cols = acc[:, :, : wo * k].reshape(n, ho, wo, k, c)
+        out = cols[:, :, :, 0] if k == 1 else cols[:, :, :, 0] + cols[:, :, :, 1]
+        for i in range(2, k):
+            out += cols[:, :, :, i]
+        return out.div_(k * k).permute(0, 3, 1, 2)
+    return F.avg_pool2d(x, k)
+
+
+def _square_pool(mod: nn.Module) -> int | None:
+    """The kernel size of an ``nn.AvgPool2d`` that :func:`avg_pool2d` computes, else None."""
+    if type(mod) is not nn.AvgPool2d or mod._forward_hooks or mod._forward_pre_hooks:
+        return None
+    k, s, p = mod.kernel_size, mod.stride, mod.padding
+    k = k if isinstance(k, int) else (k[0] if len(set(k)) == 1 else None)
+    s = s if isinstance(s, int) else (s[0] if len(set(s)) == 1 else None)
+    p = p if isinstance(p, int) else (0 if set(p) == {0} else 1)
+    if k is None or s != k or p != 0 or mod.ceil_mode or mod.divisor_override is not None:
+        return None
+    return k
+
+
+def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        return (type(mod) is nn.ReLU and not mod._forward_hooks
+                and not mod._forward_pre_hooks and len(node.args) == 1)
+    if node.op == "call_function" and node.target in (F.relu, torch.relu):
+        return len(node.args) == 1 and not node.kwargs.get("inplace", False)
+    return False
+
+
+def _fresh(gm: fx.GraphModule, node: fx.Node, fresh_inputs: set[str]) -> bool:
+    """Whether ``node``'s value is a new tensor (see :data:`FRESH_MODULES`)."""
+    if node.op == "placeholder":
+        return node.target in fresh_inputs
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), FRESH_MODULES)
+    return node.op == "call_function" and (node.target in FRESH_FUNCTIONS
+                                           or node.target is avg_pool2d)
+
+
+def optimise(gm: fx.GraphModule, fresh_inputs: tuple[str, ...] = ()) -> int:
+    """Rewrite ``gm`` in place (see the module docstring); the number of nodes rewritten.
+
+    Args:
+        gm: A graph module the engine traced itself (never the user's module).
+        fresh_inputs: Placeholders whose value the caller creates anew for every call, so an
+            in-place ReLU may overwrite them.
+
+    Returns:
+        How many nodes were replaced.
+
+    Example:
+        >>> net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2))
+        >>> gm = fx.symbolic_trace(net)
+        >>> x = torch.randn(2, 1, 4, 4)
+        >>> before = gm(x)
+        >>> optimise(gm)
+        2
+        >>> torch.allclose(gm(x), before, atol=1e-6)
+        True
+    """
+    changed = 0
+    fresh = set(fresh_inputs)
+    for node in list(gm.graph.nodes):
+        if _is_relu(gm, node):
+            src = node.args[0]
+            if isinstance(src, fx.Node) and len(src.users) == 1 and _fresh(gm, src, fresh):
+                node.op, node.target, node.kwargs = "call_function", torch.relu_, {}
+                changed += 1
+        elif node.op == "call_module" and len(node.args) == 1 and not node.kwargs:
+            k = _square_pool(gm.get_submodule(node.target))
+            if k is not None:
+                node.op, node.target, node.args = "call_function", avg_pool2d, (node.args[0], k)
+                changed += 1
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+    return changed
