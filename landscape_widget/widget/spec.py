@@ -30,6 +30,7 @@ import math
 from dataclasses import dataclass, field
 
 from ..core.precision import PRECISIONS
+from ..core.progressive import SAMPLE_MODES
 
 MAX_2D = 201
 """Largest resolution per axis in 2D (201 x 201 = 40,401 points)."""
@@ -124,6 +125,7 @@ class Spec:
     quantity: str = choice("loss", QUANTITIES)
     vertices: tuple[str, ...] = list_of(str, ())
     precision: str = choice("fp32", PRECISIONS)  # the engine's (core/precision.py)
+    samples: str = choice("auto", SAMPLE_MODES)  # data subset stages (core/progressive.py)
 
     def to_dict(self) -> dict:
         """JSON-ready form (tuples as lists).
