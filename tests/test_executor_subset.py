@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import pickle
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -182,3 +183,19 @@ def test_subset_errors_on_an_executor_name_the_draw_and_the_fix():
         with pytest.raises(TypeError, match="sample_seed must be an int"):
             lw.iter_tiles(make_model(), data_fn, samples=10, sample_seed="x", executor=pool,
                           x=(-1, 1, 3), y=None)
+
+
+def test_only_the_drawn_samples_travel():
+    """Tensors are subset on the client: the payload holds the N drawn samples, not all
+    POP; a data_fn travels as the function (its workers load the data and draw)."""
+    with ThreadPoolExecutor(1) as pool:
+        tensors = lw.iter_tiles(make_model(), data_fn(), samples=N, sample_seed=SEED,
+                                executor=pool, x=(-1, 1, 3), y=None)
+        function = lw.iter_tiles(make_model(), data_fn, samples=N, sample_seed=SEED,
+                                 executor=pool, x=(-1, 1, 3), y=None)
+    x, y = pickle.loads(tensors.evaluator.shipped.data_blob)
+    idx = subset_indices(POP, N, SEED)
+    assert torch.equal(x, data_fn()[0][idx]) and torch.equal(y, data_fn()[1][idx])
+    assert callable(pickle.loads(function.evaluator.shipped.data_blob))
+    for stream in (tensors, function):
+        assert stream.spec["samples"] == {"n": N, "of": POP, "seed": SEED}
