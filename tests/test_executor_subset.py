@@ -15,6 +15,7 @@ import logging
 import pickle
 from concurrent.futures import ThreadPoolExecutor
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -137,6 +138,9 @@ def test_dask_subset_reuse_and_file_as_for_local_runs(client, tmp_path):
                       samples=N, sample_seed=SEED + 1, **fine)
     path = tmp_path / "remote.h5"
     remote.save(path)
+    with h5py.File(path, "r") as f:  # loss-landscape's keys, and the standard errors
+        np.testing.assert_allclose(f["train_loss"][()], remote.loss)
+        np.testing.assert_allclose(f["train_loss_se"][()], remote.loss_se)
     back = lw.Surface.load(path)
     np.testing.assert_array_equal(back.loss_se, remote.loss_se)
     assert back.spec["samples"] == {"n": N, "of": POP, "seed": SEED}
