@@ -7,10 +7,11 @@ every enumeration), and :func:`schema`, which the widget sends to the front end 
 read-only ``_spec_schema`` trait (the JS reads the field names, enumerations, defaults and
 limits from there and has no copy of them).
 
-Adding a field is one line in :class:`Spec`, for example (``precision`` was added so)::
+Adding a field is one line in :class:`Spec`, for example (``precision`` and ``samples``
+were added so; a bounded int would read ``steps: int = bounded(10, 1, 1_000)``)::
 
     precision: str = choice("fp32", PRECISIONS)
-    samples: int = bounded(0, 0, 1_000_000)
+    samples: str = choice("auto", SAMPLE_MODES)
 
 which gives a widget trait (an ``Enum`` for a :func:`choice`), a wire field checked for type,
 enumeration (:func:`choice`) or range (:func:`bounded`), its place in
