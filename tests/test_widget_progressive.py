@@ -273,3 +273,18 @@ def test_the_samples_control_is_validated_from_the_front_end(widget):
     widget.samples = "exact"
     assert widget.spec().samples == "exact"
     assert schema()["choices"]["samples"] == list(progressive.SAMPLE_MODES)
+
+
+def test_the_plane_through_three_models_says_it_has_no_subset(subset_1k_is_100):
+    torch.manual_seed(0)
+    names = ("a", "b", "c")
+    models = {n: nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 3)).eval()
+              for n in names}
+    statuses = []
+    spec = Spec(direction="plane", norm="none", resolution=3, x_range=(-0.2, 1.2),
+                y_range=(-0.2, 1.2), vertices=names, samples="1k")
+    worker, rec = _run(models["a"], _setup()[1], spec, models=models,
+                       on_status=statuses.append)
+    assert worker.latest.spec.get("samples") is None  # all data
+    assert not any(p.get("stage") for p, _ in rec.of("j", "progress"))
+    assert "plane through three models is computed on all data" in statuses[-1]["message"]
