@@ -225,3 +225,54 @@ def test_exact_value_lies_within_3_se_at_99_percent_of_points(trained_digits_mlp
     assert inside >= 0.99, f"only {inside:.1%} of points within 3 se (max z {z.max():.2f})"
     assert float(np.median(s.loss_se)) < 0.05 * spread, (np.median(s.loss_se), spread)
     assert float(np.median(z)) > 0.05  # the subset really differs from all data
+
+
+def test_a_subset_without_counted_targets_names_the_draw_and_the_fix():
+    """Review M1: the data has counted targets, the drawn subset has none."""
+    model, (x, y) = _mlp(), _data(40)
+    y = torch.full_like(y, -100)
+    y[0] = 1  # subset_indices(40, 5, 0) does not hold sample 0
+    assert 0 not in subset_indices(40, 5, 0).tolist()
+    with pytest.raises(SubsetError, match=r"the subset of 5 samples of the data's 40 drawn "
+                                          r"with sample_seed=0 has no counted target") as info:
+        lw.compute_surface(model, (x, y), samples=5, **GRID)
+    text = str(info.value)
+    assert "ignore_index=-100" in text and "Raise samples=" in text
+    assert "change sample_seed=" in text
+    # The same data in full is fine; exact data with no counted target keeps its own error.
+    assert np.isfinite(lw.compute_surface(model, (x, y), **GRID).loss).all()
+    with pytest.raises(ValueError, match="Pass data with counted targets"):
+        lw.compute_surface(model, (x, torch.full_like(y, -100)), **GRID)
+
+
+def test_sample_seed_without_samples_is_refused_with_the_fix():
+    """Review M2: a seed that would silently do nothing."""
+    model, data = _mlp(), _data(50)
+    with pytest.raises(TypeError, match="sample_seed=3 has no effect without samples="):
+        lw.compute_surface(model, data, sample_seed=3, **GRID)
+    with pytest.raises(TypeError, match="no effect without samples="):
+        lw.compute_curve(model, data, sample_seed=0, progress=False, x=(-1, 1, 3))
+
+
+@pytest.mark.parametrize("seed", ["x", 1.5, True, None])
+def test_a_sample_seed_that_is_not_an_int_is_a_clear_type_error(seed):
+    model, data = _mlp(), _data(50)
+    if seed is None:  # None means the default seed, 0
+        s = lw.compute_surface(model, data, samples=10, sample_seed=None, **GRID)
+        assert s.spec["samples"]["seed"] == 0
+        return
+    with pytest.raises(TypeError, match="sample_seed must be an int"):
+        lw.compute_surface(model, data, samples=10, sample_seed=seed, **GRID)
+
+
+def test_numpy_integers_are_accepted_for_samples_and_sample_seed():
+    """Review M2: samples=np.int64(10) (e.g. from a numpy computation) is an integer."""
+    model, data = _mlp(), _data()
+    ref = lw.compute_surface(model, data, samples=60, sample_seed=2, **GRID)
+    got = lw.compute_surface(model, data, samples=np.int64(60), sample_seed=np.int32(2), **GRID)
+    assert got.spec["samples"] == {"n": 60, "of": 400, "seed": 2}
+    assert type(got.spec["samples"]["n"]) is int and type(got.spec["samples"]["seed"]) is int
+    np.testing.assert_array_equal(got.loss, ref.loss)
+    np.testing.assert_array_equal(got.loss_se, ref.loss_se)
+    with pytest.raises(TypeError, match="samples must be an int"):
+        lw.compute_surface(model, data, samples=np.float64(60), **GRID)

@@ -148,6 +148,7 @@ def _mutations(rng: random.Random):
                 "quantity": ["hessian", None, 1, "Curvature"],
                 "vertices": [["sgd"], "sgd", [1], None, ["a", "b", "c", "d"]],
                 "precision": ["half", "FP32", None, 16],
+                "samples": ["2k", "Auto", "", None, 1000, True],
             }[key]
             base["spec"][key] = rng.choice(bad)
             yield base

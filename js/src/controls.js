@@ -13,7 +13,7 @@ const VIEWS = {
 // A view with no kernel (a static HTML export, a restored view) cannot compute: only the
 // display controls stay live.
 const COMPUTE_ONLY = ["direction", "ignore_biasbn", "mode", "x0", "x1", "y0", "y1", "resolution",
-  "resolutionBox", "seed", "bn", "compute", "cancel", "quantity", "margin", "precision"];
+  "resolutionBox", "seed", "bn", "compute", "cancel", "quantity", "margin", "precision", "samples"];
 
 function controls() {
   const c = {
@@ -35,6 +35,7 @@ function controls() {
     seed: h("input", { type: "number", min: 0, step: 1 }),
     bn: h("select", { title: "BatchNorm statistics" }),
     precision: h("select", { title: "Compute precision: fp32 is exact; tf32 and fp16 need a GPU, bf16 is approximate (the result reports its measured error)" }),
+    samples: h("select", { title: "Data per point: auto draws a random subset first on large data (labelled, ± standard error), then all data; exact uses all data only; a subset size stops there (the result is that subset's estimate, with its standard error)" }),
     quantity: h("select", { title: "What to compute: the loss, or the Hessian's eigenvalue ratio |λmin/λmax| (slow: two Lanczos runs per point)" }),
     compute: h("button", { class: "lw-compute", title: "Compute now" }, "Compute"),
     cancel: h("button", { class: "lw-cancel", title: "Stop the running computation" }, "Cancel"),
@@ -64,6 +65,10 @@ export function controlPanel({ model, get, setTrait, onCompute, onCancel, offlin
   const precisionLabels = { fp32: "fp32 (exact)", tf32: "tf32 (GPU)", fp16: "fp16 (GPU)" };
   options(c.precision, ((model.get("_spec_schema") || {}).choices?.precision || ["fp32"])
     .map((v) => [v, precisionLabels[v] || v]));
+  // The data-subset modes are the kernel's enumeration too (core/progressive.py).
+  const sampleLabels = { auto: "auto (subset first)", exact: "all (exact)" };
+  options(c.samples, ((model.get("_spec_schema") || {}).choices?.samples || ["auto"])
+    .map((v) => [v, sampleLabels[v] || `subset ${v} (± se)`]));
   const xRow = row("α range", c.x0, c.x1);
   const yRow = row("β range", c.y0, c.y1);
   const marginRow = row("margin", c.margin);
@@ -86,6 +91,7 @@ export function controlPanel({ model, get, setTrait, onCompute, onCancel, offlin
     row("seed", c.seed),
     row("batch norm", c.bn),
     row("precision", c.precision),
+    row("samples", c.samples),
     h("div", { class: "lw-buttons" }, c.compute, c.cancel));
 
   function directionItems() {
@@ -136,6 +142,7 @@ export function controlPanel({ model, get, setTrait, onCompute, onCancel, offlin
     if (document.activeElement !== c.seed) c.seed.value = get("seed");
     c.bn.value = get("bn");
     c.precision.value = get("precision") || "fp32";
+    c.samples.value = get("samples") || "auto";
   }
 
   const num = (input) => Number.parseFloat(input.value);
@@ -193,6 +200,7 @@ export function controlPanel({ model, get, setTrait, onCompute, onCancel, offlin
   });
   on(c.bn, "change", () => setTrait({ bn: c.bn.value }));
   on(c.precision, "change", () => setTrait({ precision: c.precision.value }));
+  on(c.samples, "change", () => setTrait({ samples: c.samples.value }));
   on(c.compute, "click", () => onCompute());
   on(c.cancel, "click", () => onCancel());
 

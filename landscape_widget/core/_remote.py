@@ -6,6 +6,10 @@ pickled once on the client (with cloudpickle where installed, so models, losses 
 ``data_fn`` defined in a notebook travel by value) and keyed by a hash of its bytes; a
 worker process keeps the last two evaluators and the last data set, so a later job with
 the same model, directions and data rebuilds nothing.
+
+A data subset (``samples=``) of a ``data_fn`` is drawn here, on each worker, from the
+engine option ``subset=(n, seed)``: see :func:`_subset` for why, and how the workers are
+held to one draw.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from .data import as_tensors, is_data_fn
 from .evaluate import Evaluator
 from .fingerprints import fingerprint, fingerprint_bytes
 from .params import model_device
+from .subset import take_subset
 from .tuning import Plan, _remember
 
 try:
@@ -215,33 +220,77 @@ def _evaluator(payload: Payload) -> tuple[Evaluator, threading.Lock]:
         options = dict(options)
         device = options.pop("device", None)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        ev = Evaluator(model.to(device), _DATA[payload.data_key], dirs, device=device,
+        data, drawn = _subset(_DATA[payload.data_key], options)
+        ev = Evaluator(model.to(device), data, dirs, device=device,
                        **options)  # model: this process's own unpickled copy
+        # What the probe reports: the drawn subset, and how many samples it was drawn from.
+        ev.subset_fingerprint = drawn  # type: ignore[attr-defined]
+        ev.subset_population = options.get("population")  # type: ignore[attr-defined]
         _EVALUATORS[payload.key] = (ev, threading.Lock())
         while len(_EVALUATORS) > 2:
             _EVALUATORS.popitem(last=False)
         return _EVALUATORS[payload.key]
 
 
+def _subset(data: tuple, options: dict) -> tuple[tuple, str | None]:
+    """The data this worker evaluates: all of ``data``, or the subset ``options`` names.
+
+    ``options["subset"] = (n, seed)`` comes only with a ``data_fn`` (other data is subset
+    on the client, which then ships just the ``n`` drawn samples). The function loads the
+    data on the worker so that it never crosses the network; the client cannot draw the
+    indices without knowing the data's size, i.e. without calling ``data_fn`` itself, so
+    each worker draws them from ``(N, n, seed)`` with the same seeded
+    :func:`~landscape_widget.core.subset.subset_indices` as a local run. The draw is
+    identical only if ``data_fn`` returns the same samples in the same order everywhere
+    (and torch draws alike): the fingerprint of the drawn samples is returned, and every
+    worker compares its own with the first worker's before its first tile
+    (:func:`run_tile`), so workers never mix two subsets in one grid.
+
+    Returns:
+        ``(data, fingerprint)``: the data to evaluate (``options`` then holds its
+        ``population``) and the drawn samples' fingerprint (``None`` without a subset).
+    """
+    if options.get("subset") is None:
+        options.pop("subset", None)
+        return data, None
+    n, seed = options.pop("subset")
+    data, options["population"] = take_subset(data, n, seed)
+    return data, fingerprint({"x": data[0], "y": data[1]})
+
+
 def probe(payload: Payload) -> dict:
     """Worker task: build the evaluator (bad input fails here, early) and describe it."""
     ev, _ = _evaluator(payload)
     return {"metrics": list(ev.metrics), "dropped": dict(ev.dropped), "n": ev.n,
-            "device": str(ev.device),
+            "device": str(ev.device), "population": ev.subset_population,
+            "subset": ev.subset_fingerprint,
             "data": fingerprint({"x": ev.x, "y": ev.y}), "worker": _worker_name()}
 
 
-def run_tile(payload: Payload, coords: np.ndarray, total: int, plan: Plan | None) -> dict:
+def run_tile(payload: Payload, coords: np.ndarray, total: int, plan: Plan | None,
+             subset: str | None = None) -> dict:
     """Worker task: evaluate the points ``coords`` of a grid of ``total`` points.
 
     ``plan`` is the one the first tile's worker chose; the others adopt it (through the
-    per-process plan cache the evaluator reads) instead of timing their own.
+    per-process plan cache the evaluator reads) instead of timing their own. ``subset``
+    is the fingerprint of the subset the first worker drew from a ``data_fn``
+    (:func:`_subset`); this worker's draw must equal it.
+
+    Raises:
+        RuntimeError: If this worker drew another subset than the first worker.
 
     Returns:
         ``{"values", "seconds", "plan", "worker"}``: the metrics at ``coords``, the time,
         the plan used and the worker that ran it.
     """
     ev, lock = _evaluator(payload)
+    if subset is not None and ev.subset_fingerprint != subset:
+        raise RuntimeError(
+            f"samples=: worker {_worker_name()} drew another data subset than the first "
+            "worker: data_fn returns other samples (or another order) here, or this worker's "
+            "torch draws differently. Make data_fn return the same data in the same order on "
+            "every worker (e.g. sort the files it reads), or pass the data itself instead of "
+            "data_fn (it is then subset once, on the client).")
     with lock:  # an evaluator is not thread-safe (plan tuning, stem caches)
         ev.expected_points = total
         if plan is not None and ev.plan is None:

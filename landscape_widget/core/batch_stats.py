@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.func import functional_call
 
 from . import subset
-from .errors import AccuracyUndefined
+from .errors import AccuracyUndefined, NoCountedTargets
 from .losses import check_reduction, loss_error
 from .metrics import Task, describe, find_logits, resolve_task, user_metric_stats
 
@@ -40,9 +40,10 @@ class LossStats:
 
         Raises:
             ValueError: If ``loss_fn`` fails on the outputs or does not return a scalar
-                tensor, if every target equals ``ignore_index``, if a user loss is not a
-                batch mean (``check_reduction``), or if a user metric fails on the first
-                samples or returns neither per-sample values nor a ``(total, count)`` pair.
+                tensor, if a user loss is not a batch mean (``check_reduction``), or if a
+                user metric fails on the first samples or returns neither per-sample values
+                nor a ``(total, count)`` pair.
+            NoCountedTargets: (a ``ValueError``) If every target equals ``ignore_index``.
             AccuracyUndefined: (a ``ValueError``) If ``"accuracy"`` was asked for explicitly
                 (``metrics=`` given without a user accuracy) but the outputs hold no logits
                 of a classification task; with the default metrics it is dropped instead
@@ -70,8 +71,9 @@ class LossStats:
         self.task: Task = resolve_task(logits, self.y, self.loss_fn if self._user_loss else None,
                                        self.n)
         if self.task.ignore is not None and float(self.task.loss_weight(self.y)) == 0:
-            raise ValueError(f"every target equals ignore_index={self.task.ignore}; the loss "
-                             "is a mean over no targets. Pass data with counted targets.")
+            raise NoCountedTargets(f"every target equals ignore_index={self.task.ignore}; the "
+                                   "loss is a mean over no targets. Pass data with counted "
+                                   "targets.", self.task.ignore)
         if "accuracy" in self.metrics and "accuracy" not in self.user_metrics and (
                 logits is None or self.task.kind is None):
             why = no_logits or self.task.why

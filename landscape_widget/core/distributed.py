@@ -24,6 +24,11 @@ widget) ships the local engine instead of replacing it: each worker builds the s
   and the others adopt the winner, so all tiles share one plan (and its rounding).
   Without ``tile_points`` a tile aims at :data:`TILE_SECONDS` of worker time, measured on
   the first tiles (more than the local 0.3 s: task overhead).
+- **Data subsets** (``samples=N``). Tensors, a ``Dataset`` or a ``DataLoader`` are subset
+  on the client, as in a local run, so only the ``N`` drawn samples are pickled and
+  shipped; a ``data_fn``'s data never leaves the workers, so each draws the same indices
+  from the same seed there, and a worker whose draw differs from the first worker's is
+  refused (see :func:`._remote._subset`). ``loss_se`` comes back with every tile.
 - **Failures.** Dask reruns the tasks of a dead worker on the others by itself; the tiles
   it had (running, queued, or finished but not collected) are counted from the scheduler's
   ``remove-worker`` events into ``result.spec["executor"]["lost_tiles"]``. A dead process
@@ -192,6 +197,10 @@ class ExecutorRunner:
         self.dropped = dict(info.get("dropped", {}))
         self.n, self.device = int(info["n"]), info["device"]
         self.data_fingerprint = info["data"]
+        # samples=: the data's size (the subset's population) and, for a subset each
+        # worker draws from a data_fn, the first draw's fingerprint that every tile checks.
+        self.population: int | None = info.get("population")
+        self.subset: str | None = info.get("subset")
         self.plan: Plan | None = None
         self.nonfinite_points = 0
         self.expected_points = 1 << 30
@@ -252,7 +261,8 @@ class ExecutorRunner:
             tid = next(ids)
             keys.add(f"lw-tile-{run}-{tid}")
             fut = backend.submit(run_tile, self.shipped, job.coords(cut[1][cut[2]]),
-                                 total, self.plan, key=f"lw-tile-{run}-{tid}", full=full)
+                                 total, self.plan, self.subset, key=f"lw-tile-{run}-{tid}",
+                                 full=full)
             flights[tid] = (fut, cut)
             fut.add_done_callback(lambda _f, tid=tid: finished.put(tid))
 

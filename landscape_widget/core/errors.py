@@ -5,6 +5,8 @@ Each subclasses the builtin its raisers raised before (``RuntimeError``, ``Value
 :class:`ReuseMismatch` (then computes everything again) and :class:`AccuracyUndefined`
 (then computes the loss alone), and treats :class:`Cancelled` as a cancelled job.
 :class:`IsolationError` is raised before any work when the model cannot be copied.
+:func:`~landscape_widget.iter_tiles` turns :class:`NoCountedTargets` of a drawn subset
+(``samples=``) into an error that names the draw.
 
 Example:
     >>> issubclass(ReuseMismatch, ValueError), issubclass(Cancelled, RuntimeError)
@@ -13,7 +15,8 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["AccuracyUndefined", "Cancelled", "IsolationError", "ReuseMismatch"]
+__all__ = ["AccuracyUndefined", "Cancelled", "IsolationError", "NoCountedTargets",
+           "ReuseMismatch"]
 
 
 class Cancelled(RuntimeError):
@@ -43,3 +46,18 @@ class IsolationError(TypeError):
     Raised before any work; the message names the attribute that refuses to be copied (e.g.
     ``model.body.guard (lock)``) and how to make the model copyable.
     """
+
+
+class NoCountedTargets(ValueError):
+    """Every target of the data equals the loss's ``ignore_index``: its mean is over nothing.
+
+    Attributes:
+        ignore_index: The ignored target value.
+    """
+
+    def __init__(self, message: str, ignore_index=None):
+        super().__init__(message)
+        self.ignore_index = ignore_index
+
+    def __reduce__(self):  # crosses process boundaries (an executor's workers) intact
+        return type(self), (str(self), self.ignore_index)

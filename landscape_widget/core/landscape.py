@@ -10,11 +10,12 @@ import numpy as np
 from torch import nn
 
 from .compute import GridJob, LocalRunner, grid_job
-from .errors import ReuseMismatch
+from .data import is_data_fn
+from .errors import NoCountedTargets, ReuseMismatch
 from .evaluate import METRICS, LossFn, warn_nonfinite
 from .grid import Tile
 from .params import Params
-from .subset import SUBSET_SEED, SubsetError, take_subset
+from .subset import SUBSET_SEED, check_samples, check_seed, no_counted_targets, take_subset
 from .surface import Curve, Surface
 
 
@@ -113,7 +114,7 @@ def iter_tiles(
     executor=None,
     output_fn=None,
     samples: int | None = None,
-    sample_seed: int = SUBSET_SEED,
+    sample_seed: int | None = None,
     precision: str | None = None,
     compile: bool | str | None = None,
 ) -> TileStream:
@@ -168,8 +169,11 @@ def iter_tiles(
             ``core/subset.py``). ``None`` (default): all data, exact. ``data`` must then be
             tensors, a map-style ``Dataset`` or a ``DataLoader`` over one, and ``loss_fn``
             one whose ``reduction='none'`` gives per-sample losses. Recorded as
-            ``spec["samples"] = {"n", "of", "seed"}``.
-        sample_seed: Seed of the subset.
+            ``spec["samples"] = {"n", "of", "seed"}``. With ``executor``, tensors, a
+            ``Dataset`` or a ``DataLoader`` are subset here and only the drawn samples are
+            sent; a ``data_fn`` is called on the workers, which each draw the same subset
+            (checked, see ``core/distributed.py``).
+        sample_seed: Seed of the subset (default 0); only with ``samples``.
         precision: ``"fp32"`` (default, exact), ``"tf32"``, ``"bf16"`` or ``"fp16"`` (CUDA);
             recorded as ``spec["precision"]`` with ``spec["precision_error"]``, the largest
             |loss - fp32 loss| measured on 3 points of the grid (core/precision.py).
@@ -182,10 +186,14 @@ def iter_tiles(
 
     Raises:
         TypeError: If ``precision`` or ``compile`` is given both as an argument and in
-            ``evaluator_options``; or, from :func:`grid_job`, if the model, an axis, the
-            directions or an option has the wrong type.
+            ``evaluator_options``; if ``samples`` or ``sample_seed`` is not an int, or
+            ``sample_seed`` is given without ``samples``; or, from :func:`grid_job`, if the
+            model, an axis, the directions or an option has the wrong type.
         SubsetError: (a ``ValueError``) if ``samples`` is given for data or a loss that
-            cannot be subset, or together with ``executor``, naming the fix.
+            cannot be subset, or the drawn subset has no counted target (all
+            ``ignore_index``), naming the fix.
+        NoCountedTargets: (a ``ValueError``) If every target of the data (without
+            ``samples``) equals the loss's ``ignore_index``.
         ValueError: From :func:`grid_job`: the grid is above ``MAX_GRID_POINTS`` points, an
             axis is invalid, or ``reuse`` was computed otherwise (``ReuseMismatch``).
         ReuseMismatch: (a ``ValueError``) If ``reuse`` is a loss-landscape file whose values
@@ -197,19 +205,37 @@ def iter_tiles(
                 raise TypeError(f"{name} was given twice (also in evaluator_options).")
             evaluator_options = dict(evaluator_options or {}, **{name: value})
     population = None
-    if samples is not None:
-        if executor is not None:
-            raise SubsetError("samples= does not run on an executor yet; take the subset "
-                              "in your data_fn, or compute without executor=.")
-        data, population = take_subset(data, samples, sample_seed)
-        evaluator_options = {**(evaluator_options or {}), "population": population}
-    job = grid_job(model, data, axes=[x] if y is None else [y, x], directions=directions,
-                   loss_fn=loss_fn, metrics=metrics, bn=bn, bn_batch_size=bn_batch_size,
-                   device=device, seed=seed, reuse=reuse, keep_directions=keep_directions,
-                   evaluator_options=evaluator_options, executor=executor,
-                   output_fn=output_fn)
-    job.spec["samples"] = (None if population is None else
-                           {"n": int(samples), "of": population, "seed": int(sample_seed)})
+    if samples is None:
+        if sample_seed is not None:
+            raise TypeError(
+                f"sample_seed={sample_seed!r} has no effect without samples=: every point is "
+                "computed exactly on all data. Pass samples=N as well (a random subset of N "
+                "samples drawn from that seed), or drop sample_seed.")
+    else:
+        sample_seed = check_seed(SUBSET_SEED if sample_seed is None else sample_seed)
+        if executor is not None and is_data_fn(data):
+            # The workers load the data and draw the subset there (core/_remote.py _subset).
+            samples = check_samples(samples)
+            evaluator_options = {**(evaluator_options or {}), "subset": (samples, sample_seed)}
+        else:  # drawn here: an executor then ships only the drawn samples
+            data, population = take_subset(data, samples, sample_seed)
+            samples = int(samples)
+            evaluator_options = {**(evaluator_options or {}), "population": population}
+    try:
+        job = grid_job(model, data, axes=[x] if y is None else [y, x], directions=directions,
+                       loss_fn=loss_fn, metrics=metrics, bn=bn, bn_batch_size=bn_batch_size,
+                       device=device, seed=seed, reuse=reuse,
+                       keep_directions=keep_directions, evaluator_options=evaluator_options,
+                       executor=executor, output_fn=output_fn)
+    except NoCountedTargets as err:
+        if samples is None:
+            raise
+        subset_error = no_counted_targets(samples, sample_seed, population, err)
+        raise subset_error from err
+    if samples is not None and population is None:  # drawn on an executor's workers
+        population = getattr(job.runner, "population", None)
+    job.spec["samples"] = (None if samples is None else
+                           {"n": samples, "of": population, "seed": sample_seed})
     if reuse is not None and reuse.spec.get("source") == "loss-landscape":
         check_foreign_reuse(job)
     return TileStream(job, tile_points, cancel)

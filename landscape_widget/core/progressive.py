@@ -6,6 +6,11 @@ point. :class:`ProgressiveStream` runs the grid first on a fixed random subset o
 larger one, and last on all data, as one stream of tiles: a viewer draws the coarse-in-data
 picture at once and each later stage overwrites it, ending with the exact full-data values.
 The widget's worker uses it for large data sets (see :func:`progressive_sizes`).
+
+The widget's ``samples`` control (:data:`SAMPLE_MODES`, the one list of its values) picks
+the stages: ``"auto"`` (subset stages first on large data, then exact), ``"exact"`` (all
+data only) or a fixed subset (:data:`SUBSET_CHOICES`: that subset only, with its standard
+errors; all data, exact, when the data holds no more samples); see :func:`sample_stages`.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .compute import LocalRunner
+from .data import is_data_fn
 from .grid import Tile
 from .subset import SubsetError, data_size
 from .tuning import Plan
@@ -25,6 +32,10 @@ PROGRESSIVE_STAGES = (256, 2_048, 16_384)  # subset sizes, growing 8x ...
 PROGRESSIVE_FRACTION = 4  # ... each used while at most 1/4 of the data: all subset passes
 # together then cost at most ~30 % of the exact pass (256 + 2,048 of 10,000: 23 %).
 FIRST_TILE_POINTS = 4  # points per tile of the first stage: the first picture comes early
+SUBSET_CHOICES = {"1k": 1_000, "5k": 5_000, "10k": 10_000}
+"""The widget's fixed subset sizes: the ``samples`` control's values besides auto and exact."""
+SAMPLE_MODES = ("auto", "exact", *SUBSET_CHOICES)
+"""The values of the widget's ``samples`` control (``widget/spec.py``), default first."""
 
 
 def progressive_sizes(population: int, stages=None, threshold: int | None = None
@@ -55,7 +66,38 @@ def progressive_sizes(population: int, stages=None, threshold: int | None = None
     return [n for n in stages if n * PROGRESSIVE_FRACTION <= population] + [None]
 
 
-def stage_label(samples: int, population: int, se: np.ndarray | None) -> str:
+def sample_stages(mode: str, population: int | None) -> list[int | None]:
+    """The stages of the widget's ``samples`` control ``mode`` for ``population`` samples.
+
+    Args:
+        mode: One of :data:`SAMPLE_MODES`.
+        population: The data's number of samples (``None``: unknown here, a ``data_fn`` on
+            an executor's workers; then a fixed subset is drawn there, auto is exact).
+
+    Returns:
+        Subset sizes then ``None`` (exact), as :func:`progressive_sizes`; a fixed subset
+        gives just ``[n]``, or ``[None]`` when the data has at most ``n`` samples.
+
+    Raises:
+        ValueError: If ``mode`` is not one of :data:`SAMPLE_MODES`.
+
+    Example:
+        >>> sample_stages("auto", 50_000), sample_stages("exact", 50_000)
+        ([256, 2048, None], [None])
+        >>> sample_stages("10k", 50_000), sample_stages("10k", 8_000)
+        ([10000], [None])
+    """
+    if mode not in SAMPLE_MODES:
+        raise ValueError(f"samples={mode!r} is not one of {list(SAMPLE_MODES)}.")
+    if mode == "exact" or (mode == "auto" and population is None):
+        return [None]
+    if mode == "auto":
+        return progressive_sizes(population)
+    n = SUBSET_CHOICES[mode]
+    return [None] if population is not None and n >= population else [n]
+
+
+def stage_label(samples: int, population: int | None, se: np.ndarray | None) -> str:
     """The status text of a subset stage, e.g. ``"subset 1,000 of 50,000 samples (±0.012)"``.
 
     The ± is the median standard error of the points computed so far.
@@ -63,7 +105,8 @@ def stage_label(samples: int, population: int, se: np.ndarray | None) -> str:
     Returns:
         The label.
     """
-    text = f"subset {samples:,} of {population:,} samples"
+    of = "" if population is None else f" of {population:,}"
+    text = f"subset {samples:,}{of} samples"
     if se is not None and np.isfinite(se).any():
         text += f" (±{float(np.nanmedian(se)):.2g})"
     return text
@@ -107,8 +150,12 @@ class ProgressiveStream:
             start. The first stage is a preview: it gets ``tile_points=FIRST_TILE_POINTS``
             and :func:`preview_plan`, chosen without timing (timing the engine's candidate
             plans would cost more than the preview itself); later stages plan as usual.
-        sizes: The stages' sample counts, from :func:`progressive_sizes`.
-        population: The data's number of samples.
+        sizes: The stages' sample counts, from :func:`sample_stages`.
+        population: The data's number of samples (``None``: read from the first stage's
+            runner, whose executor's workers drew the subset).
+        preview: Whether the first stage is a preview (when later stages follow); a
+            single subset stage (the widget's fixed subset) is the answer and plans as
+            usual.
 
     Attributes mirror the current stage's stream (``axes``, ``shape``, ``spec``,
     ``evaluator``, ``arrays``), so a viewer joining mid-way sees the current stage's values;
@@ -116,14 +163,19 @@ class ProgressiveStream:
     stage's grid (a subset result, with ``loss_se``, until the exact stage has started).
     """
 
-    def __init__(self, make_stream: Callable, sizes: list[int | None], population: int):
+    def __init__(self, make_stream: Callable, sizes: list[int | None], population: int | None,
+                 preview: bool = True):
         self._make = make_stream
         self.sizes = list(sizes)
-        self.population = population
         self.stage = 0
-        self.stream = make_stream(samples=self.sizes[0], tile_points=FIRST_TILE_POINTS)
-        # Timing the engine's candidate plans would cost more than the preview itself.
-        self.stream.evaluator.plan = preview_plan(self.stream.evaluator)
+        if preview:
+            self.stream = make_stream(samples=self.sizes[0], tile_points=FIRST_TILE_POINTS)
+            if isinstance(self.stream.evaluator, LocalRunner):  # an executor's workers time
+                # Timing the engine's candidate plans would cost more than the preview.
+                self.stream.evaluator.plan = preview_plan(self.stream.evaluator)
+        else:
+            self.stream = make_stream(samples=self.sizes[0])
+        self.population = population or getattr(self.stream.evaluator, "population", None)
         self.axes, self.shape = self.stream.axes, self.stream.shape
 
     def __getattr__(self, name):  # spec, evaluator, arrays, evaluated, reused: the stage's
@@ -159,25 +211,50 @@ class ProgressiveStream:
         return self.stream.result()
 
 
-def progressive_stream(make_stream: Callable, data) -> ProgressiveStream | None:
-    """A :class:`ProgressiveStream` for ``data``, or ``None`` where it brings nothing.
+def progressive_stream(make_stream: Callable, data, mode: str = "auto",
+                       remote: bool = False) -> ProgressiveStream | None:
+    """A :class:`ProgressiveStream` for ``data`` and the widget's ``samples`` ``mode``.
 
-    ``None`` when the data set is below :data:`PROGRESSIVE_MIN_SAMPLES`, or cannot be subset
-    (a data function, an iterable dataset), or the loss gives no per-sample values
-    (:class:`~landscape_widget.core.subset.SubsetError`): the caller then computes the exact
-    grid directly.
+    ``None`` where the stages bring nothing: the caller then computes the exact grid
+    directly. With ``"auto"`` that is when the data set is below
+    :data:`PROGRESSIVE_MIN_SAMPLES`, or cannot be subset (a data function, an iterable
+    dataset), or the loss gives no per-sample values
+    (:class:`~landscape_widget.core.subset.SubsetError`); with ``"exact"`` always; with a
+    fixed subset when the data holds no more samples than it. A fixed subset that cannot
+    be drawn raises instead: the user asked for it, and the error names the fix.
+
+    Args:
+        make_stream: As for :class:`ProgressiveStream`.
+        data: The grid's data.
+        mode: One of :data:`SAMPLE_MODES`.
+        remote: Whether an executor's workers compute the tiles (a ``data_fn`` is then
+            subset by them, see ``core/_remote.py``).
 
     Returns:
         The staged stream, or ``None``.
+
+    Raises:
+        SubsetError: For a fixed subset of data or with a loss that cannot be subset.
+        TypeError: For a fixed subset of data of an unsupported form.
+        ValueError: For a ``mode`` outside :data:`SAMPLE_MODES`, or a fixed subset of
+            empty data.
     """
-    try:
-        population = data_size(data)
-    except (SubsetError, TypeError, ValueError):
+    fixed = mode in SUBSET_CHOICES
+    if remote and fixed and is_data_fn(data):
+        population = None  # known on the workers only; they draw the subset
+    else:
+        try:
+            population = data_size(data)
+        except (SubsetError, TypeError, ValueError):
+            if fixed:
+                raise
+            return None
+    sizes = sample_stages(mode, population)
+    if sizes == [None]:
         return None
-    sizes = progressive_sizes(population)
-    if len(sizes) == 1:
-        return None
     try:
-        return ProgressiveStream(make_stream, sizes, population)
+        return ProgressiveStream(make_stream, sizes, population, preview=len(sizes) > 1)
     except SubsetError:
+        if fixed:
+            raise
         return None

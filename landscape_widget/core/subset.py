@@ -40,6 +40,7 @@ import copy
 import functools
 import inspect
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -139,25 +140,86 @@ def subset_indices(population: int, n: int, seed: int = SUBSET_SEED) -> Tensor:
     return torch.randperm(population, generator=g)[:n].sort().values
 
 
-def check_samples(samples, population: int) -> int:
-    """``samples`` as an int in ``[2, population]``.
+def check_samples(samples, population: int | None = None) -> int:
+    """``samples`` as an int in ``[2, population]`` (any integer type, e.g. ``np.int64``).
+
+    Args:
+        samples: The size of the subset asked for.
+        population: The number of samples of the data (``None``: not known here, e.g. a
+            ``data_fn`` that an executor's workers call; then only the lower bound).
 
     Returns:
-        ``samples``, checked.
+        ``samples`` as a Python int, checked.
 
     Raises:
-        TypeError: If it is not an int.
+        TypeError: If it is not an integer (``bool`` is refused).
         ValueError: If it is below 2 or above the number of samples of the data.
+
+    Example:
+        >>> import numpy as np
+        >>> check_samples(np.int64(10), 40)
+        10
     """
-    if isinstance(samples, bool) or not isinstance(samples, int):
+    if isinstance(samples, bool) or not isinstance(samples, numbers.Integral):
         raise TypeError(f"samples must be an int (the size of the subset) or None, "
                         f"got {samples!r}.")
+    samples = int(samples)
     if samples < 2:
         raise ValueError(f"samples={samples}: a standard error needs at least 2 samples.")
-    if samples > population:
+    if population is not None and samples > population:
         raise ValueError(f"samples={samples} exceeds the {population} samples of the data; "
                          "pass at most that many, or samples=None for all.")
     return samples
+
+
+def check_seed(seed) -> int:
+    """``sample_seed`` as a Python int (any integer type; what ``torch.Generator`` takes).
+
+    Returns:
+        The seed.
+
+    Raises:
+        TypeError: If it is not an integer (a string, a float, a bool).
+        ValueError: If it is outside ``[-2**63, 2**64)``, the range of a torch seed.
+
+    Example:
+        >>> check_seed(3)
+        3
+        >>> check_seed("x")
+        Traceback (most recent call last):
+        ...
+        TypeError: sample_seed must be an int (the seed of the subset's draw), got 'x'.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"sample_seed must be an int (the seed of the subset's draw), "
+                        f"got {seed!r}.")
+    seed = int(seed)
+    if not -(2**63) <= seed < 2**64:
+        raise ValueError(f"sample_seed={seed} is outside the range of a torch seed "
+                         "[-2**63, 2**64); pass a smaller int.")
+    return seed
+
+
+def no_counted_targets(samples: int, seed: int, population: int | None, err) -> SubsetError:
+    """The error for a drawn subset whose targets are all ``ignore_index``: it names the draw.
+
+    Args:
+        samples: The subset's size.
+        seed: Its seed (``sample_seed``).
+        population: The number of samples it was drawn from (``None``: unknown here).
+        err: The engine's :class:`~landscape_widget.core.errors.NoCountedTargets`.
+
+    Returns:
+        The :class:`SubsetError` to raise (from ``err``).
+    """
+    of = f" of the data's {population:,}" if population else ""
+    ignore = getattr(err, "ignore_index", None)
+    what = "ignore_index" if ignore is None else f"ignore_index={ignore}"
+    return SubsetError(
+        f"samples=: the subset of {samples:,} samples{of} drawn with sample_seed={seed} has "
+        f"no counted target: every drawn target equals {what}, so its loss is a mean over "
+        "nothing. Raise samples= (more drawn targets) or change sample_seed= (another draw); "
+        "if the data itself has no counted target, pass data with some.")
 
 
 def take_subset(data, samples: int, seed: int = SUBSET_SEED):
@@ -182,7 +244,7 @@ def take_subset(data, samples: int, seed: int = SUBSET_SEED):
     """
     population = data_size(data)
     n = check_samples(samples, population)
-    idx = subset_indices(population, n, seed)
+    idx = subset_indices(population, n, check_seed(seed))
     if isinstance(data, DataLoader):
         return DataLoader(Subset(_loader_dataset(data), idx.tolist()),
                           batch_size=data.batch_size, shuffle=False,

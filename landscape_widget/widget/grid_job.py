@@ -13,9 +13,11 @@ from __future__ import annotations
 import functools
 import time
 
+from ..core.data import is_data_fn
 from ..core.errors import AccuracyUndefined, ReuseMismatch
 from ..core.landscape import TileStream, iter_tiles
-from ..core.progressive import progressive_stream
+from ..core.progressive import SUBSET_CHOICES, progressive_stream, sample_stages, stage_label
+from ..core.subset import SubsetError, data_size
 from ..core.surface import Curve, Surface
 from . import models, protocol
 from .encode import stream_start, stream_tile
@@ -47,9 +49,57 @@ def stats_line(result) -> str:
     return result.stats().summary()
 
 
-def _reuse_key(spec) -> tuple:
-    # Points of another precision are other values: never reused (the engine refuses too).
-    return (spec.direction_key(), spec.bn, spec.quantity, spec.precision)
+def grid_data(ctx: Context):
+    """The data the grid engine gets.
+
+    Returns:
+        ``ctx.grid_data``, with a local ``data_fn`` called (it is cached by the context,
+        so it loads once) so that it can be subset like any data; an executor's
+        ``data_fn`` stays a function, which its workers call.
+    """
+    if ctx.executor is None and is_data_fn(ctx.grid_data):
+        return ctx.grid_data()
+    return ctx.grid_data
+
+
+def planned_samples(spec, data) -> int | None:
+    """The subset size the final result of ``spec``'s grid is computed on (``None``: exact).
+
+    ``"auto"`` ends exact, as does a fixed subset of data that holds no more samples;
+    the plane through three models has no subset mode.
+
+    Returns:
+        The subset size of the job's last stage, or ``None`` for all data.
+    """
+    if spec.direction == "plane" or spec.samples not in SUBSET_CHOICES:
+        return None
+    try:
+        population = data_size(data)
+    except (SubsetError, TypeError, ValueError):
+        population = None  # a data_fn on an executor's workers: they draw the subset
+    return sample_stages(spec.samples, population)[-1]
+
+
+def _reuse_key(spec, data) -> tuple:
+    # Points of another precision are other values, and a subset's values are not the
+    # exact ones (nor another subset's): never reused (the engine refuses them too).
+    return (spec.direction_key(), spec.bn, spec.quantity, spec.precision,
+            planned_samples(spec, data))
+
+
+def subset_text(result) -> str:
+    """``"subset 1,000 of 50,000 samples (±0.012)"`` for a subset result, else ``""``.
+
+    The ± is the median standard error of the points (see
+    :func:`~landscape_widget.core.progressive.stage_label`).
+
+    Returns:
+        The label, or the empty string for an exact result.
+    """
+    drawn = (getattr(result, "spec", None) or {}).get("samples")
+    if not drawn:
+        return ""
+    return stage_label(drawn["n"], drawn.get("of"), getattr(result, "loss_se", None))
 
 
 def open_stream(ctx: Context, job: Job, dirs: list) -> TileStream:
@@ -62,9 +112,10 @@ def open_stream(ctx: Context, job: Job, dirs: list) -> TileStream:
 
     Returns:
         The engine's tile stream for the job: the plane stream for ``direction="plane"``,
-        else :func:`~landscape_widget.iter_tiles` over the job's grid, with
-        progressive subset stages first for large data when no points are reused and no
-        executor computes the tiles. ``ctx.complete`` (dropped reuse) and ``ctx.metrics``
+        else :func:`~landscape_widget.iter_tiles` over the job's grid, with the data
+        subset stages of ``spec.samples`` (:func:`~landscape_widget.core.progressive.
+        progressive_stream`: with ``"auto"``, subset stages first for large data when no
+        points are reused). ``ctx.complete`` (dropped reuse) and ``ctx.metrics``
         (accuracy dropped) are updated when a fallback was taken.
 
     Raises:
@@ -77,26 +128,30 @@ def open_stream(ctx: Context, job: Job, dirs: list) -> TileStream:
     """
     spec = job.spec
     x, y = spec.axes()
+    data = grid_data(ctx)
 
     def make(reuse) -> TileStream:
         if spec.direction == "plane":
             return models.plane_stream(ctx, job)
         exact = functools.partial(
-            iter_tiles, models.centre(ctx, spec), ctx.grid_data, metrics=ctx.metrics,
+            iter_tiles, models.centre(ctx, spec), data, metrics=ctx.metrics,
             reuse=reuse, executor=ctx.executor,
             directions=dirs if spec.mode == "2d" else dirs[0], x=x, y=y,
             loss_fn=ctx.loss_fn, bn=spec.bn, device=ctx.device, seed=None,
             bn_batch_size=ctx.bn_batch_size if spec.bn == "batch" else None,
             tile_points=ctx.tile_points, cancel=job.cancel,
             evaluator_options=ctx.evaluator_options, precision=spec.precision)
-        # Large data: subset passes first (core/progressive.py), unless points are reused
-        # (those are exact already) or an executor computes the tiles.
-        staged = (None if reuse is not None or ctx.executor is not None else
-                  progressive_stream(exact, ctx.grid_data))
+        # The samples control (core/progressive.py): "auto" runs subset passes first on
+        # large data, unless points are reused (those are exact already); a fixed subset
+        # is the answer (its reused points are of the same subset: the reuse key says so).
+        if reuse is not None and spec.samples == "auto":
+            return exact()
+        staged = progressive_stream(exact, data, spec.samples,
+                                    remote=ctx.executor is not None)
         return staged or exact()
 
     reuse = None
-    if ctx.complete is not None and ctx.complete[0] == _reuse_key(spec):
+    if ctx.complete is not None and ctx.complete[0] == _reuse_key(spec, data):
         reuse = ctx.complete[1]
     for _ in range(3):
         try:
@@ -111,6 +166,16 @@ def open_stream(ctx: Context, job: Job, dirs: list) -> TileStream:
             ctx.metrics = ("loss",)  # not a classification task: the loss still is defined
             reuse = None
     raise RuntimeError("could not set up the computation.")  # pragma: no cover
+
+
+def _samples_note(spec, result) -> str:
+    """Why a fixed subset asked for was computed on all data instead (else ``""``)."""
+    if spec.samples not in SUBSET_CHOICES or (result.spec.get("samples") or {}).get("n"):
+        return ""
+    if spec.direction == "plane":
+        return "the plane through three models is computed on all data (no subset)"
+    return (f"samples {spec.samples}: the data holds at most {SUBSET_CHOICES[spec.samples]:,} "
+            "samples, so all of them were used (exact)")
 
 
 def run_grid(ctx: Context, job: Job, dirs: list) -> tuple[Surface | Curve, bool]:
@@ -162,13 +227,15 @@ def run_grid(ctx: Context, job: Job, dirs: list) -> tuple[Surface | Curve, bool]
         report.cancelled(done, total)
         return result, False
     job.state = "done"
-    ctx.complete = (_reuse_key(spec), result)
+    ctx.complete = (_reuse_key(spec, grid_data(ctx)), result)
     ev = stream.evaluator
+    # A subset result says so where the statistics are shown (the status line).
+    summary = " · ".join(filter(None, [subset_text(result), stats_line(result)]))
     report.emit(protocol.done_message(job.id, seconds, stream.evaluated,
                                       stream.reused - models.outside(info),
-                                      ev.nonfinite_points, stats_line(result)))
+                                      ev.nonfinite_points, summary))
     # A curve-shape direction that fell short says so (see .shapes).
-    notes = [getattr(dirs, "note", "")]
+    notes = [getattr(dirs, "note", ""), _samples_note(spec, result)]
     notes += [f"no {k}: {why}" for k, why in dropped.items()]
     if ev.nonfinite_points:
         notes.insert(0, f"{ev.nonfinite_points} point(s) gave a non-finite loss")

@@ -28,9 +28,11 @@ Python -> JS::
     {"kind": "tile", "id", "level", "n", "done", "total"}
         + [flat int32, loss float32, accuracy float32] (accuracy empty if not computed)
     {"kind": "progress", "id", "done", "total", "points_per_s", "eta_s", "device", "plan"}
+        (+ ``"stage"`` during a data-subset pass, e.g. ``"subset 256 of 10,000 samples
+        (±0.012)"``, also put before ``plan``; see ``spec.samples``)
     {"kind": "done", "id", "seconds", "evaluated", "reused", "nonfinite", "stats"}
         (``stats``: the statistics line of a 2D loss surface, see ``lw.landscape_stats``;
-        "" otherwise)
+        "" otherwise; a subset result's label comes first)
     {"kind": "cancelled", "id", "done", "total"}
     {"kind": "error", "id", "message"}
     {"kind": "ready", "id"}          (the answer to ``sync``: a kernel is behind the view)

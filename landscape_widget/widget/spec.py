@@ -7,10 +7,11 @@ every enumeration), and :func:`schema`, which the widget sends to the front end 
 read-only ``_spec_schema`` trait (the JS reads the field names, enumerations, defaults and
 limits from there and has no copy of them).
 
-Adding a field is one line in :class:`Spec`, for example (``precision`` was added so)::
+Adding a field is one line in :class:`Spec`, for example (``precision`` and ``samples``
+were added so; a bounded int would read ``steps: int = bounded(10, 1, 1_000)``)::
 
     precision: str = choice("fp32", PRECISIONS)
-    samples: int = bounded(0, 0, 1_000_000)
+    samples: str = choice("auto", SAMPLE_MODES)
 
 which gives a widget trait (an ``Enum`` for a :func:`choice`), a wire field checked for type,
 enumeration (:func:`choice`) or range (:func:`bounded`), its place in
@@ -30,6 +31,7 @@ import math
 from dataclasses import dataclass, field
 
 from ..core.precision import PRECISIONS
+from ..core.progressive import SAMPLE_MODES
 
 MAX_2D = 201
 """Largest resolution per axis in 2D (201 x 201 = 40,401 points)."""
@@ -124,6 +126,7 @@ class Spec:
     quantity: str = choice("loss", QUANTITIES)
     vertices: tuple[str, ...] = list_of(str, ())
     precision: str = choice("fp32", PRECISIONS)  # the engine's (core/precision.py)
+    samples: str = choice("auto", SAMPLE_MODES)  # data subset stages (core/progressive.py)
 
     def to_dict(self) -> dict:
         """JSON-ready form (tuples as lists).
