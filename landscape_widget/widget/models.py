@@ -145,14 +145,21 @@ def interpolate_directions(ctx: Context, spec: Spec, job: Job | None = None) -> 
 
 
 def plane_stream(ctx: Context, job: Job) -> TileStream:
-    """The plane through ``job.spec.vertices`` as a stream of tiles (cancellable)."""
+    """The plane through ``job.spec.vertices`` as a stream of tiles (cancellable).
+
+    Returns:
+        The :class:`~landscape_widget.TileStream`, computed at the widget's ``precision``
+        like the other grids (the result's ``spec["precision"]`` and
+        ``spec["precision_error"]`` say what was computed).
+    """
     spec = job.spec
     names = list(spec.vertices)
     return triangle_stream(
         [_named(ctx, n) for n in names], ctx.grid_data, resolution=spec.resolution,
         margin=spec.margin, loss_fn=ctx.loss_fn, metrics=ctx.metrics, bn=spec.bn,
         device=ctx.device, names=names, tile_points=ctx.tile_points, cancel=job.cancel,
-        evaluator_options=ctx.evaluator_options, executor=ctx.executor)
+        evaluator_options=ctx.evaluator_options, executor=ctx.executor,
+        precision=spec.precision)
 
 
 def view_info(dirs, stream: TileStream) -> dict:
