@@ -54,6 +54,23 @@ _ACTIVE: list[tuple[str, str]] = []  # (backend, "ieee" | "tf32") of each comput
 _SAVED: list[fp32_flags.Flags] = []  # [the user's flags, the flags written last] while any runs
 
 
+def precision_problem(precision, device: torch.device) -> str | None:
+    """Why ``precision`` cannot compute on ``device``, or ``None`` if it can.
+
+    The one rule behind :func:`check_precision` and :func:`available_precisions`.
+
+    Returns:
+        The error text naming the problem and the fix, or ``None``.
+    """
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        return (f"precision={precision!r} is not supported; choose one of "
+                f"{', '.join(map(repr, PRECISIONS))}.")
+    if precision == "fp16" and device.type != "cuda":
+        return (f"precision='fp16' needs a CUDA device (this computes on {device.type}, "
+                "which has no fast float16 path); use precision='bf16' on a CPU.")
+    return None
+
+
 def check_precision(precision: str, device: torch.device) -> str:
     """``precision`` if it is possible on ``device``.
 
@@ -63,13 +80,25 @@ def check_precision(precision: str, device: torch.device) -> str:
     Raises:
         ValueError: If it is not one of :data:`PRECISIONS`, or ``"fp16"`` on a CPU.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r} is not supported; choose one of "
-                         f"{', '.join(map(repr, PRECISIONS))}.")
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("precision='fp16' needs a CUDA device (CPUs have no fast float16 "
-                         "path); use precision='bf16' on a CPU.")
+    problem = precision_problem(precision, device)
+    if problem is not None:
+        raise ValueError(problem)
     return precision
+
+
+def available_precisions(device: torch.device | None) -> tuple[str, ...]:
+    """The precisions :func:`check_precision` accepts on ``device`` (all if it is unknown).
+
+    Returns:
+        The subset of :data:`PRECISIONS`, in its order.
+
+    Example:
+        >>> available_precisions(torch.device("cpu"))
+        ('fp32', 'tf32', 'bf16')
+    """
+    if device is None:  # an executor's workers pick their device: each job checks
+        return PRECISIONS
+    return tuple(p for p in PRECISIONS if precision_problem(p, device) is None)
 
 
 def flag_backend(device: torch.device) -> str:
