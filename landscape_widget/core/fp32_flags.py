@@ -21,8 +21,10 @@ the legacy flags in another thread while the widget computes (Lightning's Traine
 ``get_float32_matmul_precision()``) would crash. :func:`apply` writes a whole consistent
 :class:`Flags` state: the legacy setters first (``cudnn.allow_tf32 = b`` also writes conv
 and rnn; ``cuda.matmul.allow_tf32 = b`` / ``set_float32_matmul_precision`` also write the
-matmul nodes), then every node's own value, so each step leaves the readers consistent when
-the state it ends in is.
+matmul nodes), then the nodes' own values; between consistent states the readers stay
+consistent after every step (tests/test_fp32_flags.py reads them from another thread).
+The user's state is read with the getters; only where a node reads what it could inherit,
+or the user's legacy values already disagree, is a node moved for a moment to tell.
 
 Example:
     >>> user = read()
