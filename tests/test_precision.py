@@ -305,3 +305,56 @@ def test_widget_computes_at_its_precision():
         assert exact.spec["precision"] == "fp32" and exact.spec["reused"] == 0, w.status
     finally:
         w.close()
+
+
+def test_widget_offers_only_the_precisions_of_its_device():
+    """M5: a CPU widget offers no fp16 (its select is built from ``_spec_schema``); asking
+    for it anyway, from Python, a state update or a compute message, is refused with the
+    reason and the fix, and nothing is computed. The rule is core.precision's alone."""
+    import traitlets
+
+    from landscape_widget.core.precision import PRECISIONS, available_precisions, check_precision
+    from landscape_widget.widget.models import compute_device
+    from landscape_widget.widget.protocol import Spec
+    from landscape_widget.widget.spec import schema
+    from tests.widget_cases import FakeFrontEnd
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for device in (cpu, cuda):  # the offer is exactly what check_precision accepts
+        ok = []
+        for p in PRECISIONS:
+            try:
+                ok.append(check_precision(p, device))
+            except ValueError:
+                pass
+        assert available_precisions(device) == tuple(ok)
+        assert schema(device)["choices"]["precision"] == ok
+    assert "fp16" not in available_precisions(cpu) and "fp16" in available_precisions(cuda)
+    model, x, y = _cnn()
+    assert compute_device(model, None, None) == cpu
+    assert compute_device(model, "cuda", None) == cuda
+    # With an executor the workers pick their device (their GPU if any): all are offered.
+    assert compute_device(model, None, object()) is None
+    assert schema(None)["choices"]["precision"] == list(PRECISIONS)
+
+    with pytest.raises(ValueError, match="needs a CUDA device.*bf16"):
+        lw.LandscapeWidget(model, (x, y), precision="fp16", autostart=False)
+    w = lw.LandscapeWidget(model, (x, y), resolution=3, autostart=False)
+    try:
+        assert w._spec_schema["choices"]["precision"] == ["fp32", "tf32", "bf16"]
+        assert w._spec_schema["fit"]  # the rest of the schema is unchanged
+        front = FakeFrontEnd(w)
+        with pytest.raises(traitlets.TraitError, match="needs a CUDA device"):
+            w.precision = "fp16"
+        w.set_state({"precision": "fp16"})  # the select's value, if a stale page sent it
+        assert w.precision == "fp32"
+        spec = {**Spec(resolution=3).to_dict(), "precision": "fp16"}
+        w.handle_message({"kind": "compute", "id": "h", "spec": spec})
+        errors = [e["message"] for e in front.errors()]
+        assert len(errors) == 2 and all("precision='fp16' needs a CUDA device" in e and
+                                        "use precision='bf16'" in e for e in errors), errors
+        assert "start" not in front.kinds() and w.precision == "fp32" and not w.busy
+        w.precision = "bf16"  # a possible one still is accepted
+        assert w.spec().precision == "bf16"
+    finally:
+        w.close()

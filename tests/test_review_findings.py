@@ -133,25 +133,36 @@ def test_subset_of_a_loader_with_a_subset_sampler_stays_inside_the_sampled_sampl
     assert abs(s.loss[1, 1] - float(per.mean())) < 4 * s.loss_se[1, 1]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA flags path only (seen "
-                    "failing on an H200 with torch 2.11: see /work/notes/rev-findings.md F5)")
-def test_user_code_can_read_torchs_float32_flags_while_a_cuda_computation_runs():
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+def test_user_code_can_read_torchs_float32_flags_while_a_cuda_computation_runs(device):
     """While ``precision_flags`` is active (a widget computing in its worker thread, the
-    notebook free), torch's legacy readers raise RuntimeError ("PyTorch is checking whether
+    notebook free), torch's legacy readers raised RuntimeError ("PyTorch is checking whether
     allow_tf32 is enabled for cuDNN without a specific operator name ...") because only
-    the per-backend ``fp32_precision`` values are written. Libraries read them (Lightning's
-    Trainer reads ``get_float32_matmul_precision()``); the user's cell must not crash."""
+    the per-backend ``fp32_precision`` values were written. Libraries read them (Lightning's
+    Trainer reads ``get_float32_matmul_precision()``); the user's cell must not crash.
+    The CUDA flags live in the process, so a CUDA build of torch checks this without a GPU
+    (tests/test_fp32_flags.py checks the arithmetic on a GPU, and many more user states)."""
     from landscape_widget.core.precision import precision_flags
 
     readers = {"cuda.matmul.allow_tf32": lambda: torch.backends.cuda.matmul.allow_tf32,
                "cudnn.allow_tf32": lambda: torch.backends.cudnn.allow_tf32,
                "get_float32_matmul_precision": torch.get_float32_matmul_precision}
+    nodes = {"cuda": (torch.backends.cuda.matmul, torch.backends.cudnn.conv,
+                      torch.backends.cudnn.rnn),
+             "cpu": (torch.backends.mkldnn.matmul, torch.backends.mkldnn.conv,
+                     torch.backends.mkldnn.rnn)}[device]
     before = {k: f() for k, f in readers.items()}
     for precision in ("fp32", "tf32"):
-        with precision_flags(precision, torch.device("cuda")):
+        with precision_flags(precision, torch.device(device)):
+            got = {}
             for name, read in readers.items():
                 try:
-                    read()
+                    got[name] = read()
                 except RuntimeError as err:
                     pytest.fail(f"{name} raised under precision={precision!r}: {err}")
+            tf32 = precision == "tf32" and device == "cuda"
+            assert {n.fp32_precision for n in nodes} == {"tf32" if tf32 else "ieee"}
+            if device == "cuda":  # and the legacy readers say what is in force
+                assert got["cudnn.allow_tf32"] is tf32 and got["cuda.matmul.allow_tf32"] is tf32
+                assert got["get_float32_matmul_precision"] == ("high" if tf32 else "highest")
         assert {k: f() for k, f in readers.items()} == before, precision

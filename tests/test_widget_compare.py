@@ -183,3 +183,59 @@ def test_stop_keeps_finished_models_and_one_architecture_still_interpolates():
         assert "interpolate" in [d["direction"] for d in w.direction_types]
     finally:
         w.close()
+
+
+class _Overflow(nn.Module):
+    """Finite parameters, infinite outputs: the loss is NaN at every point."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.lin(x.flatten(1)) * float("inf")
+
+
+@pytest.mark.filterwarnings("ignore:9 grid point.s. gave a non-finite loss")
+def test_a_model_without_finite_losses_is_reported_not_a_silent_nan():
+    """M4: a model whose loss is NaN/inf everywhere ended "done" with NaN statistics and no
+    note; the panel's status and its row now say which model and why, the other models are
+    unaffected (their statistics, the colour range), and points that diverge are counted.
+    A model whose own weights hold NaN is an error naming it and the tensor."""
+    from landscape_widget.widget.compare import nonfinite_note
+
+    zoo, data = _zoo(), _digits(32)
+    broken = copy.deepcopy(zoo["mlp"])
+    with torch.no_grad():
+        broken[1].weight[0, 0] = float("nan")
+    models = {"mlp": zoo["mlp"], "overflow": _Overflow(), "broken": broken}
+    w = LandscapeWidget(models=models, data=data, autostart=False, resolution=3)
+    try:
+        front = FakeFrontEnd(w)
+        w.compare(["mlp", "overflow"], wait=True, timeout=120)
+        surfaces, status, result = w.compared, w.compare_status, w.compare_result
+        assert front.errors() == [] and status["state"] == "done" and status["done"] == 2
+        assert np.isnan(surfaces["overflow"].loss).all()
+        note = result["notes"]["overflow"]
+        assert list(result["notes"]) == ["overflow"]
+        assert note.startswith("overflow: no finite loss at any of the 9 points")
+        assert status["message"] == note and result["stats"]["overflow"]["summary"] == note
+        mlp = lw.landscape_stats(surfaces["mlp"])
+        assert result["stats"]["mlp"]["summary"] == mlp.summary()  # no note, no change
+        assert result["zmin"] == pytest.approx(np.min(surfaces["mlp"].loss))
+        assert result["precision"] == {"mlp": "fp32", "overflow": "fp32"}
+
+        w.compare(["mlp", "broken"], wait=True, timeout=120)
+        status = w.compare_status
+        assert status["state"] == "error" and status["done"] == 1 and status["model"] == "broken"
+        assert status["message"].startswith("broken: ValueError: the model's own '1.weight' "
+                                            "holds NaN/inf"), status
+        assert list(w.compared) == ["mlp"]
+    finally:
+        w.close()
+    # Some points diverging (not all): counted, and the statistics stay.
+    part = copy.deepcopy(surfaces["mlp"])
+    part.loss[0, :2] = [np.nan, np.inf]
+    assert nonfinite_note("mlp", zoo["mlp"], part).startswith(
+        "mlp: 2 of 9 points gave a non-finite loss")
+    assert nonfinite_note("mlp", zoo["mlp"], surfaces["mlp"]) == ""

@@ -389,3 +389,30 @@ def test_side_direction_stops_when_cancelled():
     assert set(d) == {k for k, _ in model.named_parameters()}
     with pytest.raises(TypeError, match="threading.Event"):
         lw.side_direction(model, data, cancel=True)
+
+
+def test_plane_computes_at_the_widgets_precision():
+    """The plane through three models uses the widget's ``precision`` like the main grid:
+    its values are the headless plane's at that precision (not fp32's), and the result
+    records the precision and its measured error."""
+    models, data = _models(), _data()
+    w = LandscapeWidget(models=models, data=data, autostart=False, resolution=5,
+                        precision="bf16")
+    try:
+        w.handle_message({"kind": "compute", "id": "p", "spec": _plane_spec(precision="bf16")})
+        tri = w.wait(60)
+        assert w.status["state"] == "done", w.status
+    finally:
+        w.close()
+    kw = dict(resolution=5, margin=0.2, names=NAMES, progress=False)
+    low = lw.triangle_surface(*models.values(), data, precision="bf16", **kw)
+    exact = lw.triangle_surface(*models.values(), data, **kw)
+    assert low.spec["precision"] == "bf16" and exact.spec["precision"] == "fp32"
+    np.testing.assert_allclose(tri.loss, low.loss, rtol=1e-6, equal_nan=True)
+    assert np.nanmax(np.abs(tri.loss - exact.loss)) > 1e-5, "computed in fp32"
+    np.testing.assert_allclose(tri.loss, exact.loss, rtol=3e-2, equal_nan=True)
+    assert tri.spec["precision"] == "bf16"
+    assert 0 < tri.spec["precision_error"] <= np.nanmax(np.abs(low.loss - exact.loss)) + 1e-6
+    with pytest.raises(TypeError, match="given twice"):
+        lw.triangle_surface(*models.values(), data, precision="bf16",
+                            evaluator_options={"precision": "fp32"}, **kw)

@@ -115,7 +115,8 @@ export function comparePanel({ model, h, row, newId, offline }) {
     let text = "";
     if (s.state === "running") text = `computing ${s.model || ""} (${s.done}/${s.total})`;
     else if (s.state === "error") text = `error: ${s.message}`;
-    else if (s.state) text = `${s.state}: ${s.done || 0}/${s.total || 0} models`;
+    else if (s.state) text = `${s.state}: ${s.done || 0}/${s.total || 0} models`
+      + (s.message ? ` · ${s.message}` : "");  // e.g. a model without finite losses
     status.textContent = (offline() ? "(no kernel) " : "") + text + range + seed;
   }
 

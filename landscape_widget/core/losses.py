@@ -8,6 +8,7 @@ on the first samples, that the loss is such a mean, and refuses sums with the fi
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Mapping
 
 import torch
@@ -167,6 +168,11 @@ def _finite(v: float) -> bool:
     return v == v and abs(v) != float("inf")
 
 
+# Words of torch's shape errors ("size of tensor a (3) must match", "Expected input
+# batch_size", "mat1 and mat2 shapes", "multi-target not supported", "dimension out of range").
+_SHAPE_WORDS = r"size|shape|dimension|\bdims?\b|multi-target|batch_size|out of range"
+
+
 def loss_error(err: Exception, outputs: str, y: Tensor, *, default: bool,
                tensor_out: bool) -> str:
     """The message for a loss that fails on the first samples, with the likely fix.
@@ -180,11 +186,22 @@ def loss_error(err: Exception, outputs: str, y: Tensor, *, default: bool,
 
     Returns:
         One line for the user: what the model returns and the targets' shape and dtype,
-        the most likely fix (integer or ``torch.long`` targets, float targets, or
-        ``output_fn=`` for the default loss), and the type and first line of ``err``.
+        the most likely fix as the error suggests it (integer or ``torch.long`` targets,
+        float targets, class indices within the outputs, ``output_fn=`` for the default
+        loss, matching shapes; else where to look, since nothing in the error points at
+        the inputs), and the type and first line of ``err``.
+
+    Example:
+        >>> y = torch.zeros(4, dtype=torch.long)
+        >>> def hint(err):
+        ...     text = loss_error(err, "(4, 3) float32", y, default=False, tensor_out=True)
+        ...     return text.split("; ")[1].split(".")[0]
+        >>> hint(ValueError("my loss needs a dict"))[:60]
+        'nothing in the error points at the outputs or the targets: l'
+        >>> hint(RuntimeError("The size of tensor a (3) must match the size of tensor b (4)"))
+        'check that loss_fn(outputs, targets) takes these shapes'
     """
     text = str(err)
-    hint = "check that loss_fn(outputs, targets) takes these shapes and dtypes"
     if y.is_floating_point() and ("Long" in text or "class probabilities" in text
                                   or "Int" in text):
         hint = "the loss wants class indices: pass the targets as integers, y.long()"
@@ -196,6 +213,14 @@ def loss_error(err: Exception, outputs: str, y: Tensor, *, default: bool,
     elif default and not tensor_out:
         hint = ("the default loss is cross-entropy on the logits; pass output_fn= to say "
                 "where they are, or your own loss_fn(outputs, targets)")
+    elif re.search(r"target -?\d+ is out of bounds", text, re.IGNORECASE):
+        hint = ("a target is not a class index of the model's outputs: check the number of "
+                "classes (targets must lie in [0, C) or equal ignore_index)")
+    elif re.search(_SHAPE_WORDS, text, re.IGNORECASE):
+        hint = "check that loss_fn(outputs, targets) takes these shapes"
+    else:
+        hint = ("nothing in the error points at the outputs or the targets: loss_fn "
+                "itself raised it, see its traceback (the exception's cause)")
     targets = f"{tuple(y.shape)} {str(y.dtype).replace('torch.', '')}"
     first = text.splitlines()[0] if text else ""
     return (f"loss_fn(outputs, targets) failed on the first samples: the model returns "

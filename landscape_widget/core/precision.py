@@ -41,6 +41,8 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_map
 
+from . import fp32_flags
+
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # Points checked against fp32 for spec["precision_error"].
@@ -48,7 +50,25 @@ ERROR_POINTS = 3
 # Computations in several threads (the widget's worker and the notebook) share the flags:
 # the first to enter saves the user's values, the last to leave puts them back.
 _FLAGS_LOCK = threading.Lock()
-_FLAGS_STATE: dict[str, list] = {}  # device type -> [saved values, targets entered]
+_ACTIVE: list[tuple[str, str]] = []  # (backend, "ieee" | "tf32") of each computation running
+_SAVED: list[fp32_flags.Flags] = []  # [the user's flags, the flags written last] while any runs
+
+
+def precision_problem(precision, device: torch.device) -> str | None:
+    """Why ``precision`` cannot compute on ``device``, or ``None`` if it can.
+
+    The one rule behind :func:`check_precision` and :func:`available_precisions`.
+
+    Returns:
+        The error text naming the problem and the fix, or ``None``.
+    """
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        return (f"precision={precision!r} is not supported; choose one of "
+                f"{', '.join(map(repr, PRECISIONS))}.")
+    if precision == "fp16" and device.type != "cuda":
+        return (f"precision='fp16' needs a CUDA device (this computes on {device.type}, "
+                "which has no fast float16 path); use precision='bf16' on a CPU.")
+    return None
 
 
 def check_precision(precision: str, device: torch.device) -> str:
@@ -60,55 +80,77 @@ def check_precision(precision: str, device: torch.device) -> str:
     Raises:
         ValueError: If it is not one of :data:`PRECISIONS`, or ``"fp16"`` on a CPU.
     """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r} is not supported; choose one of "
-                         f"{', '.join(map(repr, PRECISIONS))}.")
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("precision='fp16' needs a CUDA device (CPUs have no fast float16 "
-                         "path); use precision='bf16' on a CPU.")
+    problem = precision_problem(precision, device)
+    if problem is not None:
+        raise ValueError(problem)
     return precision
 
 
-def _nodes(device: torch.device) -> tuple:
-    """The backends whose float32 precision decides how ``device`` computes."""
-    b = torch.backends
-    if device.type == "cuda":
-        return (b.cuda.matmul, b.cudnn.conv, b.cudnn.rnn)
-    return (b.mkldnn.matmul, b.mkldnn.conv, b.mkldnn.rnn)
+def available_precisions(device: torch.device | None) -> tuple[str, ...]:
+    """The precisions :func:`check_precision` accepts on ``device`` (all if it is unknown).
+
+    Returns:
+        The subset of :data:`PRECISIONS`, in its order.
+
+    Example:
+        >>> available_precisions(torch.device("cpu"))
+        ('fp32', 'tf32', 'bf16')
+    """
+    if device is None:  # an executor's workers pick their device: each job checks
+        return PRECISIONS
+    return tuple(p for p in PRECISIONS if precision_problem(p, device) is None)
+
+
+def flag_backend(device: torch.device) -> str:
+    """The backend whose float32 flags decide how ``device`` computes: "cuda" or "mkldnn"."""
+    return "cuda" if device.type == "cuda" else "mkldnn"
 
 
 @contextlib.contextmanager
 def precision_flags(precision: str, device: torch.device) -> Iterator[None]:
     """Torch's float32 flags for ``precision`` while the block runs; the user's afterwards.
 
-    Only the new ``fp32_precision`` settings are written (mixing them with the legacy
-    ``allow_tf32`` setters makes torch refuse to read them back); restoring their old
-    values restores the legacy flags as well. The flags are process-wide: other threads
-    computing float32 on the same device meanwhile see them too, and of two computations
-    running at once with different precisions on one device the later sets the flags for
-    both. The user's values come back when the last computation ends.
+    On ``device``'s backend (cuda: cuBLAS matmuls, cuDNN convolutions and RNNs; else
+    oneDNN's) every op computes in true IEEE fp32, or TF32 for ``"tf32"`` on CUDA. The
+    legacy flags are written with them (:mod:`.fp32_flags`), so code reading
+    ``torch.backends.cudnn.allow_tf32``, ``torch.backends.cuda.matmul.allow_tf32`` or
+    ``torch.get_float32_matmul_precision()`` meanwhile (another thread: the notebook while
+    the widget computes) reads what is in force instead of an error. The flags are
+    process-wide: other threads computing float32 meanwhile see them too, and of two
+    computations running at once on one backend the later sets the flags for both. The
+    user's values (each node's own value, inherited or not, and the legacy ones) come back
+    exactly when the last computation ends, also after an error.
     """
-    target = "tf32" if precision == "tf32" and device.type == "cuda" else "ieee"
-    nodes = _nodes(device)
+    backend = flag_backend(device)
+    entry = (backend, "tf32" if precision == "tf32" and backend == "cuda" else "ieee")
     with _FLAGS_LOCK:
-        state = _FLAGS_STATE.setdefault(device.type, [None, []])
-        if not state[1]:
-            state[0] = [n.fp32_precision for n in nodes]
-        state[1].append(target)
-        _write(nodes, [target] * len(nodes))
+        if not _ACTIVE:
+            _SAVED[:] = [fp32_flags.read()] * 2
+        _ACTIVE.append(entry)
+        try:
+            _update()
+        except BaseException:
+            _leave(entry)
+            raise
     try:
         yield
     finally:
         with _FLAGS_LOCK:
-            state[1].remove(target)
-            # Nested (an fp32 check inside a tf32 run): the outer target again; else the user's.
-            _write(nodes, [state[1][-1]] * len(nodes) if state[1] else state[0])
+            _leave(entry)
 
 
-def _write(nodes, values) -> None:
-    for n, value in zip(nodes, values, strict=True):
-        if n.fp32_precision != value:
-            n.fp32_precision = value
+def _leave(entry: tuple[str, str]) -> None:
+    # The last equal entry: nested (an fp32 check inside a tf32 run), the outer value again.
+    del _ACTIVE[len(_ACTIVE) - 1 - _ACTIVE[::-1].index(entry)]
+    _update()  # the user's flags when none is left
+
+
+def _update() -> None:
+    """Write the flags for the computations now running (the latest on each backend wins)."""
+    user, written = _SAVED
+    state = fp32_flags.target(user, dict(_ACTIVE))
+    fp32_flags.apply(state, written)
+    _SAVED[1] = state
 
 
 def autocast(precision: str, device: torch.device):

@@ -264,28 +264,60 @@ def _takes_reduction(fn) -> bool:
         return False
 
 
+class RowSums:
+    """A ``reduction='none'`` loss summed over each sample's entries.
+
+    The per-sample form of ``reduction='batchmean'`` (``KLDivLoss``'s, the sum over all
+    entries divided by the batch size: the mean over samples of these row sums).
+    """
+
+    def __init__(self, unreduced):
+        self.unreduced = unreduced
+
+    def __call__(self, out, y: Tensor) -> Tensor:
+        """Each sample's sum over its entries, ``(B,)``."""
+        values = self.unreduced(out, y)
+        return values.reshape(values.shape[0], -1).sum(-1)
+
+
+MEANS = ("mean", "batchmean")
+"""The reductions that are means over samples (of entries, of per-sample sums)."""
+
+
 def unreduced_loss(loss_fn):
     """``loss_fn`` with ``reduction='none'`` (a new object), or ``None`` if it has no such form.
 
     A loss module is copied (the user's module keeps its reduction); a function or
-    ``functools.partial`` gets the keyword.
+    ``functools.partial`` gets the keyword. ``reduction='batchmean'`` (``KLDivLoss``,
+    ``F.kl_div``) gives each sample's sum over its entries (:class:`RowSums`).
 
     Returns:
         The per-sample loss, or ``None``.
+
+    Example:
+        >>> out, y = torch.randn(4, 3).log_softmax(-1), torch.rand(4, 3).softmax(-1)
+        >>> loss = nn.KLDivLoss(reduction="batchmean")
+        >>> torch.allclose(unreduced_loss(loss)(out, y).mean(), loss(out, y))
+        True
     """
     if isinstance(loss_fn, nn.Module):
-        if getattr(loss_fn, "reduction", None) != "mean":
+        reduction = getattr(loss_fn, "reduction", None)
+        if reduction not in MEANS:
             return None
         twin = copy.copy(loss_fn)  # a shallow copy: its own __dict__, the user's untouched
         twin.reduction = "none"
-        return twin
+        return RowSums(twin) if reduction == "batchmean" else twin
     if isinstance(loss_fn, functools.partial):
-        if loss_fn.keywords.get("reduction", "mean") != "mean":
+        reduction = loss_fn.keywords.get("reduction", "mean")
+        if reduction not in MEANS:
             return None
         inner = loss_fn.func
         while isinstance(inner, functools.partial):
             inner = inner.func
-        return functools.partial(loss_fn, reduction="none") if _takes_reduction(inner) else None
+        if not _takes_reduction(inner):
+            return None
+        twin = functools.partial(loss_fn, reduction="none")
+        return RowSums(twin) if reduction == "batchmean" else twin
     if callable(loss_fn) and getattr(loss_fn, "__module__", "") == F.__name__ \
             and _takes_reduction(loss_fn):
         return functools.partial(loss_fn, reduction="none")
@@ -351,7 +383,8 @@ def check_unreduced(loss_fn, unreduced, out, y: Tensor, task, default: bool) -> 
     """
     fix = ("pass a torch loss whose reduction='none' gives each sample's loss (an nn.*Loss "
            "module, a torch.nn.functional loss or a functools.partial of one, with "
-           "reduction='mean'), or compute the exact values (samples=None)")
+           "reduction='mean', or 'batchmean' for KL divergence), or compute the exact "
+           "values (samples=None)")
     if unreduced is None:
         raise SubsetError(f"samples= needs each sample's loss for the standard error, and "
                           f"this loss_fn cannot give them; {fix}.")

@@ -94,7 +94,8 @@ def lattice(resolution: int, margin: float) -> np.ndarray:
 def triangle_stream(models: Sequence[nn.Module], data, *, resolution: int = 20,
                     margin: float = 0.2, loss_fn: LossFn | None = None,
                     metrics: Sequence[str] = METRICS, bn: str = "eval", device=None,
-                    names: Sequence[str] | None = None, **options) -> TileStream:
+                    names: Sequence[str] | None = None, precision: str | None = None,
+                    **options) -> TileStream:
     """The barycentric plane as a :class:`~landscape_widget.TileStream` (coarse to fine).
 
     Points outside the region (``alpha + beta > 1 + margin``) are never evaluated; they stay
@@ -107,7 +108,13 @@ def triangle_stream(models: Sequence[nn.Module], data, *, resolution: int = 20,
     Raises:
         ValueError: If there are not three models of one architecture (see
             :func:`triangle_surface` for the other checks).
+        TypeError: If ``precision`` is also in ``evaluator_options``.
     """
+    evaluator_options = options.pop("evaluator_options", None)
+    if precision is not None:  # also accepted among evaluator_options, as by iter_tiles
+        if "precision" in (evaluator_options or {}):
+            raise TypeError("precision was given twice (also in evaluator_options).")
+        evaluator_options = {**(evaluator_options or {}), "precision": precision}
     if len(models) != 3:
         raise ValueError(f"A plane through models needs exactly three models, got {len(models)}.")
     names = list(names) if names is not None else ["model 1", "model 2", "model 3"]
@@ -121,8 +128,7 @@ def triangle_stream(models: Sequence[nn.Module], data, *, resolution: int = 20,
     job = grid_job(models[2], data, axes=[ExactAxis(axis)] * 2, points=points,
                    region=alpha + beta <= 1 + margin + 1e-9, loss_fn=loss_fn, metrics=metrics,
                    bn=bn, device=device, seed=None, keep_directions=False,
-                   evaluator_options=options.pop("evaluator_options", None),
-                   executor=options.pop("executor", None))
+                   evaluator_options=evaluator_options, executor=options.pop("executor", None))
     job.spec.update(kind="triangle", names=names, resolution=resolution, margin=margin,
                     models=[fingerprint(p) for p in points])
     return TileStream(job, options.pop("tile_points", None), options.pop("cancel", None))
@@ -286,7 +292,8 @@ def triangle_surface(m1: nn.Module, m2: nn.Module, m3: nn.Module, data, *,
                      resolution: int = 20, margin: float = 0.2,
                      loss_fn: LossFn | None = None, metrics: Sequence[str] = METRICS,
                      bn: str = "eval", device=None, names: Sequence[str] | None = None,
-                     progress: bool = True, **options) -> TriangleSurface:
+                     precision: str | None = None, progress: bool = True,
+                     **options) -> TriangleSurface:
     """Loss on the plane ``alpha * theta_1 + beta * theta_2 + (1 - alpha - beta) * theta_3``.
 
     Args:
@@ -303,6 +310,9 @@ def triangle_surface(m1: nn.Module, m2: nn.Module, m3: nn.Module, data, *,
         bn: ``"eval"`` (combined running statistics) or ``"batch"``.
         device: Where to compute (the models' device by default).
         names: Labels of the three models.
+        precision: ``"fp32"`` (exact, the default), ``"tf32"``, ``"bf16"`` or ``"fp16"``
+            (CUDA), as in :func:`~landscape_widget.compute_surface`; ``spec["precision"]``
+            and ``spec["precision_error"]`` record it.
         progress: Show a tqdm progress bar.
         **options: ``tile_points``, ``cancel``, ``evaluator_options`` for the engine, and
             ``executor`` (a Dask ``Client`` or ``concurrent.futures`` executor whose workers
@@ -322,7 +332,7 @@ def triangle_surface(m1: nn.Module, m2: nn.Module, m3: nn.Module, data, *,
     """
     stream = triangle_stream([m1, m2, m3], data, resolution=resolution, margin=margin,
                              loss_fn=loss_fn, metrics=metrics, bn=bn, device=device,
-                             names=names, **options)
+                             names=names, precision=precision, **options)
     surface = _run(stream, progress, "plane")
     alpha, beta = np.meshgrid(surface.x, surface.y)
     return TriangleSurface(alpha, beta, surface.loss, surface.accuracy,

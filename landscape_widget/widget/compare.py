@@ -24,15 +24,14 @@ import base64
 import threading
 from collections.abc import Mapping
 
-import numpy as np
 import traitlets as t
 from torch import nn
 
 from ..core.directions import interpolation_direction, random_directions
 from ..core.landscape import compute_surface
-from ..core.stats import landscape_stats
 from ..core.surface import Surface
-from .protocol import MAX_ID_LENGTH, ProtocolError, Spec, f32, short
+from .compare_result import encode_compare, nonfinite_note, nonfinite_tensors, shared_range
+from .protocol import MAX_ID_LENGTH, ProtocolError, Spec, short
 
 COMPARE_KINDS = ("compare", "compare_stop")
 LAYOUTS = ("toggle", "side")
@@ -128,53 +127,6 @@ def compare_directions(model: nn.Module, spec: Spec) -> list:
                              ignore="biasbn" if spec.ignore_biasbn else None, seed=spec.seed)
 
 
-def shared_range(surfaces: Mapping[str, Surface]) -> tuple[float, float] | None:
-    """``(zmin, zmax)`` of the loss over every finite point of ``surfaces`` (``None`` if none)."""
-    finite = [s.loss[np.isfinite(s.loss)] for s in surfaces.values() if s.loss is not None]
-    finite = [f for f in finite if f.size]
-    if not finite:
-        return None
-    return float(min(f.min() for f in finite)), float(max(f.max() for f in finite))
-
-
-def _json_number(v):
-    # JSON has no inf or NaN: an infinite basin radius (the loss never rose by `rise`
-    # inside the window) is the text "inf", an unmeasured one (NaN) is None.
-    if not isinstance(v, float) or np.isfinite(v):
-        return v
-    return None if np.isnan(v) else ("inf" if v > 0 else "-inf")
-
-
-def stats_row(surface: Surface) -> dict:
-    """The statistics of one surface, JSON-ready, plus its one-line ``summary``."""
-    stats = landscape_stats(surface)
-    row = {k: _json_number(v) for k, v in stats.as_dict().items()}
-    row["summary"] = stats.summary()
-    return row
-
-
-def encode_compare(job_id: str, names: tuple[str, ...], surfaces: Mapping[str, Surface],
-                   spec: Spec, complete: bool) -> dict:
-    """The ``compare_result`` trait: shared axes and range, per-model loss bytes and stats."""
-    first = next(iter(surfaces.values()), None)
-    zrange = shared_range(surfaces)
-    return {
-        "id": job_id,
-        "names": list(names),
-        "computed": [n for n in names if n in surfaces],
-        "x": None if first is None else bytes(f32(first.x)),
-        "y": None if first is None else bytes(f32(first.y)),
-        "shape": [] if first is None else list(first.loss.shape),
-        "loss": {n: bytes(f32(s.loss)) for n, s in surfaces.items()},
-        "zmin": None if zrange is None else zrange[0],
-        "zmax": None if zrange is None else zrange[1],
-        "stats": {n: stats_row(s) for n, s in surfaces.items()},
-        "norm": spec.norm if spec.direction == "random" else "filter",
-        "seed": spec.seed,
-        "complete": bool(complete),
-    }
-
-
 def export_state(widget) -> dict:
     """The compare traits for the static HTML export (arrays as base64 text)."""
     state = {k: getattr(widget, k) for k in TRAITS}
@@ -225,6 +177,7 @@ class CompareRunner:
     def _run(self, job_id: str, names: tuple[str, ...], spec: Spec,
              cancel: threading.Event) -> None:
         surfaces: dict[str, Surface] = {}
+        notes: dict[str, str] = {}
         notify = self.on_update or (lambda *_: None)
         x = (spec.x_range[0], spec.x_range[1], spec.resolution)
         y = (spec.y_range[0], spec.y_range[1], spec.resolution)
@@ -233,6 +186,10 @@ class CompareRunner:
                 notify({"state": "running", "id": job_id, "model": name, "done": k,
                         "total": len(names)}, None)
                 model = self.models[name]
+                broken = nonfinite_tensors(model)
+                if broken:  # its random directions cannot even be normalised
+                    raise ValueError(f"the model's own {broken} holds NaN/inf, so its loss is "
+                                     "NaN everywhere; pass a model with finite weights")
                 surface = compute_surface(
                     model, self.data, directions=compare_directions(model, spec), x=x, y=y,
                     loss_fn=self.loss_fn, metrics=("loss",), bn=spec.bn, device=self.device,
@@ -241,16 +198,20 @@ class CompareRunner:
                 if cancel.is_set():
                     break
                 surfaces[name] = surface
+                notes[name] = nonfinite_note(name, model, surface)
                 self.surfaces = dict(surfaces)
                 notify(None, encode_compare(job_id, names, surfaces, spec,
-                                            len(surfaces) == len(names)))
+                                            len(surfaces) == len(names), notes))
         except Exception as err:  # noqa: BLE001 - a thread: the status carries the error
             notify({"state": "error", "id": job_id, "done": len(surfaces),
-                    "total": len(names), "message": f"{type(err).__name__}: {err}"}, None)
+                    "total": len(names), "model": name,
+                    "message": f"{name}: {type(err).__name__}: {err}"}, None)
             return
         state = "cancelled" if len(surfaces) < len(names) else "done"
-        notify({"state": state, "id": job_id, "done": len(surfaces), "total": len(names)},
-               None)
+        # A model without finite losses still ends "done", but the status says so.
+        message = "; ".join(n for n in notes.values() if n)
+        notify({"state": state, "id": job_id, "done": len(surfaces), "total": len(names),
+                **({"message": message} if message else {})}, None)
 
 
 class ComparePanel(t.HasTraits):
@@ -368,4 +329,4 @@ class ComparePanel(t.HasTraits):
 
 __all__ = ["ComparePanel", "CompareRunner", "is_compare_message", "parse_compare_message",
            "same_architecture", "shared_range", "encode_compare", "compare_directions",
-           "export_state"]
+           "nonfinite_note", "export_state"]

@@ -23,12 +23,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
+import torch
 from torch import nn
 
 from ..core.directions import interpolation_direction
 from ..core.fingerprints import fingerprint
 from ..core.landscape import TileStream
-from ..core.params import check_module, check_same_placement
+from ..core.params import check_module, check_same_placement, model_device
 from ..core.surface import Curve, Surface
 from ..experiments.triangle import TriangleSurface, triangle_stream
 from .encode import path_info
@@ -72,6 +73,24 @@ def resolve_models(model, models) -> tuple[nn.Module, dict[str, nn.Module]]:
     centre = next(iter(named.values())) if model is None else model
     check_module(centre, "model")
     return centre, named
+
+
+def compute_device(model: nn.Module, device, executor) -> torch.device | None:
+    """Where the widget's grids compute (for the precisions it offers).
+
+    Returns:
+        ``device`` if given, else the model's device; ``None`` when an executor's workers
+        pick theirs (their GPU if they have one) or the model has no single device (the
+        engine reports that when it computes).
+    """
+    if device is not None:
+        return torch.device(device)
+    if executor is not None:
+        return None
+    try:
+        return model_device(model)
+    except ValueError:
+        return None
 
 
 def entries(names, direction: str) -> list[dict]:
@@ -145,14 +164,21 @@ def interpolate_directions(ctx: Context, spec: Spec, job: Job | None = None) -> 
 
 
 def plane_stream(ctx: Context, job: Job) -> TileStream:
-    """The plane through ``job.spec.vertices`` as a stream of tiles (cancellable)."""
+    """The plane through ``job.spec.vertices`` as a stream of tiles (cancellable).
+
+    Returns:
+        The :class:`~landscape_widget.TileStream`, computed at the widget's ``precision``
+        like the other grids (the result's ``spec["precision"]`` and
+        ``spec["precision_error"]`` say what was computed).
+    """
     spec = job.spec
     names = list(spec.vertices)
     return triangle_stream(
         [_named(ctx, n) for n in names], ctx.grid_data, resolution=spec.resolution,
         margin=spec.margin, loss_fn=ctx.loss_fn, metrics=ctx.metrics, bn=spec.bn,
         device=ctx.device, names=names, tile_points=ctx.tile_points, cancel=job.cancel,
-        evaluator_options=ctx.evaluator_options, executor=ctx.executor)
+        evaluator_options=ctx.evaluator_options, executor=ctx.executor,
+        precision=spec.precision)
 
 
 def view_info(dirs, stream: TileStream) -> dict:
@@ -193,5 +219,5 @@ def as_triangle(result: Surface | Curve | None) -> Surface | Curve | TriangleSur
                            dict(result.spec))
 
 
-__all__ = ["resolve_models", "entries", "centre", "vertex_key", "interpolate_directions",
-           "plane_stream", "view_info", "outside", "as_triangle"]
+__all__ = ["resolve_models", "compute_device", "entries", "centre", "vertex_key",
+           "interpolate_directions", "plane_stream", "view_info", "outside", "as_triangle"]

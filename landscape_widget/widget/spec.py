@@ -30,7 +30,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from ..core.precision import PRECISIONS
+from ..core.precision import PRECISIONS, available_precisions, precision_problem
 from ..core.progressive import SAMPLE_MODES
 
 MAX_2D = 201
@@ -193,11 +193,13 @@ LIMITS = {name: f.metadata["limits"] for name, f in FIELDS.items() if "limits" i
 """Field name -> ``(low, high)`` of a bounded int."""
 
 
-def schema() -> dict:
+def schema(device=None) -> dict:
     """What the front end knows of the spec: fields, defaults, enumerations and limits.
 
     Sent as the widget's read-only ``_spec_schema`` trait; ``resolution`` maps each case to
-    its largest resolution (``"2d"``, ``"1d"``, ``"curvature"``, ``"plane"``).
+    its largest resolution (``"2d"``, ``"1d"``, ``"curvature"``, ``"plane"``). With the
+    widget's ``device`` (a ``torch.device``), ``choices["precision"]`` holds only the
+    precisions possible there (:func:`~landscape_widget.core.precision.available_precisions`).
 
     Returns:
         ``{"fields", "defaults", "choices", "limits", "resolution"}``: the field names in
@@ -209,8 +211,9 @@ def schema() -> dict:
         >>> s["fields"] == list(COMPUTE_TRAITS), s["resolution"]["2d"] == MAX_2D
         (True, True)
     """
+    choices = {**CHOICES, "precision": available_precisions(device)}
     return {"fields": list(COMPUTE_TRAITS), "defaults": Spec().to_dict(),
-            "choices": {k: list(v) for k, v in CHOICES.items()},
+            "choices": {k: list(v) for k, v in choices.items()},
             "limits": {k: list(v) for k, v in LIMITS.items()},
             "resolution": {"2d": MAX_2D, "1d": MAX_1D, "curvature": MAX_CURVATURE,
                            "plane": MAX_PLANE}}
@@ -317,7 +320,7 @@ def _check_fields(raw, directions: tuple[str, ...]) -> None:
 
 
 def parse_spec(raw, *, directions: tuple[str, ...] = DIRECTION_TYPES,
-               models: tuple[str, ...] = ()) -> Spec:
+               models: tuple[str, ...] = (), device=None) -> Spec:
     """Validate a spec dict from the front end (or from traits).
 
     For ``"plane"``, ``resolution`` counts grid steps per unit (at most :data:`MAX_PLANE`),
@@ -329,6 +332,8 @@ def parse_spec(raw, *, directions: tuple[str, ...] = DIRECTION_TYPES,
         raw: The ``spec`` of a compute message.
         directions: Direction types this widget offers (interpolation needs ``model_b``).
         models: Names of the widget's models, which ``spec.vertices`` may name.
+        device: Where the widget computes (a ``torch.device``; ``None``: unknown, as with
+            an executor): ``spec.precision`` must be possible there (no fp16 on a CPU).
 
     Returns:
         The validated :class:`Spec`.
@@ -341,6 +346,9 @@ def parse_spec(raw, *, directions: tuple[str, ...] = DIRECTION_TYPES,
         (5, 5)
     """
     _check_fields(raw, directions)
+    problem = None if device is None else precision_problem(raw["precision"], device)
+    if problem is not None:
+        raise ProtocolError(f"spec.precision: {problem}")
     if raw["quantity"] == "curvature" and (raw["mode"] != "2d"
                                            or raw["resolution"] > MAX_CURVATURE):
         raise ProtocolError(f"a curvature map is 2D with resolution <= {MAX_CURVATURE}; got "

@@ -27,6 +27,7 @@ import anywidget
 import traitlets as t
 
 from ..core.directions import interpolation_direction
+from ..core.precision import precision_problem
 from ..core.state import bn_batch_size_for
 from ..core.surface import Curve, Surface
 from ..experiments.triangle import TriangleSurface
@@ -37,7 +38,7 @@ from .encode import encode_result, snapshot_messages
 from .export import static_page
 from .fit_spec import fit_schema
 from .jobs import STATUS_DEFAULTS, Job, new_id
-from .models import as_triangle, resolve_models
+from .models import as_triangle, compute_device, resolve_models
 from .pattern_panel import PatternPanel
 from .protocol import ProtocolError, parse_message
 from .shapes import check_steps
@@ -129,6 +130,15 @@ class LandscapeWidget(PatternPanel, ComparePanel, SpecTraits, anywidget.AnyWidge
                                f"{proposal['value']!r}.")
         return proposal["value"]
 
+    @t.validate("precision")
+    def _precision_for_device(self, proposal):
+        # One rule (core.precision): no fp16 on a CPU, from Python or the front end.
+        device = getattr(self, "_device", None)  # None: constructing, or an executor's
+        problem = None if device is None else precision_problem(proposal["value"], device)
+        if problem is not None:
+            raise t.TraitError(problem)
+        return proposal["value"]
+
     def __init__(self, model=None, data=None, *, models=None, model_b=None, trajectory=None,
                  model_fn=None,
                  test_data=None, loss_fn=None, device=None, executor=None,
@@ -162,6 +172,9 @@ class LandscapeWidget(PatternPanel, ComparePanel, SpecTraits, anywidget.AnyWidge
             raise ValueError(f"invalid control value: {err}") from None
         self._direction_names = tuple(dict.fromkeys(d["direction"] for d in types))
         self._model_names = tuple(named)
+        # The precisions offered are those possible where the grids compute.
+        self._device = compute_device(model, device, executor)
+        self.set_trait("_spec_schema", {**schema(self._device), "fit": fit_schema()})
         try:
             self.spec()  # invalid initial values raise here, in the caller's hands
         except ProtocolError:
@@ -197,7 +210,8 @@ class LandscapeWidget(PatternPanel, ComparePanel, SpecTraits, anywidget.AnyWidge
             # Left from the other type (a plane's three after switching to interpolate),
             # as the front end's pickers do: the first ones stay.
             raw["vertices"] = raw["vertices"][:need]
-        return parse_spec(raw, directions=self._direction_names, models=self._model_names)
+        return parse_spec(raw, directions=self._direction_names, models=self._model_names,
+                          device=self._device)
 
     def compute(self) -> str:
         """Start computing the current controls now (cancels the running job).
@@ -279,7 +293,7 @@ class LandscapeWidget(PatternPanel, ComparePanel, SpecTraits, anywidget.AnyWidge
                 self._handle_compare_message(content)
                 return
             kind, mid, spec = parse_message(content, directions=self._direction_names,
-                                            models=self._model_names)
+                                            models=self._model_names, device=self._device)
             if kind in ("fit", "fit_stop"):
                 self._handle_fit_message(kind, mid, spec)
             elif kind == "compute":
