@@ -130,18 +130,20 @@ def free_memory(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
-    try:
-        import psutil  # optional: only used when installed
-
-        return int(psutil.virtual_memory().available)
-    except ImportError:
-        pass
+    # Linux first: reading /proc/meminfo takes microseconds, importing psutil ~15 ms of a
+    # first call.
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024
     except OSError:
+        pass
+    try:
+        import psutil  # optional: only used when installed (macOS, Windows)
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
         pass
     return 4 << 30  # nothing to read (not Linux, no psutil): assume a small machine
 
@@ -264,7 +266,9 @@ class PlanTuner:
         if self.strategy in ("auto", "loop"):
             plans += [Plan("loop", 1, full, layout, stem) for layout in layouts for stem in stems]
             if self.device.type == "cpu" and self.bn_batch_size is None:
-                sizes = sorted({self._batch_for(1, CPU_CACHE_BUDGET // f) for f in (16, 4, 1)})
+                # Largest first: _tune stops a family at the first size that does not pay.
+                sizes = sorted({self._batch_for(1, CPU_CACHE_BUDGET // f) for f in (16, 4, 1)},
+                               reverse=True)
                 plans += [Plan("loop", 1, b, layout, stem) for b in sizes if b < full
                           for layout in layouts for stem in stems]
         if self.strategy in ("auto", "vmap") and not self.compile_only_loops:
@@ -357,7 +361,12 @@ class PlanTuner:
             of the data, plus the warm-up cost measured so far.
         """
         share = min(plan.batch, self.n) / self.n
-        spp = last.get((plan.strategy, plan.layout, plan.stem), plain_spp)
+        family = (plan.strategy, plan.layout, plan.stem)
+        # A family never timed may cost more per point than the plain loop (vmap's first
+        # pass, small batches' per-pass cost): predicted at twice the plain loop's rate,
+        # unless it is a loop over all data (its two points are real and kept if it wins).
+        whole = plan.strategy == "loop" and plan.batch >= self.n
+        spp = last.get(family, plain_spp if whole else 2 * plain_spp)
         return 2 * spp * share * plan.points + getattr(self, "_warmup", 0.0)
 
     def _tune(self, c: Tensor) -> Plan:
@@ -390,8 +399,11 @@ class PlanTuner:
         errors: list[BaseException] = []
         vmap_errors: list[str] = []
         skipped = 0
-        slower: set[tuple] = set()  # (layout, stem) families where a larger K stopped paying
-        last: dict[tuple, float] = {}
+        # (strategy, layout, stem) families where a larger K or a smaller B stopped paying.
+        slower: set[tuple] = set()
+        last: dict[tuple, float] = {}  # the latest seconds per point of each family
+        if plain.seconds_per_point == plain.seconds_per_point:  # timed (not NaN)
+            last[(plain.strategy, plain.layout, plain.stem)] = plain.seconds_per_point
         for plan in self._candidate_plans():
             family = (plan.strategy, plan.layout, plan.stem)
             if family in slower:
@@ -404,6 +416,9 @@ class PlanTuner:
             if (self._results and
                     spent + self._trial_cost(plan, plain.seconds_per_point, last) > allowance):
                 skipped += 1
+                # Its next plans (smaller B, larger K) are not timed either: they only make
+                # sense after this one paid.
+                slower.add(family)
                 continue
             t0 = time.perf_counter()
             try:
@@ -431,6 +446,14 @@ class PlanTuner:
                 if plan.seconds_per_point > 0.9 * last.get(family, math.inf):
                     slower.add(family)
                 last[family] = plan.seconds_per_point
+            else:
+                # Smaller batches of a layout come after its full-data loop, largest first:
+                # one that gains under 3 % over the larger one stops the family (small
+                # batches pay a per-pass cost the trial's prediction does not see: a
+                # Transformer's batches of 8 took 2.5x longer per point than all 256).
+                if plan.seconds_per_point > 0.97 * last.get(family, math.inf):
+                    slower.add(family)
+                last[family] = min(plan.seconds_per_point, last.get(family, math.inf))
         if vmap_errors and not self._results:
             # strategy="vmap" asked for vmap alone: the plain loop is always possible.
             return self._fall_back(vmap_errors[0], c)
