@@ -260,6 +260,7 @@ class Evaluator(LossStats, PrecisionCheck, PlanTuner, CompiledForward, StemTerms
         self._results: list[Plan] = []
         self.rejected: list[str] = []
         self._x_cl: Tensor | None = None
+        self._cl_terms: tuple[Params, list[Params]] | None = None
         # The linear-stem shortcut (see core/stem.py) needs a copy of the module to trace.
         if stem not in ("auto", True, False):
             raise ValueError("stem must be 'auto', True or False.")
@@ -369,19 +370,39 @@ class Evaluator(LossStats, PrecisionCheck, PlanTuner, CompiledForward, StemTerms
         """
         params = dict(self.base)
         coef = c.to(self.dtype if self.dtype.is_floating_point else torch.float32).tolist()
+        base, dirs = self._point_terms(layout)
         for k in self.keys:
-            acc = self.base[k]
-            for j, d in enumerate(self.dirs):
+            acc = base[k]
+            for j, d in enumerate(dirs):
                 if not acc.is_floating_point():  # an integer buffer: no float alpha
                     acc = acc + c[j].to(acc.dtype) * d[k]
                 elif j == 0:
                     acc = torch.add(acc, d[k], alpha=coef[j])
                 else:
                     acc.add_(d[k], alpha=coef[j])
-            if layout == "channels_last" and acc.dim() == 4:
-                acc = acc.contiguous(memory_format=torch.channels_last)
             params[k] = acc
         return params
+
+    def _point_terms(self, layout: str) -> tuple[Params, list[Params]]:
+        """The base and directions of the moved entries, 4D ones stored in ``layout``.
+
+        For channels-last plans the 4D weights are kept channels-last once, so that each
+        point's sum comes out channels-last instead of being copied into it (6 ms of a
+        ResNet-50 point on a 2-core CPU).
+
+        Returns:
+            ``(base, dirs)``: ``self.base`` and ``self.dirs``, or for ``"channels_last"``
+            copies of their moved 4D entries in that memory format (made once).
+        """
+        if layout != "channels_last":
+            return self.base, self.dirs
+        if self._cl_terms is None:
+            def cl(t: Tensor) -> Tensor:
+                return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
+
+            self._cl_terms = ({k: cl(self.base[k]) for k in self.keys},
+                              [{k: cl(d[k]) for k in self.keys} for d in self.dirs])
+        return self._cl_terms
 
     def _stacked(self, coeffs: Tensor) -> Params:
         """Parameters of K points: base + sum_j c[:, j] * d_j, stacked along a new dim 0."""
@@ -523,6 +544,8 @@ class Evaluator(LossStats, PrecisionCheck, PlanTuner, CompiledForward, StemTerms
                 self.plan.reason = "the plain loop: 2 points or fewer, nothing to tune"
             else:
                 self.plan = self._tune(c)
+        if self.plan.layout != "channels_last":
+            self._cl_terms = None  # a trial's channels-last copies, not needed by the plan
         self._setup_compile(self.plan, c, key)
         self.plan.precision, self.plan.precision_note = self.precision, (
             self._precision_fallback or precision_note(self.precision, self.device))
