@@ -88,7 +88,10 @@ class LandscapeWidget(PatternPanel, ComparePanel, SpecTraits, anywidget.AnyWidge
         **traits: Initial control values (``mode``, ``direction``, ``norm``,
             ``ignore_biasbn``, ``x_range``, ``y_range``, ``resolution``, ``seed``, ``bn``,
             ``quantity`` (``"loss"`` or ``"curvature"``: the Hessian's ``|λmin/λmax|`` map),
-            ``vertices``, ``metric``, ``log_scale``, ``view``) or ``layout``.
+            ``vertices``, ``metric``, ``log_scale``, ``view``, ``precision`` (the choices
+            possible on the widget's device), ``samples`` (``"auto"``: a data subset
+            first on large data, ``"exact"``, or a fixed subset ``"1k"``/``"5k"``/``"10k"``))
+            or ``layout``.
 
     Raises:
         TypeError: For an unknown keyword, no model or data, or a ``model`` (or an entry of
