@@ -542,6 +542,8 @@ class Evaluator(LossStats, PrecisionCheck, PlanTuner, CompiledForward, StemTerms
             if self.expected_points <= 2 and self.strategy != "vmap":
                 self.plan = self._plain_plan()  # nothing to amortise
                 self.plan.reason = "the plain loop: 2 points or fewer, nothing to tune"
+                # Not a search: a later, larger grid of this structure tunes its own plan.
+                self.plan.complete, self.plan.tuned_for = False, int(self.expected_points)
             else:
                 self.plan = self._tune(c)
         if self.plan.layout != "channels_last":

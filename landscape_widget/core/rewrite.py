@@ -25,6 +25,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as torch_module
 
 # Operations whose result is always a new tensor (never a view of an input, a parameter or a
 # buffer): an in-place ReLU on it changes nothing anyone else can read.
@@ -33,6 +34,9 @@ FRESH_MODULES = (
     nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm, nn.AvgPool2d, nn.MaxPool2d,
     nn.AdaptiveAvgPool2d,
 )
+# The classes' own forwards, taken at import: a forward replaced on the class later (a
+# library patching nn.ReLU.forward) is not the one the rewrite stands for.
+_FORWARDS = {cls: cls.forward for cls in (*FRESH_MODULES, nn.ReLU)}
 FRESH_FUNCTIONS = (
     operator.add, operator.mul, operator.sub, torch.add, torch.mul, torch.sub,
     F.conv1d, F.conv2d, F.conv3d, F.linear, F.batch_norm, F.layer_norm, F.avg_pool2d,
@@ -93,9 +97,25 @@ def avg_pool2d(x: Tensor, k: int) -> Tensor:
     return F.avg_pool2d(x, k)
 
 
+def _stock(mod: nn.Module, cls: type) -> bool:
+    """Whether ``mod`` computes exactly what ``cls`` does.
+
+    Returns:
+        True for an instance of exactly ``cls`` running the class's own ``forward`` (not one
+        set on the instance, as monkeypatching or accelerate's hooks do, nor one patched on
+        the class) with no forward hooks, its own or global (a hook may change what the
+        layer returns).
+    """
+    return (type(mod) is cls and "forward" not in vars(mod)
+            and type(mod).forward is _FORWARDS[cls]
+            and not mod._forward_hooks and not mod._forward_pre_hooks
+            and not torch_module._global_forward_hooks
+            and not torch_module._global_forward_pre_hooks)
+
+
 def _square_pool(mod: nn.Module) -> int | None:
     """The kernel size of an ``nn.AvgPool2d`` that :func:`avg_pool2d` computes, else None."""
-    if type(mod) is not nn.AvgPool2d or mod._forward_hooks or mod._forward_pre_hooks:
+    if not _stock(mod, nn.AvgPool2d):
         return None
     k, s, p = mod.kernel_size, mod.stride, mod.padding
     k = k if isinstance(k, int) else (k[0] if len(set(k)) == 1 else None)
@@ -108,9 +128,7 @@ def _square_pool(mod: nn.Module) -> int | None:
 
 def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_module":
-        mod = gm.get_submodule(node.target)
-        return (type(mod) is nn.ReLU and not mod._forward_hooks
-                and not mod._forward_pre_hooks and len(node.args) == 1)
+        return _stock(gm.get_submodule(node.target), nn.ReLU) and len(node.args) == 1
     if node.op == "call_function" and node.target in (F.relu, torch.relu):
         return len(node.args) == 1 and not node.kwargs.get("inplace", False)
     return False
@@ -121,7 +139,8 @@ def _fresh(gm: fx.GraphModule, node: fx.Node, fresh_inputs: set[str]) -> bool:
     if node.op == "placeholder":
         return node.target in fresh_inputs
     if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), FRESH_MODULES)
+        mod = gm.get_submodule(node.target)
+        return type(mod) in FRESH_MODULES and _stock(mod, type(mod))
     return node.op == "call_function" and (node.target in FRESH_FUNCTIONS
                                            or node.target is avg_pool2d)
 
