@@ -175,3 +175,21 @@ def test_cnn_surface_through_the_rewritten_suffix_matches_the_float64_loop(strat
                                                                    dtype=torch.float64))
     want1, _ = naive_surface(net, x, y, d1, d2, np.array([0.3]), np.array([-0.7]))
     np.testing.assert_allclose(got[0, 0].item(), want1.ravel()[0], rtol=1e-5)
+
+
+def test_a_first_layer_with_a_replaced_forward_gets_no_stem():
+    """A forward set on the instance need not be linear in the weights: no stem for it."""
+    import types
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    net[0].forward = types.MethodType(
+        lambda self, x: F.linear(x, self.weight, self.bias) ** 2, net[0])
+    assert split_stem(net) is None
+    x, y = torch.randn(20, 6), torch.randint(0, 3, (20,))
+    d1, d2 = lw.random_directions(net, 2, seed=0)
+    axis = (-2.0, 2.0, 3)
+    surf = lw.compute_surface(net, (x, y), directions=(d1, d2), x=axis, y=axis,
+                              progress=False, evaluator_options={"stem": True})
+    want, _ = naive_surface(net, x, y, d1, d2, linspace(axis), linspace(axis))
+    np.testing.assert_allclose(surf.loss, want, rtol=1e-5, atol=0)

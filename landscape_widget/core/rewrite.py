@@ -97,7 +97,7 @@ def avg_pool2d(x: Tensor, k: int) -> Tensor:
     return F.avg_pool2d(x, k)
 
 
-def _stock(mod: nn.Module, cls: type) -> bool:
+def stock(mod: nn.Module, cls: type) -> bool:
     """Whether ``mod`` computes exactly what ``cls`` does.
 
     Returns:
@@ -107,7 +107,7 @@ def _stock(mod: nn.Module, cls: type) -> bool:
         layer returns).
     """
     return (type(mod) is cls and "forward" not in vars(mod)
-            and type(mod).forward is _FORWARDS[cls]
+            and type(mod).forward is _FORWARDS.get(cls, cls.forward)
             and not mod._forward_hooks and not mod._forward_pre_hooks
             and not torch_module._global_forward_hooks
             and not torch_module._global_forward_pre_hooks)
@@ -115,7 +115,7 @@ def _stock(mod: nn.Module, cls: type) -> bool:
 
 def _square_pool(mod: nn.Module) -> int | None:
     """The kernel size of an ``nn.AvgPool2d`` that :func:`avg_pool2d` computes, else None."""
-    if not _stock(mod, nn.AvgPool2d):
+    if not stock(mod, nn.AvgPool2d):
         return None
     k, s, p = mod.kernel_size, mod.stride, mod.padding
     k = k if isinstance(k, int) else (k[0] if len(set(k)) == 1 else None)
@@ -128,7 +128,7 @@ def _square_pool(mod: nn.Module) -> int | None:
 
 def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_module":
-        return _stock(gm.get_submodule(node.target), nn.ReLU) and len(node.args) == 1
+        return stock(gm.get_submodule(node.target), nn.ReLU) and len(node.args) == 1
     if node.op == "call_function" and node.target in (F.relu, torch.relu):
         return len(node.args) == 1 and not node.kwargs.get("inplace", False)
     return False
@@ -140,7 +140,7 @@ def _fresh(gm: fx.GraphModule, node: fx.Node, fresh_inputs: set[str]) -> bool:
         return node.target in fresh_inputs
     if node.op == "call_module":
         mod = gm.get_submodule(node.target)
-        return type(mod) in FRESH_MODULES and _stock(mod, type(mod))
+        return type(mod) in FRESH_MODULES and stock(mod, type(mod))
     return node.op == "call_function" and (node.target in FRESH_FUNCTIONS
                                            or node.target is avg_pool2d)
 
