@@ -10,6 +10,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 from widget_cases import Recorder
@@ -70,3 +71,13 @@ def test_an_exact_result_of_a_fixed_subset_is_reused_as_exact_only(monkeypatch):
     ref = lw.compute_surface(model, data_fn(), samples=100, **_grid(model, 9))
     np.testing.assert_allclose(sub.loss, ref.loss, rtol=1e-6)
     np.testing.assert_allclose(sub.loss_se, ref.loss_se, rtol=1e-6)
+
+
+def test_samples_beyond_an_executors_data_fn_is_refused_with_its_size_and_the_fix():
+    """Headless ``samples=N`` asks for N explicitly: still refused, but the message says
+    how many samples the data_fn returned and what to pass instead."""
+    with ThreadPoolExecutor(1) as pool:
+        with pytest.raises(ValueError, match=rf"samples=1000 exceeds the {N} samples that "
+                           rf"data_fn returned.*pass samples={N} or fewer.*samples=None"):
+            lw.compute_surface(_model(), data_fn, samples=1000, executor=pool,
+                               x=(-1, 1, 3), y=(-1, 1, 3), progress=False)
