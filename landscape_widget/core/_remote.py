@@ -33,7 +33,7 @@ from .data import as_tensors, is_data_fn
 from .evaluate import Evaluator
 from .fingerprints import fingerprint, fingerprint_bytes
 from .params import model_device
-from .subset import take_subset
+from .subset import data_size, take_subset
 from .tuning import Plan, _remember
 
 try:
@@ -249,11 +249,22 @@ def _subset(data: tuple, options: dict) -> tuple[tuple, str | None]:
     Returns:
         ``(data, fingerprint)``: the data to evaluate (``options`` then holds its
         ``population``) and the drawn samples' fingerprint (``None`` without a subset).
+
+    Raises:
+        ValueError: If the subset is larger than the data ``data_fn`` returned (the
+            message names its size and the fix).
     """
     if options.get("subset") is None:
         options.pop("subset", None)
         return data, None
     n, seed = options.pop("subset")
+    population = data_size(data)
+    if n > population:  # only here is the data_fn's size known: say what to pass instead
+        raise ValueError(
+            f"samples={n} exceeds the {population} samples that data_fn returned on the "
+            f"executor's worker {_worker_name()}: pass samples={population} or fewer (a random "
+            "subset with standard errors), or samples=None (the default) for exact values "
+            "on all data.")
     data, options["population"] = take_subset(data, n, seed)
     return data, fingerprint({"x": data[0], "y": data[1]})
 

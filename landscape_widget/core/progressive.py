@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -26,6 +27,9 @@ from .data import is_data_fn
 from .grid import Tile
 from .subset import SubsetError, data_size
 from .tuning import Plan
+
+if TYPE_CHECKING:
+    from .landscape import TileStream
 
 PROGRESSIVE_MIN_SAMPLES = 4_096  # data sets at least this large get subset stages first
 PROGRESSIVE_STAGES = (256, 2_048, 16_384)  # subset sizes, growing 8x ...
@@ -212,7 +216,7 @@ class ProgressiveStream:
 
 
 def progressive_stream(make_stream: Callable, data, mode: str = "auto",
-                       remote: bool = False) -> ProgressiveStream | None:
+                       remote: bool = False) -> ProgressiveStream | TileStream | None:
     """A :class:`ProgressiveStream` for ``data`` and the widget's ``samples`` ``mode``.
 
     ``None`` where the stages bring nothing: the caller then computes the exact grid
@@ -231,7 +235,9 @@ def progressive_stream(make_stream: Callable, data, mode: str = "auto",
             subset by them, see ``core/_remote.py``).
 
     Returns:
-        The staged stream, or ``None``.
+        The staged stream, or ``None``; for a fixed subset of a ``data_fn`` on an
+        executor whose workers report no more samples than the subset, the exact stream
+        their probe was made on (see the comment in the code).
 
     Raises:
         SubsetError: For a fixed subset of data or with a loss that cannot be subset.
@@ -241,7 +247,15 @@ def progressive_stream(make_stream: Callable, data, mode: str = "auto",
     """
     fixed = mode in SUBSET_CHOICES
     if remote and fixed and is_data_fn(data):
-        population = None  # known on the workers only; they draw the subset
+        # Only the workers call data_fn, so its size is known from their probe: open the
+        # exact stream first (no reuse: the caller's may be of the subset). Data that holds
+        # no more samples than the subset is then computed exact on that stream, as for
+        # local data, instead of a draw the workers would refuse; a larger one is subset
+        # (each worker reuses the data it loaded for the probe).
+        probe = make_stream(samples=None, reuse=None)
+        population = int(probe.evaluator.n)
+        if SUBSET_CHOICES[mode] >= population:
+            return probe
     else:
         try:
             population = data_size(data)

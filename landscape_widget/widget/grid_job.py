@@ -80,11 +80,14 @@ def planned_samples(spec, data) -> int | None:
     return sample_stages(spec.samples, population)[-1]
 
 
-def _reuse_key(spec, data) -> tuple:
+def _reuse_key(spec, data, result=None) -> tuple:
     # Points of another precision are other values, and a subset's values are not the
-    # exact ones (nor another subset's): never reused (the engine refuses them too).
-    return (spec.direction_key(), spec.bn, spec.quantity, spec.precision,
-            planned_samples(spec, data))
+    # exact ones (nor another subset's): never reused (the engine refuses them too). A
+    # finished ``result`` is keyed by the samples it was computed on: a data_fn on an
+    # executor is sized only by its workers, so a fixed subset of it may end exact.
+    samples = (planned_samples(spec, data) if result is None else
+               (result.spec.get("samples") or {}).get("n"))
+    return (spec.direction_key(), spec.bn, spec.quantity, spec.precision, samples)
 
 
 def subset_text(result) -> str:
@@ -227,7 +230,7 @@ def run_grid(ctx: Context, job: Job, dirs: list) -> tuple[Surface | Curve, bool]
         report.cancelled(done, total)
         return result, False
     job.state = "done"
-    ctx.complete = (_reuse_key(spec, grid_data(ctx)), result)
+    ctx.complete = (_reuse_key(spec, grid_data(ctx), result), result)
     ev = stream.evaluator
     # A subset result says so where the statistics are shown (the status line).
     summary = " · ".join(filter(None, [subset_text(result), stats_line(result)]))
