@@ -317,3 +317,16 @@ def test_a_node_the_user_sets_during_a_cuda_computation_stays():
     assert [NODES[k].fp32_precision for k in ("cudnn.conv", "cudnn.rnn", "mkldnn.matmul")] \
         == [before[k] for k in ("cudnn.conv", "cudnn.rnn", "mkldnn.matmul")]
     assert _read(LEGACY["cudnn.allow_tf32"]) == before["cudnn.allow_tf32"]
+
+
+@pytest.mark.parametrize("precision,device", [("tf32", "cuda"), ("fp32", "cpu")])
+def test_a_legacy_matmul_precision_set_during_a_computation_stays_whole(precision, device):
+    """set_float32_matmul_precision("high") writes the hidden precision and both matmul
+    nodes; inside a CUDA tf32 computation the precision and cuda.matmul already hold what it
+    writes, so only mkldnn.matmul shows the call: the whole pair must stay, not a mix that
+    reports "high" with an IEEE cuBLAS node (or raises)."""
+    with precision_flags(precision, torch.device(device)):
+        torch.set_float32_matmul_precision("high")
+    assert (torch.get_float32_matmul_precision(), B.cuda.matmul.allow_tf32,
+            B.cuda.matmul.fp32_precision, B.mkldnn.matmul.fp32_precision) == \
+        ("high", True, "tf32", "tf32")

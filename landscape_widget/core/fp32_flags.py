@@ -170,14 +170,21 @@ def adopt(flags: Flags, written: Flags) -> Flags:
     """
     nodes = dict(flags.nodes)
     mine = dict(written.nodes)
-    for key in NODES:
-        if _get(*key) != _resolved(mine, *key):
-            nodes[key] = own_value(*key)
-    cudnn, matmul = _read_cudnn_tf32(), _read_matmul()
+    changed = {key for key in NODES if _get(*key) != _resolved(mine, *key)}
+    nodes.update({key: own_value(*key) for key in changed})
+    cudnn, now = _read_cudnn_tf32(), _read_matmul()
     if cudnn is None or cudnn == written.cudnn_tf32:
         cudnn = flags.cudnn_tf32
-    if matmul == written.matmul:
-        matmul = flags.matmul
+    matmul = flags.matmul if now == written.matmul else now
+    pair = {("cuda", "matmul"), ("mkldnn", "matmul")}
+    in_force = {key: own_value(*key) for key in pair}
+    if ((changed & pair or matmul != flags.matmul) and not _reads(nodes, matmul)
+            and _reads(in_force, now)):
+        # set_float32_matmul_precision(p) writes p's precision and both matmul nodes, some
+        # maybe to the values the package wrote (then unseen above): where only the pair
+        # as it is now reads, the user set it as a whole.
+        nodes.update(in_force)
+        matmul = now
     return Flags(nodes=tuple((key, nodes[key]) for key in NODES), cudnn_tf32=cudnn,
                  matmul=matmul)
 
@@ -188,6 +195,14 @@ def _resolved(nodes: dict, backend: str, op: str) -> str:
     if value == "none":
         value = _get(backend, "all")
     return "none" if backend == "cuda" and value == "bf16" else value
+
+
+def _reads(nodes: dict, matmul: str) -> bool:
+    """Whether both matmul legacy readers read with these nodes and matmul precision."""
+    cuda_tf32 = _resolved(nodes, "cuda", "matmul") == "tf32"
+    cpu = _resolved(nodes, "mkldnn", "matmul")
+    return (cuda_tf32 == (matmul != "highest") and (cpu != "bf16" or matmul == "medium")
+            and (cpu != "tf32" or matmul == "high"))
 
 
 def target(user: Flags, active: dict[str, str]) -> Flags:
