@@ -23,8 +23,12 @@ the legacy flags in another thread while the widget computes (Lightning's Traine
 and rnn; ``cuda.matmul.allow_tf32 = b`` / ``set_float32_matmul_precision`` also write the
 matmul nodes), then the nodes' own values; between consistent states the readers stay
 consistent after every step (tests/test_fp32_flags.py reads them from another thread).
-The user's state is read with the getters; only where a node reads what it could inherit,
-or the user's legacy values already disagree, is a node moved for a moment to tell.
+The user's state is read with the getters only, never by moving a flag for a moment (another
+thread, say the user's GPU training, would see that): a node reading what it could inherit
+counts as inheriting (:func:`own_value`), and hidden legacy values are deduced from what
+the readers say (:func:`_read_matmul`, :func:`_read_cudnn_tf32`). A computation writes
+only its backend's nodes that do not compute as asked already, plus the legacy values
+that must change with them.
 
 Example:
     >>> user = read()
@@ -65,12 +69,13 @@ class Flags:
 
     Attributes:
         nodes: The own (not inherited) value of each node in :data:`NODES`.
-        cudnn_tf32: The legacy hidden ``torch.backends.cudnn.allow_tf32``.
+        cudnn_tf32: The legacy hidden ``torch.backends.cudnn.allow_tf32`` (None: not
+            readable, as the user's conv and rnn disagree; then it is not written).
         matmul: The legacy hidden ``torch.get_float32_matmul_precision()``.
     """
 
     nodes: tuple[tuple[tuple[str, str], str], ...]
-    cudnn_tf32: bool
+    cudnn_tf32: bool | None
     matmul: str
 
     def node(self, backend: str, op: str) -> str:
@@ -78,69 +83,110 @@ class Flags:
         return dict(self.nodes)[(backend, op)]
 
 
-def own_value(backend: str, op: str) -> str:
-    """The value set on a node itself (torch's getter returns the inherited one).
+def _parent(backend: str, op: str) -> tuple[str, str]:
+    return ("generic", "all") if op == "all" else (backend, "all")
 
-    Only when the node reads the same as its parent does the parent move for a moment to
-    tell. (A fresh process's cudnn conv/rnn internal default reads as its value, "tf32".)
+
+def own_value(backend: str, op: str) -> str:
+    """The value set on a node itself, as far as reading alone can tell.
+
+    Torch's getter returns the inherited value, and the only way to tell "set to the same
+    value as its parent" from "inherits" is to move the parent, a process-wide write that
+    another thread (a GPU computation of the user's, a legacy reader) would see. So a node
+    reading the same as its parent counts as inheriting: the approximation is benign,
+    because restoring "none" there reads the same value as before (only a later change of
+    the parent would tell the two apart). (A fresh process's cudnn conv/rnn internal default
+    reads as its value, "tf32".)
 
     Returns:
-        "none" when the node inherits, else its value.
+        "none" when the node inherits (or reads what it would inherit), else its value.
     """
     value = _get(backend, op)
     if value == "none" or backend == "generic":  # the generic node inherits nothing
         return value
-    parent = ("generic", "all") if op == "all" else (backend, "all")
-    if value != _get(*parent):
-        return value
-    parent_value = own_value(*parent)
-    _set(*parent, "tf32" if value == "ieee" else "ieee")
-    try:
-        follows = _get(backend, op) != value
-    finally:
-        _set(*parent, parent_value)
-    return "none" if follows else value
+    return "none" if value == _get(*_parent(backend, op)) else value
 
 
-def _probe(nodes: dict[tuple[str, str], str], reader):
-    """``reader()`` with ``nodes`` set for a moment (to read a hidden legacy value)."""
-    saved = {key: own_value(*key) for key in nodes}
-    try:
-        for key, value in nodes.items():
-            _set(*key, value)
-        return reader()
-    finally:
-        for key, value in saved.items():
-            _set(*key, value)
+def _read_cudnn_tf32() -> bool | None:
+    """The legacy hidden cuDNN ``allow_tf32``, read without writing anything.
 
+    Its reader raises unless conv and rnn (TF32 or not) agree with it: when they agree with
+    each other it is the opposite of theirs; when they disagree no reader sees it, and it
+    is left alone (never probed by writing the nodes, see :func:`own_value`).
 
-def _read_cudnn_tf32() -> bool:
+    Returns:
+        The value, or None where no reader can tell it.
+    """
     try:
         return bool(torch.backends.cudnn.allow_tf32)
-    except RuntimeError:  # the user's flags are mixed already: conv = rnn = tf32 reads it
+    except RuntimeError:
         pass
-
-    def reader():
-        try:
-            return bool(torch.backends.cudnn.allow_tf32)
-        except RuntimeError:
-            return False
-
-    return _probe({("cuda", "conv"): "tf32", ("cuda", "rnn"): "tf32"}, reader)
+    conv, rnn = (_get("cuda", op) == "tf32" for op in ("conv", "rnn"))
+    return (not conv) if conv == rnn else None
 
 
 def _read_matmul() -> str:
+    """The legacy hidden matmul precision, read without writing anything.
+
+    Where the user's mixed flags make ``get_float32_matmul_precision()`` raise, the cuBLAS
+    reader still tells whether it is "highest" (it raises exactly when cuda.matmul's TF32
+    disagrees with "not highest"), and the reasons it can raise leave one value besides
+    "highest": "high" when mkldnn.matmul is bf16 (it needs "medium"), else "medium" (its
+    tf32 needs "high"); cuda.matmul TF32 alone raises only with "highest".
+
+    Returns:
+        "highest", "high" or "medium".
+    """
     try:
         return torch.get_float32_matmul_precision()
-    except RuntimeError:  # mixed already: with both matmul nodes "ieee" it always reads
-        return _probe({("cuda", "matmul"): "ieee", ("mkldnn", "matmul"): "ieee"},
-                      torch.get_float32_matmul_precision)
+    except RuntimeError:
+        pass
+    cuda_tf32 = _get("cuda", "matmul") == "tf32"
+    try:
+        highest = torch.backends.cuda.matmul.allow_tf32 is False
+    except RuntimeError:  # raises iff cuda_tf32 != (precision != "highest")
+        highest = cuda_tf32
+    if highest:
+        return "highest"
+    return "high" if _get("mkldnn", "matmul") == "bf16" else "medium"
 
 
 def read() -> Flags:
-    """The flags as they are now (the user's, when no computation runs)."""
+    """The flags as they are now (the user's, when no computation runs); writes nothing."""
     return Flags(nodes=tuple((key, own_value(*key)) for key in NODES),
                  cudnn_tf32=_read_cudnn_tf32(), matmul=_read_matmul())
+
+
+def adopt(flags: Flags, written: Flags) -> Flags:
+    """``flags`` with whatever was set since ``written`` was written (by the user, meanwhile).
+
+    A node changed when it no longer reads what its own value in ``written`` gives under
+    the parents now in force (the package never writes the "all" or generic nodes, so a
+    change there is the user's and simply stays); a legacy value changed when it reads
+    differently (a cuDNN value no reader can tell is not taken as a change).
+
+    Returns:
+        ``flags`` with those nodes' own values (:func:`own_value`) and legacy values now.
+    """
+    nodes = dict(flags.nodes)
+    mine = dict(written.nodes)
+    changed = {key for key in NODES if _get(*key) != _resolved(mine, *key)}
+    nodes.update({key: own_value(*key) for key in changed})
+    cudnn, now = _read_cudnn_tf32(), _read_matmul()
+    if cudnn is None or cudnn == written.cudnn_tf32:
+        cudnn = flags.cudnn_tf32
+    matmul = flags.matmul if now == written.matmul else now
+    pair = {("cuda", "matmul"), ("mkldnn", "matmul")}
+    in_force = {key: own_value(*key) for key in pair}
+    if ((changed & pair or matmul != flags.matmul) and not _reads(nodes, matmul)
+            and _reads(in_force, now)):
+        # set_float32_matmul_precision(p) writes p's precision and both matmul nodes, some
+        # maybe to the values the package wrote (then unseen above): where only the pair
+        # as it is now reads, the user set it as a whole.
+        nodes.update(in_force)
+        matmul = now
+    return Flags(nodes=tuple((key, nodes[key]) for key in NODES), cudnn_tf32=cudnn,
+                 matmul=matmul)
 
 
 def _resolved(nodes: dict, backend: str, op: str) -> str:
@@ -149,6 +195,14 @@ def _resolved(nodes: dict, backend: str, op: str) -> str:
     if value == "none":
         value = _get(backend, "all")
     return "none" if backend == "cuda" and value == "bf16" else value
+
+
+def _reads(nodes: dict, matmul: str) -> bool:
+    """Whether both matmul legacy readers read with these nodes and matmul precision."""
+    cuda_tf32 = _resolved(nodes, "cuda", "matmul") == "tf32"
+    cpu = _resolved(nodes, "mkldnn", "matmul")
+    return (cuda_tf32 == (matmul != "highest") and (cpu != "bf16" or matmul == "medium")
+            and (cpu != "tf32" or matmul == "high"))
 
 
 def target(user: Flags, active: dict[str, str]) -> Flags:
@@ -169,7 +223,9 @@ def target(user: Flags, active: dict[str, str]) -> Flags:
         return user
     nodes = dict(user.nodes)
     for backend, value in active.items():
-        nodes.update({(backend, op): value for op in OPS})
+        for op in OPS:  # a node already reading the value is left as it is (no write)
+            if _resolved(nodes, backend, op) != value:
+                nodes[(backend, op)] = value
     cudnn = user.cudnn_tf32
     if "cuda" in active:
         cudnn = active["cuda"] == "tf32"
@@ -194,7 +250,7 @@ def apply(state: Flags, current: Flags) -> None:
     ``torch.backends.cudnn.flags()`` or ``cudnn.allow_tf32 = True`` (same values read).
     """
     written = set()
-    if state.cudnn_tf32 != current.cudnn_tf32:
+    if state.cudnn_tf32 is not None and state.cudnn_tf32 != current.cudnn_tf32:
         # = torch.backends.cudnn.allow_tf32 (conv and rnn follow), which refuses to be set
         # after torch.backends.disable_global_flags()
         torch._C._set_cudnn_allow_tf32(state.cudnn_tf32)

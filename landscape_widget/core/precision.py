@@ -118,8 +118,12 @@ def precision_flags(precision: str, device: torch.device) -> Iterator[None]:
     the widget computes) reads what is in force instead of an error. The flags are
     process-wide: other threads computing float32 meanwhile see them too, and of two
     computations running at once on one backend the later sets the flags for both. The
-    user's values (each node's own value, inherited or not, and the legacy ones) come back
-    exactly when the last computation ends, also after an error.
+    user's values come back when the last computation ends, also after an error: every
+    node and every legacy reader reads as before (a node that read the same as its parent
+    may come back inheriting it: see :func:`.fp32_flags.own_value`). A flag the user sets
+    while a computation runs is kept: it takes effect, or stays, when the last one ends.
+    Only the nodes of ``device``'s backend that do not already compute as asked, and the
+    legacy values that must change, are written; reading the user's state writes nothing.
     """
     backend = flag_backend(device)
     entry = (backend, "tf32" if precision == "tf32" and backend == "cuda" else "ieee")
@@ -146,11 +150,20 @@ def _leave(entry: tuple[str, str]) -> None:
 
 
 def _update() -> None:
-    """Write the flags for the computations now running (the latest on each backend wins)."""
+    """Write the flags for the computations now running (the latest on each backend wins).
+
+    A flag the user set since the package last wrote (a notebook cell while the widget
+    computes) becomes part of the user's state, and the state in force is the one written
+    with those changes: so it is not overwritten by the saved value when the computation
+    ends (a half-reverted legacy/new pair would report one precision and compute another),
+    and takes effect, or stays, once the last computation ends.
+    """
     user, written = _SAVED
+    user = fp32_flags.adopt(user, written)
+    current = fp32_flags.adopt(written, written)
     state = fp32_flags.target(user, dict(_ACTIVE))
-    fp32_flags.apply(state, written)
-    _SAVED[1] = state
+    fp32_flags.apply(state, current)
+    _SAVED[:] = [user, state]
 
 
 def autocast(precision: str, device: torch.device):
