@@ -1,0 +1,167 @@
+"""What a plan is, and what the tuner needs to know of memory and failures.
+
+A :class:`Plan` fixes the strategy (one point per pass, or K points per ``torch.vmap``
+pass), the samples per pass B, the memory layout and whether the linear stem is used.
+This module also holds the per-process plan cache, the memory budgets (from the free
+memory of the device), the tuning constants, and how out-of-memory errors and the user's
+own exceptions are told apart. The search itself is :class:`~.tuning.PlanTuner`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Plan:
+    """How points are evaluated: strategy, points per pass K, samples per pass B.
+
+    ``vmap_error`` is empty unless the vmap path failed on this model; it then says how
+    (and the plan is a loop). ``reason`` says why this plan was chosen, ``candidates`` the
+    measured seconds per point of every plan timed (``spec["plan"]`` shows both).
+    """
+
+    strategy: str
+    points: int
+    batch: int
+    layout: str = "contiguous"
+    stem: bool = False
+    seconds_per_point: float = math.nan
+    vmap_error: str = ""
+    precision: str = "fp32"
+    precision_error: float | None = None
+    precision_note: str = ""
+    compiled: bool = False
+    compile_note: str = ""
+    reason: str = ""
+    candidates: list = dataclasses.field(default_factory=list)
+    tuning_seconds: float = 0.0
+    # Points of the grid the search was sized for (the cache re-tunes for larger grids).
+    tuned_for: int = 0
+    complete: bool = True
+
+    @property
+    def plain(self) -> bool:
+        """The plain loop: one point per pass, contiguous inputs, the whole model."""
+        return self.strategy == "loop" and self.layout == "contiguous" and not self.stem
+
+    @property
+    def label(self) -> str:
+        """``"loop B=128 channels_last stem"`` and the like."""
+        k = f" K={self.points}" if self.strategy == "vmap" else ""
+        extra = (" " + self.layout if self.layout != "contiguous" else "") + (
+            " stem" if self.stem else "") + (" compiled" if self.compiled else "")
+        return f"{self.strategy}{k} B={self.batch}{extra}"
+
+
+def _is_oom(err: BaseException) -> bool:
+    msg = str(err).lower()
+    return "out of memory" in msg or "can't allocate memory" in msg
+
+
+_PLANS: dict[tuple, Plan] = {}
+_PLANS_MAX = 64
+
+
+def _remember(key: tuple, plan: Plan) -> None:
+    if len(_PLANS) >= _PLANS_MAX:
+        _PLANS.pop(next(iter(_PLANS)))
+    _PLANS[key] = dataclasses.replace(plan)
+
+
+def shrink_after_oom(plan: Plan, err: BaseException, device: torch.device,
+                     fixed_batch: bool = False) -> None:
+    """Halve K (then B) of ``plan`` after an out-of-memory ``err``; re-raise anything else.
+
+    Raises:
+        MemoryError: If ``fixed_batch`` (B is the BatchNorm batch, ``bn_batch_size``) and
+            one point on B samples does not fit.
+    """
+    if not _is_oom(err) or (plan.points == 1 and plan.batch == 1):
+        raise err
+    if plan.points == 1 and fixed_batch:
+        raise MemoryError(
+            f"One forward pass over bn_batch_size={plan.batch} samples runs out of memory; "
+            "pass a smaller bn_batch_size (BatchNorm batch statistics need the whole batch in "
+            "one pass)."
+        ) from err
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if plan.points > 1:
+        plan.points //= 2
+    else:
+        plan.batch = max(1, plan.batch // 2)
+
+
+def is_user_error(err: BaseException) -> bool:
+    """Whether ``err`` is of the user's own exception class (not Python's or torch's).
+
+    Such an error was raised on purpose by the user's code and reaches the caller even
+    when it happens under vmap; any other failure of the vmap path makes the engine
+    fall back to the loop, which raises the error again if it is not vmap's.
+
+    Returns:
+        True if the class of ``err`` is defined outside ``builtins`` and ``torch`` (the
+        engine then raises it instead of falling back or shrinking).
+    """
+    module = type(err).__module__
+    return module != "builtins" and module.split(".")[0] != "torch"
+
+
+def _describe_error(err: BaseException) -> str:
+    text = f"{type(err).__name__}: {err}".strip()
+    first = text.splitlines()[0] if text else type(err).__name__
+    return first if len(first) <= 300 else first[:297] + "..."
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free for the engine: CUDA's free memory, or the CPU's available RAM."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    # Linux first: reading /proc/meminfo takes microseconds, importing psutil ~15 ms of a
+    # first call.
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import psutil  # optional: only used when installed (macOS, Windows)
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    return 4 << 30  # nothing to read (not Linux, no psutil): assume a small machine
+
+
+# Share of the free memory one forward pass may fill with activations, and the stem terms.
+ACTIVATION_SHARE = {"cuda": 0.4, "cpu": 0.25}
+STEM_SHARE = 0.25
+# CPU working sets that stay near the caches can beat one pass over all data: the cache-
+# sized candidates use 1/16, 1/4 and 1 x this many bytes of activations.
+CPU_CACHE_BUDGET = 64 * 2**20
+# Tuning may cost this share of the predicted grid time (beyond the plain loop's trial,
+# whose points are kept when it wins): a losing search costs at most 5 %, which the
+# fused point build (see Evaluator._point) recovers on large models.
+TUNING_SHARE = 0.05
+# ... or this many seconds, too little to notice, for grids that take no time at all.
+TUNING_FLOOR = 0.02
+# Grids of this many points always time the first candidate, if it is a loop over all data.
+FIRST_TRIAL_POINTS = 16
+
+
+def _stem_budget(device: torch.device) -> int:
+    """Bytes the precomputed first-layer outputs may occupy."""
+    return int(free_memory(device) * STEM_SHARE)
+
+
+def _default_budget(device: torch.device) -> int:
+    """Bytes of activations one forward pass may use: a share of the free memory."""
+    return int(free_memory(device) * ACTIVATION_SHARE.get(device.type, 0.25))
