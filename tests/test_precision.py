@@ -170,6 +170,7 @@ def test_plan_times_plain_loop_first_and_is_reused():
     again, _, _ = _surface(model, x, y)
     assert again.spec["plan"]["reason"].startswith("reused")
     assert again.spec["plan"]["label"] == plan["label"]
+    assert plan["tuning_seconds"] > 0 and again.spec["plan"]["tuning_seconds"] == 0
     np.testing.assert_array_equal(again.loss, surf.loss)  # the same plan: bit-identical
 
 

@@ -90,14 +90,15 @@ class PlanTuner:
         """The cached plan for ``key`` if its search suits a grid of this size.
 
         Returns:
-            A copy of the cached plan (``precision_error`` cleared, reason prefixed
-            ``"reused: "``), or None if there is none or its search was cut short for a
-            smaller grid than ``expected_points``.
+            A copy of the cached plan (``precision_error`` cleared, ``tuning_seconds`` 0,
+            reason prefixed ``"reused: "``), or None if there is none or its search was cut
+            short for a smaller grid than ``expected_points``.
         """
         plan = _PLANS.get(key)
         if plan is None or not (plan.complete or plan.tuned_for >= self.expected_points):
             return None
-        plan = dataclasses.replace(plan, precision_error=None)
+        # This call timed nothing: its tuning cost is 0 (the candidates are the earlier search's).
+        plan = dataclasses.replace(plan, precision_error=None, tuning_seconds=0.0)
         plan.reason = "reused: " + plan.reason.removeprefix("reused: ")
         return plan
 
