@@ -70,31 +70,33 @@ def avg_pool2d(x: Tensor, k: int) -> Tensor:
             or not x.is_floating_point()):
         return F.avg_pool2d(x, k)
     n, c, h, w = x.shape
-    ho, wo = h // k, w // k
-    if ho == 0 or wo == 0:
+    if h // k == 0 or w // k == 0:
         return F.avg_pool2d(x, k)
-    if x.is_contiguous():
-        rows = x[:, :, : ho * k].reshape(n, c, ho, k, w)
-        acc = rows[:, :, :, 0].clone() if k == 1 else rows[:, :, :, 0] + rows[:, :, :, 1]
-        for i in range(2, k):
-            acc += rows[:, :, :, i]
-        cols = acc[..., : wo * k].reshape(n, c, ho, wo, k)
-        out = cols[..., 0] if k == 1 else cols[..., 0] + cols[..., 1]
-        for i in range(2, k):
-            out += cols[..., i]
-        return out.div_(k * k)
+    if x.is_contiguous():  # NCHW: N*C single-channel (H, W) images
+        return _block_means(x.reshape(n * c, h, w), k).reshape(n, c, h // k, w // k)
     if x.is_contiguous(memory_format=torch.channels_last):
-        s = x.permute(0, 2, 3, 1)  # dense (N, H, W, C)
-        rows = s[:, : ho * k].reshape(n, ho, k, w, c)
-        acc = rows[:, :, 0].clone() if k == 1 else rows[:, :, 0] + rows[:, :, 1]
-        for i in range(2, k):
-            acc += rows[:, :, i]
-        cols = acc[:, :, : wo * k].reshape(n, ho, wo, k, c)
-        out = cols[:, :, :, 0] if k == 1 else cols[:, :, :, 0] + cols[:, :, :, 1]
-        for i in range(2, k):
-            out += cols[:, :, :, i]
-        return out.div_(k * k).permute(0, 3, 1, 2)
+        return _block_means(x.permute(0, 2, 3, 1), k).permute(0, 3, 1, 2)
     return F.avg_pool2d(x, k)
+
+
+def _block_means(s: Tensor, k: int) -> Tensor:
+    """Means of the ``k`` x ``k`` blocks of a dense ``(N, H, W)`` or ``(N, H, W, C)`` tensor.
+
+    Returns:
+        A new dense ``(N, H // k, W // k)`` or ``(N, H // k, W // k, C)`` tensor (floor mode:
+        trailing rows and columns that fill no block are dropped).
+    """
+    n, h, w, *c = s.shape
+    ho, wo = h // k, w // k
+    rows = s[:, : ho * k].reshape(n, ho, k, w, *c)
+    acc = rows[:, :, 0].clone() if k == 1 else rows[:, :, 0] + rows[:, :, 1]
+    for i in range(2, k):
+        acc += rows[:, :, i]
+    cols = acc[:, :, : wo * k].reshape(n, ho, wo, k, *c)
+    out = cols[:, :, :, 0] if k == 1 else cols[:, :, :, 0] + cols[:, :, :, 1]
+    for i in range(2, k):
+        out += cols[:, :, :, i]
+    return out.div_(k * k)
 
 
 def stock(mod: nn.Module, cls: type) -> bool:
