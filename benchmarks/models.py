@@ -209,10 +209,10 @@ def plain_loop(model, x, y, d1, d2, pts: np.ndarray, batch: int) -> tuple[float,
 
 def ours(model, x, y, d1, d2, m: int, first: bool, **options):
     import landscape_widget as lw
-    from landscape_widget.core import tuning
+    from landscape_widget.core import plans
 
     if first:
-        tuning._PLANS.clear()  # the first call of a session: tuning is paid
+        plans._PLANS.clear()  # the first call of a session: tuning is paid
     sync(x.device)
     t0 = time.perf_counter()
     surf = lw.compute_surface(model, (x, y), directions=(d1, d2), x=(-1, 1, m), y=(-1, 1, m),

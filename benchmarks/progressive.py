@@ -35,7 +35,7 @@ import time
 import torch
 import torchvision
 
-from landscape_widget.core import progressive, tuning
+from landscape_widget.core import plans, progressive
 from landscape_widget.core.directions import random_directions
 from landscape_widget.core.evaluate import Evaluator
 from landscape_widget.widget.protocol import Spec
@@ -82,7 +82,7 @@ class Clock:
 
 
 def run(model, data, grid: int, *, staged: bool, **stop):
-    tuning._PLANS.clear()  # each run plans for itself, as a first call does
+    plans._PLANS.clear()  # each run plans for itself, as a first call does
     saved = progressive.PROGRESSIVE_MIN_SAMPLES
     if not staged:
         progressive.PROGRESSIVE_MIN_SAMPLES = 1 << 62
@@ -102,7 +102,7 @@ def run(model, data, grid: int, *, staged: bool, **stop):
 
 def one_exact_point(model, data) -> float:
     """Seconds for the evaluator's setup and one point on all data with the plain plan."""
-    tuning._PLANS.clear()
+    plans._PLANS.clear()
     t0 = time.perf_counter()
     ev = Evaluator(model, data, random_directions(model, 2, seed=0))
     ev.expected_points = 1  # the plain plan, untimed: less than the exact widget pays

@@ -18,8 +18,8 @@ from torch import nn
 
 import landscape_widget as lw
 from landscape_widget.core.evaluate import Evaluator
+from landscape_widget.core.plans import _PLANS, free_memory
 from landscape_widget.core.precision import precision_flags
-from landscape_widget.core.tuning import _PLANS, free_memory
 from tests.cases import gaussian_direction
 from tests.oracle import linspace, naive_surface
 from tests.snapshots import assert_same_snapshot, snapshot

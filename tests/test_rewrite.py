@@ -153,9 +153,9 @@ def test_cnn_surface_through_the_rewritten_suffix_matches_the_float64_loop(strat
                         nn.Flatten(), nn.Linear(6 * 2 * 2, 3)).eval()
     x, y = torch.randn(40, 1, 12, 12), torch.randint(0, 3, (40,))
     d1, d2 = lw.random_directions(net, 2, seed=3)
-    from landscape_widget.core import tuning
+    from landscape_widget.core import plans
 
-    tuning._PLANS.clear()
+    plans._PLANS.clear()
     opts = {"stem": True, "strategy": strategy}
     if strategy == "loop":
         opts["batch_size"] = 16
@@ -168,7 +168,7 @@ def test_cnn_surface_through_the_rewritten_suffix_matches_the_float64_loop(strat
     np.testing.assert_allclose(surf.accuracy, acc, rtol=0, atol=1e-12)
     ev = lw.Evaluator(net, (x, y), (d1, d2), stem=True, strategy="loop", batch_size=16)
     ev._prepare_stem()
-    from landscape_widget.core.tuning import Plan
+    from landscape_widget.core.plans import Plan
 
     ev._active = "fp32"
     got = ev._run(Plan("loop", 1, 16, layout, True), torch.tensor([[0.3, -0.7]],

@@ -33,8 +33,8 @@ from .data import as_tensors, is_data_fn
 from .evaluate import Evaluator
 from .fingerprints import fingerprint, fingerprint_bytes
 from .params import model_device
+from .plans import Plan, _remember
 from .subset import data_size, take_subset
-from .tuning import Plan, _remember
 
 try:
     import cloudpickle as _pickler

@@ -24,8 +24,8 @@ import warnings
 import torch
 from torch.func import functional_call
 
+from .plans import Plan, _describe_error, _is_oom
 from .stem import FX_LOCK
-from .tuning import Plan, _describe_error, _is_oom
 
 AUTO_FACTOR = 20.0
 AUTO_MIN_POINTS = 400

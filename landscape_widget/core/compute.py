@@ -27,9 +27,9 @@ from .evaluate import METRICS, Evaluator
 from .fingerprints import fingerprint
 from .grid import MAX_GRID_POINTS, Tile, axis_range, axis_values, cut_tiles
 from .params import Params, check_direction
+from .plans import Plan
 from .reuse import check_reusable, loss_name, reused_points, what_is_computed
 from .state import bn_batch_size_for
-from .tuning import Plan
 
 __all__ = ["GridJob", "LocalRunner", "TileRunner", "grid_job"]
 

@@ -54,7 +54,7 @@ from torch import nn
 
 from ._remote import MissingPayload, Payload, make_payload, probe, run_tile
 from .grid import Tile, cut_tiles
-from .tuning import Plan
+from .plans import Plan
 
 TILE_SECONDS = 1.0
 """Worker time a tile aims at when ``tile_points`` is not given."""

@@ -49,6 +49,15 @@ from .params import (
     model_device,
     parameters_of,
 )
+from .plans import (
+    Plan,
+    _default_budget,
+    _is_oom,
+    _remember,
+    _stem_budget,
+    is_user_error,
+    shrink_after_oom,
+)
 from .precision import (
     AUTOCAST_DTYPES,
     ERROR_POINTS,
@@ -61,16 +70,7 @@ from .precision import (
 )
 from .state import BufferState, bn_batch_size_for
 from .stem import StemTerms, split_stem
-from .tuning import (
-    Plan,
-    PlanTuner,
-    _default_budget,
-    _is_oom,
-    _remember,
-    _stem_budget,
-    is_user_error,
-    shrink_after_oom,
-)
+from .tuning import PlanTuner
 
 BN_MODES = ("eval", "batch")
 LossFn = Callable[[Tensor, Tensor], Tensor]

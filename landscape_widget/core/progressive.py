@@ -25,8 +25,8 @@ import numpy as np
 from .compute import LocalRunner
 from .data import is_data_fn
 from .grid import Tile
+from .plans import Plan
 from .subset import SubsetError, data_size
-from .tuning import Plan
 
 if TYPE_CHECKING:
     from .landscape import TileStream
@@ -125,7 +125,7 @@ def preview_plan(ev) -> Plan:
     batch in the default layout, the engine's untimed fallback.
 
     Returns:
-        A one-point loop :class:`~.tuning.Plan`.
+        A one-point loop :class:`~.plans.Plan`.
     """
     image = ev.x.dim() == 4 and ev.x.is_floating_point()
     return Plan("loop", 1, ev._batch_for(1, 8 * ev.budget),

@@ -27,22 +27,12 @@ from .plans import (
     TUNING_FLOOR,
     TUNING_SHARE,
     Plan,
-    _default_budget,
     _describe_error,
     _is_oom,
     _remember,
-    _stem_budget,
-    free_memory,
     is_user_error,
     shrink_after_oom,
 )
-
-# Re-exported: the engine's modules and tests import these from here.
-__all__ = [
-    "_PLANS", "FIRST_TRIAL_POINTS", "TUNING_FLOOR", "TUNING_SHARE", "Plan", "PlanTuner",
-    "_default_budget", "_describe_error", "_is_oom", "_remember", "_stem_budget",
-    "free_memory", "is_user_error", "shrink_after_oom",
-]
 
 
 class PlanTuner:
