@@ -121,6 +121,30 @@ def test_weighted_loss_with_ignored_targets_uses_the_ratio_estimator():
     np.testing.assert_allclose(s.loss_se, se, rtol=1e-4)
 
 
+def test_default_loss_with_ignored_targets_through_the_fast_batched_loss():
+    """The engine's own cross-entropy (class-major head, core/losses.py) on a subset."""
+    model, (x, y) = _mlp(), _data()
+    y = y.clone()
+    y[::5] = -100
+    dirs = lw.random_directions(model, 2, seed=6)
+    n = 160
+    s = lw.compute_surface(model, (x, y), directions=dirs, samples=n, **GRID,
+                           evaluator_options={"stem": True, "strategy": "vmap"})
+    assert s.spec["plan"]["stem"]
+    idx = subset_indices(400, n)
+    ys = y[idx]
+    a, hits = per_sample_oracle(model, x[idx], ys, dirs, s.x, s.y,
+                                lambda o, t: F.cross_entropy(o, t, reduction="none"))
+    b = (ys != -100).double().numpy()
+    r = a.sum(-1) / b.sum()
+    np.testing.assert_allclose(s.loss, r, rtol=1e-5)
+    np.testing.assert_allclose(s.accuracy, (hits * b).sum(-1) / b.sum(), atol=1e-12)
+    resid = a - r[..., None] * b
+    se = (np.sqrt((resid ** 2).sum(-1) / (n - 1) / n) / b.mean()
+          * np.sqrt((400 - n) / (400 - 1)))
+    np.testing.assert_allclose(s.loss_se, se, rtol=1e-4)
+
+
 def test_se_is_zero_and_values_exact_when_the_subset_is_all_data():
     model, data = _mlp(), _data(200)
     s = lw.compute_surface(model, data, samples=200, **GRID)

@@ -18,7 +18,7 @@ from torch.func import functional_call
 
 from . import subset
 from .errors import AccuracyUndefined, NoCountedTargets
-from .losses import check_reduction, loss_error
+from .losses import IGNORE_INDEX, batched_cross_entropy, check_reduction, loss_error
 from .metrics import Task, describe, find_logits, resolve_task, user_metric_stats
 
 
@@ -159,13 +159,21 @@ class LossStats:
     def _batched_stats(self, out: Tensor, y: Tensor) -> Tensor:
         """:meth:`_stats` of K points at once for the default loss (``out`` is (K, B, ...))."""
         k = out.shape[0]
-        targets = y.unsqueeze(0).expand(k, *y.shape).flatten(0, 1)
-        # reduction="none" gives 0 for ignored targets: the sum is over counted ones.
-        per_sample = F.cross_entropy(out.flatten(0, 1), targets, reduction="none")
-        loss = per_sample.reshape(k, -1).sum(1).double()  # float32 sum: as fast as the mean
-        if self._accuracy:
-            correct = self.task.correct(out, y, lead=1)
+        fast = None
+        if out.dim() == 3 and y.dim() == 1 and out.is_floating_point() and not (
+                y.is_floating_point() or y.dtype == torch.bool):
+            fast = batched_cross_entropy(out, y, self.task.ignore
+                                         if self.task.ignore is not None else IGNORE_INDEX)
+        if fast is not None:
+            per_sample, hit = fast
+            correct = hit.sum(-1).double() if self._accuracy else None
         else:
+            targets = y.unsqueeze(0).expand(k, *y.shape).flatten(0, 1)
+            # reduction="none" gives 0 for ignored targets: the sum is over counted ones.
+            per_sample = F.cross_entropy(out.flatten(0, 1), targets, reduction="none")
+            correct = self.task.correct(out, y, lead=1) if self._accuracy else None
+        loss = per_sample.reshape(k, -1).sum(1).double()  # float32 sum: as fast as the mean
+        if correct is None:
             correct = torch.zeros_like(loss)
         if self.population:  # sum a^2, sum ab, sum b^2 of loss_se (core/subset.py)
             se = subset.se_sums(per_sample.reshape(k, y.shape[0], -1), y, self.task, lead=1)

@@ -265,7 +265,8 @@ class Evaluator(LossStats, PrecisionCheck, PlanTuner, CompiledForward, StemTerms
         if stem not in ("auto", True, False):
             raise ValueError("stem must be 'auto', True or False.")
         # (Outputs other than one Tensor go without: its safety net compares tensors.)
-        self.stem = split_stem(self.module) if stem and self._tensor_out else None
+        self.stem = (split_stem(self.module, class_major_head=self._batched_ce)
+                     if stem and self._tensor_out else None)
         self._stem_choice = stem
         self._stem_terms: list | None = None
         self._stem_packs: dict[str, tuple] = {}

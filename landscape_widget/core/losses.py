@@ -225,3 +225,56 @@ def loss_error(err: Exception, outputs: str, y: Tensor, *, default: bool,
     first = text.splitlines()[0] if text else ""
     return (f"loss_fn(outputs, targets) failed on the first samples: the model returns "
             f"{outputs} and the targets are {targets}; {hint}. ({type(err).__name__}: {first})")
+
+
+def batched_cross_entropy(logits: Tensor, y: Tensor,
+                          ignore: int = IGNORE_INDEX) -> tuple[Tensor, Tensor] | None:
+    """Per-sample cross-entropy and argmax hits of K points' ``(K, B, C)`` logits at once.
+
+    The same values as ``F.cross_entropy(..., reduction="none")`` and ``argmax(-1) == y``
+    (the first maximum wins a tie), in reductions that are fast in both memory orders of
+    the class dim: for a 2-core CPU and 64 points x 1024 samples x 10 classes, 1.2 ms
+    instead of 3.1 ms (contiguous) or 13 ms (class-major storage, which a transposed
+    classifier head gives, see core/rewrite.py): torch's ``argmax`` and ``log_softmax``
+    over a short last dim are the slow part, ``amax`` and sums are not.
+
+    Args:
+        logits: ``(K, B, C)`` float logits (any strides).
+        y: ``(B,)`` class indices; ``ignore`` marks targets that count for nothing.
+        ignore: The ignored target value.
+
+    Returns:
+        ``(per_sample, hit)``: the ``(K, B)`` losses (0 for ignored targets) and the
+        ``(K, B)`` bools "the first largest logit is the target's" (False for ignored
+        targets); ``None`` when a point's logits are not all finite, where the caller falls
+        back to torch's own functions (their NaN and infinity rules).
+
+    Example:
+        >>> logits = torch.tensor([[[2.0, 0.0, 2.0], [0.0, 1.0, 3.0]]])
+        >>> y = torch.tensor([2, -100])
+        >>> loss, hit = batched_cross_entropy(logits, y)
+        >>> torch.allclose(loss, F.cross_entropy(logits[0], y, reduction="none"))
+        True
+        >>> hit.tolist()  # the tie at 2.0 goes to class 0, as argmax's does
+        [[False, False]]
+    """
+    top = logits.amax(-1, keepdim=True)
+    if not bool(torch.isfinite(top).all()):  # NaN and +inf both show in the maximum
+        return None
+    counted = y != ignore
+    idx = torch.where(counted, y, 0).view(1, -1, 1).expand(logits.shape[0], -1, 1)
+    picked = logits.gather(-1, idx)
+    lse = (logits - top).exp_().sum(-1, keepdim=True).log_().add_(top)
+    per_sample = (lse - picked).squeeze(-1)
+    # The target wins the argmax iff its logit is the largest and no earlier class ties it.
+    classes = torch.arange(logits.shape[-1], device=y.device)
+    if logits.stride(-1) == 1:
+        before = classes < y.unsqueeze(-1)
+    else:  # class-major logits: the mask in the same order keeps the pass sequential
+        before = (classes.unsqueeze(-1) < y).mT
+    earlier = torch.where(before, logits, float("-inf")).amax(-1, keepdim=True)
+    hit = ((picked == top) & (earlier < top)).squeeze(-1)
+    if not bool(counted.all()):
+        per_sample = per_sample * counted
+        hit = hit & counted
+    return per_sample, hit

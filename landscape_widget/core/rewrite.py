@@ -11,7 +11,14 @@ again, so two slow spots of eager PyTorch on a CPU are worth rewriting there:
   :func:`avg_pool2d`: sums of strided views, 2-4x faster than torch's CPU kernel on NCHW
   and NHWC activations.
 
-Both give the same values up to float rounding (the pool sums in another order). Modules
+- With ``class_major_head=True`` (the engine's own cross-entropy reads the output), a final
+  ``nn.Linear`` with at most :data:`HEAD_MAX_CLASSES` outputs becomes :func:`head_linear`:
+  ``(W @ x^T)^T``, the same logits stored class-major. Under vmap that batched product is
+  2.6x faster for 64 points x 1024 samples x 32 -> 10 features, and the class-major
+  storage makes the loss's reductions fast (core/losses.py, ``batched_cross_entropy``);
+  torch's own ``log_softmax`` and ``argmax`` would be 4x slower on it, hence the flag.
+
+All give the same values up to float rounding (sums in another order). Modules
 with hooks are left as they are (a hook may change what the layer computes), and so is
 everything the rewrite cannot prove safe: a ReLU's input must come from an operation that
 always returns a new tensor and have no other user.
@@ -44,6 +51,43 @@ FRESH_FUNCTIONS = (
 )
 
 
+is_batched = torch._C._functorch.is_batchedtensor
+
+# A classifier head with at most this many outputs is computed class-major (head_linear):
+# the batched product of a short output dim, and reductions over a short contiguous last
+# dim, are the slow shapes of torch's CPU kernels; measured gains stop near 32 classes.
+HEAD_MAX_CLASSES = 32
+
+
+def head_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear(x, weight, bias)`` for a 2D ``x``, computed as ``(weight @ x^T)^T``.
+
+    The result is a transposed view of a ``(out, N)`` tensor (class-major storage).
+
+    Args:
+        x: ``(N, in)`` inputs (other shapes go to ``F.linear``).
+        weight: ``(out, in)``.
+        bias: ``(out,)`` or ``None``.
+
+    Returns:
+        The ``(N, out)`` outputs.
+
+    Example:
+        >>> x, w, b = torch.randn(5, 3), torch.randn(2, 3), torch.randn(2)
+        >>> out = head_linear(x, w, b)
+        >>> torch.allclose(out, F.linear(x, w, b)), out.stride()
+        (True, (1, 5))
+    """
+    if x.dim() != 2:
+        return F.linear(x, weight, bias)
+    out = torch.matmul(weight, x.mT)
+    if bias is not None:
+        b = bias.unsqueeze(-1)
+        # In place on the fresh product, unless vmap batches the bias but not the product.
+        out = out + b if is_batched(b) and not is_batched(out) else out.add_(b)
+    return out.mT
+
+
 def avg_pool2d(x: Tensor, k: int) -> Tensor:
     """``F.avg_pool2d(x, k)`` (stride ``k``, no padding) as sums of strided views.
 
@@ -66,7 +110,7 @@ def avg_pool2d(x: Tensor, k: int) -> Tensor:
         >>> torch.equal(avg_pool2d(cl, 2), F.avg_pool2d(x, 2))
         True
     """
-    if (x.dim() != 4 or torch._C._functorch.is_batchedtensor(x)
+    if (x.dim() != 4 or is_batched(x)
             or not x.is_floating_point()):
         return F.avg_pool2d(x, k)
     n, c, h, w = x.shape
@@ -147,13 +191,33 @@ def _fresh(gm: fx.GraphModule, node: fx.Node, fresh_inputs: set[str]) -> bool:
                                            or node.target is avg_pool2d)
 
 
-def optimise(gm: fx.GraphModule, fresh_inputs: tuple[str, ...] = ()) -> int:
+def _class_major_head(gm: fx.GraphModule) -> bool:
+    """Make a final small ``nn.Linear`` (the model's output) a :func:`head_linear` call."""
+    out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    node = out.args[0]
+    if not (isinstance(node, fx.Node) and node.op == "call_module" and len(node.users) == 1
+            and len(node.args) == 1 and not node.kwargs):
+        return False
+    mod = gm.get_submodule(node.target)
+    if not stock(mod, nn.Linear) or mod.out_features > HEAD_MAX_CLASSES:
+        return False
+    with gm.graph.inserting_before(node):
+        weight = gm.graph.get_attr(f"{node.target}.weight")
+        bias = gm.graph.get_attr(f"{node.target}.bias") if mod.bias is not None else None
+    node.op, node.target, node.args = "call_function", head_linear, (node.args[0], weight, bias)
+    return True
+
+
+def optimise(gm: fx.GraphModule, fresh_inputs: tuple[str, ...] = (),
+             class_major_head: bool = False) -> int:
     """Rewrite ``gm`` in place (see the module docstring); the number of nodes rewritten.
 
     Args:
         gm: A graph module the engine traced itself (never the user's module).
         fresh_inputs: Placeholders whose value the caller creates anew for every call, so an
             in-place ReLU may overwrite them.
+        class_major_head: Whether a final small ``nn.Linear`` may return class-major logits
+            (only where the engine's own loss reads them).
 
     Returns:
         How many nodes were replaced.
@@ -181,6 +245,8 @@ def optimise(gm: fx.GraphModule, fresh_inputs: tuple[str, ...] = ()) -> int:
             if k is not None:
                 node.op, node.target, node.args = "call_function", avg_pool2d, (node.args[0], k)
                 changed += 1
+    if class_major_head:
+        changed += _class_major_head(gm)
     if changed:
         gm.graph.lint()
         gm.recompile()

@@ -1,0 +1,169 @@
+"""The engine's own cross-entropy and its class-major classifier head (issue 15, CPU speed).
+
+Oracles: torch's ``F.cross_entropy`` and ``argmax`` in float64 for the batched loss, and
+the per-point float64 loop (tests/oracle.py) for whole surfaces through the rewritten head
+and the one-pass-per-direction stem sums.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from oracle import naive_eval
+from torch import nn
+
+import landscape_widget as lw
+from landscape_widget.core import plans
+from landscape_widget.core.losses import batched_cross_entropy
+from landscape_widget.core.rewrite import head_linear
+from landscape_widget.core.stem import split_stem
+
+
+def _layouts(logits):
+    """The logits as stored contiguously and class-major (what head_linear returns)."""
+    return {"contiguous": logits.contiguous(),
+            "class-major": logits.transpose(1, 2).contiguous().transpose(1, 2)}
+
+
+def _oracle(logits, y):
+    ref = logits.double()
+    loss = torch.stack([F.cross_entropy(r, y, reduction="none") for r in ref])
+    hit = (ref.argmax(-1) == y) & (y != -100)
+    return loss, hit
+
+
+@pytest.mark.parametrize("kind", ["random", "ties", "ignored", "minus-inf"])
+@pytest.mark.parametrize("layout", ["contiguous", "class-major"])
+def test_batched_cross_entropy_equals_torchs_in_float64(kind, layout):
+    gen = torch.Generator().manual_seed(0)
+    k, b, c = 5, 64, 7
+    logits = torch.randn(k, b, c, generator=gen, dtype=torch.float64) * 3
+    y = torch.randint(0, c, (b,), generator=gen)
+    if kind == "ties":  # small integers: many rows with two or more largest logits
+        logits = torch.randint(0, 3, (k, b, c), generator=gen).double()
+        logits[:, :3] = 1.0  # every class tied
+    elif kind == "ignored":
+        y[::3] = -100
+    elif kind == "minus-inf":
+        logits[0, :4, 0] = float("-inf")
+        y[:2] = 0  # an impossible target: loss +inf, as torch's
+    got_loss, got_hit = batched_cross_entropy(_layouts(logits)[layout], y)
+    want_loss, want_hit = _oracle(logits, y)
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-12, atol=1e-12)
+    assert torch.equal(got_hit, want_hit)
+    if kind == "ties":
+        assert int(want_hit.sum()) > 0 and int(((logits == logits.amax(-1, keepdim=True))
+                                                 .sum(-1) > 1).sum()) > 50
+
+
+def test_batched_cross_entropy_float32_and_nonfinite_fall_back():
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 40, 10, generator=gen)
+    y = torch.randint(0, 10, (40,), generator=gen)
+    for stored in _layouts(logits).values():
+        loss, hit = batched_cross_entropy(stored, y)
+        want_loss, want_hit = _oracle(logits, y)
+        torch.testing.assert_close(loss.double(), want_loss, rtol=1e-6, atol=1e-6)
+        assert torch.equal(hit, want_hit)
+    for bad in (float("nan"), float("inf")):
+        spoilt = logits.clone()
+        spoilt[1, 7, 3] = bad
+        assert batched_cross_entropy(spoilt, y) is None  # torch's own rules decide
+
+
+def _mlp(out=3):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, out)).eval()
+
+
+class TwiceHead(nn.Module):
+    """The head's output is used by a later operation: not the model's output itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x))) * 2
+
+
+def test_only_a_small_stock_final_linear_becomes_class_major():
+    assert "head_linear" in split_stem(_mlp(), class_major_head=True).suffix.code
+    assert "head_linear" not in split_stem(_mlp(), class_major_head=False).suffix.code
+    assert "head_linear" not in split_stem(_mlp(out=33), class_major_head=True).suffix.code
+    hooked = _mlp()
+    hooked[2].register_forward_hook(lambda m, i, o: o + 1)
+    assert "head_linear" not in split_stem(hooked, class_major_head=True).suffix.code
+    twice = split_stem(TwiceHead(), class_major_head=True)
+    assert "head_linear" not in twice.suffix.code
+    nobias = _mlp()
+    nobias[2] = nn.Linear(16, 3, bias=False)
+    stem = split_stem(nobias, class_major_head=True)
+    assert "head_linear" in stem.suffix.code
+    h = torch.randn(5, 16)
+    torch.testing.assert_close(stem.suffix(h), nobias[2](torch.relu(h)))
+
+
+def test_head_linear_under_vmap_with_an_unbatched_bias():
+    x, w, b = torch.randn(4, 9, 5), torch.randn(4, 3, 5), torch.randn(3)
+    got = torch.vmap(head_linear, in_dims=(0, 0, None))(x, w, b)
+    torch.testing.assert_close(got, torch.stack([F.linear(x[i], w[i], b) for i in range(4)]))
+    got = torch.vmap(head_linear, in_dims=(None, None, 0))(x[0], w[0], torch.randn(4, 3))
+    assert got.shape == (4, 9, 3)
+    x3 = torch.randn(2, 9, 5)  # not 2D: F.linear
+    torch.testing.assert_close(head_linear(x3, w[0], b), F.linear(x3, w[0], b))
+
+
+@pytest.mark.parametrize("ndirs", [1, 2, 3])
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+@pytest.mark.parametrize("ignored", [False, True])
+def test_mlp_values_through_stem_and_head_match_the_float64_loop(ndirs, strategy, ignored):
+    """1-3 directions (the per-direction passes and the GEMM), ignored targets, both plans."""
+    net = _mlp()
+    gen = torch.Generator().manual_seed(2)
+    x, y = torch.randn(50, 6, generator=gen), torch.randint(0, 3, (50,), generator=gen)
+    if ignored:
+        y[::4] = -100
+    dirs = lw.random_directions(net, ndirs, seed=4)
+    dirs = list(dirs) if isinstance(dirs, (list, tuple)) else [dirs]
+    coords = np.random.default_rng(0).uniform(-2, 2, (9, ndirs))
+    plans._PLANS.clear()
+    ev = lw.Evaluator(net, (x, y), dirs, stem=True, strategy=strategy)
+    got = ev.evaluate(coords)
+    assert ev.plan.stem and "head_linear" in ev.stem.suffix.code
+    oracle_y = y.clone()
+    loss_fn = None
+    if ignored:
+        loss_fn = F.cross_entropy  # the oracle's mean over counted targets (ignore_index)
+    want_loss, _ = naive_eval(net, x, oracle_y, dirs, coords, loss_fn=loss_fn)
+    np.testing.assert_allclose(got["loss"], want_loss, rtol=1e-5, atol=0)
+    # Accuracy over counted targets, argmax in float64.
+    for i, c in enumerate(coords):
+        params = {k: v.double() for k, v in net.state_dict().items()}
+        for cj, d in zip(c, dirs, strict=True):
+            for k, v in d.items():
+                params[k] = params[k] + float(cj) * v.double()
+        out = torch.func.functional_call(net.double(), params, (x.double(),))
+        net.float()
+        keep = y != -100
+        want_acc = float((out.argmax(-1)[keep] == y[keep]).double().mean())
+        assert got["accuracy"][i] == pytest.approx(want_acc, abs=1e-12)
+
+
+def test_tied_logits_count_for_the_first_class_as_argmax_does():
+    """A head of zeros: every sample's logits are the bias, with classes 0 and 2 tied."""
+    net = _mlp()
+    with torch.no_grad():
+        net[2].weight.zero_()
+        net[2].bias.copy_(torch.tensor([1.0, 0.0, 1.0]))
+    y = torch.tensor([0, 1, 2, 0, 2, 2, 1, 0])
+    x = torch.randn(8, 6)
+    d = {k: torch.zeros_like(v) for k, v in net.named_parameters()}
+    d["0.weight"] = torch.randn_like(net[0].weight)  # moves the stem only: ties stay
+    for strategy in ("loop", "vmap"):
+        plans._PLANS.clear()
+        ev = lw.Evaluator(net, (x, y), [d], stem=True, strategy=strategy)
+        got = ev.evaluate(np.array([[0.0], [1.5]]))
+        np.testing.assert_array_equal(got["accuracy"], [3 / 8, 3 / 8])
