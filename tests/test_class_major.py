@@ -167,3 +167,20 @@ def test_tied_logits_count_for_the_first_class_as_argmax_does():
         ev = lw.Evaluator(net, (x, y), [d], stem=True, strategy=strategy)
         got = ev.evaluate(np.array([[0.0], [1.5]]))
         np.testing.assert_array_equal(got["accuracy"], [3 / 8, 3 / 8])
+
+
+def test_fingerprints_hashed_beside_the_setup_equal_the_direct_hashes():
+    """compute.grid_job hashes the model and directions in threads: same digests as before."""
+    from landscape_widget.core.fingerprints import fingerprint
+
+    net = _mlp()
+    x, y = torch.randn(30, 6), torch.randint(0, 3, (30,))
+    d1, d2 = lw.random_directions(net, 2, seed=7)
+    s = lw.compute_surface(net, (x, y), directions=(d1, d2), x=(-1, 1, 3), y=(-1, 1, 3),
+                           progress=False)
+    assert s.spec["model"] == fingerprint(dict(net.state_dict()))
+    want = fingerprint({f"{i}/{k}": v for i, d in enumerate((d1, d2)) for k, v in d.items()})
+    assert s.spec["directions"] == want
+    with pytest.raises(ValueError, match="loss_fn"):  # a set-up error still reaches the caller
+        lw.compute_surface(net, (x, y), directions=(d1, d2), x=(-1, 1, 3), y=(-1, 1, 3),
+                           loss_fn=lambda out, t: out.sum(1), progress=False)
