@@ -17,7 +17,13 @@ from .core.directions import (
 )
 from .core.dirfile import load_directions, save_directions
 from .core.distributed import local_gpu_executor
-from .core.errors import AccuracyUndefined, Cancelled, IsolationError, ReuseMismatch
+from .core.errors import (
+    AccuracyUndefined,
+    Cancelled,
+    IsolationError,
+    NoCountedTargets,
+    ReuseMismatch,
+)
 from .core.evaluate import Evaluator
 from .core.grid import MAX_AXIS_POINTS, MAX_GRID_POINTS
 from .core.hessian import TraceEstimate, hessian_density, hessian_eigenpairs, hessian_trace
@@ -67,6 +73,7 @@ __all__ = [
     "AccuracyUndefined",
     "Cancelled",
     "IsolationError",
+    "NoCountedTargets",
     "ReuseMismatch",
     # directions
     "random_direction",

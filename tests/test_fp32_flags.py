@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from landscape_widget.core.precision import precision_flags
+from tests.flag_threads import flags_held_in_thread
 
 B = torch.backends
 NODES = {"cuda.matmul": B.cuda.matmul, "cudnn.conv": B.cudnn.conv, "cudnn.rnn": B.cudnn.rnn,
@@ -146,17 +147,7 @@ def test_nested_and_two_threads_on_both_backends():
         assert B.mkldnn.matmul.fp32_precision == "bf16"  # the user's, as the legacy value says
     assert fingerprint() == before
 
-    entered, leave = threading.Event(), threading.Event()
-
-    def other():
-        with precision_flags("fp32", cpu):
-            entered.set()
-            leave.wait(10)
-
-    t = threading.Thread(target=other)
-    t.start()
-    assert entered.wait(10)
-    with precision_flags("fp32", cuda):
+    with flags_held_in_thread(cpu) as (leave, t), precision_flags("fp32", cuda):
         leave.set()  # the CPU computation ends while the CUDA one still runs
         t.join(10)
         assert not t.is_alive()

@@ -21,6 +21,7 @@ from landscape_widget.core.evaluate import Evaluator
 from landscape_widget.core.plans import _PLANS, free_memory
 from landscape_widget.core.precision import precision_flags
 from tests.cases import gaussian_direction
+from tests.flag_threads import flags_held_in_thread
 from tests.oracle import linspace, naive_surface
 from tests.snapshots import assert_same_snapshot, snapshot
 
@@ -257,7 +258,6 @@ def test_reuse_refuses_another_precision():
 def test_flags_nested_and_from_two_threads():
     """An fp32 check inside a tf32 run gets tf32 back after it; two threads overlapping
     leave the user's values once both have ended."""
-    import threading
 
     nodes = (torch.backends.cuda.matmul, torch.backends.cudnn.conv, torch.backends.cudnn.rnn)
     user = [n.fp32_precision for n in nodes]
@@ -267,17 +267,7 @@ def test_flags_nested_and_from_two_threads():
             assert nodes[1].fp32_precision == "ieee"
         assert all(n.fp32_precision == "tf32" for n in nodes)
     assert [n.fp32_precision for n in nodes] == user
-    entered, leave = threading.Event(), threading.Event()
-
-    def other():
-        with precision_flags("fp32", cuda):
-            entered.set()
-            leave.wait(10)
-
-    t = threading.Thread(target=other)
-    t.start()
-    entered.wait(10)
-    with precision_flags("fp32", cuda):
+    with flags_held_in_thread(cuda) as (leave, t), precision_flags("fp32", cuda):
         leave.set()  # the other thread leaves first, while this one still computes
         t.join(10)
         assert all(n.fp32_precision == "ieee" for n in nodes)

@@ -23,7 +23,6 @@ activation memory traffic and can be faster point by point. Measuring beats gues
 
 from __future__ import annotations
 
-import functools
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -49,6 +48,7 @@ from .params import (
     model_device,
     parameters_of,
 )
+from .passes import PointPasses
 from .plans import (
     Plan,
     _default_budget,
@@ -56,17 +56,14 @@ from .plans import (
     _remember,
     _stem_budget,
     is_user_error,
-    shrink_after_oom,
 )
 from .precision import (
     AUTOCAST_DTYPES,
     ERROR_POINTS,
     PrecisionCheck,
-    autocast,
     check_precision,
     precision_flags,
     precision_note,
-    to_float32,
 )
 from .state import BufferState, bn_batch_size_for
 from .stem import StemTerms, split_stem
@@ -76,8 +73,8 @@ BN_MODES = ("eval", "batch")
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
-class Evaluator(LossStats, PrecisionCheck, PlanTuner, CompiledForward, StemTerms,
-                BufferState):
+class Evaluator(PointPasses, LossStats, PrecisionCheck, PlanTuner, CompiledForward,
+                StemTerms, BufferState):
     """Evaluate loss and metrics of ``model`` at points of a low-dimensional subspace.
 
     Args:
@@ -333,164 +330,6 @@ class Evaluator(LossStats, PrecisionCheck, PlanTuner, CompiledForward, StemTerms
                 h.remove()
         per_sample = total / min(2, self.n)
         return max(int(per_sample), 4 * int(self.x[:1].numel()), 64)
-
-    # --- one point, one chunk ------------------------------------------------------------
-    def _outputs(self, params: Params, inputs: Tensor, plan: Plan) -> Tensor:
-        """Model outputs of one point: the whole model, or the suffix after the stem."""
-        if plan.stem:
-            target, params = self.stem.suffix, {k: params[k] for k in self.stem.suffix_keys}
-        else:
-            target = self.module
-        with autocast(self._active, self.device):
-            if plan.compiled and plan.strategy == "loop":
-                out = self._compiled_forward(plan)(params, inputs)
-            else:
-                out = functional_call(target, params, (inputs,))
-        # The loss and metrics are computed in float32 (and summed in float64).
-        return to_float32(out) if self._active in AUTOCAST_DTYPES else out
-
-    def _inputs(self, layout: str) -> Tensor:
-        if layout == "channels_last":
-            if self._x_cl is None:
-                self._x_cl = self.x.contiguous(memory_format=torch.channels_last)
-            return self._x_cl
-        return self.x
-
-    def _point(self, c: Tensor, layout: str) -> Params:
-        """Parameters of one point: base + sum_j c[j] * d_j.
-
-        One fused ``add`` per direction (``base + c_0 d_0``, then in place ``+= c_j d_j``):
-        for a ResNet that is 40 % less memory traffic than ``acc = acc + c_j * d_j``, which
-        cost a third of a plain forward over 32 samples. The coefficients are rounded to the
-        model's dtype first, as in :meth:`_stacked`.
-
-        Returns:
-            A new name -> tensor dict: the base parameters and buffers, with each moved
-            parameter replaced by its value at the point (channels-last 4D weights when
-            ``layout == "channels_last"``); ``self.base`` is not changed.
-        """
-        params = dict(self.base)
-        coef = c.to(self.dtype if self.dtype.is_floating_point else torch.float32).tolist()
-        base, dirs = self._point_terms(layout)
-        for k in self.keys:
-            acc = base[k]
-            for j, d in enumerate(dirs):
-                if not acc.is_floating_point():  # an integer buffer: no float alpha
-                    acc = acc + c[j].to(acc.dtype) * d[k]
-                elif j == 0:
-                    acc = torch.add(acc, d[k], alpha=coef[j])
-                else:
-                    acc.add_(d[k], alpha=coef[j])
-            params[k] = acc
-        return params
-
-    def _point_terms(self, layout: str) -> tuple[Params, list[Params]]:
-        """The base and directions of the moved entries, 4D ones stored in ``layout``.
-
-        For channels-last plans the 4D weights are kept channels-last once, so that each
-        point's sum comes out channels-last instead of being copied into it (6 ms of a
-        ResNet-50 point on a 2-core CPU).
-
-        Returns:
-            ``(base, dirs)``: ``self.base`` and ``self.dirs``, or for ``"channels_last"``
-            copies of their moved 4D entries in that memory format (made once).
-        """
-        if layout != "channels_last":
-            return self.base, self.dirs
-        if self._cl_terms is None:
-            def cl(t: Tensor) -> Tensor:
-                return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
-
-            self._cl_terms = ({k: cl(self.base[k]) for k in self.keys},
-                              [{k: cl(d[k]) for k in self.keys} for d in self.dirs])
-        return self._cl_terms
-
-    def _stacked(self, coeffs: Tensor) -> Params:
-        """Parameters of K points: base + sum_j c[:, j] * d_j, stacked along a new dim 0."""
-        params = dict(self.base)
-        for k in self.keys:
-            base = self.base[k]
-            shape = (coeffs.shape[0],) + (1,) * base.dim()
-            acc = base.unsqueeze(0).expand((coeffs.shape[0],) + base.shape)
-            for j, d in enumerate(self.dirs):
-                acc = acc + coeffs[:, j].to(base.dtype).reshape(shape) * d[k].unsqueeze(0)
-            params[k] = acc
-        return params
-
-    def _pass(self, plan: Plan, params: Params, coef: Tensor, start: int, stop: int) -> Tensor:
-        """One forward pass of one point (loop) or K points (vmap) on samples [start, stop).
-
-        Returns:
-            The float64 ``(K, S)`` sums of :meth:`_stats` over samples ``[start, stop)``,
-            one row per point (K = 1 for the loop).
-        """
-        y = self.y[start:stop]
-        coef2d = coef.reshape(-1, len(self.dirs))
-        # A fresh dict: functional_call writes buffers that forward reassigns back into it.
-        params = dict(params)
-        try:
-            if plan.stem:
-                inputs, in_dim = self._stem_input(coef2d, start, stop, plan.layout), 0
-            else:
-                inputs, in_dim = self._inputs(plan.layout)[start:stop], None
-            if plan.strategy == "vmap":
-                in_dims = ({k: (0 if k in self.keys else None) for k in params}, in_dim)
-                if self._batched_ce:
-                    fn = functools.partial(self._outputs, plan=plan)
-                    out = torch.vmap(fn, in_dims=in_dims, randomness="same")(params, inputs)
-                    return self._batched_stats(out, y)
-                w = self._denominators(plan.batch)[0][start // plan.batch]
-
-                def stats(p, i):
-                    return self._stats(self._outputs(p, i, plan), y, w)
-
-                return torch.vmap(stats, in_dims=in_dims, randomness="same")(params, inputs)
-            out = self._outputs(params, inputs[0] if plan.stem else inputs, plan)
-            if self._batched_ce:
-                return self._batched_stats(out.unsqueeze(0), y)
-            w = self._denominators(plan.batch)[0][start // plan.batch]
-            return self._stats(out, y, w).unsqueeze(0)
-        finally:
-            self._reset_state()  # every pass starts from the user's buffers
-
-    def _run_chunk(self, plan: Plan, coeffs: Tensor) -> Tensor:
-        """Values of the points ``coeffs`` (K <= plan.points) over all data.
-
-        Returns:
-            The float64 ``(K, 2 + len(user_metrics))`` values (plus a ``loss_se`` column
-            when a population is set), one row per point of ``coeffs``: mean loss,
-            accuracy, then the user metrics, over all data.
-        """
-        if plan.strategy == "vmap":
-            groups = [(self._stacked(coeffs), coeffs, coeffs.shape[0])]
-        else:
-            groups = [(self._point(c, plan.layout), c, 1) for c in coeffs]
-        values = []
-        for params, coef, _k in groups:
-            sums = sum(self._pass(plan, params, coef, s, s + plan.batch)
-                       for s in range(0, self.n, plan.batch))
-            values.append(self._values(sums, plan.batch))
-        return torch.cat(values)
-
-    def _run(self, plan: Plan, coeffs: Tensor) -> Tensor:
-        """Evaluate every row of ``coeffs`` with ``plan``, halving K (then B) on out-of-memory."""
-        values = []
-        pos = 0
-        while pos < coeffs.shape[0]:
-            chunk = coeffs[pos : pos + plan.points]
-            try:
-                with torch.no_grad():
-                    values.append(self._run_chunk(plan, chunk))
-            except Exception as err:
-                if plan.compiled and not _is_oom(err) and not is_user_error(err):
-                    self._compile_failed(plan, err)  # e.g. a recompile for the last batch
-                elif plan.strategy == "vmap" and not _is_oom(err) and not is_user_error(err):
-                    plan = self._fall_back(err)  # a later batch the trial did not see
-                else:
-                    shrink_after_oom(plan, err, self.device, self.bn_batch_size is not None)
-                continue
-            pos += chunk.shape[0]
-        return torch.cat(values)
 
     # --- public --------------------------------------------------------------------------
     def evaluate(self, coeffs) -> dict[str, np.ndarray]:

@@ -264,7 +264,8 @@ def batched_cross_entropy(logits: Tensor, y: Tensor,
     counted = y != ignore
     idx = torch.where(counted, y, 0).view(1, -1, 1).expand(logits.shape[0], -1, 1)
     picked = logits.gather(-1, idx)
-    lse = (logits - top).exp_().sum(-1, keepdim=True).log_().add_(top)
+    shifted = logits - top
+    lse = shifted.exp_().sum(-1, keepdim=True).log_().add_(top)
     per_sample = (lse - picked).squeeze(-1)
     # The target wins the argmax iff its logit is the largest and no earlier class ties it.
     classes = torch.arange(logits.shape[-1], device=y.device)
@@ -272,7 +273,10 @@ def batched_cross_entropy(logits: Tensor, y: Tensor,
         before = classes < y.unsqueeze(-1)
     else:  # class-major logits: the mask in the same order keeps the pass sequential
         before = (classes.unsqueeze(-1) < y).mT
-    earlier = torch.where(before, logits, float("-inf")).amax(-1, keepdim=True)
+    # Written over ``shifted`` (used up): one fresh tensor of the logits' size fewer per call,
+    # and fresh multi-MB tensors cost page faults on a CPU.
+    minus_inf = torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device)
+    earlier = torch.where(before, logits, minus_inf, out=shifted).amax(-1, keepdim=True)
     hit = ((picked == top) & (earlier < top)).squeeze(-1)
     if not bool(counted.all()):
         per_sample = per_sample * counted

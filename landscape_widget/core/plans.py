@@ -155,6 +155,9 @@ TUNING_SHARE = 0.05
 TUNING_FLOOR = 0.02
 # Grids of this many points always time the first candidate, if it is a loop over all data.
 FIRST_TRIAL_POINTS = 16
+# Timed passes of a trial, the fastest counts: the first warms up (oneDNN primitives for a
+# new shape, the allocator's first pages).
+TRIAL_PASSES = 2
 
 
 def _stem_budget(device: torch.device) -> int:

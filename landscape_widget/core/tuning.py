@@ -24,6 +24,7 @@ from .plans import (
     _PLANS,
     CPU_CACHE_BUDGET,
     FIRST_TRIAL_POINTS,
+    TRIAL_PASSES,
     TUNING_FLOOR,
     TUNING_SHARE,
     Plan,
@@ -174,7 +175,7 @@ class PlanTuner:
                 shrink_after_oom(plan, err, self.device, self.bn_batch_size is not None)
 
     def _time_pass_once(self, plan: Plan, c: Tensor) -> float:
-        """Seconds per point of ``plan`` from the faster of two passes (the first warms up).
+        """Seconds per point of ``plan``: the fastest of its :data:`TRIAL_PASSES` passes.
 
         A loop over all data in one pass evaluates real points: the two passes take the
         next two rows of ``c`` no trial has computed yet, and their values are kept
@@ -190,7 +191,7 @@ class PlanTuner:
             best = math.inf
             times = []
             rows = {}
-            for _ in range(3 if plan.strategy == "vmap" else 2):
+            for _ in range(TRIAL_PASSES):
                 t0 = time.perf_counter()
                 if plan.strategy == "vmap":
                     coef = c[:1].expand(plan.points, -1)
@@ -215,12 +216,12 @@ class PlanTuner:
         return best * (self.n / stop) / plan.points
 
     def _trial_cost(self, plan: Plan, plain_spp: float, last: dict) -> float:
-        """Predicted seconds of timing ``plan``: two passes over its first batch.
+        """Predicted seconds of timing ``plan``: its trial passes over its first batch.
 
         A vmap plan is predicted from the narrower K of its family timed before, if any.
 
         Returns:
-            Predicted seconds: two passes of ``plan.points`` points on its batch's share
+            Predicted seconds: the trial passes of ``plan.points`` points on its batch's share
             of the data, plus the warm-up cost measured so far.
         """
         share = min(plan.batch, self.n) / self.n
@@ -230,7 +231,7 @@ class PlanTuner:
         # unless it is a loop over all data (its two points are real and kept if it wins).
         whole = plan.strategy == "loop" and plan.batch >= self.n
         spp = last.get(family, plain_spp if whole else 2 * plain_spp)
-        return 2 * spp * share * plan.points + getattr(self, "_warmup", 0.0)
+        return TRIAL_PASSES * spp * share * plan.points + getattr(self, "_warmup", 0.0)
 
     def _tune(self, c: Tensor) -> Plan:
         """Time the plain loop, then the other candidates as far as the budget allows.
