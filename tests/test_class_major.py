@@ -184,3 +184,20 @@ def test_fingerprints_hashed_beside_the_setup_equal_the_direct_hashes():
     with pytest.raises(ValueError, match="loss_fn"):  # a set-up error still reaches the caller
         lw.compute_surface(net, (x, y), directions=(d1, d2), x=(-1, 1, 3), y=(-1, 1, 3),
                            loss_fn=lambda out, t: out.sum(1), progress=False)
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+def test_reused_stem_buffer_with_the_stem_as_the_whole_model(strategy):
+    """A model that is its stem: the suffix returns the reused buffer itself as the logits."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 3)).eval()
+    gen = torch.Generator().manual_seed(3)
+    x, y = torch.randn(40, 6, generator=gen), torch.randint(0, 3, (40,), generator=gen)
+    dirs = list(lw.random_directions(net, 2, seed=2))
+    coords = np.random.default_rng(1).uniform(-3, 3, (11, 2))
+    plans._PLANS.clear()
+    ev = lw.Evaluator(net, (x, y), dirs, stem=True, strategy=strategy, batch_size=16)
+    got = ev.evaluate(coords)
+    assert ev.plan.stem
+    want, _ = naive_eval(net, x, y, dirs, coords)
+    np.testing.assert_allclose(got["loss"], want, rtol=1e-5, atol=0)
