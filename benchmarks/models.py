@@ -212,7 +212,7 @@ def ours(model, x, y, d1, d2, m: int, first: bool, **options):
     from landscape_widget.core import plans
 
     if first:
-        plans._PLANS.clear()  # the first call of a session: tuning is paid
+        plans.forget_plans()  # the first call of a session: tuning is paid
     sync(x.device)
     t0 = time.perf_counter()
     surf = lw.compute_surface(model, (x, y), directions=(d1, d2), x=(-1, 1, m), y=(-1, 1, m),

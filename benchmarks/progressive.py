@@ -82,7 +82,7 @@ class Clock:
 
 
 def run(model, data, grid: int, *, staged: bool, **stop):
-    plans._PLANS.clear()  # each run plans for itself, as a first call does
+    plans.forget_plans()  # each run plans for itself, as a first call does
     saved = progressive.PROGRESSIVE_MIN_SAMPLES
     if not staged:
         progressive.PROGRESSIVE_MIN_SAMPLES = 1 << 62
@@ -102,7 +102,7 @@ def run(model, data, grid: int, *, staged: bool, **stop):
 
 def one_exact_point(model, data) -> float:
     """Seconds for the evaluator's setup and one point on all data with the plain plan."""
-    plans._PLANS.clear()
+    plans.forget_plans()
     t0 = time.perf_counter()
     ev = Evaluator(model, data, random_directions(model, 2, seed=0))
     ev.expected_points = 1  # the plain plan, untimed: less than the exact widget pays

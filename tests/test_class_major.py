@@ -129,7 +129,7 @@ def test_mlp_values_through_stem_and_head_match_the_float64_loop(ndirs, strategy
     dirs = lw.random_directions(net, ndirs, seed=4)
     dirs = list(dirs) if isinstance(dirs, (list, tuple)) else [dirs]
     coords = np.random.default_rng(0).uniform(-2, 2, (9, ndirs))
-    plans._PLANS.clear()
+    plans.forget_plans()
     ev = lw.Evaluator(net, (x, y), dirs, stem=True, strategy=strategy)
     got = ev.evaluate(coords)
     assert ev.plan.stem and "head_linear" in ev.stem.suffix.code
@@ -163,7 +163,7 @@ def test_tied_logits_count_for_the_first_class_as_argmax_does():
     d = {k: torch.zeros_like(v) for k, v in net.named_parameters()}
     d["0.weight"] = torch.randn_like(net[0].weight)  # moves the stem only: ties stay
     for strategy in ("loop", "vmap"):
-        plans._PLANS.clear()
+        plans.forget_plans()
         ev = lw.Evaluator(net, (x, y), [d], stem=True, strategy=strategy)
         got = ev.evaluate(np.array([[0.0], [1.5]]))
         np.testing.assert_array_equal(got["accuracy"], [3 / 8, 3 / 8])
@@ -195,9 +195,42 @@ def test_reused_stem_buffer_with_the_stem_as_the_whole_model(strategy):
     x, y = torch.randn(40, 6, generator=gen), torch.randint(0, 3, (40,), generator=gen)
     dirs = list(lw.random_directions(net, 2, seed=2))
     coords = np.random.default_rng(1).uniform(-3, 3, (11, 2))
-    plans._PLANS.clear()
+    plans.forget_plans()
     ev = lw.Evaluator(net, (x, y), dirs, stem=True, strategy=strategy, batch_size=16)
     got = ev.evaluate(coords)
     assert ev.plan.stem
     want, _ = naive_eval(net, x, y, dirs, coords)
     np.testing.assert_allclose(got["loss"], want, rtol=1e-5, atol=0)
+
+
+def test_a_larger_grid_goes_on_from_the_search_a_small_grid_cut_short():
+    """A 3 x 3 grid's search stops at K = 4 (its size); a 9 x 9 grid then starts from those
+    timings (no trial repeated) and times the wider plans; values match the float64 loop."""
+    from landscape_widget.core.plans import _SEARCHES
+
+    net = _mlp()
+    gen = torch.Generator().manual_seed(4)
+    x, y = torch.randn(64, 6, generator=gen), torch.randint(0, 3, (64,), generator=gen)
+    d1, d2 = lw.random_directions(net, 2, seed=5)
+    plans.forget_plans()
+    _SEARCHES.clear()
+    small = lw.compute_surface(net, (x, y), directions=(d1, d2), x=(-1, 1, 3), y=(-1, 1, 3),
+                               progress=False)
+    assert not small.spec["plan"]["complete"] and len(_SEARCHES) == 1
+    first = {c["plan"]: c["seconds_per_point"] for c in small.spec["plan"]["candidates"]}
+    assert not any(" K=16 " in label or " K=64 " in label for label in first)
+    axis = (-2.0, 2.0, 9)
+    large = lw.compute_surface(net, (x, y), directions=(d1, d2), x=axis, y=axis,
+                               progress=False)
+    plan = large.spec["plan"]
+    again = {c["plan"]: c["seconds_per_point"] for c in plan["candidates"]}
+    shared = [label for label in first if label in again]
+    assert shared and all(again[label] == first[label] for label in shared)
+    assert f"({len(shared)} of them for an earlier, smaller grid)" in plan["reason"]
+    assert any(" K=16 " in label for label in again)  # the wider plans were timed now
+    # 81 points still cut the search short (K = 256 > 81): the grown search is kept.
+    (kept,) = _SEARCHES.values()
+    assert kept == again
+    want, _ = naive_eval(net, x, y, [d1, d2],
+                         np.array([(a, b) for b in np.linspace(*axis) for a in np.linspace(*axis)]))
+    np.testing.assert_allclose(large.loss.ravel(), want, rtol=1e-5, atol=0)

@@ -18,7 +18,7 @@ from torch import nn
 
 import landscape_widget as lw
 from landscape_widget.core.evaluate import Evaluator
-from landscape_widget.core.plans import _PLANS, free_memory
+from landscape_widget.core.plans import forget_plans, free_memory
 from landscape_widget.core.precision import precision_flags
 from tests.cases import gaussian_direction
 from tests.flag_threads import flags_held_in_thread
@@ -159,7 +159,7 @@ def test_fp32_computes_with_ieee_flags_and_restores_them():
 
 def test_plan_times_plain_loop_first_and_is_reused():
     model, x, y = _cnn()
-    _PLANS.clear()
+    forget_plans()
     surf, loss, _ = _surface(model, x, y)
     plan = surf.spec["plan"]
     # The plain loop over all 64 samples in one pass is always a candidate, timed first.

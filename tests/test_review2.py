@@ -39,7 +39,7 @@ def test_a_relu_with_a_replaced_forward_is_not_rewritten_to_relu_():
     axis = (-20.0, 20.0, 3)
     want, _ = naive_surface(net, x, y, d1, d2, linspace(axis), linspace(axis))
     for strategy in ("loop", "vmap"):
-        plans._PLANS.clear()
+        plans.forget_plans()
         surf = lw.compute_surface(net, (x, y), directions=(d1, d2), x=axis, y=axis,
                                   progress=False,
                                   evaluator_options={"stem": True, "strategy": strategy})
@@ -58,7 +58,7 @@ def test_an_avgpool_with_a_replaced_forward_is_not_rewritten():
     d1, d2 = lw.random_directions(net, 2, seed=0)
     axis = (-20.0, 20.0, 3)
     want, _ = naive_surface(net, x, y, d1, d2, linspace(axis), linspace(axis))
-    plans._PLANS.clear()
+    plans.forget_plans()
     surf = lw.compute_surface(net, (x, y), directions=(d1, d2), x=axis, y=axis,
                               progress=False, evaluator_options={"stem": True,
                                                                  "strategy": "loop"})
@@ -172,7 +172,7 @@ def test_a_one_point_computation_does_not_stop_a_later_grid_from_being_tuned():
     net = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 3))
     x, y = torch.randn(64, 10), torch.randint(0, 3, (64,))
     d = lw.random_directions(net, 2, seed=0)
-    plans._PLANS.clear()
+    plans.forget_plans()
     lw.compute_surface(net, (x, y), directions=d, x=(0, 0, 1), y=(0, 0, 1), progress=False)
     surf = lw.compute_surface(net, (x, y), directions=d, x=(-1, 1, 9), y=(-1, 1, 9),
                               progress=False)

@@ -155,7 +155,7 @@ def test_cnn_surface_through_the_rewritten_suffix_matches_the_float64_loop(strat
     d1, d2 = lw.random_directions(net, 2, seed=3)
     from landscape_widget.core import plans
 
-    plans._PLANS.clear()
+    plans.forget_plans()
     opts = {"stem": True, "strategy": strategy}
     if strategy == "loop":
         opts["batch_size"] = 16

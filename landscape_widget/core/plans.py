@@ -73,6 +73,32 @@ def _remember(key: tuple, plan: Plan) -> None:
     _PLANS[key] = dataclasses.replace(plan)
 
 
+# Seconds per point of the plans a search timed when the grid's size cut it short (plan
+# label -> seconds), per plan-cache key: the search for a larger grid starts from them.
+_SEARCHES: dict[tuple, dict[str, float]] = {}
+
+
+def _remember_search(key: tuple, timings: dict[str, float]) -> None:
+    if len(_SEARCHES) >= _PLANS_MAX:
+        _SEARCHES.pop(next(iter(_SEARCHES)))
+    _SEARCHES[key] = dict(timings)
+
+
+def forget_plans() -> None:
+    """Empty the plan cache and the cut-short searches: the next call tunes from scratch.
+
+    For benchmarks and tests of a session's first call.
+
+    Example:
+        >>> _SEARCHES[("k",)] = {"loop B=8": 0.1}
+        >>> forget_plans()
+        >>> _PLANS, _SEARCHES
+        ({}, {})
+    """
+    _PLANS.clear()
+    _SEARCHES.clear()
+
+
 def shrink_after_oom(plan: Plan, err: BaseException, device: torch.device,
                      fixed_batch: bool = False) -> None:
     """Halve K (then B) of ``plan`` after an out-of-memory ``err``; re-raise anything else.

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from .plans import (
     _PLANS,
+    _SEARCHES,
     CPU_CACHE_BUDGET,
     FIRST_TRIAL_POINTS,
     TRIAL_PASSES,
@@ -31,6 +32,7 @@ from .plans import (
     _describe_error,
     _is_oom,
     _remember,
+    _remember_search,
     is_user_error,
     shrink_after_oom,
 )
@@ -255,8 +257,16 @@ class PlanTuner:
         self._trial_row = 0
         plain = self._plain_plan()
         predicted = allowance = math.inf
+        # A search cut short by a smaller grid of this structure (a 4 x 4 look first) timed
+        # some candidates already: their timings are taken, the search goes on from there.
+        key = self._plan_key()
+        prior = _SEARCHES.pop(key, {})
+        from_prior = 0
         if self.strategy != "vmap":  # strategy="vmap" times vmap plans only
-            plain.seconds_per_point = self._time_pass(plain, c)
+            if plain.label in prior:
+                plain.seconds_per_point, from_prior = prior[plain.label], 1
+            else:
+                plain.seconds_per_point = self._time_pass(plain, c)
             self._results.append(plain)
             predicted = plain.seconds_per_point * self.expected_points
             allowance = max(TUNING_SHARE * predicted, TUNING_FLOOR)
@@ -299,44 +309,52 @@ class PlanTuner:
                 if last[family] * (1 - hope) >= min(p.seconds_per_point for p in self._results):
                     slower.add(family)
                     continue
-            cost = self._trial_cost(plan, plain.seconds_per_point, last)
-            # Past the allowance, the next step of a family that just gained g (a wider K, a
-            # smaller B) is still timed if it costs under half of what g again would save.
-            paying = family in gains and cost <= 0.5 * gains[family] * predicted
-            # The likeliest winner (channels_last with the stem for images) is timed on any
-            # grid of FIRST_TRIAL_POINTS or more: a loop over all data computes two real
-            # points, kept if it wins, so a loss costs at most 2 of them (1.2x on a CPU
-            # ResNet-50 at 5 x 5 was out of reach of the 5 % allowance).
-            paying = paying or (len(self._results) == 1 and plan.strategy == "loop"
-                                and plan.batch >= self.n
-                                and self.expected_points >= FIRST_TRIAL_POINTS)
-            if self._results and spent + cost > allowance and not paying:
-                skipped += 1
-                # Its next plans (smaller B, larger K) are not timed either: they only make
-                # sense after this one paid.
-                slower.add(family)
-                continue
-            t0 = time.perf_counter()
-            try:
+            known = prior.get(plan.label)
+            if known is not None:  # timed for the smaller grid: no trial
                 if plan.stem and not self._prepare_stem():
                     continue
-                plan.seconds_per_point = self._time_pass(plan, c)
+                plan.seconds_per_point = known
                 self._results.append(plan)
-            except Exception as err:
-                # Any failure of another plan than the plain loop (vmap without a batching
-                # rule, an in-place buffer update under vmap, a stem or layout the model
-                # rejects) rules that family out; the user's own exceptions are raised.
-                if is_user_error(err) and not _is_oom(err):
-                    raise
-                why = _describe_error(err)
-                self.rejected.append(f"{plan.label}: {why}")
-                if plan.strategy == "vmap" and not _is_oom(err):
-                    vmap_errors.append(why)
-                errors.append(err)
-                slower.add(family)
-                continue
-            finally:
-                spent += time.perf_counter() - t0
+                from_prior += 1
+            else:
+                cost = self._trial_cost(plan, plain.seconds_per_point, last)
+                # Past the allowance, the next step of a family that just gained g (a wider K, a
+                # smaller B) is still timed if it costs under half of what g again would save.
+                paying = family in gains and cost <= 0.5 * gains[family] * predicted
+                # The likeliest winner (channels_last with the stem for images) is timed on any
+                # grid of FIRST_TRIAL_POINTS or more: a loop over all data computes two real
+                # points, kept if it wins, so a loss costs at most 2 of them (1.2x on a CPU
+                # ResNet-50 at 5 x 5 was out of reach of the 5 % allowance).
+                paying = paying or (len(self._results) == 1 and plan.strategy == "loop"
+                                    and plan.batch >= self.n
+                                    and self.expected_points >= FIRST_TRIAL_POINTS)
+                if self._results and spent + cost > allowance and not paying:
+                    skipped += 1
+                    # Its next plans (smaller B, larger K) are not timed either: they only make
+                    # sense after this one paid.
+                    slower.add(family)
+                    continue
+                t0 = time.perf_counter()
+                try:
+                    if plan.stem and not self._prepare_stem():
+                        continue
+                    plan.seconds_per_point = self._time_pass(plan, c)
+                    self._results.append(plan)
+                except Exception as err:
+                    # Any failure of another plan than the plain loop (vmap without a batching
+                    # rule, an in-place buffer update under vmap, a stem or layout the model
+                    # rejects) rules that family out; the user's own exceptions are raised.
+                    if is_user_error(err) and not _is_oom(err):
+                        raise
+                    why = _describe_error(err)
+                    self.rejected.append(f"{plan.label}: {why}")
+                    if plan.strategy == "vmap" and not _is_oom(err):
+                        vmap_errors.append(why)
+                    errors.append(err)
+                    slower.add(family)
+                    continue
+                finally:
+                    spent += time.perf_counter() - t0
             if family in last:
                 gains[family] = max(0.0, 1.0 - plan.seconds_per_point / last[family])
             if plan.strategy == "vmap":
@@ -364,6 +382,8 @@ class PlanTuner:
         best.tuning_seconds = time.perf_counter() - t_start
         best.tuned_for = int(self.expected_points)
         best.complete = not skipped and not self._size_limited
+        if self._size_limited:  # a larger grid goes on from these timings
+            _remember_search(key, {p.label: p.seconds_per_point for p in self._results})
         if self.strategy == "vmap":
             best.reason = "strategy='vmap' asked for; the fastest K"
         elif best.label == plain.label:
@@ -374,6 +394,8 @@ class PlanTuner:
             best.reason = (f"{plain.seconds_per_point / best.seconds_per_point:.2f}x faster "
                            "than the plain loop (measured)")
         best.reason += (f"; {len(self._results)} plan(s) timed" +
+                        (f" ({from_prior} of them for an earlier, smaller grid)"
+                         if from_prior else "") +
                         (f", {skipped} skipped to keep tuning under "
                          f"{TUNING_SHARE:.0%} of the predicted {predicted:.3g} s"
                          f" (or {TUNING_FLOOR} s)" if skipped
