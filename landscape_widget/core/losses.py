@@ -265,19 +265,25 @@ def batched_cross_entropy(logits: Tensor, y: Tensor,
     idx = torch.where(counted, y, 0).view(1, -1, 1).expand(logits.shape[0], -1, 1)
     picked = logits.gather(-1, idx)
     shifted = logits - top
-    lse = shifted.exp_().sum(-1, keepdim=True).log_().add_(top)
+    exp = shifted.exp_()
+    lse = exp.sum(-1, keepdim=True).log_().add_(top)
     per_sample = (lse - picked).squeeze(-1)
     # The target wins the argmax iff its logit is the largest and no earlier class ties it.
-    classes = torch.arange(logits.shape[-1], device=y.device)
-    if logits.stride(-1) == 1:
-        before = classes < y.unsqueeze(-1)
-    else:  # class-major logits: the mask in the same order keeps the pass sequential
-        before = (classes.unsqueeze(-1) < y).mT
-    # Written over ``shifted`` (used up): one fresh tensor of the logits' size fewer per call,
-    # and fresh multi-MB tensors cost page faults on a CPU.
-    minus_inf = torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device)
-    earlier = torch.where(before, logits, minus_inf, out=shifted).amax(-1, keepdim=True)
-    hit = ((picked == top) & (earlier < top)).squeeze(-1)
+    # A tie shows as two exact 1s among the exponentials (exp(0) of each largest logit), so
+    # the earlier classes are looked at only where the target is largest and a 1 repeats:
+    # rarely, and one pass of counting instead of two over the logits otherwise.
+    hit = picked == top
+    if bool((hit & ((exp == 1).sum(-1, keepdim=True) > 1)).any()):
+        classes = torch.arange(logits.shape[-1], device=y.device)
+        if logits.stride(-1) == 1:
+            before = classes < y.unsqueeze(-1)
+        else:  # class-major logits: the mask in the same order keeps the pass sequential
+            before = (classes.unsqueeze(-1) < y).mT
+        # Written over the used-up exponentials: fresh multi-MB tensors cost page faults.
+        minus_inf = torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device)
+        earlier = torch.where(before, logits, minus_inf, out=exp).amax(-1, keepdim=True)
+        hit &= earlier < top
+    hit = hit.squeeze(-1)
     if not bool(counted.all()):
         per_sample = per_sample * counted
         hit = hit & counted
