@@ -149,6 +149,34 @@ def test_curvature_map_matches_dense_eigenvalues():
     assert_same_snapshot(before, snapshot(model))
 
 
+def test_curvature_map_on_a_subset_is_the_subsets_dense_hessian():
+    """samples=N: the eigenvalues of the dense Hessian of the drawn subset's mean loss."""
+    from landscape_widget.core.subset import subset_indices
+
+    model = mlp()
+    x, y = mlp_data()
+    d1, d2 = lw.random_directions(model, 2, seed=1)
+    n = len(y) // 2
+    cmap = lw.curvature_map(model, (x, y), (d1, d2), x=(-0.5, 0.5, 2), y=(0.0, 0.0, 1),
+                            tol=1e-6, progress=False, samples=n, sample_seed=4)
+    assert cmap.spec["samples"] == {"n": n, "of": len(y), "seed": 4}
+    idx = subset_indices(len(y), n, 4)
+    base = {k: p.detach() for k, p in model.named_parameters()}
+    for ix, a in enumerate(cmap.x):
+        point = {k: v + a * d1[k] for k, v in base.items()}
+        ev = torch.linalg.eigvalsh(dense_hessian(model, x[idx], y[idx], point=point)[0])
+        full = torch.linalg.eigvalsh(dense_hessian(model, x, y, point=point)[0])
+        assert cmap.lambda_max[0, ix] == pytest.approx(float(ev[-1]), rel=1e-4)
+        assert cmap.lambda_min[0, ix] == pytest.approx(float(ev[0]), abs=1e-3 * float(ev[-1]))
+        assert abs(float(full[-1]) - float(ev[-1])) > 1e-3 * float(ev[-1])  # not all data
+    assert lw.curvature_map(model, (x, y), (d1, d2), x=(0, 0, 1), y=(0, 0, 1),
+                            progress=False).spec["samples"] is None
+    with pytest.raises(TypeError, match="sample_seed=3 has no effect without samples"):
+        lw.curvature_map(model, (x, y), (d1, d2), sample_seed=3, progress=False)
+    with pytest.raises(ValueError, match="samples"):
+        lw.curvature_map(model, (x, y), (d1, d2), samples=len(y) + 1, progress=False)
+
+
 def test_curvature_map_cancel_leaves_nan():
     model = mlp()
     d = lw.random_directions(model, 2, seed=0)

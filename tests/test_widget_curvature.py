@@ -86,6 +86,27 @@ def test_curvature_map_streams_the_ratio(worker_factory):  # noqa: F811
     np.testing.assert_allclose(worker.latest.loss, ref.ratio, rtol=1e-6)
 
 
+def test_a_fixed_subset_of_the_samples_control_computes_the_map_on_it(worker_factory):  # noqa: F811
+    """samples="1k" on 1,500 samples: the map of lw.curvature_map(samples=1000), labelled."""
+    model = _model()
+    g = torch.Generator().manual_seed(7)
+    data = (torch.randn(1500, 6, generator=g), torch.randint(0, 3, (1500,), generator=g))
+    worker, rec = worker_factory(model, data)
+    worker.submit("c", Spec(quantity="curvature", resolution=3, seed=2, samples="1k"))
+    assert worker.wait(120)
+    (start, _), = rec.of("c", "start")
+    assert start["label"] == "|λmin/λmax| on 1,000 of 1,500 samples"
+    _, ratio, _, _ = assemble(rec, "c")
+    dirs = lw.random_directions(model, 2, seed=2)
+    ref = lw.curvature_map(model, data, dirs, x=(-1, 1, 3), y=(-1, 1, 3), seed=2,
+                           progress=False, samples=1000)
+    full = lw.curvature_map(model, data, dirs, x=(-1, 1, 3), y=(-1, 1, 3), seed=2,
+                            progress=False)
+    np.testing.assert_allclose(ratio, ref.ratio.astype(np.float32), rtol=1e-5)
+    assert not np.allclose(ref.ratio, full.ratio, rtol=1e-3)  # the subset made a difference
+    assert worker.latest.spec["samples"] == {"n": 1000, "of": 1500, "seed": 0}
+
+
 def test_curvature_map_cancels(worker_factory):  # noqa: F811
     first = threading.Event()
     worker, rec = worker_factory(hook=lambda m: m["kind"] == "tile" and first.set())

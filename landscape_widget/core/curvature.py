@@ -23,6 +23,7 @@ from .grid import parse_axis, progressive_order
 from .hessian import HessianOperator, _arpack, _bar
 from .lanczos import extreme_pairs, max_steps
 from .params import Params, check_direction, parameters_of
+from .subset import resolve_seed, take_subset
 
 
 @dataclass
@@ -228,7 +229,8 @@ _WARM_NOISE = 0.5  # random share of a warm start: keeps it from lying in an inv
 
 def curvature_map(model: nn.Module, data, directions, *, x=(-1, 1, 11), y=(-1, 1, 11),
                   tol: float = 1e-2, seed: int = 0, progress: bool = True,
-                  cancel: threading.Event | None = None, **options) -> CurvatureMap:
+                  cancel: threading.Event | None = None, samples: int | None = None,
+                  sample_seed: int | None = None, **options) -> CurvatureMap:
     """``|lambda_min / lambda_max|`` of the Hessian at every point of a plane.
 
     Computed by :func:`curvature_points` (coarse to fine, warm-started Lanczos).
@@ -243,6 +245,12 @@ def curvature_map(model: nn.Module, data, directions, *, x=(-1, 1, 11), y=(-1, 1
         seed: Seed of the Lanczos start vectors.
         progress: Show a tqdm bar over grid points.
         cancel: A ``threading.Event``; once set, the remaining points stay NaN.
+        samples: The Hessian of the mean loss over a random subset of this many samples
+            (the subset of ``compute_surface(samples=N)``, the same for every point)
+            instead of all data: each point's Lanczos runs get that much cheaper; the
+            eigenvalues are those of the subset's loss, an estimate of the full data's.
+            ``spec["samples"] = {"n", "of", "seed"}`` (``None`` for all data).
+        sample_seed: Seed of the subset (default 0); only with ``samples``.
         **options: :class:`~landscape_widget.core.hessian.HessianOperator` options
             (``loss_fn``, ``ignore``, ``bn``, ``batch_size``, ``device``, ``method``).
 
@@ -251,10 +259,19 @@ def curvature_map(model: nn.Module, data, directions, *, x=(-1, 1, 11), y=(-1, 1
         relative ``residual`` and the number of points not ``converged`` (also warned).
 
     Raises:
-        ValueError: If ``directions`` are not two directions of this model.
+        ValueError: If ``directions`` are not two directions of this model, or
+            ``samples`` is not in ``[2, samples of the data]``.
+        TypeError: If ``sample_seed`` is given without ``samples``.
+        SubsetError: (a ``ValueError``) If ``samples`` is given for data that cannot be
+            subset (see :func:`~landscape_widget.core.subset.take_subset`).
     """
     if len(directions) != 2:
         raise ValueError("curvature_map needs two directions (d1, d2).")
+    sample_seed = resolve_seed(samples, sample_seed)
+    drawn = None
+    if samples is not None:
+        data, population = take_subset(data, samples, sample_seed)
+        drawn = {"n": int(samples), "of": population, "seed": sample_seed}
     for i, d in enumerate(directions):
         check_direction(model, d, name=f"directions[{i}]")
     xs, ys = parse_axis(x, "x"), parse_axis(y, "y")
@@ -282,7 +299,7 @@ def curvature_map(model: nn.Module, data, directions, *, x=(-1, 1, 11), y=(-1, 1
                       f"relative residual {worst:.2g}).", RuntimeWarning, stacklevel=2)
     spec = {"x": list(x), "y": list(y), "tol": tol, "seed": seed, "products": products,
             "method": method, "seconds": time.perf_counter() - t0, "residual": worst,
-            "not_converged": short,
+            "not_converged": short, "samples": drawn,
             "ignore": options.get("ignore", "biasbn"), "bn": options.get("bn", "eval")}
     return CurvatureMap(xs, ys, hi, lo, spec)
 

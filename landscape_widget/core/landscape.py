@@ -15,7 +15,7 @@ from .errors import NoCountedTargets, ReuseMismatch
 from .evaluate import METRICS, LossFn, warn_nonfinite
 from .grid import Tile
 from .params import Params
-from .subset import SUBSET_SEED, check_samples, check_seed, no_counted_targets, take_subset
+from .subset import check_samples, no_counted_targets, resolve_seed, take_subset
 from .surface import Curve, Surface
 
 
@@ -205,14 +205,8 @@ def iter_tiles(
                 raise TypeError(f"{name} was given twice (also in evaluator_options).")
             evaluator_options = dict(evaluator_options or {}, **{name: value})
     population = None
-    if samples is None:
-        if sample_seed is not None:
-            raise TypeError(
-                f"sample_seed={sample_seed!r} has no effect without samples=: every point is "
-                "computed exactly on all data. Pass samples=N as well (a random subset of N "
-                "samples drawn from that seed), or drop sample_seed.")
-    else:
-        sample_seed = check_seed(SUBSET_SEED if sample_seed is None else sample_seed)
+    sample_seed = resolve_seed(samples, sample_seed)
+    if samples is not None:
         if executor is not None and is_data_fn(data):
             # The workers load the data and draw the subset there (core/_remote.py _subset).
             samples = check_samples(samples)

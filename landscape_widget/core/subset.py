@@ -222,6 +222,30 @@ def no_counted_targets(samples: int, seed: int, population: int | None, err) -> 
         "if the data itself has no counted target, pass data with some.")
 
 
+def resolve_seed(samples, sample_seed) -> int | None:
+    """The seed of a ``samples=`` draw: ``sample_seed`` checked, or the default.
+
+    Returns:
+        ``None`` without ``samples``; else the checked seed (:data:`SUBSET_SEED` if none).
+
+    Raises:
+        TypeError: If ``sample_seed`` is given without ``samples`` (it would have no
+            effect), or is not an int (:func:`check_seed`).
+
+    Example:
+        >>> resolve_seed(None, None), resolve_seed(100, None), resolve_seed(100, 3)
+        (None, 0, 3)
+    """
+    if samples is None:
+        if sample_seed is not None:
+            raise TypeError(
+                f"sample_seed={sample_seed!r} has no effect without samples=: every point is "
+                "computed exactly on all data. Pass samples=N as well (a random subset of N "
+                "samples drawn from that seed), or drop sample_seed.")
+        return None
+    return check_seed(SUBSET_SEED if sample_seed is None else sample_seed)
+
+
 def take_subset(data, samples: int, seed: int = SUBSET_SEED):
     """The subset of ``samples`` samples of ``data`` that :func:`subset_indices` picks.
 
