@@ -35,7 +35,7 @@ function controls() {
     seed: h("input", { type: "number", min: 0, step: 1 }),
     bn: h("select", { title: "BatchNorm statistics" }),
     precision: h("select", { title: "Compute precision: fp32 is exact; tf32 and fp16 need a GPU, bf16 is approximate (the result reports its measured error)" }),
-    samples: h("select", { title: "Data per point: auto draws a random subset first on large data (labelled, ± standard error), then all data; exact uses all data only; a subset size stops there (the result is that subset's estimate, with its standard error)" }),
+    samples: h("select", { title: "Data per point: auto draws a random subset first on large data (labelled, ± standard error), then all data; exact uses all data only; a subset size stops there (the result is that subset's estimate, with its standard error; a curvature map is computed on that subset too)" }),
     quantity: h("select", { title: "What to compute: the loss, or the Hessian's eigenvalue ratio |λmin/λmax| (slow: two Lanczos runs per point)" }),
     compute: h("button", { class: "lw-compute", title: "Compute now" }, "Compute"),
     cancel: h("button", { class: "lw-cancel", title: "Stop the running computation" }, "Cancel"),
