@@ -1,0 +1,128 @@
+"""What the tuner may time: the plan-cache key, the plain loop and the candidate plans.
+
+:class:`PlanCandidates` is a mixin of :class:`~landscape_widget.core.evaluate.Evaluator`
+(through :class:`~.tuning.PlanTuner`): the samples per pass a memory budget allows, the key
+under which a plan is cached and reused, and the candidates in the order the search times
+them (core/tuning.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .plans import _PLANS, CPU_CACHE_BUDGET, Plan
+
+
+class PlanCandidates:
+    """Plans to time and the cache key (a mixin; uses the evaluator's state)."""
+
+    def _batch_for(self, points: int, budget: int | None = None) -> int:
+        if self.bn_batch_size is not None:  # passes hold exactly the BatchNorm batches
+            return min(self.n, self.bn_batch_size)
+        if self.forced_batch:
+            return int(self.forced_batch)
+        budget = min(budget or self.budget, self.budget)
+        b = int(max(1, min(self.n, budget // max(1, points * self.act_bytes))))
+        # Even batches: 1024 samples in passes of 512 + 512, not 885 + 139.
+        return -(-self.n // -(-self.n // b))
+
+    def _plan_key(self) -> tuple:
+        """What the speed of a plan depends on: architecture, shapes, device and options.
+
+        Repeated computations with the same key reuse the plan, so they are bit-identical
+        (plans differ in float rounding at the 1e-7 level) and skip the timing. The free
+        memory is not part of it (it changes from call to call); a memory_budget given is.
+
+        Returns:
+            A hashable tuple of the module's class and repr, parameter names/shapes/dtypes,
+            data shapes and dtypes, device and every option that changes the plans timed;
+            the key of the plan cache.
+        """
+        return (
+            type(self.module), repr(self.module),
+            tuple((k, tuple(v.shape), v.dtype) for k, v in self.base.items()),
+            tuple(self.x.shape), self.x.dtype, tuple(self.y.shape), str(self.device),
+            self.bn, self.bn_batch_size, self.metrics,
+            getattr(self.loss_fn, "__qualname__", repr(self.loss_fn)),
+            self._batched_ce, self.strategy, self._stem_choice, tuple(self.keys), len(self.dirs),
+            self.user_budget, self.forced_batch, self.precision, self.compile,
+        )
+
+    def _cached_plan(self, key: tuple) -> Plan | None:
+        """The cached plan for ``key`` if its search suits a grid of this size.
+
+        Returns:
+            A copy of the cached plan (``precision_error`` cleared, ``tuning_seconds`` 0,
+            reason prefixed ``"reused: "``), or None if there is none or its search was cut
+            short for a smaller grid than ``expected_points``.
+        """
+        plan = _PLANS.get(key)
+        if plan is None or not (plan.complete or plan.tuned_for >= self.expected_points):
+            return None
+        # This call timed nothing: its tuning cost is 0 (the candidates are the earlier search's).
+        plan = dataclasses.replace(plan, precision_error=None, tuning_seconds=0.0)
+        plan.reason = "reused: " + plan.reason.removeprefix("reused: ")
+        return plan
+
+    # --- tuning --------------------------------------------------------------------------
+    def _plain_plan(self) -> Plan:
+        """One point per pass over all data (or the largest batch that fits).
+
+        With ``stem=True`` (forced) through the stem, where the model allows it.
+
+        Returns:
+            A new loop plan with K = 1 and the largest batch the memory budget allows
+            (or the BatchNorm / forced batch), through the stem only if it was forced.
+        """
+        stem = self._stem_choice is True and self.stem is not None and self._prepare_stem()
+        return Plan("loop", 1, self._batch_for(1), stem=stem, precision=self.precision)
+
+    def _candidate_plans(self) -> list[Plan]:
+        """Candidates after the plain loop, the likeliest winners first.
+
+        Full-batch loops in the other layout and with the stem, then cache-sized batches
+        (CPU), then vmaps of growing K.
+
+        Returns:
+            New plans to time, in that order, limited by ``strategy`` and the grid size,
+            without the plain loop itself; each carries the requested precision.
+        """
+        layouts = ["contiguous"]
+        if self.x.dim() == 4 and torch.is_floating_point(self.x):
+            # First: oneDNN's and cuDNN's convolutions, pooling and BatchNorm are much faster
+            # on NHWC (measured on a 2-core CPU: a torchvision ResNet-18 1.6x, ResNet-50 1.2x,
+            # a small CNN's AvgPool2d 2x), and a small grid's budget may allow one trial.
+            layouts.insert(0, "channels_last")
+        stems = [True, False] if self.stem is not None else [False]
+        if self.stem is not None and self._stem_choice is True and self._prepare_stem():
+            stems = [True]
+        full = self._batch_for(1)
+        plans: list[Plan] = []
+        self._size_limited = False
+        if self.strategy in ("auto", "loop"):
+            plans += [Plan("loop", 1, full, layout, stem) for layout in layouts for stem in stems]
+            if self.device.type == "cpu" and self.bn_batch_size is None:
+                # Largest first: _tune stops a family at the first size that does not pay.
+                sizes = sorted({self._batch_for(1, CPU_CACHE_BUDGET // f) for f in (16, 4, 1)},
+                               reverse=True)
+                plans += [Plan("loop", 1, b, layout, stem) for b in sizes if b < full
+                          for layout in layouts for stem in stems]
+        if self.strategy in ("auto", "vmap") and not self.compile_only_loops:
+            budget = CPU_CACHE_BUDGET if self.device.type == "cpu" else self.budget
+            for k in (4, 16, 64, 256):  # both stem settings at each K (see _tune)
+                if k > max(4, self.expected_points):
+                    # A 3x3 grid is not worth timing passes of 256 points; a cached plan
+                    # from this search is not reused for a larger grid (_cached_plan).
+                    self._size_limited = True
+                    break
+                b = self._batch_for(k, budget)
+                if b >= min(self.n, 8) or k == 4 or self.strategy == "vmap":
+                    plans += [Plan("vmap", k, b, "contiguous", stem) for stem in stems]
+        plain = self._plain_plan()
+        plans = [p for p in plans if (p.strategy, p.batch, p.layout, p.stem) !=
+                 (plain.strategy, plain.batch, plain.layout, plain.stem)]
+        for p in plans:
+            p.precision = self.precision
+        return plans
