@@ -58,6 +58,27 @@ def test_batched_cross_entropy_equals_torchs_in_float64(kind, layout):
                                                  .sum(-1) > 1).sum()) > 50
 
 
+def test_uint8_targets_which_torchs_cross_entropy_takes_too():
+    """Review of this change: uint8 class indices failed in ``gather`` (int64 wanted)."""
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(3, 30, 4, generator=gen)
+    y = torch.randint(0, 4, (30,), generator=gen)
+    for stored in _layouts(logits).values():
+        loss, hit = batched_cross_entropy(stored, y.to(torch.uint8))
+        want_loss, want_hit = _oracle(logits, y)
+        torch.testing.assert_close(loss.double(), want_loss, rtol=1e-6, atol=1e-6)
+        assert torch.equal(hit, want_hit)
+    net = _mlp()  # 3 classes
+    x, y = torch.randn(30, 6, generator=gen), torch.randint(0, 3, (30,), generator=gen)
+    d = list(lw.random_directions(net, 2, seed=0))
+    coords = np.array([[0.0, 0.0], [0.5, -1.0], [1.0, 1.0]])
+    plans.forget_plans()
+    got = lw.Evaluator(net, (x, y.to(torch.uint8)), d, stem=True, strategy="vmap").evaluate(coords)
+    want = lw.Evaluator(net, (x, y), d, stem=True, strategy="vmap").evaluate(coords)
+    np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-6)
+    np.testing.assert_array_equal(got["accuracy"], want["accuracy"])
+
+
 def test_batched_cross_entropy_float32_and_nonfinite_fall_back():
     gen = torch.Generator().manual_seed(1)
     logits = torch.randn(3, 40, 10, generator=gen)

@@ -262,7 +262,8 @@ def batched_cross_entropy(logits: Tensor, y: Tensor,
     if not bool(torch.isfinite(top).all()):  # NaN and +inf both show in the maximum
         return None
     counted = y != ignore
-    idx = torch.where(counted, y, 0).view(1, -1, 1).expand(logits.shape[0], -1, 1)
+    # int64 for gather: torch's cross-entropy also takes uint8 class indices.
+    idx = torch.where(counted, y, 0).long().view(1, -1, 1).expand(logits.shape[0], -1, 1)
     picked = logits.gather(-1, idx)
     shifted = logits - top
     exp = shifted.exp_()
