@@ -255,3 +255,39 @@ def test_a_larger_grid_goes_on_from_the_search_a_small_grid_cut_short():
     want, _ = naive_eval(net, x, y, [d1, d2],
                          np.array([(a, b) for b in np.linspace(*axis) for a in np.linspace(*axis)]))
     np.testing.assert_allclose(large.loss.ravel(), want, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("batch", [30, 32])  # 60 samples: two equal batches, or 32 + 28
+def test_a_trial_over_two_batches_is_a_real_point_equal_to_the_plans_own(batch):
+    """A loop plan whose two trial passes cover all data computes one real point, kept if
+    it wins: the first call equals the plan reused (bit for bit) and the float64 loop."""
+    net = _mlp()
+    gen = torch.Generator().manual_seed(6)
+    x, y = torch.randn(60, 6, generator=gen), torch.randint(0, 3, (60,), generator=gen)
+    d1, d2 = lw.random_directions(net, 2, seed=8)
+    kw = {"directions": (d1, d2), "x": (-1, 1, 5), "y": (-1, 1, 5), "progress": False,
+          "evaluator_options": {"strategy": "loop", "batch_size": batch}}
+    plans.forget_plans()
+    seen = []
+    real_pass = lw.Evaluator._pass
+
+    def counting(self, plan, params, coef, start, stop):
+        seen.append((start, stop))
+        return real_pass(self, plan, params, coef, start, stop)
+
+    lw.Evaluator._pass = counting
+    try:
+        first = lw.compute_surface(net, (x, y), **kw)
+    finally:
+        lw.Evaluator._pass = real_pass
+    again = lw.compute_surface(net, (x, y), **kw)
+    assert first.spec["plan"]["batch"] == batch
+    np.testing.assert_array_equal(first.loss, again.loss)
+    np.testing.assert_array_equal(first.accuracy, again.accuracy)
+    want, _ = naive_eval(net, x, y, [d1, d2],
+                         np.array([(a, b) for b in first.y for a in first.x]))
+    np.testing.assert_allclose(first.loss.ravel(), want, rtol=1e-5, atol=0)
+    # 25 points of 2 passes each, plus one point per losing trial: the winner's trial
+    # point is one of the 25.
+    timed = len(first.spec["plan"]["candidates"])
+    assert len(seen) == 2 * (25 + timed - 1)
