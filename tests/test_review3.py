@@ -40,8 +40,8 @@ def test_r2_batched_cross_entropy_keeps_float32_accuracy_for_large_logits(shift)
     for stored in (logits, logits.transpose(1, 2).contiguous().transpose(1, 2)):
         loss, _ = batched_cross_entropy(stored, y)
         err = abs(float(loss.double().mean() / want.mean()) - 1)
-        assert err < max(1e-6, 10 * abs(float(torch_f32.mean() / want.mean()) - 1))
-        torch.testing.assert_close(loss[0].double(), want, rtol=1e-5, atol=1e-7)
+        assert err < max(3e-6, 10 * abs(float(torch_f32.mean() / want.mean()) - 1))
+        torch.testing.assert_close(loss[0].double(), want, rtol=1e-5, atol=5e-7)
 
 
 def test_r2_engine_surface_of_a_confident_model_with_a_large_logit_offset():

@@ -267,8 +267,9 @@ def batched_cross_entropy(logits: Tensor, y: Tensor,
     picked = logits.gather(-1, idx)
     shifted = logits - top
     exp = shifted.exp_()
-    lse = exp.sum(-1, keepdim=True).log_().add_(top)
-    per_sample = (lse - picked).squeeze(-1)
+    # (x - max) - log(sum), as torch's log_softmax: adding ``top`` to the log-sum first
+    # would cancel two numbers of the logits' size (R2 of review 3).
+    per_sample = (exp.sum(-1, keepdim=True).log_() - (picked - top)).squeeze(-1)
     # The target wins the argmax iff its logit is the largest and no earlier class ties it.
     # A tie shows as two exact 1s among the exponentials (exp(0) of each largest logit), so
     # the earlier classes are looked at only where the target is largest and a 1 repeats:
