@@ -246,8 +246,9 @@ def batched_cross_entropy(logits: Tensor, y: Tensor,
     Returns:
         ``(per_sample, hit)``: the ``(K, B)`` losses (0 for ignored targets) and the
         ``(K, B)`` bools "the first largest logit is the target's" (False for ignored
-        targets); ``None`` when a point's logits are not all finite, where the caller falls
-        back to torch's own functions (their NaN and infinity rules).
+        targets); ``None`` when a point's logits are not all finite or a counted target is
+        not a class index, where the caller falls back to torch's own functions (their
+        NaN and infinity rules, their error naming the target).
 
     Example:
         >>> logits = torch.tensor([[[2.0, 0.0, 2.0], [0.0, 1.0, 3.0]]])
@@ -262,6 +263,8 @@ def batched_cross_entropy(logits: Tensor, y: Tensor,
     if not bool(torch.isfinite(top).all()):  # NaN and +inf both show in the maximum
         return None
     counted = y != ignore
+    if bool((counted & ((y < 0) | (y >= logits.shape[-1]))).any()):
+        return None  # torch's cross-entropy names the bad target (R1 of review 3)
     # int64 for gather: torch's cross-entropy also takes uint8 class indices.
     idx = torch.where(counted, y, 0).long().view(1, -1, 1).expand(logits.shape[0], -1, 1)
     picked = logits.gather(-1, idx)
