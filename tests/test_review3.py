@@ -76,3 +76,39 @@ def test_r1_out_of_range_target_past_the_probe_still_names_the_target(bad):
     y[20] = bad
     with pytest.raises(IndexError, match=f"[Tt]arget {bad}"):
         lw.compute_surface(net, (x, y), x=(-1, 1, 3), y=(-1, 1, 3), progress=False)
+
+
+class MaskedClassZero(nn.Module):
+    """A classifier that rules class 0 out with a -inf logit (action masking, say)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        out = self.fc2(torch.relu(self.fc1(x)))
+        minus_inf = torch.full_like(out[:, :1], float("-inf"))
+        return torch.cat([minus_inf, out[:, 1:]], dim=1)
+
+
+def test_r3_ignored_target_with_a_minus_inf_class_zero_logit_counts_zero():
+    """R3: an ignored target (-100) is gathered as class 0; where class 0's logit is -inf
+    its loss is +inf, and ``inf * 0`` (the mask of counted targets) is NaN: the whole
+    point's loss turns NaN where torch's cross-entropy (and the engine before f00a637)
+    gives the finite mean over the counted targets."""
+    logits = torch.tensor([[[float("-inf"), 1.0, 2.0], [float("-inf"), 0.5, 0.0]]])
+    y = torch.tensor([-100, 2])
+    loss, hit = batched_cross_entropy(logits, y)
+    want = F.cross_entropy(logits[0].double(), y, reduction="none")
+    torch.testing.assert_close(loss[0].double(), want)
+    torch.manual_seed(0)
+    net = MaskedClassZero().eval()
+    gen = torch.Generator().manual_seed(5)
+    x, y = torch.randn(40, 6, generator=gen), torch.randint(1, 4, (40,), generator=gen)
+    y[::5] = -100
+    d = list(lw.random_directions(net, 2, seed=1))
+    coords = np.array([[0.0, 0.0], [0.5, -0.5]])
+    plans.forget_plans()
+    got = lw.Evaluator(net, (x, y), d, strategy="vmap").evaluate(coords)
+    want, _ = naive_eval(net, x, y, d, coords, loss_fn=F.cross_entropy)
+    np.testing.assert_allclose(got["loss"], want, rtol=1e-5, atol=0)
