@@ -290,6 +290,8 @@ def batched_cross_entropy(logits: Tensor, y: Tensor,
         hit &= earlier < top
     hit = hit.squeeze(-1)
     if not bool(counted.all()):
-        per_sample = per_sample * counted
+        # where, not a product: an ignored target is gathered as class 0, whose logit may
+        # be -inf, and inf * 0 is NaN (R3 of review 3).
+        per_sample = torch.where(counted, per_sample, 0.0)
         hit = hit & counted
     return per_sample, hit
