@@ -112,3 +112,27 @@ def test_r3_ignored_target_with_a_minus_inf_class_zero_logit_counts_zero():
     got = lw.Evaluator(net, (x, y), d, strategy="vmap").evaluate(coords)
     want, _ = naive_eval(net, x, y, d, coords, loss_fn=F.cross_entropy)
     np.testing.assert_allclose(got["loss"], want, rtol=1e-5, atol=0)
+
+
+def test_r4_uint8_class_156_is_not_the_ignore_index():
+    """R4: with uint8 targets ``y != -100`` compares against -100 cast to uint8, which is
+    156: class 156 of a 200-class task (Tiny ImageNet labels stored as uint8) counts as
+    ignored. Torch's cross-entropy counts it. (Before f00a637 the loss's denominators
+    dropped it while torch's loss summed it: also wrong, another value.)"""
+    logits = torch.randn(1, 3, 210, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([156, 3, 200])
+    loss, _ = batched_cross_entropy(logits, y.to(torch.uint8))
+    torch.testing.assert_close(loss[0].double(),
+                               F.cross_entropy(logits[0].double(), y, reduction="none"))
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 6, generator=gen), torch.randint(0, 200, (64,), generator=gen)
+    y[::4] = 156
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 200)).eval()
+    d = list(lw.random_directions(net, 2, seed=0))
+    coords = np.array([[0.0, 0.0], [0.5, 0.5]])
+    plans.forget_plans()
+    got = lw.Evaluator(net, (x, y.to(torch.uint8)), d).evaluate(coords)
+    want, want_acc = naive_eval(net, x, y, d, coords)
+    np.testing.assert_allclose(got["loss"], want, rtol=1e-5, atol=0)
+    np.testing.assert_allclose(got["accuracy"], want_acc, atol=1e-12)
