@@ -262,7 +262,7 @@ def batched_cross_entropy(logits: Tensor, y: Tensor,
     top = logits.amax(-1, keepdim=True)
     if not bool(torch.isfinite(top).all()):  # NaN and +inf both show in the maximum
         return None
-    counted = y != ignore
+    counted = y.long() != ignore  # uint8 would compare with ignore cast to uint8 (R4)
     if bool((counted & ((y < 0) | (y >= logits.shape[-1]))).any()):
         return None  # torch's cross-entropy names the bad target (R1 of review 3)
     # int64 for gather: torch's cross-entropy also takes uint8 class indices.
