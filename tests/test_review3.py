@@ -45,8 +45,8 @@ def test_r2_batched_cross_entropy_keeps_float32_accuracy_for_large_logits(shift)
 
 
 def test_r2_engine_surface_of_a_confident_model_with_a_large_logit_offset():
-    """R2 through the engine: a head bias of +100 on every class (the loss is unchanged)
-    must still match the float64 loop to 1e-5."""
+    """R2 through the engine: a head bias of +1000 on every class (the loss is unchanged)
+    must still match the float64 loop to 1e-5 (before the fix: 3.9e-5; after: 2.9e-6)."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
     gen = torch.Generator().manual_seed(1)
@@ -54,7 +54,7 @@ def test_r2_engine_surface_of_a_confident_model_with_a_large_logit_offset():
     with torch.no_grad():
         net[2].weight.mul_(30)
         y = net(x).argmax(-1)
-        net[2].bias.add_(100.0)
+        net[2].bias.add_(1000.0)
     d = list(lw.random_directions(net, 2, seed=0))
     coords = np.array([[0.0, 0.0], [0.001, -0.001], [0.002, 0.001]])
     plans.forget_plans()
