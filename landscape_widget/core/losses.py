@@ -246,8 +246,9 @@ def batched_cross_entropy(logits: Tensor, y: Tensor,
     Returns:
         ``(per_sample, hit)``: the ``(K, B)`` losses (0 for ignored targets) and the
         ``(K, B)`` bools "the first largest logit is the target's" (False for ignored
-        targets); ``None`` when a point's logits are not all finite, where the caller falls
-        back to torch's own functions (their NaN and infinity rules).
+        targets); ``None`` when a point's logits are not all finite or a counted target is
+        not a class index, where the caller falls back to torch's own functions (their
+        NaN and infinity rules, their error naming the target).
 
     Example:
         >>> logits = torch.tensor([[[2.0, 0.0, 2.0], [0.0, 1.0, 3.0]]])
@@ -261,14 +262,17 @@ def batched_cross_entropy(logits: Tensor, y: Tensor,
     top = logits.amax(-1, keepdim=True)
     if not bool(torch.isfinite(top).all()):  # NaN and +inf both show in the maximum
         return None
-    counted = y != ignore
+    counted = y.long() != ignore  # uint8 would compare with ignore cast to uint8 (R4)
+    if bool((counted & ((y < 0) | (y >= logits.shape[-1]))).any()):
+        return None  # torch's cross-entropy names the bad target (R1 of review 3)
     # int64 for gather: torch's cross-entropy also takes uint8 class indices.
     idx = torch.where(counted, y, 0).long().view(1, -1, 1).expand(logits.shape[0], -1, 1)
     picked = logits.gather(-1, idx)
     shifted = logits - top
     exp = shifted.exp_()
-    lse = exp.sum(-1, keepdim=True).log_().add_(top)
-    per_sample = (lse - picked).squeeze(-1)
+    # (x - max) - log(sum), as torch's log_softmax: adding ``top`` to the log-sum first
+    # would cancel two numbers of the logits' size (R2 of review 3).
+    per_sample = (exp.sum(-1, keepdim=True).log_() - (picked - top)).squeeze(-1)
     # The target wins the argmax iff its logit is the largest and no earlier class ties it.
     # A tie shows as two exact 1s among the exponentials (exp(0) of each largest logit), so
     # the earlier classes are looked at only where the target is largest and a 1 repeats:
@@ -286,6 +290,8 @@ def batched_cross_entropy(logits: Tensor, y: Tensor,
         hit &= earlier < top
     hit = hit.squeeze(-1)
     if not bool(counted.all()):
-        per_sample = per_sample * counted
+        # where, not a product: an ignored target is gathered as class 0, whose logit may
+        # be -inf, and inf * 0 is NaN (R3 of review 3).
+        per_sample = torch.where(counted, per_sample, 0.0)
         hit = hit & counted
     return per_sample, hit

@@ -173,7 +173,8 @@ class Task:
 
     def counted(self, y: Tensor) -> Tensor:
         """Mask of the targets that count (class-index targets other than ``ignore``)."""
-        return y != self.ignore
+        # Widened: a uint8 y would compare with -100 cast to uint8, 156 (R4 of review 3).
+        return y.long() != self.ignore
 
     def loss_weight(self, y: Tensor) -> Tensor:
         """The weight of a batch's mean loss in the mean over all data (float64 scalar).
