@@ -291,3 +291,27 @@ def test_a_trial_over_two_batches_is_a_real_point_equal_to_the_plans_own(batch):
     # point is one of the 25.
     timed = len(first.spec["plan"]["candidates"])
     assert len(seen) == 2 * (25 + timed - 1)
+
+
+def test_a_full_plan_cache_evicts_even_when_another_thread_emptied_it():
+    """Review 3: eviction popped the oldest key, which another thread may have popped."""
+    from landscape_widget.core.plans import _PLANS, _PLANS_MAX, Plan, _remember
+
+    plans.forget_plans()
+    for i in range(_PLANS_MAX):
+        _PLANS[("k", i)] = Plan("loop", 1, 8)
+
+    class Racing(dict):  # the oldest key is gone by the time it is popped
+        def __iter__(self):
+            keys = list(super().__iter__())
+            super().pop(keys[0])
+            return iter(keys)
+
+    racing = Racing(_PLANS)
+    try:
+        plans._PLANS = racing
+        _remember(("new",), Plan("loop", 1, 8))  # raised KeyError before
+        assert ("new",) in racing
+    finally:
+        plans._PLANS = _PLANS
+        plans.forget_plans()

@@ -69,7 +69,9 @@ _PLANS_MAX = 64
 
 def _remember(key: tuple, plan: Plan) -> None:
     if len(_PLANS) >= _PLANS_MAX:
-        _PLANS.pop(next(iter(_PLANS)))
+        # Tolerant of another thread evicting at the same time (the widget's worker and the
+        # notebook may both compute): the oldest key may already be gone.
+        _PLANS.pop(next(iter(_PLANS), None), None)
     _PLANS[key] = dataclasses.replace(plan)
 
 
@@ -80,7 +82,7 @@ _SEARCHES: dict[tuple, dict[str, float]] = {}
 
 def _remember_search(key: tuple, timings: dict[str, float]) -> None:
     if len(_SEARCHES) >= _PLANS_MAX:
-        _SEARCHES.pop(next(iter(_SEARCHES)))
+        _SEARCHES.pop(next(iter(_SEARCHES), None), None)  # as in _remember
     _SEARCHES[key] = dict(timings)
 
 
