@@ -267,6 +267,7 @@ class Evaluator(PointPasses, LossStats, PrecisionCheck, PlanTuner, CompiledForwa
         self._stem_choice = stem
         self._stem_terms: list | None = None
         self._stem_packs: dict[str, tuple] = {}
+        self._stem_buf: Tensor | None = None  # the passes' stem inputs (StemTerms)
         self.points_evaluated = 0
         # Callers that know how many points are coming (a grid) set this before the first
         # evaluate(); the tuner then skips plans wider than the whole job.
@@ -385,7 +386,7 @@ class Evaluator(PointPasses, LossStats, PrecisionCheck, PlanTuner, CompiledForwa
                 # Not a search: a later, larger grid of this structure tunes its own plan.
                 self.plan.complete, self.plan.tuned_for = False, int(self.expected_points)
             else:
-                self.plan = self._tune(c)
+                self.plan = self._tune(c, key)
         if self.plan.layout != "channels_last":
             self._cl_terms = None  # a trial's channels-last copies, not needed by the plan
         self._setup_compile(self.plan, c, key)

@@ -214,7 +214,7 @@ class StemTerms:
     """The precomputed stem terms of :class:`~landscape_widget.core.evaluate.Evaluator`.
 
     A mixin: it uses the evaluator's ``stem``, ``base``, ``dirs``, ``x``, ``n``, ``module``,
-    ``budget``, ``act_bytes``, ``stem_budget`` and ``_reset_state``.
+    ``budget``, ``act_bytes``, ``stem_budget``, ``_stem_buf`` and ``_reset_state``.
     """
 
     def _stem_input(self, coef: Tensor, start: int, stop: int, layout: str) -> Tensor:
@@ -263,7 +263,7 @@ class StemTerms:
             A view of the evaluator's stem buffer (grown when too small).
         """
         need = rows * like.numel()
-        buf = getattr(self, "_stem_buf", None)
+        buf = self._stem_buf
         if (buf is None or buf.numel() < need or buf.dtype != like.dtype
                 or buf.device != like.device):
             buf = self._stem_buf = torch.empty(need, dtype=like.dtype, device=like.device)

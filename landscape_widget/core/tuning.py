@@ -91,10 +91,7 @@ class PlanTuner(PlanCandidates):
                     coef = c[:1].expand(plan.points, -1)
                     self._pass(plan, self._stacked(coef), coef, 0, stop)
                 else:
-                    row = 0
-                    if whole:  # rows no trial has computed yet (then any row again)
-                        row = self._trial_row % c.shape[0]
-                        self._trial_row += 1
+                    row = self._next_trial_row(c) if whole else 0
                     sums = self._pass(plan, self._point(c[row], plan.layout), c[row], 0, stop)
                     if whole:
                         rows[row] = self._values(sums, plan.batch)
@@ -109,6 +106,12 @@ class PlanTuner(PlanCandidates):
             self._trial_values[plan.label] = rows
         return best * (self.n / stop) / plan.points
 
+    def _next_trial_row(self, c: Tensor) -> int:
+        """The next row of ``c`` no trial has computed yet (then any row again)."""
+        row = self._trial_row % c.shape[0]
+        self._trial_row += 1
+        return row
+
     def _time_split_point(self, plan: Plan, c: Tensor) -> float:
         """Seconds per point of a loop plan whose trial passes cover all data: one real point.
 
@@ -121,8 +124,7 @@ class PlanTuner(PlanCandidates):
             The fastest pass's seconds, scaled to all ``n`` samples (its first pass warms
             up, as in :meth:`_time_pass_once`).
         """
-        row = self._trial_row % c.shape[0]
-        self._trial_row += 1
+        row = self._next_trial_row(c)
         times = []
         with torch.no_grad():
             params = self._point(c[row], plan.layout)
@@ -158,12 +160,13 @@ class PlanTuner(PlanCandidates):
         spp = last.get(family, plain_spp if whole else 2 * plain_spp)
         return TRIAL_PASSES * spp * share * plan.points + getattr(self, "_warmup", 0.0)
 
-    def _tune(self, c: Tensor) -> Plan:
+    def _tune(self, c: Tensor, key: tuple) -> Plan:
         """Time the plain loop, then the other candidates as far as the budget allows.
 
         Keeps the fastest. A candidate whose trial would push the tuning time past
         :data:`TUNING_SHARE` of the grid's time predicted with the fastest plan so far is
-        skipped (and the plan says so).
+        skipped (and the plan says so). ``key`` is the plan-cache key (:meth:`_plan_key`),
+        under which a search cut short by the grid's size is kept for a larger grid.
 
         Returns:
             A copy of the fastest timed plan, with the candidates' timings, the tuning time,
@@ -182,7 +185,6 @@ class PlanTuner(PlanCandidates):
         predicted = allowance = math.inf
         # A search cut short by a smaller grid of this structure (a 4 x 4 look first) timed
         # some candidates already: their timings are taken, the search goes on from there.
-        key = self._plan_key()
         prior = _SEARCHES.pop(key, {})
         from_prior = 0
         if self.strategy != "vmap":  # strategy="vmap" times vmap plans only
