@@ -72,7 +72,9 @@ def snapshot(model: nn.Module) -> dict:
     other attributes and hooks (with their state).
     """
     return {
+        # Extra state (get_extra_state: any object) is compared by its contents.
         "state": {k: (_bytes(v), v.dtype, v.device, tuple(v.shape))
+                  if isinstance(v, torch.Tensor) else (_freeze(v), "extra", None, None)
                   for k, v in model.state_dict(keep_vars=True).items()},
         "buffers": {k: _freeze(b) for k, b in model.named_buffers(remove_duplicate=False)},
         "requires_grad": {k: p.requires_grad for k, p in model.named_parameters()},
@@ -99,7 +101,8 @@ def assert_same_snapshot(before: dict, after: dict) -> None:
     for k, (b, dtype, device, shape) in before["state"].items():
         a, a_dtype, a_device, a_shape = after["state"][k]
         assert (a_dtype, a_device, a_shape) == (dtype, device, shape), k
-        assert torch.equal(a, b), f"state_dict[{k!r}] changed"
+        same = torch.equal(a, b) if isinstance(b, torch.Tensor) else a == b
+        assert same, f"state_dict[{k!r}] changed"
     for k, g in before["grad"].items():
         a = after["grad"][k]
         assert (a is None) == (g is None) and (g is None or torch.equal(a, g)), f"{k}.grad"

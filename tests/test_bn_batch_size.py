@@ -152,3 +152,47 @@ def test_landscape_widget_takes_bn_batch_size(setup):
         assert widget._worker.bn_batch_size == 12
     finally:
         widget.close()
+
+
+def test_ignored_targets_spread_unevenly_count_once_each(setup):
+    """With ignored targets concentrated in one BatchNorm batch, the loss is the mean over
+    every counted target of the data (as with bn="eval"), not the size-weighted mean of the
+    batches' mean losses. Oracle: float64, written here, BN in train mode per batch; checked
+    against the tests' float64 loop (naive_eval) where no target is ignored."""
+    import copy
+
+    import torch.nn.functional as F
+
+    model, x, y0, d = setup
+    b = 16
+    net = copy.deepcopy(model).double().train()
+    for m in net.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.track_running_stats = False
+    theta = {k: v.detach().clone() for k, v in net.named_parameters()}
+
+    def oracle(y):
+        """(mean over counted targets, size-weighted mean of batch means) per point."""
+        counted, starts = y != -100, range(0, len(x), b)
+        out = []
+        with torch.no_grad():
+            for a in linspace(X):
+                for k, v in net.named_parameters():
+                    v.copy_(theta[k] + a * d[k].double() if k in d else theta[k])
+                per = torch.cat([F.cross_entropy(net(x[s:s + b].double()), y[s:s + b],
+                                                 reduction="none") for s in starts])
+                means = [float(per[s:s + b][counted[s:s + b]].mean()) for s in starts]
+                sizes = [min(b, len(x) - s) for s in starts]
+                out.append((float(per[counted].mean()), np.dot(means, sizes) / len(x)))
+        return np.array(out)
+
+    plain, _ = naive_eval(model, x, y0, [d], linspace(X)[:, None], bn="batch",
+                          bn_batch_size=b)
+    np.testing.assert_allclose(oracle(y0)[:, 0], plain, rtol=1e-10)
+    y = y0.clone()
+    y[:12] = -100  # 12 of the first batch's 16 targets ignored, none in the others
+    want = oracle(y)
+    curve = lw.compute_curve(model, (x, y), direction=d, x=X, bn="batch", bn_batch_size=b,
+                             progress=False)
+    np.testing.assert_allclose(curve.loss, want[:, 0], rtol=1e-5)
+    assert np.max(np.abs(want[:, 1] / want[:, 0] - 1)) > 1e-3  # the other mean: another number

@@ -180,3 +180,43 @@ def test_reuse_refuses_another_model_or_direction(reuse_setup):
     with pytest.raises(ValueError, match="reuse"):
         lw.compute_surface(model, data, directions=other, x=(-1, 1, 41), y=(-1, 1, 41),
                            reuse=coarse, progress=False)
+
+
+def _legacy_spec(spec: dict, model, dirs, data) -> dict:
+    """``spec`` with the BLAKE2b fingerprints a result saved before 2026-12 holds."""
+    from landscape_widget.core.fingerprints import legacy_fingerprint
+
+    x, y = data
+    return {**spec, "model": legacy_fingerprint(dict(model.state_dict())),
+            "directions": legacy_fingerprint({f"{i}/{k}": v for i, d in enumerate(dirs)
+                                              for k, v in d.items()}),
+            "data": legacy_fingerprint({"x": x, "y": y})}
+
+
+def test_reuse_of_a_result_saved_with_the_older_fingerprints(reuse_setup, tmp_path):
+    """An HDF5 file written before the fingerprints became XXH3 is still reused; the
+    planted values show that its points, not recomputed ones, come back."""
+    model, data, dirs, coarse = reuse_setup
+    assert len(coarse.spec["model"]) == 32  # XXH3-128 now
+    old = lw.Surface(coarse.x, coarse.y, np.full_like(coarse.loss, -7.0), coarse.accuracy,
+                     _legacy_spec(coarse.spec, model, dirs, data), coarse.directions)
+    assert len(old.spec["model"]) == 24
+    old.save(tmp_path / "old.h5")
+    fine = lw.compute_surface(model, data, directions=dirs, x=(-1, 1, 41), y=(-1, 1, 41),
+                              reuse=lw.Surface.load(tmp_path / "old.h5"), progress=False)
+    assert fine.spec["reused"] == 21 * 21
+    assert np.all(fine.loss[::2, ::2] == -7.0) and np.all(fine.loss[1::2, 1::2] > 0)
+
+
+@pytest.mark.parametrize("changed", ["model", "directions", "data"])
+def test_older_fingerprints_of_something_else_are_refused(reuse_setup, changed):
+    model, data, dirs, coarse = reuse_setup
+    other = {"model": mlp(seed=5).eval(), "directions": tuple(
+        lw.random_directions(model, 2, seed=4)), "data": (data[0] + 1, data[1])}
+    parts = {"model": model, "directions": dirs, "data": data, changed: other[changed]}
+    old = lw.Surface(coarse.x, coarse.y, coarse.loss, coarse.accuracy,
+                     _legacy_spec(coarse.spec, parts["model"], parts["directions"],
+                                  parts["data"]), coarse.directions)
+    with pytest.raises(ValueError, match=f"different {changed}"):
+        lw.compute_surface(model, data, directions=dirs, x=(-1, 1, 41), y=(-1, 1, 41),
+                           reuse=old, progress=False)

@@ -31,9 +31,9 @@ from torch import nn
 
 from .data import as_tensors, is_data_fn
 from .evaluate import Evaluator
-from .fingerprints import fingerprint, fingerprint_bytes
+from .fingerprints import fingerprint, fingerprint_bytes, legacy_fingerprint
 from .params import model_device
-from .plans import Plan, _remember
+from .plans import Plan, _remember, copy_plan
 from .subset import data_size, take_subset
 
 try:
@@ -278,6 +278,19 @@ def probe(payload: Payload) -> dict:
             "data": fingerprint({"x": ev.x, "y": ev.y}), "worker": _worker_name()}
 
 
+def legacy_data(payload: Payload) -> str:
+    """Worker task: the older (BLAKE2b) fingerprint of the data this worker evaluates.
+
+    ``reuse=`` of a result saved before 2026-12 compares it; the data (a ``data_fn``'s
+    above all) need not reach the client for that.
+
+    Returns:
+        :func:`~.fingerprints.legacy_fingerprint` of the evaluator's ``x`` and ``y``.
+    """
+    ev, _ = _evaluator(payload)
+    return legacy_fingerprint({"x": ev.x, "y": ev.y})
+
+
 def run_tile(payload: Payload, coords: np.ndarray, total: int, plan: Plan | None,
              subset: str | None = None) -> dict:
     """Worker task: evaluate the points ``coords`` of a grid of ``total`` points.
@@ -309,5 +322,5 @@ def run_tile(payload: Payload, coords: np.ndarray, total: int, plan: Plan | None
         t0 = time.perf_counter()
         values = ev.evaluate(coords)
         seconds = time.perf_counter() - t0
-        plan = None if ev.plan is None else dataclasses.replace(ev.plan)
+        plan = None if ev.plan is None else copy_plan(ev.plan)
     return {"values": values, "seconds": seconds, "plan": plan, "worker": _worker_name()}

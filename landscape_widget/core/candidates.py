@@ -2,17 +2,16 @@
 
 :class:`PlanCandidates` is a mixin of :class:`~landscape_widget.core.evaluate.Evaluator`
 (through :class:`~.tuning.PlanTuner`): the samples per pass a memory budget allows, the key
-under which a plan is cached and reused, and the candidates in the order the search times
-them (core/tuning.py).
+under which a plan is cached and reused, the candidates in the order the search times
+them (core/tuning.py), and what becomes of the real grid points their trials computed.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
+from torch import Tensor
 
-from .plans import _PLANS, CPU_CACHE_BUDGET, Plan
+from .plans import _PLANS, CPU_CACHE_BUDGET, PIN_SLOWDOWN, Plan, copy_plan
 
 
 class PlanCandidates:
@@ -62,7 +61,7 @@ class PlanCandidates:
         if plan is None or not (plan.complete or plan.tuned_for >= self.expected_points):
             return None
         # This call timed nothing: its tuning cost is 0 (the candidates are the earlier search's).
-        plan = dataclasses.replace(plan, precision_error=None, tuning_seconds=0.0)
+        plan = copy_plan(plan, precision_error=None, tuning_seconds=0.0)
         plan.reason = "reused: " + plan.reason.removeprefix("reused: ")
         return plan
 
@@ -126,3 +125,61 @@ class PlanCandidates:
         for p in plans:
             p.precision = self.precision
         return plans
+
+    # --- the trials' real points ---------------------------------------------------------
+    def _pin_trial_points(self, c: Tensor, tuned: str) -> None:
+        """Keep every real grid point the trials computed; pin the other plans' to them.
+
+        A trial over all data (or over two batches covering it) computes real points
+        (``_trial_values``, rows of ``c``). The winner's are its own; a losing plan's are
+        kept too, if it is at most :data:`~.plans.PIN_SLOWDOWN` times slower, and recorded
+        in ``plan.pinned`` with that plan, so that later calls compute those coordinates with
+        it again (bit-identical repeats). Sets ``_kept`` ({row of ``c``: values}).
+
+        Args:
+            c: The coordinates the trials took their rows from.
+            tuned: The label of the plan the tuner chose (before compiling it: a compiled
+                plan's trial rows were computed uncompiled and are pinned too).
+        """
+        plans = {p.label: p for p in self._results}
+        kept = dict(self._trial_values.get(self.plan.label, {}))
+        pinned = []
+        for label, rows in sorted(self._trial_values.items(), key=lambda kv: kv[0] != tuned):
+            p = plans.get(label)
+            if label == self.plan.label or p is None or p.strategy != "loop" or (
+                    p.seconds_per_point > PIN_SLOWDOWN * self.plan.seconds_per_point):
+                continue
+            for row, values in rows.items():
+                if row not in kept:  # a row two trials computed keeps the first one's
+                    kept[row] = values
+                    pinned.append({"coords": c[row].tolist(), "plan": label,
+                                   "strategy": p.strategy, "batch": p.batch,
+                                   "layout": p.layout, "stem": p.stem})
+        self._trial_values.clear()
+        self._kept = kept
+        self.plan.pinned = pinned
+
+    def _pinned_groups(self, c: Tensor, skip) -> list[tuple[Plan, list[int]]]:
+        """Rows of ``c`` at coordinates ``plan.pinned`` assigns to another plan.
+
+        Returns:
+            ``[(plan, rows)]``, one entry per pinned plan met, rows in ``skip`` left out;
+            empty if nothing is pinned. A pinned plan needing the stem when it cannot be
+            prepared is left out (its rows go to the chosen plan).
+        """
+        if not self.plan.pinned:
+            return []
+        where = {tuple(p["coords"]): p for p in self.plan.pinned}
+        groups: dict[str, tuple[Plan, list[int]]] = {}
+        for i, coords in enumerate(c.tolist()):
+            p = where.get(tuple(coords))
+            if p is None or i in skip:
+                continue
+            if p["plan"] not in groups:
+                plan = Plan(p["strategy"], 1, p["batch"], p["layout"], p["stem"],
+                            precision=self.plan.precision)
+                if plan.stem and not self._prepare_stem():
+                    continue
+                groups[p["plan"]] = (plan, [])
+            groups[p["plan"]][1].append(i)
+        return list(groups.values())

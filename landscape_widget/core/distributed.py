@@ -52,9 +52,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._remote import MissingPayload, Payload, make_payload, probe, run_tile
+from ._remote import MissingPayload, Payload, legacy_data, make_payload, probe, run_tile
 from .grid import Tile, cut_tiles
-from .plans import Plan
+from .plans import UNKNOWN_POINTS, Plan, copy_plan
 
 TILE_SECONDS = 1.0
 """Worker time a tile aims at when ``tile_points`` is not given."""
@@ -203,14 +203,26 @@ class ExecutorRunner:
         self.subset: str | None = info.get("subset")
         self.plan: Plan | None = None
         self.nonfinite_points = 0
-        self.expected_points = 1 << 30
+        self.expected_points = UNKNOWN_POINTS
         self.seconds_per_point: float | None = None
         self.workers: set[str] = set()  # those that returned tiles
 
     def describe(self) -> dict:
         """The plan of the latest tile, as :meth:`Evaluator.describe` reports it."""
-        return {"device": self.device, "plan": None if self.plan is None else vars(self.plan),
+        plan = None if self.plan is None else vars(copy_plan(self.plan))
+        return {"device": self.device, "plan": plan,
                 "trials": [], "rejected": [], "executor": self.backend.kind}
+
+    def legacy_data_fingerprint(self) -> str:
+        """The older (BLAKE2b) hash of the workers' data (``reuse=`` of an older result).
+
+        A worker computes it: the data (a ``data_fn``'s above all) need not come here.
+
+        Returns:
+            :func:`~landscape_widget.core.fingerprints.legacy_fingerprint` of the data.
+        """
+        return self.backend.submit(legacy_data, self.shipped,
+                                   key=f"lw-legacy-{uuid.uuid4().hex}", full=True).result()
 
     def _cuts(self, job, fixed: int | None, window: int) -> Iterator[tuple]:
         """``(level, flat, todo, values)`` in coarse-to-fine order, sized as they are cut."""

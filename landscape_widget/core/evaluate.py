@@ -29,9 +29,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
-from .batch_stats import LossStats
+from .batch_stats import PROBE_KEEP_BYTES, LossStats
 from .compiled import CompiledForward, check_compile
 from .data import as_tensors, check_finite
 from .metrics import (
@@ -50,11 +49,13 @@ from .params import (
 )
 from .passes import PointPasses
 from .plans import (
+    UNKNOWN_POINTS,
     Plan,
     _default_budget,
     _is_oom,
     _remember,
     _stem_budget,
+    copy_plan,
     is_user_error,
 )
 from .precision import (
@@ -215,6 +216,7 @@ class Evaluator(PointPasses, LossStats, PrecisionCheck, PlanTuner, CompiledForwa
         self._active = "fp32"  # the precision of the passes running now
         self._precision_fallback = ""  # why precision fell back to fp32 (autocast failed)
         self._trial_values: dict[str, dict[int, Tensor]] = {}
+        self._kept: dict[int, Tensor] = {}  # trial rows of the first evaluate() call
         self._trial_row = 0  # the next grid row a full-data plan trial computes
         self._error_pairs: list[tuple[float, float]] = []  # (loss, fp32 loss) checked
         self.module = self._prepare_module(model, bn)
@@ -249,8 +251,7 @@ class Evaluator(PointPasses, LossStats, PrecisionCheck, PlanTuner, CompiledForwa
         self.budget = memory_budget or _default_budget(self.device)
         self.forced_batch = batch_size
         self.stem_budget = stem_budget if stem_budget is not None else _stem_budget(self.device)
-        self.act_bytes = self._activation_bytes()
-        self._check_outputs()
+        self._check_outputs()  # also measures act_bytes (see _probe)
         self.population = self._subset_se(population)
         self.strategy = strategy
         self.plan: Plan | None = None
@@ -271,8 +272,14 @@ class Evaluator(PointPasses, LossStats, PrecisionCheck, PlanTuner, CompiledForwa
         self.points_evaluated = 0
         # Callers that know how many points are coming (a grid) set this before the first
         # evaluate(); the tuner then skips plans wider than the whole job.
-        self.expected_points = 1 << 30
+        self.expected_points = UNKNOWN_POINTS
         self.nonfinite_points = 0
+        # The set-up's probe outputs are kept for the stem's check only, and only if small (a
+        # segmentation net's 8 output maps may take hundreds of MB: the check then runs the
+        # model again).
+        if self.stem is None or self._probed.numel() * self._probed.element_size() > (
+                PROBE_KEEP_BYTES):
+            self._probed = None
 
     # --- setup -------------------------------------------------------------------------
     @staticmethod
@@ -309,34 +316,12 @@ class Evaluator(PointPasses, LossStats, PrecisionCheck, PlanTuner, CompiledForwa
         self._set_flags(module, bn)
         return module
 
-    def _activation_bytes(self) -> int:
-        """Approximate bytes of activations per sample, from one forward pass of 2 samples."""
-        total = 0
-
-        def hook(_m, _i, out):
-            nonlocal total
-            for t in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(t, Tensor):
-                    total += t.numel() * t.element_size()
-
-        leaves = [m for m in self.module.modules() if not list(m.children())]
-        handles = [m.register_forward_hook(hook) for m in leaves]
-        try:
-            self._enter()
-            with torch.no_grad():
-                functional_call(self.module, dict(self.base), (self.x[:2],))
-        finally:
-            self._exit()
-            for h in handles:
-                h.remove()
-        per_sample = total / min(2, self.n)
-        return max(int(per_sample), 4 * int(self.x[:1].numel()), 64)
-
     # --- public --------------------------------------------------------------------------
     def evaluate(self, coeffs) -> dict[str, np.ndarray]:
         """Loss and metrics at ``theta + sum_j coeffs[:, j] * d_j`` for each row of ``coeffs``.
 
-        The first call times the candidate plans on one pass each and keeps the fastest.
+        The first call times the candidate plans on one pass each and keeps the fastest;
+        the real points its trials computed are kept (see :meth:`_pin_trial_points`).
 
         Args:
             coeffs: ``(P, len(directions))`` array of coordinates.
@@ -379,6 +364,7 @@ class Evaluator(PointPasses, LossStats, PrecisionCheck, PlanTuner, CompiledForwa
         self.plan = self._cached_plan(key)
         if self.plan is not None and self.plan.stem and not self._prepare_stem():
             self.plan = None
+        cached = self.plan is not None
         if self.plan is None:
             if self.expected_points <= 2 and self.strategy != "vmap":
                 self.plan = self._plain_plan()  # nothing to amortise
@@ -387,9 +373,13 @@ class Evaluator(PointPasses, LossStats, PrecisionCheck, PlanTuner, CompiledForwa
                 self.plan.complete, self.plan.tuned_for = False, int(self.expected_points)
             else:
                 self.plan = self._tune(c, key)
-        if self.plan.layout != "channels_last":
-            self._cl_terms = None  # a trial's channels-last copies, not needed by the plan
+        tuned = self.plan.label
         self._setup_compile(self.plan, c, key)
+        if not cached:  # a cached plan keeps the points its search pinned
+            self._pin_trial_points(c, tuned)
+        if self.plan.layout != "channels_last" and not any(
+                p["layout"] == "channels_last" for p in self.plan.pinned):
+            self._cl_terms = None  # a trial's channels-last copies, not needed by the plan
         self.plan.precision, self.plan.precision_note = self.precision, (
             self._precision_fallback or precision_note(self.precision, self.device))
         _remember(key, self.plan)
@@ -397,7 +387,8 @@ class Evaluator(PointPasses, LossStats, PrecisionCheck, PlanTuner, CompiledForwa
     def _evaluate(self, c: Tensor) -> Tensor:
         """Values ``(P, 2 + U)`` of the points ``c``; the plan is chosen on the first call.
 
-        A full-batch trial of the chosen plan evaluated the first rows already: kept.
+        Trials over all data evaluated some rows of the first call already: kept. Rows at
+        coordinates pinned to another plan (``plan.pinned``) are computed with that plan.
 
         Returns:
             The float64 ``(P, 2 + U)`` values (plus ``loss_se`` with a population), one row
@@ -415,15 +406,20 @@ class Evaluator(PointPasses, LossStats, PrecisionCheck, PlanTuner, CompiledForwa
                 if self._active not in AUTOCAST_DTYPES or _is_oom(err) or is_user_error(err):
                     raise
                 self._precision_failed(err)
+                self._trial_values.clear()  # rows of the failed precision's trials
                 self._choose_plan(c)
-        kept = self._trial_values.pop(self.plan.label, {})
-        self._trial_values.clear()  # only the first call's rows
-        if not kept:
+        kept, self._kept = self._kept, {}  # only the first call's rows
+        groups = self._pinned_groups(c, kept)
+        if not kept and not groups:
             return self._run(self.plan, c)
-        rest = [i for i in range(c.shape[0]) if i not in kept]
         out = torch.empty(c.shape[0], width, dtype=torch.float64, device=self.device)
         for i, row in kept.items():
             out[i] = row[0]
+        done = set(kept)
+        for plan, rows in groups:
+            out[rows] = self._run(plan, c[rows])
+            done.update(rows)
+        rest = [i for i in range(c.shape[0]) if i not in done]
         if rest:
             out[rest] = self._run(self.plan, c[rest])
         return out
@@ -432,10 +428,12 @@ class Evaluator(PointPasses, LossStats, PrecisionCheck, PlanTuner, CompiledForwa
         """The chosen plan and the timings of the trials, for status lines and benchmarks."""
         return {
             "device": str(self.device),
-            "plan": None if self.plan is None else dict(vars(self.plan), label=self.plan.label),
+            # Copies: a caller editing the result's spec must not reach the plan (or the cache).
+            "plan": None if self.plan is None else dict(vars(copy_plan(self.plan)),
+                                                        label=self.plan.label),
             "precision": self.precision,
             "precision_error": None if self.plan is None else self.plan.precision_error,
-            "trials": [vars(p).copy() for p in self._results],
+            "trials": [vars(copy_plan(p)) for p in self._results],
             "rejected": list(self.rejected),
             "bn_batch_size": self.bn_batch_size,
             "activation_bytes_per_sample": self.act_bytes,

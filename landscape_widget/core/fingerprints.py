@@ -25,6 +25,10 @@ When something cannot be hashed reliably (an object with neither state nor a sta
 
 The formats hashed are part of saved results (a surface's ``spec`` holds its
 fingerprints, compared by a later ``reuse=``): changing one makes old files unreusable.
+Tensor fingerprints are XXH3-128 since 2026-12 (32 hex digits): BLAKE2b read 0.75 GB/s
+on a 2-core CPU, a third of a second per ResNet-50 call for its weights and two
+directions, XXH3 11 GB/s. The older 24-digit BLAKE2b ones of saved results are still
+recognised (:func:`legacy_fingerprint`, compared by core/reuse.py).
 """
 
 from __future__ import annotations
@@ -35,10 +39,12 @@ import hashlib
 import sys
 import sysconfig
 import types
+import uuid
 from collections.abc import Mapping
 
 import numpy as np
 import torch
+import xxhash
 from torch import nn
 
 _LIBRARY_ROOTS = tuple(
@@ -49,7 +55,8 @@ _MAX_DEPTH = 12
 
 
 DIGEST_SIZE = 12
-"""Bytes of a BLAKE2b fingerprint (24 hex digits): ample to tell results apart."""
+"""Bytes of a BLAKE2b fingerprint (24 hex digits: text, bytes, callables, and the tensor
+fingerprints of results saved before 2026-12): ample to tell results apart."""
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -68,8 +75,12 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
 def fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:
     """A short hash of tensor names, shapes, dtypes and bytes (used to decide reuse).
 
+    XXH3-128 (not a cryptographic hash: it tells apart results, it does not guard against
+    forgery). Older results hold :func:`legacy_fingerprint` s instead (compared by
+    :func:`~.reuse.check_reusable`).
+
     Returns:
-        24 hex digits, equal for equal names and contents wherever they are stored.
+        32 hex digits, equal for equal names and contents wherever they are stored.
 
     Example:
         >>> a = {"w": torch.arange(4.0)}
@@ -77,18 +88,62 @@ def fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:
         True
         >>> fingerprint(a) == fingerprint({"w": torch.tensor([0.0, 1.0, 2.0, 3.5])})
         False
-        >>> h = hashlib.blake2b(digest_size=12)
+        >>> h = xxhash.xxh3_128()
         >>> h.update(b"w:(4,):torch.float32;")
         >>> h.update(np.arange(4, dtype=np.float32).tobytes())
         >>> fingerprint(a) == h.hexdigest()
         True
     """
-    h = hashlib.blake2b(digest_size=DIGEST_SIZE)
+    return _hash_tensors(xxhash.xxh3_128(), tensors)
+
+
+def legacy_fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:
+    """:func:`fingerprint` as results saved before 2026-12 hold it (BLAKE2b, 24 hex digits).
+
+    Returns:
+        24 hex digits.
+
+    Example:
+        >>> h = hashlib.blake2b(digest_size=12)
+        >>> h.update(b"w:(4,):torch.float32;")
+        >>> h.update(np.arange(4, dtype=np.float32).tobytes())
+        >>> legacy_fingerprint({"w": torch.arange(4.0)}) == h.hexdigest()
+        True
+    """
+    return _hash_tensors(hashlib.blake2b(digest_size=DIGEST_SIZE), tensors)
+
+
+def _hash_tensors(h, tensors: Mapping[str, torch.Tensor]) -> str:
+    """Feed names, shapes, dtypes and bytes of ``tensors`` (sorted by name) to ``h``.
+
+    Entries that are not tensors (a module's extra state) are hashed by their contents.
+
+    Returns:
+        ``h.hexdigest()``.
+    """
     for k in sorted(tensors):
         t = tensors[k]
+        if not isinstance(t, torch.Tensor):
+            _hash_object(h, k, t)
+            continue
         h.update(f"{k}:{tuple(t.shape)}:{t.dtype};".encode())
         h.update(_tensor_bytes(t))
     return h.hexdigest()
+
+
+def _hash_object(h, name: str, obj) -> None:
+    """Feed a state_dict entry that is not a tensor, by its contents (as callables' state).
+
+    A module's extra state (``get_extra_state``) can be any object. One that cannot be
+    hashed reliably feeds random bytes: the fingerprint then matches nothing, so
+    ``reuse=`` refuses rather than copies. (Dicts of tensors only, those of every result
+    saved so far, hash as before.)
+    """
+    h.update(f"{name}:object;".encode())
+    try:
+        _feed(h, obj, 0, set())
+    except (_Unreliable, RecursionError):
+        h.update(uuid.uuid4().bytes)
 
 
 def fingerprint_bytes(blob: bytes) -> str:

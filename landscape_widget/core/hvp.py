@@ -26,6 +26,7 @@ from torch.func import functional_call, grad, jvp
 
 from .data import as_tensors
 from .errors import Cancelled  # re-exported: `from core.hvp import Cancelled` still works
+from .losses import check_cross_entropy_targets
 from .metrics import find_logits, resolve_task
 from .params import Params, buffers_of, check_module, evaluation_copy, model_device, parameters_of
 
@@ -133,6 +134,8 @@ class HessianOperator:
             x = x.to(self.dtype)
         self.x, self.y = x.to(self.device), y.to(self.device)
         self.n = int(x.shape[0])
+        if loss_fn is None:
+            check_cross_entropy_targets(self.y)
         if batch_size is not None and (isinstance(batch_size, bool)
                                        or not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"batch_size must be an int >= 1 or None (all data, at most "

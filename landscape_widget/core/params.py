@@ -64,7 +64,8 @@ def model_device(model: nn.Module) -> torch.device:
         The device of every parameter and buffer of ``model``.
 
     Raises:
-        ValueError: If the model spans several devices or has no tensors at all.
+        ValueError: If the model spans several devices, has no tensors at all, or has
+            tensors on the ``meta`` device (shapes without values).
         TypeError: If ``model`` is not an ``nn.Module``.
     """
     check_module(model)
@@ -72,6 +73,12 @@ def model_device(model: nn.Module) -> torch.device:
     if not devices:
         raise ValueError(
             "The model has no parameters: a loss landscape needs at least one parameter tensor."
+        )
+    if any(d.type == "meta" for d in devices):
+        raise ValueError(
+            "The model's tensors are on the meta device: shapes without values (a model built "
+            "under torch.device('meta') or accelerate's init_empty_weights). Load its weights "
+            "first, e.g. model.to_empty(device='cpu') then model.load_state_dict(state)."
         )
     if len(devices) > 1:
         raise ValueError(

@@ -9,6 +9,7 @@ own exceptions are told apart. The search itself is :class:`~.tuning.PlanTuner`.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -43,6 +44,11 @@ class Plan:
     # Points of the grid the search was sized for (the cache re-tunes for larger grids).
     tuned_for: int = 0
     complete: bool = True
+    # Grid points a losing trial computed (a loop over all data computes real points): each
+    # {"coords": [...], "plan": label, "strategy", "batch", "layout", "stem"}. They keep the
+    # trial's values, and later calls compute those coordinates with that plan again, so
+    # repeated calls stay bit-identical (plans differ in float rounding at the 1e-7 level).
+    pinned: list = dataclasses.field(default_factory=list)
 
     @property
     def plain(self) -> bool:
@@ -67,12 +73,34 @@ _PLANS: dict[tuple, Plan] = {}
 _PLANS_MAX = 64
 
 
+def copy_plan(plan: Plan, **changes) -> Plan:
+    """A copy of ``plan`` sharing no list or dict with it (``pinned``, ``candidates``).
+
+    The plan cache, the evaluators and the results' ``spec["plan"]`` each hold their own:
+    a user editing a result's ``spec["plan"]["pinned"]`` changed which plan later calls
+    used for those points (tests/test_review5.py::test_r3).
+
+    Returns:
+        The copy, with ``changes`` applied as in :func:`dataclasses.replace`.
+
+    Example:
+        >>> p = Plan("loop", 1, 8, pinned=[{"coords": [0.0], "plan": "loop B=8"}])
+        >>> q = copy_plan(p)
+        >>> q.pinned[0]["coords"].append(1.0)
+        >>> p.pinned[0]["coords"]
+        [0.0]
+    """
+    plan = dataclasses.replace(plan, **changes)
+    plan.pinned, plan.candidates = copy.deepcopy(plan.pinned), copy.deepcopy(plan.candidates)
+    return plan
+
+
 def _remember(key: tuple, plan: Plan) -> None:
     if len(_PLANS) >= _PLANS_MAX:
         # Tolerant of another thread evicting at the same time (the widget's worker and the
         # notebook may both compute): the oldest key may already be gone.
         _PLANS.pop(next(iter(_PLANS), None), None)
-    _PLANS[key] = dataclasses.replace(plan)
+    _PLANS[key] = copy_plan(plan)
 
 
 # Seconds per point of the plans a search timed when the grid's size cut it short (plan
@@ -175,14 +203,22 @@ STEM_SHARE = 0.25
 # CPU working sets that stay near the caches can beat one pass over all data: the cache-
 # sized candidates use 1/16, 1/4 and 1 x this many bytes of activations.
 CPU_CACHE_BUDGET = 64 * 2**20
-# Tuning may cost this share of the predicted grid time (beyond the plain loop's trial,
-# whose points are kept when it wins): a losing search costs at most 5 %, which the
+# Tuning may cost this share of the predicted grid time (beyond the trials over all data,
+# whose points are kept): a losing search costs at most 5 %, which the
 # fused point build (see Evaluator._point) recovers on large models.
 TUNING_SHARE = 0.05
 # ... or this many seconds, too little to notice, for grids that take no time at all.
 TUNING_FLOOR = 0.02
 # Grids of this many points always time the first candidate, if it is a loop over all data.
 FIRST_TRIAL_POINTS = 16
+# A losing trial's real points are kept (pinned to its plan) if that plan is at most this
+# many times slower per point than the winner: a repeated call then computes them with it
+# at most as much slower as the first call saved (the MLP's plain loop, 12x slower than its
+# vmap plan, is not pinned; ResNet-50's, 1.2x slower than channels-last, is).
+PIN_SLOWDOWN = 2.0
+# The expected points of a job of unknown size (not a grid): no candidate is too wide for
+# it, and its tuning allowance has no bound from a grid's predicted time.
+UNKNOWN_POINTS = 1 << 30
 # Timed passes of a trial, the fastest counts: the first warms up (oneDNN primitives for a
 # new shape, the allocator's first pages).
 TRIAL_PASSES = 2

@@ -10,12 +10,12 @@ fingerprints and is checked by recomputing two of its points instead
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
 from .errors import ReuseMismatch
-from .fingerprints import callable_fingerprint, fingerprint_text
+from .fingerprints import DIGEST_SIZE, callable_fingerprint, fingerprint_text
 from .grid import match_axis
 
 
@@ -53,8 +53,19 @@ def metric_values(result, name: str):
     return (getattr(result, "extra_metrics", None) or {}).get(name)
 
 
-def check_reusable(spec: dict, reuse, metrics: Sequence[str]) -> None:
+def check_reusable(spec: dict, reuse, metrics: Sequence[str],
+                   legacy: Mapping[str, Callable[[], str]] | None = None) -> None:
     """Refuse ``reuse`` unless it was computed like the grid of ``spec``.
+
+    Args:
+        spec: The new grid's spec.
+        reuse: The earlier result.
+        metrics: The metrics the new grid computes.
+        legacy: For ``"model"``, ``"directions"`` and ``"data"``, a function giving the
+            :func:`~.fingerprints.legacy_fingerprint` of the tensors hashed into ``spec``'s
+            fingerprint: a result saved before 2026-12 holds these older BLAKE2b
+            fingerprints. Called only for such a result (for the data of an executor's
+            workers it is a task on one of them: the data may never reach this process).
 
     Raises:
         ReuseMismatch: (a ``ValueError``) If the model, directions, data, loss, metrics, bn
@@ -77,7 +88,8 @@ def check_reusable(spec: dict, reuse, metrics: Sequence[str]) -> None:
     # A loss-landscape file records none of these: its values are checked by recomputing
     # a few of them instead (check_foreign_reuse in landscape.py).
     foreign = reuse.spec.get("source") == "loss-landscape"
-    diff = [] if foreign else [k for k in same if reuse.spec.get(k) != spec.get(k)]
+    diff = [] if foreign else [k for k in same if reuse.spec.get(k) != spec.get(k)
+                               and not _legacy_match(reuse.spec.get(k), (legacy or {}).get(k))]
     # Results from before precision= were fp32.
     if not foreign and reuse.spec.get("precision", "fp32") != spec.get("precision", "fp32"):
         diff.append("precision")
@@ -89,6 +101,12 @@ def check_reusable(spec: dict, reuse, metrics: Sequence[str]) -> None:
             f"reuse= was computed with a different {', '.join(diff) or 'set of metrics'}; "
             "only a result of the same model, directions, data, loss and bn mode can be reused."
         )
+
+
+def _legacy_match(recorded, legacy: Callable[[], str] | None) -> bool:
+    """Whether an older result's 24-digit fingerprint ``recorded`` equals ``legacy()``."""
+    return (legacy is not None and isinstance(recorded, str)
+            and len(recorded) == 2 * DIGEST_SIZE and recorded == legacy())
 
 
 def reused_points(axes: list[np.ndarray], reuse, metrics: Sequence[str]

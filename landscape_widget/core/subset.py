@@ -43,7 +43,6 @@ import math
 import numbers
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import (
     DataLoader,
@@ -342,8 +341,9 @@ def unreduced_loss(loss_fn):
             return None
         twin = functools.partial(loss_fn, reduction="none")
         return RowSums(twin) if reduction == "batchmean" else twin
-    if callable(loss_fn) and getattr(loss_fn, "__module__", "") == F.__name__ \
-            and _takes_reduction(loss_fn):
+    # Any function with a reduction= keyword (torch.nn.functional's, or the user's own, as
+    # a partial of it already was): check_unreduced verifies its per-sample values.
+    if callable(loss_fn) and not isinstance(loss_fn, type) and _takes_reduction(loss_fn):
         return functools.partial(loss_fn, reduction="none")
     return None
 
@@ -405,16 +405,23 @@ def check_unreduced(loss_fn, unreduced, out, y: Tensor, task, default: bool) -> 
     Raises:
         SubsetError: If ``unreduced`` is ``None`` or does not agree, with the fix.
     """
-    fix = ("pass a torch loss whose reduction='none' gives each sample's loss (an nn.*Loss "
-           "module, a torch.nn.functional loss or a functools.partial of one, with "
-           "reduction='mean', or 'batchmean' for KL divergence), or compute the exact "
-           "values (samples=None)")
+    fix = ("pass a loss whose reduction='none' gives each sample's loss (an nn.*Loss "
+           "module, a torch.nn.functional loss, a function of yours with a reduction= "
+           "keyword, or a functools.partial of one, with reduction='mean', or 'batchmean' "
+           "for KL divergence), or compute the exact values (samples=None)")
+    if not isinstance(out, Tensor):
+        fix += ("; for outputs other than a Tensor, the default loss with output_fn= "
+                "(cross-entropy on the logits it picks) gives them too")
     if unreduced is None:
         raise SubsetError(f"samples= needs each sample's loss for the standard error, and "
                           f"this loss_fn cannot give them; {fix}.")
     with torch.no_grad():
         want = float(loss_fn(out, y))
-        values = unreduced(out, y)
+        try:
+            values = unreduced(out, y)
+        except Exception as err:  # noqa: BLE001 - the user's function, any error
+            raise SubsetError(f"samples=: loss_fn(outputs, targets, reduction='none') "
+                              f"failed ({type(err).__name__}: {err}); {fix}.") from err
         if not isinstance(values, Tensor) or values.dim() == 0 or values.shape[0] != y.shape[0]:
             raise SubsetError(f"samples=: loss_fn with reduction='none' returned "
                               f"{getattr(values, 'shape', type(values).__name__)}, not one "

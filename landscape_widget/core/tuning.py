@@ -41,9 +41,10 @@ class PlanTuner(PlanCandidates):
     """Plan selection for :class:`~landscape_widget.core.evaluate.Evaluator` (a mixin).
 
     The plain loop (one point per pass over all data, or the largest batch that fits the
-    memory budget) is timed first on two real grid points, whose values are kept if it
-    wins; the other candidates are timed on one batch each, as long as their trials fit
-    :data:`TUNING_SHARE` of the grid's time predicted with the fastest plan timed so far.
+    memory budget) is timed first on two real grid points, whose values are kept whichever
+    plan wins (as are those of any trial over all data); the other candidates are timed on
+    one batch each, as long as their trials fit :data:`TUNING_SHARE` of the grid's time
+    predicted with the fastest plan timed so far.
     """
 
     def _time_pass(self, plan: Plan, c: Tensor) -> float:
@@ -71,7 +72,8 @@ class PlanTuner(PlanCandidates):
 
         A loop over all data in one pass evaluates real points: the two passes take the
         next two rows of ``c`` no trial has computed yet, and their values are kept
-        (``self._trial_values``), so the winner's trial is not lost whichever plan wins.
+        (``self._trial_values``) whichever plan wins: a losing plan's points are pinned to it
+        (:meth:`~landscape_widget.core.evaluate.Evaluator._pin_trial_points`).
 
         Returns:
             Seconds of the faster pass, scaled to all ``n`` samples and divided by the
@@ -117,7 +119,7 @@ class PlanTuner(PlanCandidates):
 
         The passes go over consecutive batches of the next row of ``c`` no trial has
         computed, exactly as the plan computes a point, so its value is kept
-        (``_trial_values``) in case this plan wins: a cache-sized trial with batches of half
+        (``_trial_values``) whichever plan wins: a cache-sized trial with batches of half
         the data then costs no point (the Transformer of benchmarks/models.py: 128 of 256).
 
         Returns:
@@ -155,7 +157,7 @@ class PlanTuner(PlanCandidates):
         family = (plan.strategy, plan.layout, plan.stem)
         # A family never timed may cost more per point than the plain loop (vmap's first
         # pass, small batches' per-pass cost): predicted at twice the plain loop's rate,
-        # unless it is a loop over all data (its two points are real and kept if it wins).
+        # unless it is a loop over all data (its two points are real and kept).
         whole = plan.strategy == "loop" and plan.batch >= self.n
         spp = last.get(family, plain_spp if whole else 2 * plain_spp)
         return TRIAL_PASSES * spp * share * plan.points + getattr(self, "_warmup", 0.0)
@@ -163,13 +165,13 @@ class PlanTuner(PlanCandidates):
     def _tune(self, c: Tensor, key: tuple) -> Plan:
         """Time the plain loop, then the other candidates as far as the budget allows.
 
-        Keeps the fastest. A candidate whose trial would push the tuning time past
+        Keeps the fastest per point. A candidate whose trial would push the tuning time past
         :data:`TUNING_SHARE` of the grid's time predicted with the fastest plan so far is
         skipped (and the plan says so). ``key`` is the plan-cache key (:meth:`_plan_key`),
         under which a search cut short by the grid's size is kept for a larger grid.
 
         Returns:
-            A copy of the fastest timed plan, with the candidates' timings, the tuning time,
+            A copy of that plan, with the candidates' timings, the tuning time,
             whether the search was complete and a ``reason`` naming the speed-up over the
             plain loop; or the plain loop of :meth:`_fall_back` if only vmap was asked for
             and every vmap plan failed.
@@ -248,8 +250,9 @@ class PlanTuner(PlanCandidates):
                 paying = family in gains and cost <= 0.5 * gains[family] * predicted
                 # The likeliest winner (channels_last with the stem for images) is timed on any
                 # grid of FIRST_TRIAL_POINTS or more: a loop over all data computes two real
-                # points, kept if it wins, so a loss costs at most 2 of them (1.2x on a CPU
-                # ResNet-50 at 5 x 5 was out of reach of the 5 % allowance).
+                # points, kept whichever plan wins, so its trial costs only its first pass's
+                # warm-up (1.2x on a CPU ResNet-50 at 5 x 5 was out of reach of the 5 %
+                # allowance).
                 paying = paying or (len(self._results) == 1 and plan.strategy == "loop"
                                     and plan.batch >= self.n
                                     and self.expected_points >= FIRST_TRIAL_POINTS)
@@ -300,6 +303,8 @@ class PlanTuner(PlanCandidates):
             return self._fall_back(vmap_errors[0], c)
         if not self._results:
             raise errors[0]
+        # The fastest per point: every real point a trial computed is kept whichever plan
+        # wins (the losers' are pinned to their plan, see Evaluator._pin_trial_points).
         best = dataclasses.replace(min(self._results, key=lambda p: p.seconds_per_point))
         best.vmap_error = vmap_errors[0] if vmap_errors else ""
         best.candidates = [{"plan": p.label, "seconds_per_point": p.seconds_per_point}

@@ -18,6 +18,7 @@ from torch.func import functional_call
 
 from ..core.data import as_tensors
 from ..core.directions import random_directions
+from ..core.losses import check_cross_entropy_targets
 from ..core.metrics import find_logits, resolve_task
 from ..core.params import (
     Params,
@@ -73,6 +74,8 @@ class _Objective:
             x = x.to(self.dtype)
         self.x, self.y = x.to(self.device), y.to(self.device)
         self.n = int(self.x.shape[0])
+        if loss_fn is None:
+            check_cross_entropy_targets(self.y)
         self.loss_fn = loss_fn if loss_fn is not None else _cross_entropy
         # Chunks weigh by their counted targets (ignore_index, class weights), as the
         # engine's surfaces do; resolve_task needs no outputs for that.

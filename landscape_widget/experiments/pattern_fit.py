@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from ..core.data import as_tensors
 from ..core.h5io import check_target
 from ..core.landscape import compute_surface
+from ..core.losses import check_cross_entropy_targets
 from .plane import FlatLayout, PatternPlane, cell_losses, mpo_loss
 
 FORMAT = "landscape_widget.PatternFit"
@@ -196,7 +197,9 @@ class PatternFit:
             ValueError: If ``steps`` is not an int >= 0, ``strategy`` is not ``"vmap"``,
                 ``"loop"`` or ``"auto"``, or (through
                 :func:`~landscape_widget.core.data.as_tensors`) the data is empty or its
-                inputs and targets differ in length.
+                inputs and targets differ in length, or the targets are real-valued
+                outside [0, 1] (MPO's loss is cross-entropy: a regression's targets
+                would give numbers with no meaning).
             TypeError: If the data is of an unsupported form (see
                 :func:`~landscape_widget.core.data.as_tensors`).
             RuntimeError: If a step fails (see :meth:`step_once`).
@@ -210,6 +213,9 @@ class PatternFit:
         else:
             self.batched = strategy == "vmap"
         x, y = as_tensors(data)
+        check_cross_entropy_targets(y, fix=(
+            "MPO carves loss patterns into a classifier's cross-entropy (it takes no other "
+            "loss): pass class indices as integers (y.long()) or class probabilities."))
         dev = self.plane.w0.device
         x = x.to(dev, self.layout.dtype if torch.is_floating_point(x) else x.dtype)
         y = y.to(dev)

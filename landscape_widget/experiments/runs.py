@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from ..core.directions import interpolation_direction, random_directions
 from ..core.evaluate import Evaluator
 from ..core.landscape import compute_curve
+from ..core.losses import check_cross_entropy_targets
 from ..core.surface import Curve
 from ._objective import _norm
 from .optimizers import (
@@ -99,8 +100,10 @@ def compare_optimizers(model_fn, train_data, optimizers: Mapping[str, OptimizerF
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{what} must be an int >= 1, got {v!r}.")
     init = initial_model(model_fn, seed)
-    loss_fn = loss_fn if loss_fn is not None else F.cross_entropy
     x, y = held_data(train_data, init, seed)
+    if loss_fn is None:
+        check_cross_entropy_targets(y)
+    loss_fn = loss_fn if loss_fn is not None else F.cross_entropy
     test = None if test_data is None else held_data(test_data, init, seed)
     schedule = Schedule(int(x.shape[0]), batch_size, epochs, seed)
     runs = OptimizerRuns(init, (x, y), test, dict(optimizers), schedule, loss_fn, epochs)
