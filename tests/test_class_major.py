@@ -339,3 +339,35 @@ def test_a_full_plan_cache_evicts_even_when_another_thread_emptied_it():
     finally:
         plans._PLANS = _PLANS
         plans.forget_plans()
+
+
+def test_target_checks_made_once_per_batch_and_still_guard_bad_targets(monkeypatch):
+    """The targets' checks (a device sync each on a GPU) run once per batch of the data,
+    not in every pass of every point; the surface still equals the float64 oracle, and a
+    target outside the classes still gets torch's own error."""
+    from landscape_widget.core import batch_stats
+
+    calls = []
+    real = batch_stats.target_checks
+    monkeypatch.setattr(batch_stats, "target_checks",
+                        lambda y, *a: calls.append(int(y.shape[0])) or real(y, *a))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4))
+    x, y = torch.randn(40, 6), torch.randint(0, 4, (40,))
+    y[::5] = -100
+    d1, d2 = lw.random_directions(model, 2, seed=1)
+    plans.forget_plans()
+    s = lw.compute_surface(model, (x, y), directions=(d1, d2), x=(-1, 1, 4), y=(-1, 1, 4),
+                           progress=False, evaluator_options={"batch_size": 16})
+    assert s.spec["plan"]["batch"] == 16
+    # One check per batch start (0, 16, 32): 3, however many passes the 16 points took.
+    assert sorted(calls) == [8, 16, 16]
+    coords = [(float(a), float(b)) for b in s.y for a in s.x]
+    want_loss, want_acc = naive_eval(model, x, y, [d1, d2], coords)
+    np.testing.assert_allclose(np.asarray(s.loss).ravel(), want_loss, rtol=1e-5)
+    # The oracle's accuracy is over all 40 samples; the engine's over the 32 counted ones.
+    np.testing.assert_allclose(np.asarray(s.accuracy).ravel(), want_acc * 40 / 32,
+                               atol=1e-12)
+    with pytest.raises((ValueError, IndexError, RuntimeError), match="out of bounds|class"):
+        lw.compute_surface(model, (x, torch.full((40,), 4)), directions=(d1, d2),
+                           x=(-1, 1, 2), y=(-1, 1, 2), progress=False)

@@ -216,6 +216,8 @@ class Evaluator(PointPasses, LossStats, PrecisionCheck, PlanTuner, CompiledForwa
         self._active = "fp32"  # the precision of the passes running now
         self._precision_fallback = ""  # why precision fell back to fp32 (autocast failed)
         self._trial_values: dict[str, dict[int, Tensor]] = {}
+        # Per batch (start, size, classes): target_checks of the default loss, made once.
+        self._target_checks: dict[tuple[int, int, int], tuple[bool, bool]] = {}
         self._kept: dict[int, Tensor] = {}  # trial rows of the first evaluate() call
         self._trial_row = 0  # the next grid row a full-data plan trial computes
         self._error_pairs: list[tuple[float, float]] = []  # (loss, fp32 loss) checked

@@ -132,7 +132,7 @@ class PointPasses:
                 if self._batched_ce:
                     fn = functools.partial(self._outputs, plan=plan)
                     out = torch.vmap(fn, in_dims=in_dims, randomness="same")(params, inputs)
-                    return self._batched_stats(out, y)
+                    return self._batched_stats(out, y, start)
                 w = self._denominators(plan.batch)[0][start // plan.batch]
 
                 def stats(p, i):
@@ -141,7 +141,7 @@ class PointPasses:
                 return torch.vmap(stats, in_dims=in_dims, randomness="same")(params, inputs)
             out = self._outputs(params, inputs[0] if plan.stem else inputs, plan)
             if self._batched_ce:
-                return self._batched_stats(out.unsqueeze(0), y)
+                return self._batched_stats(out.unsqueeze(0), y, start)
             w = self._denominators(plan.batch)[0][start // plan.batch]
             return self._stats(out, y, w).unsqueeze(0)
         finally:
