@@ -271,6 +271,30 @@ def stateful_net(seed: int = 26) -> nn.Module:
     return reinit(StatefulNet(), seed, gain=2.0).eval()
 
 
+class GraphNet(nn.Module):
+    """A graph convolution over 6 nodes whose normalised adjacency is a sparse COO buffer
+    (as GCN code stores it), then a linear layer, mean over nodes and a linear head."""
+
+    def __init__(self, nodes: int = 6, features: int = 5, hidden: int = 8, classes: int = 3):
+        super().__init__()
+        ring = [(i, (i + d) % nodes) for i in range(nodes) for d in (-1, 0, 1)]
+        index = torch.tensor(ring).T
+        self.register_buffer("adj", torch.sparse_coo_tensor(
+            index, torch.full((index.shape[1],), 1 / 3), (nodes, nodes)).coalesce())
+        self.lin = nn.Linear(features, hidden)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x):
+        b, n, f = x.shape
+        mixed = torch.sparse.mm(self.adj, x.transpose(0, 1).reshape(n, b * f))
+        h = torch.tanh(self.lin(mixed.reshape(n, b, f).transpose(0, 1)))
+        return self.head(h.mean(1))
+
+
+def graph_net(seed: int = 27) -> nn.Module:
+    return reinit(GraphNet(), seed, gain=1.5)
+
+
 # --- data --------------------------------------------------------------------------------
 def mlp_data():
     return classification_data(40, (10,), 4, seed=10)
@@ -419,6 +443,7 @@ REAL_CASES = [
     _case("resnet18-bn", resnet18, resnet_data, **SMALL),
     _case("cnn-bn-class-sorted-batch", bn_res_cnn, class_sorted_cnn_data, bn="batch",
           bn_batch_size=16, **SMALL),
+    _case("graph-sparse-buffer", graph_net, seq_data, **SMALL),
 ]
 REAL_CASE_IDS = [c["name"] for c in REAL_CASES]
 

@@ -21,7 +21,16 @@ _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).clone()
+    """The tensor's bytes; a sparse tensor's as the bytes of its layout's name, its
+    (uncoalesced, as stored) indices and its values."""
+    if t.layout == torch.sparse_coo:
+        parts = [t._indices(), t._values()]
+    elif t.layout != torch.strided:
+        parts = [t.to_dense()]
+    else:
+        return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).clone()
+    name = torch.tensor(list(str(t.layout).encode()), dtype=torch.uint8)
+    return torch.cat([name] + [_bytes(p) for p in parts])
 
 
 def _freeze(value, depth: int = 0):

@@ -127,8 +127,52 @@ def _hash_tensors(h, tensors: Mapping[str, torch.Tensor]) -> str:
             _hash_object(h, k, t)
             continue
         h.update(f"{k}:{tuple(t.shape)}:{t.dtype};".encode())
-        h.update(_tensor_bytes(t))
+        _feed_tensor(h, t)
     return h.hexdigest()
+
+
+def _feed_tensor(h, t: torch.Tensor) -> None:
+    """Feed the contents of ``t`` to ``h``: its bytes, or a sparse tensor's parts.
+
+    A sparse tensor (a graph's adjacency as a buffer) is fed as its layout and its
+    compressed parts, never in dense form (N^2 values for N nodes). Dense tensors feed
+    their bytes alone, as before sparse tensors were supported (saved fingerprints stay).
+    """
+    if t.layout == torch.strided:
+        h.update(_tensor_bytes(t))
+        return
+    h.update(f"{t.layout}:".encode())
+    for part in sparse_parts(t):
+        h.update(_tensor_bytes(part))
+
+
+def sparse_parts(t: torch.Tensor) -> list[torch.Tensor]:
+    """The dense tensors that hold a sparse tensor's contents, in a canonical form.
+
+    COO tensors are coalesced first (duplicate indices summed, sorted), so equal sparse
+    tensors give equal parts however they were built.
+
+    Returns:
+        Indices and values (COO), or compressed and plain indices and values (CSR, CSC,
+        BSR, BSC).
+
+    Raises:
+        TypeError: For a layout other than strided, COO and the compressed ones.
+
+    Example:
+        >>> a = torch.sparse_coo_tensor([[1, 0, 1], [0, 1, 0]], [1.0, 2.0, 3.0], (2, 2))
+        >>> [p.tolist() for p in sparse_parts(a)]
+        [[[0, 1], [1, 0]], [2.0, 4.0]]
+    """
+    if t.layout == torch.sparse_coo:
+        c = t.detach().coalesce()
+        return [c.indices(), c.values()]
+    if t.layout in (torch.sparse_csr, torch.sparse_bsr):
+        return [t.crow_indices(), t.col_indices(), t.values()]
+    if t.layout in (torch.sparse_csc, torch.sparse_bsc):
+        return [t.ccol_indices(), t.row_indices(), t.values()]
+    raise TypeError(f"Tensors of layout {t.layout} cannot be fingerprinted; store them as "
+                    "dense or sparse (COO, CSR, CSC) tensors.")
 
 
 def _hash_object(h, name: str, obj) -> None:
@@ -188,7 +232,7 @@ def state_hash(state: Mapping[str, torch.Tensor]) -> str:
     for k in sorted(state):
         t = state[k]
         h.update(f"{k}|{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(_tensor_bytes(t))
+        _feed_tensor(h, t)
     return h.hexdigest()
 
 
@@ -240,7 +284,7 @@ def _feed(h, obj, depth: int, seen: set) -> None:  # noqa: C901 - one case per k
         put(f"{type(obj).__name__}:{obj!r};".encode())
     elif isinstance(obj, torch.Tensor):
         put(f"tensor{tuple(obj.shape)}{obj.dtype};".encode())
-        put(_tensor_bytes(obj))
+        _feed_tensor(h, obj)
     elif isinstance(obj, np.ndarray):
         put(f"ndarray{obj.shape}{obj.dtype};".encode())
         put(np.ascontiguousarray(obj).tobytes())

@@ -76,7 +76,13 @@ class BufferState:
         fused observers write in place without bumping version counters).
         """
         groups: dict[tuple, list[str]] = {}
+        # Sparse buffers (a graph's adjacency) cannot be flattened: each keeps a pristine
+        # copy, put back when a pass changed it in place (its version counter moved).
+        self._sparse: dict[str, tuple[Tensor, int]] = {}
         for k in buffers_of(self.module):
+            if self.base[k].layout != torch.strided:
+                self._sparse[k] = (self.base[k].clone(), self.base[k]._version)
+                continue
             groups.setdefault((self.base[k].dtype, self.base[k].device), []).append(k)
         self._flats: list[tuple[Tensor, Tensor]] = []
         for keys in groups.values():
@@ -102,6 +108,10 @@ class BufferState:
         with torch.no_grad():
             for flat, pristine in self._flats:
                 flat.copy_(pristine)
+            for k, (pristine, version) in self._sparse.items():
+                if self.base[k]._version != version:
+                    self.base[k] = pristine.clone()
+                    self._sparse[k] = (pristine, self.base[k]._version)
         for k, version in self._versions.items():
             if self.base[k]._version != version:
                 raise RuntimeError(
