@@ -283,3 +283,35 @@ def test_to_html_writes_a_page(widget_factory, tmp_path):
     loss = np.frombuffer(base64.b64decode(state["result"]["loss"]), dtype="<f4")
     np.testing.assert_allclose(loss, w.surface.loss.ravel().astype(np.float32))
     assert state["_static"] and state["resolution"] == 3
+
+
+EXIT_SCRIPT = """
+import torch, landscape_widget as lw
+from torch import nn
+class R(nn.Module):
+    def __init__(s):
+        super().__init__(); s.rnn = nn.LSTM(5, 16, batch_first=True); s.head = nn.Linear(16, 3)
+    def forward(s, x): return s.head(s.rnn(x)[0][:, -1])
+torch.manual_seed(0)
+m = R(); x = torch.randn(1000, 12, 5); y = torch.randint(0, 3, (1000,))
+w = lw.LandscapeWidget(m, (x, y))  # starts computing in its thread
+print("made", flush=True)
+"""
+
+
+def test_interpreter_exit_while_computing_is_clean(tmp_path):
+    """A script (or a kernel shutting down) that ends while a widget computes exits cleanly:
+    before the workers were stopped at exit, the daemon thread, still inside torch's LSTM,
+    aborted the process with "terminate called without an active exception"."""
+    import os
+    import subprocess
+    import sys
+
+    # Two threads: the abort came from torch's intra-op (OpenMP) threads at teardown.
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+               OMP_NUM_THREADS="2")
+    proc = subprocess.run([sys.executable, "-c", EXIT_SCRIPT], capture_output=True,
+                          text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.stdout.strip() == "made"
+    assert "terminate called" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -15,8 +15,10 @@ jobs compute with lives in the worker's :class:`~.jobs.Context`.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import threading
+import weakref
 from collections.abc import Callable
 
 import numpy as np
@@ -37,6 +39,21 @@ from .jobs import new_id as new_id  # re-exported
 from .spec import Spec
 
 _CONTEXT_FIELDS = frozenset(f.name for f in dataclasses.fields(Context))
+EXIT_TIMEOUT = 3.0
+"""Seconds the interpreter's exit waits for each computing worker to stop (a tile's work)."""
+_LIVE: weakref.WeakSet = weakref.WeakSet()  # the workers not closed yet
+
+
+@atexit.register
+def _close_all() -> None:
+    """Stop every worker at the interpreter's exit (a script, a kernel shutting down).
+
+    A daemon thread still inside torch when the interpreter finalises aborts the process
+    ("terminate called without an active exception") instead of exiting cleanly; the
+    workers are cancelled between tiles and joined first.
+    """
+    for worker in list(_LIVE):
+        worker.close(timeout=EXIT_TIMEOUT)
 
 class Worker:
     """Computes jobs in one daemon thread and streams their tiles through ``send``.
@@ -92,6 +109,7 @@ class Worker:
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="landscape-worker", daemon=True)
         self._thread.start()
+        _LIVE.add(self)
 
     # What the jobs compute with (model, data, loss_fn, device, metrics, latest...) lives
     # in the context; reading or setting it through the worker (`worker.latest`,
@@ -179,6 +197,7 @@ class Worker:
                     job.cancel.set()
             self._pending = None
             self._cond.notify_all()
+        _LIVE.discard(self)
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
 
