@@ -3,18 +3,20 @@
 Usage:
     python benchmarks/models.py [--device cpu|cuda] [--quick] [--models resnet18,lstm]
                                 [--precisions fp32,bf16] [--compile] [--threads 2]
+                                [--rounds 3]
 
 Models: torchvision ResNet-18 (CIFAR-shaped 3x32x32, 10 classes), ResNet-50 (3x64x64), a
 Transformer encoder (3 layers, d=96, 32 tokens) and an LSTM classifier (32 tokens). For each,
-in one run and interleaved (plain, ours, ours again, plain, ours first call again, plain,
-then the rest):
+in one run: ``--rounds`` rounds of (plain loop, our first call), in alternating order, then
+the rest:
 
 - ours: ``lw.compute_surface`` at each precision, the first call included (plan cache
-  cleared before it: the tuning is paid; fp32: twice, the mean), then a call with the plan
+  cleared before it: the tuning is paid; fp32: once per round), then a call with the plan
   reused;
 - plain: the plain full-batch loop, one ``torch.func.functional_call`` over all samples
-  per point (what loss-landscapes does), in true fp32; three runs interleaved with ours,
-  the mean;
+  per point (what loss-landscapes does), in true fp32, once per round. The fp32 ratio is
+  the median over rounds of plain / ours, each round's two runs seconds apart (a shared
+  machine drifts by 10-40 % within minutes);
 - dl-loop: the loss-landscape style loop (``p.data = w + a d1 + b d2``, then a DataLoader
   with batch size 128), timed on a few grid points and reported per point;
 - loss-landscapes: ``loss_landscapes.random_plane`` on a small grid (its own directions),
@@ -252,26 +254,38 @@ def bench(case: Case, args, ceilings: dict) -> list[dict]:
     with torch.no_grad():
         copy.deepcopy(model).eval()(x)
         sync(device)
-    # Interleaved: plain, ours (first call), ours (plan reused), plain, ours (first call
-    # again: plan cache cleared), plain. A shared machine drifts by 10 % within minutes: the
-    # means of the three plain runs and of the two first calls are compared.
-    log(f"[{case.name}] plain full-batch loop")
-    s_plain1, plain_loss = plain_loop(model, x, y, d1, d2, grid, n)
-    log(f"[{case.name}] ours fp32 (first call, then again)")
-    s1, surf = ours(model, x, y, d1, d2, m, True)
-    s2, _ = ours(model, x, y, d1, d2, m, False)
-    log(f"[{case.name}] plain full-batch loop again, ours first call again, plain")
-    s_plain2, _ = plain_loop(model, x, y, d1, d2, grid, n)
-    s1b, surf_b = ours(model, x, y, d1, d2, m, True)
-    s_plain3, _ = plain_loop(model, x, y, d1, d2, grid, n)
-    s_plain = (s_plain1 + s_plain2 + s_plain3) / 3
+    # Rounds of one plain loop and one first call of ours (plan cache cleared), in
+    # alternating order; a call with the plan reused after the first round. A shared
+    # machine drifts by 10-40 % within minutes, so each round's two runs, seconds apart,
+    # give one ratio, and the median of those ratios is reported (with their range).
+    plain_s, first_s, surfs = [], [], []
+    s2 = None
+    for r in range(args.rounds):
+        log(f"[{case.name}] round {r + 1}/{args.rounds}: plain full-batch loop and ours "
+            "fp32 first call" + (" (ours first)" if r % 2 else ""))
+        for who in ("ours", "plain") if r % 2 else ("plain", "ours"):
+            if who == "plain":
+                seconds, plain_loss = plain_loop(model, x, y, d1, d2, grid, n)
+                plain_s.append(seconds)
+            else:
+                seconds, surf = ours(model, x, y, d1, d2, m, True)
+                first_s.append(seconds)
+                surfs.append(surf)
+        if s2 is None:
+            s2, _ = ours(model, x, y, d1, d2, m, False)
+    surf = surfs[0]
+    ratios = sorted(p / o for p, o in zip(plain_s, first_s, strict=True))
+    ratio = float(np.median(ratios))
+    s_plain = float(np.median(plain_s))
     fp32_loss = np.asarray(surf.loss).ravel()
     diff = float(np.max(np.abs(fp32_loss - plain_loss) / np.abs(plain_loss)))
     add("plain full-batch loop", s_plain, points,
-        note=f"mean of 3 runs ({s_plain1:.2f} s, {s_plain2:.2f} s, {s_plain3:.2f} s)")
-    labels = " / ".join(dict.fromkeys(r.spec["plan"]["label"] for r in (surf, surf_b)))
-    add("ours fp32, first call", 0.5 * (s1 + s1b), points,
-        note=f"mean of 2 ({s1:.2f} s, {s1b:.2f} s); {labels}; rel diff vs plain {diff:.1e}")
+        note=f"median of {len(plain_s)} ({', '.join(f'{v:.2f} s' for v in plain_s)})")
+    labels = " / ".join(dict.fromkeys(r.spec["plan"]["label"] for r in surfs))
+    add("ours fp32, first call", s_plain / ratio, points,
+        note=(f"median ratio of {len(ratios)} rounds (range {ratios[0]:.2f}-{ratios[-1]:.2f}x;"
+              f" {', '.join(f'{v:.2f} s' for v in first_s)}); {labels}; rel diff vs plain "
+              f"{diff:.1e}"))
     add("ours fp32, plan reused", s2, points)
     for precision in args.precisions:
         if precision == "fp32":
@@ -338,6 +352,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     p.add_argument("--low-grid", type=int, default=None,
                    help="grid side for precisions other than fp32 (default cpu 3, cuda: full)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="rounds of (plain loop, our first call) compared pairwise (default 3)")
     p.add_argument("--peer-points", type=int, default=None,
                    help="points the DataLoader loop is timed on (default cpu 3, cuda 20)")
     args = p.parse_args(argv)
