@@ -63,3 +63,18 @@ def test_array_like_inputs_and_targets_still_become_tensors():
     lists = lw.compute_curve(model, (x.tolist(), [torch.tensor(int(t)) for t in y]),
                              x=(-1, 1, 3)).loss
     assert (lists == ref).all()
+
+
+def test_a_loss_that_broadcasts_outputs_against_targets_is_named():
+    # MSELoss on (N, 1) outputs and (N,) targets gives an (N, N) mean; before, the error
+    # said 'not a mean over samples' and suggested one batch of all data, which keeps the
+    # wrong value.
+    x, _ = _xy()
+    y = torch.randn(12)
+    with pytest.raises(ValueError, match=r"broadcasts the outputs \((\d+), 1\) against the "
+                                         r"targets \(\1,\) to \(\1, \1\).*"
+                                         r"y\.reshape\(-1, 1\)"):
+        lw.compute_curve(_mlp(outputs=1), (x, y), x=(-1, 1, 3), loss_fn=nn.MSELoss())
+    curve = lw.compute_curve(_mlp(outputs=1), (x, y[:, None]), x=(-1, 1, 3),
+                             loss_fn=nn.MSELoss())
+    assert curve.loss.shape == (3,)

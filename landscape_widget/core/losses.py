@@ -214,6 +214,18 @@ def check_reduction(loss_fn, out, y: Tensor, task) -> None:
             "default of torch's losses), or divide by the batch size: "
             "loss_fn=lambda out, y: my_loss(out, y) / len(y)."
         )
+    broadcast = _broadcast_shape(out, y)
+    if broadcast is not None:
+        # MSELoss on (N, 1) outputs and (N,) targets compares every output with every
+        # target: torch only warns, and a sum/mean test cannot say why it fails.
+        raise ValueError(
+            f"loss_fn broadcasts the outputs {tuple(out.shape)} against the targets "
+            f"{tuple(y.shape)} to {broadcast} (every sample's output against every target), "
+            "so it is not a mean over samples and its value is wrong. Give the targets the "
+            f"outputs' shape: pass y.reshape({', '.join(['-1', *map(str, out.shape[1:])])}), "
+            "or squeeze the outputs in the loss: loss_fn=lambda out, y: "
+            "F.mse_loss(out.squeeze(-1), y)."
+        )
     raise ValueError(
         f"loss_fn is not a mean over samples: on {m} samples it gives {whole:.6g}, but not "
         "the weighted mean of its parts' values. The engine splits the data into batches "
@@ -222,6 +234,24 @@ def check_reduction(loss_fn, out, y: Tensor, task) -> None:
         "per-sample (or per-target) losses, or evaluate all data in one batch with "
         "evaluator_options={'batch_size': len(data)}."
     )
+
+
+def _broadcast_shape(out, y: Tensor) -> tuple[int, ...] | None:
+    """The shape ``out`` and ``y`` broadcast to, if it mixes their sample dims, else None.
+
+    Returns:
+        The broadcast shape when ``out`` is a tensor whose shape differs from ``y``'s and
+        broadcasting them pairs samples of one with other samples of the other (more
+        elements than either), e.g. ``(N, 1)`` with ``(N,)`` gives ``(N, N)``; else None.
+    """
+    if not isinstance(out, Tensor) or out.shape == y.shape:
+        return None
+    try:
+        shape = torch.broadcast_shapes(out.shape, y.shape)
+    except RuntimeError:
+        return None
+    big = math.prod(shape)
+    return tuple(shape) if big > out.numel() and big > y.numel() else None
 
 
 def _finite(v: float) -> bool:
