@@ -135,3 +135,39 @@ def test_the_symmetry_check_passes_a_true_hessian_written_out_weight_norm():
     top = float(torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss, flat0))[-1])
     res = lw.hessian_eigenpairs(model, (x, y), k=1, ignore=None, tol=1e-8)
     assert abs(float(res.values[0]) - top) <= 1e-6 * abs(top)
+
+
+def _parametrized_deep(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(),
+                          nn.Linear(8, 3))
+    if kind == "weight_norm":
+        torch.nn.utils.parametrizations.weight_norm(model[4])
+    elif kind == "orthogonal":
+        torch.nn.utils.parametrizations.orthogonal(model[4])
+    else:
+        with pytest.warns(FutureWarning):
+            torch.nn.utils.weight_norm(model[4])
+    return model
+
+
+@pytest.mark.parametrize("kind", ["weight_norm", "orthogonal", "legacy_weight_norm"])
+def test_permutation_direction_keeps_a_parametrized_layer_in_place(kind):
+    # Before: KeyError (the id of the computed weight) from the permutation analysis.
+    from snapshots import assert_same_snapshot, snapshot
+
+    model = _parametrized_deep(kind)
+    x, _ = _xy()
+    before = snapshot(model)
+    d = lw.permutation_direction(model, check_inputs=x)
+    assert_same_snapshot(before, snapshot(model))
+    # The hidden units between the plain layers 0 and 2 move; the parametrized layer 4 and
+    # the units it reads stay.
+    assert {k for k, v in d.items() if v.abs().max() > 0} == {"0.weight", "0.bias", "2.weight"}
+    # The permuted model computes the same function (float64 oracle: load_state_dict).
+    twin = _parametrized_deep(kind).double()
+    state = {k: v.double() for k, v in model.state_dict().items()}
+    twin.load_state_dict({k: v + d[k].double() if k in d else v for k, v in state.items()})
+    reference = _parametrized_deep(kind).double()
+    reference.load_state_dict(state)
+    assert torch.allclose(twin(x.double()), reference(x.double()), atol=1e-6)
