@@ -171,3 +171,30 @@ def test_permutation_direction_keeps_a_parametrized_layer_in_place(kind):
     reference = _parametrized_deep(kind).double()
     reference.load_state_dict(state)
     assert torch.allclose(twin(x.double()), reference(x.double()), atol=1e-6)
+
+
+class _LogitsDict(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> dict:
+        return {"logits": self.lin(x)}
+
+
+@pytest.mark.parametrize("case", ["bool_targets_bce", "dict_outputs_torch_loss"])
+def test_a_failing_loss_gets_the_hint_that_fits(case):
+    # Before: 'nothing in the error points at the outputs or the targets' for both, though
+    # the bool targets (BCE: "Subtraction ... with two bool tensors") and the dict outputs
+    # (cross_entropy: "must be Tensor, not dict") are what the errors are about.
+    x, y = _xy()
+    if case == "bool_targets_bce":
+        model, data, loss = _mlp(outputs=2), (x, torch.rand(12, 2) > 0.5), nn.BCEWithLogitsLoss()
+        match = r"targets are bool: pass y\.float\(\)"
+    else:
+        model, data, loss = _LogitsDict(), (x, y), nn.functional.cross_entropy
+        match = r"pick the tensor in it, e\.g\. loss_fn=lambda out, y: "
+    with pytest.raises(ValueError, match=match):
+        lw.compute_curve(model, data, x=(-1, 1, 3), loss_fn=loss)
+    if case == "bool_targets_bce":  # the fix it names works
+        lw.compute_curve(model, (x, data[1].float()), x=(-1, 1, 3), loss_fn=loss)

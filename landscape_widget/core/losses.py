@@ -277,9 +277,9 @@ def loss_error(err: Exception, outputs: str, y: Tensor, *, default: bool,
     Returns:
         One line for the user: what the model returns and the targets' shape and dtype,
         the most likely fix as the error suggests it (integer or ``torch.long`` targets,
-        float targets, class indices within the outputs, ``output_fn=`` for the default
-        loss, matching shapes; else where to look, since nothing in the error points at
-        the inputs), and the type and first line of ``err``.
+        float targets, bool targets, class indices within the outputs, ``output_fn=`` for
+        the default loss, a tensor picked from the outputs for a torch loss, matching
+        shapes; else where to look), and the type and first line of ``err``.
 
     Example:
         >>> y = torch.zeros(4, dtype=torch.long)
@@ -300,6 +300,13 @@ def loss_error(err: Exception, outputs: str, y: Tensor, *, default: bool,
     elif not y.is_floating_point() and any(w in text for w in ("Float", "Double", "float",
                                                                 "Half", "cast")):
         hint = "the loss wants real-valued targets: pass y.float() (the outputs' dtype)"
+    elif y.dtype == torch.bool:  # e.g. BCE's "Subtraction ... with two bool tensors"
+        hint = ("the targets are bool: pass y.float() for a loss on probabilities or "
+                "multi-label targets (BCEWithLogitsLoss), y.long() for class indices")
+    elif not tensor_out and not default and re.search(r"must be Tensor, not", text):
+        hint = ("loss_fn gets the model's outputs as returned, not a Tensor: pick the tensor "
+                "in it, e.g. loss_fn=lambda out, y: F.cross_entropy(out['logits'], y) "
+                "(or out[0], out.logits)")
     elif default and not tensor_out:
         hint = ("the default loss is cross-entropy on the logits; pass output_fn= to say "
                 "where they are, or your own loss_fn(outputs, targets)")
