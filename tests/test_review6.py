@@ -198,3 +198,12 @@ def test_a_failing_loss_gets_the_hint_that_fits(case):
         lw.compute_curve(model, data, x=(-1, 1, 3), loss_fn=loss)
     if case == "bool_targets_bce":  # the fix it names works
         lw.compute_curve(model, (x, data[1].float()), x=(-1, 1, 3), loss_fn=loss)
+
+
+def test_an_axis_of_three_coordinates_is_not_read_as_one_point():
+    # x=[-1, 0, 1] (coordinates) read as (start=-1, stop=0, num=1): before, a one-point
+    # curve at -1 came back without a word.
+    x, y = _xy()
+    with pytest.raises(ValueError, match=r"num=1: one point.*pass \(-1, 1, 3\)"):
+        lw.compute_curve(_mlp(), (x, y), x=[-1, 0, 1])
+    assert lw.compute_curve(_mlp(), (x, y), x=(0.5, 0.5, 1)).loss.shape == (1,)
