@@ -5,6 +5,7 @@ Each test failed before its fix (see the commit that added it).
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -207,3 +208,40 @@ def test_an_axis_of_three_coordinates_is_not_read_as_one_point():
     with pytest.raises(ValueError, match=r"num=1: one point.*pass \(-1, 1, 3\)"):
         lw.compute_curve(_mlp(), (x, y), x=[-1, 0, 1])
     assert lw.compute_curve(_mlp(), (x, y), x=(0.5, 0.5, 1)).loss.shape == (1,)
+
+
+@pytest.mark.parametrize("strategy", ["vmap", "loop"])
+def test_parametrize_cached_context_changes_nothing(strategy):
+    # Under torch.nn.utils.parametrize.cached() a parametrized weight is cached globally by
+    # the id of the module it was registered on, which the engine's copy shares. Before, every
+    # point got the first point's weight (a flat surface), and the user's own forward in the
+    # same context could get a moved point's weight.
+    from torch.nn.utils import parametrize
+
+    model = _mlp()
+    torch.nn.utils.parametrizations.orthogonal(model[0])
+    x, y = _xy()
+    d = lw.random_directions(model, 2, seed=1)
+    opts = {"x": (-1, 1, 3), "y": (-1, 1, 3), "directions": d,
+            "evaluator_options": {"strategy": strategy}}
+    plain = lw.compute_surface(model, (x, y), **opts).loss
+    with torch.no_grad():
+        expected = model(x)
+    with parametrize.cached():
+        with torch.no_grad():
+            model(x)  # the user's forward fills the cache first
+        cached = lw.compute_surface(model, (x, y), **opts).loss
+        with torch.no_grad():
+            after = model(x)
+    with parametrize.cached():
+        first = lw.compute_surface(model, (x, y), **opts).loss  # the engine fills it first
+        with torch.no_grad():
+            user = model(x)
+    np.testing.assert_array_equal(cached, plain)
+    np.testing.assert_array_equal(first, plain)
+    assert torch.equal(after, expected) and torch.equal(user, expected)
+    # And the Hessian at theta (the function of the parameters, not of a cached weight).
+    with parametrize.cached():
+        inside = lw.hessian_trace(model, (x, y), samples=4, ignore=None)
+    outside = lw.hessian_trace(model, (x, y), samples=4, ignore=None)
+    assert inside.value == pytest.approx(outside.value, rel=1e-6)

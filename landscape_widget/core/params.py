@@ -156,7 +156,8 @@ def evaluation_copy(model: nn.Module) -> nn.Module:
 
     Returns:
         A new module with the same class, tensors (as independent copies), attributes and hooks as
-        ``model``, sharing no mutable object with it.
+        ``model``, sharing no mutable object with it (a parametrized module's class is
+        subclassed so its tensors ignore ``parametrize.cached()``).
 
     Raises:
         IsolationError: If the model cannot be deep-copied (an open file, a lock, a C
@@ -193,7 +194,31 @@ def evaluation_copy(model: nn.Module) -> nn.Module:
             if hooks:
                 for key in list(hooks):
                     hooks[key] = _copy_hook(hooks[key], work)
+    _uncached_parametrizations(out)
     return out
+
+
+def _uncached_parametrizations(module: nn.Module) -> None:
+    """Make ``module``'s parametrized tensors ignore ``torch.nn.utils.parametrize.cached()``.
+
+    Under that context (the user's, any thread) a parametrized weight is computed once and
+    kept in a global cache keyed by the id of the module it was registered on, which a copy
+    shares: every point would get the weight of the first one evaluated (a flat landscape),
+    and the user's own forward could get a moved point's weight. Each parametrized module of
+    the private copy gets a subclass whose properties always compute from the tensors that
+    ``functional_call`` put in.
+    """
+    for m in module.modules():
+        names = getattr(m, "parametrizations", None)
+        if not isinstance(names, nn.ModuleDict) or not names:
+            continue
+        cls = type(m)
+        props = {name: property(lambda self, n=name: self.parametrizations[n](),
+                                lambda self, v, n=name: self.parametrizations[n].right_inverse(v))
+                 for name in names}
+        # Same name and module as torch's class: messages and torch.fx's leaf test see no
+        # difference.
+        m.__class__ = type(cls.__name__, (cls,), {**props, "__module__": cls.__module__})
 
 
 def check_direction(model: nn.Module, direction: Params, name: str = "direction") -> None:
