@@ -174,6 +174,11 @@ def as_tensors(data, seed: int | None = None) -> tuple[Tensor, Tensor]:
             f"data must be an (inputs, targets) pair of tensors, a Dataset, a DataLoader or a "
             f"zero-argument function returning one; got {type(data).__name__}."
         )
+    if x.is_inference() or y.is_inference():
+        # Made under torch.inference_mode(): they could never be saved for backward (Hessian
+        # products) nor have a version counter read. A normal copy.
+        with torch.inference_mode(False):
+            x, y = x.clone(), y.clone()
     if x.dim() == 0 or y.dim() == 0:
         raise ValueError("inputs and targets need a sample dimension (dim 0).")
     if x.shape[0] == 0:

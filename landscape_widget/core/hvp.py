@@ -28,7 +28,15 @@ from .data import as_tensors
 from .errors import Cancelled  # re-exported: `from core.hvp import Cancelled` still works
 from .losses import check_cross_entropy_targets
 from .metrics import find_logits, resolve_task
-from .params import Params, buffers_of, check_module, evaluation_copy, model_device, parameters_of
+from .params import (
+    Params,
+    buffers_of,
+    check_module,
+    evaluation_copy,
+    model_device,
+    parameters_of,
+    plain_modes,
+)
 
 _WARMED = False
 METHODS = ("auto", "graph", "jvp", "backward")
@@ -85,6 +93,9 @@ class HessianOperator:
         ValueError: For bad options (each message names the fix).
     """
 
+    # Under the caller's torch.inference_mode() the set-up's tensors would be inference
+    # tensors, which the computation cannot update in place or save for backward.
+    @torch.inference_mode(False)
     def __init__(self, model: nn.Module, data, *, loss_fn: Callable | None = None,
                  ignore: str | None = "biasbn", bn: str = "eval", batch_size: int | None = None,
                  point: Params | None = None, device=None,
@@ -221,7 +232,7 @@ class HessianOperator:
                    .values()]
         while True:
             try:
-                with self._attention():
+                with self._attention(), plain_modes(self.device):
                     if not self._symmetric:
                         self._check_symmetric()
                     out = getattr(self, f"_{self.method}_product")(tangent)
