@@ -19,9 +19,50 @@ def _as_pair(batch, where: str) -> tuple[Tensor, Tensor]:
             f"{' of length ' + str(len(batch)) if isinstance(batch, (tuple, list)) else ''}."
         )
     x, y = batch
-    x = torch.as_tensor(x)
-    y = torch.as_tensor(y)
-    return x, y
+    return _tensor(x, "inputs", where), _tensor(y, "targets", where)
+
+
+def _describe(value) -> str:
+    """``value``'s form in words, for errors: a dict's keys, a sequence's element types."""
+    if isinstance(value, dict):
+        return f"a dict with keys {list(value)[:5]}"
+    kinds = sorted({type(v).__name__ for v in value})
+    return f"a {type(value).__name__} of {len(value)} {'/'.join(kinds)}"
+
+
+def _tensor(value, what: str, where: str) -> Tensor:
+    """``value`` as one tensor; ``what`` ("inputs"/"targets") and ``where`` name it in errors.
+
+    Returns:
+        ``value`` itself if a tensor, else ``torch.as_tensor(value)``.
+
+    Raises:
+        TypeError: If ``value`` is not one tensor or array-like (a dict of inputs, a tuple
+            of several input tensors): the engine slices one tensor along dim 0.
+    """
+    if isinstance(value, Tensor):
+        return value
+    # A dict, or a sequence holding tensors/dicts, is a model's several inputs:
+    # torch.as_tensor raises "Could not infer dtype of dict" or "only one element tensors
+    # can be converted to Python scalars", which names neither the problem nor the fix.
+    # (A list of 0-d tensors, class indices one by one, is fine: torch.as_tensor takes it.)
+    several = isinstance(value, dict) or (isinstance(value, (tuple, list)) and any(
+        isinstance(v, dict) or (isinstance(v, Tensor) and v.dim() > 0) for v in value))
+    if not several:
+        try:
+            return torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise TypeError(
+                f"the {what} of {where} ({type(value).__name__}) cannot be made one tensor "
+                f"({err}); pass them as a tensor or array with the samples along dim 0."
+            ) from err
+    raise TypeError(
+        f"the {what} of {where} are {_describe(value)}, not one tensor; the engine slices "
+        f"one {what} tensor along dim 0 (the samples). Per-sample tensors: torch.stack "
+        "them. A model of several inputs: pass one tensor and a wrapper that builds them "
+        "from it, e.g. for model(a, b) stack them as x = torch.stack([a, b], 1) and "
+        "evaluate an nn.Module whose forward(x) returns model(x[:, 0], x[:, 1])."
+    )
 
 
 def _collect(loader: DataLoader, where: str) -> tuple[Tensor, Tensor]:
@@ -133,6 +174,11 @@ def as_tensors(data, seed: int | None = None) -> tuple[Tensor, Tensor]:
             f"data must be an (inputs, targets) pair of tensors, a Dataset, a DataLoader or a "
             f"zero-argument function returning one; got {type(data).__name__}."
         )
+    if x.is_inference() or y.is_inference():
+        # Made under torch.inference_mode(): they could never be saved for backward (Hessian
+        # products) nor have a version counter read. A normal copy.
+        with torch.inference_mode(False):
+            x, y = x.clone(), y.clone()
     if x.dim() == 0 or y.dim() == 0:
         raise ValueError("inputs and targets need a sample dimension (dim 0).")
     if x.shape[0] == 0:

@@ -148,6 +148,9 @@ class Evaluator(PointPasses, LossStats, PrecisionCheck, PlanTuner, CompiledForwa
             compiles only on CUDA, large grids whose predicted time dwarfs the compile time.
     """
 
+    # Under the caller's torch.inference_mode() the set-up's tensors would be inference
+    # tensors, which the computation cannot update in place or save for backward.
+    @torch.inference_mode(False)
     def __init__(
         self,
         model: nn.Module,

@@ -31,7 +31,8 @@ def parse_axis(spec, name: str = "x") -> np.ndarray:
 
     Raises:
         TypeError: If ``spec`` is not a 3-tuple of numbers.
-        ValueError: If the range is not finite or ``num`` is outside ``[1, MAX_AXIS_POINTS]``.
+        ValueError: If the range is not finite, ``num`` is outside ``[1, MAX_AXIS_POINTS]``,
+            or ``num`` is 1 with ``start != stop`` (``stop`` would be ignored).
     """
     if isinstance(spec, np.ndarray) or not isinstance(spec, (tuple, list)) or len(spec) != 3:
         raise TypeError(
@@ -55,6 +56,15 @@ def parse_axis(spec, name: str = "x") -> np.ndarray:
         )
     if int(num) > 1 and float(start) == float(stop):
         raise ValueError(f"{name} start and stop are equal ({start}); give a non-empty range.")
+    if int(num) == 1 and float(start) != float(stop):
+        # linspace(start, stop, 1) is [start]: stop would be ignored. The likely cause is a
+        # list of three coordinates, [-1, 0, 1], read as start=-1, stop=0, num=1.
+        raise ValueError(
+            f"{name}={spec!r} reads as start={start}, stop={stop}, num=1: one point, at "
+            f"{start}, and stop would be ignored. For one point pass ({start}, {start}, 1); "
+            f"{name} is (start, stop, num), not a list of coordinates: if {list(spec)} were "
+            f"coordinates, pass ({min(spec)}, {max(spec)}, 3)."
+        )
     return np.linspace(float(start), float(stop), int(num))
 
 

@@ -28,7 +28,15 @@ from .data import as_tensors
 from .errors import Cancelled  # re-exported: `from core.hvp import Cancelled` still works
 from .losses import check_cross_entropy_targets
 from .metrics import find_logits, resolve_task
-from .params import Params, buffers_of, check_module, evaluation_copy, model_device, parameters_of
+from .params import (
+    Params,
+    buffers_of,
+    check_module,
+    evaluation_copy,
+    model_device,
+    parameters_of,
+    plain_modes,
+)
 
 _WARMED = False
 METHODS = ("auto", "graph", "jvp", "backward")
@@ -85,6 +93,9 @@ class HessianOperator:
         ValueError: For bad options (each message names the fix).
     """
 
+    # Under the caller's torch.inference_mode() the set-up's tensors would be inference
+    # tensors, which the computation cannot update in place or save for backward.
+    @torch.inference_mode(False)
     def __init__(self, model: nn.Module, data, *, loss_fn: Callable | None = None,
                  ignore: str | None = "biasbn", bn: str = "eval", batch_size: int | None = None,
                  point: Params | None = None, device=None,
@@ -166,6 +177,7 @@ class HessianOperator:
         self.cancel = cancel
         self.on_product = on_product
         self.products = 0
+        self._symmetric = False  # checked at the first product (_check_symmetric)
 
     def set_point(self, point: Params | None) -> None:
         """Take the Hessian at ``point`` (parameter values by name; ``None``: the model's).
@@ -220,7 +232,9 @@ class HessianOperator:
                    .values()]
         while True:
             try:
-                with self._attention():
+                with self._attention(), plain_modes(self.device):
+                    if not self._symmetric:
+                        self._check_symmetric()
                     out = getattr(self, f"_{self.method}_product")(tangent)
                 break
             except Cancelled:
@@ -231,6 +245,35 @@ class HessianOperator:
         if self.on_product is not None:
             self.on_product(self.products)
         return out.to(v.dtype)
+
+    def _check_symmetric(self) -> None:
+        """Check ``u . Hw == w . Hu`` once, on two seeded vectors (not counted as products).
+
+        torch's double backward of a few layers is silently wrong: weight_norm's fused
+        ``_weight_norm_interface`` (torch 2.x, both parametrizations and the legacy hook)
+        gives a Hessian off by ~10 % and not symmetric, and eigenvalues, traces and
+        curvature maps from it would be wrong with no sign of it. A correct Hessian is
+        symmetric, so asymmetry beyond rounding (1e-3 of the Cauchy-Schwarz bound) shows it.
+
+        Raises:
+            RuntimeError: If the products are not symmetric (``_failed`` then tries the
+                next method or explains).
+        """
+        g = torch.Generator().manual_seed(12345)
+        u, w = (torch.randn(self.size, generator=g, dtype=torch.float64) for _ in range(2))
+        product = getattr(self, f"_{self.method}_product")
+        hu, hw = (product([t.contiguous() for t in self.unflatten(
+            v.to(self.device, self.dtype)).values()]).double().cpu() for v in (u, w))
+        a, b = float(u @ hw), float(w @ hu)
+        bound = float(max(u.norm() * hw.norm(), w.norm() * hu.norm()))
+        if abs(a - b) > 1e-3 * bound:
+            raise RuntimeError(
+                f"Hessian-vector products are not symmetric (u.Hw = {a:.6g}, w.Hu = {b:.6g}): "
+                "torch's second derivative of a layer of this model is wrong (known: "
+                "weight_norm, whose _weight_norm_interface double backward is incorrect; "
+                "compute such a weight from plain operations, g * v / v.norm(dim=1, "
+                "keepdim=True), in a custom parametrization)")
+        self._symmetric = True
 
     def _attention(self):
         """The math attention kernel once a fused one proved not twice differentiable."""

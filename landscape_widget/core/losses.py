@@ -214,6 +214,18 @@ def check_reduction(loss_fn, out, y: Tensor, task) -> None:
             "default of torch's losses), or divide by the batch size: "
             "loss_fn=lambda out, y: my_loss(out, y) / len(y)."
         )
+    broadcast = _broadcast_shape(out, y)
+    if broadcast is not None:
+        # MSELoss on (N, 1) outputs and (N,) targets compares every output with every
+        # target: torch only warns, and a sum/mean test cannot say why it fails.
+        raise ValueError(
+            f"loss_fn broadcasts the outputs {tuple(out.shape)} against the targets "
+            f"{tuple(y.shape)} to {broadcast} (every sample's output against every target), "
+            "so it is not a mean over samples and its value is wrong. Give the targets the "
+            f"outputs' shape: pass y.reshape({', '.join(['-1', *map(str, out.shape[1:])])}), "
+            "or squeeze the outputs in the loss: loss_fn=lambda out, y: "
+            "F.mse_loss(out.squeeze(-1), y)."
+        )
     raise ValueError(
         f"loss_fn is not a mean over samples: on {m} samples it gives {whole:.6g}, but not "
         "the weighted mean of its parts' values. The engine splits the data into batches "
@@ -222,6 +234,24 @@ def check_reduction(loss_fn, out, y: Tensor, task) -> None:
         "per-sample (or per-target) losses, or evaluate all data in one batch with "
         "evaluator_options={'batch_size': len(data)}."
     )
+
+
+def _broadcast_shape(out, y: Tensor) -> tuple[int, ...] | None:
+    """The shape ``out`` and ``y`` broadcast to, if it mixes their sample dims, else None.
+
+    Returns:
+        The broadcast shape when ``out`` is a tensor whose shape differs from ``y``'s and
+        broadcasting them pairs samples of one with other samples of the other (more
+        elements than either), e.g. ``(N, 1)`` with ``(N,)`` gives ``(N, N)``; else None.
+    """
+    if not isinstance(out, Tensor) or out.shape == y.shape:
+        return None
+    try:
+        shape = torch.broadcast_shapes(out.shape, y.shape)
+    except RuntimeError:
+        return None
+    big = math.prod(shape)
+    return tuple(shape) if big > out.numel() and big > y.numel() else None
 
 
 def _finite(v: float) -> bool:
@@ -247,9 +277,9 @@ def loss_error(err: Exception, outputs: str, y: Tensor, *, default: bool,
     Returns:
         One line for the user: what the model returns and the targets' shape and dtype,
         the most likely fix as the error suggests it (integer or ``torch.long`` targets,
-        float targets, class indices within the outputs, ``output_fn=`` for the default
-        loss, matching shapes; else where to look, since nothing in the error points at
-        the inputs), and the type and first line of ``err``.
+        float targets, bool targets, class indices within the outputs, ``output_fn=`` for
+        the default loss, a tensor picked from the outputs for a torch loss, matching
+        shapes; else where to look), and the type and first line of ``err``.
 
     Example:
         >>> y = torch.zeros(4, dtype=torch.long)
@@ -270,6 +300,13 @@ def loss_error(err: Exception, outputs: str, y: Tensor, *, default: bool,
     elif not y.is_floating_point() and any(w in text for w in ("Float", "Double", "float",
                                                                 "Half", "cast")):
         hint = "the loss wants real-valued targets: pass y.float() (the outputs' dtype)"
+    elif y.dtype == torch.bool:  # e.g. BCE's "Subtraction ... with two bool tensors"
+        hint = ("the targets are bool: pass y.float() for a loss on probabilities or "
+                "multi-label targets (BCEWithLogitsLoss), y.long() for class indices")
+    elif not tensor_out and not default and re.search(r"must be Tensor, not", text):
+        hint = ("loss_fn gets the model's outputs as returned, not a Tensor: pick the tensor "
+                "in it, e.g. loss_fn=lambda out, y: F.cross_entropy(out['logits'], y) "
+                "(or out[0], out.logits)")
     elif default and not tensor_out:
         hint = ("the default loss is cross-entropy on the logits; pass output_fn= to say "
                 "where they are, or your own loss_fn(outputs, targets)")

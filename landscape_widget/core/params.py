@@ -6,8 +6,10 @@ Nothing in this module writes into the user's module.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import types
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -143,6 +145,20 @@ def _uncopyable(model: nn.Module, memo: dict) -> str:
     return "an unknown part of the model"
 
 
+@contextlib.contextmanager
+def plain_modes(device: torch.device) -> Iterator[None]:
+    """The caller's thread-local torch modes that would change what is computed, turned off.
+
+    Under the user's ``torch.inference_mode()`` the tensors made here are inference tensors
+    (no version counter, never saved for backward: the engine's set-up and every
+    Hessian-vector product fail); under the user's ``torch.autocast`` the forward passes
+    would compute in bf16/fp16 while the result says fp32. The package's own autocast
+    (``precision=``) is entered inside this.
+    """
+    with torch.inference_mode(False), torch.autocast(device.type, enabled=False):
+        yield
+
+
 def evaluation_copy(model: nn.Module) -> nn.Module:
     """A private copy of ``model`` that nothing in its ``forward`` can use to reach the user's.
 
@@ -156,7 +172,8 @@ def evaluation_copy(model: nn.Module) -> nn.Module:
 
     Returns:
         A new module with the same class, tensors (as independent copies), attributes and hooks as
-        ``model``, sharing no mutable object with it.
+        ``model``, sharing no mutable object with it (a parametrized module's class is
+        subclassed so its tensors ignore ``parametrize.cached()``).
 
     Raises:
         IsolationError: If the model cannot be deep-copied (an open file, a lock, a C
@@ -168,15 +185,16 @@ def evaluation_copy(model: nn.Module) -> nn.Module:
     for m in model.modules():
         for value in list(vars(m).values()):
             if isinstance(value, Tensor) and not isinstance(value, nn.Parameter):
-                memo[id(value)] = value.detach().clone()
+                with torch.inference_mode(False):
+                    memo[id(value)] = value.detach().clone()
     work = dict(memo)  # after the copy: each of the user's objects -> the copy's
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.inference_mode(False):  # normal tensors, whatever the mode
             out = copy.deepcopy(model, work)
     except Exception:  # noqa: BLE001 - a class may refuse deepcopy as a whole: copy its parts
         work = dict(memo)
         try:
-            with torch.no_grad():
+            with torch.no_grad(), torch.inference_mode(False):
                 out = _module_by_module(model, work)
         except Exception as err:  # noqa: BLE001 - any failure gets the same clear refusal
             raise IsolationError(
@@ -193,7 +211,31 @@ def evaluation_copy(model: nn.Module) -> nn.Module:
             if hooks:
                 for key in list(hooks):
                     hooks[key] = _copy_hook(hooks[key], work)
+    _uncached_parametrizations(out)
     return out
+
+
+def _uncached_parametrizations(module: nn.Module) -> None:
+    """Make ``module``'s parametrized tensors ignore ``torch.nn.utils.parametrize.cached()``.
+
+    Under that context (the user's, any thread) a parametrized weight is computed once and
+    kept in a global cache keyed by the id of the module it was registered on, which a copy
+    shares: every point would get the weight of the first one evaluated (a flat landscape),
+    and the user's own forward could get a moved point's weight. Each parametrized module of
+    the private copy gets a subclass whose properties always compute from the tensors that
+    ``functional_call`` put in.
+    """
+    for m in module.modules():
+        names = getattr(m, "parametrizations", None)
+        if not isinstance(names, nn.ModuleDict) or not names:
+            continue
+        cls = type(m)
+        props = {name: property(lambda self, n=name: self.parametrizations[n](),
+                                lambda self, v, n=name: self.parametrizations[n].right_inverse(v))
+                 for name in names}
+        # Same name and module as torch's class: messages and torch.fx's leaf test see no
+        # difference.
+        m.__class__ = type(cls.__name__, (cls,), {**props, "__module__": cls.__module__})
 
 
 def check_direction(model: nn.Module, direction: Params, name: str = "direction") -> None:

@@ -42,6 +42,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_map
 
 from . import fp32_flags
+from .params import plain_modes
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -137,7 +138,8 @@ def precision_flags(precision: str, device: torch.device) -> Iterator[None]:
             _leave(entry)
             raise
     try:
-        yield
+        with plain_modes(device):  # the caller's inference mode and autocast: off
+            yield
     finally:
         with _FLAGS_LOCK:
             _leave(entry)

@@ -27,6 +27,7 @@ from ..core.params import (
     evaluation_copy,
     model_device,
     parameters_of,
+    plain_modes,
 )
 
 Callback = Callable[[int, int, float], None]
@@ -44,6 +45,7 @@ class _Objective:
         device: Where to compute (default: the model's device).
     """
 
+    @torch.inference_mode(False)  # the caller's inference mode: no inference tensors here
     def __init__(self, model: nn.Module, data, *, loss_fn: Callable | None, bn: str,
                  ignore: str | None, device=None):
         check_module(model)
@@ -94,7 +96,8 @@ class _Objective:
                     # No tracking: F.batch_norm gets no running buffers, so nothing is updated.
                     m.train()
                     m.track_running_stats = False
-        yield
+        with plain_modes(self.device):  # the caller's inference mode and autocast: off
+            yield
 
     def loss(self, shift: Params, x: Tensor, y: Tensor) -> Tensor:
         """Mean loss of ``theta + shift`` on ``(x, y)``; differentiable in ``shift``.

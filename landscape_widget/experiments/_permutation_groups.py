@@ -379,6 +379,15 @@ class Plan:
 
     def _module(self, node, units: _Units) -> _Units:
         m = self.modules[node.target]
+        computed = [n for n in ("weight", "bias") if isinstance(getattr(m, n, None), Tensor)
+                    and id(getattr(m, n)) not in self.key]
+        if computed:
+            # Computed by a parametrization (weight_norm, orthogonal, ...): what permuting
+            # its rows moves in its sources depends on it (orthogonal: no such move). Pinned.
+            self.layers.update([f"{node.target}.weight"] if isinstance(m, MIXING) else [])
+            self.pinned_keys.update(self._keys_under(node.target))
+            return self.pin(node, [units], f"its {' and '.join(computed)} computed by a "
+                            "parametrization", always=True)
         if isinstance(m, MIXING):
             return self.mixing(node, m, units)
         if isinstance(m, nn.modules.batchnorm._BatchNorm) or isinstance(m, nn.PReLU):
