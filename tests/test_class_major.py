@@ -16,7 +16,7 @@ from torch import nn
 
 import landscape_widget as lw
 from landscape_widget.core import plans
-from landscape_widget.core.losses import batched_cross_entropy
+from landscape_widget.core.batched_ce import batched_cross_entropy
 from landscape_widget.core.plans import PIN_SLOWDOWN
 from landscape_widget.core.rewrite import head_linear
 from landscape_widget.core.stem import split_stem

@@ -20,14 +20,13 @@ from torch import Tensor
 from torch.func import functional_call
 
 from . import subset
+from .batched_ce import batched_cross_entropy, target_checks
 from .errors import AccuracyUndefined, NoCountedTargets
 from .losses import (
     IGNORE_INDEX,
-    batched_cross_entropy,
     check_cross_entropy_targets,
     check_reduction,
     loss_error,
-    target_checks,
 )
 from .metrics import Task, describe, find_logits, resolve_task, user_metric_stats
 from .precision import precision_flags, to_float32

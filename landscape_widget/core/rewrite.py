@@ -15,7 +15,7 @@ again, so two slow spots of eager PyTorch on a CPU are worth rewriting there:
   ``nn.Linear`` with at most :data:`HEAD_MAX_CLASSES` outputs becomes :func:`head_linear`:
   ``(W @ x^T)^T``, the same logits stored class-major. Under vmap that batched product is
   2.6x faster for 64 points x 1024 samples x 32 -> 10 features, and the class-major
-  storage makes the loss's reductions fast (core/losses.py, ``batched_cross_entropy``);
+  storage makes the loss's reductions fast (core/batched_ce.py, ``batched_cross_entropy``);
   torch's own ``log_softmax`` and ``argmax`` would be 4x slower on it, hence the flag.
 
 All give the same values up to float rounding (sums in another order). Modules
