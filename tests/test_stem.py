@@ -206,3 +206,46 @@ def test_a_trace_in_another_thread_leaves_this_threads_forward_alone():
     gm = traced["gm"]
     assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["lin"]
     torch.testing.assert_close(gm(x), slow.lin(x), rtol=0, atol=0)
+
+
+class BufferMethods(nn.Module):
+    """A forward that calls methods of buffers after the first layer: torch.fx runs them
+    at trace time and keeps their values as constants of the traced graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(6, 3)
+        self.register_buffer("mask", torch.tensor([True, False, True]))
+        self.register_buffer("log_scale", torch.tensor([0.2, -0.1, 0.3]))
+        self.register_buffer("cnt", torch.tensor(3))
+
+    def forward(self, x):
+        return self.l(x) * self.mask.float() * self.log_scale.exp() + self.cnt
+
+
+@pytest.mark.parametrize("strategy", ["vmap", "loop"])
+def test_stem_keeps_the_traces_constants(strategy):
+    """The suffix's trace constants are its own: the stem applies (it was refused with a
+    KeyError, which strategy='vmap' reported as the vmap error), and values equal the
+    float64 loop; directions that move a buffer the trace baked in get no stem."""
+    torch.manual_seed(0)
+    model = BufferMethods()
+    x, y = torch.randn(30, 6), torch.randint(0, 3, (30,))
+    stem = split_stem(model)
+    assert stem is not None and stem.constants and "cnt" in stem.suffix_keys
+    d1, d2 = lw.random_direction(model, seed=1), gaussian_direction(model, seed=2)
+    xs, ys = (-1, 1, 3), (-1, 1, 3)
+    opts = {"strategy": strategy}
+    surf = lw.compute_surface(model, (x, y), directions=(d1, d2), x=xs, y=ys, progress=False,
+                              evaluator_options={**opts, "stem": True})
+    assert surf.spec["plan"]["stem"] and surf.spec["plan"]["vmap_error"] == ""
+    want, _ = naive_surface(model, x, y, d1, d2, linspace(xs), linspace(ys))
+    np.testing.assert_allclose(surf.loss, want, rtol=1e-5)
+    # A direction moving log_scale: exp(log_scale) is a constant of the trace, so the
+    # stem would keep theta's value at every point; the whole model is run instead.
+    d3 = {**d2, "log_scale": torch.tensor([1.0, -2.0, 0.5])}
+    moved = lw.compute_surface(model, (x, y), directions=(d1, d3), x=xs, y=ys,
+                               progress=False, evaluator_options={**opts, "stem": True})
+    assert not moved.spec["plan"]["stem"]
+    want, _ = naive_surface(model, x, y, d1, d3, linspace(xs), linspace(ys))
+    np.testing.assert_allclose(moved.loss, want, rtol=1e-5)

@@ -44,6 +44,9 @@ class Stem:
         layer: The stem module itself.
         suffix: The rest of the model, taking the stem's output as its input.
         suffix_keys: Parameter and buffer names the suffix uses (keys as in the full model).
+        constants: Whether the trace baked tensors computed from buffers into the suffix
+            (``self.mask.float()``: torch.fx runs a method of a buffer at trace time and
+            keeps its value as ``_tensor_constantN``); they stay the suffix's own.
     """
 
     name: str
@@ -51,6 +54,7 @@ class Stem:
     layer: nn.Module
     suffix: fx.GraphModule
     suffix_keys: frozenset[str]
+    constants: bool = False
 
     @property
     def keys(self) -> tuple[str, ...]:
@@ -205,10 +209,13 @@ def split_stem(module: nn.Module, class_major_head: bool = False) -> Stem | None
     # Every pass gives the suffix a new stem output (StemTerms._stem_input), so a ReLU on it
     # may work in place; see core/rewrite.py.
     rewrite.optimise(suffix, fresh_inputs=("stem_out",), class_major_head=class_major_head)
-    keys = frozenset(k for k, _ in suffix.named_parameters()) | frozenset(
-        k for k, _ in suffix.named_buffers()
-    )
-    return Stem(str(stem.target), prefix, layer, suffix, keys)
+    used = {k for k, _ in suffix.named_parameters()} | {k for k, _ in suffix.named_buffers()}
+    own = {k for k, _ in module.named_parameters(remove_duplicate=False)} | {
+        k for k, _ in module.named_buffers(remove_duplicate=False)}
+    # Names the model does not have are the trace's constants: the suffix keeps its own
+    # (asking the point's tensors for them was a KeyError, and the stem was refused).
+    return Stem(str(stem.target), prefix, layer, suffix, frozenset(used & own),
+                constants=bool(used - own))
 
 
 class StemTerms:
