@@ -186,16 +186,63 @@ def to_float32(out):
     return tree_map(cast, out)
 
 
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+"""/proc/cpuinfo flags of the x86 instructions that compute bf16 natively."""
+
+
+def cpu_has_bf16(cpuinfo: str | None = None) -> bool | None:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), from /proc/cpuinfo.
+
+    On a 2-core AMD EPYC with AVX512-BF16 (Zen 4) bf16 surfaces were 1.3-1.6x faster than
+    fp32 ones (benchmarks/models.py, 2026-12-05); on one without, oneDNN emulates bf16 and
+    they were 10-21x slower (2026-12-04).
+
+    Args:
+        cpuinfo: The text of /proc/cpuinfo (read when not given).
+
+    Returns:
+        ``True`` or ``False`` from the CPU's flags; ``None`` where they cannot be read
+        (not Linux).
+
+    Example:
+        >>> cpu_has_bf16("flags : fpu avx2 avx512f avx512_bf16")
+        True
+        >>> cpu_has_bf16("flags : fpu avx2")
+        False
+    """
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return None
+    flags = {w for line in cpuinfo.splitlines() if line.startswith("flags")
+             for w in line.split(":", 1)[-1].split()}
+    return any(f in flags for f in BF16_CPU_FLAGS)
+
+
 def precision_note(precision: str, device: torch.device) -> str:
-    """What ``precision`` means on ``device``, for ``spec["plan"]``."""
+    """What ``precision`` means on ``device``, for ``spec["plan"]``.
+
+    Returns:
+        One line; for bf16 on a CPU it also says whether the CPU has bf16 instructions
+        (without them bf16 is emulated and much slower than fp32).
+    """
     if precision == "tf32" and device.type != "cuda":
         return "tf32 has no effect on a CPU: computed in fp32"
     if precision == "fp32":
         return "true fp32 (TF32 off for matmuls, convolutions and RNNs while computing)"
     if precision == "tf32":
         return "TF32 tensor cores for float32 matmuls and convolutions"
-    return (f"forward under torch.autocast({device.type!r}, {precision}); outputs cast to "
+    note = (f"forward under torch.autocast({device.type!r}, {precision}); outputs cast to "
             "float32 before the loss, sums in float64")
+    native = cpu_has_bf16() if device.type == "cpu" else None
+    if native is False:
+        note += ("; this CPU has no bf16 instructions (AVX512-BF16, AMX): bf16 is emulated "
+                 "and usually several times slower than fp32")
+    elif native:
+        note += "; this CPU computes bf16 natively (AVX512-BF16 or AMX)"
+    return note
 
 
 class PrecisionCheck:
