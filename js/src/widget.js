@@ -82,6 +82,7 @@ function render({ model, el }) {
   // `firstDraw` (the first tile drawn on screen).
   const timings = {}; // job id -> {source, sent, start, firstTile, firstDraw}
   let lastTraitFlush = null; // performance.now() of the last compute-trait change sent
+  let flushedValues = {}; // the compute traits that change set, as JSON: its job's spec
   Object.defineProperty(root, "landscape", { configurable: true, value: () => snapshot() });
   Object.defineProperty(root, "pattern", { configurable: true, value: () => pattern.snapshot() });
   Object.defineProperty(root, "compare", { configurable: true, value: () => compare.snapshot() });
@@ -104,7 +105,11 @@ function render({ model, el }) {
       return;
     }
     const keys = Object.keys(values);
-    if (keys.some((k) => computeKeys().includes(k))) lastTraitFlush = performance.now();
+    const changed = keys.filter((k) => computeKeys().includes(k));
+    if (changed.length) {
+      lastTraitFlush = performance.now();
+      flushedValues = Object.fromEntries(changed.map((k) => [k, JSON.stringify(values[k])]));
+    }
     for (const k of keys) model.set(k, values[k]);
     model.save_changes();
     panel.sync();
@@ -176,8 +181,16 @@ function render({ model, el }) {
     const now = performance.now();
     if (msg.kind === "start") {
       const t = timing(msg.id);
-      if (t.sent == null && lastTraitFlush != null) Object.assign(t, { source: "controls", sent: lastTraitFlush });
-      lastTraitFlush = null;
+      // Only the job for the controls' latest values answers their change: a start for a
+      // value the slider passed through (or a job begun before) arriving first would
+      // otherwise take the change's time, and the real job would count as the kernel's.
+      const spec = msg.spec || {};
+      const answers = Object.entries(flushedValues)
+        .every(([k, v]) => JSON.stringify(spec[k]) === v);
+      if (t.sent == null && lastTraitFlush != null && answers) {
+        Object.assign(t, { source: "controls", sent: lastTraitFlush });
+        lastTraitFlush = null;
+      }
       t.start = now;
       incoming = newJob(msg, buffers);
       live = { id: msg.id, done: 0, total: incoming.known.length, device: msg.device };
