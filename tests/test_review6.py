@@ -289,3 +289,36 @@ def test_hessian_and_side_direction_ignore_the_callers_modes(mode):
         assert lw.hessian_trace(model, data, samples=3).value == trace
         inside = lw.side_direction(model, data, warn=False)
     assert all(torch.equal(inside[k], side[k]) for k in side)
+
+
+def test_training_and_mining_methods_leave_the_callers_inference_mode():
+    """fit_pattern, compare_optimizers, triangle_surface and mine_direction under the
+    caller's torch.inference_mode() give what they give outside it. Before, the first two
+    raised 'element 0 of tensors does not require grad', mine_direction 'Setting
+    requires_grad=True on inference tensor', and triangle_surface claimed the forward
+    wrote into a parameter in place."""
+    torch.manual_seed(0)
+
+    def make():
+        return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+
+    x, y = torch.randn(40, 4), torch.randint(0, 3, (40,))
+    m1, m2, m3 = make(), make(), make()
+    sgd = {"sgd": lambda p: torch.optim.SGD(p, lr=0.1)}
+
+    def run_all():
+        fit = lw.fit_pattern(m1, (x, y), lw.checkerboard(2), steps=3, progress=False)
+        runs = lw.compare_optimizers(make, (x, y), sgd, epochs=1, batch_size=8,
+                                     progress=False)
+        tri = lw.triangle_surface(m1, m2, m3, (x, y), resolution=3, progress=False)
+        mined = lw.mine_direction(m1, (x, y), "w-peak", steps=2, warn=False)
+        trained = runs.model("sgd").state_dict()
+        return (fit.evaluate((x, y))["loss"], torch.cat([v.flatten() for v in trained.values()]),
+                tri.values("loss"), dict(mined))
+
+    outside = run_all()
+    with torch.inference_mode():
+        inside = run_all()
+    for a, b in zip(outside[:3], inside[:3], strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert all(torch.equal(outside[3][k], inside[3][k]) for k in outside[3])

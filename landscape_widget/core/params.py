@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import types
 from collections.abc import Iterator
 
@@ -157,6 +158,36 @@ def plain_modes(device: torch.device) -> Iterator[None]:
     """
     with torch.inference_mode(False), torch.autocast(device.type, enabled=False):
         yield
+
+
+def outside_inference_mode(fn):
+    """``fn``, run with the caller's ``torch.inference_mode()`` switched off.
+
+    Under the caller's inference mode every tensor made inside is an inference tensor, and
+    grad mode is off: a training step finds no gradient ("element 0 of tensors does not
+    require grad"), and the engine's in-place checks misread the tensors (a plane through
+    three models said the forward wrote into a parameter). Leaving inference mode turns
+    grad mode on, as torch defines it; the caller's other modes stay.
+
+    Returns:
+        The wrapped function (unchanged when called outside inference mode).
+
+    Example:
+        >>> @outside_inference_mode
+        ... def made():
+        ...     return torch.ones(1).is_inference()
+        >>> with torch.inference_mode():
+        ...     made()
+        False
+    """
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if not torch.is_inference_mode_enabled():
+            return fn(*args, **kwargs)
+        with torch.inference_mode(False):
+            return fn(*args, **kwargs)
+
+    return run
 
 
 def evaluation_copy(model: nn.Module) -> nn.Module:

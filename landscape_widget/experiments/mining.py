@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.hessian import HessianOperator
-from ..core.params import Params, check_direction, check_module
+from ..core.params import Params, check_direction, check_module, outside_inference_mode
 from ._objective import (
     Callback,
     _adam,
@@ -88,6 +88,7 @@ def _plan(seed: int, scale: float, lr: float, attempts: int, shape: str = "") ->
             for i in range(attempts)]
 
 
+@outside_inference_mode
 def mine_direction(model: nn.Module, data, shape: str = "w-peak", *, steps: int | None = None,
                    seed: int = 0, scale: float | None = None, lr: float = DEFAULT_LR,
                    batch_size: int = 256, attempts: int = DEFAULT_ATTEMPTS,
@@ -254,6 +255,7 @@ def _mine_1d(obj: _Objective, d: Params, shape: str, scales: dict[str, float], *
               progress=progress, cancel=cancel, callback=callback, scales=scales)
 
 
+@outside_inference_mode
 def mine_plane(model: nn.Module, data, shape: str = "saddle", *, steps: int | None = None,
                seed: int = 0, scale: float | None = None, lr: float = DEFAULT_LR,
                batch_size: int = 256, angles: int = 4, attempts: int = DEFAULT_ATTEMPTS,
@@ -411,6 +413,7 @@ def _mine_plane_once(obj: _Objective, shape: str, scales: dict[str, float], *, s
     return u, v
 
 
+@outside_inference_mode
 def rayleigh_quotient(model: nn.Module, data, direction: Params, *,
                       loss_fn: Callable | None = None, bn: str = "eval",
                       batch_size: int | None = None, device=None) -> float:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..core.data import as_tensors
+from ..core.params import outside_inference_mode
 from .masks import as_binary, ternary_mask
 from .pattern_fit import PatternFit
 from .plane import FlatLayout, PatternPlane
@@ -70,6 +71,7 @@ def fresh_networks(model_fn: ModelFn | nn.Module, seed: int, count: int = 3) -> 
     return nets
 
 
+@outside_inference_mode
 def fit_pattern(
     model_fn: ModelFn | nn.Module,
     data,

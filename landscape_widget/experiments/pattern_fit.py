@@ -18,6 +18,7 @@ from ..core.data import as_tensors
 from ..core.h5io import check_target
 from ..core.landscape import compute_surface
 from ..core.losses import check_cross_entropy_targets
+from ..core.params import outside_inference_mode
 from .plane import FlatLayout, PatternPlane, cell_losses, mpo_loss
 
 FORMAT = "landscape_widget.PatternFit"
@@ -118,6 +119,7 @@ class PatternFit:
         acts = _activation_bytes(self.layout.template, x[:2]) * x.shape[0] * 3
         return int(max(1, min(total, budget // max(1, per_cell + acts))))
 
+    @outside_inference_mode
     def step_once(self, x: Tensor, y: Tensor, batched: bool = True) -> dict:
         """One MPO step on the minibatch ``(x, y)``; returns its history entry.
 
@@ -179,6 +181,7 @@ class PatternFit:
         self.history.append(entry)
         return entry
 
+    @outside_inference_mode
     def train(self, data, steps: int, *, progress: bool = True,
               callback: Callable[[PatternFit], None] | None = None, every: int = 10,
               cancel: threading.Event | None = None, strategy: str = "vmap") -> PatternFit:
@@ -251,6 +254,7 @@ class PatternFit:
         return self
 
     # --- evaluation ---------------------------------------------------------------------
+    @outside_inference_mode
     def evaluate(self, data, batch_size: int | None = None) -> dict[str, np.ndarray]:
         """Loss and accuracy of every cell's network on ``data``: ``(H, W)`` arrays.
 

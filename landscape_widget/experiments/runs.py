@@ -20,6 +20,7 @@ from ..core.directions import interpolation_direction, random_directions
 from ..core.evaluate import Evaluator
 from ..core.landscape import compute_curve
 from ..core.losses import check_cross_entropy_targets
+from ..core.params import outside_inference_mode
 from ..core.surface import Curve
 from ._objective import _norm
 from .optimizers import (
@@ -57,6 +58,7 @@ def _quantiles(values: np.ndarray, qs: Sequence[float]) -> list[float]:
     return out
 
 
+@outside_inference_mode
 def compare_optimizers(model_fn, train_data, optimizers: Mapping[str, OptimizerFactory], *,
                        epochs: int = 10, batch_size: int = 128, seed: int = 0, test_data=None,
                        loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
@@ -147,6 +149,7 @@ class OptimizerRuns:
         self.runs: dict[str, Run] = {}
 
     # --- training ---------------------------------------------------------------------
+    @outside_inference_mode
     def train(self, name: str, factory, bar=None) -> Run:
         """Train (or re-train) the run ``name`` from ``theta_0`` with ``factory``."""
         run = start_run(name, factory, self._init, self.schedule, self.epochs, self.data,
@@ -154,6 +157,7 @@ class OptimizerRuns:
         self.runs[name] = run
         return run
 
+    @outside_inference_mode
     def switch(self, a: str, b: str, at_epoch: int, *, optimizer=None,
                progress: bool = False) -> Run:
         """Run ``a`` for ``at_epoch`` epochs, then a fresh optimizer ``b`` to the end (B4).
@@ -271,6 +275,7 @@ class OptimizerRuns:
             return self.test if self.test is not None else self.data
         return held_data(data, self._init, self.schedule.seed)
 
+    @outside_inference_mode
     def functional_difference(self, data=None, names: Sequence[str] | None = None
                               ) -> dict[tuple[str, str], dict[str, float]]:
         """How differently pairs of final models predict (B6, PROPOSAL).
@@ -310,6 +315,7 @@ class OptimizerRuns:
                 }
         return result
 
+    @outside_inference_mode
     def basin_size(self, directions: int = 20, *, radii=(0.0, 2.0, 41), delta: float = 0.1,
                    norm: str | None = "filter", data=None, seed: int = 0,
                    names: Sequence[str] | None = None) -> dict[str, dict]:
@@ -369,6 +375,7 @@ class OptimizerRuns:
             out[name] = {"r": first, "median": float(med), "iqr": (float(q25), float(q75))}
         return out
 
+    @outside_inference_mode
     def interpolate(self, a: str, b: str, *, x=(-0.5, 1.5, 81), progress: bool = False
                     ) -> dict[str, Curve]:
         """Loss along ``(1 - alpha) theta_a + alpha theta_b`` (B2), train and test.
@@ -385,6 +392,7 @@ class OptimizerRuns:
                                         loss_fn=self.loss_fn, progress=progress)
         return out
 
+    @outside_inference_mode
     def triangle(self, a: str, b: str, c: str | None = None, *, data=None, **options
                  ) -> TriangleSurface:
         """The plane through runs ``a``, ``b`` and ``c`` (B3); ``c=None`` is ``theta_0``.

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core.params import Params
+from ..core.params import Params, outside_inference_mode
 from ._objective import _check_attempts, _norm, _Objective, _retry
 from .curves import SHAPE_X, ShapedDirection, classify_curve, warn_shortfall
 
@@ -34,6 +34,7 @@ AT_FACTORS = (1.0, 1.5, 2.0)
 direction, so the far side of the window rises less and the dip stands out more)."""
 
 
+@outside_inference_mode
 def side_direction(model: nn.Module, data, *, at: float = 0.75, ignore: str | None = "biasbn",
                    loss_fn: Callable | None = None, bn: str = "eval", device=None,
                    cancel: threading.Event | None = None, attempts: int = len(AT_FACTORS),

@@ -35,6 +35,7 @@ from ..core.params import (
     check_same_placement,
     check_same_structure,
     float_buffers_of,
+    outside_inference_mode,
     parameters_of,
 )
 
@@ -288,6 +289,7 @@ def triangle_traces(tri: TriangleSurface, *, metric: str = "loss", log: bool | N
     return traces
 
 
+@outside_inference_mode
 def triangle_surface(m1: nn.Module, m2: nn.Module, m3: nn.Module, data, *,
                      resolution: int = 20, margin: float = 0.2,
                      loss_fn: LossFn | None = None, metrics: Sequence[str] = METRICS,
