@@ -270,8 +270,8 @@ class Evaluator(PointPasses, LossStats, PrecisionCheck, PlanTuner, CompiledForwa
         # (Outputs other than one Tensor go without: its safety net compares tensors.)
         self.stem = (split_stem(self.module, class_major_head=self._batched_ce)
                      if stem and self._tensor_out else None)
-        if self.stem is not None and self.stem.constants and any(
-                k in buffers_of(self.module) for k in self.keys):
+        if self.stem is not None and self.stem.constants and (
+                buffers_of(self.module).keys() & set(self.keys)):
             # Directions that move a buffer: a value the trace computed from it at theta
             # would stay fixed in the suffix at every point.
             self.stem = None

@@ -32,6 +32,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import warnings
 from collections.abc import Iterator
@@ -190,6 +191,16 @@ BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
 """/proc/cpuinfo flags of the x86 instructions that compute bf16 natively."""
 
 
+@functools.cache
+def _cpuinfo() -> str | None:
+    """The text of /proc/cpuinfo, read once (the CPU does not change); None where absent."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
 def cpu_has_bf16(cpuinfo: str | None = None) -> bool | None:
     """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), from /proc/cpuinfo.
 
@@ -211,10 +222,8 @@ def cpu_has_bf16(cpuinfo: str | None = None) -> bool | None:
         False
     """
     if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-                cpuinfo = f.read()
-        except OSError:
+        cpuinfo = _cpuinfo()
+        if cpuinfo is None:
             return None
     flags = {w for line in cpuinfo.splitlines() if line.startswith("flags")
              for w in line.split(":", 1)[-1].split()}
@@ -236,7 +245,7 @@ def precision_note(precision: str, device: torch.device) -> str:
         return "TF32 tensor cores for float32 matmuls and convolutions"
     note = (f"forward under torch.autocast({device.type!r}, {precision}); outputs cast to "
             "float32 before the loss, sums in float64")
-    native = cpu_has_bf16() if device.type == "cpu" else None
+    native = cpu_has_bf16() if device.type == "cpu" and precision == "bf16" else None
     if native is False:
         note += ("; this CPU has no bf16 instructions (AVX512-BF16, AMX): bf16 is emulated "
                  "and usually several times slower than fp32")

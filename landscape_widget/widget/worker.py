@@ -55,6 +55,7 @@ def _close_all() -> None:
     for worker in list(_LIVE):
         worker.close(timeout=EXIT_TIMEOUT)
 
+
 class Worker:
     """Computes jobs in one daemon thread and streams their tiles through ``send``.
 
