@@ -12,7 +12,7 @@ accuracy over counted predictions, each user metric's total over its count, and 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +43,16 @@ class LossStats:
     Uses the evaluator's ``x``, ``y``, ``n``, ``loss_fn``, ``output_fn``, ``metrics``,
     ``user_metrics``, ``module``, ``base`` and its buffer state (``_enter``/``_exit``).
     """
+
+    @property
+    def loss_fn(self) -> Callable[[Tensor, Tensor], Tensor]:
+        """The loss: the user's ``loss_fn``, else the engine's default (cross-entropy).
+
+        A property, not an attribute holding ``self._default_loss``: that bound method would
+        make every evaluator a reference cycle, freed (with its copy of the model and its
+        data on the device) only when Python's cyclic collector runs.
+        """
+        return self._loss_given if self._loss_given is not None else self._default_loss
 
     def _default_loss(self, out, y: Tensor) -> Tensor:
         """Cross-entropy on the logits of ``out`` (see ``output_fn``).
@@ -172,16 +182,20 @@ class LossStats:
         """Set up the per-sample losses of ``loss_se`` (see core/subset.py); the population."""
         if population is None or "loss" not in self.metrics:
             return None
-        if self._user_loss:
-            self._loss_none = subset.unreduced_loss(self.loss_fn)
-        else:
-            self._loss_none = self._default_loss_none
+        # The user's per-sample loss, or None for the default's (a bound method stored on
+        # self would be a reference cycle: see ``loss_fn``).
+        self._user_loss_none = (subset.unreduced_loss(self.loss_fn) if self._user_loss
+                                else None)
         m = min(self.n, PROBE_SAMPLES)
         out = self._probe(m)
-        subset.check_unreduced(self.loss_fn, self._loss_none, out, self.y[:m], self.task,
+        subset.check_unreduced(self.loss_fn, self._loss_none_fn(), out, self.y[:m], self.task,
                                default=not self._user_loss)
         self.metrics = (*self.metrics, "loss_se")
         return int(population)
+
+    def _loss_none_fn(self):
+        """The per-sample loss of ``loss_se``: the user's (unreduced) or the default's."""
+        return self._user_loss_none or self._default_loss_none
 
     def _default_loss_none(self, out, y: Tensor) -> Tensor:
         return F.cross_entropy(to_float32(find_logits(out, self.output_fn)), y,
@@ -210,7 +224,7 @@ class LossStats:
         for name, fn in self.user_metrics.items():
             cols.extend(user_metric_stats(name, fn(out, y), y.shape[0]).unbind())
         if self.population:  # sum a^2, sum ab, sum b^2 of loss_se (core/subset.py)
-            cols.extend(subset.se_sums(self._loss_none(out, y), y, self.task).unbind())
+            cols.extend(subset.se_sums(self._loss_none_fn()(out, y), y, self.task).unbind())
         return torch.stack(cols)
 
     def _batched_stats(self, out: Tensor, y: Tensor, start: int) -> Tensor:

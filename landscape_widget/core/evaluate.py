@@ -24,6 +24,7 @@ activation memory traffic and can be faster point by point. Measuring beats gues
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -199,7 +200,10 @@ class Evaluator(PointPasses, LossStats, PrecisionCheck, PlanTuner, CompiledForwa
                 f"first (model.to({str(self.device)!r})) or pass device={str(home)!r}."
             )
         self.metrics = metrics
-        self.loss_fn: LossFn = loss_fn if loss_fn is not None else self._default_loss
+        # The user's loss only: a bound method of self stored on self would be a reference
+        # cycle, keeping the evaluator (its copy of the model, the data on the device) alive
+        # after the call until Python's cyclic collector runs (see the ``loss_fn`` property).
+        self._loss_given: LossFn | None = loss_fn
         self._user_loss = loss_fn is not None
         # The default loss on plain Tensor outputs is computed for all K points at once,
         # outside vmap (decided in _check_outputs).
@@ -270,6 +274,10 @@ class Evaluator(PointPasses, LossStats, PrecisionCheck, PlanTuner, CompiledForwa
         # (Outputs other than one Tensor go without: its safety net compares tensors.)
         self.stem = (split_stem(self.module, class_major_head=self._batched_ce)
                      if stem and self._tensor_out else None)
+        if self.stem is not None:
+            # Its graph modules are reference cycles: freed with the evaluator, not whenever
+            # Python's cyclic collector runs (see core/stem.py, release).
+            weakref.finalize(self, self.stem.release)
         if self.stem is not None and self.stem.constants and (
                 buffers_of(self.module).keys() & set(self.keys)):
             # Directions that move a buffer: a value the trace computed from it at theta

@@ -163,7 +163,8 @@ class HessianOperator:
         self.fallback: str | None = None
         self._math_attention = False
         self.output_fn = output_fn
-        self.loss_fn = loss_fn if loss_fn is not None else self._default_loss
+        # The user's loss only (see the ``loss_fn`` property: no reference cycle).
+        self._loss_given = loss_fn
         # Batches weigh by their counted targets (ignore_index, class weights), as the
         # engine's losses do, so the Hessian is that of the mean over all counted targets
         # whatever the batch size; a batch with none counts nothing (its loss is NaN).
@@ -208,6 +209,16 @@ class HessianOperator:
     def flatten(self, d: Params) -> Tensor:
         """Flat vector of a dict over (at least) the Hessian's parameters."""
         return torch.cat([d[k].reshape(-1).to(self.device, self.dtype) for k in self.keys])
+
+    @property
+    def loss_fn(self) -> Callable:
+        """The user's ``loss_fn``, else the default (cross-entropy).
+
+        A property: ``self._default_loss`` stored on self would make the operator a
+        reference cycle, which keeps its copy of the model, its data and its saved graph
+        alive after the call until Python's cyclic collector runs (GPU memory included).
+        """
+        return self._loss_given if self._loss_given is not None else self._default_loss
 
     def _default_loss(self, out, y: Tensor) -> Tensor:
         return F.cross_entropy(find_logits(out, self.output_fn), y)
