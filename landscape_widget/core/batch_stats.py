@@ -194,8 +194,9 @@ class LossStats:
         return int(population)
 
     def _loss_none_fn(self):
-        """The per-sample loss of ``loss_se``: the user's (unreduced) or the default's."""
-        return self._user_loss_none or self._default_loss_none
+        """The per-sample loss of ``loss_se``: the user's unreduced loss (``None`` if it has
+        no such form: check_unreduced refuses it), or the default's."""
+        return self._user_loss_none if self._user_loss else self._default_loss_none
 
     def _default_loss_none(self, out, y: Tensor) -> Tensor:
         return F.cross_entropy(to_float32(find_logits(out, self.output_fn)), y,
