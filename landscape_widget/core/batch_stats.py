@@ -194,8 +194,12 @@ class LossStats:
         return int(population)
 
     def _loss_none_fn(self):
-        """The per-sample loss of ``loss_se``: the user's unreduced loss (``None`` if it has
-        no such form: check_unreduced refuses it), or the default's."""
+        """The per-sample loss of ``loss_se``.
+
+        Returns:
+            The user's unreduced loss (``None`` if it has no such form: check_unreduced
+            refuses it), or the default's.
+        """
         return self._user_loss_none if self._user_loss else self._default_loss_none
 
     def _default_loss_none(self, out, y: Tensor) -> Tensor:

@@ -27,6 +27,7 @@ from .directions import random_directions
 from .evaluate import METRICS, Evaluator
 from .fingerprints import fingerprint, legacy_fingerprint
 from .grid import MAX_GRID_POINTS, Tile, axis_range, axis_values, cut_tiles
+from .heap import hold_heap
 from .params import Params, check_direction
 from .plans import Plan
 from .reuse import check_reusable, loss_name, reused_points, what_is_computed
@@ -199,6 +200,11 @@ class LocalRunner(Evaluator):
         Yields:
             Each :class:`Tile` once computed, coarse to fine.
         """
+        with hold_heap():  # one hold for the whole job: see core/heap.py
+            yield from self._tiles(job, tile_points, cancel)
+
+    def _tiles(self, job: GridJob, tile_points: int | None,
+               cancel: threading.Event | None) -> Iterator[Tile]:
         index = done = 0
         for level, flat in cut_tiles(job.shape, lambda: self.tile_size(tile_points)):
             if cancel is not None and cancel.is_set():

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from .errors import Cancelled
 from .grid import parse_axis, progressive_order
+from .heap import holding_heap
 from .hessian import HessianOperator, _arpack, _bar
 from .lanczos import extreme_pairs, max_steps
 from .params import Params, check_direction, parameters_of
@@ -227,6 +228,7 @@ def curvature_points(model: nn.Module, data, directions, xs: np.ndarray, ys: np.
 _WARM_NOISE = 0.5  # random share of a warm start: keeps it from lying in an invariant subspace
 
 
+@holding_heap
 def curvature_map(model: nn.Module, data, directions, *, x=(-1, 1, 11), y=(-1, 1, 11),
                   tol: float = 1e-2, seed: int = 0, progress: bool = True,
                   cancel: threading.Event | None = None, samples: int | None = None,

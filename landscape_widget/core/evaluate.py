@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from .batch_stats import PROBE_KEEP_BYTES, LossStats
 from .compiled import CompiledForward, check_compile
 from .data import as_tensors, check_finite
+from .heap import hold_heap
 from .metrics import (
     METRICS,
     DefaultMetrics,
@@ -354,7 +355,7 @@ class Evaluator(PointPasses, LossStats, PrecisionCheck, PlanTuner, CompiledForwa
         c = c.to(self.device)
         self._enter()
         try:
-            with precision_flags(self.precision, self.device):
+            with precision_flags(self.precision, self.device), hold_heap():
                 self._active = self.precision
                 values = self._evaluate(c)
                 if (self.precision != "fp32" and c.shape[0]

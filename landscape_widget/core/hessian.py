@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import Cancelled  # re-exported: `from core.hessian import Cancelled` works
+from .heap import holding_heap
 from .hvp import METHODS, HessianOperator, scipy_operator
 from .lanczos import extreme_pairs, lanczos, max_steps
 
@@ -62,6 +63,7 @@ class Eigenpairs(_PairWithInfo):
     vectors = property(lambda self: self[1])
 
 
+@holding_heap
 def hessian_eigenpairs(model: nn.Module, data, *, k: int = 2, which: str = "largest",
                        tol: float = 1e-4, max_products: int | None = None, seed: int = 0,
                        progress: bool = False, **options) -> Eigenpairs:
@@ -174,6 +176,7 @@ class TraceEstimate(NamedTuple):
     method: str = ""
 
 
+@holding_heap
 def hessian_trace(model: nn.Module, data, *, samples: int = 100, seed: int = 0,
                   progress: bool = False, **options) -> TraceEstimate:
     """Hutchinson's trace estimate ``mean(v^T H v)`` over Rademacher ``v``, with its error.
@@ -240,6 +243,7 @@ class Density(_PairWithInfo):
     """``(grid, density)`` of :func:`hessian_density`, with ``products`` and ``method``."""
 
 
+@holding_heap
 def hessian_density(model: nn.Module, data, *, steps: int = 60, runs: int = 3,
                     grid_points: int = 1000, sigma: float | None = None, seed: int = 0,
                     progress: bool = False, **options) -> Density:
