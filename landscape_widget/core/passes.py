@@ -156,13 +156,17 @@ class PointPasses:
             accuracy, then the user metrics, over all data.
         """
         if plan.strategy == "vmap":
-            groups = [(self._stacked(coeffs), coeffs, coeffs.shape[0])]
+            groups = [(lambda: self._stacked(coeffs), coeffs)]
         else:
-            groups = [(self._point(c, plan.layout), c, 1) for c in coeffs]
+            # Built one at a time, just before use: a chunk's points all at once would hold
+            # chunk x model-size of parameters (600 MB for 15 points of a 10M-parameter net).
+            groups = [(functools.partial(self._point, c, plan.layout), c) for c in coeffs]
         values = []
-        for params, coef, _k in groups:
+        for build, coef in groups:
+            params = build()
             sums = sum(self._pass(plan, params, coef, s, s + plan.batch)
                        for s in range(0, self.n, plan.batch))
+            del params
             values.append(self._values(sums, plan.batch))
         return torch.cat(values)
 

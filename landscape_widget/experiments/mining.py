@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..core.heap import holding_heap
 from ..core.hessian import HessianOperator
 from ..core.params import Params, check_direction, check_module, outside_inference_mode
 from ._objective import (
@@ -89,6 +90,7 @@ def _plan(seed: int, scale: float, lr: float, attempts: int, shape: str = "") ->
 
 
 @outside_inference_mode
+@holding_heap
 def mine_direction(model: nn.Module, data, shape: str = "w-peak", *, steps: int | None = None,
                    seed: int = 0, scale: float | None = None, lr: float = DEFAULT_LR,
                    batch_size: int = 256, attempts: int = DEFAULT_ATTEMPTS,
@@ -256,6 +258,7 @@ def _mine_1d(obj: _Objective, d: Params, shape: str, scales: dict[str, float], *
 
 
 @outside_inference_mode
+@holding_heap
 def mine_plane(model: nn.Module, data, shape: str = "saddle", *, steps: int | None = None,
                seed: int = 0, scale: float | None = None, lr: float = DEFAULT_LR,
                batch_size: int = 256, angles: int = 4, attempts: int = DEFAULT_ATTEMPTS,

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..core.data import as_tensors
+from ..core.heap import holding_heap
 from ..core.params import outside_inference_mode
 from .masks import as_binary, ternary_mask
 from .pattern_fit import PatternFit
@@ -72,6 +73,7 @@ def fresh_networks(model_fn: ModelFn | nn.Module, seed: int, count: int = 3) -> 
 
 
 @outside_inference_mode
+@holding_heap
 def fit_pattern(
     model_fn: ModelFn | nn.Module,
     data,

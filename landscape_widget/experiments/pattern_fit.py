@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from ..core.data import as_tensors
 from ..core.h5io import check_target
+from ..core.heap import holding_heap
 from ..core.landscape import compute_surface
 from ..core.losses import check_cross_entropy_targets
 from ..core.params import outside_inference_mode
@@ -182,6 +183,7 @@ class PatternFit:
         return entry
 
     @outside_inference_mode
+    @holding_heap
     def train(self, data, steps: int, *, progress: bool = True,
               callback: Callable[[PatternFit], None] | None = None, every: int = 10,
               cancel: threading.Event | None = None, strategy: str = "vmap") -> PatternFit:

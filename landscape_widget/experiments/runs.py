@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from ..core.directions import interpolation_direction, random_directions
 from ..core.evaluate import Evaluator
+from ..core.heap import holding_heap
 from ..core.landscape import compute_curve
 from ..core.losses import check_cross_entropy_targets
 from ..core.params import outside_inference_mode
@@ -59,6 +60,7 @@ def _quantiles(values: np.ndarray, qs: Sequence[float]) -> list[float]:
 
 
 @outside_inference_mode
+@holding_heap
 def compare_optimizers(model_fn, train_data, optimizers: Mapping[str, OptimizerFactory], *,
                        epochs: int = 10, batch_size: int = 128, seed: int = 0, test_data=None,
                        loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
@@ -150,6 +152,7 @@ class OptimizerRuns:
 
     # --- training ---------------------------------------------------------------------
     @outside_inference_mode
+    @holding_heap
     def train(self, name: str, factory, bar=None) -> Run:
         """Train (or re-train) the run ``name`` from ``theta_0`` with ``factory``."""
         run = start_run(name, factory, self._init, self.schedule, self.epochs, self.data,
@@ -158,6 +161,7 @@ class OptimizerRuns:
         return run
 
     @outside_inference_mode
+    @holding_heap
     def switch(self, a: str, b: str, at_epoch: int, *, optimizer=None,
                progress: bool = False) -> Run:
         """Run ``a`` for ``at_epoch`` epochs, then a fresh optimizer ``b`` to the end (B4).
@@ -316,6 +320,7 @@ class OptimizerRuns:
         return result
 
     @outside_inference_mode
+    @holding_heap
     def basin_size(self, directions: int = 20, *, radii=(0.0, 2.0, 41), delta: float = 0.1,
                    norm: str | None = "filter", data=None, seed: int = 0,
                    names: Sequence[str] | None = None) -> dict[str, dict]:

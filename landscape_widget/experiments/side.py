@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..core.heap import holding_heap
 from ..core.params import Params, outside_inference_mode
 from ._objective import _check_attempts, _norm, _Objective, _retry
 from .curves import SHAPE_X, ShapedDirection, classify_curve, warn_shortfall
@@ -35,6 +36,7 @@ direction, so the far side of the window rises less and the dip stands out more)
 
 
 @outside_inference_mode
+@holding_heap
 def side_direction(model: nn.Module, data, *, at: float = 0.75, ignore: str | None = "biasbn",
                    loss_fn: Callable | None = None, bn: str = "eval", device=None,
                    cancel: threading.Event | None = None, attempts: int = len(AT_FACTORS),

@@ -28,6 +28,7 @@ from ..core.compute import grid_job
 from ..core.evaluate import METRICS, LossFn
 from ..core.fingerprints import fingerprint
 from ..core.grid import ExactAxis
+from ..core.heap import holding_heap
 from ..core.landscape import TileStream, _run
 from ..core.params import (
     Params,
@@ -290,6 +291,7 @@ def triangle_traces(tri: TriangleSurface, *, metric: str = "loss", log: bool | N
 
 
 @outside_inference_mode
+@holding_heap
 def triangle_surface(m1: nn.Module, m2: nn.Module, m3: nn.Module, data, *,
                      resolution: int = 20, margin: float = 0.2,
                      loss_fn: LossFn | None = None, metrics: Sequence[str] = METRICS,
