@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+import signal
 import subprocess
 import sys
 import threading
@@ -132,3 +133,34 @@ def test_a_computation_holds_the_heap_while_it_runs():
     assert between and min(between) == 1
     assert max(in_loss) == 2  # the set-up's checks run before, the points inside both holds
     assert heap.holders() == 0
+
+
+def test_a_child_forked_while_held_computes_and_holds_afresh():
+    """A fork while another thread holds the heap (its lock taken) must not deadlock."""
+    if not hasattr(os, "fork"):
+        return
+    inside, release = threading.Event(), threading.Event()
+
+    def worker():
+        with heap._LOCK:  # a thread inside hold_heap's critical section at the fork
+            inside.set()
+            release.wait(10)
+
+    th = threading.Thread(target=worker)
+    th.start()
+    inside.wait(10)
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: compute under a hold, report through the exit status
+            code = 1
+            signal.alarm(20)  # a deadlocked child dies instead of hanging the test
+            try:
+                with heap.hold_heap():
+                    code = 0 if heap.holders() == 1 else 2
+            finally:
+                os._exit(code)
+    finally:
+        release.set()
+        th.join()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import os
 import platform
 import threading
 from collections.abc import Iterator
@@ -62,6 +63,21 @@ def _glibc():
 
 
 _LIBC = _glibc()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child starts with no holders and a free lock.
+
+    The child inherits the count and, if another thread held it at the fork, a lock nobody
+    will release: its first computation would deadlock. Its heap settings are the parent's
+    at the fork; its first hold sets them again.
+    """
+    global _LOCK, _HOLDERS
+    _LOCK, _HOLDERS = threading.Lock(), 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @contextlib.contextmanager
