@@ -34,6 +34,7 @@ import argparse
 import copy
 import os
 import platform
+import resource
 import sys
 import time
 import types
@@ -181,6 +182,11 @@ def flops_per_sample(model: nn.Module, x: torch.Tensor) -> int:
     return (int(counter.get_total_flops()) + lstm) // 2
 
 
+def minor_faults() -> int:
+    """This process's minor page faults so far (each a fresh page: see core/heap.py)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def coords(m: int) -> np.ndarray:
     return peers.grid_coords(m)
 
@@ -259,11 +265,13 @@ def bench(case: Case, args, ceilings: dict) -> list[dict]:
     # machine drifts by 10-40 % within minutes, so each round's two runs, seconds apart,
     # give one ratio, and the median of those ratios is reported (with their range).
     plain_s, first_s, surfs = [], [], []
+    faults = {"plain": 0, "ours": 0}  # minor page faults per point, summed over the rounds
     s2 = None
     for r in range(args.rounds):
         log(f"[{case.name}] round {r + 1}/{args.rounds}: plain full-batch loop and ours "
             "fp32 first call" + (" (ours first)" if r % 2 else ""))
         for who in ("ours", "plain") if r % 2 else ("plain", "ours"):
+            f0 = minor_faults()
             if who == "plain":
                 seconds, plain_loss = plain_loop(model, x, y, d1, d2, grid, n)
                 plain_s.append(seconds)
@@ -271,6 +279,7 @@ def bench(case: Case, args, ceilings: dict) -> list[dict]:
                 seconds, surf = ours(model, x, y, d1, d2, m, True)
                 first_s.append(seconds)
                 surfs.append(surf)
+            faults[who] += (minor_faults() - f0) / points
         if s2 is None:
             s2, _ = ours(model, x, y, d1, d2, m, False)
     surf = surfs[0]
@@ -279,13 +288,15 @@ def bench(case: Case, args, ceilings: dict) -> list[dict]:
     s_plain = float(np.median(plain_s))
     fp32_loss = np.asarray(surf.loss).ravel()
     diff = float(np.max(np.abs(fp32_loss - plain_loss) / np.abs(plain_loss)))
+    rounds = len(plain_s)
     add("plain full-batch loop", s_plain, points,
-        note=f"median of {len(plain_s)} ({', '.join(f'{v:.2f} s' for v in plain_s)})")
+        note=f"median of {rounds} ({', '.join(f'{v:.2f} s' for v in plain_s)}); "
+             f"{faults['plain'] / rounds:.0f} page faults/pt")
     labels = " / ".join(dict.fromkeys(r.spec["plan"]["label"] for r in surfs))
     add("ours fp32, first call", s_plain / ratio, points,
         note=(f"median ratio of {len(ratios)} rounds (range {ratios[0]:.2f}-{ratios[-1]:.2f}x;"
               f" {', '.join(f'{v:.2f} s' for v in first_s)}); {labels}; rel diff vs plain "
-              f"{diff:.1e}"))
+              f"{diff:.1e}; {faults['ours'] / rounds:.0f} page faults/pt"))
     add("ours fp32, plan reused", s2, points)
     for precision in args.precisions:
         if precision == "fp32":
