@@ -58,3 +58,29 @@ def test_names_with_a_slash_survive_a_save_and_load(tmp_path):
     curve = lw.compute_curve(model, (x, y), x=(-1, 1, 3), metrics=metrics, progress=False)
     curve.save(tmp_path / "c.h5")
     _same_grid(curve, lw.Curve.load(tmp_path / "c.h5"))
+
+
+def test_a_float64_models_path_is_recorded_in_float64():
+    # Trajectory.record rounded every checkpoint to float32: for a float64 model whose
+    # steps are small next to its weights (1e-7 on weights near 3, where float32's spacing
+    # is 2.4e-7) the PCA of the differences was mostly rounding noise: explained variance,
+    # directions and the projected path came out wrong with no error.
+    g = torch.Generator().manual_seed(0)
+    w0 = 3 + torch.rand(30, 20, generator=g, dtype=torch.float64)
+    b0 = torch.randn(20, generator=g, dtype=torch.float64)
+    u, v = (torch.randn(30, 20, generator=g, dtype=torch.float64) for _ in range(2))
+    traj, rows = lw.Trajectory(), []
+    for t in range(8):
+        w = w0 + 1e-7 * (t * u + 2 * np.sin(t) * v)
+        traj.record({"w": w, "b": b0 + 1e-7 * t})
+        rows.append(w.reshape(-1))
+    # The oracle: float64 PCA of the weight rows (biases are zeroed by ignore="biasbn").
+    m = torch.stack([r - rows[-1] for r in rows])
+    _, s, vh = torch.linalg.svd(m - m.mean(0), full_matrices=False)
+    dirs, evr = traj.pca_directions(2)
+    np.testing.assert_allclose(evr, (s[:2] ** 2 / (s ** 2).sum()).numpy(), rtol=1e-9)
+    got = torch.stack([traj.flatten(d)[:600] for d in dirs])
+    np.testing.assert_allclose((got @ vh[:2].T).diagonal().abs().numpy(), 1.0, rtol=1e-9)
+    want = (m @ vh[:2].T).numpy() * np.sign((got @ vh[:2].T).diagonal().numpy())
+    np.testing.assert_allclose(traj.project(dirs), want, rtol=1e-9, atol=1e-9 * np.abs(want).max())
+    assert traj.points[-1].dtype == torch.float64

@@ -69,6 +69,8 @@ class PCADirections(list):
 class Trajectory:
     """Checkpoints of a training run, as flat parameter vectors on the CPU.
 
+    The vectors are float32, or float64 for a float64 model.
+
     Args:
         ignore: ``"biasbn"`` (default, as loss-landscape's scripts) zeroes the 1-D tensors
             (biases, BatchNorm) of the PCA rows; ``None`` keeps them.
@@ -97,6 +99,8 @@ class Trajectory:
         self.shapes: list[tuple] = []
         self.points: list[Tensor] = []
         self.steps: list[int] = []
+        # float64 for a float64 model, else float32: set by the first checkpoint.
+        self.dtype = torch.float32
         self._handle = None
         self._count = 0
 
@@ -110,12 +114,17 @@ class Trajectory:
         if self.names is None:
             self.names = list(params)
             self.shapes = [tuple(v.shape) for v in params.values()]
+            # A float64 model's path is kept in float64: its steps are often far below
+            # float32's spacing at its weights (2.4e-7 near 3), and the PCA of float32
+            # checkpoints' differences was then mostly rounding noise.
+            self.dtype = (torch.float64 if any(v.dtype == torch.float64 for v in
+                                               params.values()) else torch.float32)
         elif list(params) != self.names or any(
             tuple(v.shape) != s for v, s in zip(params.values(), self.shapes, strict=True)
         ):
             raise ValueError("this checkpoint's parameters differ from the first one's; a "
                              "trajectory follows one architecture.")
-        flat = torch.cat([v.detach().reshape(-1).to("cpu", torch.float32) for v in
+        flat = torch.cat([v.detach().reshape(-1).to("cpu", self.dtype) for v in
                           params.values()])
         self.points.append(flat)
         self.steps.append(len(self.steps) if step is None else int(step))
@@ -206,11 +215,16 @@ class Trajectory:
         return torch.cat(parts)
 
     def unflatten(self, flat: Tensor) -> Params:
-        """A direction dict (parameter name -> tensor) from a flat vector."""
+        """A direction dict (parameter name -> tensor) from a flat vector.
+
+        Returns:
+            ``{name: tensor}`` in the checkpoints' dtype (float64 for a float64 model, else
+            float32).
+        """
         out, at = {}, 0
         for name, shape in zip(self.names, self.shapes, strict=True):
             k = int(np.prod(shape))
-            out[name] = flat[at:at + k].reshape(shape).to(torch.float32).clone()
+            out[name] = flat[at:at + k].reshape(shape).to(self.dtype).clone()
             at += k
         return out
 
