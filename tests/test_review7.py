@@ -84,3 +84,53 @@ def test_a_float64_models_path_is_recorded_in_float64():
     want = (m @ vh[:2].T).numpy() * np.sign((got @ vh[:2].T).diagonal().numpy())
     np.testing.assert_allclose(traj.project(dirs), want, rtol=1e-9, atol=1e-9 * np.abs(want).max())
     assert traj.points[-1].dtype == torch.float64
+
+
+def _untracked_bn_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16, track_running_stats=False),
+                         nn.ReLU(), nn.Linear(16, 3)).eval()
+
+
+def _shifted_data(n: int = 60):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 8, generator=g) + torch.linspace(0, 3, n)[:, None]
+    return x, torch.randint(0, 3, (n,), generator=g)
+
+
+def test_batchnorm_without_running_statistics_is_not_left_to_the_engines_batches():
+    # BatchNorm(track_running_stats=False) normalises with each batch's statistics in eval
+    # mode too. With bn="eval" its loss silently depended on the engine's batch size
+    # (batch_size=7 vs the whole data: 4 % apart here; on a GPU the tuner's or the
+    # out-of-memory fallback's choice). Now refused, naming bn="batch", whose batches are
+    # fixed: checked against an eval-mode loop over DataLoader-style batches in float64.
+    model = _untracked_bn_net()
+    x, y = _shifted_data()
+    import copy
+
+    import torch.nn.functional as F
+
+    d = lw.random_direction(model, seed=2)
+    for fn, kw in ((lw.compute_curve, {"direction": d, "x": (-1, 1, 3)}),
+                   (lw.hessian_trace, {"samples": 2}),
+                   (lw.side_direction, {})):
+        try:
+            fn(model, (x, y), bn="eval", **kw)
+        except ValueError as err:
+            assert "track_running_stats" in str(err) and "bn='batch'" in str(err), fn
+        else:
+            raise AssertionError(f"{fn.__name__} accepted batch-dependent BatchNorm")
+    ref = copy.deepcopy(model).double()
+    for b in (7, 60):
+        want = []
+        for a in (-1.0, 0.0, 1.0):
+            moved = {k: v.detach().double() + a * d[k].double()
+                     for k, v in ref.named_parameters()}
+            with torch.no_grad():
+                per = torch.cat([F.cross_entropy(torch.func.functional_call(
+                    ref, moved, (x[s:s + b].double(),)), y[s:s + b], reduction="none")
+                    for s in range(0, len(x), b)])
+            want.append(float(per.mean()))
+        got = lw.compute_curve(model, (x, y), direction=d, x=(-1, 1, 3), bn="batch",
+                               bn_batch_size=b, progress=False)
+        np.testing.assert_allclose(got.loss, want, rtol=1e-5)

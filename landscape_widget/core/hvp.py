@@ -37,6 +37,7 @@ from .params import (
     parameters_of,
     plain_modes,
 )
+from .state import check_running_stats
 
 _WARMED = False
 METHODS = ("auto", "graph", "jvp", "backward")
@@ -108,6 +109,7 @@ class HessianOperator:
             raise ValueError("ignore must be 'biasbn' (parameters of dim > 1) or None (all).")
         if bn not in ("eval", "batch"):
             raise ValueError("bn must be 'eval' or 'batch'.")
+        check_running_stats(model, bn)  # else the products would depend on self.batch
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
         self.device = torch.device(device) if device is not None else model_device(model)

@@ -29,6 +29,7 @@ from ..core.params import (
     parameters_of,
     plain_modes,
 )
+from ..core.state import check_running_stats
 
 Callback = Callable[[int, int, float], None]
 
@@ -54,6 +55,7 @@ class _Objective:
                              "Dataset/DataLoader); the loss along a direction needs samples.")
         if bn not in ("eval", "batch"):
             raise ValueError(f"bn={bn!r}: choose 'eval' (running statistics) or 'batch'.")
+        check_running_stats(model, bn)  # else the loss would depend on the minibatches
         if ignore not in ("biasbn", None):
             raise ValueError(f"ignore={ignore!r}: choose 'biasbn' (directions on weights of "
                              "dim > 1) or None (all parameters).")
