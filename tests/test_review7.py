@@ -7,8 +7,12 @@ a full snapshot of the user's model (tests/snapshots.py).
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
+import torch.nn.functional as F
+from snapshots import assert_same_snapshot, snapshot
 from torch import nn
 
 import landscape_widget as lw
@@ -106,10 +110,6 @@ def test_batchnorm_without_running_statistics_is_not_left_to_the_engines_batches
     # fixed: checked against an eval-mode loop over DataLoader-style batches in float64.
     model = _untracked_bn_net()
     x, y = _shifted_data()
-    import copy
-
-    import torch.nn.functional as F
-
     d = lw.random_direction(model, seed=2)
     for fn, kw in ((lw.compute_curve, {"direction": d, "x": (-1, 1, 3)}),
                    (lw.hessian_trace, {"samples": 2}),
@@ -134,3 +134,51 @@ def test_batchnorm_without_running_statistics_is_not_left_to_the_engines_batches
         got = lw.compute_curve(model, (x, y), direction=d, x=(-1, 1, 3), bn="batch",
                                bn_batch_size=b, progress=False)
         np.testing.assert_allclose(got.loss, want, rtol=1e-5)
+
+
+class _FreqScaledBag(nn.Module):
+    """Token classifier whose embedding has ``scale_grad_by_freq=True``."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(12, 6, scale_grad_by_freq=True)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.emb(tokens).mean(1)))
+
+
+def test_scale_grad_by_freq_does_not_bend_gradients_or_the_hessian():
+    # Embedding(scale_grad_by_freq=True) divides each row's gradient by the row's count in
+    # the batch: a training heuristic, not the derivative of the loss. Hessian products
+    # were therefore not symmetric and hessian_* refused the model blaming weight_norm,
+    # and side_direction followed the rescaled gradient instead of -grad L (no error).
+    # The oracle: torch.func on a float64 copy with the flag off (the same function).
+    torch.manual_seed(0)
+    model = _FreqScaledBag().double().eval()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, 4, (30, 5), generator=g), torch.randint(0, 3, (30,), generator=g)
+    before = snapshot(model)
+    ref = _FreqScaledBag().double()
+    ref.load_state_dict(model.state_dict())
+    ref.emb.scale_grad_by_freq = False
+    theta = {k: v.detach() for k, v in ref.named_parameters()}
+    keys = list(theta)  # all of them: ignore=None
+
+    def loss(flat):
+        parts, at = {}, 0
+        for k in keys:
+            n = theta[k].numel()
+            parts[k] = flat[at:at + n].reshape(theta[k].shape)
+            at += n
+        return F.cross_entropy(torch.func.functional_call(ref, parts, (x,)), y)
+
+    flat = torch.cat([theta[k].reshape(-1) for k in keys])
+    want = torch.linalg.eigvalsh(torch.func.hessian(loss)(flat))
+    got = lw.hessian_eigenpairs(model, (x, y), k=2, ignore=None, tol=1e-8)
+    np.testing.assert_allclose(np.sort(got.values), want[-2:].numpy(), rtol=1e-6)
+    side = lw.side_direction(model, (x, y), ignore=None)
+    d = torch.cat([side[k].reshape(-1) for k in keys]).double()
+    grad = torch.func.grad(loss)(flat)
+    assert float(d @ -grad / (d.norm() * grad.norm())) > 1 - 1e-9
+    assert_same_snapshot(before, snapshot(model))  # the user's flag stays on

@@ -36,6 +36,7 @@ from .params import (
     model_device,
     parameters_of,
     plain_modes,
+    true_gradients,
 )
 from .state import check_running_stats
 
@@ -113,7 +114,9 @@ class HessianOperator:
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
         self.device = torch.device(device) if device is not None else model_device(model)
-        self.module = evaluation_copy(model)  # private: its flags are ours to set
+        # Private: its flags are ours to set. Embeddings' scale_grad_by_freq off: products
+        # of the loss's Hessian, not of the rescaled training gradient.
+        self.module = true_gradients(evaluation_copy(model))
         self.module.eval()
         if bn == "batch":
             for m in self.module.modules():
@@ -285,7 +288,9 @@ class HessianOperator:
                 "torch's second derivative of a layer of this model is wrong (known: "
                 "weight_norm, whose _weight_norm_interface double backward is incorrect; "
                 "compute such a weight from plain operations, g * v / v.norm(dim=1, "
-                "keepdim=True), in a custom parametrization)")
+                "keepdim=True), in a custom parametrization; and F.embedding(..., "
+                "scale_grad_by_freq=True) called in forward, whose backward rescales the "
+                "gradient: drop that flag for the analysis)")
         self._symmetric = True
 
     def _attention(self):

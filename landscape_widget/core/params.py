@@ -246,6 +246,23 @@ def evaluation_copy(model: nn.Module) -> nn.Module:
     return out
 
 
+def true_gradients(module: nn.Module) -> nn.Module:
+    """Turn off ``scale_grad_by_freq`` in a private copy's embeddings.
+
+    The flag divides each embedding row's gradient by the row's count in the batch: a
+    training heuristic that leaves the forward, and so the loss, unchanged but makes
+    autograd's "gradient" something else than the loss's. Hessian products from it are not
+    symmetric and gradient directions are bent; off, they are the loss's own.
+
+    Returns:
+        ``module`` itself (a private copy: never the user's model), changed in place.
+    """
+    for m in module.modules():
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
+            m.scale_grad_by_freq = False
+    return module
+
+
 def _uncached_parametrizations(module: nn.Module) -> None:
     """Make ``module``'s parametrized tensors ignore ``torch.nn.utils.parametrize.cached()``.
 

@@ -28,6 +28,7 @@ from ..core.params import (
     model_device,
     parameters_of,
     plain_modes,
+    true_gradients,
 )
 from ..core.state import check_running_stats
 
@@ -61,7 +62,9 @@ class _Objective:
                              "dim > 1) or None (all parameters).")
         self.model, self.bn, self.ignore = model, bn, ignore
         self.device = torch.device(device) if device is not None else model_device(model)
-        self.module = evaluation_copy(model)  # private: its flags are ours to set
+        # Private: its flags are ours to set. Embeddings' scale_grad_by_freq off: the
+        # gradients are the loss's own (side directions, mining), not rescaled ones.
+        self.module = true_gradients(evaluation_copy(model))
         params = {k: v.to(self.device) for k, v in parameters_of(model).items()}
         self.theta = params
         self.keys = [k for k, v in params.items() if ignore is None or v.dim() > 1]
