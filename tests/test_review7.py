@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from snapshots import assert_same_snapshot, snapshot
@@ -137,31 +138,34 @@ def test_batchnorm_without_running_statistics_is_not_left_to_the_engines_batches
 
 
 class _FreqScaledBag(nn.Module):
-    """Token classifier whose embedding has ``scale_grad_by_freq=True``."""
+    """Token classifier whose embedding has ``scale_grad_by_freq=True`` (or another flag)."""
 
-    def __init__(self):
+    def __init__(self, **flags):
         super().__init__()
-        self.emb = nn.Embedding(12, 6, scale_grad_by_freq=True)
+        self.emb = nn.Embedding(12, 6, **(flags or {"scale_grad_by_freq": True}))
         self.head = nn.Linear(6, 3)
 
     def forward(self, tokens):
         return self.head(torch.tanh(self.emb(tokens).mean(1)))
 
 
-def test_scale_grad_by_freq_does_not_bend_gradients_or_the_hessian():
+@pytest.mark.parametrize("flag", ["scale_grad_by_freq", "sparse"])
+def test_embedding_gradient_flags_do_not_reach_gradients_or_the_hessian(flag):
     # Embedding(scale_grad_by_freq=True) divides each row's gradient by the row's count in
     # the batch: a training heuristic, not the derivative of the loss. Hessian products
     # were therefore not symmetric and hessian_* refused the model blaming weight_norm,
     # and side_direction followed the rescaled gradient instead of -grad L (no error).
+    # Embedding(sparse=True) gives sparse gradients: both failed with torch's "reshape is
+    # not implemented for sparse tensors".
     # The oracle: torch.func on a float64 copy with the flag off (the same function).
     torch.manual_seed(0)
-    model = _FreqScaledBag().double().eval()
+    model = _FreqScaledBag(**{flag: True}).double().eval()
     g = torch.Generator().manual_seed(1)
     x, y = torch.randint(0, 4, (30, 5), generator=g), torch.randint(0, 3, (30,), generator=g)
     before = snapshot(model)
     ref = _FreqScaledBag().double()
     ref.load_state_dict(model.state_dict())
-    ref.emb.scale_grad_by_freq = False
+    ref.emb.scale_grad_by_freq = ref.emb.sparse = False
     theta = {k: v.detach() for k, v in ref.named_parameters()}
     keys = list(theta)  # all of them: ignore=None
 

@@ -247,12 +247,14 @@ def evaluation_copy(model: nn.Module) -> nn.Module:
 
 
 def true_gradients(module: nn.Module) -> nn.Module:
-    """Turn off ``scale_grad_by_freq`` in a private copy's embeddings.
+    """Turn off ``scale_grad_by_freq`` and ``sparse`` in a private copy's embeddings.
 
-    The flag divides each embedding row's gradient by the row's count in the batch: a
-    training heuristic that leaves the forward, and so the loss, unchanged but makes
-    autograd's "gradient" something else than the loss's. Hessian products from it are not
-    symmetric and gradient directions are bent; off, they are the loss's own.
+    ``scale_grad_by_freq`` divides each embedding row's gradient by the row's count in the
+    batch: a training heuristic that leaves the forward, and so the loss, unchanged but
+    makes autograd's "gradient" something else than the loss's. Hessian products from it
+    are not symmetric and gradient directions are bent; off, they are the loss's own.
+    ``sparse`` only changes the gradient's layout, which a flat gradient or a Hessian
+    product cannot reshape ("reshape is not implemented for sparse tensors").
 
     Returns:
         ``module`` itself (a private copy: never the user's model), changed in place.
@@ -260,6 +262,7 @@ def true_gradients(module: nn.Module) -> nn.Module:
     for m in module.modules():
         if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
             m.scale_grad_by_freq = False
+            m.sparse = False
     return module
 
 
