@@ -186,3 +186,46 @@ def test_embedding_gradient_flags_do_not_reach_gradients_or_the_hessian(flag):
     grad = torch.func.grad(loss)(flat)
     assert float(d @ -grad / (d.norm() * grad.norm())) > 1 - 1e-9
     assert_same_snapshot(before, snapshot(model))  # the user's flag stays on
+
+
+def _dynamic_quantized_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    float_model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3), nn.LayerNorm(3))
+    return torch.ao.quantization.quantize_dynamic(float_model, {nn.Linear}, dtype=torch.qint8)
+
+
+def _zero_init_logistic() -> nn.Module:
+    model = nn.Linear(6, 3)
+    nn.init.zeros_(model.weight)  # a convex model started at 0
+    return model
+
+
+@pytest.mark.parametrize(("make", "words"), [
+    (_dynamic_quantized_mlp, ("ignore=None", "quantized", "float model")),
+    (_zero_init_logistic, ("norm=None",)),
+])
+def test_random_directions_that_move_nothing_are_refused(make, words):
+    # The default directions are filter-normalised on tensors of dim > 1. A dynamically
+    # quantized model keeps its Linear weights as packed int8 data, not parameters (only
+    # LayerNorm's 1-D ones are left), and a zero-initialised weight has zero filters: both
+    # gave an all-zero direction, and compute_surface drew a flat plane with no error.
+    model = make()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(10, 6, generator=g), torch.randint(0, 3, (10,), generator=g)
+    before = snapshot(model)
+    for call in (lambda: lw.random_directions(model, 2, seed=0),
+                 lambda: lw.compute_surface(model, (x, y), x=(-1, 1, 3), y=(-1, 1, 3),
+                                            progress=False)):
+        with pytest.raises(ValueError) as err:
+            call()
+        assert all(w in str(err.value) for w in words), str(err.value)
+    assert_same_snapshot(before, snapshot(model))
+    # What the message proposes moves the model: the oracle is the loss of its own forward.
+    fix = {"ignore": None} if "ignore=None" in words else {"norm": None}
+    d = lw.random_direction(model, seed=0, **fix)
+    assert any(bool(v.any()) for v in d.values())
+    curve = lw.compute_curve(model, (x, y), direction=d, x=(-1, 1, 3), progress=False)
+    assert np.ptp(curve.loss) > 0
+    with torch.no_grad():
+        np.testing.assert_allclose(curve.loss[1], float(F.cross_entropy(model(x), y)),
+                                   rtol=1e-6)
