@@ -229,3 +229,41 @@ def test_random_directions_that_move_nothing_are_refused(make, words):
     with torch.no_grad():
         np.testing.assert_allclose(curve.loss[1], float(F.cross_entropy(model(x), y)),
                                    rtol=1e-6)
+
+
+class _ScaledByBuffer(nn.Module):
+    """BatchNorm, and a non-persistent buffer (not in state_dict) the forward uses."""
+
+    def __init__(self, s: float):
+        super().__init__()
+        self.fc, self.bn = nn.Linear(4, 3), nn.BatchNorm1d(3)
+        self.register_buffer("scale", torch.full((3,), s), persistent=False)
+
+    def forward(self, x):
+        return self.bn(self.fc(x)) * self.scale
+
+
+def test_a_direction_on_a_non_persistent_buffer_survives_its_file(tmp_path):
+    # interpolation_direction moves every float buffer, non-persistent ones too, but
+    # save_directions wrote the state_dict's entries only: the 'scale' part was dropped
+    # with no error, and the loaded direction no longer led to model_b at alpha = 1.
+    torch.manual_seed(0)
+    a = _ScaledByBuffer(1.0).eval()
+    torch.manual_seed(1)
+    b = _ScaledByBuffer(2.0).eval()
+    with torch.no_grad():
+        b.bn.running_mean.fill_(0.5)
+    d = lw.interpolation_direction(a, b)
+    before = snapshot(a)
+    lw.save_directions(tmp_path / "d.h5", [d], a)
+    (back,) = lw.load_directions(tmp_path / "d.h5", a)
+    assert set(back) == set(d)
+    for k in d:
+        assert torch.equal(back[k], d[k]), k
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(16, 4, generator=g), torch.randint(0, 3, (16,), generator=g)
+    with torch.no_grad():
+        want = float(F.cross_entropy(copy.deepcopy(b).double()(x.double()), y))
+    curve = lw.compute_curve(a, (x, y), direction=back, x=(0, 1, 2), progress=False)
+    np.testing.assert_allclose(curve.loss[1], want, rtol=1e-5)
+    assert_same_snapshot(before, snapshot(a))
