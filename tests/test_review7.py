@@ -267,3 +267,32 @@ def test_a_direction_on_a_non_persistent_buffer_survives_its_file(tmp_path):
     curve = lw.compute_curve(a, (x, y), direction=back, x=(0, 1, 2), progress=False)
     np.testing.assert_allclose(curve.loss[1], want, rtol=1e-5)
     assert_same_snapshot(before, snapshot(a))
+
+
+def test_statistics_of_a_surface_along_a_descending_axis():
+    # x=(1, -1, n) is a range compute_surface accepts (np.linspace runs downwards), but
+    # landscape_stats, nonconvex_fraction and basin_radius raised "x must be strictly
+    # increasing" about coordinates the user never passed them. Oracle: the closed form
+    # of x^2 + 4 y^2 (radii 0.5 and 0.25 at rise 0.25, convex everywhere).
+    t = np.linspace(1, -1, 201)
+    u = np.linspace(-1, 1, 201)
+    z = t[None, :] ** 2 + 4 * u[:, None] ** 2
+    r = lw.basin_radius(t, u, z, rise=0.25)
+    np.testing.assert_allclose([r[k] for k in ("+x", "-x", "+y", "-y")],
+                               [0.5, 0.5, 0.25, 0.25], atol=1e-12)
+    assert lw.nonconvex_fraction((t, u[::-1], z[::-1])) == 0.0
+    saddle = t[None, :] ** 2 - u[:, None] ** 2
+    assert lw.nonconvex_fraction((t, u, saddle)) == 1.0
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    g = torch.Generator().manual_seed(1)
+    data = (torch.randn(20, 4, generator=g), torch.randint(0, 3, (20,), generator=g))
+    dirs = lw.random_directions(model, 2, seed=0)
+    down = lw.compute_surface(model, data, directions=dirs, x=(1, -1, 5), y=(-1, 1, 5),
+                              progress=False)
+    up = lw.compute_surface(model, data, directions=dirs, x=(-1, 1, 5), y=(-1, 1, 5),
+                            progress=False)
+    np.testing.assert_allclose(down.loss, up.loss[:, ::-1], rtol=1e-6)
+    a, b = lw.landscape_stats(down), lw.landscape_stats(up)
+    for k, v in vars(b).items():
+        np.testing.assert_allclose(getattr(a, k), v, rtol=1e-6, err_msg=k)
