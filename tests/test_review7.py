@@ -296,3 +296,46 @@ def test_statistics_of_a_surface_along_a_descending_axis():
     a, b = lw.landscape_stats(down), lw.landscape_stats(up)
     for k, v in vars(b).items():
         np.testing.assert_allclose(getattr(a, k), v, rtol=1e-6, err_msg=k)
+
+
+class _TiedLM(nn.Module):
+    """Output layer tied to the embedding: both names in state_dict, one tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.mid = nn.Embedding(11, 8), nn.Linear(8, 8)
+        self.head = nn.Linear(8, 11, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.mid(self.emb(tokens)))).mean(1)
+
+
+def test_checkpoints_of_a_tied_model_read_without_the_model(tmp_path):
+    # Without model=, from_checkpoints kept every float entry of the state_dict: a tied
+    # weight, saved under two names (sharing one storage), counted twice in the PCA (its
+    # explained variances and directions off) and compute_surface then refused the
+    # directions ("unknown keys ['head.weight']", fix: lw.random_direction). The oracle:
+    # the same files read with model=, whose names are those of named_parameters().
+    torch.manual_seed(0)
+    model = _TiedLM()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, 11, (30, 4), generator=g), torch.randint(0, 11, (30,), generator=g)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    paths = []
+    for i in range(5):
+        paths.append(tmp_path / f"{i}.pt")
+        torch.save({"state_dict": model.state_dict()}, paths[-1])
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    want, want_evr = lw.Trajectory.from_checkpoints(paths, model=model).pca_directions(2)
+    got, got_evr = lw.Trajectory.from_checkpoints(paths).pca_directions(2)
+    np.testing.assert_allclose(got_evr, want_evr, rtol=1e-6)
+    for d, e in zip(got, want, strict=True):
+        assert set(d) == set(e)
+        for k in e:
+            torch.testing.assert_close(d[k], e[k], rtol=1e-5, atol=1e-6)
+    surf = lw.compute_surface(model, (x, y), directions=list(got), x=(-1, 1, 3),
+                              y=(-1, 1, 3), progress=False)
+    assert np.isfinite(surf.loss).all()

@@ -171,7 +171,7 @@ class Trajectory:
         Files are read with ``torch.load(weights_only=True)``; a dict holding a
         ``"state_dict"`` or ``"model"`` entry is unwrapped. With ``model`` only its
         parameter names are kept; without it, every floating-point entry except BatchNorm
-        running statistics.
+        running statistics (a tied tensor under its first name only).
 
         Returns:
             A :class:`Trajectory` with one checkpoint per entry of ``paths`` (steps ``0, 1, ...``).
@@ -193,8 +193,9 @@ class Trajectory:
                     raise ValueError(f"checkpoint {i} lacks parameters {missing[:3]}.")
                 params = {n: state[n] for n in names}
             else:
-                params = {k: v for k, v in state.items() if torch.is_tensor(v)
-                          and torch.is_floating_point(v) and not k.endswith(BUFFER_SUFFIXES)}
+                params = _untied({k: v for k, v in state.items() if torch.is_tensor(v)
+                                  and torch.is_floating_point(v)
+                                  and not k.endswith(BUFFER_SUFFIXES)})
             traj.record(params, step=i)
         return traj
 
@@ -343,6 +344,26 @@ class Trajectory:
                              "weights", overwrite=overwrite, **pca)
         write_projection(proj_path, coords, overwrite=overwrite)
         return coords
+
+
+def _untied(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``state`` with each tensor under its first name only, as ``named_parameters()`` has it.
+
+    A tied weight (an output layer sharing the embedding's) is saved under both names,
+    one storage (``torch.save`` keeps the sharing); kept twice it would weigh double in the
+    PCA and give directions with a name the model's parameters do not have.
+
+    Returns:
+        The entries of ``state`` whose tensor (storage, offset, shape, strides) no earlier
+        entry holds.
+    """
+    seen, out = set(), {}
+    for k, v in state.items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.stride())
+        if not v.numel() or key not in seen:  # empty tensors share no data
+            seen.add(key)
+            out[k] = v
+    return out
 
 
 def _parameters(model) -> dict[str, Tensor]:
