@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.nn.utils.prune
 from snapshots import assert_same_snapshot, snapshot
 from torch import nn
 
@@ -339,3 +340,36 @@ def test_checkpoints_of_a_tied_model_read_without_the_model(tmp_path):
     surf = lw.compute_surface(model, (x, y), directions=list(got), x=(-1, 1, 3),
                               y=(-1, 1, 3), progress=False)
     assert np.isfinite(surf.loss).all()
+
+
+def _pruned_mlp() -> nn.Module:
+    net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    torch.nn.utils.prune.l1_unstructured(net[0], "weight", amount=0.5)
+    return net  # its 'weight' attribute is weight_orig * mask: a non-leaf tensor
+
+
+def test_optimizer_runs_and_pattern_fits_of_a_pruned_model():
+    # torch.nn.utils.prune keeps 'weight' as a non-leaf plain attribute, which
+    # copy.deepcopy refuses: compare_optimizers and fit_pattern crashed ("Only Tensors
+    # created explicitly by the user (graph leaves) support the deepcopy protocol").
+    # Oracle: full-batch SGD written here on the model built from the same seed.
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(24, 6, generator=g), torch.randint(0, 3, (24,), generator=g)
+    runs = lw.compare_optimizers(_pruned_mlp, (x, y), {"sgd": lambda p: torch.optim.SGD(
+        p, lr=0.5)}, epochs=2, batch_size=24, seed=3, progress=False)
+    torch.manual_seed(3)
+    net = _pruned_mlp()
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    for epoch in range(3):
+        for k, v in net.state_dict().items():
+            torch.testing.assert_close(runs.runs["sgd"].checkpoints[epoch][k], v, msg=k)
+        opt.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+    fit = lw.fit_pattern(_pruned_mlp, (x, y), lw.checkerboard(3), steps=2, batch_size=8,
+                         cells_per_step=4, progress=False)
+    loss = fit.evaluate((x, y))["loss"]
+    with torch.no_grad():  # each cell's network, materialised, gives its cell's loss
+        for i, j in ((0, 0), (1, 1), (2, 1)):
+            want = float(F.cross_entropy(fit.materialize(i, j)(x), y))
+            np.testing.assert_allclose(loss[i, j], want, rtol=1e-5)

@@ -246,6 +246,30 @@ def evaluation_copy(model: nn.Module) -> nn.Module:
     return out
 
 
+def module_copy(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)``, also of a model holding a non-leaf tensor as an attribute.
+
+    Pruning (``torch.nn.utils.prune``) and legacy ``weight_norm`` keep ``weight`` as
+    ``weight_orig * mask`` (a non-leaf tensor, which ``deepcopy`` refuses) and recompute it
+    before every forward: it is copied detached. What a forward under ``vmap`` left there
+    (a batched tensor that escaped it: nothing can copy or read it) becomes ``None`` in
+    the copy, until its next forward sets it again.
+
+    Returns:
+        An independent copy of ``model`` (same classes, unlike :func:`evaluation_copy`).
+    """
+    memo: dict[int, object] = {}
+    for m in model.modules():
+        for v in vars(m).values():
+            if isinstance(v, Tensor) and not isinstance(v, nn.Parameter):
+                if torch._C._functorch.is_functorch_wrapped_tensor(v):
+                    memo[id(v)] = None
+                elif v.grad_fn is not None:
+                    memo[id(v)] = v.detach().clone()
+    with torch.no_grad():
+        return copy.deepcopy(model, memo)
+
+
 def true_gradients(module: nn.Module) -> nn.Module:
     """Turn off ``scale_grad_by_freq`` and ``sparse`` in a private copy's embeddings.
 

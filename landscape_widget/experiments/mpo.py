@@ -10,7 +10,6 @@ takes an Adam step. :func:`fit_pattern` returns a resumable :class:`PatternFit`.
 
 from __future__ import annotations
 
-import copy
 import threading
 from collections.abc import Callable
 
@@ -18,7 +17,7 @@ import torch
 from torch import nn
 
 from ..core.data import as_tensors
-from ..core.params import outside_inference_mode
+from ..core.params import module_copy, outside_inference_mode
 from .masks import as_binary, ternary_mask
 from .pattern_fit import PatternFit
 from .plane import FlatLayout, PatternPlane
@@ -54,7 +53,7 @@ def fresh_networks(model_fn: ModelFn | nn.Module, seed: int, count: int = 3) -> 
         if isinstance(model_fn, nn.Module):
             nets = []
             for _ in range(count):
-                net = copy.deepcopy(model_fn)
+                net = module_copy(model_fn)
                 for m in net.modules():
                     reset = getattr(m, "reset_parameters", None)
                     if callable(reset):

@@ -7,7 +7,6 @@ mid-run and measure distances, functional differences, basins and planes.
 
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 
@@ -20,7 +19,7 @@ from ..core.directions import interpolation_direction, random_directions
 from ..core.evaluate import Evaluator
 from ..core.landscape import compute_curve
 from ..core.losses import check_cross_entropy_targets
-from ..core.params import outside_inference_mode
+from ..core.params import module_copy, outside_inference_mode
 from ..core.surface import Curve
 from ._objective import _norm
 from .optimizers import (
@@ -237,7 +236,7 @@ class OptimizerRuns:
 
     def initial_model(self) -> nn.Module:
         """A copy of ``theta_0``, the shared start."""
-        return copy.deepcopy(self._init).eval()
+        return module_copy(self._init).eval()
 
     def __repr__(self) -> str:
         rows = []
