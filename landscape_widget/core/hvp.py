@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp
 
+from .copies import true_gradients
 from .data import as_tensors
 from .errors import Cancelled  # re-exported: `from core.hvp import Cancelled` still works
 from .losses import check_cross_entropy_targets
@@ -36,7 +37,6 @@ from .params import (
     model_device,
     parameters_of,
     plain_modes,
-    true_gradients,
 )
 from .state import check_running_stats
 

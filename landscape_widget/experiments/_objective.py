@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ..core.copies import true_gradients
 from ..core.data import as_tensors
 from ..core.directions import random_directions
 from ..core.losses import check_cross_entropy_targets
@@ -28,7 +29,6 @@ from ..core.params import (
     model_device,
     parameters_of,
     plain_modes,
-    true_gradients,
 )
 from ..core.state import check_running_stats
 

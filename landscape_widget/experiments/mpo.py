@@ -16,8 +16,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..core.copies import module_copy
 from ..core.data import as_tensors
-from ..core.params import module_copy, outside_inference_mode
+from ..core.params import outside_inference_mode
 from .masks import as_binary, ternary_mask
 from .pattern_fit import PatternFit
 from .plane import FlatLayout, PatternPlane

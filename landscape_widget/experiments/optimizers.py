@@ -25,10 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..core.copies import module_copy
 from ..core.data import as_tensors
 from ..core.fingerprints import state_hash
 from ..core.metrics import find_logits, resolve_task
-from ..core.params import check_module, model_device, module_copy
+from ..core.params import check_module, model_device
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from ..core.params import Params, module_copy
+from ..core.copies import module_copy
+from ..core.params import Params
 
 PLANES = ("up_orthogonal", "simple")
 

@@ -15,11 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..core.copies import module_copy
 from ..core.directions import interpolation_direction, random_directions
 from ..core.evaluate import Evaluator
 from ..core.landscape import compute_curve
 from ..core.losses import check_cross_entropy_targets
-from ..core.params import module_copy, outside_inference_mode
+from ..core.params import outside_inference_mode
 from ..core.surface import Curve
 from ._objective import _norm
 from .optimizers import (
