@@ -38,7 +38,7 @@ from .params import (
     parameters_of,
     plain_modes,
 )
-from .state import check_running_stats
+from .state import BN_BATCH_SIZE, check_running_stats
 
 _WARMED = False
 METHODS = ("auto", "graph", "jvp", "backward")
@@ -72,7 +72,9 @@ class HessianOperator:
             :func:`~landscape_widget.core.metrics.find_logits`).
         ignore: ``"biasbn"`` (default): only parameters of dimension > 1; ``None``: all.
         bn: ``"eval"`` (running statistics) or ``"batch"``.
-        batch_size: Samples per pass (default: all, at most 2048).
+        batch_size: Samples per pass (default: all, at most 2048). With ``bn="batch"``
+            the BatchNorm batches, as ``bn_batch_size`` of ``compute_surface`` (default
+            128, its default: the curvature of the loss the surfaces plot).
         point: Parameter values to take the Hessian at, instead of the model's own
             (a dict with some or all parameter names).
         device: Where to compute (default: the model's device).
@@ -156,7 +158,10 @@ class HessianOperator:
                                        or not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"batch_size must be an int >= 1 or None (all data, at most "
                              f"2048), got {batch_size!r}.")
-        self.batch = int(batch_size or min(self.n, 2048))
+        # With bn="batch" the batch is BatchNorm's: the surfaces' default (bn_batch_size,
+        # 128), or the products would be those of another loss than the one plotted.
+        default = BN_BATCH_SIZE if bn == "batch" else 2048
+        self.batch = int(batch_size or min(self.n, default))
         if method == "graph" and self.batch < self.n:
             raise ValueError("method='graph' needs all data in one batch; raise batch_size "
                              "or use method='jvp' or 'backward'.")
