@@ -404,3 +404,24 @@ def test_batch_statistics_curvature_uses_the_surfaces_batchnorm_batches():
     want = float(want) / sum(float(v.pow(2).sum()) for v in d.values())
     got = lw.rayleigh_quotient(model, (x, y), d, bn="batch")
     np.testing.assert_allclose(got, want, rtol=1e-8)
+
+
+def test_optimizer_runs_of_untracked_batchnorm_take_bn_batch():
+    # After the refusal above, basin_size and interpolate needed a bn= to follow its fix.
+    # Oracle: at alpha = 0 and 1, interpolate's curve is each run's final model's loss over
+    # 128-sample train-mode batches (float64 loop written here).
+    x, y = _shifted_data(150)
+    runs = lw.compare_optimizers(_untracked_bn_net(), (x, y), {
+        "a": lambda p: torch.optim.SGD(p, lr=0.1), "b": lambda p: torch.optim.SGD(p, lr=0.3)},
+        epochs=1, batch_size=50, progress=False)
+    with pytest.raises(ValueError, match="bn='batch'"):
+        runs.interpolate("a", "b", x=(0, 1, 2))
+    curve = runs.interpolate("a", "b", x=(0, 1, 2), bn="batch")["train"]
+    for alpha, name in ((0, "a"), (1, "b")):
+        net = copy.deepcopy(runs.model(name)).double().train()
+        with torch.no_grad():
+            want = sum(F.cross_entropy(net(x[s:s + 128].double()), y[s:s + 128],
+                                       reduction="sum") for s in range(0, 150, 128)) / 150
+        np.testing.assert_allclose(curve.loss[alpha], float(want), rtol=1e-5)
+    radii = runs.basin_size(2, radii=(0, 1, 3), bn="batch")
+    assert set(radii) == {"a", "b"}
