@@ -23,6 +23,8 @@ _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_
 def _bytes(t: torch.Tensor) -> torch.Tensor:
     """The tensor's bytes; a sparse tensor's as the bytes of its layout's name, its
     (uncoalesced, as stored) indices and its values."""
+    if t.is_quantized:  # int8 data and its scale (viewing them as bytes crashes torch)
+        return torch.cat([_bytes(t.int_repr()), _bytes(t.dequantize())])
     if t.layout == torch.sparse_coo:
         parts = [t._indices(), t._values()]
     elif t.layout != torch.strided:

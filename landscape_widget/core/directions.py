@@ -138,7 +138,8 @@ def random_directions(
         parameter), each normalised per ``norm`` with the ``ignore``d entries zeroed.
 
     Raises:
-        ValueError: If ``norm`` or ``ignore`` is not one of the supported choices.
+        ValueError: If ``norm`` or ``ignore`` is not one of the supported choices, or the
+            directions would be zero on every parameter (see :func:`_check_moves`).
     """
     _check_choice(norm, NORMS, "norm")
     _check_choice(ignore, IGNORES, "ignore")
@@ -152,7 +153,38 @@ def random_directions(
             raw = raw.to(device=theta.device, dtype=theta.dtype)
             d[name] = normalize_direction(raw, theta, norm=norm, ignore=ignore)
         out.append(d)
+    if out and params:
+        _check_moves(model, params, out[0], norm, ignore)
     return out
+
+
+def _check_moves(model: nn.Module, params: Params, d: Params, norm, ignore) -> None:
+    """Refuse a direction that is zero on every parameter: its landscape is a flat plane.
+
+    That happens with ``ignore="biasbn"`` on a model without parameters of dim > 1 (a
+    dynamically quantized model keeps its Linear weights as packed int8 data, not
+    parameters), and with a ``norm`` scaled by ``theta`` where those are all zero (a
+    zero-initialised model).
+
+    Raises:
+        ValueError: Naming the cause and the fix.
+    """
+    if any(v.is_meta for v in d.values()) or any(bool(v.any()) for v in d.values()):
+        return  # meta tensors (weights never loaded) are refused later, with their fix
+    quantized = sorted({type(m).__module__ + "." + type(m).__name__ for m in model.modules()
+                        if type(m).__module__.startswith("torch.ao.nn.quantized")})
+    note = (f" Its quantized layers ({', '.join(quantized[:2])}) hold their weights as "
+            "packed int8 data, not parameters, so no direction moves them: compute the "
+            "landscape of the float model (before quantization)." if quantized else "")
+    if ignore == "biasbn" and not any(v.dim() > 1 for v in params.values()):
+        raise ValueError(
+            "the random directions are zero: ignore='biasbn' leaves out 1-D tensors and this "
+            "model has no parameters of dim > 1, so every point would be the model itself (a "
+            "flat landscape). Pass ignore=None to move the 1-D parameters." + note)
+    raise ValueError(
+        f"the random directions are zero: norm={norm!r} scales them to the model's weights, "
+        "which are all zero (a zero-initialised model?), so every point would be the model "
+        "itself (a flat landscape). Pass norm=None for unscaled Gaussian directions." + note)
 
 
 def interpolation_direction(

@@ -84,7 +84,16 @@ def save_directions(path: str | Path, directions, model: nn.Module, *,
     if dir_type == "weights" and moves_buffers:
         raise ValueError("these directions move BatchNorm buffers, which the 'weights' type "
                          "cannot hold; use dir_type='states'.")
-    write_directions(path, dirs, _order(model, dir_type), dir_type, overwrite=overwrite,
+    order = _order(model, dir_type)
+    if dir_type == "states":
+        # Non-persistent buffers are not in state_dict, but a direction may move them
+        # (interpolation_direction does): written after its entries, or that part would be
+        # lost with no error. loss-landscape zips the state_dict with the datasets, so it
+        # reads the file as before; our reader finds them by name.
+        listed = {n for n, _ in order}
+        order += [(n, b.detach()) for n, b in model.named_buffers()
+                  if n not in listed and any(n in d for d in dirs)]
+    write_directions(path, dirs, order, dir_type, overwrite=overwrite,
                      explained_variance_ratio=explained_variance_ratio,
                      singular_values=singular_values, n_samples=n_samples)
     return dir_type
@@ -159,6 +168,8 @@ def load_directions(path: str | Path, model: nn.Module) -> list[Params]:
     if not path.exists():
         raise FileNotFoundError(f"no such file: {path}")
     state = {k: v.detach() for k, v in model.state_dict().items()}
+    # Non-persistent buffers too: save_directions writes those the directions move.
+    state.update({k: v.detach() for k, v in model.named_buffers() if k not in state})
     params = dict(model.named_parameters())
     float_buffers = {k for k, v in model.named_buffers() if v.is_floating_point()}
     out = []

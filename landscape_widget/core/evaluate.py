@@ -68,7 +68,7 @@ from .precision import (
     precision_flags,
     precision_note,
 )
-from .state import BufferState, bn_batch_size_for
+from .state import BufferState, bn_batch_size_for, check_running_stats
 from .stem import StemTerms, split_stem
 from .tuning import PlanTuner
 
@@ -179,6 +179,7 @@ class Evaluator(PointPasses, LossStats, PrecisionCheck, PlanTuner, CompiledForwa
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
         if bn not in BN_MODES:
             raise ValueError(f"bn={bn!r} is not supported; choose 'eval' or 'batch'.")
+        check_running_stats(model, bn)  # batch-statistics BN under bn="eval": plan-dependent
         self._default_metrics = isinstance(metrics, DefaultMetrics)
         metrics, self.user_metrics = split_metrics(metrics)
         if output_fn is not None and not callable(output_fn):

@@ -116,6 +116,32 @@ def _read_node(node) -> dict:
     return out
 
 
+def _put(group, key: str, data) -> None:
+    """Write ``data`` as member ``key`` of ``group``, whatever characters ``key`` holds.
+
+    HDF5 reads ``/`` in a name as a path (a metric named ``"acc/top2"``, a parameter of a
+    ``ModuleDict`` keyed ``"enc/0"`` became a nested group that :func:`_get_all` could not
+    read back), and ``"."`` names the group itself. Such a key is stored under an escaped
+    name; every member keeps its key in an attribute, which the reader prefers.
+    """
+    name = key
+    if "/" in key or key in ("", "."):
+        name = key.replace("%", "%25").replace("/", "%2F").replace(".", "%2E") or "%"
+    while name in group:  # a key that reads like an escaped one written before it
+        name += "_"
+    group.create_dataset(name, data=data).attrs[OURS + "name"] = key
+
+
+def _get_all(group) -> dict:
+    """The datasets :func:`_put` wrote in ``group``, by key.
+
+    Returns:
+        ``{key: array}``: each member's key attribute, or its name in files written before
+        the attribute (which wrote the key as the name).
+    """
+    return {ds.attrs.get(OURS + "name", name): np.asarray(ds[()]) for name, ds in group.items()}
+
+
 def _write_node(group, items: dict) -> None:
     for name, (value, attrs) in items.items():
         if name in group:
@@ -184,11 +210,11 @@ def write_grid(path: str | Path, x: np.ndarray, y: np.ndarray | None, arrays: di
             for i, d in enumerate(directions):
                 gi = g.create_group(str(i))
                 for k, v in d.items():
-                    gi.create_dataset(k, data=v.detach().cpu().numpy())
+                    _put(gi, k, v.detach().cpu().numpy())
         if user_metrics:
             g = f.create_group(METRICS_GROUP)
             for name, arr in user_metrics.items():
-                g.create_dataset(name, data=np.asarray(arr, dtype=np.float64).reshape(shape))
+                _put(g, name, np.asarray(arr, dtype=np.float64).reshape(shape))
         _write_node(f, extra.get("datasets", {}))
         for k, v in extra.get("attrs", {}).items():
             if k not in f.attrs:
@@ -248,10 +274,11 @@ def read_grid(path: str | Path, fields: tuple[str, ...]) -> dict:
         directions = None
         if DIRECTIONS_GROUP in f:
             g = f[DIRECTIONS_GROUP]
-            directions = [{k: torch.from_numpy(np.asarray(g[str(i)][k])) for k in g[str(i)]}
+            directions = [{k: torch.from_numpy(v) for k, v in _get_all(g[str(i)]).items()}
                           for i in range(len(g))]
-        user_metrics = ({k: np.asarray(v[()], dtype=np.float64).reshape(shape)
-                         for k, v in f[METRICS_GROUP].items()} if METRICS_GROUP in f else {})
+        user_metrics = ({k: v.astype(np.float64).reshape(shape)
+                         for k, v in _get_all(f[METRICS_GROUP]).items()}
+                        if METRICS_GROUP in f else {})
         known = set(COORDS) | {KEYS[n] for n in fields} | {DIRECTIONS_GROUP, METRICS_GROUP}
         if "accuracy" in fields and "train_acc" in f and f["train_acc"].attrs.get(
                 OURS + "not_computed"):  # our "not computed" stand-in: written anew by save

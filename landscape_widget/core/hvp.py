@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp
 
+from .copies import true_gradients
 from .data import as_tensors
 from .errors import Cancelled  # re-exported: `from core.hvp import Cancelled` still works
 from .losses import check_cross_entropy_targets
@@ -37,6 +38,7 @@ from .params import (
     parameters_of,
     plain_modes,
 )
+from .state import BN_BATCH_SIZE, check_running_stats
 
 _WARMED = False
 METHODS = ("auto", "graph", "jvp", "backward")
@@ -70,7 +72,9 @@ class HessianOperator:
             :func:`~landscape_widget.core.metrics.find_logits`).
         ignore: ``"biasbn"`` (default): only parameters of dimension > 1; ``None``: all.
         bn: ``"eval"`` (running statistics) or ``"batch"``.
-        batch_size: Samples per pass (default: all, at most 2048).
+        batch_size: Samples per pass (default: all, at most 2048). With ``bn="batch"``
+            the BatchNorm batches, as ``bn_batch_size`` of ``compute_surface`` (default
+            128, its default: the curvature of the loss the surfaces plot).
         point: Parameter values to take the Hessian at, instead of the model's own
             (a dict with some or all parameter names).
         device: Where to compute (default: the model's device).
@@ -108,10 +112,13 @@ class HessianOperator:
             raise ValueError("ignore must be 'biasbn' (parameters of dim > 1) or None (all).")
         if bn not in ("eval", "batch"):
             raise ValueError("bn must be 'eval' or 'batch'.")
+        check_running_stats(model, bn)  # else the products would depend on self.batch
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
         self.device = torch.device(device) if device is not None else model_device(model)
-        self.module = evaluation_copy(model)  # private: its flags are ours to set
+        # Private: its flags are ours to set. Embeddings' scale_grad_by_freq off: products
+        # of the loss's Hessian, not of the rescaled training gradient.
+        self.module = true_gradients(evaluation_copy(model))
         self.module.eval()
         if bn == "batch":
             for m in self.module.modules():
@@ -151,7 +158,10 @@ class HessianOperator:
                                        or not isinstance(batch_size, int) or batch_size < 1):
             raise ValueError(f"batch_size must be an int >= 1 or None (all data, at most "
                              f"2048), got {batch_size!r}.")
-        self.batch = int(batch_size or min(self.n, 2048))
+        # With bn="batch" the batch is BatchNorm's: the surfaces' default (bn_batch_size,
+        # 128), or the products would be those of another loss than the one plotted.
+        default = BN_BATCH_SIZE if bn == "batch" else 2048
+        self.batch = int(batch_size or min(self.n, default))
         if method == "graph" and self.batch < self.n:
             raise ValueError("method='graph' needs all data in one batch; raise batch_size "
                              "or use method='jvp' or 'backward'.")
@@ -283,7 +293,9 @@ class HessianOperator:
                 "torch's second derivative of a layer of this model is wrong (known: "
                 "weight_norm, whose _weight_norm_interface double backward is incorrect; "
                 "compute such a weight from plain operations, g * v / v.norm(dim=1, "
-                "keepdim=True), in a custom parametrization)")
+                "keepdim=True), in a custom parametrization; and F.embedding(..., "
+                "scale_grad_by_freq=True) called in forward, whose backward rescales the "
+                "gradient: drop that flag for the analysis)")
         self._symmetric = True
 
     def _attention(self):

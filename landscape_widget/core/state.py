@@ -123,3 +123,38 @@ class BufferState:
     # The probes and evaluate() run between _enter and _exit (in a finally block).
     _enter = _reset_state
     _exit = _reset_state
+
+
+def check_running_stats(model: torch.nn.Module, bn: str) -> None:
+    """Refuse ``bn="eval"`` for a model whose BatchNorm layers keep no running statistics.
+
+    Such a layer (``track_running_stats=False``) normalises with the statistics of each
+    batch in eval mode too, so with ``bn="eval"`` its loss would depend on how the engine
+    happens to batch the data (its tuned plan, the device's memory, an out-of-memory
+    fallback), which nothing fixes or records. ``bn="batch"`` fixes those batches.
+
+    Raises:
+        ValueError: If ``bn`` is ``"eval"`` and a BatchNorm layer has no running statistics,
+            naming the layers and ``bn="batch"``.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.BatchNorm1d(3, track_running_stats=False))
+        >>> check_running_stats(net, "batch")
+        >>> check_running_stats(net, "eval")
+        Traceback (most recent call last):
+        ...
+        ValueError: BatchNorm layer(s) ['0'] keep no running statistics ...
+    """
+    if bn != "eval":
+        return
+    untracked = [name or "(the model)" for name, m in model.named_modules()
+                 if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                 and m.running_mean is None and m.running_var is None]
+    if untracked:
+        raise ValueError(
+            f"BatchNorm layer(s) {untracked[:3]}{' ...' if len(untracked) > 3 else ''} keep "
+            "no running statistics (track_running_stats=False): in eval mode they normalise "
+            "with each batch's own statistics, so with bn='eval' the loss would depend on how "
+            "the engine batches the data. Pass bn='batch' and bn_batch_size=B: the value of "
+            "an eval-mode loop over DataLoader(data, batch_size=B) batches in data order (B = "
+            "the number of samples for one forward pass on all data).")

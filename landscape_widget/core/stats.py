@@ -44,9 +44,29 @@ def _coords(c, n: int, name: str) -> np.ndarray:
     arr = np.asarray(c, dtype=np.float64).reshape(-1)
     if arr.size != n:
         raise ValueError(f"{name} has {arr.size} coordinates for {n} grid columns/rows.")
-    if n > 1 and not (np.diff(arr) > 0).all():
-        raise ValueError(f"{name} must be strictly increasing.")
+    d = np.diff(arr)
+    if n > 1 and not ((d > 0).all() or (d < 0).all()):
+        raise ValueError(f"{name} must be strictly increasing (or strictly decreasing).")
     return arr
+
+
+def _increasing(x, y, z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The grid with each strictly decreasing axis reversed (``z`` with it).
+
+    ``compute_surface(..., x=(1, -1, n))`` is a valid range whose coordinates run down; no
+    statistic depends on the order the points are stored in, and ``"+x"`` of
+    :func:`basin_radius` stays the direction of increasing ``x``.
+
+    Returns:
+        ``(x, y, z)`` as float arrays, coordinates increasing where they were decreasing.
+    """
+    x = np.asarray(x, dtype=np.float64).reshape(-1)
+    y = np.asarray(y, dtype=np.float64).reshape(-1)
+    if x.size > 1 and (np.diff(x) < 0).all():
+        x, z = x[::-1], z[:, ::-1]
+    if y.size > 1 and (np.diff(y) < 0).all():
+        y, z = y[::-1], z[::-1]
+    return x, y, z
 
 
 def surface_curvature(x, y, z) -> tuple[np.ndarray, np.ndarray]:
@@ -73,6 +93,11 @@ def surface_curvature(x, y, z) -> tuple[np.ndarray, np.ndarray]:
     z = _grid(z)
     ny, nx = z.shape
     x, y = _coords(x, nx, "x"), _coords(y, ny, "y")
+    if (x.size > 1 and x[0] > x[-1]) or (y.size > 1 and y[0] > y[-1]):
+        # A descending axis: the eigenvalues of the grid sorted upwards, put back in the
+        # caller's order.
+        (hi, lo), fx, fy = surface_curvature(*_increasing(x, y, z)), x[0] > x[-1], y[0] > y[-1]
+        return tuple(a[::-1 if fy else 1, ::-1 if fx else 1] for a in (hi, lo))
     hi = np.full(z.shape, np.nan)
     lo = np.full(z.shape, np.nan)
     if nx < 3 or ny < 3:
@@ -258,7 +283,7 @@ def basin_radius(x, y, z, rise: float = DEFAULT_RISE) -> dict[str, float]:
         >>> [round(r[k], 4) for k in ("+x", "-x", "+y", "-y")]
         [0.5, 0.5, 0.25, 0.25]
     """
-    z = _grid(z)
+    x, y, z = _increasing(x, y, _grid(z))
     ny, nx = z.shape
     x, y = _coords(x, nx, "x"), _coords(y, ny, "y")
     if isinstance(rise, bool) or not np.isfinite(rise) or rise <= 0:

@@ -69,6 +69,8 @@ class PCADirections(list):
 class Trajectory:
     """Checkpoints of a training run, as flat parameter vectors on the CPU.
 
+    The vectors are float32, or float64 for a float64 model.
+
     Args:
         ignore: ``"biasbn"`` (default, as loss-landscape's scripts) zeroes the 1-D tensors
             (biases, BatchNorm) of the PCA rows; ``None`` keeps them.
@@ -97,6 +99,8 @@ class Trajectory:
         self.shapes: list[tuple] = []
         self.points: list[Tensor] = []
         self.steps: list[int] = []
+        # float64 for a float64 model, else float32: set by the first checkpoint.
+        self.dtype = torch.float32
         self._handle = None
         self._count = 0
 
@@ -110,12 +114,17 @@ class Trajectory:
         if self.names is None:
             self.names = list(params)
             self.shapes = [tuple(v.shape) for v in params.values()]
+            # A float64 model's path is kept in float64: its steps are often far below
+            # float32's spacing at its weights (2.4e-7 near 3), and the PCA of float32
+            # checkpoints' differences was then mostly rounding noise.
+            self.dtype = (torch.float64 if any(v.dtype == torch.float64 for v in
+                                               params.values()) else torch.float32)
         elif list(params) != self.names or any(
             tuple(v.shape) != s for v, s in zip(params.values(), self.shapes, strict=True)
         ):
             raise ValueError("this checkpoint's parameters differ from the first one's; a "
                              "trajectory follows one architecture.")
-        flat = torch.cat([v.detach().reshape(-1).to("cpu", torch.float32) for v in
+        flat = torch.cat([v.detach().reshape(-1).to("cpu", self.dtype) for v in
                           params.values()])
         self.points.append(flat)
         self.steps.append(len(self.steps) if step is None else int(step))
@@ -162,7 +171,7 @@ class Trajectory:
         Files are read with ``torch.load(weights_only=True)``; a dict holding a
         ``"state_dict"`` or ``"model"`` entry is unwrapped. With ``model`` only its
         parameter names are kept; without it, every floating-point entry except BatchNorm
-        running statistics.
+        running statistics (a tied tensor under its first name only).
 
         Returns:
             A :class:`Trajectory` with one checkpoint per entry of ``paths`` (steps ``0, 1, ...``).
@@ -184,8 +193,9 @@ class Trajectory:
                     raise ValueError(f"checkpoint {i} lacks parameters {missing[:3]}.")
                 params = {n: state[n] for n in names}
             else:
-                params = {k: v for k, v in state.items() if torch.is_tensor(v)
-                          and torch.is_floating_point(v) and not k.endswith(BUFFER_SUFFIXES)}
+                params = _untied({k: v for k, v in state.items() if torch.is_tensor(v)
+                                  and torch.is_floating_point(v)
+                                  and not k.endswith(BUFFER_SUFFIXES)})
             traj.record(params, step=i)
         return traj
 
@@ -206,11 +216,16 @@ class Trajectory:
         return torch.cat(parts)
 
     def unflatten(self, flat: Tensor) -> Params:
-        """A direction dict (parameter name -> tensor) from a flat vector."""
+        """A direction dict (parameter name -> tensor) from a flat vector.
+
+        Returns:
+            ``{name: tensor}`` in the checkpoints' dtype (float64 for a float64 model, else
+            float32).
+        """
         out, at = {}, 0
         for name, shape in zip(self.names, self.shapes, strict=True):
             k = int(np.prod(shape))
-            out[name] = flat[at:at + k].reshape(shape).to(torch.float32).clone()
+            out[name] = flat[at:at + k].reshape(shape).to(self.dtype).clone()
             at += k
         return out
 
@@ -329,6 +344,26 @@ class Trajectory:
                              "weights", overwrite=overwrite, **pca)
         write_projection(proj_path, coords, overwrite=overwrite)
         return coords
+
+
+def _untied(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``state`` with each tensor under its first name only, as ``named_parameters()`` has it.
+
+    A tied weight (an output layer sharing the embedding's) is saved under both names,
+    one storage (``torch.save`` keeps the sharing); kept twice it would weigh double in the
+    PCA and give directions with a name the model's parameters do not have.
+
+    Returns:
+        The entries of ``state`` whose tensor (storage, offset, shape, strides) no earlier
+        entry holds.
+    """
+    seen, out = set(), {}
+    for k, v in state.items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.stride())
+        if not v.numel() or key not in seen:  # empty tensors share no data
+            seen.add(key)
+            out[k] = v
+    return out
 
 
 def _parameters(model) -> dict[str, Tensor]:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ..core.copies import true_gradients
 from ..core.data import as_tensors
 from ..core.directions import random_directions
 from ..core.losses import check_cross_entropy_targets
@@ -29,6 +30,7 @@ from ..core.params import (
     parameters_of,
     plain_modes,
 )
+from ..core.state import check_running_stats
 
 Callback = Callable[[int, int, float], None]
 
@@ -54,12 +56,15 @@ class _Objective:
                              "Dataset/DataLoader); the loss along a direction needs samples.")
         if bn not in ("eval", "batch"):
             raise ValueError(f"bn={bn!r}: choose 'eval' (running statistics) or 'batch'.")
+        check_running_stats(model, bn)  # else the loss would depend on the minibatches
         if ignore not in ("biasbn", None):
             raise ValueError(f"ignore={ignore!r}: choose 'biasbn' (directions on weights of "
                              "dim > 1) or None (all parameters).")
         self.model, self.bn, self.ignore = model, bn, ignore
         self.device = torch.device(device) if device is not None else model_device(model)
-        self.module = evaluation_copy(model)  # private: its flags are ours to set
+        # Private: its flags are ours to set. Embeddings' scale_grad_by_freq off: the
+        # gradients are the loss's own (side directions, mining), not rescaled ones.
+        self.module = true_gradients(evaluation_copy(model))
         params = {k: v.to(self.device) for k, v in parameters_of(model).items()}
         self.theta = params
         self.keys = [k for k, v in params.items() if ignore is None or v.dim() > 1]

@@ -10,13 +10,13 @@ takes an Adam step. :func:`fit_pattern` returns a resumable :class:`PatternFit`.
 
 from __future__ import annotations
 
-import copy
 import threading
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from ..core.copies import module_copy
 from ..core.data import as_tensors
 from ..core.heap import holding_heap
 from ..core.params import outside_inference_mode
@@ -55,7 +55,7 @@ def fresh_networks(model_fn: ModelFn | nn.Module, seed: int, count: int = 3) -> 
         if isinstance(model_fn, nn.Module):
             nets = []
             for _ in range(count):
-                net = copy.deepcopy(model_fn)
+                net = module_copy(model_fn)
                 for m in net.modules():
                     reset = getattr(m, "reset_parameters", None)
                     if callable(reset):

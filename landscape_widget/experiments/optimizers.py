@@ -14,7 +14,6 @@ This module trains one run (:func:`start_run`, :func:`train_run`); the set of ru
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import inspect
 import warnings
@@ -26,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..core.copies import module_copy
 from ..core.data import as_tensors
 from ..core.fingerprints import state_hash
 from ..core.metrics import find_logits, resolve_task
@@ -74,7 +74,9 @@ def initial_model(model_fn, seed: int) -> nn.Module:
         TypeError: If ``model_fn`` is neither a module nor a callable, or builds no module.
     """
     if isinstance(model_fn, nn.Module):
-        return copy.deepcopy(model_fn)  # the user's module is only read
+        # The user's module is only read; module_copy: a pruned model's weight is a
+        # non-leaf tensor, which copy.deepcopy refuses.
+        return module_copy(model_fn)
     if not callable(model_fn):
         raise TypeError(
             "model_fn must be a zero-argument callable that builds the network (e.g. "
@@ -296,7 +298,7 @@ def new_run(name: str, init_state: dict[str, Tensor], test_logged: bool) -> Run:
 
 def model_at(template: nn.Module, state: dict[str, Tensor]) -> nn.Module:
     """A copy of ``template`` holding ``state``, in eval mode."""
-    model = copy.deepcopy(template)
+    model = module_copy(template)
     model.load_state_dict(state)
     return model.eval()
 
@@ -305,7 +307,7 @@ def start_run(name: str, factory, init: nn.Module, schedule: Schedule, epochs: i
               data: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor] | None, loss_fn,
               bar=None) -> Run:
     """Train a new run ``name`` with ``factory`` from a copy of ``init`` (its epoch 0)."""
-    model = copy.deepcopy(init)
+    model = module_copy(init)
     optimizer = make_optimizer(name, factory, model)
     run = new_run(name, _cpu_state(model), test is not None)
     run.optimizer = repr(factory)

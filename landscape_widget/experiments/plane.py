@@ -14,13 +14,12 @@ no running statistics, in training and evaluation alike.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from ..core.copies import module_copy
 from ..core.params import Params
 
 PLANES = ("up_orthogonal", "simple")
@@ -36,7 +35,7 @@ def batch_stat_copy(module: nn.Module) -> nn.Module:
         The copy: eval mode, BatchNorm layers without running statistics (so they normalise with
         each batch's), parameters with ``requires_grad`` off.
     """
-    out = copy.deepcopy(module).eval()
+    out = module_copy(module).eval()  # pruned weights: non-leaf, refused by deepcopy
     for m in out.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.running_mean = None
@@ -121,7 +120,7 @@ class FlatLayout:
 
     def module_at(self, flat: Tensor) -> nn.Module:
         """A standalone network with the flat parameters ``flat`` (batch-statistics BN)."""
-        out = copy.deepcopy(self.template)
+        out = module_copy(self.template)
         values = self.unflatten(flat.detach())
         with torch.no_grad():
             for name, p in out.named_parameters():

@@ -7,7 +7,6 @@ mid-run and measure distances, functional differences, basins and planes.
 
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 
@@ -16,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..core.copies import module_copy
 from ..core.directions import interpolation_direction, random_directions
 from ..core.evaluate import Evaluator
 from ..core.heap import holding_heap
@@ -241,7 +241,7 @@ class OptimizerRuns:
 
     def initial_model(self) -> nn.Module:
         """A copy of ``theta_0``, the shared start."""
-        return copy.deepcopy(self._init).eval()
+        return module_copy(self._init).eval()
 
     def __repr__(self) -> str:
         rows = []
@@ -323,7 +323,7 @@ class OptimizerRuns:
     @holding_heap
     def basin_size(self, directions: int = 20, *, radii=(0.0, 2.0, 41), delta: float = 0.1,
                    norm: str | None = "filter", data=None, seed: int = 0,
-                   names: Sequence[str] | None = None) -> dict[str, dict]:
+                   names: Sequence[str] | None = None, bn: str = "eval") -> dict[str, dict]:
         """How far the loss stays within ``delta`` of the minimum (B7, PROPOSAL).
 
         For each final model ``theta*`` and each of ``directions`` random directions ``d``
@@ -341,6 +341,9 @@ class OptimizerRuns:
             data: Where to measure the loss; the training data by default.
             seed: Seed of the directions (the same seeds for every model).
             names: Runs to measure (all by default).
+            bn: ``"eval"`` or ``"batch"`` (BatchNorm batches of 128, as in
+                :func:`~landscape_widget.compute_surface`; needed for BatchNorm layers
+                without running statistics).
 
         Returns:
             ``{name: {"r": (K,) array, "median": float, "iqr": (q25, q75)}}``.
@@ -372,8 +375,8 @@ class OptimizerRuns:
                         for d in random_directions(model, k, norm=None, seed=seed)]
             else:
                 dirs = random_directions(model, k, norm=norm, seed=seed)
-            loss = Evaluator(model, data, dirs, loss_fn=self.loss_fn, metrics=("loss",)
-                             ).evaluate(coeffs)["loss"].reshape(k, r.size)
+            loss = Evaluator(model, data, dirs, loss_fn=self.loss_fn, metrics=("loss",),
+                             bn=bn).evaluate(coeffs)["loss"].reshape(k, r.size)
             above = loss > loss[:, :1] + delta
             first = np.where(above.any(1), r[np.argmax(above, 1)], np.inf)
             q25, med, q75 = _quantiles(first, (0.25, 0.5, 0.75))
@@ -381,9 +384,12 @@ class OptimizerRuns:
         return out
 
     @outside_inference_mode
-    def interpolate(self, a: str, b: str, *, x=(-0.5, 1.5, 81), progress: bool = False
-                    ) -> dict[str, Curve]:
+    def interpolate(self, a: str, b: str, *, x=(-0.5, 1.5, 81), progress: bool = False,
+                    bn: str = "eval") -> dict[str, Curve]:
         """Loss along ``(1 - alpha) theta_a + alpha theta_b`` (B2), train and test.
+
+        ``bn``: as in :func:`~landscape_widget.compute_curve` (``"batch"`` for BatchNorm
+        layers without running statistics).
 
         Returns:
             ``{"train": Curve, "test": Curve}`` (``"test"`` only with test data).
@@ -391,9 +397,9 @@ class OptimizerRuns:
         ma, mb = self.model(a), self.model(b)
         d = interpolation_direction(ma, mb)
         out = {"train": compute_curve(ma, self.data, direction=d, x=x, loss_fn=self.loss_fn,
-                                      progress=progress)}
+                                      progress=progress, bn=bn)}
         if self.test is not None:
-            out["test"] = compute_curve(ma, self.test, direction=d, x=x,
+            out["test"] = compute_curve(ma, self.test, direction=d, x=x, bn=bn,
                                         loss_fn=self.loss_fn, progress=progress)
         return out
 

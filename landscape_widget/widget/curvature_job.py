@@ -59,7 +59,9 @@ def run_curvature(ctx: Context, job: Job, dirs) -> tuple[Surface, bool]:
     try:
         for pt in curvature_points(ctx.model, data, dirs, xs, ys, tol=1e-2,
                                    seed=spec.seed, cancel=job.cancel, loss_fn=ctx.loss_fn,
-                                   bn=spec.bn, device=ctx.device):
+                                   bn=spec.bn, device=ctx.device,
+                                   # The surfaces' BatchNorm batches: the same loss's Hessian.
+                                   batch_size=ctx.bn_batch_size if spec.bn == "batch" else None):
             hi[pt.iy, pt.ix], lo[pt.iy, pt.ix] = pt.lambda_max, pt.lambda_min
             done += 1
             report.emit(*protocol.tile_message(job.id, [pt.flat], [pt.ratio], None, done=done,

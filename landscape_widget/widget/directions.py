@@ -81,7 +81,8 @@ def _hessian(ctx: Context, spec: Spec, job: Job) -> list:
 
     _, vecs = hessian_eigenpairs(ctx.model, ctx.data, k=_count(spec), loss_fn=ctx.loss_fn,
                                  device=ctx.device, bn=spec.bn, cancel=job.cancel,
-                                 tol=1e-4, on_product=progress)
+                                 tol=1e-4, on_product=progress,
+                                 batch_size=ctx.bn_batch_size if spec.bn == "batch" else None)
     return vecs
 
 
