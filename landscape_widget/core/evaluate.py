@@ -270,6 +270,10 @@ class Evaluator(PointPasses, LossStats, PrecisionCheck, PlanTuner, CompiledForwa
         self.rejected: list[str] = []
         self._x_cl: Tensor | None = None
         self._cl_terms: tuple[Params, list[Params]] | None = None
+        # The point build's kept row sum ((layout, coefficients), tensors), see _point; and
+        # whether one fits the memory (decided at the first row).
+        self._row: tuple[tuple, list[Tensor]] | None = None
+        self._row_fits: bool | None = None
         # The linear-stem shortcut (see core/stem.py) needs a copy of the module to trace.
         if stem not in ("auto", True, False):
             raise ValueError("stem must be 'auto', True or False.")

@@ -200,6 +200,9 @@ def free_memory(device: torch.device) -> int:
 # Share of the free memory one forward pass may fill with activations, and the stem terms.
 ACTIVATION_SHARE = {"cuda": 0.4, "cpu": 0.25}
 STEM_SHARE = 0.25
+# Share of the free memory the point build's kept row sum (one copy of the moved parameters,
+# see PointPasses._point) may take; past it, each point rebuilds its row.
+ROW_SHARE = 0.1
 # CPU working sets that stay near the caches can beat one pass over all data: the cache-
 # sized candidates use 1/16, 1/4 and 1 x this many bytes of activations.
 CPU_CACHE_BUDGET = 64 * 2**20
