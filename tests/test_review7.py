@@ -296,3 +296,27 @@ def test_statistics_of_a_surface_along_a_descending_axis():
     a, b = lw.landscape_stats(down), lw.landscape_stats(up)
     for k, v in vars(b).items():
         np.testing.assert_allclose(getattr(a, k), v, rtol=1e-6, err_msg=k)
+
+
+def test_embedding_max_norm_is_refused_by_hessians_and_gradient_directions():
+    """max_norm renormalises the weight in place in forward: surfaces refuse it (they see the
+    write); Hessians and gradient directions differentiated another function, silently."""
+
+    class Bag(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.e = nn.Embedding(20, 8, max_norm=1.0)
+            self.lin = nn.Linear(8, 3)
+
+        def forward(self, t):
+            return self.lin(self.e(t).mean(1))
+
+    torch.manual_seed(0)
+    model = Bag().eval()
+    data = (torch.randint(0, 20, (16, 5)), torch.randint(0, 3, (16,)))
+    before = model.e.weight.detach().clone()
+    for call in (lambda: lw.hessian_trace(model, data, samples=2),
+                 lambda: lw.side_direction(model, data)):
+        with pytest.raises(ValueError, match="max_norm=1.0.*without max_norm"):
+            call()
+    assert torch.equal(model.e.weight, before)

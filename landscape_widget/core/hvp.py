@@ -38,7 +38,7 @@ from .params import (
     parameters_of,
     plain_modes,
 )
-from .state import BN_BATCH_SIZE, check_running_stats
+from .state import BN_BATCH_SIZE, check_no_renorm, check_running_stats
 
 _WARMED = False
 METHODS = ("auto", "graph", "jvp", "backward")
@@ -113,6 +113,7 @@ class HessianOperator:
         if bn not in ("eval", "batch"):
             raise ValueError("bn must be 'eval' or 'batch'.")
         check_running_stats(model, bn)  # else the products would depend on self.batch
+        check_no_renorm(model)  # max_norm writes the weight in forward
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
         self.device = torch.device(device) if device is not None else model_device(model)

@@ -158,3 +158,30 @@ def check_running_stats(model: torch.nn.Module, bn: str) -> None:
             "the engine batches the data. Pass bn='batch' and bn_batch_size=B: the value of "
             "an eval-mode loop over DataLoader(data, batch_size=B) batches in data order (B = "
             "the number of samples for one forward pass on all data).")
+
+
+def check_no_renorm(model: torch.nn.Module) -> None:
+    """Refuse embeddings with ``max_norm``: their forward rescales their weight in place.
+
+    ``nn.Embedding(max_norm=...)`` renormalises the rows it looks up, writing into its
+    weight, so the loss at a point is not a function of the point: surfaces refuse such a
+    forward when they see the write; Hessian products and gradient directions would
+    silently differentiate another function.
+
+    Raises:
+        ValueError: Naming the layer and the fix.
+
+    Example:
+        >>> check_no_renorm(torch.nn.Embedding(5, 2))
+        >>> check_no_renorm(torch.nn.Sequential(torch.nn.Embedding(5, 2, max_norm=1.0)))
+        Traceback (most recent call last):
+        ...
+        ValueError: Embedding '0' has max_norm=1.0: ...
+    """
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Embedding | torch.nn.EmbeddingBag) and m.max_norm is not None:
+            raise ValueError(
+                f"{type(m).__name__} {name or '(the model)'!r} has max_norm={m.max_norm}: its "
+                "forward rescales rows of its weight in place, so the loss at a point is not a "
+                "function of the point and has no Hessian or gradient direction. Build it "
+                "without max_norm (renormalise the weight in the training step instead).")

@@ -30,7 +30,7 @@ from ..core.params import (
     parameters_of,
     plain_modes,
 )
-from ..core.state import check_running_stats
+from ..core.state import check_no_renorm, check_running_stats
 
 Callback = Callable[[int, int, float], None]
 
@@ -57,6 +57,7 @@ class _Objective:
         if bn not in ("eval", "batch"):
             raise ValueError(f"bn={bn!r}: choose 'eval' (running statistics) or 'batch'.")
         check_running_stats(model, bn)  # else the loss would depend on the minibatches
+        check_no_renorm(model)  # max_norm writes the weight in forward
         if ignore not in ("biasbn", None):
             raise ValueError(f"ignore={ignore!r}: choose 'biasbn' (directions on weights of "
                              "dim > 1) or None (all parameters).")
