@@ -30,6 +30,7 @@ from .losses import (
 )
 from .metrics import Task, describe, find_logits, resolve_task, user_metric_stats
 from .precision import precision_flags, to_float32
+from .rng import batch_draws
 
 PROBE_SAMPLES = 8
 """Samples of the set-up's one forward at theta (:meth:`LossStats._probe`)."""
@@ -168,7 +169,8 @@ class LossStats:
             # user's: the linear stem's check compares these outputs with the split model's,
             # run while evaluating; with TF32 (torch's default for cuDNN convolutions) in
             # one and not the other they differ by 1e-3 and the stem was refused.
-            with torch.no_grad(), precision_flags(self.precision, self.device):
+            with torch.no_grad(), precision_flags(self.precision, self.device), batch_draws(
+                    self.device, 0):  # seeded as the passes over the first batch
                 out = functional_call(self.module, dict(self.base), (self.x[:m],))
         finally:
             self._exit()

@@ -18,6 +18,7 @@ from torch.func import functional_call
 from .params import Params
 from .plans import ROW_SHARE, Plan, _is_oom, free_memory, is_user_error, shrink_after_oom
 from .precision import AUTOCAST_DTYPES, autocast, to_float32
+from .rng import batch_draws
 
 
 class PointPasses:
@@ -155,30 +156,33 @@ class PointPasses:
         coef2d = coef.reshape(-1, len(self.dirs))
         # A fresh dict: functional_call writes buffers that forward reassigns back into it.
         params = dict(params)
-        try:
-            if plan.stem:
-                inputs, in_dim = self._stem_input(coef2d, start, stop, plan.layout), 0
-            else:
-                inputs, in_dim = self._inputs(plan.layout)[start:stop], None
-            if plan.strategy == "vmap":
-                in_dims = ({k: (0 if k in self.keys else None) for k in params}, in_dim)
+        # Random draws in the forward (a VAE's sampling) are seeded by the batch: the same
+        # at every point, the caller's generators untouched (core/rng.py).
+        with batch_draws(self.device, start):
+            try:
+                if plan.stem:
+                    inputs, in_dim = self._stem_input(coef2d, start, stop, plan.layout), 0
+                else:
+                    inputs, in_dim = self._inputs(plan.layout)[start:stop], None
+                if plan.strategy == "vmap":
+                    in_dims = ({k: (0 if k in self.keys else None) for k in params}, in_dim)
+                    if self._batched_ce:
+                        fn = functools.partial(self._outputs, plan=plan)
+                        out = torch.vmap(fn, in_dims=in_dims, randomness="same")(params, inputs)
+                        return self._batched_stats(out, y, start)
+                    w = self._denominators(plan.batch)[0][start // plan.batch]
+
+                    def stats(p, i):
+                        return self._stats(self._outputs(p, i, plan), y, w)
+
+                    return torch.vmap(stats, in_dims=in_dims, randomness="same")(params, inputs)
+                out = self._outputs(params, inputs[0] if plan.stem else inputs, plan)
                 if self._batched_ce:
-                    fn = functools.partial(self._outputs, plan=plan)
-                    out = torch.vmap(fn, in_dims=in_dims, randomness="same")(params, inputs)
-                    return self._batched_stats(out, y, start)
+                    return self._batched_stats(out.unsqueeze(0), y, start)
                 w = self._denominators(plan.batch)[0][start // plan.batch]
-
-                def stats(p, i):
-                    return self._stats(self._outputs(p, i, plan), y, w)
-
-                return torch.vmap(stats, in_dims=in_dims, randomness="same")(params, inputs)
-            out = self._outputs(params, inputs[0] if plan.stem else inputs, plan)
-            if self._batched_ce:
-                return self._batched_stats(out.unsqueeze(0), y, start)
-            w = self._denominators(plan.batch)[0][start // plan.batch]
-            return self._stats(out, y, w).unsqueeze(0)
-        finally:
-            self._reset_state()  # every pass starts from the user's buffers
+                return self._stats(out, y, w).unsqueeze(0)
+            finally:
+                self._reset_state()  # every pass starts from the user's buffers
 
     def _run_chunk(self, plan: Plan, coeffs: Tensor) -> Tensor:
         """Values of the points ``coeffs`` (K <= plan.points) over all data.

@@ -26,6 +26,7 @@ from torch.func import functional_call
 
 from . import rewrite
 from .batch_stats import PROBE_SAMPLES
+from .rng import batch_draws
 
 LINEAR_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # Up to this many directions, the stem inputs of K points are summed one direction per pass
@@ -347,6 +348,15 @@ class StemTerms:
         w_key, b_key = f"{stem.name}.weight", f"{stem.name}.bias"
         moving = [j for j, d in enumerate(self.dirs) if w_key in d or b_key in d]
         with torch.no_grad():
+            m = min(self.n, PROBE_SAMPLES)
+            with batch_draws(self.device, 0):
+                once = stem.prefix(self.x[:m])
+            with batch_draws(self.device, 1):
+                again = stem.prefix(self.x[:m])
+            if not torch.equal(once, again):
+                # The part before the first layer draws random numbers (noise on the input):
+                # the stem's terms, computed once, would freeze one draw for all points.
+                return False
             probe = stem.output(self.x[:1], self.base[w_key], self.base.get(b_key))
             need = probe.numel() * probe.element_size() * self.n * (1 + len(moving))
             if need > self.stem_budget:
@@ -363,9 +373,9 @@ class StemTerms:
             # Safety net: the split model must reproduce the whole model, whose outputs on
             # the first samples the set-up's probe has (a forward of the whole model on 2
             # samples here cost a ResNet-50 call 0.1 s: oneDNN kernels for a new batch size).
-            m = min(self.n, PROBE_SAMPLES)
             sub = {k: self.base[k] for k in stem.suffix_keys}
-            out_split = functional_call(stem.suffix, sub, (terms[0][1][:m].clone(),))
+            with batch_draws(self.device, 0):  # seeded as the set-up's probe
+                out_split = functional_call(stem.suffix, sub, (terms[0][1][:m].clone(),))
             out_full = self._probe(m)
             self._probed = None  # not needed any more
             if out_split.shape != out_full.shape or not torch.allclose(

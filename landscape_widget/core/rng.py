@@ -1,0 +1,60 @@
+"""Random draws inside a model's forward: the same at every point, the user's RNG untouched.
+
+Some models draw random numbers in eval mode too: a VAE samples its latent with the
+reparameterisation trick, a noise layer adds Gaussian noise. Drawn from the global
+generator, each point of a surface saw other noise (a rough surface, different on every
+call) and the computation advanced the caller's random state (their next
+``torch.rand`` changed). The engine now runs every forward pass inside
+:func:`batch_draws`: the generators are forked (the caller's state comes back unchanged)
+and seeded from the batch's first sample index, so every point sees the same draws on the
+same batch (common random numbers: differences between points are the parameters', not
+the noise's), and a repeated call gives the same values. Deterministic models are not
+affected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+# The seed of the draws of the forward pass over the batch starting at sample s is
+# FORWARD_SEED + s.
+FORWARD_SEED = 20_240_601
+
+
+@contextlib.contextmanager
+def batch_draws(device: torch.device, start: int = 0) -> Iterator[None]:
+    """Run the block with the CPU's (and ``device``'s) generator seeded for batch ``start``.
+
+    The generators' states are restored afterwards (``torch.random.fork_rng``): nothing
+    the block draws changes what the caller draws next.
+
+    Args:
+        device: The device the forward runs on (its CUDA generator is seeded too).
+        start: Index of the batch's first sample.
+
+    Yields:
+        Nothing; the block's draws are seeded.
+
+    Example:
+        >>> _ = torch.manual_seed(0); before = torch.rand(1)
+        >>> _ = torch.manual_seed(0)
+        >>> with batch_draws(torch.device("cpu"), 8):
+        ...     a = torch.rand(2)
+        >>> with batch_draws(torch.device("cpu"), 8):
+        ...     b = torch.rand(2)
+        >>> bool(torch.equal(a, b)), bool(torch.equal(torch.rand(1), before))
+        (True, True)
+    """
+    seed = FORWARD_SEED + int(start)
+    cuda = device.type == "cuda"
+    index = (device.index if device.index is not None else torch.cuda.current_device()
+             ) if cuda else None
+    with torch.random.fork_rng(devices=[index] if cuda else [], device_type="cuda"):
+        torch.default_generator.manual_seed(seed)
+        if cuda:
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(seed)
+        yield

@@ -1,0 +1,115 @@
+"""Models that draw random numbers in eval mode (core/rng.py): common random numbers.
+
+Properties: the caller's random state is the same after a call as before; a repeated call
+gives the same values; each point's value equals a float64 per-point loop that draws the
+noise of the batch starting at sample s from seed ``FORWARD_SEED + s`` (the documented
+contract), whatever plan the engine chose; noise before the first layer keeps the linear
+stem out (its terms would freeze one draw).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+import landscape_widget as lw
+from landscape_widget.core.rng import FORWARD_SEED
+
+
+class NoisyMLP(nn.Module):
+    """Gaussian noise on the hidden layer, in eval mode too (like a VAE's sampled latent)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 16)
+        self.b = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.b(h + 0.5 * torch.randn_like(h))
+
+
+class NoisyInputCNN(nn.Module):
+    """Noise on the input, before the first (stem-able) convolution."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.head = nn.Linear(4 * 5 * 5, 3)
+
+    def forward(self, x):
+        x = x + 0.3 * torch.randn_like(x)
+        return self.head(torch.relu(self.conv(x)).flatten(1))
+
+
+def _data(shape, n=40):
+    gen = torch.Generator().manual_seed(3)
+    return torch.randn(n, *shape, generator=gen), torch.randint(0, 3, (n,), generator=gen)
+
+
+def _oracle(model, data, dirs, coords, batch: int) -> np.ndarray:
+    """float64 loop; the draws of batch [s, s + batch) come from FORWARD_SEED + s in float32
+    (as the float32 model draws them), then the rest runs in float64."""
+    x, y = data
+    m64 = copy.deepcopy(model).double()
+    theta = {k: v.detach().double() for k, v in model.named_parameters()}
+    out = []
+    real_randn_like = torch.randn_like
+    for c in coords:
+        p = {k: theta[k] + sum(float(cj) * d[k].double() for cj, d in zip(c, dirs, strict=True))
+             for k in theta}
+        total = 0.0
+        for s in range(0, x.shape[0], batch):
+            torch.manual_seed(FORWARD_SEED + s)
+
+            def randn_like(t):  # the float32 draw, cast to the oracle's float64
+                return real_randn_like(t, dtype=torch.float32).double()
+
+            torch.randn_like = randn_like
+            try:
+                logits = functional_call(m64, p, (x[s:s + batch].double(),))
+            finally:
+                torch.randn_like = real_randn_like
+            total += float(nn.functional.cross_entropy(logits, y[s:s + batch], reduction="sum"))
+        out.append(total / x.shape[0])
+    return np.array(out)
+
+
+@pytest.mark.parametrize("make,shape", [(NoisyMLP, (6,)), (NoisyInputCNN, (2, 5, 5))])
+def test_noise_is_common_to_every_point_and_the_callers_rng_untouched(make, shape):
+    torch.manual_seed(0)
+    model = make().eval()
+    data = _data(shape)
+    dirs = lw.random_directions(model, 2, seed=1)
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    surf = lw.compute_surface(model, data, directions=dirs, x=(-1, 1, 4), y=(-1, 1, 3),
+                              progress=False)
+    assert torch.equal(torch.rand(3), expected_next)  # the caller's stream goes on unchanged
+    again = lw.compute_surface(model, data, directions=dirs, x=(-1, 1, 4), y=(-1, 1, 3),
+                               progress=False)
+    assert np.array_equal(surf.loss, again.loss)
+    plan = surf.spec["plan"]
+    xs, ys = np.meshgrid(surf.x, surf.y)
+    coords = np.stack([xs.ravel(), ys.ravel()], 1)
+    want = _oracle(model, data, dirs, coords, plan["batch"]).reshape(surf.loss.shape)
+    np.testing.assert_allclose(surf.loss, want, rtol=2e-5)
+    if make is NoisyInputCNN:
+        assert not plan["stem"]  # the stem's terms would have frozen one input draw
+
+
+def test_a_curve_of_a_noisy_model_is_reproducible_and_leaves_the_rng():
+    torch.manual_seed(0)
+    model = NoisyMLP().eval()
+    data = _data((6,))
+    state = torch.get_rng_state()
+    a = lw.compute_curve(model, data, x=(-1, 1, 7), progress=False)
+    assert torch.equal(torch.get_rng_state(), state)
+    b = lw.compute_curve(model, data, x=(-1, 1, 7), progress=False)
+    assert np.array_equal(a.loss, b.loss)
