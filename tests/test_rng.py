@@ -113,3 +113,33 @@ def test_a_curve_of_a_noisy_model_is_reproducible_and_leaves_the_rng():
     assert torch.equal(torch.get_rng_state(), state)
     b = lw.compute_curve(model, data, x=(-1, 1, 7), progress=False)
     assert np.array_equal(a.loss, b.loss)
+
+
+def test_hessian_of_a_noisy_model_is_that_of_the_seeded_draws():
+    """Hessian products draw like the surfaces: the top eigenvalue equals the dense float64
+    Hessian's with the first batch's noise from FORWARD_SEED, and the caller's RNG stays."""
+    torch.manual_seed(0)
+    model = NoisyMLP().eval()
+    x, y = _data((6,))
+    state = torch.get_rng_state()
+    top = lw.hessian_eigenpairs(model, (x, y), k=1)[0][0]
+    assert torch.equal(torch.get_rng_state(), state)
+    assert lw.hessian_eigenpairs(model, (x, y), k=1)[0][0] == top
+
+    torch.manual_seed(FORWARD_SEED)
+    noise = torch.randn(x.shape[0], 16).double()  # the float32 draw of randn_like(h)
+    theta = {k: v.detach().double() for k, v in model.named_parameters()}
+    # The Hessian tools differentiate the weights (biases held, as Li et al.'s "biasbn").
+    w_shapes = [theta["a.weight"].shape, theta["b.weight"].shape]
+    flat0 = torch.cat([theta["a.weight"].reshape(-1), theta["b.weight"].reshape(-1)])
+
+    def loss(flat):
+        n_a = w_shapes[0].numel()
+        wa, wb = flat[:n_a].reshape(w_shapes[0]), flat[n_a:].reshape(w_shapes[1])
+        h = torch.tanh(x.double() @ wa.T + theta["a.bias"])
+        out = (h + 0.5 * noise) @ wb.T + theta["b.bias"]
+        return nn.functional.cross_entropy(out, y)
+
+    dense = torch.autograd.functional.hessian(loss, flat0)
+    want = float(torch.linalg.eigvalsh(dense)[-1])
+    assert abs(float(top) - want) <= 1e-4 * abs(want)

@@ -38,6 +38,7 @@ from .params import (
     parameters_of,
     plain_modes,
 )
+from .rng import batch_draws
 from .state import BN_BATCH_SIZE, check_no_renorm, check_running_stats
 
 _WARMED = False
@@ -234,8 +235,11 @@ class HessianOperator:
     def _default_loss(self, out, y: Tensor) -> Tensor:
         return F.cross_entropy(find_logits(out, self.output_fn), y)
 
-    def _loss(self, params: Params, x: Tensor, y: Tensor) -> Tensor:
-        out = functional_call(self.module, {**self.fixed, **params}, (x,))
+    def _loss(self, params: Params, x: Tensor, y: Tensor, start: int = 0) -> Tensor:
+        # Random draws in forward are seeded by the batch, as the surfaces' (core/rng.py):
+        # every product differentiates the same function, the caller's RNG is untouched.
+        with batch_draws(self.device, start):
+            out = functional_call(self.module, {**self.fixed, **params}, (x,))
         return self.loss_fn(out, y)
 
     def matvec(self, v: Tensor) -> Tensor:
@@ -361,14 +365,15 @@ class HessianOperator:
     def _batches(self):
         for start, weight in zip(range(0, self.n, self.batch), self._weights, strict=True):
             if weight:
-                yield self.x[start:start + self.batch], self.y[start:start + self.batch], weight
+                yield (self.x[start:start + self.batch], self.y[start:start + self.batch],
+                       weight, start)
 
     def _backward_product(self, tangent: list[Tensor]) -> Tensor:
         out = torch.zeros(self.size, dtype=self.dtype, device=self.device)
-        for xb, yb, weight in self._batches():
+        for xb, yb, weight, start in self._batches():
             leaves = [self.params[k].detach().clone().requires_grad_(True) for k in self.keys]
             with torch.enable_grad():
-                loss = self._loss(dict(zip(self.keys, leaves, strict=True)), xb, yb)
+                loss = self._loss(dict(zip(self.keys, leaves, strict=True)), xb, yb, start)
                 grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
                 out.add_(self._double_backward(grads, leaves, tangent, retain=False),
                          alpha=weight)
@@ -378,8 +383,9 @@ class HessianOperator:
         out = torch.zeros(self.size, dtype=self.dtype, device=self.device)
         g = grad(self._loss)
         tan = dict(zip(self.keys, tangent, strict=True))
-        for xb, yb, weight in self._batches():
-            _, hv = jvp(lambda p, xb=xb, yb=yb: g(p, xb, yb), (self.params,), (tan,))
+        for xb, yb, weight, start in self._batches():
+            _, hv = jvp(lambda p, xb=xb, yb=yb, start=start: g(p, xb, yb, start),
+                        (self.params,), (tan,))
             out.add_(torch.cat([hv[k].reshape(-1) for k in self.keys]), alpha=weight)
         return out
 
