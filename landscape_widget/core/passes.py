@@ -57,11 +57,12 @@ class PointPasses:
         The first sum is the point's *row* (a surface's points along x share it): it is
         kept for the next point, which then costs one fused ``add`` over the parameters
         instead of two (half the memory traffic: a ResNet-50 point's parameters took 13 ms
-        on a 2-core CPU, 8 ms on average over a 5x5 grid with it). The row is built the same way whether or not it is kept, so a point's value
-        does not depend on the order the points come in. Each sum runs over all moved
-        tensors in one ``torch._foreach_add`` (one kernel launch per direction on a GPU,
-        not one per tensor). The coefficients are rounded to the model's dtype first, as
-        in :meth:`_stacked`.
+        on a 2-core CPU, 8 ms on average over a 5x5 grid with it). The row is built the
+        same way whether or not it is kept, so a point's value does not depend on the order
+        the points come in. Each sum runs over all moved tensors in one
+        ``torch._foreach_add`` (one kernel launch per direction on a GPU, not one per
+        tensor). The coefficients are rounded to the model's dtype first, as in
+        :meth:`_stacked`.
 
         Returns:
             A new name -> tensor dict: the base parameters and buffers, with each moved
