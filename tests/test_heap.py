@@ -7,6 +7,7 @@ process, the resident set from ``/proc/self/statm``), not timings.
 from __future__ import annotations
 
 import ast
+import contextlib
 import os
 import platform
 import signal
@@ -121,13 +122,13 @@ def test_after_the_hold_the_free_memory_goes_back():
     assert after < kept - 6 * BLOCK  # returned when the hold ended
 
 
-def test_holds_nest_across_threads_and_end_on_errors():
-    assert heap.holders() == 0
-    inside = threading.Event()
-    release = threading.Event()
+@contextlib.contextmanager
+def _held_by_another_thread(make_context):
+    """Run the block while another thread sits inside ``make_context()``."""
+    inside, release = threading.Event(), threading.Event()
 
     def worker():
-        with heap.hold_heap():
+        with make_context():
             inside.set()
             release.wait(10)
 
@@ -135,12 +136,18 @@ def test_holds_nest_across_threads_and_end_on_errors():
     th.start()
     inside.wait(10)
     try:
-        assert heap.holders() == 1
-        with heap.hold_heap():
-            assert heap.holders() == 2
+        yield
     finally:
         release.set()
         th.join()
+
+
+def test_holds_nest_across_threads_and_end_on_errors():
+    assert heap.holders() == 0
+    with _held_by_another_thread(heap.hold_heap):
+        assert heap.holders() == 1
+        with heap.hold_heap():
+            assert heap.holders() == 2
     assert heap.holders() == 0
 
     model = nn.Sequential(nn.Linear(4, 3)).eval()
@@ -177,17 +184,8 @@ def test_a_child_forked_while_held_computes_and_holds_afresh():
     """A fork while another thread holds the heap (its lock taken) must not deadlock."""
     if not hasattr(os, "fork"):
         return
-    inside, release = threading.Event(), threading.Event()
-
-    def worker():
-        with heap._LOCK:  # a thread inside hold_heap's critical section at the fork
-            inside.set()
-            release.wait(10)
-
-    th = threading.Thread(target=worker)
-    th.start()
-    inside.wait(10)
-    try:
+    # A thread inside hold_heap's critical section (its lock taken) at the fork.
+    with _held_by_another_thread(lambda: heap._LOCK):
         pid = os.fork()
         if pid == 0:  # the child: compute under a hold, report through the exit status
             code = 1
@@ -197,8 +195,5 @@ def test_a_child_forked_while_held_computes_and_holds_afresh():
                     code = 0 if heap.holders() == 1 else 2
             finally:
                 os._exit(code)
-    finally:
-        release.set()
-        th.join()
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0

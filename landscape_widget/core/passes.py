@@ -193,15 +193,13 @@ class PointPasses:
             when a population is set), one row per point of ``coeffs``: mean loss,
             accuracy, then the user metrics, over all data.
         """
-        if plan.strategy == "vmap":
-            groups = [(lambda: self._stacked(coeffs), coeffs)]
-        else:
-            # Built one at a time, just before use: a chunk's points all at once would hold
-            # chunk x model-size of parameters (600 MB for 15 points of a 10M-parameter net).
-            groups = [(functools.partial(self._point, c, plan.layout), c) for c in coeffs]
+        vmap = plan.strategy == "vmap"
         values = []
-        for build, coef in groups:
-            params = build()
+        # One pass group per K stacked points (vmap) or per point (loop). A loop point's
+        # parameters are built just before use: a chunk's points all at once would hold
+        # chunk x model-size of parameters (600 MB for 15 points of a 10M-parameter net).
+        for coef in [coeffs] if vmap else coeffs:
+            params = self._stacked(coef) if vmap else self._point(coef, plan.layout)
             sums = sum(self._pass(plan, params, coef, s, s + plan.batch)
                        for s in range(0, self.n, plan.batch))
             del params
