@@ -41,6 +41,8 @@ CALLS = {
     "surface, CNN (traced stem)": lambda: lw.compute_surface(_cnn(), _data((3, 6, 6)), **GRID),
     "surface, user loss": lambda: lw.compute_surface(_mlp(), _data((6,)),
                                                      loss_fn=nn.CrossEntropyLoss(), **GRID),
+    "surface, CNN in lanes": lambda: lw.compute_surface(
+        _cnn(), _data((3, 6, 6)), evaluator_options={"lanes": 2, "strategy": "loop"}, **GRID),
     "surface, subset": lambda: lw.compute_surface(_mlp(), _data((6,)), samples=16, **GRID),
     "curve": lambda: lw.compute_curve(_cnn(), _data((3, 6, 6)), x=(-1, 1, 3), progress=False),
     "hessian trace": lambda: lw.hessian_trace(_mlp(), _data((6,)), samples=4),

@@ -36,8 +36,8 @@ class PlanCandidates:
 
         Returns:
             A hashable tuple of the module's class and repr, parameter names/shapes/dtypes,
-            data shapes and dtypes, device and every option that changes the plans timed;
-            the key of the plan cache.
+            data shapes and dtypes, device (and a CPU's intra-op threads) and every option
+            that changes the plans timed; the key of the plan cache.
         """
         return (
             type(self.module), repr(self.module),
@@ -46,7 +46,9 @@ class PlanCandidates:
             self.bn, self.bn_batch_size, self.metrics,
             getattr(self.loss_fn, "__qualname__", repr(self.loss_fn)),
             self._batched_ce, self.strategy, self._stem_choice, tuple(self.keys), len(self.dirs),
-            self.user_budget, self.forced_batch, self.precision, self.compile,
+            self.user_budget, self.forced_batch, self.precision, self.compile, self.lanes_choice,
+            # The CPU's intra-op threads decide which plans pay (lanes, core/lanes.py).
+            torch.get_num_threads() if self.device.type == "cpu" else None,
         )
 
     def _cached_plan(self, key: tuple) -> Plan | None:
@@ -154,7 +156,7 @@ class PlanCandidates:
                     kept[row] = values
                     pinned.append({"coords": c[row].tolist(), "plan": label,
                                    "strategy": p.strategy, "batch": p.batch,
-                                   "layout": p.layout, "stem": p.stem})
+                                   "layout": p.layout, "stem": p.stem, "lanes": p.lanes})
         self._trial_values.clear()
         self._kept = kept
         self.plan.pinned = pinned
@@ -177,7 +179,7 @@ class PlanCandidates:
                 continue
             if p["plan"] not in groups:
                 plan = Plan(p["strategy"], 1, p["batch"], p["layout"], p["stem"],
-                            precision=self.plan.precision)
+                            lanes=p.get("lanes", 1), precision=self.plan.precision)
                 if plan.stem and not self._prepare_stem():
                     continue
                 groups[p["plan"]] = (plan, [])

@@ -35,6 +35,7 @@ from .batch_stats import PROBE_KEEP_BYTES, LossStats
 from .compiled import CompiledForward, check_compile
 from .data import as_tensors, check_finite
 from .heap import hold_heap
+from .lanes import check_lanes
 from .metrics import (
     METRICS,
     DefaultMetrics,
@@ -148,6 +149,11 @@ class Evaluator(PointPasses, LossStats, PrecisionCheck, PlanTuner, CompiledForwa
         compile: ``True``, ``False`` or ``"auto"`` (default): evaluate through
             ``torch.compile`` with the weights as inputs (see core/compiled.py); ``"auto"``
             compiles only on CUDA, large grids whose predicted time dwarfs the compile time.
+        lanes: Points computed at once on a CPU, each in its own thread with
+            ``torch.get_num_threads() // lanes`` intra-op threads (see core/lanes.py).
+            ``"auto"`` (default) times 2, 4, ... lanes against one point at a time on real
+            grid points, for models whose forward draws no random numbers; an int forces
+            that many for loop plans (1: never).
     """
 
     # Under the caller's torch.inference_mode() the set-up's tensors would be inference
@@ -174,6 +180,7 @@ class Evaluator(PointPasses, LossStats, PrecisionCheck, PlanTuner, CompiledForwa
         population: int | None = None,
         precision: str = "fp32",
         compile: bool | str = "auto",
+        lanes: int | str = "auto",
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
@@ -218,6 +225,7 @@ class Evaluator(PointPasses, LossStats, PrecisionCheck, PlanTuner, CompiledForwa
                 "BatchNorm batches; pass bn_batch_size= to choose them."
             )
 
+        self.lanes_choice = check_lanes(lanes, self.device)
         self.precision = check_precision(precision, self.device)
         self.compile = check_compile(compile)
         # compile=True compiles a loop plan: the tuner then times loops only.
@@ -229,6 +237,7 @@ class Evaluator(PointPasses, LossStats, PrecisionCheck, PlanTuner, CompiledForwa
         self._target_checks: dict[tuple[int, int, int], tuple[bool, bool]] = {}
         self._kept: dict[int, Tensor] = {}  # trial rows of the first evaluate() call
         self._trial_row = 0  # the next grid row a full-data plan trial computes
+        self._lane_setup()  # the calling thread's lane state (core/lanes.py)
         self._error_pairs: list[tuple[float, float]] = []  # (loss, fp32 loss) checked
         self.module = self._prepare_module(model, bn)
         # The copy's own tensors: nothing a forward writes to them reaches the user's model.
@@ -272,7 +281,7 @@ class Evaluator(PointPasses, LossStats, PrecisionCheck, PlanTuner, CompiledForwa
         self._cl_terms: tuple[Params, list[Params]] | None = None
         # The point build's kept row sum ((layout, coefficients), tensors), see _point; and
         # whether one fits the memory (decided at the first row).
-        self._row: tuple[tuple, list[Tensor]] | None = None
+        self._row = None  # (a property: the calling lane's, see core/lanes.py)
         self._row_fits: bool | None = None
         # The linear-stem shortcut (see core/stem.py) needs a copy of the module to trace.
         if stem not in ("auto", True, False):
@@ -292,7 +301,7 @@ class Evaluator(PointPasses, LossStats, PrecisionCheck, PlanTuner, CompiledForwa
         self._stem_choice = stem
         self._stem_terms: list | None = None
         self._stem_packs: dict[str, tuple] = {}
-        self._stem_buf: Tensor | None = None  # the passes' stem inputs (StemTerms)
+        self._stem_buf = None  # the passes' stem inputs (StemTerms; the lane's)
         self.points_evaluated = 0
         # Callers that know how many points are coming (a grid) set this before the first
         # evaluate(); the tuner then skips plans wider than the whole job.
@@ -397,6 +406,9 @@ class Evaluator(PointPasses, LossStats, PrecisionCheck, PlanTuner, CompiledForwa
                 self.plan.complete, self.plan.tuned_for = False, int(self.expected_points)
             else:
                 self.plan = self._tune(c, key)
+        if (not cached and self.lanes_choice != "auto" and self.plan.strategy == "loop"
+                and not self.plan.compiled):
+            self.plan.lanes = self.lanes_choice  # forced (lanes=2); not timed
         tuned = self.plan.label
         self._setup_compile(self.plan, c, key)
         if not cached:  # a cached plan keeps the points its search pinned

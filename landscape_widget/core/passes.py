@@ -9,19 +9,21 @@ the linear stem, core/stem.py) on a batch of samples, sums the loss and metrics
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
 from torch import Tensor
 from torch.func import functional_call
 
+from .lanes import PointLanes
 from .params import Params
 from .plans import ROW_SHARE, Plan, _is_oom, free_memory, is_user_error, shrink_after_oom
 from .precision import AUTOCAST_DTYPES, autocast, to_float32
 from .rng import batch_draws
 
 
-class PointPasses:
+class PointPasses(PointLanes):
     """Points and chunks of points through the model (a mixin of the Evaluator).
 
     Uses the evaluator's ``module``, ``stem``, ``base``, ``dirs``, ``keys``, ``x``, ``y``,
@@ -32,10 +34,9 @@ class PointPasses:
     # --- one point, one chunk ------------------------------------------------------------
     def _outputs(self, params: Params, inputs: Tensor, plan: Plan) -> Tensor:
         """Model outputs of one point: the whole model, or the suffix after the stem."""
+        target = self._lane_module(plan.stem)  # the calling lane's copy (core/lanes.py)
         if plan.stem:
-            target, params = self.stem.suffix, {k: params[k] for k in self.stem.suffix_keys}
-        else:
-            target = self.module
+            params = {k: params[k] for k in self.stem.suffix_keys}
         with autocast(self._active, self.device):
             if plan.compiled and plan.strategy == "loop":
                 out = self._compiled_forward(plan)(params, inputs)
@@ -157,9 +158,13 @@ class PointPasses:
         coef2d = coef.reshape(-1, len(self.dirs))
         # A fresh dict: functional_call writes buffers that forward reassigns back into it.
         params = dict(params)
+        lane = self._in_lane()
+        if lane is not None:  # the lane's own buffers (core/lanes.py)
+            params.update(lane.buffers)
         # Random draws in the forward (a VAE's sampling) are seeded by the batch: the same
-        # at every point, the caller's generators untouched (core/rng.py).
-        with batch_draws(self.device, start):
+        # at every point, the caller's generators untouched (core/rng.py). A lane run is
+        # seeded once for all its passes (and refused if the forward draws).
+        with batch_draws(self.device, start) if lane is None else contextlib.nullcontext():
             try:
                 if plan.stem:
                     inputs, in_dim = self._stem_input(coef2d, start, stop, plan.layout), 0
@@ -183,7 +188,7 @@ class PointPasses:
                 w = self._denominators(plan.batch)[0][start // plan.batch]
                 return self._stats(out, y, w).unsqueeze(0)
             finally:
-                self._reset_state()  # every pass starts from the user's buffers
+                self._end_pass()  # every pass starts from the user's buffers
 
     def _run_chunk(self, plan: Plan, coeffs: Tensor) -> Tensor:
         """Values of the points ``coeffs`` (K <= plan.points) over all data.
@@ -208,6 +213,10 @@ class PointPasses:
 
     def _run(self, plan: Plan, coeffs: Tensor) -> Tensor:
         """Evaluate every row of ``coeffs`` with ``plan``, halving K (then B) on out-of-memory."""
+        if plan.lanes > 1:
+            out = self._run_lanes(plan, coeffs)
+            if out is not None:
+                return out  # else lanes were dropped (recorded): one pass at a time
         values = []
         pos = 0
         while pos < coeffs.shape[0]:

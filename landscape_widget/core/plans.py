@@ -31,6 +31,8 @@ class Plan:
     batch: int
     layout: str = "contiguous"
     stem: bool = False
+    # Points computed at once in threads of their own (a loop plan on a CPU, core/lanes.py).
+    lanes: int = 1
     seconds_per_point: float = math.nan
     vmap_error: str = ""
     precision: str = "fp32"
@@ -53,14 +55,16 @@ class Plan:
     @property
     def plain(self) -> bool:
         """The plain loop: one point per pass, contiguous inputs, the whole model."""
-        return self.strategy == "loop" and self.layout == "contiguous" and not self.stem
+        return (self.strategy == "loop" and self.layout == "contiguous" and not self.stem
+                and self.lanes == 1)
 
     @property
     def label(self) -> str:
-        """``"loop B=128 channels_last stem"`` and the like."""
+        """``"loop B=128 channels_last stem lanes=2"`` and the like."""
         k = f" K={self.points}" if self.strategy == "vmap" else ""
         extra = (" " + self.layout if self.layout != "contiguous" else "") + (
-            " stem" if self.stem else "") + (" compiled" if self.compiled else "")
+            " stem" if self.stem else "") + (" compiled" if self.compiled else "") + (
+            f" lanes={self.lanes}" if self.lanes > 1 else "")
         return f"{self.strategy}{k} B={self.batch}{extra}"
 
 

@@ -85,12 +85,16 @@ class BufferState:
                 continue
             groups.setdefault((self.base[k].dtype, self.base[k].device), []).append(k)
         self._flats: list[tuple[Tensor, Tensor]] = []
+        # Where each buffer lies in the flats (lanes give each thread its own flats, see
+        # core/lanes.py): name -> (flat index, offset, shape).
+        self._buffer_slots: dict[str, tuple[int, int, torch.Size]] = {}
         for keys in groups.values():
             flat = torch.cat([self.base[k].reshape(-1) for k in keys])
             pos = 0
             for k in keys:
                 size, shape = self.base[k].numel(), self.base[k].shape
                 self.base[k] = flat[pos : pos + size].view(shape)
+                self._buffer_slots[k] = (len(self._flats), pos, shape)
                 pos += size
             self._flats.append((flat, flat.clone()))
         params = parameters_of(self.module)
@@ -112,6 +116,15 @@ class BufferState:
                 if self.base[k]._version != version:
                     self.base[k] = pristine.clone()
                     self._sparse[k] = (pristine, self.base[k]._version)
+        self._check_parameters()
+
+    def _check_parameters(self) -> None:
+        """Raise if a pass wrote into a parameter in place.
+
+        Raises:
+            RuntimeError: If the forward wrote into a parameter in place (its value at
+                the point would then be undefined).
+        """
         for k, version in self._versions.items():
             if self.base[k]._version != version:
                 raise RuntimeError(

@@ -1,0 +1,385 @@
+"""Points in lanes: several grid points at once on a multi-core CPU, each on a few cores.
+
+One forward pass spread over all cores of a CPU scales poorly on the small spatial sizes
+of a network's late layers and on small matrices: a torchvision ResNet-50 (32 images of
+64 px) took 170 ms per point with 2 threads in one pass, 138 ms per point as two points
+side by side on one thread each (this module's benchmark, 2-core Zen 4). A plan with
+``lanes = L`` runs L points at once in L threads, each with ``torch.get_num_threads() // L``
+intra-op threads. The tuner times it against the best one-pass plan on real grid points
+(kept whichever wins), so models that lose in lanes (an LSTM: 0.8-0.9x) keep one pass.
+
+Each lane has its own state, so that points in lanes never share anything a pass writes:
+
+- a structural copy of the evaluator's private module (and of the stem's suffix), since
+  ``functional_call`` swaps tensors on the module it runs; the copies share the evaluator's
+  parameter and buffer tensors, which every pass replaces with its own anyway;
+- its own copy of the buffers, put back after each pass as the evaluator's are;
+- its own kept row sum and stem-input buffer (``_row``, ``_stem_buf``).
+
+Random draws cannot be given a generator per thread (the forward draws from torch's global
+one), so lanes run only for models whose forward draws nothing: the whole lane run is
+seeded once, and if the generator moved, the values are discarded, the points are
+computed again one pass at a time, and the plan drops its lanes (``rejected`` says why).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import threading
+import time
+import weakref
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+from torch import Tensor, nn
+
+from .params import Params
+from .plans import TRIAL_PASSES, _is_oom, _remember, copy_plan, is_user_error
+from .rng import batch_draws
+from .stem import release
+
+# The process's lane threads (lane 0 is always the calling thread): kept between calls, so
+# that their OpenMP teams, oneDNN scratchpads and heap arenas stay warm (a fresh thread per
+# call costs a team of OpenMP threads on a many-core CPU, and page faults everywhere).
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """The lane threads, at least ``workers`` of them (grown when a call needs more)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL._max_workers < workers:
+            old, _POOL = _POOL, ThreadPoolExecutor(max(1, workers),
+                                                   thread_name_prefix="landscape-lane")
+            if old is not None:
+                old.shutdown(wait=False)
+        return _POOL
+
+
+def _after_fork_in_child() -> None:
+    # The parent's lane threads do not exist in a forked child: its first lane run starts
+    # new ones (a pool whose threads are gone would wait forever).
+    global _POOL, _POOL_LOCK
+    _POOL, _POOL_LOCK = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def check_lanes(lanes: int | str, device: torch.device) -> int | str:
+    """Validate the ``lanes=`` option of the engine.
+
+    Returns:
+        ``"auto"`` or the int given.
+
+    Raises:
+        ValueError: If ``lanes`` is neither ``"auto"`` nor an int >= 1, or is more than 1
+            on a device other than the CPU.
+
+    Example:
+        >>> check_lanes("auto", torch.device("cpu")), check_lanes(2, torch.device("cpu"))
+        ('auto', 2)
+    """
+    if lanes == "auto":
+        return lanes
+    if isinstance(lanes, bool) or not isinstance(lanes, int) or lanes < 1:
+        raise ValueError(f"lanes must be 'auto' or an int >= 1 (points computed at once on "
+                         f"a CPU; 1: one at a time), got {lanes!r}.")
+    if lanes > 1 and device.type != "cpu":
+        raise ValueError(f"lanes={lanes} is for CPUs; on {device} pass lanes='auto' or 1 (a "
+                         "GPU computes one pass at a time).")
+    return lanes
+
+
+class Lane:
+    """What one lane's passes write: module copies, buffers, row sum, stem inputs.
+
+    Args:
+        module: The lane's copy of the evaluator's module (``None`` for the home lane,
+            which uses the evaluator's own).
+        suffix: The lane's copy of the stem's suffix, if the evaluator has a stem.
+        flats: The evaluator's ``(flat buffers, pristine copy)`` pairs; the lane keeps
+            its own flat copies.
+        slots: ``{buffer name: (flat index, offset, shape)}`` of the buffers no direction
+            moves (moved ones are built fresh at every point).
+    """
+
+    def __init__(self, module: nn.Module | None = None, suffix: nn.Module | None = None,
+                 flats: list[tuple[Tensor, Tensor]] = (), slots: dict | None = None):
+        self.module, self.suffix = module, suffix
+        self.flats = [(pristine.clone(), pristine) for _, pristine in flats]
+        self.buffers: Params = {
+            k: self.flats[i][0][pos : pos + _numel(shape)].view(shape)
+            for k, (i, pos, shape) in (slots or {}).items()}
+        self.row: tuple | None = None  # the point build's kept row sum (PointPasses._point)
+        self.stem_buf: Tensor | None = None  # the stem inputs' buffer (StemTerms)
+
+    def reset(self) -> None:
+        """Put the lane's buffers back to the user's values (after every pass)."""
+        with torch.no_grad():
+            for flat, pristine in self.flats:
+                flat.copy_(pristine)
+
+
+def _numel(shape: torch.Size) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def structural_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` that shares its parameters and buffers but nothing else.
+
+    Attributes, submodules, hooks and plain tensor attributes are the copy's own, so two
+    threads can each ``functional_call`` their copy.
+
+    Returns:
+        The copy (``copy.deepcopy`` with every parameter and buffer kept as it is).
+
+    Example:
+        >>> m = nn.Linear(2, 1)
+        >>> c = structural_copy(m)
+        >>> c is m, c.weight is m.weight
+        (False, True)
+    """
+    memo = {id(t): t for t in module.parameters()}
+    memo.update({id(t): t for t in module.buffers()})
+    with torch.no_grad(), torch.inference_mode(False):
+        return copy.deepcopy(module, memo)
+
+
+class PointLanes:
+    """Lanes for :class:`~landscape_widget.core.evaluate.Evaluator` (a mixin).
+
+    Uses the evaluator's ``module``, ``stem``, ``device``, ``_flats``, ``_sparse``,
+    ``_buffer_slots``, ``rejected``, ``plan`` and its pass methods.
+    """
+
+    def _lane_setup(self) -> None:
+        """The home lane (the calling thread's state) and no lane threads yet."""
+        self._lane_tls = threading.local()
+        self._home_lane = Lane()
+        self._lanes: list[Lane] = []
+        self._lanes_off = ""  # why this evaluator runs no lanes any more
+
+    def _here(self) -> Lane:
+        """The lane of the calling thread (the home lane outside lane threads)."""
+        lane = getattr(self._lane_tls, "lane", None)
+        return self._home_lane if lane is None else lane
+
+    def _in_lane(self) -> Lane | None:
+        return getattr(self._lane_tls, "lane", None)
+
+    # The point build's kept row and the stem inputs' buffer are the calling lane's.
+    @property
+    def _row(self) -> tuple | None:
+        return self._here().row
+
+    @_row.setter
+    def _row(self, value: tuple | None) -> None:
+        self._here().row = value
+
+    @property
+    def _stem_buf(self) -> Tensor | None:
+        return self._here().stem_buf
+
+    @_stem_buf.setter
+    def _stem_buf(self, value: Tensor | None) -> None:
+        self._here().stem_buf = value
+
+    def _lane_module(self, stem: bool) -> nn.Module:
+        """The module a pass of the calling lane runs (the suffix after the stem if ``stem``)."""
+        lane = self._in_lane()
+        if stem:
+            return self.stem.suffix if lane is None else lane.suffix
+        return self.module if lane is None else lane.module
+
+    def _lanes_refusal(self, lanes: int) -> str:
+        """Why ``lanes`` lanes cannot run here, or ``""``."""
+        if self._lanes_off:
+            return self._lanes_off
+        if self.device.type != "cpu":
+            return "lanes are for CPUs (a GPU runs one pass at a time)"
+        if self.lanes_choice == "auto" and torch.get_num_threads() < lanes:
+            return (f"torch.get_num_threads() is {torch.get_num_threads()}, fewer than "
+                    f"{lanes} lanes")
+        if self._sparse:
+            return "a sparse buffer cannot be given to each lane"
+        return ""
+
+    def _lanes_for(self, count: int) -> list[Lane]:
+        """``count`` lanes, made on first use (structural copies of the module)."""
+        while len(self._lanes) < count:
+            suffix = None
+            if self.stem is not None:
+                suffix = structural_copy(self.stem.suffix)
+                # A graph module is a reference cycle: freed with the evaluator, as the
+                # stem's own (see core/stem.py, release).
+                weakref.finalize(self, release, suffix)
+            moved = set(self.keys)  # moved buffers are built fresh at each point
+            slots = {k: v for k, v in self._buffer_slots.items() if k not in moved}
+            self._lanes.append(Lane(structural_copy(self.module), suffix, self._flats, slots))
+        return self._lanes[:count]
+
+    def _lanes_failed(self, plan, why: str) -> None:
+        """Drop lanes for this evaluator (and its cached plan), recording ``why``."""
+        self._lanes_off = why
+        self.rejected.append(f"lanes={plan.lanes}: {why}")
+        if self.plan is not None and (self.plan is plan or self.plan.lanes > 1):
+            self.plan.lanes = 1
+            self.plan.reason += f"; lanes dropped ({why})"
+            _remember(self._plan_key(), self.plan)  # the next call does not try again
+        plan.lanes = 1
+
+    def _run_lanes(self, plan, coeffs: Tensor) -> Tensor | None:
+        """Values of the rows of ``coeffs`` computed in ``plan.lanes`` lanes at once.
+
+        The rows are cut into ``plan.lanes`` consecutive blocks (a grid row's points stay
+        together and share their row sum), one per lane thread; even a single row runs in
+        a lane, with the lane's thread count, so a point's value does not depend on the
+        other points of the call.
+
+        Returns:
+            The float64 values as :meth:`_run_chunk` gives them, in the order of
+            ``coeffs``; or ``None`` if lanes cannot run (the reason is recorded, ``plan``
+            and the evaluator's plan fall back to one pass at a time).
+
+        Raises:
+            Exception: An exception of the user's own class raised in a lane, as it is.
+        """
+        why = self._lanes_refusal(plan.lanes)
+        lanes = []
+        if not why:
+            try:
+                lanes = self._lanes_for(plan.lanes)
+            except Exception as err:  # noqa: BLE001 - any failure: one pass at a time
+                why = f"the module could not be copied for a lane ({type(err).__name__}: {err})"
+        if why:
+            self._lanes_failed(plan, why)
+            return None
+        # What the passes make lazily and share, made here before any lane starts.
+        self._inputs(plan.layout)
+        self._point_terms(plan.layout)
+        self._denominators(plan.batch)
+        if plan.stem:
+            self._stem_pack(plan.layout)
+        threads = torch.get_num_threads()
+        blocks = [b for b in torch.tensor_split(coeffs, len(lanes)) if b.shape[0]]
+        results: list[Tensor | None] = [None] * len(blocks)
+        errors: list[BaseException | None] = [None] * len(blocks)
+        per = max(1, threads // len(lanes))
+        try:
+            # One seeding for all lanes: a forward that draws moves the generator.
+            with batch_draws(self.device, 0):
+                seeded = torch.default_generator.get_state()
+                # Lane 0 is the calling thread (its heap and kernels are warm); the others
+                # run on the process's lane threads, which live on for the next call.
+                futures = [_pool(len(lanes) - 1).submit(
+                    self._lane_work, lanes[i], blocks[i], i, plan, per, results, errors)
+                    for i in range(1, len(blocks))]
+                self._lane_work(lanes[0], blocks[0], 0, plan, per, results, errors)
+                for f in futures:
+                    f.result()
+                drew = not torch.equal(torch.default_generator.get_state(), seeded)
+        finally:
+            torch.set_num_threads(threads)  # the calling thread's own, as it was
+        if drew:
+            self._lanes_failed(plan, "the model's forward draws random numbers, which lanes "
+                                     "cannot seed per point")
+            return None
+        for err in errors:
+            if err is not None:
+                if is_user_error(err) and not _is_oom(err):
+                    raise err
+                self._lanes_failed(plan, f"a lane failed ({type(err).__name__}: {err})"[:300])
+                return None
+        return torch.cat(results)
+
+    def _lane_work(self, lane: Lane, coeffs: Tensor, index: int, plan, threads: int,
+                   results: list, errors: list) -> None:
+        """Lane ``index``: the points ``coeffs`` one after the other, on ``threads`` threads.
+
+        Errors are stored in ``errors[index]`` for the calling thread to handle.
+        """
+        self._lane_tls.lane = lane
+        try:
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
+            with torch.no_grad():
+                results[index] = self._run_chunk(plan, coeffs)
+        except BaseException as err:  # noqa: BLE001 - handed to the calling thread
+            errors[index] = err
+        finally:
+            self._lane_tls.lane = None
+
+    def _end_pass(self) -> None:
+        """Put back what a pass wrote: the lane's buffers, or the evaluator's."""
+        lane = self._in_lane()
+        if lane is None:
+            self._reset_state()
+        else:
+            lane.reset()
+            self._check_parameters()
+
+    # --- tuning ------------------------------------------------------------------------
+    def _time_lanes(self, plan, c: Tensor) -> float:
+        """Seconds per point of ``plan`` (lanes): rounds of one real grid point per lane.
+
+        Each round computes ``plan.lanes`` rows of ``c`` no trial computed yet (kept in
+        ``_trial_values`` whichever plan wins); the faster of :data:`~.plans.TRIAL_PASSES`
+        rounds counts (the first makes the lanes and warms their threads up).
+
+        Returns:
+            Seconds per point, or NaN if lanes could not run (recorded in ``rejected``).
+        """
+        times, kept = [], {}
+        for _ in range(TRIAL_PASSES):
+            rows = [self._next_trial_row(c) for _ in range(plan.lanes)]
+            t0 = time.perf_counter()
+            values = self._run_lanes(plan, c[rows])
+            if values is None:
+                return float("nan")
+            times.append((time.perf_counter() - t0) / plan.lanes)
+            kept.update({r: values[i : i + 1] for i, r in enumerate(rows)})
+        self._trial_values[plan.label] = kept
+        return min(times)
+
+    def _lane_counts(self) -> Iterator[int]:
+        """Lane counts worth timing: 2, 4, ... up to the intra-op threads."""
+        lanes = 2
+        while lanes <= torch.get_num_threads():
+            yield lanes
+            lanes *= 2
+
+    def _try_lanes(self, c: Tensor) -> None:
+        """Time the fastest loop plan found in lanes, if the grid's rows allow real trials.
+
+        Each count of lanes (2, 4, ...) is timed while the rows of ``c`` hold enough
+        untimed points for its rounds and the previous count gained at least 10 %; the
+        timed plans join ``_results``, where the fastest plan wins as any other.
+        """
+        loops = [p for p in self._results if p.strategy == "loop" and not p.compiled]
+        if (not loops or self.compile_only_loops or self.strategy == "vmap"
+                or self.lanes_choice != "auto"):
+            return
+        base = min(loops, key=lambda p: p.seconds_per_point)
+        if min(p.seconds_per_point for p in self._results) < base.seconds_per_point:
+            return  # a vmap plan is faster: the model is small, lanes would not help
+        last = base.seconds_per_point
+        for lanes in self._lane_counts():
+            rows_left = min(c.shape[0], self.expected_points) - self._trial_row
+            if self._lanes_refusal(lanes) or rows_left < TRIAL_PASSES * lanes:
+                return
+            plan = copy_plan(base, lanes=lanes, candidates=[], pinned=[], reason="")
+            plan.seconds_per_point = self._time_lanes(plan, c)
+            if plan.seconds_per_point != plan.seconds_per_point:  # NaN: lanes refused
+                return
+            self._results.append(plan)
+            if plan.seconds_per_point > 0.9 * last:
+                return
+            last = plan.seconds_per_point
