@@ -201,3 +201,15 @@ def test_lanes_on_a_gpu_are_refused():
     with pytest.raises(ValueError, match="for CPUs"):
         check_lanes(2, torch.device("cuda"))
     assert check_lanes(1, torch.device("cuda")) == 1
+
+
+def test_lanes_together_keep_to_the_memory_budget():
+    model, data = bn_res_cnn(), cnn_data()
+    dirs = [gaussian_direction(model, 1, 0.3)]
+    probe = Evaluator(model, data, dirs)
+    budget = probe.act_bytes * probe.n  # one pass over all data fits, two at once do not
+    ev = Evaluator(model, data, dirs, lanes=2, strategy="loop", memory_budget=budget)
+    ev.expected_points = 6
+    ev.evaluate(np.linspace(-1, 1, 6)[:, None])
+    assert ev.plan.lanes == 2
+    assert 2 * ev.plan.batch * ev.act_bytes <= budget < 2 * probe.n * ev.act_bytes

@@ -408,7 +408,9 @@ class Evaluator(PointPasses, LossStats, PrecisionCheck, PlanTuner, CompiledForwa
                 self.plan = self._tune(c, key)
         if (not cached and self.lanes_choice != "auto" and self.plan.strategy == "loop"
                 and not self.plan.compiled):
-            self.plan.lanes = self.lanes_choice  # forced (lanes=2); not timed
+            # Forced (lanes=2): not timed; the lanes' passes together keep to the budget.
+            self.plan.lanes = self.lanes_choice
+            self.plan.batch = min(self.plan.batch, self._batch_for(self.lanes_choice))
         tuned = self.plan.label
         self._setup_compile(self.plan, c, key)
         if not cached:  # a cached plan keeps the points its search pinned

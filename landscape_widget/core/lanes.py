@@ -253,6 +253,8 @@ class PointLanes:
             Exception: An exception of the user's own class raised in a lane, as it is.
         """
         why = self._lanes_refusal(plan.lanes)
+        if plan.compiled:  # one compiled function is not run from several threads
+            why = why or "a compiled plan runs one point at a time"
         lanes = []
         if not why:
             try:
@@ -375,7 +377,9 @@ class PointLanes:
             rows_left = min(c.shape[0], self.expected_points) - self._trial_row
             if self._lanes_refusal(lanes) or rows_left < TRIAL_PASSES * lanes:
                 return
-            plan = copy_plan(base, lanes=lanes, candidates=[], pinned=[], reason="")
+            # The lanes' passes run at once: together they keep to the memory budget.
+            plan = copy_plan(base, lanes=lanes, batch=min(base.batch, self._batch_for(lanes)),
+                             candidates=[], pinned=[], reason="")
             plan.seconds_per_point = self._time_lanes(plan, c)
             if plan.seconds_per_point != plan.seconds_per_point:  # NaN: lanes refused
                 return
