@@ -213,3 +213,18 @@ def test_lanes_together_keep_to_the_memory_budget():
     ev.evaluate(np.linspace(-1, 1, 6)[:, None])
     assert ev.plan.lanes == 2
     assert 2 * ev.plan.batch * ev.act_bytes <= budget < 2 * probe.n * ev.act_bytes
+
+
+def test_without_openmp_the_points_go_one_at_a_time(monkeypatch):
+    from landscape_widget.core import lanes
+
+    monkeypatch.setattr(lanes, "openmp_backend", lambda: False)
+    model, (x, y) = bn_res_cnn(), cnn_data()
+    d1, d2 = gaussian_direction(model, 1, 0.3), gaussian_direction(model, 2, 0.3)
+    plans.forget_plans()
+    surf = _surface(model, (x, y), directions=(d1, d2), x=(-1, 1, 3), y=(-1, 1, 3))
+    plan = surf.spec["plan"]
+    assert plan["lanes"] == 1 and "not OpenMP" in plan["reason"], plan
+    loss, _ = naive_surface(model, x, y, d1, d2, linspace((-1, 1, 3)), linspace((-1, 1, 3)),
+                            bn="eval")
+    np.testing.assert_allclose(surf.loss, loss, rtol=1e-5, atol=1e-6)

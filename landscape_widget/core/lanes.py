@@ -25,6 +25,7 @@ computed again one pass at a time, and the plan drops its lanes (``rejected`` sa
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import threading
 import time
@@ -68,6 +69,19 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+@functools.cache
+def openmp_backend() -> bool:
+    """Whether torch runs intra-op work on OpenMP, where each thread sets its own count.
+
+    (torch's native thread pool is one for the process: ``torch.set_num_threads`` in a lane
+    would only warn.)
+
+    Returns:
+        True for torch's OpenMP backend (the default of the Linux, macOS and Windows wheels).
+    """
+    return "parallel backend: OpenMP" in torch.__config__.parallel_info()
 
 
 def check_lanes(lanes: int | str, device: torch.device) -> int | str:
@@ -205,6 +219,9 @@ class PointLanes:
             return self._lanes_off
         if self.device.type != "cpu":
             return "lanes are for CPUs (a GPU runs one pass at a time)"
+        if not openmp_backend():
+            return ("torch's intra-op backend is not OpenMP, so a lane cannot have threads "
+                    "of its own")
         if self.lanes_choice == "auto" and torch.get_num_threads() < lanes:
             return (f"torch.get_num_threads() is {torch.get_num_threads()}, fewer than "
                     f"{lanes} lanes")
