@@ -191,7 +191,9 @@ class LocalRunner(Evaluator):
         # About a third of a second of work (and at least one engine pass), so the stream
         # stays live and a cancel lands quickly.
         per_point = max(self.plan.seconds_per_point, 1e-7)
-        return int(max(self.plan.points * self.plan.lanes, min(4096, 0.3 / per_point)))
+        size = int(max(self.plan.points, min(4096, 0.3 / per_point)))
+        lanes = self.plan.lanes
+        return -(-size // lanes) * lanes  # a whole number of points per lane: none idles
 
     def run_tiles(self, job: GridJob, tile_points: int | None,
                   cancel: threading.Event | None) -> Iterator[Tile]:
