@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from torch import Tensor, nn
 
-from .params import Params
+from .params import Params, copy_hooks
 from .plans import TRIAL_PASSES, _is_oom, _remember, copy_plan, is_user_error
 from .rng import batch_draws
 from .stem import release
@@ -135,7 +135,8 @@ def _numel(shape: torch.Size) -> int:
 def structural_copy(module: nn.Module) -> nn.Module:
     """A copy of ``module`` that shares its parameters and buffers but nothing else.
 
-    Attributes, submodules, hooks and plain tensor attributes are the copy's own, so two
+    Attributes, submodules, hooks (with what their closures hold, see
+    :func:`~.params.copy_hooks`) and plain tensor attributes are the copy's own, so two
     threads can each ``functional_call`` their copy.
 
     Returns:
@@ -150,7 +151,11 @@ def structural_copy(module: nn.Module) -> nn.Module:
     memo = {id(t): t for t in module.parameters()}
     memo.update({id(t): t for t in module.buffers()})
     with torch.no_grad(), torch.inference_mode(False):
-        return copy.deepcopy(module, memo)
+        out = copy.deepcopy(module, memo)
+        # A hook closing over a dict the forward reads (stored features) must fill the
+        # lane's own, not the evaluator's that every lane shares.
+        copy_hooks(out, memo)
+    return out
 
 
 class PointLanes:

@@ -1,0 +1,60 @@
+"""Review 8: points in lanes (core/lanes.py) with models and settings test_lanes does not cover.
+
+Each test checks a property against an independent oracle: the float64 per-point loop of
+tests/oracle.py, the same evaluator without lanes, or a full snapshot of the user's model
+(tests/snapshots.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from oracle import naive_eval
+from snapshots import assert_same_snapshot, snapshot
+from torch import nn
+
+import landscape_widget as lw
+
+LANES = {"lanes": 2, "strategy": "loop"}
+
+
+def _data(n: int = 24, features: int = 6, classes: int = 3, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, features, generator=g), torch.randint(0, classes, (n,), generator=g)
+
+
+def _grid_coords(surf) -> np.ndarray:
+    xs, ys = np.meshgrid(surf.x, surf.y)
+    return np.stack([xs.ravel(), ys.ravel()], 1)
+
+
+class HookFeeds(nn.Module):
+    """A forward that reads the features a hook stored into a dict its closure holds (the
+    usual feature-extraction pattern)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body, self.head = nn.Linear(6, 8), nn.Linear(8, 3)
+        self.feats: dict = {}
+        feats = self.feats
+        self.body.register_forward_hook(lambda m, i, out: feats.__setitem__("h", out))
+
+    def forward(self, x):
+        self.body(x)
+        return self.head(torch.tanh(self.feats["h"]))
+
+
+def test_a_hook_closure_feeding_the_forward_is_the_lanes_own():
+    # The lanes' module copies kept the evaluator's hook functions, whose closures hold the
+    # evaluator's dict: each lane's forward read stale features (loss off by 0.16).
+    model, (x, y) = HookFeeds().eval(), _data()
+    dirs = lw.random_directions(model, 2, seed=1)
+    before = snapshot(model)
+    surf = lw.compute_surface(model, (x, y), directions=dirs, x=(-1, 1, 4), y=(-1, 1, 3),
+                              progress=False, evaluator_options=LANES)
+    assert surf.spec["plan"]["lanes"] == 2, surf.spec["plan"]
+    # A fresh model as the oracle's template: a deep copy's hook would fill the original's dict.
+    want, _ = naive_eval(model, x, y, list(dirs), _grid_coords(surf), template=HookFeeds())
+    np.testing.assert_allclose(surf.loss.ravel(), want, rtol=1e-5)
+    assert_same_snapshot(before, snapshot(model))
