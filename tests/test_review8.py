@@ -7,13 +7,17 @@ tests/oracle.py, the same evaluator without lanes, or a full snapshot of the use
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
+import pytest
 import torch
 from oracle import naive_eval
 from snapshots import assert_same_snapshot, snapshot
 from torch import nn
 
 import landscape_widget as lw
+from landscape_widget.core.evaluate import Evaluator
 
 LANES = {"lanes": 2, "strategy": "loop"}
 
@@ -58,3 +62,39 @@ def test_a_hook_closure_feeding_the_forward_is_the_lanes_own():
     want, _ = naive_eval(model, x, y, list(dirs), _grid_coords(surf), template=HookFeeds())
     np.testing.assert_allclose(surf.loss.ravel(), want, rtol=1e-5)
     assert_same_snapshot(before, snapshot(model))
+
+
+_FIRE = {"on": False}  # a global: every copy of the model sees it
+
+
+class InterruptedOnce(nn.Module):
+    """Raises KeyboardInterrupt once, in the calling thread, as Ctrl-C arriving in a pass."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        if _FIRE["on"] and threading.current_thread() is threading.main_thread():
+            _FIRE["on"] = False
+            raise KeyboardInterrupt
+        return self.b(torch.tanh(self.a(x)))
+
+
+def test_ctrl_c_in_a_lane_stops_the_computation():
+    # KeyboardInterrupt in lane 0 was taken for a lane failure: lanes dropped, the points
+    # computed again one at a time, and the user's Ctrl-C lost.
+    model = InterruptedOnce().eval()
+    dirs = lw.random_directions(model, 2, seed=1)
+    ev = Evaluator(model, _data(), dirs, stem=False, **LANES)
+    ev.expected_points = 6
+    ev.evaluate(np.zeros((6, 2)))
+    assert ev.plan.lanes == 2
+    _FIRE["on"] = True
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            ev.evaluate(np.ones((4, 2)))
+        assert not _FIRE["on"]  # it was raised once, in a lane
+    finally:
+        _FIRE["on"] = False

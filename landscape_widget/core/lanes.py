@@ -256,6 +256,7 @@ class PointLanes:
 
         Raises:
             Exception: An exception of the user's own class raised in a lane, as it is.
+            BaseException: A ``KeyboardInterrupt`` or ``SystemExit`` raised in a lane.
         """
         why = self._lanes_refusal(plan.lanes)
         if plan.compiled:  # one compiled function is not run from several threads
@@ -295,6 +296,11 @@ class PointLanes:
                 drew = not torch.equal(torch.default_generator.get_state(), seeded)
         finally:
             torch.set_num_threads(threads)  # the calling thread's own, as it was
+        for err in errors:
+            # Ctrl-C (KeyboardInterrupt) or SystemExit in a lane stops the computation, as
+            # in one pass at a time: not a lane's failure to recover from.
+            if err is not None and not isinstance(err, Exception):
+                raise err
         if drew:
             self._lanes_failed(plan, "the model's forward draws random numbers, which lanes "
                                      "cannot seed per point")
