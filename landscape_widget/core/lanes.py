@@ -18,12 +18,15 @@ Each lane has its own state, so that points in lanes never share anything a pass
 
 Random draws cannot be given a generator per thread (the forward draws from torch's global
 one), so lanes run only for models whose forward draws nothing: the whole lane run is
-seeded once, and if the generator moved, the values are discarded, the points are
-computed again one pass at a time, and the plan drops its lanes (``rejected`` says why).
+seeded once, and if the generator moved, or the first point of an evaluator's first lane
+run called a random op (a draw inside ``fork_rng`` leaves the generator as it was), the
+values are discarded, the points are computed again one pass at a time, and the plan drops
+its lanes (``rejected`` says why).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import threading
@@ -37,7 +40,7 @@ from torch import Tensor, nn
 
 from .params import Params, copy_hooks
 from .plans import TRIAL_PASSES, _is_oom, _remember, copy_plan, is_user_error
-from .rng import batch_draws
+from .rng import DrawSpy, batch_draws
 from .stem import release
 
 # The process's lane threads (lane 0 is always the calling thread): kept between calls, so
@@ -171,6 +174,7 @@ class PointLanes:
         self._home_lane = Lane()
         self._lanes: list[Lane] = []
         self._lanes_off = ""  # why this evaluator runs no lanes any more
+        self._draws_checked = False  # a lane run's first point was watched for random ops
 
     def _here(self) -> Lane:
         """The lane of the calling thread (the home lane outside lane threads)."""
@@ -281,6 +285,7 @@ class PointLanes:
         results: list[Tensor | None] = [None] * len(blocks)
         errors: list[BaseException | None] = [None] * len(blocks)
         per = max(1, threads // len(lanes))
+        spy = None if self._draws_checked else DrawSpy()
         try:
             # One seeding for all lanes: a forward that draws moves the generator.
             with batch_draws(self.device, 0):
@@ -290,10 +295,11 @@ class PointLanes:
                 futures = [_pool(len(lanes) - 1).submit(
                     self._lane_work, lanes[i], blocks[i], i, plan, per, results, errors)
                     for i in range(1, len(blocks))]
-                self._lane_work(lanes[0], blocks[0], 0, plan, per, results, errors)
+                self._lane_work(lanes[0], blocks[0], 0, plan, per, results, errors, spy)
                 for f in futures:
                     f.result()
                 drew = not torch.equal(torch.default_generator.get_state(), seeded)
+                drew = drew or (spy is not None and spy.drew)
         finally:
             torch.set_num_threads(threads)  # the calling thread's own, as it was
         for err in errors:
@@ -311,20 +317,26 @@ class PointLanes:
                     raise err
                 self._lanes_failed(plan, f"a lane failed ({type(err).__name__}: {err})"[:300])
                 return None
+        self._draws_checked = True
         return torch.cat(results)
 
     def _lane_work(self, lane: Lane, coeffs: Tensor, index: int, plan, threads: int,
-                   results: list, errors: list) -> None:
+                   results: list, errors: list, spy: DrawSpy | None = None) -> None:
         """Lane ``index``: the points ``coeffs`` one after the other, on ``threads`` threads.
 
-        Errors are stored in ``errors[index]`` for the calling thread to handle.
+        Errors are stored in ``errors[index]`` for the calling thread to handle. With a
+        ``spy`` (this thread's), the first point runs under it: its ops say whether the
+        forward draws (the same kernels, so the same values).
         """
         self._lane_tls.lane = lane
         try:
             if torch.get_num_threads() != threads:
                 torch.set_num_threads(threads)
             with torch.no_grad():
-                results[index] = self._run_chunk(plan, coeffs)
+                with spy if spy is not None else contextlib.nullcontext():
+                    first = self._run_chunk(plan, coeffs[:1])  # blocks are never empty
+                rest = [self._run_chunk(plan, coeffs[1:])] if coeffs.shape[0] > 1 else []
+                results[index] = torch.cat([first, *rest])
         except BaseException as err:  # noqa: BLE001 - handed to the calling thread
             errors[index] = err
         finally:

@@ -18,6 +18,7 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # The seed of the draws of the forward pass over the batch starting at sample s is
 # FORWARD_SEED + s.
@@ -58,3 +59,31 @@ def batch_draws(device: torch.device, start: int = 0) -> Iterator[None]:
             with torch.cuda.device(index):
                 torch.cuda.manual_seed(seed)
         yield
+
+
+class DrawSpy(TorchDispatchMode):
+    """Notes whether the calling thread runs a random op (one tagged ``nondeterministic_seeded``).
+
+    A forward that draws inside ``torch.random.fork_rng`` (fixed noise from its own seed)
+    leaves the generator as it found it, so comparing its state cannot tell that it drew;
+    its ops can. Modes are per thread: only the thread that enters the spy is watched.
+
+    Example:
+        >>> with DrawSpy() as spy:
+        ...     _ = torch.ones(2) + 1
+        >>> spy.drew
+        False
+        >>> with DrawSpy() as spy, torch.random.fork_rng():
+        ...     _ = torch.rand(2)
+        >>> spy.drew
+        True
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.drew = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: D105
+        if torch.Tag.nondeterministic_seeded in func.tags:
+            self.drew = True
+        return func(*args, **(kwargs or {}))
