@@ -18,6 +18,7 @@ from torch import nn
 
 import landscape_widget as lw
 from landscape_widget.core.evaluate import Evaluator
+from landscape_widget.core.rng import batch_draws
 
 LANES = {"lanes": 2, "strategy": "loop"}
 
@@ -129,5 +130,64 @@ def test_a_forward_that_draws_and_puts_the_generator_back_runs_no_lanes():
     coords = np.array([[0.5, -0.5]])  # one point in lanes: lane 0 alone, nothing interleaves
     got = ev.evaluate(coords)["loss"]
     assert ev.plan.lanes == 1 and "draws random numbers" in ev.plan.reason, ev.plan.reason
+    want, _ = naive_eval(model, x, y, list(dirs), coords)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+class _Seeder:
+    """Another thread's seeded pass (a widget worker's), inside ``batch_draws`` until told."""
+
+    def __init__(self):
+        self.go = threading.Event()
+        self.inside = threading.Event()
+        self.thread = threading.Thread(target=self._run)
+        self.thread.start()
+        self.inside.wait(10)
+
+    def _run(self):
+        with batch_draws(torch.device("cpu"), 64):
+            self.inside.set()
+            self.go.wait(10)
+
+    def finish(self):
+        self.go.set()
+        self.thread.join(10)
+
+
+_SEEDER: list = []  # the pending other thread, finished by the next forward
+
+
+class LetsOtherThreadFinish(nn.Module):
+    """A deterministic MLP; its first forward lets another thread's seeded pass end."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        if _SEEDER:
+            _SEEDER.pop().finish()
+        return self.b(torch.tanh(self.a(x)))
+
+
+def test_another_threads_seeded_passes_do_not_drop_lanes():
+    # A pass of another thread (the widget's worker, a second surface) puts the generator
+    # back to its own saved state in the middle of a lane run: the lanes took it for a draw
+    # of their forward and were dropped (14 of 15 surfaces beside a computing thread), with
+    # a false reason, for every later call of the model's plan.
+    model = LetsOtherThreadFinish().eval()
+    x, y = _data(32)
+    dirs = lw.random_directions(model, 2, seed=1)
+    ev = Evaluator(model, (x, y), dirs, stem=False, **LANES)
+    ev.evaluate(np.zeros((1, 2)))
+    coords = np.array([[0.5, -0.5], [-0.5, 0.25]])
+    _SEEDER.append(_Seeder())
+    try:
+        got = ev.evaluate(coords)["loss"]
+    finally:
+        while _SEEDER:
+            _SEEDER.pop().finish()
+    assert ev.plan.lanes == 2, ev.plan.reason
     want, _ = naive_eval(model, x, y, list(dirs), coords)
     np.testing.assert_allclose(got, want, rtol=1e-5)

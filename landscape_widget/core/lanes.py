@@ -18,10 +18,10 @@ Each lane has its own state, so that points in lanes never share anything a pass
 
 Random draws cannot be given a generator per thread (the forward draws from torch's global
 one), so lanes run only for models whose forward draws nothing: the whole lane run is
-seeded once, and if the generator moved, or the first point of an evaluator's first lane
-run called a random op (a draw inside ``fork_rng`` leaves the generator as it was), the
-values are discarded, the points are computed again one pass at a time, and the plan drops
-its lanes (``rejected`` says why).
+seeded once, and if the generator moved (while no other thread's pass set it), or the
+first point of an evaluator's first lane run called a random op (a draw inside
+``fork_rng`` leaves the generator as it was), the values are discarded, the points are
+computed again one pass at a time, and the plan drops its lanes (``rejected`` says why).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from .params import Params, copy_hooks
 from .plans import TRIAL_PASSES, _is_oom, _remember, copy_plan, is_user_error
-from .rng import DrawSpy, batch_draws
+from .rng import DrawSpy, batch_draws, generator_sets
 from .stem import release
 
 # The process's lane threads (lane 0 is always the calling thread): kept between calls, so
@@ -289,7 +289,7 @@ class PointLanes:
         try:
             # One seeding for all lanes: a forward that draws moves the generator.
             with batch_draws(self.device, 0):
-                seeded = torch.default_generator.get_state()
+                seeded, sets = torch.default_generator.get_state(), generator_sets()
                 # Lane 0 is the calling thread (its heap and kernels are warm); the others
                 # run on the process's lane threads, which live on for the next call.
                 futures = [_pool(len(lanes) - 1).submit(
@@ -298,7 +298,10 @@ class PointLanes:
                 self._lane_work(lanes[0], blocks[0], 0, plan, per, results, errors, spy)
                 for f in futures:
                     f.result()
-                drew = not torch.equal(torch.default_generator.get_state(), seeded)
+                # Another thread's seeded passes (a widget's worker) set the generator too:
+                # then only the spy's verdict counts.
+                alone = generator_sets() == sets + 1
+                drew = alone and not torch.equal(torch.default_generator.get_state(), seeded)
                 drew = drew or (spy is not None and spy.drew)
         finally:
             torch.set_num_threads(threads)  # the calling thread's own, as it was

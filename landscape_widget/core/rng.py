@@ -15,6 +15,7 @@ affected.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterator
 
 import torch
@@ -23,6 +24,19 @@ from torch.utils._python_dispatch import TorchDispatchMode
 # The seed of the draws of the forward pass over the batch starting at sample s is
 # FORWARD_SEED + s.
 FORWARD_SEED = 20_240_601
+# Counts every seeding and putting back of the generators by batch_draws, in any thread (a
+# count's next() is atomic): lanes tell their own forward's draws from another thread's.
+_SETS = itertools.count()
+
+
+def generator_sets() -> int:
+    """A number that grows whenever :func:`batch_draws` sets the generators, in any thread.
+
+    Returns:
+        A number above the last one returned; it grew by more than one since an earlier
+        call if :func:`batch_draws` set the generators in between (entering or leaving).
+    """
+    return next(_SETS)
 
 
 @contextlib.contextmanager
@@ -53,12 +67,16 @@ def batch_draws(device: torch.device, start: int = 0) -> Iterator[None]:
     cuda = device.type == "cuda"
     index = (device.index if device.index is not None else torch.cuda.current_device()
              ) if cuda else None
-    with torch.random.fork_rng(devices=[index] if cuda else [], device_type="cuda"):
-        torch.default_generator.manual_seed(seed)
-        if cuda:
-            with torch.cuda.device(index):
-                torch.cuda.manual_seed(seed)
-        yield
+    next(_SETS)
+    try:
+        with torch.random.fork_rng(devices=[index] if cuda else [], device_type="cuda"):
+            torch.default_generator.manual_seed(seed)
+            if cuda:
+                with torch.cuda.device(index):
+                    torch.cuda.manual_seed(seed)
+            yield
+    finally:
+        next(_SETS)  # the generators put back
 
 
 class DrawSpy(TorchDispatchMode):
