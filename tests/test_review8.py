@@ -8,6 +8,7 @@ tests/oracle.py, the same evaluator without lanes, or a full snapshot of the use
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from snapshots import assert_same_snapshot, snapshot
 from torch import nn
 
 import landscape_widget as lw
+from landscape_widget.core import lanes
 from landscape_widget.core.evaluate import Evaluator
 from landscape_widget.core.rng import batch_draws
 
@@ -190,4 +192,33 @@ def test_another_threads_seeded_passes_do_not_drop_lanes():
             _SEEDER.pop().finish()
     assert ev.plan.lanes == 2, ev.plan.reason
     want, _ = naive_eval(model, x, y, list(dirs), coords)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_a_lane_pool_grown_by_another_thread_still_takes_the_lanes(monkeypatch):
+    # Another thread needing more lane threads (lanes=4 beside lanes=2) replaced the pool
+    # and shut the old one down between a caller's lookup of the pool and its submission:
+    # "RuntimeError: cannot schedule new futures after shutdown" reached the user.
+    grown = []
+
+    class GrownMeanwhile(ThreadPoolExecutor):
+        def submit(self, *args, **kwargs):
+            if not grown:
+                grown.append(threading.Thread(target=lanes._submit,
+                                              args=(self._max_workers + 1, int)))
+                grown[0].start()
+                grown[0].join(0.5)  # the other thread, if it can get the pool now
+            return super().submit(*args, **kwargs)
+
+    monkeypatch.setattr(lanes, "ThreadPoolExecutor", GrownMeanwhile)
+    monkeypatch.setattr(lanes, "_POOL", None)
+    model, (x, y) = HookFeeds().eval(), _data()
+    dirs = lw.random_directions(model, 2, seed=1)
+    ev = Evaluator(model, (x, y), dirs, **LANES)
+    ev.evaluate(np.zeros((1, 2)))
+    coords = np.array([[0.5, -0.5], [-0.5, 0.25]])
+    got = ev.evaluate(coords)["loss"]
+    grown[0].join(10)
+    assert ev.plan.lanes == 2, ev.plan.reason
+    want, _ = naive_eval(model, x, y, list(dirs), coords, template=HookFeeds())
     np.testing.assert_allclose(got, want, rtol=1e-5)

@@ -33,7 +33,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from torch import Tensor, nn
@@ -50,16 +50,23 @@ _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 
 
-def _pool(workers: int) -> ThreadPoolExecutor:
-    """The lane threads, at least ``workers`` of them (grown when a call needs more)."""
+def _submit(workers: int, fn, *args) -> Future:
+    """Run ``fn(*args)`` on the lane threads, at least ``workers`` of them (grown if fewer).
+
+    The submission holds the lock: a thread growing the pool shuts the old one down, which
+    refuses any later submission (another caller's, between its look-up and its submit).
+
+    Returns:
+        The future of ``fn(*args)``.
+    """
     global _POOL
     with _POOL_LOCK:
         if _POOL is None or _POOL._max_workers < workers:
             old, _POOL = _POOL, ThreadPoolExecutor(max(1, workers),
                                                    thread_name_prefix="landscape-lane")
             if old is not None:
-                old.shutdown(wait=False)
-        return _POOL
+                old.shutdown(wait=False)  # its queued lanes still run
+        return _POOL.submit(fn, *args)
 
 
 def _after_fork_in_child() -> None:
@@ -292,9 +299,8 @@ class PointLanes:
                 seeded, sets = torch.default_generator.get_state(), generator_sets()
                 # Lane 0 is the calling thread (its heap and kernels are warm); the others
                 # run on the process's lane threads, which live on for the next call.
-                futures = [_pool(len(lanes) - 1).submit(
-                    self._lane_work, lanes[i], blocks[i], i, plan, per, results, errors)
-                    for i in range(1, len(blocks))]
+                futures = [_submit(len(lanes) - 1, self._lane_work, lanes[i], blocks[i], i,
+                                   plan, per, results, errors) for i in range(1, len(blocks))]
                 self._lane_work(lanes[0], blocks[0], 0, plan, per, results, errors, spy)
                 for f in futures:
                     f.result()
