@@ -222,3 +222,48 @@ def test_a_lane_pool_grown_by_another_thread_still_takes_the_lanes(monkeypatch):
     assert ev.plan.lanes == 2, ev.plan.reason
     want, _ = naive_eval(model, x, y, list(dirs), coords, template=HookFeeds())
     np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+class KeepsEnergy(nn.Module):
+    """Stores a non-leaf tensor as an attribute (its energy, computed with autograd on)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        with torch.enable_grad():
+            xi = x.detach().requires_grad_(True)
+            self.energy = torch.tanh(self.a(xi)).pow(2).sum()
+        return self.b(torch.tanh(self.a(x)))
+
+
+class RefusesDeepcopy(nn.Module):
+    """A class whose ``__deepcopy__`` raises (its parts can be copied one by one)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def __deepcopy__(self, memo):
+        raise TypeError("RefusesDeepcopy cannot be deep-copied")
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+@pytest.mark.parametrize("model_class", [KeepsEnergy, RefusesDeepcopy])
+def test_models_the_evaluator_can_copy_run_in_lanes(model_class):
+    # The evaluator's own copy handles non-leaf tensor attributes and classes refusing
+    # deepcopy as a whole; the lanes' copies did not, and these models lost their lanes.
+    model, (x, y) = model_class().eval(), _data()
+    dirs = lw.random_directions(model, 2, seed=1)
+    before = snapshot(model)
+    surf = lw.compute_surface(model, (x, y), directions=dirs, x=(-1, 1, 4), y=(-1, 1, 3),
+                              progress=False, evaluator_options=LANES)
+    assert surf.spec["plan"]["lanes"] == 2, surf.spec["plan"]["reason"]
+    want, _ = naive_eval(model, x, y, list(dirs), _grid_coords(surf), template=model_class())
+    np.testing.assert_allclose(surf.loss.ravel(), want, rtol=1e-5)
+    assert_same_snapshot(before, snapshot(model))

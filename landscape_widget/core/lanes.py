@@ -27,7 +27,6 @@ computed again one pass at a time, and the plan drops its lanes (``rejected`` sa
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 import threading
 import time
@@ -38,7 +37,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from torch import Tensor, nn
 
-from .params import Params, copy_hooks
+from .copies import structural_copy
+from .params import Params
 from .plans import TRIAL_PASSES, _is_oom, _remember, copy_plan, is_user_error
 from .rng import DrawSpy, batch_draws, generator_sets
 from .stem import release
@@ -140,32 +140,6 @@ def _numel(shape: torch.Size) -> int:
     for s in shape:
         n *= s
     return n
-
-
-def structural_copy(module: nn.Module) -> nn.Module:
-    """A copy of ``module`` that shares its parameters and buffers but nothing else.
-
-    Attributes, submodules, hooks (with what their closures hold, see
-    :func:`~.params.copy_hooks`) and plain tensor attributes are the copy's own, so two
-    threads can each ``functional_call`` their copy.
-
-    Returns:
-        The copy (``copy.deepcopy`` with every parameter and buffer kept as it is).
-
-    Example:
-        >>> m = nn.Linear(2, 1)
-        >>> c = structural_copy(m)
-        >>> c is m, c.weight is m.weight
-        (False, True)
-    """
-    memo = {id(t): t for t in module.parameters()}
-    memo.update({id(t): t for t in module.buffers()})
-    with torch.no_grad(), torch.inference_mode(False):
-        out = copy.deepcopy(module, memo)
-        # A hook closing over a dict the forward reads (stored features) must fill the
-        # lane's own, not the evaluator's that every lane shares.
-        copy_hooks(out, memo)
-    return out
 
 
 class PointLanes:
