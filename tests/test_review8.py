@@ -267,3 +267,14 @@ def test_models_the_evaluator_can_copy_run_in_lanes(model_class):
     want, _ = naive_eval(model, x, y, list(dirs), _grid_coords(surf), template=model_class())
     np.testing.assert_allclose(surf.loss.ravel(), want, rtol=1e-5)
     assert_same_snapshot(before, snapshot(model))
+
+
+def test_evaluate_takes_a_reversed_coordinate_array():
+    # lw.Evaluator(...).evaluate(coords[::-1]) raised torch's "At least one stride in the
+    # given numpy array is negative" (a view of the user's array, as numpy hands it out).
+    model, data = HookFeeds().eval(), _data()
+    dirs = lw.random_directions(model, 2, seed=1)
+    ev = lw.Evaluator(model, data, dirs)
+    coords = np.array([[0.5, -0.5], [-0.5, 0.25], [0.0, 1.0]])
+    forward = ev.evaluate(coords)["loss"]
+    np.testing.assert_array_equal(ev.evaluate(coords[::-1])["loss"], forward[::-1])
