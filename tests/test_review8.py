@@ -278,3 +278,47 @@ def test_evaluate_takes_a_reversed_coordinate_array():
     coords = np.array([[0.5, -0.5], [-0.5, 0.25], [0.0, 1.0]])
     forward = ev.evaluate(coords)["loss"]
     np.testing.assert_array_equal(ev.evaluate(coords[::-1])["loss"], forward[::-1])
+
+
+class _Refusal(Exception):
+    """The user's own exception class."""
+
+
+_LANE_CALLS = {"refuse": False, "others": 0, "refused": threading.Event()}
+
+
+class RefusesInTheCallingThread(nn.Module):
+    """Raises the user's exception in lane 0 (the calling thread); counts the other lane's
+    forwards, the first of which waits for the refusal."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        if threading.current_thread() is threading.main_thread():
+            if _LANE_CALLS["refuse"]:
+                _LANE_CALLS["refused"].set()
+                raise _Refusal("refused")
+        else:
+            _LANE_CALLS["others"] += 1
+            _LANE_CALLS["refused"].wait(10)
+        return self.b(torch.tanh(self.a(x)))
+
+
+def test_an_error_in_one_lane_stops_the_others():
+    # The user's error (or Ctrl-C) in lane 0 reached the caller only once every other lane
+    # had computed its whole block of points: 20 more points here.
+    model = RefusesInTheCallingThread().eval()
+    dirs = lw.random_directions(model, 2, seed=1)
+    ev = Evaluator(model, _data(), dirs, stem=False, **LANES)
+    ev.evaluate(np.zeros((1, 2)))
+    _LANE_CALLS.update(refuse=True, others=0)
+    try:
+        with pytest.raises(_Refusal):
+            ev.evaluate(np.linspace(-1, 1, 80).reshape(40, 2))  # 20 points per lane
+        assert _LANE_CALLS["others"] <= 3, _LANE_CALLS["others"]  # one pass per point
+    finally:
+        _LANE_CALLS["refuse"] = False
+        _LANE_CALLS["refused"].set()

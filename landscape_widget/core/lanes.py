@@ -307,19 +307,24 @@ class PointLanes:
                    results: list, errors: list, spy: DrawSpy | None = None) -> None:
         """Lane ``index``: the points ``coeffs`` one after the other, on ``threads`` threads.
 
-        Errors are stored in ``errors[index]`` for the calling thread to handle. With a
-        ``spy`` (this thread's), the first point runs under it: its ops say whether the
-        forward draws (the same kernels, so the same values).
+        Errors are stored in ``errors[index]`` for the calling thread to handle; once
+        another lane has stored one, this lane stops at its next point (the error decides
+        what the call does: the user's Ctrl-C waits for no more than a point per lane).
+        With a ``spy`` (this thread's), the first point runs under it: its ops say whether
+        the forward draws (the same kernels, so the same values).
         """
         self._lane_tls.lane = lane
         try:
             if torch.get_num_threads() != threads:
                 torch.set_num_threads(threads)
+            values = []
             with torch.no_grad():
-                with spy if spy is not None else contextlib.nullcontext():
-                    first = self._run_chunk(plan, coeffs[:1])  # blocks are never empty
-                rest = [self._run_chunk(plan, coeffs[1:])] if coeffs.shape[0] > 1 else []
-                results[index] = torch.cat([first, *rest])
+                for i in range(coeffs.shape[0]):
+                    if any(e is not None for e in errors):
+                        return
+                    with spy if spy is not None and i == 0 else contextlib.nullcontext():
+                        values.append(self._run_chunk(plan, coeffs[i : i + 1]))
+            results[index] = torch.cat(values)
         except BaseException as err:  # noqa: BLE001 - handed to the calling thread
             errors[index] = err
         finally:
