@@ -322,3 +322,33 @@ def test_an_error_in_one_lane_stops_the_others():
     finally:
         _LANE_CALLS["refuse"] = False
         _LANE_CALLS["refused"].set()
+
+
+class Attention(nn.Module):
+    """Self-attention through ``F.scaled_dot_product_attention`` (no dropout), whose CPU
+    kernel carries torch's "may draw" tag for its dropout_p argument."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.qkv, self.head = nn.Linear(3, 24), nn.Linear(8, 3)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).view(x.shape[0], x.shape[1], 3, 2, 4).unbind(2)
+        h = nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                       v.transpose(1, 2))
+        return self.head(h.transpose(1, 2).reshape(x.shape[0], x.shape[1], 8).mean(1))
+
+
+def test_attention_without_dropout_keeps_its_lanes():
+    # The random-op spy took the attention kernel (tagged: it could draw for dropout_p > 0)
+    # for a draw, and every model using scaled_dot_product_attention lost its lanes.
+    model = Attention().eval()
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(24, 5, 3, generator=g), torch.randint(0, 3, (24,), generator=g)
+    dirs = lw.random_directions(model, 2, seed=1)
+    surf = lw.compute_surface(model, (x, y), directions=dirs, x=(-1, 1, 4), y=(-1, 1, 3),
+                              progress=False, evaluator_options=LANES)
+    assert surf.spec["plan"]["lanes"] == 2, surf.spec["plan"]["reason"]
+    want, _ = naive_eval(model, x, y, list(dirs), _grid_coords(surf))
+    np.testing.assert_allclose(surf.loss.ravel(), want, rtol=1e-5)

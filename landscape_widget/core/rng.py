@@ -80,11 +80,14 @@ def batch_draws(device: torch.device, start: int = 0) -> Iterator[None]:
 
 
 class DrawSpy(TorchDispatchMode):
-    """Notes whether the calling thread runs a random op (one tagged ``nondeterministic_seeded``).
+    """Notes whether the calling thread's ops draw from torch's global CPU generator.
 
     A forward that draws inside ``torch.random.fork_rng`` (fixed noise from its own seed)
-    leaves the generator as it found it, so comparing its state cannot tell that it drew;
-    its ops can. Modes are per thread: only the thread that enters the spy is watched.
+    leaves the generator as it found it, so comparing its state after the forward cannot
+    tell that it drew; its ops can. Only ops tagged ``nondeterministic_seeded`` may draw,
+    and a tagged op draws when it moves the generator (CPU attention carries the tag for
+    its ``dropout_p``, and draws nothing at 0). Modes are per thread: only the thread that
+    enters the spy is watched.
 
     Example:
         >>> with DrawSpy() as spy:
@@ -102,6 +105,9 @@ class DrawSpy(TorchDispatchMode):
         self.drew = False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: D105
-        if torch.Tag.nondeterministic_seeded in func.tags:
-            self.drew = True
-        return func(*args, **(kwargs or {}))
+        if torch.Tag.nondeterministic_seeded not in func.tags:
+            return func(*args, **(kwargs or {}))
+        before = torch.default_generator.get_state()
+        out = func(*args, **(kwargs or {}))
+        self.drew = self.drew or not torch.equal(before, torch.default_generator.get_state())
+        return out
