@@ -181,7 +181,8 @@ def test_a_forked_child_computes_in_lanes():
         code = 1
         signal.alarm(60)  # a child waiting on threads it does not have dies instead
         try:
-            plans.forget_plans()
+            # The parent's cached plan (and its pinned points): a plan tuned again here
+            # could compute some points with other plans, a few ulps apart.
             got = _surface(model, data, **grid)
             code = 0 if (got.spec["plan"]["lanes"] == 2 and np.array_equal(got.loss, want)) \
                 else 2

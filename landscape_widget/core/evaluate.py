@@ -363,7 +363,8 @@ class Evaluator(PointPasses, LossStats, PrecisionCheck, PlanTuner, CompiledForwa
             ``{metric: (P,) float64 array}``; non-finite losses are NaN.
         """
         width = len(self.dirs) - self.barycentric
-        c = torch.as_tensor(np.asarray(coeffs, dtype=np.float64)).reshape(-1, width)
+        # A copy: torch takes no numpy view with negative strides (coords[::-1]).
+        c = torch.as_tensor(np.array(coeffs, dtype=np.float64)).reshape(-1, width)
         if self.barycentric:
             c = torch.cat([c, 1.0 - c.sum(1, keepdim=True)], 1)
         c = c.to(self.device)

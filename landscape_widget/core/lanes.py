@@ -18,27 +18,30 @@ Each lane has its own state, so that points in lanes never share anything a pass
 
 Random draws cannot be given a generator per thread (the forward draws from torch's global
 one), so lanes run only for models whose forward draws nothing: the whole lane run is
-seeded once, and if the generator moved, the values are discarded, the points are
+seeded once, and if the generator moved (while no other thread's pass set it), or the
+first point of an evaluator's first lane run called a random op (a draw inside
+``fork_rng`` leaves the generator as it was), the values are discarded, the points are
 computed again one pass at a time, and the plan drops its lanes (``rejected`` says why).
 """
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import functools
 import os
 import threading
 import time
 import weakref
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from torch import Tensor, nn
 
+from .copies import structural_copy
 from .params import Params
 from .plans import TRIAL_PASSES, _is_oom, _remember, copy_plan, is_user_error
-from .rng import batch_draws
+from .rng import DrawSpy, batch_draws, generator_sets
 from .stem import release
 
 # The process's lane threads (lane 0 is always the calling thread): kept between calls, so
@@ -48,16 +51,23 @@ _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
 
 
-def _pool(workers: int) -> ThreadPoolExecutor:
-    """The lane threads, at least ``workers`` of them (grown when a call needs more)."""
+def _submit(workers: int, fn, *args) -> Future:
+    """Run ``fn(*args)`` on the lane threads, at least ``workers`` of them (grown if fewer).
+
+    The submission holds the lock: a thread growing the pool shuts the old one down, which
+    refuses any later submission (another caller's, between its look-up and its submit).
+
+    Returns:
+        The future of ``fn(*args)``.
+    """
     global _POOL
     with _POOL_LOCK:
         if _POOL is None or _POOL._max_workers < workers:
             old, _POOL = _POOL, ThreadPoolExecutor(max(1, workers),
                                                    thread_name_prefix="landscape-lane")
             if old is not None:
-                old.shutdown(wait=False)
-        return _POOL
+                old.shutdown(wait=False)  # its queued lanes still run
+        return _POOL.submit(fn, *args)
 
 
 def _after_fork_in_child() -> None:
@@ -146,27 +156,6 @@ def _numel(shape: torch.Size) -> int:
     return n
 
 
-def structural_copy(module: nn.Module) -> nn.Module:
-    """A copy of ``module`` that shares its parameters and buffers but nothing else.
-
-    Attributes, submodules, hooks and plain tensor attributes are the copy's own, so two
-    threads can each ``functional_call`` their copy.
-
-    Returns:
-        The copy (``copy.deepcopy`` with every parameter and buffer kept as it is).
-
-    Example:
-        >>> m = nn.Linear(2, 1)
-        >>> c = structural_copy(m)
-        >>> c is m, c.weight is m.weight
-        (False, True)
-    """
-    memo = {id(t): t for t in module.parameters()}
-    memo.update({id(t): t for t in module.buffers()})
-    with torch.no_grad(), torch.inference_mode(False):
-        return copy.deepcopy(module, memo)
-
-
 class PointLanes:
     """Lanes for :class:`~landscape_widget.core.evaluate.Evaluator` (a mixin).
 
@@ -180,6 +169,7 @@ class PointLanes:
         self._home_lane = Lane()
         self._lanes: list[Lane] = []
         self._lanes_off = ""  # why this evaluator runs no lanes any more
+        self._draws_checked = False  # a lane run's first point was watched for random ops
 
     def _here(self) -> Lane:
         """The lane of the calling thread (the home lane outside lane threads)."""
@@ -268,6 +258,7 @@ class PointLanes:
 
         Raises:
             Exception: An exception of the user's own class raised in a lane, as it is.
+            BaseException: A ``KeyboardInterrupt`` or ``SystemExit`` raised in a lane.
         """
         why = self._lanes_refusal(plan.lanes)
         if plan.compiled:  # one compiled function is not run from several threads
@@ -292,21 +283,30 @@ class PointLanes:
         results: list[Tensor | None] = [None] * len(blocks)
         errors: list[BaseException | None] = [None] * len(blocks)
         per = max(1, threads // len(lanes))
+        spy = None if self._draws_checked else DrawSpy()
         try:
             # One seeding for all lanes: a forward that draws moves the generator.
             with batch_draws(self.device, 0):
-                seeded = torch.default_generator.get_state()
+                seeded, sets = torch.default_generator.get_state(), generator_sets()
                 # Lane 0 is the calling thread (its heap and kernels are warm); the others
                 # run on the process's lane threads, which live on for the next call.
-                futures = [_pool(len(lanes) - 1).submit(
-                    self._lane_work, lanes[i], blocks[i], i, plan, per, results, errors)
-                    for i in range(1, len(blocks))]
-                self._lane_work(lanes[0], blocks[0], 0, plan, per, results, errors)
+                futures = [_submit(len(lanes) - 1, self._lane_work, lanes[i], blocks[i], i,
+                                   plan, per, results, errors) for i in range(1, len(blocks))]
+                self._lane_work(lanes[0], blocks[0], 0, plan, per, results, errors, spy)
                 for f in futures:
                     f.result()
-                drew = not torch.equal(torch.default_generator.get_state(), seeded)
+                # Another thread's seeded passes (a widget's worker) set the generator too:
+                # then only the spy's verdict counts.
+                alone = generator_sets() == sets + 1
+                drew = alone and not torch.equal(torch.default_generator.get_state(), seeded)
+                drew = drew or (spy is not None and spy.drew)
         finally:
             torch.set_num_threads(threads)  # the calling thread's own, as it was
+        for err in errors:
+            # Ctrl-C (KeyboardInterrupt) or SystemExit in a lane stops the computation, as
+            # in one pass at a time: not a lane's failure to recover from.
+            if err is not None and not isinstance(err, Exception):
+                raise err
         if drew:
             self._lanes_failed(plan, "the model's forward draws random numbers, which lanes "
                                      "cannot seed per point")
@@ -317,20 +317,31 @@ class PointLanes:
                     raise err
                 self._lanes_failed(plan, f"a lane failed ({type(err).__name__}: {err})"[:300])
                 return None
+        self._draws_checked = True
         return torch.cat(results)
 
     def _lane_work(self, lane: Lane, coeffs: Tensor, index: int, plan, threads: int,
-                   results: list, errors: list) -> None:
+                   results: list, errors: list, spy: DrawSpy | None = None) -> None:
         """Lane ``index``: the points ``coeffs`` one after the other, on ``threads`` threads.
 
-        Errors are stored in ``errors[index]`` for the calling thread to handle.
+        Errors are stored in ``errors[index]`` for the calling thread to handle; once
+        another lane has stored one, this lane stops at its next point (the error decides
+        what the call does: the user's Ctrl-C waits for no more than a point per lane).
+        With a ``spy`` (this thread's), the first point runs under it: its ops say whether
+        the forward draws (the same kernels, so the same values).
         """
         self._lane_tls.lane = lane
         try:
             if torch.get_num_threads() != threads:
                 torch.set_num_threads(threads)
+            values = []
             with torch.no_grad():
-                results[index] = self._run_chunk(plan, coeffs)
+                for i in range(coeffs.shape[0]):
+                    if any(e is not None for e in errors):
+                        return
+                    with spy if spy is not None and i == 0 else contextlib.nullcontext():
+                        values.append(self._run_chunk(plan, coeffs[i : i + 1]))
+            results[index] = torch.cat(values)
         except BaseException as err:  # noqa: BLE001 - handed to the calling thread
             errors[index] = err
         finally:

@@ -236,14 +236,27 @@ def evaluation_copy(model: nn.Module) -> nn.Module:
                 "__deepcopy__) or keep it outside the module (pass it to forward, or hold it "
                 "in a closure or a global)."
             ) from err
-    for m in out.modules():
+    copy_hooks(out, work)
+    _uncached_parametrizations(out)
+    return out
+
+
+def copy_hooks(module: nn.Module, memo: dict) -> None:
+    """Give the hooks of ``module`` (a deep copy) closures copied through ``memo``.
+
+    ``deepcopy`` keeps hook functions as they are, so their closures would still hold the
+    original's objects (a dict the forward reads features from, the module itself).
+
+    Args:
+        module: The copy, whose hooks are replaced in place.
+        memo: The ``deepcopy`` memo that made it (each original object's id -> its copy).
+    """
+    for m in module.modules():
         for attr in _HOOK_DICTS:
             hooks = getattr(m, attr, None)
             if hooks:
                 for key in list(hooks):
-                    hooks[key] = _copy_hook(hooks[key], work)
-    _uncached_parametrizations(out)
-    return out
+                    hooks[key] = _copy_hook(hooks[key], memo)
 
 
 def _uncached_parametrizations(module: nn.Module) -> None:

@@ -15,13 +15,28 @@ affected.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterator
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # The seed of the draws of the forward pass over the batch starting at sample s is
 # FORWARD_SEED + s.
 FORWARD_SEED = 20_240_601
+# Counts every seeding and putting back of the generators by batch_draws, in any thread (a
+# count's next() is atomic): lanes tell their own forward's draws from another thread's.
+_SETS = itertools.count()
+
+
+def generator_sets() -> int:
+    """A number that grows whenever :func:`batch_draws` sets the generators, in any thread.
+
+    Returns:
+        A number above the last one returned; it grew by more than one since an earlier
+        call if :func:`batch_draws` set the generators in between (entering or leaving).
+    """
+    return next(_SETS)
 
 
 @contextlib.contextmanager
@@ -52,9 +67,47 @@ def batch_draws(device: torch.device, start: int = 0) -> Iterator[None]:
     cuda = device.type == "cuda"
     index = (device.index if device.index is not None else torch.cuda.current_device()
              ) if cuda else None
-    with torch.random.fork_rng(devices=[index] if cuda else [], device_type="cuda"):
-        torch.default_generator.manual_seed(seed)
-        if cuda:
-            with torch.cuda.device(index):
-                torch.cuda.manual_seed(seed)
-        yield
+    next(_SETS)
+    try:
+        with torch.random.fork_rng(devices=[index] if cuda else [], device_type="cuda"):
+            torch.default_generator.manual_seed(seed)
+            if cuda:
+                with torch.cuda.device(index):
+                    torch.cuda.manual_seed(seed)
+            yield
+    finally:
+        next(_SETS)  # the generators put back
+
+
+class DrawSpy(TorchDispatchMode):
+    """Notes whether the calling thread's ops draw from torch's global CPU generator.
+
+    A forward that draws inside ``torch.random.fork_rng`` (fixed noise from its own seed)
+    leaves the generator as it found it, so comparing its state after the forward cannot
+    tell that it drew; its ops can. Only ops tagged ``nondeterministic_seeded`` may draw,
+    and a tagged op draws when it moves the generator (CPU attention carries the tag for
+    its ``dropout_p``, and draws nothing at 0). Modes are per thread: only the thread that
+    enters the spy is watched.
+
+    Example:
+        >>> with DrawSpy() as spy:
+        ...     _ = torch.ones(2) + 1
+        >>> spy.drew
+        False
+        >>> with DrawSpy() as spy, torch.random.fork_rng():
+        ...     _ = torch.rand(2)
+        >>> spy.drew
+        True
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.drew = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: D105
+        if torch.Tag.nondeterministic_seeded not in func.tags:
+            return func(*args, **(kwargs or {}))
+        before = torch.default_generator.get_state()
+        out = func(*args, **(kwargs or {}))
+        self.drew = self.drew or not torch.equal(before, torch.default_generator.get_state())
+        return out
