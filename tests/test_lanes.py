@@ -35,7 +35,7 @@ from torch import nn
 import landscape_widget as lw
 from landscape_widget.core import plans
 from landscape_widget.core.evaluate import Evaluator
-from landscape_widget.core.lanes import check_lanes
+from landscape_widget.core.lane_pool import check_lanes
 from landscape_widget.core.plans import Plan
 
 LANES = {"lanes": 2, "strategy": "loop"}
@@ -229,3 +229,7 @@ def test_without_openmp_the_points_go_one_at_a_time(monkeypatch):
     loss, _ = naive_surface(model, x, y, d1, d2, linspace((-1, 1, 3)), linspace((-1, 1, 3)),
                             bn="eval")
     np.testing.assert_allclose(surf.loss, loss, rtol=1e-5, atol=1e-6)
+
+
+def test_numpy_ints_are_lanes_too():
+    assert check_lanes(np.int64(2), torch.device("cpu")) == 2

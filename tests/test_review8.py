@@ -18,7 +18,7 @@ from snapshots import assert_same_snapshot, snapshot
 from torch import nn
 
 import landscape_widget as lw
-from landscape_widget.core import lanes
+from landscape_widget.core import lane_pool as lanes
 from landscape_widget.core.evaluate import Evaluator
 from landscape_widget.core.rng import batch_draws
 

@@ -35,7 +35,7 @@ from .batch_stats import PROBE_KEEP_BYTES, LossStats
 from .compiled import CompiledForward, check_compile
 from .data import as_tensors, check_finite
 from .heap import hold_heap
-from .lanes import check_lanes
+from .lane_pool import check_lanes
 from .metrics import (
     METRICS,
     DefaultMetrics,

@@ -27,133 +27,19 @@ computed again one pass at a time, and the plan drops its lanes (``rejected`` sa
 from __future__ import annotations
 
 import contextlib
-import functools
-import os
 import threading
 import time
 import weakref
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from torch import Tensor, nn
 
 from .copies import structural_copy
-from .params import Params
+from .lane_pool import Lane, _submit, openmp_backend
 from .plans import TRIAL_PASSES, _is_oom, _remember, copy_plan, is_user_error
 from .rng import DrawSpy, batch_draws, generator_sets
 from .stem import release
-
-# The process's lane threads (lane 0 is always the calling thread): kept between calls, so
-# that their OpenMP teams, oneDNN scratchpads and heap arenas stay warm (a fresh thread per
-# call costs a team of OpenMP threads on a many-core CPU, and page faults everywhere).
-_POOL: ThreadPoolExecutor | None = None
-_POOL_LOCK = threading.Lock()
-
-
-def _submit(workers: int, fn, *args) -> Future:
-    """Run ``fn(*args)`` on the lane threads, at least ``workers`` of them (grown if fewer).
-
-    The submission holds the lock: a thread growing the pool shuts the old one down, which
-    refuses any later submission (another caller's, between its look-up and its submit).
-
-    Returns:
-        The future of ``fn(*args)``.
-    """
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None or _POOL._max_workers < workers:
-            old, _POOL = _POOL, ThreadPoolExecutor(max(1, workers),
-                                                   thread_name_prefix="landscape-lane")
-            if old is not None:
-                old.shutdown(wait=False)  # its queued lanes still run
-        return _POOL.submit(fn, *args)
-
-
-def _after_fork_in_child() -> None:
-    # The parent's lane threads do not exist in a forked child: its first lane run starts
-    # new ones (a pool whose threads are gone would wait forever).
-    global _POOL, _POOL_LOCK
-    _POOL, _POOL_LOCK = None, threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-@functools.cache
-def openmp_backend() -> bool:
-    """Whether torch runs intra-op work on OpenMP, where each thread sets its own count.
-
-    (torch's native thread pool is one for the process: ``torch.set_num_threads`` in a lane
-    would only warn.)
-
-    Returns:
-        True for torch's OpenMP backend (the default of the Linux, macOS and Windows wheels).
-    """
-    return "parallel backend: OpenMP" in torch.__config__.parallel_info()
-
-
-def check_lanes(lanes: int | str, device: torch.device) -> int | str:
-    """Validate the ``lanes=`` option of the engine.
-
-    Returns:
-        ``"auto"`` or the int given.
-
-    Raises:
-        ValueError: If ``lanes`` is neither ``"auto"`` nor an int >= 1, or is more than 1
-            on a device other than the CPU.
-
-    Example:
-        >>> check_lanes("auto", torch.device("cpu")), check_lanes(2, torch.device("cpu"))
-        ('auto', 2)
-    """
-    if lanes == "auto":
-        return lanes
-    if isinstance(lanes, bool) or not isinstance(lanes, int) or lanes < 1:
-        raise ValueError(f"lanes must be 'auto' or an int >= 1 (points computed at once on "
-                         f"a CPU; 1: one at a time), got {lanes!r}.")
-    if lanes > 1 and device.type != "cpu":
-        raise ValueError(f"lanes={lanes} is for CPUs; on {device} pass lanes='auto' or 1 (a "
-                         "GPU computes one pass at a time).")
-    return lanes
-
-
-class Lane:
-    """What one lane's passes write: module copies, buffers, row sum, stem inputs.
-
-    Args:
-        module: The lane's copy of the evaluator's module (``None`` for the home lane,
-            which uses the evaluator's own).
-        suffix: The lane's copy of the stem's suffix, if the evaluator has a stem.
-        flats: The evaluator's ``(flat buffers, pristine copy)`` pairs; the lane keeps
-            its own flat copies.
-        slots: ``{buffer name: (flat index, offset, shape)}`` of the buffers no direction
-            moves (moved ones are built fresh at every point).
-    """
-
-    def __init__(self, module: nn.Module | None = None, suffix: nn.Module | None = None,
-                 flats: list[tuple[Tensor, Tensor]] = (), slots: dict | None = None):
-        self.module, self.suffix = module, suffix
-        self.flats = [(pristine.clone(), pristine) for _, pristine in flats]
-        self.buffers: Params = {
-            k: self.flats[i][0][pos : pos + _numel(shape)].view(shape)
-            for k, (i, pos, shape) in (slots or {}).items()}
-        self.row: tuple | None = None  # the point build's kept row sum (PointPasses._point)
-        self.stem_buf: Tensor | None = None  # the stem inputs' buffer (StemTerms)
-
-    def reset(self) -> None:
-        """Put the lane's buffers back to the user's values (after every pass)."""
-        with torch.no_grad():
-            for flat, pristine in self.flats:
-                flat.copy_(pristine)
-
-
-def _numel(shape: torch.Size) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 class PointLanes:
@@ -236,6 +122,7 @@ class PointLanes:
     def _lanes_failed(self, plan, why: str) -> None:
         """Drop lanes for this evaluator (and its cached plan), recording ``why``."""
         self._lanes_off = why
+        self._lanes = []  # their module copies, buffers and row sums are not needed any more
         self.rejected.append(f"lanes={plan.lanes}: {why}")
         if self.plan is not None and (self.plan is plan or self.plan.lanes > 1):
             self.plan.lanes = 1
@@ -292,9 +179,13 @@ class PointLanes:
                 # run on the process's lane threads, which live on for the next call.
                 futures = [_submit(len(lanes) - 1, self._lane_work, lanes[i], blocks[i], i,
                                    plan, per, results, errors) for i in range(1, len(blocks))]
-                self._lane_work(lanes[0], blocks[0], 0, plan, per, results, errors, spy)
-                for f in futures:
-                    f.result()
+                try:
+                    self._lane_work(lanes[0], blocks[0], 0, plan, per, results, errors, spy)
+                    for f in futures:
+                        f.result()
+                except BaseException as err:  # Ctrl-C while waiting: the others stop too
+                    errors[0] = errors[0] or err
+                    raise
                 # Another thread's seeded passes (a widget's worker) set the generator too:
                 # then only the spy's verdict counts.
                 alone = generator_sets() == sets + 1
