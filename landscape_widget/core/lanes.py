@@ -26,7 +26,6 @@ computed again one pass at a time, and the plan drops its lanes (``rejected`` sa
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 import weakref
@@ -34,6 +33,7 @@ from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from .copies import structural_copy
 from .lane_pool import Lane, _submit, openmp_backend
@@ -55,7 +55,7 @@ class PointLanes:
         self._home_lane = Lane()
         self._lanes: list[Lane] = []
         self._lanes_off = ""  # why this evaluator runs no lanes any more
-        self._draws_checked = False  # a lane run's first point was watched for random ops
+        self._draws_checked = False  # a probe forward was watched for random draws
 
     def _here(self) -> Lane:
         """The lane of the calling thread (the home lane outside lane threads)."""
@@ -170,7 +170,12 @@ class PointLanes:
         results: list[Tensor | None] = [None] * len(blocks)
         errors: list[BaseException | None] = [None] * len(blocks)
         per = max(1, threads // len(lanes))
-        spy = None if self._draws_checked else DrawSpy()
+        if not self._draws_checked:
+            self._draws_checked = True
+            if self._probe_draws():
+                self._lanes_failed(plan, "the model's forward draws random numbers, which "
+                                         "lanes cannot seed per point")
+                return None
         try:
             # One seeding for all lanes: a forward that draws moves the generator.
             with batch_draws(self.device, 0):
@@ -180,17 +185,16 @@ class PointLanes:
                 futures = [_submit(len(lanes) - 1, self._lane_work, lanes[i], blocks[i], i,
                                    plan, per, results, errors) for i in range(1, len(blocks))]
                 try:
-                    self._lane_work(lanes[0], blocks[0], 0, plan, per, results, errors, spy)
+                    self._lane_work(lanes[0], blocks[0], 0, plan, per, results, errors)
                     for f in futures:
                         f.result()
                 except BaseException as err:  # Ctrl-C while waiting: the others stop too
                     errors[0] = errors[0] or err
                     raise
                 # Another thread's seeded passes (a widget's worker) set the generator too:
-                # then only the spy's verdict counts.
+                # then only the probe's verdict counts (_probe_draws).
                 alone = generator_sets() == sets + 1
                 drew = alone and not torch.equal(torch.default_generator.get_state(), seeded)
-                drew = drew or (spy is not None and spy.drew)
         finally:
             torch.set_num_threads(threads)  # the calling thread's own, as it was
         for err in errors:
@@ -208,18 +212,15 @@ class PointLanes:
                     raise err
                 self._lanes_failed(plan, f"a lane failed ({type(err).__name__}: {err})"[:300])
                 return None
-        self._draws_checked = True
         return torch.cat(results)
 
     def _lane_work(self, lane: Lane, coeffs: Tensor, index: int, plan, threads: int,
-                   results: list, errors: list, spy: DrawSpy | None = None) -> None:
+                   results: list, errors: list) -> None:
         """Lane ``index``: the points ``coeffs`` one after the other, on ``threads`` threads.
 
         Errors are stored in ``errors[index]`` for the calling thread to handle; once
         another lane has stored one, this lane stops at its next point (the error decides
         what the call does: the user's Ctrl-C waits for no more than a point per lane).
-        With a ``spy`` (this thread's), the first point runs under it: its ops say whether
-        the forward draws (the same kernels, so the same values).
         """
         self._lane_tls.lane = lane
         try:
@@ -230,13 +231,32 @@ class PointLanes:
                 for i in range(coeffs.shape[0]):
                     if any(e is not None for e in errors):
                         return
-                    with spy if spy is not None and i == 0 else contextlib.nullcontext():
-                        values.append(self._run_chunk(plan, coeffs[i : i + 1]))
+                    values.append(self._run_chunk(plan, coeffs[i : i + 1]))
             results[index] = torch.cat(values)
         except BaseException as err:  # noqa: BLE001 - handed to the calling thread
             errors[index] = err
         finally:
             self._lane_tls.lane = None
+
+    def _probe_draws(self) -> bool:
+        """Whether the model's forward draws random numbers, from a probe on 2 samples.
+
+        The probe runs at the base point under :class:`~.rng.DrawSpy` (seeded, the caller's
+        generators put back, the buffers too); its values are thrown away. A probe that
+        fails counts as no draw: the lane run's own check of the generator remains.
+
+        Returns:
+            True if a torch call of the forward moved the global CPU generator.
+        """
+        spy = DrawSpy()
+        try:
+            with torch.no_grad(), batch_draws(self.device, 0), spy:
+                functional_call(self.module, dict(self.base), (self.x[: min(self.n, 2)],))
+        except Exception:  # noqa: BLE001 - e.g. a model needing its full batch
+            return spy.drew
+        finally:
+            self._reset_state()
+        return spy.drew
 
     def _end_pass(self) -> None:
         """Put back what a pass wrote: the lane's buffers, or the evaluator's."""

@@ -19,7 +19,7 @@ import itertools
 from collections.abc import Iterator
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.overrides import TorchFunctionMode
 
 # The seed of the draws of the forward pass over the batch starting at sample s is
 # FORWARD_SEED + s.
@@ -79,15 +79,17 @@ def batch_draws(device: torch.device, start: int = 0) -> Iterator[None]:
         next(_SETS)  # the generators put back
 
 
-class DrawSpy(TorchDispatchMode):
-    """Notes whether the calling thread's ops draw from torch's global CPU generator.
+class DrawSpy(TorchFunctionMode):
+    """Notes whether the calling thread's torch calls draw from torch's global CPU generator.
 
     A forward that draws inside ``torch.random.fork_rng`` (fixed noise from its own seed)
     leaves the generator as it found it, so comparing its state after the forward cannot
-    tell that it drew; its ops can. Only ops tagged ``nondeterministic_seeded`` may draw,
-    and a tagged op draws when it moves the generator (CPU attention carries the tag for
-    its ``dropout_p``, and draws nothing at 0). Modes are per thread: only the thread that
-    enters the spy is watched.
+    tell that it drew; its calls can: a call draws when it moves the generator. A torch
+    *function* mode, not a dispatch mode: the first dispatch mode of a process imports
+    ``torch._dynamo`` (1.2-1.7 s on a Transformer's first surface). It may route calls
+    through other kernels (a Transformer's fast path is off under it), so it watches a
+    probe forward whose values are thrown away, never a grid point. Modes are per thread:
+    only the thread that enters the spy is watched.
 
     Example:
         >>> with DrawSpy() as spy:
@@ -104,10 +106,10 @@ class DrawSpy(TorchDispatchMode):
         super().__init__()
         self.drew = False
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: D105
-        if torch.Tag.nondeterministic_seeded not in func.tags:
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: D105
+        if self.drew:
             return func(*args, **(kwargs or {}))
         before = torch.default_generator.get_state()
         out = func(*args, **(kwargs or {}))
-        self.drew = self.drew or not torch.equal(before, torch.default_generator.get_state())
+        self.drew = not torch.equal(before, torch.default_generator.get_state())
         return out
