@@ -37,7 +37,7 @@ from torch.func import functional_call
 
 from .copies import structural_copy
 from .lane_pool import Lane, _submit, openmp_backend
-from .plans import TRIAL_PASSES, _is_oom, _remember, copy_plan, is_user_error
+from .plans import LANE_ROUNDS, TRIAL_PASSES, _is_oom, _remember, copy_plan, is_user_error
 from .rng import DrawSpy, batch_draws, generator_sets
 from .stem import release
 
@@ -268,27 +268,36 @@ class PointLanes:
             self._check_parameters()
 
     # --- tuning ------------------------------------------------------------------------
-    def _time_lanes(self, plan, c: Tensor) -> float:
-        """Seconds per point of ``plan`` (lanes): rounds of one real grid point per lane.
+    def _time_lanes(self, plan, base, c: Tensor, rounds: int) -> float:
+        """Seconds per point of ``plan`` (lanes), measured against ``base`` side by side.
 
-        Each round computes ``plan.lanes`` rows of ``c`` no trial computed yet (kept in
-        ``_trial_values`` whichever plan wins); the faster of :data:`~.plans.TRIAL_PASSES`
-        rounds counts (the first makes the lanes and warms their threads up).
+        Each of ``rounds`` rounds computes ``plan.lanes`` rows of ``c`` in lanes, then one
+        row with ``base`` (one point at a time), all real grid points no trial computed yet
+        (kept in ``_trial_values`` whichever plan wins). Interleaved, so that a machine
+        whose speed drifts between trials (10-40 % within minutes on a shared VM) does not
+        decide: the lanes' time is the base's measured seconds per point times the ratio
+        of the two fastest rounds (the first lanes round makes the lanes and warms them).
 
         Returns:
-            Seconds per point, or NaN if lanes could not run (recorded in ``rejected``).
+            Seconds per point, on the scale of ``base.seconds_per_point``; NaN if lanes
+            could not run (recorded in ``rejected``).
         """
-        times, kept = [], {}
-        for _ in range(TRIAL_PASSES):
+        lane_times, base_times = [], []
+        kept, base_kept = {}, self._trial_values.setdefault(base.label, {})
+        for _ in range(rounds):
             rows = [self._next_trial_row(c) for _ in range(plan.lanes)]
             t0 = time.perf_counter()
             values = self._run_lanes(plan, c[rows])
             if values is None:
                 return float("nan")
-            times.append((time.perf_counter() - t0) / plan.lanes)
+            lane_times.append((time.perf_counter() - t0) / plan.lanes)
             kept.update({r: values[i : i + 1] for i, r in enumerate(rows)})
+            row = self._next_trial_row(c)
+            t0 = time.perf_counter()
+            base_kept.setdefault(row, self._run(base, c[row : row + 1]))
+            base_times.append(time.perf_counter() - t0)
         self._trial_values[plan.label] = kept
-        return min(times)
+        return base.seconds_per_point * min(lane_times) / min(base_times)
 
     def _lane_counts(self) -> Iterator[int]:
         """Lane counts worth timing: 2, 4, ... up to the intra-op threads."""
@@ -297,32 +306,46 @@ class PointLanes:
             yield lanes
             lanes *= 2
 
-    def _try_lanes(self, c: Tensor) -> None:
+    def _try_lanes(self, c: Tensor, allowance: float) -> bool:
         """Time the fastest loop plan found in lanes, if the grid's rows allow real trials.
 
         Each count of lanes (2, 4, ...) is timed while the rows of ``c`` hold enough
-        untimed points for its rounds and the previous count gained at least 10 %; the
-        timed plans join ``_results``, where the fastest plan wins as any other.
+        untimed points for its rounds, the previous count gained at least 10 % and its
+        cost fits ``allowance`` (seconds the tuning may still spend); the timed plans join
+        ``_results``, where the fastest plan wins as any other. Its points are real, so
+        a trial costs what its first round spends on warming the lanes up (new kernels
+        for the lanes' thread count, their heaps): about ``lanes`` x the first-pass
+        overhead measured so far (a CPU ResNet-50: 0.14-0.21 s, 5 % of a 5 x 5 grid).
+
+        Returns:
+            True if a count of lanes was skipped for the allowance (the search is then
+            incomplete).
         """
         loops = [p for p in self._results if p.strategy == "loop" and not p.compiled]
         if (not loops or self.compile_only_loops or self.strategy == "vmap"
                 or self.lanes_choice != "auto"):
-            return
+            return False
         base = min(loops, key=lambda p: p.seconds_per_point)
         if min(p.seconds_per_point for p in self._results) < base.seconds_per_point:
-            return  # a vmap plan is faster: the model is small, lanes would not help
+            return False  # a vmap plan is faster: the model is small, lanes would not help
         last = base.seconds_per_point
         for lanes in self._lane_counts():
             rows_left = min(c.shape[0], self.expected_points) - self._trial_row
-            if self._lanes_refusal(lanes) or rows_left < TRIAL_PASSES * lanes:
-                return
+            rounds = min(LANE_ROUNDS, rows_left // (lanes + 1))
+            if self._lanes_refusal(lanes) or rounds < TRIAL_PASSES:
+                return False
+            if lanes * getattr(self, "_warmup", 0.0) > allowance:
+                return True
+            t0 = time.perf_counter()
             # The lanes' passes run at once: together they keep to the memory budget.
             plan = copy_plan(base, lanes=lanes, batch=min(base.batch, self._batch_for(lanes)),
                              candidates=[], pinned=[], reason="")
-            plan.seconds_per_point = self._time_lanes(plan, c)
+            plan.seconds_per_point = self._time_lanes(plan, base, c, rounds)
+            allowance -= time.perf_counter() - t0
             if plan.seconds_per_point != plan.seconds_per_point:  # NaN: lanes refused
-                return
+                return False
             self._results.append(plan)
             if plan.seconds_per_point > 0.9 * last:
-                return
+                return False
             last = plan.seconds_per_point
+        return False

@@ -229,6 +229,9 @@ UNKNOWN_POINTS = 1 << 30
 # Timed passes of a trial, the fastest counts: the first warms up (oneDNN primitives for a
 # new shape, the allocator's first pages).
 TRIAL_PASSES = 2
+# Rounds of a lanes trial (core/lanes.py; each: one real grid point per lane, then one with
+# the plan it is compared with, side by side): the fastest of each counts.
+LANE_ROUNDS = 3
 
 
 def _stem_budget(device: torch.device) -> int:

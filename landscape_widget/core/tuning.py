@@ -298,8 +298,11 @@ class PlanTuner(PlanCandidates):
                 if plan.seconds_per_point > 0.97 * last.get(family, math.inf):
                     slower.add(family)
                 last[family] = min(plan.seconds_per_point, last.get(family, math.inf))
-        if self._results:
-            self._try_lanes(c)  # the fastest loop, several points at once (core/lanes.py)
+        if self._results and self.strategy != "vmap":
+            # The fastest loop, several points at once (core/lanes.py), within the allowance.
+            fastest = min(p.seconds_per_point for p in self._results)
+            allowance = max(TUNING_SHARE * fastest * self.expected_points, TUNING_FLOOR)
+            skipped += self._try_lanes(c, allowance - spent)
         if vmap_errors and not self._results:
             # strategy="vmap" asked for vmap alone: the plain loop is always possible.
             return self._fall_back(vmap_errors[0], c)
