@@ -150,7 +150,7 @@ def iter_tiles(
         cancel: A ``threading.Event``; once set, iteration stops after the current tile.
         keep_directions: Keep the directions (on the CPU) in the result.
         evaluator_options: Extra keywords for the engine (``strategy``, ``memory_budget``,
-            ``batch_size``, ``precision``, ``compile``; see
+            ``batch_size``, ``precision``, ``compile``, ``lanes``; see
             :class:`~landscape_widget.core.evaluate.Evaluator`). A model whose vmap path
             fails falls back to the loop by itself; ``spec["plan"]["vmap_error"]`` says why.
         executor: A ``dask.distributed.Client`` or any ``concurrent.futures.Executor``:
