@@ -143,3 +143,70 @@ def test_hessian_of_a_noisy_model_is_that_of_the_seeded_draws():
     dense = torch.autograd.functional.hessian(loss, flat0)
     want = float(torch.linalg.eigvalsh(dense)[-1])
     assert abs(float(top) - want) <= 1e-4 * abs(want)
+
+
+def test_a_noisy_surface_is_reproducible_while_another_thread_computes():
+    """Seeded passes of two threads take turns (rng._LOCK): before, one thread's passes
+    reseeded the other's generator mid-forward (10 of 10 repeats differed)."""
+    import threading
+
+    from cases import mlp, mlp_data
+
+    torch.manual_seed(0)
+    noisy, data = NoisyMLP().eval(), _data((6,))
+    opts = {"lanes": 1, "strategy": "loop", "batch_size": 8}
+    grid = {"x": (-1, 1, 4), "y": (-1, 1, 3), "progress": False, "evaluator_options": opts}
+    ref = lw.compute_surface(noisy, data, **grid).loss
+    stop = threading.Event()
+
+    def other():
+        while not stop.is_set():
+            lw.compute_surface(mlp(), mlp_data(), **grid)
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    try:
+        repeats = [lw.compute_surface(noisy, data, **grid).loss for _ in range(4)]
+    finally:
+        stop.set()
+        thread.join()
+    for loss in repeats:
+        assert np.array_equal(loss, ref)
+
+
+def test_a_child_forked_while_another_thread_draws_can_draw():
+    """A fork while another thread is inside a seeded block (its lock taken) must not leave
+    the child waiting forever on that lock."""
+    import os
+    import signal
+    import threading
+
+    from landscape_widget.core.rng import batch_draws
+
+    if not hasattr(os, "fork"):
+        return
+    inside, release = threading.Event(), threading.Event()
+
+    def worker():
+        with batch_draws(torch.device("cpu"), 0):
+            inside.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    assert inside.wait(10)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            signal.alarm(20)  # a deadlocked child dies instead of hanging the test
+            try:
+                with batch_draws(torch.device("cpu"), 0):
+                    code = 0
+            finally:
+                os._exit(code)
+    finally:
+        release.set()
+        thread.join()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

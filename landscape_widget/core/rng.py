@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -27,6 +29,17 @@ FORWARD_SEED = 20_240_601
 # Counts every seeding and putting back of the generators by batch_draws, in any thread (a
 # count's next() is atomic): lanes tell their own forward's draws from another thread's.
 _SETS = itertools.count()
+_LOCK = threading.RLock()
+
+
+def _after_fork_in_child() -> None:
+    # A child forked while another thread was in a seeded block would wait forever.
+    global _LOCK
+    _LOCK = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def generator_sets() -> int:
@@ -44,7 +57,8 @@ def batch_draws(device: torch.device, start: int = 0) -> Iterator[None]:
     """Run the block with the CPU's (and ``device``'s) generator seeded for batch ``start``.
 
     The generators' states are restored afterwards (``torch.random.fork_rng``): nothing
-    the block draws changes what the caller draws next.
+    the block draws changes what the caller draws next. Blocks of different threads run
+    one at a time (a process-wide lock; a thread may nest them).
 
     Args:
         device: The device the forward runs on (its CUDA generator is seeded too).
@@ -67,16 +81,20 @@ def batch_draws(device: torch.device, start: int = 0) -> Iterator[None]:
     cuda = device.type == "cuda"
     index = (device.index if device.index is not None else torch.cuda.current_device()
              ) if cuda else None
-    next(_SETS)
-    try:
-        with torch.random.fork_rng(devices=[index] if cuda else [], device_type="cuda"):
-            torch.default_generator.manual_seed(seed)
-            if cuda:
-                with torch.cuda.device(index):
-                    torch.cuda.manual_seed(seed)
-            yield
-    finally:
-        next(_SETS)  # the generators put back
+    # The generators are the process's: two threads seeding them at once (the widget's
+    # worker and a notebook cell, each computing) would draw from each other's seeds and
+    # put back each other's states. Seeded blocks of different threads take turns.
+    with _LOCK:
+        next(_SETS)
+        try:
+            with torch.random.fork_rng(devices=[index] if cuda else [], device_type="cuda"):
+                torch.default_generator.manual_seed(seed)
+                if cuda:
+                    with torch.cuda.device(index):
+                        torch.cuda.manual_seed(seed)
+                yield
+        finally:
+            next(_SETS)  # the generators put back
 
 
 class DrawSpy(TorchFunctionMode):
