@@ -100,7 +100,18 @@ def copy_plan(plan: Plan, **changes) -> Plan:
 
 
 def _remember(key: tuple, plan: Plan) -> None:
-    if len(_PLANS) >= _PLANS_MAX:
+    """Cache a copy of ``plan`` under ``key``, evicting the oldest entry if full.
+
+    Example:
+        >>> forget_plans()
+        >>> for i in range(_PLANS_MAX):
+        ...     _remember(("k", i), Plan("loop", 1, 8))
+        >>> _remember(("k", 5), Plan("loop", 1, 16))  # an update evicts nothing
+        >>> len(_PLANS), ("k", 0) in _PLANS, _PLANS[("k", 5)].batch
+        (64, True, 16)
+        >>> forget_plans()
+    """
+    if key not in _PLANS and len(_PLANS) >= _PLANS_MAX:
         # Tolerant of another thread evicting at the same time (the widget's worker and the
         # notebook may both compute): the oldest key may already be gone.
         _PLANS.pop(next(iter(_PLANS), None), None)
@@ -113,7 +124,7 @@ _SEARCHES: dict[tuple, dict[str, float]] = {}
 
 
 def _remember_search(key: tuple, timings: dict[str, float]) -> None:
-    if len(_SEARCHES) >= _PLANS_MAX:
+    if key not in _SEARCHES and len(_SEARCHES) >= _PLANS_MAX:
         _SEARCHES.pop(next(iter(_SEARCHES), None), None)  # as in _remember
     _SEARCHES[key] = dict(timings)
 
