@@ -1,12 +1,15 @@
 """Points in lanes: several grid points at once on a multi-core CPU, each on a few cores.
 
 One forward pass spread over all cores of a CPU scales poorly on the small spatial sizes
-of a network's late layers and on small matrices: a torchvision ResNet-50 (32 images of
-64 px) took 170 ms per point with 2 threads in one pass, 138 ms per point as two points
-side by side on one thread each (this module's benchmark, 2-core Zen 4). A plan with
-``lanes = L`` runs L points at once in L threads, each with ``torch.get_num_threads() // L``
-intra-op threads. The tuner times it against the best one-pass plan on real grid points
-(kept whichever wins), so models that lose in lanes (an LSTM: 0.8-0.9x) keep one pass.
+of a network's late layers and on small matrices; running several independent instances
+side by side (a CPU's "throughput mode") uses the cores better. A plan with ``lanes = L``
+runs L points at once in L threads, each with ``torch.get_num_threads() // L`` intra-op
+threads. The gain depends on the machine: on a 2-core VM a bare ResNet-50 forward (32
+images of 64 px) took 170 ms per point in one pass and 138 ms as two side by side, but
+inside the engine, measured point for point beside one pass, lanes were within noise of it
+(ResNet-50, ResNet-18, a Transformer). So the tuner times lanes side by side with the
+best one-pass plan on real grid points (kept whichever wins) and keeps them only if
+faster.
 
 Each lane has its own state, so that points in lanes never share anything a pass writes:
 
