@@ -240,6 +240,9 @@ UNKNOWN_POINTS = 1 << 30
 # Timed passes of a trial, the fastest counts: the first warms up (oneDNN primitives for a
 # new shape, the allocator's first pages).
 TRIAL_PASSES = 2
+# Under vmap, stem settings whose narrowest (K = 4) trials are within this factor of each
+# other are both timed at K = 16 before the wider passes follow the faster (core/tuning.py).
+STEM_CLOSE = 1.25
 # Rounds of a lanes trial (core/lanes.py; each: one real grid point per lane, then one with
 # the plan it is compared with, side by side): the fastest of each counts.
 LANE_ROUNDS = 3

@@ -24,6 +24,7 @@ from .candidates import PlanCandidates
 from .plans import (
     _SEARCHES,
     FIRST_TRIAL_POINTS,
+    STEM_CLOSE,
     TRIAL_PASSES,
     TUNING_FLOOR,
     TUNING_SHARE,
@@ -216,10 +217,7 @@ class PlanTuner(PlanCandidates):
                 # faster of the two. (Point by point the two are within noise on an MLP, and
                 # deciding there picked the slower vmap for the benchmark MLP's 41 x 41 grid
                 # half the time: 0.36 s instead of 0.19.)
-                narrow = {p.stem: p.seconds_per_point for p in self._results
-                          if p.strategy == "vmap" and p.points == 4}
-                if len(narrow) == 2 and plan.points > 4 and plan.stem != min(narrow,
-                                                                               key=narrow.get):
+                if self._slower_stem(plan):
                     continue
             if self._results and self.strategy != "vmap":
                 # The share is of the grid's time with the fastest plan found so far: once a
@@ -336,6 +334,28 @@ class PlanTuner(PlanCandidates):
                          f" (or {TUNING_FLOOR} s)" if skipped
                          else ""))
         return best
+
+    def _slower_stem(self, plan: Plan) -> bool:
+        """Whether ``plan`` (vmap) has the stem setting that is slower so far.
+
+        Both settings are timed at K = 4; if they are within :data:`STEM_CLOSE` of each
+        other there, both go on to K = 16; wider passes go on with the setting whose best
+        vmap time so far is lower (at K = 4 the two are within noise on the benchmark MLP,
+        and deciding there picked the stem-less family in 1 of 12 first calls: 0.19 s for
+        its 41 x 41 grid instead of 0.08-0.10).
+
+        Returns:
+            True if ``plan`` should be skipped.
+        """
+        vmaps = [p for p in self._results if p.strategy == "vmap"]
+        best = {s: min((p.seconds_per_point for p in vmaps if p.stem == s), default=None)
+                for s in (True, False)}
+        narrow = {p.stem: p.seconds_per_point for p in vmaps if p.points == 4}
+        if None in best.values() or len(narrow) < 2 or plan.points <= 4:
+            return False
+        if plan.points == 16 and max(narrow.values()) <= STEM_CLOSE * min(narrow.values()):
+            return False  # close at K = 4: both settings are timed at K = 16
+        return plan.stem != min(best, key=best.get)
 
     def _fall_back(self, err: BaseException | str, c: Tensor | None = None) -> Plan:
         """Switch to the plain loop after the vmap path failed with ``err``.
