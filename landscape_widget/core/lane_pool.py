@@ -9,6 +9,7 @@ validation of ``lanes=``, and :class:`Lane`, the state one lane's passes write.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -114,7 +115,7 @@ class Lane:
         self.module, self.suffix = module, suffix
         self.flats = [(pristine.clone(), pristine) for _, pristine in flats]
         self.buffers: Params = {
-            k: self.flats[i][0][pos : pos + _numel(shape)].view(shape)
+            k: self.flats[i][0][pos : pos + math.prod(shape)].view(shape)
             for k, (i, pos, shape) in (slots or {}).items()}
         self.row: tuple | None = None  # the point build's kept row sum (PointPasses._point)
         self.stem_buf: Tensor | None = None  # the stem inputs' buffer (StemTerms)
@@ -125,9 +126,3 @@ class Lane:
             for flat, pristine in self.flats:
                 flat.copy_(pristine)
 
-
-def _numel(shape: torch.Size) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n

@@ -21,7 +21,7 @@ Each lane has its own state, so that points in lanes never share anything a pass
 
 Random draws cannot be given a generator per thread (the forward draws from torch's global
 one), so lanes run only for models whose forward draws nothing: the whole lane run is
-seeded once, and if the generator moved (while no other thread's pass set it), or the
+seeded once, and if the generator moved, or the
 first point of an evaluator's first lane run called a random op (a draw inside
 ``fork_rng`` leaves the generator as it was), the values are discarded, the points are
 computed again one pass at a time, and the plan drops its lanes (``rejected`` says why).
@@ -41,7 +41,7 @@ from torch.func import functional_call
 from .copies import structural_copy
 from .lane_pool import Lane, _submit, openmp_backend
 from .plans import LANE_ROUNDS, TRIAL_PASSES, _is_oom, _remember, copy_plan, is_user_error
-from .rng import DrawSpy, batch_draws, generator_sets
+from .rng import DrawSpy, batch_draws
 from .stem import release
 
 
@@ -180,9 +180,10 @@ class PointLanes:
                                          "lanes cannot seed per point")
                 return None
         try:
-            # One seeding for all lanes: a forward that draws moves the generator.
+            # One seeding for all lanes: a forward that draws moves the generator. (Other
+            # threads' seeded passes wait for the lock batch_draws holds meanwhile.)
             with batch_draws(self.device, 0):
-                seeded, sets = torch.default_generator.get_state(), generator_sets()
+                seeded = torch.default_generator.get_state()
                 # Lane 0 is the calling thread (its heap and kernels are warm); the others
                 # run on the process's lane threads, which live on for the next call.
                 futures = [_submit(len(lanes) - 1, self._lane_work, lanes[i], blocks[i], i,
@@ -194,10 +195,7 @@ class PointLanes:
                 except BaseException as err:  # Ctrl-C while waiting: the others stop too
                     errors[0] = errors[0] or err
                     raise
-                # Another thread's seeded passes (a widget's worker) set the generator too:
-                # then only the probe's verdict counts (_probe_draws).
-                alone = generator_sets() == sets + 1
-                drew = alone and not torch.equal(torch.default_generator.get_state(), seeded)
+                drew = not torch.equal(torch.default_generator.get_state(), seeded)
         finally:
             torch.set_num_threads(threads)  # the calling thread's own, as it was
         for err in errors:
@@ -256,7 +254,7 @@ class PointLanes:
             with torch.no_grad(), batch_draws(self.device, 0), spy:
                 functional_call(self.module, dict(self.base), (self.x[: min(self.n, 2)],))
         except Exception:  # noqa: BLE001 - e.g. a model needing its full batch
-            return spy.drew
+            pass
         finally:
             self._reset_state()
         return spy.drew

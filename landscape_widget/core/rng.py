@@ -15,7 +15,6 @@ affected.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 import threading
 from collections.abc import Iterator
@@ -26,9 +25,6 @@ from torch.overrides import TorchFunctionMode
 # The seed of the draws of the forward pass over the batch starting at sample s is
 # FORWARD_SEED + s.
 FORWARD_SEED = 20_240_601
-# Counts every seeding and putting back of the generators by batch_draws, in any thread (a
-# count's next() is atomic): lanes tell their own forward's draws from another thread's.
-_SETS = itertools.count()
 _LOCK = threading.RLock()
 
 
@@ -40,16 +36,6 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def generator_sets() -> int:
-    """A number that grows whenever :func:`batch_draws` sets the generators, in any thread.
-
-    Returns:
-        A number above the last one returned; it grew by more than one since an earlier
-        call if :func:`batch_draws` set the generators in between (entering or leaving).
-    """
-    return next(_SETS)
 
 
 @contextlib.contextmanager
@@ -84,17 +70,12 @@ def batch_draws(device: torch.device, start: int = 0) -> Iterator[None]:
     # The generators are the process's: two threads seeding them at once (the widget's
     # worker and a notebook cell, each computing) would draw from each other's seeds and
     # put back each other's states. Seeded blocks of different threads take turns.
-    with _LOCK:
-        next(_SETS)
-        try:
-            with torch.random.fork_rng(devices=[index] if cuda else [], device_type="cuda"):
-                torch.default_generator.manual_seed(seed)
-                if cuda:
-                    with torch.cuda.device(index):
-                        torch.cuda.manual_seed(seed)
-                yield
-        finally:
-            next(_SETS)  # the generators put back
+    with _LOCK, torch.random.fork_rng(devices=[index] if cuda else [], device_type="cuda"):
+        torch.default_generator.manual_seed(seed)
+        if cuda:
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(seed)
+        yield
 
 
 class DrawSpy(TorchFunctionMode):
