@@ -149,7 +149,9 @@ class _Seeder:
     def _run(self):
         with batch_draws(torch.device("cpu"), 64):
             self.inside.set()
-            self.go.wait(10)
+            # Seeded passes take turns (rng._LOCK): a lane run that starts while this one
+            # is inside waits for it, so it ends by itself, before the lane run's forward.
+            self.go.wait(0.5)
 
     def finish(self):
         self.go.set()
@@ -177,12 +179,12 @@ def test_another_threads_seeded_passes_do_not_drop_lanes():
     # A pass of another thread (the widget's worker, a second surface) puts the generator
     # back to its own saved state in the middle of a lane run: the lanes took it for a draw
     # of their forward and were dropped (14 of 15 surfaces beside a computing thread), with
-    # a false reason, for every later call of the model's plan.
+    # a false reason, for every later call of the model's plan. Now the lane run waits.
     model = LetsOtherThreadFinish().eval()
     x, y = _data(32)
     dirs = lw.random_directions(model, 2, seed=1)
     ev = Evaluator(model, (x, y), dirs, stem=False, **LANES)
-    ev.evaluate(np.zeros((1, 2)))
+    ev.evaluate(np.linspace(-1, 1, 12).reshape(6, 2))  # the plan; a lane run (its probe)
     coords = np.array([[0.5, -0.5], [-0.5, 0.25]])
     _SEEDER.append(_Seeder())
     try:
@@ -313,7 +315,9 @@ def test_an_error_in_one_lane_stops_the_others():
     model = RefusesInTheCallingThread().eval()
     dirs = lw.random_directions(model, 2, seed=1)
     ev = Evaluator(model, _data(), dirs, stem=False, **LANES)
-    ev.evaluate(np.zeros((1, 2)))
+    # The plan, and a first lane run: its probe for draws (a forward in the calling thread)
+    # is done before the refusal is armed.
+    ev.evaluate(np.linspace(-1, 1, 12).reshape(6, 2))
     _LANE_CALLS.update(refuse=True, others=0)
     try:
         with pytest.raises(_Refusal):

@@ -159,10 +159,11 @@ def test_a_noisy_surface_is_reproducible_while_another_thread_computes():
     grid = {"x": (-1, 1, 4), "y": (-1, 1, 3), "progress": False, "evaluator_options": opts}
     ref = lw.compute_surface(noisy, data, **grid).loss
     stop = threading.Event()
+    other_model, other_data = mlp(), mlp_data()  # built here: only the engine runs there
 
     def other():
         while not stop.is_set():
-            lw.compute_surface(mlp(), mlp_data(), **grid)
+            lw.compute_surface(other_model, other_data, **grid)
 
     thread = threading.Thread(target=other)
     thread.start()
@@ -180,23 +181,14 @@ def test_a_child_forked_while_another_thread_draws_can_draw():
     the child waiting forever on that lock."""
     import os
     import signal
-    import threading
+
+    from test_heap import _held_by_another_thread
 
     from landscape_widget.core.rng import batch_draws
 
     if not hasattr(os, "fork"):
         return
-    inside, release = threading.Event(), threading.Event()
-
-    def worker():
-        with batch_draws(torch.device("cpu"), 0):
-            inside.set()
-            release.wait(10)
-
-    thread = threading.Thread(target=worker)
-    thread.start()
-    assert inside.wait(10)
-    try:
+    with _held_by_another_thread(lambda: batch_draws(torch.device("cpu"), 0)):
         pid = os.fork()
         if pid == 0:
             code = 1
@@ -206,8 +198,5 @@ def test_a_child_forked_while_another_thread_draws_can_draw():
                     code = 0
             finally:
                 os._exit(code)
-    finally:
-        release.set()
-        thread.join()
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
