@@ -335,7 +335,8 @@ def bench(case: Case, args, ceilings: dict) -> list[dict]:
     try:
         log(f"[{case.name}] loss-landscapes random_plane 2x2")
         t = peers.run_loss_landscapes(wl, 2)
-        add("loss-landscapes random_plane", t.seconds, t.points, note="2x2 grid, own directions")
+        add("loss-landscapes random_plane", t.seconds, t.points,
+            note="2x2 grid, own directions, zero 1-D entries set to 1e-3")
     except Exception as err:  # report, do not stop the other models
         rows.append({"model": case.name, "contender": "loss-landscapes",
                      "skipped": f"{type(err).__name__}: {str(err)[:100]}"})

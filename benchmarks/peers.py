@@ -122,6 +122,13 @@ def run_loss_landscapes(wl: Workload, m: int, seed: int = 0) -> Timed:
     import loss_landscapes.metrics
 
     model = copy.deepcopy(wl.model)
+    # Its filter normalisation divides by the norm of every entry of a 1-D parameter, so a
+    # zero entry (an untrained BatchNorm's bias) raises ZeroDivisionError (3.0.6): time it
+    # on a copy whose zero 1-D entries are 1e-3, as a trained model's would not be zero.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.masked_fill_(p == 0, 1e-3)
     metric = loss_landscapes.metrics.Loss(nn.CrossEntropyLoss(), wl.inputs, wl.targets)
     torch.manual_seed(seed)  # its directions come from the global RNG (torch.rand)
     c0, t0 = time.process_time(), time.perf_counter()
