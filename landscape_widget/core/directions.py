@@ -7,6 +7,8 @@ tomgoldstein/loss-landscape ``net_plotter.py`` (PAPERS.md (a) steps 1-2).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor, nn
 
@@ -236,3 +238,33 @@ def interpolation_direction(
         out[k] = b.to(device=a.device, dtype=a.dtype) - a
     check_direction(model_a, out)
     return out
+
+
+def barycentric_keys(base: Params, points: Sequence[Params]) -> list[str]:
+    """Entries the points of a barycentric subspace replace (``Evaluator(barycentric=True)``).
+
+    Args:
+        base: The model's parameters and buffers; the entries the points give are set to
+            zero in place (a point's sum of weighted vertices starts from 0).
+        points: The vertices, full or partial parameter dicts.
+
+    Returns:
+        The names of the entries any point gives, in ``base``'s order.
+
+    Raises:
+        ValueError: If fewer than two points are given, or a point lacks an entry another
+            point gives.
+    """
+    if len(points) < 2:
+        raise ValueError("barycentric=True needs at least two points (the vertices).")
+    keys = [k for k in base if any(k in p for p in points)]
+    for i, p in enumerate(points):
+        missing = [k for k in keys if k not in p]
+        if missing:
+            raise ValueError(
+                f"point {i} lacks {missing[:3]}, which another point gives; every vertex "
+                "needs the same entries (take them all from state dicts of one architecture)."
+            )
+    for k in keys:
+        base[k] = torch.zeros_like(base[k])
+    return keys

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from .batch_stats import PROBE_KEEP_BYTES, LossStats
 from .compiled import CompiledForward, check_compile
 from .data import as_tensors, check_finite
+from .directions import barycentric_keys
 from .heap import hold_heap
 from .lane_pool import check_lanes
 from .metrics import (
@@ -51,25 +52,21 @@ from .params import (
     parameters_of,
 )
 from .passes import PointPasses
+from .plan_choice import PlanChoice
 from .plans import (
     UNKNOWN_POINTS,
     Plan,
     _default_budget,
-    _is_oom,
-    _remember,
     _stem_budget,
     copy_plan,
-    is_user_error,
 )
 from .precision import (
-    AUTOCAST_DTYPES,
     ERROR_POINTS,
     PrecisionCheck,
     check_precision,
     precision_flags,
-    precision_note,
 )
-from .state import BufferState, bn_batch_size_for, check_running_stats
+from .state import BufferState, bn_batch_size_for, check_running_stats, set_flags
 from .stem import StemTerms, split_stem
 from .tuning import PlanTuner
 
@@ -77,8 +74,8 @@ BN_MODES = ("eval", "batch")
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
-class Evaluator(PointPasses, LossStats, PrecisionCheck, PlanTuner, CompiledForward,
-                StemTerms, BufferState):
+class Evaluator(PointPasses, PlanChoice, LossStats, PrecisionCheck, PlanTuner,
+                CompiledForward, StemTerms, BufferState):
     """Evaluate loss and metrics of ``model`` at points of a low-dimensional subspace.
 
     Args:
@@ -251,7 +248,7 @@ class Evaluator(PointPasses, LossStats, PrecisionCheck, PlanTuner, CompiledForwa
             check_direction(model, d, name=f"directions[{i}]")
         self.barycentric = bool(barycentric)
         if self.barycentric:
-            keys = self._barycentric_keys(self.base, directions)
+            keys = barycentric_keys(self.base, directions)
         else:
             # Keys along which every direction is zero (biases under "biasbn") stay unbatched.
             keys = [k for k in base if any(k in d and bool(d[k].any()) for d in directions)]
@@ -315,38 +312,9 @@ class Evaluator(PointPasses, LossStats, PrecisionCheck, PlanTuner, CompiledForwa
             self._probed = None
 
     # --- setup -------------------------------------------------------------------------
-    @staticmethod
-    def _barycentric_keys(base: Params, points: Sequence[Params]) -> list[str]:
-        """Entries the points replace; their base becomes zero (the sum starts from 0)."""
-        if len(points) < 2:
-            raise ValueError("barycentric=True needs at least two points (the vertices).")
-        keys = [k for k in base if any(k in p for p in points)]
-        for i, p in enumerate(points):
-            missing = [k for k in keys if k not in p]
-            if missing:
-                raise ValueError(
-                    f"point {i} lacks {missing[:3]}, which another point gives; every vertex "
-                    "needs the same entries (take them all from state dicts of one architecture)."
-                )
-        for k in keys:
-            base[k] = torch.zeros_like(base[k])
-        return keys
-
-    @staticmethod
-    def _set_flags(module: nn.Module, bn: str) -> None:
-        """Eval mode everywhere; with ``bn="batch"`` BatchNorm uses batch statistics."""
-        module.eval()
-        if bn == "batch":
-            for m in module.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.train()
-                    # Without tracking, F.batch_norm gets no running buffers: batch statistics
-                    # and no in-place update (which vmap could not batch anyway).
-                    m.track_running_stats = False
-
     def _prepare_module(self, model: nn.Module, bn: str) -> nn.Module:
         module = evaluation_copy(model)  # the user's flags are never switched
-        self._set_flags(module, bn)
+        set_flags(module, bn)
         return module
 
     # --- public --------------------------------------------------------------------------
@@ -391,77 +359,6 @@ class Evaluator(PointPasses, LossStats, PrecisionCheck, PlanTuner, CompiledForwa
         if self.population:
             column["loss_se"] = np.where(bad, np.nan, values[:, -1])
         return {m: column[m] for m in self.metrics}
-
-    def _choose_plan(self, c: Tensor) -> None:
-        """The cached plan for this structure, or tune one (then compile if asked)."""
-        key = self._plan_key()
-        self.plan = self._cached_plan(key)
-        if self.plan is not None and self.plan.stem and not self._prepare_stem():
-            self.plan = None
-        cached = self.plan is not None
-        if self.plan is None:
-            if self.expected_points <= 2 and self.strategy != "vmap":
-                self.plan = self._plain_plan()  # nothing to amortise
-                self.plan.reason = "the plain loop: 2 points or fewer, nothing to tune"
-                # Not a search: a later, larger grid of this structure tunes its own plan.
-                self.plan.complete, self.plan.tuned_for = False, int(self.expected_points)
-            else:
-                self.plan = self._tune(c, key)
-        if (not cached and self.lanes_choice != "auto" and self.plan.strategy == "loop"
-                and not self.plan.compiled):
-            # Forced (lanes=2): not timed; the lanes' passes together keep to the budget.
-            self.plan.lanes = self.lanes_choice
-            self.plan.batch = min(self.plan.batch, self._batch_for(self.lanes_choice))
-        tuned = self.plan.label
-        self._setup_compile(self.plan, c, key)
-        if not cached:  # a cached plan keeps the points its search pinned
-            self._pin_trial_points(c, tuned)
-        if self.plan.layout != "channels_last" and not any(
-                p["layout"] == "channels_last" for p in self.plan.pinned):
-            self._cl_terms = None  # a trial's channels-last copies, not needed by the plan
-        self.plan.precision, self.plan.precision_note = self.precision, (
-            self._precision_fallback or precision_note(self.precision, self.device))
-        _remember(key, self.plan)
-
-    def _evaluate(self, c: Tensor) -> Tensor:
-        """Values ``(P, 2 + U)`` of the points ``c``; the plan is chosen on the first call.
-
-        Trials over all data evaluated some rows of the first call already: kept. Rows at
-        coordinates pinned to another plan (``plan.pinned``) are computed with that plan.
-
-        Returns:
-            The float64 ``(P, 2 + U)`` values (plus ``loss_se`` with a population), one row
-            per row of ``c`` in order: rows the plan trial computed are reused, the rest
-            are evaluated with the chosen plan. ``(0, width)`` for no points.
-        """
-        width = 2 + len(self.user_metrics) + bool(self.population)
-        if not c.shape[0]:
-            return torch.zeros(0, width, dtype=torch.float64)
-        if self.plan is None:
-            self._trial_values.clear()
-            try:
-                self._choose_plan(c)
-            except Exception as err:
-                if self._active not in AUTOCAST_DTYPES or _is_oom(err) or is_user_error(err):
-                    raise
-                self._precision_failed(err)
-                self._trial_values.clear()  # rows of the failed precision's trials
-                self._choose_plan(c)
-        kept, self._kept = self._kept, {}  # only the first call's rows
-        groups = self._pinned_groups(c, kept)
-        if not kept and not groups:
-            return self._run(self.plan, c)
-        out = torch.empty(c.shape[0], width, dtype=torch.float64, device=self.device)
-        for i, row in kept.items():
-            out[i] = row[0]
-        done = set(kept)
-        for plan, rows in groups:
-            out[rows] = self._run(plan, c[rows])
-            done.update(rows)
-        rest = [i for i in range(c.shape[0]) if i not in done]
-        if rest:
-            out[rest] = self._run(self.plan, c[rest])
-        return out
 
     def describe(self) -> dict:
         """The chosen plan and the timings of the trials, for status lines and benchmarks."""

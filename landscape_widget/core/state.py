@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .params import buffers_of, parameters_of
 
@@ -198,3 +198,15 @@ def check_no_renorm(model: torch.nn.Module) -> None:
                 "forward rescales rows of its weight in place, so the loss at a point is not a "
                 "function of the point and has no Hessian or gradient direction. Build it "
                 "without max_norm (renormalise the weight in the training step instead).")
+
+
+def set_flags(module: nn.Module, bn: str) -> None:
+    """Eval mode everywhere; with ``bn="batch"`` BatchNorm uses batch statistics."""
+    module.eval()
+    if bn == "batch":
+        for m in module.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.train()
+                # Without tracking, F.batch_norm gets no running buffers: batch statistics
+                # and no in-place update (which vmap could not batch anyway).
+                m.track_running_stats = False
