@@ -58,7 +58,8 @@ from .experiments.curves import (
     ShapeWarning,
     classify_curve,
 )
-from .experiments.mining import mine_direction, mine_plane, rayleigh_quotient
+from .experiments.mining import mine_direction, rayleigh_quotient
+from .experiments.mining_plane import mine_plane
 from .experiments.permute import permutation_direction
 from .experiments.runs import OptimizerRuns, compare_optimizers
 from .experiments.side import side_direction

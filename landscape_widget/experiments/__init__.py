@@ -27,7 +27,8 @@ from .masks import (
     ternary_mask,
     text_mask,
 )
-from .mining import mine_direction, mine_plane, rayleigh_quotient
+from .mining import mine_direction, rayleigh_quotient
+from .mining_plane import mine_plane
 from .mpo import fit_pattern, fresh_networks
 from .pattern_fit import PatternFit
 from .permute import permutation_direction

@@ -47,7 +47,8 @@ from ..core.data import sample_inputs
 from ..core.fingerprints import fingerprint
 from ..core.surface import Curve
 from ..experiments.curves import SHAPE_X, classify_curve
-from ..experiments.mining import DEFAULT_STEPS, mine_direction, mine_plane
+from ..experiments.mining import DEFAULT_STEPS, mine_direction
+from ..experiments.mining_plane import mine_plane
 from ..experiments.permute import PERMUTATION_X, permutation_direction
 from ..experiments.side import side_direction
 from .jobs import Context, Job, Labelled
