@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import h5py
 import numpy as np
+import pytest
+import torch
 from cases import mlp, mlp_data
 from oracle import naive_eval
 
@@ -49,3 +51,52 @@ def test_a_loss_only_curve_with_test_data_is_read_by_plot_1d(tmp_path):
     with h5py.File(tmp_path / "again.h5", "r") as f:
         assert sorted(k for k in f if not k.startswith("landscape_widget")) == [
             "test_acc", "test_loss", "train_acc", "train_loss", "xcoordinates"]
+
+
+def test_triangle_surface_refuses_options_it_would_ignore():
+    # triangle_surface(..., samples=10) computed on all data and compile=True ran eagerly,
+    # both without a word (options it does not know were left unread).
+    ms = [mlp(seed=s).eval() for s in (1, 2, 3)]
+    data = mlp_data()
+    for option, fix in (({"samples": 10}, "computed on all data"),
+                        ({"compile": True}, "evaluator_options"),
+                        ({"tile_point": 4}, "tile_points")):
+        with pytest.raises(TypeError, match=fix):
+            lw.triangle_surface(*ms, data, resolution=2, progress=False, **option)
+    tri = lw.triangle_surface(*ms, data, resolution=2, progress=False, tile_points=4,
+                              evaluator_options={"compile": False})
+    with torch.no_grad():
+        want = float(torch.nn.functional.cross_entropy(ms[0](data[0]), data[1]))
+    assert tri.loss_at_model(0) == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.parametrize(("option", "error"), [
+    ({"batch_size": -4}, ValueError), ({"batch_size": 0}, ValueError),
+    ({"batch_size": 2.5}, TypeError), ({"batch_size": True}, TypeError),
+    ({"memory_budget": -1}, ValueError), ({"memory_budget": float("nan")}, ValueError),
+    ({"memory_budget": "1GB"}, TypeError), ({"memory_budget": 0}, ValueError),
+])
+def test_size_options_are_checked_before_any_pass(option, error):
+    # batch_size=-4 stopped the first pass with "'int' object is not subscriptable",
+    # batch_size=0 meant automatic, 2.5 became 2, and a negative or NaN memory_budget
+    # gave one-sample passes, all without saying so.
+    model = mlp(seed=1).eval()
+    name = next(iter(option))
+    with pytest.raises(error, match=f"{name}.*positive") as info:
+        lw.compute_surface(model, mlp_data(), x=(-1, 1, 3), y=(-1, 1, 3), progress=False,
+                           evaluator_options=option)
+    assert "None" in str(info.value)  # the way back to the automatic choice
+
+
+def test_valid_size_options_still_compute_the_oracle_values():
+    model = mlp(seed=1).eval()
+    x, y = mlp_data()
+    d1, d2 = lw.random_directions(model, 2, seed=2)
+    s = lw.compute_surface(model, (x, y), directions=(d1, d2), x=(-1, 1, 3), y=(-1, 1, 3),
+                           progress=False, evaluator_options={
+                               "batch_size": np.int64(7), "memory_budget": 2e8})
+    assert "B=7" in s.spec["plan"]["label"]
+    xs = np.linspace(-1, 1, 3)
+    coords = np.array([(a, b) for b in xs for a in xs])
+    want = naive_eval(model, x, y, [d1, d2], coords)[0]
+    np.testing.assert_allclose(s.loss.ravel(), want, rtol=1e-5)
