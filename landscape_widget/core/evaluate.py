@@ -58,6 +58,7 @@ from .plans import (
     _is_oom,
     _remember,
     _stem_budget,
+    check_positive,
     copy_plan,
     is_user_error,
 )
@@ -198,6 +199,9 @@ class Evaluator(PointPasses, LossStats, PrecisionCheck, PlanTuner, CompiledForwa
             raise ValueError("strategy must be 'auto', 'vmap' or 'loop'.")
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError("loss_fn must be callable as loss_fn(outputs, targets).")
+        memory_budget = check_positive("memory_budget", memory_budget,
+                                       "a share of the free memory")
+        batch_size = check_positive("batch_size", batch_size, "the tuner chooses")
 
         home = model_device(model)
         self.device = torch.device(device) if device is not None else home

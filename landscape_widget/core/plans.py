@@ -14,6 +14,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -256,3 +257,35 @@ def _stem_budget(device: torch.device) -> int:
 def _default_budget(device: torch.device) -> int:
     """Bytes of activations one forward pass may use: a share of the free memory."""
     return int(free_memory(device) * ACTIVATION_SHARE.get(device.type, 0.25))
+
+
+def check_positive(name: str, value, auto: str):
+    """``value`` of a size option (``batch_size``, ``memory_budget``): ``None`` or > 0.
+
+    A negative batch size used to stop the first pass with "'int' object is not
+    subscriptable", ``0`` meant automatic, ``2.5`` was cut to 2 and a negative or NaN
+    budget gave one-sample passes: all silently or cryptically.
+
+    Args:
+        name: The option's name, for the message.
+        value: The value given.
+        auto: What ``None`` does, for the message.
+
+    Returns:
+        ``value`` (a numpy integer as an int).
+
+    Raises:
+        TypeError: If ``value`` is not an int (``memory_budget``: not a number).
+        ValueError: If it is not above 0 (or not finite).
+    """
+    if value is None:
+        return None
+    fix = f"pass a positive int, or {name}=None ({auto})"
+    whole = name != "memory_budget"  # a budget in bytes may be written 2e9
+    kinds = (int, np.integer) if whole else (int, float, np.integer, np.floating)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise TypeError(f"{name} must be {'an int' if whole else 'a number'}, got "
+                        f"{value!r}; {fix}.")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name}={value!r} is not a positive size; {fix}.")
+    return int(value) if whole else value
