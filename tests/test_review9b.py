@@ -100,3 +100,17 @@ def test_valid_size_options_still_compute_the_oracle_values():
     coords = np.array([(a, b) for b in xs for a in xs])
     want = naive_eval(model, x, y, [d1, d2], coords)[0]
     np.testing.assert_allclose(s.loss.ravel(), want, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("options", "names"), [
+    ([("strategy", "loop")], "must be a dict"),
+    ({"stratgy": "loop"}, r"unknown key\(s\) \['stratgy'\].*'strategy'"),
+    ({"loss_fn": None}, "loss_fn: pass as an argument of its own"),
+])
+def test_evaluator_options_name_a_wrong_key_and_the_keys_there_are(options, names):
+    # A list gave "cannot convert dictionary update sequence element #0 to a sequence", a
+    # misspelt key "Evaluator.__init__() got an unexpected keyword argument", and loss_fn
+    # "got multiple values for keyword argument": none named the option or the fix.
+    with pytest.raises(TypeError, match=names):
+        lw.compute_surface(mlp(seed=1).eval(), mlp_data(), x=(-1, 1, 3), y=(-1, 1, 3),
+                           progress=False, evaluator_options=options)

@@ -289,3 +289,39 @@ def check_positive(name: str, value, auto: str):
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name}={value!r} is not a positive size; {fix}.")
     return int(value) if whole else value
+
+
+ENGINE_OPTIONS = ("strategy", "memory_budget", "batch_size", "bn_batch_size", "stem",
+                  "stem_budget", "precision", "compile", "lanes")
+"""The keys of ``evaluator_options`` (the :class:`~.evaluate.Evaluator`'s keywords that
+:func:`grid_job` does not set itself); ``population``, ``subset`` and ``barycentric`` are
+set by the package's own callers."""
+_INTERNAL_OPTIONS = ("population", "subset", "barycentric")
+_OWN_ARGUMENTS = ("loss_fn", "metrics", "bn", "device", "output_fn")
+
+
+def engine_options(evaluator_options) -> dict:
+    """A copy of ``evaluator_options``, checked against :data:`ENGINE_OPTIONS`.
+
+    Returns:
+        ``dict(evaluator_options)`` (``{}`` for ``None``).
+
+    Raises:
+        TypeError: If it is not a dict, or names a key the engine does not take (a list
+            or a misspelt key reached the engine as "cannot convert dictionary update
+            sequence" or "Evaluator.__init__() got an unexpected keyword argument").
+    """
+    if evaluator_options is None:
+        return {}
+    if not isinstance(evaluator_options, dict):
+        raise TypeError(f"evaluator_options must be a dict of engine options such as "
+                        f"{{'strategy': 'loop'}}, got {type(evaluator_options).__name__}.")
+    unknown = sorted(map(str, set(evaluator_options) - set(ENGINE_OPTIONS + _INTERNAL_OPTIONS)))
+    if unknown:
+        own = [k for k in unknown if k in _OWN_ARGUMENTS]
+        raise TypeError(
+            f"evaluator_options has unknown key(s) {unknown}; the engine takes "
+            f"{list(ENGINE_OPTIONS)}" + (f" ({', '.join(own)}: pass as an argument of "
+                                         "its own, e.g. compute_surface(..., loss_fn=...))"
+                                         if own else "") + ".")
+    return dict(evaluator_options)
