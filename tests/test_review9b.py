@@ -114,3 +114,29 @@ def test_evaluator_options_name_a_wrong_key_and_the_keys_there_are(options, name
     with pytest.raises(TypeError, match=names):
         lw.compute_surface(mlp(seed=1).eval(), mlp_data(), x=(-1, 1, 3), y=(-1, 1, 3),
                            progress=False, evaluator_options=options)
+
+
+def test_precision_error_says_when_bf16_is_not_finite_where_fp32_is():
+    # A point whose bf16 loss overflowed (NaN) while its fp32 loss was finite gave
+    # |nan - x| = nan, which max() skipped unless it came first: precision_error read 0.0
+    # on a grid where bf16 had lost a point. fp16 on CUDA overflows at 65504, often.
+    model = torch.nn.Linear(1, 3, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0], [0.0], [0.0]]))
+    x, y = torch.ones(1, 1), torch.ones(1, dtype=torch.long)
+    # At a = 1 the first logit is 3.4e38: finite in float32, inf once rounded to bf16.
+    d = {"weight": torch.tensor([[3.4e38], [0.0], [0.0]])}
+    def curve(precision):
+        return lw.compute_curve(model, (x, y), direction=d, x=(-1, 1, 3), precision=precision,
+                                progress=False)
+
+    curves = {"fp32": curve("fp32")}
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        curves["bf16"] = curve("bf16")
+    with torch.no_grad():
+        want = [float(torch.nn.functional.cross_entropy(
+            torch.tensor([[1 + a * 3.4e38, 0.0, 0.0]]), y)) for a in (-1, 0, 1)]
+    np.testing.assert_allclose(curves["fp32"].loss, want, rtol=1e-6)
+    bf16 = curves["bf16"]
+    assert np.isnan(bf16.loss[2]) and np.isfinite(bf16.loss[:2]).all()
+    assert bf16.spec["precision_error"] == float("inf")
