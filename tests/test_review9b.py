@@ -140,3 +140,30 @@ def test_precision_error_says_when_bf16_is_not_finite_where_fp32_is():
     bf16 = curves["bf16"]
     assert np.isnan(bf16.loss[2]) and np.isfinite(bf16.loss[:2]).all()
     assert bf16.spec["precision_error"] == float("inf")
+
+
+def test_samples_of_a_drop_last_loader_are_drawn_from_the_samples_it_visits():
+    # The exact pass reads the loader, which drops its last partial batch (32 of 40
+    # samples), but the subset was drawn from all 40: samples=40 gave loss_se 0 ("exact")
+    # and values that differ from the exact surface.
+    from torch.utils.data import DataLoader, TensorDataset
+    model = mlp(seed=1).eval()
+    x, y = mlp_data()  # 40 samples
+    ds = TensorDataset(x, y)
+    loader = DataLoader(ds, batch_size=16, drop_last=True)  # visits the first 32
+    d1, d2 = lw.random_directions(model, 2, seed=2)
+    kw = dict(directions=(d1, d2), x=(-1, 1, 3), y=(-1, 1, 3), progress=False)
+    xs = np.linspace(-1, 1, 3)
+    coords = np.array([(a, b) for b in xs for a in xs])
+    exact = lw.compute_surface(model, loader, **kw)
+    np.testing.assert_allclose(exact.loss.ravel(),
+                               naive_eval(model, x[:32], y[:32], [d1, d2], coords)[0], rtol=1e-5)
+    every = lw.compute_surface(model, loader, samples=32, **kw)
+    assert every.spec["samples"]["of"] == 32
+    np.testing.assert_allclose(every.loss, exact.loss, rtol=1e-6)
+    assert (every.loss_se == 0).all()
+    with pytest.raises(ValueError, match="exceeds the 32 samples"):
+        lw.compute_surface(model, loader, samples=40, **kw)
+    shuffled = DataLoader(ds, batch_size=16, drop_last=True, shuffle=True)
+    with pytest.raises(lw.core.subset.SubsetError, match="drop_last=False"):
+        lw.compute_surface(model, shuffled, samples=20, **kw)
