@@ -167,3 +167,40 @@ def test_samples_of_a_drop_last_loader_are_drawn_from_the_samples_it_visits():
     shuffled = DataLoader(ds, batch_size=16, drop_last=True, shuffle=True)
     with pytest.raises(lw.core.subset.SubsetError, match="drop_last=False"):
         lw.compute_surface(model, shuffled, samples=20, **kw)
+
+
+class Float32Only(torch.nn.Module):
+    """Refuses bfloat16 activations, as a model with a float32-only custom op does."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = torch.nn.Linear(6, 8), torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        if h.dtype != torch.float32:
+            raise RuntimeError("float32 only")
+        return self.b(h)
+
+
+def test_the_widget_says_when_its_precision_fell_back_to_fp32():
+    # The engine computes in fp32 when the model fails under autocast; the widget's status
+    # line said nothing (the warning went to the worker thread's stderr) while its
+    # precision control still read bf16.
+    model = Float32Only().eval()
+    x, y = mlp_data()
+    w = lw.LandscapeWidget(model, (x[:, :6], y % 3), resolution=3, precision="bf16",
+                           autostart=False)
+    try:
+        with pytest.warns(RuntimeWarning, match="precision='bf16' failed"):
+            w.compute()
+            surface = w.wait(60)
+        assert surface.spec["precision"] == "fp32"
+        assert w.status["state"] == "done"
+        assert "bf16 failed (RuntimeError: float32 only): computed in fp32" in w.status["message"]
+        w.precision = "fp32"
+        w.wait(60)
+        assert w.status["state"] == "done" and "failed" not in w.status["message"]
+    finally:
+        w.close()
