@@ -231,3 +231,25 @@ def test_loss_se_is_honest_where_the_loss_varies_a_lot_between_samples(loss):
         s = lw.compute_surface(model, (x, y), samples=400, sample_seed=seed, **kw)
         covered = np.abs(s.loss - exact.loss) <= 3 * s.loss_se
         assert covered.mean() >= 0.99, (seed, covered.mean())
+
+
+def test_reuse_of_a_result_whose_precision_fell_back_says_what_to_pass():
+    # A bf16 call on a model that fails under autocast gives fp32 values (spec["precision"]
+    # == "fp32"); reusing that result in the same bf16 call again was refused as "computed
+    # with a different precision", naming neither the fallback nor the fix.
+    model = Float32Only().eval()
+    x, y = mlp_data()
+    data = (x[:, :6], y % 3)
+    kw = dict(directions=lw.random_directions(model, 2, seed=1), progress=False)
+    with pytest.warns(RuntimeWarning, match="failed"):
+        first = lw.compute_surface(model, data, x=(-1, 1, 3), y=(-1, 1, 3), precision="bf16",
+                                   **kw)
+    assert first.spec["precision"] == "fp32"
+    with pytest.raises(lw.ReuseMismatch, match=r"bf16 failed \(RuntimeError: float32 only\)"
+                       r".*pass precision='fp32' to reuse"):
+        lw.compute_surface(model, data, x=(-1, 1, 5), y=(-1, 1, 5), precision="bf16",
+                           reuse=first, **kw)
+    finer = lw.compute_surface(model, data, x=(-1, 1, 5), y=(-1, 1, 5), precision="fp32",
+                               reuse=first, **kw)
+    assert finer.spec["reused"] == 9
+    np.testing.assert_array_equal(finer.loss[::2, ::2], first.loss)
