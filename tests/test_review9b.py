@@ -253,3 +253,19 @@ def test_reuse_of_a_result_whose_precision_fell_back_says_what_to_pass():
                                reuse=first, **kw)
     assert finer.spec["reused"] == 9
     np.testing.assert_array_equal(finer.loss[::2, ::2], first.loss)
+
+
+def test_the_plan_report_of_an_executor_has_the_local_fields():
+    # spec["plan"]["label"] (the README's first example of the plan report) was a KeyError
+    # for a surface computed with executor=: its plan dict had no label.
+    from concurrent.futures import ThreadPoolExecutor
+    model = mlp(seed=1).eval()
+    kw = dict(x=(-1, 1, 3), y=(-1, 1, 3), progress=False, precision="bf16", samples=30)
+    local = lw.compute_surface(model, mlp_data(), **kw)
+    with ThreadPoolExecutor(1) as pool:
+        remote = lw.compute_surface(model, mlp_data(), executor=pool, **kw)
+    assert set(local.spec["plan"]) <= set(remote.spec["plan"])
+    plan = remote.spec["plan"]
+    assert plan["label"].startswith(f"{plan['strategy']}") and f"B={plan['batch']}" in plan["label"]
+    assert remote.spec["precision"] == "bf16" and remote.spec["samples"] == local.spec["samples"]
+    np.testing.assert_allclose(remote.loss_se, local.loss_se, rtol=1e-4)
