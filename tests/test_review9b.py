@@ -269,3 +269,23 @@ def test_the_plan_report_of_an_executor_has_the_local_fields():
     assert plan["label"].startswith(f"{plan['strategy']}") and f"B={plan['batch']}" in plan["label"]
     assert remote.spec["precision"] == "bf16" and remote.spec["samples"] == local.spec["samples"]
     np.testing.assert_allclose(remote.loss_se, local.loss_se, rtol=1e-4)
+
+
+def test_a_reused_bf16_grid_keeps_its_measured_precision_error():
+    # precision_error is measured on points this call evaluates; a bf16 grid reused whole
+    # (evaluated == 0) read None, the value of an exact fp32 grid, and a finer grid kept
+    # only the error of its new points.
+    model = mlp(seed=1).eval()
+    kw = dict(directions=lw.random_directions(model, 2, seed=2), precision="bf16",
+              progress=False)
+    first = lw.compute_surface(model, mlp_data(), x=(-1, 1, 3), y=(-1, 1, 3), **kw)
+    assert first.spec["precision_error"] > 0
+    again = lw.compute_surface(model, mlp_data(), x=(-1, 1, 3), y=(-1, 1, 3), reuse=first, **kw)
+    assert again.spec["evaluated"] == 0
+    assert again.spec["precision_error"] == first.spec["precision_error"]
+    finer = lw.compute_surface(model, mlp_data(), x=(-1, 1, 5), y=(-1, 1, 5), reuse=first, **kw)
+    assert finer.spec["reused"] == 9 and finer.spec["precision_error"] >= first.spec[
+        "precision_error"]
+    exact = lw.compute_surface(model, mlp_data(), x=(-1, 1, 3), y=(-1, 1, 3),
+                               directions=kw["directions"], progress=False)
+    assert exact.spec["precision_error"] is None

@@ -96,6 +96,7 @@ class GridJob:
         known: ``{metric: flat array}`` of the values not to compute (see ``known_mask``).
         known_mask: Flat mask of the points not to compute: reused from an earlier result,
             or outside the region (NaN there); ``None`` if every point is computed.
+        reused_error: The ``precision_error`` of the result the known points come from.
     """
 
     axes: list[np.ndarray]
@@ -104,6 +105,7 @@ class GridJob:
     runner: TileRunner
     known: dict[str, np.ndarray] = field(default_factory=dict)
     known_mask: np.ndarray | None = None
+    reused_error: float | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -366,6 +368,7 @@ def grid_job(model: nn.Module, data, *, axes: Sequence, directions=None,
             "data": runner.legacy_data_fingerprint,
         })
         job.known, job.known_mask = reused_points(values, reuse, runner.metrics)
+        job.reused_error = reuse.spec.get("precision_error")
     if region is not None:
         job.restrict(region)
     return job

@@ -64,13 +64,18 @@ class TileStream:
         """The grid as computed so far, as a :class:`Surface` or :class:`Curve`."""
         spec = dict(self.spec)
         plan = self.evaluator.describe()["plan"]
+        # The measured max |loss - fp32 loss| (see core/precision.py), of this call's points
+        # and of the reused ones' result: a grid reused whole had measured nothing here and
+        # read None, as an exact fp32 grid does.
+        errors = [(plan or {}).get("precision_error"),
+                  self._job.reused_error if self.reused else None]
+        errors = [e for e in errors if e is not None]
         spec.update(
             evaluated=self.evaluated,
             reused=self.reused,
             plan=plan,
-            # Compute precision and the measured max |loss - fp32 loss| (see core/precision.py).
             precision=(plan or {}).get("precision", getattr(self.evaluator, "precision", "fp32")),
-            precision_error=(plan or {}).get("precision_error"),
+            precision_error=max(errors) if errors else None,
         )
         keep = spec.pop("keep_directions", True)
         dirs = (
