@@ -289,3 +289,13 @@ def test_a_reused_bf16_grid_keeps_its_measured_precision_error():
     exact = lw.compute_surface(model, mlp_data(), x=(-1, 1, 3), y=(-1, 1, 3),
                                directions=kw["directions"], progress=False)
     assert exact.spec["precision_error"] is None
+
+
+@pytest.mark.parametrize(("tile_points", "error"), [
+    (0, ValueError), (-3, ValueError), (2.5, TypeError), ("a", TypeError), (True, TypeError)])
+def test_tile_points_is_checked(tile_points, error):
+    # tile_points=0 meant adaptive, 2.5 became 2, True one point, and "a" raised
+    # "invalid literal for int() with base 10".
+    with pytest.raises(error, match="tile_points"):
+        lw.compute_surface(mlp(seed=1).eval(), mlp_data(), x=(-1, 1, 3), y=(-1, 1, 3),
+                           progress=False, tile_points=tile_points)

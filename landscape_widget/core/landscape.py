@@ -15,6 +15,7 @@ from .errors import NoCountedTargets, ReuseMismatch
 from .evaluate import METRICS, LossFn, warn_nonfinite
 from .grid import Tile
 from .params import Params
+from .plans import check_positive
 from .subset import check_samples, no_counted_targets, resolve_seed, take_subset
 from .surface import Curve, Surface
 
@@ -37,7 +38,9 @@ class TileStream:
     def __init__(self, job: GridJob, tile_points: int | None,
                  cancel: threading.Event | None):
         self._job = job
-        self._tile_points = tile_points
+        # tile_points=0 meant adaptive, 2.5 became 2 and "a" raised int()'s own error.
+        self._tile_points = check_positive("tile_points", tile_points,
+                                           "adaptive, ~0.3 s per tile")
         self._cancel = cancel
         self.axes = job.axes
         self.shape = tuple(a.size for a in job.axes)

@@ -260,7 +260,7 @@ def _default_budget(device: torch.device) -> int:
 
 
 def check_positive(name: str, value, auto: str):
-    """``value`` of a size option (``batch_size``, ``memory_budget``): ``None`` or > 0.
+    """``value`` of a size option (batch_size, memory_budget, tile_points): None or > 0.
 
     A negative batch size used to stop the first pass with "'int' object is not
     subscriptable", ``0`` meant automatic, ``2.5`` was cut to 2 and a negative or NaN
