@@ -299,3 +299,21 @@ def test_tile_points_is_checked(tile_points, error):
     with pytest.raises(error, match="tile_points"):
         lw.compute_surface(mlp(seed=1).eval(), mlp_data(), x=(-1, 1, 3), y=(-1, 1, 3),
                            progress=False, tile_points=tile_points)
+
+
+def test_reusing_a_loss_landscape_file_on_a_subset_says_why_not(tmp_path):
+    # A loss-landscape file (exact values, no standard errors) reused by a samples= call was
+    # refused as "computed with a different set of metrics", which named neither cause.
+    model = mlp(seed=1).eval()
+    x, y = mlp_data()
+    d = lw.random_direction(model, seed=1)
+    c = lw.compute_curve(model, (x, y), direction=d, x=(-1, 1, 5), progress=False)
+    with h5py.File(tmp_path / "ll.h5", "w") as f:  # as plot_surface.py writes a 1D file
+        f["xcoordinates"], f["train_loss"], f["train_acc"] = c.x, c.loss, c.accuracy * 100
+    old = lw.Curve.load(tmp_path / "ll.h5")
+    with pytest.raises(lw.ReuseMismatch, match="all data.*drop samples="):
+        lw.compute_curve(model, (x, y), direction=d, x=(-1, 1, 9), progress=False, reuse=old,
+                         samples=39)
+    finer = lw.compute_curve(model, (x, y), direction=d, x=(-1, 1, 9), progress=False,
+                             reuse=old)
+    assert finer.spec["reused"] == 5

@@ -96,6 +96,11 @@ def check_reusable(spec: dict, reuse, metrics: Sequence[str],
     if "loss_fingerprint" in diff and "loss_fn" not in diff:
         diff[diff.index("loss_fingerprint")] = "loss (same name, other settings or code)"
     missing = [m for m in metrics if metric_values(reuse, m) is None]
+    if missing == ["loss_se"] and not diff:
+        # "a different set of metrics" said nothing of the subset: only samples= asks for it.
+        raise ReuseMismatch(
+            "reuse= holds values computed on all data (no standard errors), and this call "
+            "computes on a samples= subset; drop samples= to reuse them, or drop reuse=.")
     if diff or missing:
         raise ReuseMismatch(
             f"reuse= was computed with a different {', '.join(diff) or 'set of metrics'}; "
