@@ -317,3 +317,17 @@ def test_reusing_a_loss_landscape_file_on_a_subset_says_why_not(tmp_path):
     finer = lw.compute_curve(model, (x, y), direction=d, x=(-1, 1, 9), progress=False,
                              reuse=old)
     assert finer.spec["reused"] == 5
+
+
+def test_the_test_pass_records_its_own_precision_error():
+    # test_loss at bf16 came with no measured error: spec["precision_error"] is the
+    # training pass's, and spec["test"] had none.
+    model = mlp(seed=1).eval()
+    x, y = mlp_data()
+    kw = dict(direction=lw.random_direction(model, seed=1), x=(-1, 1, 5), progress=False,
+              test_data=(x[:20] * 2, y[:20]))
+    c = lw.compute_curve(model, (x, y), precision="bf16", **kw)
+    exact = lw.compute_curve(model, (x, y), **kw)
+    err = c.spec["test"]["precision_error"]
+    assert 0 < err < 0.05 and err <= np.nanmax(np.abs(c.test_loss - exact.test_loss)) + 1e-6
+    assert exact.spec["test"]["precision_error"] is None

@@ -460,5 +460,6 @@ def _test_pass(result, model, test_data, directions, reuse, progress, kw) -> Non
     stream = iter_tiles(model, test_data, directions=directions, reuse=old, **kw)
     test = _run(stream, progress, "test")
     result.test_loss, result.test_accuracy = test.loss, test.accuracy
+    # With the test pass's own measured precision_error (the result's is the training pass's).
     result.spec["test"] = {k: test.spec[k] for k in ("data", "n_samples", "evaluated",
-                                                      "reused", "samples")}
+                                                      "reused", "samples", "precision_error")}
