@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -307,13 +308,13 @@ def engine_options(evaluator_options) -> dict:
         ``dict(evaluator_options)`` (``{}`` for ``None``).
 
     Raises:
-        TypeError: If it is not a dict, or names a key the engine does not take (a list
+        TypeError: If it is not a mapping, or names a key the engine does not take (a list
             or a misspelt key reached the engine as "cannot convert dictionary update
             sequence" or "Evaluator.__init__() got an unexpected keyword argument").
     """
     if evaluator_options is None:
         return {}
-    if not isinstance(evaluator_options, dict):
+    if not isinstance(evaluator_options, Mapping):
         raise TypeError(f"evaluator_options must be a dict of engine options such as "
                         f"{{'strategy': 'loop'}}, got {type(evaluator_options).__name__}.")
     unknown = sorted(map(str, set(evaluator_options) - set(ENGINE_OPTIONS + _INTERNAL_OPTIONS)))
