@@ -331,3 +331,14 @@ def test_the_test_pass_records_its_own_precision_error():
     err = c.spec["test"]["precision_error"]
     assert 0 < err < 0.05 and err <= np.nanmax(np.abs(c.test_loss - exact.test_loss)) + 1e-6
     assert exact.spec["test"]["precision_error"] is None
+
+
+def test_an_unbatched_dataloader_is_refused_with_the_fix():
+    # DataLoader(batch_size=None) yields single samples; collecting them stopped with
+    # "zero-dimensional tensor (at position 0) cannot be concatenated".
+    from torch.utils.data import DataLoader, TensorDataset
+    x, y = mlp_data()
+    loader = DataLoader(TensorDataset(x, y), batch_size=None)
+    with pytest.raises(ValueError, match="batch_size=None.*Give it a batch_size"):
+        lw.compute_surface(mlp(seed=1).eval(), loader, x=(-1, 1, 3), y=(-1, 1, 3),
+                           progress=False)
