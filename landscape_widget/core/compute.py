@@ -29,7 +29,7 @@ from .fingerprints import fingerprint, legacy_fingerprint
 from .grid import MAX_GRID_POINTS, Tile, axis_range, axis_values, cut_tiles
 from .heap import hold_heap
 from .params import Params, check_direction
-from .plans import Plan
+from .plans import Plan, engine_options
 from .reuse import check_reusable, loss_name, reused_points, what_is_computed
 from .state import bn_batch_size_for
 
@@ -96,6 +96,7 @@ class GridJob:
         known: ``{metric: flat array}`` of the values not to compute (see ``known_mask``).
         known_mask: Flat mask of the points not to compute: reused from an earlier result,
             or outside the region (NaN there); ``None`` if every point is computed.
+        reused_error: The ``precision_error`` of the result the known points come from.
     """
 
     axes: list[np.ndarray]
@@ -104,6 +105,7 @@ class GridJob:
     runner: TileRunner
     known: dict[str, np.ndarray] = field(default_factory=dict)
     known_mask: np.ndarray | None = None
+    reused_error: float | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -285,7 +287,8 @@ def grid_job(model: nn.Module, data, *, axes: Sequence, directions=None,
 
     Raises:
         TypeError: If the model, an axis, the directions or points, or an option has the
-            wrong type, or ``bn_batch_size`` is given twice.
+            wrong type, ``evaluator_options`` names an unknown key, or ``bn_batch_size`` is
+            given twice.
         ValueError: If the grid has more than ``MAX_GRID_POINTS`` points, an axis or the
             region is invalid, or ``reuse`` was computed otherwise.
     """
@@ -298,7 +301,7 @@ def grid_job(model: nn.Module, data, *, axes: Sequence, directions=None,
         raise ValueError(f"The grid has {total} points, above the cap of {MAX_GRID_POINTS}.")
     if isinstance(metrics, str):
         metrics = (metrics,)
-    options = dict(evaluator_options or {})
+    options = engine_options(evaluator_options)
     if points is not None:
         if directions is not None:
             raise TypeError("Give directions or points (the vertices of a barycentric grid), "
@@ -365,6 +368,7 @@ def grid_job(model: nn.Module, data, *, axes: Sequence, directions=None,
             "data": runner.legacy_data_fingerprint,
         })
         job.known, job.known_mask = reused_points(values, reuse, runner.metrics)
+        job.reused_error = reuse.spec.get("precision_error")
     if region is not None:
         job.restrict(region)
     return job

@@ -70,6 +70,11 @@ def _collect(loader: DataLoader, where: str) -> tuple[Tensor, Tensor]:
     xs, ys = [], []
     for batch in loader:
         x, y = _as_pair(batch, where)
+        if loader.batch_size is None and y.dim() == 0:
+            # torch.cat stopped with "zero-dimensional tensor ... cannot be concatenated".
+            raise ValueError(f"{where} has batch_size=None: it yields its dataset's samples "
+                             "one by one, unbatched. Give it a batch_size (e.g. 256), or pass "
+                             "the Dataset itself.")
         xs.append(x)
         ys.append(y)
     if not xs:

@@ -209,7 +209,9 @@ class ExecutorRunner:
 
     def describe(self) -> dict:
         """The plan of the latest tile, as :meth:`Evaluator.describe` reports it."""
-        plan = None if self.plan is None else vars(copy_plan(self.plan))
+        # With its label, as the local engine's: spec["plan"]["label"] was a KeyError here.
+        plan = None if self.plan is None else dict(vars(copy_plan(self.plan)),
+                                                   label=self.plan.label)
         return {"device": self.device, "plan": plan,
                 "trials": [], "rejected": [], "executor": self.backend.kind}
 

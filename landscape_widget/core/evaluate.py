@@ -58,6 +58,7 @@ from .plans import (
     Plan,
     _default_budget,
     _stem_budget,
+    check_positive,
     copy_plan,
 )
 from .precision import (
@@ -195,6 +196,9 @@ class Evaluator(PointPasses, PlanChoice, LossStats, PrecisionCheck, PlanTuner,
             raise ValueError("strategy must be 'auto', 'vmap' or 'loop'.")
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError("loss_fn must be callable as loss_fn(outputs, targets).")
+        memory_budget = check_positive("memory_budget", memory_budget,
+                                       "a share of the free memory")
+        batch_size = check_positive("batch_size", batch_size, "the tuner chooses")
 
         home = model_device(model)
         self.device = torch.device(device) if device is not None else home

@@ -41,6 +41,9 @@ KEYS = {"loss": "train_loss", "accuracy": "train_acc", "test_loss": "test_loss",
         # which loss-landscape's scripts do not read (and so do not mind).
         "loss_se": "train_loss_se"}
 PERCENT = ("accuracy", "test_accuracy")
+# (loss, accuracy) pairs whose accuracy dataset plot_1D.py reads along with the loss: an
+# all-"not computed" accuracy is written where only the loss was computed.
+STAND_INS = (("loss", "accuracy"), ("test_loss", "test_accuracy"))
 COORDS = ("xcoordinates", "ycoordinates")
 
 
@@ -197,11 +200,15 @@ def write_grid(path: str | Path, x: np.ndarray, y: np.ndarray | None, arrays: di
             arr[np.isnan(arr)] = missing
             f[KEYS[name]] = arr
             f[KEYS[name]].attrs[OURS + "missing"] = missing
-        if "loss" in arrays and arrays.get("accuracy") is None and "train_acc" not in extra:
-            # plot_1D.py (and plot_surface.py resuming a file) read train_acc with train_loss:
-            # a loss-only grid gets one that says "not computed" everywhere.
-            f["train_acc"] = np.full(shape, missing)
-            f["train_acc"].attrs[OURS + "not_computed"] = True
+        kept = extra.get("datasets", {})
+        for loss, acc in STAND_INS:
+            # plot_1D.py (and plot_surface.py resuming a file) read train_acc with train_loss,
+            # and test_acc whenever there is a test_loss: a loss-only grid gets accuracies
+            # that say "not computed" everywhere.
+            needed = "loss" in arrays if loss == "loss" else arrays.get(loss) is not None
+            if needed and arrays.get(acc) is None and KEYS[acc] not in kept:
+                f[KEYS[acc]] = np.full(shape, missing)
+                f[KEYS[acc]].attrs[OURS + "not_computed"] = True
         f.attrs[OURS + "format"] = FORMAT_VERSION
         f.attrs[OURS + "spec"] = json.dumps(spec, default=str)
         f.attrs[OURS + "acc_units"] = "percent"
@@ -280,9 +287,10 @@ def read_grid(path: str | Path, fields: tuple[str, ...]) -> dict:
                          for k, v in _get_all(f[METRICS_GROUP]).items()}
                         if METRICS_GROUP in f else {})
         known = set(COORDS) | {KEYS[n] for n in fields} | {DIRECTIONS_GROUP, METRICS_GROUP}
-        if "accuracy" in fields and "train_acc" in f and f["train_acc"].attrs.get(
-                OURS + "not_computed"):  # our "not computed" stand-in: written anew by save
-            known.add("train_acc")
+        for _, acc in STAND_INS:
+            if acc in fields and KEYS[acc] in f and f[KEYS[acc]].attrs.get(
+                    OURS + "not_computed"):  # our "not computed" stand-in: written anew by save
+                known.add(KEYS[acc])
         extra = {
             "datasets": _read_node({k: v for k, v in f.items() if k not in known}),
             "attrs": {k: v for k, v in f.attrs.items() if not k.startswith(OURS)},

@@ -15,6 +15,7 @@ from .errors import NoCountedTargets, ReuseMismatch
 from .evaluate import METRICS, LossFn, warn_nonfinite
 from .grid import Tile
 from .params import Params
+from .plans import check_positive
 from .subset import check_samples, no_counted_targets, resolve_seed, take_subset
 from .surface import Curve, Surface
 
@@ -37,7 +38,9 @@ class TileStream:
     def __init__(self, job: GridJob, tile_points: int | None,
                  cancel: threading.Event | None):
         self._job = job
-        self._tile_points = tile_points
+        # tile_points=0 meant adaptive, 2.5 became 2 and "a" raised int()'s own error.
+        self._tile_points = check_positive("tile_points", tile_points,
+                                           "adaptive, ~0.3 s per tile")
         self._cancel = cancel
         self.axes = job.axes
         self.shape = tuple(a.size for a in job.axes)
@@ -64,13 +67,18 @@ class TileStream:
         """The grid as computed so far, as a :class:`Surface` or :class:`Curve`."""
         spec = dict(self.spec)
         plan = self.evaluator.describe()["plan"]
+        # The measured max |loss - fp32 loss| (see core/precision.py), of this call's points
+        # and of the reused ones' result: a grid reused whole had measured nothing here and
+        # read None, as an exact fp32 grid does.
+        errors = [(plan or {}).get("precision_error"),
+                  self._job.reused_error if self.reused else None]
+        errors = [e for e in errors if e is not None]
         spec.update(
             evaluated=self.evaluated,
             reused=self.reused,
             plan=plan,
-            # Compute precision and the measured max |loss - fp32 loss| (see core/precision.py).
             precision=(plan or {}).get("precision", getattr(self.evaluator, "precision", "fp32")),
-            precision_error=(plan or {}).get("precision_error"),
+            precision_error=max(errors) if errors else None,
         )
         keep = spec.pop("keep_directions", True)
         dirs = (
@@ -452,5 +460,6 @@ def _test_pass(result, model, test_data, directions, reuse, progress, kw) -> Non
     stream = iter_tiles(model, test_data, directions=directions, reuse=old, **kw)
     test = _run(stream, progress, "test")
     result.test_loss, result.test_accuracy = test.loss, test.accuracy
+    # With the test pass's own measured precision_error (the result's is the training pass's).
     result.spec["test"] = {k: test.spec[k] for k in ("data", "n_samples", "evaluated",
-                                                      "reused", "samples")}
+                                                      "reused", "samples", "precision_error")}

@@ -12,8 +12,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -256,3 +258,71 @@ def _stem_budget(device: torch.device) -> int:
 def _default_budget(device: torch.device) -> int:
     """Bytes of activations one forward pass may use: a share of the free memory."""
     return int(free_memory(device) * ACTIVATION_SHARE.get(device.type, 0.25))
+
+
+def check_positive(name: str, value, auto: str):
+    """``value`` of a size option (batch_size, memory_budget, tile_points): None or > 0.
+
+    A negative batch size used to stop the first pass with "'int' object is not
+    subscriptable", ``0`` meant automatic, ``2.5`` was cut to 2 and a negative or NaN
+    budget gave one-sample passes: all silently or cryptically.
+
+    Args:
+        name: The option's name, for the message.
+        value: The value given.
+        auto: What ``None`` does, for the message.
+
+    Returns:
+        ``value`` (a numpy integer as an int).
+
+    Raises:
+        TypeError: If ``value`` is not an int (``memory_budget``: not a number).
+        ValueError: If it is not above 0 (or not finite).
+    """
+    if value is None:
+        return None
+    fix = f"pass a positive int, or {name}=None ({auto})"
+    whole = name != "memory_budget"  # a budget in bytes may be written 2e9
+    kinds = (int, np.integer) if whole else (int, float, np.integer, np.floating)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise TypeError(f"{name} must be {'an int' if whole else 'a number'}, got "
+                        f"{value!r}; {fix}.")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name}={value!r} is not a positive size; {fix}.")
+    return int(value) if whole else value
+
+
+ENGINE_OPTIONS = ("strategy", "memory_budget", "batch_size", "bn_batch_size", "stem",
+                  "stem_budget", "precision", "compile", "lanes")
+"""The keys of ``evaluator_options`` (the :class:`~.evaluate.Evaluator`'s keywords that
+:func:`grid_job` does not set itself); ``population``, ``subset`` and ``barycentric`` are
+set by the package's own callers."""
+_INTERNAL_OPTIONS = ("population", "subset", "barycentric")
+_OWN_ARGUMENTS = ("loss_fn", "metrics", "bn", "device", "output_fn")
+
+
+def engine_options(evaluator_options) -> dict:
+    """A copy of ``evaluator_options``, checked against :data:`ENGINE_OPTIONS`.
+
+    Returns:
+        ``dict(evaluator_options)`` (``{}`` for ``None``).
+
+    Raises:
+        TypeError: If it is not a mapping, or names a key the engine does not take (a list
+            or a misspelt key reached the engine as "cannot convert dictionary update
+            sequence" or "Evaluator.__init__() got an unexpected keyword argument").
+    """
+    if evaluator_options is None:
+        return {}
+    if not isinstance(evaluator_options, Mapping):
+        raise TypeError(f"evaluator_options must be a dict of engine options such as "
+                        f"{{'strategy': 'loop'}}, got {type(evaluator_options).__name__}.")
+    unknown = sorted(map(str, set(evaluator_options) - set(ENGINE_OPTIONS + _INTERNAL_OPTIONS)))
+    if unknown:
+        own = [k for k in unknown if k in _OWN_ARGUMENTS]
+        raise TypeError(
+            f"evaluator_options has unknown key(s) {unknown}; the engine takes "
+            f"{list(ENGINE_OPTIONS)}" + (f" ({', '.join(own)}: pass as an argument of "
+                                         "its own, e.g. compute_surface(..., loss_fn=...))"
+                                         if own else "") + ".")
+    return dict(evaluator_options)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import threading
 import warnings
 from collections.abc import Iterator
@@ -289,5 +290,25 @@ class PrecisionCheck:
                 self._active = self.precision
         for i, r in enumerate(rows):
             self._error_pairs.append((float(values[r, 0]), float(exact[i, 0])))
-        diffs = [abs(a - b) for a, b in self._error_pairs]
+        diffs = [loss_gap(a, b) for a, b in self._error_pairs]
         self.plan.precision_error = float(max(diffs)) if diffs else None
+
+
+def loss_gap(loss: float, fp32: float) -> float:
+    """``|loss - fp32|`` of one checked point, for ``precision_error``.
+
+    A point finite in one precision and not in the other (a bf16/fp16 overflow where fp32
+    is finite) is ``inf``: as ``abs(nan - x)`` it was NaN, which ``max`` skips unless it
+    comes first, so such a grid reported a precision_error of 0. Points not finite in
+    either precision (the model diverges there) agree.
+
+    Returns:
+        The gap, ``0.0`` or ``inf`` for non-finite values.
+
+    Example:
+        >>> loss_gap(1.0, 1.5), loss_gap(float("nan"), 3e38), loss_gap(float("inf"), float("nan"))
+        (0.5, inf, 0.0)
+    """
+    if math.isfinite(loss) and math.isfinite(fp32):
+        return abs(loss - fp32)
+    return 0.0 if math.isfinite(loss) == math.isfinite(fp32) else math.inf

@@ -96,11 +96,34 @@ def check_reusable(spec: dict, reuse, metrics: Sequence[str],
     if "loss_fingerprint" in diff and "loss_fn" not in diff:
         diff[diff.index("loss_fingerprint")] = "loss (same name, other settings or code)"
     missing = [m for m in metrics if metric_values(reuse, m) is None]
+    if missing == ["loss_se"] and not diff:
+        # "a different set of metrics" said nothing of the subset: only samples= asks for it.
+        raise ReuseMismatch(
+            "reuse= holds values computed on all data (no standard errors), and this call "
+            "computes on a samples= subset; drop samples= to reuse them, or drop reuse=.")
     if diff or missing:
         raise ReuseMismatch(
             f"reuse= was computed with a different {', '.join(diff) or 'set of metrics'}; "
             "only a result of the same model, directions, data, loss and bn mode can be reused."
+            + (_precision_hint(reuse.spec, spec) if "precision" in diff else "")
         )
+
+
+def _precision_hint(old: dict, new: dict) -> str:
+    """What precision ``reuse=`` holds, and how to reuse it (for the mismatch message).
+
+    A result whose precision fell back to fp32 (the model failed under autocast) records
+    fp32: reusing it in a second call at the precision asked for was refused as computed
+    with "a different precision", with nothing on why or what to pass.
+
+    Returns:
+        `` It holds ... values; ...`` naming the fallback if there was one, and the fix.
+    """
+    have, want = old.get("precision", "fp32"), new.get("precision", "fp32")
+    note = (old.get("plan") or {}).get("precision_note") or ""
+    why = f" ({note})" if note.startswith(f"{want} failed") else ""
+    return (f" It holds {have} values{why}, this call computes {want}: pass "
+            f"precision={have!r} to reuse them, or compute without reuse=.")
 
 
 def _legacy_match(recorded, legacy: Callable[[], str] | None) -> bool:

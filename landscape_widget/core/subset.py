@@ -107,12 +107,26 @@ def _loader_dataset(loader: DataLoader) -> Dataset:
     # The population is what the loader visits (its sampler), not its whole dataset: a
     # SubsetRandomSampler over a train split must not let the subset draw validation samples.
     sampler = loader.sampler
+    dataset = None
     if isinstance(sampler, SequentialSampler) or (
             isinstance(sampler, RandomSampler) and not sampler.replacement
             and sampler.num_samples == len(loader.dataset)):  # type: ignore[arg-type]
-        return loader.dataset
-    if isinstance(sampler, SubsetRandomSampler):
-        return Subset(loader.dataset, sorted(int(i) for i in sampler.indices))
+        dataset = loader.dataset
+    elif isinstance(sampler, SubsetRandomSampler):
+        dataset = Subset(loader.dataset, sorted(int(i) for i in sampler.indices))
+    if dataset is not None and loader.drop_last and len(dataset) % loader.batch_size:
+        # The exact pass reads the loader, which drops its last partial batch: the subset
+        # must be drawn from the samples it keeps (it was drawn from all, so samples=N of
+        # all N gave a standard error of 0 and other values than the exact surface).
+        if not isinstance(sampler, SequentialSampler):
+            raise SubsetError(
+                "samples= cannot tell which samples this DataLoader visits: it shuffles "
+                "and drops its last partial batch (drop_last=True), a different one each "
+                "pass. Pass drop_last=False, or the Dataset, or leave samples=None.")
+        kept = len(dataset) // loader.batch_size * loader.batch_size
+        dataset = Subset(dataset, range(kept))
+    if dataset is not None:
+        return dataset
     raise SubsetError(
         f"samples= cannot tell which samples this DataLoader visits: its sampler is a "
         f"{type(sampler).__name__} (with replacement, weighted or custom). Pass the samples "

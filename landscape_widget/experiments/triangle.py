@@ -93,6 +93,10 @@ def lattice(resolution: int, margin: float) -> np.ndarray:
     return np.arange(lo, hi + 1) / resolution
 
 
+STREAM_OPTIONS = frozenset({"tile_points", "cancel", "evaluator_options", "executor"})
+"""The engine options :func:`triangle_stream` (and so :func:`triangle_surface`) takes."""
+
+
 def triangle_stream(models: Sequence[nn.Module], data, *, resolution: int = 20,
                     margin: float = 0.2, loss_fn: LossFn | None = None,
                     metrics: Sequence[str] = METRICS, bn: str = "eval", device=None,
@@ -110,8 +114,19 @@ def triangle_stream(models: Sequence[nn.Module], data, *, resolution: int = 20,
     Raises:
         ValueError: If there are not three models of one architecture (see
             :func:`triangle_surface` for the other checks).
-        TypeError: If ``precision`` is also in ``evaluator_options``.
+        TypeError: If ``precision`` is also in ``evaluator_options``, or an option is not
+            one of :data:`STREAM_OPTIONS`.
     """
+    unknown = sorted(set(options) - STREAM_OPTIONS)
+    if unknown:
+        # Left unread they were ignored: samples=1000 computed on all data, compile=True
+        # eagerly, and a misspelt option did nothing, all without a word.
+        hint = {"samples": "samples=: the plane is always computed on all data",
+                "sample_seed": "sample_seed=: the plane is always computed on all data",
+                "compile": "pass compile= in evaluator_options={'compile': ...}"}
+        why = "; ".join(hint[k] for k in unknown if k in hint)
+        raise TypeError(f"triangle_surface got unexpected option(s) {unknown}; it takes "
+                        f"{sorted(STREAM_OPTIONS)}" + (f" ({why})." if why else "."))
     evaluator_options = options.pop("evaluator_options", None)
     if precision is not None:  # also accepted among evaluator_options, as by iter_tiles
         if "precision" in (evaluator_options or {}):
@@ -324,6 +339,11 @@ def triangle_surface(m1: nn.Module, m2: nn.Module, m3: nn.Module, data, *,
 
     Returns:
         A :class:`TriangleSurface`; ``tri.loss_at_model(i)`` is the value at vertex ``i``.
+
+    Raises:
+        TypeError: For an option not listed above (``samples=``: the plane is computed on
+            all data; ``compile=`` goes in ``evaluator_options``), or ``precision`` given
+            twice.
 
     Example:
         >>> import torch

@@ -181,6 +181,24 @@ def _samples_note(spec, result) -> str:
             "samples, so all of them were used (exact)")
 
 
+def _precision_note(spec, result) -> str:
+    """Why the grid was computed at another precision than the control's (else ``""``).
+
+    A model that fails under autocast is computed in fp32 (core/precision.py): only a
+    warning in the worker thread said so, while the control still read bf16.
+
+    Returns:
+        The plan's note on the fallback (it names the error), or ``""``.
+    """
+    got = result.spec.get("precision", spec.precision)
+    if got == spec.precision:
+        return ""
+    # The plan's note reads "bf16 failed (RuntimeError: ...): computed in fp32".
+    note = (result.spec.get("plan") or {}).get("precision_note") or ""
+    return note if note.startswith(f"{spec.precision} failed") else (
+        f"{spec.precision} failed on this model: computed in {got}")
+
+
 def run_grid(ctx: Context, job: Job, dirs: list) -> tuple[Surface | Curve, bool]:
     """Stream ``job.spec``'s grid to the front end; ``(result, complete)`` at the end.
 
@@ -238,7 +256,7 @@ def run_grid(ctx: Context, job: Job, dirs: list) -> tuple[Surface | Curve, bool]
                                       stream.reused - models.outside(info),
                                       ev.nonfinite_points, summary))
     # A curve-shape direction that fell short says so (see .shapes).
-    notes = [getattr(dirs, "note", ""), _samples_note(spec, result)]
+    notes = [getattr(dirs, "note", ""), _samples_note(spec, result), _precision_note(spec, result)]
     notes += [f"no {k}: {why}" for k, why in dropped.items()]
     if ev.nonfinite_points:
         notes.insert(0, f"{ev.nonfinite_points} point(s) gave a non-finite loss")
