@@ -7,6 +7,7 @@ imported: their reading steps (commit 64ef4d5) are re-done here with h5py.
 
 from __future__ import annotations
 
+import cases
 import h5py
 import numpy as np
 import pytest
@@ -342,3 +343,28 @@ def test_an_unbatched_dataloader_is_refused_with_the_fix():
     with pytest.raises(ValueError, match="batch_size=None.*Give it a batch_size"):
         lw.compute_surface(mlp(seed=1).eval(), loader, x=(-1, 1, 3), y=(-1, 1, 3),
                            progress=False)
+
+
+# --- follow-ups of review 9b's "not fixed" list (lead) -------------------------------------
+def test_a_grid_reused_whole_describes_that_no_plan_ran():
+    """spec["plan"] of a grid whose every point came from reuse= was None (a TypeError on
+    spec["plan"]["label"]); it now says no point was computed, and why."""
+    model = cases.mlp()
+    data = cases.mlp_data()
+    d1, d2 = (cases.gaussian_direction(model, s) for s in (1, 2))
+    kw = dict(directions=(d1, d2), x=(-1, 1, 3), y=(-1, 1, 3), progress=False)
+    first = lw.compute_surface(model, data, **kw)
+    again = lw.compute_surface(model, data, reuse=first, **kw)
+    assert again.spec["evaluated"] == 0 and again.spec["reused"] == 9
+    assert again.spec["plan"]["label"] == "none"
+    assert "all 9 came from reuse=" in again.spec["plan"]["reason"]
+    np.testing.assert_array_equal(again.loss, first.loss)
+
+
+@pytest.mark.parametrize("bad", [1, 0, "yes"])
+def test_compile_takes_bools_and_auto_only(bad):
+    """compile=1 and compile=0 were taken as True and False (``1 in (True, False)``)."""
+    model = cases.mlp()
+    with pytest.raises(ValueError, match="choose True, False or 'auto'"):
+        lw.compute_surface(model, cases.mlp_data(), x=(-1, 1, 2), y=(-1, 1, 2),
+                           compile=bad, progress=False)

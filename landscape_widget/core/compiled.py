@@ -21,6 +21,7 @@ import math
 import time
 import warnings
 
+import numpy as np
 import torch
 from torch.func import functional_call
 
@@ -37,14 +38,24 @@ def check_compile(compile) -> bool | str:
     """``compile`` if valid.
 
     Returns:
-        ``compile`` unchanged.
+        ``"auto"``, or ``compile`` as a Python bool.
+
+    Example:
+        >>> check_compile(np.True_), check_compile("auto")
+        (True, 'auto')
+        >>> check_compile(1)
+        Traceback (most recent call last):
+        ...
+        ValueError: compile=1 is not supported; choose True, False or 'auto'.
 
     Raises:
-        ValueError: Unless it is True, False or "auto".
+        ValueError: Unless it is a bool (numpy's too) or "auto".
     """
-    if compile not in (True, False, "auto"):
-        raise ValueError(f"compile={compile!r} is not supported; choose True, False or 'auto'.")
-    return compile
+    if isinstance(compile, str) and compile == "auto":
+        return compile
+    if isinstance(compile, (bool, np.bool_)):  # not 1 or 0, which `in (True, False)` took
+        return bool(compile)
+    raise ValueError(f"compile={compile!r} is not supported; choose True, False or 'auto'.")
 
 
 class CompiledForward:

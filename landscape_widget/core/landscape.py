@@ -67,6 +67,10 @@ class TileStream:
         """The grid as computed so far, as a :class:`Surface` or :class:`Curve`."""
         spec = dict(self.spec)
         plan = self.evaluator.describe()["plan"]
+        if plan is None:  # no point computed here: say so where a plan would be described
+            why = (f"no point computed: all {self.reused} came from reuse=" if self.reused
+                   else "no point computed (stopped before the first tile)")
+            plan = {"label": "none", "strategy": None, "reason": why}
         # The measured max |loss - fp32 loss| (see core/precision.py), of this call's points
         # and of the reused ones' result: a grid reused whole had measured nothing here and
         # read None, as an exact fp32 grid does.
