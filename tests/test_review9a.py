@@ -51,3 +51,37 @@ def test_a_float64_parameter_registered_first_does_not_set_the_input_dtype(strat
     s, ref = _surface(model, x, y, evaluator_options={"strategy": strategy})
     np.testing.assert_allclose(s.loss, ref, rtol=1e-5)
     assert_same_snapshot(before, snapshot(model))
+
+
+class ScalesInput(nn.Module):
+    """A forward that scales its input in place before the first layer."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        torch.manual_seed(0)
+        self.how = how
+        self.fc, self.head = nn.Linear(6, 8), nn.Linear(8, 3)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        if self.how == "mul_":
+            x.mul_(2)
+        elif self.how == "setitem":
+            x[:, 0] = 0
+        else:
+            x = self.act(x)
+        return self.head(torch.tanh(self.fc(x)))
+
+
+@pytest.mark.parametrize("how", ["mul_", "setitem", "relu_inplace"])
+@pytest.mark.parametrize("strategy", ["vmap", "loop"])
+def test_a_forward_changing_its_input_in_place_is_refused_and_the_data_kept(how, strategy):
+    # It changed the user's data tensor and every pass saw the data as the passes before
+    # had left it: the loss of the 3x3 grid was off by up to 100 % (x.mul_(2)).
+    model, (x, y) = ScalesInput(how), _data()
+    data, before = x.clone(), snapshot(model)
+    with pytest.raises(ValueError, match="changes its input in place.*out of place"):
+        lw.compute_surface(model, (x, y), x=(-1, 1, 3), y=(-1, 1, 3), progress=False,
+                           evaluator_options={"strategy": strategy})
+    assert torch.equal(x, data)
+    assert_same_snapshot(before, snapshot(model))
