@@ -6,6 +6,8 @@ tests/oracle.py, or a full snapshot of the user's model and data (tests/snapshot
 
 from __future__ import annotations
 
+import types
+
 import numpy as np
 import pytest
 import torch
@@ -84,4 +86,41 @@ def test_a_forward_changing_its_input_in_place_is_refused_and_the_data_kept(how,
         lw.compute_surface(model, (x, y), x=(-1, 1, 3), y=(-1, 1, 3), progress=False,
                            evaluator_options={"strategy": strategy})
     assert torch.equal(x, data)
+    assert_same_snapshot(before, snapshot(model))
+
+
+def _clamped_later_data():
+    # The first 8 samples (the set-up's probe, which the stem's safety net compares with)
+    # stay inside the clamp below; later ones do not.
+    x, y = _data(32)
+    return torch.cat([x[:8] * 0.05, x[8:]]), y
+
+
+def _root_hooked(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    if kind == "pre_hook":
+        model.register_forward_pre_hook(lambda mod, inp: (inp[0].clamp(-0.3, 0.3),))
+    elif kind == "hook":  # the logits of the first samples stay within 0.45 at theta
+        model.register_forward_hook(lambda mod, inp, out: out.clamp(-0.45, 0.45))
+    else:
+        plain = nn.Sequential.forward
+        model.forward = types.MethodType(lambda self, x: plain(self, x.clamp(-0.3, 0.3)), model)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["pre_hook", "hook", "instance_forward"])
+@pytest.mark.parametrize("options", [{"strategy": "loop", "lanes": 1},
+                                     {"strategy": "loop", "stem": True},
+                                     {"strategy": "vmap", "stem": True}])
+def test_the_models_own_hooks_and_forward_keep_the_linear_stem_out(kind, options):
+    # torch.fx traces the class's forward of the model, not its call: the stem's split had
+    # no root hooks nor an instance's forward, and its check at theta on the first 8
+    # samples passed. Its points were off by up to 5e-4 relative (also a losing stem
+    # trial's, kept in the result).
+    model, (x, y) = _root_hooked(kind), _clamped_later_data()
+    before = snapshot(model)
+    s, ref = _surface(model, x, y, evaluator_options=options)
+    np.testing.assert_allclose(s.loss, ref, rtol=1e-5)
+    assert not s.spec["plan"]["stem"]
     assert_same_snapshot(before, snapshot(model))

@@ -182,6 +182,14 @@ def split_stem(module: nn.Module, class_major_head: bool = False) -> Stem | None
     Returns:
         The :class:`Stem`, or ``None`` if the split is not safe.
     """
+    if not rewrite.stock(module, type(module)):
+        # torch.fx traces the class's forward of the model, not its call: the model's own
+        # forward hooks and pre-hooks, and a forward set on the instance, are not in the
+        # trace. The safety net below compares the split at theta on the first samples
+        # only, so a pre-hook clamping inputs that first reach the clamp in later samples
+        # or away from theta passed it, and the stem's points (kept trial points too,
+        # whichever plan won) were computed without the hook.
+        return None
     try:
         gm = symbolic_trace(module)
     except Exception:  # noqa: BLE001 - untraceable models just run without a stem
