@@ -6,6 +6,7 @@ tests/oracle.py, or a full snapshot of the user's model and data (tests/snapshot
 
 from __future__ import annotations
 
+import copy
 import types
 
 import numpy as np
@@ -123,4 +124,28 @@ def test_the_models_own_hooks_and_forward_keep_the_linear_stem_out(kind, options
     s, ref = _surface(model, x, y, evaluator_options=options)
     np.testing.assert_allclose(s.loss, ref, rtol=1e-5)
     assert not s.spec["plan"]["stem"]
+    assert_same_snapshot(before, snapshot(model))
+
+
+def test_hessian_of_a_model_with_a_float64_parameter_first_matches_torch():
+    # The Hessian operator cast the inputs to the first moved parameter's dtype too (the
+    # float64 scalar): every product failed, reported as a layer that cannot be
+    # differentiated twice.
+    model, (x, y) = Temperature(), _data()
+    twin = copy.deepcopy(model).double()  # the oracle: torch's own Hessian in float64
+    flat = torch.cat([p.detach().reshape(-1) for p in twin.parameters()])
+
+    def loss(v):
+        params, at = {}, 0
+        for k, p in twin.named_parameters():
+            params[k] = v[at : at + p.numel()].view_as(p)
+            at += p.numel()
+        out = torch.func.functional_call(twin, params, (x.double(),))
+        return nn.functional.cross_entropy(out, y)
+
+    hess = torch.autograd.functional.hessian(loss, flat)
+    top = torch.linalg.eigvalsh(hess)[-1].item()
+    before = snapshot(model)
+    got = lw.hessian_eigenpairs(model, (x, y), k=1, ignore=None)
+    assert got.values[0] == pytest.approx(top, rel=1e-3)
     assert_same_snapshot(before, snapshot(model))
