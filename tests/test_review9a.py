@@ -149,3 +149,15 @@ def test_hessian_of_a_model_with_a_float64_parameter_first_matches_torch():
     got = lw.hessian_eigenpairs(model, (x, y), k=1, ignore=None)
     assert got.values[0] == pytest.approx(top, rel=1e-3)
     assert_same_snapshot(before, snapshot(model))
+
+
+def test_bf16_on_a_float64_model_says_it_computed_in_float64():
+    # torch.autocast casts no float64 tensor: the values are float64's (the oracle's to
+    # 1e-12), but the plan's note claimed a forward under bf16 autocast.
+    torch.manual_seed(0)
+    model, (x, y) = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)).double(), _data()
+    s, ref = _surface(model, x.double(), y, precision="bf16")
+    np.testing.assert_allclose(s.loss, ref, rtol=1e-12)
+    assert s.spec["precision_error"] < 1e-12
+    assert "no effect on a float64 model" in s.spec["plan"]["precision_note"]
+    assert "computed in float64" in s.spec["plan"]["precision_note"]

@@ -423,7 +423,7 @@ class Evaluator(PointPasses, LossStats, PrecisionCheck, PlanTuner, CompiledForwa
                 p["layout"] == "channels_last" for p in self.plan.pinned):
             self._cl_terms = None  # a trial's channels-last copies, not needed by the plan
         self.plan.precision, self.plan.precision_note = self.precision, (
-            self._precision_fallback or precision_note(self.precision, self.device))
+            self._precision_fallback or precision_note(self.precision, self.device, self.dtype))
         _remember(key, self.plan)
 
     def _evaluate(self, c: Tensor) -> Tensor:
