@@ -99,9 +99,14 @@ class BufferState:
             self._flats.append((flat, flat.clone()))
         params = parameters_of(self.module)
         self._versions = {k: self.base[k]._version for k in params}
+        # Generators the copy's modules hold (noise drawn with generator=self.g) are state
+        # a pass changes too: put back like the buffers. Left to advance, every point drew
+        # other noise and a repeated call gave other values (0.06 apart on a 3x3 grid).
+        self._generators = [(g, g.get_state()) for m in self.module.modules()
+                            for g in vars(m).values() if isinstance(g, torch.Generator)]
 
     def _reset_state(self) -> None:
-        """Put back every buffer (a counter, QAT observers, what a hook wrote).
+        """Put back every buffer (a counter, QAT observers, what a hook wrote) and generator.
 
         Every pass then starts from the user's state, whatever the order of the points.
 
@@ -116,6 +121,8 @@ class BufferState:
                 if self.base[k]._version != version:
                     self.base[k] = pristine.clone()
                     self._sparse[k] = (pristine, self.base[k]._version)
+            for g, state in self._generators:
+                g.set_state(state)
         self._check_parameters()
 
     def _check_parameters(self) -> None:
