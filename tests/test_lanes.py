@@ -33,7 +33,7 @@ from test_rng import _data as _noisy_data
 from torch import nn
 
 import landscape_widget as lw
-from landscape_widget.core import plans
+from landscape_widget.core import plans, tuning
 from landscape_widget.core.evaluate import Evaluator
 from landscape_widget.core.lane_pool import check_lanes
 from landscape_widget.core.plans import Plan
@@ -152,7 +152,11 @@ def test_thread_counts_are_as_they_were():
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_auto_times_lanes_on_real_points_when_there_are_threads(threads):
+def test_auto_times_lanes_on_real_points_when_there_are_threads(threads, monkeypatch):
+    # An allowance no warm-up reaches: whether lanes are timed must not depend on how
+    # loaded the machine is (2 x a slow first pass outran the 0.02 s floor: failed 1 run
+    # in 2 beside other tests).
+    monkeypatch.setattr(tuning, "TUNING_FLOOR", 60.0)
     model, (x, y) = bn_res_cnn(), cnn_data()
     d1, d2 = gaussian_direction(model, 1, 0.3), gaussian_direction(model, 2, 0.3)
     old = torch.get_num_threads()

@@ -50,6 +50,7 @@ from .params import (
     evaluation_copy,
     model_device,
     parameters_of,
+    weights_dtype,
 )
 from .passes import PointPasses
 from .plan_choice import PlanChoice
@@ -243,9 +244,11 @@ class Evaluator(PointPasses, PlanChoice, LossStats, PrecisionCheck, PlanTuner,
         self.module = self._prepare_module(model, bn)
         # The copy's own tensors: nothing a forward writes to them reaches the user's model.
         base = parameters_of(self.module)
+        # The weights' dtype, not the first tensor's (see weights_dtype): inputs are cast to it.
+        self.dtype = weights_dtype(base)
         base.update(buffers_of(self.module))
         self.base: Params = {k: v.to(self.device) for k, v in base.items()}
-        self.dtype = next(iter(base.values())).dtype
+        self.dtype = self.dtype or next(iter(base.values())).dtype
         self._state_versions()
 
         for i, d in enumerate(directions):

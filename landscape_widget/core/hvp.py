@@ -37,6 +37,7 @@ from .params import (
     model_device,
     parameters_of,
     plain_modes,
+    weights_dtype,
 )
 from .rng import batch_draws
 from .state import BN_BATCH_SIZE, check_no_renorm, check_running_stats
@@ -150,8 +151,8 @@ class HessianOperator:
         x, y = as_tensors(data)
         if x.shape[0] == 0:
             raise ValueError("data is empty.")
-        if torch.is_floating_point(x):
-            x = x.to(self.dtype)
+        if torch.is_floating_point(x):  # the weights' dtype, not the first moved one's
+            x = x.to(weights_dtype(params) or self.dtype)
         self.x, self.y = x.to(self.device), y.to(self.device)
         self.n = int(x.shape[0])
         if loss_fn is None:

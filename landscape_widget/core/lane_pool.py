@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .params import Params
+from .state import plain_attributes, restore_attributes
 
 # The process's lane threads (lane 0 is always the calling thread): kept between calls, so
 # that their OpenMP teams, oneDNN scratchpads and heap arenas stay warm (a fresh thread per
@@ -117,12 +118,15 @@ class Lane:
         self.buffers: Params = {
             k: self.flats[i][0][pos : pos + math.prod(shape)].view(shape)
             for k, (i, pos, shape) in (slots or {}).items()}
+        # The copies' own plain attributes, put back as the evaluator's (core/state.py).
+        self.attributes = plain_attributes(module) + plain_attributes(suffix)
         self.row: tuple | None = None  # the point build's kept row sum (PointPasses._point)
         self.stem_buf: Tensor | None = None  # the stem inputs' buffer (StemTerms)
 
     def reset(self) -> None:
-        """Put the lane's buffers back to the user's values (after every pass)."""
+        """Put the lane's buffers and attributes back to the user's (after every pass)."""
         with torch.no_grad():
             for flat, pristine in self.flats:
                 flat.copy_(pristine)
+        restore_attributes(self.attributes)
 

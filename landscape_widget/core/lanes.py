@@ -106,6 +106,8 @@ class PointLanes:
                     f"{lanes} lanes")
         if self._sparse:
             return "a sparse buffer cannot be given to each lane"
+        if self._generators:  # draws the probe of the global generator does not see
+            return "the model holds a torch.Generator, whose draws lanes cannot seed per point"
         return ""
 
     def _lanes_for(self, count: int) -> list[Lane]:

@@ -60,6 +60,26 @@ def buffers_of(model: nn.Module) -> Params:
     return {name: b.detach() for name, b in model.named_buffers() if b is not None}
 
 
+def weights_dtype(params: Params) -> torch.dtype | None:
+    """The floating dtype that holds most of the weights' elements, the model's dtype.
+
+    The first parameter's dtype is not it: a float64 temperature registered before float32
+    layers made the engine cast the inputs to float64, and the first layer failed.
+
+    Returns:
+        That dtype, or ``None`` if no entry of ``params`` is floating-point.
+
+    Example:
+        >>> weights_dtype({"t": torch.ones((), dtype=torch.float64), "w": torch.ones(3, 2)})
+        torch.float32
+    """
+    elements: dict[torch.dtype, int] = {}
+    for v in params.values():
+        if v.is_floating_point():
+            elements[v.dtype] = elements.get(v.dtype, 0) + v.numel()
+    return max(elements, key=elements.__getitem__) if elements else None
+
+
 def model_device(model: nn.Module) -> torch.device:
     """The single device holding the model's parameters and buffers.
 

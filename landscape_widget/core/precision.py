@@ -231,8 +231,9 @@ def cpu_has_bf16(cpuinfo: str | None = None) -> bool | None:
     return any(f in flags for f in BF16_CPU_FLAGS)
 
 
-def precision_note(precision: str, device: torch.device) -> str:
-    """What ``precision`` means on ``device``, for ``spec["plan"]``.
+def precision_note(precision: str, device: torch.device,
+                   dtype: torch.dtype | None = None) -> str:
+    """What ``precision`` means on ``device`` for a model of ``dtype``, for ``spec["plan"]``.
 
     Returns:
         One line; for bf16 on a CPU it also says whether the CPU has bf16 instructions
@@ -240,6 +241,11 @@ def precision_note(precision: str, device: torch.device) -> str:
     """
     if precision == "tf32" and device.type != "cuda":
         return "tf32 has no effect on a CPU: computed in fp32"
+    if precision in AUTOCAST_DTYPES and dtype == torch.float64:
+        # torch.autocast casts no float64 tensor: the note claimed a bf16 forward for a
+        # model computed in float64 (its precision_error was 2e-16).
+        return (f"{precision} has no effect on a float64 model (torch.autocast leaves "
+                "float64 tensors as they are): computed in float64")
     if precision == "fp32":
         return "true fp32 (TF32 off for matmuls, convolutions and RNNs while computing)"
     if precision == "tf32":

@@ -15,6 +15,28 @@ from torch import Tensor, nn
 
 from .params import buffers_of, parameters_of
 
+# The module attributes put back after every pass (see BufferState._state_versions).
+PLAIN_ATTRIBUTES = (bool, int, float, str, type(None), Tensor)
+
+
+def plain_attributes(module: torch.nn.Module | None) -> list[tuple[dict, str, object]]:
+    """``(module's __dict__, name, value)`` of every attribute of a :data:`PLAIN_ATTRIBUTES` type.
+
+    Returns:
+        One entry per such attribute of ``module`` and its submodules (none for ``None``).
+    """
+    if module is None:
+        return []
+    return [(vars(m), k, v) for m in module.modules() for k, v in vars(m).items()
+            if isinstance(v, PLAIN_ATTRIBUTES)]
+
+
+def restore_attributes(attributes: list[tuple[dict, str, object]]) -> None:
+    """Put back every attribute of :func:`plain_attributes` that is another object now."""
+    for attrs, k, v in attributes:
+        if attrs.get(k) is not v:
+            attrs[k] = v
+
 BN_BATCH_SIZE = 128
 """Default samples per BatchNorm batch with ``bn="batch"`` (see :func:`bn_batch_size_for`)."""
 
@@ -99,11 +121,22 @@ class BufferState:
             self._flats.append((flat, flat.clone()))
         params = parameters_of(self.module)
         self._versions = {k: self.base[k]._version for k in params}
+        # Generators the copy's modules hold (noise drawn with generator=self.g) are state
+        # a pass changes too: put back like the buffers. Left to advance, every point drew
+        # other noise and a repeated call gave other values (0.06 apart on a 3x3 grid).
+        self._generators = [(g, g.get_state()) for m in self.module.modules()
+                            for g in vars(m).values() if isinstance(g, torch.Generator)]
+        # Plain attributes a forward reassigns (self.calls += 1, self.state = ...) too: a
+        # counter the forward used gave every point another value (0.26 apart on a 3x3
+        # grid) and a repeated call others. Numbers, strings, None and tensors, by identity
+        # (a container changed in place, or an attribute a pass adds, is not put back).
+        self._attributes = plain_attributes(self.module)
 
     def _reset_state(self) -> None:
-        """Put back every buffer (a counter, QAT observers, what a hook wrote).
+        """Put back every buffer, generator and plain attribute (see :meth:`_state_versions`).
 
-        Every pass then starts from the user's state, whatever the order of the points.
+        Buffers: a counter, QAT observers, what a hook wrote. Every pass then starts from the
+        user's state, whatever the order of the points.
 
         Raises:
             RuntimeError: If the forward wrote into a parameter in place (its value at
@@ -116,6 +149,9 @@ class BufferState:
                 if self.base[k]._version != version:
                     self.base[k] = pristine.clone()
                     self._sparse[k] = (pristine, self.base[k]._version)
+            for g, state in self._generators:
+                g.set_state(state)
+            restore_attributes(self._attributes)
         self._check_parameters()
 
     def _check_parameters(self) -> None:

@@ -171,6 +171,20 @@ def release(gm: fx.GraphModule) -> None:
         delattr(gm, name)
 
 
+def _quiet(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm``, whose errors raise without torch.fx printing their traceback to stderr.
+
+    The engine catches its trials' errors (a vmap pass the suffix cannot run: the loop
+    then computes it); the printed traceback sat above a correct surface. Each graph
+    module has a class of its own, and a recompile keeps this.
+
+    Returns:
+        ``gm`` itself.
+    """
+    type(gm)._wrapped_call = staticmethod(nn.Module.__call__)
+    return gm
+
+
 def split_stem(module: nn.Module, class_major_head: bool = False) -> Stem | None:
     """Split ``module`` at its first linear layer.
 
@@ -182,6 +196,11 @@ def split_stem(module: nn.Module, class_major_head: bool = False) -> Stem | None
     Returns:
         The :class:`Stem`, or ``None`` if the split is not safe.
     """
+    if not rewrite.stock(module, type(module)):
+        # torch.fx traces the class's forward, not the call: the model's own hooks and an
+        # instance's forward are not in the trace, and the safety net (theta, 8 samples)
+        # missed a pre-hook clamping later samples' inputs.
+        return None
     try:
         gm = symbolic_trace(module)
     except Exception:  # noqa: BLE001 - untraceable models just run without a stem
@@ -231,7 +250,7 @@ def _split(module: nn.Module, gm: fx.GraphModule, class_major_head: bool) -> Ste
     for n in [placeholders[0], *chain]:
         env[n] = prefix_graph.node_copy(n, lambda a: env[a])
     prefix_graph.output(env[node])
-    prefix = fx.GraphModule(gm, prefix_graph)
+    prefix = _quiet(fx.GraphModule(gm, prefix_graph))
 
     suffix_graph = fx.Graph()
     env = {}
@@ -241,7 +260,7 @@ def _split(module: nn.Module, gm: fx.GraphModule, class_major_head: bool) -> Ste
             env[n] = suffix_graph.placeholder("stem_out")
         elif n not in dropped:
             env[n] = suffix_graph.node_copy(n, lambda a: env[a])
-    suffix = fx.GraphModule(gm, suffix_graph)
+    suffix = _quiet(fx.GraphModule(gm, suffix_graph))
     # Every pass gives the suffix a new stem output (StemTerms._stem_input), so a ReLU on it
     # may work in place; see core/rewrite.py.
     rewrite.optimise(suffix, fresh_inputs=("stem_out",), class_major_head=class_major_head)
