@@ -20,6 +20,7 @@ from .core.distributed import local_gpu_executor
 from .core.errors import (
     AccuracyUndefined,
     Cancelled,
+    InputChanged,
     IsolationError,
     NoCountedTargets,
     ReuseMismatch,
@@ -73,6 +74,7 @@ __all__ = [
     # typed errors (catch by class)
     "AccuracyUndefined",
     "Cancelled",
+    "InputChanged",
     "IsolationError",
     "NoCountedTargets",
     "ReuseMismatch",

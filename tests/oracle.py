@@ -86,7 +86,7 @@ def naive_eval(
         loss = correct = 0.0
         with torch.no_grad():
             for s in range(0, len(xd), step):
-                out = ref(xd[s : s + step])
+                out = ref(xd[s : s + step].clone())  # a forward may write to its input
                 loss += float(loss_fn(out, y[s : s + step])) * len(out)
                 correct += float((out.argmax(-1) == y[s : s + step]).double().sum())
         losses.append(loss / len(xd))

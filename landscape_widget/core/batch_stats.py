@@ -73,7 +73,6 @@ class LossStats:
         Messages show the data's shapes (``n`` samples), not those of the probe.
 
         Raises:
-            ValueError: If the forward changes its input in place (see :meth:`_probe`).
             ValueError: If ``loss_fn`` fails on the outputs, changes them in place, or does
                 not return a scalar tensor; if the default loss gets real-valued targets
                 outside ``[0, 1]``; if a user loss is not a batch mean
@@ -152,8 +151,8 @@ class LossStats:
             The outputs, as the model returns them (the same object on later calls while
             ``_probed`` holds them).
 
-        Raises:
-            ValueError: If the forward changed its input in place.
+        Also sets ``input_writes``: whether the forward changed its input in place (then
+        every pass gets a copy of its batch, see :meth:`~.passes.PointPasses._pass`).
         """
         if getattr(self, "_probed", None) is not None and self._probed_rows == m:
             return self._probed
@@ -168,10 +167,10 @@ class LossStats:
         leaves = [mod for mod in self.module.modules() if not list(mod.children())]
         handles = [mod.register_forward_hook(hook) for mod in leaves]
         # The probe runs on a copy of the first samples (a few KB): a forward that changes
-        # its input in place (x.mul_(2), x[:, 0] = 0) is refused below before it has
-        # touched the data, which on a CPU are the user's own tensor. Left to run, it
-        # changed the user's data and every pass saw the input as the passes before had
-        # left it: the loss depended on the order of the points (off by 100 % after two).
+        # its input in place (x.mul_(2), x[:, 0] = 0) is found here before it has touched
+        # the data, which on a CPU are the user's own tensor. Given the data, it changed
+        # the user's tensor and every pass saw the input as the passes before had left it:
+        # the loss depended on the order of the points (off by 100 % after two).
         with torch.inference_mode(False):  # a normal tensor: it has a version counter
             x = self.x[:m].clone()
         version = x._version
@@ -188,13 +187,7 @@ class LossStats:
             self._exit()
             for h in handles:
                 h.remove()
-        if x._version != version:
-            raise ValueError(
-                "The model's forward changes its input in place (an in-place operation such "
-                "as x.mul_(2), x += 1, x[:, 0] = 0 or nn.ReLU(inplace=True) on the input): "
-                "it would change your data, and every point would see the data as the points "
-                "before it left them. Compute out of place into a new variable in forward, "
-                "e.g. x = x * 2 instead of x.mul_(2), or x = x.clone() first.")
+        self.input_writes = x._version != version
         self.act_bytes = max(int(total / m), 4 * int(self.x[:1].numel()), 64)
         self._probed, self._probed_rows = out, m
         return out

@@ -15,8 +15,8 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["AccuracyUndefined", "Cancelled", "IsolationError", "NoCountedTargets",
-           "ReuseMismatch"]
+__all__ = ["AccuracyUndefined", "Cancelled", "InputChanged", "IsolationError",
+           "NoCountedTargets", "ReuseMismatch"]
 
 
 class Cancelled(RuntimeError):
@@ -45,6 +45,17 @@ class IsolationError(TypeError):
 
     Raised before any work; the message names the attribute that refuses to be copied (e.g.
     ``model.body.guard (lock)``) and how to make the model copyable.
+    """
+
+
+class InputChanged(ValueError):
+    """The model's forward changed its input in place on samples the set-up did not check.
+
+    The set-up runs the forward on a copy of the first samples; a forward that writes to
+    its input there gets a copy of every batch. One that writes only to later samples (a
+    data-dependent branch) has changed the data by the time this is raised: the message
+    says so and how to compute out of place. Never taken for a failure of a plan (the
+    engine does not fall back on it).
     """
 
 

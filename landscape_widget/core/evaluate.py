@@ -291,8 +291,10 @@ class Evaluator(PointPasses, PlanChoice, LossStats, PrecisionCheck, PlanTuner,
         if stem not in ("auto", True, False):
             raise ValueError("stem must be 'auto', True or False.")
         # (Outputs other than one Tensor go without: its safety net compares tensors.)
+        # (Nor a forward writing to its input: the stem's first-layer inputs are computed
+        # once from the data, the writes would be lost.)
         self.stem = (split_stem(self.module, class_major_head=self._batched_ce)
-                     if stem and self._tensor_out else None)
+                     if stem and self._tensor_out and not self.input_writes else None)
         if self.stem is not None:
             # Its graph modules are reference cycles: freed with the evaluator, not whenever
             # Python's cyclic collector runs (see core/stem.py, release).

@@ -240,7 +240,10 @@ class HessianOperator:
         # Random draws in forward are seeded by the batch, as the surfaces' (core/rng.py):
         # every product differentiates the same function, the caller's RNG is untouched.
         with batch_draws(self.device, start):
-            out = functional_call(self.module, {**self.fixed, **params}, (x,))
+            # A copy of the batch: a forward that writes to its input (x.mul_(2)) would
+            # change the user's data (on a CPU, self.x is their tensor) and every later
+            # product would see it changed. One copy per batch, small beside the products.
+            out = functional_call(self.module, {**self.fixed, **params}, (x.clone(),))
         return self.loss_fn(out, y)
 
     def matvec(self, v: Tensor) -> Tensor:

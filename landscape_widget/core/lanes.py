@@ -254,7 +254,8 @@ class PointLanes:
         spy = DrawSpy()
         try:
             with torch.no_grad(), batch_draws(self.device, 0), spy:
-                functional_call(self.module, dict(self.base), (self.x[: min(self.n, 2)],))
+                functional_call(self.module, dict(self.base),
+                                (self.x[: min(self.n, 2)].clone(),))  # see input_writes
         except Exception:  # noqa: BLE001 - e.g. a model needing its full batch
             pass
         finally:

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 from torch.func import functional_call
 
+from .errors import InputChanged
 from .lanes import PointLanes
 from .params import Params
 from .plans import ROW_SHARE, Plan, _is_oom, free_memory, is_user_error, shrink_after_oom
@@ -170,25 +171,63 @@ class PointPasses(PointLanes):
                     inputs, in_dim = self._stem_input(coef2d, start, stop, plan.layout), 0
                 else:
                     inputs, in_dim = self._inputs(plan.layout)[start:stop], None
-                if plan.strategy == "vmap":
-                    in_dims = ({k: (0 if k in self.keys else None) for k in params}, in_dim)
-                    if self._batched_ce:
-                        fn = functools.partial(self._outputs, plan=plan)
-                        out = torch.vmap(fn, in_dims=in_dims, randomness="same")(params, inputs)
-                        return self._batched_stats(out, y, start)
-                    w = self._denominators(plan.batch)[0][start // plan.batch]
-
-                    def stats(p, i):
-                        return self._stats(self._outputs(p, i, plan), y, w)
-
-                    return torch.vmap(stats, in_dims=in_dims, randomness="same")(params, inputs)
-                out = self._outputs(params, inputs[0] if plan.stem else inputs, plan)
-                if self._batched_ce:
-                    return self._batched_stats(out.unsqueeze(0), y, start)
-                w = self._denominators(plan.batch)[0][start // plan.batch]
-                return self._stats(out, y, w).unsqueeze(0)
+                    if self.input_writes:  # the forward writes to its input (set-up's probe)
+                        inputs = inputs.clone()
+                    else:
+                        return self._checked_pass(plan, params, inputs, y, start)
+                return self._forward_stats(plan, params, inputs, in_dim, y, start)
             finally:
                 self._end_pass()  # every pass starts from the user's buffers
+
+    def _checked_pass(self, plan: Plan, params: Params, inputs: Tensor, y: Tensor,
+                      start: int) -> Tensor:
+        """:meth:`_forward_stats` on the data itself, refusing a forward that wrote to it.
+
+        The set-up's probe finds a forward that writes to its input on the first samples;
+        one that writes only to later ones (a data-dependent branch) is caught here, after
+        the fact: the data has changed by then, so this is an error, not a fallback.
+
+        Returns:
+            What :meth:`_forward_stats` returns.
+
+        Raises:
+            InputChanged: (a ``ValueError``) If the forward changed its input in place.
+        """
+        version = _version(inputs)
+        out = self._forward_stats(plan, params, inputs, None, y, start)
+        if version is not None and _version(inputs) != version:
+            raise InputChanged(
+                "The model's forward changed its input in place on samples "
+                f"{start}-{start + inputs.shape[0] - 1} (not on the first ones, which the "
+                "engine checks on a copy and then hands every pass a copy of its batch): "
+                "your data tensor was changed. Compute out of place in forward (x = x * 2, "
+                "not x.mul_(2); or x = x.clone() first), rebuild the data and call again.")
+        return out
+
+    def _forward_stats(self, plan: Plan, params: Params, inputs: Tensor, in_dim: int | None,
+                       y: Tensor, start: int) -> Tensor:
+        """The model on ``inputs`` at ``params`` (one point, or K under vmap): the sums.
+
+        Returns:
+            The float64 ``(K, S)`` sums of :meth:`_stats` (see :meth:`_pass`).
+        """
+        if plan.strategy == "vmap":
+            in_dims = ({k: (0 if k in self.keys else None) for k in params}, in_dim)
+            if self._batched_ce:
+                fn = functools.partial(self._outputs, plan=plan)
+                out = torch.vmap(fn, in_dims=in_dims, randomness="same")(params, inputs)
+                return self._batched_stats(out, y, start)
+            w = self._denominators(plan.batch)[0][start // plan.batch]
+
+            def stats(p, i):
+                return self._stats(self._outputs(p, i, plan), y, w)
+
+            return torch.vmap(stats, in_dims=in_dims, randomness="same")(params, inputs)
+        out = self._outputs(params, inputs[0] if plan.stem else inputs, plan)
+        if self._batched_ce:
+            return self._batched_stats(out.unsqueeze(0), y, start)
+        w = self._denominators(plan.batch)[0][start // plan.batch]
+        return self._stats(out, y, w).unsqueeze(0)
 
     def _run_chunk(self, plan: Plan, coeffs: Tensor) -> Tensor:
         """Values of the points ``coeffs`` (K <= plan.points) over all data.
@@ -234,3 +273,23 @@ class PointPasses(PointLanes):
                 continue
             pos += chunk.shape[0]
         return torch.cat(values)
+
+
+def _version(t: Tensor) -> int | None:
+    """``t``'s version counter (bumped by every in-place write), ``None`` if it has none.
+
+    Returns:
+        The counter, or ``None`` for an inference tensor.
+
+    Example:
+        >>> t = torch.zeros(2); v = _version(t); _ = t.add_(1)
+        >>> _version(t) - v
+        1
+        >>> with torch.inference_mode():
+        ...     _version(torch.zeros(2)) is None
+        True
+    """
+    try:
+        return t._version
+    except RuntimeError:  # an inference tensor: no counter (and writes to it raise anyway)
+        return None

@@ -118,7 +118,8 @@ class _Objective:
         p = {**self.buffers, **self.theta}
         for k, s in shift.items():
             p[k] = p[k] + s.to(p[k].device, p[k].dtype)
-        return self.loss_fn(functional_call(self.module, p, (x,)), y)
+        # A copy of the batch: a forward writing to its input would change the user's data.
+        return self.loss_fn(functional_call(self.module, p, (x.clone(),)), y)
 
     def full_loss(self, shift: Params, chunk: int = 2048) -> Tensor:
         """Mean loss over all data (the engine's weighting); differentiable in ``shift``."""

@@ -112,9 +112,9 @@ def _verify(model: nn.Module, d: Params, inputs: Tensor) -> None:
     try:
         module.eval()
         with torch.no_grad():
-            before = [t for t in tree_leaves(functional_call(module, state, (inputs,)))
+            before = [t for t in tree_leaves(functional_call(module, state, (inputs.clone(),)))
                       if isinstance(t, Tensor) and t.is_floating_point()]
-            after = [t for t in tree_leaves(functional_call(module, end, (inputs,)))
+            after = [t for t in tree_leaves(functional_call(module, end, (inputs.clone(),)))
                      if isinstance(t, Tensor) and t.is_floating_point()]
     finally:
         for m, training in modes.items():  # restored one by one: train() would recurse

@@ -112,11 +112,12 @@ class FlatLayout:
     def forward(self, flats: Tensor, x: Tensor) -> Tensor:
         """Outputs of the networks ``flats`` (K, P) on the shared batch ``x``: (K, N, ...)."""
         params = self.unflatten(flats)
-        return vmap(lambda p: functional_call(self.template, p, (x,)))(params)
+        # Copies of the batch: a forward writing to its input would change the user's data.
+        return vmap(lambda p: functional_call(self.template, p, (x.clone(),)))(params)
 
     def forward_one(self, flat: Tensor, x: Tensor) -> Tensor:
         """Output of one network (P,) on ``x``: the per-cell path, without ``vmap``."""
-        return functional_call(self.template, self.unflatten(flat), (x,))
+        return functional_call(self.template, self.unflatten(flat), (x.clone(),))
 
     def module_at(self, flat: Tensor) -> nn.Module:
         """A standalone network with the flat parameters ``flat`` (batch-statistics BN)."""
