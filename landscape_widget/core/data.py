@@ -6,6 +6,16 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from .plans import free_memory
+
+DATA_RAM_SHARE = 0.4
+"""Largest share of the available RAM a Dataset or DataLoader may fill when collected.
+
+The engine holds all samples at once (and concatenating the batches briefly needs twice
+their size): beyond this share collecting would take the machine's memory and the kernel
+with it (an ImageNet validation loader at 224 px is about 30 GB), so it stops with the fix
+(``samples=``) first."""
+
 
 def _as_pair(batch, where: str) -> tuple[Tensor, Tensor]:
     if isinstance(batch, dict):
@@ -66,10 +76,31 @@ def _tensor(value, what: str, where: str) -> Tensor:
 
 
 def _collect(loader: DataLoader, where: str) -> tuple[Tensor, Tensor]:
-    """All batches of ``loader`` concatenated; ``where`` names the user's object in errors."""
+    """All batches of ``loader`` concatenated; ``where`` names the user's object in errors.
+
+    Returns:
+        ``(inputs, targets)``: the batches' inputs and targets, each concatenated.
+
+    Raises:
+        ValueError: If the samples would fill more than :data:`DATA_RAM_SHARE` of the
+            available RAM (predicted after the first batch for a loader of known length,
+            else found while reading), naming ``samples=`` and ``Subset`` as the fix;
+            or if the loader yields unbatched samples or nothing.
+    """
     xs, ys = [], []
+    limit = DATA_RAM_SHARE * free_memory(torch.device("cpu"))
+    try:  # the samples the loader visits, if it knows (not an iterable dataset's)
+        expected = len(loader.sampler) if loader.batch_size is not None else None
+    except TypeError:
+        expected = None
+    total = 0
     for batch in loader:
         x, y = _as_pair(batch, where)
+        total += x.numel() * x.element_size() + y.numel() * y.element_size()
+        if not xs and expected and x.dim() and x.shape[0]:
+            _check_size(total / x.shape[0] * expected, expected, limit, where)
+        elif total > limit:
+            _check_size(total, None, limit, where)
         if loader.batch_size is None and y.dim() == 0:
             # torch.cat stopped with "zero-dimensional tensor ... cannot be concatenated".
             raise ValueError(f"{where} has batch_size=None: it yields its dataset's samples "
@@ -81,6 +112,23 @@ def _collect(loader: DataLoader, where: str) -> tuple[Tensor, Tensor]:
         raise ValueError(f"{where[0].upper()}{where[1:]} yielded no batches; pass data with at "
                          "least one sample.")
     return torch.cat(xs), torch.cat(ys)
+
+
+def _check_size(size: float, samples: int | None, limit: float, where: str) -> None:
+    """Refuse data of ``size`` bytes past ``limit`` (see :data:`DATA_RAM_SHARE`).
+
+    Raises:
+        ValueError: If ``size > limit``, with the sizes and the fix.
+    """
+    if size > limit:
+        count = f"{samples:,} samples, " if samples else "so far, "
+        raise ValueError(
+            f"{where} holds too much to evaluate at once: its samples would take about "
+            f"{size / 2**30:.1f} GiB in memory ({count}read as float tensors), more than "
+            f"{DATA_RAM_SHARE:.0%} of the {limit / DATA_RAM_SHARE / 2**30:.1f} GiB of RAM "
+            "available; the engine holds all samples at once. Pass samples=N to evaluate a "
+            "random subset (e.g. samples=10000; it is drawn before anything is read, and each "
+            "point gets its standard error), or a torch.utils.data.Subset of your dataset.")
 
 
 def check_finite(x: Tensor, y: Tensor) -> None:
