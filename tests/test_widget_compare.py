@@ -239,3 +239,27 @@ def test_a_model_without_finite_losses_is_reported_not_a_silent_nan():
     assert nonfinite_note("mlp", zoo["mlp"], part).startswith(
         "mlp: 2 of 9 points gave a non-finite loss")
     assert nonfinite_note("mlp", zoo["mlp"], surfaces["mlp"]) == ""
+
+
+def test_a_fixed_subset_of_the_samples_control_is_used_and_said():
+    # With samples="1k" the plane computes on a 1,000-sample subset and says so; the
+    # compare panel computed on all data and said nothing.
+    x, y = lw.datasets.digits_images("train")
+    assert x.shape[0] > 1000
+    models = dict(list(_zoo().items())[1:])
+    w = LandscapeWidget(models=models, data=(x, y), autostart=False, resolution=3,
+                        x_range=list(X), y_range=list(Y), seed=7, samples="1k")
+    try:
+        w.compare(wait=True, timeout=120)
+        status, surfaces = w.compare_status, w.compared
+    finally:
+        w.close()
+    assert status["state"] == "done", status
+    assert f"subset of 1,000 of {x.shape[0]:,} samples" in status["message"]
+    for name, model in models.items():
+        dirs = lw.random_directions(model, 2, norm="filter", ignore="biasbn", seed=7)
+        oracle = lw.compute_surface(model, (x, y), directions=dirs, x=(*X, 3), y=(*Y, 3),
+                                    metrics=("loss",), progress=False, seed=None,
+                                    samples=1000)
+        assert surfaces[name].spec["samples"]["n"] == 1000
+        np.testing.assert_allclose(surfaces[name].loss, oracle.loss, rtol=1e-6)

@@ -29,6 +29,8 @@ from torch import nn
 
 from ..core.directions import interpolation_direction, random_directions
 from ..core.landscape import compute_surface
+from ..core.progressive import SUBSET_CHOICES, sample_stages
+from ..core.subset import data_size
 from ..core.surface import Surface
 from .compare_result import encode_compare, nonfinite_note, nonfinite_tensors, shared_range
 from .protocol import MAX_ID_LENGTH, ProtocolError, Spec, short
@@ -127,6 +129,34 @@ def compare_directions(model: nn.Module, spec: Spec) -> list:
                              ignore="biasbn" if spec.ignore_biasbn else None, seed=spec.seed)
 
 
+def compare_samples(data, mode: str) -> tuple[int | None, str]:
+    """``samples=`` of the compare panel's surfaces for the samples control ``mode``.
+
+    Returns:
+        ``(samples, note)``: the subset size of a fixed-subset mode when the data holds
+        more samples, else ``None`` (exact); the note for the status line ("" if exact).
+
+    Raises:
+        SubsetError: For a fixed subset of data that cannot be subset (the error names
+            the fix), as the plane's.
+
+    Example:
+        >>> import torch
+        >>> data = (torch.zeros(3000, 2), torch.zeros(3000, dtype=torch.long))
+        >>> compare_samples(data, "1k"), compare_samples(data, "auto")
+        ((1000, 'on a random subset of 1,000 of 3,000 samples (the samples control)'), (None, ''))
+        >>> compare_samples(data, "5k")
+        (None, '')
+    """
+    if mode not in SUBSET_CHOICES:
+        return None, ""
+    population = data_size(data)
+    (n,) = sample_stages(mode, population)
+    if n is None:
+        return None, ""
+    return n, f"on a random subset of {n:,} of {population:,} samples (the samples control)"
+
+
 def export_state(widget) -> dict:
     """The compare traits for the static HTML export (arrays as base64 text)."""
     state = {k: getattr(widget, k) for k in TRAITS}
@@ -181,7 +211,12 @@ class CompareRunner:
         notify = self.on_update or (lambda *_: None)
         x = (spec.x_range[0], spec.x_range[1], spec.resolution)
         y = (spec.y_range[0], spec.y_range[1], spec.resolution)
+        name = names[0] if names else ""
         try:
+            # The samples control: a fixed subset ("1k", "5k", "10k") is computed on that
+            # subset, and the status says so (the panel computed on all data and said
+            # nothing while the plane said "subset"). "auto" ends exact: exact here.
+            samples, subset_note = compare_samples(self.data, spec.samples)
             for k, name in enumerate(names):
                 notify({"state": "running", "id": job_id, "model": name, "done": k,
                         "total": len(names)}, None)
@@ -194,6 +229,7 @@ class CompareRunner:
                     model, self.data, directions=compare_directions(model, spec), x=x, y=y,
                     loss_fn=self.loss_fn, metrics=("loss",), bn=spec.bn, device=self.device,
                     progress=False, seed=None, cancel=cancel, precision=spec.precision,
+                    samples=samples,
                     bn_batch_size=self.bn_batch_size if spec.bn == "batch" else None)
                 if cancel.is_set():
                     break
@@ -209,7 +245,7 @@ class CompareRunner:
             return
         state = "cancelled" if len(surfaces) < len(names) else "done"
         # A model without finite losses still ends "done", but the status says so.
-        message = "; ".join(n for n in notes.values() if n)
+        message = "; ".join(n for n in (subset_note, *notes.values()) if n)
         notify({"state": state, "id": job_id, "done": len(surfaces), "total": len(names),
                 **({"message": message} if message else {})}, None)
 
