@@ -128,8 +128,7 @@ def _mutations(rng: random.Random):
             if rng.random() < 0.5:
                 del base[rng.choice(["kind", "id", "spec"])]
             else:
-                # (precision is optional: a front end without the control means fp32)
-                del base["spec"][rng.choice(sorted(k for k in VALID if k != "precision"))]
+                del base["spec"][rng.choice(sorted(VALID))]  # every field is required
             yield base
         elif choice == 3:  # extra field somewhere
             target = base if rng.random() < 0.5 else base["spec"]
