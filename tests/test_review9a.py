@@ -6,6 +6,7 @@ tests/oracle.py, or a full snapshot of the user's model and data (tests/snapshot
 
 from __future__ import annotations
 
+import collections
 import copy
 import types
 
@@ -321,4 +322,47 @@ def test_attributes_the_forward_reassigns_are_put_back_after_every_pass(options)
     np.testing.assert_allclose(first.loss.ravel(), ref, rtol=1e-5)
     assert np.array_equal(first.loss, again.loss)
     assert first.spec["plan"]["lanes"] == options.get("lanes", 1)  # each lane puts back its own
+    assert_same_snapshot(before, snapshot(model))
+
+
+class Records(nn.Module):
+    """A forward that records its features in containers and reads them back, and adds an
+    attribute on its first call (a lazy set-up)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(6, 3)
+        self.seen, self.memo, self.tags = [], {}, set()
+        self.window = collections.deque(maxlen=3)
+
+    def forward(self, x):
+        h = self.fc(x)
+        self.seen.append(h)
+        self.memo[len(self.memo)] = h
+        self.tags.add(len(self.tags))
+        self.window.append(1.0)
+        if not hasattr(self, "scale"):  # set on the first call only
+            self.scale = 1.0 + 0.1 * len(self.seen)
+        shift = 0.05 * (len(self.seen) + len(self.memo) + len(self.tags) + len(self.window))
+        return h * self.scale + shift * torch.arange(3.0)  # per class: CE sees it
+
+
+@pytest.mark.parametrize("options", [{"strategy": "loop", "stem": False}, {"strategy": "vmap"},
+                                     {"strategy": "loop", "stem": False, "lanes": 2},
+                                     {"strategy": "loop", "stem": True}])
+def test_containers_and_added_attributes_are_put_back_after_every_pass(options):
+    # Review 9a's limit of the fix above: a list, dict, set or deque the forward fills, and
+    # an attribute it adds, were not put back: every pass saw the passes before (and the
+    # engine's copy grew by one activation per pass: 441 for a 21 x 21 grid).
+    model, (x, y) = Records(), _data()
+    before = snapshot(model)
+    dirs = lw.random_directions(model, 2, seed=1)
+    kw = {"directions": dirs, "x": (-1, 1, 3), "y": (-1, 1, 3), "progress": False,
+          "evaluator_options": options}
+    first, again = (lw.compute_surface(model, (x, y), **kw) for _ in range(2))
+    ref = _fresh_copy_oracle(model, x, y, dirs, surface_coords(first.x, first.y))
+    np.testing.assert_allclose(first.loss.ravel(), ref, rtol=1e-5)
+    assert np.array_equal(first.loss, again.loss)
+    assert model.seen == [] and model.memo == {} and not hasattr(model, "scale")
     assert_same_snapshot(before, snapshot(model))

@@ -9,33 +9,95 @@ every point starts from the user's state whatever the order of the points.
 
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from .params import buffers_of, parameters_of
 
-# The module attributes put back after every pass (see BufferState._state_versions).
+# The module attributes put back after every pass (see BufferState._state_versions): plain
+# values by identity, containers by their contents (shallow).
 PLAIN_ATTRIBUTES = (bool, int, float, str, type(None), Tensor)
+CONTAINERS = (list, dict, set, collections.deque)
+# nn.Module's own entries of __dict__ (hook dicts, _modules, ...): the engine's to manage.
+_MODULE_KEYS = frozenset(vars(nn.Module()))
 
 
-def plain_attributes(module: torch.nn.Module | None) -> list[tuple[dict, str, object]]:
-    """``(module's __dict__, name, value)`` of every attribute of a :data:`PLAIN_ATTRIBUTES` type.
+def plain_attributes(module: torch.nn.Module | None) -> list[tuple[dict, frozenset, list]]:
+    """What :func:`restore_attributes` puts back after a pass, per module of ``module``.
+
+    Each module's ``__dict__`` with its keys now and its entries ``(name, value,
+    contents)``: attributes of a :data:`PLAIN_ATTRIBUTES` type (``contents`` None), and
+    containers of an exact :data:`CONTAINERS` type with a shallow copy of their contents
+    (a forward appending its features to ``self.seen`` grew the engine's copy by one
+    activation per pass: 441 of them for a 21 x 21 grid; and a forward reading such a
+    list saw the passes before).
 
     Returns:
-        One entry per such attribute of ``module`` and its submodules (none for ``None``).
+        One record per module of ``module`` and its submodules (none for ``None``).
     """
     if module is None:
         return []
-    return [(vars(m), k, v) for m in module.modules() for k, v in vars(m).items()
-            if isinstance(v, PLAIN_ATTRIBUTES)]
+    records = []
+    for m in module.modules():
+        attrs = vars(m)
+        entries = [(k, v, None) for k, v in attrs.items() if isinstance(v, PLAIN_ATTRIBUTES)]
+        entries += [(k, v, _contents(v)) for k, v in attrs.items()
+                    if type(v) in CONTAINERS and k not in _MODULE_KEYS]
+        records.append((attrs, frozenset(attrs), entries))
+    return records
 
 
-def restore_attributes(attributes: list[tuple[dict, str, object]]) -> None:
-    """Put back every attribute of :func:`plain_attributes` that is another object now."""
-    for attrs, k, v in attributes:
-        if attrs.get(k) is not v:
-            attrs[k] = v
+def _contents(value):
+    """A shallow copy of a container's contents (a dict's items as a list)."""
+    return list(value.items()) if type(value) is dict else list(value)
+
+
+def restore_attributes(records: list[tuple[dict, frozenset, list]]) -> None:
+    """Put back what a pass changed in the modules of :func:`plain_attributes`.
+
+    Attributes that are another object now get their object back; containers their
+    contents; public attributes the pass added (``self.last = h``, a lazy
+    ``if not hasattr(self, "scale")``) are deleted, so the next pass sees the module as
+    the first did. (Private ones, ``_name``, are left: torch's own machinery may add them.)
+
+    Example:
+        >>> net = nn.Linear(1, 1); net.seen, net.calls = [], 0
+        >>> records = plain_attributes(net)
+        >>> net.seen.append(1); net.calls += 1; net.last = 2
+        >>> restore_attributes(records)
+        >>> net.seen, net.calls, hasattr(net, "last")
+        ([], 0, False)
+    """
+    for attrs, keys, entries in records:
+        for k, v, contents in entries:
+            if attrs.get(k) is not v:
+                attrs[k] = v
+            if contents is not None and _changed(v, contents):
+                v.clear()
+                if type(v) in (dict, set):
+                    v.update(contents)
+                else:  # a list or a deque
+                    v.extend(contents)
+        if len(attrs) != len(keys):
+            for k in [k for k in attrs if k not in keys and not k.startswith("_")]:
+                del attrs[k]
+
+
+def _changed(value, contents: list) -> bool:
+    """Whether a container holds other objects than ``contents`` (compared by identity)."""
+    now = _contents(value)
+    if len(now) != len(contents):
+        return True
+    if type(value) is dict:
+        return any(k is not k0 or v is not v0 for (k, v), (k0, v0) in zip(now, contents,
+                                                                            strict=True))
+    if type(value) is set:
+        return value != set(contents)
+    return any(a is not b for a, b in zip(now, contents, strict=True))
+
 
 BN_BATCH_SIZE = 128
 """Default samples per BatchNorm batch with ``bn="batch"`` (see :func:`bn_batch_size_for`)."""
