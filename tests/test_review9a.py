@@ -366,3 +366,36 @@ def test_containers_and_added_attributes_are_put_back_after_every_pass(options):
     assert np.array_equal(first.loss, again.loss)
     assert model.seen == [] and model.memo == {} and not hasattr(model, "scale")
     assert_same_snapshot(before, snapshot(model))
+
+
+def _recording_hook(store: list):
+    def hook(module, inputs, out):
+        store.append(out)
+        return out + 0.05 * len(store) * torch.arange(3.0)  # per class: CE sees it
+    return hook
+
+
+@pytest.mark.parametrize("options", [{"strategy": "loop", "stem": False},
+                                     {"strategy": "loop", "stem": False, "lanes": 2}])
+def test_a_hook_filling_a_list_it_closes_over_is_put_back_after_every_pass(options):
+    # The engine's copy has the hook's closure copied (params.copy_hooks), so the user's
+    # list is never touched; the copy's list grew by one output per pass and the hook saw
+    # the passes before.
+    torch.manual_seed(0)
+    model, (x, y) = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)), _data()
+    store: list = []
+    model[2].register_forward_hook(_recording_hook(store))
+    before = snapshot(model)
+    dirs = lw.random_directions(model, 2, seed=1)
+    kw = {"directions": dirs, "x": (-1, 1, 3), "y": (-1, 1, 3), "progress": False,
+          "evaluator_options": options}
+    first, again = (lw.compute_surface(model, (x, y), **kw) for _ in range(2))
+    assert store == [] and np.array_equal(first.loss, again.loss)
+    assert_same_snapshot(before, snapshot(model))
+    # deepcopy keeps hook functions (and the lists they close over) as they are: the
+    # oracle's copies share `store`, emptied before each point.
+    ref = []
+    for c in surface_coords(first.x, first.y):
+        store.clear()
+        ref.extend(_fresh_copy_oracle(model, x, y, dirs, [c]))
+    np.testing.assert_allclose(first.loss.ravel(), ref, rtol=1e-5)

@@ -10,6 +10,7 @@ every point starts from the user's state whatever the order of the points.
 from __future__ import annotations
 
 import collections
+import types
 
 import numpy as np
 import torch
@@ -36,7 +37,9 @@ def plain_attributes(module: torch.nn.Module | None) -> list[tuple[dict, frozens
     list saw the passes before).
 
     Returns:
-        One record per module of ``module`` and its submodules (none for ``None``).
+        One record per module of ``module`` and its submodules (none for ``None``), and
+        one ``(None, frozenset(), [(cell, value, contents)])`` per module whose hooks close
+        over containers.
     """
     if module is None:
         return []
@@ -47,7 +50,28 @@ def plain_attributes(module: torch.nn.Module | None) -> list[tuple[dict, frozens
         entries += [(k, v, _contents(v)) for k, v in attrs.items()
                     if type(v) in CONTAINERS and k not in _MODULE_KEYS]
         records.append((attrs, frozenset(attrs), entries))
+        # Containers in the closures of its hooks (the copy's own: params.copy_hooks): a
+        # hook appending the layer's output to a list it closes over.
+        cells = [(c, c.cell_contents, _contents(c.cell_contents))
+                 for hooks in (m._forward_pre_hooks, m._forward_hooks)
+                 for fn in hooks.values() for c in _closure(fn)
+                 if type(c.cell_contents) in CONTAINERS]
+        if cells:
+            records.append((None, frozenset(), cells))
     return records
+
+
+def _closure(fn) -> tuple:
+    """The filled closure cells of a Python function (none for anything else)."""
+    cells = getattr(fn, "__closure__", None) if isinstance(fn, types.FunctionType) else None
+    out = []
+    for c in cells or ():
+        try:
+            c.cell_contents  # noqa: B018 - raises ValueError for an empty cell
+        except ValueError:
+            continue
+        out.append(c)
+    return tuple(out)
 
 
 def _contents(value):
@@ -73,7 +97,10 @@ def restore_attributes(records: list[tuple[dict, frozenset, list]]) -> None:
     """
     for attrs, keys, entries in records:
         for k, v, contents in entries:
-            if attrs.get(k) is not v:
+            if attrs is None:  # k is a hook's closure cell
+                if k.cell_contents is not v:
+                    k.cell_contents = v
+            elif attrs.get(k) is not v:
                 attrs[k] = v
             if contents is not None and _changed(v, contents):
                 v.clear()
@@ -81,7 +108,7 @@ def restore_attributes(records: list[tuple[dict, frozenset, list]]) -> None:
                     v.update(contents)
                 else:  # a list or a deque
                     v.extend(contents)
-        if len(attrs) != len(keys):
+        if attrs is not None and len(attrs) != len(keys):
             for k in [k for k in attrs if k not in keys and not k.startswith("_")]:
                 del attrs[k]
 
