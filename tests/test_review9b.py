@@ -200,6 +200,12 @@ def test_the_widget_says_when_its_precision_fell_back_to_fp32():
         assert surface.spec["precision"] == "fp32"
         assert w.status["state"] == "done"
         assert "bf16 failed (RuntimeError: float32 only): computed in fp32" in w.status["message"]
+        # A finer grid reuses the fp32 points (it computed them all again, after a failing
+        # bf16 try, as the engine refused them as of another precision), and says so.
+        w.resolution = 5
+        finer = w.wait(60)
+        assert finer.spec["reused"] == 9 and finer.spec["precision"] == "fp32"
+        assert "bf16 failed" in w.status["message"]
         w.precision = "fp32"
         w.wait(60)
         assert w.status["state"] == "done" and "failed" not in w.status["message"]

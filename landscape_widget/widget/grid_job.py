@@ -136,6 +136,12 @@ def open_stream(ctx: Context, job: Job, dirs: list) -> TileStream:
     def make(reuse) -> TileStream:
         if spec.direction == "plane":
             return models.plane_stream(ctx, job)
+        # The grid reused fell back to fp32 at this precision (the model fails under
+        # autocast): computed in fp32 directly, so its points are reused. Asked at the
+        # control's precision, the engine refused them as of another precision and every
+        # resolution change computed the whole grid again (after a failing try).
+        precision = (reuse.spec.get("precision", "fp32")
+                     if reuse is not None and _precision_note(spec, reuse) else spec.precision)
         exact = functools.partial(
             iter_tiles, models.centre(ctx, spec), data, metrics=ctx.metrics,
             reuse=reuse, executor=ctx.executor,
@@ -143,7 +149,7 @@ def open_stream(ctx: Context, job: Job, dirs: list) -> TileStream:
             loss_fn=ctx.loss_fn, bn=spec.bn, device=ctx.device, seed=None,
             bn_batch_size=ctx.bn_batch_size if spec.bn == "batch" else None,
             tile_points=ctx.tile_points, cancel=job.cancel,
-            evaluator_options=ctx.evaluator_options, precision=spec.precision)
+            evaluator_options=ctx.evaluator_options, precision=precision)
         # The samples control (core/progressive.py): "auto" runs subset passes first on
         # large data, unless points are reused (those are exact already); a fixed subset
         # is the answer (its reused points are of the same subset: the reuse key says so).
