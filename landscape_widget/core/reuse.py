@@ -5,7 +5,7 @@ metrics (:func:`what_is_computed`, :mod:`.fingerprints`). ``reuse=`` copies the 
 an earlier result whose coordinates coincide with the new grid's (:func:`reused_points`)
 once :func:`check_reusable` has found it computed alike; a loss-landscape file records no
 fingerprints and is checked by recomputing two of its points instead
-(:func:`~landscape_widget.core.landscape.check_foreign_reuse`).
+(:func:`~landscape_widget.core.tile_stream.check_foreign_reuse`).
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def check_reusable(spec: dict, reuse, metrics: Sequence[str],
     same = ("model", "directions", "loss_fn", "loss_fingerprint", "metrics_fingerprint", "bn",
             "bn_batch_size", "n_samples", "data")
     # A loss-landscape file records none of these: its values are checked by recomputing
-    # a few of them instead (check_foreign_reuse in landscape.py).
+    # a few of them instead (check_foreign_reuse in tile_stream.py).
     foreign = reuse.spec.get("source") == "loss-landscape"
     diff = [] if foreign else [k for k in same if reuse.spec.get(k) != spec.get(k)
                                and not _legacy_match(reuse.spec.get(k), (legacy or {}).get(k))]

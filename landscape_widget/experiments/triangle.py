@@ -29,7 +29,6 @@ from ..core.evaluate import METRICS, LossFn
 from ..core.fingerprints import fingerprint
 from ..core.grid import ExactAxis
 from ..core.heap import holding_heap
-from ..core.landscape import TileStream, _run
 from ..core.params import (
     Params,
     check_module,
@@ -39,6 +38,7 @@ from ..core.params import (
     outside_inference_mode,
     parameters_of,
 )
+from ..core.tile_stream import TileStream, run_stream
 
 # Corners of the drawing: model 1 right, model 2 top, model 3 at the origin.
 CORNERS = np.array([[1.0, 0.0], [0.5, math.sqrt(3) / 2], [0.0, 0.0]])
@@ -357,7 +357,7 @@ def triangle_surface(m1: nn.Module, m2: nn.Module, m3: nn.Module, data, *,
     stream = triangle_stream([m1, m2, m3], data, resolution=resolution, margin=margin,
                              loss_fn=loss_fn, metrics=metrics, bn=bn, device=device,
                              names=names, precision=precision, **options)
-    surface = _run(stream, progress, "plane")
+    surface = run_stream(stream, progress, "plane")
     alpha, beta = np.meshgrid(surface.x, surface.y)
     return TriangleSurface(alpha, beta, surface.loss, surface.accuracy,
                            list(stream.spec["names"]), surface.spec, surface.extra_metrics)
