@@ -19,23 +19,44 @@ from .params import buffers_of, parameters_of
 PLAIN_ATTRIBUTES = (bool, int, float, str, type(None), Tensor)
 
 
-def plain_attributes(module: torch.nn.Module | None) -> list[tuple[dict, str, object]]:
+def plain_attributes(module: torch.nn.Module | None) -> list[tuple[dict, str | None, object]]:
     """``(module's __dict__, name, value)`` of every attribute of a :data:`PLAIN_ATTRIBUTES` type.
 
+    Each module also gets one ``(its __dict__, None, its names)`` entry: an attribute a
+    pass adds is state too (``if hasattr(self, "prev"): out = out + self.prev`` then
+    ``self.prev = ...``; a hook's ``module.features = out``), which
+    :func:`restore_attributes` removes. Left there, every pass saw the one before it (the
+    values depended on the order of the points), a vmap pass left a dead batched tensor
+    that broke the next pass, and the linear stem's trace a torch.fx Proxy.
+
     Returns:
-        One entry per such attribute of ``module`` and its submodules (none for ``None``).
+        The entries of ``module`` and its submodules (none for ``None``).
     """
     if module is None:
         return []
-    return [(vars(m), k, v) for m in module.modules() for k, v in vars(m).items()
-            if isinstance(v, PLAIN_ATTRIBUTES)]
+    out: list[tuple[dict, str | None, object]] = []
+    for m in module.modules():
+        attrs = vars(m)
+        out.append((attrs, None, frozenset(attrs)))
+        out += [(attrs, k, v) for k, v in attrs.items() if isinstance(v, PLAIN_ATTRIBUTES)]
+    return out
 
 
-def restore_attributes(attributes: list[tuple[dict, str, object]]) -> None:
-    """Put back every attribute of :func:`plain_attributes` that is another object now."""
+def restore_attributes(attributes: list[tuple[dict, str | None, object]]) -> None:
+    """Put back every attribute of :func:`plain_attributes` that is another object now.
+
+    Attributes added since (names not in a module's ``None`` entry) are removed; a
+    module's names are compared only when their count changed (a few us per pass).
+    """
     for attrs, k, v in attributes:
-        if attrs.get(k) is not v:
-            attrs[k] = v
+        if k is not None:
+            if attrs.get(k) is not v:
+                attrs[k] = v
+    for attrs, k, names in attributes:
+        if k is None and len(attrs) != len(names):  # type: ignore[arg-type]
+            for added in [a for a in attrs if a not in names]:  # type: ignore[operator]
+                del attrs[added]
+
 
 BN_BATCH_SIZE = 128
 """Default samples per BatchNorm batch with ``bn="batch"`` (see :func:`bn_batch_size_for`)."""
