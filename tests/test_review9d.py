@@ -8,6 +8,7 @@ user's model and data (tests/snapshots.py).
 from __future__ import annotations
 
 import copy
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -105,3 +106,32 @@ def test_attributes_a_pass_adds_are_removed_after_it(options):
     assert np.array_equal(first.loss, again.loss)
     assert not hasattr(model, "prev")
     assert_same_snapshot(before, snapshot(model))
+
+
+class HalvesLaterInput(nn.Module):
+    """Writes to its input only when a sample's first feature is large (not the first 8)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        if bool((x[:, 0] > 10).any()):
+            x.mul_(0.5)
+        return self.fc(x)
+
+
+def test_a_worker_forgets_the_data_its_forward_changed():
+    # The worker's cached evaluator kept its copy of the data, halved by the failing
+    # call: the same call again returned a surface of the halved data, silently (the
+    # user's own data, pickled, were unchanged).
+    model, (x, y) = HalvesLaterInput(), _data()
+    x[20, 0] = 20.0
+    data = x.clone()
+    with ThreadPoolExecutor(1) as pool:
+        for _ in range(2):
+            with pytest.raises(lw.InputChanged):
+                lw.compute_surface(model, (x, y), executor=pool, x=(-1, 1, 3), y=(-1, 1, 3),
+                                   progress=False)
+    assert torch.equal(x, data)
