@@ -135,3 +135,88 @@ def test_a_worker_forgets_the_data_its_forward_changed():
                 lw.compute_surface(model, (x, y), executor=pool, x=(-1, 1, 3), y=(-1, 1, 3),
                                    progress=False)
     assert torch.equal(x, data)
+
+
+class CountsCalls(nn.Module):
+    """A forward that uses a call counter it keeps, and noise from a generator it holds."""
+
+    def __init__(self, noise: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc, self.calls, self.noise = nn.Linear(6, 3), 0, noise
+        self.g = torch.Generator().manual_seed(5)
+
+    def forward(self, x):
+        self.calls += 1
+        out = torch.tanh(self.fc(x)) * 3 / (1.0 + 0.1 * self.calls)
+        if self.noise:
+            out = out + torch.randn(out.shape, generator=self.g)
+        return out
+
+
+def _top_eigenvalue_of_fresh_copies(model, x, y, batch: int) -> float:
+    # torch's own float64 Hessian of the mean loss over batches of ``batch`` samples, each
+    # on a fresh copy of the model (its counter and generator as the user's), at the
+    # model's weights: every pass starts from the user's state, as the surfaces' do.
+    twin = copy.deepcopy(model).double()
+    flat = torch.cat([p.detach().reshape(-1) for p in twin.parameters()])
+
+    def loss(v):
+        params, at = {}, 0
+        for k, p in twin.named_parameters():
+            params[k] = v[at : at + p.numel()].view_as(p)
+            at += p.numel()
+        parts = [nn.functional.cross_entropy(torch.func.functional_call(
+            copy.deepcopy(twin), params, (x[s : s + batch].double(),)).double(),
+            y[s : s + batch]) for s in range(0, len(x), batch)]
+        return torch.stack(parts).mean()
+
+    return torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss, flat))[-1].item()
+
+
+@pytest.mark.parametrize("noise", [False, True])
+def test_the_hessian_puts_back_what_a_forward_changes_in_the_model(noise):
+    # The surfaces put back attributes and generators after every pass, the Hessian
+    # operator did not: batch by batch, every product differentiated another function (a
+    # counter the forward used, a generator's next draws), refused as "Hessian-vector
+    # products are not symmetric" with a word on weight_norm.
+    model, (x, y) = CountsCalls(noise), _data(64)
+    before = snapshot(model)
+    want = _top_eigenvalue_of_fresh_copies(model, x, y, 16)
+    got = lw.hessian_eigenpairs(model, (x, y), k=1, ignore=None, batch_size=16,
+                                progress=False)
+    assert got.values[0] == pytest.approx(want, rel=1e-4)
+    assert_same_snapshot(before, snapshot(model))
+
+
+class Temperature(nn.Module):
+    """float32 layers after a float64 scalar parameter registered first (review 9a)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.t = nn.Parameter(torch.tensor(1.5, dtype=torch.float64))
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc(x) * self.t.float()
+
+
+def test_side_and_mined_directions_take_the_weights_dtype_for_the_inputs():
+    # Review 9a cast the engine's and the Hessian's inputs to the weights' dtype; the
+    # objective of mining and side directions still took the first parameter's (float64):
+    # "mat1 and mat2 must have the same dtype" from the float32 layer.
+    from landscape_widget.experiments._objective import _Objective
+
+    model, (x, y) = Temperature(), _data(64)
+    before = snapshot(model)
+    obj = _Objective(model, (x, y), loss_fn=None, bn="eval", ignore=None)
+    with torch.no_grad(), obj.session():
+        got = float(obj.full_loss({}))
+        want = float(nn.functional.cross_entropy(model(x), y))
+    assert got == pytest.approx(want, rel=1e-6)
+    names = {k: p.dtype for k, p in model.named_parameters()}
+    for d in (lw.side_direction(model, (x, y), ignore=None),
+              lw.mine_direction(model, (x, y), "w-peak", steps=2, ignore=None, progress=False)):
+        assert {k: v.dtype for k, v in d.items()} == names
+    assert_same_snapshot(before, snapshot(model))
