@@ -29,6 +29,7 @@ from ..core.params import (
     model_device,
     parameters_of,
     plain_modes,
+    weights_dtype,
 )
 from ..core.state import check_no_renorm, check_running_stats
 
@@ -73,7 +74,10 @@ class _Objective:
             raise ValueError("the model has no parameters of dim > 1 to move; pass "
                              "ignore=None.")
         self.buffers = {k: v.to(self.device) for k, v in buffers_of(model).items()}
-        self.dtype = next(iter(params.values())).dtype
+        # The weights' dtype, as the engine's and the Hessian's (core/params.py): the first
+        # tensor's, a float64 temperature registered first, made the inputs float64 and
+        # the float32 layers failed ("mat1 and mat2 must have the same dtype").
+        self.dtype = weights_dtype(params) or next(iter(params.values())).dtype
         # A shuffling DataLoader is read once under a fixed private seed: the samples'
         # order (which the seeded minibatches index) is then the same on every call, and
         # the caller's RNG is not consumed.
