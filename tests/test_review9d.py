@@ -16,6 +16,7 @@ import torch
 from oracle import naive_eval, surface_coords
 from snapshots import assert_same_snapshot, snapshot
 from torch import nn
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 import landscape_widget as lw
 
@@ -220,3 +221,29 @@ def test_side_and_mined_directions_take_the_weights_dtype_for_the_inputs():
               lw.mine_direction(model, (x, y), "w-peak", steps=2, ignore=None, progress=False)):
         assert {k: v.dtype for k, v in d.items()} == names
     assert_same_snapshot(before, snapshot(model))
+
+
+class _NoLength(Sampler):
+    """Visits every index in order; its ``__len__`` says it has no length."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __iter__(self):
+        return iter(range(self.n))
+
+    def __len__(self):
+        raise NotImplementedError
+
+
+def test_a_loader_whose_sampler_has_no_length_is_still_read():
+    # The data-size guard asked the sampler for its length and caught TypeError only: a
+    # sampler raising NotImplementedError stopped the collection before it began.
+    torch.manual_seed(0)
+    model, (x, y) = nn.Linear(6, 3), _data(40)
+    loader = DataLoader(TensorDataset(x, y), batch_size=8, sampler=_NoLength(40))
+    dirs = lw.random_directions(model, 2, seed=1)
+    s = lw.compute_surface(model, loader, directions=dirs, x=(-1, 1, 3), y=(-1, 1, 3),
+                           progress=False)
+    ref, _ = naive_eval(model, x, y, list(dirs), surface_coords(s.x, s.y))
+    np.testing.assert_allclose(s.loss.ravel(), np.asarray(ref).ravel(), rtol=1e-5)
