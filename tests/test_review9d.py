@@ -247,3 +247,45 @@ def test_a_loader_whose_sampler_has_no_length_is_still_read():
                            progress=False)
     ref, _ = naive_eval(model, x, y, list(dirs), surface_coords(s.x, s.y))
     np.testing.assert_allclose(s.loss.ravel(), np.asarray(ref).ravel(), rtol=1e-5)
+
+
+class CountsAndSees(nn.Module):
+    """An MLP whose forward counts its calls (used), draws noise from its own generator
+    and adds the batch size to a float buffer in place."""
+
+    def __init__(self, noise: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 3)
+        self.calls, self.noise = 0, noise
+        self.g = torch.Generator().manual_seed(3)
+        self.register_buffer("seen", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1
+        self.seen.add_(x.shape[0])
+        out = self.b(torch.relu(self.a(x))) / (1 + 0.1 * self.calls)
+        if self.noise:
+            out = out + torch.randn(out.shape, generator=self.g)
+        return out
+
+
+@pytest.mark.parametrize("noise", [False, True])
+def test_the_permutation_check_runs_both_networks_from_the_users_state(noise):
+    # The check ran theta, then the permuted twin, on one copy: the counter (and the
+    # generator) had moved between them, so the twin was "another function" and the
+    # permutation refused as an architecture it cannot follow; and theta's tensors were
+    # the user's own, so the buffer written in place was the user's (16 after the call).
+    model, x = CountsAndSees(noise), _data(16)[0]
+    before = snapshot(model)
+    d = lw.permutation_direction(model, check_inputs=x)
+    outs = []
+    for shift in (0.0, 1.0):  # the oracle: a fresh copy at theta and at theta + d
+        fresh = copy.deepcopy(model)
+        with torch.no_grad():
+            for k, t in list(fresh.named_parameters()) + list(fresh.named_buffers()):
+                if k in d:
+                    t.add_(shift * d[k])
+            outs.append(fresh(x))
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    assert_same_snapshot(before, snapshot(model))
