@@ -289,3 +289,42 @@ def test_the_permutation_check_runs_both_networks_from_the_users_state(noise):
             outs.append(fresh(x))
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
     assert_same_snapshot(before, snapshot(model))
+
+
+@pytest.mark.parametrize("noise", [False, True])
+def test_the_mining_objective_puts_back_what_a_forward_changes(noise):
+    # Mining's and side directions' objective ran every forward on one copy: a call
+    # counter (or a generator) the forward used made each minibatch another function,
+    # and the loss over all data differed from call to call.
+    from landscape_widget.experiments._objective import _Objective
+
+    model, (x, y) = CountsCalls(noise), _data(64)
+    obj = _Objective(model, (x, y), loss_fn=None, bn="eval", ignore=None)
+    with torch.no_grad(), obj.session():
+        got = [float(obj.full_loss({}, chunk=16)) for _ in range(2)]
+    parts = []  # the oracle: each chunk on a fresh copy of the user's model
+    for s in range(0, 64, 16):
+        with torch.no_grad():
+            parts.append(float(nn.functional.cross_entropy(copy.deepcopy(model)(x[s:s + 16]),
+                                                           y[s:s + 16])))
+    assert got[0] == got[1] == pytest.approx(float(np.mean(parts)), rel=1e-6)
+
+
+def test_the_permutation_check_of_a_model_in_training_mode_runs_both_in_eval_mode():
+    # The attributes put back between the two calls were taken before eval(): the twin ran
+    # with the user's training flags, its dropout drew other units and the permutation
+    # was refused as an architecture the check cannot follow.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3))
+    model.train()
+    x = _data(16)[0]
+    before = snapshot(model)
+    d = lw.permutation_direction(model, check_inputs=x)
+    fresh = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        want = fresh(x)
+        for k, t in fresh.named_parameters():
+            t.add_(d[k])
+        torch.testing.assert_close(fresh(x), want, rtol=1e-5, atol=1e-5)
+    assert model.training
+    assert_same_snapshot(before, snapshot(model))

@@ -115,12 +115,13 @@ def _verify(model: nn.Module, d: Params, inputs: Tensor) -> None:
     state = {k: v.clone() for k, v in {**parameters_of(model),
                                        **float_buffers_of(model)}.items()}
     end = {k: v + d[k] if k in d else v.clone() for k, v in state.items()}
-    attributes = plain_attributes(module)
-    generators = [(g, g.get_state()) for m in module.modules() for g in vars(m).values()
-                  if isinstance(g, torch.Generator)]
     inputs = inputs.to(model_device(model))
     try:
         module.eval()
+        # After eval(): the training flags are attributes too.
+        attributes = plain_attributes(module)
+        generators = [(g, g.get_state()) for m in module.modules() for g in vars(m).values()
+                      if isinstance(g, torch.Generator)]
         with torch.no_grad():
             before = [t for t in tree_leaves(functional_call(module, state, (inputs.clone(),)))
                       if isinstance(t, Tensor) and t.is_floating_point()]
