@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .data import as_tensors, is_data_fn
+from .errors import InputChanged
 from .evaluate import Evaluator
 from .fingerprints import fingerprint, fingerprint_bytes, legacy_fingerprint
 from .params import model_device
@@ -302,6 +303,8 @@ def run_tile(payload: Payload, coords: np.ndarray, total: int, plan: Plan | None
 
     Raises:
         RuntimeError: If this worker drew another subset than the first worker.
+        InputChanged: If the forward changed this worker's copy of the data (which it
+            then forgets, with the evaluator built on it).
 
     Returns:
         ``{"values", "seconds", "plan", "worker"}``: the metrics at ``coords``, the time,
@@ -320,7 +323,16 @@ def run_tile(payload: Payload, coords: np.ndarray, total: int, plan: Plan | None
         if plan is not None and ev.plan is None:
             _remember(ev._plan_key(), plan)
         t0 = time.perf_counter()
-        values = ev.evaluate(coords)
+        try:
+            values = ev.evaluate(coords)
+        except InputChanged:
+            # This worker's copy of the data was changed by the forward: cached, the next
+            # call of the same payload ran on it and returned a silently wrong surface
+            # (the user's own data, pickled, had not changed). Forgotten, it is sent again.
+            with _CACHE_LOCK:
+                _EVALUATORS.pop(payload.key, None)
+                _DATA.pop(payload.data_key, None)
+            raise
         seconds = time.perf_counter() - t0
         plan = None if ev.plan is None else copy_plan(ev.plan)
     return {"values": values, "seconds": seconds, "plan": plan, "worker": _worker_name()}

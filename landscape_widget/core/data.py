@@ -91,8 +91,8 @@ def _collect(loader: DataLoader, where: str) -> tuple[Tensor, Tensor]:
     limit = DATA_RAM_SHARE * free_memory(torch.device("cpu"))
     try:  # the samples the loader visits, if it knows (not an iterable dataset's)
         expected = len(loader.sampler) if loader.batch_size is not None else None
-    except TypeError:
-        expected = None
+    except (TypeError, NotImplementedError):  # a sampler whose __len__ says it has none:
+        expected = None  # found while reading (it stopped the collection before it began)
     total = 0
     for batch in loader:
         x, y = _as_pair(batch, where)

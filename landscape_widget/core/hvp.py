@@ -40,7 +40,13 @@ from .params import (
     weights_dtype,
 )
 from .rng import batch_draws
-from .state import BN_BATCH_SIZE, check_no_renorm, check_running_stats
+from .state import (
+    BN_BATCH_SIZE,
+    check_no_renorm,
+    check_running_stats,
+    plain_attributes,
+    restore_attributes,
+)
 
 _WARMED = False
 METHODS = ("auto", "graph", "jvp", "backward")
@@ -128,6 +134,13 @@ class HessianOperator:
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.train()
                     m.track_running_stats = False
+        # Attributes and generators a forward changes (self.calls += 1, noise drawn from
+        # self.g) are put back after every forward, as the surfaces' (core/state.py): else
+        # each product differentiated another function, refused as a layer torch cannot
+        # differentiate twice ("not symmetric").
+        self._attributes = plain_attributes(self.module)
+        self._generators = [(g, g.get_state()) for m in self.module.modules()
+                            for g in vars(m).values() if isinstance(g, torch.Generator)]
         params = parameters_of(model)
         self._all_shapes = {k: tuple(v.shape) for k, v in params.items()}
         self.keys = [k for k, v in params.items() if ignore is None or v.dim() > 1]
@@ -243,7 +256,12 @@ class HessianOperator:
             # A copy of the batch: a forward that writes to its input (x.mul_(2)) would
             # change the user's data (on a CPU, self.x is their tensor) and every later
             # product would see it changed. One copy per batch, small beside the products.
-            out = functional_call(self.module, {**self.fixed, **params}, (x.clone(),))
+            try:
+                out = functional_call(self.module, {**self.fixed, **params}, (x.clone(),))
+            finally:
+                restore_attributes(self._attributes)
+                for g, state in self._generators:
+                    g.set_state(state)
         return self.loss_fn(out, y)
 
     def matvec(self, v: Tensor) -> Tensor:

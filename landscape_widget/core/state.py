@@ -36,6 +36,12 @@ def plain_attributes(module: torch.nn.Module | None) -> list[tuple[dict, frozens
     activation per pass: 441 of them for a 21 x 21 grid; and a forward reading such a
     list saw the passes before).
 
+    The keys recorded say which attributes a pass added (``if hasattr(self, "prev"): out
+    = out + self.prev`` then ``self.prev = ...``; a hook's ``module.features = out``):
+    :func:`restore_attributes` removes them. Left there, every pass saw the one before it
+    (the values depended on the order of the points), a vmap pass left a dead batched
+    tensor that broke the next pass, and the linear stem's trace a torch.fx Proxy.
+
     Returns:
         One record per module of ``module`` and its submodules (none for ``None``), and
         one ``(None, frozenset(), [(cell, value, contents)])`` per module whose hooks close

@@ -29,8 +29,14 @@ from ..core.params import (
     model_device,
     parameters_of,
     plain_modes,
+    weights_dtype,
 )
-from ..core.state import check_no_renorm, check_running_stats
+from ..core.state import (
+    check_no_renorm,
+    check_running_stats,
+    plain_attributes,
+    restore_attributes,
+)
 
 Callback = Callable[[int, int, float], None]
 
@@ -66,6 +72,9 @@ class _Objective:
         # Private: its flags are ours to set. Embeddings' scale_grad_by_freq off: the
         # gradients are the loss's own (side directions, mining), not rescaled ones.
         self.module = true_gradients(evaluation_copy(model))
+        # What a forward changes and every forward starts from (see session).
+        self._attributes: list = []
+        self._generators: list = []
         params = {k: v.to(self.device) for k, v in parameters_of(model).items()}
         self.theta = params
         self.keys = [k for k, v in params.items() if ignore is None or v.dim() > 1]
@@ -73,7 +82,10 @@ class _Objective:
             raise ValueError("the model has no parameters of dim > 1 to move; pass "
                              "ignore=None.")
         self.buffers = {k: v.to(self.device) for k, v in buffers_of(model).items()}
-        self.dtype = next(iter(params.values())).dtype
+        # The weights' dtype, as the engine's and the Hessian's (core/params.py): the first
+        # tensor's, a float64 temperature registered first, made the inputs float64 and
+        # the float32 layers failed ("mat1 and mat2 must have the same dtype").
+        self.dtype = weights_dtype(params) or next(iter(params.values())).dtype
         # A shuffling DataLoader is read once under a fixed private seed: the samples'
         # order (which the seeded minibatches index) is then the same on every call, and
         # the caller's RNG is not consumed.
@@ -102,6 +114,14 @@ class _Objective:
                     # No tracking: F.batch_norm gets no running buffers, so nothing is updated.
                     m.train()
                     m.track_running_stats = False
+        # Attributes and generators a forward changes are put back after every forward,
+        # as the engine's passes do (core/state.py): a call counter the forward used made
+        # every minibatch's loss another function (and full_loss differ call to call).
+        # Taken here, after the flags: put back from before them, BatchNorm went back to
+        # tracking and wrote the user's running statistics.
+        self._attributes = plain_attributes(self.module)
+        self._generators = [(g, g.get_state()) for m in self.module.modules()
+                            for g in vars(m).values() if isinstance(g, torch.Generator)]
         with plain_modes(self.device):  # the caller's inference mode and autocast: off
             yield
 
@@ -119,7 +139,13 @@ class _Objective:
         for k, s in shift.items():
             p[k] = p[k] + s.to(p[k].device, p[k].dtype)
         # A copy of the batch: a forward writing to its input would change the user's data.
-        return self.loss_fn(functional_call(self.module, p, (x.clone(),)), y)
+        try:
+            out = functional_call(self.module, p, (x.clone(),))
+        finally:
+            restore_attributes(self._attributes)
+            for g, state in self._generators:
+                g.set_state(state)
+        return self.loss_fn(out, y)
 
     def full_loss(self, shift: Params, chunk: int = 2048) -> Tensor:
         """Mean loss over all data (the engine's weighting); differentiable in ``shift``."""

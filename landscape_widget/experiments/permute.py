@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ..core.copies import structural_copy
 from ..core.params import (
     Params,
     check_direction,
@@ -38,6 +39,7 @@ from ..core.params import (
     model_device,
     parameters_of,
 )
+from ..core.state import plain_attributes, restore_attributes
 from ._objective import _check_attempts, _Objective, _retry
 from ._permutation_groups import FIXED, HELP, MIXING, Plan, trace
 from .curves import ShapedDirection, classify_curve, warn_shortfall
@@ -106,14 +108,26 @@ def _verify(model: nn.Module, d: Params, inputs: Tensor) -> None:
 
     module = evaluation_copy(model)
     modes = {m: m.training for m in module.modules()}
-    state = {**parameters_of(model), **float_buffers_of(model)}
-    end = {k: v + d[k] if k in d else v for k, v in state.items()}
+    # Copies: a forward writing to a buffer in place (self.seen += n) wrote into the
+    # user's own; and each call starts from the copy's state as it was (attributes and
+    # generators put back, as the engine's passes do): a call counter or a generator the
+    # forward used made the twin "another function", refused as an unknown architecture.
+    state = {k: v.clone() for k, v in {**parameters_of(model),
+                                       **float_buffers_of(model)}.items()}
+    end = {k: v + d[k] if k in d else v.clone() for k, v in state.items()}
     inputs = inputs.to(model_device(model))
     try:
         module.eval()
+        # After eval(): the training flags are attributes too.
+        attributes = plain_attributes(module)
+        generators = [(g, g.get_state()) for m in module.modules() for g in vars(m).values()
+                      if isinstance(g, torch.Generator)]
         with torch.no_grad():
             before = [t for t in tree_leaves(functional_call(module, state, (inputs.clone(),)))
                       if isinstance(t, Tensor) and t.is_floating_point()]
+            restore_attributes(attributes)
+            for g, saved in generators:
+                g.set_state(saved)
             after = [t for t in tree_leaves(functional_call(module, end, (inputs.clone(),)))
                      if isinstance(t, Tensor) and t.is_floating_point()]
     finally:
@@ -240,8 +254,13 @@ def _permutation(model: nn.Module, seed: int, buffers: bool,
     if isinstance(model, MIXING):
         raise ValueError(f"the model is a single {type(model).__name__} layer: a permutation "
                          "needs at least one hidden layer between two weight layers.")
-    traced = trace(model)
-    plan = Plan(model, traced)
+    # A structural copy is traced (its own attributes, the model's tensors): torch.fx runs
+    # the forward, which reassigned the user's attributes (self.calls += 1, self.prev = a
+    # torch.fx Proxy) on the model itself.
+    # (torch.fx also stores what it cannot trace, a generator, on the traced module.)
+    twin = structural_copy(model)
+    traced = trace(twin)
+    plan = Plan(twin, traced)
     plan.follow(traced.graph)
     if len(plan.layers) < 2:
         raise ValueError(f"the model has {len(plan.layers)} Linear/Conv layer(s): a permutation "
