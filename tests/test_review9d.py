@@ -328,3 +328,41 @@ def test_the_permutation_check_of_a_model_in_training_mode_runs_both_in_eval_mod
         torch.testing.assert_close(fresh(x), want, rtol=1e-5, atol=1e-5)
     assert model.training
     assert_same_snapshot(before, snapshot(model))
+
+
+class _F64First(nn.Module):
+    """A float64 input layer before float32 layers (review 9d's reproducer A)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.norm = nn.Linear(6, 6).double()
+        self.body = nn.Sequential(nn.Linear(6, 64), nn.ReLU(), nn.Linear(64, 3))
+
+    def forward(self, x):
+        return self.body(self.norm(x).float())
+
+
+@pytest.mark.parametrize("data_dtype", [torch.float64, torch.float32])
+def test_a_float64_input_layer_gets_its_dtype_whatever_the_datas(data_dtype):
+    # The inputs were cast to the weights' dtype (float32, most of the elements): the
+    # float64 first layer failed ("mat1 and mat2 must have the same dtype"), which float64
+    # data passed as they are had computed before. Now dtype mismatches retry the data's
+    # own dtype, then the model's other dtypes.
+    model = _F64First()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 6, generator=g, dtype=data_dtype)
+    y = torch.randint(0, 3, (32,), generator=g)
+    before = snapshot(model)
+    dirs = lw.random_directions(model, 2, seed=1)
+    s = lw.compute_surface(model, (x, y), directions=dirs, x=(-1, 1, 3), y=(-1, 1, 3),
+                           progress=False)
+    ref = []
+    for a, b in surface_coords(s.x, s.y):
+        net = copy.deepcopy(model)
+        with torch.no_grad():
+            for k, p in net.named_parameters():
+                p.add_(a * dirs[0][k] + b * dirs[1][k])
+            ref.append(float(nn.functional.cross_entropy(net(x.double()), y)))
+    np.testing.assert_allclose(s.loss.ravel(), ref, rtol=1e-5)
+    assert_same_snapshot(before, snapshot(model))

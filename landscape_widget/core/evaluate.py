@@ -23,6 +23,7 @@ activation memory traffic and can be faster point by point. Measuring beats gues
 
 from __future__ import annotations
 
+import re
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
@@ -73,6 +74,10 @@ from .stem import StemTerms, split_stem
 from .tuning import PlanTuner
 
 BN_MODES = ("eval", "batch")
+# torch's words for a dtype mismatch between inputs and weights ("mat1 and mat2 must have
+# the same dtype", "Input type (double) and bias type (float) should be the same",
+# "expected scalar type Double but found Float").
+_DTYPE_ERROR = re.compile(r"dtype|scalar type|Input type \(")
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -267,15 +272,13 @@ class Evaluator(PointPasses, PlanChoice, LossStats, PrecisionCheck, PlanTuner,
 
         x, y = as_tensors(data)
         check_finite(x, y)
-        if torch.is_floating_point(x) and self.dtype.is_floating_point:
-            x = x.to(self.dtype)
-        self.x, self.y = x.to(self.device), y.to(self.device)
-        self.n = int(self.x.shape[0])
+        self.y = y.to(self.device)
+        self.n = int(x.shape[0])
         self.user_budget = memory_budget
         self.budget = memory_budget or _default_budget(self.device)
         self.forced_batch = batch_size
         self.stem_budget = stem_budget if stem_budget is not None else _stem_budget(self.device)
-        self._check_outputs()  # also measures act_bytes (see _probe)
+        self._check_outputs_cast(x)  # sets self.x; also measures act_bytes (see _probe)
         self.population = self._subset_se(population)
         self.strategy = strategy
         self.plan: Plan | None = None
@@ -321,6 +324,34 @@ class Evaluator(PointPasses, PlanChoice, LossStats, PrecisionCheck, PlanTuner,
             self._probed = None
 
     # --- setup -------------------------------------------------------------------------
+    def _check_outputs_cast(self, x: Tensor) -> None:
+        """``self.x``: the data in the dtype the model takes; then :meth:`_check_outputs`.
+
+        Floating inputs are cast to the weights' dtype (:func:`~.params.weights_dtype`:
+        float64 numpy data for a float32 model). A forward that then fails on a dtype
+        mismatch (a float64 input layer before float32 ones: 9d's regression of that rule)
+        is tried with the data's own dtype, then with the model's other floating dtypes.
+
+        Raises:
+            RuntimeError: The first try's error, if every dtype fails (or the error is not
+                a dtype mismatch); and whatever :meth:`_check_outputs` raises.
+        """
+        dtypes = [x.dtype]
+        if torch.is_floating_point(x) and self.dtype.is_floating_point:
+            others = [v.dtype for v in self.base.values() if v.is_floating_point()]
+            dtypes = list(dict.fromkeys([self.dtype, x.dtype, *others]))
+        first = None
+        for dtype in dtypes:
+            self.x, self._probed = x.to(self.device, dtype), None
+            try:
+                self._check_outputs()
+                return
+            except RuntimeError as err:
+                first = first or err
+                if not _DTYPE_ERROR.search(str(err)):
+                    break
+        raise first
+
     def _prepare_module(self, model: nn.Module, bn: str) -> nn.Module:
         module = evaluation_copy(model)  # the user's flags are never switched
         set_flags(module, bn)
