@@ -24,7 +24,6 @@ activation memory traffic and can be faster point by point. Measuring beats gues
 from __future__ import annotations
 
 import re
-import warnings
 import weakref
 from collections.abc import Callable, Sequence
 
@@ -414,25 +413,3 @@ class Evaluator(PointPasses, PlanChoice, LossStats, PrecisionCheck, PlanTuner,
             "bn_batch_size": self.bn_batch_size,
             "activation_bytes_per_sample": self.act_bytes,
         }
-
-
-def warn_nonfinite(count: int, evaluator: Evaluator | None = None) -> None:
-    """Emit the single warning about non-finite losses of one computation.
-
-    With running BatchNorm statistics in the directions (interpolations, planes through
-    models, permutations) the usual cause is not divergence: past the models the combined
-    running variances turn negative, so the hint says so.
-    """
-    if not count:
-        return
-    why = "the model diverges there: shrink the range to look closer"
-    if getattr(evaluator, "bn", None) == "eval" and any(
-            k.endswith("running_var") for k in getattr(evaluator, "keys", ())):
-        why = ("the directions move BatchNorm running variances, which turn negative away "
-               "from the models: stay between them, or pass bn='batch' to use batch statistics")
-    warnings.warn(
-        f"{count} grid point(s) gave a non-finite loss; they are kept as NaN in the result "
-        f"({why}).",
-        RuntimeWarning,
-        stacklevel=3,
-    )

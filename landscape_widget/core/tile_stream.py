@@ -16,7 +16,6 @@ import numpy as np
 
 from .compute import GridJob, LocalRunner
 from .errors import ReuseMismatch
-from .evaluate import warn_nonfinite
 from .grid import Tile
 from .plans import check_positive
 from .surface import Curve, Surface
@@ -168,3 +167,25 @@ def run_stream(stream: TileStream, progress: bool, desc: str) -> Surface | Curve
             bar.close()
     warn_nonfinite(stream.evaluator.nonfinite_points, stream.evaluator)
     return stream.result()
+
+
+def warn_nonfinite(count: int, evaluator=None) -> None:
+    """Emit the single warning about non-finite losses of one computation.
+
+    With running BatchNorm statistics in the directions (interpolations, planes through
+    models, permutations) the usual cause is not divergence: past the models the combined
+    running variances turn negative, so the hint says so.
+    """
+    if not count:
+        return
+    why = "the model diverges there: shrink the range to look closer"
+    if getattr(evaluator, "bn", None) == "eval" and any(
+            k.endswith("running_var") for k in getattr(evaluator, "keys", ())):
+        why = ("the directions move BatchNorm running variances, which turn negative away "
+               "from the models: stay between them, or pass bn='batch' to use batch statistics")
+    warnings.warn(
+        f"{count} grid point(s) gave a non-finite loss; they are kept as NaN in the result "
+        f"({why}).",
+        RuntimeWarning,
+        stacklevel=3,
+    )
