@@ -97,3 +97,24 @@ def test_data_within_the_share_are_collected_as_they_are(monkeypatch):
     x, y = _tensors()
     got_x, got_y = data_module.as_tensors(DataLoader(TensorDataset(x, y), batch_size=64))
     assert torch.equal(got_x, x) and torch.equal(got_y, y)
+
+
+def test_a_containers_memory_limit_bounds_the_free_memory(monkeypatch, tmp_path):
+    # The host's MemAvailable is not what a container (docker --memory) may use: past its
+    # cgroup's limit the kernel kills the process. cgroup v1 files here (v2: the doctest).
+    from landscape_widget.core import plans
+
+    (tmp_path / "memory").mkdir()
+    (tmp_path / "memory" / "memory.limit_in_bytes").write_text("50000\n")
+    (tmp_path / "memory" / "memory.usage_in_bytes").write_text("40000\n")
+    (tmp_path / "memory" / "memory.stat").write_text("cache 1\ntotal_inactive_file 2000\n")
+    assert plans.cgroup_available(str(tmp_path)) == 12_000
+    (tmp_path / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    assert plans.cgroup_available(str(tmp_path)) is None
+    host = plans.free_memory(torch.device("cpu"))
+    monkeypatch.setattr(plans, "cgroup_available", lambda: 12_000)
+    assert plans.free_memory(torch.device("cpu")) == min(host, 12_000)
+    x, y = _tensors()  # 19,200 bytes: more than 40 % of 12,000
+    with pytest.raises(ValueError, match="too much to evaluate at once"):
+        lw.compute_surface(mlp(), TensorDataset(x, y), x=(-1, 1, 3), y=(-1, 1, 3),
+                           progress=False)

@@ -191,6 +191,50 @@ def _describe_error(err: BaseException) -> str:
     return first if len(first) <= 300 else first[:297] + "..."
 
 
+def cgroup_available(root: str = "/sys/fs/cgroup") -> int | None:
+    r"""Bytes this process's memory cgroup still allows (a container's limit), if it has one.
+
+    The limit less the usage, plus the inactive file cache the kernel reclaims first;
+    cgroup v2 (``memory.max``) or v1 (``memory/memory.limit_in_bytes``).
+
+    Returns:
+        Those bytes (at least 0), or ``None`` without a limit (or without cgroup files).
+
+    Example:
+        >>> import pathlib, tempfile
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> _ = (d / "memory.max").write_text("1000000\n")
+        >>> _ = (d / "memory.current").write_text("300000\n")
+        >>> _ = (d / "memory.stat").write_text("anon 200000\ninactive_file 50000\n")
+        >>> cgroup_available(str(d))
+        750000
+        >>> _ = (d / "memory.max").write_text("max\n")
+        >>> cgroup_available(str(d)) is None
+        True
+    """
+    for limit, usage, stat, key in (
+            ("memory.max", "memory.current", "memory.stat", "inactive_file"),
+            ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes",
+             "memory/memory.stat", "total_inactive_file")):
+        try:
+            with open(f"{root}/{limit}") as f:
+                raw = f.read().strip()
+            if raw == "max" or int(raw) >= 1 << 60:  # v2's "max", v1's page-rounded 2**63
+                return None
+            with open(f"{root}/{usage}") as f:
+                used = int(f.read())
+            cache = 0
+            with open(f"{root}/{stat}") as f:
+                for line in f:
+                    name, _, value = line.partition(" ")
+                    if name == key:
+                        cache = int(value)
+            return max(int(raw) - used + cache, 0)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
 def free_memory(device: torch.device) -> int:
     """Bytes free for the engine: CUDA's free memory, or the CPU's available RAM."""
     if device.type == "cuda":
@@ -202,7 +246,11 @@ def free_memory(device: torch.device) -> int:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    available = int(line.split()[1]) * 1024
+                    # A container's memory limit (docker --memory) is not the host's RAM:
+                    # past it the kernel kills the process, the notebook's kernel with it.
+                    limited = cgroup_available()
+                    return available if limited is None else min(available, limited)
     except OSError:
         pass
     try:
