@@ -263,3 +263,28 @@ def test_a_fixed_subset_of_the_samples_control_is_used_and_said():
                                     samples=1000)
         assert surfaces[name].spec["samples"]["n"] == 1000
         np.testing.assert_allclose(surfaces[name].loss, oracle.loss, rtol=1e-6)
+        # The samples themselves: the documented draw (1,000 indices without replacement
+        # from sample_seed 0, in data order), by hand on a perturbed copy in float64.
+        idx = lw.core.subset.subset_indices(x.shape[0], 1000, 0)
+        assert idx.unique().numel() == 1000 and bool((idx[1:] > idx[:-1]).all())
+        xs, ys = np.linspace(*X, 3), np.linspace(*Y, 3)
+        got = surfaces[name].loss
+        assert got[2, 1] == pytest.approx(
+            _perturbed_loss(model, dirs, xs[1], ys[2], (x[idx], y[idx])), rel=1e-4)
+        assert got[2, 1] != pytest.approx(
+            _perturbed_loss(model, dirs, xs[1], ys[2], (x, y)), rel=1e-4)
+
+
+def test_data_no_larger_than_the_subset_is_computed_exactly_and_said():
+    models = dict(list(_zoo().items())[2:])
+    data = _digits(64)
+    w = LandscapeWidget(models=models, data=data, autostart=False, resolution=3,
+                        x_range=list(X), y_range=list(Y), seed=7, samples="1k")
+    try:
+        w.compare(wait=True, timeout=120)
+        status, surfaces = w.compare_status, w.compared
+    finally:
+        w.close()
+    assert status["state"] == "done"
+    assert "data holds at most 1,000 samples, so all of them were used" in status["message"]
+    assert not surfaces["mlp"].spec.get("samples")

@@ -200,8 +200,10 @@ class PointPasses(PointLanes):
                 "The model's forward changed its input in place on samples "
                 f"{start}-{start + inputs.shape[0] - 1} (not on the first ones, which the "
                 "engine checks on a copy and then hands every pass a copy of its batch): "
-                "your data tensor was changed. Compute out of place in forward (x = x * 2, "
-                "not x.mul_(2); or x = x.clone() first), rebuild the data and call again.")
+                "the data it was given changed, and with them your own tensor if the engine "
+                "used it as it is (on the model's device, in its dtype, all of it). Compute "
+                "out of place in forward (x = x * 2, not x.mul_(2); or x = x.clone() first), "
+                "check your data and call again.")
         return out
 
     def _forward_stats(self, plan: Plan, params: Params, inputs: Tensor, in_dim: int | None,

@@ -134,7 +134,8 @@ def compare_samples(data, mode: str) -> tuple[int | None, str]:
 
     Returns:
         ``(samples, note)``: the subset size of a fixed-subset mode when the data holds
-        more samples, else ``None`` (exact); the note for the status line ("" if exact).
+        more samples, else ``None`` (exact); the note for the status line ("" for
+        ``"auto"`` and ``"exact"``).
 
     Raises:
         SubsetError: For a fixed subset of data that cannot be subset (the error names
@@ -146,14 +147,15 @@ def compare_samples(data, mode: str) -> tuple[int | None, str]:
         >>> compare_samples(data, "1k"), compare_samples(data, "auto")
         ((1000, 'on a random subset of 1,000 of 3,000 samples (the samples control)'), (None, ''))
         >>> compare_samples(data, "5k")
-        (None, '')
+        (None, 'samples 5k: the data holds at most 5,000 samples, so all of them were used (exact)')
     """
     if mode not in SUBSET_CHOICES:
         return None, ""
     population = data_size(data)
     (n,) = sample_stages(mode, population)
-    if n is None:
-        return None, ""
+    if n is None:  # no more samples than the subset: all of them, as the plane says
+        return None, (f"samples {mode}: the data holds at most {SUBSET_CHOICES[mode]:,} "
+                      "samples, so all of them were used (exact)")
     return n, f"on a random subset of {n:,} of {population:,} samples (the samples control)"
 
 
@@ -211,7 +213,7 @@ class CompareRunner:
         notify = self.on_update or (lambda *_: None)
         x = (spec.x_range[0], spec.x_range[1], spec.resolution)
         y = (spec.y_range[0], spec.y_range[1], spec.resolution)
-        name = names[0] if names else ""
+        name = ""  # the model being computed: errors before the first name none
         try:
             # The samples control: a fixed subset ("1k", "5k", "10k") is computed on that
             # subset, and the status says so (the panel computed on all data and said
@@ -241,7 +243,8 @@ class CompareRunner:
         except Exception as err:  # noqa: BLE001 - a thread: the status carries the error
             notify({"state": "error", "id": job_id, "done": len(surfaces),
                     "total": len(names), "model": name,
-                    "message": f"{name}: {type(err).__name__}: {err}"}, None)
+                    "message": f"{name + ': ' if name else ''}{type(err).__name__}: {err}"},
+                   None)
             return
         state = "cancelled" if len(surfaces) < len(names) else "done"
         # A model without finite losses still ends "done", but the status says so.
