@@ -8,6 +8,7 @@ loss-landscape file's reused values against this model before they are taken.
 
 from __future__ import annotations
 
+import math
 import threading
 import warnings
 from collections.abc import Iterator
@@ -77,7 +78,9 @@ class TileStream:
         # read None, as an exact fp32 grid does.
         errors = [(plan or {}).get("precision_error"),
                   self._job.reused_error if self.reused else None]
-        errors = [e for e in errors if e is not None]
+        # A NaN (a result saved before non-finite points counted as inf) is inf here: max()
+        # with a NaN depends on the order.
+        errors = [math.inf if e != e else e for e in errors if e is not None]
         spec.update(
             evaluated=self.evaluated,
             reused=self.reused,
