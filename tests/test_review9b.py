@@ -374,3 +374,16 @@ def test_compile_takes_bools_and_auto_only(bad):
     with pytest.raises(ValueError, match="choose True, False or 'auto'"):
         lw.compute_surface(model, cases.mlp_data(), x=(-1, 1, 2), y=(-1, 1, 2),
                            compile=bad, progress=False)
+
+
+def test_a_reused_result_with_a_nan_precision_error_counts_as_not_finite():
+    # Results saved before non-finite points counted as inf could hold NaN; max() with a
+    # NaN depends on the order of its arguments.
+    model, data = mlp(), mlp_data()
+    kw = dict(x=(-1, 1, 3), y=(-1, 1, 3), progress=False, precision="bf16")
+    dirs = lw.random_directions(model, 2, seed=0)
+    first = lw.compute_surface(model, data, directions=dirs, **kw)
+    first.spec["precision_error"] = float("nan")
+    finer = lw.compute_surface(model, data, directions=dirs, reuse=first,
+                               **{**kw, "x": (-1, 1, 5), "y": (-1, 1, 5)})
+    assert finer.spec["reused"] == 9 and finer.spec["precision_error"] == float("inf")
