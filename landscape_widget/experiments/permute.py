@@ -112,9 +112,14 @@ def _verify(model: nn.Module, d: Params, inputs: Tensor) -> None:
     try:
         module.eval()
         with torch.no_grad():
-            before = [t for t in tree_leaves(functional_call(module, state, (inputs.clone(),)))
+            # Copies of the state for each run: a forward that updates its buffers (QAT
+            # observers) would write into the user's, and the second run would start from
+            # the first one's state and compute another function.
+            before = [t for t in tree_leaves(functional_call(
+                module, {k: v.clone() for k, v in state.items()}, (inputs.clone(),)))
                       if isinstance(t, Tensor) and t.is_floating_point()]
-            after = [t for t in tree_leaves(functional_call(module, end, (inputs.clone(),)))
+            after = [t for t in tree_leaves(functional_call(
+                module, {k: v.clone() for k, v in end.items()}, (inputs.clone(),)))
                      if isinstance(t, Tensor) and t.is_floating_point()]
     finally:
         for m, training in modes.items():  # restored one by one: train() would recurse
@@ -240,8 +245,11 @@ def _permutation(model: nn.Module, seed: int, buffers: bool,
     if isinstance(model, MIXING):
         raise ValueError(f"the model is a single {type(model).__name__} layer: a permutation "
                          "needs at least one hidden layer between two weight layers.")
-    traced = trace(model)
-    plan = Plan(model, traced)
+    # fx runs the forward (and its hooks) on Proxies: on a private copy, so that a hook
+    # storing its output (into the module or a closure) cannot leave a Proxy in the user's.
+    copy = evaluation_copy(model)
+    traced = trace(copy)
+    plan = Plan(copy, traced)
     plan.follow(traced.graph)
     if len(plan.layers) < 2:
         raise ValueError(f"the model has {len(plan.layers)} Linear/Conv layer(s): a permutation "
