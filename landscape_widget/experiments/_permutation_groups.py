@@ -114,14 +114,19 @@ class _Groups:
 
 
 def _node_args(node) -> list:
-    from torch.fx import Node
+    """The nodes ``node`` reads, at any depth of its arguments.
 
-    found = []
-    for a in list(node.args) + list(node.kwargs.values()):
-        if isinstance(a, Node):
-            found.append(a)
-        elif isinstance(a, (tuple, list)):
-            found.extend(x for x in a if isinstance(x, Node))
+    A model returning a dict (``{"logits": ..., "hidden": h}``) has its outputs inside one;
+    read only one level deep, ``h`` was taken for a hidden tensor and permuted, and the
+    model's output changed.
+
+    Returns:
+        The argument nodes, in the order of the arguments.
+    """
+    from torch.fx.node import map_arg
+
+    found: list = []
+    map_arg((node.args, node.kwargs), found.append)
     return found
 
 
