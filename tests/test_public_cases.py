@@ -11,6 +11,8 @@ as it was (snapshots.py). A pair that does not apply says why in a comment.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -428,3 +430,34 @@ def test_permutation_follows_outputs_inside_a_dict():
     with Untouched(model):
         d = lw.permutation_direction(model, seed=0, check_inputs=x)
     assert d["body.0.weight"].any()
+
+
+class _CountingNet(torch.nn.Module):
+    """A forward that counts its calls in a buffer and scales by the count (a warm-up
+    factor): every pass must start from the model's count, as the surfaces' passes do."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = torch.nn.Linear(6, 8), torch.nn.Linear(8, 3)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1
+        return self.l2(torch.tanh(self.l1(x))) * (1 + self.calls)
+
+
+@pytest.mark.parametrize("method", ["graph", "jvp", "backward"])
+def test_hessian_products_start_every_pass_from_the_models_buffers(method):
+    # Batched methods ran each product's passes on buffers the earlier passes had counted
+    # up: "backward" failed as "not symmetric" (blamed on weight_norm), "jvp" on a write to
+    # a captured tensor.
+    torch.manual_seed(0)
+    model = _CountingNet().eval()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(40, 6, generator=g), torch.randint(0, 3, (40,), generator=g)
+    case = {"name": "counting", "model": lambda: copy.deepcopy(model), "bn": "eval"}
+    batch = None if method == "graph" else 10
+    with Untouched(model):
+        top = lw.hessian_eigenpairs(model, (x, y), k=1, method=method, batch_size=batch)
+    ev = torch.linalg.eigvalsh(dense_hessian(case, x, y)).numpy()
+    assert top.method == method and top.values[0] == pytest.approx(ev[-1], rel=1e-4)

@@ -243,7 +243,12 @@ class HessianOperator:
             # A copy of the batch: a forward that writes to its input (x.mul_(2)) would
             # change the user's data (on a CPU, self.x is their tensor) and every later
             # product would see it changed. One copy per batch, small beside the products.
-            out = functional_call(self.module, {**self.fixed, **params}, (x.clone(),))
+            # Fresh copies of the buffers too: a forward that writes to them (a counter)
+            # would otherwise start each pass from the last one's state, so the products
+            # of a batched method were those of changing functions (not symmetric: blamed
+            # on weight_norm), and under torch.func it wrote into a captured tensor.
+            fresh = {k: b.clone() for k, b in self._buffers.items()}
+            out = functional_call(self.module, {**self.fixed, **fresh, **params}, (x.clone(),))
         return self.loss_fn(out, y)
 
     def matvec(self, v: Tensor) -> Tensor:
