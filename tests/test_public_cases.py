@@ -170,6 +170,10 @@ def test_interpolation_endpoints_are_the_models_own_losses(name, tmp_path):
     shift = {k: (end[k] - theta[k]).detach() for k in theta}
     oracle = [float(oracle_loss(case, x, y)), float(oracle_loss(case, x, y, shift))]
     np.testing.assert_allclose(curve.loss, oracle, rtol=2e-5)
+    # The direction moves the buffers too (the graph's sparse adjacency: written dense).
+    lw.save_directions(tmp_path / "d.h5", [d], model)
+    (r,) = lw.load_directions(tmp_path / "d.h5", model)
+    assert all(torch.equal(r[k], v.to_dense() if v.is_sparse else v) for k, v in d.items())
     curve.save(tmp_path / "c.h5")
     back = lw.Curve.load(tmp_path / "c.h5")
     np.testing.assert_array_equal(back.loss, curve.loss)
