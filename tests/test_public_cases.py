@@ -1,12 +1,11 @@
-"""Every public function of ``landscape_widget`` on the real cases of ``cases.py``.
+"""Every public function of ``landscape_widget`` on the real cases (public_cases.py): the
+directions and their files, the Hessian tools, trajectories, the three-model plane, tiles,
+result files and statistics; test_public_experiments.py has the papers' methods.
 
 The surface engine is checked on these models in test_real_models.py / test_tasks.py; here
-the other public functions run on them (directions and their files, the Hessian tools,
-mining, permutation and side directions, trajectories, the three-model plane, tiles,
-results' files, statistics, optimizer runs and MPO), each against an independent oracle
-(a float64 forward through ``functional_call`` on a fresh model, a dense Hessian, the
-second derivative of ``t -> L(theta + t d)``), and each call must leave the user's model
-as it was (snapshots.py). A pair that does not apply says why in a comment.
+the other public functions run on them, each against an independent oracle, and each call
+must leave the user's model as it was (snapshots.py). A pair that does not apply says why
+in a comment.
 """
 
 from __future__ import annotations
@@ -16,117 +15,21 @@ import copy
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from cases import REAL_CASES, TASK_CASES, _case, tied_data, tied_mlp
-from snapshots import assert_same_snapshot, snapshot
-from torch.func import functional_call
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from public_cases import (
+    BY_NAME,
+    DENSE_MAX,
+    IDS,
+    NO_HVP,
+    Untouched,
+    dense_hessian,
+    kwargs,
+    load,
+    oracle_loss,
+    second_derivative,
+    weights,
+)
 
 import landscape_widget as lw
-
-_TASKS = {c["name"]: c for c in TASK_CASES}
-# The real cases, tied weights, and the tasks beyond classification (their own loss).
-CASES = [dict(c) for c in REAL_CASES] + [_case("tied", tied_mlp, tied_data)] + [
-    {"name": n, "model": _TASKS[n]["model"], "data": _TASKS[n]["data"], "bn": "eval",
-     "loss_fn": _TASKS[n]["loss_fn"], "output_fn": _TASKS[n]["output_fn"]}
-    for n in ("regression-1", "multilabel-bce", "tokens-ignore-100", "dict-outputs")]
-BY_NAME = {c["name"]: c for c in CASES}
-IDS = list(BY_NAME)
-# torch's second derivative of weight_norm is wrong (the library checks symmetry and says
-# so); the stateful net's forward scales by a buffer it then changes in place, so torch
-# cannot differentiate it at all (plain loss.backward() fails too).
-NO_HVP = {"parametrizations": "weight_norm", "legacy-weight-norm": "weight_norm",
-          "stateful-hooks": "modified by an inplace operation"}
-DENSE_MAX = 700  # parameters of dim > 1 up to which the dense Hessian is the oracle
-
-
-def load(case):
-    """A fresh ``(model, (x, y))`` of ``case``, the model in eval mode."""
-    model = case["model"]().eval()
-    return model, case["data"]()
-
-
-def kwargs(case, hessian: bool = False) -> dict:
-    kw = {"bn": case["bn"]}
-    if case.get("loss_fn") is not None:
-        kw["loss_fn"] = case["loss_fn"]
-    if hessian and case.get("output_fn") is not None:
-        kw["output_fn"] = case["output_fn"]
-    return kw
-
-
-def oracle_loss(case, x, y, shift=None, t=None, frozen=False):
-    """The mean loss over all data of a fresh float64 model (float32 for QAT) at
-    ``theta + t * shift`` (``shift`` may move buffers too), computed in one forward;
-    ``frozen``: QAT observers off, as in the Hessian tools (else they update, as in a
-    surface's pass)."""
-    net = case["model"]().eval()
-    dtype = torch.float32 if case["name"] == "qat" else torch.float64
-    net = net.to(dtype)
-    if case["name"] == "qat" and frozen:
-        for k, b in net.named_buffers():  # as the Hessian tools: the function, not its update
-            if k.endswith("observer_enabled"):
-                b.zero_()
-    state = {k: v.detach().clone() for k, v in net.named_parameters()}
-    state.update({k: b.clone() for k, b in net.named_buffers()})
-    for k, v in (shift or {}).items():
-        step = v.to(dtype) if t is None else t * v.to(dtype)
-        state[k] = state[k] + step
-    if case["bn"] == "batch":
-        net.train()
-    xd = x.to(dtype) if x.is_floating_point() else x
-    with sdpa_kernel(SDPBackend.MATH):  # the fused CPU kernel has no second derivative
-        out = functional_call(net, state, (xd,))
-    loss_fn = case.get("loss_fn")
-    if loss_fn is None:
-        return F.cross_entropy(out, y)
-    if isinstance(loss_fn, torch.nn.Module):
-        loss_fn = type(loss_fn)()  # same class, default settings (all cases' are default)
-    return loss_fn(out, y.to(dtype) if y.is_floating_point() else y)
-
-
-def second_derivative(case, x, y, d) -> float:
-    """``d^2/dt^2 L(theta + t d)`` at ``t = 0`` by autograd on the scalar ``t``."""
-    t = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    (g,) = torch.autograd.grad(oracle_loss(case, x, y, d, t, frozen=True), t,
-                               create_graph=True)
-    (h,) = torch.autograd.grad(g, t)
-    return float(h)
-
-
-def weights(model) -> dict:
-    return {k: p.detach() for k, p in model.named_parameters() if p.dim() > 1}
-
-
-def dense_hessian(case, x, y) -> torch.Tensor:
-    """The dense Hessian of the oracle loss over the parameters of dim > 1."""
-    keys = list(weights(case["model"]()))
-    shapes = {k: v.shape for k, v in weights(case["model"]()).items()}
-    sizes = [int(np.prod(shapes[k])) for k in keys]
-
-    def f(flat):
-        parts = torch.split(flat, sizes)
-        return oracle_loss(case, x, y, {k: p.reshape(shapes[k])
-                                        for k, p in zip(keys, parts, strict=True)}, frozen=True)
-
-    dtype = torch.float32 if case["name"] == "qat" else torch.float64
-    # Rows by vmap where the layers allow it (not the CPU LSTM/GRU kernels).
-    vectorize = case["name"] not in ("lstm", "gru")
-    return torch.autograd.functional.hessian(f, torch.zeros(sum(sizes), dtype=dtype),
-                                             vectorize=vectorize)
-
-
-class Untouched:
-    """``with Untouched(model):`` fails if the block changed anything of ``model``."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def __enter__(self):
-        self.before = snapshot(self.model)
-
-    def __exit__(self, *exc):
-        assert_same_snapshot(self.before, snapshot(self.model))
 
 
 # --- directions and their files ---------------------------------------------------------
@@ -232,91 +135,35 @@ def test_rayleigh_quotient_and_curvature_map_against_second_derivatives(name):
     assert lmin - 1e-4 * abs(lmax) <= curv <= lmax * (1 + 1e-3) + 1e-6  # Rayleigh bounds
 
 
-# --- curve shapes: side, mined and permutation directions --------------------------------
-def engine_shape(case, model, x, y, d) -> str:
-    """The shape of the engine's curve along ``d`` on the taxonomy window."""
-    curve = lw.compute_curve(model, (x, y), direction=d, x=lw.SHAPE_X, metrics=("loss",),
-                             **kwargs(case))
-    return lw.classify_curve(curve).shape
+class _CountingNet(torch.nn.Module):
+    """A forward that counts its calls in a buffer and scales by the count (a warm-up
+    factor): every pass must start from the model's count, as the surfaces' passes do."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = torch.nn.Linear(6, 8), torch.nn.Linear(8, 3)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1
+        return self.l2(torch.tanh(self.l1(x))) * (1 + self.calls)
 
 
-@pytest.mark.parametrize("name", IDS)
-def test_side_direction_is_downhill_and_says_what_it_reached(name):
-    case = BY_NAME[name]
-    model, (x, y) = load(case)
-    if name in ("stateful-hooks", "qat", "tokens-ignore-100"):
-        # stateful: torch cannot differentiate its forward (see NO_HVP); QAT: the loss is
-        # piecewise constant in the fake-quantised weights (no step lowers it: refused);
-        # tokens: the line search is slow on 2,448 embedding weights. Both refusals must
-        # leave the model as it was (QAT's observers and the net's counter were written).
-        if name != "tokens-ignore-100":
-            with Untouched(model), pytest.raises((RuntimeError, ValueError)):
-                lw.side_direction(model, (x, y), attempts=1, warn=False, **kwargs(case))
-        return
+@pytest.mark.parametrize("method", ["graph", "jvp", "backward"])
+def test_hessian_products_start_every_pass_from_the_models_buffers(method):
+    # Batched methods ran each product's passes on buffers the earlier passes had counted
+    # up: "backward" failed as "not symmetric" (blamed on weight_norm), "jvp" on a write to
+    # a captured tensor.
+    torch.manual_seed(0)
+    model = _CountingNet().eval()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(40, 6, generator=g), torch.randint(0, 3, (40,), generator=g)
+    case = {"name": "counting", "model": lambda: copy.deepcopy(model), "bn": "eval"}
+    batch = None if method == "graph" else 10
     with Untouched(model):
-        d = lw.side_direction(model, (x, y), attempts=1, warn=False, **kwargs(case))
-    keys = list(weights(model))
-    theta = {k: p.detach().double().requires_grad_() for k, p in weights(model).items()}
-    shift = {k: theta[k] - p.detach().double() for k, p in weights(model).items()}
-    if name == "parametrizations":  # torch's own gradient of orthogonal()'s `original`
-        keys = [k for k in keys if not k.startswith("4.")]  # disagrees with finite
-        # differences (see the review report); the other layers' must be the gradient
-    grads = torch.autograd.grad(oracle_loss(case, x, y, shift), [theta[k] for k in keys])
-    g = torch.cat([v.reshape(-1) for v in grads])
-    dv = torch.cat([d[k].double().reshape(-1) for k in keys])
-    assert float(-(g @ dv) / (g.norm() * dv.norm())) == pytest.approx(1.0, abs=1e-4)
-    assert d.achieved == engine_shape(case, model, x, y, d)
-    assert d.success == (d.achieved == "v-side")
-
-
-MINE = [n for n in IDS if n not in ("stateful-hooks", "resnet18-bn", "tokens-ignore-100")]
-
-
-@pytest.mark.parametrize("name", MINE)
-def test_mined_directions_say_what_they_reached(name):
-    # Not run: stateful-hooks (torch cannot differentiate it, see NO_HVP), resnet18 and
-    # the tokens (their 61-point check curves are the cost, not the method).
-    case = BY_NAME[name]
-    model, (x, y) = load(case)
-    with Untouched(model):
-        d = lw.mine_direction(model, (x, y), "w-peak", steps=3, attempts=1, warn=False,
-                              progress=False, **kwargs(case))
-        u, v = lw.mine_plane(model, (x, y), "saddle", steps=2, attempts=1, warn=False,
-                             progress=False, **kwargs(case))
-    assert d.achieved == engine_shape(case, model, x, y, d)
-    assert d.success == (d.achieved == "w-peak") and len(d.attempts) == 1
-    assert set(u) == set(v) == set(d) and isinstance(d.success, bool)
-
-
-# Units that can be permuted: the others are refused (one weight layer before the head,
-# attention or parametrizations that mix units, tied or shared layers, the stateful net's
-# detached statistics, the graph's mean over nodes, dict-outputs' hidden layer, which is
-# an output too). Not here: qat, whose permuted network computes another function (the
-# review's unfixed finding).
-PERMUTABLE = ("resnet18-bn", "cnn-bn-class-sorted-batch", "regression-1", "multilabel-bce")
-
-
-@pytest.mark.parametrize("name", [n for n in IDS if n != "qat"])
-def test_permutation_direction_keeps_the_function_at_alpha_one(name):
-    case = BY_NAME[name]
-    model, (x, y) = load(case)
-    if name not in PERMUTABLE:
-        # Refused up front, not by the check that the function stayed (which asks for a
-        # report of the architecture).
-        with Untouched(model), pytest.raises(ValueError, match="no hidden unit can be "
-                                             "permuted|needs at least one hidden layer"):
-            lw.permutation_direction(model, seed=0, check_inputs=x[:4])
-        return
-    with Untouched(model):
-        d = lw.permutation_direction(model, seed=0, check_inputs=x[:4])
-    assert any(v.any() for v in d.values())
-    net = case["model"]().double().eval()
-    state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    end = {k: v + d[k].double() if k in d else v for k, v in state.items()}
-    xd = x.double()
-    np.testing.assert_allclose(functional_call(net, end, (xd,)).detach(),
-                               functional_call(net, state, (xd,)).detach(), rtol=1e-5,
-                               atol=1e-6)  # d = permuted - theta in float32
+        top = lw.hessian_eigenpairs(model, (x, y), k=1, method=method, batch_size=batch)
+    ev = torch.linalg.eigvalsh(dense_hessian(case, x, y)).numpy()
+    assert top.method == method and top.values[0] == pytest.approx(ev[-1], rel=1e-4)
 
 
 # --- trajectories, the three-model plane, tiles and result files --------------------------
@@ -384,132 +231,3 @@ def test_triangle_corners_tiles_and_files(name, tmp_path):
     assert surf.to_plotly("contour") is not None
     stats = lw.landscape_stats(surf)
     assert stats.minima == lw.count_minima(surf) >= 1 and stats.roughness >= 1  # TV / range
-
-
-# --- MPO --------------------------------------------------------------------------------
-# fit_pattern documents classifiers trained by cross-entropy on class labels, networks it
-# can re-initialise (reset_parameters) and differentiate: not the regression, multi-label,
-# token (float-cast) or dict-output tasks, nor resnet18 (seconds per step); the stateful
-# net's forward cannot be differentiated (NO_HVP); recurrent, attention and QAT layers
-# have no vmap rule (strategy="loop" is the documented alternative, not timed here).
-FIT = ("parametrizations", "legacy-weight-norm", "cnn-bn-class-sorted-batch",
-       "graph-sparse-buffer", "tied")
-
-
-@pytest.mark.parametrize("name", FIT)
-def test_fit_pattern_from_the_users_model_leaves_it_alone(name):
-    case = BY_NAME[name]
-    model, (x, y) = load(case)
-    with Untouched(model):
-        fit = lw.fit_pattern(model, (x, y), lw.checkerboard(2), steps=2, batch_size=8,
-                             progress=False)
-    assert fit.step == 2 and all(np.isfinite(h["loss"]) for h in fit.history)
-
-
-def test_fit_pattern_copies_keep_hooks_out_of_the_users_closures():
-    # The stateful net's hook stores its output in a dict its closure holds: the copies'
-    # hooks must write into copies of it (before: a vmapped tensor leaked into the user's).
-    model, (x, y) = load(BY_NAME["stateful-hooks"])
-    with Untouched(model), pytest.raises(RuntimeError):
-        lw.fit_pattern(model, (x, y), lw.checkerboard(2), steps=1, batch_size=8,
-                       progress=False)
-
-
-class _DictLogits(torch.nn.Module):
-    """Hidden units that reach no output: the dict holds the logits only."""
-
-    def __init__(self):
-        super().__init__()
-        self.body = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh())
-        self.head = torch.nn.Linear(6, 3)
-
-    def forward(self, x):
-        h = self.body(x)
-        out = self.head(h)
-        return {"logits": out, "probs": out.softmax(-1)}
-
-
-def test_permutation_follows_outputs_inside_a_dict():
-    # dict-outputs (above) is refused: its hidden layer is returned in the dict (it was
-    # permuted, and the check saw the function change). Here the dict holds the head's
-    # outputs only: the hidden units are permuted and the outputs stay.
-    torch.manual_seed(0)
-    model = _DictLogits().eval()
-    x = torch.randn(4, 5)
-    with Untouched(model):
-        d = lw.permutation_direction(model, seed=0, check_inputs=x)
-    assert d["body.0.weight"].any()
-
-
-class _CountingNet(torch.nn.Module):
-    """A forward that counts its calls in a buffer and scales by the count (a warm-up
-    factor): every pass must start from the model's count, as the surfaces' passes do."""
-
-    def __init__(self):
-        super().__init__()
-        self.l1, self.l2 = torch.nn.Linear(6, 8), torch.nn.Linear(8, 3)
-        self.register_buffer("calls", torch.zeros(()))
-
-    def forward(self, x):
-        self.calls += 1
-        return self.l2(torch.tanh(self.l1(x))) * (1 + self.calls)
-
-
-@pytest.mark.parametrize("method", ["graph", "jvp", "backward"])
-def test_hessian_products_start_every_pass_from_the_models_buffers(method):
-    # Batched methods ran each product's passes on buffers the earlier passes had counted
-    # up: "backward" failed as "not symmetric" (blamed on weight_norm), "jvp" on a write to
-    # a captured tensor.
-    torch.manual_seed(0)
-    model = _CountingNet().eval()
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(40, 6, generator=g), torch.randint(0, 3, (40,), generator=g)
-    case = {"name": "counting", "model": lambda: copy.deepcopy(model), "bn": "eval"}
-    batch = None if method == "graph" else 10
-    with Untouched(model):
-        top = lw.hessian_eigenpairs(model, (x, y), k=1, method=method, batch_size=batch)
-    ev = torch.linalg.eigvalsh(dense_hessian(case, x, y)).numpy()
-    assert top.method == method and top.values[0] == pytest.approx(ev[-1], rel=1e-4)
-
-
-# --- optimizer runs -----------------------------------------------------------------------
-# Full-batch SGD, one step: theta_0 - lr * grad L(theta_0), the gradient of the float64
-# oracle. Not here: BatchNorm cases and QAT (training mode changes the function: batch
-# statistics, observers), parametrizations (spectral_norm's power iteration in training),
-# the stateful net (not differentiable, NO_HVP).
-SGD = ("lstm", "gru", "transformer", "legacy-weight-norm", "graph-sparse-buffer", "tied",
-       "regression-1", "multilabel-bce", "tokens-ignore-100", "dict-outputs")
-
-
-@pytest.mark.parametrize("name", SGD)
-def test_compare_optimizers_takes_the_gradient_step(name):
-    case = BY_NAME[name]
-    model, (x, y) = load(case)
-    opts = {"sgd": lambda params: torch.optim.SGD(params, lr=0.1)}
-    kw = {"loss_fn": case["loss_fn"]} if case.get("loss_fn") is not None else {}
-    with Untouched(model):
-        runs = lw.compare_optimizers(model, (x, y), opts, epochs=1, batch_size=len(x),
-                                     progress=False, **kw)
-    theta = {k: p.detach().double().requires_grad_() for k, p in model.named_parameters()}
-    shift = {k: theta[k] - p.detach().double() for k, p in model.named_parameters()}
-    grads = torch.autograd.grad(oracle_loss(case, x, y, shift), list(theta.values()),
-                                allow_unused=True)
-    trained = dict(runs.model("sgd").named_parameters())
-    for (k, t), g in zip(theta.items(), grads, strict=True):
-        step = 0.0 if g is None else 0.1 * g
-        np.testing.assert_allclose(trained[k].detach().double(), t.detach() - step,
-                                   atol=2e-6, err_msg=k)
-
-
-@pytest.mark.parametrize("name", ["lstm", "gru", "transformer", "qat"])
-def test_fit_pattern_names_the_loop_where_vmap_cannot_run(name):
-    # torch's "Batching rule not implemented for aten::lstm.input" said nothing of
-    # strategy='loop', with which these fit; "auto" now falls back to it.
-    case = BY_NAME[name]
-    model, (x, y) = load(case)
-    kw = {"steps": 1, "batch_size": 8, "progress": False}
-    with Untouched(model):
-        with pytest.raises(RuntimeError, match="strategy='loop'"):
-            lw.fit_pattern(model, (x, y), lw.checkerboard(2), **kw)
-        fit = lw.fit_pattern(model, (x, y), lw.checkerboard(2), strategy="auto", **kw)
-    assert fit.batched is False and fit.step == 1 and np.isfinite(fit.history[0]["loss"])
