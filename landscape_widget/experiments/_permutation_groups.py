@@ -260,6 +260,14 @@ class Plan:
         else:
             self.cols[w] = units
         self.row(w, group)
+        # QAT: a per-channel weight fake-quantiser keeps a scale and statistics per output
+        # unit, which must move with the unit's weights (else the check saw another
+        # function). Integer zero points cannot be moved; symmetric ones are all 0.
+        fq = getattr(m, "weight_fake_quant", None)
+        if isinstance(fq, nn.Module) and getattr(fq, "ch_axis", None) == 0:
+            for b in fq.buffers():
+                if b.is_floating_point() and b.dim() == 1 and b.numel() == m.weight.shape[0] > 1:
+                    self.row(self.key.get(id(b)), group)
         self.row(self._key(m, "bias"), group)
         out.group = group
         return out
