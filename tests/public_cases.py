@@ -28,7 +28,7 @@ IDS = list(BY_NAME)
 # so); the stateful net's forward scales by a buffer it then changes in place, so torch
 # cannot differentiate it at all (plain loss.backward() fails too).
 NO_HVP = {"parametrizations": "weight_norm", "legacy-weight-norm": "weight_norm",
-          "stateful-hooks": "modified by an inplace operation"}
+          "stateful-hooks": "changes a tensor in place after using it"}
 DENSE_MAX = 700  # parameters of dim > 1 up to which the dense Hessian is the oracle
 
 

@@ -340,6 +340,14 @@ class HessianOperator:
         hint = ("on CUDA a cuDNN RNN has no double backward: run the call inside "
                 "`with torch.backends.cudnn.flags(enabled=False):`" if self.device.type == "cuda"
                 else "replace that layer by a twice-differentiable one")
+        if "modified by an inplace operation" in str(err):
+            # No method helps: the forward itself is not differentiable (as in training).
+            raise RuntimeError(
+                f"Hessian-vector products need the loss's gradient, and torch cannot take it "
+                f"({msg}): the model's forward changes a tensor in place after using it "
+                "(e.g. a buffer: self.scale.mul_(1.5) after out = h * self.scale), so "
+                "loss.backward() fails on it too. Fix: move that update out of forward, or "
+                "compute out of place (self.scale = self.scale * 1.5).") from err
         raise RuntimeError(
             "Hessian-vector products need the loss differentiated twice, and torch could not ("
             + "; ".join(tried) + f"). Fix: {hint}, or pass method='backward' (double backward "
