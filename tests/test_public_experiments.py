@@ -213,3 +213,17 @@ def test_fit_pattern_names_the_loop_where_vmap_cannot_run(name):
             lw.fit_pattern(model, (x, y), lw.checkerboard(2), **kw)
         fit = lw.fit_pattern(model, (x, y), lw.checkerboard(2), strategy="auto", **kw)
     assert fit.batched is False and fit.step == 1 and np.isfinite(fit.history[0]["loss"])
+
+
+def test_fit_pattern_takes_class_probabilities_batched_as_looped():
+    # fit_pattern accepts class probabilities (its target check says so), but the batched
+    # step repeated the (N, C) targets with y.repeat(k): "Number of dimensions of repeat
+    # dims can not be smaller than number of dimensions of tensor".
+    g = torch.Generator().manual_seed(3)
+    x, probs = torch.randn(36, 10, generator=g), torch.randn(36, 4, generator=g).softmax(-1)
+    net = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    fits = [lw.fit_pattern(net, (x, probs), lw.checkerboard(2), steps=2, batch_size=8,
+                           progress=False, strategy=s) for s in ("vmap", "loop")]
+    for a, b in zip(fits[0].history, fits[1].history, strict=True):
+        assert a["good_ce"] == pytest.approx(b["good_ce"], rel=1e-4)
+        assert a["bad_ce"] == pytest.approx(b["bad_ce"], rel=1e-4)

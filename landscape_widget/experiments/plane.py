@@ -180,8 +180,9 @@ def cell_losses(layout: FlatLayout, flats: Tensor, x: Tensor, y: Tensor) -> Tens
     """Mean cross-entropy on ``(x, y)`` of every network in ``flats`` (K, P), batched."""
     logits = layout.forward(flats, x)
     k, n = logits.shape[:2]
-    ce = F.cross_entropy(logits.reshape(k * n, *logits.shape[2:]), y.repeat(k),
-                         reduction="none")
+    # Class probabilities (N, C) repeat along dim 0 only (y.repeat(k) refused them).
+    ce = F.cross_entropy(logits.reshape(k * n, *logits.shape[2:]),
+                         y.repeat(k, *[1] * (y.dim() - 1)), reduction="none")
     return ce.reshape(k, -1).mean(1)
 
 
