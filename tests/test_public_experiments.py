@@ -144,13 +144,13 @@ def test_permutation_follows_outputs_inside_a_dict():
 
 
 # --- MPO --------------------------------------------------------------------------------
-# fit_pattern documents classifiers trained by cross-entropy on class labels, networks it
-# can re-initialise (reset_parameters) and differentiate: not the regression, multi-label,
-# token (float-cast) or dict-output tasks, nor resnet18 (seconds per step); the stateful
-# net's forward cannot be differentiated (NO_HVP); recurrent, attention and QAT layers
-# have no vmap rule (strategy="loop" is the documented alternative, not timed here).
+# fit_pattern documents classifiers trained by cross-entropy on one class (or class
+# probabilities) per sample, networks it can re-initialise (reset_parameters) and
+# differentiate: not the regression (refused, test_mpo), multi-label or token tasks, nor
+# resnet18 (seconds per step); the stateful net's forward cannot be differentiated
+# (NO_HVP); recurrent, attention and QAT layers run looped (the test after next).
 FIT = ("parametrizations", "legacy-weight-norm", "cnn-bn-class-sorted-batch",
-       "graph-sparse-buffer", "tied")
+       "graph-sparse-buffer", "tied", "dict-outputs")
 
 
 @pytest.mark.parametrize("name", FIT)
@@ -227,3 +227,23 @@ def test_fit_pattern_takes_class_probabilities_batched_as_looped():
     for a, b in zip(fits[0].history, fits[1].history, strict=True):
         assert a["good_ce"] == pytest.approx(b["good_ce"], rel=1e-4)
         assert a["bad_ce"] == pytest.approx(b["bad_ce"], rel=1e-4)
+
+
+def test_fit_pattern_names_what_it_needs_of_tuple_outputs():
+    # A dict's "logits" are read as the surfaces read them (dict-outputs above: it raised
+    # AttributeError: 'dict' object has no attribute 'shape'); a tuple is not guessed at.
+    model = _TupleOut().eval()
+    x, y = torch.randn(12, 5), torch.arange(12) % 3
+    with Untouched(model), pytest.raises(TypeError, match="return the logits Tensor"):
+        lw.fit_pattern(model, (x, y), lw.checkerboard(2), steps=1, batch_size=4,
+                       progress=False)
+
+
+class _TupleOut(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(5, 6), torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return h, self.b(h)
