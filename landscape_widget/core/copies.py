@@ -27,10 +27,17 @@ def module_copy(model: nn.Module) -> nn.Module:
     the copy, until its next forward sets it again.
 
     Returns:
-        An independent copy of ``model`` (same classes, unlike :func:`evaluation_copy`).
+        An independent copy of ``model`` (same classes, unlike :func:`evaluation_copy`),
+        whose hooks' closures hold copies of the objects they held.
     """
+    memo = _tensor_attributes(model)
     with torch.no_grad():
-        return copy.deepcopy(model, _tensor_attributes(model))
+        out = copy.deepcopy(model, memo)
+    # deepcopy keeps hook functions as they are, closures and all: a hook storing into a
+    # dict its closure holds would write into the user's (a batched tensor, under MPO's
+    # vmap). The copy's hooks get closures copied through the same memo.
+    copy_hooks(out, memo)
+    return out
 
 
 def _tensor_attributes(model: nn.Module) -> dict[int, object]:

@@ -116,6 +116,8 @@ def write_directions(path, dirs: list[Params], order: list[tuple[str, torch.Tens
                 if v is None:  # a buffer this direction does not move, or an integer one
                     v = torch.zeros(ref.shape, dtype=ref.dtype if ref.is_floating_point()
                                     else torch.float32)
+                if v.layout != torch.strided:  # a sparse buffer's entry (a graph's
+                    v = v.to_dense()  # adjacency): numpy and HDF5 have no sparse arrays
                 ds = g.create_dataset(str(i), data=v.detach().cpu().numpy())
                 ds.attrs[OURS + "name"] = name
             g.attrs[OURS + "keys"] = [k for k, _ in order if k in d]

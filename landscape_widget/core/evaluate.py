@@ -253,7 +253,6 @@ class Evaluator(PointPasses, PlanChoice, LossStats, PrecisionCheck, PlanTuner,
         base.update(buffers_of(self.module))
         self.base: Params = {k: v.to(self.device) for k, v in base.items()}
         self.dtype = self.dtype or next(iter(base.values())).dtype
-        self._state_versions()
 
         for i, d in enumerate(directions):
             check_direction(model, d, name=f"directions[{i}]")
@@ -264,6 +263,11 @@ class Evaluator(PointPasses, PlanChoice, LossStats, PrecisionCheck, PlanTuner,
             # Keys along which every direction is zero (biases under "biasbn") stay unbatched.
             keys = [k for k in base if any(k in d and bool(d[k].any()) for d in directions)]
         self.keys = keys
+        # After barycentric_keys: the zeros it puts in ``base`` are the buffers a pass must
+        # find again. Gathered before, they were not put back, so the set-up's probe left
+        # a QAT observer's statistics in them and every point of a plane through three
+        # models summed them in (its corners were not the models).
+        self._state_versions()
         self.dirs = [
             {k: d.get(k, torch.zeros_like(base[k])).to(self.device, base[k].dtype) for k in keys}
             for d in directions

@@ -217,6 +217,8 @@ def write_grid(path: str | Path, x: np.ndarray, y: np.ndarray | None, arrays: di
             for i, d in enumerate(directions):
                 gi = g.create_group(str(i))
                 for k, v in d.items():
+                    if v.layout != torch.strided:  # a sparse buffer's entry (a graph's
+                        v = v.to_dense()  # adjacency): numpy has no sparse arrays
                     _put(gi, k, v.detach().cpu().numpy())
         if user_metrics:
             g = f.create_group(METRICS_GROUP)

@@ -256,8 +256,15 @@ class HessianOperator:
             # A copy of the batch: a forward that writes to its input (x.mul_(2)) would
             # change the user's data (on a CPU, self.x is their tensor) and every later
             # product would see it changed. One copy per batch, small beside the products.
+            # Fresh copies of the buffers too: a forward that writes to them (a counter)
+            # would otherwise start each pass from the last one's state, so the products
+            # of a batched method were those of changing functions (not symmetric: blamed
+            # on weight_norm), and under torch.func it wrote into a captured tensor.
+            # Attributes and generators the forward changes are put back after it.
+            fresh = {k: b.clone() for k, b in self._buffers.items()}
             try:
-                out = functional_call(self.module, {**self.fixed, **params}, (x.clone(),))
+                out = functional_call(self.module, {**self.fixed, **fresh, **params},
+                                      (x.clone(),))
             finally:
                 restore_attributes(self._attributes)
                 for g, state in self._generators:
@@ -353,6 +360,14 @@ class HessianOperator:
         hint = ("on CUDA a cuDNN RNN has no double backward: run the call inside "
                 "`with torch.backends.cudnn.flags(enabled=False):`" if self.device.type == "cuda"
                 else "replace that layer by a twice-differentiable one")
+        if "modified by an inplace operation" in str(err):
+            # No method helps: the forward itself is not differentiable (as in training).
+            raise RuntimeError(
+                f"Hessian-vector products need the loss's gradient, and torch cannot take it "
+                f"({msg}): the model's forward changes a tensor in place after using it "
+                "(e.g. a buffer: self.scale.mul_(1.5) after out = h * self.scale), so "
+                "loss.backward() fails on it too. Fix: move that update out of forward, or "
+                "compute out of place (self.scale = self.scale * 1.5).") from err
         raise RuntimeError(
             "Hessian-vector products need the loss differentiated twice, and torch could not ("
             + "; ".join(tried) + f"). Fix: {hint}, or pass method='backward' (double backward "

@@ -135,7 +135,10 @@ class _Objective:
             The loss of the model with parameters (and buffers) ``theta + shift`` on ``(x, y)``, a
             scalar tensor with a graph back to ``shift``.
         """
-        p = {**self.buffers, **self.theta}
+        # Copies of the buffers, every call: a forward that writes into its buffers (a
+        # counter, QAT observers) must reach neither the user's model, whose tensors
+        # these are, nor the next call (each loss starts from the model's state).
+        p = {**{k: b.clone() for k, b in self.buffers.items()}, **self.theta}
         for k, s in shift.items():
             p[k] = p[k] + s.to(p[k].device, p[k].dtype)
         # A copy of the batch: a forward writing to its input would change the user's data.

@@ -114,14 +114,19 @@ class _Groups:
 
 
 def _node_args(node) -> list:
-    from torch.fx import Node
+    """The nodes ``node`` reads, at any depth of its arguments.
 
-    found = []
-    for a in list(node.args) + list(node.kwargs.values()):
-        if isinstance(a, Node):
-            found.append(a)
-        elif isinstance(a, (tuple, list)):
-            found.extend(x for x in a if isinstance(x, Node))
+    A model returning a dict (``{"logits": ..., "hidden": h}``) has its outputs inside one;
+    read only one level deep, ``h`` was taken for a hidden tensor and permuted, and the
+    model's output changed.
+
+    Returns:
+        The argument nodes, in the order of the arguments.
+    """
+    from torch.fx.node import map_arg
+
+    found: list = []
+    map_arg((node.args, node.kwargs), found.append)
     return found
 
 
@@ -255,6 +260,14 @@ class Plan:
         else:
             self.cols[w] = units
         self.row(w, group)
+        # QAT: a per-channel weight fake-quantiser keeps a scale and statistics per output
+        # unit, which must move with the unit's weights (else the check saw another
+        # function). Integer zero points cannot be moved; symmetric ones are all 0.
+        fq = getattr(m, "weight_fake_quant", None)
+        if isinstance(fq, nn.Module) and getattr(fq, "ch_axis", None) == 0:
+            for b in fq.buffers():
+                if b.is_floating_point() and b.dim() == 1 and b.numel() == m.weight.shape[0] > 1:
+                    self.row(self.key.get(id(b)), group)
         self.row(self._key(m, "bias"), group)
         out.group = group
         return out

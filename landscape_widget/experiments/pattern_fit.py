@@ -29,6 +29,10 @@ def _is_oom(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err)
 
 
+class _BatchedStepFailed(RuntimeError):
+    """A ``torch.vmap``-batched step failed for another reason than memory."""
+
+
 class PatternFit:
     """A plane of networks trained to show a pattern (see :func:`fit_pattern`).
 
@@ -140,6 +144,8 @@ class PatternFit:
                 batched pass running out of memory: then the cells are split into smaller
                 chunks and the step retried; re-raised once a single cell runs out of
                 memory.
+            _BatchedStepFailed: A RuntimeError: any other failure of a batched pass,
+                naming ``strategy='loop'`` (the original error chained).
         """
         good, bad = self._sample(self._good), self._sample(self._bad)
         offsets = torch.as_tensor(np.concatenate([good, bad]), device=x.device)
@@ -162,7 +168,16 @@ class PatternFit:
                     ces.append(ce.detach())
                 break
             except RuntimeError as err:
-                if not batched or not _is_oom(err) or chunk == 1:
+                if batched and not _is_oom(err):
+                    # torch's own message ("Batching rule not implemented for aten::lstm")
+                    # does not say that the same step runs cell by cell.
+                    raise _BatchedStepFailed(
+                        f"The batched MPO step (all sampled cells in one torch.vmap pass) "
+                        f"failed: {type(err).__name__}: {err}. Layers torch.vmap cannot "
+                        "batch or differentiate (nn.LSTM, nn.GRU, QAT fake quantisation, "
+                        "the fused Transformer kernels) run with strategy='loop' (cell by "
+                        "cell, the same maths) or strategy='auto'.") from err
+                if not batched or chunk == 1:
                     raise
                 self.chunk = max(1, chunk // 2)
                 if x.device.type == "cuda":
@@ -192,7 +207,8 @@ class PatternFit:
         ``strategy``: ``"vmap"`` evaluates all sampled cells in one batched pass;
         ``"loop"`` one cell at a time (same maths); ``"auto"`` times one step of each and
         keeps the faster (a convnet on a CPU can be faster looped: ``vmap`` turns its
-        convolutions into grouped ones). See :func:`fit_pattern` for the other arguments.
+        convolutions into grouped ones; a model ``vmap`` cannot run, such as an LSTM, is
+        looped). See :func:`fit_pattern` for the other arguments.
 
         Returns:
             This fit itself (trained in place), after ``steps`` steps or fewer if
@@ -238,8 +254,13 @@ class PatternFit:
                 if self.batched is None:  # "auto": two real steps, one per path, are timed
                     batched = True not in self._trial
                     t = time.perf_counter()
-                    entry = self.step_once(x[idx], y[idx], batched=batched)
-                    self._trial[batched] = time.perf_counter() - t
+                    try:
+                        entry = self.step_once(x[idx], y[idx], batched=batched)
+                    except _BatchedStepFailed:  # the loop is the only way: no trial
+                        self.batched, self._trial = False, {}
+                        entry = self.step_once(x[idx], y[idx], batched=False)
+                    else:
+                        self._trial[batched] = time.perf_counter() - t
                     if len(self._trial) == 2:
                         self.batched = self._trial[True] <= self._trial[False]
                 else:

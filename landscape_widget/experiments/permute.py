@@ -29,7 +29,6 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..core.copies import structural_copy
 from ..core.params import (
     Params,
     check_direction,
@@ -123,12 +122,17 @@ def _verify(model: nn.Module, d: Params, inputs: Tensor) -> None:
         generators = [(g, g.get_state()) for m in module.modules() for g in vars(m).values()
                       if isinstance(g, torch.Generator)]
         with torch.no_grad():
-            before = [t for t in tree_leaves(functional_call(module, state, (inputs.clone(),)))
+            # Copies of the state for each run: a forward that updates its buffers (QAT
+            # observers) would write into the user's, and the second run would start from
+            # the first one's state and compute another function.
+            before = [t for t in tree_leaves(functional_call(
+                module, {k: v.clone() for k, v in state.items()}, (inputs.clone(),)))
                       if isinstance(t, Tensor) and t.is_floating_point()]
             restore_attributes(attributes)
             for g, saved in generators:
                 g.set_state(saved)
-            after = [t for t in tree_leaves(functional_call(module, end, (inputs.clone(),)))
+            after = [t for t in tree_leaves(functional_call(
+                module, {k: v.clone() for k, v in end.items()}, (inputs.clone(),)))
                      if isinstance(t, Tensor) and t.is_floating_point()]
     finally:
         for m, training in modes.items():  # restored one by one: train() would recurse
@@ -254,13 +258,13 @@ def _permutation(model: nn.Module, seed: int, buffers: bool,
     if isinstance(model, MIXING):
         raise ValueError(f"the model is a single {type(model).__name__} layer: a permutation "
                          "needs at least one hidden layer between two weight layers.")
-    # A structural copy is traced (its own attributes, the model's tensors): torch.fx runs
-    # the forward, which reassigned the user's attributes (self.calls += 1, self.prev = a
-    # torch.fx Proxy) on the model itself.
+    # fx runs the forward (and its hooks) on Proxies: on a private copy, so that the
+    # forward reassigning attributes (self.calls += 1, self.prev = a Proxy) or a hook
+    # storing its output (into the module or a closure) cannot reach the user's model.
     # (torch.fx also stores what it cannot trace, a generator, on the traced module.)
-    twin = structural_copy(model)
-    traced = trace(twin)
-    plan = Plan(twin, traced)
+    copy = evaluation_copy(model)
+    traced = trace(copy)
+    plan = Plan(copy, traced)
     plan.follow(traced.graph)
     if len(plan.layers) < 2:
         raise ValueError(f"the model has {len(plan.layers)} Linear/Conv layer(s): a permutation "

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from ..core.copies import module_copy
+from ..core.metrics import find_logits
 from ..core.params import Params
 
 PLANES = ("up_orthogonal", "simple")
@@ -110,14 +111,14 @@ class FlatLayout:
                                                            strict=True)}
 
     def forward(self, flats: Tensor, x: Tensor) -> Tensor:
-        """Outputs of the networks ``flats`` (K, P) on the shared batch ``x``: (K, N, ...)."""
+        """Logits of the networks ``flats`` (K, P) on the shared batch ``x``: (K, N, ...)."""
         params = self.unflatten(flats)
         # Copies of the batch: a forward writing to its input would change the user's data.
-        return vmap(lambda p: functional_call(self.template, p, (x.clone(),)))(params)
+        return vmap(lambda p: _logits(functional_call(self.template, p, (x.clone(),))))(params)
 
     def forward_one(self, flat: Tensor, x: Tensor) -> Tensor:
-        """Output of one network (P,) on ``x``: the per-cell path, without ``vmap``."""
-        return functional_call(self.template, self.unflatten(flat), (x.clone(),))
+        """Logits of one network (P,) on ``x``: the per-cell path, without ``vmap``."""
+        return _logits(functional_call(self.template, self.unflatten(flat), (x.clone(),)))
 
     def module_at(self, flat: Tensor) -> nn.Module:
         """A standalone network with the flat parameters ``flat`` (batch-statistics BN)."""
@@ -176,12 +177,30 @@ class PatternPlane(nn.Module):
         return self.w0 + self.s * (offsets[:, :1] * up + offsets[:, 1:] * right)
 
 
+def _logits(out) -> Tensor:
+    """The logits in a network's outputs (a dict's ``"logits"`` too, as the surfaces read).
+
+    Returns:
+        The logits Tensor (see :func:`~landscape_widget.core.metrics.find_logits`).
+
+    Raises:
+        TypeError: If the outputs hold no logits the cross-entropy could read (a tuple).
+    """
+    try:
+        return find_logits(out)
+    except TypeError as err:  # its message speaks of accuracy and output_fn=
+        raise TypeError(f"fit_pattern trains the networks' cross-entropy, but they return "
+                        f"{type(out).__name__}, not logits: return the logits Tensor (or a "
+                        "dict with a 'logits' entry) from model_fn's networks.") from err
+
+
 def cell_losses(layout: FlatLayout, flats: Tensor, x: Tensor, y: Tensor) -> Tensor:
     """Mean cross-entropy on ``(x, y)`` of every network in ``flats`` (K, P), batched."""
     logits = layout.forward(flats, x)
     k, n = logits.shape[:2]
-    ce = F.cross_entropy(logits.reshape(k * n, *logits.shape[2:]), y.repeat(k),
-                         reduction="none")
+    # Class probabilities (N, C) repeat along dim 0 only (y.repeat(k) refused them).
+    ce = F.cross_entropy(logits.reshape(k * n, *logits.shape[2:]),
+                         y.repeat(k, *[1] * (y.dim() - 1)), reduction="none")
     return ce.reshape(k, -1).mean(1)
 
 

@@ -165,9 +165,14 @@ def _line_search(f: Callable[[float], float], size: float) -> float:
         t /= 4
         ft = f(t)
     else:
+        # Fake quantisation (QAT) rounds the weights: its loss is piecewise constant, the
+        # gradient (straight-through) says nothing of small steps, and this was reported
+        # as a minimum alone.
         raise ValueError("no step along -grad L lowers the loss (down to 1e-28 of ||theta||): "
-                         "theta is numerically a minimum along the gradient, so there is no "
-                         "downhill side to put it on.")
+                         "theta is numerically a minimum along the gradient, or the loss is "
+                         "piecewise constant in the weights (fake quantisation rounds them, "
+                         "so small steps change nothing); either way there is no downhill "
+                         "side to put it on.")
     prev = lo
     while True:
         nxt = min(2 * t, size)
