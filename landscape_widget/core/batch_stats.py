@@ -6,7 +6,7 @@ the first samples once to check the user's loss and metrics and decide what accu
 one batch (``_stats``, or ``_batched_stats`` for K points of the default loss at once) and
 turns the sums over all data into values (``_values``): the loss weighted by counted targets,
 accuracy over counted predictions, each user metric's total over its count, and with
-``samples=`` the standard error of the mean loss (core/subset.py).
+``samples=`` the standard error of the mean loss (core/subset_se.py).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call
 
-from . import subset
+from . import subset_se
 from .batched_ce import batched_cross_entropy, target_checks
 from .errors import AccuracyUndefined, NoCountedTargets
 from .losses import (
@@ -195,16 +195,16 @@ class LossStats:
         return out
 
     def _subset_se(self, population: int | None) -> int | None:
-        """Set up the per-sample losses of ``loss_se`` (see core/subset.py); the population."""
+        """Set up the per-sample losses of ``loss_se`` (see core/subset_se.py); the population."""
         if population is None or "loss" not in self.metrics:
             return None
         # The user's per-sample loss, or None for the default's (a bound method stored on
         # self would be a reference cycle: see ``loss_fn``).
-        self._user_loss_none = (subset.unreduced_loss(self.loss_fn) if self._user_loss
+        self._user_loss_none = (subset_se.unreduced_loss(self.loss_fn) if self._user_loss
                                 else None)
         m = min(self.n, PROBE_SAMPLES)
         out = self._probe(m)
-        subset.check_unreduced(self.loss_fn, self._loss_none_fn(), out, self.y[:m], self.task,
+        subset_se.check_unreduced(self.loss_fn, self._loss_none_fn(), out, self.y[:m], self.task,
                                default=not self._user_loss)
         self.metrics = (*self.metrics, "loss_se")
         return int(population)
@@ -244,8 +244,8 @@ class LossStats:
             cols.append(torch.zeros_like(cols[0]))
         for name, fn in self.user_metrics.items():
             cols.extend(user_metric_stats(name, fn(out, y), y.shape[0]).unbind())
-        if self.population:  # sum a^2, sum ab, sum b^2 of loss_se (core/subset.py)
-            cols.extend(subset.se_sums(self._loss_none_fn()(out, y), y, self.task).unbind())
+        if self.population:  # sum a^2, sum ab, sum b^2 of loss_se (core/subset_se.py)
+            cols.extend(subset_se.se_sums(self._loss_none_fn()(out, y), y, self.task).unbind())
         return torch.stack(cols)
 
     def _batched_stats(self, out: Tensor, y: Tensor, start: int) -> Tensor:
@@ -280,8 +280,8 @@ class LossStats:
         loss = per_sample.reshape(k, -1).sum(1).double()  # float32 sum: as fast as the mean
         if correct is None:
             correct = torch.zeros_like(loss)
-        if self.population:  # sum a^2, sum ab, sum b^2 of loss_se (core/subset.py)
-            se = subset.se_sums(per_sample.reshape(k, y.shape[0], -1), y, self.task, lead=1)
+        if self.population:  # sum a^2, sum ab, sum b^2 of loss_se (core/subset_se.py)
+            se = subset_se.se_sums(per_sample.reshape(k, y.shape[0], -1), y, self.task, lead=1)
             return torch.cat([torch.stack([loss, correct], 1), se], 1)
         return torch.stack([loss, correct], 1)
 
@@ -291,7 +291,7 @@ class LossStats:
         cols = [sums[:, 0] / weight, sums[:, 1] / count]
         cols += [sums[:, 2 + 2 * j] / sums[:, 3 + 2 * j] for j in range(len(self.user_metrics))]
         if self.population:
-            cols.append(subset.ratio_se(sums[:, 0], sums[:, -3], sums[:, -2], weight,
+            cols.append(subset_se.ratio_se(sums[:, 0], sums[:, -3], sums[:, -2], weight,
                                         sums[:, -1], self.n, self.population))
         return torch.stack(cols, 1)
 

@@ -142,7 +142,7 @@ class Evaluator(PointPasses, PlanChoice, LossStats, PrecisionCheck, PlanTuner,
         population: ``data`` is a random subset of a data set of this many samples
             (``samples=`` of :func:`~landscape_widget.compute_surface`): the evaluator also
             reports ``"loss_se"``, the standard error of each point's mean loss (defined in
-            ``core/subset.py``), from per-sample losses (``reduction='none'``).
+            ``core/subset_se.py``), from per-sample losses (``reduction='none'``).
         precision: ``"fp32"`` (true float32, the default: TF32 is switched off while
             computing), ``"tf32"``, ``"bf16"`` or ``"fp16"`` (CUDA only); see
             core/precision.py. Losses and accuracies are summed in float64 whatever the

@@ -90,7 +90,7 @@ def iter_tiles(
         samples: Evaluate every point on the same random subset of this many samples
             (drawn without replacement from ``sample_seed``) instead of all data, and give
             each point's standard error (``loss_se`` of the result; see
-            ``core/subset.py``). ``None`` (default): all data, exact. ``data`` must then be
+            ``core/subset_se.py``). ``None`` (default): all data, exact. ``data`` must then be
             tensors, a map-style ``Dataset`` or a ``DataLoader`` over one, and ``loss_fn``
             one whose ``reduction='none'`` gives per-sample losses. Recorded as
             ``spec["samples"] = {"n", "of", "seed"}``. With ``executor``, tensors, a

@@ -159,7 +159,7 @@ class Surface(_GridFile):
             ``n``, ``N`` and the subset's seed), else ``None``: the sample standard deviation
             of the per-sample losses over ``sqrt(n)``, times ``sqrt((N - n) / (N - 1))``
             (0 when ``n = N``); for losses weighted by counted targets, the ratio-estimator
-            form of ``core/subset.py``. Saved as ``train_loss_se`` in the HDF5 file.
+            form of ``core/subset_se.py``. Saved as ``train_loss_se`` in the HDF5 file.
     """
 
     x: np.ndarray
