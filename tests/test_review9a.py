@@ -271,6 +271,25 @@ def _fresh_copy_oracle(model, x, y, dirs, coords) -> np.ndarray:
     return np.array(out)
 
 
+def twice_against_fresh_copies(model, x, y, options: dict):
+    """Two equal calls on a 3x3 grid: the first equals a fresh copy per point, the second
+    equals the first bit for bit, and the model is as it was (full snapshot).
+
+    Returns:
+        The first surface.
+    """
+    before = snapshot(model)
+    dirs = lw.random_directions(model, 2, seed=1)
+    kw = {"directions": dirs, "x": (-1, 1, 3), "y": (-1, 1, 3), "progress": False,
+          "evaluator_options": options}
+    first, again = (lw.compute_surface(model, (x, y), **kw) for _ in range(2))
+    ref = _fresh_copy_oracle(model, x, y, dirs, surface_coords(first.x, first.y))
+    np.testing.assert_allclose(first.loss.ravel(), ref, rtol=1e-5)
+    assert np.array_equal(first.loss, again.loss)
+    assert_same_snapshot(before, snapshot(model))
+    return first
+
+
 @pytest.mark.parametrize("options", [{"strategy": "loop"}, {"strategy": "vmap"},
                                      {"strategy": "loop", "stem": True},
                                      {"strategy": "loop", "lanes": 2}])
@@ -280,17 +299,10 @@ def test_a_generator_the_model_holds_is_put_back_after_every_pass(options):
     # repeated call gave other values (0.06 apart on a 3x3 grid). Lanes (forced) each had
     # a generator of their own.
     model, (x, y) = OwnGenerator(), _data()
-    state, before = model.g.get_state(), snapshot(model)
-    dirs = lw.random_directions(model, 2, seed=1)
-    kw = {"directions": dirs, "x": (-1, 1, 3), "y": (-1, 1, 3), "progress": False,
-          "evaluator_options": options}
-    first, again = (lw.compute_surface(model, (x, y), **kw) for _ in range(2))
-    ref = _fresh_copy_oracle(model, x, y, dirs, surface_coords(first.x, first.y))
-    np.testing.assert_allclose(first.loss.ravel(), ref, rtol=1e-5)
-    assert np.array_equal(first.loss, again.loss)
+    state = model.g.get_state()
+    first = twice_against_fresh_copies(model, x, y, options)
     assert first.spec["plan"]["lanes"] == 1
     assert torch.equal(model.g.get_state(), state)
-    assert_same_snapshot(before, snapshot(model))
 
 
 class Anneals(nn.Module):
@@ -317,16 +329,8 @@ def test_attributes_the_forward_reassigns_are_put_back_after_every_pass(options)
     # count of the passes before (trials included), so the values depended on the order
     # of the points and a repeated call gave others (0.26 apart on a 3x3 grid).
     model, (x, y) = Anneals(), _data()
-    before = snapshot(model)
-    dirs = lw.random_directions(model, 2, seed=1)
-    kw = {"directions": dirs, "x": (-1, 1, 3), "y": (-1, 1, 3), "progress": False,
-          "evaluator_options": options}
-    first, again = (lw.compute_surface(model, (x, y), **kw) for _ in range(2))
-    ref = _fresh_copy_oracle(model, x, y, dirs, surface_coords(first.x, first.y))
-    np.testing.assert_allclose(first.loss.ravel(), ref, rtol=1e-5)
-    assert np.array_equal(first.loss, again.loss)
+    first = twice_against_fresh_copies(model, x, y, options)
     assert first.spec["plan"]["lanes"] == options.get("lanes", 1)  # each lane puts back its own
-    assert_same_snapshot(before, snapshot(model))
 
 
 class Records(nn.Module):
@@ -360,16 +364,8 @@ def test_containers_and_added_attributes_are_put_back_after_every_pass(options):
     # an attribute it adds, were not put back: every pass saw the passes before (and the
     # engine's copy grew by one activation per pass: 441 for a 21 x 21 grid).
     model, (x, y) = Records(), _data()
-    before = snapshot(model)
-    dirs = lw.random_directions(model, 2, seed=1)
-    kw = {"directions": dirs, "x": (-1, 1, 3), "y": (-1, 1, 3), "progress": False,
-          "evaluator_options": options}
-    first, again = (lw.compute_surface(model, (x, y), **kw) for _ in range(2))
-    ref = _fresh_copy_oracle(model, x, y, dirs, surface_coords(first.x, first.y))
-    np.testing.assert_allclose(first.loss.ravel(), ref, rtol=1e-5)
-    assert np.array_equal(first.loss, again.loss)
+    twice_against_fresh_copies(model, x, y, options)
     assert model.seen == [] and model.memo == {} and not hasattr(model, "scale")
-    assert_same_snapshot(before, snapshot(model))
 
 
 def _recording_hook(store: list):

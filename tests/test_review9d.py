@@ -15,6 +15,7 @@ import pytest
 import torch
 from oracle import naive_eval, surface_coords
 from snapshots import assert_same_snapshot, snapshot
+from test_review9a import ScalesLaterInput, Temperature, twice_against_fresh_copies
 from torch import nn
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
@@ -24,19 +25,6 @@ import landscape_widget as lw
 def _data(n: int = 32, features: int = 6, classes: int = 3, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, features, generator=g), torch.randint(0, classes, (n,), generator=g)
-
-
-def _fresh_copy_oracle(model, x, y, dirs, coords) -> np.ndarray:
-    # Each point on a fresh deep copy of the user's model: what a first call there gives.
-    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    out = []
-    for c in coords:
-        ref = copy.deepcopy(model)
-        ref.load_state_dict({k: v + sum(float(cj) * d[k] for cj, d in zip(c, dirs, strict=True))
-                             if k in dirs[0] else v for k, v in base.items()})
-        with torch.no_grad():
-            out.append(float(nn.functional.cross_entropy(ref(x), y)))
-    return np.array(out)
 
 
 class WritesThroughData(nn.Module):
@@ -97,37 +85,15 @@ def test_attributes_a_pass_adds_are_removed_after_it(options):
     # pass left a dead batched tensor (the next pass failed with a shape error) and the
     # stem's torch.fx trace a Proxy ("'NoneType' object has no attribute 'create_node'").
     model, (x, y) = Carries(), _data()
-    before = snapshot(model)
-    dirs = lw.random_directions(model, 2, seed=1)
-    kw = {"directions": dirs, "x": (-1, 1, 3), "y": (-1, 1, 3), "progress": False,
-          "evaluator_options": options}
-    first, again = (lw.compute_surface(model, (x, y), **kw) for _ in range(2))
-    ref = _fresh_copy_oracle(model, x, y, dirs, surface_coords(first.x, first.y))
-    np.testing.assert_allclose(first.loss.ravel(), ref, rtol=1e-5)
-    assert np.array_equal(first.loss, again.loss)
+    twice_against_fresh_copies(model, x, y, options)
     assert not hasattr(model, "prev")
-    assert_same_snapshot(before, snapshot(model))
-
-
-class HalvesLaterInput(nn.Module):
-    """Writes to its input only when a sample's first feature is large (not the first 8)."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.fc = nn.Linear(6, 3)
-
-    def forward(self, x):
-        if bool((x[:, 0] > 10).any()):
-            x.mul_(0.5)
-        return self.fc(x)
 
 
 def test_a_worker_forgets_the_data_its_forward_changed():
     # The worker's cached evaluator kept its copy of the data, halved by the failing
     # call: the same call again returned a surface of the halved data, silently (the
     # user's own data, pickled, were unchanged).
-    model, (x, y) = HalvesLaterInput(), _data()
+    model, (x, y) = ScalesLaterInput(), _data()
     x[20, 0] = 20.0
     data = x.clone()
     with ThreadPoolExecutor(1) as pool:
@@ -188,19 +154,6 @@ def test_the_hessian_puts_back_what_a_forward_changes_in_the_model(noise):
                                 progress=False)
     assert got.values[0] == pytest.approx(want, rel=1e-4)
     assert_same_snapshot(before, snapshot(model))
-
-
-class Temperature(nn.Module):
-    """float32 layers after a float64 scalar parameter registered first (review 9a)."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.t = nn.Parameter(torch.tensor(1.5, dtype=torch.float64))
-        self.fc = nn.Linear(6, 3)
-
-    def forward(self, x):
-        return self.fc(x) * self.t.float()
 
 
 def test_side_and_mined_directions_take_the_weights_dtype_for_the_inputs():

@@ -241,13 +241,9 @@ def test_a_model_without_finite_losses_is_reported_not_a_silent_nan():
     assert nonfinite_note("mlp", zoo["mlp"], surfaces["mlp"]) == ""
 
 
-def test_a_fixed_subset_of_the_samples_control_is_used_and_said():
-    # With samples="1k" the plane computes on a 1,000-sample subset and says so; the
-    # compare panel computed on all data and said nothing.
-    x, y = lw.datasets.digits_images("train")
-    assert x.shape[0] > 1000
-    models = dict(list(_zoo().items())[1:])
-    w = LandscapeWidget(models=models, data=(x, y), autostart=False, resolution=3,
+def _compare_on_1k(models, data):
+    """The compare panel's surfaces (3x3) with the samples control on "1k", and its status."""
+    w = LandscapeWidget(models=models, data=data, autostart=False, resolution=3,
                         x_range=list(X), y_range=list(Y), seed=7, samples="1k")
     try:
         w.compare(wait=True, timeout=120)
@@ -255,6 +251,16 @@ def test_a_fixed_subset_of_the_samples_control_is_used_and_said():
     finally:
         w.close()
     assert status["state"] == "done", status
+    return status, surfaces
+
+
+def test_a_fixed_subset_of_the_samples_control_is_used_and_said():
+    # With samples="1k" the plane computes on a 1,000-sample subset and says so; the
+    # compare panel computed on all data and said nothing.
+    x, y = lw.datasets.digits_images("train")
+    assert x.shape[0] > 1000
+    models = dict(list(_zoo().items())[1:])
+    status, surfaces = _compare_on_1k(models, (x, y))
     assert f"subset of 1,000 of {x.shape[0]:,} samples" in status["message"]
     for name, model in models.items():
         dirs = lw.random_directions(model, 2, norm="filter", ignore="biasbn", seed=7)
@@ -277,14 +283,6 @@ def test_a_fixed_subset_of_the_samples_control_is_used_and_said():
 
 def test_data_no_larger_than_the_subset_is_computed_exactly_and_said():
     models = dict(list(_zoo().items())[2:])
-    data = _digits(64)
-    w = LandscapeWidget(models=models, data=data, autostart=False, resolution=3,
-                        x_range=list(X), y_range=list(Y), seed=7, samples="1k")
-    try:
-        w.compare(wait=True, timeout=120)
-        status, surfaces = w.compare_status, w.compared
-    finally:
-        w.close()
-    assert status["state"] == "done"
+    status, surfaces = _compare_on_1k(models, _digits(64))
     assert "data holds at most 1,000 samples, so all of them were used" in status["message"]
     assert not surfaces["mlp"].spec.get("samples")
