@@ -1,5 +1,7 @@
-"""The engine's set-up runs the user's forward once (one probe serves the checks, the
-memory budget's activation size and ``samples=``), and measures that size exactly."""
+"""The engine's set-up runs the user's forward once on the first 8 samples (one probe serves
+the checks, the memory budget's activation size and ``samples=``), and once on the first 4
+(whether the forward mixes a batch's samples, core/coupling.py), and measures the activation
+size exactly."""
 
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ def test_set_up_runs_forward_once_on_the_first_samples(samples):
     d = lw.random_directions(model, 2, seed=0)
     CALLS.clear()
     Evaluator(model, (x, y), d, population=None if samples is None else x.shape[0])
-    assert CALLS == [8]
+    assert CALLS == [8, 4]
 
 
 def _leaf_output_bytes(model: nn.Module, x: torch.Tensor) -> float:
@@ -79,7 +81,7 @@ def test_the_stems_check_takes_the_probes_outputs_and_still_refuses_a_wrong_spli
     ev = Evaluator(model, (x, y), dirs, stem=True)
     assert ev.stem is not None and ev._probed is not None
     assert ev._prepare_stem()
-    assert CALLS == [8] and ev._probed is None
+    assert CALLS == [8, 4] and ev._probed is None
 
     bad = Evaluator(model, (x, y), dirs, stem=True, strategy="loop")
     suffix = bad.stem.suffix
@@ -103,4 +105,4 @@ def test_large_probe_outputs_are_not_kept_and_the_stem_check_runs_the_model_agai
     CALLS.clear()
     ev = Evaluator(model, (x, y), dirs, stem=True)
     assert ev.stem is not None and ev._probed is None
-    assert ev._prepare_stem() and CALLS == [8, 8]
+    assert ev._prepare_stem() and CALLS == [8, 4, 8]

@@ -346,6 +346,8 @@ def grid_job(model: nn.Module, data, *, axes: Sequence, directions=None,
         **what_is_computed(loss_fn, metrics, options.get("output_fn")),
         "bn": bn,
         "bn_batch_size": bn_batch_size,
+        # Why every pass held all data (a forward mixing a batch's samples), or None.
+        "batch_coupling": runner.batch_coupling,
         "seed": seed if directions is None else None,
         "direction_kind": kind,
         "model": digests["model"],

@@ -195,6 +195,7 @@ class ExecutorRunner:
         self.backend.seen.add(info["worker"])
         self.metrics = tuple(info["metrics"])
         self.dropped = dict(info.get("dropped", {}))
+        self.batch_coupling: str | None = info.get("batch_coupling")
         self.n, self.device = int(info["n"]), info["device"]
         self.data_fingerprint = info["data"]
         # samples=: the data's size (the subset's population) and, for a subset each

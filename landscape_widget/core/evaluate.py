@@ -31,8 +31,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .batch_stats import PROBE_KEEP_BYTES, LossStats
+from .batch_stats import PROBE_KEEP_BYTES, PROBE_SAMPLES, LossStats
 from .compiled import CompiledForward, check_compile
+from .coupling import BatchCoupling
 from .data import as_tensors, check_finite
 from .directions import barycentric_keys
 from .heap import hold_heap
@@ -80,7 +81,7 @@ _DTYPE_ERROR = re.compile(r"dtype|scalar type|Input type \(")
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
-class Evaluator(PointPasses, PlanChoice, LossStats, PrecisionCheck, PlanTuner,
+class Evaluator(PointPasses, PlanChoice, LossStats, BatchCoupling, PrecisionCheck, PlanTuner,
                 CompiledForward, StemTerms, BufferState):
     """Evaluate loss and metrics of ``model`` at points of a low-dimensional subspace.
 
@@ -282,6 +283,9 @@ class Evaluator(PointPasses, PlanChoice, LossStats, PrecisionCheck, PlanTuner,
         self.forced_batch = batch_size
         self.stem_budget = stem_budget if stem_budget is not None else _stem_budget(self.device)
         self._check_outputs_cast(x)  # sets self.x; also measures act_bytes (see _probe)
+        # A forward mixing the samples of a batch (h - h.mean(0)) holds all data per pass
+        # (core/coupling.py): the engine's batching would otherwise change its loss.
+        self._check_coupling(min(self.n, PROBE_SAMPLES))
         self.population = self._subset_se(population)
         self.strategy = strategy
         self.plan: Plan | None = None
@@ -298,9 +302,11 @@ class Evaluator(PointPasses, PlanChoice, LossStats, PrecisionCheck, PlanTuner,
             raise ValueError("stem must be 'auto', True or False.")
         # (Outputs other than one Tensor go without: its safety net compares tensors.)
         # (Nor a forward writing to its input: the stem's first-layer inputs are computed
-        # once from the data, the writes would be lost.)
+        # once from the data, the writes would be lost. Nor one mixing the samples of a
+        # batch: its head would see the stem's batches, not the passes'.)
         self.stem = (split_stem(self.module, class_major_head=self._batched_ce)
-                     if stem and self._tensor_out and not self.input_writes else None)
+                     if stem and self._tensor_out and not self.input_writes
+                     and self.batch_coupling is None else None)
         if self.stem is not None:
             # Its graph modules are reference cycles: freed with the evaluator, not whenever
             # Python's cyclic collector runs (see core/stem.py, release).
@@ -415,5 +421,6 @@ class Evaluator(PointPasses, PlanChoice, LossStats, PrecisionCheck, PlanTuner,
             "trials": [vars(copy_plan(p)) for p in self._results],
             "rejected": list(self.rejected),
             "bn_batch_size": self.bn_batch_size,
+            "batch_coupling": self.batch_coupling,
             "activation_bytes_per_sample": self.act_bytes,
         }

@@ -264,6 +264,9 @@ def run_grid(ctx: Context, job: Job, dirs: list) -> tuple[Surface | Curve, bool]
     # A curve-shape direction that fell short says so (see .shapes).
     notes = [getattr(dirs, "note", ""), _samples_note(spec, result), _precision_note(spec, result)]
     notes += [f"no {k}: {why}" for k, why in dropped.items()]
+    if result.spec.get("batch_coupling"):  # its loss depends on the batching (core/coupling.py)
+        notes.append(f"all {result.spec['n_samples']} samples in every pass: the model mixes "
+                     "the samples of a batch")
     if ev.nonfinite_points:
         notes.insert(0, f"{ev.nonfinite_points} point(s) gave a non-finite loss")
     if getattr(ev.plan, "vmap_error", ""):

@@ -1,0 +1,138 @@
+"""Forwards whose outputs for a sample depend on the other samples of its batch.
+
+A custom ``h - h.mean(0)``, a normalisation over the batch, attention across the batch
+dimension: the loss of such a model depends on how the data are split into passes, which
+the engine's plan chooses (all data when they fit the memory budget, else smaller batches).
+:class:`BatchCoupling` (a mixin of :class:`~landscape_widget.core.evaluate.Evaluator`) runs
+the set-up's first samples once more, half of them alone, and compares their outputs with
+those of the set-up's probe (:meth:`~.batch_stats.LossStats._probe`). When they differ,
+every pass holds all the data, as one ``functional_call`` over the data does, and the result
+says so; ``evaluator_options={"batch_size": B}`` chooses another batching.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+from torch.func import functional_call
+from torch.utils._pytree import tree_flatten
+
+from .precision import precision_flags
+from .rng import DrawSpy, batch_draws
+
+COUPLING_TOLERANCE = {"fp32": 1e-3, "tf32": 1e-2, "bf16": 5e-2, "fp16": 5e-2}
+"""Largest relative difference of the first samples' outputs, run with others or alone,
+taken for rounding (kernels for another batch size) rather than coupling; per precision."""
+
+
+def first_rows_difference(full, part, m: int, h: int) -> float | None:
+    """Largest relative difference between the first ``h`` sample rows of two outputs.
+
+    ``full`` holds ``m`` samples, ``part`` the first ``h`` of them run alone. Each tensor
+    leaf is compared along the one dimension where the two differ (``m`` against ``h``):
+    the samples' dimension, first or not (a sequence-first RNN's ``(T, N, H)``).
+
+    Args:
+        full: The model's outputs for ``m`` samples (a tensor, or tuples/lists/dicts of them).
+        part: Its outputs for the first ``h < m`` of those samples.
+        m: Samples in ``full``.
+        h: Samples in ``part``.
+
+    Returns:
+        ``max |a - b| / max |a|`` over the floating leaves with a samples' dimension (a
+        leaf holding other values counts when not equal: 1.0), or None when no leaf can
+        be compared (other structures, no samples' dimension, a size-1 squeeze).
+
+    Example:
+        >>> h = torch.arange(8.0).reshape(4, 2)
+        >>> first_rows_difference(h * 2, h[:2] * 2, 4, 2)
+        0.0
+        >>> round(first_rows_difference(h - h.mean(0), h[:2] - h[:2].mean(0), 4, 2), 3)
+        0.667
+        >>> first_rows_difference({"y": h}, (h[:2],), 4, 2) is None
+        True
+    """
+    a_leaves, a_spec = tree_flatten(full)
+    b_leaves, b_spec = tree_flatten(part)
+    if a_spec != b_spec:
+        return None
+    worst: float | None = None
+    for a, b in zip(a_leaves, b_leaves, strict=True):
+        if not (isinstance(a, Tensor) and isinstance(b, Tensor)) or a.dim() != b.dim():
+            continue
+        dims = [d for d in range(a.dim()) if a.shape[d] != b.shape[d]]
+        if len(dims) != 1 or a.shape[dims[0]] != m or b.shape[dims[0]] != h:
+            continue
+        a = a.detach().narrow(dims[0], 0, h)
+        if a.is_floating_point() or a.is_complex():
+            scale = float(a.abs().max()) if a.numel() else 0.0
+            diff = float((a - b.detach().to(a.dtype)).abs().max()) if a.numel() else 0.0
+            value = diff / scale if scale > 0 else float(diff > 0)
+            if value != value:  # NaN outputs: nothing to compare
+                continue
+        else:
+            value = 0.0 if torch.equal(a, b.detach()) else 1.0
+        worst = value if worst is None else max(worst, value)
+    return worst
+
+
+class BatchCoupling:
+    """Checks whether the model mixes the samples of a batch (a mixin of the Evaluator).
+
+    Uses the evaluator's ``module``, ``base``, ``x``, ``n``, ``device``, ``precision``,
+    its probe (``_probe``) and state (``_enter``/``_exit``, ``_generators``).
+    """
+
+    batch_coupling: str | None = None
+    """Why every pass holds all the data (the forward mixes the samples of a batch), or None."""
+
+    def _check_coupling(self, m: int) -> None:
+        """Hold all data in one pass if the first samples' outputs depend on their batch.
+
+        The first ``m // 2`` samples run alone, seeded and with the state put back as the
+        probe was. A forward that draws random numbers (from the process's generators or
+        one it holds) is not judged: its draws differ with the batch's size anyway.
+
+        Warns:
+            UserWarning: When the outputs differ: the loss depends on the batching; every
+                pass then holds all ``n`` samples (``spec["batch_coupling"]`` says why).
+        """
+        h = m // 2
+        if h < 1 or self.bn_batch_size is not None or self.forced_batch:
+            return
+        full = self._probe(m)
+        with torch.inference_mode(False):
+            x = self.x[:h].clone()
+        cuda = self.device.type == "cuda"
+        spy = DrawSpy()  # also sees draws inside the forward's own fork_rng (fixed noise)
+        self._enter()
+        try:
+            with torch.no_grad(), precision_flags(self.precision, self.device), batch_draws(
+                    self.device, 0):
+                before = torch.cuda.get_rng_state(self.device) if cuda else None
+                with spy:
+                    part = functional_call(self.module, dict(self.base), (x,))
+                moved = cuda and not torch.equal(before, torch.cuda.get_rng_state(self.device))
+            self._draws = spy.drew or moved or any(
+                not torch.equal(g.get_state(), state) for g, state in self._generators)
+        finally:
+            self._exit()
+        if self._draws:
+            return
+        diff = first_rows_difference(full, part, m, h)
+        if diff is None or diff <= COUPLING_TOLERANCE.get(self.precision, 1e-3):
+            return
+        self.forced_batch = self.n
+        self.batch_coupling = (
+            f"the model's outputs for a sample depend on the other samples of its batch (the "
+            f"first {h} samples' outputs differ by {diff:.2g}, relative, when run alone rather "
+            f"than with {m}): every pass holds all {self.n} samples, as one call of the model "
+            "on the data does")
+        warnings.warn(
+            "The model's outputs for a sample depend on the other samples of its batch (its "
+            "forward mixes them, like h - h.mean(0)), so its loss depends on how the data are "
+            "batched. Every pass holds all the data, as one call of the model on the data "
+            "does; pass evaluator_options={'batch_size': B} to choose another batching.",
+            UserWarning, stacklevel=2)
