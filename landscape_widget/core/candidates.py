@@ -91,10 +91,17 @@ class PlanCandidates:
             without the plain loop itself; each carries the requested precision.
         """
         layouts = ["contiguous"]
-        if self.x.dim() == 4 and torch.is_floating_point(self.x):
-            # First: oneDNN's and cuDNN's convolutions, pooling and BatchNorm are much faster
-            # on NHWC (measured on a 2-core CPU: a torchvision ResNet-18 1.6x, ResNet-50 1.2x,
-            # a small CNN's AvgPool2d 2x), and a small grid's budget may allow one trial.
+        # A forward that draws random numbers gets them per batch (seeded by its first
+        # sample, core/rng.py) and in memory order (randn_like of a channels-last input):
+        # another batch size or layout gives every point other noise. Its candidates keep
+        # the plain loop's batch and layout, so a point has one value whichever plan (a
+        # kept trial's too) computes it; the NHWC trial's points were off by 7 %.
+        draws = self._forward_draws()
+        if self.x.dim() == 4 and torch.is_floating_point(self.x) and not draws:
+            # First: oneDNN's and cuDNN's convolutions, pooling and BatchNorm may be faster on
+            # NHWC, and a small grid's budget may allow one trial. (On a 2-core CPU a plain
+            # loop over a torchvision ResNet-18 ran 1.6x and ResNet-50 1.2x faster in NHWC
+            # with an older torch; with torch 2.14.1 on 2026-12-05, 1.06x and 1.03x.)
             layouts.insert(0, "channels_last")
         stems = [True, False] if self.stem is not None else [False]
         if self.stem is not None and self._stem_choice is True and self._prepare_stem():
@@ -104,7 +111,7 @@ class PlanCandidates:
         self._size_limited = False
         if self.strategy in ("auto", "loop"):
             plans += [Plan("loop", 1, full, layout, stem) for layout in layouts for stem in stems]
-            if self.device.type == "cpu" and self.bn_batch_size is None:
+            if self.device.type == "cpu" and self.bn_batch_size is None and not draws:
                 # Largest first: _tune stops a family at the first size that does not pay.
                 sizes = sorted({self._batch_for(1, CPU_CACHE_BUDGET // f) for f in (16, 4, 1)},
                                reverse=True)
@@ -119,6 +126,8 @@ class PlanCandidates:
                     self._size_limited = True
                     break
                 b = self._batch_for(k, budget)
+                if draws and b != full:
+                    continue
                 if b >= min(self.n, 8) or k == 4 or self.strategy == "vmap":
                     plans += [Plan("vmap", k, b, "contiguous", stem) for stem in stems]
         plain = self._plain_plan()

@@ -59,6 +59,8 @@ class PointLanes:
         self._lanes: list[Lane] = []
         self._lanes_off = ""  # why this evaluator runs no lanes any more
         self._draws_checked = False  # a probe forward was watched for random draws
+        # Whether the forward draws random numbers (None: not probed yet), see _forward_draws.
+        self._draws: bool | None = None
 
     def _here(self) -> Lane:
         """The lane of the calling thread (the home lane outside lane threads)."""
@@ -177,7 +179,7 @@ class PointLanes:
         per = max(1, threads // len(lanes))
         if not self._draws_checked:
             self._draws_checked = True
-            if self._probe_draws():
+            if self._forward_draws():
                 self._lanes_failed(plan, "the model's forward draws random numbers, which "
                                          "lanes cannot seed per point")
                 return None
@@ -240,6 +242,19 @@ class PointLanes:
             errors[index] = err
         finally:
             self._lane_tls.lane = None
+
+    def _forward_draws(self) -> bool:
+        """Whether the model's forward draws random numbers (probed once, then cached).
+
+        Known from the set-up's coupling check when it ran (core/coupling.py), else from
+        :meth:`_probe_draws`; a generator the model holds counts as drawing.
+
+        Returns:
+            True if the forward draws (its values then depend on the batching and layout).
+        """
+        if self._draws is None:
+            self._draws = bool(self._generators) or self._probe_draws()
+        return self._draws
 
     def _probe_draws(self) -> bool:
         """Whether the model's forward draws random numbers, from a probe on 2 samples.
