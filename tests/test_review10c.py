@@ -1,0 +1,114 @@
+"""Review 10c: reusing plans and results across calls, as in a notebook.
+
+Compute a surface, change something about the model, compute again: a value copied from
+the earlier result (``reuse=``) must still be the changed model's, checked against the
+float64 per-point oracle (tests/oracle.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from oracle import linspace, naive_eval, naive_surface, surface_coords
+from snapshots import assert_same_snapshot, snapshot
+from torch import nn
+from widget_cases import model_data
+
+import landscape_widget as lw
+from landscape_widget.core.errors import ReuseMismatch
+
+X, Y = (-1, 1, 5), (-1, 1, 3)
+
+
+class Flagged(nn.Module):
+    """Same repr and state_dict whatever its activation attribute and flag."""
+
+    def __init__(self, act=F.relu, clamp: bool = False):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 16), nn.Linear(16, 3)
+        self.act, self.clamp = act, clamp
+
+    def forward(self, x):
+        h = self.act(self.fc1(x))
+        return self.fc2(h.clamp(max=0.3) if self.clamp else h)
+
+
+def _data():
+    gen = torch.Generator().manual_seed(6)
+    return torch.randn(40, 6, generator=gen), torch.randint(0, 3, (40,), generator=gen)
+
+
+def _surface(model, data, dirs, reuse=None):
+    return lw.compute_surface(model, data, directions=dirs, x=X, y=Y, progress=False,
+                              reuse=reuse)
+
+
+def _hook_first(m):
+    m.fc1.register_forward_hook(lambda mod, i, out: 2 * out)
+
+
+def _pre_hook_root(m):
+    m.register_forward_pre_hook(lambda mod, i: (i[0] + 1,))
+
+
+def _flag(m):
+    m.clamp = True
+
+
+def _activation(m):
+    m.act = torch.tanh
+
+
+@pytest.mark.parametrize("change", [_hook_first, _pre_hook_root, _flag, _activation])
+def test_reuse_after_the_model_changed_besides_its_weights(change):
+    """Same weights, other outputs: reuse= copied the old model's values (state_dict only)."""
+    torch.manual_seed(0)
+    model, data = Flagged(), _data()
+    dirs = lw.random_directions(model, 2, seed=1)
+    old = _surface(model, data, dirs)
+    change(model)
+    before = snapshot(model)
+    want, _ = naive_surface(model, *data, *dirs, linspace(X), linspace(Y))
+    try:
+        again = _surface(model, data, dirs, reuse=old)
+    except ReuseMismatch as err:
+        assert "other code, attributes or hooks" in str(err)
+    else:
+        np.testing.assert_allclose(again.loss, want, rtol=1e-5, atol=0)
+    assert_same_snapshot(before, snapshot(model))
+    fresh = _surface(model, data, dirs)
+    np.testing.assert_allclose(fresh.loss, want, rtol=1e-5, atol=0)
+
+
+def test_reuse_of_an_unchanged_model_still_copies_every_point():
+    torch.manual_seed(0)
+    model, data = Flagged(), _data()
+    dirs = lw.random_directions(model, 2, seed=1)
+    old = _surface(model, data, dirs)
+    twin = Flagged()
+    twin.load_state_dict(model.state_dict())  # another instance, same code and weights
+    again = _surface(twin, data, dirs, reuse=old)
+    assert again.spec["reused"] == np.prod(again.loss.shape)
+    want, _ = naive_surface(twin, *data, *dirs, linspace(X), linspace(Y))
+    np.testing.assert_allclose(again.loss, want, rtol=1e-5, atol=0)
+
+
+def test_widget_recomputes_after_a_hook_on_its_model():
+    """Raising the resolution reused the 5 x 5 points computed before the hook: a 9 x 9
+    grid mixing two models (25 stale points, 56 new ones)."""
+    model, data = model_data()
+    w = lw.LandscapeWidget(model, data, resolution=5)
+    try:
+        w.wait()
+        model[0].register_forward_hook(lambda mod, i, out: 2 * out)
+        w.resolution = 9
+        s = w.wait()
+        dirs = w._worker.ctx.random(w.spec(), 2)  # the widget's directions, drawn again
+    finally:
+        w.close()
+    # The oracle's deep copy of the model keeps the hook.
+    xs, ys = np.linspace(-1, 1, 9), np.linspace(-1, 1, 9)
+    want, _ = naive_eval(model, *data, dirs, surface_coords(xs, ys))
+    np.testing.assert_allclose(s.loss.ravel(), want, rtol=1e-5, atol=0)
