@@ -18,6 +18,7 @@ from widget_cases import model_data
 
 import landscape_widget as lw
 from landscape_widget.core.errors import ReuseMismatch
+from landscape_widget.core.plans import forget_plans
 
 X, Y = (-1, 1, 5), (-1, 1, 3)
 
@@ -29,9 +30,10 @@ class Flagged(nn.Module):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(6, 16), nn.Linear(16, 3)
         self.act, self.clamp = act, clamp
+        self.register_buffer("scale", torch.ones(16), persistent=False)
 
     def forward(self, x):
-        h = self.act(self.fc1(x))
+        h = self.act(self.fc1(x)) * self.scale
         return self.fc2(h.clamp(max=0.3) if self.clamp else h)
 
 
@@ -61,9 +63,14 @@ def _activation(m):
     m.act = torch.tanh
 
 
-@pytest.mark.parametrize("change", [_hook_first, _pre_hook_root, _flag, _activation])
+def _hidden_buffer(m):
+    m.scale.fill_(3.0)  # a buffer outside the state_dict
+
+
+@pytest.mark.parametrize("change", [_hook_first, _pre_hook_root, _flag, _activation,
+                                    _hidden_buffer])
 def test_reuse_after_the_model_changed_besides_its_weights(change):
-    """Same weights, other outputs: reuse= copied the old model's values (state_dict only)."""
+    """Same state_dict, other outputs: reuse= copied the old model's values."""
     torch.manual_seed(0)
     model, data = Flagged(), _data()
     dirs = lw.random_directions(model, 2, seed=1)
@@ -74,7 +81,7 @@ def test_reuse_after_the_model_changed_besides_its_weights(change):
     try:
         again = _surface(model, data, dirs, reuse=old)
     except ReuseMismatch as err:
-        assert "other code, attributes or hooks" in str(err)
+        assert "other code, attributes, hooks" in str(err)
     else:
         np.testing.assert_allclose(again.loss, want, rtol=1e-5, atol=0)
     assert_same_snapshot(before, snapshot(model))
@@ -112,3 +119,69 @@ def test_widget_recomputes_after_a_hook_on_its_model():
     xs, ys = np.linspace(-1, 1, 9), np.linspace(-1, 1, 9)
     want, _ = naive_eval(model, *data, dirs, surface_coords(xs, ys))
     np.testing.assert_allclose(s.loss.ravel(), want, rtol=1e-5, atol=0)
+
+
+class Twin(nn.Module):
+    """One repr for every ``mode``: 1 branches on the data (no vmap), 2 draws noise."""
+
+    def __init__(self, mode: int = 0):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 16), nn.Linear(16, 3)
+        self.mode = mode
+
+    def forward(self, x):
+        h = F.relu(self.fc1(x))
+        if self.mode == 1 and h.sum() > 0:
+            h = h * 1.0
+        if self.mode == 2:
+            h = h + 0.01 * torch.randn_like(h)
+        return self.fc2(h)
+
+
+def _twins(mode: int):
+    torch.manual_seed(0)
+    plain = Twin()
+    other = Twin(mode)
+    other.load_state_dict(plain.state_dict())
+    assert repr(plain) == repr(other)
+    return plain, other
+
+
+def test_a_twin_of_one_repr_does_not_get_the_others_vmap_failure():
+    """The plan cache was keyed on the repr: after the twin whose forward vmap cannot run,
+    the plain model got its loop plan, with the twin's vmap_error and "the vmap path
+    failed on this model" (and lost its vmap speed-up)."""
+    plain, branching = _twins(1)
+    data = _data()
+    dirs = lw.random_directions(plain, 2, seed=1)
+    forget_plans()
+    with pytest.warns(RuntimeWarning, match="strategy='vmap' is not possible"):
+        first = lw.compute_surface(branching, data, directions=dirs, x=X, y=Y,
+                                   progress=False, evaluator_options={"strategy": "vmap"})
+    assert first.spec["plan"]["vmap_error"]  # the twin's forward cannot run under vmap
+    before = snapshot(plain)
+    s = lw.compute_surface(plain, data, directions=dirs, x=X, y=Y, progress=False,
+                           evaluator_options={"strategy": "vmap"})
+    assert s.spec["plan"]["vmap_error"] == "" and s.spec["plan"]["strategy"] == "vmap"
+    want, _ = naive_surface(plain, *data, *dirs, linspace(X), linspace(Y))
+    np.testing.assert_allclose(s.loss, want, rtol=1e-5, atol=0)
+    assert_same_snapshot(before, snapshot(plain))
+
+
+def test_a_twin_of_one_repr_keeps_its_lanes():
+    """Lanes dropped for the twin that draws noise were dropped, reason and all, for the
+    plain model of the same repr too."""
+    plain, noisy = _twins(2)
+    data = _data()
+    dirs = lw.random_directions(plain, 2, seed=1)
+    forget_plans()
+    opts = {"strategy": "loop", "lanes": 2}
+    first = lw.compute_surface(noisy, data, directions=dirs, x=X, y=Y, progress=False,
+                               evaluator_options=opts)
+    assert "lanes dropped" in first.spec["plan"]["reason"]
+    s = lw.compute_surface(plain, data, directions=dirs, x=X, y=Y, progress=False,
+                           evaluator_options=opts)
+    assert s.spec["plan"]["lanes"] == 2 and "lanes dropped" not in s.spec["plan"]["reason"]
+    want, _ = naive_surface(plain, *data, *dirs, linspace(X), linspace(Y))
+    np.testing.assert_allclose(s.loss, want, rtol=1e-5, atol=0)
+

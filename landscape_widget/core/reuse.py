@@ -53,16 +53,17 @@ def what_is_computed(loss_fn, metrics, output_fn) -> dict:
 
 
 def model_code_fingerprint(model: nn.Module) -> str:
-    """A hash of what decides ``model``'s outputs besides its tensors (``spec["model_code"]``).
+    """A hash of what decides ``model``'s outputs besides its state_dict (``spec["model_code"]``).
 
     ``spec["model"]`` hashes the ``state_dict`` only: a forward hook registered, a flag
-    attribute switched or an activation function attribute swapped left it as it was, and
-    ``reuse=`` copied the old model's values. This hashes every submodule's class and
-    methods (their code, for classes outside installed packages), its public attributes
-    (``training`` aside: the engine sets the modes itself) and its forward hooks and
-    pre-hooks, and torch's global forward hooks. A value that cannot be hashed reliably
-    (see :func:`~.fingerprints.callable_fingerprint`) counts by its identity: the same
-    object matches, another one does not.
+    attribute switched, an activation function attribute swapped or a non-persistent
+    buffer filled left it as it was, and ``reuse=`` copied the old model's values. This
+    hashes every submodule's class and methods (their code, for classes outside installed
+    packages), its public attributes (``training`` aside: the engine sets the modes
+    itself), its forward hooks and pre-hooks and its buffers registered with
+    ``persistent=False`` (not in the ``state_dict``), and torch's global forward hooks. A
+    value that cannot be hashed reliably (see :func:`~.fingerprints.callable_fingerprint`)
+    counts by its identity: the same object matches, another one does not.
 
     Returns:
         24 hex digits.
@@ -78,19 +79,26 @@ def model_code_fingerprint(model: nn.Module) -> str:
         True
     """
     def part(value) -> str:
-        return callable_fingerprint(value) or f"id:{type(value).__qualname__}:{id(value)}"
+        try:
+            found = callable_fingerprint(value)
+        except Exception:  # noqa: BLE001 - the user's objects (a repr that raises): by identity
+            found = None
+        return found or f"id:{type(value).__qualname__}:{id(value)}"
 
     parts = []
     for name, m in model.named_modules(remove_duplicate=False):
         public = {k: part(v) for k, v in sorted(vars(m).items())
                   if not k.startswith("_") and k != "training"}
         hooks = {t: [part(h) for h in getattr(m, t, {}).values()] for t in _HOOK_TABLES}
+        # Buffers registered with persistent=False are not in the state_dict.
+        hidden = {k: part(v) for k, v in sorted(m._buffers.items())
+                  if k in m._non_persistent_buffers_set and v is not None}
         # The methods of its classes (the forward and the helpers it calls): a class
         # redefined in a notebook keeps its name.
         code = [(c.__qualname__, {k: part(v) for k, v in sorted(vars(c).items())
                                   if isinstance(v, types.FunctionType)})
                 for c in type(m).__mro__ if c not in (nn.Module, object)]
-        parts.append((name, part(type(m)), code, public, hooks))
+        parts.append((name, part(type(m)), code, public, hooks, hidden))
     glob = nn.modules.module
     parts.append([part(h) for t in ("_global_forward_pre_hooks", "_global_forward_hooks")
                   for h in getattr(glob, t, {}).values()])
@@ -147,7 +155,8 @@ def check_reusable(spec: dict, reuse, metrics: Sequence[str],
     if not foreign and reuse.spec.get("precision", "fp32") != spec.get("precision", "fp32"):
         diff.append("precision")
     if "model_code" in diff:
-        diff[diff.index("model_code")] = "model (same weights, other code, attributes or hooks)"
+        diff[diff.index("model_code")] = ("model (same state_dict, other code, attributes, "
+                                          "hooks or non-persistent buffers)")
     if "loss_fingerprint" in diff and "loss_fn" not in diff:
         diff[diff.index("loss_fingerprint")] = "loss (same name, other settings or code)"
     missing = [m for m in metrics if metric_values(reuse, m) is None]
