@@ -7,6 +7,8 @@ float64 per-point oracle (tests/oracle.py).
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -18,6 +20,7 @@ from widget_cases import model_data
 
 import landscape_widget as lw
 from landscape_widget.core.errors import ReuseMismatch
+from landscape_widget.core.fingerprints import fingerprint
 from landscape_widget.core.plans import forget_plans
 
 X, Y = (-1, 1, 5), (-1, 1, 3)
@@ -185,3 +188,38 @@ def test_a_twin_of_one_repr_keeps_its_lanes():
     want, _ = naive_surface(plain, *data, *dirs, linspace(X), linspace(Y))
     np.testing.assert_allclose(s.loss, want, rtol=1e-5, atol=0)
 
+
+def _eigen_residual(model, data, d) -> float:
+    """``|H v - (v.Hv / v.v) v| / |H v|`` for the Hessian of the mean cross-entropy in the
+    weights (parameters of dim > 1, as the widget's ``ignore="biasbn"``), in float64:
+    autograd's double backward on a deep copy (which keeps the model's hooks)."""
+    ref = copy.deepcopy(model).double().eval()
+    names, params = zip(*ref.named_parameters(), strict=True)
+    x, y = data
+    grads = torch.autograd.grad(F.cross_entropy(ref(x.double()), y), params, create_graph=True)
+    v = [d[k].double() for k in names]
+    hv = torch.autograd.grad(grads, params, grad_outputs=v)
+    weights = [i for i, p in enumerate(params) if p.dim() > 1]
+    hv = torch.cat([hv[i].reshape(-1) for i in weights])
+    flat = torch.cat([v[i].reshape(-1) for i in weights])
+    lam = flat @ hv / (flat @ flat)
+    return float((hv - lam * flat).norm() / hv.norm())
+
+
+def test_widget_hessian_directions_follow_a_hook_on_its_model():
+    """The widget's direction cache was keyed on the state_dict: after a hook scaling the
+    logits, the "Hessian top-2 eigenvectors" were still the unhooked model's."""
+    model, data = model_data()
+    w = lw.LandscapeWidget(model, data, resolution=5, direction="hessian")
+    try:
+        w.wait()
+        model.register_forward_hook(lambda mod, i, out: 3 * out)
+        w.resolution = 7
+        s = w.wait()
+        dirs = w._worker.directions_for(w.spec())  # the cached set this surface used
+    finally:
+        w.close()
+    assert s.spec["directions"] == fingerprint(
+        {f"{i}/{k}": v for i, d in enumerate(dirs) for k, v in d.items()})
+    for d in dirs:
+        assert _eigen_residual(model, data, d) < 1e-2
