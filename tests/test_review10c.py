@@ -223,3 +223,21 @@ def test_widget_hessian_directions_follow_a_hook_on_its_model():
         {f"{i}/{k}": v for i, d in enumerate(dirs) for k, v in d.items()})
     for d in dirs:
         assert _eigen_residual(model, data, d) < 1e-2
+
+
+def test_reuse_after_a_hook_on_the_loss_module():
+    """The loss fingerprint hashed a module's attributes and tensors, not its hooks."""
+    torch.manual_seed(0)
+    model, data = Flagged(), _data()
+    dirs = lw.random_directions(model, 2, seed=1)
+    loss = nn.CrossEntropyLoss()
+    kw = dict(directions=dirs, x=X, y=Y, progress=False, loss_fn=loss, metrics=("loss",))
+    old = lw.compute_surface(model, data, **kw)
+    loss.register_forward_hook(lambda mod, i, out: 2 * out)
+    want, _ = naive_surface(model, *data, *dirs, linspace(X), linspace(Y), loss_fn=loss)
+    try:
+        again = lw.compute_surface(model, data, reuse=old, **kw)
+    except ReuseMismatch as err:
+        assert "loss (same name, other settings or code)" in str(err)
+    else:
+        np.testing.assert_allclose(again.loss, want, rtol=1e-5, atol=0)
