@@ -206,14 +206,24 @@ def _eigen_residual(model, data, d) -> float:
     return float((hv - lam * flat).norm() / hv.norm())
 
 
-def test_widget_hessian_directions_follow_a_hook_on_its_model():
+def _hook(model, data):
+    model.register_forward_hook(lambda mod, i, out: 3 * out)
+
+
+def _data_in_place(model, data):
+    data[0].mul_(3)
+
+
+@pytest.mark.parametrize("change", [_hook, _data_in_place])
+def test_widget_hessian_directions_follow_its_model_and_data(change):
     """The widget's direction cache was keyed on the state_dict: after a hook scaling the
-    logits, the "Hessian top-2 eigenvectors" were still the unhooked model's."""
+    logits, or the data changed in place, the "Hessian top-2 eigenvectors" were still the
+    old model's (or data's)."""
     model, data = model_data()
     w = lw.LandscapeWidget(model, data, resolution=5, direction="hessian")
     try:
         w.wait()
-        model.register_forward_hook(lambda mod, i, out: 3 * out)
+        change(model, data)
         w.resolution = 7
         s = w.wait()
         dirs = w._worker.directions_for(w.spec())  # the cached set this surface used

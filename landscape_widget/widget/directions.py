@@ -89,9 +89,12 @@ def _hessian(ctx: Context, spec: Spec, job: Job) -> list:
 
 def _model_key(ctx: Context, spec: Spec) -> tuple:
     # The model's bytes are in the key: a model trained further gets new directions. Its
-    # code, attributes and hooks too: the Hessian of a model given a hook is another one.
+    # code, attributes and hooks too: the Hessian of a model given a hook is another one;
+    # and the Hessian's data.
+    hessian = spec.direction == "hessian"
     return (spec.direction_key(), fingerprint(dict(ctx.model.state_dict())),
-            model_code_fingerprint(ctx.model), spec.bn if spec.direction == "hessian" else None)
+            model_code_fingerprint(ctx.model), spec.bn if hessian else None,
+            ctx.data_key() if hessian else None)
 
 
 def _fixed(*entries: dict) -> Callable[[Context], list[dict]]:

@@ -153,14 +153,15 @@ def key(ctx: Context, spec: Spec) -> tuple:
 
     Returns:
         ``(name, seed, bn, ignore, mining steps, fingerprints of the model's state and
-        code)``, with ``None`` for the settings that do not apply to the type.
+        code, of tensor data)``, with ``None`` for the settings that do not apply to the type.
     """
     name = spec.direction
     seed = None if name == "side" else spec.seed
     bn = None if name == "permutation" else spec.bn
     ignore = None if name == "permutation" else spec.ignore_biasbn
     return (name, seed, bn, ignore, steps_for(name, ctx.mining_steps),
-            fingerprint(dict(ctx.model.state_dict())), model_code_fingerprint(ctx.model))
+            fingerprint(dict(ctx.model.state_dict())), model_code_fingerprint(ctx.model),
+            ctx.data_key())
 
 
 def finish(ctx: Context, spec: Spec, base: list) -> Labelled:
