@@ -35,12 +35,13 @@ class PlanCandidates:
         memory is not part of it (it changes from call to call); a memory_budget given is.
 
         Returns:
-            A hashable tuple of the module's class and repr, parameter names/shapes/dtypes,
+            A hashable tuple of the module's class, repr and code (its classes' methods,
+            public attributes and hooks: ``model_code_fingerprint``), parameter names/shapes/dtypes,
             data shapes and dtypes, device (and a CPU's intra-op threads) and every option
             that changes the plans timed; the key of the plan cache.
         """
         return (
-            type(self.module), repr(self.module),
+            type(self.module), repr(self.module), self._model_code,
             tuple((k, tuple(v.shape), v.dtype) for k, v in self.base.items()),
             tuple(self.x.shape), self.x.dtype, tuple(self.y.shape), str(self.device),
             self.bn, self.bn_batch_size, self.metrics,

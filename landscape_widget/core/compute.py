@@ -30,7 +30,13 @@ from .grid import MAX_GRID_POINTS, Tile, axis_range, axis_values, cut_tiles
 from .heap import hold_heap
 from .params import Params, check_direction
 from .plans import Plan, engine_options
-from .reuse import check_reusable, loss_name, reused_points, what_is_computed
+from .reuse import (
+    check_reusable,
+    loss_name,
+    model_code_fingerprint,
+    reused_points,
+    what_is_computed,
+)
 from .state import bn_batch_size_for
 
 __all__ = ["GridJob", "LocalRunner", "TileRunner", "grid_job"]
@@ -351,6 +357,7 @@ def grid_job(model: nn.Module, data, *, axes: Sequence, directions=None,
         "seed": seed if directions is None else None,
         "direction_kind": kind,
         "model": digests["model"],
+        "model_code": model_code_fingerprint(model),
         "model_class": type(model).__name__,
         "n_params": sum(p.numel() for p in model.parameters()),
         "directions": digests["directions"],

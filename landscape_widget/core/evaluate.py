@@ -69,6 +69,7 @@ from .precision import (
     check_precision,
     precision_flags,
 )
+from .reuse import model_code_fingerprint
 from .state import BufferState, bn_batch_size_for, check_running_stats, set_flags
 from .stem import StemTerms, split_stem
 from .tuning import PlanTuner
@@ -247,6 +248,10 @@ class Evaluator(PointPasses, PlanChoice, LossStats, BatchCoupling, PrecisionChec
         self._lane_setup()  # the calling thread's lane state (core/lanes.py)
         self._error_pairs: list[tuple[float, float]] = []  # (loss, fp32 loss) checked
         self.module = self._prepare_module(model, bn)
+        # Part of the plan-cache key: two models of one repr may run other code (a flag,
+        # a hook), so one's plan (its vmap_error, lanes dropped) is not the other's. Of
+        # the user's model: an attribute hashed by identity is the same object call after call.
+        self._model_code = model_code_fingerprint(model)
         # The copy's own tensors: nothing a forward writes to them reaches the user's model.
         base = parameters_of(self.module)
         # The weights' dtype, not the first tensor's (see weights_dtype): inputs are cast to it.

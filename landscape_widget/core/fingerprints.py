@@ -12,8 +12,8 @@ lambdas are both ``<lambda>``; ``CrossEntropyLoss()`` and
 hashes what decides the values:
 
 - a module: its class, every submodule's public attributes (``reduction``,
-  ``ignore_index``, ``label_smoothing``, ...), parameters and buffers, and, for a class
-  defined outside installed packages, its ``forward``;
+  ``ignore_index``, ``label_smoothing``, ...), forward hooks, parameters and buffers,
+  and, for a class defined outside installed packages, its ``forward``;
 - a function defined outside installed packages: its byte code and constants, default
   arguments, the values its closure captured and the module-level globals it reads
   (recursively); a function of an installed package (``torch.nn.functional.cross_entropy``)
@@ -353,6 +353,12 @@ def _feed_module(h, module: nn.Module, depth: int, seen: set) -> None:
             _feed(h, type(m).forward, depth + 1, seen)
         public = {k: v for k, v in vars(m).items() if not k.startswith("_") and k != "training"}
         _feed(h, public, depth + 1, seen)
+        # Forward hooks change what the module returns (a loss scaled by a hook); fed only
+        # when there are some, so the fingerprints of saved results stay as they were.
+        hooks = [*m._forward_pre_hooks.values(), *m._forward_hooks.values()]
+        if hooks:
+            h.update(b"hooks;")
+            _feed(h, hooks, depth + 1, seen)
     for name, t in module.named_parameters(remove_duplicate=False):
         h.update(f"param:{name};".encode())
         _feed(h, t, depth + 1, seen)

@@ -10,13 +10,19 @@ fingerprints and is checked by recomputing two of its points instead
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
+from torch import nn
 
 from .errors import ReuseMismatch
 from .fingerprints import DIGEST_SIZE, callable_fingerprint, fingerprint_text
 from .grid import match_axis
+
+# The hook tables of a module (and torch's global ones) that change what its forward returns.
+_HOOK_TABLES = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+                "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
 
 
 def loss_name(loss_fn) -> str:
@@ -44,6 +50,59 @@ def what_is_computed(loss_fn, metrics, output_fn) -> dict:
         else "cross_entropy",
         "metrics_fingerprint": None if unreliable else fingerprint_text(repr(parts)),
     }
+
+
+def model_code_fingerprint(model: nn.Module) -> str:
+    """A hash of what decides ``model``'s outputs besides its state_dict (``spec["model_code"]``).
+
+    ``spec["model"]`` hashes the ``state_dict`` only: a forward hook registered, a flag
+    attribute switched, an activation function attribute swapped or a non-persistent
+    buffer filled left it as it was, and ``reuse=`` copied the old model's values. This
+    hashes every submodule's class and methods (their code, for classes outside installed
+    packages), its public attributes (``training`` aside: the engine sets the modes
+    itself), its forward hooks and pre-hooks and its buffers registered with
+    ``persistent=False`` (not in the ``state_dict``), and torch's global forward hooks. A
+    value that cannot be hashed reliably (see :func:`~.fingerprints.callable_fingerprint`)
+    counts by its identity: the same object matches, another one does not.
+
+    Returns:
+        24 hex digits.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2))
+        >>> before = model_code_fingerprint(net)
+        >>> handle = net[0].register_forward_hook(lambda m, i, o: 2 * o)
+        >>> model_code_fingerprint(net) == before
+        False
+        >>> handle.remove()
+        >>> model_code_fingerprint(net) == before
+        True
+    """
+    def part(value) -> str:
+        try:
+            found = callable_fingerprint(value)
+        except Exception:  # noqa: BLE001 - the user's objects (a repr that raises): by identity
+            found = None
+        return found or f"id:{type(value).__qualname__}:{id(value)}"
+
+    parts = []
+    for name, m in model.named_modules(remove_duplicate=False):
+        public = {k: part(v) for k, v in sorted(vars(m).items())
+                  if not k.startswith("_") and k != "training"}
+        hooks = {t: [part(h) for h in getattr(m, t, {}).values()] for t in _HOOK_TABLES}
+        # Buffers registered with persistent=False are not in the state_dict.
+        hidden = {k: part(v) for k, v in sorted(m._buffers.items())
+                  if k in m._non_persistent_buffers_set and v is not None}
+        # The methods of its classes (the forward and the helpers it calls): a class
+        # redefined in a notebook keeps its name.
+        code = [(c.__qualname__, {k: part(v) for k, v in sorted(vars(c).items())
+                                  if isinstance(v, types.FunctionType)})
+                for c in type(m).__mro__ if c not in (nn.Module, object)]
+        parts.append((name, part(type(m)), code, public, hooks, hidden))
+    glob = nn.modules.module
+    parts.append([part(h) for t in ("_global_forward_pre_hooks", "_global_forward_hooks")
+                  for h in getattr(glob, t, {}).values()])
+    return fingerprint_text(repr(parts))
 
 
 def metric_values(result, name: str):
@@ -85,6 +144,8 @@ def check_reusable(spec: dict, reuse, metrics: Sequence[str],
             )
     same = ("model", "directions", "loss_fn", "loss_fingerprint", "metrics_fingerprint", "bn",
             "bn_batch_size", "n_samples", "data")
+    if "model_code" in reuse.spec:  # results saved before it was recorded have no model_code
+        same += ("model_code",)
     # A loss-landscape file records none of these: its values are checked by recomputing
     # a few of them instead (check_foreign_reuse in tile_stream.py).
     foreign = reuse.spec.get("source") == "loss-landscape"
@@ -93,6 +154,9 @@ def check_reusable(spec: dict, reuse, metrics: Sequence[str],
     # Results from before precision= were fp32.
     if not foreign and reuse.spec.get("precision", "fp32") != spec.get("precision", "fp32"):
         diff.append("precision")
+    if "model_code" in diff:
+        diff[diff.index("model_code")] = ("model (same state_dict, other code, attributes, "
+                                          "hooks or non-persistent buffers)")
     if "loss_fingerprint" in diff and "loss_fn" not in diff:
         diff[diff.index("loss_fingerprint")] = "loss (same name, other settings or code)"
     missing = [m for m in metrics if metric_values(reuse, m) is None]

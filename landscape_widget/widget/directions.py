@@ -31,6 +31,7 @@ from ..core.directions import interpolation_direction
 from ..core.errors import Cancelled
 from ..core.fingerprints import fingerprint
 from ..core.hessian import hessian_eigenpairs
+from ..core.reuse import model_code_fingerprint
 from . import models, shapes
 from .jobs import Context, Job
 from .spec import DIRECTION_TYPES, Spec
@@ -87,9 +88,13 @@ def _hessian(ctx: Context, spec: Spec, job: Job) -> list:
 
 
 def _model_key(ctx: Context, spec: Spec) -> tuple:
-    # The model's bytes are in the key: a model trained further gets new directions.
+    # The model's bytes are in the key: a model trained further gets new directions. Its
+    # code, attributes and hooks too: the Hessian of a model given a hook is another one;
+    # and the Hessian's data.
+    hessian = spec.direction == "hessian"
     return (spec.direction_key(), fingerprint(dict(ctx.model.state_dict())),
-            spec.bn if spec.direction == "hessian" else None)
+            model_code_fingerprint(ctx.model), spec.bn if hessian else None,
+            ctx.data_key() if hessian else None)
 
 
 def _fixed(*entries: dict) -> Callable[[Context], list[dict]]:

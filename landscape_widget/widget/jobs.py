@@ -21,8 +21,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from ..core.data import is_data_fn
 from ..core.directions import random_directions
+from ..core.fingerprints import fingerprint
 from ..core.metrics import METRICS
 from . import protocol
 
@@ -189,6 +192,20 @@ class Context:
             norm=None if spec.norm == "none" else spec.norm,
             ignore="biasbn" if spec.ignore_biasbn else None, seed=spec.seed,
         )
+
+    def data_key(self) -> str | None:
+        """A fingerprint of the data if they are tensors, for the direction cache's keys.
+
+        Hessian and mined directions depend on the data: changed in place, they were the old
+        data's. (Other data, a ``Dataset`` or ``DataLoader``, are not read for a key: ``None``.)
+
+        Returns:
+            The fingerprint of the tensors, or ``None``.
+        """
+        data = self.data
+        if isinstance(data, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in data):
+            return fingerprint({str(i): t for i, t in enumerate(data)})
+        return None
 
     @property
     def device_name(self) -> str:

@@ -45,6 +45,7 @@ import numpy as np
 
 from ..core.data import sample_inputs
 from ..core.fingerprints import fingerprint
+from ..core.reuse import model_code_fingerprint
 from ..core.surface import Curve
 from ..experiments.curves import SHAPE_X, classify_curve
 from ..experiments.mining import DEFAULT_STEPS, mine_direction
@@ -151,15 +152,16 @@ def key(ctx: Context, spec: Spec) -> tuple:
     it has no BN mode or ignore.
 
     Returns:
-        ``(name, seed, bn, ignore, mining steps, fingerprint of the model's state)``, with ``None``
-        for the settings that do not apply to the type.
+        ``(name, seed, bn, ignore, mining steps, fingerprints of the model's state and
+        code, of tensor data)``, with ``None`` for the settings that do not apply to the type.
     """
     name = spec.direction
     seed = None if name == "side" else spec.seed
     bn = None if name == "permutation" else spec.bn
     ignore = None if name == "permutation" else spec.ignore_biasbn
     return (name, seed, bn, ignore, steps_for(name, ctx.mining_steps),
-            fingerprint(dict(ctx.model.state_dict())))
+            fingerprint(dict(ctx.model.state_dict())), model_code_fingerprint(ctx.model),
+            ctx.data_key())
 
 
 def finish(ctx: Context, spec: Spec, base: list) -> Labelled:
