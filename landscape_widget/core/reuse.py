@@ -86,6 +86,7 @@ def model_code_fingerprint(model: nn.Module) -> str:
         return found or f"id:{type(value).__qualname__}:{id(value)}"
 
     parts = []
+    classes: dict[type, tuple] = {}  # each class's part once (a ResNet-50 has 161 modules)
     for name, m in model.named_modules(remove_duplicate=False):
         public = {k: part(v) for k, v in sorted(vars(m).items())
                   if not k.startswith("_") and k != "training"}
@@ -95,10 +96,13 @@ def model_code_fingerprint(model: nn.Module) -> str:
                   if k in m._non_persistent_buffers_set and v is not None}
         # The methods of its classes (the forward and the helpers it calls): a class
         # redefined in a notebook keeps its name.
-        code = [(c.__qualname__, {k: part(v) for k, v in sorted(vars(c).items())
+        cls = type(m)
+        if cls not in classes:
+            classes[cls] = (part(cls), [
+                (c.__qualname__, {k: part(v) for k, v in sorted(vars(c).items())
                                   if isinstance(v, types.FunctionType)})
-                for c in type(m).__mro__ if c not in (nn.Module, object)]
-        parts.append((name, part(type(m)), code, public, hooks, hidden))
+                for c in cls.__mro__ if c not in (nn.Module, object)])
+        parts.append((name, *classes[cls], public, hooks, hidden))
     glob = nn.modules.module
     parts.append([part(h) for t in ("_global_forward_pre_hooks", "_global_forward_hooks")
                   for h in getattr(glob, t, {}).values()])
