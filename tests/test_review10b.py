@@ -65,3 +65,63 @@ def test_a_loader_whose_sampler_visits_part_of_its_dataset_is_subset_from_that_p
                                naive_eval(model, x[idx], y[idx], [d1, d2], coords)[0], rtol=1e-5)
     with pytest.raises(ValueError, match=f"exceeds the {visited} samples"):
         lw.compute_surface(model, loader, samples=visited + 1, **kw)
+
+
+class TinyLM(torch.nn.Module):
+    """Token logits ``(B, V, T)`` (class dim 1, as F.cross_entropy takes them)."""
+
+    def __init__(self, vocab: int = 6):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.out = torch.nn.Embedding(vocab, 8), torch.nn.Linear(8, vocab)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.emb(x))).transpose(1, 2)
+
+
+def length_sorted_tokens(n: int = 96, t: int = 6, vocab: int = 6):
+    """Sequences padded with -100 after their length, longest first (so the first samples
+    all count ``t`` targets), as a length-bucketed language-model data set. ``t == vocab``:
+    the oracle's accuracy (unused here) compares ``argmax(-1)`` with the targets."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, vocab, (n, t), generator=g)
+    y = torch.randint(0, vocab, (n, t), generator=g)
+    lengths = torch.randint(1, t + 1, (n,), generator=g).sort(descending=True).values
+    y[torch.arange(t) >= lengths[:, None]] = -100
+    return x, y
+
+
+def per_sequence_mean(out, y, reduction="mean"):
+    """The mean over sequences of each sequence's mean token loss."""
+    tokens = torch.nn.functional.cross_entropy(out, y, reduction="none")
+    each = tokens.sum(1) / (y != -100).sum(1)
+    return each.mean() if reduction == "mean" else each
+
+
+@pytest.mark.parametrize("loss_fn", [per_sequence_mean, torch.nn.CrossEntropyLoss()],
+                         ids=["per-sequence mean", "token mean"])
+def test_a_mean_of_per_sequence_means_on_length_sorted_tokens(loss_fn):
+    # The reduction check ran on the first 8 samples, which all counted 6 targets: a mean
+    # over counted tokens and a mean of per-sequence means agree there, so the per-sequence
+    # mean was taken for a token mean and its 16-sample batches weighted by their counted
+    # tokens (0.026 off, a surface that changed with the batch size); samples= refused it,
+    # saying the loss had no per-sample values. The oracle: the loss on all data at once.
+    model = TinyLM().eval()
+    x, y = length_sorted_tokens()
+    d1, d2 = lw.random_directions(model, 2, seed=3)
+    kw = dict(directions=(d1, d2), loss_fn=loss_fn, metrics=("loss",),
+              evaluator_options={"batch_size": 16}, **GRID)
+    coords = surface_coords(XS, XS)
+    exact = lw.compute_surface(model, (x, y), **kw)
+    want = naive_eval(model, x, y, [d1, d2], coords, loss_fn=loss_fn)[0]
+    np.testing.assert_allclose(exact.loss.ravel(), want, rtol=1e-5)
+    if loss_fn is not per_sequence_mean:
+        return
+    n, population = 20, len(y)
+    s = lw.compute_surface(model, (x, y), samples=n, sample_seed=1, **kw)
+    idx = subset_indices(population, n, 1)
+    each = np.stack([naive_eval(model, x[i : i + 1], y[i : i + 1], [d1, d2], coords,
+                                loss_fn=loss_fn)[0] for i in idx.tolist()], -1)
+    np.testing.assert_allclose(s.loss.ravel(), each.mean(-1), rtol=1e-5)
+    se = each.std(-1, ddof=1) / np.sqrt(n) * np.sqrt((population - n) / (population - 1))
+    np.testing.assert_allclose(s.loss_se.ravel(), se, rtol=1e-4)

@@ -235,6 +235,45 @@ def check_reduction(loss_fn, out, y: Tensor, task) -> None:
     )
 
 
+def uneven_row(y: Tensor, m: int, task) -> int | None:
+    """A sample that tells :func:`check_reduction`'s two means apart where the probe cannot.
+
+    A mean over counted targets and a mean of per-sample means agree on samples that all
+    count the same targets (language-model data sorted by length: the first samples are
+    all full), so the check on the first ``m`` samples could not tell them apart, and the
+    engine weighted the batches of a per-sample mean by their counted targets (the surface
+    then changed with the batch size: 0.026 off with 16-sample batches).
+
+    Args:
+        y: All targets.
+        m: The number of probe samples (the first ``m``).
+        task: The :class:`~landscape_widget.core.metrics.Task` (ignored targets, weights).
+
+    Returns:
+        When the first ``m`` samples all weigh the same (``Task.loss_weight``), the index of
+        the first later sample with counted targets that weighs otherwise; else ``None``.
+    """
+    if task.ignore is None or task.per_sample or y.dim() < 2 or y.shape[0] <= m:
+        return None
+
+    def weights(rows: Tensor) -> Tensor:
+        mask = task.counted(rows).reshape(rows.shape[0], -1)
+        if task.class_weight is None:
+            return mask.sum(-1).to(torch.float64)
+        w = task.class_weight.to(rows.device, torch.float64)[rows.clamp_min(0)]
+        return (w.reshape(rows.shape[0], -1) * mask).sum(-1)
+
+    first = weights(y[:m])
+    if not bool((first == first[0]).all()) or float(first[0]) == 0:
+        return None
+    for start in range(m, y.shape[0], 4096):  # in chunks: targets of many long sequences
+        w = weights(y[start : start + 4096])
+        other = ((w != first[0]) & (w > 0)).nonzero()
+        if other.numel():
+            return start + int(other[0])
+    return None
+
+
 def _broadcast_shape(out, y: Tensor) -> tuple[int, ...] | None:
     """The shape ``out`` and ``y`` broadcast to, if it mixes their sample dims, else None.
 
