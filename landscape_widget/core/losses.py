@@ -253,7 +253,8 @@ def uneven_row(y: Tensor, m: int, task) -> int | None:
         When the first ``m`` samples all weigh the same (``Task.loss_weight``), the index of
         the first later sample with counted targets that weighs otherwise; else ``None``.
     """
-    if task.ignore is None or task.per_sample or y.dim() < 2 or y.shape[0] <= m:
+    if task.ignore is None or task.per_sample or y.dim() < 2 or y.shape[0] <= m or (
+            not task.masked and task.class_weight is None):  # every sample counts all
         return None
 
     def weights(rows: Tensor) -> Tensor:
@@ -266,8 +267,9 @@ def uneven_row(y: Tensor, m: int, task) -> int | None:
     first = weights(y[:m])
     if not bool((first == first[0]).all()) or float(first[0]) == 0:
         return None
-    for start in range(m, y.shape[0], 4096):  # in chunks: targets of many long sequences
-        w = weights(y[start : start + 4096])
+    step = max(1, 2**22 // max(1, y[0].numel()))  # chunks of ~4M targets (the masks' memory)
+    for start in range(m, y.shape[0], step):
+        w = weights(y[start : start + step])
         other = ((w != first[0]) & (w > 0)).nonzero()
         if other.numel():
             return start + int(other[0])
