@@ -125,3 +125,41 @@ def test_a_mean_of_per_sequence_means_on_length_sorted_tokens(loss_fn):
     np.testing.assert_allclose(s.loss.ravel(), each.mean(-1), rtol=1e-5)
     se = each.std(-1, ddof=1) / np.sqrt(n) * np.sqrt((population - n) / (population - 1))
     np.testing.assert_allclose(s.loss_se.ravel(), se, rtol=1e-4)
+
+
+def test_a_loader_making_several_samples_of_each_item_is_refused_with_the_fix():
+    # A DataLoader over chunks (each dataset item 8 samples, concatenated by its collate_fn):
+    # samples= drew items but the standard error counted rows, so its finite-population
+    # correction (N - n) / (N - 1) went negative with N items and n rows: loss_se was NaN at
+    # every point, also with samples= all items. The fix the message names is checked
+    # against the oracle: the rows as tensors give the float64 loop's subset values.
+    from torch.utils.data import Dataset
+
+    model = mlp(seed=1).eval()
+    x, y = mlp_data()  # 40 samples: 5 items of 8
+    items = [(x[i : i + 8], y[i : i + 8]) for i in range(0, 40, 8)]
+
+    class Chunks(Dataset):
+        def __len__(self):
+            return len(items)
+
+        def __getitem__(self, i):
+            return items[i]
+
+    def cat(batch):
+        return torch.cat([b[0] for b in batch]), torch.cat([b[1] for b in batch])
+
+    loader = DataLoader(Chunks(), batch_size=2, collate_fn=cat)
+    d1, d2 = lw.random_directions(model, 2, seed=2)
+    kw = dict(directions=(d1, d2), **GRID)
+    for n in (3, 5):
+        with pytest.raises(lw.core.subset.SubsetError,
+                           match=rf"drew {n} of the data's 5 items, but the batches of those "
+                                 rf"items hold {8 * n} samples.*map\(torch.cat, zip\(\*loader"):
+            lw.compute_surface(model, loader, samples=n, **kw)
+    rows = tuple(map(torch.cat, zip(*loader, strict=True)))
+    s = lw.compute_surface(model, rows, samples=12, **kw)
+    idx = subset_indices(40, 12)
+    np.testing.assert_allclose(s.loss.ravel(), naive_eval(model, x[idx], y[idx], [d1, d2],
+                                                          surface_coords(XS, XS))[0], rtol=1e-5)
+    assert np.isfinite(s.loss_se).all() and (s.loss_se > 0).all()
