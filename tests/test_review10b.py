@@ -163,3 +163,34 @@ def test_a_loader_making_several_samples_of_each_item_is_refused_with_the_fix():
     np.testing.assert_allclose(s.loss.ravel(), naive_eval(model, x[idx], y[idx], [d1, d2],
                                                           surface_coords(XS, XS))[0], rtol=1e-5)
     assert np.isfinite(s.loss_se).all() and (s.loss_se > 0).all()
+
+
+@pytest.mark.parametrize("loss", ["MultiLabelMarginLoss", "per-sequence"])
+def test_a_loss_reduced_within_each_sample_of_several_class_indices(loss):
+    # MultiLabelMarginLoss takes (N, C) class indices (-1 padded) and gives one value per
+    # sample; so does a per-sequence loss on (N, T) class indices. loss_se weighed each
+    # sample's value by its T counted targets: the per-sample values averaged to 1/T of
+    # the loss and samples= refused the loss, telling the user to pass an nn.*Loss.
+    # The oracle: each drawn sample's own loss in float64, their mean and closed-form SE.
+    model = mlp(seed=1).eval()  # 4 outputs
+    x, _ = mlp_data()
+    g = torch.Generator().manual_seed(4)
+    y = torch.stack([torch.randperm(4, generator=g) for _ in range(len(x))])
+    if loss == "MultiLabelMarginLoss":
+        y[:, 2:] = -1  # labels end at the first -1
+        y[torch.arange(len(x)) % 3 == 0, 1] = -1  # 1 label, the others 2
+        loss_fn = torch.nn.MultiLabelMarginLoss()
+    else:
+        def loss_fn(out, t, reduction="mean"):
+            each = (out - t.to(out.dtype)).pow(2).mean(1)
+            return each.mean() if reduction == "mean" else each
+    d1, d2 = lw.random_directions(model, 2, seed=2)
+    n, coords = 12, surface_coords(XS, XS)
+    s = lw.compute_surface(model, (x, y), directions=(d1, d2), loss_fn=loss_fn, samples=n,
+                           metrics=("loss",), **GRID)
+    idx = subset_indices(len(x), n)
+    each = np.stack([naive_eval(model, x[i : i + 1], y[i : i + 1], [d1, d2], coords,
+                                loss_fn=loss_fn)[0] for i in idx.tolist()], -1)
+    np.testing.assert_allclose(s.loss.ravel(), each.mean(-1), rtol=1e-5)
+    se = each.std(-1, ddof=1) / np.sqrt(n) * np.sqrt((len(x) - n) / (len(x) - 1))
+    np.testing.assert_allclose(s.loss_se.ravel(), se, rtol=1e-4)

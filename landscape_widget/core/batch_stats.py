@@ -218,6 +218,15 @@ class LossStats:
         # self would be a reference cycle: see ``loss_fn``).
         self._user_loss_none = (subset_se.unreduced_loss(self.loss_fn) if self._user_loss
                                 else None)
+        if (self._user_loss and self.task.ignore is not None and self.task.class_weight is None
+                and bool(self.task.counted(self.y).all())):
+            # No target is ignored: every sample counts the same targets, so a mean over
+            # targets is a mean over samples, and a loss reduced within each sample
+            # (MultiLabelMarginLoss, a per-sequence loss on (N, T) class indices) gives
+            # one value per sample; weighed by its targets, its mean came out T times too
+            # small and samples= was refused. (The default loss's batched sums are of
+            # targets: it keeps their weights, the same numbers.)
+            self.task.per_sample = True
         m = min(self.n, PROBE_SAMPLES)
         out = self._probe(m)
         subset_se.check_unreduced(self.loss_fn, self._loss_none_fn(), out, self.y[:m], self.task,
