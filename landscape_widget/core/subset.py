@@ -87,8 +87,11 @@ def _loader_dataset(loader: DataLoader) -> Dataset:
         # of it only if it has that length (SequentialSampler(range(k)) reads the first k:
         # the subset was drawn from all, samples the exact pass never read).
         visited = len(sampler.data_source)  # type: ignore[arg-type]
-        dataset = (loader.dataset if visited == len(loader.dataset)  # type: ignore[arg-type]
-                   else Subset(loader.dataset, range(visited)))
+        try:
+            whole = len(loader.dataset) == visited  # type: ignore[arg-type]
+        except TypeError:  # a map-style dataset without __len__: the sampler's are its
+            whole = False
+        dataset = loader.dataset if whole else Subset(loader.dataset, range(visited))
     elif isinstance(sampler, SubsetRandomSampler):
         dataset = Subset(loader.dataset, sorted(int(i) for i in sampler.indices))
     if dataset is not None and loader.drop_last and len(dataset) % loader.batch_size:
