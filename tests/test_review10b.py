@@ -194,3 +194,32 @@ def test_a_loss_reduced_within_each_sample_of_several_class_indices(loss):
     np.testing.assert_allclose(s.loss.ravel(), each.mean(-1), rtol=1e-5)
     se = each.std(-1, ddof=1) / np.sqrt(n) * np.sqrt((len(x) - n) / (len(x) - 1))
     np.testing.assert_allclose(s.loss_se.ravel(), se, rtol=1e-4)
+
+
+def test_a_draw_of_only_classes_weighted_0_is_named_as_such():
+    # CrossEntropyLoss(weight=[0, 1, 1]) on a draw whose targets are all of class 0: the
+    # loss is 0/0 as for a draw of only ignored targets, and the error said "every drawn
+    # target equals ignore_index=-100", which none did. The data's own targets are the
+    # oracle of which cause it is.
+    import pickle
+
+    from landscape_widget.core.errors import NoCountedTargets
+
+    model = mlp(seed=1).eval()
+    x, _ = mlp_data()
+    y = torch.zeros(len(x), dtype=torch.long)
+    y[0] = 1  # not drawn by subset_indices(40, 5, 0)
+    assert 0 not in subset_indices(len(x), 5, 0).tolist()
+    loss_fn = torch.nn.CrossEntropyLoss(weight=torch.tensor([0.0, 1.0, 1.0, 1.0]))
+    with pytest.raises(lw.core.subset.SubsetError,
+                       match="equals ignore_index=-100 or is of a class whose weight is 0"):
+        lw.compute_surface(model, (x, y), samples=5, loss_fn=loss_fn, **GRID)
+    with pytest.raises(NoCountedTargets, match="is of a class whose weight is 0") as info:
+        lw.compute_surface(model, (x, torch.zeros_like(y)), loss_fn=loss_fn, **GRID)
+    back = pickle.loads(pickle.dumps(info.value))  # as an executor's worker sends it
+    assert back.zero_weight and back.ignore_index == -100 and str(back) == str(info.value)
+    y[0] = -100  # only ignored and weight-0 targets: the same, and still said of both
+    with pytest.raises(NoCountedTargets, match="is of a class whose weight is 0"):
+        lw.compute_surface(model, (x, y), loss_fn=loss_fn, **GRID)
+    with pytest.raises(NoCountedTargets, match="every target equals ignore_index=-100"):
+        lw.compute_surface(model, (x, torch.full_like(y, -100)), loss_fn=loss_fn, **GRID)

@@ -111,6 +111,12 @@ class LossStats:
         self.task: Task = resolve_task(logits, self.y, self.loss_fn if self._user_loss else None,
                                        self.n)
         if self.task.ignore is not None and float(self.task.loss_weight(self.y)) == 0:
+            if bool(self.task.counted(self.y).any()):  # all of classes the loss weighs 0
+                raise NoCountedTargets(
+                    f"every target other than ignore_index={self.task.ignore} is of a class "
+                    "whose weight is 0 in the loss's weight=; the loss is a mean over no "
+                    "weight (0/0). Pass data with targets of classes weighted above 0.",
+                    self.task.ignore, zero_weight=True)
             raise NoCountedTargets(f"every target equals ignore_index={self.task.ignore}; the "
                                    "loss is a mean over no targets. Pass data with counted "
                                    "targets.", self.task.ignore)

@@ -208,6 +208,8 @@ def no_counted_targets(samples: int, seed: int, population: int | None, err) -> 
     of = f" of the data's {population:,}" if population else ""
     ignore = getattr(err, "ignore_index", None)
     what = "ignore_index" if ignore is None else f"ignore_index={ignore}"
+    if getattr(err, "zero_weight", False):  # the others are of classes weighted 0
+        what += " or is of a class whose weight is 0 in the loss's weight="
     return SubsetError(
         f"samples=: the subset of {samples:,} samples{of} drawn with sample_seed={seed} has "
         f"no counted target: every drawn target equals {what}, so its loss is a mean over "
