@@ -12,7 +12,7 @@ import dataclasses
 import functools
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -274,6 +274,29 @@ def uneven_row(y: Tensor, m: int, task) -> int | None:
         if other.numel():
             return start + int(other[0])
     return None
+
+
+def decide_weighting(loss_fn, forward: Callable[[Tensor], object], y: Tensor, task,
+                     m: int = 8) -> None:
+    """Set ``task.per_sample``: :func:`check_reduction` on the first ``m`` samples.
+
+    Where those all weigh the same, one that weighs otherwise (:func:`uneven_row`) is added.
+
+    Args:
+        loss_fn: The user's loss.
+        forward: ``forward(rows)`` returns the model's outputs on the samples ``rows``.
+        y: All targets.
+        task: The :class:`~landscape_widget.core.metrics.Task`, updated.
+        m: The number of first samples.
+
+    Raises:
+        ValueError: From :func:`check_reduction`.
+    """
+    rows = torch.arange(min(m, y.shape[0]), device=y.device)
+    j = uneven_row(y, len(rows), task)
+    if j is not None:
+        rows = torch.cat([rows, rows.new_tensor([j])])
+    check_reduction(loss_fn, forward(rows), y[rows], task)
 
 
 def _broadcast_shape(out, y: Tensor) -> tuple[int, ...] | None:
