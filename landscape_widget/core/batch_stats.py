@@ -27,6 +27,7 @@ from .losses import (
     check_cross_entropy_targets,
     check_reduction,
     loss_error,
+    uneven_row,
 )
 from .metrics import Task, describe, find_logits, resolve_task, user_metric_stats
 from .precision import precision_flags, to_float32
@@ -110,6 +111,12 @@ class LossStats:
         self.task: Task = resolve_task(logits, self.y, self.loss_fn if self._user_loss else None,
                                        self.n)
         if self.task.ignore is not None and float(self.task.loss_weight(self.y)) == 0:
+            if bool(self.task.counted(self.y).any()):  # all of classes the loss weighs 0
+                raise NoCountedTargets(
+                    f"every target other than ignore_index={self.task.ignore} is of a class "
+                    "whose weight is 0 in the loss's weight=; the loss is a mean over no "
+                    "weight (0/0). Pass data with targets of classes weighted above 0.",
+                    self.task.ignore, zero_weight=True)
             raise NoCountedTargets(f"every target equals ignore_index={self.task.ignore}; the "
                                    "loss is a mean over no targets. Pass data with counted "
                                    "targets.", self.task.ignore)
@@ -128,6 +135,11 @@ class LossStats:
                             and self._tensor_out and self.output_fn is None)
         if self._user_loss and (self.forced_batch or 0) < self.n:
             check_reduction(self.loss_fn, out, y, self.task)
+            j = uneven_row(self.y, m, self.task)
+            if j is not None:  # the first samples count the same targets: see uneven_row
+                rows = torch.tensor([0, j], device=self.y.device)
+                check_reduction(self.loss_fn, self._forward(self.x[rows]), self.y[rows],
+                                self.task)
         for name, fn in self.user_metrics.items():
             with torch.no_grad():
                 try:
@@ -174,17 +186,9 @@ class LossStats:
         with torch.inference_mode(False):  # a normal tensor: it has a version counter
             x, pristine = self.x[:m].clone(), self.x[:m].clone()
         version = x._version
-        self._enter()
         try:
-            # Under the flags the points are computed with (true fp32 unless "tf32"), not the
-            # user's: the linear stem's check compares these outputs with the split model's,
-            # run while evaluating; with TF32 (torch's default for cuDNN convolutions) in
-            # one and not the other they differ by 1e-3 and the stem was refused.
-            with torch.no_grad(), precision_flags(self.precision, self.device), batch_draws(
-                    self.device, 0):  # seeded as the passes over the first batch
-                out = functional_call(self.module, dict(self.base), (x,))
+            out = self._forward(x)
         finally:
-            self._exit()
             for h in handles:
                 h.remove()
         # The values too: a write through x.data or x.numpy() bumps no version counter
@@ -194,6 +198,24 @@ class LossStats:
         self._probed, self._probed_rows = out, m
         return out
 
+    def _forward(self, x: Tensor):
+        """The model's outputs on ``x`` at the base point, as the passes compute them.
+
+        Returns:
+            The outputs, as the model returns them.
+        """
+        self._enter()
+        try:
+            # Under the flags the points are computed with (true fp32 unless "tf32"), not the
+            # user's: the linear stem's check compares these outputs with the split model's,
+            # run while evaluating; with TF32 (torch's default for cuDNN convolutions) in
+            # one and not the other they differ by 1e-3 and the stem was refused.
+            with torch.no_grad(), precision_flags(self.precision, self.device), batch_draws(
+                    self.device, 0):  # seeded as the passes over the first batch
+                return functional_call(self.module, dict(self.base), (x,))
+        finally:
+            self._exit()
+
     def _subset_se(self, population: int | None) -> int | None:
         """Set up the per-sample losses of ``loss_se`` (see core/subset_se.py); the population."""
         if population is None or "loss" not in self.metrics:
@@ -202,6 +224,15 @@ class LossStats:
         # self would be a reference cycle: see ``loss_fn``).
         self._user_loss_none = (subset_se.unreduced_loss(self.loss_fn) if self._user_loss
                                 else None)
+        if (self._user_loss and self.task.ignore is not None and self.task.class_weight is None
+                and bool(self.task.counted(self.y).all())):
+            # No target is ignored: every sample counts the same targets, so a mean over
+            # targets is a mean over samples, and a loss reduced within each sample
+            # (MultiLabelMarginLoss, a per-sequence loss on (N, T) class indices) gives
+            # one value per sample; weighed by its targets, its mean came out T times too
+            # small and samples= was refused. (The default loss's batched sums are of
+            # targets: it keeps their weights, the same numbers.)
+            self.task.per_sample = True
         m = min(self.n, PROBE_SAMPLES)
         out = self._probe(m)
         subset_se.check_unreduced(self.loss_fn, self._loss_none_fn(), out, self.y[:m], self.task,

@@ -62,13 +62,17 @@ class InputChanged(ValueError):
 class NoCountedTargets(ValueError):
     """Every target of the data equals the loss's ``ignore_index``: its mean is over nothing.
 
+    Or every other target is of a class the loss's ``weight=`` weighs 0 (``zero_weight``).
+
     Attributes:
         ignore_index: The ignored target value.
+        zero_weight: Whether there are counted targets, all of classes of weight 0.
     """
 
-    def __init__(self, message: str, ignore_index=None):
+    def __init__(self, message: str, ignore_index=None, zero_weight: bool = False):
         super().__init__(message)
         self.ignore_index = ignore_index
+        self.zero_weight = zero_weight
 
     def __reduce__(self):  # crosses process boundaries (an executor's workers) intact
-        return type(self), (str(self), self.ignore_index)
+        return type(self), (str(self), self.ignore_index, self.zero_weight)

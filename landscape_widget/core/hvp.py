@@ -28,7 +28,7 @@ from .copies import true_gradients
 from .data import as_tensors
 from .errors import Cancelled  # re-exported: `from core.hvp import Cancelled` still works
 from .hvp_products import ProductMethods
-from .losses import check_cross_entropy_targets
+from .losses import check_cross_entropy_targets, decide_weighting
 from .metrics import find_logits, resolve_task
 from .params import (
     Params,
@@ -196,6 +196,10 @@ class HessianOperator(ProductMethods):
         # engine's losses do, so the Hessian is that of the mean over all counted targets
         # whatever the batch size; a batch with none counts nothing (its loss is NaN).
         task = resolve_task(None, self.y, loss_fn, self.n)
+        if loss_fn is not None and self.batch < self.n:  # a mean of per-sample means weighs
+            with torch.no_grad(), plain_modes(self.device):  # batches by samples (losses.py)
+                decide_weighting(loss_fn, lambda r: self._outputs(self.params, self.x[r]),
+                                 self.y, task)
         weights = [float(task.loss_weight(self.y[s:s + self.batch]))
                    for s in range(0, self.n, self.batch)]
         if not sum(weights):
@@ -251,6 +255,9 @@ class HessianOperator(ProductMethods):
         return F.cross_entropy(find_logits(out, self.output_fn), y)
 
     def _loss(self, params: Params, x: Tensor, y: Tensor, start: int = 0) -> Tensor:
+        return self.loss_fn(self._outputs(params, x, start), y)
+
+    def _outputs(self, params: Params, x: Tensor, start: int = 0):
         # Random draws in forward are seeded by the batch, as the surfaces' (core/rng.py):
         # every product differentiates the same function, the caller's RNG is untouched.
         with batch_draws(self.device, start):
@@ -270,7 +277,7 @@ class HessianOperator(ProductMethods):
                 restore_attributes(self._attributes)
                 for g, state in self._generators:
                     g.set_state(state)
-        return self.loss_fn(out, y)
+        return out
 
     def matvec(self, v: Tensor) -> Tensor:
         """``H v`` for a flat vector ``v`` (any float dtype; the result has ``v``'s dtype).

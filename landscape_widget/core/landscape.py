@@ -12,7 +12,7 @@ from .data import is_data_fn
 from .errors import NoCountedTargets
 from .evaluate import METRICS, LossFn
 from .params import Params
-from .subset import check_samples, no_counted_targets, resolve_seed, take_subset
+from .subset import SubsetError, check_samples, no_counted_targets, resolve_seed, take_subset
 from .surface import Curve, Surface
 from .tile_stream import TileStream, check_foreign_reuse, run_stream
 
@@ -114,8 +114,9 @@ def iter_tiles(
             ``sample_seed`` is given without ``samples``; or, from :func:`grid_job`, if the
             model, an axis, the directions or an option has the wrong type.
         SubsetError: (a ``ValueError``) if ``samples`` is given for data or a loss that
-            cannot be subset, or the drawn subset has no counted target (all
-            ``ignore_index``), naming the fix.
+            cannot be subset, the drawn subset has no counted target (all
+            ``ignore_index``), or a ``DataLoader`` gives other than one sample per
+            drawn dataset item, naming the fix.
         NoCountedTargets: (a ``ValueError``) If every target of the data (without
             ``samples``) equals the loss's ``ignore_index``.
         ValueError: From :func:`grid_job`: the grid is above ``MAX_GRID_POINTS`` points, an
@@ -152,6 +153,19 @@ def iter_tiles(
         raise subset_error from err
     if samples is not None and population is None:  # drawn on an executor's workers
         population = getattr(job.runner, "population", None)
+    if samples is not None and job.spec["n_samples"] != samples:
+        # A DataLoader whose collate_fn makes several samples of one dataset item (chunked
+        # or pre-batched data, crops): the draw is of items, the standard error's terms are
+        # of samples, and its finite-population correction went negative (loss_se NaN).
+        of = f" of the data's {population:,} items" if population else " items"
+        raise SubsetError(
+            f"samples={samples} drew {samples:,}{of}, but the batches of those items hold "
+            f"{job.spec['n_samples']:,} samples (the DataLoader's collate_fn does not give "
+            "one sample per dataset item), so the "
+            "standard error, which needs the samples drawn one by one, cannot be computed. "
+            "Pass the samples themselves: (inputs, targets) tensors, e.g. x, y = "
+            "map(torch.cat, zip(*loader)), or a Dataset of single samples; or leave "
+            "samples=None.")
     job.spec["samples"] = (None if samples is None else
                            {"n": samples, "of": population, "seed": sample_seed})
     if reuse is not None and reuse.spec.get("source") == "loss-landscape":

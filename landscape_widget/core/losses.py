@@ -12,7 +12,7 @@ import dataclasses
 import functools
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -233,6 +233,70 @@ def check_reduction(loss_fn, out, y: Tensor, task) -> None:
         "per-sample (or per-target) losses, or evaluate all data in one batch with "
         "evaluator_options={'batch_size': len(data)}."
     )
+
+
+def uneven_row(y: Tensor, m: int, task) -> int | None:
+    """A sample that tells :func:`check_reduction`'s two means apart where the probe cannot.
+
+    A mean over counted targets and a mean of per-sample means agree on samples that all
+    count the same targets (language-model data sorted by length: the first samples are
+    all full), so the check on the first ``m`` samples could not tell them apart, and the
+    engine weighted the batches of a per-sample mean by their counted targets (the surface
+    then changed with the batch size: 0.026 off with 16-sample batches).
+
+    Args:
+        y: All targets.
+        m: The number of probe samples (the first ``m``).
+        task: The :class:`~landscape_widget.core.metrics.Task` (ignored targets, weights).
+
+    Returns:
+        When the first ``m`` samples all weigh the same (``Task.loss_weight``), the index of
+        the first later sample with counted targets that weighs otherwise; else ``None``.
+    """
+    if task.ignore is None or task.per_sample or y.dim() < 2 or y.shape[0] <= m or (
+            not task.masked and task.class_weight is None):  # every sample counts all
+        return None
+
+    def weights(rows: Tensor) -> Tensor:
+        mask = task.counted(rows).reshape(rows.shape[0], -1)
+        if task.class_weight is None:
+            return mask.sum(-1).to(torch.float64)
+        w = task.class_weight.to(rows.device, torch.float64)[rows.clamp_min(0)]
+        return (w.reshape(rows.shape[0], -1) * mask).sum(-1)
+
+    first = weights(y[:m])
+    if not bool((first == first[0]).all()) or float(first[0]) == 0:
+        return None
+    step = max(1, 2**22 // max(1, y[0].numel()))  # chunks of ~4M targets (the masks' memory)
+    for start in range(m, y.shape[0], step):
+        w = weights(y[start : start + step])
+        other = ((w != first[0]) & (w > 0)).nonzero()
+        if other.numel():
+            return start + int(other[0])
+    return None
+
+
+def decide_weighting(loss_fn, forward: Callable[[Tensor], object], y: Tensor, task,
+                     m: int = 8) -> None:
+    """Set ``task.per_sample``: :func:`check_reduction` on the first ``m`` samples.
+
+    Where those all weigh the same, one that weighs otherwise (:func:`uneven_row`) is added.
+
+    Args:
+        loss_fn: The user's loss.
+        forward: ``forward(rows)`` returns the model's outputs on the samples ``rows``.
+        y: All targets.
+        task: The :class:`~landscape_widget.core.metrics.Task`, updated.
+        m: The number of first samples.
+
+    Raises:
+        ValueError: From :func:`check_reduction`.
+    """
+    rows = torch.arange(min(m, y.shape[0]), device=y.device)
+    j = uneven_row(y, len(rows), task)
+    if j is not None:
+        rows = torch.cat([rows, rows.new_tensor([j])])
+    check_reduction(loss_fn, forward(rows), y[rows], task)
 
 
 def _broadcast_shape(out, y: Tensor) -> tuple[int, ...] | None:

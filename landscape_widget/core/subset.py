@@ -61,9 +61,10 @@ def data_size(data) -> int:
             return len(data)  # type: ignore[arg-type]
         except TypeError as err:
             raise SubsetError("samples= needs a Dataset with a length (__len__).") from err
-    if isinstance(data, (tuple, list)) and len(data) == 2:
-        return int(torch.as_tensor(data[0]).shape[0])
-    return int(as_tensors(data)[0].shape[0])  # its own error for anything else
+    # Tensors as the exact pass takes them: inputs and targets of different lengths (or
+    # several input tensors) are refused with its error, not subset by the inputs' length
+    # (x[idx], y[idx] dropped y's extra samples without a word, or raised an IndexError).
+    return int(as_tensors(data)[0].shape[0])
 
 
 def _loader_dataset(loader: DataLoader) -> Dataset:
@@ -81,8 +82,16 @@ def _loader_dataset(loader: DataLoader) -> Dataset:
     dataset = None
     if isinstance(sampler, SequentialSampler) or (
             isinstance(sampler, RandomSampler) and not sampler.replacement
-            and sampler.num_samples == len(loader.dataset)):  # type: ignore[arg-type]
-        dataset = loader.dataset
+            and sampler.num_samples == len(sampler.data_source)):  # type: ignore[arg-type]
+        # Both visit indices 0 .. len(their data_source) - 1 of the loader's dataset, all
+        # of it only if it has that length (SequentialSampler(range(k)) reads the first k:
+        # the subset was drawn from all, samples the exact pass never read).
+        visited = len(sampler.data_source)  # type: ignore[arg-type]
+        try:
+            whole = len(loader.dataset) == visited  # type: ignore[arg-type]
+        except TypeError:  # a map-style dataset without __len__: the sampler's are its
+            whole = False
+        dataset = loader.dataset if whole else Subset(loader.dataset, range(visited))
     elif isinstance(sampler, SubsetRandomSampler):
         dataset = Subset(loader.dataset, sorted(int(i) for i in sampler.indices))
     if dataset is not None and loader.drop_last and len(dataset) % loader.batch_size:
@@ -199,6 +208,8 @@ def no_counted_targets(samples: int, seed: int, population: int | None, err) -> 
     of = f" of the data's {population:,}" if population else ""
     ignore = getattr(err, "ignore_index", None)
     what = "ignore_index" if ignore is None else f"ignore_index={ignore}"
+    if getattr(err, "zero_weight", False):  # the others are of classes weighted 0
+        what += " or is of a class whose weight is 0 in the loss's weight="
     return SubsetError(
         f"samples=: the subset of {samples:,} samples{of} drawn with sample_seed={seed} has "
         f"no counted target: every drawn target equals {what}, so its loss is a mean over "
@@ -259,5 +270,5 @@ def take_subset(data, samples: int, seed: int = SUBSET_SEED):
                           collate_fn=data.collate_fn), population
     if isinstance(data, Dataset):
         return Subset(data, idx.tolist()), population
-    x, y = (torch.as_tensor(t) for t in data)
+    x, y = as_tensors(data)
     return (x[idx], y[idx]), population
