@@ -1,0 +1,249 @@
+"""Review 10d: multi-point optimisation (fit_pattern) with targets, models and state beyond
+the classifiers it was written for, and torch's vmap warnings.
+
+Each test checks a property against an independent oracle: a float64 forward of a fresh
+deep copy of the user's model per cell (its own unflattening, torch's F.cross_entropy), a
+full snapshot of the user's model (tests/snapshots.py), or the error a user must get.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from cases import multilabel_data, token_data
+from snapshots import assert_same_snapshot, snapshot
+from torch import nn
+
+import landscape_widget as lw
+from landscape_widget.experiments.plane import cell_losses
+
+
+def _data(n: int = 24, features: int = 6, classes: int = 3, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, features, generator=g), torch.randint(0, classes, (n,), generator=g)
+
+
+def fresh_copy_ce(model: nn.Module, flat: torch.Tensor, x, y) -> float:
+    """F.cross_entropy of a fresh float64 deep copy of ``model`` whose parameters, in the
+    order of ``named_parameters()``, are the flat vector ``flat`` (no BatchNorm here)."""
+    net = copy.deepcopy(model).double()
+    at = 0
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(flat[at:at + p.numel()].reshape(p.shape))
+            at += p.numel()
+        out = net(x.double() if x.is_floating_point() else x)
+    return float(F.cross_entropy(out, y.double() if y.is_floating_point() else y))
+
+
+# --- targets MPO's cross-entropy would misread ---------------------------------------------
+def _mlp(outputs: int, inputs: int = 10) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(inputs, 12), nn.Tanh(), nn.Linear(12, outputs))
+
+
+def test_multilabel_targets_are_refused_naming_the_fix_and_probabilities_train_torchs_ce():
+    # 0/1 multi-label rows (sums 0..4) passed the [0, 1] check and were trained as
+    # unnormalised class probabilities, a loss the task does not have; evaluate() then had
+    # no accuracy and scores() failed with a TypeError.
+    x, y = multilabel_data()
+    model = _mlp(4)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"multi-label.*y\.long\(\)"):
+        lw.fit_pattern(model, (x, y), lw.checkerboard(3), steps=1, progress=False)
+    soft = y + 0.1
+    soft = soft / soft.sum(1, keepdim=True)
+    fit = lw.fit_pattern(model, (x, soft), lw.checkerboard(3), steps=2, progress=False)
+    with pytest.raises(ValueError, match="multi-label"):
+        fit.evaluate((x, y))
+    # Probabilities that sum to 1 train torch's cross-entropy of each cell.
+    cells = torch.tensor([[0, 0], [1, -1]])
+    with torch.no_grad():
+        got = cell_losses(fit.layout, fit.plane.cells(cells), x, soft)
+        flats = fit.plane.cells(cells).double()
+    want = [fresh_copy_ce(model, f, x, soft) for f in flats]
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5)
+    assert_same_snapshot(before, snapshot(model))
+
+
+@pytest.mark.parametrize("targets,outputs,match", [
+    ("float-indices", 3, r"y\.long\(\)"),  # failed in vmap, advice: strategy='loop'
+    ("bool-labels", 3, r"y\.long\(\)"),
+    ("one-logit", 1, "at least 2 class scores"),  # CE over one class: 0, nothing trained
+    ("out-of-range", 2, r"indices must lie in \[0, 2\)"),
+    ("unnormalised", 3, "Normalise them"),
+])
+def test_targets_cross_entropy_would_misread_are_refused_before_any_step(targets, outputs,
+                                                                           match):
+    x, y = _data(features=10)
+    y = {"float-indices": y.clamp(max=1).float(), "bool-labels": F.one_hot(y, 3).bool(),
+         "one-logit": y.clamp(max=0), "out-of-range": y,
+         "unnormalised": F.one_hot(y, 3).float() * 0.5}[targets]
+    model = _mlp(outputs)
+    with pytest.raises(ValueError, match=match):
+        lw.fit_pattern(model, (x, y), lw.checkerboard(3), steps=1, progress=False)
+
+
+class TokenNet(nn.Module):
+    """Embedding + per-token linear head, classes at dim 1 (or last): (N, C, T) logits."""
+
+    def __init__(self, classes_last: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.head = nn.Embedding(20, 8), nn.Linear(8, 5)
+        self.classes_last = classes_last
+
+    def forward(self, tokens):
+        out = self.head(torch.tanh(self.emb(tokens)))
+        return out if self.classes_last else out.transpose(1, 2)
+
+
+def test_classes_last_logits_are_refused_naming_the_transpose():
+    # torch's own words came from inside the step: "Expected target size [26, 5], got
+    # [26, 6]", wrapped in advice to use strategy='loop'.
+    x, y = token_data()()
+    with pytest.raises(ValueError, match=r"last dimension.*transpose\(1, 2\)"):
+        lw.fit_pattern(TokenNet(classes_last=True), (x, y), lw.checkerboard(3), steps=1,
+                       progress=False)
+
+
+def test_ignored_tokens_count_in_no_cells_mean_in_both_paths():
+    # The batched path averaged over all tokens, ignored ones (-100, loss 0) included: its
+    # cell losses were smaller than F.cross_entropy's (the loop path's) by the share of
+    # ignored tokens, and tau clamped another number than the one evaluated.
+    x, y = token_data()()
+    model = TokenNet()
+    fits = {s: lw.fit_pattern(model, (x, y), lw.checkerboard(3), steps=3, progress=False,
+                              strategy=s, cells_per_step=4) for s in ("vmap", "loop")}
+    for key in ("good_ce", "bad_ce"):
+        np.testing.assert_allclose([h[key] for h in fits["vmap"].history],
+                                   [h[key] for h in fits["loop"].history], rtol=1e-4)
+    fit = fits["vmap"]
+    cells = torch.tensor([[0, 0], [-1, 1], [1, 0]])
+    with torch.no_grad():
+        got = cell_losses(fit.layout, fit.plane.cells(cells), x, y)
+        flats = fit.plane.cells(cells).double()
+    want = [fresh_copy_ce(model, f, x, y) for f in flats]
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5)
+
+
+# --- state a forward writes ---------------------------------------------------------------
+class Remembers(nn.Module):
+    """A forward that counts its calls in a buffer and an attribute, appends to a list, and
+    sets an attribute it reads on the next call: its outputs depend on all of them."""
+
+    def __init__(self, noise: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
+        self.register_buffer("calls", torch.zeros(()))
+        self.steps, self.seen = 0, []
+        self.gen = torch.Generator().manual_seed(5) if noise else None
+
+    def forward(self, x):
+        self.calls += 1
+        self.steps = self.steps + 1
+        self.seen.append(self.steps)
+        h = torch.tanh(self.fc1(x))
+        if hasattr(self, "prev"):
+            h = h + 0.1
+        self.prev = True
+        if self.gen is not None:
+            h = h + 0.3 * torch.randn(h.shape[-1], generator=self.gen)
+        return self.fc2(h) * (1 + 0.2 * self.calls) + 0.1 * len(self.seen) + 0.05 * self.steps
+
+
+@pytest.mark.parametrize("noise", [False, True])
+def test_state_a_forward_writes_is_put_back_before_every_pass(noise):
+    # The MPO plane ran its forwards on its template without putting anything back: every
+    # pass saw the counters, list and generator as the passes before had left them, so the
+    # batched and looped paths (one pass per chunk, one per cell) trained different losses,
+    # a repeated evaluation of the same cells differed, and evaluate() read a network
+    # whose counters had run with training.
+    x, y = _data()
+    model = Remembers(noise)
+    before = snapshot(model)
+    strategies = ("loop",) if noise else ("vmap", "loop")  # vmap refuses a generator
+    fits = {s: lw.fit_pattern(model, (x, y), lw.checkerboard(3), steps=3, progress=False,
+                              strategy=s, cells_per_step=4) for s in strategies}
+    fit = fits[strategies[0]]
+    if not noise:
+        np.testing.assert_allclose([h["good_ce"] for h in fits["vmap"].history],
+                                   [h["good_ce"] for h in fits["loop"].history], rtol=1e-4)
+    cells = torch.tensor([[0, 0], [1, 1], [-1, 0]])
+    with torch.no_grad():
+        flats = fit.plane.cells(cells)
+        if noise:  # the loop path, one cell per pass (vmap refuses the generator)
+            got, again = (torch.stack([F.cross_entropy(fit.layout.forward_one(f, x), y)
+                                       for f in flats]) for _ in range(2))
+        else:
+            got, again = (cell_losses(fit.layout, flats, x, y) for _ in range(2))
+    want = [fresh_copy_ce(model, f, x, y) for f in flats.double()]
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5)
+    assert torch.equal(got, again)
+    # evaluate(): the surface engine on a copy of the plane's template, which the training
+    # passes must have left as the user's model was.
+    ev = fit.evaluate((x, y), batch_size=x.shape[0])
+    h, w = fit.shape
+    for i, j in [(0, 0), (1, 2), (2, 1)]:
+        flat = fit.cell_vector(i, j).double()
+        assert ev["loss"][i, j] == pytest.approx(fresh_copy_ce(model, flat, x, y), rel=1e-5)
+    assert_same_snapshot(before, snapshot(model))
+
+
+# --- torch's vmap warnings ------------------------------------------------------------
+def _weight_norm_mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(6, 8)), nn.Tanh(),
+                         nn.Linear(8, 3))
+
+
+class WarnsItself(nn.Module):
+    """A forward that warns about the user's own code."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = _weight_norm_mlp()
+
+    def forward(self, x):
+        warnings.warn("the user's own warning", UserWarning, stacklevel=1)
+        return self.net(x)
+
+
+def _caught(fn) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fn()
+    return [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("what", ["surface", "fit_pattern"])
+def test_torchs_vmap_fallback_warning_is_not_shown_but_the_users_own_are(what):
+    # weight_norm has no batching rule: every vmap pass of the engine (surfaces, the
+    # widget, MPO's batched step) printed torch's "There is a performance drop because we
+    # have not yet implemented the batching rule for aten::_weight_norm" in the notebook.
+    x, y = _data()
+    model = WarnsItself()
+
+    def run():
+        if what == "surface":
+            dirs = lw.random_directions(model, 2, seed=1)
+            lw.compute_surface(model, (x, y), directions=dirs, x=(-1, 1, 3), y=(-1, 1, 3),
+                               progress=False, evaluator_options={"strategy": "vmap"})
+        else:
+            lw.fit_pattern(model, (x, y), lw.checkerboard(3), steps=1, progress=False,
+                           strategy="vmap")
+
+    messages = _caught(run)
+    assert not [m for m in messages if "performance drop" in m]
+    assert "the user's own warning" in messages
+    # torch's switch is back on after the engine: the user's own vmap still warns.
+    params = {k: v.detach().expand(2, *v.shape) for k, v in model.net.named_parameters()}
+    own = _caught(lambda: torch.vmap(
+        lambda p: torch.func.functional_call(model.net, p, (x,)))(params))
+    assert [m for m in own if "performance drop" in m]
