@@ -247,3 +247,32 @@ def test_torchs_vmap_fallback_warning_is_not_shown_but_the_users_own_are(what):
     own = _caught(lambda: torch.vmap(
         lambda p: torch.func.functional_call(model.net, p, (x,)))(params))
     assert [m for m in own if "performance drop" in m]
+
+
+# --- the pattern editor ------------------------------------------------------------------
+def test_the_pattern_editor_fits_a_model_vmap_cannot_run():
+    # The editor trained with strategy='vmap' only: an LSTM's fit ended in an error telling
+    # the user to pass strategy='loop', which the editor's fit message has no field for.
+    from cases import lstm_net, seq_data
+    from test_widget_patterns import fit_msg, updates
+    from widget_cases import FakeFrontEnd
+
+    from landscape_widget.widget.protocol import decode_buffer
+
+    model, (x, y) = lstm_net(), seq_data()
+    before = snapshot(model)
+    w = lw.LandscapeWidget(model, (x, y), autostart=False, resolution=5)
+    try:
+        front = FakeFrontEnd(w)
+        w._handle_custom_msg(fit_msg(mask=lw.checkerboard(3).astype(int).tolist(), steps=4,
+                                     batch_size=16, cells_per_step=3), [])
+        fit = w.wait_fit(120)
+        assert front.errors() == [] and w.fit_status["state"] == "done" and fit.step == 4
+        msg, bufs = updates(front)[-1]
+        loss = decode_buffer(bufs[0]).reshape(3, 3)
+        for i, j in [(0, 0), (1, 1), (2, 1)]:
+            want = fresh_copy_ce(model, fit.cell_vector(i, j).double(), x, y)
+            assert loss[i, j] == pytest.approx(want, rel=1e-5)
+    finally:
+        w.close()
+    assert_same_snapshot(before, snapshot(model))
