@@ -276,3 +276,18 @@ def test_the_pattern_editor_fits_a_model_vmap_cannot_run():
     finally:
         w.close()
     assert_same_snapshot(before, snapshot(model))
+
+
+@pytest.mark.parametrize("strategy", ["loop", "auto"])
+def test_a_forward_that_cannot_be_differentiated_is_named_as_such(strategy):
+    # stateful_net scales its output by a buffer and then changes it in place: torch itself
+    # cannot differentiate it (the oracle below), and the fit failed with torch's words
+    # about "version 7; expected version 6" and anomaly detection.
+    from cases import mlp6_data, stateful_net
+
+    model, (x, y) = stateful_net(), mlp6_data()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        F.cross_entropy(stateful_net()(x), y).backward()  # a model of its own
+    with pytest.raises(RuntimeError, match=r"changes a tensor in place after using it"):
+        lw.fit_pattern(model, (x, y), lw.checkerboard(3), steps=2, progress=False,
+                       strategy=strategy)

@@ -162,6 +162,12 @@ class PatternFit(PatternFiles):
                     ces.append(ce.detach())
                 break
             except RuntimeError as err:
+                if "modified by an inplace operation" in str(err):  # torch's words only
+                    raise RuntimeError(
+                        "The model's forward changes a tensor in place after using it (e.g. "
+                        "self.scale.mul_(1.5) after out = h * self.scale), so autograd cannot "
+                        "differentiate the cells' loss, which MPO trains. Compute out of place "
+                        f"in forward (self.scale = self.scale * 1.5). torch: {err}") from err
                 if batched and not _is_oom(err):
                     # torch's own message ("Batching rule not implemented for aten::lstm")
                     # does not say that the same step runs cell by cell.
