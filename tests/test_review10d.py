@@ -291,3 +291,20 @@ def test_a_forward_that_cannot_be_differentiated_is_named_as_such(strategy):
     with pytest.raises(RuntimeError, match=r"changes a tensor in place after using it"):
         lw.fit_pattern(model, (x, y), lw.checkerboard(3), steps=2, progress=False,
                        strategy=strategy)
+
+
+def test_loading_a_fit_onto_a_device_leaves_the_users_model_where_it_was(tmp_path):
+    # PatternFit.load(path, model_fn=model, device=...) moved the user's own model there
+    # (nn.Module.to moves in place): onto the GPU, or here onto the meta device, where its
+    # weights are gone.
+    x, y = _data(features=10)
+    model = _mlp(3)
+    fit = lw.fit_pattern(model, (x, y), lw.checkerboard(3), steps=1, progress=False)
+    fit.save(tmp_path / "fit.pt")
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match="meta"):  # no weights on the meta device
+        lw.PatternFit.load(tmp_path / "fit.pt", model_fn=model, device="meta")
+    assert_same_snapshot(before, snapshot(model))
+    again = lw.PatternFit.load(tmp_path / "fit.pt", model_fn=model, device="cpu")
+    assert torch.equal(again.weights["w1"], fit.weights["w1"])
+    assert_same_snapshot(before, snapshot(model))

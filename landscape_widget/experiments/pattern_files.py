@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..core.copies import module_copy
 from ..core.h5io import check_target
 from .plane import FlatLayout, PatternPlane
 
@@ -113,7 +114,8 @@ class PatternFiles:
         else:
             raise ValueError("this file holds no architecture (its model class could not be "
                              "pickled); pass model_fn=, the function that builds the network.")
-        layout = FlatLayout(template.to(device) if device is not None else template)
+        # A copy is moved: nn.Module.to moves in place, and model_fn may be the user's model.
+        layout = FlatLayout(module_copy(template).to(device) if device is not None else template)
         wts = {k: v.to(layout.device) for k, v in blob["weights"].items()}
         if wts["w0"].numel() != layout.size:
             raise ValueError(f"model_fn builds {layout.size} parameters but the file holds "
