@@ -15,7 +15,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from cases import multilabel_data, token_data
+from cases import (
+    legacy_weight_norm_mlp,
+    mlp6_data,
+    multilabel_data,
+    parametrized_mlp,
+    token_data,
+)
 from snapshots import assert_same_snapshot, snapshot
 from torch import nn
 
@@ -308,3 +314,44 @@ def test_loading_a_fit_onto_a_device_leaves_the_users_model_where_it_was(tmp_pat
     again = lw.PatternFit.load(tmp_path / "fit.pt", model_fn=model, device="cpu")
     assert torch.equal(again.weights["w1"], fit.weights["w1"])
     assert_same_snapshot(before, snapshot(model))
+
+
+class OwnParameters(nn.Module):
+    """Parameters held directly (no reset_parameters), optionally after a Linear layer."""
+
+    def __init__(self, with_linear: bool):
+        super().__init__()
+        self.fc = nn.Linear(10, 8) if with_linear else None
+        self.w = nn.Parameter(torch.randn(8 if with_linear else 10, 3) * 0.3)
+
+    def forward(self, x):
+        return (torch.tanh(self.fc(x)) if self.fc is not None else x) @ self.w
+
+
+def test_parameters_fit_pattern_cannot_reinitialise_are_named_in_a_warning_and_the_result():
+    # From a model, fit_pattern re-initialises layers with reset_parameters(); the others
+    # kept the model's values in all three networks (the plane started flat along them)
+    # without a word, and a model without any such layer was refused as "model_fn built
+    # identical networks ... do not seed inside model_fn", which the user never passed.
+    x, y = _data(features=10)
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match=r"reset_parameters.*identical.*model_fn="), \
+            pytest.warns(UserWarning, match="not re-initialised"):
+        lw.fit_pattern(OwnParameters(False), (x, y), lw.checkerboard(3), steps=1,
+                       progress=False)
+    # Parametrized and legacy weight_norm layers: Linear.reset_parameters() initialises the
+    # computed weight, not the originals the fit trains (the bias alone was drawn).
+    for model, data in [(OwnParameters(True), (x, y)), (parametrized_mlp(), mlp6_data()),
+                        (legacy_weight_norm_mlp(), mlp6_data())]:
+        with pytest.warns(UserWarning, match=r"are not re-initialised by any reset_param"):
+            fit = lw.fit_pattern(model, data, lw.checkerboard(3), steps=0, progress=False)
+        # The oracle: which of the three networks' parameters coincide.
+        nets = {k: fit.layout.unflatten(fit.weights[k]) for k in ("w0", "w1", "w2")}
+        same = [n for n in nets["w0"] if torch.equal(nets["w0"][n], nets["w1"][n])
+                and torch.equal(nets["w0"][n], nets["w2"][n])]
+        assert same and fit.config["kept_parameters"] == same
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a model_fn draws every parameter: no warning
+        fit = lw.fit_pattern(lambda: OwnParameters(True), (x, y),
+                             lw.checkerboard(3), steps=0, progress=False, seed=1)
+    assert fit.config["kept_parameters"] == []
