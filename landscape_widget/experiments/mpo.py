@@ -52,12 +52,15 @@ def fresh_networks(model_fn: ModelFn | nn.Module, seed: int, count: int = 3) -> 
         >>> torch.equal(a.weight, c.weight), torch.equal(a.weight, b.weight)
         (True, False)
     """
-    return _fresh_networks(model_fn, seed, count)[0]
+    return _fresh_networks(model_fn, seed, count, stacklevel=3)[0]
 
 
-def _fresh_networks(model_fn: ModelFn | nn.Module, seed: int,
-                    count: int) -> tuple[list[nn.Module], list[str]]:
+def _fresh_networks(model_fn: ModelFn | nn.Module, seed: int, count: int,
+                    stacklevel: int) -> tuple[list[nn.Module], list[str]]:
     """:func:`fresh_networks`, and the parameters the networks share (see _reset_copies).
+
+    ``stacklevel`` points the warning at the user's call (through the public function
+    and its decorators).
 
     Returns:
         The networks, and the names of the model's parameters no ``reset_parameters()``
@@ -78,7 +81,7 @@ def _fresh_networks(model_fn: ModelFn | nn.Module, seed: int,
                     f"{', ...' if len(kept) > 4 else ''}) are not re-initialised by any "
                     "reset_parameters(), so all three networks keep the model's values there. "
                     "Pass model_fn=, a function that builds a fresh network (e.g. lambda: "
-                    "MyNet()), to draw them too.", UserWarning, stacklevel=3)
+                    "MyNet()), to draw them too.", UserWarning, stacklevel=stacklevel)
             return nets, kept
         if not callable(model_fn):
             raise TypeError("model_fn must be a zero-argument callable that builds a fresh "
@@ -202,7 +205,7 @@ def fit_pattern(
                         ("every", every)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
-    nets, kept = _fresh_networks(model_fn, seed, 3)
+    nets, kept = _fresh_networks(model_fn, seed, 3, stacklevel=5)  # (two decorators)
     if device is not None:
         nets = [n.to(device) for n in nets]  # our own fresh copies, not the user's
     layout = FlatLayout(nets[0])
