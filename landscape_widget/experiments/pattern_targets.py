@@ -61,7 +61,8 @@ def check_pattern_targets(y: Tensor) -> None:
     raise ValueError(
         f"Float targets are class probabilities for MPO's cross-entropy, but their sums along "
         f"dim 1 range over [{lo:.4g}, {hi:.4g}], not 1. Normalise them "
-        "(y / y.sum(1, keepdim=True)) or pass class indices as integers (y.long()).")
+        "(y / y.sum(1, keepdim=True)) or pass class indices as integers (y.long()); a "
+        "regression's targets in [0, 1] have no pattern fit (MPO takes no other loss).")
 
 
 def check_pattern_logits(logits: Tensor, y: Tensor) -> None:
