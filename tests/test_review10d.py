@@ -355,3 +355,32 @@ def test_parameters_fit_pattern_cannot_reinitialise_are_named_in_a_warning_and_t
         fit = lw.fit_pattern(lambda: OwnParameters(True), (x, y),
                              lw.checkerboard(3), steps=0, progress=False, seed=1)
     assert fit.config["kept_parameters"] == []
+
+
+@pytest.mark.parametrize("call", ["surface", "hessian", "compare_optimizers"])
+def test_the_default_loss_refuses_multilabel_rows_and_names_bce(call):
+    # The same gap in the engine: with the default loss, 0/1 multi-label targets gave a
+    # surface of F.cross_entropy over unnormalised "probabilities" (2.13 at the centre),
+    # no task's loss, with only the accuracy dropped.
+    x, y = multilabel_data()
+    model = _mlp(4)
+    before = snapshot(model)
+    run = {"surface": lambda data, **kw: lw.compute_curve(model, data, x=(0, 0, 1),
+                                                          progress=False, **kw),
+           "hessian": lambda data, **kw: lw.hessian_eigenpairs(model, data, k=1, **kw),
+           "compare_optimizers": lambda data, **kw: lw.compare_optimizers(
+               lambda: _mlp(4), data, {"sgd": lambda p: torch.optim.SGD(p, lr=0.1)},
+               epochs=1, progress=False, **kw)}[call]
+    with pytest.raises(ValueError, match=r"multi-label rows.*BCEWithLogitsLoss"):
+        run((x, y))
+    if call == "surface":  # the task's loss, and one-hot rows with the default, go through
+        got = run((x, y), loss_fn=nn.BCEWithLogitsLoss(), metrics=("loss",))
+        with torch.no_grad():
+            want = F.binary_cross_entropy_with_logits(copy.deepcopy(model).double()(
+                x.double()), y.double())
+        assert got.loss[0] == pytest.approx(float(want), rel=1e-6)
+        onehot = F.one_hot(y.argmax(1), 4).float()
+        with torch.no_grad():
+            want = F.cross_entropy(copy.deepcopy(model).double()(x.double()), onehot.double())
+        assert run((x, onehot)).loss[0] == pytest.approx(float(want), rel=1e-6)
+    assert_same_snapshot(before, snapshot(model))

@@ -19,24 +19,26 @@ from ..core.losses import check_cross_entropy_targets
 
 IGNORE_INDEX = -100  # F.cross_entropy's default: such targets count in no mean
 _ONLY_CE = ("MPO carves loss patterns into a classifier's cross-entropy (it takes no other "
-            "loss): pass class indices as integers (y.long()) or class probabilities.")
+            "loss, BCEWithLogits neither): pass class indices as integers (y.long()) or class "
+            "probabilities.")
 
 
 def check_pattern_targets(y: Tensor) -> None:
     """Refuse targets that MPO's cross-entropy would read as something else.
 
     Raises:
-        ValueError: For real-valued targets outside [0, 1] (regression), bool or float
-            targets of one value per sample (class indices must be integers), and float
-            rows along dim 1 that do not sum to 1 (0/1 multi-label targets, or
-            unnormalised probabilities), each with the fix.
+        ValueError: For real-valued targets outside [0, 1] (regression) or 0/1
+            multi-label rows (both from
+            :func:`~landscape_widget.core.losses.check_cross_entropy_targets`), bool or
+            float targets of one value per sample (class indices must be integers), and
+            float rows along dim 1 that do not sum to 1, each with the fix.
 
     Example:
         >>> check_pattern_targets(torch.tensor([[0.25, 0.75]]))
         >>> check_pattern_targets(torch.tensor([[1.0, 1.0, 0.0]]))
         Traceback (most recent call last):
         ...
-        ValueError: The targets are 0/1 multi-label rows ...
+        ValueError: The default loss is cross-entropy, ... 0/1 multi-label rows ...
     """
     check_cross_entropy_targets(y, fix=_ONLY_CE)
     if y.dtype == torch.bool or (y.is_floating_point() and y.dim() < 2):
@@ -50,14 +52,6 @@ def check_pattern_targets(y: Tensor) -> None:
     if torch.allclose(sums, torch.ones_like(sums), atol=1e-4):
         return
     lo, hi = float(sums.min()), float(sums.max())
-    if bool(((y == 0) | (y == 1)).all()):
-        raise ValueError(
-            f"The targets are 0/1 multi-label rows (their sums along dim 1 range over "
-            f"[{lo:.4g}, {hi:.4g}], not 1): MPO's cross-entropy would read them as "
-            "unnormalised class probabilities and train another loss than the task's "
-            "(BCEWithLogits); fit_pattern takes no other loss. Pass one class index per "
-            "sample (y.long()), or probabilities that sum to 1 along dim 1 "
-            "(y / y.sum(1, keepdim=True)).")
     raise ValueError(
         f"Float targets are class probabilities for MPO's cross-entropy, but their sums along "
         f"dim 1 range over [{lo:.4g}, {hi:.4g}], not 1. Normalise them "
