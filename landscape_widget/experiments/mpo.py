@@ -180,7 +180,9 @@ def fit_pattern(
         ValueError: If ``binary`` is not a 2D 0/1 pattern with sides in [2, 64], has no
             good cell, a number or count argument is not positive, ``plane`` or
             ``strategy`` is unknown, ``model_fn`` builds identical networks or networks
-            without parameters, or the data is empty.
+            without parameters, the data is empty, or its targets or the networks' logits
+            are not what cross-entropy takes (regression or 0/1 multi-label targets, one
+            logit, classes last: see :meth:`PatternFit.train`).
         TypeError: If ``model_fn`` does not build ``nn.Module`` networks, or the data is
             of an unsupported form.
         RuntimeError: If a training step fails (see :meth:`PatternFit.step_once`).
