@@ -83,13 +83,14 @@ def test_multilabel_targets_are_refused_naming_the_fix_and_probabilities_train_t
     ("one-logit", 1, "at least 2 class scores"),  # CE over one class: 0, nothing trained
     ("out-of-range", 2, r"indices must lie in \[0, 2\)"),
     ("unnormalised", 3, "Normalise them"),
+    ("column-indices", 3, r"y\.squeeze\(1\)"),  # failed in vmap, advice: strategy='loop'
 ])
 def test_targets_cross_entropy_would_misread_are_refused_before_any_step(targets, outputs,
                                                                            match):
     x, y = _data(features=10)
     y = {"float-indices": y.clamp(max=1).float(), "bool-labels": F.one_hot(y, 3).bool(),
          "one-logit": y.clamp(max=0), "out-of-range": y,
-         "unnormalised": F.one_hot(y, 3).float() * 0.5}[targets]
+         "unnormalised": F.one_hot(y, 3).float() * 0.5, "column-indices": y[:, None]}[targets]
     model = _mlp(outputs)
     with pytest.raises(ValueError, match=match):
         lw.fit_pattern(model, (x, y), lw.checkerboard(3), steps=1, progress=False)

@@ -71,7 +71,7 @@ def check_pattern_logits(logits: Tensor, y: Tensor) -> None:
             (``-100`` ignores a target), each with the fix.
     """
     shape = tuple(logits.shape)
-    got = "(N" + "".join(f", {d}" for d in shape[1:]) + ")"
+    got = _shape(shape[1:])
     if logits.dim() < 2 or shape[1] < 2:
         raise ValueError(
             f"The networks give logits of shape {got}: MPO's cross-entropy needs at least "
@@ -90,14 +90,21 @@ def check_pattern_logits(logits: Tensor, y: Tensor) -> None:
             + ("the classes are the last dimension, but torch's cross-entropy (MPO's loss) "
                "takes them at dim 1; return logits.transpose(1, 2) (or movedim(-1, 1)) from "
                "the network." if last else
-               f"cross-entropy needs targets (N, {', '.join(map(str, shape[2:]))}) with the "
-               "logits' class dimension at dim 1."))
+               f"cross-entropy needs targets {_shape(shape[2:])} "
+               "with the logits' class dimension at dim 1"
+               + (" (y.squeeze(1)?)." if y.dim() == logits.dim() and y.shape[1] == 1
+                  else ".")))
     counted = y[y != IGNORE_INDEX]
     if counted.numel() and (int(counted.min()) < 0 or int(counted.max()) >= classes):
         raise ValueError(
             f"Class indices range over [{int(counted.min())}, {int(counted.max())}] but the "
             f"networks give {classes} class scores: indices must lie in [0, {classes}) "
             f"({IGNORE_INDEX} ignores a target).")
+
+
+def _shape(rest: tuple) -> str:
+    """``(N, *rest)`` as text: ``(N,)``, ``(N, 3)``."""
+    return f"(N, {', '.join(map(str, rest))})" if rest else "(N,)"
 
 
 def cells_cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
