@@ -76,7 +76,7 @@ class LossStats:
         Raises:
             ValueError: If ``loss_fn`` fails on the outputs, changes them in place, or does
                 not return a scalar tensor; if the default loss gets real-valued targets
-                outside ``[0, 1]``; if a user loss is not a batch mean
+                outside ``[0, 1]`` or 0/1 multi-label rows; if a user loss is not a batch mean
                 (``check_reduction``), or if a user metric fails on the first samples or
                 returns neither per-sample values nor a ``(total, count)`` pair.
             NoCountedTargets: (a ``ValueError``) If every target equals ``ignore_index``.

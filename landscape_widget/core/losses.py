@@ -125,11 +125,12 @@ def slice_outputs(out, sl: slice, n: int):
 
 
 def check_cross_entropy_targets(y: Tensor, fix: str | None = None) -> None:
-    """Refuse real-valued targets for the default loss (cross-entropy).
+    """Refuse real-valued and multi-label targets for the default loss (cross-entropy).
 
     ``F.cross_entropy`` also takes float targets shaped like the logits, as class
-    probabilities; regression targets (negative, or above 1) pass it too and give a number
-    with no meaning. Probabilities and 0/1 labels are accepted.
+    probabilities; regression targets (negative, or above 1) and 0/1 multi-label rows
+    (several 1s per row) pass it too and give a number with no meaning. Probabilities and
+    one-hot rows are accepted.
 
     Args:
         y: The targets.
@@ -137,7 +138,8 @@ def check_cross_entropy_targets(y: Tensor, fix: str | None = None) -> None:
             given: pass the task's loss as ``loss_fn=``).
 
     Raises:
-        ValueError: If float targets leave ``[0, 1]``, with the fix.
+        ValueError: If float targets leave ``[0, 1]``, or are 0/1 rows whose sums along
+            dim 1 are not all 1, with the fix.
 
     Example:
         >>> check_cross_entropy_targets(torch.tensor([[0.2, 0.8]]))
@@ -156,6 +158,20 @@ def check_cross_entropy_targets(y: Tensor, fix: str | None = None) -> None:
             "regression?): its values would mean nothing. " + (fix or (
                 "Pass the task's loss, e.g. loss_fn=torch.nn.MSELoss() for regression, or "
                 "class indices as integers (y.long())."))
+        )
+    sums = y.sum(1) if y.dim() >= 2 else None
+    if (sums is not None and not torch.allclose(sums, torch.ones_like(sums), atol=1e-4)
+            and bool(((y == 0) | (y == 1)).all())):
+        # Several 1s per row (BCE-style labels): F.cross_entropy takes them for unnormalised
+        # class probabilities and returns a number of no task's loss, without a word.
+        raise ValueError(
+            "The default loss is cross-entropy, which takes class indices or class "
+            "probabilities, but the targets are 0/1 multi-label rows (their sums along dim 1 "
+            f"range over [{float(sums.min()):.4g}, {float(sums.max()):.4g}], not 1): it would "
+            "read them as unnormalised class probabilities. " + (fix or (
+                "Pass the task's loss, loss_fn=torch.nn.BCEWithLogitsLoss() (with metrics="
+                "{'loss': None, 'accuracy': lw.multilabel_accuracy(threshold=0.0)}), or one "
+                "class index per sample (y.long())."))
         )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 
 import torch
 from torch import Tensor
@@ -22,6 +23,33 @@ from .params import Params
 from .plans import ROW_SHARE, Plan, _is_oom, free_memory, is_user_error, shrink_after_oom
 from .precision import AUTOCAST_DTYPES, autocast, to_float32
 from .rng import batch_draws
+
+_FALLBACK_LOCK = threading.Lock()
+_FALLBACK_USERS = 0  # the engine's vmap passes running now, in any thread
+
+
+@contextlib.contextmanager
+def quiet_vmap_fallback():
+    """Silence torch's "performance drop ... batching rule" warning in the engine's vmaps.
+
+    torch warns each time ``vmap`` falls back to a loop for an operator without a batching
+    rule (weight_norm, the Transformer encoder's fused kernel): a note on torch's
+    internals, about a ``vmap`` the engine chose, that the widget showed in the notebook
+    on every computation. Only that warning is off, through torch's own switch (not the
+    warnings filters, which are process-wide and not thread-safe): warnings about the
+    user's code still show. The switch is back on once no engine pass needs it off.
+    """
+    global _FALLBACK_USERS
+    with _FALLBACK_LOCK:
+        _FALLBACK_USERS += 1
+        torch._C._functorch._set_vmap_fallback_warning_enabled(False)
+    try:
+        yield
+    finally:
+        with _FALLBACK_LOCK:
+            _FALLBACK_USERS -= 1
+            if not _FALLBACK_USERS:
+                torch._C._functorch._set_vmap_fallback_warning_enabled(True)
 
 
 class PointPasses(PointLanes):
@@ -217,14 +245,16 @@ class PointPasses(PointLanes):
             in_dims = ({k: (0 if k in self.keys else None) for k in params}, in_dim)
             if self._batched_ce:
                 fn = functools.partial(self._outputs, plan=plan)
-                out = torch.vmap(fn, in_dims=in_dims, randomness="same")(params, inputs)
+                with quiet_vmap_fallback():
+                    out = torch.vmap(fn, in_dims=in_dims, randomness="same")(params, inputs)
                 return self._batched_stats(out, y, start)
             w = self._denominators(plan.batch)[0][start // plan.batch]
 
             def stats(p, i):
                 return self._stats(self._outputs(p, i, plan), y, w)
 
-            return torch.vmap(stats, in_dims=in_dims, randomness="same")(params, inputs)
+            with quiet_vmap_fallback():
+                return torch.vmap(stats, in_dims=in_dims, randomness="same")(params, inputs)
         out = self._outputs(params, inputs[0] if plan.stem else inputs, plan)
         if self._batched_ce:
             return self._batched_stats(out.unsqueeze(0), y, start)

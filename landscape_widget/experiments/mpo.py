@@ -11,6 +11,7 @@ takes an Adam step. :func:`fit_pattern` returns a resumable :class:`PatternFit`.
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -33,7 +34,8 @@ def fresh_networks(model_fn: ModelFn | nn.Module, seed: int, count: int = 3) -> 
     ``model_fn`` is called ``count`` times under a private RNG state (the global one is
     left as it was). An ``nn.Module`` is accepted too: it is copied (never modified) and
     every submodule with a ``reset_parameters`` method is re-initialised, which covers the
-    standard layers; parameters of custom modules without one keep the model's values.
+    standard layers; parameters of custom modules without one keep the model's values in
+    every network, which a ``UserWarning`` names (and the fit's ``config["kept_parameters"]``).
 
     Returns:
         A list of ``count`` new networks (deep copies for an ``nn.Module``, so the user's
@@ -50,18 +52,37 @@ def fresh_networks(model_fn: ModelFn | nn.Module, seed: int, count: int = 3) -> 
         >>> torch.equal(a.weight, c.weight), torch.equal(a.weight, b.weight)
         (True, False)
     """
+    return _fresh_networks(model_fn, seed, count, stacklevel=3)[0]
+
+
+def _fresh_networks(model_fn: ModelFn | nn.Module, seed: int, count: int,
+                    stacklevel: int) -> tuple[list[nn.Module], list[str]]:
+    """:func:`fresh_networks`, and the parameters the networks share (see _reset_copies).
+
+    ``stacklevel`` points the warning at the user's call (through the public function
+    and its decorators).
+
+    Returns:
+        The networks, and the names of the model's parameters no ``reset_parameters()``
+        re-initialised (none for a ``model_fn``), also named in a ``UserWarning``.
+
+    Raises:
+        TypeError: As :func:`fresh_networks`.
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
         if isinstance(model_fn, nn.Module):
-            nets = []
-            for _ in range(count):
-                net = module_copy(model_fn)
-                for m in net.modules():
-                    reset = getattr(m, "reset_parameters", None)
-                    if callable(reset):
-                        reset()
-                nets.append(net)
-            return nets
+            nets, kept = _reset_copies(model_fn, count)
+            if kept:
+                # The networks then coincide along these parameters (the plane has no extent
+                # there): what was asked for (independent initialisations) falls short.
+                warnings.warn(
+                    f"{len(kept)} parameter tensor(s) of the model ({', '.join(kept[:4])}"
+                    f"{', ...' if len(kept) > 4 else ''}) are not re-initialised by any "
+                    "reset_parameters(), so all three networks keep the model's values there. "
+                    "Pass model_fn=, a function that builds a fresh network (e.g. lambda: "
+                    "MyNet()), to draw them too.", UserWarning, stacklevel=stacklevel)
+            return nets, kept
         if not callable(model_fn):
             raise TypeError("model_fn must be a zero-argument callable that builds a fresh "
                             f"network (e.g. lambda: lw.demo.mlp(seed=None)), got {model_fn!r}.")
@@ -69,7 +90,29 @@ def fresh_networks(model_fn: ModelFn | nn.Module, seed: int, count: int = 3) -> 
     for net in nets:
         if not isinstance(net, nn.Module):
             raise TypeError(f"model_fn() must return an nn.Module, got {type(net).__name__}.")
-    return nets
+    return nets, []
+
+
+def _reset_copies(model: nn.Module, count: int) -> tuple[list[nn.Module], list[str]]:
+    """``count`` copies of ``model``, each module's ``reset_parameters()`` called.
+
+    Returns:
+        The copies, and the names of the parameters no reset wrote to (their version
+        counters did not move): ``nn.Parameter`` attributes of custom modules,
+        ``nn.MultiheadAttention``'s input projection, and the originals of parametrized
+        or legacy weight_norm layers (their reset initialises a computed weight).
+    """
+    nets, kept = [], []
+    for _ in range(count):
+        net = module_copy(model)
+        versions = {n: p._version for n, p in net.named_parameters()}
+        for m in net.modules():
+            reset = getattr(m, "reset_parameters", None)
+            if callable(reset):
+                reset()
+        kept = [n for n, p in net.named_parameters() if p._version == versions[n]]
+        nets.append(net)
+    return nets, kept
 
 
 @outside_inference_mode
@@ -101,7 +144,9 @@ def fit_pattern(
     Args:
         model_fn: Zero-argument callable building a fresh network; called three times
             (w0, w1, w2) under ``seed``. An ``nn.Module`` is accepted and copied, its layers
-            re-initialised (see :func:`fresh_networks`); it is never modified.
+            re-initialised (see :func:`fresh_networks`: parameters it cannot re-initialise
+            are named in a warning and ``fit.config["kept_parameters"]``); it is never
+            modified.
         data: Training ``(inputs, targets)``, a ``Dataset`` or a ``DataLoader`` (class labels).
         binary: 2D 0/1 pattern, 1 = drawn (good, loss minimised); see :func:`ternary_mask`.
         steps: Optimisation steps (one shared minibatch each).
@@ -135,7 +180,9 @@ def fit_pattern(
         ValueError: If ``binary`` is not a 2D 0/1 pattern with sides in [2, 64], has no
             good cell, a number or count argument is not positive, ``plane`` or
             ``strategy`` is unknown, ``model_fn`` builds identical networks or networks
-            without parameters, or the data is empty.
+            without parameters, the data is empty, or its targets or the networks' logits
+            are not what cross-entropy takes (regression or 0/1 multi-label targets, one
+            logit, classes last: see :meth:`PatternFit.train`).
         TypeError: If ``model_fn`` does not build ``nn.Module`` networks, or the data is
             of an unsupported form.
         RuntimeError: If a training step fails (see :meth:`PatternFit.step_once`).
@@ -160,12 +207,17 @@ def fit_pattern(
                         ("every", every)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
-    nets = fresh_networks(model_fn, seed)
+    nets, kept = _fresh_networks(model_fn, seed, 3, stacklevel=5)  # (two decorators)
     if device is not None:
         nets = [n.to(device) for n in nets]  # our own fresh copies, not the user's
     layout = FlatLayout(nets[0])
     flats = [layout.flatten(n) for n in nets]
     if bool((flats[1] == flats[0]).all()):
+        if isinstance(model_fn, nn.Module):
+            raise ValueError(
+                "no reset_parameters() of the model's modules re-initialises its parameters, "
+                "so its three copies are identical networks: pass model_fn=, a function that "
+                "builds a fresh network (e.g. lambda: MyNet()), instead of the model.")
         raise ValueError("model_fn built identical networks: each call must draw fresh "
                          "weights (do not seed inside model_fn; fit_pattern seeds it).")
     plane_ = PatternPlane(*flats, scale=scale, plane=plane)
@@ -173,6 +225,8 @@ def fit_pattern(
         "lr": float(lr), "tau": float(tau), "cells_per_step": int(cells_per_step),
         "batch_size": int(batch_size), "clip": float(clip), "coef": float(coef),
         "seed": int(seed), "scale": float(scale), "plane": plane,
+        # Parameters the three networks share (see fresh_networks): the result says so too.
+        "kept_parameters": kept,
     })
     x, y = as_tensors(data)
     if x.shape[0] < 1:

@@ -2,27 +2,21 @@
 
 from __future__ import annotations
 
-import json
-import os
-import pickle
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from ..core.data import as_tensors
-from ..core.h5io import check_target
 from ..core.heap import holding_heap
 from ..core.landscape import compute_surface
-from ..core.losses import check_cross_entropy_targets
 from ..core.params import outside_inference_mode
+from .pattern_files import PatternFiles
+from .pattern_targets import cells_cross_entropy, check_pattern_logits, check_pattern_targets
 from .plane import FlatLayout, PatternPlane, cell_losses, mpo_loss
-
-FORMAT = "landscape_widget.PatternFit"
 
 
 def _is_oom(err: BaseException) -> bool:
@@ -33,7 +27,7 @@ class _BatchedStepFailed(RuntimeError):
     """A ``torch.vmap``-batched step failed for another reason than memory."""
 
 
-class PatternFit:
+class PatternFit(PatternFiles):
     """A plane of networks trained to show a pattern (see :func:`fit_pattern`).
 
     Attributes:
@@ -121,7 +115,7 @@ class PatternFit:
         budget = (int(torch.cuda.mem_get_info(dev)[0] * 0.4) if dev.type == "cuda"
                   else 1 << 30)
         per_cell = 4 * self.layout.size * 4
-        acts = _activation_bytes(self.layout.template, x[:2]) * x.shape[0] * 3
+        acts = _activation_bytes(self.layout, self.plane.w0, x[:2]) * x.shape[0] * 3
         return int(max(1, min(total, budget // max(1, per_cell + acts))))
 
     @outside_inference_mode
@@ -161,13 +155,19 @@ class PatternFit:
                     if batched:
                         ce = cell_losses(self.layout, flats, x, y)
                     else:
-                        ce = torch.nn.functional.cross_entropy(
-                            self.layout.forward_one(flats[0], x), y).reshape(1)
+                        ce = cells_cross_entropy(
+                            self.layout.forward_one(flats[0], x).unsqueeze(0), y)
                     g = max(0, min(ng - start, len(off)))
                     mpo_loss(ce[:g], ce[g:], ng, nb, cfg["tau"], cfg["coef"]).backward()
                     ces.append(ce.detach())
                 break
             except RuntimeError as err:
+                if "modified by an inplace operation" in str(err):  # torch's words only
+                    raise RuntimeError(
+                        "The model's forward changes a tensor in place after using it (e.g. "
+                        "self.scale.mul_(1.5) after out = h * self.scale), so autograd cannot "
+                        "differentiate the cells' loss, which MPO trains. Compute out of place "
+                        f"in forward (self.scale = self.scale * 1.5). torch: {err}") from err
                 if batched and not _is_oom(err):
                     # torch's own message ("Batching rule not implemented for aten::lstm")
                     # does not say that the same step runs cell by cell.
@@ -182,6 +182,8 @@ class PatternFit:
                 self.chunk = max(1, chunk // 2)
                 if x.device.type == "cuda":
                     torch.cuda.empty_cache()
+            finally:
+                self.layout._reset_state()  # the template as the fit found it, for module_at
         penalty = self.plane.penalty()
         if penalty.requires_grad:
             penalty.backward()
@@ -218,9 +220,10 @@ class PatternFit:
             ValueError: If ``steps`` is not an int >= 0, ``strategy`` is not ``"vmap"``,
                 ``"loop"`` or ``"auto"``, or (through
                 :func:`~landscape_widget.core.data.as_tensors`) the data is empty or its
-                inputs and targets differ in length, or the targets are real-valued
-                outside [0, 1] (MPO's loss is cross-entropy: a regression's targets
-                would give numbers with no meaning).
+                inputs and targets differ in length, or the targets or logits are not
+                what MPO's cross-entropy takes (see
+                :mod:`~landscape_widget.experiments.pattern_targets`: regression or 0/1
+                multi-label targets, one logit, classes last).
             TypeError: If the data is of an unsupported form (see
                 :func:`~landscape_widget.core.data.as_tensors`).
             RuntimeError: If a step fails (see :meth:`step_once`).
@@ -234,12 +237,13 @@ class PatternFit:
         else:
             self.batched = strategy == "vmap"
         x, y = as_tensors(data)
-        check_cross_entropy_targets(y, fix=(
-            "MPO carves loss patterns into a classifier's cross-entropy (it takes no other "
-            "loss): pass class indices as integers (y.long()) or class probabilities."))
+        check_pattern_targets(y)
         dev = self.plane.w0.device
         x = x.to(dev, self.layout.dtype if torch.is_floating_point(x) else x.dtype)
         y = y.to(dev)
+        with torch.no_grad():
+            check_pattern_logits(self.layout.forward_one(self.plane.w0, x[:2]), y)
+        self.layout._reset_state()
         self._default_data = (x[:512], y[:512])
         bar = None
         if progress:
@@ -289,8 +293,14 @@ class PatternFit:
             ``{"loss": array, "accuracy": array}``, float64 ``(H, W)`` arrays in the
             mask's row/column order: the mean cross-entropy and the accuracy on ``data`` of
             the network at each cell. Also kept as ``last_evaluation``.
+
+        Raises:
+            ValueError: If the targets are not what MPO's cross-entropy takes (see
+                :func:`~landscape_widget.experiments.pattern_targets.check_pattern_targets`).
         """
         h, w = self.shape
+        x, y = as_tensors(data)
+        check_pattern_targets(y)  # multi-label rows: another loss, and no accuracy
         with torch.no_grad():
             right, up = self.plane.basis()
             s = self.plane.s
@@ -298,7 +308,7 @@ class PatternFit:
             d_right = self.layout.unflatten(s * right, offset=False)
             d_up = self.layout.unflatten(s * up, offset=False)
         surf = compute_surface(
-            center, data, directions=(d_right, d_up),
+            center, (x, y), directions=(d_right, d_up),
             x=(-(w // 2), w - 1 - w // 2, w), y=(-(h // 2), h - 1 - h // 2, h),
             bn="batch", progress=False,
             bn_batch_size=int(batch_size or self.config["batch_size"]),
@@ -357,105 +367,6 @@ class PatternFit:
         return pattern_figure(self.mask, ev[metric], metric, log and metric == "loss",
                               title=f"step {self.step}")
 
-    # --- files --------------------------------------------------------------------------
-    def save(self, path: str | Path, *, overwrite: bool = False) -> None:
-        """Save weights, mask, config, history and optimizer state (``torch.save``).
-
-        The architecture is stored as a pickle blob beside the tensors, so
-        :meth:`load` with ``trusted=True`` can rebuild cells without ``model_fn`` when its
-        classes are importable. The file is written beside ``path`` and renamed over it
-        once complete, so a failed save leaves an existing file as it was.
-
-        Args:
-            path: The file.
-            overwrite: Replace an existing file (default False: it is the user's).
-
-        Raises:
-            FileExistsError: If ``path`` exists and ``overwrite`` is false.
-        """
-        path = check_target(path, overwrite)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            arch = pickle.dumps(self.layout.template)
-        except Exception:  # e.g. a model class defined in a closure
-            arch = None
-        blob = {
-            "format": FORMAT, "version": 1,
-            "weights": {k: v.cpu() for k, v in self.weights.items()},
-            "binary": torch.from_numpy(self.binary.copy()),
-            "mask": torch.from_numpy(self.mask.copy()),
-            "config": self.config, "history": self.history, "step": self.step,
-            "optimizer": self.optimizer.state_dict(), "architecture": arch,
-            # The samplers' states, so that a loaded fit resumes exactly where it stopped.
-            "cells_rng": json.dumps(self._cells_rng.bit_generator.state),
-            "batch_gen": self._batch_gen.get_state(),
-            "order": self._order, "cursor": self._cursor,
-        }
-        try:
-            torch.save(blob, tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-
-    @classmethod
-    def load(cls, path: str | Path, model_fn: Callable[[], nn.Module] | None = None,
-             device=None, *, trusted: bool = False) -> PatternFit:
-        """Load a fit saved by :meth:`save`.
-
-        Loading runs no code from the file: tensors are read with ``weights_only=True`` and
-        the pickled architecture is only unpickled with ``trusted=True``.
-
-        Args:
-            path: The file.
-            model_fn: Builds the architecture (the function given to :func:`fit_pattern`).
-            device: Where to put the weights (default CPU).
-            trusted: Without ``model_fn``, rebuild the architecture from the pickle in the
-                file. Unpickling runs whatever code the file names: only for files you
-                wrote yourself.
-
-        Returns:
-            A :class:`PatternFit` that resumes where the saved one stopped: the same plane
-            weights, mask, config, history, step, optimizer state and sampler states.
-
-        Raises:
-            ValueError: If the file was not written by :meth:`save`; without ``model_fn``
-                unless ``trusted`` (or when the file holds no pickled architecture); if
-                ``model_fn`` builds a network with another number of parameters than the
-                file holds, or one without parameters.
-            TypeError: If ``trusted`` is not a bool.
-        """
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a file written by PatternFit.save.")
-        if not isinstance(trusted, bool):
-            raise TypeError(f"trusted must be True or False, got {trusted!r}.")
-        if model_fn is not None:
-            template = model_fn() if not isinstance(model_fn, nn.Module) else model_fn
-        elif not trusted:
-            raise ValueError(
-                f"pass model_fn=, the function that builds the network, to load {path}. "
-                "The file's pickled architecture is not unpickled by default, since unpickling "
-                "runs code named in the file; trusted=True does it for files you wrote.")
-        elif blob["architecture"] is not None:
-            template = pickle.loads(blob["architecture"])
-        else:
-            raise ValueError("this file holds no architecture (its model class could not be "
-                             "pickled); pass model_fn=, the function that builds the network.")
-        layout = FlatLayout(template.to(device) if device is not None else template)
-        wts = {k: v.to(layout.device) for k, v in blob["weights"].items()}
-        if wts["w0"].numel() != layout.size:
-            raise ValueError(f"model_fn builds {layout.size} parameters but the file holds "
-                             f"{wts['w0'].numel()}; pass the architecture that was fitted.")
-        plane = PatternPlane(wts["w0"], wts["w1"], wts["w2"], float(wts["s"]),
-                             plane=blob["config"]["plane"])
-        fit = cls(layout, plane, blob["binary"].numpy(), blob["mask"].numpy(), blob["config"])
-        fit.history, fit.step = list(blob["history"]), int(blob["step"])
-        fit.optimizer.load_state_dict(blob["optimizer"])
-        fit._cells_rng.bit_generator.state = json.loads(blob["cells_rng"])
-        fit._batch_gen.set_state(blob["batch_gen"])
-        fit._order, fit._cursor = blob["order"], int(blob["cursor"])
-        return fit
-
     def __repr__(self) -> str:
         h, w = self.shape
         return (f"PatternFit({h}x{w} mask, {int((self.mask == 1).sum())} good / "
@@ -463,7 +374,7 @@ class PatternFit:
                 f"P={self.layout.size}, s={float(self.plane.s.detach()):.4g})")
 
 
-def _activation_bytes(module: nn.Module, x: Tensor) -> int:
+def _activation_bytes(layout: FlatLayout, flat: Tensor, x: Tensor) -> int:
     """Bytes of module outputs per sample, from one forward pass on ``x`` (2 samples)."""
     total = 0
 
@@ -472,11 +383,12 @@ def _activation_bytes(module: nn.Module, x: Tensor) -> int:
         if isinstance(out, Tensor):
             total += out.numel() * out.element_size()
 
-    handles = [m.register_forward_hook(hook) for m in module.modules()]
+    handles = [m.register_forward_hook(hook) for m in layout.template.modules()]
     try:
         with torch.no_grad():
-            module(x)
+            layout.forward_one(flat, x)
     finally:
         for h in handles:
             h.remove()
+        layout._reset_state()  # the probe's writes too (see FlatLayout)
     return max(1, total // max(1, x.shape[0]))

@@ -15,13 +15,15 @@ no running statistics, in training and evaluation alike.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from ..core.copies import module_copy
 from ..core.metrics import find_logits
-from ..core.params import Params
+from ..core.params import Params, buffers_of, parameters_of
+from ..core.passes import quiet_vmap_fallback
+from ..core.state import BufferState
+from .pattern_targets import cells_cross_entropy
 
 PLANES = ("up_orthogonal", "simple")
 
@@ -48,8 +50,15 @@ def batch_stat_copy(module: nn.Module) -> nn.Module:
     return out
 
 
-class FlatLayout:
+class FlatLayout(BufferState):
     """Names, shapes and the BN reparametrisation of a network's flat parameter vector.
+
+    Every pass starts from the template's state, as the surface engine's do
+    (:class:`~landscape_widget.core.state.BufferState`): what a forward writes (a buffer
+    counter, a list it appends to, an attribute it reassigns, a generator it draws from)
+    is put back before the next pass and after each step, so a cell's loss does not depend
+    on how many passes ran before (the loop path runs one per cell, ``vmap`` one per chunk)
+    and :meth:`module_at` copies the state the fit started from.
 
     Args:
         module: A network of the architecture to fit (used as a template; copied).
@@ -57,6 +66,12 @@ class FlatLayout:
 
     def __init__(self, module: nn.Module):
         self.template = batch_stat_copy(module)
+        # The template's tensors for BufferState: the forwards get its buffers as views
+        # into flat copies (see _state_versions), which _reset_state puts back.
+        self.module = self.template
+        self.base = {**parameters_of(self.template), **buffers_of(self.template)}
+        self._state_versions()
+        self._buffers = {k: self.base[k] for k in buffers_of(self.template)}
         named = list(self.template.named_parameters())  # tied parameters appear once
         if not named:
             raise ValueError("the model has no parameters to fit.")
@@ -111,17 +126,33 @@ class FlatLayout:
                                                            strict=True)}
 
     def forward(self, flats: Tensor, x: Tensor) -> Tensor:
-        """Logits of the networks ``flats`` (K, P) on the shared batch ``x``: (K, N, ...)."""
+        """Logits of the networks ``flats`` (K, P) on the shared batch ``x``: (K, N, ...).
+
+        The pass starts from the template's state (put back here, not after the pass: the
+        backward may still need the buffers it read; :meth:`_reset_state` after it).
+
+        Returns:
+            The logits of every network, stacked along a new first dimension.
+        """
         params = self.unflatten(flats)
-        # Copies of the batch: a forward writing to its input would change the user's data.
-        return vmap(lambda p: _logits(functional_call(self.template, p, (x.clone(),))))(params)
+        self._reset_state()
+
+        def one(p):
+            # Copies of the batch: a forward writing to its input would change the user's data.
+            return _logits(functional_call(self.template, {**p, **self._buffers}, (x.clone(),)))
+
+        with quiet_vmap_fallback():
+            return vmap(one)(params)
 
     def forward_one(self, flat: Tensor, x: Tensor) -> Tensor:
         """Logits of one network (P,) on ``x``: the per-cell path, without ``vmap``."""
-        return _logits(functional_call(self.template, self.unflatten(flat), (x.clone(),)))
+        self._reset_state()
+        return _logits(functional_call(self.template, {**self.unflatten(flat), **self._buffers},
+                                       (x.clone(),)))
 
     def module_at(self, flat: Tensor) -> nn.Module:
         """A standalone network with the flat parameters ``flat`` (batch-statistics BN)."""
+        self._reset_state()  # a copy of the state the fit started from, not the last pass's
         out = module_copy(self.template)
         values = self.unflatten(flat.detach())
         with torch.no_grad():
@@ -196,12 +227,7 @@ def _logits(out) -> Tensor:
 
 def cell_losses(layout: FlatLayout, flats: Tensor, x: Tensor, y: Tensor) -> Tensor:
     """Mean cross-entropy on ``(x, y)`` of every network in ``flats`` (K, P), batched."""
-    logits = layout.forward(flats, x)
-    k, n = logits.shape[:2]
-    # Class probabilities (N, C) repeat along dim 0 only (y.repeat(k) refused them).
-    ce = F.cross_entropy(logits.reshape(k * n, *logits.shape[2:]),
-                         y.repeat(k, *[1] * (y.dim() - 1)), reduction="none")
-    return ce.reshape(k, -1).mean(1)
+    return cells_cross_entropy(layout.forward(flats, x), y)
 
 
 def mpo_loss(ce_good: Tensor, ce_bad: Tensor, n_good: int, n_bad: int, tau: float,

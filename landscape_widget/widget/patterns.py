@@ -159,8 +159,13 @@ class PatternRunner:
 
         if fit.step == 0:
             update(fit)  # the plane before training: the picture to compare with
+        # The editor has no strategy field: "auto" loops a model vmap cannot run (LSTM,
+        # GRU, QAT, the fused Transformer kernels), whose fit failed naming
+        # strategy='loop', which the front end cannot send; a resumed fit keeps its path.
+        strategy = ("auto" if fit.step == 0 or fit.batched is None
+                    else "vmap" if fit.batched else "loop")
         fit.train(train, spec.steps, progress=False, callback=update, every=spec.every,
-                  cancel=job.cancel)
+                  cancel=job.cancel, strategy=strategy)
         stopped = fit.step < target
         if stopped and (not fit.history or fit.step % spec.every):
             update(fit)
