@@ -63,7 +63,6 @@ from .plans import (
     copy_plan,
 )
 from .precision import (
-    ERROR_POINTS,
     PrecisionCheck,
     check_precision,
     precision_flags,
@@ -147,7 +146,8 @@ class Evaluator(PointPasses, PlanChoice, LossStats, PrecisionCheck, PlanTuner,
             computing), ``"tf32"``, ``"bf16"`` or ``"fp16"`` (CUDA only); see
             core/precision.py. Losses and accuracies are summed in float64 whatever the
             precision; below fp32, the largest |loss - fp32 loss| over the first
-            :data:`~landscape_widget.core.precision.ERROR_POINTS` points evaluated is
+            :data:`~landscape_widget.core.precision.ERROR_POINTS` points evaluated (and
+            points whose loss is not finite at that precision: inf if finite in fp32) is
             measured (``describe()["plan"]["precision_error"]``).
         compile: ``True``, ``False`` or ``"auto"`` (default): evaluate through
             ``torch.compile`` with the weights as inputs (see core/compiled.py); ``"auto"``
@@ -245,6 +245,7 @@ class Evaluator(PointPasses, PlanChoice, LossStats, PrecisionCheck, PlanTuner,
         self._trial_row = 0  # the next grid row a full-data plan trial computes
         self._lane_setup()  # the calling thread's lane state (core/lanes.py)
         self._error_pairs: list[tuple[float, float]] = []  # (loss, fp32 loss) checked
+        self._spread_checked = 0  # of the first ERROR_POINTS points (not the non-finite ones)
         self.module = self._prepare_module(model, bn)
         # The copy's own tensors: nothing a forward writes to them reaches the user's model.
         base = parameters_of(self.module)
@@ -384,8 +385,7 @@ class Evaluator(PointPasses, PlanChoice, LossStats, PrecisionCheck, PlanTuner,
             with precision_flags(self.precision, self.device), hold_heap():
                 self._active = self.precision
                 values = self._evaluate(c)
-                if (self.precision != "fp32" and c.shape[0]
-                        and len(self._error_pairs) < ERROR_POINTS):
+                if self.precision != "fp32" and c.shape[0]:
                     self._check_precision(c, values)
         finally:
             self._active = "fp32"

@@ -282,11 +282,38 @@ class PrecisionCheck:
         self.rejected.clear()
         self._reset_state()
 
+    def _adopt_fallback(self, note: str) -> None:
+        """Compute in fp32, as the evaluator that chose the adopted plan did (``note``: why).
+
+        An executor's first tile times the plans on one worker; the others adopt its plan.
+        When the model had failed there at this precision, the plan computes in fp32: a
+        worker adopting it under autocast failed again, on a pass outside the fallback, and
+        the whole grid raised.
+        """
+        self._precision_fallback = note
+        self.precision = "fp32"
+
     def _check_precision(self, c: Tensor, values: Tensor) -> None:
-        """Evaluate a few of these points in fp32 too; the largest |loss difference|."""
-        rows = np.unique(np.linspace(0, c.shape[0] - 1,
-                                     min(ERROR_POINTS - len(self._error_pairs), c.shape[0]))
-                         .round().astype(int))
+        """Evaluate some of these points in fp32 too; the largest |loss difference|.
+
+        The first :data:`ERROR_POINTS` points evaluated, spread over the call's rows; and
+        up to :data:`ERROR_POINTS` points of each call whose loss is not finite at this
+        precision, until one is finite in fp32 (``precision_error`` is then inf): only the
+        first were checked, and a grid whose bf16 overflowed away from them (NaN there,
+        finite in fp32) reported the small error of the others.
+        """
+        rows: set[int] = set()
+        if self._spread_checked < ERROR_POINTS:
+            rows.update(np.unique(np.linspace(
+                0, c.shape[0] - 1, min(ERROR_POINTS - self._spread_checked, c.shape[0]))
+                .round().astype(int)).tolist())
+            self._spread_checked += len(rows)
+        if (self.plan.precision_error or 0.0) < math.inf:
+            bad = torch.nonzero(~torch.isfinite(values[:, 0])).flatten().tolist()
+            rows.update([r for r in bad if r not in rows][:ERROR_POINTS])
+        if not rows:
+            return
+        rows = sorted(rows)
         plain = self._plain_plan()
         with precision_flags("fp32", self.device):
             self._active = "fp32"

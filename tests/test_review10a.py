@@ -1,0 +1,126 @@
+"""Review 10a: precision= and compile= on models and paths not tested before.
+
+Each test checks a property against an independent oracle: the float64 per-point loop of
+tests/oracle.py, or the model run by hand in the precision asked for.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+from oracle import naive_surface
+from snapshots import assert_same_snapshot, snapshot
+from torch import nn
+
+import landscape_widget as lw
+from landscape_widget.core import _remote
+
+XS = np.linspace(-1, 1, 3)
+
+
+class Det(nn.Module):
+    """A determinant between two layers: oneDNN has no bf16 LU, so bf16 fails on a CPU."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.a, self.b = nn.Linear(6, 8), nn.Linear(2, 3)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+
+    def forward(self, x):
+        return self.b(torch.det(self.a(x).reshape(-1, 2, 2, 2)))
+
+
+def det_data():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(30, 6, generator=g), torch.randint(0, 3, (30,), generator=g)
+
+
+class FreshWorkers(ThreadPoolExecutor):
+    """Every task on a new "worker": this process's cached evaluators are forgotten first.
+
+    As on a cluster, where the first tile's worker chooses the plan and each other worker
+    builds its own evaluator and adopts that plan; deterministic, unlike two processes.
+    """
+
+    def __init__(self):
+        super().__init__(1)
+
+    def submit(self, fn, /, *args, **kwargs):
+        def task():
+            with _remote._CACHE_LOCK:
+                _remote._EVALUATORS.clear()
+            return fn(*args, **kwargs)
+
+        return super().submit(task)
+
+
+def test_executor_workers_adopt_the_first_workers_precision_fallback():
+    # The first tile's worker fell back to fp32 (bf16 failed on the model) and every other
+    # worker adopted its plan, but computed under bf16 autocast: the grid raised
+    # NotImplementedError ("lu_cpu" not implemented for 'BFloat16') as soon as a second
+    # worker took a tile. The fallback's warning went to the worker's stderr only.
+    model, (x, y) = Det().eval(), det_data()
+    d1, d2 = lw.random_directions(model, 2, seed=1)
+    before = snapshot(model)
+    with FreshWorkers() as pool, pytest.warns(RuntimeWarning, match="precision='bf16' failed"):
+        s = lw.compute_surface(model, (x, y), directions=(d1, d2), x=(-1, 1, 3), y=(-1, 1, 3),
+                               precision="bf16", executor=pool, tile_points=2, progress=False)
+    assert_same_snapshot(before, snapshot(model))
+    assert s.spec["executor"]["tiles"] == 5
+    assert s.spec["precision"] == "fp32" and "bf16 failed" in s.spec["plan"]["precision_note"]
+    assert s.spec["precision_error"] is None
+    want, _ = naive_surface(model, x, y, d1, d2, XS, XS)
+    np.testing.assert_allclose(s.loss, want, rtol=1e-5)
+
+
+def mlp():
+    torch.manual_seed(3)  # the tests' models never depend on the global generator's state
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).eval()
+
+
+def test_executor_precision_error_is_the_largest_over_all_workers():
+    # Each worker measures |bf16 - fp32| on the first points it computes, and spec took the
+    # latest tile's worker's alone: another worker's larger error (or overflow) was lost.
+    # With one point per new worker, every point is measured: the grid's largest gap.
+    model, (x, y) = mlp(), det_data()
+    d1, d2 = lw.random_directions(model, 2, seed=1)
+    with FreshWorkers() as pool:
+        s = lw.compute_surface(model, (x, y), directions=(d1, d2), x=(-1, 1, 3), y=(-1, 1, 3),
+                               precision="bf16", executor=pool, tile_points=1, progress=False)
+    assert s.spec["precision"] == "bf16" and s.spec["executor"]["tiles"] == 9
+    want, _ = naive_surface(model, x, y, d1, d2, XS, XS)
+    gap = np.abs(s.loss - want).max()
+    assert gap > 1e-4  # bf16 differs measurably here
+    assert s.spec["precision_error"] == pytest.approx(gap, abs=1e-5 * np.abs(want).max())
+
+
+def test_precision_error_is_inf_where_bf16_overflows_away_from_the_checked_points():
+    # precision_error was measured on the first 3 points only (the diagonal of a 3 x 3
+    # grid, in its order); bf16 overflowing at another point (NaN there, finite in fp32)
+    # left it at the diagonal's small error.
+    model = nn.Linear(2, 3, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 0.0]]))
+    x, y = torch.ones(1, 2), torch.ones(1, dtype=torch.long)
+    k = 1.7e38  # at (1, -1) the first logit is 1 + 2k: finite in float32, inf in bf16
+    d1 = {"weight": torch.tensor([[k, 0.0], [0.0, 0.0], [0.0, 0.0]])}
+    d2 = {"weight": torch.tensor([[0.0, -k], [0.0, 0.0], [0.0, 0.0]])}
+    kw = dict(directions=(d1, d2), x=(-1, 1, 3), y=(-1, 1, 3), progress=False)
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        s = lw.compute_surface(model, (x, y), precision="bf16", **kw)
+    logit = torch.tensor([[1 + a * k - b * k for a in XS] for b in XS])
+    want = torch.nn.functional.cross_entropy(  # by hand, in float32
+        torch.stack([logit, torch.zeros_like(logit), torch.zeros_like(logit)], -1).reshape(9, 3),
+        torch.ones(9, dtype=torch.long), reduction="none").reshape(3, 3)
+    assert torch.isfinite(want).all()
+    assert np.isnan(s.loss[0, 2]) and np.isfinite(np.diag(s.loss)).all()
+    assert s.spec["precision_error"] == float("inf")
+    # fp32 is finite at every point (the engine agrees with the float32 oracle).
+    exact = lw.compute_surface(model, (x, y), precision="fp32", **kw)
+    np.testing.assert_allclose(exact.loss, want.numpy(), rtol=1e-6)
