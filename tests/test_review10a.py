@@ -124,3 +124,24 @@ def test_precision_error_is_inf_where_bf16_overflows_away_from_the_checked_point
     # fp32 is finite at every point (the engine agrees with the float32 oracle).
     exact = lw.compute_surface(model, (x, y), precision="fp32", **kw)
     np.testing.assert_allclose(exact.loss, want.numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_the_note_says_a_bf16_or_float64_model_computes_in_its_own_dtype(dtype):
+    # precision="fp32" (the default) on a bf16 model said "true fp32 (TF32 off ...)" while
+    # every forward ran in bfloat16 (far from the float64 oracle), and on a float64 model
+    # while it ran in float64.
+    model = mlp().to(dtype)
+    x, y = det_data()
+    d1, d2 = lw.random_directions(model, 2, seed=1)
+    s = lw.compute_surface(model, (x, y), directions=(d1, d2), x=(-1, 1, 3), y=(-1, 1, 3),
+                           progress=False)
+    want, _ = naive_surface(model, x, y, d1, d2, XS, XS)
+    rel = np.abs(s.loss - want).max() / np.abs(want).max()
+    name = str(dtype).removeprefix("torch.")
+    note = s.spec["plan"]["precision_note"]
+    assert "true fp32" not in note and f"computed in {name}" in note
+    if dtype == torch.bfloat16:
+        assert rel > 1e-4  # not fp32: bf16 rounding
+    else:
+        assert rel < 1e-12

@@ -239,6 +239,13 @@ def precision_note(precision: str, device: torch.device,
         One line; for bf16 on a CPU it also says whether the CPU has bf16 instructions
         (without them bf16 is emulated and much slower than fp32).
     """
+    own = {torch.float64: "float64", torch.bfloat16: "bfloat16",
+           torch.float16: "float16"}.get(dtype)
+    half = own if own != "float64" else None
+    if own and precision not in AUTOCAST_DTYPES:
+        # The note claimed "true fp32" for a bf16 model, whose forward is bf16 throughout.
+        return (f"the model's weights are {own}: computed in {own} ({precision} applies to "
+                "float32 models" + ("; model.float() computes in fp32)" if half else ")"))
     if precision == "tf32" and device.type != "cuda":
         return "tf32 has no effect on a CPU: computed in fp32"
     if precision in AUTOCAST_DTYPES and dtype == torch.float64:
@@ -258,6 +265,9 @@ def precision_note(precision: str, device: torch.device,
                  "and usually several times slower than fp32")
     elif native:
         note += "; this CPU computes bf16 natively (AVX512-BF16 or AMX)"
+    if half:
+        note += (f"; the model's weights are {half}: precision_error compares with its "
+                 f"{half} forward without autocast, not with fp32")
     return note
 
 
