@@ -145,3 +145,25 @@ def test_the_note_says_a_bf16_or_float64_model_computes_in_its_own_dtype(dtype):
         assert rel > 1e-4  # not fp32: bf16 rounding
     else:
         assert rel < 1e-12
+
+
+def test_compile_true_compiles_every_model_of_a_session():
+    # Every evaluator compiled the same inner function, whose code object dynamo caches
+    # graphs on: past torch._dynamo.config.recompile_limit (8) models or precisions in one
+    # session it ran eagerly, silently, while spec said "compiled". The limit is 1 here,
+    # so the second model is the one past it. Dynamo's own counter says what it compiled.
+    from torch._dynamo.utils import counters
+
+    x, y = det_data()
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for width in (5, 7):
+            torch.manual_seed(width)
+            model = nn.Sequential(nn.Linear(6, width), nn.Tanh(), nn.Linear(width, 3)).eval()
+            d1, d2 = lw.random_directions(model, 2, seed=1)
+            before = counters["stats"]["unique_graphs"]
+            s = lw.compute_surface(model, (x, y), directions=(d1, d2), x=(-1, 1, 3),
+                                   y=(-1, 1, 3), compile=True, progress=False)
+            assert s.spec["plan"]["compiled"]
+            assert counters["stats"]["unique_graphs"] > before, width
+            want, _ = naive_surface(model, x, y, d1, d2, XS, XS)
+            np.testing.assert_allclose(s.loss, want, rtol=1e-5)
