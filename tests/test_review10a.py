@@ -167,3 +167,46 @@ def test_compile_true_compiles_every_model_of_a_session():
             assert counters["stats"]["unique_graphs"] > before, width
             want, _ = naive_surface(model, x, y, d1, d2, XS, XS)
             np.testing.assert_allclose(s.loss, want, rtol=1e-5)
+
+
+class OwnAutocast(nn.Module):
+    """A float32 model whose forward runs under its own bf16 autocast."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(4)
+        self.net = nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 3))
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.net(x)
+
+
+@pytest.mark.parametrize("stem", [True, "auto"])
+def test_a_forward_under_its_own_autocast_is_computed_and_noted_as_bf16(stem):
+    # precision="fp32" said "true fp32" for a model whose forward is bf16 by its own
+    # autocast (the engine leaves it, as it should: it is the model's arithmetic). With
+    # stem=True the linear stem's safety net raised "Float did not match BFloat16": its
+    # traced suffix had lost the autocast. (One point at a time: K points under vmap
+    # round bf16 otherwise than the model's own call, by 5e-4 here.)
+    model = OwnAutocast().eval()
+    x, y = det_data()
+    d1, d2 = lw.random_directions(model, 2, seed=1)
+    before = snapshot(model)
+    s = lw.compute_surface(model, (x, y), directions=(d1, d2), x=(-1, 1, 3), y=(-1, 1, 3),
+                           progress=False, evaluator_options={"strategy": "loop", "stem": stem})
+    assert_same_snapshot(before, snapshot(model))
+    # The oracle: the model itself at each point (its autocast on), logits to float64.
+    ref = OwnAutocast().eval()
+    want = []
+    for b in XS:
+        for a in XS:
+            ref.load_state_dict({k: (v.double() + a * d1[k].double() + b * d2[k].double())
+                                 .float() for k, v in model.state_dict().items()})
+            with torch.no_grad():
+                want.append(float(torch.nn.functional.cross_entropy(ref(x).double(), y)))
+    np.testing.assert_allclose(s.loss.ravel(), want, rtol=1e-5)
+    exact, _ = naive_surface(model, x, y, d1, d2, XS, XS)  # float64: autocast leaves it
+    assert np.abs(s.loss - exact).max() > 1e-4  # bf16, not fp32
+    note = s.spec["plan"]["precision_note"]
+    assert "forward returns bfloat16" in note and "compute in bfloat16" in note

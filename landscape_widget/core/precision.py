@@ -231,14 +231,23 @@ def cpu_has_bf16(cpuinfo: str | None = None) -> bool | None:
     return any(f in flags for f in BF16_CPU_FLAGS)
 
 
-def precision_note(precision: str, device: torch.device,
-                   dtype: torch.dtype | None = None) -> str:
+def precision_note(precision: str, device: torch.device, dtype: torch.dtype | None = None,
+                   out_dtype: torch.dtype | None = None) -> str:
     """What ``precision`` means on ``device`` for a model of ``dtype``, for ``spec["plan"]``.
+
+    ``out_dtype``: the dtype of the model's logits without the engine's autocast; a half
+    one from a model of another dtype means its forward computes in half precision itself.
 
     Returns:
         One line; for bf16 on a CPU it also says whether the CPU has bf16 instructions
         (without them bf16 is emulated and much slower than fp32).
     """
+    inner = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(out_dtype)
+    if inner and out_dtype != dtype:
+        return precision_note(precision, device, dtype) + (
+            f"; the model's forward returns {inner} logits (its own torch.autocast, or a "
+            f"cast): those parts compute in {inner}"
+            + (", in the fp32 of precision_error too" if precision in AUTOCAST_DTYPES else ""))
     own = {torch.float64: "float64", torch.bfloat16: "bfloat16",
            torch.float16: "float16"}.get(dtype)
     half = own if own != "float64" else None
