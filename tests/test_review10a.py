@@ -167,6 +167,13 @@ def test_compile_true_compiles_every_model_of_a_session():
             assert counters["stats"]["unique_graphs"] > before, width
             want, _ = naive_surface(model, x, y, d1, d2, XS, XS)
             np.testing.assert_allclose(s.loss, want, rtol=1e-5)
+        # Again (the cached plan, compiled): it measured no eager pass, so it names no eager
+        # time (it gave the first call's compiled s/point as "eager").
+        again = lw.compute_surface(model, (x, y), directions=(d1, d2), x=(-1, 1, 3),
+                                   y=(-1, 1, 3), compile=True, progress=False)
+        assert again.spec["plan"]["compiled"]
+        assert "eager" not in again.spec["plan"]["compile_note"]
+        np.testing.assert_allclose(again.loss, want, rtol=1e-5)
 
 
 class OwnAutocast(nn.Module):

@@ -113,7 +113,9 @@ class CompiledForward:
                     f"not compiled (compile='auto'): {self.expected_points} points, predicted "
                     f"{predicted:.3g} s eager vs ~{guess:.3g} s to compile")
                 return
-        eager = plan.seconds_per_point
+        # A cached plan compiled before carries its compiled time: no eager time to compare
+        # (the note called the earlier compiled s/point "eager").
+        eager = math.nan if plan.compiled else plan.seconds_per_point
         plan.compiled = True
         t0 = time.perf_counter()
         try:
