@@ -88,7 +88,11 @@ class CompiledForward:
             # ran eagerly while its plan said compiled (and kept the others' graphs alive).
             forward = types.FunctionType(forward.__code__.replace(), forward.__globals__,
                                          forward.__name__, None, forward.__closure__)
-            self._compiled_fn = torch.compile(forward, dynamic=False)
+            # fallback_random: the forward's random draws (a VAE's sampling) as eager torch
+            # draws them from the seeded generator (core/rng.py); inductor's own generator
+            # gave the compiled points other noise than the plan trials' eager ones.
+            self._compiled_fn = torch.compile(forward, dynamic=False,
+                                              options={"fallback_random": True})
         return self._compiled_fn
 
     def _setup_compile(self, plan: Plan, c, key: tuple) -> None:
