@@ -322,6 +322,8 @@ def run_tile(payload: Payload, coords: np.ndarray, total: int, plan: Plan | None
     with lock:  # an evaluator is not thread-safe (plan tuning, stem caches)
         ev.expected_points = total
         if plan is not None and ev.plan is None:
+            if plan.precision != ev.precision:  # the model failed there at this precision
+                ev._adopt_fallback(plan.precision_note)
             _remember(ev._plan_key(), plan)
         t0 = time.perf_counter()
         try:

@@ -108,6 +108,9 @@ class LossStats:
             logits, no_logits = find_logits(out, self.output_fn), ""
         except TypeError as err:
             logits, no_logits = None, str(err)
+        # bf16 logits of a float32 model at fp32: its forward runs under its own autocast
+        # (or casts); said in spec["plan"]["precision_note"], which claimed "true fp32".
+        self.out_dtype = logits.dtype if isinstance(logits, Tensor) else None
         self.task: Task = resolve_task(logits, self.y, self.loss_fn if self._user_loss else None,
                                        self.n)
         if self.task.ignore is not None and float(self.task.loss_weight(self.y)) == 0:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import time
+import types
 import warnings
 
 import numpy as np
@@ -81,7 +82,17 @@ class CompiledForward:
             def forward(params, inputs):
                 return functional_call(target, params, (inputs,))
 
-            self._compiled_fn = torch.compile(forward, dynamic=False)
+            # A code object of its own: dynamo keeps compiled graphs per code object and,
+            # past config.recompile_limit (8) of them, runs it eagerly without a word.
+            # Shared by every evaluator, the 9th compiled model or precision of a session
+            # ran eagerly while its plan said compiled (and kept the others' graphs alive).
+            forward = types.FunctionType(forward.__code__.replace(), forward.__globals__,
+                                         forward.__name__, None, forward.__closure__)
+            # fallback_random: the forward's random draws (a VAE's sampling) as eager torch
+            # draws them from the seeded generator (core/rng.py); inductor's own generator
+            # gave the compiled points other noise than the plan trials' eager ones.
+            self._compiled_fn = torch.compile(forward, dynamic=False,
+                                              options={"fallback_random": True})
         return self._compiled_fn
 
     def _setup_compile(self, plan: Plan, c, key: tuple) -> None:
@@ -106,7 +117,9 @@ class CompiledForward:
                     f"not compiled (compile='auto'): {self.expected_points} points, predicted "
                     f"{predicted:.3g} s eager vs ~{guess:.3g} s to compile")
                 return
-        eager = plan.seconds_per_point
+        # A cached plan compiled before carries its compiled time: no eager time to compare
+        # (the note called the earlier compiled s/point "eager").
+        eager = math.nan if plan.compiled else plan.seconds_per_point
         plan.compiled = True
         t0 = time.perf_counter()
         try:

@@ -46,6 +46,7 @@ import queue
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
@@ -203,6 +204,7 @@ class ExecutorRunner:
         self.population: int | None = info.get("population")
         self.subset: str | None = info.get("subset")
         self.plan: Plan | None = None
+        self.precision = options.get("precision", "fp32")  # asked for; the plan's is used
         self.nonfinite_points = 0
         self.expected_points = UNKNOWN_POINTS
         self.seconds_per_point: float | None = None
@@ -340,7 +342,19 @@ class ExecutorRunner:
     def _record(self, res: dict, points: int) -> None:
         self.backend.seen.add(res["worker"])
         self.workers.add(res["worker"])
-        self.plan = res["plan"] or self.plan
+        last, self.plan = self.plan, res["plan"] or self.plan
+        if self.plan is not last and last is not None:
+            # Each worker measures precision_error on its own first points: the grid's is
+            # the largest (the latest tile's alone hid another worker's overflow).
+            errors = [e for e in (last.precision_error, self.plan.precision_error)
+                      if e is not None]
+            self.plan.precision_error = max(errors) if errors else None
+        if self.plan is not None and self.plan.precision != self.precision and (
+                last is None or last.precision == self.precision):
+            # The evaluator's warning went to the worker's stderr, not to the caller.
+            warnings.warn(f"precision={self.precision!r} failed on this model on the "
+                          f"executor's workers ({self.plan.precision_note}; "
+                          "spec['precision']).", RuntimeWarning, stacklevel=4)
         if "loss" in res["values"]:
             self.nonfinite_points += int(np.isnan(res["values"]["loss"]).sum())
         if points:

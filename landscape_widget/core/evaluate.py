@@ -64,7 +64,6 @@ from .plans import (
     copy_plan,
 )
 from .precision import (
-    ERROR_POINTS,
     PrecisionCheck,
     check_precision,
     precision_flags,
@@ -149,7 +148,8 @@ class Evaluator(PointPasses, PlanChoice, LossStats, BatchCoupling, PrecisionChec
             computing), ``"tf32"``, ``"bf16"`` or ``"fp16"`` (CUDA only); see
             core/precision.py. Losses and accuracies are summed in float64 whatever the
             precision; below fp32, the largest |loss - fp32 loss| over the first
-            :data:`~landscape_widget.core.precision.ERROR_POINTS` points evaluated is
+            :data:`~landscape_widget.core.precision.ERROR_POINTS` points evaluated (and
+            points whose loss is not finite at that precision: inf if finite in fp32) is
             measured (``describe()["plan"]["precision_error"]``).
         compile: ``True``, ``False`` or ``"auto"`` (default): evaluate through
             ``torch.compile`` with the weights as inputs (see core/compiled.py); ``"auto"``
@@ -247,6 +247,7 @@ class Evaluator(PointPasses, PlanChoice, LossStats, BatchCoupling, PrecisionChec
         self._trial_row = 0  # the next grid row a full-data plan trial computes
         self._lane_setup()  # the calling thread's lane state (core/lanes.py)
         self._error_pairs: list[tuple[float, float]] = []  # (loss, fp32 loss) checked
+        self._spread_checked = 0  # of the first ERROR_POINTS points (not the non-finite ones)
         self.module = self._prepare_module(model, bn)
         # Part of the plan-cache key: two models of one repr may run other code (a flag,
         # a hook), so one's plan (its vmap_error, lanes dropped) is not the other's. Of
@@ -395,8 +396,7 @@ class Evaluator(PointPasses, PlanChoice, LossStats, BatchCoupling, PrecisionChec
             with precision_flags(self.precision, self.device), hold_heap():
                 self._active = self.precision
                 values = self._evaluate(c)
-                if (self.precision != "fp32" and c.shape[0]
-                        and len(self._error_pairs) < ERROR_POINTS):
+                if self.precision != "fp32" and c.shape[0]:
                     self._check_precision(c, values)
         finally:
             self._active = "fp32"

@@ -53,7 +53,8 @@ class PlanChoice:
                 p["layout"] == "channels_last" for p in self.plan.pinned):
             self._cl_terms = None  # a trial's channels-last copies, not needed by the plan
         self.plan.precision, self.plan.precision_note = self.precision, (
-            self._precision_fallback or precision_note(self.precision, self.device, self.dtype))
+            self._precision_fallback
+            or precision_note(self.precision, self.device, self.dtype, self.out_dtype))
         _remember(key, self.plan)
 
     def _evaluate(self, c: Tensor) -> Tensor:

@@ -231,14 +231,30 @@ def cpu_has_bf16(cpuinfo: str | None = None) -> bool | None:
     return any(f in flags for f in BF16_CPU_FLAGS)
 
 
-def precision_note(precision: str, device: torch.device,
-                   dtype: torch.dtype | None = None) -> str:
+def precision_note(precision: str, device: torch.device, dtype: torch.dtype | None = None,
+                   out_dtype: torch.dtype | None = None) -> str:
     """What ``precision`` means on ``device`` for a model of ``dtype``, for ``spec["plan"]``.
+
+    ``out_dtype``: the dtype of the model's logits without the engine's autocast; a half
+    one from a model of another dtype means its forward computes in half precision itself.
 
     Returns:
         One line; for bf16 on a CPU it also says whether the CPU has bf16 instructions
         (without them bf16 is emulated and much slower than fp32).
     """
+    inner = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(out_dtype)
+    if inner and out_dtype != dtype:
+        return precision_note(precision, device, dtype) + (
+            f"; the model's forward returns {inner} logits (its own torch.autocast, or a "
+            f"cast): those parts compute in {inner}"
+            + (", in the fp32 of precision_error too" if precision in AUTOCAST_DTYPES else ""))
+    own = {torch.float64: "float64", torch.bfloat16: "bfloat16",
+           torch.float16: "float16"}.get(dtype)
+    half = own if own != "float64" else None
+    if own and precision not in AUTOCAST_DTYPES:
+        # The note claimed "true fp32" for a bf16 model, whose forward is bf16 throughout.
+        return (f"the model's weights are {own}: computed in {own} ({precision} applies to "
+                "float32 models" + ("; model.float() computes in fp32)" if half else ")"))
     if precision == "tf32" and device.type != "cuda":
         return "tf32 has no effect on a CPU: computed in fp32"
     if precision in AUTOCAST_DTYPES and dtype == torch.float64:
@@ -258,6 +274,9 @@ def precision_note(precision: str, device: torch.device,
                  "and usually several times slower than fp32")
     elif native:
         note += "; this CPU computes bf16 natively (AVX512-BF16 or AMX)"
+    if half:
+        note += (f"; the model's weights are {half}: precision_error compares with its "
+                 f"{half} forward without autocast, not with fp32")
     return note
 
 
@@ -282,11 +301,38 @@ class PrecisionCheck:
         self.rejected.clear()
         self._reset_state()
 
+    def _adopt_fallback(self, note: str) -> None:
+        """Compute in fp32, as the evaluator that chose the adopted plan did (``note``: why).
+
+        An executor's first tile times the plans on one worker; the others adopt its plan.
+        When the model had failed there at this precision, the plan computes in fp32: a
+        worker adopting it under autocast failed again, on a pass outside the fallback, and
+        the whole grid raised.
+        """
+        self._precision_fallback = note
+        self.precision = "fp32"
+
     def _check_precision(self, c: Tensor, values: Tensor) -> None:
-        """Evaluate a few of these points in fp32 too; the largest |loss difference|."""
-        rows = np.unique(np.linspace(0, c.shape[0] - 1,
-                                     min(ERROR_POINTS - len(self._error_pairs), c.shape[0]))
-                         .round().astype(int))
+        """Evaluate some of these points in fp32 too; the largest |loss difference|.
+
+        The first :data:`ERROR_POINTS` points evaluated, spread over the call's rows; and
+        up to :data:`ERROR_POINTS` points of each call whose loss is not finite at this
+        precision, until one is finite in fp32 (``precision_error`` is then inf): only the
+        first were checked, and a grid whose bf16 overflowed away from them (NaN there,
+        finite in fp32) reported the small error of the others.
+        """
+        rows: set[int] = set()
+        if self._spread_checked < ERROR_POINTS:
+            rows.update(np.unique(np.linspace(
+                0, c.shape[0] - 1, min(ERROR_POINTS - self._spread_checked, c.shape[0]))
+                .round().astype(int)).tolist())
+            self._spread_checked += len(rows)
+        if (self.plan.precision_error or 0.0) < math.inf:
+            bad = torch.nonzero(~torch.isfinite(values[:, 0])).flatten().tolist()
+            rows.update([r for r in bad if r not in rows][:ERROR_POINTS])
+        if not rows:
+            return
+        rows = sorted(rows)
         plain = self._plain_plan()
         with precision_flags("fp32", self.device):
             self._active = "fp32"

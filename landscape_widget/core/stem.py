@@ -397,9 +397,9 @@ class StemTerms:
                 out_split = functional_call(stem.suffix, sub, (terms[0][1][:m].clone(),))
             out_full = self._probe(m)
             self._probed = None  # not needed any more
-            if out_split.shape != out_full.shape or not torch.allclose(
-                out_split, out_full, rtol=1e-4, atol=1e-5
-            ):
+            # Another dtype: the forward's own autocast, lost by the trace (allclose raised).
+            if out_split.shape != out_full.shape or out_split.dtype != out_full.dtype or (
+                    not torch.allclose(out_split, out_full, rtol=1e-4, atol=1e-5)):
                 return False
             self._reset_state()  # the probe's forward may have changed buffers
         self._stem_terms = [terms[0][1]] + terms[1:]
