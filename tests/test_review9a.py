@@ -237,7 +237,9 @@ def test_a_failed_vmap_trial_of_the_stem_prints_nothing(capsys):
     # torch.fx's call wrapper printed the whole traceback of the trial's vmap error to
     # stderr, above a surface the loop then computed right.
     model, (x, y) = CountsPositives(), _data(32)
-    s, ref = _surface(model, x, y, evaluator_options={"stem": True})
+    # Its fraction of positives is over the whole batch (it mixes the batch's samples,
+    # core/coupling.py, which turns the stem off): the batch given is all data, not judged.
+    s, ref = _surface(model, x, y, evaluator_options={"stem": True, "batch_size": 32})
     np.testing.assert_allclose(s.loss, ref, rtol=1e-5)
     assert s.spec["plan"]["stem"] and "vmap" in s.spec["plan"]["vmap_error"]
     assert capsys.readouterr().err == ""
