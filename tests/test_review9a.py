@@ -229,17 +229,18 @@ class CountsPositives(nn.Module):
         self.fc, self.head = nn.Linear(6, 8), nn.Linear(8, 3)
 
     def forward(self, x):
-        h = self.fc(x)
-        return self.head(torch.tanh(h) * (torch.nonzero(h > 0).shape[0] / h.numel()))
+        # The share of positive head weights: a data-dependent shape under vmap over the
+        # points' weights, the same for every sample (a share over the batch's h would mix
+        # the samples of a batch, core/coupling.py, which turns the stem off).
+        w = self.head.weight
+        return self.head(torch.tanh(self.fc(x)) * (torch.nonzero(w > 0).shape[0] / w.numel()))
 
 
 def test_a_failed_vmap_trial_of_the_stem_prints_nothing(capsys):
     # torch.fx's call wrapper printed the whole traceback of the trial's vmap error to
     # stderr, above a surface the loop then computed right.
     model, (x, y) = CountsPositives(), _data(32)
-    # Its fraction of positives is over the whole batch (it mixes the batch's samples,
-    # core/coupling.py, which turns the stem off): the batch given is all data, not judged.
-    s, ref = _surface(model, x, y, evaluator_options={"stem": True, "batch_size": 32})
+    s, ref = _surface(model, x, y, evaluator_options={"stem": True})
     np.testing.assert_allclose(s.loss, ref, rtol=1e-5)
     assert s.spec["plan"]["stem"] and "vmap" in s.spec["plan"]["vmap_error"]
     assert capsys.readouterr().err == ""
