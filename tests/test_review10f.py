@@ -7,12 +7,17 @@ data in float64, torch's own flags, or the fit's own record.
 from __future__ import annotations
 
 import copy
+import time
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from oracle import naive_surface
 from snapshots import assert_same_snapshot, snapshot
 from torch import nn
+
+import landscape_widget as lw
 
 N, T, V, C = 40, 6, 9, 5
 
@@ -93,3 +98,79 @@ def test_optimizer_evaluation_weighs_batches_of_a_per_sequence_mean_by_sequences
     model, (x, y) = Tagger(), padded_tokens()
     got, _ = _evaluate(model, x, y, sequence_mean, batch=7)
     assert got == pytest.approx(whole(model, x, y), rel=1e-5)
+
+
+XS = np.linspace(-1, 1, 3)
+
+
+def mlp():
+    torch.manual_seed(3)  # the tests' models never depend on the global generator's state
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).eval()
+
+
+def mlp_data():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(30, 6, generator=g), torch.randint(0, 3, (30,), generator=g)
+
+
+@pytest.mark.parametrize(("dtype", "precision"), [(torch.float32, "tf32"),
+                                                  (torch.float64, "bf16"),
+                                                  (torch.float64, "tf32")])
+def test_spec_precision_says_what_was_computed_and_reuse_still_matches(dtype, precision):
+    # tf32 on a CPU computes true fp32 and bf16 on a float64 model computes float64, but
+    # spec["precision"] said "tf32" / "bf16". It now records fp32 (the exact path), and a
+    # second identical call still reuses the points.
+    model, (x, y) = mlp().to(dtype), mlp_data()
+    d1, d2 = lw.random_directions(model, 2, seed=1)
+    kw = dict(directions=(d1, d2), x=(-1, 1, 3), y=(-1, 1, 3), progress=False)
+    s = lw.compute_surface(model, (x, y), precision=precision, **kw)
+    exact = lw.compute_surface(model, (x, y), precision="fp32", **kw)
+    assert s.spec["precision"] == "fp32" and s.spec["precision_error"] is None
+    assert "has no effect" in s.spec["plan"]["precision_note"]
+    np.testing.assert_array_equal(s.loss, exact.loss)  # the very computation of fp32
+    want, _ = naive_surface(model, x, y, d1, d2, XS, XS)
+    np.testing.assert_allclose(s.loss, want, rtol=1e-5 if dtype == torch.float32 else 1e-10)
+    again = lw.compute_surface(model, (x, y), precision=precision, reuse=s, **kw)
+    assert again.spec["reused"] == 9
+    np.testing.assert_array_equal(again.loss, s.loss)
+    also = lw.compute_surface(model, (x, y), precision="fp32", reuse=s, **kw)
+    assert also.spec["reused"] == 9
+
+
+def test_reuse_reads_a_tf32_result_saved_before_spec_said_fp32():
+    model, (x, y) = mlp(), mlp_data()
+    kw = dict(directions=tuple(lw.random_directions(model, 2, seed=1)), x=(-1, 1, 3),
+              y=(-1, 1, 3), progress=False)
+    s = lw.compute_surface(model, (x, y), precision="tf32", **kw)
+    s.spec["precision"] = "tf32"  # as recorded before: fp32 values, "no effect" note
+    again = lw.compute_surface(model, (x, y), precision="tf32", reuse=s, **kw)
+    assert again.spec["reused"] == 9 and again.spec["precision"] == "fp32"
+
+
+def test_widget_at_tf32_on_a_cpu_notes_it_and_reuses_its_grid():
+    from landscape_widget.widget.grid_job import _fell_back, _precision_note
+
+    model, (x, y) = mlp(), mlp_data()
+    w = lw.LandscapeWidget(model, (x, y), resolution=5, precision="tf32", seed=3)
+    try:
+        got = w.wait(120)
+        assert got is not None and got.spec["precision"] == "fp32", w.status
+        spec = w.spec()
+        assert not _fell_back(spec, got)
+        assert _precision_note(spec, got) == got.spec["plan"]["precision_note"]
+        assert _precision_note(spec, got).startswith("tf32 has no effect on a CPU")
+        assert "failed" not in w.status
+        w.resolution = 9
+        finer = None
+        for _ in range(600):  # the debounced job replaces the 5 x 5 grid
+            finer = w.wait(120)
+            if finer is not None and finer.loss.shape == (9, 9):
+                break
+            time.sleep(0.05)
+        assert finer.spec["reused"] == 25, w.status
+        d = lw.random_directions(model, 2, seed=3)
+        ref = lw.compute_surface(model, (x, y), directions=d, x=(-1, 1, 9), y=(-1, 1, 9),
+                                 progress=False)
+        np.testing.assert_allclose(finer.loss, ref.loss, rtol=1e-6)
+    finally:
+        w.close()
