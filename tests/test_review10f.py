@@ -174,3 +174,47 @@ def test_widget_at_tf32_on_a_cpu_notes_it_and_reuses_its_grid():
         np.testing.assert_allclose(finer.loss, ref.loss, rtol=1e-6)
     finally:
         w.close()
+
+
+def never_reset(model: nn.Module) -> list[str]:
+    """The oracle: parameters that keep their values when every reset_parameters() runs."""
+    fresh = copy.deepcopy(model)
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(12345)
+        for m in fresh.modules():
+            if callable(getattr(m, "reset_parameters", None)):
+                m.reset_parameters()
+    old = dict(model.named_parameters())
+    return [k for k, v in fresh.named_parameters() if torch.equal(v, old[k])]
+
+
+@pytest.mark.parametrize("build", ["parametrized_mlp", "mlp"])
+def test_pattern_editor_status_carries_the_kept_parameters_note(build):
+    # fit_pattern warns of parameters no reset_parameters() re-initialises, but in the
+    # fit's thread: the editor's user never saw it. fit_status and the last fit_update
+    # (pattern_result, which the front end shows) now carry it.
+    import cases
+
+    model = cases.parametrized_mlp() if build == "parametrized_mlp" else mlp()
+    kept = never_reset(model)
+    assert bool(kept) == (build == "parametrized_mlp")  # the case is what it claims
+    w = lw.LandscapeWidget(model, cases.mlp6_data(), autostart=False)
+    try:
+        w.fit_pattern(lw.checkerboard(4), steps=2)
+        w.wait_fit(120)
+        for _ in range(200):  # fit_done reaches the traits right after the thread ends
+            if w.fit_status.get("state") == "done":
+                break
+            time.sleep(0.05)
+        assert w.fit_status["state"] == "done", w.fit_status
+        note = w.fit_status.get("note", "")
+        assert note == (w.pattern_result or {}).get("note", "")
+        if not kept:
+            assert note == ""
+            return
+        assert note.startswith(f"{len(kept)} parameter tensor(s) of the model (")
+        named = note.split("of the model (", 1)[1].split(")", 1)[0].replace(", ...", "").split(", ")
+        assert named == kept[:4]
+        assert "model_fn=" in note
+    finally:
+        w.close()
