@@ -362,7 +362,7 @@ export function patternPanel({ model, h, row, newId, offline }) {
   function loadUpdate(msg, arrays) {
     fit = { ...(fit && fit.id === msg.id ? fit : {}), id: msg.id, rows: msg.rows, cols: msg.cols,
       mask: msg.mask, step: msg.step, steps: msg.steps, scores: msg.scores, last: msg.last,
-      splits: msg.splits, arrays, seconds: msg.seconds, done: false };
+      splits: msg.splits, arrays, seconds: msg.seconds, note: msg.note || "", done: false };
     updates += 1;
     plot.dataset.fitUpdates = String(updates);
     schedule();
@@ -371,7 +371,8 @@ export function patternPanel({ model, h, row, newId, offline }) {
     if (!msg || typeof msg !== "object") return false;
     if (msg.kind === "fit_start") {
       fit = { id: msg.id, rows: msg.rows, cols: msg.cols, mask: msg.mask, step: 0,
-        steps: msg.steps, splits: msg.splits, arrays: fit ? fit.arrays : null, done: false };
+        steps: msg.steps, splits: msg.splits, arrays: fit ? fit.arrays : null, note: msg.note || "",
+        done: false };
     } else if (msg.kind === "fit_update") {
       const [trl, tra, tel, tea] = (buffers || []).map((b) => f32(b));
       loadUpdate(msg, { train_loss: trl, train_accuracy: tra, test_loss: tel, test_accuracy: tea });
@@ -396,6 +397,9 @@ export function patternPanel({ model, h, row, newId, offline }) {
       }
       if (fit.last && fit.last.good_ce != null) parts.push(`CE good ${fit.last.good_ce.toFixed(3)} / bad ${fit.last.bad_ce != null ? fit.last.bad_ce.toFixed(3) : "–"}`);
       if (fit.done) parts.push(fit.stopped ? "stopped" : `done in ${(fit.seconds || 0).toFixed(1)} s`);
+      // What the fit's user should know (parameters the three networks share): fit_pattern
+      // warns of it in the kernel's fit thread, where nobody sees it.
+      if (fit.note) parts.push(fit.note);
     }
     status.replaceChildren(h("span", {}, parts.join(" · ")),
       ...(error ? [h("span", { class: "lw-error" }, ` ${error}`)] : []));

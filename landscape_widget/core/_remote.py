@@ -275,7 +275,8 @@ def probe(payload: Payload) -> dict:
     ev, _ = _evaluator(payload)
     return {"metrics": list(ev.metrics), "dropped": dict(ev.dropped), "n": ev.n,
             "batch_coupling": ev.batch_coupling,
-            "device": str(ev.device), "population": ev.subset_population,
+            "device": str(ev.device), "precision": ev.precision,
+            "population": ev.subset_population,
             "subset": ev.subset_fingerprint,
             "data": fingerprint({"x": ev.x, "y": ev.y}), "worker": _worker_name()}
 

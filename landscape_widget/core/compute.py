@@ -365,7 +365,9 @@ def grid_job(model: nn.Module, data, *, axes: Sequence, directions=None,
         "data": runner.data_fingerprint,
         "n_samples": runner.n,
         "device": str(runner.device),
-        "precision": options.get("precision", "fp32"),
+        # What is computed (effective_precision: fp32 for tf32 on a CPU), as the result
+        # records it: reuse= compares the two.
+        "precision": getattr(runner, "precision", options.get("precision", "fp32")),
     }
     runner.expected_points = total
     job = GridJob(values, dirs, spec, runner)

@@ -204,7 +204,8 @@ class ExecutorRunner:
         self.population: int | None = info.get("population")
         self.subset: str | None = info.get("subset")
         self.plan: Plan | None = None
-        self.precision = options.get("precision", "fp32")  # asked for; the plan's is used
+        # What the probing worker computes (effective_precision); the plan's is used.
+        self.precision = info.get("precision", options.get("precision", "fp32"))
         self.nonfinite_points = 0
         self.expected_points = UNKNOWN_POINTS
         self.seconds_per_point: float | None = None

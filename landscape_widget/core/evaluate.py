@@ -66,6 +66,7 @@ from .plans import (
 from .precision import (
     PrecisionCheck,
     check_precision,
+    effective_precision,
     precision_flags,
 )
 from .reuse import model_code_fingerprint
@@ -234,7 +235,9 @@ class Evaluator(PointPasses, PlanChoice, LossStats, BatchCoupling, PrecisionChec
             )
 
         self.lanes_choice = check_lanes(lanes, self.device)
-        self.precision = check_precision(precision, self.device)
+        # The precision asked for (the plan's note names it); self.precision becomes the
+        # one computed once the weights' dtype is known (effective_precision).
+        self.asked_precision = self.precision = check_precision(precision, self.device)
         self.compile = check_compile(compile)
         # compile=True compiles a loop plan: the tuner then times loops only.
         self.compile_only_loops = self.compile is True
@@ -260,6 +263,9 @@ class Evaluator(PointPasses, PlanChoice, LossStats, BatchCoupling, PrecisionChec
         base.update(buffers_of(self.module))
         self.base: Params = {k: v.to(self.device) for k, v in base.items()}
         self.dtype = self.dtype or next(iter(base.values())).dtype
+        # spec["precision"] said "tf32" for fp32 computed on a CPU, "bf16" for a float64
+        # model's float64 forward: it now says what is computed (reuse= compares it).
+        self.precision = effective_precision(self.precision, self.device, self.dtype)
 
         for i, d in enumerate(directions):
             check_direction(model, d, name=f"directions[{i}]")

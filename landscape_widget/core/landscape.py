@@ -99,8 +99,9 @@ def iter_tiles(
             (checked, see ``core/distributed.py``).
         sample_seed: Seed of the subset (default 0); only with ``samples``.
         precision: ``"fp32"`` (default, exact), ``"tf32"``, ``"bf16"`` or ``"fp16"`` (CUDA);
-            recorded as ``spec["precision"]`` with ``spec["precision_error"]``, the largest
-            |loss - fp32 loss| measured on 3 points of the grid (core/precision.py).
+            ``spec["precision"]`` records the one computed (``"fp32"`` where it has no
+            effect: tf32 on a CPU, bf16 on a float64 model) with ``spec["precision_error"]``,
+            the largest |loss - fp32 loss| measured on 3 points of the grid (core/precision.py).
         compile: ``True``, ``False`` or ``"auto"`` (default): evaluate through
             ``torch.compile`` (core/compiled.py); ``"auto"`` only on CUDA, for large, slow
             grids.

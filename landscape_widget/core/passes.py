@@ -38,6 +38,18 @@ def quiet_vmap_fallback():
     on every computation. Only that warning is off, through torch's own switch (not the
     warnings filters, which are process-wide and not thread-safe): warnings about the
     user's code still show. The switch is back on once no engine pass needs it off.
+
+    Limitation: a user who switched the warning off
+    (``torch._C._functorch._set_vmap_fallback_warning_enabled(False)``) gets it back on
+    after the engine's first vmap pass, and must switch it off again. Torch (2.14) has no
+    getter for this switch, so its state cannot be saved and put back:
+    ``torch._C._functorch`` has only the setter (``_is_vmap_fallback_enabled`` reads
+    whether the fallback runs, not whether it warns), and
+    ``torch._C._debug_only_are_vmap_fallback_warnings_enabled`` reads the legacy
+    ``torch._vmap_internals`` flag (``at::Context``), a separate switch that this one does
+    not change (checked 2026-12-05). Probing the state with a vmap under
+    ``warnings.catch_warnings`` would touch the process-wide filters this avoids. Torch's
+    default, and the state of a fresh process, is on: only that setting is kept.
     """
     global _FALLBACK_USERS
     with _FALLBACK_LOCK:

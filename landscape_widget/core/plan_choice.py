@@ -54,7 +54,7 @@ class PlanChoice:
             self._cl_terms = None  # a trial's channels-last copies, not needed by the plan
         self.plan.precision, self.plan.precision_note = self.precision, (
             self._precision_fallback
-            or precision_note(self.precision, self.device, self.dtype, self.out_dtype))
+            or precision_note(self.asked_precision, self.device, self.dtype, self.out_dtype))
         _remember(key, self.plan)
 
     def _evaluate(self, c: Tensor) -> Tensor:

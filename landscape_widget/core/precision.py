@@ -231,6 +231,39 @@ def cpu_has_bf16(cpuinfo: str | None = None) -> bool | None:
     return any(f in flags for f in BF16_CPU_FLAGS)
 
 
+NO_EFFECT = "has no effect"
+"""Words of every :func:`precision_note` on a precision that computes as fp32 (see
+:func:`effective_precision`); a fallback's note reads "<precision> failed" instead."""
+
+
+def effective_precision(precision: str, device: torch.device, dtype: torch.dtype | None
+                        ) -> str:
+    """The precision ``precision`` actually computes in on ``device`` for weights of ``dtype``.
+
+    ``"fp32"`` where the precision asked for changes nothing: TF32 on a CPU (which has no
+    TF32) or on weights that are not float32, bf16/fp16 on a float64 model
+    (``torch.autocast`` leaves float64 tensors as they are). ``spec["precision"]`` records
+    this, so it says what was computed, and ``reuse=`` compares these.
+
+    Returns:
+        ``"fp32"`` in those cases, else ``precision`` unchanged.
+
+    Example:
+        >>> effective_precision("tf32", torch.device("cpu"), torch.float32)
+        'fp32'
+        >>> effective_precision("bf16", torch.device("cpu"), torch.float64)
+        'fp32'
+        >>> effective_precision("bf16", torch.device("cpu"), torch.float32)
+        'bf16'
+    """
+    if precision == "tf32" and (device.type != "cuda" or dtype in (
+            torch.float64, torch.bfloat16, torch.float16)):
+        return "fp32"
+    if precision in AUTOCAST_DTYPES and dtype == torch.float64:
+        return "fp32"
+    return precision
+
+
 def precision_note(precision: str, device: torch.device, dtype: torch.dtype | None = None,
                    out_dtype: torch.dtype | None = None) -> str:
     """What ``precision`` means on ``device`` for a model of ``dtype``, for ``spec["plan"]``.
@@ -253,14 +286,15 @@ def precision_note(precision: str, device: torch.device, dtype: torch.dtype | No
     half = own if own != "float64" else None
     if own and precision not in AUTOCAST_DTYPES:
         # The note claimed "true fp32" for a bf16 model, whose forward is bf16 throughout.
-        return (f"the model's weights are {own}: computed in {own} ({precision} applies to "
-                "float32 models" + ("; model.float() computes in fp32)" if half else ")"))
+        return (f"the model's weights are {own}: computed in {own} ({precision} "
+                f"{NO_EFFECT} on them, it applies to float32 models"
+                + ("; model.float() computes in fp32)" if half else ")"))
     if precision == "tf32" and device.type != "cuda":
-        return "tf32 has no effect on a CPU: computed in fp32"
+        return f"tf32 {NO_EFFECT} on a CPU: computed in fp32"
     if precision in AUTOCAST_DTYPES and dtype == torch.float64:
         # torch.autocast casts no float64 tensor: the note claimed a bf16 forward for a
         # model computed in float64 (its precision_error was 2e-16).
-        return (f"{precision} has no effect on a float64 model (torch.autocast leaves "
+        return (f"{precision} {NO_EFFECT} on a float64 model (torch.autocast leaves "
                 "float64 tensors as they are): computed in float64")
     if precision == "fp32":
         return "true fp32 (TF32 off for matmuls, convolutions and RNNs while computing)"

@@ -19,6 +19,7 @@ from torch import nn
 from .errors import ReuseMismatch
 from .fingerprints import DIGEST_SIZE, callable_fingerprint, fingerprint_text
 from .grid import match_axis
+from .precision import NO_EFFECT
 
 # The hook tables of a module (and torch's global ones) that change what its forward returns.
 _HOOK_TABLES = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
@@ -156,7 +157,7 @@ def check_reusable(spec: dict, reuse, metrics: Sequence[str],
     diff = [] if foreign else [k for k in same if reuse.spec.get(k) != spec.get(k)
                                and not _legacy_match(reuse.spec.get(k), (legacy or {}).get(k))]
     # Results from before precision= were fp32.
-    if not foreign and reuse.spec.get("precision", "fp32") != spec.get("precision", "fp32"):
+    if not foreign and computed_precision(reuse.spec) != spec.get("precision", "fp32"):
         diff.append("precision")
     if "model_code" in diff:
         diff[diff.index("model_code")] = ("model (same state_dict, other code, attributes, "
@@ -177,6 +178,21 @@ def check_reusable(spec: dict, reuse, metrics: Sequence[str],
         )
 
 
+def computed_precision(spec: dict) -> str:
+    """The precision a result's points were computed in.
+
+    ``spec["precision"]``, except for results saved before it recorded what was computed
+    (``effective_precision``): one asked at tf32 on a CPU recorded "tf32" for fp32 values,
+    its plan's note saying the precision had no effect.
+
+    Returns:
+        One of :data:`~.precision.PRECISIONS` (``"fp32"`` for results before precision=).
+    """
+    have = spec.get("precision", "fp32")
+    note = (spec.get("plan") or {}).get("precision_note") or ""
+    return "fp32" if NO_EFFECT in note and not note.startswith(f"{have} failed") else have
+
+
 def _precision_hint(old: dict, new: dict) -> str:
     """What precision ``reuse=`` holds, and how to reuse it (for the mismatch message).
 
@@ -187,7 +203,7 @@ def _precision_hint(old: dict, new: dict) -> str:
     Returns:
         `` It holds ... values; ...`` naming the fallback if there was one, and the fix.
     """
-    have, want = old.get("precision", "fp32"), new.get("precision", "fp32")
+    have, want = computed_precision(old), new.get("precision", "fp32")
     note = (old.get("plan") or {}).get("precision_note") or ""
     why = f" ({note})" if note.startswith(f"{want} failed") else ""
     return (f" It holds {have} values{why}, this call computes {want}: pass "

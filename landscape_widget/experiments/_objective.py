@@ -19,7 +19,7 @@ from torch.func import functional_call
 from ..core.copies import true_gradients
 from ..core.data import as_tensors
 from ..core.directions import random_directions
-from ..core.losses import check_cross_entropy_targets
+from ..core.losses import check_cross_entropy_targets, decide_weighting
 from ..core.metrics import find_logits, resolve_task
 from ..core.params import (
     Params,
@@ -100,6 +100,9 @@ class _Objective:
         # Chunks weigh by their counted targets (ignore_index, class weights), as the
         # engine's surfaces do; resolve_task needs no outputs for that.
         self._task = resolve_task(None, self.y, loss_fn, self.n)
+        # Whether a user loss is a mean over counted targets or a mean of per-sample means
+        # (decide_weighting) is decided at the first full_loss in more than one chunk.
+        self._decided = loss_fn is None
         if not float(self._task.loss_weight(self.y)):
             raise ValueError("every target is ignored (ignore_index): the loss is a mean over "
                              "no targets. Pass data with counted targets.")
@@ -141,17 +144,37 @@ class _Objective:
         p = {**{k: b.clone() for k, b in self.buffers.items()}, **self.theta}
         for k, s in shift.items():
             p[k] = p[k] + s.to(p[k].device, p[k].dtype)
+        return self.loss_fn(self._outputs(p, x), y)
+
+    def _outputs(self, p: Params, x: Tensor):
+        """The private copy's outputs with parameters and buffers ``p`` on ``x``."""
         # A copy of the batch: a forward writing to its input would change the user's data.
         try:
-            out = functional_call(self.module, p, (x.clone(),))
+            return functional_call(self.module, p, (x.clone(),))
         finally:
             restore_attributes(self._attributes)
             for g, state in self._generators:
                 g.set_state(state)
-        return self.loss_fn(out, y)
 
     def full_loss(self, shift: Params, chunk: int = 2048) -> Tensor:
-        """Mean loss over all data (the engine's weighting); differentiable in ``shift``."""
+        """Mean loss over all data (the engine's weighting); differentiable in ``shift``.
+
+        Returns:
+            The loss at ``theta + shift``: chunks of ``chunk`` samples weighed by their
+            counted targets, or by their samples for a mean of per-sample means.
+
+        Raises:
+            ValueError: If the data takes more than one chunk and the user's loss is not a
+                mean over samples or counted targets (``check_reduction``: a sum).
+        """
+        if not self._decided and chunk < self.n:
+            # Chunks of a per-sequence-mean token loss weigh by their sequences, not by
+            # their counted tokens (the engine's and the Hessian's rule, losses.py).
+            p = {**{k: b.clone() for k, b in self.buffers.items()}, **self.theta}
+            with torch.no_grad():
+                decide_weighting(self.loss_fn, lambda r: self._outputs(p, self.x[r]),
+                                 self.y, self._task)
+            self._decided = True
         total, weight = 0.0, float(self._task.loss_weight(self.y))
         for s in range(0, self.n, chunk):
             xb, yb = self.x[s:s + chunk], self.y[s:s + chunk]

@@ -55,6 +55,23 @@ def fresh_networks(model_fn: ModelFn | nn.Module, seed: int, count: int = 3) -> 
     return _fresh_networks(model_fn, seed, count, stacklevel=3)[0]
 
 
+def kept_note(kept: list[str]) -> str:
+    """The warning on parameters no ``reset_parameters()`` re-initialises (else ``""``).
+
+    Also the pattern editor's fit status, whose user never sees a warning of its thread.
+
+    Returns:
+        One line naming up to four of ``kept`` and the fix (``model_fn=``); ``""`` if none.
+    """
+    if not kept:
+        return ""
+    return (f"{len(kept)} parameter tensor(s) of the model ({', '.join(kept[:4])}"
+            f"{', ...' if len(kept) > 4 else ''}) are not re-initialised by any "
+            "reset_parameters(), so all three networks keep the model's values there. "
+            "Pass model_fn=, a function that builds a fresh network (e.g. lambda: "
+            "MyNet()), to draw them too.")
+
+
 def _fresh_networks(model_fn: ModelFn | nn.Module, seed: int, count: int,
                     stacklevel: int) -> tuple[list[nn.Module], list[str]]:
     """:func:`fresh_networks`, and the parameters the networks share (see _reset_copies).
@@ -76,12 +93,7 @@ def _fresh_networks(model_fn: ModelFn | nn.Module, seed: int, count: int,
             if kept:
                 # The networks then coincide along these parameters (the plane has no extent
                 # there): what was asked for (independent initialisations) falls short.
-                warnings.warn(
-                    f"{len(kept)} parameter tensor(s) of the model ({', '.join(kept[:4])}"
-                    f"{', ...' if len(kept) > 4 else ''}) are not re-initialised by any "
-                    "reset_parameters(), so all three networks keep the model's values there. "
-                    "Pass model_fn=, a function that builds a fresh network (e.g. lambda: "
-                    "MyNet()), to draw them too.", UserWarning, stacklevel=stacklevel)
+                warnings.warn(kept_note(kept), UserWarning, stacklevel=stacklevel)
             return nets, kept
         if not callable(model_fn):
             raise TypeError("model_fn must be a zero-argument callable that builds a fresh "

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from ..core.copies import module_copy
 from ..core.data import as_tensors
 from ..core.fingerprints import state_hash
+from ..core.losses import decide_weighting
 from ..core.metrics import find_logits, resolve_task
 from ..core.params import check_module, model_device
 
@@ -170,14 +171,21 @@ def _evaluate(model: nn.Module, x: Tensor, y: Tensor, loss_fn, batch: int = 1024
     Batches are weighed and accuracy counted as the surface engine does (:class:`Task`):
     a loss with ``ignore_index`` or class weights gets the full-data value, not a mean of
     batch means; logits are found in dict / ``.logits`` outputs; accuracy is NaN where it
-    is undefined (regression targets, outputs without logits).
+    is undefined (regression targets, outputs without logits). A user loss that is a mean
+    of per-sample means (a per-sequence-mean token loss) weighs its batches by samples
+    (``decide_weighting``, as the engine does).
 
     Returns:
         ``(loss, accuracy)``.
+
+    Raises:
+        ValueError: If ``x`` takes more than one batch and the user's loss is not a mean
+            over samples or counted targets (``check_reduction``: a sum).
     """
     was = model.training
     model.eval()
-    loss_fn = loss_fn if loss_fn is not None else F.cross_entropy
+    user_loss = loss_fn is not None
+    loss_fn = loss_fn if user_loss else F.cross_entropy
     total = weight = correct = counted = 0.0
     try:
         with torch.no_grad():
@@ -191,6 +199,8 @@ def _evaluate(model: nn.Module, x: Tensor, y: Tensor, loss_fn, batch: int = 1024
                     except TypeError:
                         logits = None
                     task = resolve_task(logits, y, loss_fn, x.shape[0])
+                    if user_loss and x.shape[0] > batch:  # a mean of per-sample means weighs
+                        decide_weighting(loss_fn, lambda r: model(x[r]), y, task)  # by samples
                 w = float(task.loss_weight(target))
                 if w > 0:  # a batch whose targets are all ignored adds nothing (its mean is 0/0)
                     total += float(loss_fn(out, target)) * w

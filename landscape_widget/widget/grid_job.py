@@ -16,6 +16,7 @@ import time
 from ..core.data import is_data_fn
 from ..core.errors import AccuracyUndefined, ReuseMismatch
 from ..core.landscape import TileStream, iter_tiles
+from ..core.precision import NO_EFFECT
 from ..core.progressive import SUBSET_CHOICES, progressive_stream, sample_stages, stage_label
 from ..core.subset import SubsetError, data_size
 from ..core.surface import Curve, Surface
@@ -141,7 +142,7 @@ def open_stream(ctx: Context, job: Job, dirs: list) -> TileStream:
         # control's precision, the engine refused them as of another precision and every
         # resolution change computed the whole grid again (after a failing try).
         precision = (reuse.spec.get("precision", "fp32")
-                     if reuse is not None and _precision_note(spec, reuse) else spec.precision)
+                     if reuse is not None and _fell_back(spec, reuse) else spec.precision)
         exact = functools.partial(
             iter_tiles, models.centre(ctx, spec), data, metrics=ctx.metrics,
             reuse=reuse, executor=ctx.executor,
@@ -187,22 +188,42 @@ def _samples_note(spec, result) -> str:
             "samples, so all of them were used (exact)")
 
 
+def _fell_back(spec, result) -> bool:
+    """Whether ``result`` fell back to fp32 from the control's precision (autocast failed).
+
+    Not where the control's precision has no effect (tf32 on a CPU, bf16 on a float64
+    model: ``effective_precision``): those results record fp32 as computed, and a call at
+    the control's precision reuses them.
+
+    Returns:
+        True if ``result`` records another precision than the control's for another
+        reason than that precision's lack of effect.
+    """
+    got = result.spec.get("precision", spec.precision)
+    note = (result.spec.get("plan") or {}).get("precision_note") or ""
+    return got != spec.precision and (note.startswith(f"{spec.precision} failed")
+                                      or NO_EFFECT not in note)
+
+
 def _precision_note(spec, result) -> str:
     """Why the grid was computed at another precision than the control's (else ``""``).
 
     A model that fails under autocast is computed in fp32 (core/precision.py): only a
-    warning in the worker thread said so, while the control still read bf16.
+    warning in the worker thread said so, while the control still read bf16. A precision
+    with no effect here (tf32 on a CPU) computes fp32 too: the plan's note says why.
 
     Returns:
-        The plan's note on the fallback (it names the error), or ``""``.
+        The plan's note on the fallback (it names the error) or on the precision's lack of
+        effect, or ``""``.
     """
     got = result.spec.get("precision", spec.precision)
     if got == spec.precision:
         return ""
-    # The plan's note reads "bf16 failed (RuntimeError: ...): computed in fp32".
+    # The plan's note reads "bf16 failed (RuntimeError: ...): computed in fp32", or
+    # "tf32 has no effect on a CPU: computed in fp32".
     note = (result.spec.get("plan") or {}).get("precision_note") or ""
-    return note if note.startswith(f"{spec.precision} failed") else (
-        f"{spec.precision} failed on this model: computed in {got}")
+    return note if note.startswith(f"{spec.precision} failed") or not _fell_back(
+        spec, result) else f"{spec.precision} failed on this model: computed in {got}"
 
 
 def run_grid(ctx: Context, job: Job, dirs: list) -> tuple[Surface | Curve, bool]:

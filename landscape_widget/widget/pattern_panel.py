@@ -104,12 +104,16 @@ class PatternPanel(t.HasTraits):
 
     def _on_fit_event(self, msg: dict, buffers: list) -> None:
         kind = msg.get("kind")
-        if kind == "fit_update":
+        note = {"note": msg["note"]} if msg.get("note") else {}
+        if kind == "fit_start":  # the fit's note (shared parameters) from its start on
+            self.fit_status = {"state": "running", "id": msg["id"], "step": 0,
+                               "steps": msg["steps"], **note}
+        elif kind == "fit_update":
             names = ("train_loss", "train_accuracy", "test_loss", "test_accuracy")
             arrays = {n: bytes(b) or None for n, b in zip(names, buffers, strict=True)}
             self.pattern_result = {**msg, **arrays}
             self.fit_status = {"state": "running", "id": msg["id"], "step": msg["step"],
-                               "steps": msg["steps"], "scores": msg["scores"]}
+                               "steps": msg["steps"], "scores": msg["scores"], **note}
         elif kind == "fit_done":
             self.fit_status = {**self.fit_status, "id": msg["id"], "step": msg["step"],
                                "state": "stopped" if msg["stopped"] else "done"}

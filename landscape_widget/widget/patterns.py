@@ -9,10 +9,11 @@ JS -> Python::
 Python -> JS::
 
     {"kind": "fit_start", "id", "rows", "cols", "steps", "mask" (ternary, row-major),
-     "splits"}
+     "splits", "note"}
     {"kind": "fit_update", "id", "step", "steps", "rows", "cols", "scores", "last",
-     "seconds", "splits"} + [train loss, train accuracy, test loss, test accuracy] float32
-     (row-major H x W; the test buffers are empty without test data)
+     "seconds", "splits", "note"} + [train loss, train accuracy, test loss,
+     test accuracy] float32 (row-major H x W; the test buffers are empty without test data)
+    ("note": the parameters the fit's networks share, which fit_pattern warns of, or "")
     {"kind": "fit_done", "id", "step", "stopped", "seconds"}
 
 A fit runs in its own daemon thread (one at a time: a new fit stops the old one first), so
@@ -32,7 +33,7 @@ import torch
 
 from ..core.data import as_tensors
 from ..experiments.masks import ternary_mask
-from ..experiments.mpo import fit_pattern
+from ..experiments.mpo import fit_pattern, kept_note
 from ..experiments.pattern_fit import PatternFit
 from . import protocol
 from .fit_spec import FIT_FIELDS, LIMITS, FitSpec, check_mask, parse_fit_spec
@@ -152,7 +153,8 @@ class PatternRunner:
         splits = list(tensors["eval"])
         target = fit.step + spec.steps
         self._emit(protocol.fit_start_message(job.id, rows, cols, target,
-                                              fit.mask.reshape(-1).tolist(), splits))
+                                              fit.mask.reshape(-1).tolist(), splits,
+                                              note=fit_note(fit)))
 
         def update(f: PatternFit) -> None:
             self._emit(*self._update(job, f, target, t0))
@@ -181,7 +183,19 @@ class PatternRunner:
         return protocol.fit_update_message(
             job.id, step=fit.step, steps=target, rows=fit.shape[0], cols=fit.shape[1],
             scores=_finite(scores), last=_finite(last), seconds=time.perf_counter() - t0,
-            mask=fit.mask.reshape(-1).tolist(), evals=evals)
+            mask=fit.mask.reshape(-1).tolist(), evals=evals, note=fit_note(fit))
+
+
+def fit_note(fit: PatternFit) -> str:
+    """What the editor's user should know of ``fit``: the parameters its networks share.
+
+    ``fit_pattern`` warns of them (``kept_note``), but in the fit's thread, where the
+    editor's user never saw it.
+
+    Returns:
+        The note, or ``""``.
+    """
+    return kept_note(fit.config.get("kept_parameters") or [])
 
 
 def _finite(d: dict) -> dict:

@@ -226,18 +226,26 @@ def ready_message(job_id: str) -> dict:
 
 
 def fit_start_message(job_id: str, rows: int, cols: int, steps: int, mask: list,
-                      splits: list) -> dict:
-    """``fit_start`` of the pattern editor (``mask`` ternary, row-major)."""
+                      splits: list, note: str = "") -> dict:
+    """``fit_start`` of the pattern editor (``mask`` ternary, row-major).
+
+    ``note``: what the fit's user should know (the parameters its networks share), or "".
+
+    Returns:
+        The ``fit_start`` message dict.
+    """
     return {"kind": "fit_start", "id": job_id, "rows": rows, "cols": cols, "steps": steps,
-            "mask": mask, "splits": splits}
+            "mask": mask, "splits": splits, "note": note}
 
 
 def fit_update_message(job_id: str, *, step: int, steps: int, rows: int, cols: int,
                        scores: dict, last: dict, seconds: float, mask: list,
-                       evals: dict) -> Message:
+                       evals: dict, note: str = "") -> Message:
     """``fit_update`` + [train loss, train accuracy, test loss, test accuracy] buffers.
 
-    ``evals`` maps each split (``"train"``, maybe ``"test"``) to its loss and accuracy maps.
+    ``evals`` maps each split (``"train"``, maybe ``"test"``) to its loss and accuracy maps;
+    ``note`` is as in :func:`fit_start_message` (kept with the last update: a re-render
+    shows it).
 
     Returns:
         ``(message, buffers)``: the ``fit_update`` dict (step counts, map size, scores,
@@ -247,7 +255,7 @@ def fit_update_message(job_id: str, *, step: int, steps: int, rows: int, cols: i
     splits, train, test = list(evals), evals["train"], evals.get("test", {})
     msg = {"kind": "fit_update", "id": job_id, "step": step, "steps": steps, "rows": rows,
            "cols": cols, "scores": scores, "last": last, "seconds": seconds,
-           "splits": splits, "mask": mask}
+           "splits": splits, "mask": mask, "note": note}
     return msg, [f32(train["loss"]), f32(train["accuracy"]), f32(test.get("loss")),
                  f32(test.get("accuracy"))]
 
