@@ -1,0 +1,101 @@
+"""Review 10e: the batch-coupling check (core/coupling.py) on models its authors did not try.
+
+The check runs the first samples once more, half of them alone. A forward that takes only
+some batch sizes must keep working (it did before the check), and a half-precision model
+whose kernels for another batch size round differently (a split-K GEMM, as cuBLAS picks by
+batch size) must not be taken for one that mixes its samples.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from snapshots import assert_same_snapshot, snapshot
+from torch import nn
+from torch.func import functional_call
+
+import landscape_widget as lw
+
+N = 32
+GRID = {"x": (-1.0, 1.0, 3), "y": (-0.5, 0.5, 3)}
+
+
+class EightsOnly(nn.Module):
+    """A forward that takes batches of a multiple of 8 samples only (groups of 8 rows)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x.view(-1, 8, x.shape[1])))  # (groups, 8, 8): per sample still
+        return self.b(h).reshape(-1, 3)
+
+
+class SplitK(nn.Module):
+    """Per sample, but its first layer sums two half products for 8 or more rows (a split-K
+    GEMM for larger batches): in bf16 each half is rounded, so rows round otherwise."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(64, 32), nn.Linear(32, 3)
+
+    def forward(self, x):
+        w = self.a.weight
+        if x.shape[0] >= 8:
+            h = x[:, :32] @ w[:, :32].T + x[:, 32:] @ w[:, 32:].T
+        else:
+            h = x @ w.T
+        return self.b(torch.tanh(h + self.a.bias))
+
+
+def _oracle(model, x, y, d1, d2, xs, ys):
+    """Float64 cross-entropy of one call of a float64 copy on all data, per point."""
+    fresh = type(model)().double().eval()
+    base = {k: v.detach().double() for k, v in model.state_dict().items()}
+    out = np.empty((len(ys), len(xs)))
+    for i, b in enumerate(ys):
+        for j, a in enumerate(xs):
+            p = {k: v + a * d1[k].double() + b * d2[k].double() for k, v in base.items()}
+            out[i, j] = float(F.cross_entropy(functional_call(fresh, p, (x.double(),)), y))
+    return out
+
+
+def test_a_forward_taking_only_multiples_of_8_samples_still_works():
+    torch.manual_seed(0)
+    model = EightsOnly().eval()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(N, 5, generator=g), torch.randint(0, 3, (N,), generator=g)
+    before = snapshot(model)
+    d1, d2 = lw.random_directions(model, 2, seed=3)
+    # The check's 4-sample forward raised the model's own error at set-up (the view),
+    # though every batch the engine runs it on (8 probed, 32 in a pass) is a multiple of 8.
+    s = lw.compute_surface(model, (x, y), directions=(d1, d2), progress=False,
+                           evaluator_options={"strategy": "loop"}, **GRID)
+    xs, ys = np.linspace(*GRID["x"]), np.linspace(*GRID["y"])
+    np.testing.assert_allclose(s.loss, _oracle(model, x, y, d1, d2, xs, ys), rtol=1e-5)
+    assert s.spec["batch_coupling"] is None
+    assert_same_snapshot(before, snapshot(model))
+
+
+def test_a_bf16_model_whose_kernels_round_by_batch_size_is_not_taken_for_coupling():
+    torch.manual_seed(0)
+    model = SplitK().bfloat16().eval()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(48, 64, generator=g), torch.randint(0, 3, (48,), generator=g)
+    # The oracle that it does not mix its samples: in float64 the first 4 rows of 8 are
+    # the 4 rows run alone (to rounding); in bf16 they differ by about 0.5 % of the largest.
+    wide = SplitK().double().eval()
+    wide.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    with torch.no_grad():
+        xd = x[:8].double()
+        torch.testing.assert_close(wide(xd)[:4], wide(xd[:4]), rtol=1e-12, atol=1e-12)
+        xb = x[:8].bfloat16()
+        assert not torch.equal(model(xb)[:4], model(xb[:4]))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*other samples of its batch")
+        s = lw.compute_surface(model, (x, y), progress=False, **GRID)
+    assert s.spec["batch_coupling"] is None
