@@ -11,6 +11,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from snapshots import assert_same_snapshot, snapshot
@@ -99,3 +100,42 @@ def test_a_bf16_model_whose_kernels_round_by_batch_size_is_not_taken_for_couplin
         warnings.filterwarnings("error", message=".*other samples of its batch")
         s = lw.compute_surface(model, (x, y), progress=False, **GRID)
     assert s.spec["batch_coupling"] is None
+
+
+class CentredBig(nn.Module):
+    """Mixes its batch (h - h.mean(0)); passes of more than 16 samples run out of memory."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        if x.shape[0] > 16:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        h = torch.tanh(self.a(x))
+        return self.b(h - h.mean(0))
+
+
+def test_a_coupled_model_whose_data_do_not_fit_one_pass_is_not_batched_silently():
+    torch.manual_seed(1)
+    model = CentredBig().eval()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 5, generator=g), torch.randint(0, 3, (64,), generator=g)
+    # The oracle that batches of 16 change its loss: one call on all data against the mean
+    # of four calls on 16 samples each (a float64 copy without the memory limit).
+    a, b = model.a, model.b
+    with torch.no_grad():
+        def loss(xb, yb):
+            h = torch.tanh(F.linear(xb.double(), a.weight.double(), a.bias.double()))
+            out = F.linear(h - h.mean(0), b.weight.double(), b.bias.double())
+            return float(F.cross_entropy(out, yb))
+        whole = loss(x, y)
+        split = np.mean([loss(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)])
+    assert abs(whole - split) > 1e-4
+    # It halved the batch to 16 after the out-of-memory error, while spec["batch_coupling"]
+    # said every pass held all 64 samples: the values were those of 16-sample batches.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the coupling's own warning
+        with pytest.raises(MemoryError, match="all 64 samples runs out of memory"):
+            lw.compute_surface(model, (x, y), progress=False,
+                               evaluator_options={"strategy": "loop"}, **GRID)
