@@ -139,3 +139,38 @@ def test_a_coupled_model_whose_data_do_not_fit_one_pass_is_not_batched_silently(
         with pytest.raises(MemoryError, match="all 64 samples runs out of memory"):
             lw.compute_surface(model, (x, y), progress=False,
                                evaluator_options={"strategy": "loop"}, **GRID)
+
+
+class Tagger(nn.Module):
+    """Per-token classes from a Transformer encoder with a padding mask (token 0 pads)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 16, padding_idx=0)
+        layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 2)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.enc(self.emb(x), src_key_padding_mask=x == 0)
+        return self.head(h).transpose(1, 2)  # (N, C, T) for cross_entropy
+
+
+def test_a_padded_transformer_on_its_fast_path_is_not_taken_for_coupling():
+    torch.manual_seed(0)
+    model = Tagger().eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(1, 20, (32, 10), generator=g)
+    for i, k in enumerate(torch.randint(3, 11, (32,), generator=g).tolist()):
+        x[i, k:] = 0
+    y = torch.randint(0, 3, (32, 10), generator=g).masked_fill(x == 0, -100)
+    # The oracle that it does not mix its samples: the first 4 samples' outputs in a batch
+    # of 8 are those of the 4 alone, on torch's own (fast, nested-tensor) path. The check
+    # ran the 4 under a torch function mode, off that path, where padded tokens are not 0.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch's nested-tensor prototype note
+        torch.testing.assert_close(model(x[:8])[:4], model(x[:4]), rtol=1e-5, atol=1e-5)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*other samples of its batch")
+        s = lw.compute_surface(model, (x, y), progress=False, **GRID)
+    assert s.spec["batch_coupling"] is None

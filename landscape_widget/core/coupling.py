@@ -20,7 +20,7 @@ from torch.func import functional_call
 from torch.utils._pytree import tree_flatten
 
 from .precision import precision_flags
-from .rng import DrawSpy, batch_draws
+from .rng import batch_draws
 
 COUPLING_TOLERANCE = {"fp32": 1e-3, "tf32": 1e-2, "bf16": 5e-2, "fp16": 5e-2}
 """Largest relative difference of the first samples' outputs, run with others or alone,
@@ -82,7 +82,8 @@ class BatchCoupling:
     """Checks whether the model mixes the samples of a batch (a mixin of the Evaluator).
 
     Uses the evaluator's ``module``, ``base``, ``x``, ``n``, ``device``, ``precision``,
-    its probe (``_probe``) and state (``_enter``/``_exit``, ``_generators``).
+    its probe (``_probe``), draws' probe (``_probe_draws``) and state (``_enter``/``_exit``,
+    ``_generators``).
     """
 
     batch_coupling: str | None = None
@@ -107,16 +108,19 @@ class BatchCoupling:
         with torch.inference_mode(False):
             x = self.x[:h].clone()
         cuda = self.device.type == "cuda"
-        spy = DrawSpy()  # also sees draws inside the forward's own fork_rng (fixed noise)
         self._enter()
         try:
             with torch.no_grad(), precision_flags(self.precision, self.device), batch_draws(
                     self.device, 0):
-                before = torch.cuda.get_rng_state(self.device) if cuda else None
-                with spy:
-                    part = functional_call(self.module, dict(self.base), (x,))
-                moved = cuda and not torch.equal(before, torch.cuda.get_rng_state(self.device))
-            self._draws = spy.drew or moved or any(
+                before = torch.default_generator.get_state()
+                before_cuda = torch.cuda.get_rng_state(self.device) if cuda else None
+                # Not under DrawSpy: a torch function mode routes calls through other
+                # kernels (a Transformer's fast path is off under it, and that path's
+                # padded tokens are 0): its outputs differed from the probe's by 0.39.
+                part = functional_call(self.module, dict(self.base), (x,))
+                moved = not torch.equal(before, torch.default_generator.get_state()) or (
+                    cuda and not torch.equal(before_cuda, torch.cuda.get_rng_state(self.device)))
+            self._draws = moved or any(
                 not torch.equal(g.get_state(), state) for g, state in self._generators)
         except Exception:  # noqa: BLE001 - the user's forward, on a batch the engine chose
             # A forward that takes only some batch sizes (a multiple of 8, x.view(-1, 8, d))
@@ -125,6 +129,9 @@ class BatchCoupling:
             return
         finally:
             self._exit()
+        # Draws inside the forward's own fork_rng (fixed noise) leave the states as they
+        # were: DrawSpy sees them, on a forward of its own whose values are not compared.
+        self._draws = self._draws or self._probe_draws()
         if self._draws:
             return
         diff = first_rows_difference(full, part, m, h)
