@@ -8,7 +8,9 @@ batch size) must not be taken for one that mixes its samples.
 
 from __future__ import annotations
 
+import multiprocessing
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import pytest
@@ -174,3 +176,33 @@ def test_a_padded_transformer_on_its_fast_path_is_not_taken_for_coupling():
         warnings.filterwarnings("error", message=".*other samples of its batch")
         s = lw.compute_surface(model, (x, y), progress=False, **GRID)
     assert s.spec["batch_coupling"] is None
+
+
+class Centred(nn.Module):
+    """Features centred over the batch before the head (spawned workers import it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.b(h - h.mean(0))
+
+
+def test_a_process_executor_warns_the_caller_of_the_coupling():
+    torch.manual_seed(1)
+    model = Centred().eval()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(48, 5, generator=g), torch.randint(0, 3, (48,), generator=g)
+    d1, d2 = lw.random_directions(model, 2, seed=3)
+    context = multiprocessing.get_context("spawn")
+    # The worker's warning went to the worker's stderr: the caller heard nothing.
+    with ProcessPoolExecutor(1, mp_context=context) as pool, pytest.warns(
+            UserWarning, match="other samples of its batch"):
+        s = lw.compute_surface(model, (x, y), directions=(d1, d2), progress=False,
+                               executor=pool, evaluator_options={"memory_budget": 4000},
+                               **GRID)
+    xs, ys = np.linspace(*GRID["x"]), np.linspace(*GRID["y"])
+    np.testing.assert_allclose(s.loss, _oracle(model, x, y, d1, d2, xs, ys), rtol=1e-5)
+    assert s.spec["batch_coupling"]

@@ -26,6 +26,13 @@ COUPLING_TOLERANCE = {"fp32": 1e-3, "tf32": 1e-2, "bf16": 5e-2, "fp16": 5e-2}
 """Largest relative difference of the first samples' outputs, run with others or alone,
 taken for rounding (kernels for another batch size) rather than coupling; per precision."""
 
+COUPLING_WARNING = (
+    "The model's outputs for a sample depend on the other samples of its batch (its "
+    "forward mixes them, like h - h.mean(0)), so its loss depends on how the data are "
+    "batched. Every pass holds all the data, as one call of the model on the data "
+    "does; pass evaluator_options={'batch_size': B} to choose another batching.")
+"""The warning of a forward found mixing its batch (also the client's, core/distributed.py)."""
+
 
 def first_rows_difference(full, part, m: int, h: int) -> float | None:
     """Largest relative difference between the first ``h`` sample rows of two outputs.
@@ -150,9 +157,4 @@ class BatchCoupling:
             f"first {h} samples' outputs differ by {diff:.2g}, relative, when run alone rather "
             f"than with {m}): every pass holds all {self.n} samples, as one call of the model "
             "on the data does")
-        warnings.warn(
-            "The model's outputs for a sample depend on the other samples of its batch (its "
-            "forward mixes them, like h - h.mean(0)), so its loss depends on how the data are "
-            "batched. Every pass holds all the data, as one call of the model on the data "
-            "does; pass evaluator_options={'batch_size': B} to choose another batching.",
-            UserWarning, stacklevel=2)
+        warnings.warn(COUPLING_WARNING, UserWarning, stacklevel=2)
