@@ -206,3 +206,32 @@ def test_a_process_executor_warns_the_caller_of_the_coupling():
     xs, ys = np.linspace(*GRID["x"]), np.linspace(*GRID["y"])
     np.testing.assert_allclose(s.loss, _oracle(model, x, y, d1, d2, xs, ys), rtol=1e-5)
     assert s.spec["batch_coupling"]
+
+
+class FixedNoise(nn.Module):
+    """Fixed noise drawn inside its own fork_rng: 16 draws for 8 samples are not 8 draws
+    for 4 samples followed by others (torch's vectorised normal path from 16 values)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            h = h + torch.randn(h.shape[0], 2)[:, :1]
+        return self.b(h)
+
+
+def test_noise_drawn_inside_fork_rng_is_not_taken_for_coupling():
+    torch.manual_seed(0)
+    model = FixedNoise().eval()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(48, 5, generator=g), torch.randint(0, 3, (48,), generator=g)
+    with torch.no_grad():  # its first 4 samples' outputs do depend on the batch size
+        assert not torch.allclose(model(x[:8])[:4], model(x[:4]), atol=0.1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*other samples of its batch")
+        s = lw.compute_surface(model, (x, y), progress=False, **GRID)
+    assert s.spec["batch_coupling"] is None

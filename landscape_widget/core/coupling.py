@@ -127,7 +127,7 @@ class BatchCoupling:
                 part = functional_call(self.module, dict(self.base), (x,))
                 moved = not torch.equal(before, torch.default_generator.get_state()) or (
                     cuda and not torch.equal(before_cuda, torch.cuda.get_rng_state(self.device)))
-            self._draws = moved or any(
+            drew = moved or any(
                 not torch.equal(g.get_state(), state) for g, state in self._generators)
         except Exception:  # noqa: BLE001 - the user's forward, on a batch the engine chose
             # A forward that takes only some batch sizes (a multiple of 8, x.view(-1, 8, d))
@@ -136,10 +136,8 @@ class BatchCoupling:
             return
         finally:
             self._exit()
-        # Draws inside the forward's own fork_rng (fixed noise) leave the states as they
-        # were: DrawSpy sees them, on a forward of its own whose values are not compared.
-        self._draws = self._draws or self._probe_draws()
-        if self._draws:
+        if drew:
+            self._draws = True  # (the plan candidates' question too, see _forward_draws)
             return
         diff = first_rows_difference(full, part, m, h)
         tolerance = COUPLING_TOLERANCE.get(self.precision, 1e-3)
@@ -150,6 +148,11 @@ class BatchCoupling:
             # split-K) moves them by ulps that grow layer by layer, not by fp32's rounding.
             tolerance = max(tolerance, COUPLING_TOLERANCE["bf16"])
         if diff is None or diff <= tolerance:
+            return
+        # Draws inside the forward's own fork_rng (fixed noise) leave the states as they
+        # were: DrawSpy sees them, on a forward of its own whose values are not compared.
+        self._draws = self._probe_draws()
+        if self._draws:
             return
         self.forced_batch = self.n
         self.batch_coupling = (
