@@ -235,3 +235,53 @@ def test_noise_drawn_inside_fork_rng_is_not_taken_for_coupling():
         warnings.filterwarnings("error", message=".*other samples of its batch")
         s = lw.compute_surface(model, (x, y), progress=False, **GRID)
     assert s.spec["batch_coupling"] is None
+
+
+CALLS = 0  # a log the forward below keeps in a global
+SCALE = 1.0  # a global the forward below reads: it decides the outputs
+
+
+class Logged(nn.Module):
+    """Counts its calls in a global and reads a global scale; its layer is ``self.head``."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        global CALLS
+        CALLS += 1
+        return self.head(x) * SCALE
+
+
+def test_reuse_of_a_model_keeping_a_global_log_and_a_global_of_an_attribute_name():
+    global SCALE
+    torch.manual_seed(0)
+    model = Logged().eval()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(48, 5, generator=g), torch.randint(0, 3, (48,), generator=g)
+    d1, d2 = lw.random_directions(model, 2, seed=3)
+    kw = {"directions": (d1, d2), "progress": False, "x": (-1.0, 1.0, 3), "y": (-0.5, 0.5, 5)}
+    first = lw.compute_surface(model, (x, y), **kw)
+    # A notebook global named like an attribute the forward reads (self.head): hashed as
+    # one of its globals, it made the same model "a different model" once assigned; and
+    # CALLS, which every pass of the engine moved, did too.
+    globals()["head"] = first
+    try:
+        again = lw.compute_surface(model, (x, y), reuse=first, **kw)
+    finally:
+        del globals()["head"]
+    xs, ys = np.linspace(-1, 1, 3), np.linspace(-0.5, 0.5, 5)
+    base = {k: v.detach().double() for k, v in model.state_dict().items()}
+    oracle = np.array([[float(F.cross_entropy(F.linear(
+        x.double(), base["head.weight"] + a * d1["head.weight"].double()
+        + b * d2["head.weight"].double(), base["head.bias"] + a * d1["head.bias"].double()
+        + b * d2["head.bias"].double()), y)) for a in xs] for b in ys])
+    np.testing.assert_allclose(again.loss, oracle, rtol=1e-5)
+    # A global it reads still decides: another scale is another model.
+    SCALE = 2.0
+    try:
+        with pytest.raises(lw.ReuseMismatch, match="other code"):
+            lw.compute_surface(model, (x, y), reuse=first, **kw)
+    finally:
+        SCALE = 1.0
