@@ -42,9 +42,10 @@ class SplitK(nn.Module):
     """Per sample, but its first layer sums two half products for 8 or more rows (a split-K
     GEMM for larger batches): in bf16 each half is rounded, so rows round otherwise."""
 
-    def __init__(self):
+    def __init__(self, cast: bool = False):
         super().__init__()
         self.a, self.b = nn.Linear(64, 32), nn.Linear(32, 3)
+        self.cast = cast  # its logits as float32
 
     def forward(self, x):
         w = self.a.weight
@@ -52,7 +53,8 @@ class SplitK(nn.Module):
             h = x[:, :32] @ w[:, :32].T + x[:, 32:] @ w[:, 32:].T
         else:
             h = x @ w.T
-        return self.b(torch.tanh(h + self.a.bias))
+        out = self.b(torch.tanh(h + self.a.bias))
+        return out.float() if self.cast else out
 
 
 def _oracle(model, x, y, d1, d2, xs, ys):
@@ -84,9 +86,10 @@ def test_a_forward_taking_only_multiples_of_8_samples_still_works():
     assert_same_snapshot(before, snapshot(model))
 
 
-def test_a_bf16_model_whose_kernels_round_by_batch_size_is_not_taken_for_coupling():
+@pytest.mark.parametrize("cast", [False, True])
+def test_a_bf16_model_whose_kernels_round_by_batch_size_is_not_taken_for_coupling(cast):
     torch.manual_seed(0)
-    model = SplitK().bfloat16().eval()
+    model = SplitK(cast).bfloat16().eval()
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(48, 64, generator=g), torch.randint(0, 3, (48,), generator=g)
     # The oracle that it does not mix its samples: in float64 the first 4 rows of 8 are

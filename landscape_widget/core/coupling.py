@@ -88,7 +88,7 @@ def first_rows_difference(full, part, m: int, h: int) -> float | None:
 class BatchCoupling:
     """Checks whether the model mixes the samples of a batch (a mixin of the Evaluator).
 
-    Uses the evaluator's ``module``, ``base``, ``x``, ``n``, ``device``, ``precision``,
+    Uses the evaluator's ``module``, ``base``, ``x``, ``n``, ``device``, ``dtype``, ``precision``,
     its probe (``_probe``), draws' probe (``_probe_draws``) and state (``_enter``/``_exit``,
     ``_generators``).
     """
@@ -141,11 +141,12 @@ class BatchCoupling:
             return
         diff = first_rows_difference(full, part, m, h)
         tolerance = COUPLING_TOLERANCE.get(self.precision, 1e-3)
-        if any(isinstance(t, Tensor) and t.dtype in (torch.bfloat16, torch.float16)
-               for t in tree_flatten(part)[0]):
-            # A bf16/fp16 model (or a forward under its own autocast) at "fp32": its outputs
-            # are rounded to 8 or 11 bits, and a GEMM for another batch size (cuBLAS's
-            # split-K) moves them by ulps that grow layer by layer, not by fp32's rounding.
+        half = (torch.bfloat16, torch.float16)
+        if self.dtype in half or any(isinstance(t, Tensor) and t.dtype in half
+                                     for t in tree_flatten(part)[0]):
+            # A bf16/fp16 model (its logits cast to float or not) or a forward under its own
+            # autocast, at "fp32": it rounds to 8 or 11 bits, and a GEMM for another batch
+            # size (cuBLAS's split-K) moves it by ulps that grow layer by layer.
             tolerance = max(tolerance, COUPLING_TOLERANCE["bf16"])
         if diff is None or diff <= tolerance:
             return
