@@ -288,3 +288,38 @@ def test_reuse_of_a_model_keeping_a_global_log_and_a_global_of_an_attribute_name
             lw.compute_surface(model, (x, y), reuse=first, **kw)
     finally:
         SCALE = 1.0
+
+
+class LogsBatchWeights(nn.Module):
+    """Per-sample logits, and a weighting of the batch's samples it logs (softmax over them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(5, 3)
+
+    def forward(self, x):
+        logits = self.a(x)
+        return {"logits": logits, "weights": logits.logsumexp(1).softmax(0)}
+
+
+@pytest.mark.parametrize("output_fn", [None, lambda out: out["logits"]])
+def test_an_output_the_default_loss_does_not_read_is_not_judged(output_fn):
+    torch.manual_seed(0)
+    model = LogsBatchWeights().eval()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(48, 5, generator=g), torch.randint(0, 3, (48,), generator=g)
+    d1, d2 = lw.random_directions(model, 2, seed=3)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*other samples of its batch")
+        s = lw.compute_surface(model, (x, y), directions=(d1, d2), progress=False,
+                               output_fn=output_fn, evaluator_options={"memory_budget": 4000},
+                               **GRID)
+    assert s.spec["batch_coupling"] is None
+    # The oracle: cross-entropy of the logits of one float64 call on all data, per point.
+    xs, ys = np.linspace(*GRID["x"]), np.linspace(*GRID["y"])
+    base = {k: v.detach().double() for k, v in model.state_dict().items()}
+    oracle = np.array([[float(F.cross_entropy(F.linear(
+        x.double(), base["a.weight"] + a * d1["a.weight"].double()
+        + b * d2["a.weight"].double(), base["a.bias"] + a * d1["a.bias"].double()
+        + b * d2["a.bias"].double()), y)) for a in xs] for b in ys])
+    np.testing.assert_allclose(s.loss, oracle, rtol=1e-5)

@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.func import functional_call
 from torch.utils._pytree import tree_flatten
 
+from .metrics import find_logits
 from .precision import precision_flags
 from .rng import batch_draws
 
@@ -88,8 +89,9 @@ def first_rows_difference(full, part, m: int, h: int) -> float | None:
 class BatchCoupling:
     """Checks whether the model mixes the samples of a batch (a mixin of the Evaluator).
 
-    Uses the evaluator's ``module``, ``base``, ``x``, ``n``, ``device``, ``dtype``, ``precision``,
-    its probe (``_probe``), draws' probe (``_probe_draws``) and state (``_enter``/``_exit``,
+    Uses the evaluator's ``module``, ``base``, ``x``, ``n``, ``device``, ``dtype``,
+    ``precision``, ``output_fn``, ``_user_loss`` and ``user_metrics``, its probe
+    (``_probe``), draws' probe (``_probe_draws``) and state (``_enter``/``_exit``,
     ``_generators``).
     """
 
@@ -139,6 +141,15 @@ class BatchCoupling:
         if drew:
             self._draws = True  # (the plan candidates' question too, see _forward_draws)
             return
+        if not self._user_loss and not self.user_metrics:
+            # The default loss and accuracy see the logits alone (find_logits: output_fn, a
+            # dict's "logits"): another output that mixes the batch (a batch-wide weighting
+            # it logs) changes no value computed, and forcing all data in one pass could
+            # run a GPU out of memory for nothing.
+            try:
+                full, part = find_logits(full, self.output_fn), find_logits(part, self.output_fn)
+            except Exception:  # noqa: BLE001 - the user's output_fn on the half batch
+                pass
         diff = first_rows_difference(full, part, m, h)
         tolerance = COUPLING_TOLERANCE.get(self.precision, 1e-3)
         half = (torch.bfloat16, torch.float16)
