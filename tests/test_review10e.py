@@ -1,9 +1,14 @@
-"""Review 10e: the batch-coupling check (core/coupling.py) on models its authors did not try.
+"""Review 10e: the batch-coupling check (core/coupling.py) and the model-code fingerprint
+(core/reuse.py) on models their authors did not try.
 
 The check runs the first samples once more, half of them alone. A forward that takes only
-some batch sizes must keep working (it did before the check), and a half-precision model
-whose kernels for another batch size round differently (a split-K GEMM, as cuBLAS picks by
-batch size) must not be taken for one that mixes its samples.
+some batch sizes must keep working (it did before the check); a half-precision model whose
+kernels for another batch size round differently (a split-K GEMM, as cuBLAS picks by batch
+size), a padded Transformer on torch's fast path, fixed noise drawn in fork_rng and an
+output the default loss does not read must not be taken for a model mixing its samples; a
+coupled model whose data do not fit one pass must not be batched silently, and a process
+executor's caller must hear of the coupling. A model keeping a log in a global, or next to
+a notebook global named like one of its attributes, stays the same model for reuse=.
 """
 
 from __future__ import annotations
