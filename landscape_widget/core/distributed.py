@@ -54,6 +54,7 @@ import torch
 from torch import nn
 
 from ._remote import MissingPayload, Payload, legacy_data, make_payload, probe, run_tile
+from .coupling import COUPLING_WARNING
 from .grid import Tile, cut_tiles
 from .plans import UNKNOWN_POINTS, Plan, copy_plan
 
@@ -197,6 +198,9 @@ class ExecutorRunner:
         self.metrics = tuple(info["metrics"])
         self.dropped = dict(info.get("dropped", {}))
         self.batch_coupling: str | None = info.get("batch_coupling")
+        if self.batch_coupling and not info["worker"].endswith(f":{os.getpid()}"):
+            # The evaluator's warning went to the worker process's stderr, not to the caller.
+            warnings.warn(COUPLING_WARNING, UserWarning, stacklevel=4)
         self.n, self.device = int(info["n"]), info["device"]
         self.data_fingerprint = info["data"]
         # samples=: the data's size (the subset's population) and, for a subset each

@@ -313,7 +313,8 @@ class PointPasses(PointLanes):
                 elif plan.strategy == "vmap" and not _is_oom(err) and not is_user_error(err):
                     plan = self._fall_back(err)  # a later batch the trial did not see
                 else:
-                    shrink_after_oom(plan, err, self.device, self.bn_batch_size is not None)
+                    shrink_after_oom(plan, err, self.device, self.bn_batch_size is not None,
+                                     self.batch_coupling is not None)
                 continue
             pos += chunk.shape[0]
         return torch.cat(values)

@@ -147,12 +147,13 @@ def forget_plans() -> None:
 
 
 def shrink_after_oom(plan: Plan, err: BaseException, device: torch.device,
-                     fixed_batch: bool = False) -> None:
+                     fixed_batch: bool = False, coupled: bool = False) -> None:
     """Halve K (then B) of ``plan`` after an out-of-memory ``err``; re-raise anything else.
 
     Raises:
-        MemoryError: If ``fixed_batch`` (B is the BatchNorm batch, ``bn_batch_size``) and
-            one point on B samples does not fit.
+        MemoryError: If ``fixed_batch`` (B is the BatchNorm batch, ``bn_batch_size``) or
+            ``coupled`` (B is all data: the forward mixes the samples of a batch, see
+            core/coupling.py) and one point on B samples does not fit.
     """
     if not _is_oom(err) or (plan.points == 1 and plan.batch == 1):
         raise err
@@ -161,6 +162,16 @@ def shrink_after_oom(plan: Plan, err: BaseException, device: torch.device,
             f"One forward pass over bn_batch_size={plan.batch} samples runs out of memory; "
             "pass a smaller bn_batch_size (BatchNorm batch statistics need the whole batch in "
             "one pass)."
+        ) from err
+    if plan.points == 1 and coupled:
+        # Smaller passes would change the loss of such a model (and spec["batch_coupling"]
+        # would still say every pass held all data): say so instead.
+        raise MemoryError(
+            f"One forward pass over all {plan.batch} samples runs out of memory, and the "
+            "model's outputs for a sample depend on the other samples of its batch, so "
+            "smaller passes would change its loss. Pass fewer samples (samples=k, or a "
+            "subset of the data), or choose the batching with evaluator_options="
+            "{'batch_size': B}."
         ) from err
     if device.type == "cuda":
         torch.cuda.empty_cache()

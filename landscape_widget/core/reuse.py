@@ -10,6 +10,8 @@ fingerprints and is checked by recomputing two of its points instead
 
 from __future__ import annotations
 
+import collections
+import dis
 import types
 from collections.abc import Callable, Mapping, Sequence
 
@@ -17,7 +19,7 @@ import numpy as np
 from torch import nn
 
 from .errors import ReuseMismatch
-from .fingerprints import DIGEST_SIZE, callable_fingerprint, fingerprint_text
+from .fingerprints import DIGEST_SIZE, _is_library, callable_fingerprint, fingerprint_text
 from .grid import match_axis
 from .precision import NO_EFFECT
 
@@ -53,6 +55,49 @@ def what_is_computed(loss_fn, metrics, output_fn) -> dict:
     }
 
 
+# Globals a model's method may append to or fill as it runs (a log of its calls): by identity.
+_LOGS = (list, dict, set, collections.deque)
+
+
+def _globals_of(code: types.CodeType) -> tuple[set[str], set[str]]:
+    """The global names a function (or one it defines) reads, and those it assigns."""
+    read, written = set(), set()
+    for i in dis.get_instructions(code):
+        if i.opname in ("LOAD_GLOBAL", "LOAD_NAME"):
+            read.add(i.argval)
+        elif i.opname in ("STORE_GLOBAL", "DELETE_GLOBAL"):
+            written.add(i.argval)
+    for c in code.co_consts:
+        if isinstance(c, types.CodeType):
+            more = _globals_of(c)
+            read, written = read | more[0], written | more[1]
+    return read, written
+
+
+def _as_code(fn: types.FunctionType) -> types.FunctionType:
+    """``fn`` with only the globals that decide what it computes.
+
+    Its ``co_names`` also hold the attributes it reads (``self.a``, ``h.mean``): a notebook
+    global of that name (``a = lw.compute_surface(...)``) was hashed too, and assigning
+    it made the model "a different model" for ``reuse=``. A global the function assigns
+    (``global calls; calls += 1``) is its running state, changed by every pass the engine
+    runs, and is left out; a list, dict, set or deque (a log it may append to) counts by
+    identity. Globals it only reads (a scale, a flag, another function) are hashed.
+
+    Returns:
+        A function of ``fn``'s code, defaults and closure over those globals alone.
+    """
+    read, written = _globals_of(fn.__code__)
+    env = {"__name__": fn.__globals__.get("__name__")}
+    for k in read - written:
+        if k in fn.__globals__:
+            v = fn.__globals__[k]
+            env[k] = f"id:{type(v).__qualname__}:{id(v)}" if isinstance(v, _LOGS) else v
+    copy = types.FunctionType(fn.__code__, env, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__, copy.__qualname__ = fn.__kwdefaults__, fn.__qualname__
+    return copy
+
+
 def model_code_fingerprint(model: nn.Module) -> str:
     """A hash of what decides ``model``'s outputs besides its state_dict (``spec["model_code"]``).
 
@@ -81,7 +126,9 @@ def model_code_fingerprint(model: nn.Module) -> str:
     """
     def part(value) -> str:
         try:
-            found = callable_fingerprint(value)
+            # (An installed package's function is hashed by its name alone: as it is.)
+            found = callable_fingerprint(_as_code(value) if isinstance(
+                value, types.FunctionType) and not _is_library(value) else value)
         except Exception:  # noqa: BLE001 - the user's objects (a repr that raises): by identity
             found = None
         return found or f"id:{type(value).__qualname__}:{id(value)}"

@@ -66,7 +66,8 @@ class PlanTuner(PlanCandidates):
             try:
                 return self._time_pass_once(plan, c)
             except (RuntimeError, MemoryError) as err:
-                shrink_after_oom(plan, err, self.device, self.bn_batch_size is not None)
+                shrink_after_oom(plan, err, self.device, self.bn_batch_size is not None,
+                                 self.batch_coupling is not None)
 
     def _time_pass_once(self, plan: Plan, c: Tensor) -> float:
         """Seconds per point of ``plan``: the fastest of its :data:`TRIAL_PASSES` passes.
