@@ -23,7 +23,6 @@ activation memory traffic and can be faster point by point. Measuring beats gues
 
 from __future__ import annotations
 
-import re
 import weakref
 from collections.abc import Callable, Sequence
 
@@ -37,6 +36,7 @@ from .coupling import BatchCoupling
 from .data import as_tensors, check_finite
 from .directions import barycentric_keys
 from .heap import hold_heap
+from .input_dtype import InputDtype
 from .lane_pool import check_lanes
 from .metrics import (
     METRICS,
@@ -75,15 +75,11 @@ from .stem import StemTerms, split_stem
 from .tuning import PlanTuner
 
 BN_MODES = ("eval", "batch")
-# torch's words for a dtype mismatch between inputs and weights ("mat1 and mat2 must have
-# the same dtype", "Input type (double) and bias type (float) should be the same",
-# "expected scalar type Double but found Float").
-_DTYPE_ERROR = re.compile(r"dtype|scalar type|Input type \(")
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
-class Evaluator(PointPasses, PlanChoice, LossStats, BatchCoupling, PrecisionCheck, PlanTuner,
-                CompiledForward, StemTerms, BufferState):
+class Evaluator(PointPasses, PlanChoice, InputDtype, LossStats, BatchCoupling, PrecisionCheck,
+                PlanTuner, CompiledForward, StemTerms, BufferState):
     """Evaluate loss and metrics of ``model`` at points of a low-dimensional subspace.
 
     Args:
@@ -345,34 +341,6 @@ class Evaluator(PointPasses, PlanChoice, LossStats, BatchCoupling, PrecisionChec
             self._probed = None
 
     # --- setup -------------------------------------------------------------------------
-    def _check_outputs_cast(self, x: Tensor) -> None:
-        """``self.x``: the data in the dtype the model takes; then :meth:`_check_outputs`.
-
-        Floating inputs are cast to the weights' dtype (:func:`~.params.weights_dtype`:
-        float64 numpy data for a float32 model). A forward that then fails on a dtype
-        mismatch (a float64 input layer before float32 ones: 9d's regression of that rule)
-        is tried with the data's own dtype, then with the model's other floating dtypes.
-
-        Raises:
-            RuntimeError: The first try's error, if every dtype fails (or the error is not
-                a dtype mismatch); and whatever :meth:`_check_outputs` raises.
-        """
-        dtypes = [x.dtype]
-        if torch.is_floating_point(x) and self.dtype.is_floating_point:
-            others = [v.dtype for v in self.base.values() if v.is_floating_point()]
-            dtypes = list(dict.fromkeys([self.dtype, x.dtype, *others]))
-        first = None
-        for dtype in dtypes:
-            self.x, self._probed = x.to(self.device, dtype), None
-            try:
-                self._check_outputs()
-                return
-            except RuntimeError as err:
-                first = first or err
-                if not _DTYPE_ERROR.search(str(err)):
-                    break
-        raise first
-
     def _prepare_module(self, model: nn.Module, bn: str) -> nn.Module:
         module = evaluation_copy(model)  # the user's flags are never switched
         set_flags(module, bn)
