@@ -161,6 +161,14 @@ def check_cross_entropy_targets(y: Tensor, fix: str | None = None) -> None:
         )
     sums = y.sum(1) if y.dim() >= 2 else None
     if (sums is not None and not torch.allclose(sums, torch.ones_like(sums), atol=1e-4)
+            and bool(((y == 0) | (y == 1)).all()) and float(sums.max()) <= 1):
+        # One-hot rows with some all 0 (no class): neither multi-label nor y.long()'s case.
+        raise ValueError(
+            "The default loss is cross-entropy, which takes class indices or class "
+            f"probabilities, but {int((sums == 0).sum())} of the one-hot target rows are all 0 "
+            "(no class): cross-entropy gives them loss 0 and they would still count in the "
+            "mean. Leave those samples out of the data, or give each a class.")
+    if (sums is not None and not torch.allclose(sums, torch.ones_like(sums), atol=1e-4)
             and bool(((y == 0) | (y == 1)).all())):
         # Several 1s per row (BCE-style labels): F.cross_entropy takes them for unnormalised
         # class probabilities and returns a number of no task's loss, without a word.
