@@ -22,8 +22,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from snapshots import assert_same_snapshot, snapshot
+
+# The centred model (spawned workers import it from there) and the one-call oracle.
+from test_batch_coupling import Centred, _oracle
 from torch import nn
-from torch.func import functional_call
 
 import landscape_widget as lw
 
@@ -60,18 +62,6 @@ class SplitK(nn.Module):
             h = x @ w.T
         out = self.b(torch.tanh(h + self.a.bias))
         return out.float() if self.cast else out
-
-
-def _oracle(model, x, y, d1, d2, xs, ys):
-    """Float64 cross-entropy of one call of a float64 copy on all data, per point."""
-    fresh = type(model)().double().eval()
-    base = {k: v.detach().double() for k, v in model.state_dict().items()}
-    out = np.empty((len(ys), len(xs)))
-    for i, b in enumerate(ys):
-        for j, a in enumerate(xs):
-            p = {k: v + a * d1[k].double() + b * d2[k].double() for k, v in base.items()}
-            out[i, j] = float(F.cross_entropy(functional_call(fresh, p, (x.double(),)), y))
-    return out
 
 
 def test_a_forward_taking_only_multiples_of_8_samples_still_works():
@@ -184,18 +174,6 @@ def test_a_padded_transformer_on_its_fast_path_is_not_taken_for_coupling():
         warnings.filterwarnings("error", message=".*other samples of its batch")
         s = lw.compute_surface(model, (x, y), progress=False, **GRID)
     assert s.spec["batch_coupling"] is None
-
-
-class Centred(nn.Module):
-    """Features centred over the batch before the head (spawned workers import it)."""
-
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Linear(5, 16), nn.Linear(16, 3)
-
-    def forward(self, x):
-        h = torch.tanh(self.a(x))
-        return self.b(h - h.mean(0))
 
 
 def test_a_process_executor_warns_the_caller_of_the_coupling():
