@@ -26,6 +26,7 @@ from torch.func import functional_call
 
 from . import rewrite
 from .batch_stats import PROBE_SAMPLES
+from .fold import fold_batchnorm
 from .rng import batch_draws
 
 LINEAR_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -264,6 +265,7 @@ def _split(module: nn.Module, gm: fx.GraphModule, class_major_head: bool) -> Ste
     # Every pass gives the suffix a new stem output (StemTerms._stem_input), so a ReLU on it
     # may work in place; see core/rewrite.py.
     rewrite.optimise(suffix, fresh_inputs=("stem_out",), class_major_head=class_major_head)
+    fold_batchnorm(suffix)  # after optimise: a ReLU it made in place reads a fresh conv_bn
     used = {k for k, _ in suffix.named_parameters()} | {k for k, _ in suffix.named_buffers()}
     own = {k for k, _ in module.named_parameters(remove_duplicate=False)} | {
         k for k, _ in module.named_buffers(remove_duplicate=False)}

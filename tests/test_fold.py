@@ -1,0 +1,124 @@
+"""BatchNorm folded into the convolution before it (core/fold.py) against independent oracles.
+
+``conv_bn`` against the two modules run one after the other in float64; the folding pass
+against what it must leave alone; and the engine's stem plans (whose suffix graph is
+folded) against the naive float64 per-point loop, with directions that move the
+convolutions only and ones that also move BatchNorm's scale and shift.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.fx as fx
+from cases import gaussian_direction
+from oracle import linspace, naive_surface
+from torch import nn
+
+import landscape_widget as lw
+from landscape_widget.core.fold import conv_bn, fold_batchnorm
+
+
+def _stats(bn: nn.Module, seed: int) -> nn.Module:
+    """Running statistics and an affine map far from the defaults (identity would hide a
+    missing term)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(bn.num_features, generator=g))
+        bn.running_var.copy_(torch.rand(bn.num_features, generator=g) * 3 + 0.2)
+        if bn.affine:
+            bn.weight.copy_(torch.randn(bn.num_features, generator=g))
+            bn.bias.copy_(torch.randn(bn.num_features, generator=g))
+    return bn.eval()
+
+
+@pytest.mark.parametrize("dims,kw", [
+    (1, {"stride": 2, "padding": 1}),
+    (2, {"padding": 2, "dilation": 2, "bias": False}),
+    (2, {"groups": 2, "stride": (2, 1)}),
+    (3, {"padding": 1}),
+])
+@pytest.mark.parametrize("affine", [True, False])
+def test_conv_bn_is_bn_after_conv_in_float64(dims, kw, affine):
+    torch.manual_seed(dims)
+    conv = getattr(nn, f"Conv{dims}d")(4, 6, 3, **kw).double()
+    bn = _stats(getattr(nn, f"BatchNorm{dims}d")(6, eps=1e-3, affine=affine), dims).double()
+    x = torch.randn((3, 4) + (7,) * dims, dtype=torch.float64)
+    want = bn(conv(x))
+    got = conv_bn(x, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean,
+                  bn.running_var, bn.eps, dims, conv.stride, conv.padding, conv.dilation,
+                  conv.groups)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+class ConvNet(nn.Module):
+    """conv-BN-ReLU twice and a head; optional second reader of the first convolution."""
+
+    def __init__(self, reread: bool = False, bn_train: bool = False, padding_mode="zeros"):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1, padding_mode=padding_mode)
+        self.b1 = nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.b2 = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8, 5)
+        self.reread = reread
+        _stats(self.b1, 1), _stats(self.b2, 2)
+        self.eval()
+        if bn_train:
+            self.b2.train()
+
+    def forward(self, x):
+        h = self.c1(x)
+        a = torch.relu(self.b1(h))
+        if self.reread:
+            a = a + h
+        a = torch.relu(self.b2(self.c2(a)))
+        return self.head(a.mean((2, 3)))
+
+
+def _folded(gm: fx.GraphModule) -> int:
+    return sum(n.op == "call_function" and n.target is conv_bn for n in gm.graph.nodes)
+
+
+def test_fold_takes_only_pairs_that_are_one_affine_map():
+    x = torch.randn(4, 3, 6, 6)
+    cases = {
+        "plain": (ConvNet(), 2),
+        "conv read twice": (ConvNet(reread=True), 1),
+        "train-mode BN": (ConvNet(bn_train=True), 1),
+        "reflect padding": (ConvNet(padding_mode="reflect"), 1),
+    }
+    hooked = ConvNet()
+    hooked.b2.register_forward_hook(lambda m, i, o: o * 2)
+    cases["hooked BN"] = (hooked, 1)
+    stats_free = ConvNet()
+    stats_free.b1 = nn.BatchNorm2d(8, track_running_stats=False).eval()
+    cases["no running stats"] = (stats_free, 1)
+    for name, (net, want) in cases.items():
+        gm = fx.symbolic_trace(net)
+        with torch.no_grad():
+            before = net(x)
+            assert fold_batchnorm(gm) == want == _folded(gm), name
+            torch.testing.assert_close(gm(x), before, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("strategy", ["loop", "vmap"])
+@pytest.mark.parametrize("moved", ["conv", "all"])
+def test_folded_stem_plans_match_the_naive_float64_loop(strategy, moved):
+    torch.manual_seed(0)
+    model = ConvNet()
+    x, y = torch.randn(24, 3, 8, 8), torch.randint(0, 5, (24,))
+    if moved == "conv":  # filter-normalised, BatchNorm left alone ("biasbn")
+        d1, d2 = lw.random_directions(model, 2, seed=0)
+    else:  # BatchNorm's scale and shift move too
+        d1, d2 = gaussian_direction(model, seed=1), gaussian_direction(model, seed=2)
+    spec = (-1.0, 1.0, 3)
+    ev = lw.Evaluator(model, (x, y), [d1, d2], stem=True, strategy=strategy)
+    assert ev.stem is not None and _folded(ev.stem.suffix) == 1  # b2; b1 reads the stem
+    surf = lw.compute_surface(model, (x, y), directions=(d1, d2), x=spec, y=spec,
+                              progress=False,
+                              evaluator_options={"stem": True, "strategy": strategy})
+    assert surf.spec["plan"]["stem"]
+    want, _ = naive_surface(model, x, y, d1, d2, linspace(spec), linspace(spec))
+    np.testing.assert_allclose(surf.loss, want, rtol=1e-5, atol=0)
