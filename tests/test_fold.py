@@ -122,3 +122,16 @@ def test_folded_stem_plans_match_the_naive_float64_loop(strategy, moved):
     assert surf.spec["plan"]["stem"]
     want, _ = naive_surface(model, x, y, d1, d2, linspace(spec), linspace(spec))
     np.testing.assert_allclose(surf.loss, want, rtol=1e-5, atol=0)
+
+
+def test_half_models_and_mixed_dtypes_are_not_folded():
+    x = torch.randn(4, 3, 6, 6, dtype=torch.bfloat16)
+    whole = ConvNet().to(torch.bfloat16)
+    mixed = ConvNet().to(torch.bfloat16)
+    mixed.b1.float(), mixed.b2.float()  # BatchNorm kept in float32, a common mixed set-up
+    for net in (whole, mixed):
+        gm = fx.symbolic_trace(net)
+        with torch.no_grad():
+            before = net(x)
+            assert fold_batchnorm(gm) == 0
+            torch.testing.assert_close(gm(x), before, rtol=0, atol=0)

@@ -15,7 +15,8 @@ weights 6 ms of that); ResNet-18 over 128 x 3 x 32 x 32, 0.049 s and 0.048 s.
 Only what is provably the same map is folded (:func:`fold_batchnorm`): a stock ``Conv1d``/
 ``2d``/``3d`` with zero padding whose output nothing but a stock eval-mode BatchNorm of
 the same channel count reads, that BatchNorm using its running statistics, neither module
-hooked. The values equal the unfolded ones up to float rounding (sums in another order).
+hooked, both in one float32 or float64 dtype. The values equal the unfolded ones up to float
+rounding (sums in another order).
 """
 
 from __future__ import annotations
@@ -92,6 +93,12 @@ def _norm_after(gm: fx.GraphModule, conv_node: fx.Node, cls: type) -> fx.Node | 
     # without running statistics, BatchNorm normalises by the batch's own.
     if bn.training or bn.running_mean is None or bn.running_var is None or (
             bn.num_features != conv.out_channels):
+        return None
+    # One float32/float64 dtype: a bf16 model with float32 BatchNorm (a common mixed set-up)
+    # gave float32 folded weights for bf16 inputs (an error), and a fold rounded to 8 bits
+    # would move the outputs more than the stem's safety net allows (the stem was lost).
+    tensors = [conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var]
+    if {t.dtype for t in tensors if t is not None} not in ({torch.float32}, {torch.float64}):
         return None
     return node
 
