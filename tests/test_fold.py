@@ -8,10 +8,13 @@ convolutions only and ones that also move BatchNorm's scale and shift.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from cases import gaussian_direction
 from oracle import linspace, naive_surface
 from torch import nn
@@ -122,3 +125,73 @@ def test_folded_stem_plans_match_the_naive_float64_loop(strategy, moved):
     assert surf.spec["plan"]["stem"]
     want, _ = naive_surface(model, x, y, d1, d2, linspace(spec), linspace(spec))
     np.testing.assert_allclose(surf.loss, want, rtol=1e-5, atol=0)
+
+
+class HalfTail(nn.Module):
+    """A float32 stem, then a half convolution read by a float32 BatchNorm (torch runs it in
+    mixed precision), then a float32 head."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1).to(dtype)
+        self.b2 = _stats(nn.BatchNorm2d(8), 2)
+        self.head = nn.Linear(8, 5)
+        self.dtype = dtype
+        self.eval()
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x)).to(self.dtype)
+        return self.head(torch.relu(self.b2(self.c2(h))).float().mean((2, 3)))
+
+
+def _native_loop(model, x, y, d1, d2, xs, ys):
+    """The per-point loop in the model's own dtypes (the float64 oracle cannot cast a
+    model that casts inside its forward): ``(ny, nx)`` cross-entropies in float64."""
+    ref = copy.deepcopy(model)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    out = np.empty((len(ys), len(xs)))
+    for iy, b in enumerate(ys):
+        for ix, a in enumerate(xs):
+            ref.load_state_dict({k: v + float(a) * d1[k].to(v.dtype) + float(b) * d2[k].to(
+                v.dtype) if k in d1 else v for k, v in base.items()})
+            with torch.no_grad():
+                out[iy, ix] = float(F.cross_entropy(ref(x).double(), y))
+    return out
+
+
+def test_a_half_convolution_before_a_float32_batchnorm_is_computed_not_refused():
+    """Folded, the float32 scale made the weight float32 and the half convolution raised
+    ("Input type (c10::Half) and bias type (float) should be the same")."""
+    torch.manual_seed(0)
+    model = HalfTail(torch.float16)
+    x, y = torch.randn(16, 3, 6, 6), torch.randint(0, 5, (16,))
+    d1, d2 = gaussian_direction(model, seed=1), gaussian_direction(model, seed=2)
+    spec = (-0.5, 0.5, 2)
+    surf = lw.compute_surface(model, (x, y), directions=(d1, d2), x=spec, y=spec,
+                              progress=False,
+                              evaluator_options={"stem": True, "strategy": "loop"})
+    assert surf.spec["plan"]["stem"]
+    want = _native_loop(model, x, y, d1, d2, linspace(spec), linspace(spec))
+    # Half precision: the stem's sums round differently from the plain forward.
+    np.testing.assert_allclose(surf.loss, want, rtol=2e-3, atol=0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_bfloat16_model_keeps_its_stem(seed):
+    """In bfloat16, ``W * s`` rounded to 8 bits moved the split model's outputs past the
+    stem's safety net (rtol 1e-4): the stem was dropped without a word. (No linear head:
+    its class-major form rounds otherwise in bfloat16, which drops the stem too.)"""
+    torch.manual_seed(seed)
+    model = ConvNet()
+    model.head = nn.Identity()
+    model = model.to(torch.bfloat16)
+    x, y = torch.randn(16, 3, 8, 8, dtype=torch.bfloat16), torch.randint(0, 5, (16,))
+    d1, d2 = gaussian_direction(model, seed=1), gaussian_direction(model, seed=2)
+    spec = (-0.5, 0.5, 2)
+    surf = lw.compute_surface(model, (x, y), directions=(d1, d2), x=spec, y=spec,
+                              progress=False,
+                              evaluator_options={"stem": True, "strategy": "loop"})
+    assert surf.spec["plan"]["stem"]
+    want = _native_loop(model, x, y, d1, d2, linspace(spec), linspace(spec))
+    np.testing.assert_allclose(surf.loss, want, rtol=2e-2, atol=0)
