@@ -240,3 +240,31 @@ def test_a_fold_the_safety_net_refuses_leaves_the_stem_unfolded(seed):
         assert surf.spec["plan"]["stem"], strategy
         want, _ = naive_surface(model, x, y, d1, d2, linspace(spec), linspace(spec))
         np.testing.assert_allclose(surf.loss, want, rtol=1e-5, atol=0, err_msg=strategy)
+
+
+def _off(*args) -> torch.Tensor:
+    """A fold gone wrong: :func:`conv_bn` plus 0.01."""
+    return conv_bn(*args) + 0.01
+
+
+def test_a_folded_suffix_the_safety_net_refuses_is_replaced_by_the_traced_one():
+    """Whatever makes the folded suffix differ from the model, the stem stays, unfolded,
+    and its points are the float64 loop's."""
+    torch.manual_seed(0)
+    model = ConvNet()
+    x, y = torch.randn(24, 3, 8, 8), torch.randint(0, 5, (24,))
+    d1, d2 = gaussian_direction(model, seed=1), gaussian_direction(model, seed=2)
+    ev = lw.Evaluator(model, (x, y), [d1, d2], stem=True, strategy="loop")
+    gm = ev.stem.suffix
+    for node in gm.graph.nodes:
+        if node.target is conv_bn:
+            node.target = _off
+    gm.recompile()
+    assert ev._prepare_stem()
+    assert _folded(ev.stem.suffix) == 0
+    assert not any(n.target is _off for n in ev.stem.suffix.graph.nodes)
+    xs = linspace((-1.0, 1.0, 3))
+    got = ev.evaluate(np.array([(a, b) for b in xs for a in xs]))
+    assert ev.plan.stem
+    want, _ = naive_surface(model, x, y, d1, d2, xs, xs)
+    np.testing.assert_allclose(got["loss"], want.ravel(), rtol=1e-5, atol=0)
