@@ -8,10 +8,13 @@ convolutions only and ones that also move BatchNorm's scale and shift.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from cases import gaussian_direction
 from oracle import linspace, naive_surface
 from torch import nn
@@ -135,3 +138,144 @@ def test_half_models_and_mixed_dtypes_are_not_folded():
             before = net(x)
             assert fold_batchnorm(gm) == 0
             torch.testing.assert_close(gm(x), before, rtol=0, atol=0)
+class HalfTail(nn.Module):
+    """A float32 stem, then a half convolution read by a float32 BatchNorm (torch runs it in
+    mixed precision), then a float32 head."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1).to(dtype)
+        self.b2 = _stats(nn.BatchNorm2d(8), 2)
+        self.head = nn.Linear(8, 5)
+        self.dtype = dtype
+        self.eval()
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x)).to(self.dtype)
+        return self.head(torch.relu(self.b2(self.c2(h))).float().mean((2, 3)))
+
+
+def _native_loop(model, x, y, d1, d2, xs, ys):
+    """The per-point loop in the model's own dtypes (the float64 oracle cannot cast a
+    model that casts inside its forward): ``(ny, nx)`` cross-entropies in float64."""
+    ref = copy.deepcopy(model)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    out = np.empty((len(ys), len(xs)))
+    for iy, b in enumerate(ys):
+        for ix, a in enumerate(xs):
+            ref.load_state_dict({k: v + float(a) * d1[k].to(v.dtype) + float(b) * d2[k].to(
+                v.dtype) if k in d1 else v for k, v in base.items()})
+            with torch.no_grad():
+                out[iy, ix] = float(F.cross_entropy(ref(x).double(), y))
+    return out
+
+
+def test_a_half_convolution_before_a_float32_batchnorm_is_computed_not_refused():
+    """Folded, the float32 scale made the weight float32 and the half convolution raised
+    ("Input type (c10::Half) and bias type (float) should be the same")."""
+    torch.manual_seed(0)
+    model = HalfTail(torch.float16)
+    x, y = torch.randn(16, 3, 6, 6), torch.randint(0, 5, (16,))
+    d1, d2 = gaussian_direction(model, seed=1), gaussian_direction(model, seed=2)
+    spec = (-0.5, 0.5, 2)
+    surf = lw.compute_surface(model, (x, y), directions=(d1, d2), x=spec, y=spec,
+                              progress=False,
+                              evaluator_options={"stem": True, "strategy": "loop"})
+    assert surf.spec["plan"]["stem"]
+    want = _native_loop(model, x, y, d1, d2, linspace(spec), linspace(spec))
+    # Half precision: the stem's sums round differently from the plain forward.
+    np.testing.assert_allclose(surf.loss, want, rtol=2e-3, atol=0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_bfloat16_model_keeps_its_stem(seed):
+    """In bfloat16, ``W * s`` rounded to 8 bits moved the split model's outputs past the
+    stem's safety net (rtol 1e-4): the stem was dropped without a word. (No linear head:
+    its class-major form rounds otherwise in bfloat16, which drops the stem too.)"""
+    torch.manual_seed(seed)
+    model = ConvNet()
+    model.head = nn.Identity()
+    model = model.to(torch.bfloat16)
+    x, y = torch.randn(16, 3, 8, 8, dtype=torch.bfloat16), torch.randint(0, 5, (16,))
+    d1, d2 = gaussian_direction(model, seed=1), gaussian_direction(model, seed=2)
+    spec = (-0.5, 0.5, 2)
+    surf = lw.compute_surface(model, (x, y), directions=(d1, d2), x=spec, y=spec,
+                              progress=False,
+                              evaluator_options={"stem": True, "strategy": "loop"})
+    assert surf.spec["plan"]["stem"]
+    want = _native_loop(model, x, y, d1, d2, linspace(spec), linspace(spec))
+    np.testing.assert_allclose(surf.loss, want, rtol=2e-2, atol=0)
+
+
+class Calibrated(nn.Module):
+    """Three conv-BN-ReLU blocks whose convolutions add a large constant (bias 300) that
+    their BatchNorms, with statistics taken from the data as training leaves them, take
+    out again: the folded sums cancel otherwise than the model's own."""
+
+    def __init__(self, x: torch.Tensor):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.convs = nn.ModuleList([nn.Conv2d(16, 16, 3, padding=1) for _ in range(3)])
+        self.bns = nn.ModuleList([nn.BatchNorm2d(16, momentum=None) for _ in range(3)])
+        self.head = nn.Linear(16, 10)
+        with torch.no_grad():
+            for c in self.convs:
+                c.bias.fill_(300.0)
+            self.train()(x)  # momentum=None: the running statistics are the data's
+        self.eval()
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        for c, b in zip(self.convs, self.bns, strict=True):
+            h = torch.relu(b(c(h)))
+        return self.head(h.mean((2, 3)))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_fold_the_safety_net_refuses_leaves_the_stem_unfolded(seed):
+    """The folded suffix was 1.4-1.9x the safety net's tolerance from the model here (a
+    torchvision ResNet-50 with its statistics from the data: 2-10x): the stem was dropped
+    without a word. The suffix as traced matches, and is kept."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    x = torch.randn(32, 3, 8, 8, generator=g) + 1.0
+    y = torch.randint(0, 10, (32,), generator=g)
+    model = Calibrated(x)
+    d1, d2 = lw.random_directions(model, 2, seed=0)
+    spec = (-0.5, 0.5, 3)
+    for strategy in ("loop", "vmap"):
+        surf = lw.compute_surface(model, (x, y), directions=(d1, d2), x=spec, y=spec,
+                                  progress=False,
+                                  evaluator_options={"stem": True, "strategy": strategy})
+        assert surf.spec["plan"]["stem"], strategy
+        want, _ = naive_surface(model, x, y, d1, d2, linspace(spec), linspace(spec))
+        np.testing.assert_allclose(surf.loss, want, rtol=1e-5, atol=0, err_msg=strategy)
+
+
+def _off(*args) -> torch.Tensor:
+    """A fold gone wrong: :func:`conv_bn` plus 0.01."""
+    return conv_bn(*args) + 0.01
+
+
+def test_a_folded_suffix_the_safety_net_refuses_is_replaced_by_the_traced_one():
+    """Whatever makes the folded suffix differ from the model, the stem stays, unfolded,
+    and its points are the float64 loop's."""
+    torch.manual_seed(0)
+    model = ConvNet()
+    x, y = torch.randn(24, 3, 8, 8), torch.randint(0, 5, (24,))
+    d1, d2 = gaussian_direction(model, seed=1), gaussian_direction(model, seed=2)
+    ev = lw.Evaluator(model, (x, y), [d1, d2], stem=True, strategy="loop")
+    gm = ev.stem.suffix
+    for node in gm.graph.nodes:
+        if node.target is conv_bn:
+            node.target = _off
+    gm.recompile()
+    assert ev._prepare_stem()
+    assert _folded(ev.stem.suffix) == 0
+    assert not any(n.target is _off for n in ev.stem.suffix.graph.nodes)
+    xs = linspace((-1.0, 1.0, 3))
+    got = ev.evaluate(np.array([(a, b) for b in xs for a in xs]))
+    assert ev.plan.stem
+    want, _ = naive_surface(model, x, y, d1, d2, xs, xs)
+    np.testing.assert_allclose(got["loss"], want.ravel(), rtol=1e-5, atol=0)

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from torch.func import functional_call
 
+from .fx_trace import FX_LOCK
 from .plans import Plan, _describe_error, _is_oom
-from .stem import FX_LOCK
 
 AUTO_FACTOR = 20.0
 AUTO_MIN_POINTS = 400
@@ -123,7 +123,7 @@ class CompiledForward:
         plan.compiled = True
         t0 = time.perf_counter()
         try:
-            with FX_LOCK:  # dynamo traces too; one trace at a time (see core.stem)
+            with FX_LOCK:  # dynamo traces too; one trace at a time (see core.fx_trace)
                 spp = self._time_pass(plan, c)
         except Exception as err:
             if _is_oom(err):

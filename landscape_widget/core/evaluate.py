@@ -317,7 +317,7 @@ class Evaluator(PointPasses, PlanChoice, InputDtype, LossStats, BatchCoupling, P
                      and self.batch_coupling is None else None)
         if self.stem is not None:
             # Its graph modules are reference cycles: freed with the evaluator, not whenever
-            # Python's cyclic collector runs (see core/stem.py, release).
+            # Python's cyclic collector runs (see core/fx_trace.py, release).
             weakref.finalize(self, self.stem.release)
         if self.stem is not None and self.stem.constants and (
                 buffers_of(self.module).keys() & set(self.keys)):

@@ -15,8 +15,8 @@ weights 6 ms of that); ResNet-18 over 128 x 3 x 32 x 32, 0.049 s and 0.048 s.
 Only what is provably the same map is folded (:func:`fold_batchnorm`): a stock ``Conv1d``/
 ``2d``/``3d`` with zero padding whose output nothing but a stock eval-mode BatchNorm of
 the same channel count reads, that BatchNorm using its running statistics, neither module
-hooked, both in one float32 or float64 dtype. The values equal the unfolded ones up to float
-rounding (sums in another order).
+hooked, all their tensors float32 or all float64. The values equal the unfolded ones up
+to float rounding (sums in another order).
 """
 
 from __future__ import annotations
@@ -92,15 +92,28 @@ def _norm_after(gm: fx.GraphModule, conv_node: fx.Node, cls: type) -> fx.Node | 
     # Eval mode with running statistics is a fixed affine map; in training mode, or
     # without running statistics, BatchNorm normalises by the batch's own.
     if bn.training or bn.running_mean is None or bn.running_var is None or (
-            bn.num_features != conv.out_channels):
-        return None
-    # One float32/float64 dtype: a bf16 model with float32 BatchNorm (a common mixed set-up)
-    # gave float32 folded weights for bf16 inputs (an error), and a fold rounded to 8 bits
-    # would move the outputs more than the stem's safety net allows (the stem was lost).
-    tensors = [conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var]
-    if {t.dtype for t in tensors if t is not None} not in ({torch.float32}, {torch.float64}):
+            bn.num_features != conv.out_channels) or not _one_dtype(conv, bn):
         return None
     return node
+
+
+def _one_dtype(conv: nn.Module, bn: nn.Module) -> bool:
+    """Whether the pair's tensors all have one dtype, float32 or float64.
+
+    A half or bfloat16 convolution before a float32 BatchNorm (which torch runs in mixed
+    precision) gave a float32 folded weight that the convolution refused ("Input type
+    (c10::Half) and bias type (float) should be the same"): the whole computation failed.
+    In bfloat16 or half throughout, ``W * s`` rounded to 8 or 11 bits moved the split
+    model's outputs past the stem's safety net (``rtol=1e-4``), which then dropped the
+    stem; BatchNorm itself computes in float32 there.
+
+    Returns:
+        True if the fold computes in the same dtype as the two modules do.
+    """
+    tensors = [t for t in (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean,
+                           bn.running_var) if t is not None]
+    return len({t.dtype for t in tensors}) == 1 and tensors[0].dtype in (
+        torch.float32, torch.float64)
 
 
 def fold_batchnorm(gm: fx.GraphModule) -> int:

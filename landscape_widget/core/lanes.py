@@ -39,10 +39,10 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .copies import structural_copy
+from .fx_trace import release
 from .lane_pool import Lane, _submit, openmp_backend
 from .plans import LANE_ROUNDS, TRIAL_PASSES, _is_oom, _remember, copy_plan, is_user_error
 from .rng import DrawSpy, batch_draws
-from .stem import release
 
 
 class PointLanes:
@@ -119,7 +119,7 @@ class PointLanes:
             if self.stem is not None:
                 suffix = structural_copy(self.stem.suffix)
                 # A graph module is a reference cycle: freed with the evaluator, as the
-                # stem's own (see core/stem.py, release).
+                # stem's own (see core/fx_trace.py, release).
                 weakref.finalize(self, release, suffix)
             moved = set(self.keys)  # moved buffers are built fresh at each point
             slots = {k: v for k, v in self._buffer_slots.items() if k not in moved}

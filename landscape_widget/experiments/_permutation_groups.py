@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..core.stem import symbolic_trace
+from ..core.fx_trace import symbolic_trace
 
 MIXING = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _PER_UNIT_MODULES = (
@@ -139,7 +139,7 @@ def _dims_of(node) -> tuple[int, ...] | None:
 
 def trace(model: nn.Module):
     try:
-        return symbolic_trace(model)  # one trace at a time (see core.stem.FX_LOCK)
+        return symbolic_trace(model)  # one trace at a time (see core.fx_trace.FX_LOCK)
     except Exception as err:  # noqa: BLE001 - fx raises many types; all mean "cannot follow"
         raise ValueError(f"permutation_direction could not trace the model with torch.fx "
                          f"({type(err).__name__}: {err}); {HELP}.") from err
