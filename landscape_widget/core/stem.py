@@ -342,11 +342,10 @@ class StemTerms:
             out_split = self._split_out(sub, terms[0][1][:m])
             out_full = self._probe(m)
             self._probed = None  # not needed any more
-            # Folded BatchNorms round otherwise than the model: where that alone fails the
-            # check (ResNet-50 with its BatchNorms' statistics taken from the data: 2-10x
-            # the tolerance, as far as the model's own float32 forward is from float64),
-            # the suffix as traced is checked and kept instead.
-            while not _matches(out_split, out_full):
+            # Folded BatchNorms round otherwise than the model: they are checked against
+            # the outputs' scale (see _matches); where they still fail, the suffix as
+            # traced is checked and kept instead.
+            while not _matches(out_split, out_full, folded=stem.unfolded is not None):
                 if not stem.unfold():
                     return False
                 self._reset_state()  # what the folded suffix's pass wrote
@@ -361,9 +360,30 @@ class StemTerms:
             return functional_call(self.stem.suffix, sub, (stem_out.clone(),))
 
 
-def _matches(out_split: Tensor, out_full: Tensor) -> bool:
-    """Whether the split model's outputs are the whole model's (the stem's safety net)."""
+FOLD_RTOL = 1e-4
+"""Largest difference, relative to the largest output, between a suffix with BatchNorm
+folded and the whole model (the stem's safety net)."""
+
+
+def _matches(out_split: Tensor, out_full: Tensor, folded: bool = False) -> bool:
+    """Whether the split model's outputs are the whole model's (the stem's safety net).
+
+    The suffix as traced runs the model's own operations: its outputs must match entry by
+    entry. A folded one rounds otherwise, as far from the model as the model's own float32
+    forward is from float64 (a torchvision ResNet-50 with its BatchNorms' statistics from
+    the data: 5.1e-5 and 5.6e-5 of the largest logit), which entry by entry failed (an
+    output near 0 keeps no relative precision): it is judged against the outputs' scale.
+
+    Returns:
+        True if they match.
+    """
     # Another dtype: the forward's own autocast, lost by the trace (allclose raised).
-    return out_split.shape == out_full.shape and out_split.dtype == out_full.dtype and (
-        torch.allclose(out_split, out_full, rtol=1e-4, atol=1e-5))
+    if out_split.shape != out_full.shape or out_split.dtype != out_full.dtype:
+        return False
+    if torch.allclose(out_split, out_full, rtol=1e-4, atol=1e-5):
+        return True
+    if not folded or not (out_split.isfinite().all() and out_full.isfinite().all()):
+        return False
+    scale = float(out_full.abs().max())
+    return float((out_split - out_full).abs().max()) <= FOLD_RTOL * scale
 
