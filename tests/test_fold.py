@@ -282,3 +282,22 @@ def test_a_folded_suffix_the_safety_net_refuses_is_replaced_by_the_traced_one():
     assert ev.plan.stem
     want, _ = naive_surface(model, x, y, d1, d2, xs, xs)
     np.testing.assert_allclose(got["loss"], want.ravel(), rtol=1e-5, atol=0)
+
+
+def test_a_bfloat16_model_with_a_small_head_keeps_its_stem():
+    """Review 11a: the class-major head (core/rewrite.py) of a bf16 Linear rounded otherwise
+    than F.linear by more than the safety net allows, so such models always lost the stem."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                      nn.Linear(8 * 36, 5)).to(torch.bfloat16)
+    x, y = torch.randn(16, 3, 6, 6, dtype=torch.bfloat16), torch.randint(0, 5, (16,))
+    ev = lw.Evaluator(m, (x, y), lw.random_directions(m, 2, seed=0), stem=True,
+                      strategy="loop")
+    assert ev._prepare_stem()
+    d1, d2 = lw.random_directions(m, 2, seed=0)
+    spec = (-0.5, 0.5, 2)
+    surf = lw.compute_surface(m, (x, y), directions=(d1, d2), x=spec, y=spec, progress=False,
+                              evaluator_options={"stem": True, "strategy": "loop"})
+    assert surf.spec["plan"]["stem"]
+    want = _native_loop(m, x, y, d1, d2, linspace(spec), linspace(spec))
+    np.testing.assert_allclose(surf.loss, want, rtol=2e-2, atol=0)

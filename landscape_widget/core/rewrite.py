@@ -201,6 +201,10 @@ def _class_major_head(gm: fx.GraphModule) -> bool:
     mod = gm.get_submodule(node.target)
     if not stock(mod, nn.Linear) or mod.out_features > HEAD_MAX_CLASSES:
         return False
+    if mod.weight.dtype not in (torch.float32, torch.float64):
+        # A bf16/fp16 head's (W @ x^T)^T rounds otherwise than F.linear by more than the
+        # stem's safety net allows: every such model lost its stem (review 11a).
+        return False
     with gm.graph.inserting_before(node):
         weight = gm.graph.get_attr(f"{node.target}.weight")
         bias = gm.graph.get_attr(f"{node.target}.bias") if mod.bias is not None else None
