@@ -171,6 +171,17 @@ def _native_loop(model, x, y, d1, d2, xs, ys):
     return out
 
 
+def _stem_matches_native_loop(model, x, y, d1, d2, rtol: float) -> None:
+    """A forced stem plan on a 2x2 grid against :func:`_native_loop` within ``rtol``."""
+    spec = (-0.5, 0.5, 2)
+    surf = lw.compute_surface(model, (x, y), directions=(d1, d2), x=spec, y=spec,
+                              progress=False,
+                              evaluator_options={"stem": True, "strategy": "loop"})
+    assert surf.spec["plan"]["stem"]
+    want = _native_loop(model, x, y, d1, d2, linspace(spec), linspace(spec))
+    np.testing.assert_allclose(surf.loss, want, rtol=rtol, atol=0)
+
+
 def test_a_half_convolution_before_a_float32_batchnorm_is_computed_not_refused():
     """Folded, the float32 scale made the weight float32 and the half convolution raised
     ("Input type (c10::Half) and bias type (float) should be the same")."""
@@ -178,34 +189,19 @@ def test_a_half_convolution_before_a_float32_batchnorm_is_computed_not_refused()
     model = HalfTail(torch.float16)
     x, y = torch.randn(16, 3, 6, 6), torch.randint(0, 5, (16,))
     d1, d2 = gaussian_direction(model, seed=1), gaussian_direction(model, seed=2)
-    spec = (-0.5, 0.5, 2)
-    surf = lw.compute_surface(model, (x, y), directions=(d1, d2), x=spec, y=spec,
-                              progress=False,
-                              evaluator_options={"stem": True, "strategy": "loop"})
-    assert surf.spec["plan"]["stem"]
-    want = _native_loop(model, x, y, d1, d2, linspace(spec), linspace(spec))
     # Half precision: the stem's sums round differently from the plain forward.
-    np.testing.assert_allclose(surf.loss, want, rtol=2e-3, atol=0)
+    _stem_matches_native_loop(model, x, y, d1, d2, rtol=2e-3)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_a_bfloat16_model_keeps_its_stem(seed):
     """In bfloat16, ``W * s`` rounded to 8 bits moved the split model's outputs past the
-    stem's safety net (rtol 1e-4): the stem was dropped without a word. (No linear head:
-    its class-major form rounds otherwise in bfloat16, which drops the stem too.)"""
+    stem's safety net (rtol 1e-4): the stem was dropped without a word."""
     torch.manual_seed(seed)
-    model = ConvNet()
-    model.head = nn.Identity()
-    model = model.to(torch.bfloat16)
+    model = ConvNet().to(torch.bfloat16)
     x, y = torch.randn(16, 3, 8, 8, dtype=torch.bfloat16), torch.randint(0, 5, (16,))
     d1, d2 = gaussian_direction(model, seed=1), gaussian_direction(model, seed=2)
-    spec = (-0.5, 0.5, 2)
-    surf = lw.compute_surface(model, (x, y), directions=(d1, d2), x=spec, y=spec,
-                              progress=False,
-                              evaluator_options={"stem": True, "strategy": "loop"})
-    assert surf.spec["plan"]["stem"]
-    want = _native_loop(model, x, y, d1, d2, linspace(spec), linspace(spec))
-    np.testing.assert_allclose(surf.loss, want, rtol=2e-2, atol=0)
+    _stem_matches_native_loop(model, x, y, d1, d2, rtol=2e-2)
 
 
 class Calibrated(nn.Module):
@@ -294,10 +290,4 @@ def test_a_bfloat16_model_with_a_small_head_keeps_its_stem():
     ev = lw.Evaluator(m, (x, y), lw.random_directions(m, 2, seed=0), stem=True,
                       strategy="loop")
     assert ev._prepare_stem()
-    d1, d2 = lw.random_directions(m, 2, seed=0)
-    spec = (-0.5, 0.5, 2)
-    surf = lw.compute_surface(m, (x, y), directions=(d1, d2), x=spec, y=spec, progress=False,
-                              evaluator_options={"stem": True, "strategy": "loop"})
-    assert surf.spec["plan"]["stem"]
-    want = _native_loop(m, x, y, d1, d2, linspace(spec), linspace(spec))
-    np.testing.assert_allclose(surf.loss, want, rtol=2e-2, atol=0)
+    _stem_matches_native_loop(m, x, y, *lw.random_directions(m, 2, seed=0), rtol=2e-2)
