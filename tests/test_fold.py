@@ -122,7 +122,7 @@ def test_folded_stem_plans_match_the_naive_float64_loop(strategy, moved):
     surf = lw.compute_surface(model, (x, y), directions=(d1, d2), x=spec, y=spec,
                               progress=False,
                               evaluator_options={"stem": True, "strategy": strategy})
-    assert surf.spec["plan"]["stem"]
+    assert surf.spec["plan"]["stem"] and surf.spec["plan"]["folded_batchnorms"] == 1
     want, _ = naive_surface(model, x, y, d1, d2, linspace(spec), linspace(spec))
     np.testing.assert_allclose(surf.loss, want, rtol=1e-5, atol=0)
 

@@ -393,8 +393,10 @@ class Evaluator(PointPasses, PlanChoice, InputDtype, LossStats, BatchCoupling, P
         return {
             "device": str(self.device),
             # Copies: a caller editing the result's spec must not reach the plan (or the cache).
-            "plan": None if self.plan is None else dict(vars(copy_plan(self.plan)),
-                                                        label=self.plan.label),
+            "plan": None if self.plan is None else dict(
+                vars(copy_plan(self.plan)), label=self.plan.label,
+                # Eval-mode BatchNorms run folded into their convolutions (core/fold.py).
+                folded_batchnorms=self.stem.folded if self.plan.stem and self.stem else 0),
             "precision": self.precision,
             "precision_error": None if self.plan is None else self.plan.precision_error,
             "trials": [vars(copy_plan(p)) for p in self._results],

@@ -26,7 +26,7 @@ from torch.func import functional_call
 
 from . import rewrite
 from .batch_stats import PROBE_SAMPLES
-from .fold import fold_batchnorm
+from .fold import conv_bn, fold_batchnorm
 from .fx_trace import quiet, release, symbolic_trace
 from .rng import batch_draws
 
@@ -73,6 +73,12 @@ class Stem:
         release(self.suffix)
         if self.unfolded is not None:
             release(self.unfolded)
+
+    @property
+    def folded(self) -> int:
+        """How many BatchNorms the suffix runs folded into their convolutions."""
+        return sum(n.op == "call_function" and n.target is conv_bn
+                   for n in self.suffix.graph.nodes)
 
     def unfold(self) -> bool:
         """Run the suffix without its folded BatchNorms from now on.
