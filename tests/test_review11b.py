@@ -9,7 +9,9 @@
   ``nn.Hardsigmoid`` twice (``hardsigmoid_backward`` has no derivative, no forward-mode
   one), so every Hessian product failed. The engine's private copy now computes it as
   ``clamp(x + 3, 0, 6) / 6``. Checked against torch's dense float64 Hessian of the same
-  function written with ``relu6``.
+  function written with ``relu6``. ``F.hardsigmoid`` called in a forward still cannot be
+  differentiated twice: the error names the clamp form and no longer suggests
+  ``method='backward'`` or ``'jvp'``, which fail on it alike.
 """
 
 from __future__ import annotations
@@ -100,3 +102,29 @@ def test_hessian_of_hardsigmoid_gate(inplace):
     for value, vec in zip(pairs.values, pairs.vectors, strict=True):
         v = torch.cat([vec[k].double().reshape(-1) for k in keys])
         assert float((h @ v - value * v).norm()) < 1e-4 * float(top[0])
+
+
+class _FunctionalGate(nn.Module):
+    """``F.hardsigmoid`` called in forward (not a layer the engine can swap)."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(F.hardsigmoid(self.hidden(x)))
+
+
+@pytest.mark.parametrize("method", ["auto", "backward", "jvp"])
+def test_functional_hardsigmoid_error_names_the_fix(method):
+    model = reinit(_FunctionalGate(), 0)
+    x, y = classification_data(8, (4,), 3, 1)
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match="hardsigmoid") as info:
+        lw.hessian_eigenpairs(model, (x, y), k=1, method=method)
+    message = str(info.value)
+    assert "(x + 3).clamp(0, 6) / 6" in message
+    assert "method='backward'" not in message and "method='jvp'" not in message
+    assert_same_snapshot(before, snapshot(model))
+    # The clamp form it names is what torch differentiates twice: the same products.
+    assert (F.hardsigmoid(x) == (x + 3).clamp(0, 6) / 6).all()
