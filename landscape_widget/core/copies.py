@@ -4,7 +4,7 @@
 attributes (pruning, legacy ``weight_norm``); :func:`structural_copy` gives a lane of points
 (core/lanes.py) a module of its own around the evaluator's tensors; :func:`true_gradients`
 makes a private copy's autograd give the loss's own gradient (embeddings'
-``scale_grad_by_freq`` and ``sparse``).
+``scale_grad_by_freq`` and ``sparse``) and its second derivative (``nn.Hardsigmoid``).
 """
 
 from __future__ import annotations
@@ -95,15 +95,56 @@ def structural_copy(module: nn.Module) -> nn.Module:
     return out
 
 
-def true_gradients(module: nn.Module) -> nn.Module:
-    """Turn off ``scale_grad_by_freq`` and ``sparse`` in a private copy's embeddings.
+class ClampHardsigmoid(nn.Module):
+    """``nn.Hardsigmoid`` as ``clamp(x + 3, 0, 6) / 6``, which torch differentiates twice.
 
+    torch has no derivative of ``hardsigmoid_backward`` (and no forward-mode one), so no
+    Hessian product of a model with it (MobileNetV3's squeeze-excitation gates) could be
+    taken. The clamp form is the same function; on a CPU, the same values bit for bit.
+    """
+
+    def __init__(self, inplace: bool = False):
+        super().__init__()
+        self.inplace = inplace
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``hardsigmoid(x)`` (written into ``x`` when ``inplace``).
+
+        Returns:
+            ``clamp(x + 3, 0, 6) / 6``.
+        """
+        if self.inplace:  # as nn.Hardsigmoid(inplace=True): the caller may read x after
+            return x.add_(3).clamp_(0, 6).div_(6)
+        return (x + 3).clamp(0, 6) / 6
+
+
+def _twice_differentiable(module: nn.Module) -> None:
+    """Swap every hook-free ``nn.Hardsigmoid`` of a private copy for :class:`ClampHardsigmoid`.
+
+    One with hooks stays (a hook may read or change what the layer computes).
+    """
+    swapped: dict[int, nn.Module] = {}
+    for parent in list(module.modules()):
+        for name, child in list(parent._modules.items()):
+            if (type(child) is nn.Hardsigmoid and not child._forward_hooks
+                    and not child._forward_pre_hooks and not child._backward_hooks):
+                # A layer used in two places stays one layer.
+                new = swapped.setdefault(id(child), ClampHardsigmoid(child.inplace))
+                parent._modules[name] = new.train(child.training)
+
+
+def true_gradients(module: nn.Module) -> nn.Module:
+    """Make a private copy's autograd give the loss's own first and second derivatives.
+
+    Turns off ``scale_grad_by_freq`` and ``sparse`` in its embeddings:
     ``scale_grad_by_freq`` divides each embedding row's gradient by the row's count in the
     batch: a training heuristic that leaves the forward, and so the loss, unchanged but
     makes autograd's "gradient" something else than the loss's. Hessian products from it
     are not symmetric and gradient directions are bent; off, they are the loss's own.
     ``sparse`` only changes the gradient's layout, which a flat gradient or a Hessian
     product cannot reshape ("reshape is not implemented for sparse tensors").
+    Swaps ``nn.Hardsigmoid`` for the same function in a form torch can differentiate
+    twice (:class:`ClampHardsigmoid`).
 
     Returns:
         ``module`` itself (a private copy: never the user's model), changed in place.
@@ -112,4 +153,5 @@ def true_gradients(module: nn.Module) -> nn.Module:
         if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
             m.scale_grad_by_freq = False
             m.sparse = False
+    _twice_differentiable(module)
     return module

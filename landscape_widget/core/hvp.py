@@ -368,6 +368,16 @@ class HessianOperator(ProductMethods):
         hint = ("on CUDA a cuDNN RNN has no double backward: run the call inside "
                 "`with torch.backends.cudnn.flags(enabled=False):`" if self.device.type == "cuda"
                 else "replace that layer by a twice-differentiable one")
+        text, failed = "; ".join(tried), {t.split(":", 1)[0] for t in tried}
+        ways = {"backward": "method='backward' (double backward batch by batch)",
+                "jvp": "method='jvp' (forward-over-reverse)"}
+        if "derivative for" in text and failed & {"graph", "backward"}:
+            ways.pop("backward")  # the same double backward as 'graph': fails alike
+        if "hardsigmoid" in text:  # neither derivative exists; the clamp form has both
+            hint, ways = ("compute F.hardsigmoid(x) as (x + 3).clamp(0, 6) / 6, the same "
+                          "function (nn.Hardsigmoid layers are swapped for it here)"), {}
+        ways = [w for m, w in ways.items() if m not in failed]
+        others = f", or pass {' or '.join(ways)} to try the other way" if ways else ""
         if "modified by an inplace operation" in str(err):
             # No method helps: the forward itself is not differentiable (as in training).
             raise RuntimeError(
@@ -378,9 +388,7 @@ class HessianOperator(ProductMethods):
                 "compute out of place (self.scale = self.scale * 1.5).") from err
         raise RuntimeError(
             "Hessian-vector products need the loss differentiated twice, and torch could not ("
-            + "; ".join(tried) + f"). Fix: {hint}, or pass method='backward' (double backward "
-            "batch by batch) or method='jvp' (forward-over-reverse) to try the other "
-            "way.") from err
+            + text + f"). Fix: {hint}{others}.") from err
 
     def as_linear_operator(self):
         """A ``scipy.sparse.linalg.LinearOperator`` (float64 numpy vectors)."""

@@ -14,9 +14,11 @@ This module trains one run (:func:`start_run`, :func:`train_run`); the set of ru
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import inspect
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -62,7 +64,21 @@ class Run:
 
 
 def _cpu_state(model: nn.Module) -> dict[str, Tensor]:
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    """A CPU copy of ``model.state_dict()`` that keeps its ``_metadata`` (module versions).
+
+    A module whose ``_load_from_state_dict`` reads its version (torchvision's MNASNet) refuses
+    a plain dict of tensors ("version should be set to 1 or 2 instead of None"), so
+    ``model_at`` needs the versions the state was saved with.
+
+    Returns:
+        An ``OrderedDict`` of detached CPU tensors with the state dict's ``_metadata``.
+    """
+    state = model.state_dict()
+    out = OrderedDict((k, v.detach().to("cpu", copy=True)) for k, v in state.items())
+    metadata = getattr(state, "_metadata", None)
+    if metadata is not None:
+        out._metadata = copy.copy(metadata)  # type: ignore[attr-defined]
+    return out
 
 
 def initial_model(model_fn, seed: int) -> nn.Module:
