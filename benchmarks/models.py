@@ -298,7 +298,10 @@ def bench(case: Case, args, ceilings: dict) -> list[dict]:
     add("plain full-batch loop", s_plain, points,
         note=f"median of {rounds} ({', '.join(f'{v:.2f} s' for v in plain_s)}); "
              f"{faults['plain'] / rounds:.0f} page faults/pt")
-    labels = " / ".join(dict.fromkeys(r.spec["plan"]["label"] for r in surfs))
+    labels = " / ".join(dict.fromkeys(
+        r.spec["plan"]["label"] + (f" ({r.spec['plan']['folded_batchnorms']} BN folded)"
+                                   if r.spec["plan"].get("folded_batchnorms") else "")
+        for r in surfs))
     add("ours fp32, first call", s_plain / ratio, points,
         note=(f"median ratio of {len(ratios)} rounds (range {ratios[0]:.2f}-{ratios[-1]:.2f}x;"
               f" {', '.join(f'{v:.2f} s' for v in first_s)}); {labels}; tuning "

@@ -172,12 +172,14 @@ class LossStats:
         if getattr(self, "_probed", None) is not None and self._probed_rows == m:
             return self._probed
         total = 0
+        elements: dict[int, int] = {}  # per leaf module (by id): its outputs' elements
 
-        def hook(_m, _i, out):
+        def hook(mod, _i, out):
             nonlocal total
             for t in out if isinstance(out, (tuple, list)) else (out,):
                 if isinstance(t, Tensor):
                     total += t.numel() * t.element_size()
+                    elements[id(mod)] = elements.get(id(mod), 0) + t.numel()
 
         leaves = [mod for mod in self.module.modules() if not list(mod.children())]
         handles = [mod.register_forward_hook(hook) for mod in leaves]
@@ -198,6 +200,8 @@ class LossStats:
         # (the surface was off by 278 and the user's data changed, with nothing said).
         self.input_writes = x._version != version or not torch.equal(x, pristine)
         self.act_bytes = max(int(total / m), 4 * int(self.x[:1].numel()), 64)
+        # Per sample, for the BatchNorm fold's choice (core/fold.py, fold_pays).
+        self.out_elements = {k: v // m for k, v in elements.items()}
         self._probed, self._probed_rows = out, m
         return out
 

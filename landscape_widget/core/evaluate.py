@@ -312,7 +312,8 @@ class Evaluator(PointPasses, PlanChoice, InputDtype, LossStats, BatchCoupling, P
         # (Nor a forward writing to its input: the stem's first-layer inputs are computed
         # once from the data, the writes would be lost. Nor one mixing the samples of a
         # batch: its head would see the stem's batches, not the passes'.)
-        self.stem = (split_stem(self.module, class_major_head=self._batched_ce)
+        self.stem = (split_stem(self.module, class_major_head=self._batched_ce,
+                                fold_pays=self._fold_pays)
                      if stem and self._tensor_out and not self.input_writes
                      and self.batch_coupling is None else None)
         if self.stem is not None:

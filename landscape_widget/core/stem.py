@@ -26,7 +26,7 @@ from torch.func import functional_call
 
 from . import rewrite
 from .batch_stats import PROBE_SAMPLES
-from .fold import conv_bn, fold_batchnorm
+from .fold import conv_bn, fold_batchnorm, fold_pays
 from .fx_trace import quiet, release, symbolic_trace
 from .rng import batch_draws
 
@@ -126,13 +126,16 @@ def _only_node_arg(node: fx.Node, source: fx.Node) -> bool:
     return found == [source]
 
 
-def split_stem(module: nn.Module, class_major_head: bool = False) -> Stem | None:
+def split_stem(module: nn.Module, class_major_head: bool = False,
+               fold_pays=None) -> Stem | None:
     """Split ``module`` at its first linear layer.
 
     Args:
         module: The engine's private copy of the model.
         class_major_head: Passed to :func:`~landscape_widget.core.rewrite.optimise` for the
             suffix: whether the engine's own cross-entropy reads the model's output.
+        fold_pays: ``fold_pays(conv, bn) -> bool``, which BatchNorms to fold into their
+            convolutions (:func:`~.fold.fold_batchnorm`; default: every one that can be).
 
     Returns:
         The :class:`Stem`, or ``None`` if the split is not safe.
@@ -147,12 +150,13 @@ def split_stem(module: nn.Module, class_major_head: bool = False) -> Stem | None
     except Exception:  # noqa: BLE001 - untraceable models just run without a stem
         return None
     try:
-        return _split(module, gm, class_major_head)
+        return _split(module, gm, class_major_head, fold_pays)
     finally:
         release(gm)  # the prefix and suffix hold their own references to what they use
 
 
-def _split(module: nn.Module, gm: fx.GraphModule, class_major_head: bool) -> Stem | None:
+def _split(module: nn.Module, gm: fx.GraphModule, class_major_head: bool,
+           fold_pays) -> Stem | None:
     """:func:`split_stem` on the model's trace ``gm``."""
     graph = gm.graph
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
@@ -210,7 +214,7 @@ def _split(module: nn.Module, gm: fx.GraphModule, class_major_head: bool) -> Ste
     # BatchNorm statistics that alone can fail the safety net (_prepare_stem), which then
     # keeps the stem with the suffix as traced.
     folded = quiet(fx.GraphModule(suffix, copy.deepcopy(suffix.graph)))
-    if not fold_batchnorm(folded):
+    if not fold_batchnorm(folded, fold_pays):
         release(folded)
         folded = None
     used = {k for k, _ in suffix.named_parameters()} | {k for k, _ in suffix.named_buffers()}
@@ -359,6 +363,16 @@ class StemTerms:
             self._reset_state()  # the probe's forward may have changed buffers
         self._stem_terms = [terms[0][1]] + terms[1:]
         return True
+
+    def _fold_pays(self, conv: nn.Module, bn: nn.Module) -> bool:
+        """Whether to fold ``bn`` into ``conv`` on this data (:func:`~.fold.fold_pays`).
+
+        Returns:
+            :func:`~.fold.fold_pays` for the full-data pass's samples and ``bn``'s outputs
+            per sample as the set-up's probe measured them (unknown: False).
+        """
+        outputs = getattr(self, "out_elements", {}).get(id(bn))
+        return fold_pays(self._batch_for(1), outputs, conv)
 
     def _split_out(self, sub: dict[str, Tensor], stem_out: Tensor) -> Tensor:
         """The stem's suffix on ``stem_out`` (the safety net's split model)."""
