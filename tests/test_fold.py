@@ -291,3 +291,14 @@ def test_a_bfloat16_model_with_a_small_head_keeps_its_stem():
                       strategy="loop")
     assert ev._prepare_stem()
     _stem_matches_native_loop(m, x, y, *lw.random_directions(m, 2, seed=0), rtol=2e-2)
+
+
+def test_a_pair_is_folded_only_where_its_activations_outweigh_its_weights():
+    """fold_pays: the fold reads and writes the convolution's weights, BatchNorm the pass's
+    activations. 24 images of 8 x 8: b2's outputs are 21x c2's weights (folded); 2 images
+    of 1 x 1: 0.03x (left as it is)."""
+    model = ConvNet()
+    for shape, folds in (((24, 3, 8, 8), 1), ((2, 3, 1, 1), 0)):
+        x, y = torch.randn(*shape), torch.randint(0, 5, (shape[0],))
+        ev = lw.Evaluator(model, (x, y), lw.random_directions(model, 2, seed=0), stem=True)
+        assert ev.stem.folded == folds, shape
