@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from .errors import Cancelled
 from .grid import parse_axis, progressive_order
 from .heap import holding_heap
-from .hessian import HessianOperator, _arpack, _bar
+from .hessian import ARPACK_PRODUCTS, HessianOperator, _arpack, _bar
 from .lanczos import extreme_pairs, max_steps
 from .params import Params, check_direction, parameters_of
 from .subset import resolve_seed, take_subset
@@ -160,11 +160,14 @@ def extreme_eigenvalues(op: HessianOperator, tol: float = 1e-2, seed: int = 0,
     (lo,), c_lo, (r_lo,) = found["smallest"]
     vecs = found["state"].vectors(np.concatenate([c_hi, c_lo], 1))
     res = [r_hi, r_lo]
-    if not found["converged"]:
+    if not found["converged"] and not found["stalled"]:
+        # The basis is full (a stall, the products' rounding floor, stops ARPACK too);
+        # bounded as in hessian_eigenpairs (ARPACK's default ran for hours).
         cap = max_steps(op.size, op.dtype)
         parts = []
         for i, which in enumerate(("largest", "smallest")):
-            val, vec = _arpack(op.matvec, op.size, 1, which, tol, vecs[:, i], cap, None)
+            val, vec = _arpack(op.matvec, op.size, 1, which, tol, vecs[:, i], cap,
+                               max(cap, ARPACK_PRODUCTS))
             vec = vec.to(op.device)[:, 0]
             res[i] = float((op.matvec(vec) - float(val[0]) * vec).norm())
             parts.append((float(val[0]), vec))

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from .errors import Cancelled  # re-exported: `from core.hessian import Cancelled` works
 from .heap import holding_heap
 from .hvp import METHODS, HessianOperator, scipy_operator
-from .lanczos import extreme_pairs, lanczos, max_steps
+from .lanczos import STALL_STEPS, extreme_pairs, lanczos, max_steps
 
 __all__ = ["METHODS", "Cancelled", "Density", "Eigenpairs", "HessianOperator", "TraceEstimate",
            "hessian_density", "hessian_eigenpairs", "hessian_trace", "scipy_operator"]
@@ -61,6 +61,11 @@ class Eigenpairs(_PairWithInfo):
 
     values = property(lambda self: self[0])
     vectors = property(lambda self: self[1])
+
+
+ARPACK_PRODUCTS = 2000
+"""Products ARPACK may take, at least, after a full Lanczos basis when no ``max_products``
+is given (see :func:`hessian_eigenpairs`)."""
 
 
 @holding_heap
@@ -116,10 +121,14 @@ def hessian_eigenpairs(model: nn.Module, data, *, k: int = 2, which: str = "larg
                               steps=min(cap, max_products or cap))
         vals, coef, _ = found[which]
         vecs = found["state"].vectors(coef)
-        left = None if max_products is None else max_products - op.products
-        if not found["converged"] and (left is None or left > 0):
+        # Without a cap, ARPACK may take as many products again as the basis held, or
+        # ARPACK_PRODUCTS (its own default, 10 restarts per unknown, ran for hours).
+        left = (max(cap, ARPACK_PRODUCTS) if max_products is None
+                else max_products - op.products)
+        if not found["converged"] and not found["stalled"] and left > 0:
             # The basis is full: ARPACK (implicitly restarted Lanczos) goes on from the
-            # best Ritz vectors so far.
+            # best Ritz vectors so far. (Not after a stall: the products' rounding floor
+            # stops it as well.)
             solver = "lanczos+arpack"
             vals, vecs = _arpack(matvec, op.size, k, which, tol, vecs.sum(1), cap, left)
             vecs = vecs.to(op.device)
@@ -134,9 +143,13 @@ def hessian_eigenpairs(model: nn.Module, data, *, k: int = 2, which: str = "larg
     scale = max(found["scale"], float(np.abs(vals).max()), 1e-300)
     converged = bool(np.all(residuals <= tol * scale))
     if not converged:
+        why = (f"the residuals stopped shrinking (not halved in {STALL_STEPS} products: the "
+               f"rounding floor of {op.dtype} products is above tol). Raise tol, or compute "
+               "in float64 (model.double() and its data)" if found["stalled"] else
+               "Raise max_products or tol")
         warnings.warn(f"hessian_eigenpairs: not converged after {op.products} products; "
-                      f"relative residuals {residuals / scale} above tol={tol:g}. "
-                      "Raise max_products or tol.", RuntimeWarning, stacklevel=2)
+                      f"relative residuals {residuals / scale} above tol={tol:g}; {why}.",
+                      RuntimeWarning, stacklevel=2)
     dirs = []
     for i in range(k):
         v = vecs[:, i]

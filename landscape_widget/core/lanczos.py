@@ -11,6 +11,7 @@ pair's residual ``||A y - theta y||`` is measured without extra products.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -20,6 +21,11 @@ from torch import Tensor
 
 BASIS_BYTES = 2 << 30
 """Memory the Lanczos basis may take; it caps the number of steps of one run."""
+
+STALL_STEPS = 200
+"""Steps without the wanted pairs' worst residual halving after which a run stops: float32
+products leave a floor (1-4e-6 of ``max|theta|`` on a small MaxVit) that no number of
+further steps passes (review 11b: ``tol=1e-6`` ran on for 16 CPU-minutes, then ARPACK)."""
 
 _DGKS = 0.7  # a second Gram-Schmidt pass when a pass leaves less than this share of the norm
 
@@ -153,14 +159,17 @@ def extreme_pairs(matvec: Callable[[Tensor], Tensor], v0: Tensor, *, k: int = 1,
         steps: Most steps (products); default :func:`max_steps`.
 
     Returns:
-        ``{"converged": bool, "products": int, "state": LanczosState, "scale": float
-        (the largest |Ritz value|), end: (values, coefficients, residuals)}`` with values
-        ordered outward (largest first for ``"largest"``, smallest first for
-        ``"smallest"``); when not converged, the best pairs so far.
+        ``{"converged": bool, "stalled": bool, "products": int, "state": LanczosState,
+        "scale": float (the largest |Ritz value|), end: (values, coefficients,
+        residuals)}`` with values ordered outward (largest first for ``"largest"``,
+        smallest first for ``"smallest"``); when not converged, the best pairs so far.
+        ``stalled``: stopped because the worst wanted residual had not halved in
+        :data:`STALL_STEPS` steps (the products' rounding floor is above ``tol``).
     """
     if steps is None:
         steps = max_steps(v0.numel(), v0.dtype, k)
     out: dict = {}
+    best, best_at = math.inf, 0  # the worst wanted relative residual, and its step
     for state in lanczos(matvec, v0, steps):
         theta, s, res = state.ritz()
         scale = max(abs(theta[0]), abs(theta[-1]), 1e-300)
@@ -170,6 +179,10 @@ def extreme_pairs(matvec: Callable[[Tensor], Tensor], v0: Tensor, *, k: int = 1,
         out["converged"] = len(theta) >= k and all(
             np.all(res[picks[e]] <= tol * scale) for e in ends)
         out["products"], out["state"], out["scale"] = state.m, state, scale
-        if out["converged"]:
+        worst = max(float(np.max(res[picks[e]], initial=0.0)) for e in ends) / scale
+        if worst <= best / 2:
+            best, best_at = worst, state.m
+        out["stalled"] = not out["converged"] and state.m - best_at >= STALL_STEPS
+        if out["converged"] or out["stalled"]:
             break
     return out
