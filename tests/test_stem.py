@@ -249,3 +249,30 @@ def test_stem_keeps_the_traces_constants(strategy):
     assert not moved.spec["plan"]["stem"]
     want, _ = naive_surface(model, x, y, d1, d3, linspace(xs), linspace(ys))
     np.testing.assert_allclose(moved.loss, want, rtol=1e-5)
+
+
+class ReadsShape(nn.Module):
+    """A forward that reads its input's shape (as a ViT's patch embedding does): torch.fx
+    cannot trace it, so no stem."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        if x.shape[-1] != 6:
+            raise ValueError("6 features")
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_a_forced_stem_the_model_cannot_have_is_said_not_silently_dropped():
+    model = ReadsShape()
+    data = (torch.randn(16, 6), torch.randint(0, 3, (16,)))
+    d1, d2 = lw.random_directions(model, 2, seed=0)
+    with pytest.warns(UserWarning, match="stem=True: this model gets no linear stem"):
+        surf = lw.compute_surface(model, data, directions=(d1, d2), x=(-1, 1, 3),
+                                  y=(-1, 1, 3), progress=False,
+                                  evaluator_options={"stem": True})
+    assert not surf.spec["plan"]["stem"]
+    want, _ = naive_surface(model, *data, d1, d2, linspace((-1, 1, 3)), linspace((-1, 1, 3)))
+    np.testing.assert_allclose(surf.loss, want, rtol=1e-5)

@@ -8,14 +8,29 @@ them (core/tuning.py), and what becomes of the real grid points their trials com
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
 from .plans import _PLANS, CPU_CACHE_BUDGET, PIN_SLOWDOWN, Plan, copy_plan
 
+NO_STEM_SPLIT = (
+    "stem=True: this model gets no linear stem and is computed without it. The model "
+    "cannot be split at its first layer: torch.fx cannot trace its forward (it reads its "
+    "input's shape, or branches on values), the forward is hooked or replaced, its output "
+    "is not one tensor, it writes to its input or mixes the samples of a batch, or the "
+    "first layer's input or weights are used elsewhere.")
+NO_STEM_TERMS = (
+    "stem=True: this model is computed without its linear stem: the split model did not "
+    "reproduce the model on the first samples, the part before the first layer draws "
+    "random numbers, or the stem's precomputed terms would not fit stem_budget.")
+
 
 class PlanCandidates:
     """Plans to time and the cache key (a mixin; uses the evaluator's state)."""
+
+    _stem_warned = False  # the forced stem's refusal was said (once per evaluator)
 
     def _batch_for(self, points: int, budget: int | None = None) -> int:
         if self.bn_batch_size is not None:  # passes hold exactly the BatchNorm batches
@@ -79,6 +94,11 @@ class PlanCandidates:
             (or the BatchNorm / forced batch), through the stem only if it was forced.
         """
         stem = self._stem_choice is True and self.stem is not None and self._prepare_stem()
+        if self._stem_choice is True and not stem and not self._stem_warned:
+            # Forced, and not possible: said, not silently computed without it.
+            self._stem_warned = True
+            warnings.warn(NO_STEM_SPLIT if self.stem is None else NO_STEM_TERMS,
+                          UserWarning, stacklevel=4)
         return Plan("loop", 1, self._batch_for(1), stem=stem, precision=self.precision)
 
     def _candidate_plans(self) -> list[Plan]:
