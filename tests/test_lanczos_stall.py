@@ -20,14 +20,16 @@ def _noisy_operator(n: int, noise: float):
     g = torch.Generator().manual_seed(0)
 
     def matvec(v):
-        return diag * v + noise * n * v.norm() * torch.randn(n, generator=g, dtype=v.dtype)
+        return diag.to(v.dtype) * v + noise * n * v.norm() * torch.randn(
+            n, generator=g, dtype=v.dtype)
     return matvec
 
 
 def test_a_floor_above_tol_stops_the_run_as_stalled():
     n = 3000
     v0 = torch.randn(n, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    found = extreme_pairs(_noisy_operator(n, 1e-6), v0, tol=1e-12)
+    # float32, as the floor of 1e-6 is one (in float64 rounding leaves no such floor).
+    found = extreme_pairs(_noisy_operator(n, 1e-6), v0.float(), tol=1e-12)
     assert found["stalled"] and not found["converged"]
     assert found["products"] < 2 * STALL_STEPS + 200 < n  # well before the basis is full
     # What it reports is still the top eigenvalue, to the floor's accuracy.
@@ -53,3 +55,16 @@ def test_hessian_eigenpairs_below_float32s_floor_stops_and_says_why():
                                   tol=1e-10)
     assert dense.converged
     np.testing.assert_allclose(pairs.values, dense.values, rtol=1e-5)
+
+
+def test_a_slow_float64_run_is_not_taken_for_a_stall():
+    # A dense top of the spectrum (1 - t**2): the second pair's residual takes more than
+    # STALL_STEPS products to halve, far above float64's rounding. Before, the run stopped
+    # as 'stalled' at 502 products (and hessian_eigenpairs skipped ARPACK); it converges
+    # at 800.
+    n = 800
+    diag = 1 - torch.linspace(0, 1, n, dtype=torch.float64) ** 2
+    v0 = torch.randn(n, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    found = extreme_pairs(lambda v: diag * v, v0, k=2, tol=1e-7, steps=560)
+    assert not found["stalled"] and not found["converged"]
+    assert found["products"] == 560
