@@ -302,3 +302,33 @@ def test_a_pair_is_folded_only_where_its_activations_outweigh_its_weights():
         x, y = torch.randn(*shape), torch.randint(0, 5, (shape[0],))
         ev = lw.Evaluator(model, (x, y), lw.random_directions(model, 2, seed=0), stem=True)
         assert ev.stem.folded == folds, shape
+
+
+def _nudged(out: torch.Tensor) -> torch.Tensor:
+    """A split gone wrong, not by the fold: every output moved by 0.05."""
+    return out + 0.05
+
+
+def _nudge(gm: fx.GraphModule) -> None:
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    with gm.graph.inserting_before(out):
+        moved = gm.graph.call_function(_nudged, (out.args[0],))
+    out.args = (moved,)
+    gm.recompile()
+
+
+def test_one_large_output_does_not_hide_a_wrong_split_behind_the_fold():
+    """The scale-relative check is for the fold's rounding only: a logit of 1e4 made
+    1e-4 of the largest output 1.0, and a split 0.05 off on every O(1) output (folded
+    or not) passed as a folded suffix, keeping a wrong stem."""
+    torch.manual_seed(0)
+    model = ConvNet()
+    with torch.no_grad():
+        model.head.bias[0] = 1e4
+    x, y = torch.randn(24, 3, 8, 8), torch.randint(0, 5, (24,))
+    ev = lw.Evaluator(model, (x, y), lw.random_directions(model, 2, seed=0), stem=True,
+                      strategy="loop")
+    assert ev.stem.folded == 1
+    _nudge(ev.stem.suffix)
+    _nudge(ev.stem.unfolded)
+    assert not ev._prepare_stem()
