@@ -68,3 +68,30 @@ def test_a_slow_float64_run_is_not_taken_for_a_stall():
     found = extreme_pairs(lambda v: diag * v, v0, k=2, tol=1e-7, steps=560)
     assert not found["stalled"] and not found["converged"]
     assert found["products"] == 560
+
+
+def test_a_float64_model_below_its_floor_is_not_told_to_use_float64():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 24), nn.Tanh(), nn.Linear(24, 5)).double()
+    data = (torch.randn(64, 20, dtype=torch.float64), torch.randint(0, 5, (64,)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pairs = lw.hessian_eigenpairs(model, data, k=1, tol=1e-17, ignore=None)
+    assert not pairs.converged and pairs.solver == "lanczos"
+    said = [str(w.message) for w in caught if "stopped shrinking" in str(w.message)]
+    assert said and "Raise tol" in said[0] and "model.double()" not in said[0]
+    # The value is still the top eigenvalue of torch's own dense float64 Hessian (over
+    # all parameters: ignore=None).
+    params = dict(model.named_parameters())
+    flat = torch.cat([p.detach().reshape(-1) for p in params.values()])
+
+    def loss(v):
+        out, i = {}, 0
+        for k, p in params.items():
+            out[k] = v[i:i + p.numel()].view_as(p)
+            i += p.numel()
+        logits = torch.func.functional_call(model, out, (data[0],))
+        return torch.nn.functional.cross_entropy(logits, data[1])
+    dense = torch.autograd.functional.hessian(loss, flat)
+    np.testing.assert_allclose(pairs.values[0], torch.linalg.eigvalsh(dense)[-1].item(),
+                               rtol=1e-10)

@@ -143,10 +143,12 @@ def hessian_eigenpairs(model: nn.Module, data, *, k: int = 2, which: str = "larg
     scale = max(found["scale"], float(np.abs(vals).max()), 1e-300)
     converged = bool(np.all(residuals <= tol * scale))
     if not converged:
+        # float64 has no finer dtype to advise (a model already in it was told to use it).
+        finer = ("" if op.dtype == torch.float64 else
+                 ", or compute in float64 (model.double() and its data)")
         why = (f"the residuals stopped shrinking (not halved in {STALL_STEPS} products: the "
-               f"rounding floor of {op.dtype} products is above tol). Raise tol, or compute "
-               "in float64 (model.double() and its data)" if found["stalled"] else
-               "Raise max_products or tol")
+               f"rounding floor of {op.dtype} products is above tol). Raise tol{finer}"
+               if found["stalled"] else "Raise max_products or tol")
         warnings.warn(f"hessian_eigenpairs: not converged after {op.products} products; "
                       f"relative residuals {residuals / scale} above tol={tol:g}; {why}.",
                       RuntimeWarning, stacklevel=2)
