@@ -219,3 +219,37 @@ def test_rows_are_compared_along_the_samples_dimension_wherever_it_is():
 def test_the_tolerance_is_above_the_rounding_of_another_batch_size():
     """fp32 kernels for 4 and 8 samples round differently; that is not coupling."""
     assert all(t >= 1e-3 for t in coupling.COUPLING_TOLERANCE.values())
+
+
+class PassThrough(nn.Module):
+    """Per sample: ``x - dec(enc(x))``, whose first column passes 1e4 through exactly."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc, self.dec = nn.Linear(16, 8), nn.Linear(8, 16)
+
+    def forward(self, x):
+        return x - self.dec(self.enc(x))
+
+
+def test_an_exact_large_pass_through_is_not_taken_for_a_mask():
+    """Review 11c: the 1e4 column, equal in both runs, was left out of the scale like a
+    mask's fill; the cancelling residuals (1e-3 apart between batch sizes) then read as
+    coupling, and every pass was forced to hold all the data."""
+    torch.manual_seed(3)
+    model, n = PassThrough(), 6
+    x = torch.randn(n, 16)
+    x[:, 0] = 1e4
+    with torch.no_grad():
+        a = torch.randn(16, 8)
+        a[0] = 0
+        x[:, 1:] = (torch.randn(n, 8) @ a.T)[:, 1:]
+        model.enc.weight.copy_(torch.linalg.pinv(a))
+        model.enc.bias.zero_()
+        model.dec.weight.copy_(a)
+        model.dec.bias.zero_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        ev = Evaluator(model, (x, torch.zeros(n, 16)), lw.random_directions(model, 2, seed=0),
+                       loss_fn=F.mse_loss)
+    assert ev.batch_coupling is None

@@ -28,9 +28,13 @@ COUPLING_TOLERANCE = {"fp32": 1e-3, "tf32": 1e-2, "bf16": 5e-2, "fp16": 5e-2}
 taken for rounding (kernels for another batch size) rather than coupling; per precision."""
 
 SENTINEL_RATIO = 1e3
-"""Entries equal in both runs and this many times larger than the typical entry that
-differs are taken for a mask's fill (-1e9, or -1e4 in fp16-safe code), not left in the
-scale that relative differences are taken against."""
+SENTINEL_MIN = 1e6
+"""Entries equal in both runs, at least this large and :data:`SENTINEL_RATIO` times larger
+than the typical entry that differs are taken for a mask's fill (-1e9, ``finfo.min``), not
+left in the scale that relative differences are taken against. (Without the floor, an exact
+pass-through of 1e4 left out of the scale made a per-sample autoencoder's cancelling
+residuals, 1e-3 apart between batch sizes, read as coupling: review 11c. Fills of -1e4, as
+fp16-safe code uses, are therefore not recognised.)"""
 
 COUPLING_WARNING = (
     "The model's outputs for a sample depend on the other samples of its batch (its "
@@ -93,11 +97,11 @@ def first_rows_difference(full, part, m: int, h: int) -> float | None:
 def _float_difference(a: Tensor, b: Tensor) -> float | None:
     """``max |a - b| / scale`` over the entries both hold as numbers; None if none do.
 
-    The scale is the largest magnitude, leaving out entries equal in both and
-    :data:`SENTINEL_RATIO` times larger than the typical entry that differs: a mask's
-    fill (``masked_fill(mask, -1e9)``), not a value the model computed. In the scale, a
-    batch-coupled model's differences of 0.5 on logits of 1 read as 5e-10 and went
-    unnoticed; ``-inf`` fills made every difference NaN, and the leaf was skipped.
+    The scale is the largest magnitude, leaving out entries equal in both, at least
+    :data:`SENTINEL_MIN` and :data:`SENTINEL_RATIO` times the typical entry that differs:
+    a mask's fill (``masked_fill(mask, -1e9)``), not a value the model computed. In the
+    scale, a batch-coupled model's differences of 0.5 on logits of 1 read as 5e-10 and
+    went unnoticed; ``-inf`` fills made every difference NaN, and the leaf was skipped.
 
     Returns:
         The relative difference; 1.0 where an infinity is on one side only; None when
@@ -126,7 +130,7 @@ def _float_difference(a: Tensor, b: Tensor) -> float | None:
     moved = mag[~same]
     # The median of at most 2**16 of them: an LM's 4 x 128 x 50k logits would take seconds.
     ref = float(moved[:: max(1, moved.numel() >> 16)].median())
-    scale = float(mag[~same | (mag <= SENTINEL_RATIO * ref)].max())
+    scale = float(mag[~same | (mag <= max(SENTINEL_RATIO * ref, SENTINEL_MIN))].max())
     return float((a - b).abs().max()) / scale
 
 
