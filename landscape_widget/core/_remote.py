@@ -34,7 +34,7 @@ from .errors import InputChanged
 from .evaluate import Evaluator
 from .fingerprints import fingerprint, fingerprint_bytes, legacy_fingerprint
 from .params import model_device
-from .plans import Plan, _remember, copy_plan
+from .plans import Plan, _remember
 from .subset import data_size, take_subset
 
 try:
@@ -338,5 +338,5 @@ def run_tile(payload: Payload, coords: np.ndarray, total: int, plan: Plan | None
                 _DATA.pop(payload.data_key, None)
             raise
         seconds = time.perf_counter() - t0
-        plan = None if ev.plan is None else copy_plan(ev.plan)
+        plan = None if ev.plan is None else ev.reported_plan()
     return {"values": values, "seconds": seconds, "plan": plan, "worker": _worker_name()}

@@ -389,15 +389,19 @@ class Evaluator(PointPasses, PlanChoice, InputDtype, LossStats, BatchCoupling, P
             column["loss_se"] = np.where(bad, np.nan, values[:, -1])
         return {m: column[m] for m in self.metrics}
 
+    def reported_plan(self) -> Plan:
+        """A copy of the plan, with the BatchNorms its stem runs folded counted."""
+        plan = copy_plan(self.plan)
+        plan.folded_batchnorms = self.stem.folded if plan.stem and self.stem else 0
+        return plan
+
     def describe(self) -> dict:
         """The chosen plan and the timings of the trials, for status lines and benchmarks."""
         return {
             "device": str(self.device),
             # Copies: a caller editing the result's spec must not reach the plan (or the cache).
             "plan": None if self.plan is None else dict(
-                vars(copy_plan(self.plan)), label=self.plan.label,
-                # Eval-mode BatchNorms run folded into their convolutions (core/fold.py).
-                folded_batchnorms=self.stem.folded if self.plan.stem and self.stem else 0),
+                vars(self.reported_plan()), label=self.plan.label),
             "precision": self.precision,
             "precision_error": None if self.plan is None else self.plan.precision_error,
             "trials": [vars(copy_plan(p)) for p in self._results],

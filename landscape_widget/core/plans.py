@@ -42,6 +42,9 @@ class Plan:
     precision_note: str = ""
     compiled: bool = False
     compile_note: str = ""
+    # Eval-mode BatchNorms the stem's suffix runs folded into their convolutions
+    # (core/fold.py); set where the plan is reported (Evaluator.describe, a remote tile).
+    folded_batchnorms: int = 0
     reason: str = ""
     candidates: list = dataclasses.field(default_factory=list)
     tuning_seconds: float = 0.0
