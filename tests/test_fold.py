@@ -233,7 +233,7 @@ def test_a_fold_that_rounds_otherwise_than_the_model_is_kept_and_exact(seed):
     """The folded suffix was 1.4-1.9x the safety net's entry-by-entry tolerance from the
     model here (a torchvision ResNet-50 with its statistics from the data: 2-10x): first
     the stem was dropped without a word, then (review 11a) the fold was. Judged against the
-    outputs' scale (stem._matches) the fold is kept, and its points are the float64 loop's."""
+    outputs' scale (fold.split_matches) the fold is kept, and its points are the float64 loop's."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     x = torch.randn(32, 3, 8, 8, generator=g) + 1.0

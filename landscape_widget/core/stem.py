@@ -26,7 +26,7 @@ from torch.func import functional_call
 
 from . import rewrite
 from .batch_stats import PROBE_SAMPLES
-from .fold import conv_bn, fold_batchnorm, fold_pays
+from .fold import conv_bn, fold_batchnorm, fold_pays, split_matches
 from .fx_trace import quiet, release, symbolic_trace
 from .rng import batch_draws
 
@@ -353,19 +353,19 @@ class StemTerms:
             out_full = self._probe(m)
             self._probed = None  # not needed any more
             # Folded BatchNorms round otherwise than the model: they are checked against
-            # the outputs' scale (see _matches); where they still fail, the suffix as
+            # the outputs' scale (see fold.split_matches); where they still fail, the suffix as
             # traced is checked and kept instead.
-            while not _matches(out_split, out_full, folded=stem.unfolded is not None):
+            while not split_matches(out_split, out_full, folded=stem.unfolded is not None):
                 if not stem.unfold():
                     return False
                 self._reset_state()  # what the folded suffix's pass wrote
                 out_split = self._split_out(sub, terms[0][1][:m])
-            if stem.unfolded is not None and not _matches(out_split, out_full):
+            if stem.unfolded is not None and not split_matches(out_split, out_full):
                 # Matched on the outputs' scale only. That is the fold's rounding only if
                 # the suffix as traced matches entry by entry: one large output (a logit
                 # of 1e4) would otherwise hide a split gone wrong by O(1) elsewhere.
                 self._reset_state()
-                if not _matches(self._split_out(sub, terms[0][1][:m], stem.unfolded),
+                if not split_matches(self._split_out(sub, terms[0][1][:m], stem.unfolded),
                                 out_full):
                     return False
             self._reset_state()  # the probe's forward may have changed buffers
@@ -388,32 +388,4 @@ class StemTerms:
         with batch_draws(self.device, 0):  # seeded as the set-up's probe
             suffix = self.stem.suffix if suffix is None else suffix
             return functional_call(suffix, sub, (stem_out.clone(),))
-
-
-FOLD_RTOL = 1e-4
-"""Largest difference, relative to the largest output, between a suffix with BatchNorm
-folded and the whole model (the stem's safety net)."""
-
-
-def _matches(out_split: Tensor, out_full: Tensor, folded: bool = False) -> bool:
-    """Whether the split model's outputs are the whole model's (the stem's safety net).
-
-    The suffix as traced runs the model's own operations: its outputs must match entry by
-    entry. A folded one rounds otherwise, as far from the model as the model's own float32
-    forward is from float64 (a torchvision ResNet-50 with its BatchNorms' statistics from
-    the data: 5.1e-5 and 5.6e-5 of the largest logit), which entry by entry failed (an
-    output near 0 keeps no relative precision): it is judged against the outputs' scale.
-
-    Returns:
-        True if they match.
-    """
-    # Another dtype: the forward's own autocast, lost by the trace (allclose raised).
-    if out_split.shape != out_full.shape or out_split.dtype != out_full.dtype:
-        return False
-    if torch.allclose(out_split, out_full, rtol=1e-4, atol=1e-5):
-        return True
-    if not folded or not (out_split.isfinite().all() and out_full.isfinite().all()):
-        return False
-    scale = float(out_full.abs().max())
-    return float((out_split - out_full).abs().max()) <= FOLD_RTOL * scale
 
