@@ -233,3 +233,18 @@ def test_finite_surface_gives_no_warning():
         model, cnn_data(), x=(-1, 1, 3), y=(-1, 1, 3), progress=False))
     assert warned == []
     assert np.all(np.isfinite(surf.loss))
+
+
+def test_a_forward_failing_on_the_data_says_which_inputs_and_what_to_check():
+    """torch's words name the layer ('Output size is too small'), not that the images are
+    smaller than the model takes (torchvision's AlexNet at 32 px)."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.MaxPool2d(4), nn.Flatten(), nn.Linear(4, 2))
+    data = (torch.randn(6, 3, 4, 4), torch.randint(0, 2, (6,)))
+    before = snapshot(model)
+    with pytest.raises(RuntimeError) as info:
+        lw.compute_surface(model, data, x=(-1, 1, 3), y=(-1, 1, 3), progress=False)
+    text = str(info.value)
+    assert text.startswith("The model's forward failed on the first 6 samples")
+    assert "(6, 3, 4, 4)" in text and "input size" in text
+    assert str(info.value.__cause__).rstrip(".") in text  # torch's own words kept
+    assert_same_snapshot(before, snapshot(model))

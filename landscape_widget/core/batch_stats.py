@@ -168,6 +168,10 @@ class LossStats:
 
         Also sets ``input_writes``: whether the forward changed its input in place (then
         every pass gets a copy of its batch, see :meth:`~.passes.PointPasses._pass`).
+
+        Raises:
+            RuntimeError: What the forward raised, marked with ``forward_inputs`` (the
+                inputs' shape and dtype; see :func:`~.input_dtype.forward_error`).
         """
         if getattr(self, "_probed", None) is not None and self._probed_rows == m:
             return self._probed
@@ -193,6 +197,10 @@ class LossStats:
         version = x._version
         try:
             out = self._forward(x)
+        except RuntimeError as err:
+            # Marked as the forward's own failure on these inputs (see input_dtype.py).
+            err.forward_inputs = (tuple(x.shape), x.dtype)
+            raise
         finally:
             for h in handles:
                 h.remove()

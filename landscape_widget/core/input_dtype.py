@@ -34,7 +34,8 @@ class InputDtype:
 
         Raises:
             RuntimeError: The first try's error, if every dtype fails (or the error is not
-                a dtype mismatch); and whatever :meth:`_check_outputs` raises.
+                a dtype mismatch), naming the inputs the forward failed on
+                (:func:`forward_error`); and whatever :meth:`_check_outputs` raises.
         """
         dtypes = [x.dtype]
         if torch.is_floating_point(x) and self.dtype.is_floating_point:
@@ -50,4 +51,42 @@ class InputDtype:
                 first = first or err
                 if not _DTYPE_ERROR.search(str(err)):
                     break
-        raise first
+        wrapped = forward_error(first)
+        if wrapped is first:
+            raise first
+        raise wrapped from first
+
+
+def forward_error(err: RuntimeError) -> RuntimeError:
+    """``err`` of the model's forward on the set-up's first samples, saying so.
+
+    torch's words name the layer, not the data: "Output size is too small" for images
+    smaller than the model takes (torchvision's AlexNet at 32 px).
+
+    Args:
+        err: What the forward raised; the probe marks it with ``forward_inputs`` (shape,
+            dtype). Other errors, torch's own subclasses (out of memory) included, are
+            returned as they are.
+
+    Returns:
+        A new ``RuntimeError`` naming the inputs and what to check, with torch's words.
+
+    Example:
+        >>> err = RuntimeError("Output size is too small")
+        >>> err.forward_inputs = ((8, 3, 32, 32), torch.float32)
+        >>> print(forward_error(err))  # doctest: +NORMALIZE_WHITESPACE
+        The model's forward failed on the first 8 samples of the data (inputs of shape
+        (8, 3, 32, 32), torch.float32): Output size is too small. Check that the data are
+        what the model takes: the input size (an image model needs a minimum height and
+        width), the number of channels or features, and the device.
+    """
+    marked = getattr(err, "forward_inputs", None)
+    if marked is None or type(err) is not RuntimeError:
+        return err
+    shape, dtype = marked
+    words = str(err).rstrip().rstrip(".")
+    return RuntimeError(
+        f"The model's forward failed on the first {shape[0] if shape else 1} samples of the "
+        f"data (inputs of shape {shape}, {dtype}): {words}. Check that the data are what "
+        "the model takes: the input size (an image model needs a minimum height and "
+        "width), the number of channels or features, and the device.")
