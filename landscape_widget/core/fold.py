@@ -8,9 +8,10 @@ convolution's weights instead. The weights are read from the point's parameters 
 graph (``get_attr`` nodes, which ``functional_call`` and ``vmap`` swap), so moved
 convolution weights, moved BatchNorm scales and tied weights all stay exact.
 
-Measured on a 2-core CPU (torch 2.14.1, 2026-12-05): a torchvision ResNet-50 forward over
-32 x 3 x 64 x 64 took 0.146 s, folded 0.130 s (the multiply over its 23.5 M convolution
-weights 6 ms of that); ResNet-18 over 128 x 3 x 32 x 32, 0.049 s and 0.048 s.
+It pays where a pass's activations outweigh the weights (:func:`fold_pays`): on a 2-core
+CPU (torch 2.14.1, 2026-12-05), where each point's weights are new tensors oneDNN reorders
+anyway, it is within noise on ResNet-18/50; a GPU's separate BatchNorm kernels over large
+batches are what it is for (unmeasured).
 
 Only what is provably the same map is folded (:func:`fold_batchnorm`): a stock ``Conv1d``/
 ``2d``/``3d`` with zero padding whose output nothing but a stock eval-mode BatchNorm of
@@ -32,9 +33,9 @@ FOLD_MIN_RATIO = 2.0
 """A pair is folded when its BatchNorm's outputs on a pass are this many times the
 convolution's weights (see :func:`fold_pays`); break-even measured near 1."""
 
-CONVS = {nn.Conv1d: F.conv1d, nn.Conv2d: F.conv2d, nn.Conv3d: F.conv3d}
-NORMS = {nn.Conv1d: (nn.BatchNorm1d,), nn.Conv2d: (nn.BatchNorm2d,),
-         nn.Conv3d: (nn.BatchNorm3d,)}
+BATCHNORM_OF = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Conv3d: nn.BatchNorm3d}
+"""The convolutions folded, each with the BatchNorm of its dimensions."""
+CONVS = (F.conv1d, F.conv2d, F.conv3d)  # by the kernel's dimensions
 
 
 def conv_bn(x: Tensor, weight: Tensor, bias: Tensor | None, scale: Tensor | None,
@@ -78,8 +79,7 @@ def conv_bn(x: Tensor, weight: Tensor, bias: Tensor | None, scale: Tensor | None
     b = (-mean if bias is None else bias - mean) * s
     if shift is not None:
         b = b + shift
-    conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
-    return conv(x, w, b.to(w.dtype), stride, padding, dilation, groups)
+    return CONVS[dims - 1](x, w, b.to(w.dtype), stride, padding, dilation, groups)
 
 
 def _norm_after(gm: fx.GraphModule, conv_node: fx.Node, cls: type) -> fx.Node | None:
@@ -90,7 +90,7 @@ def _norm_after(gm: fx.GraphModule, conv_node: fx.Node, cls: type) -> fx.Node | 
     if node.op != "call_module" or node.args != (conv_node,) or node.kwargs:
         return None
     bn = gm.get_submodule(node.target)
-    if not any(stock(bn, n) for n in NORMS[cls]):
+    if not stock(bn, BATCHNORM_OF[cls]):
         return None
     conv = gm.get_submodule(conv_node.target)
     # Eval mode with running statistics is a fixed affine map; in training mode, or
@@ -179,7 +179,7 @@ def fold_batchnorm(gm: fx.GraphModule, pays=None) -> int:
             continue
         conv = gm.get_submodule(node.target)
         cls = type(conv)
-        if cls not in CONVS or not stock(conv, cls) or conv.padding_mode != "zeros" or (
+        if cls not in BATCHNORM_OF or not stock(conv, cls) or conv.padding_mode != "zeros" or (
                 isinstance(conv.padding, str)):
             continue
         norm = _norm_after(gm, node, cls)

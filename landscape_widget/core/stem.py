@@ -222,11 +222,9 @@ def _split(module: nn.Module, gm: fx.GraphModule, class_major_head: bool,
         k for k, _ in module.named_buffers(remove_duplicate=False)}
     # Names the model does not have are the trace's constants: the suffix keeps its own
     # (asking the point's tensors for them was a KeyError, and the stem was refused).
-    if folded is None:
-        return Stem(str(stem.target), prefix, layer, suffix, frozenset(used & own),
-                    constants=bool(used - own))
-    return Stem(str(stem.target), prefix, layer, folded, frozenset(used & own),
-                constants=bool(used - own), unfolded=suffix)
+    return Stem(str(stem.target), prefix, layer, suffix if folded is None else folded,
+                frozenset(used & own), constants=bool(used - own),
+                unfolded=None if folded is None else suffix)
 
 
 class StemTerms:
@@ -352,22 +350,19 @@ class StemTerms:
             out_split = self._split_out(sub, terms[0][1][:m])
             out_full = self._probe(m)
             self._probed = None  # not needed any more
-            # Folded BatchNorms round otherwise than the model: they are checked against
-            # the outputs' scale (see fold.split_matches); where they still fail, the suffix as
-            # traced is checked and kept instead.
-            while not split_matches(out_split, out_full, folded=stem.unfolded is not None):
-                if not stem.unfold():
-                    return False
+            ok = split_matches(out_split, out_full)
+            if not ok and stem.unfolded is not None:
+                # Folded BatchNorms round otherwise than the model. The suffix as traced
+                # must match entry by entry (one large output, a logit of 1e4, would hide
+                # a split gone wrong by O(1) on the outputs' scale); the folded one is kept
+                # if it matches on the outputs' scale (fold.split_matches), else dropped.
                 self._reset_state()  # what the folded suffix's pass wrote
-                out_split = self._split_out(sub, terms[0][1][:m])
-            if stem.unfolded is not None and not split_matches(out_split, out_full):
-                # Matched on the outputs' scale only. That is the fold's rounding only if
-                # the suffix as traced matches entry by entry: one large output (a logit
-                # of 1e4) would otherwise hide a split gone wrong by O(1) elsewhere.
-                self._reset_state()
-                if not split_matches(self._split_out(sub, terms[0][1][:m], stem.unfolded),
-                                out_full):
-                    return False
+                ok = split_matches(self._split_out(sub, terms[0][1][:m], stem.unfolded),
+                                   out_full)
+                if ok and not split_matches(out_split, out_full, folded=True):
+                    stem.unfold()
+            if not ok:
+                return False
             self._reset_state()  # the probe's forward may have changed buffers
         self._stem_terms = [terms[0][1]] + terms[1:]
         return True
