@@ -12,6 +12,7 @@ key; this oracle does not.
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -29,6 +30,19 @@ def _aliases(model: nn.Module) -> dict[str, str]:
         first.setdefault(id(t), name)
         out[name] = first[id(t)]
     return out
+
+
+def _state_like(model: nn.Module) -> OrderedDict:
+    """An empty state dict that carries ``model.state_dict()``'s ``_metadata``.
+
+    Modules that version their state (MNASNet's ``_load_from_state_dict`` reads the
+    version from it) refuse a plain dict.
+    """
+    state: OrderedDict = OrderedDict()
+    meta = getattr(model.state_dict(), "_metadata", None)
+    if meta is not None:
+        state._metadata = meta
+    return state
 
 
 def naive_eval(
@@ -69,7 +83,7 @@ def naive_eval(
     step = bn_batch_size if bn == "batch" and bn_batch_size else len(xd)
     losses, accs = [], []
     for c in np.atleast_2d(np.asarray(coords, dtype=np.float64)):
-        state = {}
+        state = _state_like(model)
         for k, v in base.items():
             key = alias.get(k, k)
             w = v.clone()
@@ -130,7 +144,7 @@ def naive_values(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     yd = y.double() if torch.is_floating_point(y) else y
     out_values: dict[str, list[float]] = {"loss": [], **{k: [] for k in metrics}}
     for c in np.atleast_2d(np.asarray(coords, dtype=np.float64)):
-        state = {}
+        state = _state_like(model)
         for k, v in base.items():
             w = v.clone()
             for cj, d in zip(c, dirs, strict=True):

@@ -54,6 +54,24 @@ def test_compare_optimizers_mnasnet_checkpoints_load():
         assert torch.equal(switched.checkpoints[1][k], v), k
 
 
+def test_oracle_and_engine_agree_on_mnasnet():
+    # The float64 oracle loads each point with load_state_dict: it must carry the state
+    # dict's module versions too (it refused MNASNet before), then matches the engine.
+    from oracle import naive_eval, surface_coords
+
+    model = reinit(torchvision.models.mnasnet0_5(num_classes=10), 0)
+    x, y = classification_data(6, (3, 32, 32), 10, 2)
+    d1, d2 = lw.random_directions(model, 2, seed=0)
+    before = snapshot(model)
+    surf = lw.compute_surface(model, (x, y), directions=(d1, d2), x=(-0.2, 0.2, 3),
+                              y=(-0.2, 0.2, 3), progress=False)
+    assert_same_snapshot(before, snapshot(model))
+    axis = np.linspace(-0.2, 0.2, 3)
+    loss, acc = naive_eval(model, x, y, [d1, d2], surface_coords(axis, axis))
+    np.testing.assert_allclose(np.asarray(surf.loss).ravel(), loss, rtol=1e-5)
+    assert np.ptp(loss) > 1e-3  # the points differ: the comparison is not of constants
+
+
 def _se_net(inplace: bool) -> nn.Module:
     """A conv, MobileNetV3's squeeze-excitation gate (Hardsigmoid) and a linear head."""
     torch.manual_seed(0)
