@@ -45,8 +45,10 @@ from .state import (
     BN_BATCH_SIZE,
     check_no_renorm,
     check_running_stats,
+    held_generators,
     plain_attributes,
     restore_attributes,
+    set_flags,
 )
 
 _WARMED = False
@@ -129,19 +131,13 @@ class HessianOperator(ProductMethods):
         # Private: its flags are ours to set. Embeddings' scale_grad_by_freq off: products
         # of the loss's Hessian, not of the rescaled training gradient.
         self.module = true_gradients(evaluation_copy(model))
-        self.module.eval()
-        if bn == "batch":
-            for m in self.module.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.train()
-                    m.track_running_stats = False
+        set_flags(self.module, bn)
         # Attributes and generators a forward changes (self.calls += 1, noise drawn from
         # self.g) are put back after every forward, as the surfaces' (core/state.py): else
         # each product differentiated another function, refused as a layer torch cannot
         # differentiate twice ("not symmetric").
         self._attributes = plain_attributes(self.module)
-        self._generators = [(g, g.get_state()) for m in self.module.modules()
-                            for g in vars(m).values() if isinstance(g, torch.Generator)]
+        self._generators = held_generators(self.module)
         params = parameters_of(model)
         self._all_shapes = {k: tuple(v.shape) for k, v in params.items()}
         self.keys = [k for k, v in params.items() if ignore is None or v.dim() > 1]

@@ -219,8 +219,7 @@ class BufferState:
         # Generators the copy's modules hold (noise drawn with generator=self.g) are state
         # a pass changes too: put back like the buffers. Left to advance, every point drew
         # other noise and a repeated call gave other values (0.06 apart on a 3x3 grid).
-        self._generators = [(g, g.get_state()) for m in self.module.modules()
-                            for g in vars(m).values() if isinstance(g, torch.Generator)]
+        self._generators = held_generators(self.module)
         # Plain attributes a forward reassigns (self.calls += 1, self.state = ...) too: a
         # counter the forward used gave every point another value (0.26 apart on a 3x3
         # grid) and a repeated call others. Numbers, strings, None and tensors, by identity
@@ -329,6 +328,24 @@ def check_no_renorm(model: torch.nn.Module) -> None:
                 "forward rescales rows of its weight in place, so the loss at a point is not a "
                 "function of the point and has no Hessian or gradient direction. Build it "
                 "without max_norm (renormalise the weight in the training step instead).")
+
+
+def held_generators(module: nn.Module) -> list[tuple[torch.Generator, Tensor]]:
+    """The generators ``module``'s submodules hold as attributes, each with its state now.
+
+    Noise drawn with ``generator=self.g`` is state a forward changes: callers put these
+    states back after every forward.
+
+    Returns:
+        ``(generator, state)`` pairs, in module order.
+
+    Example:
+        >>> m = nn.Linear(1, 1); m.g = torch.Generator().manual_seed(3)
+        >>> [(g is m.g, torch.equal(s, m.g.get_state())) for g, s in held_generators(m)]
+        [(True, True)]
+    """
+    return [(g, g.get_state()) for m in module.modules() for g in vars(m).values()
+            if isinstance(g, torch.Generator)]
 
 
 def set_flags(module: nn.Module, bn: str) -> None:

@@ -34,8 +34,10 @@ from ..core.params import (
 from ..core.state import (
     check_no_renorm,
     check_running_stats,
+    held_generators,
     plain_attributes,
     restore_attributes,
+    set_flags,
 )
 
 Callback = Callable[[int, int, float], None]
@@ -110,21 +112,14 @@ class _Objective:
     @contextlib.contextmanager
     def session(self) -> Iterator[None]:
         """Eval mode (and batch-statistics BN) for the block, on the private copy."""
-        self.module.eval()
-        if self.bn == "batch":
-            for m in self.module.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    # No tracking: F.batch_norm gets no running buffers, so nothing is updated.
-                    m.train()
-                    m.track_running_stats = False
+        set_flags(self.module, self.bn)  # batch statistics untracked: nothing is updated
         # Attributes and generators a forward changes are put back after every forward,
         # as the engine's passes do (core/state.py): a call counter the forward used made
         # every minibatch's loss another function (and full_loss differ call to call).
         # Taken here, after the flags: put back from before them, BatchNorm went back to
         # tracking and wrote the user's running statistics.
         self._attributes = plain_attributes(self.module)
-        self._generators = [(g, g.get_state()) for m in self.module.modules()
-                            for g in vars(m).values() if isinstance(g, torch.Generator)]
+        self._generators = held_generators(self.module)
         with plain_modes(self.device):  # the caller's inference mode and autocast: off
             yield
 

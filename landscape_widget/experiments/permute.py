@@ -38,7 +38,7 @@ from ..core.params import (
     model_device,
     parameters_of,
 )
-from ..core.state import plain_attributes, restore_attributes
+from ..core.state import held_generators, plain_attributes, restore_attributes
 from ._objective import _check_attempts, _Objective, _retry
 from ._permutation_groups import FIXED, HELP, MIXING, Plan, trace
 from .curves import ShapedDirection, classify_curve, warn_shortfall
@@ -119,8 +119,7 @@ def _verify(model: nn.Module, d: Params, inputs: Tensor) -> None:
         module.eval()
         # After eval(): the training flags are attributes too.
         attributes = plain_attributes(module)
-        generators = [(g, g.get_state()) for m in module.modules() for g in vars(m).values()
-                      if isinstance(g, torch.Generator)]
+        generators = held_generators(module)
         with torch.no_grad():
             # Copies of the state for each run: a forward that updates its buffers (QAT
             # observers) would write into the user's, and the second run would start from
