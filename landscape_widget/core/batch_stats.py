@@ -22,13 +22,8 @@ from torch.func import functional_call
 from . import subset_se
 from .batched_ce import batched_cross_entropy, target_checks
 from .errors import AccuracyUndefined, NoCountedTargets
-from .losses import (
-    IGNORE_INDEX,
-    check_cross_entropy_targets,
-    check_reduction,
-    loss_error,
-    uneven_row,
-)
+from .loss_errors import loss_error
+from .losses import IGNORE_INDEX, check_cross_entropy_targets, check_reduction, uneven_row
 from .metrics import Task, describe, find_logits, resolve_task, user_metric_stats
 from .precision import precision_flags, to_float32
 from .rng import batch_draws
