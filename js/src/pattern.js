@@ -11,7 +11,11 @@
 // fit_start / fit_update (+ float32 heatmaps) / fit_done messages.
 import Plotly from "./plotly.js";
 import { f32 } from "./grid.js";
+import { imageCells, textCells, ternary, toRows } from "./pattern_cells.js";
+import { fitSpec, fitSummary, heatmapFigure } from "./pattern_view.js";
 import { hostTheme, PLOT_CONFIG, themedLayout } from "./theme.js";
+
+export { ternary }; // still importable from here (it lives in pattern_cells.js)
 
 const SIZES = [4, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64];
 const EDITOR_PX = 256;
@@ -20,78 +24,6 @@ const VIEWS = [["train_loss", "train loss"], ["train_accuracy", "train accuracy"
 // The ternary preview in the host's colours: good = ink, bad = background, ignored = grey.
 const ternaryColors = (theme) => ({ 1: theme.text, [-1]: theme.background, 0: "#8c8c8c" });
 const MOVES = { ArrowUp: [-1, 0], ArrowDown: [1, 0], ArrowLeft: [0, -1], ArrowRight: [0, 1] };
-
-// PAPERS.md (c) step 1, as landscape_widget.ternary_mask: +1 good, -1 bad, 0 ignored.
-export function ternary(cells, rows, cols) {
-  const out = new Int8Array(rows * cols);
-  for (let i = 0; i < rows; i++) {
-    for (let j = 0; j < cols; j++) {
-      let drawn = 0;
-      let seen = 0;
-      for (let a = Math.max(0, i - 1); a <= Math.min(rows - 1, i + 1); a++) {
-        for (let b = Math.max(0, j - 1); b <= Math.min(cols - 1, j + 1); b++) {
-          drawn += cells[a * cols + b];
-          seen += 1;
-        }
-      }
-      const v = cells[i * cols + j];
-      out[i * cols + j] = v ? (drawn === seen ? 0 : 1) : (drawn === 0 ? 0 : -1);
-    }
-  }
-  return out;
-}
-
-function inkToCells(ctx, size, useAlpha) {
-  const { data } = ctx.getImageData(0, 0, size, size);
-  const cells = new Uint8Array(size * size);
-  for (let k = 0; k < size * size; k++) {
-    const [r, g, b, a] = [data[4 * k], data[4 * k + 1], data[4 * k + 2], data[4 * k + 3]];
-    const ink = useAlpha ? a / 255 : 1 - (a / 255) * ((r + g + b) / 765);
-    cells[k] = ink > 0.5 ? 1 : 0;
-  }
-  return cells;
-}
-
-function textCells(text, size) {
-  const canvas = document.createElement("canvas");
-  canvas.width = canvas.height = size;
-  const ctx = canvas.getContext("2d");
-  let px = size;
-  ctx.font = `bold ${px}px sans-serif`;
-  const width = ctx.measureText(text).width;
-  if (width > size * 0.95) px = Math.max(4, Math.floor((px * size * 0.95) / width));
-  ctx.font = `bold ${px}px sans-serif`;
-  ctx.textAlign = "center";
-  ctx.textBaseline = "middle";
-  ctx.fillStyle = "#000";
-  ctx.fillText(text, size / 2, size / 2 + px * 0.05);
-  return inkToCells(ctx, size, true);
-}
-
-async function imageCells(file, size) {
-  const url = URL.createObjectURL(file);
-  try {
-    const img = new Image();
-    await new Promise((ok, fail) => { img.onload = ok; img.onerror = () => fail(new Error("not an image")); img.src = url; });
-    const probe = document.createElement("canvas");
-    probe.width = img.naturalWidth;
-    probe.height = img.naturalHeight;
-    const pctx = probe.getContext("2d");
-    pctx.drawImage(img, 0, 0);
-    const all = pctx.getImageData(0, 0, probe.width, probe.height).data;
-    let transparent = false;
-    for (let k = 3; k < all.length; k += 4) if (all[k] < 250) { transparent = true; break; }
-    const canvas = document.createElement("canvas");
-    canvas.width = canvas.height = size;
-    const ctx = canvas.getContext("2d");
-    ctx.imageSmoothingEnabled = true;
-    ctx.imageSmoothingQuality = "high";
-    ctx.drawImage(img, 0, 0, size, size);
-    return inkToCells(ctx, size, transparent);
-  } finally {
-    URL.revokeObjectURL(url);
-  }
-}
 
 /**
  * The pattern editor panel.
@@ -183,9 +115,7 @@ export function patternPanel({ model, h, row, newId, offline }) {
     drawEditor();
   }
   function saveTrait() {
-    const out = [];
-    for (let i = 0; i < rows; i++) out.push(Array.from(cells.subarray(i * cols, (i + 1) * cols)));
-    model.set("pattern", out);
+    model.set("pattern", toRows(cells, rows, cols));
     model.save_changes();
   }
   function setCells(next, size = rows) {
@@ -329,26 +259,10 @@ export function patternPanel({ model, h, row, newId, offline }) {
   });
 
   // --- fitting -------------------------------------------------------------------------
-  const numOr = (input, fallback) => {
-    const v = Number.parseFloat(input.value);
-    return Number.isFinite(v) ? v : fallback;
-  };
-  function fitSpec(resume) {
-    const mask = [];
-    for (let i = 0; i < rows; i++) mask.push(Array.from(cells.subarray(i * cols, (i + 1) * cols)));
-    // Clamped to the kernel's limits (landscape_widget/widget/fit_spec.py, sent once).
-    const clamp = (k, input) => Math.min(limits[k][1], Math.max(limits[k][0], numOr(input, defaults[k])));
-    const steps = Math.round(clamp("steps", c.steps));
-    return {
-      mask, steps, lr: clamp("lr", c.lr), tau: clamp("tau", c.tau),
-      cells_per_step: Math.round(clamp("cells_per_step", c.cells)),
-      batch_size: defaults.batch_size, seed: Math.round(clamp("seed", c.seed)),
-      every: Math.max(1, Math.min(25, Math.round(steps / 30))), resume,
-    };
-  }
   function startFit(resume) {
     error = null;
-    model.send({ kind: "fit", id: newId().replace("js-", "js-fit-"), spec: fitSpec(resume) });
+    const spec = fitSpec(toRows(cells, rows, cols), c, { limits, defaults }, resume);
+    model.send({ kind: "fit", id: newId().replace("js-", "js-fit-"), spec });
   }
   c.fit.addEventListener("click", () => startFit(false));
   c.resume.addEventListener("click", () => startFit(true));
@@ -388,54 +302,16 @@ export function patternPanel({ model, h, row, newId, offline }) {
   }
 
   function showStatus() {
-    const parts = [];
-    if (fit) {
-      parts.push(`step ${fit.step} / ${fit.steps}`);
-      const s = fit.scores || {};
-      for (const split of ["train", "test"]) {
-        if (s[split] && s[split].acc_diff != null) parts.push(`acc_diff ${split} ${s[split].acc_diff.toFixed(3)}`);
-      }
-      if (fit.last && fit.last.good_ce != null) parts.push(`CE good ${fit.last.good_ce.toFixed(3)} / bad ${fit.last.bad_ce != null ? fit.last.bad_ce.toFixed(3) : "–"}`);
-      if (fit.done) parts.push(fit.stopped ? "stopped" : `done in ${(fit.seconds || 0).toFixed(1)} s`);
-      // What the fit's user should know (parameters the three networks share): fit_pattern
-      // warns of it in the kernel's fit thread, where nobody sees it.
-      if (fit.note) parts.push(fit.note);
-    }
-    status.replaceChildren(h("span", {}, parts.join(" · ")),
+    status.replaceChildren(h("span", {}, fitSummary(fit).join(" · ")),
       ...(error ? [h("span", { class: "lw-error" }, ` ${error}`)] : []));
   }
 
   function schedule() { if (!frame) frame = requestAnimationFrame(draw); }
   function draw() {
     frame = 0;
-    if (!fit || !fit.arrays) return;
-    let key = c.view.value;
-    if (!fit.arrays[key] || !fit.arrays[key].length) key = key.replace("test", "train");
-    const values = fit.arrays[key];
-    if (!values || !values.length) return;
-    const isLoss = key.endsWith("loss");
-    const log = isLoss && c.log.checked;
-    const z = [];
-    const text = [];
-    for (let i = 0; i < fit.rows; i++) {
-      const r = [];
-      const tr = [];
-      for (let j = 0; j < fit.cols; j++) {
-        const v = values[i * fit.cols + j];
-        r.push(log ? Math.log2(Math.max(v, 2 ** -12)) : v);
-        const m = fit.mask ? fit.mask[i * fit.cols + j] : 0;
-        tr.push(`${v.toPrecision(4)} (${m === 1 ? "good" : m === -1 ? "bad" : "ignored"})`);
-      }
-      z.push(r);
-      text.push(tr);
-    }
-    const data = [{ type: "heatmap", z, text, colorscale: isLoss ? "RdBu" : "Viridis",
-      zmin: isLoss ? undefined : 0, zmax: isLoss ? undefined : 1,
-      colorbar: { title: { text: `${log ? "log2 " : ""}${key.replace("_", " ")}` } },
-      hovertemplate: "row %{y}, col %{x}: %{text}<extra></extra>" }];
-    const layout = { margin: { l: 40, r: 10, t: 10, b: 30 }, autosize: true,
-      yaxis: { autorange: "reversed", scaleanchor: "x", constrain: "domain" },
-      xaxis: { constrain: "domain" }, uirevision: "pattern", datarevision: updates };
+    const figure = heatmapFigure(fit, c.view.value, c.log.checked, updates);
+    if (!figure) return;
+    const { data, layout } = figure;
     Promise.resolve(Plotly.react(plot, data, themedLayout(hostTheme(plot), layout), { ...PLOT_CONFIG })).catch((err) => {
       error = `plot: ${err && err.message ? err.message : err}`;
       showStatus();

@@ -11,8 +11,7 @@ accuracy over counted predictions, each user metric's total over its count, and 
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -22,14 +21,10 @@ from torch.func import functional_call
 from . import subset_se
 from .batched_ce import batched_cross_entropy, target_checks
 from .errors import AccuracyUndefined, NoCountedTargets
-from .losses import (
-    IGNORE_INDEX,
-    check_cross_entropy_targets,
-    check_reduction,
-    loss_error,
-    uneven_row,
-)
+from .loss_errors import loss_error
+from .losses import IGNORE_INDEX, check_cross_entropy_targets, check_reduction, uneven_row
 from .metrics import Task, describe, find_logits, resolve_task, user_metric_stats
+from .output_guard import check_untouched, output_versions
 from .precision import precision_flags, to_float32
 from .rng import batch_draws
 
@@ -361,56 +356,3 @@ class LossStats:
                 count += float(self.task.acc_count(y))
             self._denoms[batch] = (weights, float(sum(weights)), count)
         return self._denoms[batch]
-
-
-def output_versions(out, path: str = "outputs") -> dict[str, tuple[int, int]]:
-    """Identity and version counter of every tensor in a model's outputs, by path.
-
-    An in-place operation on a tensor bumps its version counter; replacing a dict entry
-    or a field changes the identity found there. Nothing is copied.
-
-    Returns:
-        ``{path: (id, version)}`` over tensors in dicts, tuples, lists and dataclasses.
-
-    Example:
-        >>> out = {"logits": torch.zeros(2)}
-        >>> before = output_versions(out)
-        >>> _ = out["logits"].add_(1)
-        >>> output_versions(out) == before
-        False
-    """
-    if isinstance(out, Tensor):
-        return {path: (id(out), out._version)}
-    if isinstance(out, Mapping):
-        items = [(f"{path}[{k!r}]", v) for k, v in out.items()]
-    elif isinstance(out, (tuple, list)):
-        items = [(f"{path}[{i}]", v) for i, v in enumerate(out)]
-    elif dataclasses.is_dataclass(out) and not isinstance(out, type):
-        items = [(f"{path}.{f.name}", getattr(out, f.name)) for f in dataclasses.fields(out)]
-    else:
-        return {}
-    return {k: v for p, item in items for k, v in output_versions(item, p).items()}
-
-
-def check_untouched(out, before: dict[str, tuple[int, int]], who: str) -> None:
-    """Refuse a loss or metric that changed the model's outputs (see :func:`output_versions`).
-
-    The engine passes each point's outputs to the loss, then to accuracy, the metrics and
-    the per-sample losses of ``loss_se``, and its set-up checks call the loss several times
-    on one output: an in-place change would reach all of these.
-
-    Raises:
-        ValueError: If a tensor of ``out`` was changed in place, replaced or removed since
-            ``before``.
-    """
-    after = output_versions(out)
-    # Entries added (a loss caching a value in the dict) change nothing the engine reads.
-    changed = [p for p in before if before[p] != after.get(p)]
-    if changed:
-        raise ValueError(
-            f"{who} changed the model's outputs ({sorted(changed)[0]} was modified in place "
-            "or replaced); the engine passes the same outputs on to accuracy, the other "
-            "metrics and the set-up checks, which would see the changed values. Leave them "
-            "as they are and compute out of place into a new variable, e.g. "
-            "logits = out + prior, not out += prior (or clone the outputs first)."
-        )

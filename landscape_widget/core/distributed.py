@@ -53,8 +53,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._remote import MissingPayload, Payload, legacy_data, make_payload, probe, run_tile
+from ._remote import MissingPayload, legacy_data, make_payload, probe, run_tile
 from .coupling import COUPLING_WARNING
+from .executors import DaskBackend, FuturesBackend, executor_kind, explain_failure
 from .grid import Tile, cut_tiles
 from .plans import UNKNOWN_POINTS, Plan, copy_plan
 
@@ -63,109 +64,6 @@ TILE_SECONDS = 1.0
 
 POLL_S = 0.05
 """How often the client looks at ``cancel`` while it waits for tiles."""
-
-
-# --- executors -----------------------------------------------------------------------------
-def executor_kind(executor) -> str:
-    """``"dask"`` for a ``distributed.Client``, ``"concurrent.futures"`` for an executor."""
-    if not callable(getattr(executor, "submit", None)):
-        raise TypeError(
-            "executor must be a dask.distributed.Client or a concurrent.futures.Executor, "
-            f"got {type(executor).__name__}."
-        )
-    dask = callable(getattr(executor, "scatter", None)) and hasattr(executor, "nthreads")
-    return "dask" if dask else "concurrent.futures"
-
-
-class _Futures:
-    """Any ``concurrent.futures.Executor``: payload with the first tasks, then the key."""
-
-    kind = "concurrent.futures"
-
-    def __init__(self, executor):
-        self.executor = executor
-        self.slots = int(getattr(executor, "_max_workers", 0) or os.cpu_count() or 1)
-        self.seen: set[str] = set()  # workers known to hold the payload
-        # Processes of a local pool share its cores: one slot's share each.
-        process = "Process" in type(executor).__name__
-        self.threads = max(1, (os.cpu_count() or 1) // self.slots) if process else None
-
-    def ship(self, payload: Payload) -> Payload:
-        return payload
-
-    def submit(self, fn, payload: Payload, *args, key: str, full: bool = False):
-        ref = payload if full or len(self.seen) < self.slots else payload.bare()
-        return self.executor.submit(fn, ref, *args)
-
-    def cancel(self, futures) -> None:
-        for f in futures:
-            f.cancel()  # a running task finishes in the background; its result is dropped
-
-    def lost(self, keys: set[str]) -> int:
-        return 0
-
-
-class _Dask:
-    """A ``distributed.Client``: payload scattered once, lost tiles from scheduler events."""
-
-    kind = "dask"
-    threads = None  # Dask's nannies start workers with OMP_NUM_THREADS=1
-
-    def __init__(self, client):
-        self.client = client
-        if getattr(client, "status", "running") in ("closing", "closed"):
-            raise RuntimeError("The Dask client is closed; connect a new one "
-                               "(Client(cluster) or Client('tcp://scheduler:8786')).")
-        nthreads = client.nthreads()
-        if not nthreads:
-            raise RuntimeError("The Dask cluster has no workers; start some, or wait for them "
-                               "with client.wait_for_workers(n).")
-        self.slots = int(sum(nthreads.values()))
-        self.addresses = set(nthreads)  # whose event topics say which workers died
-        self.seen: set[str] = set()
-        self.polled = time.monotonic()
-
-    def ship(self, payload: Payload):
-        return self.client.scatter(payload, broadcast=True, hash=False)
-
-    def submit(self, fn, shipped, *args, key: str, full: bool = False):
-        return self.client.submit(fn, shipped, *args, key=key, pure=False)
-
-    def cancel(self, futures) -> None:
-        if futures:
-            self.client.cancel(list(futures))
-
-    def lost(self, keys: set[str]) -> int:
-        if not keys:
-            return 0
-        self.addresses |= set(self.client.nthreads()) | self.seen
-        count = 0
-        for address in self.addresses:  # not the "all" topic: some of its events won't pickle
-            try:
-                events = self.client.get_events(address)
-            except Exception:  # noqa: BLE001 - a forgotten worker has no topic
-                continue
-            for _, msg in events:
-                if isinstance(msg, dict) and msg.get("action") == "remove-worker":
-                    for field in ("processing-tasks", "lost-computed-tasks"):
-                        count += len(keys & set(msg.get(field) or ()))
-        return count
-
-
-def _explain(err: BaseException) -> BaseException | None:
-    """A clearer error for an executor's own failures (``None``: re-raise ``err``)."""
-    if type(err).__name__ == "BrokenProcessPool":
-        return RuntimeError(
-            "A process of the ProcessPoolExecutor died (out of memory, or killed), which "
-            "breaks the whole pool. Use a Dask cluster, e.g. Client(LocalCluster(n_workers=2, "
-            "threads_per_worker=1)), to survive it: lost tiles are rerun on other workers."
-        )
-    if type(err).__name__ == "KilledWorker":
-        return RuntimeError(
-            f"A tile killed several Dask workers in a row ({err}); it probably runs out of "
-            "memory: lower evaluator_options={'memory_budget': ...} or tile_points."
-        )
-    return None
 
 
 # --- the client's side ---------------------------------------------------------------------
@@ -188,7 +86,7 @@ class ExecutorRunner:
     def __init__(self, executor, model: nn.Module, data, directions, *, device=None,
                  **options):
         kind = executor_kind(executor)
-        self.backend = _Dask(executor) if kind == "dask" else _Futures(executor)
+        self.backend = DaskBackend(executor) if kind == "dask" else FuturesBackend(executor)
         payload = make_payload(model, data, directions, dict(options, device=device),
                                self.backend.threads)
         self.shipped = self.backend.ship(payload)
@@ -305,7 +203,7 @@ class ExecutorRunner:
                 try:
                     fut, cut = flights.pop(finished.get(timeout=POLL_S))
                 except queue.Empty:
-                    if isinstance(backend, _Dask) and time.monotonic() - backend.polled > 2:
+                    if isinstance(backend, DaskBackend) and time.monotonic() - backend.polled > 2:
                         backend.polled = time.monotonic()
                         backend.addresses |= set(backend.client.nthreads())
                     continue
@@ -318,7 +216,7 @@ class ExecutorRunner:
                     submit(cut, full=True)
                     continue
                 except BaseException as err:
-                    clearer = _explain(err)
+                    clearer = explain_failure(err)
                     if clearer is None:
                         raise
                     raise clearer from err

@@ -35,6 +35,7 @@ from .compiled import CompiledForward, check_compile
 from .coupling import BatchCoupling
 from .data import as_tensors, check_finite
 from .directions import barycentric_keys
+from .evaluator_report import EvaluatorReport
 from .heap import hold_heap
 from .input_dtype import InputDtype
 from .lane_pool import check_lanes
@@ -61,7 +62,6 @@ from .plans import (
     _default_budget,
     _stem_budget,
     check_positive,
-    copy_plan,
 )
 from .precision import (
     PrecisionCheck,
@@ -79,7 +79,7 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
 class Evaluator(PointPasses, PlanChoice, InputDtype, LossStats, BatchCoupling, PrecisionCheck,
-                PlanTuner, CompiledForward, StemTerms, BufferState):
+                PlanTuner, CompiledForward, StemTerms, BufferState, EvaluatorReport):
     """Evaluate loss and metrics of ``model`` at points of a low-dimensional subspace.
 
     Args:
@@ -388,25 +388,3 @@ class Evaluator(PointPasses, PlanChoice, InputDtype, LossStats, BatchCoupling, P
         if self.population:
             column["loss_se"] = np.where(bad, np.nan, values[:, -1])
         return {m: column[m] for m in self.metrics}
-
-    def reported_plan(self) -> Plan:
-        """A copy of the plan, with the BatchNorms its stem runs folded counted."""
-        plan = copy_plan(self.plan)
-        plan.folded_batchnorms = self.stem.folded if plan.stem and self.stem else 0
-        return plan
-
-    def describe(self) -> dict:
-        """The chosen plan and the timings of the trials, for status lines and benchmarks."""
-        return {
-            "device": str(self.device),
-            # Copies: a caller editing the result's spec must not reach the plan (or the cache).
-            "plan": None if self.plan is None else dict(
-                vars(self.reported_plan()), label=self.plan.label),
-            "precision": self.precision,
-            "precision_error": None if self.plan is None else self.plan.precision_error,
-            "trials": [vars(copy_plan(p)) for p in self._results],
-            "rejected": list(self.rejected),
-            "bn_batch_size": self.bn_batch_size,
-            "batch_coupling": self.batch_coupling,
-            "activation_bytes_per_sample": self.act_bytes,
-        }

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.fx_trace import symbolic_trace
+from ._fx_nodes import added_trailing_dims, describe, dims_of, flattens, name_of, node_args
 
 MIXING = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _PER_UNIT_MODULES = (
@@ -113,88 +114,12 @@ class _Groups:
             self.parent[max(a, b)] = min(a, b)
 
 
-def _node_args(node) -> list:
-    """The nodes ``node`` reads, at any depth of its arguments.
-
-    A model returning a dict (``{"logits": ..., "hidden": h}``) has its outputs inside one;
-    read only one level deep, ``h`` was taken for a hidden tensor and permuted, and the
-    model's output changed.
-
-    Returns:
-        The argument nodes, in the order of the arguments.
-    """
-    from torch.fx.node import map_arg
-
-    found: list = []
-    map_arg((node.args, node.kwargs), found.append)
-    return found
-
-
-def _dims_of(node) -> tuple[int, ...] | None:
-    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
-    if dim is None:
-        return None
-    return tuple(dim) if isinstance(dim, (tuple, list)) else (int(dim),)
-
-
 def trace(model: nn.Module):
     try:
         return symbolic_trace(model)  # one trace at a time (see core.fx_trace.FX_LOCK)
     except Exception as err:  # noqa: BLE001 - fx raises many types; all mean "cannot follow"
         raise ValueError(f"permutation_direction could not trace the model with torch.fx "
                          f"({type(err).__name__}: {err}); {HELP}.") from err
-
-
-def _describe(node, modules: dict) -> str:
-    if node.op == "call_module":
-        return f"module {node.target!r} ({type(modules[node.target]).__name__})"
-    if node.op == "placeholder":
-        return f"the input {node.name!r}"
-    return f"operation {node.name!r}"
-
-
-def _name_of(node) -> str:
-    if isinstance(node.target, str):
-        return node.target
-    return getattr(node.target, "__name__", str(node.target))
-
-
-def _flattens(node) -> bool | None:
-    """Whether a flatten/view/reshape keeps units along dim 1 (``None``: not such a call)."""
-    name = _name_of(node)
-    if node.target is torch.flatten or name == "flatten":
-        start = node.kwargs.get("start_dim", node.args[1] if len(node.args) > 1 else 0)
-        end = node.kwargs.get("end_dim", node.args[2] if len(node.args) > 2 else -1)
-        return start == 1 and end == -1
-    if node.op == "call_method" and name in ("view", "reshape"):
-        shape = node.args[1:]
-        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
-            shape = tuple(shape[0])
-        return len(shape) == 2 and shape[1] == -1  # x.view(x.size(0), -1)
-    return None
-
-
-def _added_trailing_dims(node) -> int | None:
-    """How many dims ``g[:, :, None, None]`` or ``g.unsqueeze(-1)`` add after dims 0 and 1.
-
-    ``None`` if the node is no such call (slicing, indexing, an unsqueeze in front).
-
-    Returns:
-        The number of trailing size-1 dims the node appends after the batch and unit dims, or
-        ``None`` if the node is not such a broadcast (so units cannot be followed through it).
-    """
-    name = _name_of(node)
-    if node.target is operator.getitem and isinstance(node.args[1], tuple):
-        index = node.args[1]
-        full = slice(None, None, None)
-        if (len(index) >= 2 and index[0] == full and index[1] == full
-                and all(i is None or i == full for i in index[2:])):
-            return sum(i is None for i in index[2:])
-        return None
-    if name == "unsqueeze" or node.target is torch.unsqueeze:
-        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
-        return 1 if isinstance(dim, int) and (dim >= 2 or dim == -1) else None
-    return None
 
 
 class Plan:
@@ -299,14 +224,14 @@ class Plan:
         for u in units:
             self.groups.union(u.group, FIXED)
         if (moved or always) and len(self.pins) < 50:  # say why, unless nothing changed
-            self.pins.append(f"{_describe(node, self.modules)} ({why})")
+            self.pins.append(f"{describe(node, self.modules)} ({why})")
         return _Units(FIXED)
 
     def follow(self, graph) -> None:
         """Pass over the graph: give every tensor its units, merge what must move together."""
         state: dict = {}
         for node in graph.nodes:
-            inputs = _node_args(node)
+            inputs = node_args(node)
             tensors = [a for a in inputs if state.get(a) is not _SCALAR]
             units_in = [state[a] for a in tensors]
             if node.op == "placeholder":
@@ -320,7 +245,7 @@ class Plan:
                 self.pinned_keys.update(self._keys_under(node.target))
                 state[node] = _Units(FIXED)
                 continue
-            name = _name_of(node)
+            name = name_of(node)
             if (node.target is getattr and node.args[1:2] in (("shape",), ("ndim",))
                     or name in _SIZES or (inputs and not tensors)):
                 state[node] = _SCALAR  # x.shape, x.size(0), arithmetic on them: no units
@@ -346,8 +271,8 @@ class Plan:
             if node.op == "call_module":
                 state[node] = self._module(node, units)
                 continue
-            flat = _flattens(node)
-            added = _added_trailing_dims(node)
+            flat = flattens(node)
+            added = added_trailing_dims(node)
             if flat is not None:
                 state[node] = (units.flattened() if flat else
                                self.pin(node, units_in, "reshapes across units"))
@@ -372,7 +297,7 @@ class Plan:
 
     def _reduce(self, node, units: _Units) -> _Units:
         """A mean or sum over spatial dims keeps each channel on its own; others pin."""
-        dims = _dims_of(node)
+        dims = dims_of(node)
         if units.axis != "first" or dims is None:
             return self.pin(node, [units], f"reduces over dims {dims}")
         dims = {d % units.rank for d in dims}

@@ -16,14 +16,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core.copies import module_copy
-from ..core.directions import interpolation_direction, random_directions
-from ..core.evaluate import Evaluator
+from ..core.directions import interpolation_direction
 from ..core.heap import holding_heap
 from ..core.landscape import compute_curve
 from ..core.losses import check_cross_entropy_targets
 from ..core.params import outside_inference_mode
 from ..core.surface import Curve
-from ._objective import _norm
 from .optimizers import (
     OptimizerFactory,
     Run,
@@ -36,27 +34,8 @@ from .optimizers import (
     start_run,
     train_run,
 )
+from .run_measures import basin_radii, prediction_differences
 from .triangle import TriangleSurface, triangle_surface
-
-
-def _quantiles(values: np.ndarray, qs: Sequence[float]) -> list[float]:
-    """Linear-interpolation quantiles (numpy's default) that allow ``inf`` values.
-
-    A radius is ``inf`` when the loss never left the basin in range; numpy interpolates
-    ``inf - inf`` to NaN, while any quantile that leans on an ``inf`` is ``inf``.
-
-    Returns:
-        One value per ``qs``.
-    """
-    v = np.sort(np.asarray(values, dtype=float))
-    out = []
-    for q in qs:
-        pos = q * (v.size - 1)
-        lo, hi = int(np.floor(pos)), int(np.ceil(pos))
-        w = pos - lo
-        out.append(float(v[lo]) if w == 0 or v[lo] == v[hi] else
-                   float(np.inf) if np.isinf(v[hi]) else float(v[lo] + w * (v[hi] - v[lo])))
-    return out
 
 
 @outside_inference_mode
@@ -303,21 +282,7 @@ class OptimizerRuns:
                 out = torch.cat([self.model(n)(x[s : s + 1024]) for s in range(0, len(x), 1024)])
             y = class_targets(out, y, "functional_difference")
             logp[n] = F.log_softmax(out.double(), dim=1)
-        result = {}
-        for i, a in enumerate(names):
-            for b in names[i + 1 :]:
-                la, lb = logp[a], logp[b]
-                pa, pb = la.exp(), lb.exp()
-                kl = ((pa * (la - lb)).sum(1) + (pb * (lb - la)).sum(1)).mean()
-                ens = ((pa + pb) / 2).argmax(1)
-                result[(a, b)] = {
-                    "disagreement": float((la.argmax(1) != lb.argmax(1)).double().mean()),
-                    "symmetric_kl": float(kl),
-                    "ensemble_accuracy": float((ens == y).double().mean()),
-                    "accuracy_a": float((la.argmax(1) == y).double().mean()),
-                    "accuracy_b": float((lb.argmax(1) == y).double().mean()),
-                }
-        return result
+        return prediction_differences(logp, y, names)
 
     @outside_inference_mode
     @holding_heap
@@ -358,9 +323,6 @@ class OptimizerRuns:
             raise ValueError(f"directions must be an int >= 1, got {directions!r}.")
         data = self.data if data is None else self._data(data)
         k = directions
-        coeffs = np.zeros((k * r.size, k))
-        for j in range(k):
-            coeffs[j * r.size : (j + 1) * r.size, j] = r
         out = {}
         for name in names if names is not None else self.names:
             if self._run(name).diverged:
@@ -369,18 +331,8 @@ class OptimizerRuns:
                 out[name] = {"r": np.full(k, np.nan), "median": float("nan"),
                              "iqr": (float("nan"), float("nan"))}
                 continue
-            model = self.model(name)
-            if norm == "unit":  # PAPERS B7's variant: Gaussian directions of norm 1
-                dirs = [{n: v / float(_norm(d)) for n, v in d.items()}
-                        for d in random_directions(model, k, norm=None, seed=seed)]
-            else:
-                dirs = random_directions(model, k, norm=norm, seed=seed)
-            loss = Evaluator(model, data, dirs, loss_fn=self.loss_fn, metrics=("loss",),
-                             bn=bn).evaluate(coeffs)["loss"].reshape(k, r.size)
-            above = loss > loss[:, :1] + delta
-            first = np.where(above.any(1), r[np.argmax(above, 1)], np.inf)
-            q25, med, q75 = _quantiles(first, (0.25, 0.5, 0.75))
-            out[name] = {"r": first, "median": float(med), "iqr": (float(q25), float(q75))}
+            out[name] = basin_radii(self.model(name), data, r, k, delta=delta, norm=norm,
+                                    seed=seed, loss_fn=self.loss_fn, bn=bn)
         return out
 
     @outside_inference_mode

@@ -11,15 +11,11 @@ and limits from the read-only ``_spec_schema`` trait. Direction types are entrie
 :data:`.directions.TYPES` (what the select lists, how the directions are made); the names a
 compute message may ask for are :data:`.spec.DIRECTION_TYPES`.
 
-Changes from the front end are debounced here, once (``DEBOUNCE_S``): the front end sends
-every control change at once, and the kernel, which validates every message anyway,
-decides when to compute, so a front end sending many updates cannot start a job per update.
+Changes from the front end are debounced once, in the kernel (:mod:`.debounce`, a mixin).
 """
 
 from __future__ import annotations
 
-import contextlib
-import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -33,6 +29,7 @@ from ..core.surface import Curve, Surface
 from ..experiments.triangle import TriangleSurface
 from . import protocol
 from .compare import ComparePanel, is_compare_message, same_architecture
+from .debounce import DEBOUNCE_S, DebouncedControls  # noqa: F401 - DEBOUNCE_S: tests read it here
 from .directions import offered
 from .encode import encode_result, snapshot_messages
 from .export import static_page
@@ -46,7 +43,6 @@ from .spec import COMPUTE_TRAITS, SPEC_FIELDS, VERTEX_COUNTS, Spec, parse_spec, 
 from .worker import Worker
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
-DEBOUNCE_S = 0.2
 DISPLAY_TRAITS = ("metric", "log_scale", "view")
 _CONSTRUCTOR_TRAITS = COMPUTE_TRAITS + DISPLAY_TRAITS + ("layout", "pattern", "show_pattern")
 
@@ -55,7 +51,8 @@ SpecTraits = type("SpecTraits", (t.HasTraits,), spec_traits())
 _INT_TRAITS = tuple(k for k, typ in SPEC_FIELDS.items() if typ is int)
 
 
-class LandscapeWidget(PatternPanel, ComparePanel, SpecTraits, anywidget.AnyWidget):
+class LandscapeWidget(DebouncedControls, PatternPanel, ComparePanel, SpecTraits,
+                      anywidget.AnyWidget):
     """Loss landscape of a PyTorch model, computed live in a worker thread.
 
     Args:
@@ -183,9 +180,7 @@ class LandscapeWidget(PatternPanel, ComparePanel, SpecTraits, anywidget.AnyWidge
         except ProtocolError:
             super().close()
             raise
-        self._lock = threading.Lock()
-        self._timer: threading.Timer | None = None
-        self._quiet = 0
+        self._init_debounce()
         self._last_done: dict = {}  # the last `done` message: its summary joins the status
         self._worker = Worker(model, data, send=self._send_message, model_b=model_b,
                               trajectory=trajectory, models=named,
@@ -378,57 +373,6 @@ class LandscapeWidget(PatternPanel, ComparePanel, SpecTraits, anywidget.AnyWidge
     def _submit(self, job_id: str, spec: Spec) -> str:
         self._worker.submit(job_id, spec)
         return job_id
-
-    def _set_controls(self, spec: Spec) -> None:
-        with self.hold_sync():
-            for k, v in spec.to_dict().items():
-                setattr(self, k, v)
-
-    @contextlib.contextmanager
-    def _silently(self):
-        self._quiet += 1
-        try:
-            yield
-        finally:
-            self._quiet -= 1
-
-    def _on_compute_trait(self, _change) -> None:
-        if self._quiet:
-            return
-        self._worker.cancel()  # stop wasting time on a grid nobody wants any more
-        with self._lock:
-            if self._timer is not None:
-                self._timer.cancel()
-            timer = threading.Timer(DEBOUNCE_S, self._fire)
-            timer.args = (timer,)
-            timer.daemon = True
-            self._timer = timer
-            timer.start()
-
-    def _cancel_timer(self) -> bool:
-        with self._lock:
-            timer, self._timer = self._timer, None
-        if timer is not None:
-            timer.cancel()
-        return timer is not None
-
-    def _fire(self, timer: threading.Timer | None = None) -> None:
-        """Submit the controls' spec: from the debounce timer, or at once (``timer=None``).
-
-        Runs under the lock, so :meth:`wait` cannot slip between the timer firing and the
-        job reaching the worker, and a timer cancelled or replaced meanwhile does nothing.
-        """
-        with self._lock:
-            if timer is not None:
-                if self._timer is not timer:
-                    return
-                self._timer = None
-            try:
-                self._submit(new_id(), self.spec())
-            except ProtocolError as err:
-                self._report(None, f"Invalid control value: {err}")
-            except Exception as err:  # noqa: BLE001 - runs in a timer thread
-                self._report(None, f"Internal error ({type(err).__name__}): {err}")
 
     def _on_status(self, status: dict) -> None:
         done = self._last_done

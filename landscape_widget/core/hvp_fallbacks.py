@@ -1,0 +1,104 @@
+"""When a Hessian-vector product of :class:`~.hvp.HessianOperator` fails, or is wrong.
+
+A mixin of the operator (it uses its ``method``, ``_plan``, ``fallback``, ``products``,
+``_graph``, ``_math_attention``, ``size``, ``dtype``, ``device`` and ``unflatten``):
+
+- ``_failed``: after a first product failed, the math attention kernel for a fused one
+  without a double backward, or the next method of ``method="auto"``'s plan (``"graph"``
+  -> ``"jvp"``, ``"jvp"`` -> ``"backward"``); otherwise an error naming what failed and
+  the fix;
+- ``_check_symmetric``: once, ``u . Hw == w . Hu`` on two seeded vectors, since torch's
+  double backward of a few layers is silently wrong;
+- ``_attention``: the attention-kernel context the products run under.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+class ProductFallbacks:
+    """The checks and fallbacks of the products (a mixin of the operator)."""
+
+    def _check_symmetric(self) -> None:
+        """Check ``u . Hw == w . Hu`` once, on two seeded vectors (not counted as products).
+
+        torch's double backward of a few layers is silently wrong: weight_norm's fused
+        ``_weight_norm_interface`` (torch 2.x, both parametrizations and the legacy hook)
+        gives a Hessian off by ~10 % and not symmetric, and eigenvalues, traces and
+        curvature maps from it would be wrong with no sign of it. A correct Hessian is
+        symmetric, so asymmetry beyond rounding (1e-3 of the Cauchy-Schwarz bound) shows it.
+
+        Raises:
+            RuntimeError: If the products are not symmetric (``_failed`` then tries the
+                next method or explains).
+        """
+        g = torch.Generator().manual_seed(12345)
+        u, w = (torch.randn(self.size, generator=g, dtype=torch.float64) for _ in range(2))
+        product = getattr(self, f"_{self.method}_product")
+        hu, hw = (product([t.contiguous() for t in self.unflatten(
+            v.to(self.device, self.dtype)).values()]).double().cpu() for v in (u, w))
+        a, b = float(u @ hw), float(w @ hu)
+        bound = float(max(u.norm() * hw.norm(), w.norm() * hu.norm()))
+        if abs(a - b) > 1e-3 * bound:
+            raise RuntimeError(
+                f"Hessian-vector products are not symmetric (u.Hw = {a:.6g}, w.Hu = {b:.6g}): "
+                "torch's second derivative of a layer of this model is wrong (known: "
+                "weight_norm, whose _weight_norm_interface double backward is incorrect; "
+                "compute such a weight from plain operations, g * v / v.norm(dim=1, "
+                "keepdim=True), in a custom parametrization; and F.embedding(..., "
+                "scale_grad_by_freq=True) called in forward, whose backward rescales the "
+                "gradient: drop that flag for the analysis)")
+        self._symmetric = True
+
+    def _attention(self):
+        """The math attention kernel once a fused one proved not twice differentiable."""
+        if not self._math_attention:
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel(SDPBackend.MATH)
+
+    def _failed(self, err: Exception) -> None:
+        """Switch to the next method after a first product failed, or explain and raise."""
+        msg = f"{self.method}: {type(err).__name__}: {str(err).splitlines()[0]}"
+        if (self.products == 0 and not self._math_attention
+                and "scaled_dot_product" in str(err)):
+            # Fused attention kernels (flash, memory-efficient) have no double backward;
+            # the math kernel computes the same function from differentiable operations.
+            self._math_attention = True
+            self.fallback = msg + " -> math attention kernel"
+            self._graph = None
+            return
+        tried = [self.fallback, msg] if self.fallback else [msg]
+        if self.products == 0 and self.method != self._plan[-1]:
+            self.method = self._plan[self._plan.index(self.method) + 1]
+            self.fallback = msg
+            self._graph = None
+            return
+        hint = ("on CUDA a cuDNN RNN has no double backward: run the call inside "
+                "`with torch.backends.cudnn.flags(enabled=False):`" if self.device.type == "cuda"
+                else "replace that layer by a twice-differentiable one")
+        text, failed = "; ".join(tried), {t.split(":", 1)[0] for t in tried}
+        ways = {"backward": "method='backward' (double backward batch by batch)",
+                "jvp": "method='jvp' (forward-over-reverse)"}
+        if "derivative for" in text and failed & {"graph", "backward"}:
+            ways.pop("backward")  # the same double backward as 'graph': fails alike
+        if "hardsigmoid" in text:  # neither derivative exists; the clamp form has both
+            hint, ways = ("compute F.hardsigmoid(x) as (x + 3).clamp(0, 6) / 6, the same "
+                          "function (nn.Hardsigmoid layers are swapped for it here)"), {}
+        ways = [w for m, w in ways.items() if m not in failed]
+        others = f", or pass {' or '.join(ways)} to try the other way" if ways else ""
+        if "modified by an inplace operation" in str(err):
+            # No method helps: the forward itself is not differentiable (as in training).
+            raise RuntimeError(
+                f"Hessian-vector products need the loss's gradient, and torch cannot take it "
+                f"({msg}): the model's forward changes a tensor in place after using it "
+                "(e.g. a buffer: self.scale.mul_(1.5) after out = h * self.scale), so "
+                "loss.backward() fails on it too. Fix: move that update out of forward, or "
+                "compute out of place (self.scale = self.scale * 1.5).") from err
+        raise RuntimeError(
+            "Hessian-vector products need the loss differentiated twice, and torch could not ("
+            + text + f"). Fix: {hint}{others}.") from err
