@@ -9,6 +9,8 @@ A projection file holds ``proj_xcoord`` and ``proj_ycoord``, one entry per check
 
 We also write each dataset's name as an attribute, so our own files are read back by name;
 files without names are read by position and checked tensor by tensor against the model.
+A tied tensor has one ``states`` entry per name; loss-landscape moves it by their sum, and so
+do we.
 ``num_batches_tracked`` (an integer step count, no direction of the loss) is written as 0 and
 dropped when read.
 """
@@ -130,6 +132,15 @@ def write_directions(path, dirs: list[Params], order: list[tuple[str, torch.Tens
                 f["explained_variance_"] = s ** 2 / (n_samples - 1)
 
 
+def _aliases(model: nn.Module) -> dict[str, str]:
+    """Each ``state_dict`` key that shares its tensor with an earlier one -> that first key."""
+    first: dict[int, str] = {}
+    out = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        out[name] = first.setdefault(id(t), name)
+    return {k: v for k, v in out.items() if k != v}
+
+
 def _by_position(values: list[np.ndarray], model: nn.Module, path) -> tuple[list[str], str]:
     for dir_type in DIR_TYPES:
         order = _order(model, dir_type)
@@ -174,6 +185,7 @@ def load_directions(path: str | Path, model: nn.Module) -> list[Params]:
     state.update({k: v.detach() for k, v in model.named_buffers() if k not in state})
     params = dict(model.named_parameters())
     float_buffers = {k for k, v in model.named_buffers() if v.is_floating_point()}
+    alias = _aliases(model)
     out = []
     with h5py.File(path, "r") as f:
         if "xdirection" not in f:
@@ -191,9 +203,14 @@ def load_directions(path: str | Path, model: nn.Module) -> list[Params]:
                     raise ValueError(f"{path}: tensors {unknown[:3]} are not in this model.")
             else:
                 names, _ = _by_position(values, model, path)
+                # A tied tensor is in state_dict under each of its names. loss-landscape's
+                # set_states adds every entry to a deepcopy of the state_dict, which keeps
+                # the sharing: the tensor moves by the sum of its entries. Each entry is
+                # credited to the tensor's first name (the one named_parameters() gives).
+                names = [alias.get(n, n) for n in names]
                 keys = [n for n, v in zip(names, values, strict=True)
                         if n in params or (n in float_buffers and np.any(v != 0))]
-            d = {}
+            d, acc = {}, {}
             for name, v in zip(names, values, strict=True):
                 if name not in keys:
                     continue
@@ -202,7 +219,10 @@ def load_directions(path: str | Path, model: nn.Module) -> list[Params]:
                     raise ValueError(f"{path}: {group}/{name} has shape {tuple(v.shape)}, the "
                                      f"model's tensor {tuple(ref.shape)}.")
                 if ref.is_floating_point():  # num_batches_tracked and other integers: no
-                    d[name] = torch.from_numpy(np.array(v)).to("cpu", ref.dtype)
+                    v = torch.from_numpy(np.array(v))
+                    acc[name] = v.double() + acc[name] if name in acc else v
+            for name, v in acc.items():
+                d[name] = v.to("cpu", state[name].dtype)
             missing = [n for n in params if n not in d]
             if missing:
                 raise ValueError(f"{path}: {group} lacks parameters {missing[:3]}.")
