@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from cases import tied_data, tied_mlp
 from snapshots import assert_same_snapshot, snapshot
+from torch import nn
 
 import landscape_widget as lw
 
@@ -63,3 +64,44 @@ def test_states_file_of_a_tied_model_moves_the_tensor_by_all_its_entries(tmp_pat
         want = ll_states_loss(model, x, y, dirs, (sx, sy))
         assert s.loss[0, 0] == pytest.approx(want, rel=1e-5)
     assert_same_snapshot(before, snapshot(model))
+
+
+class _ScaledByBuffer(nn.Module):
+    """BatchNorm, and a non-persistent buffer (not in state_dict) the forward uses."""
+
+    def __init__(self, s: float):
+        super().__init__()
+        self.fc, self.bn = nn.Linear(4, 3), nn.BatchNorm1d(3)
+        self.register_buffer("scale", torch.full((3,), s), persistent=False)
+
+    def forward(self, x):
+        return self.bn(self.fc(x)) * self.scale
+
+
+def test_states_file_with_a_non_persistent_buffer_is_read_by_set_states(tmp_path):
+    """save_directions appended the non-persistent buffer's entry to xdirection: one dataset
+    more than state_dict, and loss-landscape's set_states stopped at its
+    ``assert len(new_states) == len(changes)``."""
+    torch.manual_seed(0)
+    a = _ScaledByBuffer(1.0).eval()
+    torch.manual_seed(1)
+    b = _ScaledByBuffer(2.0).eval()
+    with torch.no_grad():
+        b.bn.running_mean.fill_(0.5)
+    d = lw.interpolation_direction(a, b)
+    assert "scale" in d
+    before = snapshot(a)
+    assert lw.save_directions(tmp_path / "d.h5", [d], a) == "states"
+    with h5py.File(tmp_path / "d.h5", "r") as f:  # net_plotter.load_directions / read_list
+        dx = [f["xdirection"][str(i)][()] for i in range(len(f["xdirection"]))]
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(16, 4, generator=g), torch.randint(0, 3, (16,), generator=g)
+    # set_states moves what state_dict holds: model_b with model_a's scale at alpha = 1
+    mixed = copy.deepcopy(b)
+    mixed.scale.copy_(a.scale)
+    with torch.no_grad():
+        want = float(F.cross_entropy(mixed.double()(x.double()), y))
+    assert ll_states_loss(a, x, y, [dx], (1.0,)) == pytest.approx(want, rel=1e-12)
+    (back,) = lw.load_directions(tmp_path / "d.h5", a)  # ours still reads the whole of it
+    assert set(back) == set(d) and all(torch.equal(back[k], d[k]) for k in d)
+    assert_same_snapshot(before, snapshot(a))

@@ -11,6 +11,8 @@ We also write each dataset's name as an attribute, so our own files are read bac
 files without names are read by position and checked tensor by tensor against the model.
 A tied tensor has one ``states`` entry per name; loss-landscape moves it by their sum, and so
 do we.
+Entries of non-persistent buffers (not in ``state_dict``) go to a group of their own, so the
+xdirection group keeps exactly one dataset per ``state_dict`` entry, as ``set_states`` asserts.
 ``num_batches_tracked`` (an integer step count, no direction of the loss) is written as 0 and
 dropped when read.
 """
@@ -28,6 +30,7 @@ from .params import Params, check_direction, check_module
 
 GROUPS = ("xdirection", "ydirection")
 DIR_TYPES = ("weights", "states")
+BEYOND = "landscape_widget_beyond_state_dict"  # non-persistent buffers' entries, by group
 
 
 def _as_list(directions) -> list[Params]:
@@ -87,15 +90,16 @@ def save_directions(path: str | Path, directions, model: nn.Module, *,
         raise ValueError("these directions move BatchNorm buffers, which the 'weights' type "
                          "cannot hold; use dir_type='states'.")
     order = _order(model, dir_type)
+    beyond = []
     if dir_type == "states":
         # Non-persistent buffers are not in state_dict, but a direction may move them
-        # (interpolation_direction does): written after its entries, or that part would be
-        # lost with no error. loss-landscape zips the state_dict with the datasets, so it
-        # reads the file as before; our reader finds them by name.
+        # (interpolation_direction does): that part would be lost with no error unless
+        # written. Not in xdirection/ydirection: loss-landscape's set_states asserts one
+        # dataset per state_dict entry. Our reader finds them by name.
         listed = {n for n, _ in order}
-        order += [(n, b.detach()) for n, b in model.named_buffers()
+        beyond = [(n, b.detach()) for n, b in model.named_buffers()
                   if n not in listed and any(n in d for d in dirs)]
-    write_directions(path, dirs, order, dir_type, overwrite=overwrite,
+    write_directions(path, dirs, order, dir_type, overwrite=overwrite, beyond=beyond,
                      explained_variance_ratio=explained_variance_ratio,
                      singular_values=singular_values, n_samples=n_samples)
     return dir_type
@@ -103,26 +107,22 @@ def save_directions(path: str | Path, directions, model: nn.Module, *,
 
 def write_directions(path, dirs: list[Params], order: list[tuple[str, torch.Tensor]],
                      dir_type: str, *, overwrite: bool, explained_variance_ratio=None,
-                     singular_values=None, n_samples: int | None = None) -> None:
+                     singular_values=None, n_samples: int | None = None,
+                     beyond: list[tuple[str, torch.Tensor]] = ()) -> None:
     """Write ``dirs`` with one dataset per ``(name, reference tensor)`` of ``order``.
 
     Entries a direction lacks are written as zeros of the reference's shape (float32 for
-    integer references such as ``num_batches_tracked``).
+    integer references such as ``num_batches_tracked``). ``beyond`` (tensors outside
+    loss-landscape's order: non-persistent buffers) go to group :data:`BEYOND`.
     """
     with atomic_h5(path, overwrite) as f:
         f.attrs[OURS + "dir_type"] = dir_type
         for group, d in zip(GROUPS, dirs, strict=False):
             g = f.create_group(group)
-            for i, (name, ref) in enumerate(order):
-                v = d.get(name)
-                if v is None:  # a buffer this direction does not move, or an integer one
-                    v = torch.zeros(ref.shape, dtype=ref.dtype if ref.is_floating_point()
-                                    else torch.float32)
-                if v.layout != torch.strided:  # a sparse buffer's entry (a graph's
-                    v = v.to_dense()  # adjacency): numpy and HDF5 have no sparse arrays
-                ds = g.create_dataset(str(i), data=v.detach().cpu().numpy())
-                ds.attrs[OURS + "name"] = name
-            g.attrs[OURS + "keys"] = [k for k, _ in order if k in d]
+            if beyond:
+                _write_entries(f.require_group(BEYOND).create_group(group), d, beyond)
+            _write_entries(g, d, order)
+            g.attrs[OURS + "keys"] = [k for k, _ in [*order, *beyond] if k in d]
         if explained_variance_ratio is not None:
             f["explained_variance_ratio_"] = np.asarray(explained_variance_ratio, np.float64)
         if singular_values is not None:
@@ -130,6 +130,18 @@ def write_directions(path, dirs: list[Params], order: list[tuple[str, torch.Tens
             f["singular_values_"] = s
             if n_samples is not None and n_samples > 1:
                 f["explained_variance_"] = s ** 2 / (n_samples - 1)
+
+
+def _write_entries(g, d: Params, order: list[tuple[str, torch.Tensor]]) -> None:
+    for i, (name, ref) in enumerate(order):
+        v = d.get(name)
+        if v is None:  # a buffer this direction does not move, or an integer one
+            v = torch.zeros(ref.shape, dtype=ref.dtype if ref.is_floating_point()
+                            else torch.float32)
+        if v.layout != torch.strided:  # a sparse buffer's entry (a graph's
+            v = v.to_dense()  # adjacency): numpy and HDF5 have no sparse arrays
+        ds = g.create_dataset(str(i), data=v.detach().cpu().numpy())
+        ds.attrs[OURS + "name"] = name
 
 
 def _aliases(model: nn.Module) -> dict[str, str]:
@@ -194,8 +206,11 @@ def load_directions(path: str | Path, model: nn.Module) -> list[Params]:
             if group not in f:
                 break
             g = f[group]
-            values = [np.asarray(g[str(i)][()]) for i in range(len(g))]
-            names = [g[str(i)].attrs.get(OURS + "name") for i in range(len(g))]
+            members = [g[str(i)] for i in range(len(g))]
+            if BEYOND in f and group in f[BEYOND]:
+                members += [f[BEYOND][group][str(i)] for i in range(len(f[BEYOND][group]))]
+            values = [np.asarray(m[()]) for m in members]
+            names = [m.attrs.get(OURS + "name") for m in members]
             if all(isinstance(n, str) for n in names):
                 keys = list(g.attrs.get(OURS + "keys", names))
                 unknown = [n for n in names if n not in state]
