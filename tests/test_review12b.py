@@ -105,3 +105,58 @@ def test_states_file_with_a_non_persistent_buffer_is_read_by_set_states(tmp_path
     (back,) = lw.load_directions(tmp_path / "d.h5", a)  # ours still reads the whole of it
     assert set(back) == set(d) and all(torch.equal(back[k], d[k]) for k in d)
     assert_same_snapshot(before, snapshot(a))
+
+
+def _state(path):
+    """Bytes, modification time and mode of a file (what 'not changed' means here)."""
+    st = path.lstat()
+    return path.read_bytes() if path.is_file() else None, st.st_mtime_ns, st.st_mode
+
+
+def _small_surface():
+    model = tied_mlp().eval()
+    x, y = tied_data()
+    dirs = lw.random_directions(model, 2, seed=1)
+    s = lw.compute_surface(model, (x, y), directions=dirs, x=(-1, 1, 3), y=(-1, 1, 2),
+                           progress=False)
+    return model, dirs, s
+
+
+def test_writes_refuse_folders_and_read_only_files_and_keep_links_and_modes(tmp_path):
+    model, dirs, s = _small_surface()
+    # a folder: it was renamed over with overwrite=True (IsADirectoryError naming a
+    # '.x.h5.<hex>.tmp' file), and that temporary file was left in the user's folder
+    folder = tmp_path / "runs.h5"
+    folder.mkdir()
+    for write in (lambda: s.save(folder, overwrite=True),
+                  lambda: lw.save_directions(folder, dirs, model, overwrite=True),
+                  lambda: s.save(folder)):
+        with pytest.raises(ValueError, match="is a directory"):
+            write()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs.h5"]
+    assert not any(folder.iterdir())
+    # a read-only file was replaced (and came back writable) with overwrite=True
+    ro = tmp_path / "ro.h5"
+    s.save(ro)
+    ro.chmod(0o444)
+    was = _state(ro)
+    for write in (lambda: s.save(ro, overwrite=True),
+                  lambda: lw.save_directions(ro, dirs, model, overwrite=True)):
+        with pytest.raises(PermissionError, match="read-only.*chmod"):
+            write()
+    assert _state(ro) == was
+    # a symbolic link was replaced by a plain file, its target left as it was
+    target, link = tmp_path / "target.h5", tmp_path / "link.h5"
+    with h5py.File(target, "w") as f:
+        f["xcoordinates"] = np.zeros(1)
+    target.chmod(0o640)
+    link.symlink_to(target)
+    s.save(link, overwrite=True)
+    assert link.is_symlink() and link.resolve() == target.resolve()
+    with h5py.File(target, "r") as f:
+        np.testing.assert_array_equal(f["train_loss"][()], s.loss)
+    assert target.stat().st_mode & 0o777 == 0o640  # a replaced file keeps its mode
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.h5", "ro.h5", "runs.h5",
+                                                          "target.h5"]
+    with pytest.raises(FileNotFoundError, match="does not exist; create it"):
+        s.save(tmp_path / "no_such_folder" / "s.h5")

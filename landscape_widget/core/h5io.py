@@ -55,11 +55,24 @@ def check_target(path: str | Path, overwrite: bool) -> Path:
 
     Raises:
         FileExistsError: If the file exists and ``overwrite`` is false.
+        FileNotFoundError: If the folder it would go in does not exist.
+        PermissionError: If the file exists and is read-only (no write bit): its owner
+            protected it, and replacing it would take that away.
         TypeError: If ``overwrite`` is not a bool.
+        ValueError: If ``path`` is a directory.
     """
     if not isinstance(overwrite, bool):
         raise TypeError(f"overwrite must be True or False, got {overwrite!r}.")
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory, not a file; pass the path of a file "
+                         f"(e.g. {path / 'landscape.h5'}).")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"the folder {path.parent} does not exist; create it first "
+                                "(os.makedirs) or choose another path.")
+    if path.exists() and overwrite and not path.stat().st_mode & 0o222:
+        raise PermissionError(f"{path} is read-only; make it writable (chmod u+w) to replace "
+                              "it, or choose another path.")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it (what the file "
                               "holds that this object does not know is kept if it was loaded "
@@ -71,11 +84,14 @@ class atomic_h5:
     """``with atomic_h5(path, overwrite) as f:`` writes a new HDF5 file in place of ``path``.
 
     The file is written beside ``path`` and renamed over it only once complete, so a failed
-    write leaves the old file as it was.
+    write leaves the old file as it was. A symbolic link is written through (its target is
+    replaced, the link kept), and a replaced file keeps its permission bits.
     """
 
     def __init__(self, path: str | Path, overwrite: bool):
         self.path = check_target(path, overwrite)
+        if self.path.is_symlink():  # os.replace would put a plain file in the link's place
+            self.path = self.path.resolve()
         self.tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:8]}.tmp")
 
     def __enter__(self):
@@ -87,7 +103,13 @@ class atomic_h5:
     def __exit__(self, kind, value, tb):
         self.file.close()
         if kind is None:
-            os.replace(self.tmp, self.path)
+            try:
+                if self.path.exists():
+                    os.chmod(self.tmp, self.path.stat().st_mode & 0o7777)
+                os.replace(self.tmp, self.path)
+            except BaseException:
+                self.tmp.unlink(missing_ok=True)  # leave no half-named file behind
+                raise
         else:
             self.tmp.unlink(missing_ok=True)
         return False
