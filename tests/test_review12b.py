@@ -160,3 +160,32 @@ def test_writes_refuse_folders_and_read_only_files_and_keep_links_and_modes(tmp_
                                                           "target.h5"]
     with pytest.raises(FileNotFoundError, match="does not exist; create it"):
         s.save(tmp_path / "no_such_folder" / "s.h5")
+
+
+def test_reading_a_folder_a_text_file_or_a_broken_directions_file_says_what_is_wrong(tmp_path):
+    model = tied_mlp().eval()
+    params = [p.detach() for p in model.parameters()]
+    folder = tmp_path / "dirs.h5"
+    folder.mkdir()
+    text = tmp_path / "notes.h5"
+    text.write_text("not hdf5")
+    gap, flat, shape = tmp_path / "gap.h5", tmp_path / "flat.h5", tmp_path / "shape.h5"
+    with h5py.File(gap, "w") as f:  # dataset '1' missing: h5py's KeyError named no file
+        write_list(f, "xdirection", params)
+        del f["xdirection"]["1"]
+    with h5py.File(flat, "w") as f:  # 'xdirection' a dataset: "Field names only allowed..."
+        f["xdirection"] = np.zeros(3)
+    with h5py.File(shape, "w") as f:
+        write_list(f, "xdirection", [np.zeros(p.shape[:-1] + (p.shape[-1] + 1,))
+                                     if i == 3 else p for i, p in enumerate(params)])
+    files = [folder, text, gap, flat, shape]
+    was = [_state(p) for p in files]
+    for path, why in ((folder, "is a directory"), (text, "is not an HDF5 file"),
+                      (gap, r"lacks \['1'\]"), (flat, "it is not a group"),
+                      (shape, r"tensor 3 is \(3, 9\) in the file.*pass the model")):
+        with pytest.raises(ValueError, match=why):
+            lw.load_directions(path, model)
+    for path, why in ((folder, "is a directory"), (text, "is not an HDF5 file")):
+        with pytest.raises(ValueError, match=why):
+            lw.Surface.load(path)
+    assert [_state(p) for p in files] == was

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .h5io import OURS, atomic_h5
+from .h5io import OURS, atomic_h5, open_read
 from .params import Params, check_direction, check_module
 
 GROUPS = ("xdirection", "ydirection")
@@ -161,10 +161,36 @@ def _by_position(values: list[np.ndarray], model: nn.Module, path) -> tuple[list
         ):
             return [n for n, _ in order], dir_type
     n_w, n_s = len(_order(model, "weights")), len(_order(model, "states"))
+    first = ""
+    for dir_type, call in (("weights", "parameters()"), ("states", "state_dict()")):
+        order = _order(model, dir_type)
+        if len(order) == len(values):  # the count fits: say where the shapes part
+            i, (name, ref) = next((i, o) for i, (v, o) in enumerate(zip(values, order,
+                                  strict=True)) if tuple(v.shape) != tuple(o[1].shape))
+            first = (f" (as {call}: tensor {i} is {tuple(values[i].shape)} in the file, "
+                     f"{name!r} {tuple(ref.shape)} in the model)")
+            break
     raise ValueError(
         f"{path} holds {len(values)} tensors that fit neither this model's parameters() "
-        f"({n_w} tensors) nor its state_dict() ({n_s}) in order and shape: it was written "
-        "for another model (or a differently built one).")
+        f"({n_w} tensors) nor its state_dict() ({n_s}) in order and shape{first}: it was "
+        "written for another model (or a differently built one); pass the model it was "
+        "made for, built with the same layers and settings.")
+
+
+def _checked_group(f, group: str, path):
+    """``f[group]``, checked to hold datasets ``'0'`` ... ``'n-1'`` as ``write_list`` writes."""
+    import h5py
+
+    g = f[group]
+    names = set(g) if isinstance(g, h5py.Group) else None
+    want = {str(i) for i in range(len(names or ()))}
+    if names is None or names != want or not all(isinstance(g[n], h5py.Dataset) for n in names):
+        odd = "it is not a group" if names is None else (
+            f"it lacks {sorted(want - names, key=int)[:3]} and has {sorted(names - want)[:3]}")
+        raise ValueError(f"{path}: '{group}' must be a group of datasets '0', '1', ... (one per "
+                         f"tensor, as loss-landscape's h5_util.write_list writes it), but {odd}: "
+                         "the file is incomplete or not a directions file; write it again.")
+    return g
 
 
 def load_directions(path: str | Path, model: nn.Module) -> list[Params]:
@@ -184,14 +210,11 @@ def load_directions(path: str | Path, model: nn.Module) -> list[Params]:
 
     Raises:
         FileNotFoundError: If there is no such file.
-        ValueError: If the file holds no ``xdirection`` or does not fit the model.
+        ValueError: If the file is not HDF5, holds no ``xdirection`` (or a malformed one) or
+            does not fit the model.
     """
-    import h5py
-
     check_module(model)
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no such file: {path}")
     state = {k: v.detach() for k, v in model.state_dict().items()}
     # Non-persistent buffers too: save_directions writes those the directions move.
     state.update({k: v.detach() for k, v in model.named_buffers() if k not in state})
@@ -199,13 +222,13 @@ def load_directions(path: str | Path, model: nn.Module) -> list[Params]:
     float_buffers = {k for k, v in model.named_buffers() if v.is_floating_point()}
     alias = _aliases(model)
     out = []
-    with h5py.File(path, "r") as f:
+    with open_read(path, "a directions file") as f:
         if "xdirection" not in f:
             raise ValueError(f"{path} has no 'xdirection' group: it is not a directions file.")
         for group in GROUPS:
             if group not in f:
                 break
-            g = f[group]
+            g = _checked_group(f, group, path)
             members = [g[str(i)] for i in range(len(g))]
             if BEYOND in f and group in f[BEYOND]:
                 members += [f[BEYOND][group][str(i)] for i in range(len(f[BEYOND][group]))]
@@ -261,9 +284,15 @@ def write_projection(path: str | Path, coords: np.ndarray, *, overwrite: bool = 
 
 
 def read_projection(path: str | Path) -> np.ndarray:
-    """The ``(n, 2)`` coordinates of a projection file (``proj_xcoord``, ``proj_ycoord``)."""
-    import h5py
+    """The ``(n, 2)`` coordinates of a projection file (``proj_xcoord``, ``proj_ycoord``).
 
-    with h5py.File(path, "r") as f:
+    Returns:
+        float64 ``(n, 2)``: one row per checkpoint.
+
+    Raises:
+        FileNotFoundError: If there is no such file.
+        ValueError: If ``path`` is a directory or not an HDF5 file.
+    """
+    with open_read(path, "a projection file") as f:
         return np.stack([np.asarray(f["proj_xcoord"][()], np.float64),
                          np.asarray(f["proj_ycoord"][()], np.float64)], axis=1)

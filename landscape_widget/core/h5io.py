@@ -80,6 +80,34 @@ def check_target(path: str | Path, overwrite: bool) -> Path:
     return path
 
 
+def open_read(path: str | Path, what: str):
+    """``h5py.File(path, "r")``, with errors that say what is wrong with ``path``.
+
+    Args:
+        path: The file.
+        what: What the caller reads (``"a surface file"``), for the messages.
+
+    Returns:
+        The open file (read-only: nothing is written to a file that is read).
+
+    Raises:
+        FileNotFoundError: If there is no such file.
+        ValueError: If ``path`` is a directory or not an HDF5 file (h5py said only "file
+            signature not found", or "Is a directory" with its internals).
+    """
+    import h5py
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such file: {path}")
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; pass the path of {what} (an .h5 file).")
+    if not h5py.is_hdf5(path):
+        raise ValueError(f"{path} is not an HDF5 file; pass {what} as loss-landscape or "
+                         "landscape_widget writes it (an .h5 file).")
+    return h5py.File(path, "r")
+
+
 class atomic_h5:
     """``with atomic_h5(path, overwrite) as f:`` writes a new HDF5 file in place of ``path``.
 
@@ -262,14 +290,11 @@ def read_grid(path: str | Path, fields: tuple[str, ...]) -> dict:
 
     Raises:
         FileNotFoundError: If there is no such file.
-        ValueError: If the file has no ``xcoordinates`` or an array of the wrong size.
+        ValueError: If the file has no ``xcoordinates`` or an array of the wrong size, or is
+            not an HDF5 file.
     """
-    import h5py
-
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no such file: {path}")
-    with h5py.File(path, "r") as f:
+    with open_read(path, "a surface, curve or curvature file") as f:
         if "xcoordinates" not in f:
             raise ValueError(f"{path} has no 'xcoordinates': it is not a loss-landscape or "
                              "landscape_widget grid file.")
