@@ -189,3 +189,40 @@ def test_reading_a_folder_a_text_file_or_a_broken_directions_file_says_what_is_w
         with pytest.raises(ValueError, match=why):
             lw.Surface.load(path)
     assert [_state(p) for p in files] == was
+
+
+def test_finishing_a_loss_landscape_file_keeps_what_it_held(tmp_path):
+    """README: ``done = compute_surface(..., reuse=Surface.load(f))`` computes the missing
+    points; saving ``done`` over the file dropped its test_loss/test_acc (no test_data this
+    time), dir_file and the user's own datasets."""
+    model, dirs, _ = _small_surface()
+    x, y = tied_data()
+    full = lw.compute_surface(model, (x, y), directions=dirs, x=(-1, 1, 4), y=(-1, 1, 3),
+                              test_data=(x[:10], y[:10]), progress=False)
+
+    def as_ll(arr, pending):  # plot_surface.py: declared (len(x), len(y)), -1 pre-fill
+        a = np.array(arr, dtype=np.float64).ravel()
+        a[list(pending)] = -1.0
+        return a.reshape(len(full.x), len(full.y))
+
+    path = tmp_path / "surf.h5"
+    with h5py.File(path, "w") as f:
+        f["dir_file"] = "dirs.h5"
+        f["xcoordinates"], f["ycoordinates"] = full.x, full.y
+        f["train_loss"] = as_ll(full.loss, {2, 5})
+        f["train_acc"] = as_ll(full.accuracy * 100, {2, 5})
+        f["test_loss"] = as_ll(full.test_loss, ())
+        f["test_acc"] = as_ll(full.test_accuracy * 100, ())
+        f["my_notes"] = np.arange(3.0)
+        f.attrs["experiment"] = "run 7"
+        test_loss, test_acc = f["test_loss"][()], f["test_acc"][()]
+    done = lw.compute_surface(model, (x, y), directions=dirs, x=(-1, 1, 4), y=(-1, 1, 3),
+                              reuse=lw.Surface.load(path), progress=False)
+    done.save(path, overwrite=True)
+    with h5py.File(path, "r") as f:
+        np.testing.assert_allclose(f["train_loss"][()].ravel(), full.loss.ravel(), rtol=1e-5)
+        np.testing.assert_array_equal(f["test_loss"][()].ravel(), test_loss.ravel())
+        np.testing.assert_array_equal(f["test_acc"][()].ravel(), test_acc.ravel())
+        assert f["dir_file"].asstr()[()] == "dirs.h5"
+        np.testing.assert_array_equal(f["my_notes"][()], np.arange(3.0))
+        assert f.attrs["experiment"] == "run 7"
