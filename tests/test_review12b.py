@@ -226,3 +226,14 @@ def test_finishing_a_loss_landscape_file_keeps_what_it_held(tmp_path):
         assert f["dir_file"].asstr()[()] == "dirs.h5"
         np.testing.assert_array_equal(f["my_notes"][()], np.arange(3.0))
         assert f.attrs["experiment"] == "run 7"
+
+
+def test_a_surface_file_and_a_directions_file_passed_the_wrong_way_round(tmp_path):
+    model, dirs, s = _small_surface()
+    s.save(tmp_path / "surf.h5")
+    lw.save_directions(tmp_path / "dirs.h5", dirs, model)
+    with pytest.raises(ValueError, match=r"not a directions file; .*lw.Surface.load\(path\)"):
+        lw.load_directions(tmp_path / "surf.h5", model)
+    with pytest.raises(ValueError, match=r"grid file; .*lw.load_directions\(path, model\)"):
+        lw.Surface.load(tmp_path / "dirs.h5")
+    assert lw.Surface.load(tmp_path / "surf.h5").directions is not None  # the hint holds

@@ -224,7 +224,12 @@ def load_directions(path: str | Path, model: nn.Module) -> list[Params]:
     out = []
     with open_read(path, "a directions file") as f:
         if "xdirection" not in f:
-            raise ValueError(f"{path} has no 'xdirection' group: it is not a directions file.")
+            hint = ("it is a surface or curve file: lw.Surface.load(path).directions (or "
+                    "lw.Curve.load) holds the directions we kept in it"
+                    if "xcoordinates" in f else "pass the directions file (net_plotter's "
+                    "setup_direction or lw.save_directions writes it)")
+            raise ValueError(f"{path} has no 'xdirection' group, so it is not a directions "
+                             f"file; {hint}.")
         for group in GROUPS:
             if group not in f:
                 break

@@ -296,8 +296,11 @@ def read_grid(path: str | Path, fields: tuple[str, ...]) -> dict:
     path = Path(path)
     with open_read(path, "a surface, curve or curvature file") as f:
         if "xcoordinates" not in f:
-            raise ValueError(f"{path} has no 'xcoordinates': it is not a loss-landscape or "
-                             "landscape_widget grid file.")
+            hint = ("it is a directions file: read it with lw.load_directions(path, model)"
+                    if "xdirection" in f else "pass the surface file (plot_surface.py's "
+                    "*.h5_[...].h5, or what Surface.save wrote)")
+            raise ValueError(f"{path} has no 'xcoordinates', so it is not a loss-landscape or "
+                             f"landscape_widget grid file; {hint}.")
         ours = OURS + "format" in f.attrs
         x = np.asarray(f["xcoordinates"][()], dtype=np.float64).reshape(-1)
         y = (np.asarray(f["ycoordinates"][()], dtype=np.float64).reshape(-1)
