@@ -237,3 +237,22 @@ def test_a_surface_file_and_a_directions_file_passed_the_wrong_way_round(tmp_pat
     with pytest.raises(ValueError, match=r"grid file; .*lw.load_directions\(path, model\)"):
         lw.Surface.load(tmp_path / "dirs.h5")
     assert lw.Surface.load(tmp_path / "surf.h5").directions is not None  # the hint holds
+
+
+def test_finishing_a_file_with_the_loss_only_keeps_the_files_accuracy(tmp_path):
+    """reuse= with metrics=("loss",) on a file holding accuracy: saving over it wrote an
+    all-NaN train_acc ("not computed") in place of the file's values."""
+    model, dirs, _ = _small_surface()
+    x, y = tied_data()
+    grid = dict(directions=dirs, x=(-1, 1, 4), y=(-1, 1, 3), progress=False)
+    path = tmp_path / "s.h5"
+    lw.compute_surface(model, (x, y), **grid).save(path)
+    with h5py.File(path, "a") as f:  # one point unfinished, as a stopped run leaves it
+        f["train_loss"][0, 1] = np.nan
+        acc = f["train_acc"][()]
+    done = lw.compute_surface(model, (x, y), metrics=("loss",), reuse=lw.Surface.load(path),
+                              **grid)
+    done.save(path, overwrite=True)
+    with h5py.File(path, "r") as f:
+        assert not np.isnan(f["train_loss"][()]).any()
+        np.testing.assert_array_equal(f["train_acc"][()], acc)

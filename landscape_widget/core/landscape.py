@@ -316,14 +316,17 @@ def _carry_over(result, reuse) -> None:
     """Keep what ``reuse`` holds beyond this run's values, when both have the same grid.
 
     Finishing a file (``reuse=Surface.load(path)``, then ``save(path, overwrite=True)``)
-    must not drop what the file held: its test values when no ``test_data`` was passed
-    (loss-landscape's ``test_loss``/``test_acc``), and what we do not interpret
+    must not drop what the file held: its accuracy when this run computes the loss only,
+    its test values when no ``test_data`` was passed (loss-landscape's ``test_loss`` /
+    ``test_acc``), and what we do not interpret
     (``dir_file``, ``min_eig``, the user's own datasets and attributes). On another grid
     those arrays would not fit, and nothing is carried.
     """
     if reuse is None or not _same_axis(result.x, reuse.x) or not _same_axis(
             getattr(result, "y", None), getattr(reuse, "y", None)):
         return
+    if result.accuracy is None and reuse.accuracy is not None:
+        result.accuracy = reuse.accuracy
     if result.test_loss is None and result.test_accuracy is None and (
             reuse.test_loss is not None or reuse.test_accuracy is not None):
         result.test_loss, result.test_accuracy = reuse.test_loss, reuse.test_accuracy
