@@ -9,6 +9,7 @@ float64, sharing no code with the engine.
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -256,3 +257,30 @@ def test_finishing_a_file_with_the_loss_only_keeps_the_files_accuracy(tmp_path):
     with h5py.File(path, "r") as f:
         assert not np.isnan(f["train_loss"][()]).any()
         np.testing.assert_array_equal(f["train_acc"][()], acc)
+
+
+def test_a_file_another_program_is_writing_says_so(tmp_path, monkeypatch):
+    """plot_surface.py keeps its surface file open ('r+') while it computes; reading it then
+    failed with HDF5's 'unable to lock file, errno = 11' and nothing about why. Both sides
+    run in fresh processes with HDF5's default (locking), whatever this one was started with."""
+    import subprocess
+    import sys
+
+    monkeypatch.delenv("HDF5_USE_FILE_LOCKING", raising=False)
+    _, _, s = _small_surface()
+    path = tmp_path / "s.h5"
+    s.save(path)
+    hold = ("import h5py, sys; f = h5py.File(sys.argv[1], 'r+'); print('open', flush=True);"
+            " sys.stdin.read()")
+    read = ("import sys, landscape_widget as lw\ntry:\n    lw.Surface.load(sys.argv[1])\n"
+            "except BlockingIOError as e:\n    print(e)")
+    writer = subprocess.Popen([sys.executable, "-c", hold, str(path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "open"
+        got = subprocess.run([sys.executable, "-c", read, str(path)], capture_output=True,
+                             text=True, check=True, cwd=Path(lw.__file__).parents[1]).stdout
+    finally:
+        writer.communicate("")
+    assert "open for writing in another program" in got
+    assert lw.Surface.load(path).loss.shape == s.loss.shape  # and once it is closed, it reads

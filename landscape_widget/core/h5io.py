@@ -94,6 +94,7 @@ def open_read(path: str | Path, what: str):
         FileNotFoundError: If there is no such file.
         ValueError: If ``path`` is a directory or not an HDF5 file (h5py said only "file
             signature not found", or "Is a directory" with its internals).
+        BlockingIOError: If another program has the file open for writing (HDF5's lock).
     """
     import h5py
 
@@ -105,7 +106,13 @@ def open_read(path: str | Path, what: str):
     if not h5py.is_hdf5(path):
         raise ValueError(f"{path} is not an HDF5 file; pass {what} as loss-landscape or "
                          "landscape_widget writes it (an .h5 file).")
-    return h5py.File(path, "r")
+    try:
+        return h5py.File(path, "r")
+    except BlockingIOError as e:  # HDF5's file lock: a writer has it open
+        raise BlockingIOError(e.errno, (
+            f"{path} is open for writing in another program (loss-landscape's "
+            "plot_surface.py holds its surface file open until it finishes), so HDF5 will "
+            "not read it; read it once that program has closed it.")) from e
 
 
 class atomic_h5:
