@@ -284,3 +284,35 @@ def test_a_file_another_program_is_writing_says_so(tmp_path, monkeypatch):
         writer.communicate("")
     assert "open for writing in another program" in got
     assert lw.Surface.load(path).loss.shape == s.loss.shape  # and once it is closed, it reads
+
+
+def test_saving_over_a_file_another_program_is_writing_is_refused(tmp_path, monkeypatch):
+    """Saving with overwrite=True renamed a new file over one plot_surface.py was still
+    writing: it went on writing into the replaced file, and its next points were lost."""
+    import subprocess
+    import sys
+
+    monkeypatch.delenv("HDF5_USE_FILE_LOCKING", raising=False)
+    _, _, s = _small_surface()
+    path = tmp_path / "s.h5"
+    s.save(path)
+    inode = path.stat().st_ino
+    hold = ("import h5py, sys; f = h5py.File(sys.argv[1], 'r+'); print('open', flush=True);"
+            " sys.stdin.read()")
+    save = ("import sys, landscape_widget as lw\ns = lw.Surface.load(sys.argv[2])\ntry:\n"
+            "    s.save(sys.argv[1], overwrite=True)\nexcept BlockingIOError as e:\n"
+            "    print(e)")
+    copy_path = tmp_path / "copy.h5"
+    s.save(copy_path)
+    writer = subprocess.Popen([sys.executable, "-c", hold, str(path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "open"
+        got = subprocess.run([sys.executable, "-c", save, str(path), str(copy_path)],
+                             capture_output=True, text=True, check=True,
+                             cwd=Path(lw.__file__).parents[1]).stdout
+    finally:
+        writer.communicate("")
+    assert "open for writing in another program" in got
+    assert path.stat().st_ino == inode  # the writer's file is still the one at the path
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy.h5", "s.h5"]

@@ -115,6 +115,29 @@ def open_read(path: str | Path, what: str):
             "not read it; read it once that program has closed it.")) from e
 
 
+def _refuse_if_being_written(path: Path) -> None:
+    """Raise if another program holds ``path`` open for writing (HDF5's file lock).
+
+    Renaming over it would not stop that program: it would go on writing into the replaced
+    file, and what it writes from then on (plot_surface.py's next points) would be lost.
+
+    Raises:
+        BlockingIOError: If the file is locked by a writer.
+    """
+    import h5py
+
+    if not path.is_file() or not h5py.is_hdf5(path):
+        return
+    try:
+        h5py.File(path, "r").close()
+    except BlockingIOError as e:
+        raise BlockingIOError(e.errno, (
+            f"{path} is open for writing in another program (loss-landscape's "
+            "plot_surface.py holds its surface file open until it finishes); replacing it "
+            "now would lose what that program writes next. Save once it has closed the "
+            "file, or to another path.")) from e
+
+
 class atomic_h5:
     """``with atomic_h5(path, overwrite) as f:`` writes a new HDF5 file in place of ``path``.
 
@@ -139,6 +162,7 @@ class atomic_h5:
         self.file.close()
         if kind is None:
             try:
+                _refuse_if_being_written(self.path)
                 if self.path.exists():
                     os.chmod(self.tmp, self.path.stat().st_mode & 0o7777)
                 os.replace(self.tmp, self.path)
