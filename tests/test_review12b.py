@@ -316,3 +316,23 @@ def test_saving_over_a_file_another_program_is_writing_is_refused(tmp_path, monk
     assert "open for writing in another program" in got
     assert path.stat().st_ino == inode  # the writer's file is still the one at the path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["copy.h5", "s.h5"]
+
+
+def test_links_in_a_users_file_are_kept_as_links(tmp_path):
+    """An external link whose file is gone made Surface.load fail ('NoneType' object has no
+    attribute 'attrs'); a soft link came back as a copy of its target."""
+    x, y = np.linspace(-1, 1, 3), np.linspace(0, 1, 2)
+    path, out = tmp_path / "ll.h5", tmp_path / "out.h5"
+    with h5py.File(path, "w") as f:
+        f["xcoordinates"], f["ycoordinates"] = x, y
+        f["train_loss"] = np.ones((3, 2))
+        f["runs/seed"] = np.arange(3)
+        f["latest"] = h5py.SoftLink("/runs/seed")
+        f["runs/raw"] = h5py.ExternalLink("moved_away.h5", "/data")
+    lw.Surface.load(path).save(out)
+    with h5py.File(out, "r") as f:
+        soft, ext = f.get("latest", getlink=True), f["runs"].get("raw", getlink=True)
+        assert isinstance(soft, h5py.SoftLink) and soft.path == "/runs/seed"
+        assert isinstance(ext, h5py.ExternalLink)
+        assert (ext.filename, ext.path) == ("moved_away.h5", "/data")
+        np.testing.assert_array_equal(f["latest"][()], np.arange(3))

@@ -174,21 +174,30 @@ class atomic_h5:
         return False
 
 
-def _read_node(node) -> dict:
-    """An HDF5 group (or a dict of its members) as ``{name: (value, attrs)}``.
+def _read_node(node, skip=()) -> dict:
+    """An HDF5 group's members, but those named in ``skip``, as ``{name: (value, attrs)}``.
 
     Values are arrays, scalars or bytes, and sub-dicts for groups.
 
     Returns:
         ``{name: (value, attrs)}`` for every member of ``node``: ``value`` is the dataset's
         data (a ``str`` for a scalar string dataset) or, for a group, the same kind of dict
-        read recursively; ``attrs`` is the member's HDF5 attributes as a dict. This is what
-        :func:`_write_node` writes back.
+        read recursively; ``attrs`` is the member's HDF5 attributes as a dict. A soft or
+        external link is kept as the link (``attrs`` empty): an external one whose file is
+        gone made the whole file unreadable, and a soft one came back as a copy. This is
+        what :func:`_write_node` writes back.
     """
     import h5py
 
     out = {}
-    for name, obj in node.items():
+    for name in node:
+        if name in skip:
+            continue
+        link = node.get(name, getlink=True)
+        if isinstance(link, (h5py.SoftLink, h5py.ExternalLink)):
+            out[name] = (link, {})
+            continue
+        obj = node[name]
         attrs = dict(obj.attrs)
         if isinstance(obj, h5py.Group):
             value = _read_node(obj)
@@ -227,9 +236,14 @@ def _get_all(group) -> dict:
 
 
 def _write_node(group, items: dict) -> None:
+    import h5py
+
     for name, (value, attrs) in items.items():
         if name in group:
             continue  # we wrote it anew
+        if isinstance(value, (h5py.SoftLink, h5py.ExternalLink)):
+            group[name] = value  # the link, as it was
+            continue
         if isinstance(value, dict):
             obj = group.create_group(name)
             _write_node(obj, value)
@@ -375,7 +389,7 @@ def read_grid(path: str | Path, fields: tuple[str, ...]) -> dict:
                     OURS + "not_computed"):  # our "not computed" stand-in: written anew by save
                 known.add(KEYS[acc])
         extra = {
-            "datasets": _read_node({k: v for k, v in f.items() if k not in known}),
+            "datasets": _read_node(f, skip=known),
             "attrs": {k: v for k, v in f.attrs.items() if not k.startswith(OURS)},
         }
     out.update(spec=spec, directions=directions, extra=extra, user_metrics=user_metrics)
