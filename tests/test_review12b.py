@@ -336,3 +336,18 @@ def test_links_in_a_users_file_are_kept_as_links(tmp_path):
         assert isinstance(ext, h5py.ExternalLink)
         assert (ext.filename, ext.path) == ("moved_away.h5", "/data")
         np.testing.assert_array_equal(f["latest"][()], np.arange(3))
+
+
+def test_a_users_attributes_on_the_grid_datasets_survive_load_and_save(tmp_path):
+    """Attributes on the datasets we read (a note on train_loss, a label on xcoordinates)
+    were dropped by Surface.load + save: only the file's own attributes were kept."""
+    path, out = tmp_path / "ll.h5", tmp_path / "out.h5"
+    with h5py.File(path, "w") as f:
+        f["xcoordinates"], f["ycoordinates"] = np.linspace(-1, 1, 3), np.linspace(0, 1, 2)
+        f["train_loss"] = np.ones((3, 2))
+        f["train_loss"].attrs["note"] = "epoch 300, lr 0.1"
+        f["xcoordinates"].attrs["label"] = "filter-normalised d1"
+    lw.Surface.load(path).save(out)
+    with h5py.File(out, "r") as f:
+        assert f["train_loss"].attrs["note"] == "epoch 300, lr 0.1"
+        assert f["xcoordinates"].attrs["label"] == "filter-normalised d1"

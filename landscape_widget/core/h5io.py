@@ -320,6 +320,10 @@ def write_grid(path: str | Path, x: np.ndarray, y: np.ndarray | None, arrays: di
             for name, arr in user_metrics.items():
                 _put(g, name, np.asarray(arr, dtype=np.float64).reshape(shape))
         _write_node(f, extra.get("datasets", {}))
+        for key, attrs in extra.get("dataset_attrs", {}).items():  # the user's, on ours
+            for k, v in attrs.items():
+                if key in f and k not in f[key].attrs:
+                    f[key].attrs[k] = v
         for k, v in extra.get("attrs", {}).items():
             if k not in f.attrs:
                 f.attrs[k] = v
@@ -391,6 +395,9 @@ def read_grid(path: str | Path, fields: tuple[str, ...]) -> dict:
         extra = {
             "datasets": _read_node(f, skip=known),
             "attrs": {k: v for k, v in f.attrs.items() if not k.startswith(OURS)},
+            # attributes a user put on the datasets we read (a note on train_loss): kept
+            "dataset_attrs": {k: {a: v for a, v in f[k].attrs.items() if not a.startswith(OURS)}
+                              for k in known if k in f and len(f[k].attrs)},
         }
     out.update(spec=spec, directions=directions, extra=extra, user_metrics=user_metrics)
     return out
