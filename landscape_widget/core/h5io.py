@@ -175,17 +175,12 @@ class atomic_h5:
 
 
 def _read_node(node, skip=()) -> dict:
-    """An HDF5 group's members, but those named in ``skip``, as ``{name: (value, attrs)}``.
-
-    Values are arrays, scalars or bytes, and sub-dicts for groups.
+    """An HDF5 group's members, but those named in ``skip``, as :func:`_write_node` writes them.
 
     Returns:
-        ``{name: (value, attrs)}`` for every member of ``node``: ``value`` is the dataset's
-        data (a ``str`` for a scalar string dataset) or, for a group, the same kind of dict
-        read recursively; ``attrs`` is the member's HDF5 attributes as a dict. A soft or
-        external link is kept as the link (``attrs`` empty): an external one whose file is
-        gone made the whole file unreadable, and a soft one came back as a copy. This is
-        what :func:`_write_node` writes back.
+        ``{name: (value, attrs)}``: ``value`` is the dataset's data (a ``str`` for a scalar
+        string), a group's members read the same way, or a soft or external link as the
+        link (a dangling external one made the whole file unreadable); ``attrs`` is a dict.
     """
     import h5py
 
