@@ -351,3 +351,23 @@ def test_a_users_attributes_on_the_grid_datasets_survive_load_and_save(tmp_path)
     with h5py.File(out, "r") as f:
         assert f["train_loss"].attrs["note"] == "epoch 300, lr 0.1"
         assert f["xcoordinates"].attrs["label"] == "filter-normalised d1"
+
+
+def test_directions_saved_with_a_compiled_model_load_on_the_plain_one(tmp_path):
+    """torch.compile names every tensor '_orig_mod.<name>': a directions file saved with the
+    compiled model was refused by the plain one ('tensors [...] are not in this model'),
+    and the other way round, though loss-landscape's reader (by position) takes both."""
+    model, dirs, _ = _small_surface()
+    compiled = torch.compile(model)
+    assert next(iter(lw.random_direction(compiled, seed=0))).startswith("_orig_mod.")
+    lw.save_directions(tmp_path / "plain.h5", dirs, model)
+    cdirs = [{"_orig_mod." + k: v for k, v in d.items()} for d in dirs]
+    lw.save_directions(tmp_path / "compiled.h5", cdirs, compiled)
+    for path, target, want in ((tmp_path / "compiled.h5", model, dirs),
+                               (tmp_path / "plain.h5", compiled, cdirs)):
+        got = lw.load_directions(path, target)
+        for g, w in zip(got, want, strict=True):
+            assert set(g) == set(w) and all(torch.equal(g[k], w[k]) for k in w)
+    other = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="saved for another model; pass the model"):
+        lw.load_directions(tmp_path / "plain.h5", other)

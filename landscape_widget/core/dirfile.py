@@ -153,6 +153,41 @@ def _aliases(model: nn.Module) -> dict[str, str]:
     return {k: v for k, v in out.items() if k != v}
 
 
+WRAPPERS = ("module.", "_orig_mod.")  # DataParallel / DDP, torch.compile
+
+
+def _bare(name: str) -> str:
+    while name.startswith(WRAPPERS):
+        name = name.split(".", 1)[1]
+    return name
+
+
+def _model_names(names: list[str], state: dict, path) -> dict[str, str]:
+    """The model's name for each name stored in one of our files.
+
+    Directions saved with a compiled (``_orig_mod.``) or DataParallel (``module.``) model
+    are the same tensors as the plain model's, and the other way round.
+
+    Returns:
+        ``{stored name: the model's name}``.
+
+    Raises:
+        ValueError: If a stored name is not the model's under any of those wrappers.
+    """
+    if all(n in state for n in names):
+        return {n: n for n in names}
+    bare: dict[str, str] = {}
+    for k in state:
+        bare.setdefault(_bare(k), k)
+    out = {n: bare.get(_bare(n)) for n in names}
+    unknown = [n for n, k in out.items() if k is None]
+    if unknown:
+        raise ValueError(f"{path}: tensors {unknown[:3]} are not in this model (it has "
+                         f"{list(state)[:3]}, ...): the file was saved for another model; "
+                         "pass the model it was made for.")
+    return out
+
+
 def _by_position(values: list[np.ndarray], model: nn.Module, path) -> tuple[list[str], str]:
     for dir_type in DIR_TYPES:
         order = _order(model, dir_type)
@@ -240,10 +275,9 @@ def load_directions(path: str | Path, model: nn.Module) -> list[Params]:
             values = [np.asarray(m[()]) for m in members]
             names = [m.attrs.get(OURS + "name") for m in members]
             if all(isinstance(n, str) for n in names):
-                keys = list(g.attrs.get(OURS + "keys", names))
-                unknown = [n for n in names if n not in state]
-                if unknown:
-                    raise ValueError(f"{path}: tensors {unknown[:3]} are not in this model.")
+                to_model = _model_names(names, state, path)
+                keys = [to_model[k] for k in g.attrs.get(OURS + "keys", names)]
+                names = [to_model[n] for n in names]
             else:
                 names, _ = _by_position(values, model, path)
                 # A tied tensor is in state_dict under each of its names. loss-landscape's
