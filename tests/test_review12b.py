@@ -371,3 +371,20 @@ def test_directions_saved_with_a_compiled_model_load_on_the_plain_one(tmp_path):
     other = nn.Linear(3, 2)
     with pytest.raises(ValueError, match="saved for another model; pass the model"):
         lw.load_directions(tmp_path / "plain.h5", other)
+
+
+def test_a_1d_directions_file_given_to_compute_surface_says_it_is_a_line(tmp_path):
+    """A loss-landscape 1D file (xdirection only) loads as [d]; compute_surface said
+    'directions must be a pair (d1, d2) of dicts; got list' of a list of dicts."""
+    model = tied_mlp().eval()
+    x, y = tied_data()
+    with h5py.File(tmp_path / "line.h5", "w") as f:
+        write_list(f, "xdirection", [torch.randn(p.shape) for p in model.parameters()])
+    dirs = lw.load_directions(tmp_path / "line.h5", model)
+    assert len(dirs) == 1
+    with pytest.raises(TypeError, match=r"got a list of 1 \(a directions file with only an "
+                                        r"xdirection is a line: lw.compute_curve\)"):
+        lw.compute_surface(model, (x, y), directions=dirs, x=(-1, 1, 2), y=(-1, 1, 2),
+                           progress=False)
+    c = lw.compute_curve(model, (x, y), direction=dirs[0], x=(-1, 1, 2), progress=False)
+    assert c.loss.shape == (2,)
