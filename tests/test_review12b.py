@@ -388,3 +388,28 @@ def test_a_1d_directions_file_given_to_compute_surface_says_it_is_a_line(tmp_pat
                            progress=False)
     c = lw.compute_curve(model, (x, y), direction=dirs[0], x=(-1, 1, 2), progress=False)
     assert c.loss.shape == (2,)
+
+
+def test_a_bfloat16_models_directions_and_surface_are_saved(tmp_path):
+    """numpy has no bfloat16: save_directions and Surface.save (which keeps the directions)
+    failed with 'Got unsupported ScalarType BFloat16', the latter after the computation."""
+    model = tied_mlp().eval().to(torch.bfloat16)
+    x, y = tied_data()
+    dirs = lw.random_directions(model, 2, seed=1)
+    before = snapshot(model)
+    lw.save_directions(tmp_path / "d.h5", dirs, model)
+    with h5py.File(tmp_path / "d.h5", "r") as f:  # what loss-landscape's set_weights adds
+        for i, (name, p) in enumerate(model.named_parameters()):
+            stored = torch.from_numpy(f["xdirection"][str(i)][()])
+            assert torch.equal(stored.to(p.dtype), dirs[0][name])
+    back = lw.load_directions(tmp_path / "d.h5", model)
+    for b, d in zip(back, dirs, strict=True):
+        assert all(b[k].dtype == torch.bfloat16 and torch.equal(b[k], d[k]) for k in d)
+    s = lw.compute_surface(model, (x.bfloat16(), y), directions=dirs, x=(-1, 1, 3),
+                           y=(-1, 1, 2), progress=False)
+    s.save(tmp_path / "s.h5")
+    again = lw.Surface.load(tmp_path / "s.h5")
+    np.testing.assert_array_equal(again.loss, s.loss)
+    assert all(torch.equal(again.directions[0][k].to(torch.bfloat16), dirs[0][k])
+               for k in dirs[0])
+    assert_same_snapshot(before, snapshot(model))

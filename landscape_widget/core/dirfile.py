@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .h5io import OURS, atomic_h5, open_read
+from .h5io import OURS, as_array, atomic_h5, open_read
 from .params import Params, check_direction, check_module
 
 GROUPS = ("xdirection", "ydirection")
@@ -138,9 +138,7 @@ def _write_entries(g, d: Params, order: list[tuple[str, torch.Tensor]]) -> None:
         if v is None:  # a buffer this direction does not move, or an integer one
             v = torch.zeros(ref.shape, dtype=ref.dtype if ref.is_floating_point()
                             else torch.float32)
-        if v.layout != torch.strided:  # a sparse buffer's entry (a graph's
-            v = v.to_dense()  # adjacency): numpy and HDF5 have no sparse arrays
-        ds = g.create_dataset(str(i), data=v.detach().cpu().numpy())
+        ds = g.create_dataset(str(i), data=as_array(v))
         ds.attrs[OURS + "name"] = name
 
 

@@ -47,11 +47,26 @@ STAND_INS = (("loss", "accuracy"), ("test_loss", "test_accuracy"))
 COORDS = ("xcoordinates", "ycoordinates")
 
 
+def as_array(t: torch.Tensor) -> np.ndarray:
+    """``t`` as a numpy array HDF5 stores: sparse made dense, bfloat16 / float8 as float32.
+
+    Returns:
+        The array. bfloat16 made ``save`` fail after the whole computation; float32 holds it
+        exactly, and readers cast back to the model's dtype.
+    """
+    t = t.detach().cpu()
+    if t.layout != torch.strided:
+        t = t.to_dense()
+    if t.is_floating_point() and (t.dtype == torch.bfloat16 or t.element_size() == 1):
+        t = t.float()
+    return t.numpy()
+
+
 def check_target(path: str | Path, overwrite: bool) -> Path:
     """``path`` as a ``Path``, refusing an existing file unless ``overwrite``.
 
     Returns:
-        ``path`` converted to a ``Path`` (not resolved); the file may or may not exist.
+        ``path`` as a ``Path`` (not resolved).
 
     Raises:
         FileExistsError: If the file exists and ``overwrite`` is false.
@@ -81,11 +96,7 @@ def check_target(path: str | Path, overwrite: bool) -> Path:
 
 
 def open_read(path: str | Path, what: str):
-    """``h5py.File(path, "r")``, with errors that say what is wrong with ``path``.
-
-    Args:
-        path: The file.
-        what: What the caller reads (``"a surface file"``), for the messages.
+    """``h5py.File(path, "r")``, with errors that say what is wrong; ``what`` names the file.
 
     Returns:
         The open file (read-only: nothing is written to a file that is read).
@@ -116,10 +127,7 @@ def open_read(path: str | Path, what: str):
 
 
 def _refuse_if_being_written(path: Path) -> None:
-    """Raise if another program holds ``path`` open for writing (HDF5's file lock).
-
-    Renaming over it would not stop that program: it would go on writing into the replaced
-    file, and what it writes from then on (plot_surface.py's next points) would be lost.
+    """Refuse to rename over a file a writer holds (its next writes would go to the old one).
 
     Raises:
         BlockingIOError: If the file is locked by a writer.
@@ -207,10 +215,9 @@ def _read_node(node, skip=()) -> dict:
 def _put(group, key: str, data) -> None:
     """Write ``data`` as member ``key`` of ``group``, whatever characters ``key`` holds.
 
-    HDF5 reads ``/`` in a name as a path (a metric named ``"acc/top2"``, a parameter of a
-    ``ModuleDict`` keyed ``"enc/0"`` became a nested group that :func:`_get_all` could not
-    read back), and ``"."`` names the group itself. Such a key is stored under an escaped
-    name; every member keeps its key in an attribute, which the reader prefers.
+    HDF5 reads ``/`` in a name as a path (``"acc/top2"`` became a nested group) and ``"."``
+    as the group itself: such a key gets an escaped name. Every member keeps its key in an
+    attribute, which the reader prefers.
     """
     name = key
     if "/" in key or key in ("", "."):
@@ -307,9 +314,7 @@ def write_grid(path: str | Path, x: np.ndarray, y: np.ndarray | None, arrays: di
             for i, d in enumerate(directions):
                 gi = g.create_group(str(i))
                 for k, v in d.items():
-                    if v.layout != torch.strided:  # a sparse buffer's entry (a graph's
-                        v = v.to_dense()  # adjacency): numpy has no sparse arrays
-                    _put(gi, k, v.detach().cpu().numpy())
+                    _put(gi, k, as_array(v))
         if user_metrics:
             g = f.create_group(METRICS_GROUP)
             for name, arr in user_metrics.items():
