@@ -413,3 +413,32 @@ def test_a_bfloat16_models_directions_and_surface_are_saved(tmp_path):
     assert all(torch.equal(again.directions[0][k].to(torch.bfloat16), dirs[0][k])
                for k in dirs[0])
     assert_same_snapshot(before, snapshot(model))
+
+
+def test_accuracies_plot_surface_wrote_into_our_stand_in_are_read(tmp_path):
+    """A loss-only surface saved with missing=-1 gets an all-"not computed" train_acc;
+    plot_surface.py finishing the file fills the accuracy of the points it computes. Those
+    were read as not computed (the stand-in's attribute) and lost on the next save."""
+    model, dirs, _ = _small_surface()
+    x, y = tied_data()
+    s = lw.compute_surface(model, (x, y), directions=dirs, x=(-1, 1, 3), y=(-1, 1, 2),
+                           metrics=("loss",), progress=False)
+    s.loss[1, 2] = np.nan
+    path = tmp_path / "handoff.h5"
+    s.save(path, missing=-1)
+    with h5py.File(path, "r+") as f:  # plot_surface.crunch: values where train_loss <= 0
+        loss, acc = f["train_loss"][:], f["train_acc"][:]
+        todo = np.flatnonzero(loss.ravel() <= 0)
+        assert todo.tolist() == [5]
+        loss.ravel()[todo], acc.ravel()[todo] = 1.25, 55.0
+        f["train_loss"][:], f["train_acc"][:] = loss, acc
+    back = lw.Surface.load(path)
+    want = np.full((2, 3), np.nan)
+    want[1, 2] = 0.55
+    np.testing.assert_array_equal(back.accuracy, want)
+    back.save(tmp_path / "again.h5")
+    with h5py.File(tmp_path / "again.h5", "r") as f:
+        np.testing.assert_array_equal(f["train_acc"][()], want * 100)
+    # an unfilled stand-in still reads as not computed
+    s.save(tmp_path / "plain.h5", missing=-1)
+    assert lw.Surface.load(tmp_path / "plain.h5").accuracy is None

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .h5io import OURS, as_array, atomic_h5, open_read
+from .h5files import as_array, atomic_h5, open_read
+from .h5io import OURS
 from .params import Params, check_direction, check_module
 
 GROUPS = ("xdirection", "ydirection")
