@@ -244,9 +244,14 @@ def _resolve_directions(model, directions, ndim, seed, points: bool = False
     if ndim == 1 and isinstance(directions, dict):
         directions = [directions]
     if not isinstance(directions, (list, tuple)) or len(directions) != ndim:
+        got = type(directions).__name__
+        if isinstance(directions, (list, tuple)):  # e.g. load_directions of a 1D file: [d]
+            got = f"a {got} of {len(directions)}"
+        one = (" (a directions file with only an xdirection is a line: lw.compute_curve)"
+               if ndim == 2 and got.endswith(" of 1") else "")
         raise TypeError(
             f"directions must be {'a direction dict' if ndim == 1 else 'a pair (d1, d2) of dicts'}"
-            f"; got {type(directions).__name__}. Make them with lw.random_direction(model)."
+            f"; got {got}{one}. Make them with lw.random_direction(model)."
         )
     for i, d in enumerate(directions):
         check_direction(model, d, name=f"directions[{i}]")

@@ -9,6 +9,10 @@ A projection file holds ``proj_xcoord`` and ``proj_ycoord``, one entry per check
 
 We also write each dataset's name as an attribute, so our own files are read back by name;
 files without names are read by position and checked tensor by tensor against the model.
+A tied tensor has one ``states`` entry per name; loss-landscape moves it by their sum, and so
+do we.
+Entries of non-persistent buffers (not in ``state_dict``) go to a group of their own, so the
+xdirection group keeps exactly one dataset per ``state_dict`` entry, as ``set_states`` asserts.
 ``num_batches_tracked`` (an integer step count, no direction of the loss) is written as 0 and
 dropped when read.
 """
@@ -21,11 +25,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .h5io import OURS, atomic_h5
+from .h5files import as_array, atomic_h5, open_read
+from .h5io import OURS
 from .params import Params, check_direction, check_module
 
 GROUPS = ("xdirection", "ydirection")
 DIR_TYPES = ("weights", "states")
+BEYOND = "landscape_widget_beyond_state_dict"  # non-persistent buffers' entries, by group
 
 
 def _as_list(directions) -> list[Params]:
@@ -85,15 +91,16 @@ def save_directions(path: str | Path, directions, model: nn.Module, *,
         raise ValueError("these directions move BatchNorm buffers, which the 'weights' type "
                          "cannot hold; use dir_type='states'.")
     order = _order(model, dir_type)
+    beyond = []
     if dir_type == "states":
         # Non-persistent buffers are not in state_dict, but a direction may move them
-        # (interpolation_direction does): written after its entries, or that part would be
-        # lost with no error. loss-landscape zips the state_dict with the datasets, so it
-        # reads the file as before; our reader finds them by name.
+        # (interpolation_direction does): that part would be lost with no error unless
+        # written. Not in xdirection/ydirection: loss-landscape's set_states asserts one
+        # dataset per state_dict entry. Our reader finds them by name.
         listed = {n for n, _ in order}
-        order += [(n, b.detach()) for n, b in model.named_buffers()
+        beyond = [(n, b.detach()) for n, b in model.named_buffers()
                   if n not in listed and any(n in d for d in dirs)]
-    write_directions(path, dirs, order, dir_type, overwrite=overwrite,
+    write_directions(path, dirs, order, dir_type, overwrite=overwrite, beyond=beyond,
                      explained_variance_ratio=explained_variance_ratio,
                      singular_values=singular_values, n_samples=n_samples)
     return dir_type
@@ -101,26 +108,22 @@ def save_directions(path: str | Path, directions, model: nn.Module, *,
 
 def write_directions(path, dirs: list[Params], order: list[tuple[str, torch.Tensor]],
                      dir_type: str, *, overwrite: bool, explained_variance_ratio=None,
-                     singular_values=None, n_samples: int | None = None) -> None:
+                     singular_values=None, n_samples: int | None = None,
+                     beyond: list[tuple[str, torch.Tensor]] = ()) -> None:
     """Write ``dirs`` with one dataset per ``(name, reference tensor)`` of ``order``.
 
     Entries a direction lacks are written as zeros of the reference's shape (float32 for
-    integer references such as ``num_batches_tracked``).
+    integer references such as ``num_batches_tracked``). ``beyond`` (tensors outside
+    loss-landscape's order: non-persistent buffers) go to group :data:`BEYOND`.
     """
     with atomic_h5(path, overwrite) as f:
         f.attrs[OURS + "dir_type"] = dir_type
         for group, d in zip(GROUPS, dirs, strict=False):
             g = f.create_group(group)
-            for i, (name, ref) in enumerate(order):
-                v = d.get(name)
-                if v is None:  # a buffer this direction does not move, or an integer one
-                    v = torch.zeros(ref.shape, dtype=ref.dtype if ref.is_floating_point()
-                                    else torch.float32)
-                if v.layout != torch.strided:  # a sparse buffer's entry (a graph's
-                    v = v.to_dense()  # adjacency): numpy and HDF5 have no sparse arrays
-                ds = g.create_dataset(str(i), data=v.detach().cpu().numpy())
-                ds.attrs[OURS + "name"] = name
-            g.attrs[OURS + "keys"] = [k for k, _ in order if k in d]
+            if beyond:
+                _write_entries(f.require_group(BEYOND).create_group(group), d, beyond)
+            _write_entries(g, d, order)
+            g.attrs[OURS + "keys"] = [k for k, _ in [*order, *beyond] if k in d]
         if explained_variance_ratio is not None:
             f["explained_variance_ratio_"] = np.asarray(explained_variance_ratio, np.float64)
         if singular_values is not None:
@@ -128,6 +131,60 @@ def write_directions(path, dirs: list[Params], order: list[tuple[str, torch.Tens
             f["singular_values_"] = s
             if n_samples is not None and n_samples > 1:
                 f["explained_variance_"] = s ** 2 / (n_samples - 1)
+
+
+def _write_entries(g, d: Params, order: list[tuple[str, torch.Tensor]]) -> None:
+    for i, (name, ref) in enumerate(order):
+        v = d.get(name)
+        if v is None:  # a buffer this direction does not move, or an integer one
+            v = torch.zeros(ref.shape, dtype=ref.dtype if ref.is_floating_point()
+                            else torch.float32)
+        ds = g.create_dataset(str(i), data=as_array(v))
+        ds.attrs[OURS + "name"] = name
+
+
+def _aliases(model: nn.Module) -> dict[str, str]:
+    """Each ``state_dict`` key that shares its tensor with an earlier one -> that first key."""
+    first: dict[int, str] = {}
+    out = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        out[name] = first.setdefault(id(t), name)
+    return {k: v for k, v in out.items() if k != v}
+
+
+WRAPPERS = ("module.", "_orig_mod.")  # DataParallel / DDP, torch.compile
+
+
+def _bare(name: str) -> str:
+    while name.startswith(WRAPPERS):
+        name = name.split(".", 1)[1]
+    return name
+
+
+def _model_names(names: list[str], state: dict, path) -> dict[str, str]:
+    """The model's name for each name stored in one of our files.
+
+    Directions saved with a compiled (``_orig_mod.``) or DataParallel (``module.``) model
+    are the same tensors as the plain model's, and the other way round.
+
+    Returns:
+        ``{stored name: the model's name}``.
+
+    Raises:
+        ValueError: If a stored name is not the model's under any of those wrappers.
+    """
+    if all(n in state for n in names):
+        return {n: n for n in names}
+    bare: dict[str, str] = {}
+    for k in state:
+        bare.setdefault(_bare(k), k)
+    out = {n: bare.get(_bare(n)) for n in names}
+    unknown = [n for n, k in out.items() if k is None]
+    if unknown:
+        raise ValueError(f"{path}: tensors {unknown[:3]} are not in this model (it has "
+                         f"{list(state)[:3]}, ...): the file was saved for another model; "
+                         "pass the model it was made for.")
+    return out
 
 
 def _by_position(values: list[np.ndarray], model: nn.Module, path) -> tuple[list[str], str]:
@@ -138,10 +195,36 @@ def _by_position(values: list[np.ndarray], model: nn.Module, path) -> tuple[list
         ):
             return [n for n, _ in order], dir_type
     n_w, n_s = len(_order(model, "weights")), len(_order(model, "states"))
+    first = ""
+    for dir_type, call in (("weights", "parameters()"), ("states", "state_dict()")):
+        order = _order(model, dir_type)
+        if len(order) == len(values):  # the count fits: say where the shapes part
+            i, (name, ref) = next((i, o) for i, (v, o) in enumerate(zip(values, order,
+                                  strict=True)) if tuple(v.shape) != tuple(o[1].shape))
+            first = (f" (as {call}: tensor {i} is {tuple(values[i].shape)} in the file, "
+                     f"{name!r} {tuple(ref.shape)} in the model)")
+            break
     raise ValueError(
         f"{path} holds {len(values)} tensors that fit neither this model's parameters() "
-        f"({n_w} tensors) nor its state_dict() ({n_s}) in order and shape: it was written "
-        "for another model (or a differently built one).")
+        f"({n_w} tensors) nor its state_dict() ({n_s}) in order and shape{first}: it was "
+        "written for another model (or a differently built one); pass the model it was "
+        "made for, built with the same layers and settings.")
+
+
+def _checked_group(f, group: str, path):
+    """``f[group]``, checked to hold datasets ``'0'`` ... ``'n-1'`` as ``write_list`` writes."""
+    import h5py
+
+    g = f[group]
+    names = set(g) if isinstance(g, h5py.Group) else None
+    want = {str(i) for i in range(len(names or ()))}
+    if names is None or names != want or not all(isinstance(g[n], h5py.Dataset) for n in names):
+        odd = "it is not a group" if names is None else (
+            f"it lacks {sorted(want - names, key=int)[:3]} and has {sorted(names - want)[:3]}")
+        raise ValueError(f"{path}: '{group}' must be a group of datasets '0', '1', ... (one per "
+                         f"tensor, as loss-landscape's h5_util.write_list writes it), but {odd}: "
+                         "the file is incomplete or not a directions file; write it again.")
+    return g
 
 
 def load_directions(path: str | Path, model: nn.Module) -> list[Params]:
@@ -161,39 +244,49 @@ def load_directions(path: str | Path, model: nn.Module) -> list[Params]:
 
     Raises:
         FileNotFoundError: If there is no such file.
-        ValueError: If the file holds no ``xdirection`` or does not fit the model.
+        ValueError: If the file is not HDF5, holds no ``xdirection`` (or a malformed one) or
+            does not fit the model.
     """
-    import h5py
-
     check_module(model)
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no such file: {path}")
     state = {k: v.detach() for k, v in model.state_dict().items()}
     # Non-persistent buffers too: save_directions writes those the directions move.
     state.update({k: v.detach() for k, v in model.named_buffers() if k not in state})
     params = dict(model.named_parameters())
     float_buffers = {k for k, v in model.named_buffers() if v.is_floating_point()}
+    alias = _aliases(model)
     out = []
-    with h5py.File(path, "r") as f:
+    with open_read(path, "a directions file") as f:
         if "xdirection" not in f:
-            raise ValueError(f"{path} has no 'xdirection' group: it is not a directions file.")
+            hint = ("it is a surface or curve file: lw.Surface.load(path).directions (or "
+                    "lw.Curve.load) holds the directions we kept in it"
+                    if "xcoordinates" in f else "pass the directions file (net_plotter's "
+                    "setup_direction or lw.save_directions writes it)")
+            raise ValueError(f"{path} has no 'xdirection' group, so it is not a directions "
+                             f"file; {hint}.")
         for group in GROUPS:
             if group not in f:
                 break
-            g = f[group]
-            values = [np.asarray(g[str(i)][()]) for i in range(len(g))]
-            names = [g[str(i)].attrs.get(OURS + "name") for i in range(len(g))]
+            g = _checked_group(f, group, path)
+            members = [g[str(i)] for i in range(len(g))]
+            if BEYOND in f and group in f[BEYOND]:
+                members += [f[BEYOND][group][str(i)] for i in range(len(f[BEYOND][group]))]
+            values = [np.asarray(m[()]) for m in members]
+            names = [m.attrs.get(OURS + "name") for m in members]
             if all(isinstance(n, str) for n in names):
-                keys = list(g.attrs.get(OURS + "keys", names))
-                unknown = [n for n in names if n not in state]
-                if unknown:
-                    raise ValueError(f"{path}: tensors {unknown[:3]} are not in this model.")
+                to_model = _model_names(names, state, path)
+                keys = [to_model[k] for k in g.attrs.get(OURS + "keys", names)]
+                names = [to_model[n] for n in names]
             else:
                 names, _ = _by_position(values, model, path)
+                # A tied tensor is in state_dict under each of its names. loss-landscape's
+                # set_states adds every entry to a deepcopy of the state_dict, which keeps
+                # the sharing: the tensor moves by the sum of its entries. Each entry is
+                # credited to the tensor's first name (the one named_parameters() gives).
+                names = [alias.get(n, n) for n in names]
                 keys = [n for n, v in zip(names, values, strict=True)
                         if n in params or (n in float_buffers and np.any(v != 0))]
-            d = {}
+            d, acc = {}, {}
             for name, v in zip(names, values, strict=True):
                 if name not in keys:
                     continue
@@ -202,7 +295,10 @@ def load_directions(path: str | Path, model: nn.Module) -> list[Params]:
                     raise ValueError(f"{path}: {group}/{name} has shape {tuple(v.shape)}, the "
                                      f"model's tensor {tuple(ref.shape)}.")
                 if ref.is_floating_point():  # num_batches_tracked and other integers: no
-                    d[name] = torch.from_numpy(np.array(v)).to("cpu", ref.dtype)
+                    v = torch.from_numpy(np.array(v))
+                    acc[name] = v.double() + acc[name] if name in acc else v
+            for name, v in acc.items():
+                d[name] = v.to("cpu", state[name].dtype)
             missing = [n for n in params if n not in d]
             if missing:
                 raise ValueError(f"{path}: {group} lacks parameters {missing[:3]}.")
@@ -226,9 +322,15 @@ def write_projection(path: str | Path, coords: np.ndarray, *, overwrite: bool = 
 
 
 def read_projection(path: str | Path) -> np.ndarray:
-    """The ``(n, 2)`` coordinates of a projection file (``proj_xcoord``, ``proj_ycoord``)."""
-    import h5py
+    """The ``(n, 2)`` coordinates of a projection file (``proj_xcoord``, ``proj_ycoord``).
 
-    with h5py.File(path, "r") as f:
+    Returns:
+        float64 ``(n, 2)``: one row per checkpoint.
+
+    Raises:
+        FileNotFoundError: If there is no such file.
+        ValueError: If ``path`` is a directory or not an HDF5 file.
+    """
+    with open_read(path, "a projection file") as f:
         return np.stack([np.asarray(f["proj_xcoord"][()], np.float64),
                          np.asarray(f["proj_ycoord"][()], np.float64)], axis=1)

@@ -22,12 +22,12 @@ Nothing here unpickles: HDF5 datasets and JSON attributes only.
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .h5files import as_array, atomic_h5, open_read
 
 FORMAT_VERSION = 1
 OURS = "landscape_widget/"  # prefix of our attributes
@@ -47,67 +47,25 @@ STAND_INS = (("loss", "accuracy"), ("test_loss", "test_accuracy"))
 COORDS = ("xcoordinates", "ycoordinates")
 
 
-def check_target(path: str | Path, overwrite: bool) -> Path:
-    """``path`` as a ``Path``, refusing an existing file unless ``overwrite``.
+def _read_node(node, skip=()) -> dict:
+    """An HDF5 group's members, but those named in ``skip``, as :func:`_write_node` writes them.
 
     Returns:
-        ``path`` converted to a ``Path`` (not resolved); the file may or may not exist.
-
-    Raises:
-        FileExistsError: If the file exists and ``overwrite`` is false.
-        TypeError: If ``overwrite`` is not a bool.
-    """
-    if not isinstance(overwrite, bool):
-        raise TypeError(f"overwrite must be True or False, got {overwrite!r}.")
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it (what the file "
-                              "holds that this object does not know is kept if it was loaded "
-                              "from it), or choose another path.")
-    return path
-
-
-class atomic_h5:
-    """``with atomic_h5(path, overwrite) as f:`` writes a new HDF5 file in place of ``path``.
-
-    The file is written beside ``path`` and renamed over it only once complete, so a failed
-    write leaves the old file as it was.
-    """
-
-    def __init__(self, path: str | Path, overwrite: bool):
-        self.path = check_target(path, overwrite)
-        self.tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:8]}.tmp")
-
-    def __enter__(self):
-        import h5py
-
-        self.file = h5py.File(self.tmp, "w")
-        return self.file
-
-    def __exit__(self, kind, value, tb):
-        self.file.close()
-        if kind is None:
-            os.replace(self.tmp, self.path)
-        else:
-            self.tmp.unlink(missing_ok=True)
-        return False
-
-
-def _read_node(node) -> dict:
-    """An HDF5 group (or a dict of its members) as ``{name: (value, attrs)}``.
-
-    Values are arrays, scalars or bytes, and sub-dicts for groups.
-
-    Returns:
-        ``{name: (value, attrs)}`` for every member of ``node``: ``value`` is the dataset's
-        data (a ``str`` for a scalar string dataset) or, for a group, the same kind of dict
-        read recursively; ``attrs`` is the member's HDF5 attributes as a dict. This is what
-        :func:`_write_node` writes back.
+        ``{name: (value, attrs)}``: ``value`` is the dataset's data (a ``str`` for a scalar
+        string), a group's members read the same way, or a soft or external link as the
+        link (a dangling external one made the whole file unreadable); ``attrs`` is a dict.
     """
     import h5py
 
     out = {}
-    for name, obj in node.items():
+    for name in node:
+        if name in skip:
+            continue
+        link = node.get(name, getlink=True)
+        if isinstance(link, (h5py.SoftLink, h5py.ExternalLink)):
+            out[name] = (link, {})
+            continue
+        obj = node[name]
         attrs = dict(obj.attrs)
         if isinstance(obj, h5py.Group):
             value = _read_node(obj)
@@ -122,10 +80,9 @@ def _read_node(node) -> dict:
 def _put(group, key: str, data) -> None:
     """Write ``data`` as member ``key`` of ``group``, whatever characters ``key`` holds.
 
-    HDF5 reads ``/`` in a name as a path (a metric named ``"acc/top2"``, a parameter of a
-    ``ModuleDict`` keyed ``"enc/0"`` became a nested group that :func:`_get_all` could not
-    read back), and ``"."`` names the group itself. Such a key is stored under an escaped
-    name; every member keeps its key in an attribute, which the reader prefers.
+    HDF5 reads ``/`` in a name as a path (``"acc/top2"`` became a nested group) and ``"."``
+    as the group itself: such a key gets an escaped name. Every member keeps its key in an
+    attribute, which the reader prefers.
     """
     name = key
     if "/" in key or key in ("", "."):
@@ -146,9 +103,14 @@ def _get_all(group) -> dict:
 
 
 def _write_node(group, items: dict) -> None:
+    import h5py
+
     for name, (value, attrs) in items.items():
         if name in group:
             continue  # we wrote it anew
+        if isinstance(value, (h5py.SoftLink, h5py.ExternalLink)):
+            group[name] = value  # the link, as it was
+            continue
         if isinstance(value, dict):
             obj = group.create_group(name)
             _write_node(obj, value)
@@ -209,6 +171,7 @@ def write_grid(path: str | Path, x: np.ndarray, y: np.ndarray | None, arrays: di
             if needed and arrays.get(acc) is None and KEYS[acc] not in kept:
                 f[KEYS[acc]] = np.full(shape, missing)
                 f[KEYS[acc]].attrs[OURS + "not_computed"] = True
+                f[KEYS[acc]].attrs[OURS + "missing"] = missing
         f.attrs[OURS + "format"] = FORMAT_VERSION
         f.attrs[OURS + "spec"] = json.dumps(spec, default=str)
         f.attrs[OURS + "acc_units"] = "percent"
@@ -217,17 +180,34 @@ def write_grid(path: str | Path, x: np.ndarray, y: np.ndarray | None, arrays: di
             for i, d in enumerate(directions):
                 gi = g.create_group(str(i))
                 for k, v in d.items():
-                    if v.layout != torch.strided:  # a sparse buffer's entry (a graph's
-                        v = v.to_dense()  # adjacency): numpy has no sparse arrays
-                    _put(gi, k, v.detach().cpu().numpy())
+                    _put(gi, k, as_array(v))
         if user_metrics:
             g = f.create_group(METRICS_GROUP)
             for name, arr in user_metrics.items():
                 _put(g, name, np.asarray(arr, dtype=np.float64).reshape(shape))
         _write_node(f, extra.get("datasets", {}))
+        for key, attrs in extra.get("dataset_attrs", {}).items():  # the user's, on ours
+            for k, v in attrs.items():
+                if key in f and k not in f[key].attrs:
+                    f[key].attrs[k] = v
         for k, v in extra.get("attrs", {}).items():
             if k not in f.attrs:
                 f.attrs[k] = v
+
+
+def _stand_in(ds) -> bool:
+    """Whether ``ds`` is our all-"not computed" accuracy stand-in, still unfilled.
+
+    Returns:
+        False once any point holds a value: ``plot_surface.py`` finishing one of our files
+        (``missing=-1``) fills the accuracy of the points it computes, and those were read
+        as "not computed" and lost on the next save.
+    """
+    if not ds.attrs.get(OURS + "not_computed", False):
+        return False
+    v = np.asarray(ds[()], dtype=np.float64)
+    fill = ds.attrs.get(OURS + "missing", NOT_COMPUTED)
+    return bool(np.all(np.isnan(v)) or np.all(v == fill))
 
 
 def read_grid(path: str | Path, fields: tuple[str, ...]) -> dict:
@@ -240,17 +220,17 @@ def read_grid(path: str | Path, fields: tuple[str, ...]) -> dict:
 
     Raises:
         FileNotFoundError: If there is no such file.
-        ValueError: If the file has no ``xcoordinates`` or an array of the wrong size.
+        ValueError: If the file has no ``xcoordinates`` or an array of the wrong size, or is
+            not an HDF5 file.
     """
-    import h5py
-
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no such file: {path}")
-    with h5py.File(path, "r") as f:
+    with open_read(path, "a surface, curve or curvature file") as f:
         if "xcoordinates" not in f:
-            raise ValueError(f"{path} has no 'xcoordinates': it is not a loss-landscape or "
-                             "landscape_widget grid file.")
+            hint = ("it is a directions file: read it with lw.load_directions(path, model)"
+                    if "xdirection" in f else "pass the surface file (plot_surface.py's "
+                    "*.h5_[...].h5, or what Surface.save wrote)")
+            raise ValueError(f"{path} has no 'xcoordinates', so it is not a loss-landscape or "
+                             f"landscape_widget grid file; {hint}.")
         ours = OURS + "format" in f.attrs
         x = np.asarray(f["xcoordinates"][()], dtype=np.float64).reshape(-1)
         y = (np.asarray(f["ycoordinates"][()], dtype=np.float64).reshape(-1)
@@ -260,7 +240,7 @@ def read_grid(path: str | Path, fields: tuple[str, ...]) -> dict:
         for name in fields:
             key = KEYS[name]
             ds = f.get(key)
-            if ds is None or ds.attrs.get(OURS + "not_computed", False):
+            if ds is None or _stand_in(ds):
                 out[name] = None
                 continue
             arr = np.asarray(ds[()], dtype=np.float64)
@@ -268,7 +248,8 @@ def read_grid(path: str | Path, fields: tuple[str, ...]) -> dict:
                 raise ValueError(f"{path}: '{key}' has {arr.size} values for a grid of "
                                  f"{' x '.join(map(str, shape[::-1]))} points.")
             arr = arr.reshape(shape)  # flat order is rows = y in both tools' files
-            fill = ds.attrs.get(OURS + "missing") if ours else (
+            fill = ds.attrs.get(OURS + "missing", NOT_COMPUTED if ds.attrs.get(
+                OURS + "not_computed") else None) if ours else (
                 None if key in ("min_eig", "max_eig") else NOT_COMPUTED)
             if fill is not None and not np.isnan(fill):
                 arr[arr == fill] = np.nan
@@ -289,13 +270,12 @@ def read_grid(path: str | Path, fields: tuple[str, ...]) -> dict:
                          for k, v in _get_all(f[METRICS_GROUP]).items()}
                         if METRICS_GROUP in f else {})
         known = set(COORDS) | {KEYS[n] for n in fields} | {DIRECTIONS_GROUP, METRICS_GROUP}
-        for _, acc in STAND_INS:
-            if acc in fields and KEYS[acc] in f and f[KEYS[acc]].attrs.get(
-                    OURS + "not_computed"):  # our "not computed" stand-in: written anew by save
-                known.add(KEYS[acc])
         extra = {
-            "datasets": _read_node({k: v for k, v in f.items() if k not in known}),
+            "datasets": _read_node(f, skip=known),
             "attrs": {k: v for k, v in f.attrs.items() if not k.startswith(OURS)},
+            # attributes a user put on the datasets we read (a note on train_loss): kept
+            "dataset_attrs": {k: {a: v for a, v in f[k].attrs.items() if not a.startswith(OURS)}
+                              for k in known if k in f and len(f[k].attrs)},
         }
     out.update(spec=spec, directions=directions, extra=extra, user_metrics=user_metrics)
     return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 
+import numpy as np
 from torch import nn
 
 from .compute import grid_job
@@ -255,6 +256,7 @@ def compute_surface(
     labels = getattr(directions, "axis_labels", None)
     if labels:
         surface.spec["axis_labels"] = list(labels[:2])
+    _carry_over(surface, reuse)
     return surface
 
 
@@ -306,7 +308,38 @@ def compute_curve(
                  "curve")
     if test_data is not None:
         _test_pass(curve, model, test_data, directions, reuse, progress, kw)
+    _carry_over(curve, reuse)
     return curve
+
+
+def _carry_over(result, reuse) -> None:
+    """Keep what ``reuse`` holds beyond this run's values, when both have the same grid.
+
+    Finishing a file (``reuse=Surface.load(path)``, then ``save(path, overwrite=True)``)
+    must not drop what the file held: its accuracy when this run computes the loss only,
+    its test values when no ``test_data`` was passed (loss-landscape's ``test_loss`` /
+    ``test_acc``), and what we do not interpret
+    (``dir_file``, ``min_eig``, the user's own datasets and attributes). On another grid
+    those arrays would not fit, and nothing is carried.
+    """
+    if reuse is None or not _same_axis(result.x, reuse.x) or not _same_axis(
+            getattr(result, "y", None), getattr(reuse, "y", None)):
+        return
+    if result.accuracy is None and reuse.accuracy is not None:
+        result.accuracy = reuse.accuracy
+    if result.test_loss is None and result.test_accuracy is None and (
+            reuse.test_loss is not None or reuse.test_accuracy is not None):
+        result.test_loss, result.test_accuracy = reuse.test_loss, reuse.test_accuracy
+        if "test" in reuse.spec:
+            result.spec["test"] = reuse.spec["test"]
+    if not result.extra and reuse.extra:
+        result.extra = reuse.extra
+
+
+def _same_axis(a, b) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return np.shape(a) == np.shape(b) and bool(np.all(np.asarray(a) == np.asarray(b)))
 
 
 def _test_pass(result, model, test_data, directions, reuse, progress, kw) -> None:

@@ -325,7 +325,7 @@ class Trajectory:
             FileExistsError: If either file exists and ``overwrite`` is false.
         """
         from .dirfile import save_directions, write_directions, write_projection
-        from .h5io import check_target
+        from .h5files import check_target
 
         if len(dirs) != 2:
             raise ValueError(f"a projection file needs two directions, got {len(dirs)}.")

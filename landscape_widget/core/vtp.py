@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .h5io import check_target
+from .h5files import check_target
 
 
 def grid_quads(nx: int, ny: int) -> np.ndarray:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..core.copies import module_copy
-from ..core.h5io import check_target
+from ..core.h5files import check_target
 from .plane import FlatLayout, PatternPlane
 
 FORMAT = "landscape_widget.PatternFit"
