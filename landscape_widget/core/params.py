@@ -16,17 +16,9 @@ import torch
 from torch import Tensor, nn
 
 from .errors import IsolationError
+from .model_kinds import check_module
 
 Params = dict[str, Tensor]
-
-
-def check_module(model, name: str = "model") -> None:
-    """Raise a clear ``TypeError`` unless ``model`` is an ``nn.Module``."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(
-            f"{name} must be a torch.nn.Module, got {type(model).__name__}; pass the network "
-            "itself (e.g. the object you call as model(inputs))."
-        )
 
 
 def parameters_of(model: nn.Module) -> Params:
