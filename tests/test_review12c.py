@@ -10,17 +10,29 @@
   ``compute_surface`` then refused, and the Hessian tools failed with "value cannot be
   converted to type double without overflow". Now a ``TypeError`` naming the parameter
   and the fix (a real parameter viewed as complex in forward).
+- Forwards that cannot take one input (``forward(x1, x2)``, keyword-only
+  ``forward(*, input_ids)``): every computation failed inside the user's forward with
+  Python's "missing 1 required positional argument". Now a ``TypeError`` naming the
+  signature and the wrapper that fixes it. Forwards with optional extra arguments
+  (HuggingFace's ``forward(input_ids, attention_mask=None, labels=None)`` returning a
+  ``ModelOutput``-like object), ``*args`` or a pre-hook building the arguments still run,
+  checked against a float64 ``functional_call`` loop.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
+from collections import OrderedDict
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from cases import classification_data, reinit
 from public_cases import Untouched
 from torch import nn
+from torch.func import functional_call
 
 import landscape_widget as lw
 
@@ -104,3 +116,108 @@ def test_complex_parameter_is_refused_naming_the_fix(call):
     with Untouched(model), pytest.raises(TypeError, match="'w' is complex") as err:
         _calls(_data())[call](model)
     assert "view_as_complex" in str(err.value)
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 3)
+
+    def forward(self, x1, x2):
+        return self.a(x1) + self.b(x2)
+
+
+class _KeywordOnly(_TwoInputs):
+    def forward(self, *, x):
+        return self.a(x[:, :3]) + self.b(x[:, 3:])
+
+
+@pytest.mark.parametrize("kind", [_TwoInputs, _KeywordOnly])
+@pytest.mark.parametrize("call", [c for c in _calls(None) if c != "random_directions"])
+def test_forward_needing_more_than_one_input_is_refused_naming_the_fix(kind, call):
+    model = reinit(kind(), 0)
+    with Untouched(model), pytest.raises(TypeError, match="cannot be called with one input"
+                                         ) as err:
+        _calls(_data())[call](model)
+    assert "Wrap the model" in str(err.value) and "forward(" in str(err.value)
+
+
+class _Output(OrderedDict):
+    """HuggingFace's ModelOutput in small: a dict whose entries are attributes too."""
+
+    def __getattr__(self, key):
+        try:
+            return self[key]
+        except KeyError as err:
+            raise AttributeError(key) from err
+
+
+class _TinyEncoder(nn.Module):
+    """A HuggingFace-style classifier in pure torch: optional mask and labels, padding
+    masked with ``finfo.min``, a ``ModelOutput``-like result with ``.logits``."""
+
+    def __init__(self, vocab: int = 11, width: int = 8, classes: int = 3):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        if attention_mask is None:
+            attention_mask = (input_ids != 0).long()
+        h = self.emb(input_ids)
+        q, k, v = self.qkv(h).chunk(3, -1)
+        keep = attention_mask[:, None, :].to(h.dtype)
+        scores = q @ k.transpose(-1, -2) + (1 - keep) * torch.finfo(h.dtype).min
+        h = h + scores.softmax(-1) @ v
+        logits = self.head((h * keep.transpose(1, 2)).sum(1) / keep.sum(-1))
+        loss = None if labels is None else F.cross_entropy(logits, labels)
+        return _Output(logits=logits, loss=loss)
+
+
+class _StarArgs(_TinyEncoder):
+    def forward(self, *args, **kwargs):
+        return super().forward(*args, **kwargs)
+
+
+class _PreHookBuilds(_TwoInputs):
+    """forward(x1, x2) whose pre-hook splits the one input: callable as model(x)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_forward_pre_hook(lambda _m, args: (args[0][:, :3], args[0][:, 3:]))
+
+
+def _token_data():
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, 11, (12, 5), generator=g)
+    ids[torch.arange(5)[None] >= torch.randint(2, 6, (12, 1), generator=g)] = 0  # padding
+    return ids, torch.randint(0, 3, (12,), generator=g)
+
+
+def _oracle_surface(model, x, y, d1, d2, xs, ys) -> np.ndarray:
+    """Float64 loop: ``functional_call`` on a copy at ``theta + a d1 + b d2``."""
+    ref = copy.deepcopy(model).double().eval()
+    theta = {k: p.detach().double() for k, p in ref.named_parameters()}
+    out = np.zeros((len(ys), len(xs)))
+    for i, b in enumerate(ys):
+        for j, a in enumerate(xs):
+            point = {k: v + a * d1[k].double() + b * d2[k].double() for k, v in theta.items()}
+            with torch.no_grad():
+                logits = functional_call(ref, point, (x.double() if x.is_floating_point()
+                                                      else x,))
+            logits = getattr(logits, "logits", logits)
+            out[i, j] = float(F.cross_entropy(logits, y))
+    return out
+
+
+@pytest.mark.parametrize("kind", [_TinyEncoder, _StarArgs, _PreHookBuilds])
+def test_forwards_callable_with_one_input_still_run(kind):
+    model = reinit(kind(), 4).eval()
+    x, y = _token_data() if kind is not _PreHookBuilds else _data()
+    d1, d2 = lw.random_directions(model, 2, seed=1)
+    with Untouched(model):
+        surf = lw.compute_surface(model, (x, y), directions=(d1, d2), x=(-1, 1, 3),
+                                  y=(-1, 1, 3), progress=False)
+    ref = _oracle_surface(model, x, y, d1, d2, surf.x, surf.y)
+    np.testing.assert_allclose(surf.loss, ref, rtol=1e-5, atol=1e-6)

@@ -30,10 +30,10 @@ from .errors import Cancelled  # re-exported: `from core.hvp import Cancelled` s
 from .hvp_products import ProductMethods
 from .losses import check_cross_entropy_targets, decide_weighting
 from .metrics import find_logits, resolve_task
+from .model_kinds import check_runnable
 from .params import (
     Params,
     buffers_of,
-    check_module,
     evaluation_copy,
     model_device,
     parameters_of,
@@ -115,7 +115,7 @@ class HessianOperator(ProductMethods):
                  cancel: threading.Event | None = None,
                  on_product: Callable[[int], None] | None = None, method: str = "auto",
                  output_fn: Callable | None = None):
-        check_module(model)
+        check_runnable(model)
         _warm_forward_ad()
         if ignore not in ("biasbn", None):
             raise ValueError("ignore must be 'biasbn' (parameters of dim > 1) or None (all).")

@@ -10,9 +10,15 @@ copy, with forward hooks on its layers at set-up. Two kinds of module cannot tak
 - Complex parameters: a direction is a real tensor per parameter and the Hessian tools
   work in real arithmetic; torch's "value cannot be converted to type double without
   overflow" named neither.
+
+Every computation calls ``model(x)`` with one tensor of inputs; a forward that needs
+more (``forward(x1, x2)``, a keyword-only ``forward(*, input_ids)``) failed inside the
+user's code with Python's "missing 1 required positional argument", which names no fix.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 from torch import nn
@@ -69,3 +75,44 @@ def check_module(model, name: str = "model") -> None:
             "itself (e.g. the object you call as model(inputs))."
         )
     check_model_kind(model, name)
+
+
+
+def check_runnable(model, name: str = "model") -> None:
+    """:func:`check_module`, and refuse a forward that cannot take one input tensor.
+
+    The engine calls ``model(x)``; ``forward(x1, x2)`` or a keyword-only input cannot be
+    called so. Skipped where a forward pre-hook may build the arguments, or the forward's
+    signature cannot be read.
+
+    Raises:
+        TypeError: From :func:`check_module`, or naming the forward's signature and the fix
+            (a wrapper module whose ``forward(x)`` calls the model).
+
+    Example:
+        >>> class Two(nn.Module):
+        ...     def forward(self, a, b):
+        ...         return a + b
+        >>> check_runnable(Two())
+        Traceback (most recent call last):
+        ...
+        TypeError: model.forward(a, b) cannot be called with one input: ...
+    """
+    check_module(model, name)
+    if model._forward_pre_hooks:  # a pre-hook may supply the other arguments
+        return
+    try:
+        signature = inspect.signature(model.forward)
+        signature.bind(None)
+    except ValueError:  # a forward whose signature Python cannot read: let it run
+        return
+    except TypeError:
+        raise TypeError(
+            f"{name}.forward{signature} cannot be called with one input: the engine calls "
+            "model(x) with one tensor of inputs (the first element of your (inputs, "
+            "targets) data). Wrap the model in an nn.Module whose forward(x) builds the "
+            "arguments from x: for forward(a, b) stack them as x = torch.stack([a, b], 1) "
+            "and call model(x[:, 0], x[:, 1]); for a keyword-only input call "
+            "model(input_ids=x); for an attention mask derived from padding call "
+            "model(x, attention_mask=(x != pad_id).long())."
+        ) from None
