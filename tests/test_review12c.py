@@ -17,6 +17,9 @@
   (HuggingFace's ``forward(input_ids, attention_mask=None, labels=None)`` returning a
   ``ModelOutput``-like object), ``*args`` or a pre-hook building the arguments still run,
   checked against a float64 ``functional_call`` loop.
+- HuggingFace-style data (a dict batch ``{"input_ids": ..., "labels": ...}``, a list of
+  per-example dicts): "data must be an (inputs, targets) pair ...; got dict" said nothing
+  of what to do with it. The message now names the form and the fix.
 """
 
 from __future__ import annotations
@@ -221,3 +224,19 @@ def test_forwards_callable_with_one_input_still_run(kind):
                                   y=(-1, 1, 3), progress=False)
     ref = _oracle_surface(model, x, y, d1, d2, surf.x, surf.y)
     np.testing.assert_allclose(surf.loss, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("form", ["dict", "list-of-dicts"])
+def test_huggingface_style_batches_name_the_fix(form):
+    ids, y = _token_data()
+    batch = {"input_ids": ids, "labels": y}
+    data = batch if form == "dict" else [
+        {"input_ids": i, "labels": t} for i, t in zip(ids, y, strict=True)]
+    model = reinit(_TinyEncoder(), 4)
+    for call in (lambda: lw.compute_surface(model, data, x=(-1, 1, 3), y=(-1, 1, 3),
+                                            progress=False),
+                 lambda: lw.hessian_eigenpairs(model, data, k=1)):
+        with pytest.raises(TypeError, match="HuggingFace-style batch") as err:
+            call()
+        assert "(batch['input_ids'], batch['labels'])" in str(err.value)
+        assert "input_ids" in str(err.value).split("HuggingFace")[0]  # names its keys
