@@ -20,6 +20,11 @@
 - HuggingFace-style data (a dict batch ``{"input_ids": ..., "labels": ...}``, a list of
   per-example dicts): "data must be an (inputs, targets) pair ...; got dict" said nothing
   of what to do with it. The message now names the form and the fix.
+- torch's ``orthogonal`` parametrization with its Householder map (the default for a
+  non-square weight) reads the diagonal of ``original`` as signs, through ``.int()``:
+  random directions moved it, so every default surface and curve had a spike at the model
+  itself (``int(-0.99) == 0`` zeroes a column). Random directions are now zero there;
+  the curve is continuous at theta, checked on a float64 ``functional_call`` loop.
 """
 
 from __future__ import annotations
@@ -240,3 +245,49 @@ def test_huggingface_style_batches_name_the_fix(form):
             call()
         assert "(batch['input_ids'], batch['labels'])" in str(err.value)
         assert "input_ids" in str(err.value).split("HuggingFace")[0]  # names its keys
+
+
+def _orthogonal_net() -> nn.Module:
+    from torch.nn.utils.parametrizations import orthogonal
+
+    model = reinit(nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)), 5)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        orthogonal(model[2])  # 3 x 8: Householder, signs on the diagonal of original
+    return model.eval()
+
+
+def _oracle_curve(model, x, y, d, ts) -> np.ndarray:
+    ref = copy.deepcopy(model).double().eval()
+    theta = {k: p.detach().double() for k, p in ref.named_parameters()}
+    out = []
+    for t in ts:
+        with torch.no_grad():
+            logits = functional_call(ref, {k: v + t * d[k].double() for k, v in theta.items()},
+                                     (x.double(),))
+        out.append(float(F.cross_entropy(logits, y)))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_directions_leave_householder_signs_alone(seed):
+    model = _orthogonal_net()
+    x, y = _data()
+    original = model[2].parametrizations.weight.original
+    with Untouched(model):
+        d1, d2 = lw.random_directions(model, 2, seed=seed)
+        curve = lw.compute_curve(model, (x, y), direction=d1, x=(-0.02, 0.02, 5),
+                                 progress=False, metrics=("loss",))
+        surf = lw.compute_surface(model, (x, y), directions=(d1, d2), x=(-1, 1, 3),
+                                  y=(-1, 1, 3), progress=False, metrics=("loss",))
+    key = "2.parametrizations.weight.original"
+    assert torch.count_nonzero(d1[key].diagonal()) == 0 and d1[key].abs().sum() > 0
+    assert torch.equal(original.detach().diagonal().abs(), torch.ones(3))  # signs
+    ref = _oracle_curve(model, x, y, d1, curve.x)
+    np.testing.assert_allclose(curve.loss, ref, rtol=1e-5, atol=1e-6)
+    # Continuous at theta: a step of 0.01 changes the loss by about slope * 0.01 (a
+    # moved sign changed it by ~0.04 whatever the step).
+    slope = abs(ref[3] - ref[1]) / 0.02
+    assert max(abs(ref[1] - ref[2]), abs(ref[3] - ref[2])) < 0.01 * slope + 1e-3
+    np.testing.assert_allclose(surf.loss, _oracle_surface(model, x, y, d1, d2, surf.x,
+                                                          surf.y), rtol=1e-5, atol=1e-6)

@@ -14,6 +14,13 @@ copy, with forward hooks on its layers at set-up. Two kinds of module cannot tak
 Every computation calls ``model(x)`` with one tensor of inputs; a forward that needs
 more (``forward(x1, x2)``, a keyword-only ``forward(*, input_ids)``) failed inside the
 user's code with Python's "missing 1 required positional argument", which names no fix.
+
+Some entries of a parameter are not coordinates at all: torch's ``orthogonal``
+parametrization with its Householder map (the default for a non-square real weight) keeps
+the signs of its reflections on the diagonal of ``original`` and reads them through
+``.int()``, so that training never moves them. A random direction that moved them made the
+loss jump at the model itself (``int(0.99) == 0`` zeroes a column of the weight): every
+surface and curve had a spike at its centre. :func:`sign_entries` names them.
 """
 
 from __future__ import annotations
@@ -116,3 +123,41 @@ def check_runnable(model, name: str = "model") -> None:
             "model(input_ids=x); for an attention mask derived from padding call "
             "model(x, attention_mask=(x != pad_id).long())."
         ) from None
+
+
+def sign_entries(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The entries of parameters that hold signs read through ``.int()``, not coordinates.
+
+    torch's Householder ``orthogonal`` parametrization reads the diagonal of its
+    ``original`` (last two dims) as the reflections' signs, ``X.diagonal().int()``: any
+    move of ``1.0`` downwards truncates to ``0``. Random directions leave them at zero.
+
+    Args:
+        model: The user's model (only read).
+
+    Returns:
+        ``{parameter name: bool mask}`` (keys as ``model.named_parameters()``); empty for a
+        model without such a parametrization.
+
+    Example:
+        >>> from torch.nn.utils.parametrizations import orthogonal
+        >>> m = orthogonal(nn.Linear(4, 2))
+        >>> {k: v.sum().item() for k, v in sign_entries(m).items()}
+        {'parametrizations.weight.original': 2}
+    """
+    orthogonal = getattr(torch.nn.utils.parametrizations, "_Orthogonal", None)
+    maps = getattr(torch.nn.utils.parametrizations, "_OrthMaps", None)
+    if orthogonal is None or maps is None:  # torch moved them: nothing to mask
+        return {}
+    names = {id(p): k for k, p in model.named_parameters()}
+    out: dict[str, torch.Tensor] = {}
+    for module in model.modules():
+        for chain in getattr(module, "parametrizations", {}).values():
+            first, original = chain[0], getattr(chain, "original", None)
+            if (isinstance(first, orthogonal) and first.orthogonal_map == maps.householder
+                    and isinstance(original, torch.Tensor) and original.dim() >= 2
+                    and id(original) in names):
+                mask = torch.zeros(original.shape, dtype=torch.bool, device=original.device)
+                mask.diagonal(dim1=-2, dim2=-1).fill_(True)
+                out[names[id(original)]] = mask
+    return out
