@@ -25,6 +25,8 @@
   random directions moved it, so every default surface and curve had a spike at the model
   itself (``int(-0.99) == 0`` zeroes a column). Random directions are now zero there;
   the curve is continuous at theta, checked on a float64 ``functional_call`` loop.
+  Hessian eigenvectors kept ~1e-5 of their random Lanczos start there, enough for the same
+  spike along them: the start vector is zero there now (no product moves those entries).
 """
 
 from __future__ import annotations
@@ -291,3 +293,44 @@ def test_random_directions_leave_householder_signs_alone(seed):
     assert max(abs(ref[1] - ref[2]), abs(ref[3] - ref[2])) < 0.01 * slope + 1e-3
     np.testing.assert_allclose(surf.loss, _oracle_surface(model, x, y, d1, d2, surf.x,
                                                           surf.y), rtol=1e-5, atol=1e-6)
+
+
+def _dense_hessian(model, x, y) -> tuple[list[str], torch.Tensor]:
+    """torch's dense float64 Hessian of the mean loss over the parameters of dim > 1."""
+    ref = copy.deepcopy(model).double().eval()
+    theta = {k: p.detach().double() for k, p in ref.named_parameters()}
+    keys = [k for k, v in theta.items() if v.dim() > 1]
+    sizes = [theta[k].numel() for k in keys]
+
+    def loss(flat):
+        point = dict(theta)
+        for k, part in zip(keys, torch.split(flat, sizes), strict=True):
+            point[k] = theta[k] + part.reshape(theta[k].shape)
+        return F.cross_entropy(functional_call(ref, point, (x.double(),)), y)
+
+    return keys, torch.autograd.functional.hessian(loss, torch.zeros(sum(sizes),
+                                                                     dtype=torch.float64))
+
+
+@pytest.mark.parametrize("which", ["largest", "smallest"])
+def test_hessian_eigenvectors_leave_householder_signs_alone(which):
+    model = _orthogonal_net()
+    x, y = _data()
+    with Untouched(model):
+        vals, vecs = lw.hessian_eigenpairs(model, (x, y), k=2, which=which)
+    keys, dense = _dense_hessian(model, x, y)
+    key = "2.parametrizations.weight.original"
+    # The dense Hessian's eigenvalues without the sign entries' rows and columns (zero).
+    sizes = [model.get_parameter(k).numel() for k in keys]
+    at = sum(sizes[:keys.index(key)])
+    diagonal = [at + i * 8 + i for i in range(3)]  # (3, 8): entries (i, i)
+    assert float(dense[diagonal].abs().max()) == 0.0
+    keep = [i for i in range(len(dense)) if i not in diagonal]
+    spectrum = torch.linalg.eigvalsh(dense[keep][:, keep]).numpy()
+    want = spectrum[::-1][:2] if which == "largest" else spectrum[:2]
+    np.testing.assert_allclose(vals, want, rtol=1e-4, atol=1e-6)
+    for v in vecs:
+        assert torch.count_nonzero(v[key].diagonal()) == 0
+        ref = _oracle_curve(model, x, y, v, [-0.01, 0.0, 0.01])
+        curvature = abs(ref[0] - 2 * ref[1] + ref[2]) / 1e-4  # ~ |lambda| along v
+        assert curvature < 10 * max(abs(float(vals[0])), abs(float(vals[-1]))) + 1.0

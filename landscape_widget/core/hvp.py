@@ -18,7 +18,6 @@ import threading
 import warnings
 from collections.abc import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -28,9 +27,10 @@ from .copies import true_gradients
 from .data import as_tensors
 from .errors import Cancelled  # re-exported: `from core.hvp import Cancelled` still works
 from .hvp_products import ProductMethods
+from .lanczos import scipy_operator
 from .losses import check_cross_entropy_targets, decide_weighting
 from .metrics import find_logits, resolve_task
-from .model_kinds import check_runnable
+from .model_kinds import check_runnable, sign_entries
 from .params import (
     Params,
     buffers_of,
@@ -395,22 +395,23 @@ class HessianOperator(ProductMethods):
         return scipy_operator(self.matvec, self.size)
 
     def start_vector(self, seed: int) -> Tensor:
-        """A seeded standard normal vector of the operator's size, dtype and device."""
+        """A seeded standard normal start vector, zero on the sign entries.
+
+        No product moves the sign entries (:func:`~.model_kinds.sign_entries`: their
+        gradient is zero), so eigenvectors from it keep them at zero (a 1e-5 left there
+        made a surface along the eigenvector jump at the model).
+
+        Returns:
+            A flat vector of the operator's size, dtype and device.
+        """
         g = torch.Generator().manual_seed(int(seed))
-        return torch.randn(self.size, generator=g, dtype=self.dtype).to(self.device)
+        v = torch.randn(self.size, generator=g, dtype=self.dtype).to(self.device)
+        signs = sign_entries(self.module)  # the private copy's names are the model's
+        hold = {k: signs.get(k, torch.zeros(s, dtype=torch.bool)) for k, s in
+                zip(self.keys, self.shapes, strict=True)}
+        return v.masked_fill(self.flatten(hold).bool(), 0) if signs else v
 
     def full_direction(self, flat: Tensor) -> Params:
         """A direction dict over *all* parameters (zero outside the Hessian's), on the CPU."""
         d = {k: v.detach().cpu().float() for k, v in self.unflatten(flat).items()}
         return {k: d[k] if k in d else torch.zeros(s) for k, s in self._all_shapes.items()}
-
-
-def scipy_operator(matvec: Callable[[Tensor], Tensor], size: int):
-    """``matvec`` on torch tensors as a scipy ``LinearOperator`` on float64 numpy vectors."""
-    from scipy.sparse.linalg import LinearOperator
-
-    def mv(v):
-        flat = np.ascontiguousarray(v, dtype=np.float64).reshape(-1)
-        return matvec(torch.from_numpy(flat)).cpu().numpy()
-
-    return LinearOperator((size, size), matvec=mv, dtype=np.float64)
