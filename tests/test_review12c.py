@@ -27,6 +27,13 @@
   the curve is continuous at theta, checked on a float64 ``functional_call`` loop.
   Hessian eigenvectors kept ~1e-5 of their random Lanczos start there, enough for the same
   spike along them: the start vector is zero there now (no product moves those entries).
+- ``torch.compile``d models work (checked against a float64 loop on the eager module), but
+  their parameters are named ``_orig_mod.<name>`` (DDP's ``module.<name>``): directions
+  made for the eager model were refused with "make it ... for this very model" only. The
+  message now names the prefix and the fix.
+- ``nn.DataParallel``: torch's "The stateless API can't be used with nn.DataParallel
+  module" came dressed as a problem of the data ("Check that the data are what the model
+  takes: the input size ..."). Now a ``TypeError`` naming the fix (``model.module``).
 """
 
 from __future__ import annotations
@@ -334,3 +341,48 @@ def test_hessian_eigenvectors_leave_householder_signs_alone(which):
         ref = _oracle_curve(model, x, y, v, [-0.01, 0.0, 0.01])
         curvature = abs(ref[0] - 2 * ref[1] + ref[2]) / 1e-4  # ~ |lambda| along v
         assert curvature < 10 * max(abs(float(vals[0])), abs(float(vals[-1]))) + 1.0
+
+
+class _Wrapper(nn.Module):
+    """Names its parameters module.<name>, as DistributedDataParallel does."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x):
+        return self.module(x)
+
+
+@pytest.mark.parametrize("wrapper", ["compile", "module-prefix"])
+def test_wrapped_model_surfaces_and_the_prefix_in_key_errors(wrapper):
+    eager = _mlp()
+    x, y = _data()
+    if wrapper == "compile":
+        model, prefix = torch.compile(eager, backend="eager"), "_orig_mod."
+    else:  # DDP (no process group here), named like DataParallel, which is refused
+        model, prefix = _Wrapper(eager), "module."
+    plain = lw.random_directions(eager, 2, seed=0)
+    with Untouched(eager):  # the wrapped module is the user's eager one
+        d1, d2 = lw.random_directions(model, 2, seed=0)
+        surf = lw.compute_surface(model, (x, y), directions=(d1, d2), x=(-1, 1, 3),
+                                  y=(-1, 1, 3), progress=False, metrics=("loss",))
+        with pytest.raises(ValueError, match="differ by a prefix") as err:
+            lw.compute_surface(model, (x, y), directions=plain, x=(-1, 1, 3), y=(-1, 1, 3),
+                               progress=False)
+        assert repr(prefix) in str(err.value)
+        wrapped = [{prefix + k: v for k, v in d.items()} for d in (d1, d2)]
+        with pytest.raises(ValueError, match="differ by a prefix"):  # and the reverse
+            lw.compute_curve(eager, (x, y), direction=wrapped[0], x=(-1, 1, 3),
+                             progress=False)
+    assert all(torch.equal(d1[prefix + k], plain[0][k]) for k in plain[0])
+    ref = _oracle_surface(eager, x, y, plain[0], plain[1], surf.x, surf.y)
+    np.testing.assert_allclose(surf.loss, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("call", list(_calls(None)))
+def test_dataparallel_is_refused_naming_the_fix(call):
+    model = nn.DataParallel(_mlp())
+    with Untouched(model), pytest.raises(TypeError, match="nn.DataParallel") as err:
+        _calls(_data())[call](model)
+    assert "model.module" in str(err.value)

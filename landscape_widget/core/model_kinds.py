@@ -1,12 +1,14 @@
 """Kinds of ``nn.Module`` the engine cannot evaluate, refused up front with their fix.
 
 Every computation evaluates the model through ``torch.func.functional_call`` on a private
-copy, with forward hooks on its layers at set-up. Two kinds of module cannot take part:
+copy, with forward hooks on its layers at set-up. These kinds of module cannot take part:
 
 - TorchScript modules (``torch.jit.script``, ``torch.jit.trace``, ``torch.jit.load``):
   torch refuses both ``functional_call`` ("The stateless API can't be used with Jitted
   modules") and forward hooks ("register_forward_hook is not supported on ScriptModules"),
   messages that name neither the module nor the fix.
+- ``nn.DataParallel``: ``functional_call`` refuses it ("The stateless API can't be used
+  with nn.DataParallel module"), which the set-up reported as a problem of the data.
 - Complex parameters: a direction is a real tensor per parameter and the Hessian tools
   work in real arithmetic; torch's "value cannot be converted to type double without
   overflow" named neither.
@@ -32,14 +34,15 @@ from torch import nn
 
 
 def check_model_kind(model: nn.Module, name: str = "model") -> None:
-    """Refuse a model holding a TorchScript module or a complex parameter.
+    """Refuse a model holding a TorchScript or DataParallel module or a complex parameter.
 
     Args:
         model: The user's model (only read).
         name: How the model is called in the message (``"model"``, ``"model_a"``).
 
     Raises:
-        TypeError: Naming the scripted submodule or the complex parameter and the fix.
+        TypeError: Naming the scripted or DataParallel submodule or the complex parameter
+            and the fix.
 
     Example:
         >>> check_model_kind(nn.Linear(2, 2))
@@ -49,6 +52,13 @@ def check_model_kind(model: nn.Module, name: str = "model") -> None:
         TypeError: model is a TorchScript module (RecursiveScriptModule, from torch.jit.script/trace/load): ...
     """  # noqa: E501 - a doctest's expected line
     for path, module in model.named_modules():
+        if isinstance(module, nn.DataParallel):
+            where = name if not path else f"{name}.{path}"
+            raise TypeError(
+                f"{where} is wrapped in nn.DataParallel, which torch cannot evaluate at other "
+                "parameter values (torch.func.functional_call refuses it). Pass the module "
+                f"inside it, {where}.module: the engine chooses its own batches and device."
+            )
         if isinstance(module, torch.jit.ScriptModule):
             where = name if not path else f"{name}.{path}"
             raise TypeError(
@@ -161,3 +171,37 @@ def sign_entries(model: nn.Module) -> dict[str, torch.Tensor]:
                 mask.diagonal(dim1=-2, dim2=-1).fill_(True)
                 out[names[id(original)]] = mask
     return out
+
+
+def prefix_hint(missing: list[str], unknown: list[str]) -> str:
+    """Say so when a direction's keys and the model's differ only by a wrapper's prefix.
+
+    ``torch.compile`` names the parameters ``_orig_mod.<name>``, ``DataParallel`` and
+    ``DistributedDataParallel`` ``module.<name>``: a direction made for the eager model
+    (or saved from a wrapped one) then misses every key.
+
+    Args:
+        missing: The model's parameter names the direction lacks.
+        unknown: The direction's names the model lacks.
+
+    Returns:
+        A sentence naming the prefix and the fix, or ``""``.
+
+    Example:
+        >>> prefix_hint(["_orig_mod.w"], ["w"])[:44]
+        " Its keys and the model's differ by a prefix"
+    """
+    if not missing or not unknown:
+        return ""
+    names, first = set(unknown), missing[0]
+    prefixes = [first[: -len(u)] for u in names if first.endswith("." + u)]  # model wrapped
+    prefixes += [u[: -len(first)] for u in names if u.endswith("." + first)]  # direction
+    for prefix in sorted(set(prefixes), key=len):
+        wrapped = all(m.startswith(prefix) and m[len(prefix):] in names for m in missing)
+        if wrapped or all(prefix + m in names for m in missing):
+            return (f" Its keys and the model's differ by a prefix, {prefix!r} "
+                    "(torch.compile adds '_orig_mod.', DataParallel and "
+                    "DistributedDataParallel add 'module.'): make the direction for the "
+                    "model you pass, or pass the same module to both (model._orig_mod or "
+                    "model.module is the inner one).")
+    return ""
