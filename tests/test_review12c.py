@@ -34,6 +34,12 @@
 - ``nn.DataParallel``: torch's "The stateless API can't be used with nn.DataParallel
   module" came dressed as a problem of the data ("Check that the data are what the model
   takes: the input size ..."). Now a ``TypeError`` naming the fix (``model.module``).
+- A forward decorated with ``@torch.no_grad()``: ``hessian_eigenpairs`` returned 0 and
+  ``hessian_trace`` 0 (the ``jvp`` fallback differentiated a loss with no graph), mining
+  and ``side_direction`` failed with "element 0 of tensors does not require grad". Now a
+  ``ValueError`` naming the decorator and the fix. With ``@torch.inference_mode()``
+  surfaces failed ("Inference tensors do not track version counter", reading the
+  outputs' version counters); they now run (checked against the float64 loop).
 """
 
 from __future__ import annotations
@@ -386,3 +392,46 @@ def test_dataparallel_is_refused_naming_the_fix(call):
     with Untouched(model), pytest.raises(TypeError, match="nn.DataParallel") as err:
         _calls(_data())[call](model)
     assert "model.module" in str(err.value)
+
+
+class _NoGradForward(nn.Module):
+    def __init__(self, inference: bool = False):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 3)
+        self.mode = torch.inference_mode if inference else torch.no_grad
+
+    def forward(self, x):
+        with self.mode():
+            return self.b(torch.tanh(self.a(x)))
+
+
+@pytest.mark.parametrize("inference", [False, True], ids=["no_grad", "inference_mode"])
+@pytest.mark.parametrize("call", ["hessian_eigenpairs", "hessian_trace", "hessian_density",
+                                  "mine_direction", "side_direction"])
+def test_forward_without_autograd_is_refused_by_derivative_tools(inference, call):
+    model = reinit(_NoGradForward(inference), 6).eval()
+    with Untouched(model), pytest.raises(ValueError, match="through autograd") as err:
+        _calls(_data())[call](model)
+    assert "Remove the decorator" in str(err.value)
+
+
+@pytest.mark.parametrize("method", ["jvp", "backward"])
+def test_derivative_check_passes_differentiable_batched_products(method):
+    """The check holds inside torch.func transforms and batch by batch (no false alarm)."""
+    model = _mlp()
+    x, y = _data()
+    vals, _ = lw.hessian_eigenpairs(model, (x, y), k=1, method=method, batch_size=4)
+    keys, dense = _dense_hessian(model, x, y)
+    np.testing.assert_allclose(vals, torch.linalg.eigvalsh(dense).numpy()[-1:], rtol=1e-4)
+
+
+@pytest.mark.parametrize("inference", [False, True], ids=["no_grad", "inference_mode"])
+def test_surfaces_of_a_forward_without_autograd(inference):
+    model = reinit(_NoGradForward(inference), 6).eval()
+    x, y = _data()
+    d1, d2 = lw.random_directions(model, 2, seed=0)
+    with Untouched(model):
+        surf = lw.compute_surface(model, (x, y), directions=(d1, d2), x=(-1, 1, 3),
+                                  y=(-1, 1, 3), progress=False)
+    ref = _oracle_surface(model, x, y, d1, d2, surf.x, surf.y)
+    np.testing.assert_allclose(surf.loss, ref, rtol=1e-5, atol=1e-6)

@@ -30,7 +30,7 @@ from .hvp_products import ProductMethods
 from .lanczos import scipy_operator
 from .losses import check_cross_entropy_targets, decide_weighting
 from .metrics import find_logits, resolve_task
-from .model_kinds import check_runnable, sign_entries
+from .model_kinds import check_differentiable, check_runnable, sign_entries
 from .params import (
     Params,
     buffers_of,
@@ -255,7 +255,9 @@ class HessianOperator(ProductMethods):
         return F.cross_entropy(find_logits(out, self.output_fn), y)
 
     def _loss(self, params: Params, x: Tensor, y: Tensor, start: int = 0) -> Tensor:
-        return self.loss_fn(self._outputs(params, x, start), y)
+        loss = self.loss_fn(self._outputs(params, x, start), y)
+        check_differentiable(loss, params, "Hessian-vector products")  # no_grad forward
+        return loss
 
     def _outputs(self, params: Params, x: Tensor, start: int = 0):
         # Random draws in forward are seeded by the batch, as the surfaces' (core/rng.py):

@@ -23,6 +23,11 @@ the signs of its reflections on the diagonal of ``original`` and reads them thro
 ``.int()``, so that training never moves them. A random direction that moved them made the
 loss jump at the model itself (``int(0.99) == 0`` zeroes a column of the weight): every
 surface and curve had a spike at its centre. :func:`sign_entries` names them.
+
+A forward decorated with ``@torch.no_grad()`` (or one that detaches its outputs) gives a
+loss with no graph back to the parameters: the Hessian's ``jvp`` products were silently
+zero (an eigenvalue of 0, a trace of 0) and mining failed with torch's "element 0 of
+tensors does not require grad". :func:`check_differentiable` says so.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from __future__ import annotations
 import inspect
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 
 def check_model_kind(model: nn.Module, name: str = "model") -> None:
@@ -205,3 +210,35 @@ def prefix_hint(missing: list[str], unknown: list[str]) -> str:
                     "model you pass, or pass the same module to both (model._orig_mod or "
                     "model.module is the inner one).")
     return ""
+
+
+def check_differentiable(loss: Tensor, params: dict[str, Tensor], what: str) -> None:
+    """Refuse a loss with no graph back to ``params`` while autograd is on.
+
+    Args:
+        loss: The loss just computed from ``params``.
+        params: The tensors it was computed from (some requiring grad).
+        what: What needs the derivatives, for the message.
+
+    Raises:
+        ValueError: Naming the likely cause (no_grad / inference_mode on forward, a
+            detached output) and the fix.
+
+    Example:
+        >>> w = torch.ones(2, requires_grad=True)
+        >>> check_differentiable((w * 2).sum(), {"w": w}, "the Hessian")
+        >>> check_differentiable((w.detach() * 2).sum(), {"w": w}, "the Hessian")
+        Traceback (most recent call last):
+        ...
+        ValueError: The loss does not depend on the parameters through autograd, ...
+    """
+    if (loss.requires_grad or not torch.is_grad_enabled()
+            or not any(p.requires_grad for p in params.values())):
+        return
+    raise ValueError(
+        "The loss does not depend on the parameters through autograd, so "
+        f"{what} cannot be computed (it would be zero): the model's forward, or loss_fn, "
+        "runs without it (a @torch.no_grad() or @torch.inference_mode() on forward, or "
+        "outputs detached with .detach(), .data or .item()). Remove the decorator, or "
+        "evaluate a wrapper nn.Module whose forward calls the undecorated computation."
+    )

@@ -21,7 +21,7 @@ from ..core.data import as_tensors
 from ..core.directions import random_directions
 from ..core.losses import check_cross_entropy_targets, decide_weighting
 from ..core.metrics import find_logits, resolve_task
-from ..core.model_kinds import check_runnable
+from ..core.model_kinds import check_differentiable, check_runnable
 from ..core.params import (
     Params,
     buffers_of,
@@ -144,7 +144,9 @@ class _Objective:
         p = {**{k: b.clone() for k, b in self.buffers.items()}, **self.theta}
         for k, s in shift.items():
             p[k] = p[k] + s.to(p[k].device, p[k].dtype)
-        return self.loss_fn(self._outputs(p, x), y)
+        loss = self.loss_fn(self._outputs(p, x), y)
+        check_differentiable(loss, shift, "gradient directions")  # a no_grad forward
+        return loss
 
     def _outputs(self, p: Params, x: Tensor):
         """The private copy's outputs with parameters and buffers ``p`` on ``x``."""
