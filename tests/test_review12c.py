@@ -407,7 +407,7 @@ class _NoGradForward(nn.Module):
 
 @pytest.mark.parametrize("inference", [False, True], ids=["no_grad", "inference_mode"])
 @pytest.mark.parametrize("call", ["hessian_eigenpairs", "hessian_trace", "hessian_density",
-                                  "mine_direction", "side_direction"])
+                                  "mine_direction", "side_direction", "compare_optimizers"])
 def test_forward_without_autograd_is_refused_by_derivative_tools(inference, call):
     model = reinit(_NoGradForward(inference), 6).eval()
     with Untouched(model), pytest.raises(ValueError, match="through autograd") as err:

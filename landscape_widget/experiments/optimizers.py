@@ -32,7 +32,7 @@ from ..core.data import as_tensors
 from ..core.fingerprints import state_hash
 from ..core.losses import decide_weighting
 from ..core.metrics import find_logits, resolve_task
-from ..core.model_kinds import check_runnable
+from ..core.model_kinds import check_differentiable, check_runnable
 from ..core.params import model_device
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
@@ -249,6 +249,7 @@ def train_run(run: Run, model: nn.Module, optimizer: torch.optim.Optimizer,
             with torch.random.fork_rng(devices=_rng_devices(x)):
                 torch.manual_seed(schedule.step_seed(step))
                 loss = loss_fn(model(x[idx]), y[idx])
+            check_differentiable(loss, dict(model.named_parameters()), "training")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
