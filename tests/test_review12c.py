@@ -30,7 +30,8 @@
 - ``torch.compile``d models work (checked against a float64 loop on the eager module), but
   their parameters are named ``_orig_mod.<name>`` (DDP's ``module.<name>``): directions
   made for the eager model were refused with "make it ... for this very model" only. The
-  message now names the prefix and the fix.
+  message now names the prefix and the fix, as does ``Trajectory.from_checkpoints`` for
+  checkpoints saved from such a wrapper ("checkpoint 0 lacks parameters [...]" only).
 - ``nn.DataParallel``: torch's "The stateless API can't be used with nn.DataParallel
   module" came dressed as a problem of the data ("Check that the data are what the model
   takes: the input size ..."). Now a ``TypeError`` naming the fix (``model.module``).
@@ -435,3 +436,16 @@ def test_surfaces_of_a_forward_without_autograd(inference):
                                   y=(-1, 1, 3), progress=False)
     ref = _oracle_surface(model, x, y, d1, d2, surf.x, surf.y)
     np.testing.assert_allclose(surf.loss, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod."])
+def test_trajectory_from_wrapped_checkpoints_names_the_prefix(prefix):
+    model = _mlp()
+    states = [{prefix + k: v + i for k, v in model.state_dict().items()} for i in range(3)]
+    with pytest.raises(ValueError, match="differ by a prefix") as err:
+        lw.Trajectory.from_checkpoints(states, model)
+    assert repr(prefix) in str(err.value)
+    # Stripped of the prefix, as the message says, the same checkpoints load.
+    plain = [{k[len(prefix):]: v for k, v in s.items()} for s in states]
+    traj = lw.Trajectory.from_checkpoints(plain, model)
+    assert len(traj) == 3
