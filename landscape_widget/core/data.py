@@ -40,6 +40,30 @@ def _describe(value) -> str:
     return f"a {type(value).__name__} of {len(value)} {'/'.join(kinds)}"
 
 
+def _dict_hint(data) -> str:
+    """How to pass ``data`` if it is a HuggingFace-style batch, for the error's message.
+
+    Returns:
+        For a dict, or a sequence of per-example dicts, a sentence naming its form and the
+        ``(inputs, targets)`` fix; else ``""``.
+
+    Example:
+        >>> print(_dict_hint({"input_ids": 1, "labels": 2})[:47])
+         Here: a dict with keys ['input_ids', 'labels']
+    """
+    if isinstance(data, dict):
+        form = _describe(data)
+    elif isinstance(data, (list, tuple)) and data and all(isinstance(v, dict) for v in data):
+        form = f"a {type(data).__name__} of {len(data)} dicts with keys {list(data[0])[:5]}"
+    else:
+        return ""
+    return (f" Here: {form}, a HuggingFace-style batch. Pass (inputs, targets) tensors "
+            "instead, e.g. (batch['input_ids'], batch['labels']) (per-example dicts: "
+            "torch.stack each field first); a model argument other than the inputs (an "
+            "attention mask) comes from a wrapper nn.Module whose forward(x) calls "
+            "model(x, attention_mask=(x != pad_id).long()).")
+
+
 def _tensor(value, what: str, where: str) -> Tensor:
     """``value`` as one tensor; ``what`` ("inputs"/"targets") and ``where`` name it in errors.
 
@@ -226,6 +250,7 @@ def as_tensors(data, seed: int | None = None) -> tuple[Tensor, Tensor]:
         raise TypeError(
             f"data must be an (inputs, targets) pair of tensors, a Dataset, a DataLoader or a "
             f"zero-argument function returning one; got {type(data).__name__}."
+            + _dict_hint(data)
         )
     if x.is_inference() or y.is_inference():
         # Made under torch.inference_mode(): they could never be saved for backward (Hessian

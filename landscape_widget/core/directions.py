@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from .model_kinds import sign_entries
 from .params import (
     Params,
     check_direction,
@@ -137,7 +138,9 @@ def random_directions(
 
     Returns:
         ``count`` direction dicts (parameter name -> tensor shaped, typed and placed like the
-        parameter), each normalised per ``norm`` with the ``ignore``d entries zeroed.
+        parameter), each normalised per ``norm`` with the ``ignore``d entries zeroed, and
+        the sign entries of Householder ``orthogonal`` parametrizations
+        (:func:`~.model_kinds.sign_entries`) zero.
 
     Raises:
         ValueError: If ``norm`` or ``ignore`` is not one of the supported choices, or the
@@ -147,12 +150,15 @@ def random_directions(
     _check_choice(ignore, IGNORES, "ignore")
     gen = _generator(seed)
     params = parameters_of(model)
+    signs = sign_entries(model)  # read through .int(): moving them makes the loss jump
     out = []
     for _ in range(count):
         d: Params = {}
         for name, theta in params.items():
             raw = torch.randn(theta.shape, generator=gen, dtype=torch.float32)
             raw = raw.to(device=theta.device, dtype=theta.dtype)
+            if name in signs:  # before normalising: each filter keeps the weights' norm
+                raw = raw.masked_fill(signs[name], 0)
             d[name] = normalize_direction(raw, theta, norm=norm, ignore=ignore)
         out.append(d)
     if out and params:

@@ -45,6 +45,7 @@ from .metrics import (
     MetricFn,
     split_metrics,
 )
+from .model_kinds import check_runnable
 from .params import (
     Params,
     buffers_of,
@@ -184,8 +185,7 @@ class Evaluator(PointPasses, PlanChoice, InputDtype, LossStats, BatchCoupling, P
         compile: bool | str = "auto",
         lanes: int | str = "auto",
     ):
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        check_runnable(model)
         if bn not in BN_MODES:
             raise ValueError(f"bn={bn!r} is not supported; choose 'eval' or 'batch'.")
         check_running_stats(model, bn)  # batch-statistics BN under bn="eval": plan-dependent

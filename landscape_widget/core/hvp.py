@@ -17,7 +17,6 @@ import threading
 import warnings
 from collections.abc import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -28,12 +27,13 @@ from .data import as_tensors
 from .errors import Cancelled  # re-exported: `from core.hvp import Cancelled` still works
 from .hvp_fallbacks import ProductFallbacks
 from .hvp_products import ProductMethods
+from .lanczos import scipy_operator
 from .losses import check_cross_entropy_targets, decide_weighting
 from .metrics import find_logits, resolve_task
+from .model_kinds import check_differentiable, check_runnable, sign_entries
 from .params import (
     Params,
     buffers_of,
-    check_module,
     evaluation_copy,
     model_device,
     parameters_of,
@@ -117,7 +117,7 @@ class HessianOperator(ProductMethods, ProductFallbacks):
                  cancel: threading.Event | None = None,
                  on_product: Callable[[int], None] | None = None, method: str = "auto",
                  output_fn: Callable | None = None):
-        check_module(model)
+        check_runnable(model)
         _warm_forward_ad()
         if ignore not in ("biasbn", None):
             raise ValueError("ignore must be 'biasbn' (parameters of dim > 1) or None (all).")
@@ -251,7 +251,9 @@ class HessianOperator(ProductMethods, ProductFallbacks):
         return F.cross_entropy(find_logits(out, self.output_fn), y)
 
     def _loss(self, params: Params, x: Tensor, y: Tensor, start: int = 0) -> Tensor:
-        return self.loss_fn(self._outputs(params, x, start), y)
+        loss = self.loss_fn(self._outputs(params, x, start), y)
+        check_differentiable(loss, params, "Hessian-vector products")  # no_grad forward
+        return loss
 
     def _outputs(self, params: Params, x: Tensor, start: int = 0):
         # Random draws in forward are seeded by the batch, as the surfaces' (core/rng.py):
@@ -310,22 +312,23 @@ class HessianOperator(ProductMethods, ProductFallbacks):
         return scipy_operator(self.matvec, self.size)
 
     def start_vector(self, seed: int) -> Tensor:
-        """A seeded standard normal vector of the operator's size, dtype and device."""
+        """A seeded standard normal start vector, zero on the sign entries.
+
+        No product moves the sign entries (:func:`~.model_kinds.sign_entries`: their
+        gradient is zero), so eigenvectors from it keep them at zero (a 1e-5 left there
+        made a surface along the eigenvector jump at the model).
+
+        Returns:
+            A flat vector of the operator's size, dtype and device.
+        """
         g = torch.Generator().manual_seed(int(seed))
-        return torch.randn(self.size, generator=g, dtype=self.dtype).to(self.device)
+        v = torch.randn(self.size, generator=g, dtype=self.dtype).to(self.device)
+        signs = sign_entries(self.module)  # the private copy's names are the model's
+        hold = {k: signs.get(k, torch.zeros(s, dtype=torch.bool)) for k, s in
+                zip(self.keys, self.shapes, strict=True)}
+        return v.masked_fill(self.flatten(hold).bool(), 0) if signs else v
 
     def full_direction(self, flat: Tensor) -> Params:
         """A direction dict over *all* parameters (zero outside the Hessian's), on the CPU."""
         d = {k: v.detach().cpu().float() for k, v in self.unflatten(flat).items()}
         return {k: d[k] if k in d else torch.zeros(s) for k, s in self._all_shapes.items()}
-
-
-def scipy_operator(matvec: Callable[[Tensor], Tensor], size: int):
-    """``matvec`` on torch tensors as a scipy ``LinearOperator`` on float64 numpy vectors."""
-    from scipy.sparse.linalg import LinearOperator
-
-    def mv(v):
-        flat = np.ascontiguousarray(v, dtype=np.float64).reshape(-1)
-        return matvec(torch.from_numpy(flat)).cpu().numpy()
-
-    return LinearOperator((size, size), matvec=mv, dtype=np.float64)

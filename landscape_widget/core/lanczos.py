@@ -196,3 +196,14 @@ def extreme_pairs(matvec: Callable[[Tensor], Tensor], v0: Tensor, *, k: int = 1,
         if out["converged"] or out["stalled"]:
             break
     return out
+
+
+def scipy_operator(matvec: Callable[[Tensor], Tensor], size: int):
+    """``matvec`` on torch tensors as a scipy ``LinearOperator`` on float64 numpy vectors."""
+    from scipy.sparse.linalg import LinearOperator
+
+    def mv(v):
+        flat = np.ascontiguousarray(v, dtype=np.float64).reshape(-1)
+        return matvec(torch.from_numpy(flat)).cpu().numpy()
+
+    return LinearOperator((size, size), matvec=mv, dtype=np.float64)

@@ -33,8 +33,8 @@ def output_versions(out, path: str = "outputs") -> dict[str, tuple[int, int]]:
         >>> output_versions(out) == before
         False
     """
-    if isinstance(out, Tensor):
-        return {path: (id(out), out._version)}
+    if isinstance(out, Tensor):  # an inference tensor (inference_mode forward): no counter,
+        return {path: (id(out), -1 if out.is_inference() else out._version)}  # no writes
     if isinstance(out, Mapping):
         items = [(f"{path}[{k!r}]", v) for k, v in out.items()]
     elif isinstance(out, (tuple, list)):

@@ -16,17 +16,9 @@ import torch
 from torch import Tensor, nn
 
 from .errors import IsolationError
+from .model_kinds import check_module, prefix_hint
 
 Params = dict[str, Tensor]
-
-
-def check_module(model, name: str = "model") -> None:
-    """Raise a clear ``TypeError`` unless ``model`` is an ``nn.Module``."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(
-            f"{name} must be a torch.nn.Module, got {type(model).__name__}; pass the network "
-            "itself (e.g. the object you call as model(inputs))."
-        )
 
 
 def parameters_of(model: nn.Module) -> Params:
@@ -331,7 +323,7 @@ def check_direction(model: nn.Module, direction: Params, name: str = "direction"
         raise ValueError(
             f"{name} does not match the model: {'; '.join(parts)}. A direction needs one tensor "
             "per entry of model.named_parameters(); make it with lw.random_direction(model) "
-            "for this very model."
+            "for this very model." + prefix_hint(missing, unknown)
         )
     for k, d in direction.items():
         if not isinstance(d, Tensor):

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .model_kinds import prefix_hint
 from .params import Params, check_module
 
 ORDINALS = ("1st", "2nd", "3rd")
@@ -189,8 +190,10 @@ class Trajectory:
                     state = state[key]
             if names is not None:
                 missing = [n for n in names if n not in state]
-                if missing:
-                    raise ValueError(f"checkpoint {i} lacks parameters {missing[:3]}.")
+                if missing:  # a wrapper's checkpoint ('module.', '_orig_mod.'): say so
+                    raise ValueError(f"checkpoint {i} lacks parameters {missing[:3]}; pass "
+                                     "checkpoints of this model's state_dict()." + prefix_hint(
+                                         missing, [k for k in state if k not in names]))
                 params = {n: state[n] for n in names}
             else:
                 params = _untied({k: v for k, v in state.items() if torch.is_tensor(v)

@@ -21,10 +21,10 @@ from ..core.data import as_tensors
 from ..core.directions import random_directions
 from ..core.losses import check_cross_entropy_targets, decide_weighting
 from ..core.metrics import find_logits, resolve_task
+from ..core.model_kinds import check_differentiable, check_runnable
 from ..core.params import (
     Params,
     buffers_of,
-    check_module,
     evaluation_copy,
     model_device,
     parameters_of,
@@ -58,7 +58,7 @@ class _Objective:
     @torch.inference_mode(False)  # the caller's inference mode: no inference tensors here
     def __init__(self, model: nn.Module, data, *, loss_fn: Callable | None, bn: str,
                  ignore: str | None, device=None):
-        check_module(model)
+        check_runnable(model)
         if data is None:
             raise ValueError("no data: pass the training data as data=(inputs, targets) (or a "
                              "Dataset/DataLoader); the loss along a direction needs samples.")
@@ -139,7 +139,9 @@ class _Objective:
         p = {**{k: b.clone() for k, b in self.buffers.items()}, **self.theta}
         for k, s in shift.items():
             p[k] = p[k] + s.to(p[k].device, p[k].dtype)
-        return self.loss_fn(self._outputs(p, x), y)
+        loss = self.loss_fn(self._outputs(p, x), y)
+        check_differentiable(loss, shift, "gradient directions")  # a no_grad forward
+        return loss
 
     def _outputs(self, p: Params, x: Tensor):
         """The private copy's outputs with parameters and buffers ``p`` on ``x``."""

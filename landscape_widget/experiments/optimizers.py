@@ -32,7 +32,8 @@ from ..core.data import as_tensors
 from ..core.fingerprints import state_hash
 from ..core.losses import decide_weighting
 from ..core.metrics import find_logits, resolve_task
-from ..core.params import check_module, model_device
+from ..core.model_kinds import check_differentiable, check_runnable
+from ..core.params import model_device
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
@@ -88,11 +89,13 @@ def initial_model(model_fn, seed: int) -> nn.Module:
         A module the caller owns.
 
     Raises:
-        TypeError: If ``model_fn`` is neither a module nor a callable, or builds no module.
+        TypeError: If ``model_fn`` is neither a module nor a callable, or builds no module
+            that the engine can run (see :func:`~..core.model_kinds.check_runnable`).
     """
     if isinstance(model_fn, nn.Module):
         # The user's module is only read; module_copy: a pruned model's weight is a
         # non-leaf tensor, which copy.deepcopy refuses.
+        check_runnable(model_fn)
         return module_copy(model_fn)
     if not callable(model_fn):
         raise TypeError(
@@ -102,7 +105,7 @@ def initial_model(model_fn, seed: int) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = model_fn()
-    check_module(model, "model_fn()")
+    check_runnable(model, "model_fn()")
     return model
 
 
@@ -246,6 +249,7 @@ def train_run(run: Run, model: nn.Module, optimizer: torch.optim.Optimizer,
             with torch.random.fork_rng(devices=_rng_devices(x)):
                 torch.manual_seed(schedule.step_seed(step))
                 loss = loss_fn(model(x[idx]), y[idx])
+            check_differentiable(loss, dict(model.named_parameters()), "training")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
