@@ -276,3 +276,66 @@ def test_a_forced_stem_the_model_cannot_have_is_said_not_silently_dropped():
     assert not surf.spec["plan"]["stem"]
     want, _ = naive_surface(model, *data, d1, d2, linspace((-1, 1, 3)), linspace((-1, 1, 3)))
     np.testing.assert_allclose(surf.loss, want, rtol=1e-5)
+
+
+def _cnn_evaluator(**options):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 6 * 6, 3)).eval()
+    g = torch.Generator().manual_seed(1)
+    data = (torch.randn(24, 1, 6, 6, generator=g), torch.randint(0, 3, (24,), generator=g))
+    dirs = [gaussian_direction(model, seed=1), gaussian_direction(model, seed=2)]
+    ev = lw.Evaluator(model, data, dirs, stem=True, strategy="loop", batch_size=8, **options)
+    assert ev._prepare_stem()
+    return model, data, dirs, ev
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_stem_row_kept_gives_the_same_inputs_as_the_unkept_sum(layout):
+    # A loop point's stem inputs reuse its row (H0 + c1 H1) from the point before on the same
+    # row; they must be bit for bit those of the K-point sum, which builds the row anew,
+    # whichever batch and whichever order the points come in.
+    _, _, _, ev = _cnn_evaluator()
+    c = torch.tensor([[0.3, -0.7], [0.1, -0.7], [0.3, 0.2], [-1.0, 1.0], [0.5, -0.7]],
+                     dtype=torch.float64)
+    for start, stop in [(0, 8), (8, 16), (16, 24)]:
+        together = ev._stem_input(c, start, stop, layout).clone()
+        for i in [0, 1, 3, 4, 2, 1]:
+            alone = ev._stem_input(c[i : i + 1], start, stop, layout)
+            assert torch.equal(alone[0], together[i]), (start, i)
+    # Kept: the last point's row (c1 = -0.7, in the model's dtype).
+    assert ev._stem_row is not None and ev._stem_row[0] == (layout, float(np.float32(-0.7)))
+    # And they are the first layer's outputs at the point (the stem's linearity).
+    for i in range(len(c)):
+        w = {k: ev.base[k] + sum(float(c[i, j]) * ev.dirs[j][k] for j in range(2))
+             for k in ("0.weight", "0.bias")}
+        want = torch.nn.functional.conv2d(ev.x[:8], w["0.weight"], w["0.bias"], padding=1)
+        got = ev._stem_input(c[i : i + 1], 0, 8, layout)[0]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_stem_row_not_kept_when_it_does_not_fit(monkeypatch):
+    from landscape_widget.core import stem_terms
+
+    c = torch.tensor([[0.3, -0.7], [0.1, -0.7]], dtype=torch.float64)
+    *_, kept = _cnn_evaluator()
+    want = [kept._stem_input(c[i : i + 1], 0, 8, "contiguous").clone() for i in range(2)]
+    monkeypatch.setattr(stem_terms, "ROW_SHARE", 0.0)
+    *_, ev = _cnn_evaluator()
+    for i in range(2):
+        assert torch.equal(ev._stem_input(c[i : i + 1], 0, 8, "contiguous"), want[i])
+    assert ev._stem_row is None and ev._stem_row_fits is False
+
+
+def test_stem_loop_surface_does_not_depend_on_point_order():
+    model, data, dirs, ev = _cnn_evaluator()
+    coords = np.array([(a, b) for b in (-1.0, 0.0, 1.0) for a in (-1.0, -0.5, 0.5, 1.0)])
+    ev.expected_points = len(coords)
+    first = ev.evaluate(coords)["loss"]
+    assert ev.plan.stem and ev.plan.strategy == "loop"
+    order = np.random.default_rng(0).permutation(len(coords))
+    again = ev.evaluate(coords[order])["loss"]
+    np.testing.assert_array_equal(again, first[order])
+    want, _ = naive_surface(model, *data, *dirs, np.array([-1.0, -0.5, 0.5, 1.0]),
+                            np.array([-1.0, 0.0, 1.0]))
+    np.testing.assert_allclose(first, want.ravel(), rtol=1e-5)

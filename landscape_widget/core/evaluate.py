@@ -72,7 +72,8 @@ from .precision import (
 )
 from .reuse import model_code_fingerprint
 from .state import BufferState, bn_batch_size_for, check_running_stats, set_flags
-from .stem import StemTerms, split_stem
+from .stem import split_stem
+from .stem_terms import StemTerms
 from .tuning import PlanTuner
 
 BN_MODES = ("eval", "batch")
@@ -305,6 +306,7 @@ class Evaluator(PointPasses, PlanChoice, InputDtype, LossStats, BatchCoupling, P
         # whether one fits the memory (decided at the first row).
         self._row = None  # (a property: the calling lane's, see core/lanes.py)
         self._row_fits: bool | None = None
+        self._stem_row_fits: bool | None = None  # the same for the stem's inputs (stem.py)
         # The linear-stem shortcut (see core/stem.py) needs a copy of the module to trace.
         if stem not in ("auto", True, False):
             raise ValueError("stem must be 'auto', True or False.")

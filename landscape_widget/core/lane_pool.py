@@ -122,6 +122,7 @@ class Lane:
         self.attributes = plain_attributes(module) + plain_attributes(suffix)
         self.row: tuple | None = None  # the point build's kept row sum (PointPasses._point)
         self.stem_buf: Tensor | None = None  # the stem inputs' buffer (StemTerms)
+        self.stem_row: list | None = None  # the stem inputs' kept row (StemTerms._stem_row_sum)
 
     def reset(self) -> None:
         """Put the lane's buffers and attributes back to the user's (after every pass)."""

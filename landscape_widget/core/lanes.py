@@ -17,7 +17,7 @@ Each lane has its own state, so that points in lanes never share anything a pass
   ``functional_call`` swaps tensors on the module it runs; the copies share the evaluator's
   parameter and buffer tensors, which every pass replaces with its own anyway;
 - its own copy of the buffers, put back after each pass as the evaluator's are;
-- its own kept row sum and stem-input buffer (``_row``, ``_stem_buf``).
+- its own kept row sums and stem-input buffer (``_row``, ``_stem_row``, ``_stem_buf``).
 
 Random draws cannot be given a generator per thread (the forward draws from torch's global
 one), so lanes run only for models whose forward draws nothing: the whole lane run is
@@ -86,6 +86,14 @@ class PointLanes:
     @_stem_buf.setter
     def _stem_buf(self, value: Tensor | None) -> None:
         self._here().stem_buf = value
+
+    @property
+    def _stem_row(self) -> list | None:
+        return self._here().stem_row
+
+    @_stem_row.setter
+    def _stem_row(self, value: list | None) -> None:
+        self._here().stem_row = value
 
     def _lane_module(self, stem: bool) -> nn.Module:
         """The module a pass of the calling lane runs (the suffix after the stem if ``stem``)."""
