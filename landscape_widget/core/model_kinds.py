@@ -104,8 +104,8 @@ def check_runnable(model, name: str = "model") -> None:
     """:func:`check_module`, and refuse a forward that cannot take one input tensor.
 
     The engine calls ``model(x)``; ``forward(x1, x2)`` or a keyword-only input cannot be
-    called so. Skipped where a forward pre-hook may build the arguments, or the forward's
-    signature cannot be read.
+    called so. Skipped where a forward pre-hook may build the arguments, the class
+    overrides ``__call__``, or the forward's signature cannot be read.
 
     Raises:
         TypeError: From :func:`check_module`, or naming the forward's signature and the fix
@@ -121,7 +121,10 @@ def check_runnable(model, name: str = "model") -> None:
         TypeError: model.forward(a, b) cannot be called with one input: ...
     """
     check_module(model, name)
-    if model._forward_pre_hooks:  # a pre-hook may supply the other arguments
+    # A pre-hook (the model's own or a global one) may supply the other arguments, and a
+    # class overriding __call__ calls forward its own way: the engine calls model(x).
+    if (model._forward_pre_hooks or _global_pre_hooks()
+            or type(model).__call__ is not nn.Module.__call__):
         return
     try:
         signature = inspect.signature(model.forward)
@@ -138,6 +141,11 @@ def check_runnable(model, name: str = "model") -> None:
             "model(input_ids=x); for an attention mask derived from padding call "
             "model(x, attention_mask=(x != pad_id).long())."
         ) from None
+
+
+def _global_pre_hooks() -> bool:
+    """Whether a global forward pre-hook (``register_module_forward_pre_hook``) is set."""
+    return bool(getattr(torch.nn.modules.module, "_global_forward_pre_hooks", None))
 
 
 def sign_entries(model: nn.Module) -> dict[str, torch.Tensor]:

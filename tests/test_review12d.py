@@ -1,0 +1,65 @@
+"""Review 12d: valid inputs the day's up-front checks, directions and caches got wrong."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from oracle import linspace, naive_surface
+from review12c_cases import data, mlp
+from torch import nn
+
+import landscape_widget as lw
+
+
+class CallsWithExtra(nn.Module):
+    """forward(a, b) with b supplied by an overridden __call__: model(x) runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = mlp()
+
+    def forward(self, a, b):
+        return self.net(a) + b
+
+    def __call__(self, x):
+        return super().__call__(x, 0.5)
+
+
+def test_a_call_override_supplying_forwards_arguments_is_not_refused():
+    model, (x, y) = CallsWithExtra().eval(), data()
+    d1, d2 = lw.random_directions(model, 2, seed=0)
+    surf = lw.compute_surface(model, (x, y), directions=[d1, d2], x=(-1, 1, 3), y=(-1, 1, 3),
+                              progress=False)
+    want, _ = naive_surface(model, x, y, d1, d2, linspace((-1, 1, 3)), linspace((-1, 1, 3)))
+    np.testing.assert_allclose(surf.loss, want, rtol=1e-5)
+    lw.hessian_trace(model, (x, y), samples=2)  # refused before the fix
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = mlp()
+
+    def forward(self, a, b):
+        return self.net(a) + b
+
+
+def test_a_global_pre_hook_supplying_the_arguments_is_not_refused():
+    def second(module, args):
+        return (args[0], 0.5) if isinstance(module, TwoInputs) and len(args) == 1 else None
+
+    model, (x, y) = TwoInputs().eval(), data()
+    d1, d2 = lw.random_directions(model, 2, seed=0)
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(second)
+    try:
+        surf = lw.compute_surface(model, (x, y), directions=[d1, d2], x=(-1, 1, 3),
+                                  y=(-1, 1, 3), progress=False)
+        want, _ = naive_surface(model, x, y, d1, d2, linspace((-1, 1, 3)),
+                                linspace((-1, 1, 3)))
+    finally:
+        handle.remove()
+    np.testing.assert_allclose(surf.loss, want, rtol=1e-5)
+    with pytest.raises(TypeError, match="cannot be called with one input"):
+        lw.compute_surface(model, (x, y), directions=[d1, d2], x=(-1, 1, 3), y=(-1, 1, 3),
+                           progress=False)  # without the hook: refused, as it should be
