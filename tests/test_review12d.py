@@ -63,3 +63,42 @@ def test_a_global_pre_hook_supplying_the_arguments_is_not_refused():
     with pytest.raises(TypeError, match="cannot be called with one input"):
         lw.compute_surface(model, (x, y), directions=[d1, d2], x=(-1, 1, 3), y=(-1, 1, 3),
                            progress=False)  # without the hook: refused, as it should be
+
+
+class ScriptedPart(nn.Module):
+    """An eager model whose hidden block is scripted (or not: its eager twin)."""
+
+    def __init__(self, scripted: bool = True, parallel: bool = False):
+        super().__init__()
+        body = mlp()
+        self.body = (torch.jit.script(body) if scripted else
+                     nn.DataParallel(body, device_ids=[]) if parallel else body)
+        self.head = nn.Linear(3, 3)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.eye(3) + 0.1 * torch.arange(9.0).reshape(3, 3))
+            self.head.bias.fill_(0.2)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.body(x)))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.*deprecated:FutureWarning")
+def test_a_scripted_part_of_an_eager_model_runs_where_no_hook_is_needed():
+    from review12c_cases import dense_hessian
+
+    model, eager, (x, y) = ScriptedPart().eval(), ScriptedPart(False).eval(), data()
+    vals, _ = lw.hessian_eigenpairs(model, (x, y), k=1)
+    keys, dense = dense_hessian(eager, x, y)
+    np.testing.assert_allclose(vals, torch.linalg.eigvalsh(dense).numpy()[-1:], rtol=1e-4)
+    lw.side_direction(model, (x, y))  # refused before the fix, as the rest
+    with pytest.raises(TypeError, match="Replace model.body by the eager nn.Module"):
+        lw.compute_surface(model, (x, y), x=(-1, 1, 3), y=(-1, 1, 3), progress=False)
+
+
+def test_a_dataparallel_part_on_no_device_list_runs():
+    model, (x, y) = ScriptedPart(False, parallel=True).eval(), data()
+    d1, d2 = lw.random_directions(model, 2, seed=0)
+    surf = lw.compute_surface(model, (x, y), directions=[d1, d2], x=(-1, 1, 3), y=(-1, 1, 3),
+                              progress=False)
+    want, _ = naive_surface(model, x, y, d1, d2, linspace((-1, 1, 3)), linspace((-1, 1, 3)))
+    np.testing.assert_allclose(surf.loss, want, rtol=1e-5)

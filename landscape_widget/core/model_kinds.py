@@ -38,12 +38,19 @@ import torch
 from torch import Tensor, nn
 
 
-def check_model_kind(model: nn.Module, name: str = "model") -> None:
+def check_model_kind(model: nn.Module, name: str = "model", hooks: bool = False) -> None:
     """Refuse a model holding a TorchScript or DataParallel module or a complex parameter.
+
+    ``functional_call`` refuses only a scripted or DataParallel *model*; inside a plain
+    model, a scripted part runs at other parameter values (its parameters are swapped like
+    any other: the Hessian tools, mining and directions gave the eager model's values), and
+    a DataParallel part without several devices calls its module. Only forward hooks,
+    which the evaluator's set-up puts on the layers (``hooks``), refuse a scripted part.
 
     Args:
         model: The user's model (only read).
         name: How the model is called in the message (``"model"``, ``"model_a"``).
+        hooks: Whether the caller puts forward hooks on the model's layers.
 
     Raises:
         TypeError: Naming the scripted or DataParallel submodule or the complex parameter
@@ -57,20 +64,25 @@ def check_model_kind(model: nn.Module, name: str = "model") -> None:
         TypeError: model is a TorchScript module (RecursiveScriptModule, from torch.jit.script/trace/load): ...
     """  # noqa: E501 - a doctest's expected line
     for path, module in model.named_modules():
-        if isinstance(module, nn.DataParallel):
-            where = name if not path else f"{name}.{path}"
+        where = name if not path else f"{name}.{path}"
+        # A DataParallel part on one device or none (the CPU) just calls its module.
+        if isinstance(module, nn.DataParallel) and (
+                not path or len(getattr(module, "device_ids", None) or ()) > 1):
+            fix = (f"Pass the module inside it, {where}.module" if not path else
+                   f"Replace it by the module inside it ({where} = {where}.module)")
             raise TypeError(
                 f"{where} is wrapped in nn.DataParallel, which torch cannot evaluate at other "
-                "parameter values (torch.func.functional_call refuses it). Pass the module "
-                f"inside it, {where}.module: the engine chooses its own batches and device."
+                "parameter values (torch.func.functional_call refuses it, and its replicas "
+                f"would not see them). {fix}: the engine chooses its own batches and device."
             )
-        if isinstance(module, torch.jit.ScriptModule):
-            where = name if not path else f"{name}.{path}"
+        if isinstance(module, torch.jit.ScriptModule) and (not path or hooks):
+            fix = ("Pass the eager nn.Module instead" if not path else
+                   f"Replace {where} by the eager nn.Module")
             raise TypeError(
                 f"{where} is a TorchScript module ({type(module).__name__}, from "
                 "torch.jit.script/trace/load): torch cannot evaluate it at other parameter "
                 "values (torch.func.functional_call and forward hooks refuse TorchScript). "
-                "Pass the eager nn.Module instead, the one you scripted or traced; for a "
+                f"{fix}, the one you scripted or traced; for a "
                 "model read with torch.jit.load, build its Python class and load the "
                 "weights: eager.load_state_dict(scripted.state_dict())."
             )
@@ -84,8 +96,10 @@ def check_model_kind(model: nn.Module, name: str = "model") -> None:
             )
 
 
-def check_module(model, name: str = "model") -> None:
+def check_module(model, name: str = "model", hooks: bool = False) -> None:
     """Refuse anything but an ``nn.Module`` the engine can evaluate.
+
+    ``hooks``: whether the caller puts forward hooks on its layers (:func:`check_model_kind`).
 
     Raises:
         TypeError: If ``model`` is not an ``nn.Module``, or holds a TorchScript module or a
@@ -96,16 +110,17 @@ def check_module(model, name: str = "model") -> None:
             f"{name} must be a torch.nn.Module, got {type(model).__name__}; pass the network "
             "itself (e.g. the object you call as model(inputs))."
         )
-    check_model_kind(model, name)
+    check_model_kind(model, name, hooks)
 
 
 
-def check_runnable(model, name: str = "model") -> None:
+def check_runnable(model, name: str = "model", hooks: bool = False) -> None:
     """:func:`check_module`, and refuse a forward that cannot take one input tensor.
 
     The engine calls ``model(x)``; ``forward(x1, x2)`` or a keyword-only input cannot be
     called so. Skipped where a forward pre-hook may build the arguments, the class
-    overrides ``__call__``, or the forward's signature cannot be read.
+    overrides ``__call__``, or the forward's signature cannot be read. ``hooks`` as in
+    :func:`check_model_kind`.
 
     Raises:
         TypeError: From :func:`check_module`, or naming the forward's signature and the fix
@@ -120,7 +135,7 @@ def check_runnable(model, name: str = "model") -> None:
         ...
         TypeError: model.forward(a, b) cannot be called with one input: ...
     """
-    check_module(model, name)
+    check_module(model, name, hooks)
     # A pre-hook (the model's own or a global one) may supply the other arguments, and a
     # class overriding __call__ calls forward its own way: the engine calls model(x).
     if (model._forward_pre_hooks or _global_pre_hooks()
