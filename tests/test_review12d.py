@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -102,3 +104,54 @@ def test_a_dataparallel_part_on_no_device_list_runs():
                               progress=False)
     want, _ = naive_surface(model, x, y, d1, d2, linspace((-1, 1, 3)), linspace((-1, 1, 3)))
     np.testing.assert_allclose(surf.loss, want, rtol=1e-5)
+
+
+def _denied(monkeypatch, denied: Path) -> None:
+    """os.access as for a user without write permission on ``denied`` (root has it all)."""
+    import os
+
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == denied
+                        and mode & os.W_OK else real(p, mode, **kw))
+
+
+def test_saving_over_a_file_this_user_may_not_write_is_refused(tmp_path, monkeypatch):
+    # Another user's 0644 file in a folder we may write: the rename replaced it (and it
+    # became ours), where writing it would have been refused.
+    from test_review12b import _small_surface
+
+    model, dirs, s = _small_surface()
+    theirs = tmp_path / "theirs.h5"
+    s.save(theirs)
+    before = theirs.read_bytes()
+    _denied(monkeypatch, theirs)
+    for write in (lambda: s.save(theirs, overwrite=True),
+                  lambda: lw.save_directions(theirs, dirs, model, overwrite=True)):
+        with pytest.raises(PermissionError, match="read-only \\(for you\\)"):
+            write()
+    assert theirs.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["theirs.h5"]
+
+
+def test_saving_into_a_folder_this_user_may_not_write_names_the_folder(tmp_path, monkeypatch):
+    from test_review12b import _small_surface
+
+    _, _, s = _small_surface()
+    _denied(monkeypatch, tmp_path)
+    with pytest.raises(PermissionError, match=f"folder {tmp_path} is not writable"):
+        s.save(tmp_path / "new.h5")  # was h5py's error naming our '.new.h5.<hex>.tmp'
+
+
+def test_a_replaced_file_keeps_its_owner(tmp_path):
+    import os
+
+    from test_review12b import _small_surface
+
+    _, _, s = _small_surface()
+    target = tmp_path / "theirs.h5"
+    s.save(target)
+    if os.geteuid() == 0:  # root saving over a user's file left it root's
+        os.chown(target, 4321, 4321)
+    owner = (target.stat().st_uid, target.stat().st_gid)
+    s.save(target, overwrite=True)
+    assert (target.stat().st_uid, target.stat().st_gid) == owner
