@@ -155,3 +155,43 @@ def test_a_replaced_file_keeps_its_owner(tmp_path):
     owner = (target.stat().st_uid, target.stat().st_gid)
     s.save(target, overwrite=True)
     assert (target.stat().st_uid, target.stat().st_gid) == owner
+
+
+def _default_shift(forward):
+    """A decorator (functools.wraps) that supplies forward's second argument itself."""
+    import functools
+
+    @functools.wraps(forward)
+    def wrapper(self, x, shift=None):
+        return forward(self, x, 0.25 if shift is None else shift)
+
+    return wrapper
+
+
+class DecoratedDefault(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = mlp()
+
+    @_default_shift
+    def forward(self, x, shift):
+        return self.net(x) + shift
+
+
+class NoGradTwoInputs(TwoInputs):
+    @torch.no_grad()
+    def forward(self, a, b):
+        return super().forward(a, b)
+
+
+def test_a_decorator_supplying_an_argument_is_not_refused():
+    # inspect.signature followed functools.wraps to forward(x, shift): refused.
+    model, (x, y) = DecoratedDefault().eval(), data()
+    d1, d2 = lw.random_directions(model, 2, seed=0)
+    surf = lw.compute_surface(model, (x, y), directions=[d1, d2], x=(-1, 1, 3), y=(-1, 1, 3),
+                              progress=False)
+    want, _ = naive_surface(model, x, y, d1, d2, linspace((-1, 1, 3)), linspace((-1, 1, 3)))
+    np.testing.assert_allclose(surf.loss, want, rtol=1e-5)
+    # A pass-through decorator (torch.no_grad's *args, **kwargs) is still seen through.
+    with pytest.raises(TypeError, match=r"forward\(a, b\) cannot be called with one input"):
+        lw.core.model_kinds.check_runnable(NoGradTwoInputs())

@@ -142,7 +142,7 @@ def check_runnable(model, name: str = "model", hooks: bool = False) -> None:
             or type(model).__call__ is not nn.Module.__call__):
         return
     try:
-        signature = inspect.signature(model.forward)
+        signature = _called_signature(model.forward)
         signature.bind(None)
     except ValueError:  # a forward whose signature Python cannot read: let it run
         return
@@ -156,6 +156,24 @@ def check_runnable(model, name: str = "model", hooks: bool = False) -> None:
             "model(input_ids=x); for an attention mask derived from padding call "
             "model(x, attention_mask=(x != pad_id).long())."
         ) from None
+
+
+def _called_signature(forward) -> inspect.Signature:
+    """The signature ``model(x)`` meets: the decorator's own, unless it only passes through.
+
+    ``inspect.signature`` follows ``functools.wraps`` to the decorated function, whose
+    arguments a decorator may supply itself (``def w(self, x, shift=None)`` around
+    ``forward(self, x, shift)``); a pass-through ``(*args, **kwargs)`` says nothing.
+
+    Returns:
+        The wrapper's signature, or the wrapped function's behind a pass-through.
+
+    Raises:
+        ValueError: If Python cannot read a signature.
+    """
+    own = inspect.signature(forward, follow_wrapped=False)
+    passing = all(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in own.parameters.values())
+    return inspect.signature(forward) if passing else own
 
 
 def _global_pre_hooks() -> bool:
