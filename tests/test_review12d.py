@@ -195,3 +195,49 @@ def test_a_decorator_supplying_an_argument_is_not_refused():
     # A pass-through decorator (torch.no_grad's *args, **kwargs) is still seen through.
     with pytest.raises(TypeError, match=r"forward\(a, b\) cannot be called with one input"):
         lw.core.model_kinds.check_runnable(NoGradTwoInputs())
+
+
+def _masked_loss(out, t):
+    """Summed over labelled samples (t != -1) / batch size; a batch with none: a constant."""
+    keep = t != -1
+    if not keep.any():
+        return torch.zeros((), dtype=out.dtype)
+    return torch.nn.functional.cross_entropy(out[keep], t[keep], reduction="sum") / len(t)
+
+
+@pytest.mark.parametrize("method", ["jvp", "backward"])
+def test_a_loss_constant_on_one_batch_is_not_refused_by_the_hessian(method):
+    # A masked loss with nothing to count on a batch returns a constant: that batch adds
+    # nothing. Refused as 'a forward without autograd'; jvp gave the right value before.
+    import copy
+
+    from torch.func import functional_call
+
+    model, (x, y) = mlp(), data()
+    y = y.clone()
+    y[:8] = -1  # the first batch of 8 has no labelled sample
+    vals, _ = lw.hessian_eigenpairs(model, (x, y), k=1, loss_fn=_masked_loss, method=method,
+                                    batch_size=8)
+    ref = copy.deepcopy(model).double()
+    theta = {k: p.detach().double() for k, p in ref.named_parameters()}
+    keys = [k for k, v in theta.items() if v.dim() > 1]
+    sizes = [theta[k].numel() for k in keys]
+
+    def loss(flat):  # the mean loss over all data, float64
+        point = dict(theta)
+        for k, part in zip(keys, torch.split(flat, sizes), strict=True):
+            point[k] = theta[k] + part.reshape(theta[k].shape)
+        return _masked_loss(functional_call(ref, point, (x.double(),)), y) * 1.0
+
+    dense = torch.autograd.functional.hessian(loss, torch.zeros(sum(sizes),
+                                                                dtype=torch.float64))
+    np.testing.assert_allclose(vals, torch.linalg.eigvalsh(dense).numpy()[-1:], rtol=1e-4)
+
+
+@pytest.mark.parametrize("batch_size", [8, None])
+def test_a_loss_fn_that_detaches_on_every_batch_is_still_refused(batch_size):
+    model, data_ = mlp(), data()
+    with pytest.raises(ValueError, match="through autograd"):
+        lw.hessian_trace(model, data_, samples=2, batch_size=batch_size,
+                         loss_fn=lambda out, t: torch.nn.functional.cross_entropy(
+                             out.detach(), t))

@@ -276,7 +276,17 @@ def check_differentiable(loss: Tensor, params: dict[str, Tensor], what: str) -> 
     if (loss.requires_grad or not torch.is_grad_enabled()
             or not any(p.requires_grad for p in params.values())):
         return
-    raise ValueError(
+    error: ValueError = no_graph_error(what)
+    raise error
+
+
+def no_graph_error(what: str) -> ValueError:
+    """The error of :func:`check_differentiable`, for ``what`` needs the derivatives.
+
+    Returns:
+        A ``ValueError`` naming the likely causes and the fix.
+    """
+    return ValueError(
         "The loss does not depend on the parameters through autograd, so "
         f"{what} cannot be computed (it would be zero): the model's forward, or loss_fn, "
         "runs without it (a @torch.no_grad() or @torch.inference_mode() on forward, or "
