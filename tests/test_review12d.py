@@ -241,3 +241,22 @@ def test_a_loss_fn_that_detaches_on_every_batch_is_still_refused(batch_size):
         lw.hessian_trace(model, data_, samples=2, batch_size=batch_size,
                          loss_fn=lambda out, t: torch.nn.functional.cross_entropy(
                              out.detach(), t))
+
+
+def test_a_link_in_a_folder_we_may_not_write_is_written_through(tmp_path, monkeypatch):
+    from test_review12b import _small_surface
+
+    _, _, s = _small_surface()
+    (tmp_path / "links").mkdir()
+    (tmp_path / "data").mkdir()
+    target = tmp_path / "data" / "s.h5"
+    s.save(target)
+    link = tmp_path / "links" / "s.h5"
+    link.symlink_to(target)
+    _denied(monkeypatch, tmp_path / "links")  # only the link's folder is read-only
+    s.save(link, overwrite=True)
+    assert link.is_symlink()
+    np.testing.assert_array_equal(lw.Surface.load(target).loss, s.loss)
+    _denied(monkeypatch, tmp_path / "data")  # the target's folder: the new file goes there
+    with pytest.raises(PermissionError, match="data is not writable"):
+        s.save(link, overwrite=True)

@@ -61,7 +61,8 @@ def check_target(path: str | Path, overwrite: bool) -> Path:
                                         or not os.access(path, os.W_OK)):
         raise PermissionError(f"{path} is read-only (for you); make it writable (chmod u+w, "
                               "as its owner) to replace it, or choose another path.")
-    check_folder(path.parent)
+    if not path.is_symlink():  # a link is written through: atomic_h5 checks its target's
+        check_folder(path.parent)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it (what the file "
                               "holds that this object does not know is kept if it was loaded "
