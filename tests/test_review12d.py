@@ -260,3 +260,35 @@ def test_a_link_in_a_folder_we_may_not_write_is_written_through(tmp_path, monkey
     _denied(monkeypatch, tmp_path / "data")  # the target's folder: the new file goes there
     with pytest.raises(PermissionError, match="data is not writable"):
         s.save(link, overwrite=True)
+
+
+def test_each_lane_keeps_a_stem_row_only_while_the_memory_allows(monkeypatch):
+    # Every lane keeps its own copy of the stem's outputs: decided once for the first,
+    # 4 lanes took 4 x ROW_SHARE of the memory. Now each lane's first row checks again.
+    from oracle import naive_eval
+
+    from landscape_widget.core import stem_terms
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(4 * 6 * 6, 3)).eval()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(24, 1, 6, 6, generator=g), torch.randint(0, 3, (24,), generator=g)
+    dirs = lw.random_directions(model, 2, seed=0)
+    size = 24 * 4 * 6 * 6 * 4  # one copy of the stem's outputs, bytes
+    asked = []
+
+    def free(device):  # room for one copy at ROW_SHARE, and the copy then taken from it
+        asked.append(device)
+        return 10 * size * (1.5 if len(asked) == 1 else 0.5)
+
+    monkeypatch.setattr(stem_terms, "free_memory", free)
+    ev = lw.Evaluator(model, (x, y), dirs, stem=True, strategy="loop", batch_size=8, lanes=2)
+    coords = np.array([(a, b) for b in (-1.0, 0.0, 1.0) for a in (-1.0, 0.0, 0.5, 1.0)])
+    ev.expected_points = len(coords)
+    got = ev.evaluate(coords)["loss"]
+    assert ev.plan.stem and ev.plan.lanes == 2
+    kept = [lane.stem_row for lane in [ev._home_lane, *ev._lanes] if lane.stem_row]
+    assert len(kept) == 1
+    want, _ = naive_eval(model, x, y, dirs, coords)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
