@@ -1,11 +1,11 @@
 """Review 12c: model kinds researchers bring beyond the suite's cases.
 
 - TorchScript (``torch.jit.script`` / ``torch.jit.trace``, a scripted submodule of an eager
-  model): every public function failed with torch's words ("register_forward_hook is not
-  supported on ScriptModules", or "The stateless API can't be used with Jitted modules"
-  dressed as a double-backward problem with a wrong fix). Now a ``TypeError`` naming the
-  scripted module and the fix (the eager module), before anything runs; the model is
-  untouched.
+  model for the surfaces and curves): every public function failed with torch's words
+  ("register_forward_hook is not supported on ScriptModules", or "The stateless API
+  can't be used with Jitted modules" dressed as a double-backward problem with a wrong
+  fix). Now a ``TypeError`` naming the scripted module and the fix (the eager module),
+  before anything runs; the model is untouched.
 - Complex parameters: ``random_directions`` made complex directions that
   ``compute_surface`` then refused, and the Hessian tools failed with "value cannot be
   converted to type double without overflow". Now a ``TypeError`` naming the parameter
@@ -60,6 +60,8 @@ class _Outer(nn.Module):
         return self.head(self.body(x))
 
 
+# The entry points whose set-up hooks every layer (forward hooks refuse a scripted part).
+_HOOKED = {"compute_surface", "compute_curve", "iter_tiles", "triangle_surface"}
 _KINDS = {
     "script": lambda: torch.jit.script(mlp()),
     "trace": lambda: torch.jit.trace(mlp(), data()[0][:2]),
@@ -71,6 +73,8 @@ _KINDS = {
 @pytest.mark.parametrize("kind", list(_KINDS))
 @pytest.mark.parametrize("call", list(calls(None)))
 def test_torchscript_is_refused_naming_the_fix(kind, call):
+    if kind == "scripted-submodule" and call not in _HOOKED:
+        return  # runs (test_review12d: a scripted part inside an eager model)
     model = _KINDS[kind]()
     with Untouched(model), pytest.raises(TypeError, match="TorchScript") as err:
         calls(data())[call](model)

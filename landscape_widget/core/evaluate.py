@@ -186,7 +186,7 @@ class Evaluator(PointPasses, PlanChoice, InputDtype, LossStats, BatchCoupling, P
         compile: bool | str = "auto",
         lanes: int | str = "auto",
     ):
-        check_runnable(model)
+        check_runnable(model, hooks=True)  # the set-up probe hooks every layer
         if bn not in BN_MODES:
             raise ValueError(f"bn={bn!r} is not supported; choose 'eval' or 'batch'.")
         check_running_stats(model, bn)  # batch-statistics BN under bn="eval": plan-dependent

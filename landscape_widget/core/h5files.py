@@ -40,8 +40,9 @@ def check_target(path: str | Path, overwrite: bool) -> Path:
     Raises:
         FileExistsError: If the file exists and ``overwrite`` is false.
         FileNotFoundError: If the folder it would go in does not exist.
-        PermissionError: If the file exists and is read-only (no write bit): its owner
-            protected it, and replacing it would take that away.
+        PermissionError: If the file exists and is read-only (no write bit, or none for
+            this user): its owner protected it, and replacing it would take that away; or
+            if its folder is not writable (the new file is written there first).
         TypeError: If ``overwrite`` is not a bool.
         ValueError: If ``path`` is a directory.
     """
@@ -54,14 +55,31 @@ def check_target(path: str | Path, overwrite: bool) -> Path:
     if not path.parent.is_dir():
         raise FileNotFoundError(f"the folder {path.parent} does not exist; create it first "
                                 "(os.makedirs) or choose another path.")
-    if path.exists() and overwrite and not path.stat().st_mode & 0o222:
-        raise PermissionError(f"{path} is read-only; make it writable (chmod u+w) to replace "
-                              "it, or choose another path.")
+    # No write bit, or none for this user (another user's 0644 file in a folder we may
+    # write): the rename would replace a file its owner protected from us.
+    if path.exists() and overwrite and (not path.stat().st_mode & 0o222
+                                        or not os.access(path, os.W_OK)):
+        raise PermissionError(f"{path} is read-only (for you); make it writable (chmod u+w, "
+                              "as its owner) to replace it, or choose another path.")
+    if not path.is_symlink():  # a link is written through: atomic_h5 checks its target's
+        check_folder(path.parent)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it (what the file "
                               "holds that this object does not know is kept if it was loaded "
                               "from it), or choose another path.")
     return path
+
+
+def check_folder(folder: Path) -> None:
+    """Refuse a folder this user cannot write: the new file is written there, then renamed.
+
+    Raises:
+        PermissionError: Naming the folder (h5py named only our temporary file).
+    """
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"the folder {folder} is not writable (for you): the file is "
+                              "written beside its target, then renamed over it. Make the "
+                              "folder writable or choose another path.")
 
 
 def open_read(path: str | Path, what: str):
@@ -115,6 +133,21 @@ def _refuse_if_being_written(path: Path) -> None:
             "file, or to another path.")) from e
 
 
+def _keep_owner(tmp: Path, st: os.stat_result) -> None:
+    """Give the new file the replaced one's owner and group, where we may (root may).
+
+    A root process saving over a user's file otherwise left it root's: its user could no
+    longer write it.
+    """
+    try:
+        os.chown(tmp, st.st_uid, st.st_gid)
+    except OSError:  # not ours to give (not root): keep the group at least, if ours
+        try:
+            os.chown(tmp, -1, st.st_gid)
+        except OSError:
+            pass
+
+
 class atomic_h5:
     """``with atomic_h5(path, overwrite) as f:`` writes a new HDF5 file in place of ``path``.
 
@@ -127,6 +160,7 @@ class atomic_h5:
         self.path = check_target(path, overwrite)
         if self.path.is_symlink():  # os.replace would put a plain file in the link's place
             self.path = self.path.resolve()
+            check_folder(self.path.parent)
         self.tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:8]}.tmp")
 
     def __enter__(self):
@@ -141,7 +175,10 @@ class atomic_h5:
             try:
                 _refuse_if_being_written(self.path)
                 if self.path.exists():
-                    os.chmod(self.tmp, self.path.stat().st_mode & 0o7777)
+                    st = self.path.stat()
+                    if (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
+                        _keep_owner(self.tmp, st)
+                    os.chmod(self.tmp, st.st_mode & 0o7777)
                 os.replace(self.tmp, self.path)
             except BaseException:
                 self.tmp.unlink(missing_ok=True)  # leave no half-named file behind

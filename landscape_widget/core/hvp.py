@@ -30,7 +30,7 @@ from .hvp_products import ProductMethods
 from .lanczos import scipy_operator
 from .losses import check_cross_entropy_targets, decide_weighting
 from .metrics import find_logits, resolve_task
-from .model_kinds import check_differentiable, check_runnable, sign_entries
+from .model_kinds import check_differentiable, check_runnable, no_graph_error, sign_entries
 from .params import (
     Params,
     buffers_of,
@@ -227,6 +227,7 @@ class HessianOperator(ProductMethods, ProductFallbacks):
         self.fixed = {k: v for k, v in params.items() if k not in self.params}
         self.fixed.update(self._buffers)
         self._graph: tuple | None = None
+        self._constant_losses = self._graph_losses = 0  # this product's batches (_loss)
 
     def unflatten(self, flat: Tensor) -> Params:
         """Direction dict over the Hessian's parameters from a flat vector (views)."""
@@ -251,8 +252,17 @@ class HessianOperator(ProductMethods, ProductFallbacks):
         return F.cross_entropy(find_logits(out, self.output_fn), y)
 
     def _loss(self, params: Params, x: Tensor, y: Tensor, start: int = 0) -> Tensor:
-        loss = self.loss_fn(self._outputs(params, x, start), y)
+        out = self._outputs(params, x, start)
+        loss = self.loss_fn(out, y)
+        if (isinstance(loss, Tensor) and not loss.requires_grad and torch.is_grad_enabled()
+                and _has_graph(out)):
+            # A loss constant on this batch (a masked loss with nothing to count returning
+            # torch.zeros(())) adds nothing to the Hessian, but a product needs a graph.
+            # A loss_fn that detaches (.item()) is constant on every batch: matvec says so.
+            self._constant_losses += 1
+            return loss + sum(p.sum() * 0 for p in params.values())
         check_differentiable(loss, params, "Hessian-vector products")  # no_grad forward
+        self._graph_losses += 1
         return loss
 
     def _outputs(self, params: Params, x: Tensor, start: int = 0):
@@ -286,12 +296,15 @@ class HessianOperator(ProductMethods, ProductFallbacks):
         Raises:
             Cancelled: If the cancel event is set.
             RuntimeError: If no method can differentiate the model twice (says what to do).
+            ValueError: If no batch's loss has a graph back to the parameters (a forward
+                or loss_fn without autograd).
         """
         if self.cancel is not None and self.cancel.is_set():
             raise Cancelled("cancelled")
         tangent = [p.contiguous() for p in self.unflatten(v.to(self.device, self.dtype))
                    .values()]
         while True:
+            self._constant_losses = self._graph_losses = 0
             try:
                 with self._attention(), plain_modes(self.device):
                     if not self._symmetric:
@@ -302,6 +315,9 @@ class HessianOperator(ProductMethods, ProductFallbacks):
                 raise
             except (RuntimeError, NotImplementedError) as err:
                 self._failed(err)
+        if self._constant_losses and not self._graph_losses:  # no batch had a graph
+            error: ValueError = no_graph_error("Hessian-vector products")
+            raise error
         self.products += 1
         if self.on_product is not None:
             self.on_product(self.products)
@@ -332,3 +348,14 @@ class HessianOperator(ProductMethods, ProductFallbacks):
         """A direction dict over *all* parameters (zero outside the Hessian's), on the CPU."""
         d = {k: v.detach().cpu().float() for k, v in self.unflatten(flat).items()}
         return {k: d[k] if k in d else torch.zeros(s) for k, s in self._all_shapes.items()}
+
+
+def _has_graph(out) -> bool:
+    """Whether a model's outputs (a tensor, or a tuple, list or dict of them) have a graph."""
+    if isinstance(out, Tensor):
+        return out.requires_grad
+    if isinstance(out, dict):
+        return any(_has_graph(v) for v in out.values())
+    if isinstance(out, (tuple, list)):
+        return any(_has_graph(v) for v in out)
+    return False

@@ -38,12 +38,19 @@ import torch
 from torch import Tensor, nn
 
 
-def check_model_kind(model: nn.Module, name: str = "model") -> None:
+def check_model_kind(model: nn.Module, name: str = "model", hooks: bool = False) -> None:
     """Refuse a model holding a TorchScript or DataParallel module or a complex parameter.
+
+    ``functional_call`` refuses only a scripted or DataParallel *model*; inside a plain
+    model, a scripted part runs at other parameter values (its parameters are swapped like
+    any other: the Hessian tools, mining and directions gave the eager model's values), and
+    a DataParallel part without several devices calls its module. Only forward hooks,
+    which the evaluator's set-up puts on the layers (``hooks``), refuse a scripted part.
 
     Args:
         model: The user's model (only read).
         name: How the model is called in the message (``"model"``, ``"model_a"``).
+        hooks: Whether the caller puts forward hooks on the model's layers.
 
     Raises:
         TypeError: Naming the scripted or DataParallel submodule or the complex parameter
@@ -57,20 +64,25 @@ def check_model_kind(model: nn.Module, name: str = "model") -> None:
         TypeError: model is a TorchScript module (RecursiveScriptModule, from torch.jit.script/trace/load): ...
     """  # noqa: E501 - a doctest's expected line
     for path, module in model.named_modules():
-        if isinstance(module, nn.DataParallel):
-            where = name if not path else f"{name}.{path}"
+        where = name if not path else f"{name}.{path}"
+        # A DataParallel part on one device or none (the CPU) just calls its module.
+        if isinstance(module, nn.DataParallel) and (
+                not path or len(getattr(module, "device_ids", None) or ()) > 1):
+            fix = (f"Pass the module inside it, {where}.module" if not path else
+                   f"Replace it by the module inside it ({where} = {where}.module)")
             raise TypeError(
                 f"{where} is wrapped in nn.DataParallel, which torch cannot evaluate at other "
-                "parameter values (torch.func.functional_call refuses it). Pass the module "
-                f"inside it, {where}.module: the engine chooses its own batches and device."
+                "parameter values (torch.func.functional_call refuses it, and its replicas "
+                f"would not see them). {fix}: the engine chooses its own batches and device."
             )
-        if isinstance(module, torch.jit.ScriptModule):
-            where = name if not path else f"{name}.{path}"
+        if isinstance(module, torch.jit.ScriptModule) and (not path or hooks):
+            fix = ("Pass the eager nn.Module instead" if not path else
+                   f"Replace {where} by the eager nn.Module")
             raise TypeError(
                 f"{where} is a TorchScript module ({type(module).__name__}, from "
                 "torch.jit.script/trace/load): torch cannot evaluate it at other parameter "
                 "values (torch.func.functional_call and forward hooks refuse TorchScript). "
-                "Pass the eager nn.Module instead, the one you scripted or traced; for a "
+                f"{fix}, the one you scripted or traced; for a "
                 "model read with torch.jit.load, build its Python class and load the "
                 "weights: eager.load_state_dict(scripted.state_dict())."
             )
@@ -84,8 +96,10 @@ def check_model_kind(model: nn.Module, name: str = "model") -> None:
             )
 
 
-def check_module(model, name: str = "model") -> None:
+def check_module(model, name: str = "model", hooks: bool = False) -> None:
     """Refuse anything but an ``nn.Module`` the engine can evaluate.
+
+    ``hooks``: whether the caller puts forward hooks on its layers (:func:`check_model_kind`).
 
     Raises:
         TypeError: If ``model`` is not an ``nn.Module``, or holds a TorchScript module or a
@@ -96,16 +110,17 @@ def check_module(model, name: str = "model") -> None:
             f"{name} must be a torch.nn.Module, got {type(model).__name__}; pass the network "
             "itself (e.g. the object you call as model(inputs))."
         )
-    check_model_kind(model, name)
+    check_model_kind(model, name, hooks)
 
 
 
-def check_runnable(model, name: str = "model") -> None:
+def check_runnable(model, name: str = "model", hooks: bool = False) -> None:
     """:func:`check_module`, and refuse a forward that cannot take one input tensor.
 
     The engine calls ``model(x)``; ``forward(x1, x2)`` or a keyword-only input cannot be
-    called so. Skipped where a forward pre-hook may build the arguments, or the forward's
-    signature cannot be read.
+    called so. Skipped where a forward pre-hook may build the arguments, the class
+    overrides ``__call__``, or the forward's signature cannot be read. ``hooks`` as in
+    :func:`check_model_kind`.
 
     Raises:
         TypeError: From :func:`check_module`, or naming the forward's signature and the fix
@@ -120,11 +135,14 @@ def check_runnable(model, name: str = "model") -> None:
         ...
         TypeError: model.forward(a, b) cannot be called with one input: ...
     """
-    check_module(model, name)
-    if model._forward_pre_hooks:  # a pre-hook may supply the other arguments
+    check_module(model, name, hooks)
+    # A pre-hook (the model's own or a global one) may supply the other arguments, and a
+    # class overriding __call__ calls forward its own way: the engine calls model(x).
+    if (model._forward_pre_hooks or _global_pre_hooks()
+            or type(model).__call__ is not nn.Module.__call__):
         return
     try:
-        signature = inspect.signature(model.forward)
+        signature = _called_signature(model.forward)
         signature.bind(None)
     except ValueError:  # a forward whose signature Python cannot read: let it run
         return
@@ -138,6 +156,29 @@ def check_runnable(model, name: str = "model") -> None:
             "model(input_ids=x); for an attention mask derived from padding call "
             "model(x, attention_mask=(x != pad_id).long())."
         ) from None
+
+
+def _called_signature(forward) -> inspect.Signature:
+    """The signature ``model(x)`` meets: the decorator's own, unless it only passes through.
+
+    ``inspect.signature`` follows ``functools.wraps`` to the decorated function, whose
+    arguments a decorator may supply itself (``def w(self, x, shift=None)`` around
+    ``forward(self, x, shift)``); a pass-through ``(*args, **kwargs)`` says nothing.
+
+    Returns:
+        The wrapper's signature, or the wrapped function's behind a pass-through.
+
+    Raises:
+        ValueError: If Python cannot read a signature.
+    """
+    own = inspect.signature(forward, follow_wrapped=False)
+    passing = all(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in own.parameters.values())
+    return inspect.signature(forward) if passing else own
+
+
+def _global_pre_hooks() -> bool:
+    """Whether a global forward pre-hook (``register_module_forward_pre_hook``) is set."""
+    return bool(getattr(torch.nn.modules.module, "_global_forward_pre_hooks", None))
 
 
 def sign_entries(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -235,7 +276,17 @@ def check_differentiable(loss: Tensor, params: dict[str, Tensor], what: str) -> 
     if (loss.requires_grad or not torch.is_grad_enabled()
             or not any(p.requires_grad for p in params.values())):
         return
-    raise ValueError(
+    error: ValueError = no_graph_error(what)
+    raise error
+
+
+def no_graph_error(what: str) -> ValueError:
+    """The error of :func:`check_differentiable`, for ``what`` needs the derivatives.
+
+    Returns:
+        A ``ValueError`` naming the likely causes and the fix.
+    """
+    return ValueError(
         "The loss does not depend on the parameters through autograd, so "
         f"{what} cannot be computed (it would be zero): the model's forward, or loss_fn, "
         "runs without it (a @torch.no_grad() or @torch.inference_mode() on forward, or "

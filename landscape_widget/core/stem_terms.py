@@ -78,9 +78,9 @@ class StemTerms:
         A surface's points along x share it: with it kept, a point's stem inputs cost one
         ``addcmul`` pass instead of two (the stem terms of the benchmark CNN's first conv are
         38 MB a batch of 512, read from memory at every pass). Kept for all samples (one
-        copy of the stem's outputs) only while that fits :data:`~.plans.ROW_SHARE` of the
-        free memory; built with the same operation as the unkept row, hence the same values
-        whichever order the points come in.
+        copy of the stem's outputs per lane) only while that fits :data:`~.plans.ROW_SHARE`
+        of the memory free at the lane's first row; built with the same operation as the
+        unkept row, hence the same values whichever order the points come in.
 
         Returns:
             The row's ``(1, B * features)`` view, or ``None`` where it is not kept.
@@ -89,10 +89,13 @@ class StemTerms:
         kept = self._stem_row
         if kept is None or kept[0] != key:
             if kept is None:
+                if self._stem_row_fits is False:
+                    return None
+                # Every lane keeps its own copy (core/lanes.py): decided at each lane's
+                # first row, with the memory free then, the other lanes' copies taken.
                 full = self._stem_pack(layout)[0]
-                if self._stem_row_fits is None:
-                    size = full.numel() * full.element_size()
-                    self._stem_row_fits = size <= ROW_SHARE * free_memory(self.device)
+                size = full.numel() * full.element_size()
+                self._stem_row_fits = size <= ROW_SHARE * free_memory(self.device)
                 if not self._stem_row_fits:
                     return None
                 rows = torch.empty(full.numel(), dtype=full.dtype, device=full.device)
