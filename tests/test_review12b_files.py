@@ -176,6 +176,32 @@ def test_links_in_a_users_file_are_kept_as_links(tmp_path):
         np.testing.assert_array_equal(f["latest"][()], np.arange(3))
 
 
+def test_a_relative_external_link_still_reaches_its_file_from_another_folder(tmp_path):
+    """A relative external link is read from its file's folder: saved into another folder
+    it pointed nowhere (its words copied as they were)."""
+    data, src, dst = tmp_path / "data", tmp_path / "src", tmp_path / "elsewhere" / "deep"
+    for d in (data, src, dst):
+        d.mkdir(parents=True)
+    with h5py.File(data / "raw.h5", "w") as f:
+        f["values"] = np.arange(4.0)
+    path = src / "ll.h5"
+    with h5py.File(path, "w") as f:
+        f["xcoordinates"], f["ycoordinates"] = np.linspace(-1, 1, 3), np.linspace(0, 1, 2)
+        f["train_loss"] = np.ones((3, 2))
+        f["raw"] = h5py.ExternalLink("../data/raw.h5", "/values")
+        f["absolute"] = h5py.ExternalLink(str(data / "raw.h5"), "/values")
+    surf = lw.Surface.load(path)
+    for out in (src / "same_folder.h5", dst / "out.h5"):
+        surf.save(out)
+        with h5py.File(out, "r") as f:
+            rel, ab = f.get("raw", getlink=True), f.get("absolute", getlink=True)
+            assert not Path(rel.filename).is_absolute()  # still relative: the two can move
+            assert ab.filename == str(data / "raw.h5")
+            assert (out.parent / rel.filename).resolve() == (data / "raw.h5").resolve()
+            np.testing.assert_array_equal(f["raw"][()], np.arange(4.0))
+            np.testing.assert_array_equal(f["absolute"][()], np.arange(4.0))
+
+
 def test_a_users_attributes_on_the_grid_datasets_survive_load_and_save(tmp_path):
     """Attributes on the datasets we read (a note on train_loss, a label on xcoordinates)
     were dropped by Surface.load + save: only the file's own attributes were kept."""

@@ -22,6 +22,8 @@ Nothing here unpickles: HDF5 datasets and JSON attributes only.
 from __future__ import annotations
 
 import json
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +49,26 @@ STAND_INS = (("loss", "accuracy"), ("test_loss", "test_accuracy"))
 COORDS = ("xcoordinates", "ycoordinates")
 
 
+@dataclass(frozen=True)
+class _RelativeLink:
+    """An external link given relative to its file, with its target resolved from there.
+
+    Written back relative to the file it is written into, so that a file saved into
+    another folder still reaches the same target (its own words, copied, pointed nowhere).
+    """
+
+    target: str  # the linked file's absolute path
+    path: str  # the object's path inside it
+
+
+def _external(link, node):
+    """``link`` as :func:`_write_node` writes it back: a relative one as :class:`_RelativeLink`."""
+    if os.path.isabs(link.filename):
+        return link
+    here = os.path.dirname(os.path.abspath(node.file.filename))
+    return _RelativeLink(os.path.normpath(os.path.join(here, link.filename)), link.path)
+
+
 def _read_node(node, skip=()) -> dict:
     """An HDF5 group's members, but those named in ``skip``, as :func:`_write_node` writes them.
 
@@ -62,8 +84,11 @@ def _read_node(node, skip=()) -> dict:
         if name in skip:
             continue
         link = node.get(name, getlink=True)
-        if isinstance(link, (h5py.SoftLink, h5py.ExternalLink)):
+        if isinstance(link, h5py.SoftLink):
             out[name] = (link, {})
+            continue
+        if isinstance(link, h5py.ExternalLink):
+            out[name] = (_external(link, node), {})
             continue
         obj = node[name]
         attrs = dict(obj.attrs)
@@ -110,6 +135,10 @@ def _write_node(group, items: dict) -> None:
             continue  # we wrote it anew
         if isinstance(value, (h5py.SoftLink, h5py.ExternalLink)):
             group[name] = value  # the link, as it was
+            continue
+        if isinstance(value, _RelativeLink):  # relative again, from where it is written
+            here = os.path.dirname(os.path.abspath(group.file.filename))
+            group[name] = h5py.ExternalLink(os.path.relpath(value.target, here), value.path)
             continue
         if isinstance(value, dict):
             obj = group.create_group(name)
