@@ -264,3 +264,21 @@ def test_trajectory_from_wrapped_checkpoints_names_the_prefix(prefix):
     plain = [{k[len(prefix):]: v for k, v in s.items()} for s in states]
     traj = lw.Trajectory.from_checkpoints(plain, model)
     assert len(traj) == 3
+
+
+@pytest.mark.parametrize("entry", ["directions", "surface", "hessian", "widget"])
+def test_an_uninitialised_lazy_layer_is_named_with_the_fix(entry):
+    # torch's own words ("Attempted to use an uninitialized parameter in <method>") named
+    # neither the layer nor where the model failed.
+    model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.LazyLinear(3))
+    x, y = torch.randn(8, 5), torch.randint(0, 3, (8,))
+    calls = {
+        "directions": lambda: lw.random_directions(model, 2),
+        "surface": lambda: lw.compute_surface(model, (x, y), x=(-1, 1, 3), y=(-1, 1, 3),
+                                              progress=False),
+        "hessian": lambda: lw.hessian_eigenpairs(model, (x, y), k=1),
+        "widget": lambda: lw.LandscapeWidget(model, (x, y)),
+    }
+    with pytest.raises(TypeError, match=r"'2.weight' is not initialised yet.*model\(x\[:1\]\)"):
+        calls[entry]()
+    assert isinstance(model[2].weight, nn.parameter.UninitializedParameter)  # left as it was

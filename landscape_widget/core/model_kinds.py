@@ -36,10 +36,11 @@ import inspect
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parameter import UninitializedTensorMixin
 
 
 def check_model_kind(model: nn.Module, name: str = "model", hooks: bool = False) -> None:
-    """Refuse a model holding a TorchScript or DataParallel module or a complex parameter.
+    """Refuse TorchScript or DataParallel parts, complex parameters, uninitialised tensors.
 
     ``functional_call`` refuses only a scripted or DataParallel *model*; inside a plain
     model, a scripted part runs at other parameter values (its parameters are swapped like
@@ -53,8 +54,8 @@ def check_model_kind(model: nn.Module, name: str = "model", hooks: bool = False)
         hooks: Whether the caller puts forward hooks on the model's layers.
 
     Raises:
-        TypeError: Naming the scripted or DataParallel submodule or the complex parameter
-            and the fix.
+        TypeError: Naming the scripted or DataParallel submodule, the complex parameter or
+            the uninitialised tensor, and the fix.
 
     Example:
         >>> check_model_kind(nn.Linear(2, 2))
@@ -85,6 +86,13 @@ def check_model_kind(model: nn.Module, name: str = "model", hooks: bool = False)
                 f"{fix}, the one you scripted or traced; for a "
                 "model read with torch.jit.load, build its Python class and load the "
                 "weights: eager.load_state_dict(scripted.state_dict())."
+            )
+    for key, t in [*model.named_parameters(), *model.named_buffers()]:
+        if isinstance(t, UninitializedTensorMixin):
+            raise TypeError(
+                f"{name}'s tensor {key!r} is not initialised yet (a lazy layer such as "
+                "nn.LazyLinear): its shape is known only once the model has run. Run the "
+                f"model on one batch first ({name}(x[:1])), then pass it."
             )
     for key, p in model.named_parameters():
         if p.is_complex():
