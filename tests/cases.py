@@ -77,6 +77,18 @@ def mlp_dropout(seed: int = 1) -> nn.Module:
     return reinit(model, seed, gain=2.0)
 
 
+class ScaledByBuffer(nn.Module):
+    """BatchNorm, and a non-persistent buffer (not in state_dict) the forward uses."""
+
+    def __init__(self, s: float):
+        super().__init__()
+        self.fc, self.bn = nn.Linear(4, 3), nn.BatchNorm1d(3)
+        self.register_buffer("scale", torch.full((3,), s), persistent=False)
+
+    def forward(self, x):
+        return self.bn(self.fc(x)) * self.scale
+
+
 class TiedMLP(nn.Module):
     """Encoder and decoder share one weight tensor (``dec.weight is enc.weight``)."""
 

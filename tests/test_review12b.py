@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from cases import tied_data, tied_mlp
+from cases import ScaledByBuffer, tied_data, tied_mlp
 from snapshots import assert_same_snapshot, snapshot
 from torch import nn
 
@@ -66,26 +66,14 @@ def test_states_file_of_a_tied_model_moves_the_tensor_by_all_its_entries(tmp_pat
     assert_same_snapshot(before, snapshot(model))
 
 
-class _ScaledByBuffer(nn.Module):
-    """BatchNorm, and a non-persistent buffer (not in state_dict) the forward uses."""
-
-    def __init__(self, s: float):
-        super().__init__()
-        self.fc, self.bn = nn.Linear(4, 3), nn.BatchNorm1d(3)
-        self.register_buffer("scale", torch.full((3,), s), persistent=False)
-
-    def forward(self, x):
-        return self.bn(self.fc(x)) * self.scale
-
-
 def test_states_file_with_a_non_persistent_buffer_is_read_by_set_states(tmp_path):
     """save_directions appended the non-persistent buffer's entry to xdirection: one dataset
     more than state_dict, and loss-landscape's set_states stopped at its
     ``assert len(new_states) == len(changes)``."""
     torch.manual_seed(0)
-    a = _ScaledByBuffer(1.0).eval()
+    a = ScaledByBuffer(1.0).eval()
     torch.manual_seed(1)
-    b = _ScaledByBuffer(2.0).eval()
+    b = ScaledByBuffer(2.0).eval()
     with torch.no_grad():
         b.bn.running_mean.fill_(0.5)
     d = lw.interpolation_direction(a, b)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from cases import ScaledByBuffer
 from snapshots import assert_same_snapshot, snapshot
 from torch import nn
 
@@ -231,26 +232,14 @@ def test_random_directions_that_move_nothing_are_refused(make, words):
                                    rtol=1e-6)
 
 
-class _ScaledByBuffer(nn.Module):
-    """BatchNorm, and a non-persistent buffer (not in state_dict) the forward uses."""
-
-    def __init__(self, s: float):
-        super().__init__()
-        self.fc, self.bn = nn.Linear(4, 3), nn.BatchNorm1d(3)
-        self.register_buffer("scale", torch.full((3,), s), persistent=False)
-
-    def forward(self, x):
-        return self.bn(self.fc(x)) * self.scale
-
-
 def test_a_direction_on_a_non_persistent_buffer_survives_its_file(tmp_path):
     # interpolation_direction moves every float buffer, non-persistent ones too, but
     # save_directions wrote the state_dict's entries only: the 'scale' part was dropped
     # with no error, and the loaded direction no longer led to model_b at alpha = 1.
     torch.manual_seed(0)
-    a = _ScaledByBuffer(1.0).eval()
+    a = ScaledByBuffer(1.0).eval()
     torch.manual_seed(1)
-    b = _ScaledByBuffer(2.0).eval()
+    b = ScaledByBuffer(2.0).eval()
     with torch.no_grad():
         b.bn.running_mean.fill_(0.5)
     d = lw.interpolation_direction(a, b)

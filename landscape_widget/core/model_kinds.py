@@ -110,8 +110,8 @@ def check_module(model, name: str = "model", hooks: bool = False) -> None:
     ``hooks``: whether the caller puts forward hooks on its layers (:func:`check_model_kind`).
 
     Raises:
-        TypeError: If ``model`` is not an ``nn.Module``, or holds a TorchScript module or a
-            complex parameter (see ``model_kinds``), naming the fix.
+        TypeError: If ``model`` is not an ``nn.Module``, or from :func:`check_model_kind`,
+            naming the fix.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(
@@ -119,7 +119,6 @@ def check_module(model, name: str = "model", hooks: bool = False) -> None:
             "itself (e.g. the object you call as model(inputs))."
         )
     check_model_kind(model, name, hooks)
-
 
 
 def check_runnable(model, name: str = "model", hooks: bool = False) -> None:
@@ -284,7 +283,7 @@ def check_differentiable(loss: Tensor, params: dict[str, Tensor], what: str) -> 
     if (loss.requires_grad or not torch.is_grad_enabled()
             or not any(p.requires_grad for p in params.values())):
         return
-    error: ValueError = no_graph_error(what)
+    error: ValueError = no_graph_error(what)  # typed: the docstring lint reads ValueError
     raise error
 
 
