@@ -89,6 +89,34 @@ w = lw.LandscapeWidget(model, (X, y), models=models, resolution=21,
 w""",
 ]
 
+# Run in the kernel before a computation that the test cancels: the kernel's stream of
+# that grid holds after its first tile until the job's cancel event is set (or 120 s pass),
+# so the grid cannot finish before the Cancel click lands. Without it the test raced the
+# kernel: on a loaded CI machine the browser drew the first tile 3.3 s late and the
+# 201x201 grid finished first. The release is recorded: the test asserts it was the
+# cancel, not the time-out, that let the stream go on.
+HOLD_AFTER_FIRST_TILE = """\
+import landscape_widget.widget.grid_job as _gj
+_open_stream, _released = _gj.open_stream, []
+
+class _HeldStream:
+    def __init__(self, stream, cancel):
+        self._stream, self._cancel = stream, cancel
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+    def __iter__(self):
+        for i, tile in enumerate(self._stream):
+            yield tile
+            if i == 0:
+                _released.append(self._cancel.wait(120))
+
+def _held_open_stream(ctx, job, dirs):
+    stream = _open_stream(ctx, job, dirs)
+    return _HeldStream(stream, job.cancel) if stream.total == 201 * 201 else stream
+
+_gj.open_stream = _held_open_stream"""
+RELEASE_HOLD = "_gj.open_stream = _open_stream; print(_released)"  # later grids run unheld
+
 # JavaScript run in the page. ROOT: the widget view; its `landscape()` hook gives a
 # snapshot of the view's state (see js/src/widget.js).
 JS_STATE = """() => {
@@ -333,6 +361,7 @@ def test_widget_in_jupyterlab(tmp_path):
                       f"{DEBOUNCE_S * 1000:.0f} ms debounce)")
 
                 # 4. A 201x201 computation, cancelled after its first tile.
+                session.execute(HOLD_AFTER_FIRST_TILE)
                 session.set_input(SEED_BOX, 99, ("change",))
                 session.set_input(RES_BOX, 201, ("change",))
                 big = session.compute()
@@ -354,6 +383,10 @@ def test_widget_in_jupyterlab(tmp_path):
                 out = session.execute("print(w.status['state'], w.busy, w.surface.loss.shape, "
                                       "int(np.isnan(w.surface.loss).sum()) > 0)")
                 assert out.split() == ["cancelled", "False", "(201,", "201)", "True"], out
+                # Every held 201x201 stream (the debounced one the Compute superseded, and
+                # this one) went on because it was cancelled, not because the hold timed out.
+                released = session.execute(RELEASE_HOLD)
+                assert released.strip() not in ("[]", "") and "False" not in released, released
                 page.screenshot(path=str(ARTIFACTS / "cancelled.png"))
                 print(f"cancelled the 201x201 grid after {state['job']['known']} points; "
                       f"status line updated {cancel_s:.2f} s after the click")
@@ -418,6 +451,7 @@ def test_widget_in_notebook7(tmp_path):
                 session.set_input(SEED_BOX, 5, ("change",))
                 job_id = session.compute()
                 session.full_grid(21, job_id, "the 21x21 grid of seed 5")
+                session.execute(HOLD_AFTER_FIRST_TILE)
                 session.set_input(RES_BOX, 201, ("change",))
                 big = session.compute()
                 session.wait("""(id) => { const s = document.querySelector('.lw-root').landscape();
@@ -431,6 +465,8 @@ def test_widget_in_notebook7(tmp_path):
                 assert not state["job"]["complete"] and "cancelled" in state["status"], state
                 out = session.execute("print(w.status['state'], w.busy)")
                 assert out.split() == ["cancelled", "False"], out
+                released = session.execute(RELEASE_HOLD)
+                assert released.strip() not in ("[]", "") and "False" not in released, released
                 page.screenshot(path=str(ARTIFACTS / "notebook7.png"))
                 errors = [e for e in session.log if e.startswith("pageerror")]
                 assert not errors, errors

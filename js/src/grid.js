@@ -63,7 +63,46 @@ export function fillCoarse(values, known, shape) {
       }
     }
   }
+  fillNearest(out, known, nx, ny);
   return out;
+}
+
+/**
+ * Points no lattice reaches (the coarsest level is only partly computed: the kernel's
+ * first tile is small, and a grid cancelled after it stays so) take the value of the
+ * nearest filled point, found breadth-first over the grid's 4-neighbours. Computed NaN
+ * points stay NaN, but the search passes through them. In place.
+ */
+function fillNearest(out, known, nx, ny) {
+  const carry = Float32Array.from(out); // the value a point hands on to its neighbours
+  const seen = new Uint8Array(out.length);
+  const queue = new Int32Array(out.length);
+  let head = 0;
+  let tail = 0;
+  let missing = 0;
+  for (let k = 0; k < out.length; k++) {
+    if (!Number.isNaN(out[k])) {
+      seen[k] = 1;
+      queue[tail++] = k;
+    } else if (!known[k]) missing += 1;
+  }
+  if (!missing || !tail) return;
+  const visit = (j, v) => {
+    if (seen[j]) return;
+    seen[j] = 1;
+    carry[j] = v;
+    if (!known[j]) out[j] = v;
+    queue[tail++] = j;
+  };
+  while (head < tail) {
+    const k = queue[head++];
+    const v = carry[k];
+    const ix = k % nx;
+    if (ix > 0) visit(k - 1, v);
+    if (ix < nx - 1) visit(k + 1, v);
+    if (k >= nx) visit(k - nx, v);
+    if (k + nx < nx * ny) visit(k + nx, v);
+  }
 }
 
 /** log10 of positive values, NaN elsewhere. */
