@@ -206,6 +206,7 @@ class HessianOperator(ProductMethods, ProductFallbacks):
         self.on_product = on_product
         self.products = 0
         self._symmetric = False  # checked at the first product (_check_symmetric)
+        self._reached = False  # and that no parameter is used without autograd
 
     def set_point(self, point: Params | None) -> None:
         """Take the Hessian at ``point`` (parameter values by name; ``None``: the model's).
@@ -307,6 +308,9 @@ class HessianOperator(ProductMethods, ProductFallbacks):
             self._constant_losses = self._graph_losses = 0
             try:
                 with self._attention(), plain_modes(self.device):
+                    if not self._reached:
+                        self._check_reached()
+                        self._constant_losses = self._graph_losses = 0  # the probe's
                     if not self._symmetric:
                         self._check_symmetric()
                     out = getattr(self, f"_{self.method}_product")(tangent)

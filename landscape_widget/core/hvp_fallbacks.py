@@ -7,6 +7,8 @@ A mixin of the operator (it uses its ``method``, ``_plan``, ``fallback``, ``prod
   without a double backward, or the next method of ``method="auto"``'s plan (``"graph"``
   -> ``"jvp"``, ``"jvp"`` -> ``"backward"``); otherwise an error naming what failed and
   the fix;
+- ``_check_reached``: once, that the loss depends on no parameter autograd cannot reach
+  (a part of forward under ``torch.no_grad()``: :mod:`.reach`);
 - ``_check_symmetric``: once, ``u . Hw == w . Hu`` on two seeded vectors, since torch's
   double backward of a few layers is silently wrong;
 - ``_attention``: the attention-kernel context the products run under.
@@ -18,9 +20,30 @@ import contextlib
 
 import torch
 
+from .reach import check_reached, unreached
+
 
 class ProductFallbacks:
     """The checks and fallbacks of the products (a mixin of the operator)."""
+
+    def _check_reached(self) -> None:
+        """Once: refuse parameters the loss depends on but autograd cannot reach.
+
+        A part of the forward run under ``torch.no_grad()`` (a frozen backbone) gave no
+        gradient to its parameters, read as a zero Hessian row (:mod:`.reach`). Checked on
+        the first batch, with one backward; the parameters it does not reach are moved, and
+        refused if the loss moves with them (an unused head leaves it as it was).
+
+        Raises:
+            ValueError: Naming the parameters and the fix (:func:`~.reach.check_reached`).
+        """
+        xb, yb = self.x[:self.batch], self.y[:self.batch]
+        leaves = {k: v.detach().clone().requires_grad_(True) for k, v in self.params.items()}
+        with torch.enable_grad():
+            names = unreached(self._loss(leaves, xb, yb), leaves)
+        check_reached(lambda p: self._loss(p, xb, yb), self.params, names,
+                      "the Hessian (its eigenvalues, trace and curvature maps)")
+        self._reached = True
 
     def _check_symmetric(self) -> None:
         """Check ``u . Hw == w . Hu`` once, on two seeded vectors (not counted as products).

@@ -27,7 +27,8 @@ surface and curve had a spike at its centre. :func:`sign_entries` names them.
 A forward decorated with ``@torch.no_grad()`` (or one that detaches its outputs) gives a
 loss with no graph back to the parameters: the Hessian's ``jvp`` products were silently
 zero (an eigenvalue of 0, a trace of 0) and mining failed with torch's "element 0 of
-tensors does not require grad". :func:`check_differentiable` says so.
+tensors does not require grad". :func:`check_differentiable` says so. A forward that runs
+only a part without autograd is refused by :mod:`.reach`.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..core.heap import holding_heap
 from ..core.params import Params, outside_inference_mode
+from ..core.reach import check_reached, unreached
 from ._objective import _check_attempts, _norm, _Objective, _retry
 from .curves import SHAPE_X, ShapedDirection, classify_curve, warn_shortfall
 
@@ -103,8 +104,16 @@ def side_direction(model: nn.Module, data, *, at: float = 0.75, ignore: str | No
     with obj.session():
         zero = {k: torch.zeros_like(obj.theta[k], requires_grad=True) for k in obj.keys}
         with torch.enable_grad():
-            grads = torch.autograd.grad(obj.full_loss(zero), list(zero.values()))
-        g = dict(zip(obj.keys, grads, strict=True))
+            loss = obj.full_loss(zero)
+            missing = unreached(loss, zero)
+            grads = torch.autograd.grad(loss, list(zero.values()), allow_unused=True)
+        # A parameter the forward never uses (an auxiliary head) has a zero gradient; one
+        # it uses without autograd (a no_grad backbone) is refused, not read as zero.
+        theta = {k: obj.theta[k] for k in obj.keys}  # moved relative to their own size
+        check_reached(lambda p: obj.full_loss({k: p[k] - theta[k] for k in p}), theta,
+                      missing, "the gradient direction")
+        g = {k: t if t is not None else torch.zeros_like(zero[k])
+             for k, t in zip(obj.keys, grads, strict=True)}
         gnorm = _norm(g).item()
         if not gnorm > 0 or not math.isfinite(gnorm):
             raise ValueError(f"the gradient at theta has norm {gnorm}: theta is a stationary "
