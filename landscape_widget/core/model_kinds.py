@@ -34,6 +34,7 @@ only a part without autograd is refused by :mod:`.reach`.
 from __future__ import annotations
 
 import inspect
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -225,6 +226,35 @@ def sign_entries(model: nn.Module) -> dict[str, torch.Tensor]:
                 mask.diagonal(dim1=-2, dim2=-1).fill_(True)
                 out[names[id(original)]] = mask
     return out
+
+
+def warn_sign_moves(model: nn.Module, direction: dict[str, Tensor], name: str) -> None:
+    """Warn if a direction moves :func:`sign_entries` (the user's direction is kept as is).
+
+    Example:
+        >>> import warnings
+        >>> from torch.nn.utils.parametrizations import orthogonal
+        >>> m = orthogonal(nn.Linear(4, 2))
+        >>> d = {k: torch.ones_like(p) for k, p in m.named_parameters()}
+        >>> with warnings.catch_warnings(record=True) as w:
+        ...     warnings.simplefilter("always")
+        ...     warn_sign_moves(m, d, "direction")
+        >>> len(w), "2 entries" in str(w[0].message)
+        (1, True)
+    """
+    for k, mask in sign_entries(model).items():
+        d = direction.get(k)
+        if d is None:
+            continue
+        moved = int(torch.count_nonzero(d.detach().to(mask.device)[mask]))
+        if moved:
+            warnings.warn(
+                f"{name} moves {moved} entries of {k!r} that torch's orthogonal "
+                "parametrization (Householder) reads as signs, through .int() of its "
+                "diagonal: the loss jumps wherever they move (int(0.99) == 0 zeroes a column), "
+                "so a surface or curve through the model has a spike at it. Zero them "
+                f"({name}[{k!r}].diagonal(dim1=-2, dim2=-1).zero_()), as "
+                "lw.random_directions does.", UserWarning, stacklevel=4)
 
 
 def prefix_hint(missing: list[str], unknown: list[str]) -> str:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import IsolationError
-from .model_kinds import check_module, prefix_hint
+from .model_kinds import check_module, prefix_hint, warn_sign_moves
 
 Params = dict[str, Tensor]
 
@@ -340,6 +340,7 @@ def check_direction(model: nn.Module, direction: Params, name: str = "direction"
         # non-finite sum (a NaN, an inf, or an overflow of huge entries) needs the full check.
         if not bool(torch.isfinite(d.sum())) and not bool(torch.isfinite(d).all()):
             raise ValueError(f"{name}[{k!r}] contains NaN or inf; directions must be finite.")
+    warn_sign_moves(model, direction, name)  # a user's direction moving orthogonal's signs
 
 
 def module_structure(model: nn.Module) -> list[tuple[str, str, str]]:
