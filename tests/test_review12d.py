@@ -292,3 +292,36 @@ def test_each_lane_keeps_a_stem_row_only_while_the_memory_allows(monkeypatch):
     assert len(kept) == 1
     want, _ = naive_eval(model, x, y, dirs, coords)
     np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_each_lane_keeps_a_parameter_row_only_while_the_memory_allows(monkeypatch):
+    # The same for the point's parameters (passes._row_sum): decided once for the first
+    # lane's first row, every later lane kept its own copy unchecked.
+    from oracle import naive_eval
+
+    from landscape_widget.core import passes
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).eval()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(24, 6, generator=g), torch.randint(0, 3, (24,), generator=g)
+    dirs = lw.random_directions(model, 2, seed=0)
+    size = (6 * 16 + 16 * 3) * 4  # one row: the moved weights (dim > 1), bytes
+    asked = []
+
+    def free(device):  # room for one row at ROW_SHARE, then the row taken from it
+        asked.append(device)
+        return 10 * size * (1.5 if len(asked) == 1 else 0.5)
+
+    monkeypatch.setattr(passes, "free_memory", free)
+    ev = lw.Evaluator(model, (x, y), dirs, stem=False, strategy="loop", batch_size=8,
+                      lanes=2)
+    coords = np.array([(a, b) for b in (-1.0, 0.0, 1.0) for a in (-1.0, 0.0, 0.5, 1.0)])
+    ev.expected_points = len(coords)
+    got = ev.evaluate(coords)["loss"]
+    assert ev.plan.lanes == 2 and not ev.plan.stem
+    assert len(asked) >= 2 and ev._row_fits is False  # asked again after the first row
+    kept = [lane.row for lane in [ev._home_lane, *ev._lanes] if lane.row is not None]
+    assert len(kept) <= 1
+    want, _ = naive_eval(model, x, y, dirs, coords)
+    np.testing.assert_allclose(got, want, rtol=1e-5)

@@ -121,6 +121,7 @@ class Lane:
         # The copies' own plain attributes, put back as the evaluator's (core/state.py).
         self.attributes = plain_attributes(module) + plain_attributes(suffix)
         self.row: tuple | None = None  # the point build's kept row sum (PointPasses._point)
+        self.row_checked = False  # whether this lane checked the row's memory (_row_sum)
         self.stem_buf: Tensor | None = None  # the stem inputs' buffer (StemTerms)
         self.stem_row: list | None = None  # the stem inputs' kept row (StemTerms._stem_row_sum)
 

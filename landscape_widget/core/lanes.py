@@ -70,7 +70,8 @@ class PointLanes:
     def _in_lane(self) -> Lane | None:
         return getattr(self._lane_tls, "lane", None)
 
-    # The point build's kept row and the stem inputs' buffer are the calling lane's.
+    # The point build's kept row (and whether its memory was checked) and the stem inputs'
+    # buffer are the calling lane's.
     @property
     def _row(self) -> tuple | None:
         return self._here().row
@@ -78,6 +79,14 @@ class PointLanes:
     @_row.setter
     def _row(self, value: tuple | None) -> None:
         self._here().row = value
+
+    @property
+    def _row_checked(self) -> bool:
+        return self._here().row_checked
+
+    @_row_checked.setter
+    def _row_checked(self, value: bool) -> None:
+        self._here().row_checked = value
 
     @property
     def _stem_buf(self) -> Tensor | None:

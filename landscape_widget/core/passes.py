@@ -131,9 +131,9 @@ class PointPasses(PointLanes):
                  layout: str) -> list[Tensor]:
         """``base + sum_{j>=1} coef[j] d_j`` over ``floats``, kept for the next point.
 
-        Kept (one copy of the moved parameters) only while it fits
-        :data:`~.plans.ROW_SHARE` of the free memory; otherwise rebuilt for every point,
-        with the same operations, hence the same values.
+        Kept (one copy of the moved parameters per lane) only while it fits
+        :data:`~.plans.ROW_SHARE` of the memory free at the lane's first row; otherwise
+        rebuilt for every point, with the same operations, hence the same values.
 
         Returns:
             The row's tensors, in the order of ``floats`` (``base``'s own for one direction).
@@ -148,7 +148,11 @@ class PointPasses(PointLanes):
                                  alpha=coef[1])
         for j in range(2, len(dirs)):
             torch._foreach_add_(row, [dirs[j][k] for k in floats], alpha=coef[j])
-        if self._row_fits is None:
+        if self._row_fits is not False and not self._row_checked:
+            # Every lane keeps its own row (core/lanes.py): decided at each lane's first
+            # row, with the memory free then (the other lanes' rows taken); decided once
+            # for the first lane, L lanes took L x ROW_SHARE. Once it does not fit, never.
+            self._row_checked = True
             size = sum(t.numel() * t.element_size() for t in row)
             self._row_fits = size <= ROW_SHARE * free_memory(self.device)
         if self._row_fits:
