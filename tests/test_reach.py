@@ -185,3 +185,14 @@ def test_unreached_and_check_reached_directly():
     zero = {"z": torch.zeros(4)}  # a tensor of zeros still moves (by PROBE_STEP)
     with pytest.raises(ValueError, match="'z'"):
         check_reached(lambda p: p["z"].square().sum() + 1, zero, ["z"], "x")
+
+
+@pytest.mark.parametrize("method", ["graph", "jvp", "backward"])
+def test_a_loss_constant_on_every_batch_is_still_refused(method):
+    """The check's forward builds the products' graph (``graph``): its losses count."""
+    x, y = data()
+    model = _net("autograd")
+    with pytest.raises(ValueError, match="through autograd"):
+        lw.hessian_eigenpairs(model, (x, y), k=1, ignore=None, method=method,
+                              batch_size=16 if method == "graph" else 5,
+                              loss_fn=lambda out, t: torch.zeros(()))

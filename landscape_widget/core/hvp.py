@@ -309,8 +309,9 @@ class HessianOperator(ProductMethods, ProductFallbacks):
             try:
                 with self._attention(), plain_modes(self.device):
                     if not self._reached:
+                        # Its losses count as this product's: the graph it builds is the
+                        # products' (method "graph"), else its batch is their first one.
                         self._check_reached()
-                        self._constant_losses = self._graph_losses = 0  # the probe's
                     if not self._symmetric:
                         self._check_symmetric()
                     out = getattr(self, f"_{self.method}_product")(tangent)

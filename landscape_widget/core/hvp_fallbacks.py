@@ -31,16 +31,22 @@ class ProductFallbacks:
 
         A part of the forward run under ``torch.no_grad()`` (a frozen backbone) gave no
         gradient to its parameters, read as a zero Hessian row (:mod:`.reach`). Checked on
-        the first batch, with one backward; the parameters it does not reach are moved, and
-        refused if the loss moves with them (an unused head leaves it as it was).
+        the first batch, with one backward (``graph``: from the products' own graph); the
+        parameters it does not reach are moved, and refused if the loss moves with them
+        (an unused head leaves it as it was).
 
         Raises:
             ValueError: Naming the parameters and the fix (:func:`~.reach.check_reached`).
         """
         xb, yb = self.x[:self.batch], self.y[:self.batch]
-        leaves = {k: v.detach().clone().requires_grad_(True) for k, v in self.params.items()}
-        with torch.enable_grad():
-            names = unreached(self._loss(leaves, xb, yb), leaves)
+        if self.method == "graph":  # the products' own graph says it, at no extra cost
+            names = [k for k, g in zip(self.params, self._build_graph()[1], strict=True)
+                     if g is None]
+        else:
+            leaves = {k: v.detach().clone().requires_grad_(True)
+                      for k, v in self.params.items()}
+            with torch.enable_grad():
+                names = unreached(self._loss(leaves, xb, yb), leaves)
         check_reached(lambda p: self._loss(p, xb, yb), self.params, names,
                       "the Hessian (its eigenvalues, trace and curvature maps)")
         self._reached = True

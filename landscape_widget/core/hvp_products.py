@@ -19,7 +19,8 @@ from torch.func import grad, jvp
 class ProductMethods:
     """Hessian-vector products of the mean loss, by method (a mixin of the operator)."""
 
-    def _graph_product(self, tangent: list[Tensor]) -> Tensor:
+    def _build_graph(self) -> tuple[list[Tensor], tuple]:
+        """The gradient's graph over all data, built once: ``(leaves, grads)``."""
         if self._graph is None:
             # Leaves that require grad, separate from the model's tensors: functional_call
             # uses them, so nothing of the model is touched or recorded.
@@ -30,7 +31,10 @@ class ProductMethods:
                 grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True,
                                             allow_unused=True)
             self._graph = (list(leaves.values()), grads)
-        leaves, grads = self._graph
+        return self._graph
+
+    def _graph_product(self, tangent: list[Tensor]) -> Tensor:
+        leaves, grads = self._build_graph()
         with torch.enable_grad():
             return self._double_backward(grads, leaves, tangent, retain=True)
 
