@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch.utils._pytree import tree_map
 
 from .reach import check_reached, unreached
 
@@ -41,9 +42,34 @@ class ProductFallbacks:
         leaves = {k: v.detach().clone().requires_grad_(True) for k, v in self.params.items()}
         with torch.enable_grad():
             names = unreached(self._loss(leaves, xb, yb), leaves)
-        check_reached(lambda p: self._loss(p, xb, yb), self.params, names,
-                      "the Hessian (its eigenvalues, trace and curvature maps)")
+        if names:
+            check_reached(lambda p: self._probe_loss(p, xb, yb), self.params, names,
+                          "the Hessian (its eigenvalues, trace and curvature maps)")
         self._reached = True
+
+    def _probe_loss(self, params: dict[str, torch.Tensor], xb: torch.Tensor,
+                    yb: torch.Tensor) -> torch.Tensor:
+        """The loss for :func:`~.reach.check_reached`: of half-precision outputs widened.
+
+        A bfloat16 loss rounds to 0.8 % near 1, and moving a no-grad part changed it by
+        less (passed as unused); the outputs themselves moved. The loss of the outputs in
+        float64 shows it; an unused parameter leaves them, hence it, as they were. A loss_fn
+        that cannot take float64 outputs gets them as they are.
+
+        Returns:
+            The user's loss (or the default) of the outputs at ``params`` on ``xb``.
+        """
+        out = self._outputs(params, xb)
+        wide = tree_map(lambda t: t.double() if isinstance(t, torch.Tensor)
+                        and t.dtype in (torch.bfloat16, torch.float16) else t, out)
+        if wide is not out:
+            try:
+                loss = self.loss_fn(wide, yb)
+                if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+                    return loss
+            except (RuntimeError, TypeError, ValueError):
+                pass
+        return self.loss_fn(out, yb)
 
     def _check_symmetric(self) -> None:
         """Check ``u . Hw == w . Hu`` once, on two seeded vectors (not counted as products).
