@@ -112,3 +112,33 @@ def test_a_move_that_makes_the_loss_inf_counts():
     with pytest.raises(ValueError, match="'v'"):
         check_reached(loss_of, params, ["v"], "the Hessian")
     check_reached(lambda p: p["w"].sum(), params, ["v"], "the Hessian")  # unused
+
+
+class _NoGradFirst(nn.Module):
+    """The widget's data (6 features, 3 classes) through a no-grad first layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        with torch.no_grad():
+            h = torch.tanh(self.a(x))
+        return self.b(h)
+
+
+def test_the_widget_curvature_job_reports_the_refusal_and_runs_on(worker_factory):
+    """The refusal is the job's error status; the worker runs the next job."""
+    from widget_cases import worker_data
+
+    from landscape_widget.widget.protocol import Spec
+
+    model, statuses = reinit(_NoGradFirst(), 5).eval(), []
+    worker, rec = worker_factory(model, worker_data(), on_status=statuses.append)
+    worker.submit("c", Spec(quantity="curvature", resolution=3, seed=2))
+    assert worker.wait(120)
+    errors = [m for m in statuses if m.get("id") == "c" and m["state"] == "error"]
+    assert errors and "'a.weight'" in errors[-1]["message"]
+    assert not rec.of("c", "done")
+    worker.submit("s", Spec(resolution=3, seed=2))  # a surface needs no derivatives
+    assert worker.wait(120) and rec.of("s", "done")
