@@ -142,3 +142,33 @@ def test_the_widget_curvature_job_reports_the_refusal_and_runs_on(worker_factory
     assert not rec.of("c", "done")
     worker.submit("s", Spec(resolution=3, seed=2))  # a surface needs no derivatives
     assert worker.wait(120) and rec.of("s", "done")
+
+
+@pytest.mark.parametrize("method", ["jvp", "backward"])
+def test_a_first_batch_without_counted_targets_does_not_skip_the_check(method):
+    """The probe compared the first batch's loss, a NaN mean when all its targets are
+    ignored: the check passed, and method='backward' returned the rest's curvature (jvp
+    failed as 'not symmetric', blamed on weight_norm)."""
+    model = reinit(_Part("no_grad"), 6).eval()
+    x, y = classification_data(16, (6,), 3, 2)
+    y[:4] = -100
+
+    def loss_fn(out, t):
+        return F.cross_entropy(out, t, ignore_index=-100)
+
+    with Untouched(model), pytest.raises(ValueError, match="does not compute") as err:
+        lw.hessian_eigenpairs(model, (x, y), k=1, loss_fn=loss_fn, method=method,
+                              batch_size=4)
+    assert "'a.weight'" in str(err.value) and "aux" not in str(err.value)
+
+
+def test_a_first_batch_without_counted_targets_with_an_unused_head_runs():
+    """The check moves to the next batch: no false refusal, and the dense Hessian's values."""
+    model = reinit(_Part("autograd"), 6).eval()
+    x, y = classification_data(16, (6,), 3, 2)
+    y[:4] = -100
+    with Untouched(model):
+        vals, _ = lw.hessian_eigenpairs(model, (x, y), k=2, method="backward", batch_size=4)
+    dense = _dense(model, x, y, ["a.weight", "b.weight", "aux.weight"])
+    np.testing.assert_allclose(vals, torch.linalg.eigvalsh(dense).numpy()[::-1][:2],
+                               rtol=1e-4, atol=1e-6)

@@ -32,23 +32,27 @@ class ProductFallbacks:
 
         A part of the forward run under ``torch.no_grad()`` (a frozen backbone) gave no
         gradient to its parameters, read as a zero Hessian row (:mod:`.reach`). Checked on
-        the first batch, with one backward; the parameters it does not reach are moved, and
-        refused if the loss moves with them (an unused head leaves it as it was).
+        the first batch with counted targets, with one backward; the parameters it does not
+        reach are moved, and refused if the loss moves with them (an unused head leaves it
+        as it was).
 
         Raises:
             ValueError: Naming the parameters and the fix (:func:`~.reach.check_reached`).
         """
-        xb, yb = self.x[:self.batch], self.y[:self.batch]
+        # The first batch with counted targets: one with none has a NaN mean (or a constant
+        # loss), which the probe cannot compare, and the check passed without a look.
+        start = next((i * self.batch for i, w in enumerate(self._weights) if w), 0)
+        xb, yb = self.x[start:start + self.batch], self.y[start:start + self.batch]
         leaves = {k: v.detach().clone().requires_grad_(True) for k, v in self.params.items()}
         with torch.enable_grad():
-            names = unreached(self._loss(leaves, xb, yb), leaves)
+            names = unreached(self._loss(leaves, xb, yb, start), leaves)
         if names:
-            check_reached(lambda p: self._probe_loss(p, xb, yb), self.params, names,
+            check_reached(lambda p: self._probe_loss(p, xb, yb, start), self.params, names,
                           "the Hessian (its eigenvalues, trace and curvature maps)")
         self._reached = True
 
     def _probe_loss(self, params: dict[str, torch.Tensor], xb: torch.Tensor,
-                    yb: torch.Tensor) -> torch.Tensor:
+                    yb: torch.Tensor, start: int) -> torch.Tensor:
         """The loss for :func:`~.reach.check_reached`: of half-precision outputs widened.
 
         A bfloat16 loss rounds to 0.8 % near 1, and moving a no-grad part changed it by
@@ -59,7 +63,7 @@ class ProductFallbacks:
         Returns:
             The user's loss (or the default) of the outputs at ``params`` on ``xb``.
         """
-        out = self._outputs(params, xb)
+        out = self._outputs(params, xb, start)
         wide = tree_map(lambda t: t.double() if isinstance(t, torch.Tensor)
                         and t.dtype in (torch.bfloat16, torch.float16) else t, out)
         if wide is not out:
