@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch.utils._pytree import tree_map
 
 from .reach import check_reached, unreached
 
@@ -31,25 +32,53 @@ class ProductFallbacks:
 
         A part of the forward run under ``torch.no_grad()`` (a frozen backbone) gave no
         gradient to its parameters, read as a zero Hessian row (:mod:`.reach`). Checked on
-        the first batch, with one backward (``graph``: from the products' own graph); the
-        parameters it does not reach are moved, and refused if the loss moves with them
-        (an unused head leaves it as it was).
+        the first batch with counted targets, with one backward (``graph``: from the
+        products' own graph over all data); the parameters it does not reach are moved,
+        and refused if the loss moves with them (an unused head leaves it as it was).
 
         Raises:
             ValueError: Naming the parameters and the fix (:func:`~.reach.check_reached`).
         """
-        xb, yb = self.x[:self.batch], self.y[:self.batch]
-        if self.method == "graph":  # the products' own graph says it, at no extra cost
+        # The first batch with counted targets: one with none has a NaN mean (or a constant
+        # loss), which the probe cannot compare, and the check passed without a look.
+        start = next((i * self.batch for i, w in enumerate(self._weights) if w), 0)
+        xb, yb = self.x[start:start + self.batch], self.y[start:start + self.batch]
+        if self.method == "graph":  # all data in one batch: the products' own graph says it
             names = [k for k, g in zip(self.params, self._build_graph()[1], strict=True)
                      if g is None]
         else:
             leaves = {k: v.detach().clone().requires_grad_(True)
                       for k, v in self.params.items()}
             with torch.enable_grad():
-                names = unreached(self._loss(leaves, xb, yb), leaves)
-        check_reached(lambda p: self._loss(p, xb, yb), self.params, names,
-                      "the Hessian (its eigenvalues, trace and curvature maps)")
+                names = unreached(self._loss(leaves, xb, yb, start), leaves)
+        if names:
+            check_reached(lambda p: self._probe_loss(p, xb, yb, start), self.params, names,
+                          "the Hessian (its eigenvalues, trace and curvature maps)")
         self._reached = True
+
+    def _probe_loss(self, params: dict[str, torch.Tensor], xb: torch.Tensor,
+                    yb: torch.Tensor, start: int) -> torch.Tensor:
+        """The loss for :func:`~.reach.check_reached`: of half-precision outputs widened.
+
+        A bfloat16 loss rounds to 0.8 % near 1, and moving a no-grad part changed it by
+        less (passed as unused); the outputs themselves moved. The loss of the outputs in
+        float64 shows it; an unused parameter leaves them, hence it, as they were. A loss_fn
+        that cannot take float64 outputs gets them as they are.
+
+        Returns:
+            The user's loss (or the default) of the outputs at ``params`` on ``xb``.
+        """
+        out = self._outputs(params, xb, start)
+        wide = tree_map(lambda t: t.double() if isinstance(t, torch.Tensor)
+                        and t.dtype in (torch.bfloat16, torch.float16) else t, out)
+        if wide is not out:
+            try:
+                loss = self.loss_fn(wide, yb)
+                if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+                    return loss
+            except (RuntimeError, TypeError, ValueError):
+                pass
+        return self.loss_fn(out, yb)
 
     def _check_symmetric(self) -> None:
         """Check ``u . Hw == w . Hu`` once, on two seeded vectors (not counted as products).

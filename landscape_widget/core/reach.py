@@ -19,6 +19,7 @@ kernels are deterministic.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from math import inf
 
 import torch
 from torch import Tensor
@@ -26,9 +27,17 @@ from torch import Tensor
 # How far the probe moves an unreached parameter, relative to its root mean square (a
 # tensor of zeros moves by this much absolute), and the relative change of the loss above
 # which it counts as used: far above float32 rounding of the same computation repeated,
-# far below what moving a used layer's weights by 10 % does.
+# far below what moving a used layer's weights by 10 % does. A loss in bfloat16 or float16
+# rounds such a change away (one ulp of a bfloat16 loss near 1 is 0.8 %, and moving a
+# no-grad layer by 10 % changed it by less): where the loss stays put, the move grows by
+# PROBE_GROWTH, up to PROBE_TRIES moves; an unused parameter leaves it as it was at any
+# size. The tolerance is at least PROBE_ULPS units of the loss's own rounding (one
+# ulp of a repeat that reduces in another order on a GPU is not a move).
 PROBE_STEP = 0.1
+PROBE_GROWTH = 10.0
+PROBE_TRIES = 3
 PROBE_TOL = 1e-6
+PROBE_ULPS = 1
 PROBE_NAMED = 8  # unreached parameters moved one by one to name the used ones
 
 
@@ -65,13 +74,15 @@ def check_reached(loss_of: Callable[[dict[str, Tensor]], Tensor], params: dict[s
         params: The parameter values the derivatives are taken at.
         names: The names of ``params`` with no autograd path from the loss
             (:func:`unreached`); each is moved by :data:`PROBE_STEP` of its root mean
-            square, all at once (then the first :data:`PROBE_NAMED` one by one, to name
-            those the loss depends on).
+            square, all at once, ten times more while the loss stays put (up to
+            :data:`PROBE_TRIES` moves); then the first :data:`PROBE_NAMED` one by one,
+            to name those the loss depends on.
         what: What needs the derivatives, for the message.
 
     Raises:
         ValueError: If moving them changes the loss by more than :data:`PROBE_TOL`
-            relative, naming them, the likely cause and the fix.
+            relative (and :data:`PROBE_ULPS` units of its rounding), or makes it inf or
+            NaN, naming them, the likely cause and the fix.
 
     Example:
         >>> w, v = torch.ones(3), torch.ones(3)
@@ -85,23 +96,36 @@ def check_reached(loss_of: Callable[[dict[str, Tensor]], Tensor], params: dict[s
     if not names:
         return
     g = torch.Generator().manual_seed(0)
-    steps = {}
+    unit = {}
     for k in names:
         p = params[k]
         rms = float(p.detach().double().pow(2).mean().sqrt()) if p.numel() else 0.0
-        noise = torch.randn(p.shape, generator=g, dtype=torch.float64)
-        steps[k] = (PROBE_STEP * (rms or 1.0) * noise).to(p.device, p.dtype)
-    base = float(loss_of(params))
+        unit[k] = (rms or 1.0) * torch.randn(p.shape, generator=g, dtype=torch.float64)
+    first = loss_of(params)
+    base = float(first)
+    floating = isinstance(first, Tensor) and torch.is_floating_point(first)
+    eps = torch.finfo(first.dtype).eps if floating else 0.0
+    tol = max(PROBE_TOL, PROBE_ULPS * eps) * max(abs(base), 1e-30)
 
-    def moves(keys) -> float | None:
-        after = float(loss_of({**params, **{k: params[k] + steps[k] for k in keys}}))
-        return after if abs(after - base) > PROBE_TOL * max(abs(base), 1e-30) else None
+    def moves(keys, scale: float) -> float | None:
+        after = float(loss_of({**params, **{
+            k: params[k] + (scale * unit[k]).to(params[k].device, params[k].dtype)
+            for k in keys}}))
+        # A loss made inf or NaN by the move depends on them too (an unused one cannot).
+        return after if abs(after - base) > tol or after != after or abs(after) == inf \
+            else None
 
-    after = moves(names)
-    if after is None or base != base:  # unused (or a NaN loss: nothing to compare)
+    if base != base or abs(base) == inf:  # a NaN loss: nothing to compare
         return
+    scales = [PROBE_STEP * PROBE_GROWTH ** i for i in range(PROBE_TRIES)]
+    found = next(((s, a) for s in scales if (a := moves(names, s)) is not None), None)
+    if found is None:  # unused: the loss stays as it was at every size of move
+        return
+    scale, after = found
     # Which ones: the first few, one by one (an unused head may be among them).
-    used = [k for k in names[:PROBE_NAMED] if moves([k]) is not None] or list(names[:1])
+    used = [k for k in names[:PROBE_NAMED]
+            if any(moves([k], s) is not None for s in scales if s <= scale)] \
+        or list(names[:1])
     shown = ", ".join(repr(k) for k in used)
     more = len(names) - PROBE_NAMED
     raise ValueError(
