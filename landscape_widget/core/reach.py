@@ -134,7 +134,8 @@ def check_reached(loss_of: Callable[[dict[str, Tensor]], Tensor], params: dict[s
            if more > 0 else "")
         + f". Moving them changes the loss from {base:.6g} to {after:.6g}, yet the loss has "
         f"no autograd path to them: the forward runs them under torch.no_grad() or "
-        f"torch.inference_mode(), or detaches their output (.detach(), .data), so {what} "
+        f"torch.inference_mode(), detaches their output (.detach(), .data), or uses them "
+        f"only through an operation without a derivative (a comparison such as h > p), so {what} "
         "would take their derivatives as zero and be wrong. Run that part with autograd on "
         "(a frozen part can keep requires_grad_(False): the derivatives are taken on a "
         "private copy), or evaluate a model without that part.")
