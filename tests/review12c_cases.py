@@ -21,6 +21,18 @@ def mlp() -> nn.Module:
     return reinit(nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)), 0).eval()
 
 
+def orthogonal_net() -> nn.Module:
+    """6 -> 8 -> 3 whose last layer is torch's ``orthogonal`` with its Householder map
+    (the default for its 3 x 8 weight): signs on the diagonal of ``original``."""
+    from torch.nn.utils.parametrizations import orthogonal
+
+    model = reinit(nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)), 5)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        orthogonal(model[2])
+    return model.eval()
+
+
 def data():
     return classification_data(16, (6,), 3, 1)
 
@@ -75,11 +87,10 @@ def oracle_curve(model, x, y, d, ts) -> np.ndarray:
     return np.array(out)
 
 
-def dense_hessian(model, x, y) -> tuple[list[str], torch.Tensor]:
-    """torch's dense float64 Hessian of the mean loss over the parameters of dim > 1."""
-    ref = copy.deepcopy(model).double().eval()
+def flat_loss(ref: nn.Module, keys: list[str], x, y):
+    """``(loss, size)``: the float64 mean cross-entropy of ``ref`` (a float64 copy) moved
+    by a flat vector over ``keys``, and that vector's length."""
     theta = {k: p.detach().double() for k, p in ref.named_parameters()}
-    keys = [k for k, v in theta.items() if v.dim() > 1]
     sizes = [theta[k].numel() for k in keys]
 
     def loss(flat):
@@ -88,5 +99,13 @@ def dense_hessian(model, x, y) -> tuple[list[str], torch.Tensor]:
             point[k] = theta[k] + part.reshape(theta[k].shape)
         return F.cross_entropy(functional_call(ref, point, (x.double(),)), y)
 
-    return keys, torch.autograd.functional.hessian(loss, torch.zeros(sum(sizes),
+    return loss, sum(sizes)
+
+
+def dense_hessian(model, x, y) -> tuple[list[str], torch.Tensor]:
+    """torch's dense float64 Hessian of the mean loss over the parameters of dim > 1."""
+    ref = copy.deepcopy(model).double().eval()
+    keys = [k for k, v in ref.named_parameters() if v.dim() > 1]
+    loss, size = flat_loss(ref, keys, x, y)
+    return keys, torch.autograd.functional.hessian(loss, torch.zeros(size,
                                                                      dtype=torch.float64))

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from cases import reinit
 from public_cases import Untouched
+from reach_cases import PartNet
+from reach_cases import dense as dense_derivatives
 from review12c_cases import data
 from torch import nn
 from torch.func import functional_call
@@ -29,47 +31,8 @@ import landscape_widget as lw
 from landscape_widget.core.reach import check_reached, unreached
 
 
-class _Net(nn.Module):
-    """6 -> 8 -> 3, with an auxiliary head the forward never uses; ``part`` says how
-    the first layer runs: with autograd, under no_grad, or detached."""
-
-    def __init__(self, part: str = "autograd"):
-        super().__init__()
-        self.a, self.b, self.aux = nn.Linear(6, 8), nn.Linear(8, 3), nn.Linear(8, 5)
-        self.part = part
-
-    def forward(self, x):
-        if self.part == "no_grad":
-            with torch.no_grad():
-                h = torch.tanh(self.a(x))
-        elif self.part == "detach":
-            h = torch.tanh(self.a(x)).detach()
-        else:
-            h = torch.tanh(self.a(x))
-        return self.b(h)
-
-
 def _net(part: str) -> nn.Module:
-    return reinit(_Net(part), 7).eval()
-
-
-def _dense(model, x, y, keys=None):
-    """Float64 gradient and Hessian over ``keys`` of the loss with autograd everywhere."""
-    ref = copy.deepcopy(model).double().eval()
-    ref.part = "autograd"  # the function itself: the loss as the parameters move it
-    theta = {k: p.detach().double() for k, p in ref.named_parameters()}
-    keys = keys or [k for k, v in theta.items() if v.dim() > 1]
-    sizes = [theta[k].numel() for k in keys]
-
-    def loss(flat):
-        point = dict(theta)
-        for k, part in zip(keys, torch.split(flat, sizes), strict=True):
-            point[k] = theta[k] + part.reshape(theta[k].shape)
-        return F.cross_entropy(functional_call(ref, point, (x.double(),)), y)
-
-    zero = torch.zeros(sum(sizes), dtype=torch.float64)
-    grad = torch.autograd.functional.jacobian(loss, zero)
-    return keys, grad, torch.autograd.functional.hessian(loss, zero)
+    return reinit(PartNet(part), 7).eval()
 
 
 def _calls(x, y):
@@ -110,7 +73,7 @@ def test_what_the_refusal_prevents():
     """Before: the trace was the head's alone; the dense Hessian's is 30 % larger."""
     x, y = data()
     model = _net("no_grad")
-    keys, _, dense = _dense(model, x, y)
+    keys, _, dense = dense_derivatives(model, x, y)
     true_trace = float(torch.trace(dense))
     head = [i for i, k in enumerate(keys) if k == "b.weight"]
     at = sum(model.get_parameter(k).numel() for k in keys[:head[0]])
@@ -127,7 +90,7 @@ def test_an_unused_head_has_a_zero_hessian_row(method):
         vals, vecs = lw.hessian_eigenpairs(model, (x, y), k=2,
                                            method=method, batch_size=16 if method == "graph"
                                            else 5)
-    keys, _, dense = _dense(model, x, y)
+    keys, _, dense = dense_derivatives(model, x, y)
     np.testing.assert_allclose(vals, torch.linalg.eigvalsh(dense).numpy()[::-1][:2],
                                rtol=1e-4, atol=1e-6)
     assert float(vecs[0]["aux.weight"].abs().max()) < 1e-6
@@ -139,7 +102,7 @@ def test_side_direction_with_an_unused_head_follows_the_gradient():
     model = _net("autograd")
     with Untouched(model):
         d = lw.side_direction(model, (x, y), warn=False)
-    keys, grad, _ = _dense(model, x, y)
+    keys, grad, _ = dense_derivatives(model, x, y)
     flat = torch.cat([d[k].double().reshape(-1) for k in keys])
     cos = float(flat @ grad) / float(flat.norm() * grad.norm())
     assert cos < -1 + 1e-5  # downhill, parallel to -grad

@@ -22,25 +22,23 @@ import pytest
 import torch
 from cases import reinit
 from public_cases import Untouched
-from review12c_cases import calls, data, dense_hessian, mlp, oracle_curve, oracle_surface
+from review12c_cases import (
+    calls,
+    data,
+    dense_hessian,
+    mlp,
+    oracle_curve,
+    oracle_surface,
+    orthogonal_net,
+)
 from torch import nn
 
 import landscape_widget as lw
 
 
-def _orthogonal_net() -> nn.Module:
-    from torch.nn.utils.parametrizations import orthogonal
-
-    model = reinit(nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)), 5)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(5)
-        orthogonal(model[2])  # 3 x 8: Householder, signs on the diagonal of original
-    return model.eval()
-
-
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_random_directions_leave_householder_signs_alone(seed):
-    model = _orthogonal_net()
+    model = orthogonal_net()
     x, y = data()
     original = model[2].parametrizations.weight.original
     with Untouched(model):
@@ -64,7 +62,7 @@ def test_random_directions_leave_householder_signs_alone(seed):
 
 @pytest.mark.parametrize("which", ["largest", "smallest"])
 def test_hessian_eigenvectors_leave_householder_signs_alone(which):
-    model = _orthogonal_net()
+    model = orthogonal_net()
     x, y = data()
     with Untouched(model):
         vals, vecs = lw.hessian_eigenpairs(model, (x, y), k=2, which=which)

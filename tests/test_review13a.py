@@ -10,53 +10,21 @@ a change. Oracles: torch's dense float64 Hessian of the loss with autograd every
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from cases import classification_data, reinit
 from public_cases import Untouched
+from reach_cases import PartNet, dense
 from torch import nn
-from torch.func import functional_call
 
 import landscape_widget as lw
 from landscape_widget.core.reach import check_reached
 
 
-class _Part(nn.Module):
-    """6 -> 8 -> 3 with an auxiliary head never used; ``part``: how ``a`` runs."""
-
-    def __init__(self, part: str = "autograd"):
-        super().__init__()
-        self.a, self.b, self.aux = nn.Linear(6, 8), nn.Linear(8, 3), nn.Linear(8, 5)
-        self.part = part
-
-    def forward(self, x):
-        if self.part == "no_grad":
-            with torch.no_grad():
-                h = torch.tanh(self.a(x))
-        else:
-            h = torch.tanh(self.a(x))
-        return self.b(h)
-
-
 def _dense(model, x, y, keys):
-    """Float64 Hessian over ``keys`` of the loss with autograd on everywhere."""
-    ref = copy.deepcopy(model).double().eval()
-    ref.part = "autograd"
-    theta = {k: p.detach().double() for k, p in ref.named_parameters()}
-    sizes = [theta[k].numel() for k in keys]
-
-    def loss(flat):
-        point = dict(theta)
-        for k, part in zip(keys, torch.split(flat, sizes), strict=True):
-            point[k] = theta[k] + part.reshape(theta[k].shape)
-        return F.cross_entropy(functional_call(ref, point, (x.double(),)), y)
-
-    return torch.autograd.functional.hessian(loss, torch.zeros(sum(sizes),
-                                                               dtype=torch.float64))
+    return dense(model, x, y, keys)[2]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -64,7 +32,7 @@ def _dense(model, x, y, keys):
 def test_a_half_precision_part_without_autograd_is_refused(dtype, seed):
     """Before: some of these passed the probe (the loss moved by under one ulp)."""
     torch.manual_seed(seed)  # nn.Linear's own initialisation: small logits, a flat loss
-    model = _Part("no_grad").to(dtype).eval()
+    model = PartNet("no_grad").to(dtype).eval()
     x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
     keys = ["a.weight", "b.weight"]
     dense = _dense(model, x.to(dtype), y, keys)
@@ -78,7 +46,7 @@ def test_a_half_precision_part_without_autograd_is_refused(dtype, seed):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_a_half_precision_unused_head_is_not_refused(dtype):
     """The grown moves leave an unused head's loss as it was: no false refusal."""
-    model = reinit(_Part("autograd"), 3).to(dtype).eval()
+    model = reinit(PartNet("autograd"), 3).to(dtype).eval()
     x, y = classification_data(16, (6,), 3, 1)
     with Untouched(model):
         vals, vecs = lw.hessian_eigenpairs(model, (x.to(dtype), y), k=1)
@@ -90,7 +58,7 @@ def test_a_half_precision_unused_head_is_not_refused(dtype):
 
 def test_frozen_by_requires_grad_is_not_refused_and_in_the_hessian():
     """requires_grad_(False) is not no_grad: the derivatives are taken on a private copy."""
-    model = reinit(_Part("autograd"), 4).eval()
+    model = reinit(PartNet("autograd"), 4).eval()
     model.a.requires_grad_(False)
     x, y = classification_data(16, (6,), 3, 1)
     with Untouched(model):
@@ -149,7 +117,7 @@ def test_a_first_batch_without_counted_targets_does_not_skip_the_check(method):
     """The probe compared the first batch's loss, a NaN mean when all its targets are
     ignored: the check passed, and method='backward' returned the rest's curvature (jvp
     failed as 'not symmetric', blamed on weight_norm)."""
-    model = reinit(_Part("no_grad"), 6).eval()
+    model = reinit(PartNet("no_grad"), 6).eval()
     x, y = classification_data(16, (6,), 3, 2)
     y[:4] = -100
 
@@ -164,7 +132,7 @@ def test_a_first_batch_without_counted_targets_does_not_skip_the_check(method):
 
 def test_a_first_batch_without_counted_targets_with_an_unused_head_runs():
     """The check moves to the next batch: no false refusal, and the dense Hessian's values."""
-    model = reinit(_Part("autograd"), 6).eval()
+    model = reinit(PartNet("autograd"), 6).eval()
     x, y = classification_data(16, (6,), 3, 2)
     y[:4] = -100
     with Untouched(model):

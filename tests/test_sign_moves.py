@@ -14,28 +14,16 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from cases import reinit
 from public_cases import Untouched
-from review12c_cases import data, oracle_curve
-from torch import nn
+from review12c_cases import data, oracle_curve, orthogonal_net
 
 import landscape_widget as lw
 
 KEY = "2.parametrizations.weight.original"
 
 
-def _orthogonal_net() -> nn.Module:
-    from torch.nn.utils.parametrizations import orthogonal
-
-    model = reinit(nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)), 5)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(5)
-        orthogonal(model[2])  # 3 x 8: Householder, signs on the diagonal of original
-    return model.eval()
-
-
 def test_a_users_direction_moving_the_signs_is_warned_about_and_kept():
-    model = _orthogonal_net()
+    model = orthogonal_net()
     x, y = data()
     g = torch.Generator().manual_seed(0)
     d = {k: torch.randn(p.shape, generator=g) for k, p in model.named_parameters()}
@@ -58,7 +46,7 @@ def test_a_users_direction_moving_the_signs_is_warned_about_and_kept():
 
 
 def test_random_directions_raise_no_warning():
-    model = _orthogonal_net()
+    model = orthogonal_net()
     x, y = data()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
