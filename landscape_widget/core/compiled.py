@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch.func import functional_call
 
+from .errors import Cancelled
 from .fx_trace import FX_LOCK
 from .plans import Plan, _describe_error, _is_oom
 
@@ -126,7 +127,7 @@ class CompiledForward:
             with FX_LOCK:  # dynamo traces too; one trace at a time (see core.fx_trace)
                 spp = self._time_pass(plan, c)
         except Exception as err:
-            if _is_oom(err):
+            if _is_oom(err) or isinstance(err, Cancelled):  # not the compiler's failure
                 raise
             self._compile_failed(plan, err)
             return

@@ -23,6 +23,7 @@ activation memory traffic and can be faster point by point. Measuring beats gues
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Callable, Sequence
 
@@ -298,6 +299,9 @@ class Evaluator(PointPasses, PlanChoice, InputDtype, LossStats, BatchCoupling, P
         self.population = self._subset_se(population)
         self.strategy = strategy
         self.plan: Plan | None = None
+        # Set by a tile runner once the plan is chosen: passes stop at the next batch
+        # (core/passes.py, Cancelled) instead of finishing a point over all data.
+        self._cancel: threading.Event | None = None
         self._results: list[Plan] = []
         self.rejected: list[str] = []
         self._x_cl: Tensor | None = None
