@@ -85,7 +85,8 @@ class TileRunner(Protocol):
         Args:
             job: The job this runner was built for.
             tile_points: Fixed points per tile, or ``None``: sized by measured speed.
-            cancel: Once set, no further tile starts.
+            cancel: Once set, no further tile starts (the local runner also stops the
+                tile in progress at its next batch, once the plan is chosen).
         """
         ...
 

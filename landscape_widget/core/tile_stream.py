@@ -26,8 +26,9 @@ class TileStream:
     """The computation of one grid as an iterable of :class:`Tile` in coarse-to-fine order.
 
     Iterating computes the tiles; :meth:`result` gives the grid so far (NaN where not yet
-    computed). Stop iterating (or set ``cancel``) to cancel: the work ends after the
-    current tile.
+    computed). Stop iterating to cancel: the work ends after the current tile. Or set
+    ``cancel``: on this process the tile in progress stops at its next batch (dropped),
+    once the first tile has chosen the plan; on an executor, after the current tiles.
 
     Attributes:
         axes: ``[x]`` for a curve, ``[y, x]`` for a surface.

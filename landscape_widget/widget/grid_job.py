@@ -231,7 +231,8 @@ def run_grid(ctx: Context, job: Job, dirs: list) -> tuple[Surface | Curve, bool]
 
     Args:
         ctx: The widget's context.
-        job: The running job (cancelled within one tile).
+        job: The running job (cancelled at the next batch of a pass, once the first tile
+            has chosen the plan; within the first tile, after it).
         dirs: Its directions (from :func:`.directions.directions_for`).
 
     Returns:
