@@ -1,0 +1,149 @@
+"""Review of the mid-point cancel (core/passes.py _batch_starts, core/compute.py _tiles).
+
+A forward sets (or waits for) the cancel in the middle of a point of a later tile; what
+the stream, the widget's worker and a later computation then see is checked against the
+float64 per-point oracle (tests/oracle.py) and the headless API.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from oracle import naive_eval
+from torch import nn
+
+import landscape_widget as lw
+from landscape_widget.core import plans
+from landscape_widget.widget.protocol import Spec
+
+CALLS: list[int] = []  # forward calls (module-level: the engine's copies share it)
+CALLS_AFTER: list[int] = []
+TRIGGER: dict = {}  # {"at": call count, "event": Event[, "hold": Event]}
+
+
+def _tick(h):
+    """Count a forward call (and cancel at one of them); ``torch.fx.wrap``-ped, so that a
+    traced forward (the stem's suffix, core/stem.py) still calls it at every pass."""
+    CALLS.append(int(h.shape[0]))
+    if TRIGGER and len(CALLS) == TRIGGER["at"]:
+        TRIGGER["event"].set()  # a cancel arriving during this pass
+        if "hold" in TRIGGER:  # the widget case: wait for the superseding job
+            TRIGGER["hold"].wait(60)
+    return h
+
+
+torch.fx.wrap("_tick")
+
+
+class _Net(nn.Module):
+    """A 6-12-3 MLP whose forward counts its calls and can cancel at one of them."""
+
+    def __init__(self, bn: bool = False):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 12), nn.Linear(12, 3)
+        self.norm = nn.BatchNorm1d(12) if bn else nn.Identity()
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.norm(_tick(self.a(x)))))
+
+
+AXIS = np.linspace(-1, 1, 5)
+
+
+def _setup(bn: bool = False, n: int = 64):
+    torch.manual_seed(0)
+    model = _Net(bn).eval()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
+    return model, x, y, lw.random_directions(model, 2, seed=0)
+
+
+def _coords(flat: np.ndarray) -> np.ndarray:
+    iy, ix = np.unravel_index(flat, (5, 5))
+    return np.stack([AXIS[ix], AXIS[iy]], axis=1)
+
+
+def _cancel_in_second_tile(model, x, y, grid, passes=3):
+    """Iterate ``grid``'s stream, cancelling ``passes`` passes into its second tile."""
+    event = threading.Event()
+    CALLS.clear()
+    TRIGGER.clear()
+    stream = lw.iter_tiles(model, (x, y), cancel=event, **grid)
+    tiles = []
+    for tile in stream:
+        tiles.append(tile)
+        if len(tiles) == 1:
+            TRIGGER.update(at=len(CALLS) + passes, event=event)
+    TRIGGER.clear()
+    return stream, tiles, event
+
+
+def test_widget_job_cancelled_mid_point_then_superseded(worker_factory):
+    """A slider move during a point of a later tile: the old job ends 'cancelled' with no
+    further pass, the new one equals the headless API, and the worker is idle after."""
+    model, x, y, _ = _setup()
+    data = (x, y)
+    reached, hold, first_tile = threading.Event(), threading.Event(), threading.Event()
+    worker, rec = worker_factory(model, data, tile_points=4,
+                                 evaluator_options={"strategy": "loop", "batch_size": 8})
+    CALLS.clear()
+    TRIGGER.clear()
+
+    def hook(msg):  # on the worker thread, before its next pass
+        if msg["kind"] == "tile" and msg["id"] == "old" and not first_tile.is_set():
+            first_tile.set()
+            TRIGGER.update(at=len(CALLS) + 3, event=reached, hold=hold)
+        if msg["kind"] == "cancelled" and msg["id"] == "old":
+            CALLS_AFTER[:] = CALLS[TRIGGER["at"]:]  # the old job's calls after the cancel
+
+    rec.hook = hook
+    old = worker.submit("old", Spec(resolution=21, seed=3))
+    assert reached.wait(60)  # the worker is in the middle of a point
+    new = worker.submit("new", Spec(resolution=5, seed=3))  # supersedes: old.cancel set
+    hold.set()
+    assert worker.wait(60)
+    TRIGGER.clear()
+    assert old.cancel.is_set() and not new.cancel.is_set()
+    assert rec.of("old", "cancelled") and not rec.of("old", "done")
+    assert rec.of("new", "done") and worker.current is None
+    dirs = lw.random_directions(model, 2, ignore="biasbn", norm="filter", seed=3)
+    ref = lw.compute_surface(model, data, directions=dirs, x=(-1, 1, 5), y=(-1, 1, 5),
+                             progress=False, evaluator_options={"batch_size": 8})
+    np.testing.assert_allclose(worker.latest.loss, ref.loss, rtol=1e-6, atol=1e-7)
+    # The old job ran no pass after the one that saw the cancel (3 points of 8 were left).
+    assert CALLS_AFTER == [], CALLS_AFTER
+
+
+CASES = {
+    "stem": ({"strategy": "loop", "batch_size": 8, "stem": True}, {}),
+    "stem-lanes": ({"strategy": "loop", "batch_size": 8, "stem": True, "lanes": 2}, {}),
+    "bn-batch": ({"strategy": "loop"}, {"bn": "batch", "bn_batch_size": 8}),
+    "bf16": ({"strategy": "loop", "batch_size": 8, "precision": "bf16"}, {}),
+    "vmap-bn-batch": ({"strategy": "vmap"}, {"bn": "batch", "bn_batch_size": 8}),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_cancel_mid_point_then_a_fresh_call(case):
+    """Cancelled mid-point, then the same grid again in the same process (cached plan):
+    the finished tile and the fresh grid equal the oracle."""
+    options, kw = CASES[case]
+    bn = kw.get("bn") == "batch"
+    model, x, y, dirs = _setup(bn=bn)
+    plans.forget_plans()
+    grid = {"directions": dirs, "x": (-1, 1, 5), "y": (-1, 1, 5), "tile_points": 4,
+            "evaluator_options": options, "metrics": ("loss",), **kw}
+    stream, tiles, event = _cancel_in_second_tile(model, x, y, grid)
+    assert event.is_set() and len(tiles) == 1, len(tiles)
+    oracle = {"bn": kw.get("bn", "eval"), "bn_batch_size": kw.get("bn_batch_size")}
+    tol = {"rtol": 2e-2, "atol": 2e-2} if "precision" in options else {"rtol": 1e-5,
+                                                                         "atol": 1e-6}
+    want, _ = naive_eval(model, x, y, dirs, _coords(tiles[0].flat), **oracle)
+    np.testing.assert_allclose(tiles[0].values["loss"], want, **tol)
+    again = lw.compute_surface(model, (x, y), progress=False, **grid)
+    want, _ = naive_eval(model, x, y, dirs, _coords(np.arange(25)), **oracle)
+    np.testing.assert_allclose(again.loss.ravel(), want, **tol)
+
