@@ -147,3 +147,30 @@ def test_cancel_mid_point_then_a_fresh_call(case):
     want, _ = naive_eval(model, x, y, dirs, _coords(np.arange(25)), **oracle)
     np.testing.assert_allclose(again.loss.ravel(), want, **tol)
 
+
+
+def test_a_cancel_during_the_precision_check_leaves_its_points_unchecked():
+    """bf16: the cancel lands in the fp32 passes that check the second tile's point. Its
+    point was counted as checked all the same, so the stream iterated again measured
+    ``precision_error`` on 2 of its first 3 points (core/precision.py)."""
+    model, x, y, dirs = _setup()
+    plans.forget_plans()
+    grid = {"directions": dirs, "x": (-1, 1, 5), "y": (-1, 1, 5), "tile_points": 1,
+            "metrics": ("loss",),
+            "evaluator_options": {"strategy": "loop", "batch_size": 8, "precision": "bf16"}}
+    # The second tile: its point's 8 bf16 passes, then 8 fp32 passes checking it.
+    stream, tiles, event = _cancel_in_second_tile(model, x, y, grid, passes=11)
+    ev = stream.evaluator
+    assert len(tiles) == 1 and len(ev._error_pairs) == 1
+    event.clear()
+    tiles = list(stream)  # again, to the end
+    assert len(tiles) == 25
+    # Each of the first ERROR_POINTS points evaluated is checked against fp32.
+    # ERROR_POINTS (3) points checked in all: the first tile's twice (once per iteration),
+    # then the second tile's, whose check the cancel had cut short.
+    assert len(ev._error_pairs) == 3, ev._error_pairs
+    fp32, _ = naive_eval(model, x, y, dirs, _coords(np.concatenate([t.flat for t in tiles])))
+    checked = [b for _, b in ev._error_pairs]
+    np.testing.assert_allclose(checked, fp32[[0, 0, 1]], rtol=1e-5, atol=1e-6)
+    gaps = [abs(a - b) for a, b in ev._error_pairs]
+    assert stream.result().spec["precision_error"] == pytest.approx(max(gaps))

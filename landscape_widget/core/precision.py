@@ -360,7 +360,7 @@ class PrecisionCheck:
             rows.update(np.unique(np.linspace(
                 0, c.shape[0] - 1, min(ERROR_POINTS - self._spread_checked, c.shape[0]))
                 .round().astype(int)).tolist())
-            self._spread_checked += len(rows)
+        spread = len(rows)
         if (self.plan.precision_error or 0.0) < math.inf:
             bad = torch.nonzero(~torch.isfinite(values[:, 0])).flatten().tolist()
             rows.update([r for r in bad if r not in rows][:ERROR_POINTS])
@@ -374,6 +374,8 @@ class PrecisionCheck:
                 exact = self._run(plain, c[rows])
             finally:
                 self._active = self.precision
+        # Counted once checked: a cancel in the fp32 passes (Cancelled) left them unchecked.
+        self._spread_checked += spread
         for i, r in enumerate(rows):
             self._error_pairs.append((float(values[r, 0]), float(exact[i, 0])))
         diffs = [loss_gap(a, b) for a, b in self._error_pairs]
