@@ -174,3 +174,24 @@ def test_a_cancel_during_the_precision_check_leaves_its_points_unchecked():
     np.testing.assert_allclose(checked, fp32[[0, 0, 1]], rtol=1e-5, atol=1e-6)
     gaps = [abs(a - b) for a, b in ev._error_pairs]
     assert stream.result().spec["precision_error"] == pytest.approx(max(gaps))
+
+
+def test_the_cancel_is_not_left_on_the_evaluator_between_tiles():
+    """The tile runner handed its cancel event to the evaluator for good once the first
+    tile was done: with the stream paused between tiles (an iterator held, not closed),
+    a direct ``stream.evaluator.evaluate`` after the cancel raised Cancelled, though no
+    tile was computing (core/compute.py, LocalRunner._tiles)."""
+    model, x, y, dirs = _setup()
+    plans.forget_plans()
+    event = threading.Event()
+    stream = lw.iter_tiles(model, (x, y), directions=dirs, x=(-1, 1, 5), y=(-1, 1, 5),
+                           tile_points=4, cancel=event, metrics=("loss",),
+                           evaluator_options={"strategy": "loop", "batch_size": 8})
+    tiles = iter(stream)
+    next(tiles), next(tiles)  # paused after the second tile
+    event.set()
+    coords = _coords(np.arange(25))
+    got = stream.evaluator.evaluate(coords)["loss"]
+    want, _ = naive_eval(model, x, y, dirs, coords)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert list(tiles) == []  # the stream itself stops before its next tile

@@ -218,28 +218,28 @@ class LocalRunner(Evaluator):
     def _tiles(self, job: GridJob, tile_points: int | None,
                cancel: threading.Event | None) -> Iterator[Tile]:
         index = done = 0
-        try:
-            for level, flat in cut_tiles(job.shape, lambda: self.tile_size(tile_points)):
-                if cancel is not None and cancel.is_set():
-                    return
-                t0 = time.perf_counter()
-                values, todo = job.known_values(flat, self.metrics)
-                if todo.any():
-                    try:
-                        out = self.evaluate(job.coords(flat[todo]))
-                    except Cancelled:
-                        return  # mid-tile: its points are dropped, as a tile never begun
-                    for m in self.metrics:
-                        values[m][todo] = out[m]
-                    # Once the plan is chosen (the first tile tunes it), a cancel stops
-                    # the passes at the next batch, not after a point over all data.
-                    self._cancel = cancel
-                done += flat.size
-                yield Tile(index, level, flat, values, int(todo.sum()), done, job.total,
-                           time.perf_counter() - t0)
-                index += 1
-        finally:
-            self._cancel = None
+        for level, flat in cut_tiles(job.shape, lambda: self.tile_size(tile_points)):
+            if cancel is not None and cancel.is_set():
+                return
+            t0 = time.perf_counter()
+            values, todo = job.known_values(flat, self.metrics)
+            if todo.any():
+                # Once the plan is chosen (the first tile tunes it), a cancel stops the
+                # passes at the next batch; only while this tile computes, never between
+                # tiles (a direct evaluate() then, or another stream, must not see it).
+                self._cancel = cancel if self.plan is not None else None
+                try:
+                    out = self.evaluate(job.coords(flat[todo]))
+                except Cancelled:
+                    return  # mid-tile: its points are dropped, as a tile never begun
+                finally:
+                    self._cancel = None
+                for m in self.metrics:
+                    values[m][todo] = out[m]
+            done += flat.size
+            yield Tile(index, level, flat, values, int(todo.sum()), done, job.total,
+                       time.perf_counter() - t0)
+            index += 1
 
 
 def _resolve_directions(model, directions, ndim, seed, points: bool = False

@@ -299,8 +299,8 @@ class Evaluator(PointPasses, PlanChoice, InputDtype, LossStats, BatchCoupling, P
         self.population = self._subset_se(population)
         self.strategy = strategy
         self.plan: Plan | None = None
-        # Set by a tile runner once the plan is chosen: passes stop at the next batch
-        # (core/passes.py, Cancelled) instead of finishing a point over all data.
+        # Set by a tile runner while a tile computes, once the plan is chosen: passes stop
+        # at the next batch (core/passes.py, Cancelled), not after a point over all data.
         self._cancel: threading.Event | None = None
         self._results: list[Plan] = []
         self.rejected: list[str] = []
