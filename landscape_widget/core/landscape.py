@@ -72,7 +72,9 @@ def iter_tiles(
             coordinates coincide are copied, not recomputed (raising the resolution from
             ``n`` to ``2n - 1`` recomputes nothing old).
         tile_points: Fixed number of points per tile (default: adaptive, ~0.3 s per tile).
-        cancel: A ``threading.Event``; once set, iteration stops after the current tile.
+        cancel: A ``threading.Event``; once set, iteration stops: on this process at the
+            next batch of the tile in progress (dropped), once the first tile has chosen
+            the plan (within it, after it); on an executor, after the current tiles.
         keep_directions: Keep the directions (on the CPU) in the result.
         evaluator_options: Extra keywords for the engine (``strategy``, ``memory_budget``,
             ``batch_size``, ``precision``, ``compile``, ``lanes``; see
