@@ -108,7 +108,7 @@ def test_widget_job_cancelled_mid_point_then_superseded(worker_factory):
     TRIGGER.clear()
     assert old.cancel.is_set() and not new.cancel.is_set()
     assert rec.of("old", "cancelled") and not rec.of("old", "done")
-    assert rec.of("new", "done") and worker.current is None
+    assert rec.of("new", "done") and worker.current is None and not worker.busy
     dirs = lw.random_directions(model, 2, ignore="biasbn", norm="filter", seed=3)
     ref = lw.compute_surface(model, data, directions=dirs, x=(-1, 1, 5), y=(-1, 1, 5),
                              progress=False, evaluator_options={"batch_size": 8})
@@ -195,3 +195,47 @@ def test_the_cancel_is_not_left_on_the_evaluator_between_tiles():
     want, _ = naive_eval(model, x, y, dirs, coords)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert list(tiles) == []  # the stream itself stops before its next tile
+
+
+def test_the_widget_cancel_mid_point_then_a_new_resolution():
+    """The widget end to end (no browser): Cancel during a point, then a new resolution.
+    The status says cancelled, the widget is idle, and the next grid equals the headless
+    API on the same directions."""
+    from widget_cases import Recorder
+
+    from landscape_widget import LandscapeWidget
+
+    model, x, y, _ = _setup()
+    reached, hold, first = threading.Event(), threading.Event(), threading.Event()
+    w = LandscapeWidget(model, (x, y), autostart=False, resolution=21, seed=3)
+    try:
+        w._worker.tile_points = 4
+        w._worker.evaluator_options = {"strategy": "loop", "batch_size": 8}
+        CALLS.clear()
+        TRIGGER.clear()
+
+        def hook(msg):
+            if msg["kind"] == "tile" and not first.is_set():
+                first.set()
+                TRIGGER.update(at=len(CALLS) + 3, event=reached, hold=hold)
+
+        rec = Recorder(hook)
+        w.send = lambda content, buffers=None: rec(content, buffers or [])
+        w.compute()
+        assert reached.wait(60)
+        w.cancel()
+        hold.set()
+        w.wait(60)
+        TRIGGER.clear()
+        assert w.status["state"] == "cancelled" and not w.busy
+        assert rec.messages[-1][0]["kind"] == "cancelled"
+        w.resolution = 5
+        got = w.wait(60)
+        assert w.status["state"] == "done" and not w.busy
+        dirs = lw.random_directions(model, 2, ignore="biasbn", norm="filter", seed=3)
+        ref = lw.compute_surface(model, (x, y), directions=dirs, x=(-1, 1, 5), y=(-1, 1, 5),
+                                 progress=False)
+        np.testing.assert_allclose(got.loss, ref.loss, rtol=1e-6, atol=1e-7)
+        assert not np.isnan(got.loss).any()
+    finally:
+        w.close()
