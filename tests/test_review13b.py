@@ -239,3 +239,39 @@ def test_the_widget_cancel_mid_point_then_a_new_resolution():
         assert not np.isnan(got.loss).any()
     finally:
         w.close()
+
+
+@pytest.mark.parametrize("stage", ["subset", "exact"])
+def test_samples_auto_cancelled_mid_point_in_a_stage(worker_factory, stage):
+    """samples='auto' on 4,096 samples: a subset stage of 256, then the exact one. A job
+    superseded during a point of either stage runs no pass after it and starts no later
+    stage; the next job equals the headless API."""
+    model, x, y, _ = _setup(n=4096)
+    reached, hold, armed = threading.Event(), threading.Event(), threading.Event()
+    after = 0 if stage == "subset" else 81 + 8  # into the exact stage of 2 x 81 points
+
+    def hook(msg):
+        if (msg["kind"] == "progress" and msg["id"] == "old" and not armed.is_set()
+                and msg["done"] > after):
+            armed.set()
+            TRIGGER.update(at=len(CALLS) + 2, event=reached, hold=hold)
+        if msg["kind"] == "cancelled" and msg["id"] == "old":
+            CALLS_AFTER[:] = CALLS[TRIGGER["at"]:]
+
+    worker, rec = worker_factory(model, (x, y), hook=hook, tile_points=4,
+                                 evaluator_options={"strategy": "loop", "batch_size": 64})
+    CALLS.clear()
+    TRIGGER.clear()
+    worker.submit("old", Spec(resolution=9, seed=3, samples="auto"))
+    assert reached.wait(120)
+    worker.submit("new", Spec(resolution=5, seed=3, samples="exact"))
+    hold.set()
+    assert worker.wait(120)
+    TRIGGER.clear()
+    assert CALLS_AFTER == [], CALLS_AFTER
+    assert rec.of("old", "cancelled") and not rec.of("old", "done")
+    assert max(p["done"] for p, _ in rec.of("old", "progress")) < 162
+    dirs = lw.random_directions(model, 2, ignore="biasbn", norm="filter", seed=3)
+    ref = lw.compute_surface(model, (x, y), directions=dirs, x=(-1, 1, 5), y=(-1, 1, 5),
+                             progress=False)
+    np.testing.assert_allclose(worker.latest.loss, ref.loss, rtol=1e-6, atol=1e-7)
