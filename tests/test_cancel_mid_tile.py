@@ -91,10 +91,11 @@ def test_a_cancel_stops_the_passes_of_the_point_in_progress(options):
     want, _ = naive_eval(model, x, y, dirs, coords)
     np.testing.assert_allclose(first.values["loss"], want, rtol=1e-5, atol=1e-6)
 
-    # The same evaluator set-up again, no cancel: the cached plan, every point right.
+    # The same set-up again, no cancel: every point right.
     TRIGGER.clear()
+    # (Not necessarily the same plan: a search cut short by its time budget is not served
+    # from the plan cache, and a new one may pick another plan on timing.)
     again = lw.compute_surface(model, (x, y), progress=False, **grid)
-    assert again.spec["plan"]["label"] == stream.evaluator.plan.label
     coords = np.array([(a, b) for b in again.y for a in again.x])
     want, _ = naive_eval(model, x, y, dirs, coords)
     np.testing.assert_allclose(again.loss.ravel(), want, rtol=1e-5, atol=1e-6)
