@@ -89,6 +89,18 @@ class ScaledByBuffer(nn.Module):
         return self.bn(self.fc(x)) * self.scale
 
 
+def scaled_pair() -> tuple[ScaledByBuffer, ScaledByBuffer]:
+    """Two :class:`ScaledByBuffer` models whose interpolation direction moves every float
+    buffer: the non-persistent ``scale`` (1 -> 2) and BatchNorm's running mean."""
+    torch.manual_seed(0)
+    a = ScaledByBuffer(1.0).eval()
+    torch.manual_seed(1)
+    b = ScaledByBuffer(2.0).eval()
+    with torch.no_grad():
+        b.bn.running_mean.fill_(0.5)
+    return a, b
+
+
 class TiedMLP(nn.Module):
     """Encoder and decoder share one weight tensor (``dec.weight is enc.weight``)."""
 

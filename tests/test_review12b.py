@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from cases import ScaledByBuffer, tied_data, tied_mlp
+from cases import scaled_pair, tied_data, tied_mlp
 from snapshots import assert_same_snapshot, snapshot
 from torch import nn
 
@@ -70,12 +70,7 @@ def test_states_file_with_a_non_persistent_buffer_is_read_by_set_states(tmp_path
     """save_directions appended the non-persistent buffer's entry to xdirection: one dataset
     more than state_dict, and loss-landscape's set_states stopped at its
     ``assert len(new_states) == len(changes)``."""
-    torch.manual_seed(0)
-    a = ScaledByBuffer(1.0).eval()
-    torch.manual_seed(1)
-    b = ScaledByBuffer(2.0).eval()
-    with torch.no_grad():
-        b.bn.running_mean.fill_(0.5)
+    a, b = scaled_pair()
     d = lw.interpolation_direction(a, b)
     assert "scale" in d
     before = snapshot(a)

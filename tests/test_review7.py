@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from cases import ScaledByBuffer
+from cases import scaled_pair
 from snapshots import assert_same_snapshot, snapshot
 from torch import nn
 
@@ -236,12 +236,7 @@ def test_a_direction_on_a_non_persistent_buffer_survives_its_file(tmp_path):
     # interpolation_direction moves every float buffer, non-persistent ones too, but
     # save_directions wrote the state_dict's entries only: the 'scale' part was dropped
     # with no error, and the loaded direction no longer led to model_b at alpha = 1.
-    torch.manual_seed(0)
-    a = ScaledByBuffer(1.0).eval()
-    torch.manual_seed(1)
-    b = ScaledByBuffer(2.0).eval()
-    with torch.no_grad():
-        b.bn.running_mean.fill_(0.5)
+    a, b = scaled_pair()
     d = lw.interpolation_direction(a, b)
     before = snapshot(a)
     lw.save_directions(tmp_path / "d.h5", [d], a)
